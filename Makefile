@@ -1,0 +1,43 @@
+# tandem — one entry point for set-up, tests, the local stack and builds.
+SHELL := /bin/bash
+PY := .venv/bin/python
+MODE ?= disagg
+MODEL ?=
+PREFILL ?= 1
+DECODE ?= 1
+
+.PHONY: setup codegen test test-fast lint demo-models deploy-local stop-local pants package bench clean
+
+setup:  ## create .venv, install pinned deps, generate protobuf code (idempotent)
+	@build-support/setup.sh
+
+codegen:
+	@build-support/codegen.sh
+
+demo-models: setup  ## build the small demo checkpoints into models/ (offline, deterministic)
+	@$(PY) -m tandem.engine.demo_models --out models
+
+test: setup demo-models  ## the whole test suite, then a Pants smoke build
+	$(PY) -m pytest -q tests
+	@build-support/pants-smoke.sh
+
+test-fast: setup
+	$(PY) -m pytest -q -x tests/unit
+
+lint: setup
+	$(PY) -m ruff check libs services tests benchmarks
+
+deploy-local: setup demo-models  ## run the whole stack on loopback (Ctrl-C stops it)
+	@MODE=$(MODE) MODEL=$(MODEL) PREFILL=$(PREFILL) DECODE=$(DECODE) $(PY) -m deploy.local.run
+
+stop-local:
+	@$(PY) -m deploy.local.run --stop
+
+pants:  ## bootstrap Pants 2.17.1 and its offline tools into .tools/
+	@build-support/pants-bootstrap.sh
+
+package: pants  ## one PEX per service into dist/
+	@build-support/pants package services/router:: services/prefill:: services/decode:: services/eplb::
+
+clean:
+	rm -rf gen .pytest_cache .ruff_cache dist .pants.d

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Idempotent dev environment: .venv with pinned deps, source roots on sys.path, codegen.
+# Safe to run repeatedly; a stamp keyed on the requirement files skips pip when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=.venv
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+stamp="$VENV/.tandem-deps"
+want=$(cat requirements/base.txt requirements/constraints.txt build-support/setup.sh | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing dependencies (first run takes a few minutes)"
+  # The CPU build of torch first: anything that asks for plain 'torch' would otherwise
+  # pull a multi-GB CUDA build from PyPI.
+  $PIP install "torch==2.13.0"
+  $PIP install -r requirements/base.txt -c requirements/constraints.txt
+  # The 'nixl' meta package requires both CUDA variants; take the cu12 one only.
+  # Its UCX backend runs on host memory on CPU machines.
+  $PIP install --no-deps "nixl==1.5.1" "nixl-cu12==1.5.1"
+  echo "$want" > "$stamp"
+fi
+# Source roots (PEP 420 namespace package 'tandem' spread over libs/ and services/*).
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+{
+  echo "$PWD/gen/python"
+  echo "$PWD/libs"
+  for d in services/*/; do echo "$PWD/${d%/}"; done
+  echo "$PWD"
+} > "$site/tandem-source-roots.pth"
+build-support/codegen.sh

@@ -1,0 +1,155 @@
+"""Load a service config from defaults, a file, the environment and CLI flags.
+
+Precedence, lowest to highest:
+    1. schema defaults
+    2. ``--config FILE`` (YAML or JSON mapping; keys may use dashes or underscores)
+    3. environment variables ``TANDEM_<FIELD>`` (e.g. ``TANDEM_PAGE_SIZE=32``;
+       lists as comma-separated values)
+    4. command-line flags (``--page-size 32``)
+
+Any invalid value raises :class:`ConfigError` whose message is one line naming the
+field, the value given and what is allowed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Sequence, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+ENV_PREFIX = "TANDEM_"
+T = TypeVar("T", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; str() is a single line suitable for stderr."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_list(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is list
+
+
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool
+
+
+def build_parser(schema: type[BaseModel], prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(schema.__doc__ or "").strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="YAML or JSON config file (below env vars and flags in precedence).")
+    parser.add_argument("--print-config", action="store_true", help="Print the effective config as YAML and exit.")
+    for name, field in schema.model_fields.items():
+        default = field.default if field.default_factory is None else field.default_factory()
+        help_text = f"{field.description or ''} (default: {default!r})"
+        # argparse would otherwise interpret '%' in help strings.
+        help_text = help_text.replace("%", "%%")
+        if _is_bool(field.annotation):
+            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif _is_list(field.annotation):
+            parser.add_argument(_flag(name), dest=name, nargs="*", metavar="VALUE", help=help_text)
+        else:
+            parser.add_argument(_flag(name), dest=name, metavar=name.upper(), help=help_text)
+    return parser
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r}: not found")
+    try:
+        text = p.read_text()
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {str(p)!r}: not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r}: must hold a mapping of field: value, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def read_env(schema: type[BaseModel], environ: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, field in schema.model_fields.items():
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is None:
+            continue
+        values[name] = [v for v in raw.split(",") if v] if _is_list(field.annotation) else raw
+    return values
+
+
+def _unknown_keys(schema: type[BaseModel], values: Mapping[str, Any], origin: str) -> None:
+    unknown = sorted(set(values) - set(schema.model_fields))
+    if unknown:
+        raise ConfigError(f"{origin}: unknown field {unknown[0]!r}; see --help for the allowed fields")
+
+
+def format_validation_error(exc: ValidationError, given: Mapping[str, Any]) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in err.get("loc", ())) or "config"
+    value = given.get(loc, err.get("input"))
+    msg = err.get("msg", "invalid value")
+    if msg.startswith("Value error, "):
+        return "config error: " + msg[len("Value error, "):]
+    if isinstance(value, Mapping):
+        return f"config error: {loc}: {msg}"
+    return f"config error: {loc}={value!r}: {msg}"
+
+
+def validate(schema: type[T], values: Mapping[str, Any]) -> T:
+    _unknown_keys(schema, values, "config")
+    try:
+        return schema(**values)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, values)) from None
+
+
+def load_config(
+    schema: type[T],
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    prog: str | None = None,
+) -> tuple[T, bool]:
+    """Parse argv/env/file into a validated config. Returns (config, print_config_requested)."""
+    environ = os.environ if environ is None else environ
+    args = vars(build_parser(schema, prog).parse_args(list(sys.argv[1:] if argv is None else argv)))
+    config_file = args.pop("config", None)
+    print_config = bool(args.pop("print_config", False))
+    values: dict[str, Any] = {}
+    if config_file:
+        file_values = read_config_file(config_file)
+        _unknown_keys(schema, file_values, f"config file {config_file!r}")
+        values.update(file_values)
+    values.update(read_env(schema, environ))
+    values.update(args)
+    return validate(schema, values), print_config
+
+
+def load_or_exit(schema: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:
+    """CLI entry: on bad config print one line to stderr and exit 2; honour --print-config."""
+    from tandem.config.snapshot import config_to_yaml
+
+    try:
+        config, print_config = load_config(schema, argv, prog=prog)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        raise SystemExit(2) from None
+    if print_config:
+        sys.stdout.write(config_to_yaml(config))
+        raise SystemExit(0)
+    return config

@@ -1,0 +1,190 @@
+"""Typed configuration schemas, one per service, composed from shared sections.
+
+Field names are SGLang's flag names with dashes turned into underscores, so
+``--page-size`` sets ``page_size``. Every field carries a description: it is the
+``--help`` text.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServerConfig(_Section):
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port (0 = pick a free port).")
+    system_port: int = Field(
+        0, ge=0, le=65535, description="HTTP port for /health, /metrics and /engine/* (0 = free port)."
+    )
+    worker_id: Optional[str] = Field(None, description="Unique id of this process (default host:port).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    node_rank: int = Field(0, ge=0, description="Rank of this node in a multi-node worker (0 = leader).")
+    shutdown_grace_period: float = Field(
+        5.0, gt=0, description="Seconds to drain in-flight requests on SIGTERM before exiting."
+    )
+    ready_file: Optional[str] = Field(
+        None, description="Write the bound ports as JSON to this file once serving (used by deploy-local)."
+    )
+
+
+class EngineConfig(_Section):
+    model_path: Optional[str] = Field(None, description="Hugging Face checkpoint directory.")
+    served_model_name: Optional[str] = Field(None, description="Model name in APIs (default: directory name).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight and KV dtype (auto = float32 on CPU, bfloat16 on CUDA)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device to run on.")
+    page_size: int = Field(16, ge=1, le=4096, description="Tokens per KV page (16 on CPU, 128 suggested on GPU).")
+    max_total_tokens: Optional[int] = Field(
+        None, ge=1, description="KV pool size in tokens (overrides --mem-fraction-static)."
+    )
+    mem_fraction_static: float = Field(
+        0.8, gt=0, le=1, description="Fraction of free device memory for weights + KV pool (CUDA)."
+    )
+    context_length: Optional[int] = Field(None, ge=1, description="Override the model's context length.")
+    chunked_prefill_size: int = Field(512, ge=1, description="Maximum prompt tokens computed in one step.")
+    max_running_requests: int = Field(64, ge=1, description="Maximum requests in the running batch.")
+    max_prefill_tokens: int = Field(8192, ge=1, description="Maximum new prompt tokens admitted per step.")
+    disable_radix_cache: bool = Field(False, description="Disable the radix prefix cache.")
+    random_seed: int = Field(0, description="Seed for weight-independent randomness (sampling without seed).")
+    skip_warmup: bool = Field(False, description="Skip the warmup request before reporting healthy.")
+    warmup_timeout: float = Field(1800.0, gt=0, description="Seconds the warmup request may take.")
+    profile_dir: str = Field("/tmp/tandem-profiles", description="Default output folder of the torch profiler.")
+    # HiCache
+    enable_hierarchical_cache: bool = Field(False, description="Enable the host-memory KV tier (HiCache).")
+    hicache_ratio: float = Field(2.0, ge=2.0, description="Host KV pool size as a multiple of the device pool.")
+    hicache_size: int = Field(0, ge=0, description="Host KV pool size in GB (overrides --hicache-ratio).")
+    hicache_write_policy: Literal["write_through", "write_through_selective", "write_back"] = Field(
+        "write_through", description="When device pages are copied to host."
+    )
+    hicache_storage_backend: Optional[Literal["file"]] = Field(None, description="Third KV tier backend.")
+    hicache_storage_dir: str = Field("/tmp/tandem-hicache", description="Folder of the file storage backend.")
+    # Expert parallelism / EPLB
+    ep_size: int = Field(1, ge=1, description="Expert-parallel ranks.")
+    enable_eplb: bool = Field(False, description="Rebalance expert placement from recorded load.")
+    ep_num_redundant_experts: int = Field(0, ge=0, description="Extra physical expert slots per layer.")
+    ep_dispatch_algorithm: Literal["static", "dynamic", "random"] = Field(
+        "static", description="How a token picks among replicas of its expert."
+    )
+    expert_distribution_recorder_mode: Optional[Literal["per_token", "per_pass", "stat", "stat_approx"]] = Field(
+        None, description="Expert-distribution recorder mode (None = off unless EPLB is on, then stat)."
+    )
+    expert_distribution_recorder_buffer_size: int = Field(
+        1000, ge=1, description="Forward passes kept by the stat recorder's sliding window."
+    )
+    eplb_rebalance_num_iterations: int = Field(1000, ge=1, description="Forward passes between rebalances.")
+    init_expert_location: str = Field(
+        "trivial", description="Initial placement: trivial, a .json/.pt file, or inline JSON."
+    )
+    eplb_planner_address: Optional[str] = Field(None, description="EPLB planner gRPC address (host:port).")
+
+    @model_validator(mode="after")
+    def _check_redundancy(self):
+        if self.ep_num_redundant_experts and self.ep_num_redundant_experts % self.ep_size:
+            raise ValueError(
+                f"ep_num_redundant_experts={self.ep_num_redundant_experts}: must be a multiple of "
+                f"ep_size={self.ep_size} so every rank gets the same number of slots"
+            )
+        return self
+
+
+class DisaggregationConfig(_Section):
+    disaggregation_mode: Literal["null", "prefill", "decode"] = Field(
+        "null", description="null = aggregated worker; prefill or decode = one side of PD disaggregation."
+    )
+    disaggregation_transfer_backend: Literal["nixl", "grpc"] = Field(
+        "nixl", description="How KV pages move from prefill to decode."
+    )
+    disaggregation_bootstrap_timeout: float = Field(
+        300.0, gt=0, description="Seconds a room may wait for its handshake to complete."
+    )
+    disaggregation_transfer_timeout: float = Field(
+        300.0, gt=0, description="Seconds a room may wait for its KV to arrive."
+    )
+
+
+class PrefillConfig(ServerConfig, EngineConfig, DisaggregationConfig):
+    """`python -m tandem.prefill`"""
+
+    port: int = Field(50061, ge=0, le=65535, description="gRPC port (0 = pick a free port).")
+    system_port: int = Field(8061, ge=0, le=65535, description="HTTP port for /health, /metrics, /engine/*.")
+    disaggregation_mode: Literal["prefill"] = Field("prefill", description="Always prefill for this service.")
+
+
+class DecodeConfig(ServerConfig, EngineConfig, DisaggregationConfig):
+    """`python -m tandem.decode` (also the aggregated worker with --disaggregation-mode null)."""
+
+    port: int = Field(50071, ge=0, le=65535, description="gRPC port (0 = pick a free port).")
+    system_port: int = Field(8071, ge=0, le=65535, description="HTTP port for /health, /metrics, /engine/*.")
+    disaggregation_mode: Literal["null", "decode"] = Field(
+        "null", description="null = aggregated worker (prefill and decode here); decode = use prefill workers."
+    )
+    prefill_addresses: list[str] = Field(default_factory=list, description="Prefill workers' gRPC addresses.")
+    prefill_selection: Literal["round_robin", "kv_aware"] = Field(
+        "round_robin", description="How decode picks a prefill worker."
+    )
+    max_local_prefill_length: int = Field(
+        0, ge=0, description="Prompts shorter than this many tokens are prefilled locally."
+    )
+    prefill_retries: int = Field(1, ge=0, description="Retries on another prefill worker after a failure.")
+
+    @model_validator(mode="after")
+    def _check_prefills(self):
+        if self.disaggregation_mode == "decode" and not self.prefill_addresses:
+            raise ValueError("prefill_addresses=[]: decode mode needs at least one prefill worker address")
+        return self
+
+
+class RouterConfig(ServerConfig):
+    """`python -m tandem.router`"""
+
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port of the Router service.")
+    system_port: int = Field(8051, ge=0, le=65535, description="HTTP port for /health and /metrics.")
+    http_port: int = Field(8000, ge=0, le=65535, description="OpenAI-compatible HTTP port.")
+    model_path: Optional[str] = Field(None, description="Checkpoint directory (tokenizer + chat template).")
+    served_model_name: Optional[str] = Field(None, description="Model name in the API (default: directory name).")
+    workers: list[str] = Field(default_factory=list, description="Worker gRPC addresses (static discovery).")
+    discovery: Literal["static", "etcd"] = Field("static", description="How workers are found.")
+    etcd_endpoint: str = Field("http://127.0.0.1:2379", description="etcd endpoint (etcd discovery).")
+    etcd_prefix: str = Field("/tandem/workers/", description="etcd key prefix workers register under.")
+    routing_policy: Literal["round_robin", "random", "least_loaded", "kv_aware"] = Field(
+        "round_robin", description="How the router picks a worker."
+    )
+    kv_overlap_weight: float = Field(1.0, ge=0, description="kv_aware: weight of prefix overlap vs load.")
+    api_key: Optional[str] = Field(None, description="Require this bearer token on the HTTP API.")
+    health_check_interval: float = Field(0.5, gt=0, description="Seconds between worker health checks.")
+    request_retries: int = Field(1, ge=0, description="Retries on another worker when one fails before output.")
+
+
+class EplbPlannerConfig(ServerConfig):
+    """`python -m tandem.eplb`"""
+
+    port: int = Field(50081, ge=0, le=65535, description="gRPC port of the EplbPlanner service.")
+    system_port: int = Field(8081, ge=0, le=65535, description="HTTP port for /health and /metrics.")
+    model_path: Optional[str] = Field(None, description="MoE checkpoint directory (expert counts, groups).")
+    eplb_algorithm: Literal["auto", "hierarchical", "global", "move_aware"] = Field(
+        "auto", description="auto = hierarchical when groups divide by nodes, else global."
+    )
+    ep_size: int = Field(1, ge=1, description="Expert-parallel ranks (GPUs) the plan spreads over.")
+    nnodes: int = Field(1, ge=1, description="Nodes the EP ranks are spread over.")
+    ep_num_redundant_experts: int = Field(0, ge=0, description="Extra physical expert slots per layer.")
+    eplb_rebalance_num_iterations: int = Field(1000, ge=1, description="Forward passes between plans.")
+    eplb_rebalance_interval_s: float = Field(0.0, ge=0, description="Also replan every N seconds (0 = off).")
+    eplb_max_moves_per_layer: Optional[int] = Field(
+        None, ge=0, description="move_aware: at most this many expert copies per layer per plan."
+    )
+    init_expert_location: str = Field("trivial", description="Initial placement: trivial, a file, or inline JSON.")
+
+
+SERVICE_SCHEMAS = {
+    "prefill": PrefillConfig,
+    "decode": DecodeConfig,
+    "router": RouterConfig,
+    "eplb": EplbPlannerConfig,
+}
