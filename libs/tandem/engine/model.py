@@ -1,0 +1,275 @@
+"""Decoder-only transformer (Llama / Qwen2 / Qwen3 / Mistral / Qwen-MoE / GLM-4-MoE)
+running over a paged KV pool.
+
+A forward pass takes a *flat* list of new tokens from several requests
+(``ForwardBatch``). Every token-wise op (projections, norms, MLP, MoE) runs on
+that flat ``[T, hidden]`` tensor; only attention regroups tokens per request:
+queries are scattered into ``[B, Qmax]`` and each request's keys/values are
+gathered from its pages into ``[B, Kmax]`` with a padding + causal mask.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model_config import ModelConfig
+
+
+@dataclass
+class ForwardBatch:
+    """Tensors describing one forward pass (built by the model runner)."""
+
+    input_ids: torch.Tensor  # [T] new tokens of all requests, request-major
+    positions: torch.Tensor  # [T] absolute position of each new token
+    slot_mapping: torch.Tensor  # [T] flat KV slot (page * page_size + offset) each new token writes
+    q_batch_idx: torch.Tensor  # [T] which request (0..B-1) each token belongs to
+    q_local_idx: torch.Tensor  # [T] index of the token among its request's new tokens
+    kv_slots: torch.Tensor  # [B, Kmax] flat KV slots of each request's whole context (padded)
+    attn_mask: torch.Tensor  # [B, 1, Qmax, Kmax] bool, True = attend
+    logits_indices: torch.Tensor  # [S] rows of T whose logits are wanted
+    is_decode: bool = False  # every request has exactly one new token (T == B)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary embedding (rotate-half convention), optionally on a prefix of head_dim."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.rot_dim = int(cfg.head_dim * cfg.partial_rotary_factor)
+        dim = self.rot_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        p = cfg.rope_params
+        if cfg.rope_type == "linear":
+            inv_freq = inv_freq / float(p["factor"])
+        elif cfg.rope_type == "llama3":
+            factor, lo, hi = float(p["factor"]), float(p["low_freq_factor"]), float(p["high_freq_factor"])
+            old_ctx = float(p["original_max_position_embeddings"])
+            low_wl, high_wl = old_ctx / lo, old_ctx / hi
+            wavelen = 2 * math.pi / inv_freq
+            scaled = torch.where(wavelen > low_wl, inv_freq / factor, inv_freq)
+            smooth = (old_ctx / wavelen - lo) / (hi - lo)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+            inv_freq = torch.where(medium, smoothed, scaled)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        freqs = positions[:, None].float() * self.inv_freq[None, :].float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: [T, heads, head_dim]; cos/sin: [T, rot_dim]
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        rot, rest = x[..., : self.rot_dim], x[..., self.rot_dim :]
+        half = self.rot_dim // 2
+        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        out = rot * cos + rotated * sin
+        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, qkv_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(self, x, cos, sin, rotary: Rotary, fb: ForwardBatch, k_cache, v_cache):
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
+        # Write the new K/V into the pool, then read each request's whole context back.
+        k_flat = k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        v_flat = v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        k_flat[fb.slot_mapping] = k.to(k_flat.dtype)
+        v_flat[fb.slot_mapping] = v.to(v_flat.dtype)
+        B, Kmax = fb.kv_slots.shape
+        keys = k_flat[fb.kv_slots].to(q.dtype).transpose(1, 2)  # [B, kvh, Kmax, D]
+        vals = v_flat[fb.kv_slots].to(q.dtype).transpose(1, 2)
+        Qmax = fb.attn_mask.shape[2]
+        if fb.is_decode:
+            qp = q.view(B, 1, self.num_heads, self.head_dim)
+        else:
+            qp = q.new_zeros(B, Qmax, self.num_heads, self.head_dim)
+            qp[fb.q_batch_idx, fb.q_local_idx] = q
+        out = F.scaled_dot_product_attention(
+            qp.transpose(1, 2), keys, vals, attn_mask=fb.attn_mask, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        ).transpose(1, 2)  # [B, Qmax, H, D]
+        if fb.is_decode:
+            out = out.reshape(T, -1)
+        else:
+            out = out[fb.q_batch_idx, fb.q_local_idx].reshape(T, -1)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Routed experts (+ optional shared expert).
+
+    Experts live in stacked tensors indexed by *physical slot*:
+    ``w13[p] = cat(gate, up)`` and ``w2[p] = down``. The router picks *logical*
+    expert ids; ``dispatch`` turns them into physical slots. By default there is
+    one slot per logical expert (``physical_to_logical`` is the identity); EPLB
+    may later grow the slots (replicas) and replace ``dispatch``.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, has_shared_gate: bool, has_score_bias: bool):
+        super().__init__()
+        self.layer_idx = layer_idx
+        E, H, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.num_experts, self.top_k = E, cfg.num_experts_per_tok
+        self.scoring_func, self.norm_topk_prob = cfg.scoring_func, cfg.norm_topk_prob
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.gate_weight = nn.Parameter(torch.zeros(E, H))
+        self.score_bias = nn.Parameter(torch.zeros(E)) if has_score_bias else None
+        self.w13 = nn.Parameter(torch.zeros(E, 2 * inter, H))
+        self.w2 = nn.Parameter(torch.zeros(E, H, inter))
+        self.register_buffer("physical_to_logical", torch.arange(E), persistent=False)
+        self.shared = MLP(H, cfg.shared_expert_intermediate_size) if cfg.shared_expert_intermediate_size else None
+        self.shared_gate = nn.Linear(H, 1, bias=False) if has_shared_gate else None
+        # Hooks: dispatch(layer_idx, logical_ids) -> physical slot ids; recorder(layer_idx, logical_ids).
+        self.dispatch: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None
+        self.recorder: Optional[Callable[[int, torch.Tensor], None]] = None
+
+    def route(self, x: torch.Tensor):
+        """Return (topk_weights [T, k] float32, topk_ids [T, k] logical expert ids)."""
+        logits = F.linear(x.float(), self.gate_weight.float())
+        if self.scoring_func == "softmax":
+            scores = logits.softmax(dim=-1)
+        else:
+            scores = logits.sigmoid()
+        choice = scores if self.score_bias is None else scores + self.score_bias.float()
+        if self.n_group > 1:
+            T = x.shape[0]
+            grouped = choice.view(T, self.n_group, -1)
+            if self.scoring_func == "sigmoid":  # DeepSeek-V3: sum of the top-2 scores per group
+                group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+            else:  # DeepSeek-V2 group_limited_greedy: best score per group
+                group_scores = grouped.max(dim=-1).values
+            group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+            score_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(T, -1)
+            choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        topk_ids = choice.topk(self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, topk_ids)
+        if self.norm_topk_prob:
+            denom = weights.sum(dim=-1, keepdim=True)
+            weights = weights / (denom + 1e-20 if self.scoring_func == "sigmoid" else denom)
+        return weights * self.routed_scaling_factor, topk_ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, topk_ids = self.route(x)
+        if self.recorder is not None:
+            self.recorder(self.layer_idx, topk_ids)
+        phys = topk_ids if self.dispatch is None else self.dispatch(self.layer_idx, topk_ids)
+        out = self.experts(x, phys, weights)
+        if self.shared is not None:
+            s = self.shared(x)
+            if self.shared_gate is not None:
+                s = torch.sigmoid(self.shared_gate(x)) * s
+            out = out + s
+        return out
+
+    def experts(self, x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Grouped expert MLP: tokens sorted by physical slot, one matmul pair per used slot."""
+        T, k = phys.shape
+        flat = phys.reshape(-1)
+        order = flat.argsort(stable=True)
+        token_of = order // k
+        counts = torch.bincount(flat, minlength=self.w13.shape[0]).tolist()
+        xs = x[token_of]
+        w = weights.reshape(-1)[order].to(x.dtype)
+        out = torch.zeros_like(x)
+        start = 0
+        for slot, n in enumerate(counts):
+            if n == 0:
+                continue
+            seg = slice(start, start + n)
+            gate, up = F.linear(xs[seg], self.w13[slot]).chunk(2, dim=-1)
+            h = F.linear(F.silu(gate) * up, self.w2[slot]) * w[seg, None]
+            out.index_add_(0, token_of[seg], h)
+            start += n
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, flags: dict):
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx, flags["qkv_bias"], flags["qk_norm"])
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if flags["moe"]:
+            self.mlp = MoE(cfg, layer_idx, flags["shared_gate"], flags["score_bias"])
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, h, cos, sin, rotary, fb, k_cache, v_cache):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, rotary, fb, k_cache, v_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_flags: list[dict], tie_embeddings: bool):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, f) for i, f in enumerate(layer_flags))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = Rotary(cfg)
+        self.tie_embeddings = tie_embeddings
+        self.lm_head = None if tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+
+    @torch.inference_mode()
+    def forward(self, fb: ForwardBatch, k_caches: list, v_caches: list) -> torch.Tensor:
+        """Run the batch; return logits [S, vocab] (float32) for ``fb.logits_indices``."""
+        h = self.embed_tokens(fb.input_ids)
+        cos, sin = self.rotary.cos_sin(fb.positions, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, self.rotary, fb, k_caches[i], v_caches[i])
+        h = self.norm(h[fb.logits_indices])
+        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, w).float()

@@ -1,0 +1,153 @@
+"""Service runtime shared by every tandem process.
+
+One gRPC server (health checking + reflection always on), one system HTTP port,
+readiness, and graceful shutdown on SIGTERM/SIGINT. Services add their servicers,
+call `start()`, do their warmup, call `set_ready()`, then `wait()`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent import futures
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from tandem.config import ServerConfig
+from tandem.server.system_http import SystemHttpServer
+
+log = logging.getLogger(__name__)
+
+# KV pages travel as bytes on the grpc transfer backend: allow large messages.
+GRPC_MESSAGE_LIMIT = 512 * 1024 * 1024
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", GRPC_MESSAGE_LIMIT),
+    ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def service_name(pb2_module, service: str) -> str:
+    """Full proto name of a service, e.g. service_name(decode_pb2, "Decode") -> "tandem.v1.Decode"."""
+    return pb2_module.DESCRIPTOR.services_by_name[service].full_name
+
+
+class ServiceRuntime:
+    def __init__(
+        self,
+        name: str,
+        config: ServerConfig,
+        registry: CollectorRegistry | None = None,
+        max_workers: int = 128,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.registry = registry or REGISTRY
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._service_names: list[str] = []
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise RuntimeError(f"{name}: cannot bind gRPC port {config.host}:{config.port}")
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._shutdown_hooks: list[Callable[[], None]] = []
+        self.system = SystemHttpServer(config.host, config.system_port, self.registry, self._ready.is_set)
+        self.started_at = time.time()
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    @property
+    def worker_id(self) -> str:
+        return self.config.worker_id or self.address
+
+    @property
+    def system_address(self) -> str:
+        return f"{self.config.host}:{self.system.port}"
+
+    def add_service(self, add_to_server: Callable, servicer, full_name: str) -> None:
+        """Register a servicer, e.g. add_service(decode_pb2_grpc.add_DecodeServicer_to_server, s, name)."""
+        add_to_server(servicer, self.server)
+        self._service_names.append(full_name)
+
+    def on_shutdown(self, hook: Callable[[], None]) -> None:
+        """Hooks run in registration order after health turns NOT_SERVING, before the server stops."""
+        self._shutdown_hooks.append(hook)
+
+    def start(self) -> None:
+        reflection.enable_server_reflection(
+            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        for svc in ["", *self._service_names]:
+            self.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.start()
+        self.system.start()
+        log.info("%s listening: grpc=%s system=http://%s", self.name, self.address, self.system_address)
+
+    def set_ready(self) -> None:
+        for svc in ["", *self._service_names]:
+            self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        self._ready.set()
+        if self.config.ready_file:
+            tmp = f"{self.config.ready_file}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"name": self.name, "grpc": self.address, "system": self.system_address,
+                           "pid": os.getpid()}, f)
+            os.replace(tmp, self.config.ready_file)
+        log.info("%s ready (SERVING) after %.2fs", self.name, time.time() - self.started_at)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def install_signal_handlers(self) -> None:
+        def handle(signum, _frame):
+            log.info("%s received %s, shutting down", self.name, signal.Signals(signum).name)
+            self._stopping.set()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    def wait(self) -> None:
+        """Block until SIGTERM/SIGINT (or request_stop), then shut down gracefully."""
+        self.install_signal_handlers()
+        while not self._stopping.wait(0.2):
+            pass
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopping.set()
+        self._ready.clear()
+        self.health.enter_graceful_shutdown()
+        # Leave headroom inside the grace period for hooks and process exit.
+        grace = max(0.1, self.config.shutdown_grace_period - 1.0)
+        stop_event = self.server.stop(grace)
+        for hook in self._shutdown_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("%s shutdown hook failed", self.name)
+        stop_event.wait(grace + 0.5)
+        self.system.stop()
+        self._stopped.set()
+        log.info("%s stopped", self.name)
