@@ -1,0 +1,314 @@
+"""Plan, start, watch and stop a local tandem stack (what `make deploy-local` runs).
+
+Used by `python -m deploy.local.run` and by the benchmark suite, so both deploy
+exactly the same way. Every process gets its own config file (the effective config is
+also snapshotted), a log file, and a ready file that it writes once it is SERVING.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_STACK = Path(__file__).with_name("stack.yaml")
+DEFAULT_RUN_DIR = REPO / ".run" / "deploy-local"
+
+
+@dataclass
+class ProcessSpec:
+    name: str  # e.g. "prefill-0"
+    kind: str  # router | prefill | decode | eplb | prometheus
+    argv: list[str]
+    grpc: str | None = None
+    system: str | None = None
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunningProcess:
+    spec: ProcessSpec
+    proc: subprocess.Popen
+    log_path: Path
+    ready_path: Path | None
+
+
+def load_stack_config(path: Path = DEFAULT_STACK, overrides: dict | None = None) -> dict:
+    cfg = yaml.safe_load(Path(path).read_text())
+    env_map = {"MODE": "mode", "MODEL": "model_path", "PREFILL": "num_prefill", "DECODE": "num_decode"}
+    for env, key in env_map.items():
+        if os.environ.get(env):
+            cfg[key] = os.environ[env]
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict):
+            cfg.setdefault(key, {}).update(value)
+        elif value is not None:
+            cfg[key] = value
+    cfg["num_prefill"] = int(cfg["num_prefill"])
+    cfg["num_decode"] = int(cfg["num_decode"])
+    if cfg["mode"] not in ("agg", "disagg"):
+        raise ValueError(f"MODE={cfg['mode']!r}: must be agg or disagg")
+    if cfg["num_decode"] < 1 or (cfg["mode"] == "disagg" and cfg["num_prefill"] < 1):
+        raise ValueError("need DECODE >= 1, and PREFILL >= 1 in disagg mode")
+    model = Path(cfg["model_path"])
+    if not model.is_absolute():
+        model = REPO / model
+    if not (model / "config.json").is_file():
+        raise ValueError(f"MODEL={cfg['model_path']!r}: no config.json there (build demo models with make demo-models)")
+    cfg["model_path"] = str(model)
+    return cfg
+
+
+def is_moe(model_path: str) -> bool:
+    c = json.loads((Path(model_path) / "config.json").read_text())
+    return any(c.get(k) for k in ("num_experts", "n_routed_experts", "num_local_experts"))
+
+
+def plan_stack(cfg: dict) -> list[ProcessSpec]:
+    """The processes of the stack, in start order (prefill before decode before router)."""
+    host, ports = cfg["host"], cfg["ports"]
+    py = [sys.executable, "-m"]
+    specs: list[ProcessSpec] = []
+    engine = dict(cfg.get("engine", {}), model_path=cfg["model_path"])
+    eplb_addr = None
+    if is_moe(cfg["model_path"]):
+        eplb_addr = f"{host}:{ports['eplb_grpc']}"
+        specs.append(ProcessSpec("eplb", "eplb", py + ["tandem.eplb"], eplb_addr,
+                                 f"{host}:{ports['eplb_system']}",
+                                 {"host": host, "port": ports["eplb_grpc"], "system_port": ports["eplb_system"],
+                                  "model_path": cfg["model_path"]}))
+    prefill_addrs = []
+    if cfg["mode"] == "disagg":
+        for i in range(cfg["num_prefill"]):
+            addr = f"{host}:{ports['prefill_grpc'] + i}"
+            prefill_addrs.append(addr)
+            conf = dict(engine, host=host, port=ports["prefill_grpc"] + i,
+                        system_port=ports["prefill_system"] + i,
+                        disaggregation_transfer_backend=cfg["disaggregation"]["disaggregation_transfer_backend"])
+            specs.append(ProcessSpec(f"prefill-{i}", "prefill", py + ["tandem.prefill"], addr,
+                                     f"{host}:{ports['prefill_system'] + i}", conf))
+    decode_addrs = []
+    for i in range(cfg["num_decode"]):
+        addr = f"{host}:{ports['decode_grpc'] + i}"
+        decode_addrs.append(addr)
+        conf = dict(engine, host=host, port=ports["decode_grpc"] + i, system_port=ports["decode_system"] + i)
+        if cfg["mode"] == "disagg":
+            conf.update(cfg["disaggregation"], disaggregation_mode="decode", prefill_addresses=prefill_addrs)
+        specs.append(ProcessSpec(f"decode-{i}", "decode", py + ["tandem.decode"], addr,
+                                 f"{host}:{ports['decode_system'] + i}", conf))
+    router = dict(cfg.get("router", {}), host=host, port=ports["router_grpc"], system_port=ports["router_system"],
+                  http_port=ports["router_http"], model_path=cfg["model_path"], workers=decode_addrs)
+    specs.append(ProcessSpec("router", "router", py + ["tandem.router"], f"{host}:{ports['router_grpc']}",
+                             f"{host}:{ports['router_system']}", router))
+    return specs
+
+
+def scrape_targets(specs: list[ProcessSpec]) -> dict[str, list[str]]:
+    targets: dict[str, list[str]] = {}
+    for s in specs:
+        if s.system:
+            job = {"router": "tandem-router", "prefill": "tandem-prefill", "decode": "tandem-decode",
+                   "eplb": "tandem-eplb"}[s.kind]
+            targets.setdefault(job, []).append(s.system)
+    return targets
+
+
+def render_prometheus_yml(specs: list[ProcessSpec], scrape_interval: str) -> str:
+    lines = ["# Generated by deploy/local/stack.py from the deploy-local plan.", "global:",
+             f"  scrape_interval: {scrape_interval}", f"  evaluation_interval: {scrape_interval}",
+             "scrape_configs:"]
+    for job, targets in scrape_targets(specs).items():
+        lines += [f"  - job_name: {job}", "    static_configs:",
+                  "      - targets: [" + ", ".join(f"'{t}'" for t in targets) + "]"]
+    return "\n".join(lines) + "\n"
+
+
+class Stack:
+    def __init__(self, cfg: dict, run_dir: Path = DEFAULT_RUN_DIR, with_prometheus: bool = True) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.specs = plan_stack(cfg)
+        self.with_prometheus = with_prometheus
+        self.running: list[RunningProcess] = []
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def openai_url(self) -> str:
+        return f"http://{self.cfg['host']}:{self.cfg['ports']['router_http']}/v1"
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://{self.cfg['host']}:{self.cfg['ports']['prometheus']}"
+
+    def _write_configs(self) -> None:
+        conf_dir = self.run_dir / "config"
+        conf_dir.mkdir(parents=True, exist_ok=True)
+        for spec in self.specs:
+            path = conf_dir / f"{spec.name}.yaml"
+            path.write_text(yaml.safe_dump(spec.config, sort_keys=True))
+            spec.argv = spec.argv + ["--config", str(path)]
+        (conf_dir / "prometheus.yml").write_text(
+            render_prometheus_yml(self.specs, self.cfg.get("scrape_interval", "5s")))
+        (self.run_dir / "stack.json").write_text(json.dumps(self.cfg, indent=2))
+
+    def _prometheus_spec(self) -> ProcessSpec | None:
+        binary = shutil.which("prometheus")
+        if not (self.with_prometheus and binary):
+            return None
+        data = self.run_dir / "prometheus-data"
+        data.mkdir(parents=True, exist_ok=True)
+        addr = f"{self.cfg['host']}:{self.cfg['ports']['prometheus']}"
+        return ProcessSpec("prometheus", "prometheus", [
+            binary, f"--config.file={self.run_dir / 'config' / 'prometheus.yml'}",
+            f"--storage.tsdb.path={data}", f"--web.listen-address={addr}"], system=addr)
+
+    def start(self, progress: Callable[[str, str], None] | None = None, timeout: float = 180.0) -> None:
+        """Start every process and wait until all are healthy; stops everything on failure."""
+        progress = progress or (lambda name, state: None)
+        if self.run_dir.exists():
+            shutil.rmtree(self.run_dir / "ready", ignore_errors=True)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "ready").mkdir(parents=True, exist_ok=True)
+        self._write_configs()
+        specs = list(self.specs)
+        prom = self._prometheus_spec()
+        if prom:
+            specs.append(prom)
+        try:
+            # Workers start together (they load models in parallel); the router waits for them.
+            deadline = time.monotonic() + timeout
+            workers = [s for s in specs if s.kind not in ("router", "prometheus")]
+            for spec in workers:
+                self._spawn(spec, progress)
+            self._wait_ready(deadline, progress)
+            for spec in specs:
+                if spec.kind in ("router", "prometheus"):
+                    self._spawn(spec, progress)
+            self._wait_ready(deadline, progress)
+        except BaseException:
+            self.stop()
+            raise
+        self._write_pids()
+
+    def _spawn(self, spec: ProcessSpec, progress) -> None:
+        log_path = self.logs_dir / f"{spec.name}.log"
+        ready = None
+        argv = list(spec.argv)
+        if spec.kind != "prometheus":
+            ready = self.run_dir / "ready" / f"{spec.name}.json"
+            argv += ["--ready-file", str(ready)]
+        log = open(log_path, "w")
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.close()
+        self.running.append(RunningProcess(spec, proc, log_path, ready))
+        progress(spec.name, "starting")
+
+    def _is_ready(self, rp: RunningProcess) -> bool:
+        if rp.ready_path is not None:
+            return rp.ready_path.exists()
+        try:
+            with urllib.request.urlopen(f"http://{rp.spec.system}/-/ready", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def _wait_ready(self, deadline: float, progress) -> None:
+        pending = [rp for rp in self.running if not getattr(rp, "_ready", False)]
+        while pending:
+            for rp in list(pending):
+                if rp.proc.poll() is not None:
+                    tail = rp.log_path.read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"{rp.spec.name} exited with code {rp.proc.returncode}; log tail:\n{tail}")
+                if self._is_ready(rp):
+                    rp._ready = True
+                    pending.remove(rp)
+                    progress(rp.spec.name, "healthy")
+            if time.monotonic() > deadline:
+                names = ", ".join(rp.spec.name for rp in pending)
+                raise TimeoutError(f"not healthy in time: {names} (logs in {self.logs_dir})")
+            time.sleep(0.1)
+
+    def _write_pids(self) -> None:
+        pids = {rp.spec.name: rp.proc.pid for rp in self.running}
+        (self.run_dir / "pids.json").write_text(json.dumps(pids))
+
+    def alive(self) -> dict[str, bool]:
+        return {rp.spec.name: rp.proc.poll() is None for rp in self.running}
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM every process group (router first), then SIGKILL what is left."""
+        order = sorted(self.running, key=lambda rp: ["router", "prometheus", "decode", "prefill", "eplb"]
+                       .index(rp.spec.kind))
+        for rp in order:
+            _signal_group(rp.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for rp in order:
+            try:
+                rp.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(rp.proc.pid, signal.SIGKILL)
+                rp.proc.wait(5)
+        self.running.clear()
+        (self.run_dir / "pids.json").unlink(missing_ok=True)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_from_pidfile(run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 10.0) -> list[str]:
+    """`make stop-local`: stop a stack started by another process."""
+    pidfile = Path(run_dir) / "pids.json"
+    if not pidfile.exists():
+        return []
+    pids = json.loads(pidfile.read_text())
+    for pid in pids.values():
+        _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for pid in pids.values():
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if _alive(pid):
+            _signal_group(pid, signal.SIGKILL)
+    pidfile.unlink(missing_ok=True)
+    return list(pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def with_overrides(cfg: dict, **sections) -> dict:
+    out = copy.deepcopy(cfg)
+    for k, v in sections.items():
+        if isinstance(v, dict):
+            out.setdefault(k, {}).update(v)
+        else:
+            out[k] = v
+    return out
