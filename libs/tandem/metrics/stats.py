@@ -1,0 +1,143 @@
+"""The stats message the engine scheduler sends every iteration (msgpack over ZMQ).
+
+Conventions:
+- Gauges are current values; ``None`` means "not reported" and leaves the gauge untouched
+  (a unified worker never reports the disaggregation queues, for instance).
+- Counter fields are *deltas* since the previous message of the same sender, never totals,
+  so a dropped message loses only its own increments and a restarted publisher keeps
+  counting from where Prometheus last saw it (counter resets are handled by rate()).
+- Latency fields are lists of samples observed since the previous message (seconds).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import msgpack
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class SchedulerStats:
+    """One scheduler iteration's view of the engine. See the module docstring."""
+
+    ts: float = field(default_factory=time.time)
+    tp_rank: int = 0
+    pp_rank: int = 0
+    page_size: Optional[int] = None  # lets the publisher derive Dynamo's block counts
+
+    # Core gauges (sglang:*)
+    num_running_reqs: Optional[int] = None
+    num_queue_reqs: Optional[int] = None
+    num_used_tokens: Optional[int] = None
+    max_total_num_tokens: Optional[int] = None
+    token_usage: Optional[float] = None
+    gen_throughput: Optional[float] = None
+    cache_hit_rate: Optional[float] = None
+    num_retracted_reqs: Optional[int] = None
+    utilization: Optional[float] = None
+    engine_startup_time: Optional[float] = None
+    engine_load_weights_time: Optional[float] = None
+    # KV pool breakdown (used + evictable + available = max_total_num_tokens)
+    kv_used_tokens: Optional[int] = None
+    kv_evictable_tokens: Optional[int] = None
+    kv_available_tokens: Optional[int] = None
+
+    # Counter deltas
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    cached_tokens: int = 0
+    num_requests: int = 0  # requests finished in this interval
+    num_aborted_requests: int = 0
+    num_retracted_requests: int = 0
+    realtime_prefill_compute_tokens: int = 0
+    realtime_prefill_cache_tokens: int = 0
+    realtime_decode_tokens: int = 0
+
+    # Latency samples (seconds)
+    ttft_s: list[float] = field(default_factory=list)
+    itl_s: list[float] = field(default_factory=list)
+    e2e_s: list[float] = field(default_factory=list)
+    queue_time_s: list[float] = field(default_factory=list)
+
+    # PD disaggregation
+    num_prefill_prealloc_queue_reqs: Optional[int] = None
+    num_prefill_inflight_queue_reqs: Optional[int] = None
+    num_decode_prealloc_queue_reqs: Optional[int] = None
+    num_decode_transfer_queue_reqs: Optional[int] = None
+    kv_transfer_speed_gb_s: Optional[float] = None
+    kv_transfer_latency_ms: Optional[float] = None
+    kv_transfer_bootstrap_ms: Optional[float] = None
+    kv_transfer_alloc_ms: Optional[float] = None
+    kv_transfer_total_mb: Optional[float] = None
+    num_bootstrap_failed_reqs: int = 0
+    num_transfer_failed_reqs: int = 0
+
+    # HiCache
+    hicache_host_used_tokens: Optional[int] = None
+    hicache_host_total_tokens: Optional[int] = None
+    prefetch_occupied_ratio: Optional[float] = None
+    evicted_tokens: int = 0
+    load_back_tokens: int = 0
+    prefetched_tokens: int = 0
+    backuped_tokens: int = 0
+    eviction_duration_s: list[float] = field(default_factory=list)
+    load_back_duration_s: list[float] = field(default_factory=list)
+
+    # EPLB
+    eplb_balancedness: dict[str, list[float]] = field(default_factory=dict)  # forward_mode -> samples
+    # layer -> tokens dispatched to each EP rank (list index = rank), counts since last message
+    eplb_gpu_physical_count: dict[int, list[int]] = field(default_factory=dict)
+
+    def add_finished(self, *, e2e: float, ttft: Optional[float] = None, queue_time: Optional[float] = None,
+                     itl: Optional[list[float]] = None, aborted: bool = False) -> None:
+        """Record one finished request's latencies (and count it as finished or aborted)."""
+        if aborted:
+            self.num_aborted_requests += 1
+        else:
+            self.num_requests += 1
+        self.e2e_s.append(float(e2e))
+        if ttft is not None:
+            self.ttft_s.append(float(ttft))
+        if queue_time is not None:
+            self.queue_time_s.append(float(queue_time))
+        if itl:
+            self.itl_s.extend(float(x) for x in itl)
+
+    def to_bytes(self) -> bytes:
+        """msgpack encoding: a map of the fields that differ from their defaults, plus a version."""
+        payload = {"v": SCHEMA_VERSION}
+        for f in _FIELDS:
+            value = getattr(self, f.name)
+            if f.name == "ts" or value != _DEFAULTS[f.name]:
+                payload[f.name] = value
+        return msgpack.packb(payload, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "SchedulerStats":
+        """Decode :meth:`to_bytes` output; unknown fields (from a newer sender) are ignored."""
+        try:
+            payload = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except Exception as e:  # msgpack raises several unrelated exception types
+            raise ValueError(f"stats message is not valid msgpack: {e}") from e
+        if not isinstance(payload, dict):
+            raise ValueError(f"stats message must be a map, got {type(payload).__name__}")
+        version = payload.pop("v", None)
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"stats message schema version {version!r}, expected {SCHEMA_VERSION}")
+        known = {k: v for k, v in payload.items() if k in _NAMES}
+        stats = cls(**known)
+        if stats.eplb_gpu_physical_count:
+            stats.eplb_gpu_physical_count = {int(k): v for k, v in stats.eplb_gpu_physical_count.items()}
+        return stats
+
+
+_FIELDS = dataclasses.fields(SchedulerStats)
+_NAMES = frozenset(f.name for f in _FIELDS)
+_DEFAULTS = {
+    f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+    for f in _FIELDS
+}
