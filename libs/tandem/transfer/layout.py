@@ -1,0 +1,375 @@
+"""KV pool description, layout messages, page-run merging and the aux row format.
+
+Everything here is backend-neutral: both the NIXL and the gRPC backend compute where
+page ``p`` of layer ``l`` lives with the same code, so they write into the same bytes.
+
+Pool shape (owned by the engine): per layer one contiguous K tensor and one contiguous V
+tensor of shape ``[num_pages, page_size, kv_heads, head_dim]``; page ``p`` of layer ``l``
+is the byte range ``[base_l + p * bytes_per_page, base_l + (p + 1) * bytes_per_page)``.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tandem.v1 import common_pb2
+
+# Smallest aux slot the engine may give us (SGLang's metadata rows are >= 64 bytes).
+AUX_MIN_SLOT_BYTES = 64
+
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+    torch.float8_e4m3fn: "float8_e4m3fn",
+    torch.float8_e5m2: "float8_e5m2",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+}
+_NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+
+
+class LayoutMismatchError(ValueError):
+    """Two KV layouts cannot exchange pages; ``field`` names the first mismatching field."""
+
+    def __init__(self, field_name: str, local, remote):
+        self.field = field_name
+        self.local = local
+        self.remote = remote
+        super().__init__(
+            f"KV layout mismatch on {field_name}: local={local!r} remote={remote!r}"
+        )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Canonical string for a torch dtype as carried in ``KvLayout.dtype``."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"unsupported KV dtype {dtype}; allowed: {sorted(_NAME_DTYPES)}") from None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """Inverse of :func:`dtype_name`."""
+    try:
+        return _NAME_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown KV dtype {name!r}; allowed: {sorted(_NAME_DTYPES)}") from None
+
+
+def _mem_type(t: torch.Tensor) -> tuple[str, int]:
+    if t.device.type == "cpu":
+        return "DRAM", 0
+    if t.device.type == "cuda":
+        return "VRAM", t.device.index or 0
+    raise ValueError(f"KV buffers must be on cpu or cuda, got device {t.device}")
+
+
+@dataclass
+class KvBuffers:
+    """The engine's KV pool as the transfer library sees it (no engine import needed).
+
+    ``k[l]`` / ``v[l]``: layer ``l``'s K / V tensor ``[num_pages, page_size, kv_heads,
+    head_dim]``, contiguous, all of one shape, dtype and device. ``aux``: uint8 tensor
+    ``[num_aux_slots, aux_slot_bytes]`` (``aux_slot_bytes >= 64``) on the same kind of
+    memory as K/V (KvLayout carries one ``mem_type``).
+    """
+
+    k: Sequence[torch.Tensor]
+    v: Sequence[torch.Tensor]
+    aux: torch.Tensor
+
+    def __post_init__(self):
+        self.k = list(self.k)
+        self.v = list(self.v)
+        if not self.k or len(self.k) != len(self.v):
+            raise ValueError(
+                f"KvBuffers needs one K and one V tensor per layer, got {len(self.k)} K "
+                f"and {len(self.v)} V tensors"
+            )
+        ref = self.k[0]
+        if ref.dim() != 4:
+            raise ValueError(
+                f"K/V tensors must be [num_pages, page_size, kv_heads, head_dim], got shape "
+                f"{tuple(ref.shape)}"
+            )
+        dtype_name(ref.dtype)
+        for name, tensors in (("k", self.k), ("v", self.v)):
+            for i, t in enumerate(tensors):
+                if t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
+                    raise ValueError(
+                        f"{name}[{i}] is {tuple(t.shape)} {t.dtype} on {t.device}, expected "
+                        f"{tuple(ref.shape)} {ref.dtype} on {ref.device} like k[0]"
+                    )
+                if not t.is_contiguous():
+                    raise ValueError(f"{name}[{i}] must be contiguous")
+        a = self.aux
+        if a.dim() != 2 or a.dtype != torch.uint8 or not a.is_contiguous():
+            raise ValueError(
+                f"aux must be a contiguous uint8 tensor [num_aux_slots, aux_slot_bytes], got "
+                f"{tuple(a.shape)} {a.dtype}"
+            )
+        if a.shape[1] < AUX_MIN_SLOT_BYTES:
+            raise ValueError(
+                f"aux_slot_bytes is {a.shape[1]}, must be >= {AUX_MIN_SLOT_BYTES}"
+            )
+        if _mem_type(a)[0] != _mem_type(ref)[0]:
+            raise ValueError(
+                f"aux is on {a.device} but K/V on {ref.device}; KvLayout has a single mem_type, "
+                "so both must be host memory or both GPU memory"
+            )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
+    @property
+    def num_pages(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k[0].shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+    @property
+    def bytes_per_page(self) -> int:
+        return self.page_size * self.kv_heads * self.head_dim * self.k[0].element_size()
+
+    @property
+    def num_aux_slots(self) -> int:
+        return self.aux.shape[0]
+
+    @property
+    def aux_slot_bytes(self) -> int:
+        return self.aux.shape[1]
+
+    @property
+    def mem_type(self) -> str:
+        return _mem_type(self.k[0])[0]
+
+    @property
+    def device_id(self) -> int:
+        return _mem_type(self.k[0])[1]
+
+    def regions(self) -> list[tuple[int, int, int]]:
+        """(addr, nbytes, device_id) of every buffer, adjacent ones coalesced.
+
+        An engine that allocates all layers in one tensor gives one or two regions;
+        registering few large regions keeps NIXL/UCX registration cheap.
+        """
+        raw = sorted(
+            (t.data_ptr(), t.numel() * t.element_size(), _mem_type(t)[1])
+            for t in [*self.k, *self.v, self.aux]
+        )
+        out: list[list[int]] = []
+        for addr, n, dev in raw:
+            if out and out[-1][2] == dev and out[-1][0] + out[-1][1] == addr:
+                out[-1][1] += n
+            else:
+                out.append([addr, n, dev])
+        return [tuple(r) for r in out]
+
+
+def build_layout(buffers: KvBuffers, model_fingerprint: str = "") -> common_pb2.KvLayout:
+    """The ``KvLayout`` describing ``buffers`` (with base addresses)."""
+    return common_pb2.KvLayout(
+        num_layers=buffers.num_layers,
+        page_size=buffers.page_size,
+        num_kv_heads=buffers.kv_heads,
+        head_dim=buffers.head_dim,
+        dtype=dtype_name(buffers.dtype),
+        bytes_per_page=buffers.bytes_per_page,
+        num_pages=buffers.num_pages,
+        k_base_addrs=[t.data_ptr() for t in buffers.k],
+        v_base_addrs=[t.data_ptr() for t in buffers.v],
+        aux_base_addr=buffers.aux.data_ptr(),
+        aux_slot_bytes=buffers.aux_slot_bytes,
+        num_aux_slots=buffers.num_aux_slots,
+        mem_type=buffers.mem_type,
+        device_id=buffers.device_id,
+        model_fingerprint=model_fingerprint,
+    )
+
+
+# Fields two workers must agree on to exchange pages, in the order they are checked.
+_COMPAT_FIELDS = (
+    "model_fingerprint",
+    "num_layers",
+    "page_size",
+    "num_kv_heads",
+    "head_dim",
+    "dtype",
+    "bytes_per_page",
+)
+
+
+def check_compatible(local: common_pb2.KvLayout, remote: common_pb2.KvLayout) -> None:
+    """Raise :class:`LayoutMismatchError` naming the first field that differs.
+
+    Pool sizes (pages, aux slots), addresses and memory kinds may differ between workers.
+    """
+    for f in _COMPAT_FIELDS:
+        a, b = getattr(local, f), getattr(remote, f)
+        if a != b:
+            raise LayoutMismatchError(f, a, b)
+
+
+def check_addresses(layout: common_pb2.KvLayout) -> None:
+    """Raise ValueError unless ``layout`` carries one K and one V base address per layer."""
+    n = layout.num_layers
+    if len(layout.k_base_addrs) != n or len(layout.v_base_addrs) != n:
+        raise ValueError(
+            f"KvLayout has {len(layout.k_base_addrs)} K and {len(layout.v_base_addrs)} V base "
+            f"addresses for {n} layers"
+        )
+    if layout.mem_type not in ("DRAM", "VRAM"):
+        raise ValueError(f"KvLayout.mem_type is {layout.mem_type!r}, allowed: DRAM, VRAM")
+
+
+def validate_pages(pages, num_pages: int, what: str = "page") -> np.ndarray:
+    """Page indices as an int64 array; ValueError naming the first index outside the pool."""
+    arr = np.asarray(pages, dtype=np.int64).reshape(-1)
+    if arr.size:
+        bad = np.nonzero((arr < 0) | (arr >= num_pages))[0]
+        if bad.size:
+            raise ValueError(
+                f"{what} index {int(arr[bad[0]])} out of range for a pool of {num_pages} pages"
+            )
+    return arr
+
+
+def merge_page_runs(src_pages, dst_pages) -> np.ndarray:
+    """Merge a page map into runs contiguous on both sides (as SGLang's
+    ``group_concurrent_contiguous``): returns an int64 array ``[n_runs, 3]`` of
+    ``(src_start, dst_start, length)``; ``src_pages[i] -> dst_pages[i]`` for all ``i``.
+    """
+    src = np.asarray(src_pages, dtype=np.int64).reshape(-1)
+    dst = np.asarray(dst_pages, dtype=np.int64).reshape(-1)
+    if src.shape != dst.shape:
+        raise ValueError(f"{src.size} source pages but {dst.size} destination pages")
+    if src.size == 0:
+        return np.zeros((0, 3), dtype=np.int64)
+    breaks = np.nonzero((np.diff(src) != 1) | (np.diff(dst) != 1))[0] + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [src.size]))
+    return np.stack((src[starts], dst[starts], ends - starts), axis=1)
+
+
+def run_descriptors(
+    local: common_pb2.KvLayout,
+    remote: common_pb2.KvLayout,
+    runs: np.ndarray,
+    layers: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Byte descriptors ``[n, 3]`` (addr, nbytes, device_id) for local -> remote copies of
+    ``runs`` (from :func:`merge_page_runs`) in every layer (or ``layers``), K then V.
+
+    Row ``i`` of the source array pairs with row ``i`` of the destination array.
+    """
+    bpp = local.bytes_per_page
+    layer_ids = range(local.num_layers) if layers is None else layers
+    lk = np.asarray(local.k_base_addrs, dtype=np.uint64)
+    lv = np.asarray(local.v_base_addrs, dtype=np.uint64)
+    rk = np.asarray(remote.k_base_addrs, dtype=np.uint64)
+    rv = np.asarray(remote.v_base_addrs, dtype=np.uint64)
+    idx = np.asarray(list(layer_ids), dtype=np.int64)
+    src_bases = np.concatenate((lk[idx], lv[idx]))  # [2L]
+    dst_bases = np.concatenate((rk[idx], rv[idx]))
+    runs = np.asarray(runs, dtype=np.int64).reshape(-1, 3)
+    src_off = (runs[:, 0] * bpp).astype(np.uint64)
+    dst_off = (runs[:, 1] * bpp).astype(np.uint64)
+    nbytes = (runs[:, 2] * bpp).astype(np.uint64)
+    n = src_bases.size * runs.shape[0]
+    src = np.empty((n, 3), dtype=np.uint64)
+    dst = np.empty((n, 3), dtype=np.uint64)
+    src[:, 0] = (src_bases[:, None] + src_off[None, :]).reshape(-1)
+    dst[:, 0] = (dst_bases[:, None] + dst_off[None, :]).reshape(-1)
+    src[:, 1] = dst[:, 1] = np.tile(nbytes, src_bases.size)
+    src[:, 2] = local.device_id
+    dst[:, 2] = remote.device_id
+    return src, dst
+
+
+def pages_needed(num_tokens: int, page_size: int) -> int:
+    """Pages holding ``num_tokens`` tokens."""
+    return math.ceil(num_tokens / page_size)
+
+
+# ---------------------------------------------------------------------------------------
+# Aux (metadata) row. Fixed little-endian format, written by prefill into decode's slot:
+#
+#   offset  type     field
+#   0       uint64   room            (lets decode reject a stale row left in the slot)
+#   8       int32    first_token_id
+#   12      float32  first_token_logprob  (NaN when logprobs were not requested)
+#   16      int32    cached_tokens   (prompt tokens served from prefill's prefix cache)
+#   20      int32    num_top         (top-logprob entries that follow)
+#   24      num_top x (int32 token_id, float32 logprob)
+#
+# A 64-byte slot holds 5 top logprobs; ``(slot_bytes - 24) // 8`` in general. Bytes after
+# the last entry are zero.
+# ---------------------------------------------------------------------------------------
+AUX_HEADER = struct.Struct("<QifiI")
+AUX_TOP = struct.Struct("<if")
+
+
+@dataclass
+class AuxRow:
+    """Per-request metadata prefill hands to decode with the KV pages."""
+
+    room: int
+    first_token_id: int
+    first_token_logprob: float = float("nan")
+    cached_tokens: int = 0
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+
+
+def aux_max_top(slot_bytes: int) -> int:
+    """How many top-logprob entries fit in a slot of ``slot_bytes``."""
+    return max(0, (slot_bytes - AUX_HEADER.size) // AUX_TOP.size)
+
+
+def pack_aux_row(row: AuxRow, slot_bytes: int) -> bytes:
+    """``row`` as exactly ``slot_bytes`` bytes; top logprobs beyond what fits are dropped."""
+    if slot_bytes < AUX_HEADER.size:
+        raise ValueError(f"aux slot of {slot_bytes} bytes is smaller than the header")
+    top = row.top_logprobs[: aux_max_top(slot_bytes)]
+    buf = bytearray(slot_bytes)
+    AUX_HEADER.pack_into(
+        buf, 0, row.room, row.first_token_id, row.first_token_logprob, row.cached_tokens,
+        len(top),
+    )
+    for i, (tok, lp) in enumerate(top):
+        AUX_TOP.pack_into(buf, AUX_HEADER.size + i * AUX_TOP.size, tok, lp)
+    return bytes(buf)
+
+
+def unpack_aux_row(data) -> AuxRow:
+    """Inverse of :func:`pack_aux_row` (``data``: bytes, memoryview or uint8 tensor)."""
+    if isinstance(data, torch.Tensor):
+        data = data.cpu().numpy().tobytes()
+    data = bytes(data)
+    room, tok, lp, cached, n = AUX_HEADER.unpack_from(data, 0)
+    if n > aux_max_top(len(data)):
+        raise ValueError(f"aux row claims {n} top logprobs, a {len(data)}-byte slot holds "
+                         f"{aux_max_top(len(data))}")
+    top = [AUX_TOP.unpack_from(data, AUX_HEADER.size + i * AUX_TOP.size) for i in range(n)]
+    return AuxRow(room, tok, lp, cached, [(int(t), float(p)) for t, p in top])

@@ -1,0 +1,319 @@
+"""nixl backend: one-sided NIXL WRITEs (UCX) from prefill's pages into decode's pages.
+
+Both sides register their K/V layer buffers and aux buffer as a few large regions. The
+sender WRITEs merged page runs of every layer, K and V, with one notification per chunk
+``b"{room}_kv_{chunk}_{is_last}"`` (is_last as 0/1), then the metadata row from a staging
+slot into decode's aux slot with ``b"{room}_aux"``; a failed room may be reported with
+``b"{room}_fail_{reason}"``. The receiver drains ``get_new_notifs`` in :meth:`poll` and
+counts notifications until every chunk up to the last and the aux row arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+from .base import (
+    KVPoll,
+    KvReceiver,
+    KvSender,
+    Registration,
+    Room,
+    TransferError,
+    TransferHandle,
+    XferState,
+    XferStatus,
+)
+from .layout import AuxRow, KvBuffers, merge_page_runs, pack_aux_row, run_descriptors
+
+log = logging.getLogger(__name__)
+
+try:
+    from nixl._api import nixl_agent, nixl_agent_config
+
+    NIXL_IMPORT_ERROR: str = ""
+except Exception as e:  # ImportError, or a broken native library
+    nixl_agent = nixl_agent_config = None
+    NIXL_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def _require_nixl() -> None:
+    if NIXL_IMPORT_ERROR:
+        raise RuntimeError(
+            "the nixl transfer backend needs the 'nixl' Python package (pip install nixl, "
+            f"UCX backend); importing it failed: {NIXL_IMPORT_ERROR}. Use "
+            "--disaggregation-transfer-backend grpc on machines without NIXL."
+        )
+
+
+def _make_agent(name: str, backends: list[str]):
+    _require_nixl()
+    agent = nixl_agent(name, nixl_agent_config(backends=backends))
+    if not agent.backends:
+        raise RuntimeError(
+            f"NIXL agent {name!r} has none of the backends {backends}; available plugins: "
+            f"{agent.get_plugin_list()}"
+        )
+    return agent
+
+
+def _register(agent, buffers: KvBuffers):
+    regions = [(a, n, d, "") for a, n, d in buffers.regions()]
+    return agent.register_memory(regions, buffers.mem_type)
+
+
+def kv_notif(room: int, chunk: int, is_last: bool) -> bytes:
+    return f"{room}_kv_{chunk}_{int(is_last)}".encode()
+
+
+def aux_notif(room: int) -> bytes:
+    return f"{room}_aux".encode()
+
+
+def fail_notif(room: int, reason: str) -> bytes:
+    return f"{room}_fail_{reason}".encode()
+
+
+def parse_notif(msg: bytes) -> tuple[int, str, tuple]:
+    """``(room, kind, args)``: kind "kv" (args (chunk, is_last)), "aux" or "fail" (reason)."""
+    text = msg.decode(errors="replace")
+    room_s, _, rest = text.partition("_")
+    room = int(room_s)
+    if rest == "aux":
+        return room, "aux", ()
+    if rest.startswith("kv_"):
+        chunk, last = rest[3:].split("_")
+        return room, "kv", (int(chunk), last == "1")
+    if rest.startswith("fail_"):
+        return room, "fail", (rest[5:],)
+    raise ValueError(f"unknown notification {text!r}")
+
+
+class NixlKvSender(KvSender):
+    """Prefill side of the nixl backend."""
+
+    backend = "nixl"
+
+    def __init__(
+        self,
+        buffers: KvBuffers,
+        name: str,
+        model_fingerprint: str = "",
+        nixl_backends: tuple[str, ...] = ("UCX",),
+        aux_staging_slots: int = 1024,
+    ):
+        super().__init__(buffers, name, model_fingerprint)
+        self._lock = threading.RLock()
+        self.agent = _make_agent(name, list(nixl_backends))
+        self._reg = _register(self.agent, buffers)
+        # Aux rows are packed into this registered host buffer, then written to decode.
+        self._staging = torch.zeros(aux_staging_slots, buffers.aux_slot_bytes, dtype=torch.uint8)
+        self._staging_reg = self.agent.register_memory(self._staging)
+        self._free_staging = list(range(aux_staging_slots - 1, -1, -1))
+
+    def _add_peer(self, reg: Registration) -> None:
+        with self._lock:
+            try:
+                name = self.agent.add_remote_agent(reg.agent_metadata)
+            except Exception as e:
+                raise TransferError(f"cannot load NIXL metadata of {reg.agent_name!r}: {e}") from e
+            name = name.decode() if isinstance(name, bytes) else name
+            if name != reg.agent_name:
+                raise TransferError(
+                    f"NIXL metadata is for agent {name!r}, registration says {reg.agent_name!r}"
+                )
+
+    def _remove_peer(self, peer: str) -> None:
+        with self._lock:
+            try:
+                self.agent.remove_remote_agent(peer)
+            except Exception as e:  # already gone: nothing to undo
+                log.warning("removing NIXL peer %s: %s", peer, e)
+
+    def _post(self, h: TransferHandle, src: np.ndarray, dst: np.ndarray, remote_mem: str,
+              notif: bytes, local_mem: str) -> TransferHandle:
+        with self._lock:
+            try:
+                if len(src) == 0:
+                    self.agent.send_notif(h.peer, notif)
+                    h.impl = "DONE"
+                    return h
+                sd = self.agent.get_xfer_descs(src, local_mem)
+                dd = self.agent.get_xfer_descs(dst, remote_mem)
+                xh = self.agent.initialize_xfer("WRITE", sd, dd, h.peer, notif)
+                h.impl = xh
+                if self.agent.transfer(xh) == "ERR":
+                    h.error = f"NIXL transfer to {h.peer} failed to start (room {h.room})"
+            except Exception as e:
+                h.error = f"NIXL {type(e).__name__} writing room {h.room} to {h.peer}: {e}"
+        return h
+
+    def _send_kv(self, room, peer, remote, src, dst, chunk_index, is_last) -> TransferHandle:
+        runs = merge_page_runs(src, dst)
+        s, d = run_descriptors(self.layout, remote, runs)
+        h = TransferHandle(room, peer, "kv", int(s[:, 1].sum()) if len(s) else 0,
+                           chunk_index, is_last)
+        return self._post(h, s, d, remote.mem_type, kv_notif(room, chunk_index, is_last),
+                          self.layout.mem_type)
+
+    def _send_aux(self, room, peer, remote, aux_slot, row: AuxRow) -> TransferHandle:
+        nbytes = min(remote.aux_slot_bytes, self._staging.shape[1])
+        with self._lock:
+            if not self._free_staging:
+                raise TransferError(
+                    f"all {self._staging.shape[0]} aux staging slots are in flight; release "
+                    "finished handles"
+                )
+            slot = self._free_staging.pop()
+        data = pack_aux_row(row, nbytes)
+        self._staging[slot, :nbytes] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        src = np.array([[self._staging[slot].data_ptr(), nbytes, 0]], dtype=np.uint64)
+        dst = np.array(
+            [[remote.aux_base_addr + aux_slot * remote.aux_slot_bytes, nbytes, remote.device_id]],
+            dtype=np.uint64,
+        )
+        h = TransferHandle(room, peer, "aux", nbytes, aux_row=row)
+        h._staging_slot = slot  # type: ignore[attr-defined]
+        return self._post(h, src, dst, remote.mem_type, aux_notif(room), "DRAM")
+
+    def _check(self, h: TransferHandle) -> XferStatus:
+        if h.error:
+            return XferStatus(XferState.ERROR, h.error)
+        if h.impl == "DONE":
+            return XferStatus(XferState.DONE)
+        if h.impl is None:
+            return XferStatus(XferState.ERROR, f"handle of room {h.room} was released")
+        with self._lock:
+            try:
+                st = self.agent.check_xfer_state(h.impl)
+            except Exception as e:
+                st, h.error = "ERR", f"NIXL {type(e).__name__}: {e}"
+        if st == "DONE":
+            self._free_handle(h)
+            h.impl = "DONE"
+            return XferStatus(XferState.DONE)
+        if st == "ERR":
+            h.error = h.error or f"NIXL transfer of room {h.room} to {h.peer} failed"
+            return XferStatus(XferState.ERROR, h.error)
+        return XferStatus(XferState.IN_PROGRESS)
+
+    def _free_handle(self, h: TransferHandle) -> None:
+        if h.impl not in (None, "DONE"):
+            with self._lock:
+                try:
+                    h.impl.release()
+                except Exception as e:  # an active transfer that cannot be cancelled
+                    log.warning("releasing NIXL handle of room %s: %s", h.room, e)
+        slot = getattr(h, "_staging_slot", None)
+        if slot is not None:
+            h._staging_slot = None  # type: ignore[attr-defined]
+            with self._lock:
+                self._free_staging.append(slot)
+
+    def _release(self, h: TransferHandle) -> None:
+        self._free_handle(h)
+        if h.impl != "DONE":
+            h.impl = None
+
+    def notify_failed(self, room: int, peer: str, reason: str) -> None:
+        with self._lock:
+            try:
+                self.agent.send_notif(peer, fail_notif(room, reason))
+            except Exception as e:
+                log.warning("could not notify %s that room %s failed: %s", peer, room, e)
+
+    def close(self) -> None:
+        super().close()
+        with self._lock:
+            for reg in (self._reg, self._staging_reg):
+                try:
+                    self.agent.deregister_memory(reg)
+                except Exception as e:
+                    log.warning("deregistering NIXL memory: %s", e)
+            self._reg = self._staging_reg = None
+
+
+class NixlKvReceiver(KvReceiver):
+    """Decode side of the nixl backend: counts notifications per room."""
+
+    backend = "nixl"
+    _MAX_PENDING = 65536
+
+    def __init__(
+        self,
+        buffers: KvBuffers,
+        name: str,
+        model_fingerprint: str = "",
+        nixl_backends: tuple[str, ...] = ("UCX",),
+        **timeouts,
+    ):
+        super().__init__(buffers, name, model_fingerprint, **timeouts)
+        self._lock = threading.RLock()
+        self.agent = _make_agent(name, list(nixl_backends))
+        self._reg = _register(self.agent, buffers)
+        # Notifications that arrived before expect() (or after forget()), oldest first.
+        self._pending: OrderedDict[int, list[tuple[str, bytes]]] = OrderedDict()
+        self._forgotten: OrderedDict[int, None] = OrderedDict()
+
+    def registration(self) -> Registration:
+        return Registration(self.backend, self.name, self.agent.get_agent_metadata(), self.layout)
+
+    def _progress(self) -> None:
+        with self._lock:
+            notifs = self.agent.get_new_notifs()
+            for agent, msgs in notifs.items():
+                for m in msgs:
+                    self._apply(agent, m)
+
+    def _apply(self, agent: str, msg: bytes) -> None:
+        try:
+            room, kind, args = parse_notif(msg)
+        except ValueError:
+            log.warning("ignoring NIXL notification %r from %s", msg, agent)
+            return
+        r = self._rooms.get(room)
+        if r is None or r.pages is None:
+            if room not in self._forgotten:
+                self._pending.setdefault(room, []).append((agent, msg))
+                while len(self._pending) > self._MAX_PENDING:
+                    self._pending.popitem(last=False)
+            return
+        if r.peer is not None and agent != r.peer:
+            log.warning("room %s: ignoring %r from %s (expected %s)", room, msg, agent, r.peer)
+            return
+        if kind == "kv":
+            self._chunk_arrived(r, *args)
+        elif kind == "aux":
+            self._aux_arrived(r)
+        elif r.state not in (KVPoll.Failed, KVPoll.Success):
+            r.state = KVPoll.Failed
+            r.reason = f"prefill {agent} reported failure: {args[0]}"
+
+    def _on_expect(self, r: Room) -> None:
+        self._forgotten.pop(r.room, None)
+        for agent, msg in self._pending.pop(r.room, []):
+            self._apply(agent, msg)
+
+    def _on_forget(self, room: int) -> None:
+        self._pending.pop(room, None)
+        self._forgotten[room] = None
+        while len(self._forgotten) > self._MAX_PENDING:
+            self._forgotten.popitem(last=False)
+
+    def poll(self, room: int):
+        with self._lock:
+            return super().poll(room)
+
+    def close(self) -> None:
+        super().close()
+        with self._lock:
+            if self._reg is not None:
+                try:
+                    self.agent.deregister_memory(self._reg)
+                except Exception as e:
+                    log.warning("deregistering NIXL memory: %s", e)
+                self._reg = None
