@@ -21,8 +21,6 @@ depend on the torch build.
 """
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 
 __all__ = [
@@ -41,7 +39,7 @@ __all__ = [
 ]
 
 
-def balanced_packing(weight: torch.Tensor, num_packs: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split the ``n`` items of each row into ``num_packs`` packs of exactly ``n / num_packs``
     items, keeping pack weights even (greedy: heaviest item first, into the lightest pack
     that still has room).
@@ -78,7 +76,7 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> Tuple[torch.Tensor
     return pack_index, rank_in_pack
 
 
-def replicate_experts(weight: torch.Tensor, num_physical: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def replicate_experts(weight: torch.Tensor, num_physical: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Give each of the ``n`` experts of a row one slot, then hand every extra slot to the
     expert with the highest per-replica load (minimises the heaviest replica).
 
@@ -128,7 +126,7 @@ def _check_shapes(weight: torch.Tensor, num_physical: int, num_groups: int, num_
 
 def rebalance_hierarchical(
     weight: torch.Tensor, num_physical: int, num_groups: int, num_nodes: int, num_gpus: int
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hierarchical policy. Returns ``(phy2log, replica_idx, logcnt)``."""
     _check_shapes(weight, num_physical, num_groups, num_nodes, num_gpus)
     if num_groups % num_nodes:
@@ -202,7 +200,7 @@ def log2phy_from_phy2log(phy2log: torch.Tensor, num_logical: int, max_replicas: 
 
 def rebalance_experts(
     weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DeepSeek-compatible entry point: ``(phy2log, log2phy, logcnt)``.
 
     ``num_replicas`` is the number of physical slots per layer (logical + redundant) and
