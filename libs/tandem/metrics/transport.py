@@ -184,6 +184,11 @@ class MetricsPublisher:
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
+        if self.endpoint.startswith("ipc://"):  # libzmq leaves the socket file behind
+            try:
+                os.unlink(self.endpoint[len("ipc://"):])
+            except FileNotFoundError:
+                pass
 
     @property
     def running(self) -> bool:
