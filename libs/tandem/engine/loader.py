@@ -72,19 +72,19 @@ def load_model(path: str, dtype: torch.dtype, device: str) -> tuple[CausalLM, Mo
     model = CausalLM(cfg, _layer_flags(cfg, t), tie_embeddings=tie)
     state = {}
     for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
+        p, d = f"model.layers.{i}.", f"layers.{i}."
         if isinstance(layer.mlp, MoE):
-            state[p + "mlp.w13"], state[p + "mlp.w2"] = _expert_weights(t, p, cfg.num_experts)
-            state[p + "mlp.gate_weight"] = t.pop(p + "mlp.gate.weight")
+            state[d + "mlp.w13"], state[d + "mlp.w2"] = _expert_weights(t, p, cfg.num_experts)
+            state[d + "mlp.gate_weight"] = t.pop(p + "mlp.gate.weight")
             if layer.mlp.score_bias is not None:
-                state[p + "mlp.score_bias"] = t.pop(p + "mlp.gate.e_score_correction_bias")
+                state[d + "mlp.score_bias"] = t.pop(p + "mlp.gate.e_score_correction_bias")
             for src, dst in (("shared_expert.", "shared."), ("shared_experts.", "shared.")):
                 for name in ("gate_proj", "up_proj", "down_proj"):
                     key = f"{p}mlp.{src}{name}.weight"
                     if key in t:
-                        state[f"{p}mlp.{dst}{name}.weight"] = t.pop(key)
+                        state[f"{d}mlp.{dst}{name}.weight"] = t.pop(key)
             if layer.mlp.shared_gate is not None:
-                state[p + "mlp.shared_gate.weight"] = t.pop(p + "mlp.shared_expert_gate.weight")
+                state[d + "mlp.shared_gate.weight"] = t.pop(p + "mlp.shared_expert_gate.weight")
     for k in list(t):
         if k.startswith("model."):
             state[k[len("model."):]] = t.pop(k)

@@ -1,0 +1,134 @@
+"""Paged KV pool: per layer one contiguous K and one V buffer, a page allocator,
+and a small aux (metadata) buffer that KV transfer writes the first token into.
+
+Layout: ``k_buffers[layer]`` and ``v_buffers[layer]`` are ``[num_pages, page_size,
+num_kv_heads, head_dim]``; page ``p`` of a layer starts at ``base + p * bytes_per_page``.
+The aux buffer is ``[num_aux_slots, AUX_SLOT_BYTES]`` uint8; see ``AuxRow``.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import torch
+
+AUX_SLOT_BYTES = 64
+# first_token_id (int64), first_token_logprob (float32), cached_tokens (int32), valid flag (int32)
+_AUX_FMT = "<qfii"
+
+
+@dataclass
+class AuxRow:
+    first_token_id: int
+    logprob: float
+    cached_tokens: int = 0
+
+
+def pack_aux(row: AuxRow) -> bytes:
+    """The bytes of one aux slot (what prefill writes into decode's aux buffer)."""
+    data = struct.pack(_AUX_FMT, row.first_token_id, row.logprob, row.cached_tokens, 1)
+    return data + bytes(AUX_SLOT_BYTES - len(data))
+
+
+def unpack_aux(data: bytes) -> AuxRow | None:
+    tok, lp, cached, valid = struct.unpack_from(_AUX_FMT, bytes(data))
+    return AuxRow(tok, lp, cached) if valid == 1 else None
+
+
+class OutOfPages(RuntimeError):
+    """Raised by callers that need pages the pool cannot give (the scheduler never lets it escape)."""
+
+
+class KVPool:
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: str, num_aux_slots: int = 256):
+        if num_pages < 1:
+            raise ValueError(f"KV pool needs at least one page, got num_pages={num_pages}")
+        self.num_layers, self.num_pages, self.page_size = num_layers, num_pages, page_size
+        self.num_kv_heads, self.head_dim, self.dtype, self.device = num_kv_heads, head_dim, dtype, device
+        shape = (num_pages, page_size, num_kv_heads, head_dim)
+        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # Aux rows stay on the host: they are tiny and read by Python.
+        self.aux = torch.zeros((num_aux_slots, AUX_SLOT_BYTES), dtype=torch.uint8)
+        self._free_pages = list(range(num_pages - 1, -1, -1))  # pop() hands out low indices first
+        self._free_aux = list(range(num_aux_slots - 1, -1, -1))
+
+    # ---- pages -------------------------------------------------------------------------
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free_pages)
+
+    @property
+    def num_used_pages(self) -> int:
+        return self.num_pages - len(self._free_pages)
+
+    def alloc(self, n: int) -> list[int] | None:
+        """n pages, or None (nothing taken) when fewer are free."""
+        if n > len(self._free_pages):
+            return None
+        if n == 0:
+            return []
+        out = self._free_pages[-n:][::-1]
+        del self._free_pages[-n:]
+        return out
+
+    def free(self, pages) -> None:
+        self._free_pages.extend(pages)
+
+    # ---- aux slots ---------------------------------------------------------------------
+    @property
+    def num_free_aux(self) -> int:
+        return len(self._free_aux)
+
+    def alloc_aux(self) -> int | None:
+        if not self._free_aux:
+            return None
+        slot = self._free_aux.pop()
+        self.aux[slot].zero_()
+        return slot
+
+    def free_aux(self, slot: int) -> None:
+        self.aux[slot].zero_()
+        self._free_aux.append(slot)
+
+    def write_aux(self, slot: int, row: AuxRow) -> None:
+        self.aux[slot] = torch.frombuffer(bytearray(pack_aux(row)), dtype=torch.uint8)
+
+    def read_aux(self, slot: int) -> AuxRow | None:
+        return unpack_aux(self.aux[slot].numpy().tobytes())
+
+    # ---- layout for transfer -------------------------------------------------------------
+    @property
+    def bytes_per_page(self) -> int:
+        return self.page_size * self.num_kv_heads * self.head_dim * self.k_buffers[0].element_size()
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.bytes_per_page // self.page_size
+
+    def layout(self) -> dict:
+        """Everything a transfer engine needs to register and address the pool (matches KvLayout)."""
+        return {
+            "num_layers": self.num_layers,
+            "page_size": self.page_size,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "bytes_per_page": self.bytes_per_page,
+            "num_pages": self.num_pages,
+            "k_base_addrs": [t.data_ptr() for t in self.k_buffers],
+            "v_base_addrs": [t.data_ptr() for t in self.v_buffers],
+            "layer_bytes": self.bytes_per_page * self.num_pages,
+            "aux_base_addr": self.aux.data_ptr(),
+            "aux_slot_bytes": AUX_SLOT_BYTES,
+            "num_aux_slots": self.aux.shape[0],
+            "mem_kind": "VRAM" if str(self.device).startswith("cuda") else "DRAM",
+        }
+
+    def regions(self) -> list[tuple[int, int]]:
+        """(address, bytes) of every buffer, for memory registration."""
+        size = self.bytes_per_page * self.num_pages
+        regs = [(t.data_ptr(), size) for t in self.k_buffers + self.v_buffers]
+        regs.append((self.aux.data_ptr(), self.aux.numel()))
+        return regs

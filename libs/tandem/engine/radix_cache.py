@@ -1,0 +1,199 @@
+"""Page-granular radix prefix cache with LRU eviction and KV events.
+
+Each node holds exactly one full page of tokens (``page_size`` ids) and the pool
+page holding their KV; a path from the root spells a prefix. Nodes referenced by
+running requests are locked (``lock_ref > 0``); unlocked leaves are evicted in
+least-recently-used order when the allocator runs dry.
+
+Every node carries a chained 64-bit block hash, ``blake2b(parent_hash, tokens)``,
+so equal hashes mean equal prefixes on any worker. Subscribers receive
+``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared`` events.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import struct
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+
+def block_hash(parent_hash: Optional[int], tokens) -> int:
+    """Stable 64-bit hash of a token block chained on its parent's hash."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(struct.pack("<Q", parent_hash or 0))
+    h.update(struct.pack(f"<{len(tokens)}q", *tokens))
+    return int.from_bytes(h.digest(), "little")
+
+
+@dataclass
+class BlockStored:
+    block_hashes: list
+    parent_block_hash: Optional[int]
+    token_ids: list
+    block_size: int
+
+
+@dataclass
+class BlockRemoved:
+    block_hashes: list
+
+
+@dataclass
+class AllBlocksCleared:
+    pass
+
+
+_tick = itertools.count()
+
+
+@dataclass(eq=False)
+class Node:
+    tokens: tuple = ()
+    page: int = -1
+    parent: Optional["Node"] = None
+    children: dict = field(default_factory=dict)
+    lock_ref: int = 0
+    last_access: int = 0
+    hash: Optional[int] = None
+
+
+class RadixCache:
+    def __init__(self, page_size: int, free_pages: Callable[[list], None], disabled: bool = False):
+        self.page_size = page_size
+        self._free_pages = free_pages
+        self.disabled = disabled
+        self.root = Node(lock_ref=1)
+        self.num_pages = 0  # pages held by the tree
+        self.evictable_pages = 0  # of those, unlocked
+        self.subscribers: list[Callable[[list], None]] = []
+
+    # ---- events --------------------------------------------------------------------------
+    def subscribe(self, fn: Callable[[list], None]) -> None:
+        """fn(events) is called on the engine thread with a list of event objects."""
+        self.subscribers.append(fn)
+
+    def _emit(self, events: list) -> None:
+        if events:
+            for fn in self.subscribers:
+                fn(events)
+
+    # ---- lookup / insert ---------------------------------------------------------------
+    def match_prefix(self, token_ids) -> tuple[list[int], Node]:
+        """Pages of the longest cached full-page prefix of token_ids, and its last node."""
+        node, pages = self.root, []
+        if self.disabled:
+            return pages, node
+        ps = self.page_size
+        for i in range(len(token_ids) // ps):
+            child = node.children.get(tuple(token_ids[i * ps : (i + 1) * ps]))
+            if child is None:
+                break
+            node = child
+            node.last_access = next(_tick)
+            pages.append(node.page)
+        return pages, node
+
+    def lock(self, node: Node) -> None:
+        while node is not self.root:
+            if node.lock_ref == 0:
+                self.evictable_pages -= 1
+            node.lock_ref += 1
+            node = node.parent
+
+    def unlock(self, node: Node) -> None:
+        while node is not self.root:
+            node.lock_ref -= 1
+            if node.lock_ref == 0:
+                self.evictable_pages += 1
+            node = node.parent
+
+    def insert(self, token_ids, pages: list[int], num_owned_from: int) -> None:
+        """Hand a request's pages to the tree.
+
+        ``pages[i]`` holds the KV of tokens ``[i*ps, (i+1)*ps)``; pages before
+        ``num_owned_from`` already belong to the tree (the request's matched prefix).
+        Full pages become nodes (or are freed when an equal node appeared meanwhile);
+        a trailing partial page is freed.
+        """
+        ps = self.page_size
+        n_full = min(len(token_ids) // ps, len(pages))
+        to_free = list(pages[max(n_full, num_owned_from):])
+        if self.disabled:
+            self._free_pages(list(pages[num_owned_from:]))
+            return
+        node, new_nodes = self.root, []
+        for i in range(n_full):
+            key = tuple(token_ids[i * ps : (i + 1) * ps])
+            child = node.children.get(key)
+            if child is None:
+                if i < num_owned_from:  # our matched prefix was evicted? never: it is locked
+                    raise RuntimeError("radix cache: locked prefix missing")
+                child = Node(tokens=key, page=pages[i], parent=node, hash=block_hash(node.hash, key))
+                node.children[key] = child
+                self.num_pages += 1
+                self.evictable_pages += 1
+                new_nodes.append(child)
+            elif i >= num_owned_from and child.page != pages[i]:
+                to_free.append(pages[i])
+            child.last_access = next(_tick)
+            node = child
+        if to_free:
+            self._free_pages(to_free)
+        if new_nodes:
+            first = new_nodes[0]
+            self._emit([BlockStored(
+                block_hashes=[n.hash for n in new_nodes],
+                parent_block_hash=first.parent.hash if first.parent is not self.root else None,
+                token_ids=[t for n in new_nodes for t in n.tokens],
+                block_size=ps,
+            )])
+
+    # ---- eviction ------------------------------------------------------------------------
+    def evict(self, num_pages: int) -> int:
+        """Free up to num_pages unlocked pages, least recently used leaves first."""
+        if num_pages <= 0 or self.evictable_pages == 0:
+            return 0
+        heap = [(n.last_access, id(n), n) for n in self._leaves() if n.lock_ref == 0]
+        heapq.heapify(heap)
+        freed, removed = [], []
+        while heap and len(freed) < num_pages:
+            _, _, n = heapq.heappop(heap)
+            parent = n.parent
+            del parent.children[n.tokens]
+            freed.append(n.page)
+            removed.append(n.hash)
+            self.num_pages -= 1
+            self.evictable_pages -= 1
+            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+        self._free_pages(freed)
+        self._emit([BlockRemoved(block_hashes=removed)])
+        return len(freed)
+
+    def _leaves(self):
+        stack = [self.root]
+        while stack:
+            n = stack.pop()
+            if not n.children and n is not self.root:
+                yield n
+            stack.extend(n.children.values())
+
+    def reset(self) -> bool:
+        """Drop every unlocked page (all of them when no request holds any). True if the tree is empty."""
+        self.evict(self.evictable_pages)
+        empty = not self.root.children
+        if empty:
+            self._emit([AllBlocksCleared()])
+        return empty
+
+    def snapshot(self) -> list[BlockStored]:
+        """The stored blocks as BlockStored events, parents first (for a new subscriber)."""
+        out, stack = [], list(self.root.children.values())
+        while stack:
+            n = stack.pop()
+            out.append(BlockStored([n.hash], n.parent.hash if n.parent is not self.root else None,
+                                   list(n.tokens), self.page_size))
+            stack.extend(n.children.values())
+        return out

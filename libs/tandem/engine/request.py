@@ -1,0 +1,68 @@
+"""Request state inside the engine."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from .sampling_params import SamplingParams
+
+
+class Mode(str, enum.Enum):
+    NORMAL = "normal"  # local prefill + decode (aggregated)
+    PREFILL_ONLY = "prefill_only"  # prefill, sample the first token, hold the pages
+    EXTERNAL = "external"  # KV filled from outside; decode after activate()
+
+
+class Status(str, enum.Enum):
+    WAITING = "waiting"  # queued for (re)prefill
+    RUNNING = "running"  # in the running batch (prefilling in chunks or decoding)
+    HELD = "held"  # prefill-only request done, pages kept until release()
+    EXTERNAL_WAIT = "external_wait"  # pages allocated, waiting for its KV and first token
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    rid: str
+    prompt_ids: list
+    sampling: SamplingParams
+    mode: Mode = Mode.NORMAL
+    status: Status = Status.WAITING
+    output_ids: list = field(default_factory=list)
+    output_logprobs: list = field(default_factory=list)
+    output_top_logprobs: list = field(default_factory=list)
+    pages: list = field(default_factory=list)  # page table: pages[i] holds tokens [i*ps, (i+1)*ps)
+    num_computed: int = 0  # tokens whose KV is in pages
+    num_tree_pages: int = 0  # leading pages owned by the radix cache (matched prefix)
+    tree_node: object = None  # last matched radix node (locked while we hold it)
+    cached_tokens: int = 0
+    finish_reason: Optional[str] = None
+    stop_text_pos: Optional[int] = None  # where a stop string begins in the output text
+    generator: Optional[torch.Generator] = None
+    aux_slot: Optional[int] = None
+    on_prefill_done: Optional[Callable] = None
+    on_chunk_done: Optional[Callable] = None
+    pages_reported: int = 0  # pages already reported final to on_chunk_done
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: Optional[float] = None
+    admit_seq: int = 0
+
+    @property
+    def all_ids(self) -> list:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.seq_len - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED
