@@ -1,0 +1,185 @@
+"""Layout, page validation, run merging and aux row format."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tandem.transfer import (
+    AuxRow,
+    KvBuffers,
+    LayoutMismatchError,
+    aux_max_top,
+    build_layout,
+    check_compatible,
+    merge_page_runs,
+    pack_aux_row,
+    pages_needed,
+    unpack_aux_row,
+    validate_pages,
+)
+from tandem.transfer.layout import AUX_HEADER, check_addresses, run_descriptors
+from transfer_helpers import make_buffers
+
+
+def test_build_layout_fields():
+    b = make_buffers(num_layers=3, num_pages=40, page_size=16, dtype=torch.bfloat16)
+    lay = build_layout(b, "demo@abc")
+    assert (lay.num_layers, lay.page_size, lay.num_kv_heads, lay.head_dim) == (3, 16, 2, 8)
+    assert lay.dtype == "bfloat16"
+    assert lay.bytes_per_page == 16 * 2 * 8 * 2
+    assert lay.num_pages == 40
+    assert list(lay.k_base_addrs) == [t.data_ptr() for t in b.k]
+    assert list(lay.v_base_addrs) == [t.data_ptr() for t in b.v]
+    assert lay.aux_base_addr == b.aux.data_ptr()
+    assert (lay.aux_slot_bytes, lay.num_aux_slots) == (64, 8)
+    assert (lay.mem_type, lay.device_id, lay.model_fingerprint) == ("DRAM", 0, "demo@abc")
+    check_addresses(lay)
+
+
+def test_regions_coalesce_one_allocation():
+    # All layers in one tensor (as an engine may allocate) -> K block and V block merge.
+    big = torch.zeros(2, 4, 10, 2, 2, 4)  # [k/v, layers, pages, page, heads, dim]
+    aux = torch.zeros(4, 64, dtype=torch.uint8)
+    b = KvBuffers([big[0, i] for i in range(4)], [big[1, i] for i in range(4)], aux)
+    regions = b.regions()
+    assert (big.data_ptr(), big.numel() * 4, 0) in regions
+    assert len(regions) == 2
+    assert sum(r[1] for r in regions) == big.numel() * 4 + aux.numel()
+
+
+@pytest.mark.parametrize(
+    "k, v, aux, match",
+    [
+        ([torch.zeros(4, 2, 1, 4)], [], torch.zeros(2, 64, dtype=torch.uint8), "one K and one V"),
+        ([torch.zeros(4, 2, 4)], [torch.zeros(4, 2, 4)], torch.zeros(2, 64, dtype=torch.uint8),
+         r"\[num_pages, page_size"),
+        ([torch.zeros(4, 2, 1, 4)], [torch.zeros(5, 2, 1, 4)],
+         torch.zeros(2, 64, dtype=torch.uint8), r"v\[0\]"),
+        ([torch.zeros(4, 2, 1, 4)], [torch.zeros(4, 2, 1, 4)],
+         torch.zeros(2, 32, dtype=torch.uint8), "aux_slot_bytes is 32, must be >= 64"),
+        ([torch.zeros(4, 2, 1, 4)], [torch.zeros(4, 2, 1, 4)], torch.zeros(2, 64), "uint8"),
+        ([torch.zeros(4, 2, 1, 8)[..., ::2]], [torch.zeros(4, 2, 1, 4)],
+         torch.zeros(2, 64, dtype=torch.uint8), "contiguous"),
+    ],
+)
+def test_kv_buffers_rejects_bad_pools(k, v, aux, match):
+    with pytest.raises(ValueError, match=match):
+        KvBuffers(k, v, aux)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(num_layers=4), "num_layers"),
+        (dict(page_size=8), "page_size"),
+        (dict(kv_heads=4), "num_kv_heads"),
+        (dict(head_dim=16), "head_dim"),
+        (dict(dtype=torch.bfloat16), "dtype"),
+    ],
+)
+def test_check_compatible_names_field(kwargs, field):
+    local = build_layout(make_buffers(), "m")
+    remote = build_layout(make_buffers(**kwargs), "m")
+    with pytest.raises(LayoutMismatchError, match=field) as e:
+        check_compatible(local, remote)
+    assert e.value.field == field
+
+
+def test_check_compatible_fingerprint_and_ok_cases():
+    local = build_layout(make_buffers(), "model-a")
+    with pytest.raises(LayoutMismatchError, match="model_fingerprint.*model-a.*model-b"):
+        check_compatible(local, build_layout(make_buffers(), "model-b"))
+    # Different pool sizes and aux slots are fine.
+    check_compatible(local, build_layout(make_buffers(num_pages=7, aux_slots=3), "model-a"))
+
+
+def test_check_addresses():
+    lay = build_layout(make_buffers(num_layers=2))
+    del lay.v_base_addrs[:]
+    with pytest.raises(ValueError, match="0 V base addresses for 2 layers"):
+        check_addresses(lay)
+
+
+def test_validate_pages():
+    assert validate_pages([0, 9, 3], 10).tolist() == [0, 9, 3]
+    assert validate_pages([], 10).size == 0
+    with pytest.raises(ValueError, match="page index 10 out of range for a pool of 10 pages"):
+        validate_pages([1, 10, 11], 10)
+    with pytest.raises(ValueError, match="decode page index -1 out of range"):
+        validate_pages([-1], 10, "decode page")
+
+
+def test_merge_page_runs_examples():
+    assert merge_page_runs([], []).shape == (0, 3)
+    runs = merge_page_runs([0, 1, 2, 7, 8, 3], [5, 6, 7, 0, 1, 2])
+    assert runs.tolist() == [[0, 5, 3], [7, 0, 2], [3, 2, 1]]
+    # Contiguous on one side only: must split.
+    assert merge_page_runs([0, 1, 2], [4, 6, 7]).tolist() == [[0, 4, 1], [1, 6, 2]]
+    with pytest.raises(ValueError, match="3 source pages but 2 destination pages"):
+        merge_page_runs([0, 1, 2], [0, 1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 50), st.integers(0, 50)), max_size=40))
+def test_merge_page_runs_expands_back_and_is_minimal(pairs):
+    src = [p[0] for p in pairs]
+    dst = [p[1] for p in pairs]
+    runs = merge_page_runs(src, dst)
+    exp_src = [s + i for s, _, n in runs for i in range(n)]
+    exp_dst = [d + i for _, d, n in runs for i in range(n)]
+    assert exp_src == src and exp_dst == dst
+    # Minimal: consecutive runs could not have been joined.
+    for (s0, d0, n0), (s1, d1, _) in zip(runs[:-1], runs[1:]):
+        assert not (s0 + n0 == s1 and d0 + n0 == d1)
+
+
+def test_run_descriptors_addresses():
+    a, b = make_buffers(num_layers=2), make_buffers(num_layers=2, num_pages=50)
+    la, lb = build_layout(a), build_layout(b)
+    runs = merge_page_runs([3, 4, 9], [10, 11, 0])
+    src, dst = run_descriptors(la, lb, runs)
+    bpp = la.bytes_per_page
+    assert src.shape == dst.shape == (2 * 2 * 2, 3)  # 2 layers x K,V x 2 runs
+    # Row order: K of layer 0 (runs), K of layer 1, V of layer 0, V of layer 1.
+    assert src[0].tolist() == [a.k[0].data_ptr() + 3 * bpp, 2 * bpp, 0]
+    assert dst[0].tolist() == [b.k[0].data_ptr() + 10 * bpp, 2 * bpp, 0]
+    assert src[3].tolist() == [a.k[1].data_ptr() + 9 * bpp, bpp, 0]
+    assert dst[5].tolist() == [b.v[0].data_ptr() + 0, bpp, 0]
+
+
+def test_aux_row_roundtrip_and_truncation():
+    row = AuxRow(2**62 + 5, 31999, -0.125, 48, [(i, -float(i)) for i in range(10)])
+    data = pack_aux_row(row, 64)
+    assert len(data) == 64
+    assert aux_max_top(64) == (64 - AUX_HEADER.size) // 8 == 5
+    back = unpack_aux_row(data)
+    assert (back.room, back.first_token_id, back.first_token_logprob, back.cached_tokens) == (
+        row.room, 31999, -0.125, 48)
+    assert back.top_logprobs == row.top_logprobs[:5]
+    big = unpack_aux_row(pack_aux_row(row, 256))
+    assert big.top_logprobs == row.top_logprobs
+    # Little-endian fixed offsets, as documented.
+    assert int.from_bytes(data[8:12], "little") == 31999
+    assert unpack_aux_row(torch.frombuffer(bytearray(data), dtype=torch.uint8)) == back
+
+
+def test_aux_row_nan_logprob_and_bad_input():
+    r = unpack_aux_row(pack_aux_row(AuxRow(1, 2), 64))
+    assert math.isnan(r.first_token_logprob) and r.top_logprobs == []
+    with pytest.raises(ValueError, match="smaller than the header"):
+        pack_aux_row(AuxRow(1, 2), 16)
+    bad = bytearray(pack_aux_row(AuxRow(1, 2), 64))
+    bad[20:24] = (99).to_bytes(4, "little")
+    with pytest.raises(ValueError, match="claims 99 top logprobs"):
+        unpack_aux_row(bytes(bad))
+
+
+def test_pages_needed():
+    assert [pages_needed(n, 16) for n in (1, 16, 17, 0)] == [1, 1, 2, 0]
+    assert pages_needed(5, 1) == 5
+    assert np.int64(pages_needed(33, 16)) == 3
