@@ -134,7 +134,7 @@ def test_merge_page_runs_expands_back_and_is_minimal(pairs):
     exp_dst = [d + i for _, d, n in runs for i in range(n)]
     assert exp_src == src and exp_dst == dst
     # Minimal: consecutive runs could not have been joined.
-    for (s0, d0, n0), (s1, d1, _) in zip(runs[:-1], runs[1:]):
+    for (s0, d0, n0), (s1, d1, _) in zip(runs[:-1], runs[1:], strict=True):
         assert not (s0 + n0 == s1 and d0 + n0 == d1)
 
 
