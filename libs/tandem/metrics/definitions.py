@@ -16,10 +16,8 @@ Label sets (documented in README.md):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from prometheus_client import Counter, Gauge, Histogram, Summary
-
 from tandem.metrics.registry import registration_target
 
 SGLANG_LABELS = ("model_name", "engine_type", "tp_rank", "pp_rank", "worker_id")
@@ -60,7 +58,7 @@ class MetricSpec:
     kind: str  # "counter" | "gauge" | "histogram" | "summary"
     help: str
     labels: tuple[str, ...]
-    buckets: Optional[tuple[float, ...]] = None
+    buckets: tuple[float, ...] | None = None
     multiprocess_mode: str = "mostrecent"  # gauges only
 
     def create(self, registry):

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import threading
-from typing import Optional
 
 from prometheus_client import CollectorRegistry
-
 from tandem.metrics import definitions as d
 from tandem.metrics.stats import SchedulerStats
 
@@ -32,7 +30,7 @@ class EngineMetrics:
     Thread-safe (the publisher thread calls it; tests may call it directly).
     """
 
-    def __init__(self, registry: Optional[CollectorRegistry], *, model_name: str, engine_type: str,
+    def __init__(self, registry: CollectorRegistry | None, *, model_name: str, engine_type: str,
                  worker_id: str):
         if engine_type not in d.ENGINE_TYPES:
             raise ValueError(f"engine_type must be one of {d.ENGINE_TYPES}, got {engine_type!r}")
@@ -47,7 +45,7 @@ class EngineMetrics:
         self.histograms = {field: spec.create(registry) for spec, field in d.ENGINE_HISTOGRAMS}
         self.eplb_balancedness = d.EPLB_BALANCEDNESS.create(registry)
         self.eplb_gpu_physical_count = None  # created on first use: buckets depend on ep_size
-        self._eplb_ep_size: Optional[int] = None
+        self._eplb_ep_size: int | None = None
 
     def labels_for(self, stats: SchedulerStats) -> dict[str, str]:
         return {**self.base, "tp_rank": str(stats.tp_rank), "pp_rank": str(stats.pp_rank)}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from typing import Optional, Union
 
 import yaml
 
@@ -26,7 +25,7 @@ _DURATION = re.compile(r"^(\d+(ms|s|m|h))+$")
 _JOB = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
-def _duration(value: Union[str, int, float]) -> str:
+def _duration(value: str | int | float) -> str:
     if isinstance(value, bool):
         raise ValueError(f"scrape_interval must be seconds or a duration like '10s', got {value!r}")
     if isinstance(value, (int, float)):
@@ -45,8 +44,8 @@ def _target(job: str, target: str) -> str:
     return target
 
 
-def render_prometheus_config(targets: dict[str, list[str]], scrape_interval: Union[str, int, float] = "10s",
-                             *, evaluation_interval: Optional[Union[str, int, float]] = None,
+def render_prometheus_config(targets: dict[str, list[str]], scrape_interval: str | int | float = "10s",
+                             *, evaluation_interval: str | int | float | None = None,
                              metrics_path: str = "/metrics") -> str:
     """``prometheus.yml`` text: global scrape/evaluation interval and one job per key of ``targets``.
 
@@ -84,7 +83,7 @@ def _parse_job(text: str) -> tuple[str, list[str]]:
     return job, [h for h in hosts.split(",") if h]
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--job", action="append", type=_parse_job, default=[],
                         help="name=host:port[,host:port...] (repeatable); default: deploy-local ports")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, generate_latest, values
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -26,7 +26,7 @@ ENV_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 _MULTIPROC_ATTR = "_tandem_multiproc"
 
 
-def multiproc_dir() -> Optional[str]:
+def multiproc_dir() -> str | None:
     """The multiprocess directory from the environment, or None in single-process mode."""
     return os.environ.get(ENV_MULTIPROC_DIR) or os.environ.get("prometheus_multiproc_dir") or None
 
@@ -54,12 +54,12 @@ def make_registry() -> CollectorRegistry:
     return registry
 
 
-def is_multiprocess(registry: Optional[CollectorRegistry]) -> bool:
+def is_multiprocess(registry: CollectorRegistry | None) -> bool:
     """True for an exposition registry made by :func:`make_registry` in multiprocess mode."""
     return bool(getattr(registry, _MULTIPROC_ATTR, False))
 
 
-def registration_target(registry: Optional[CollectorRegistry]) -> Optional[CollectorRegistry]:
+def registration_target(registry: CollectorRegistry | None) -> CollectorRegistry | None:
     """The registry to pass to a metric constructor (None = do not register)."""
     return None if is_multiprocess(registry) else registry
 

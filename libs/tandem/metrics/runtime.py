@@ -16,11 +16,10 @@ name (or what ``t.set_error(...)`` said); the request is still counted and timed
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
 
 from prometheus_client import CollectorRegistry
-
 from tandem.metrics import definitions as d
 from tandem.metrics.registry import RefreshCollector
 from tandem.metrics.stats import SchedulerStats
@@ -29,12 +28,12 @@ from tandem.metrics.stats import SchedulerStats
 class RequestTracker:
     """Per-request handle given by :meth:`ComponentMetrics.track_request`."""
 
-    def __init__(self, metrics: "ComponentMetrics", labels: dict[str, str]):
+    def __init__(self, metrics: ComponentMetrics, labels: dict[str, str]):
         self._m = metrics
         self._labels = labels
         self.start = time.perf_counter()
-        self.first_response_at: Optional[float] = None
-        self.error_type: Optional[str] = None
+        self.first_response_at: float | None = None
+        self.error_type: str | None = None
 
     def first_response(self) -> None:
         """Mark the first streamed response (observed once)."""
@@ -53,7 +52,7 @@ class RequestTracker:
 class ComponentMetrics:
     """``dynamo_component_*`` metrics of one worker component."""
 
-    def __init__(self, registry: Optional[CollectorRegistry], *, component: str, endpoint: str, model: str,
+    def __init__(self, registry: CollectorRegistry | None, *, component: str, endpoint: str, model: str,
                  worker_id: str, namespace: str = "tandem"):
         for name, value in (("component", component), ("endpoint", endpoint), ("model", model),
                             ("worker_id", worker_id), ("namespace", namespace)):
@@ -75,11 +74,11 @@ class ComponentMetrics:
             registry.register(RefreshCollector(self.refresh_uptime))
         self.refresh_uptime()
 
-    def labels(self, endpoint: Optional[str] = None) -> dict[str, str]:
+    def labels(self, endpoint: str | None = None) -> dict[str, str]:
         return {**self.base, "dynamo_endpoint": endpoint or self.default_endpoint}
 
     @contextmanager
-    def track_request(self, endpoint: Optional[str] = None, request_bytes: int = 0) -> Iterator[RequestTracker]:
+    def track_request(self, endpoint: str | None = None, request_bytes: int = 0) -> Iterator[RequestTracker]:
         labels = self.labels(endpoint)
         self._requests.labels(**labels).inc()
         if request_bytes:
@@ -109,7 +108,7 @@ class ComponentMetrics:
         self._kv_events.labels(**self.labels()).inc(n)
 
     def set_kv_stats(self, *, total_blocks: int, active_blocks: int, usage: float,
-                     prefix_cache_hit_rate: Optional[float] = None) -> None:
+                     prefix_cache_hit_rate: float | None = None) -> None:
         labels = self.labels()
         self._total_blocks.labels(**labels).set(total_blocks)
         self._active_blocks.labels(**labels).set(active_blocks)
@@ -132,10 +131,10 @@ class ComponentMetrics:
 class FrontendRequest:
     """Per-request handle given by :meth:`FrontendMetrics.track_request`."""
 
-    def __init__(self, metrics: "FrontendMetrics"):
+    def __init__(self, metrics: FrontendMetrics):
         self._m = metrics
         self.start = time.perf_counter()
-        self._last_token_at: Optional[float] = None
+        self._last_token_at: float | None = None
         self.output_tokens = 0
         self.status = "success"
         self._queued = True
@@ -185,7 +184,7 @@ class FrontendRequest:
 class FrontendMetrics:
     """``dynamo_frontend_*`` metrics of the router's HTTP/gRPC frontend, for one model."""
 
-    def __init__(self, registry: Optional[CollectorRegistry], *, model: str):
+    def __init__(self, registry: CollectorRegistry | None, *, model: str):
         if not model:
             raise ValueError("FrontendMetrics: model must be a non-empty string")
         self.base = {"model": model}
@@ -200,8 +199,8 @@ class FrontendMetrics:
         for g in (self._inflight, self._queued, self._disconnected):
             g.labels(**self.base)  # series exist (at 0) before the first request
 
-    def set_model_info(self, *, context_length: Optional[int] = None, kv_cache_block_size: Optional[int] = None,
-                       total_kv_blocks: Optional[int] = None) -> None:
+    def set_model_info(self, *, context_length: int | None = None, kv_cache_block_size: int | None = None,
+                       total_kv_blocks: int | None = None) -> None:
         if context_length is not None:
             self._ctx.labels(**self.base).set(context_length)
         if kv_cache_block_size is not None:
@@ -240,21 +239,21 @@ class FrontendMetrics:
 class RouterMetrics:
     """Routing overhead (Dynamo's names) and routing decisions (tandem_router_*)."""
 
-    def __init__(self, registry: Optional[CollectorRegistry], *, model: str):
+    def __init__(self, registry: CollectorRegistry | None, *, model: str):
         if not model:
             raise ValueError("RouterMetrics: model must be a non-empty string")
         self.model = model
         self.m = {key: spec.create(registry) for key, spec in d.ROUTER.items()}
 
-    def observe_overhead_ms(self, *, block_hashing: Optional[float] = None,
-                            indexer_find_matches: Optional[float] = None, scheduling: Optional[float] = None,
-                            total: Optional[float] = None) -> None:
+    def observe_overhead_ms(self, *, block_hashing: float | None = None,
+                            indexer_find_matches: float | None = None, scheduling: float | None = None,
+                            total: float | None = None) -> None:
         for key, value in (("block_hashing", block_hashing), ("indexer_find_matches", indexer_find_matches),
                            ("scheduling", scheduling), ("total", total)):
             if value is not None:
                 self.m[key].labels(model=self.model).observe(value)
 
-    def record_decision(self, *, worker_id: str, policy: str, overlap_blocks: Optional[int] = None) -> None:
+    def record_decision(self, *, worker_id: str, policy: str, overlap_blocks: int | None = None) -> None:
         self.m["decisions_total"].labels(model=self.model, worker_id=str(worker_id), policy=policy).inc()
         if overlap_blocks is not None:
             self.m["kv_overlap_blocks"].labels(model=self.model, policy=policy).observe(overlap_blocks)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import msgpack
 
@@ -27,24 +26,24 @@ class SchedulerStats:
     ts: float = field(default_factory=time.time)
     tp_rank: int = 0
     pp_rank: int = 0
-    page_size: Optional[int] = None  # lets the publisher derive Dynamo's block counts
+    page_size: int | None = None  # lets the publisher derive Dynamo's block counts
 
     # Core gauges (sglang:*)
-    num_running_reqs: Optional[int] = None
-    num_queue_reqs: Optional[int] = None
-    num_used_tokens: Optional[int] = None
-    max_total_num_tokens: Optional[int] = None
-    token_usage: Optional[float] = None
-    gen_throughput: Optional[float] = None
-    cache_hit_rate: Optional[float] = None
-    num_retracted_reqs: Optional[int] = None
-    utilization: Optional[float] = None
-    engine_startup_time: Optional[float] = None
-    engine_load_weights_time: Optional[float] = None
+    num_running_reqs: int | None = None
+    num_queue_reqs: int | None = None
+    num_used_tokens: int | None = None
+    max_total_num_tokens: int | None = None
+    token_usage: float | None = None
+    gen_throughput: float | None = None
+    cache_hit_rate: float | None = None
+    num_retracted_reqs: int | None = None
+    utilization: float | None = None
+    engine_startup_time: float | None = None
+    engine_load_weights_time: float | None = None
     # KV pool breakdown (used + evictable + available = max_total_num_tokens)
-    kv_used_tokens: Optional[int] = None
-    kv_evictable_tokens: Optional[int] = None
-    kv_available_tokens: Optional[int] = None
+    kv_used_tokens: int | None = None
+    kv_evictable_tokens: int | None = None
+    kv_available_tokens: int | None = None
 
     # Counter deltas
     prompt_tokens: int = 0
@@ -64,22 +63,22 @@ class SchedulerStats:
     queue_time_s: list[float] = field(default_factory=list)
 
     # PD disaggregation
-    num_prefill_prealloc_queue_reqs: Optional[int] = None
-    num_prefill_inflight_queue_reqs: Optional[int] = None
-    num_decode_prealloc_queue_reqs: Optional[int] = None
-    num_decode_transfer_queue_reqs: Optional[int] = None
-    kv_transfer_speed_gb_s: Optional[float] = None
-    kv_transfer_latency_ms: Optional[float] = None
-    kv_transfer_bootstrap_ms: Optional[float] = None
-    kv_transfer_alloc_ms: Optional[float] = None
-    kv_transfer_total_mb: Optional[float] = None
+    num_prefill_prealloc_queue_reqs: int | None = None
+    num_prefill_inflight_queue_reqs: int | None = None
+    num_decode_prealloc_queue_reqs: int | None = None
+    num_decode_transfer_queue_reqs: int | None = None
+    kv_transfer_speed_gb_s: float | None = None
+    kv_transfer_latency_ms: float | None = None
+    kv_transfer_bootstrap_ms: float | None = None
+    kv_transfer_alloc_ms: float | None = None
+    kv_transfer_total_mb: float | None = None
     num_bootstrap_failed_reqs: int = 0
     num_transfer_failed_reqs: int = 0
 
     # HiCache
-    hicache_host_used_tokens: Optional[int] = None
-    hicache_host_total_tokens: Optional[int] = None
-    prefetch_occupied_ratio: Optional[float] = None
+    hicache_host_used_tokens: int | None = None
+    hicache_host_total_tokens: int | None = None
+    prefetch_occupied_ratio: float | None = None
     evicted_tokens: int = 0
     load_back_tokens: int = 0
     prefetched_tokens: int = 0
@@ -92,8 +91,8 @@ class SchedulerStats:
     # layer -> tokens dispatched to each EP rank (list index = rank), counts since last message
     eplb_gpu_physical_count: dict[int, list[int]] = field(default_factory=dict)
 
-    def add_finished(self, *, e2e: float, ttft: Optional[float] = None, queue_time: Optional[float] = None,
-                     itl: Optional[list[float]] = None, aborted: bool = False) -> None:
+    def add_finished(self, *, e2e: float, ttft: float | None = None, queue_time: float | None = None,
+                     itl: list[float] | None = None, aborted: bool = False) -> None:
         """Record one finished request's latencies (and count it as finished or aborted)."""
         if aborted:
             self.num_aborted_requests += 1
@@ -117,7 +116,7 @@ class SchedulerStats:
         return msgpack.packb(payload, use_bin_type=True)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "SchedulerStats":
+    def from_bytes(cls, data: bytes) -> SchedulerStats:
         """Decode :meth:`to_bytes` output; unknown fields (from a newer sender) are ignored."""
         try:
             payload = msgpack.unpackb(data, raw=False, strict_map_key=False)

@@ -16,10 +16,8 @@ import logging
 import os
 import tempfile
 import threading
-from typing import Optional
 
 import zmq
-
 from tandem.metrics.engine import EngineMetrics
 from tandem.metrics.runtime import ComponentMetrics
 from tandem.metrics.stats import SchedulerStats
@@ -107,7 +105,7 @@ class MetricsPublisher:
     """Service-side receiver: a daemon thread that applies stats messages to the metrics."""
 
     def __init__(self, endpoint: str, engine_metrics: EngineMetrics, *,
-                 component_metrics: Optional[ComponentMetrics] = None, rcvhwm: int = 1000,
+                 component_metrics: ComponentMetrics | None = None, rcvhwm: int = 1000,
                  poll_interval_s: float = 0.1):
         self.endpoint = validate_endpoint(endpoint)
         self.engine_metrics = engine_metrics
@@ -116,13 +114,13 @@ class MetricsPublisher:
         self.poll_ms = max(1, int(poll_interval_s * 1000))
         self.received = 0
         self.bad_messages = 0
-        self.last_stats: Optional[SchedulerStats] = None
-        self._ctx: Optional[zmq.Context] = None
+        self.last_stats: SchedulerStats | None = None
+        self._ctx: zmq.Context | None = None
         self._sock = None
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def start(self) -> "MetricsPublisher":
+    def start(self) -> MetricsPublisher:
         """Bind (errors such as an address in use surface here) and start the thread."""
         if self._thread is not None:
             raise RuntimeError("MetricsPublisher already started")

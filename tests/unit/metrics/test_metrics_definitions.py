@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
-
 from tandem.metrics import ComponentMetrics, EngineMetrics, FrontendMetrics, RouterMetrics, SchedulerStats
 
 SG = ("engine_type", "model_name", "pp_rank", "tp_rank", "worker_id")

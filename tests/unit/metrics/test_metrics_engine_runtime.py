@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 from prometheus_client import CollectorRegistry
-
 from tandem.metrics import ComponentMetrics, EngineMetrics, FrontendMetrics, RouterMetrics, SchedulerStats
 
 L = {"model_name": "demo", "engine_type": "prefill", "tp_rank": "0", "pp_rank": "0", "worker_id": "p0"}

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import yaml
-
 from tandem.metrics.definitions import all_specs
 from tandem.metrics.prometheus_config import DEFAULT_TARGETS, main, render_prometheus_config
 

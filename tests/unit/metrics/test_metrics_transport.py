@@ -7,7 +7,6 @@ import time
 
 import pytest
 from prometheus_client import CollectorRegistry
-
 from tandem.metrics import EngineMetrics, MetricsPublisher, SchedulerStats, StatsSender, validate_endpoint
 
 L = {"model_name": "demo", "engine_type": "decode", "tp_rank": "0", "pp_rank": "0", "worker_id": "d0"}
