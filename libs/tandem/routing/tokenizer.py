@@ -1,0 +1,65 @@
+"""The router's tokenizer: prompt encoding, chat templates and token text, from a checkpoint dir."""
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from typing import Optional, Sequence
+
+from tandem.routing.openai_protocol import bad_request
+
+DEFAULT_CONTEXT_LENGTH = 2048
+
+
+class RouterTokenizer:
+    def __init__(self, model_path: str, context_length: Optional[int] = None) -> None:
+        from transformers import AutoTokenizer  # heavy import, only where a tokenizer is needed
+
+        if not os.path.isdir(model_path):
+            raise ValueError(f"model_path={model_path!r}: not a directory (need the checkpoint's tokenizer files)")
+        self.model_path = model_path
+        self.hf = AutoTokenizer.from_pretrained(model_path)
+        self.context_length = context_length or _context_length(model_path, self.hf)
+        self.eos_token_id = self.hf.eos_token_id
+        self._token_text = lru_cache(maxsize=65536)(self._token_text_uncached)
+
+    def encode(self, text: str) -> list[int]:
+        """Tokenize a raw prompt as `tokenizer(text)` does (special tokens such as BOS included)."""
+        return list(self.hf(text)["input_ids"])
+
+    def render_chat(self, messages: Sequence[dict]) -> str:
+        """The chat template of the checkpoint applied to `messages`, with the generation prompt."""
+        if not getattr(self.hf, "chat_template", None):
+            raise bad_request(f"The model at {self.model_path} has no chat template; use /v1/completions.",
+                              param="messages")
+        try:
+            return self.hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # template errors (e.g. role order the template rejects) are bad input
+            raise bad_request(f"Cannot apply the chat template: {e}", param="messages") from None
+
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+        # The template already contains the special tokens (BOS etc.): don't add them twice.
+        return list(self.hf(self.render_chat(messages), add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        return self._token_text(token_id)
+
+    def _token_text_uncached(self, token_id: int) -> str:
+        return self.hf.decode([token_id], skip_special_tokens=False)
+
+
+def _context_length(model_path: str, hf) -> int:
+    cfg_path = os.path.join(model_path, "config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        for key in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions"):
+            if isinstance(cfg.get(key), int):
+                return cfg[key]
+    mml = getattr(hf, "model_max_length", None)
+    if isinstance(mml, int) and mml < 10**7:
+        return mml
+    return DEFAULT_CONTEXT_LENGTH

@@ -1,0 +1,1 @@
+"""tandem router service: OpenAI HTTP frontend + gRPC Router over decode/aggregated workers."""

@@ -1,0 +1,126 @@
+"""RouterApp: the router's pieces wired together, for `python -m tandem.router` and tests.
+
+    app = build_router(config, registry=runtime.registry)
+    runtime.add_service(router_pb2_grpc.add_RouterServicer_to_server, app.servicer, name)
+    app.start()            # router loop thread: discovery, health checks, OpenAI HTTP on config.http_port
+    ...
+    app.stop()
+
+The router's asyncio loop runs in its own thread; the OpenAI HTTP server (uvicorn) and all
+worker gRPC calls live on it, and the gRPC servicer bridges into it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+from typing import Optional
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from tandem.config import RouterConfig
+from tandem.routing.tokenizer import RouterTokenizer
+from tandem.router.core import RouterCore
+from tandem.router.grpc_api import RouterServicer
+from tandem.router.http_api import build_http_app
+from tandem.router.metrics import RouterMetrics
+
+log = logging.getLogger(__name__)
+
+
+class RouterApp:
+    def __init__(self, config: RouterConfig, registry: Optional[CollectorRegistry] = None) -> None:
+        if not config.model_path:
+            raise ValueError("model_path is required: the router tokenizes prompts with the model's tokenizer")
+        if config.discovery == "static" and not config.workers:
+            log.warning("static discovery with no workers: every request will get 503 until workers are configured")
+        self.config = config
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.tokenizer = RouterTokenizer(config.model_path)
+        self.model_name = config.served_model_name or os.path.basename(os.path.normpath(config.model_path))
+        self.metrics = RouterMetrics(self.registry, self.model_name)
+        self.core = RouterCore(config, self.tokenizer, self.metrics, self.model_name)
+        self.servicer = RouterServicer(self)
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+        self._server: Optional[uvicorn.Server] = None
+        self._sock: Optional[socket.socket] = None
+        self.http_port: Optional[int] = None
+
+    @property
+    def http_address(self) -> str:
+        return f"{self.config.host}:{self.http_port}"
+
+    def add_to_server(self, server) -> None:
+        """Register the Router servicer on a grpc.Server (ServiceRuntime.add_service does the same)."""
+        from tandem.v1 import router_pb2_grpc
+
+        router_pb2_grpc.add_RouterServicer_to_server(self.servicer, server)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the router loop thread: discovery, health checks and the HTTP server. Returns
+        once the HTTP port is bound and serving."""
+        if self._thread is not None:
+            raise RuntimeError("router already started")
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((self.config.host, self.config.http_port))
+        self.http_port = self._sock.getsockname()[1]
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        errors: list[BaseException] = []
+        uv_config = uvicorn.Config(build_http_app(self), log_level="warning", access_log=False,
+                                   timeout_graceful_shutdown=2, lifespan="off")
+        self._server = uvicorn.Server(uv_config)
+
+        async def main() -> None:
+            try:
+                await self.core.start()
+                serve = asyncio.create_task(self._server.serve(sockets=[self._sock]))
+                while not self._server.started and not serve.done():
+                    await asyncio.sleep(0.01)
+                started.set()
+                await serve
+            except BaseException as e:  # surface start failures to start()
+                errors.append(e)
+                started.set()
+                raise
+            finally:
+                await self.core.stop()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            try:
+                self.loop.run_until_complete(main())
+            except BaseException:
+                log.exception("router loop ended with an error")
+            finally:
+                self.loop.close()
+
+        self._thread = threading.Thread(target=run, name="router-loop", daemon=True)
+        self._thread.start()
+        if not started.wait(timeout):
+            raise TimeoutError(f"router HTTP server not started after {timeout}s")
+        if errors:
+            raise RuntimeError(f"router failed to start: {errors[0]}") from errors[0]
+        log.info("router HTTP (OpenAI API) on http://%s, policy %s", self.http_address, self.config.routing_policy)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the HTTP server, close worker channels and the loop thread."""
+        if self._thread is None:
+            return
+        if self._server is not None:
+            self._server.should_exit = True
+        self._thread.join(timeout)
+        if self._sock is not None:
+            self._sock.close()
+        self._thread = None
+
+
+def build_router(config: RouterConfig, registry: Optional[CollectorRegistry] = None) -> RouterApp:
+    """Construct the router (tokenizer, policy, worker pool, HTTP app, gRPC servicer); nothing runs
+    until `start()`."""
+    return RouterApp(config, registry)

@@ -1,0 +1,264 @@
+"""OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/completions, /v1/chat/completions
+(SSE streaming with `stream: true`), /health and /metrics.
+
+Errors use OpenAI's body {"error": {"message", "type", "param", "code"}}. Streaming requests
+wait for the first output before answering, so a request that cannot be served still gets a
+real HTTP status (503 + Retry-After, 400, ...) instead of an error inside a 200 stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, AsyncIterator, Optional
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tandem.routing import openai_protocol as oa
+from tandem.router.core import Delta, NoHealthyWorker, Prepared, RouterError
+
+if TYPE_CHECKING:
+    from tandem.router.app import RouterApp
+
+log = logging.getLogger(__name__)
+
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 503,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.CANCELLED: 499,
+}
+
+
+def router_error_to_openai(e: RouterError) -> oa.OpenAIError:
+    if isinstance(e, NoHealthyWorker):
+        return oa.unavailable(e.message)
+    status = _HTTP_STATUS.get(e.code, 500)
+    if status == 503:
+        return oa.unavailable(e.message)
+    if status == 400:
+        return oa.bad_request(e.message)
+    kind = "timeout_error" if status == 504 else "server_error"
+    return oa.OpenAIError(status, e.message, kind, None, e.code.name.lower())
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _until_disconnect(request: Request, coro):
+    """Run `coro`; cancel it (and so the worker call) if the HTTP client goes away."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise asyncio.CancelledError("client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def build_http_app(router: "RouterApp") -> FastAPI:
+    app = FastAPI(title="tandem router", docs_url=None, redoc_url=None, openapi_url=None)
+    core = router.core
+    tok = router.tokenizer
+    model_name = router.model_name
+    created = oa.now()
+
+    @app.exception_handler(oa.OpenAIError)
+    async def _openai_error(_req: Request, e: oa.OpenAIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req: Request, e: StarletteHTTPException):
+        err = oa.OpenAIError(e.status_code, str(e.detail), "invalid_request_error", None,
+                             "not_found" if e.status_code == 404 else None)
+        return JSONResponse(err.body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_req: Request, e: Exception):
+        log.exception("internal error")
+        err = oa.OpenAIError(500, f"Internal server error: {type(e).__name__}: {e}", "server_error", None,
+                             "internal_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    def check_auth(request: Request) -> None:
+        key = router.config.api_key
+        if not key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or token.strip() != key:
+            raise oa.unauthorized()
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise oa.model_not_found(name)
+
+    @app.get("/health")
+    async def health():
+        healthy = len(core.pool.healthy()) if core.pool else 0
+        body = {"status": "healthy" if healthy else "unhealthy", "healthy_workers": healthy,
+                "workers": len(core.pool.workers) if core.pool else 0}
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(router.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_auth(request)
+        return oa.models_body(model_name, created)
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request):
+        check_auth(request)
+        check_model(name)
+        return oa.models_body(model_name, created)["data"][0]
+
+    def prepare(kind: str, req, request: Request) -> Prepared:
+        check_model(req.model)
+        t0 = time.perf_counter()
+        if kind == "completion":
+            prompt = oa.single_prompt(req)
+            if isinstance(prompt, str):
+                ids = tok.encode(prompt)
+            else:
+                if any(i < 0 for i in prompt):
+                    raise oa.bad_request("token ids in the prompt must be >= 0.", param="prompt")
+                ids = list(prompt)
+            default_max = 16  # OpenAI's default for /v1/completions
+        else:
+            ids = tok.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+            default_max = None  # the rest of the context
+        core.metrics.tokenizer_latency.labels(model_name).observe((time.perf_counter() - t0) * 1e3)
+        sampling = oa.build_sampling(req, len(ids), tok.context_length, default_max)
+        rid = request.headers.get("x-request-id") or oa.new_request_id(kind)
+        stream = bool(req.stream)
+        endpoint = ("completions" if kind == "completion" else "chat_completions") + (":stream" if stream else "")
+        skip = True if req.skip_special_tokens is None else req.skip_special_tokens
+        return Prepared(rid, ids, sampling, endpoint, skip)
+
+    async def handle(kind: str, request: Request):
+        check_auth(request)
+        req = oa.parse_request(kind, await request.body())
+        prep = prepare(kind, req, request)
+        deltas = core_run(prep)
+        headers = {"X-Request-Id": prep.request_id}
+        # Wait for the first delta: errors before any output keep their HTTP status.
+        try:
+            first = await _until_disconnect(request, deltas.__anext__())
+        except StopAsyncIteration:
+            raise oa.OpenAIError(500, "worker returned no output", "server_error") from None
+        except RouterError as e:
+            await deltas.aclose()
+            raise router_error_to_openai(e) from None
+        except BaseException:
+            await deltas.aclose()
+            raise
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            body = _stream_body(kind, prep, first, deltas, include_usage)
+            return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+        try:
+            result = await _until_disconnect(request, _collect(kind, prep, first, deltas))
+        except RouterError as e:
+            raise router_error_to_openai(e) from None
+        finally:
+            await deltas.aclose()
+        return JSONResponse(result, headers=headers)
+
+    def core_run(prep: Prepared) -> AsyncIterator[Delta]:
+        return core.run(prep)
+
+    def formatter() -> oa.LogprobFormatter:
+        return oa.LogprobFormatter(tok.token_text)
+
+    async def _collect(kind: str, prep: Prepared, first: Delta, deltas) -> dict:
+        texts, lp_parts, chat_lps = [], [], []
+        fmt = formatter()
+        want_lp = prep.sampling.logprobs
+        last = first
+        d: Optional[Delta] = first
+        while d is not None:
+            texts.append(d.text)
+            if want_lp and d.logprobs:
+                if kind == "completion":
+                    lp_parts.append(fmt.completion(d.token_ids, d.logprobs, prep.sampling.top_logprobs))
+                else:
+                    chat_lps += fmt.chat(d.token_ids, d.logprobs)
+            last = d
+            if d.finish_reason:
+                break
+            d = await deltas.__anext__()
+        u = last.usage or oa.usage_body(len(prep.input_ids), 0)
+        usage = oa.usage_body(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+        finish = oa.finish_reason_name(last.finish_reason)
+        text = "".join(texts)
+        if kind == "completion":
+            lp = oa.merge_completion_logprobs(lp_parts) if want_lp else None
+            return oa.completion_body(prep.request_id, model_name, oa.now(), text, finish, usage, lp)
+        return oa.chat_body(prep.request_id, model_name, oa.now(), text, finish, usage,
+                            chat_lps if want_lp else None)
+
+    async def _stream_body(kind: str, prep: Prepared, first: Delta, deltas, include_usage: bool):
+        fmt = formatter()
+        want_lp = prep.sampling.logprobs
+        created_at = oa.now()
+        rid = prep.request_id
+        try:
+            if kind == "chat":
+                yield _sse(oa.chat_chunk(rid, model_name, created_at, {"role": "assistant", "content": ""}, None))
+            d: Optional[Delta] = first
+            last = first
+            while d is not None:
+                last = d
+                finish = oa.finish_reason_name(d.finish_reason) if d.finish_reason else None
+                if d.text or finish or (want_lp and d.logprobs):
+                    if kind == "completion":
+                        lp = fmt.completion(d.token_ids, d.logprobs, prep.sampling.top_logprobs) \
+                            if want_lp and d.logprobs else None
+                        yield _sse(oa.completion_chunk(rid, model_name, created_at, d.text, finish, lp))
+                    else:
+                        lp = fmt.chat(d.token_ids, d.logprobs) if want_lp and d.logprobs else None
+                        delta = {"content": d.text} if d.text else {}
+                        yield _sse(oa.chat_chunk(rid, model_name, created_at, delta, finish, lp))
+                if d.finish_reason:
+                    break
+                d = await deltas.__anext__()
+            if include_usage and last.usage is not None:
+                u = last.usage
+                yield _sse(oa.usage_chunk(rid, model_name, created_at, kind,
+                                          oa.usage_body(u.prompt_tokens, u.completion_tokens, u.cached_tokens)))
+        except RouterError as e:
+            # Headers are gone: report the error in the stream, as vLLM and SGLang do.
+            yield _sse(router_error_to_openai(e).body())
+        except StopAsyncIteration:
+            pass
+        finally:
+            await deltas.aclose()
+        yield b"data: [DONE]\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle("completion", request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle("chat", request)
+
+    return app

@@ -1,0 +1,185 @@
+"""The router's view of its workers: gRPC channels, health checks, load polling and the
+KV-event subscription that feeds the KV index.
+
+Everything here runs on the router's asyncio loop. A worker is taken out of rotation when one
+health check fails or times out (timeout <= health_check_interval, so a dead worker is out
+within about two intervals, well under 2 s at the default 0.5 s) or when a request to it fails
+with UNAVAILABLE, and comes back on the first SERVING answer.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable, Optional
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tandem.routing.kv_index import KvIndex
+from tandem.routing.policies import WorkerView
+from tandem.v1 import common_pb2, decode_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # Reconnect quickly to a worker that comes back (the default backoff grows to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.enable_retries", 0),
+]
+
+
+class Worker:
+    def __init__(self, info: common_pb2.WorkerInfo) -> None:
+        self.info = common_pb2.WorkerInfo()
+        self.info.CopyFrom(info)
+        self.worker_id = info.worker_id or info.address
+        self.address = info.address
+        self.channel = grpc.aio.insecure_channel(info.address, options=CHANNEL_OPTIONS)
+        self.decode = decode_pb2_grpc.DecodeStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.healthy = False
+        self.load: Optional[common_pb2.WorkerLoad] = None
+        self.active_requests = 0
+        self.active_blocks = 0
+        self.tasks: list[asyncio.Task] = []
+
+    def view(self) -> WorkerView:
+        ld = self.load
+        return WorkerView(
+            self.worker_id, self.active_requests, self.active_blocks,
+            ld.num_waiting_reqs if ld else 0, ld.num_running_reqs if ld else 0,
+            ld.free_pages if ld else 0, ld.total_pages if ld else 0,
+        )
+
+    def to_proto(self) -> common_pb2.WorkerInfo:
+        out = common_pb2.WorkerInfo()
+        out.CopyFrom(self.info)
+        out.worker_id = self.worker_id
+        out.healthy = self.healthy
+        if self.load is not None:
+            out.load.CopyFrom(self.load)
+        return out
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.channel.close(grace=None)
+
+
+class WorkerPool:
+    def __init__(self, health_interval: float, index: Optional[KvIndex] = None,
+                 on_health: Optional[Callable[[Worker, bool], None]] = None) -> None:
+        self.health_interval = health_interval
+        self.check_timeout = min(1.0, max(0.2, health_interval))
+        self.index = index
+        self.on_health = on_health
+        self.workers: dict[str, Worker] = {}
+        self.changed = asyncio.Event()  # set whenever a worker turns healthy
+
+    def healthy(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.healthy]
+
+    async def set_workers(self, infos: dict[str, common_pb2.WorkerInfo]) -> None:
+        """Make the pool exactly `infos` (by worker id): add new ones, drop gone ones,
+        replace ones whose address changed."""
+        for wid in list(self.workers):
+            if wid not in infos or infos[wid].address != self.workers[wid].address:
+                await self.remove(wid)
+        for wid, info in infos.items():
+            if wid not in self.workers:
+                self.add(info)
+
+    def add(self, info: common_pb2.WorkerInfo) -> Worker:
+        w = Worker(info)
+        if w.worker_id in self.workers:
+            raise ValueError(f"worker {w.worker_id} already known")
+        self.workers[w.worker_id] = w
+        w.tasks.append(asyncio.create_task(self._health_loop(w), name=f"health {w.worker_id}"))
+        if self.index is not None:
+            w.tasks.append(asyncio.create_task(self._kv_events_loop(w), name=f"kv-events {w.worker_id}"))
+        log.info("worker added: %s at %s", w.worker_id, w.address)
+        return w
+
+    async def remove(self, worker_id: str) -> None:
+        w = self.workers.pop(worker_id, None)
+        if w is None:
+            return
+        self._set_health(w, False, "removed")
+        if self.index is not None:
+            self.index.remove_worker(worker_id)
+        await w.close()
+        log.info("worker removed: %s", worker_id)
+
+    async def close(self) -> None:
+        for wid in list(self.workers):
+            await self.remove(wid)
+
+    def _set_health(self, w: Worker, ok: bool, reason: str = "") -> None:
+        if w.healthy == ok:
+            return
+        w.healthy = ok
+        if ok:
+            log.info("worker %s healthy", w.worker_id)
+            self.changed.set()
+        else:
+            log.warning("worker %s unhealthy: %s", w.worker_id, reason)
+        if self.on_health:
+            self.on_health(w, ok)
+
+    def mark_unhealthy(self, w: Worker, reason: str) -> None:
+        """Take a worker out now (a request saw it fail); health checks bring it back."""
+        self._set_health(w, False, reason)
+
+    async def check(self, w: Worker) -> bool:
+        try:
+            resp = await w.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.check_timeout)
+            ok, reason = resp.status == health_pb2.HealthCheckResponse.SERVING, "not SERVING"
+        except grpc.aio.AioRpcError as e:
+            ok, reason = False, f"{e.code().name}: {e.details()}"
+        if ok:
+            try:
+                w.load = await w.decode.GetLoad(common_pb2.GetLoadRequest(), timeout=self.check_timeout)
+            except grpc.aio.AioRpcError as e:
+                log.debug("GetLoad of %s failed: %s", w.worker_id, e.code().name)
+        self._set_health(w, ok, reason)
+        return ok
+
+    async def _health_loop(self, w: Worker) -> None:
+        while True:
+            await self.check(w)
+            await asyncio.sleep(self.health_interval)
+
+    async def _kv_events_loop(self, w: Worker) -> None:
+        """Subscribe to the worker's KvEvents with a snapshot; resubscribe on gaps and errors."""
+        index = self.index
+        delay = 0.2
+        while True:
+            if not w.healthy:
+                await asyncio.sleep(self.health_interval / 2)
+                continue
+            index.clear(w.worker_id)
+            index.reset_sequence(w.worker_id)
+            call = w.decode.KvEvents(common_pb2.KvEventsRequest(snapshot=True))
+            try:
+                async for batch in call:
+                    delay = 0.2
+                    if not index.apply_batch(w.worker_id, batch):
+                        log.warning("kv events of %s: sequence gap at %d; resubscribing", w.worker_id, batch.sequence)
+                        break
+            except grpc.aio.AioRpcError as e:
+                lvl = logging.DEBUG if e.code() == grpc.StatusCode.UNAVAILABLE else logging.WARNING
+                log.log(lvl, "kv events of %s: %s %s", w.worker_id, e.code().name, e.details())
+            finally:
+                call.cancel()
+            index.clear(w.worker_id)
+            await asyncio.sleep(delay)
+            delay = min(5.0, delay * 2)

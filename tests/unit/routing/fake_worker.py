@@ -1,0 +1,93 @@
+"""Scripted in-process Decode servicer: a test double for router unit tests (retries,
+cancellation, errors), not a model. Integration tests use the real decode worker."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from tandem.routing.block_hash import block_hashes
+from tandem.v1 import common_pb2, decode_pb2_grpc
+
+
+class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
+    """Generate streams `reply_ids` one token per chunk (cut at max_tokens)."""
+
+    def __init__(self, reply_ids, block_size=4, delay=0.0):
+        self.reply_ids = list(reply_ids)
+        self.block_size = block_size
+        self.delay = delay
+        self.fail_code = None  # abort Generate with this code before any output
+        self.requests = []
+        self.cancelled = []
+        self.finished = []
+        self._events = []
+        self._cv = threading.Condition()
+        self.load = common_pb2.WorkerLoad(free_pages=100, total_pages=100)
+
+    def Generate(self, request, context):
+        self.requests.append(request)
+        if self.fail_code is not None:
+            context.abort(self.fail_code, "scripted failure")
+        context.add_callback(lambda: None if request.request_id in self.finished
+                             else self.cancelled.append(request.request_id))
+        hashes = block_hashes(list(request.input_ids), self.block_size)
+        if hashes:
+            n = len(hashes) * self.block_size
+            with self._cv:
+                self._events.append(common_pb2.KvEvent(stored=common_pb2.BlockStored(
+                    block_hashes=hashes, token_ids=request.input_ids[:n], block_size=self.block_size)))
+                self._cv.notify_all()
+        n = min(request.sampling.max_tokens, len(self.reply_ids))
+        for i in range(n):
+            if self.delay:
+                time.sleep(self.delay)
+            if not context.is_active():
+                return
+            chunk = common_pb2.TokenChunk(request_id=request.request_id, token_ids=[self.reply_ids[i]])
+            if request.sampling.logprobs:
+                chunk.logprobs.add(logprob=-0.5, top=[common_pb2.TokenLogprob(token_id=self.reply_ids[i],
+                                                                              logprob=-0.5)][:request.sampling.top_logprobs])
+            if i == n - 1:
+                self.finished.append(request.request_id)
+                chunk.finish_reason = common_pb2.FINISH_REASON_LENGTH
+                chunk.usage.CopyFrom(common_pb2.Usage(prompt_tokens=len(request.input_ids), completion_tokens=n))
+            yield chunk
+
+    def GetLoad(self, request, context):
+        return self.load
+
+    def KvEvents(self, request, context):
+        seq = 0
+        sent = 0
+        while context.is_active():
+            with self._cv:
+                self._cv.wait_for(lambda: len(self._events) > sent, timeout=0.2)
+                new = self._events[sent:]
+            if new:
+                sent += len(new)
+                seq += 1
+                yield common_pb2.KvEventBatch(sequence=seq, timestamp=time.time(), events=new)
+
+
+class FakeWorker:
+    def __init__(self, reply_ids, **kw):
+        self.servicer = ScriptedDecode(reply_ids, **kw)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        decode_pb2_grpc.add_DecodeServicer_to_server(self.servicer, self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.address = f"127.0.0.1:{self.port}"
+        self.server.start()
+        self.set_serving(True)
+
+    def set_serving(self, ok: bool) -> None:
+        st = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set("", st)
+
+    def stop(self) -> None:
+        self.server.stop(0)

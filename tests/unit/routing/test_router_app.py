@@ -1,0 +1,273 @@
+"""The router app (HTTP + gRPC) in front of scripted in-process workers: OpenAI shapes,
+errors, auth, retries, cancellation propagation, health-based removal."""
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+import httpx
+import pytest
+
+from fake_worker import FakeWorker
+from tandem.config import RouterConfig
+from tandem.router.app import build_router
+from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
+
+REPLY = "Hello world! Streaming text with émojis 🦊 and 漢字."
+
+
+def wait_for(cond, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def make_router(tiny_model_dir):
+    made = []
+
+    def make(workers, **kw):
+        cfg = RouterConfig(model_path=tiny_model_dir, workers=[w.address for w in workers], http_port=0,
+                           health_check_interval=0.1, **kw)
+        app = build_router(cfg)
+        app.start()
+        made.append(app)
+        wait_for(lambda: len(app.core.pool.healthy()) == len(workers), what="workers healthy")
+        return app
+
+    yield make
+    for app in made:
+        app.stop()
+
+
+@pytest.fixture
+def workers(hf_tokenizer):
+    ids = hf_tokenizer(REPLY)["input_ids"]
+    made = [FakeWorker(ids), FakeWorker(ids)]
+    yield made
+    for w in made:
+        w.stop()
+
+
+def url(app, path):
+    return f"http://{app.http_address}{path}"
+
+
+def test_completion_chat_and_stream(make_router, workers, hf_tokenizer):
+    app = make_router(workers)
+    name = app.model_name
+    n = len(hf_tokenizer(REPLY)["input_ids"])
+    r = httpx.post(url(app, "/v1/completions"), json={"model": name, "prompt": "Hello", "max_tokens": 100})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["text"] == REPLY
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == n
+    assert body["id"].startswith("cmpl-") and r.headers["x-request-id"] == body["id"]
+
+    r = httpx.post(url(app, "/v1/chat/completions"),
+                   json={"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"] == {"role": "assistant", "content": REPLY}
+    # The chat template was applied: the worker saw the rendered prompt's tokens.
+    rendered = hf_tokenizer("<|user|>hi<|end|><|assistant|>", add_special_tokens=False)["input_ids"]
+    assert any(list(w.servicer.requests[-1].input_ids) == rendered for w in workers)
+
+    with httpx.stream("POST", url(app, "/v1/chat/completions"),
+                      json={"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100,
+                            "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == REPLY
+    assert chunks[-1]["usage"]["completion_tokens"] == n and chunks[-1]["choices"] == []
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+
+
+def test_stop_string_cancels_worker(make_router, workers):
+    app = make_router(workers[:1])
+    r = httpx.post(url(app, "/v1/completions"),
+                   json={"model": app.model_name, "prompt": "x", "max_tokens": 100, "stop": ["🦊"]})
+    body = r.json()
+    assert body["choices"][0]["text"] == "Hello world! Streaming text with émojis "
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_openai_client_and_logprobs(make_router, workers):
+    openai = pytest.importorskip("openai")
+    app = make_router(workers)
+    client = openai.OpenAI(base_url=url(app, "/v1"), api_key="unused")
+    assert [m.id for m in client.models.list().data] == [app.model_name]
+    out = client.completions.create(model=app.model_name, prompt="a", max_tokens=5, logprobs=1)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == 5 and lp.token_logprobs == [-0.5] * 5 and len(lp.top_logprobs) == 5
+    chat = client.chat.completions.create(model=app.model_name, messages=[{"role": "user", "content": "q"}],
+                                          max_tokens=3, logprobs=True, top_logprobs=1)
+    assert [c.logprob for c in chat.choices[0].logprobs.content] == [-0.5] * 3
+    stream = client.completions.create(model=app.model_name, prompt="a", max_tokens=100, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == REPLY
+
+
+@pytest.mark.parametrize("body,status,param", [
+    (b"{not json", 400, None),
+    (b'{"model": "M", "prompt": "x", "max_tokens": "ten"}', 400, "max_tokens"),
+    (b'{"model": "M", "prompt": 5}', 400, "prompt"),
+    (b'{"model": "M", "prompt": ""}', 400, "prompt"),
+    (b'{"model": "M", "prompt": "x", "max_tokens": 100000}', 400, "max_tokens"),
+    (b'{"model": "M", "prompt": "x", "temperature": -1}', 400, "temperature"),
+    (b'{"model": "M", "prompt": "x", "n": 2}', 400, "n"),
+    (b'{"model": "nope", "prompt": "x"}', 404, "model"),
+    (b'[1, 2]', 400, None),
+])
+def test_bad_input_statuses(make_router, workers, body, status, param):
+    app = make_router(workers[:1])
+    body = body.replace(b'"M"', json.dumps(app.model_name).encode())
+    r = httpx.post(url(app, "/v1/completions"), content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+    # still serving
+    ok = httpx.post(url(app, "/v1/completions"), json={"model": app.model_name, "prompt": "x", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_api_key(make_router, workers):
+    app = make_router(workers[:1], api_key="sekret")
+    body = {"model": app.model_name, "prompt": "x", "max_tokens": 2}
+    assert httpx.post(url(app, "/v1/completions"), json=body).status_code == 401
+    r = httpx.post(url(app, "/v1/completions"), json=body, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.post(url(app, "/v1/completions"), json=body, headers={"Authorization": "Bearer sekret"})
+    assert r.status_code == 200
+
+
+def test_no_healthy_worker_503_then_back(make_router, workers):
+    app = make_router(workers[:1])
+    workers[0].set_serving(False)
+    wait_for(lambda: not app.core.pool.healthy(), what="worker out of rotation")
+    r = httpx.post(url(app, "/v1/completions"), json={"model": app.model_name, "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["message"]
+    assert httpx.get(url(app, "/health")).status_code == 503
+    workers[0].set_serving(True)
+    wait_for(lambda: app.core.pool.healthy(), what="worker back")
+    r = httpx.post(url(app, "/v1/completions"), json={"model": app.model_name, "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 200
+
+
+def test_retry_on_other_worker_before_output(make_router, workers):
+    app = make_router(workers, routing_policy="round_robin")
+    workers[0].servicer.fail_code = grpc.StatusCode.UNAVAILABLE
+    workers[1].servicer.fail_code = None
+    for _ in range(4):
+        r = httpx.post(url(app, "/v1/completions"), json={"model": app.model_name, "prompt": "x", "max_tokens": 3})
+        assert r.status_code == 200, r.text
+    assert workers[1].servicer.requests  # every request ended on the good worker
+
+
+def test_error_without_retry_is_clear(make_router, workers):
+    app = make_router(workers[:1], request_retries=0)
+    workers[0].servicer.fail_code = grpc.StatusCode.UNAVAILABLE
+    r = httpx.post(url(app, "/v1/completions"), json={"model": app.model_name, "prompt": "x", "max_tokens": 3})
+    assert r.status_code == 503
+    assert "scripted failure" in r.json()["error"]["message"]
+
+
+def test_client_disconnect_cancels_worker_call(make_router, hf_tokenizer):
+    slow = FakeWorker(hf_tokenizer(REPLY)["input_ids"] * 10, delay=0.05)
+    try:
+        app = make_router([slow])
+        with httpx.stream("POST", url(app, "/v1/completions"),
+                          json={"model": app.model_name, "prompt": "x", "max_tokens": 200, "stream": True}) as r:
+            next(r.iter_lines())
+        wait_for(lambda: slow.servicer.cancelled, what="worker call cancelled")
+        # non-streaming: the client gives up
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url(app, "/v1/completions"), json={"model": app.model_name, "prompt": "y", "max_tokens": 200},
+                       timeout=0.3)
+        wait_for(lambda: len(slow.servicer.cancelled) == 2, what="second worker call cancelled")
+    finally:
+        slow.stop()
+
+
+def test_grpc_router_generate_and_list(make_router, workers, hf_tokenizer):
+    app = make_router(workers)
+    server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(8))
+    app.add_to_server(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = router_pb2_grpc.RouterStub(ch)
+            req = router_pb2.RouterGenerateRequest(text="hello", sampling=common_pb2.SamplingParams(max_tokens=100))
+            chunks = list(stub.Generate(req, timeout=10))
+            assert "".join(c.text for c in chunks) == REPLY
+            assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH and chunks[-1].usage.completion_tokens
+            chat = router_pb2.RouterGenerateRequest(
+                chat=router_pb2.ChatMessages(messages=[router_pb2.ChatMessage(role="user", content="hi")]),
+                sampling=common_pb2.SamplingParams(max_tokens=2))
+            assert len(list(stub.Generate(chat, timeout=10))) == 2
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Generate(router_pb2.RouterGenerateRequest(text="x", sampling=common_pb2.SamplingParams(
+                    max_tokens=10**6)), timeout=10))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Generate(router_pb2.RouterGenerateRequest(model="other", text="x"), timeout=10))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            listing = stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=5)
+            assert sorted(w.address for w in listing.workers) == sorted(w.address for w in workers)
+            assert all(w.healthy and w.load.total_pages == 100 for w in listing.workers)
+            assert listing.policy == "round_robin"
+    finally:
+        server.stop(0)
+
+
+def test_grpc_cancel_propagates(make_router, hf_tokenizer):
+    slow = FakeWorker(hf_tokenizer(REPLY)["input_ids"] * 10, delay=0.05)
+    server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(8))
+    try:
+        app = make_router([slow])
+        app.add_to_server(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = router_pb2_grpc.RouterStub(ch)
+            call = stub.Generate(router_pb2.RouterGenerateRequest(
+                token_ids=router_pb2.TokenIds(ids=[1, 2, 3]), sampling=common_pb2.SamplingParams(max_tokens=200)))
+            next(call)
+            call.cancel()
+            wait_for(lambda: slow.servicer.cancelled, what="cancel reaches the worker")
+            # deadline: propagates too
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Generate(router_pb2.RouterGenerateRequest(
+                    token_ids=router_pb2.TokenIds(ids=[1, 2]), sampling=common_pb2.SamplingParams(max_tokens=200)),
+                    timeout=0.5))
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            wait_for(lambda: len(slow.servicer.cancelled) == 2, what="deadline reaches the worker")
+    finally:
+        server.stop(0)
+        slow.stop()
+
+
+def test_kv_aware_routes_shared_prefix_to_same_worker(make_router, workers):
+    app = make_router(workers, routing_policy="kv_aware")
+    prefix = list(range(10, 42))  # 8 blocks of 4
+    chosen = []
+    for i in range(6):
+        r = httpx.post(url(app, "/v1/completions"),
+                       json={"model": app.model_name, "prompt": prefix + [50 + i], "max_tokens": 1})
+        assert r.status_code == 200
+        chosen.append(0 if workers[0].servicer.requests and
+                      list(workers[0].servicer.requests[-1].input_ids)[-1] == 50 + i else 1)
+        # let the KV event reach the index before the next request
+        wait_for(lambda: app.core.index.num_blocks() >= 8, what="blocks indexed")
+    assert len(set(chosen)) == 1, chosen
+    metrics = httpx.get(url(app, "/metrics")).text
+    assert "tandem_router_decisions_total" in metrics and "dynamo_frontend_requests_total" in metrics
+    assert "dynamo_frontend_kv_hit_rate_bucket" in metrics
