@@ -31,17 +31,29 @@ from .base import (
     XferState,
     XferStatus,
 )
-from .layout import AuxRow, KvBuffers, pack_aux_row, torch_dtype
+from .layout import AuxRow, KvBuffers, merge_page_runs, pack_aux_row, torch_dtype
 
 DEFAULT_MAX_MESSAGE_BYTES = 3 << 20
 
 
-def _page_bytes(t: torch.Tensor, idx: torch.Tensor) -> bytes:
-    """Bytes of pages ``idx`` of one layer tensor, packed in page order."""
-    sel = t.index_select(0, idx.to(t.device))
-    if sel.device.type != "cpu":
-        sel = sel.cpu()
-    return sel.view(torch.uint8).numpy().tobytes()
+def _page_rows(t: torch.Tensor) -> np.ndarray | None:
+    """Layer tensor as a uint8 numpy array [num_pages, bytes_per_page] (host memory only)."""
+    if t.device.type != "cpu":
+        return None
+    return t.view(torch.uint8).numpy().reshape(t.shape[0], -1)
+
+
+def _page_bytes(t: torch.Tensor, pages: np.ndarray) -> bytes:
+    """Bytes of ``pages`` of one layer tensor, packed in the given order (one copy)."""
+    rows = _page_rows(t)
+    if rows is None:
+        idx = torch.from_numpy(pages).to(t.device)
+        return t.index_select(0, idx).cpu().view(torch.uint8).numpy().tobytes()
+    runs = merge_page_runs(pages, pages)
+    if len(runs) == 1:
+        s, _, n = runs[0]
+        return rows[s : s + n].tobytes()
+    return b"".join([memoryview(rows[s : s + n]) for s, _, n in runs.tolist()])
 
 
 def _from_bytes(data: bytes) -> torch.Tensor:
@@ -49,6 +61,16 @@ def _from_bytes(data: bytes) -> torch.Tensor:
         # The tensor is only read; protobuf's bytes are immutable.
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(data, dtype=torch.uint8)
+
+
+def _write_pages(t: torch.Tensor, pages: np.ndarray, data: bytes, dtype, page_shape) -> None:
+    """Write packed page bytes into pages ``pages`` of one layer tensor (one copy)."""
+    rows = _page_rows(t)
+    if rows is not None:
+        rows[pages] = np.frombuffer(data, dtype=np.uint8).reshape(len(pages), -1)
+        return
+    src = _from_bytes(data).view(dtype).view(len(pages), *page_shape)
+    t.index_copy_(0, torch.from_numpy(pages).to(t.device), src.to(t.device))
 
 
 class GrpcKvSender(KvSender):
@@ -75,10 +97,9 @@ class GrpcKvSender(KvSender):
         per_msg = max(1, self.max_message_bytes // (2 * self.buffers.bytes_per_page))
         msgs = []
         nbytes = 0
-        src_t = torch.from_numpy(src)
         for layer in range(self.buffers.num_layers):
             for s in range(0, max(len(src), 1), per_msg):
-                idx = src_t[s : s + per_msg]
+                idx = src[s : s + per_msg]
                 k = _page_bytes(self.buffers.k[layer], idx) if len(idx) else b""
                 v = _page_bytes(self.buffers.v[layer], idx) if len(idx) else b""
                 nbytes += len(k) + len(v)
@@ -167,11 +188,8 @@ class GrpcKvReceiver(KvReceiver):
                     bad = int(dst[np.nonzero(~ok)[0][0]])
                     self._fail(r, f"room {r.room}: decode page {bad} is not allocated to this "
                                   f"room (pool has {b.num_pages} pages)")
-                idx = torch.from_numpy(dst).to(b.k[0].device)
-                shape = (len(dst), *self._page_shape)
                 for src, pool in ((chunk.k, b.k), (chunk.v, b.v)):
-                    t = _from_bytes(src).view(self._dtype).view(shape)
-                    pool[chunk.layer].index_copy_(0, idx, t.to(pool[chunk.layer].device))
+                    _write_pages(pool[chunk.layer], dst, src, self._dtype, self._page_shape)
                 cov[chunk.layer, order[at]] = True
             self._chunk_arrived(r, chunk.chunk_index, chunk.is_last, 2 * want)
             return r.state
