@@ -1,0 +1,122 @@
+"""Results directories and their provenance: git commit, machine description, JSON/CSV."""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+RUNS_DIR = REPO / "benchmarks" / "runs"
+
+
+def timestamp() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def make_results_dir(out: str | os.PathLike | None, prefix: str = "") -> Path:
+    """`out` as given, or benchmarks/runs/<prefix><timestamp>; created, must be empty or new."""
+    path = Path(out) if out else RUNS_DIR / f"{prefix}{timestamp()}"
+    if path.exists() and any(path.iterdir()):
+        raise ValueError(f"--out {path}: directory exists and is not empty; pick a new one")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def git_info(repo: Path = REPO) -> dict:
+    """Commit, branch and whether the work tree had local changes (None where git is unavailable)."""
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+            "dirty": None if status is None else bool(status)}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mem_total_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _gpus() -> list[dict]:
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1)})
+    return out
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    return {
+        "hostname": platform.node(),
+        "os": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": affinity,
+        "memory_gib": _mem_total_gib(),
+        "gpus": _gpus(),
+        "python": sys.version.split()[0],
+        "packages": {d: _version(d) for d in ("torch", "transformers", "aiperf", "httpx", "nixl", "numpy")},
+    }
+
+
+def write_json(path: Path, data) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str]) -> Path:
+    path = Path(path)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: _fmt(row.get(k)) for k in fields})
+    return path
+
+
+def _fmt(v):
+    return f"{v:.6g}" if isinstance(v, float) else v

@@ -1,0 +1,261 @@
+#!/usr/bin/env python3
+"""Agg vs disagg performance sweep with AIPerf, as Dynamo's benchmarks/llm/perf.sh does.
+
+For each mode (agg: aggregated decode workers; disagg: prefill + decode workers), deploy
+the local stack (deploy/local/stack.py, its own ports and run dir), run `aiperf profile`
+against the router's OpenAI endpoint at each concurrency level (chat, streaming,
+synthetic ISL tokens with stddev 0, OSL forced with max_tokens/min_tokens/ignore_eos,
+10*C requests after 2*C warmup, seed 100), stop the stack, then write:
+
+    <out>/run_info.json            command, args, git commit, machine, timings
+    <out>/config_<mode>/           every service's config YAML + effective stack config
+    <out>/artifacts_<mode>/-concurrency<C>/   AIPerf's raw outputs (Dynamo's layout)
+    <out>/summary.csv, summary.json           TTFT/ITL p50/p99, throughputs per mode x concurrency
+    <out>/*.png                    TTFT and ITL vs concurrency, throughput, Pareto view
+
+Examples:
+    .venv/bin/python benchmarks/perf.py                       # full default sweep, both modes
+    .venv/bin/python benchmarks/perf.py --mode agg --concurrency 1 2 --isl 64 --osl 8
+    .venv/bin/python benchmarks/perf.py --compare benchmarks/runs/A benchmarks/runs/B
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from benchmarks.common import aiperf, deploy, loadgen, metrics, plots, results
+
+DEFAULT_CONCURRENCY = [1, 2, 4, 8, 16, 32]
+
+
+def parse_count(text: str) -> tuple[int, bool]:
+    """'10x' -> (10, per-concurrency multiplier); '20' -> (20, absolute)."""
+    t = text.strip().lower()
+    per_c = t.endswith("x")
+    try:
+        n = int(t[:-1] if per_c else t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer (e.g. 20) or a multiple of C (e.g. 10x)") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 0")
+    return n, per_c
+
+
+def level_count(spec: tuple[int, bool], concurrency: int) -> int:
+    n, per_c = spec
+    return n * concurrency if per_c else n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="benchmarks/perf.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["agg", "disagg", "both"], default="both")
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers (disagg)")
+    p.add_argument("--decode", type=int, default=1, help="decode workers (disagg) / aggregated workers (agg)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=DEFAULT_CONCURRENCY)
+    p.add_argument("--isl", type=int, default=512, help="input tokens per request (Dynamo uses 3000 on GPUs)")
+    p.add_argument("--osl", type=int, default=64, help="output tokens per request (Dynamo uses 150)")
+    p.add_argument("--requests-per-level", type=parse_count, default=(10, True),
+                   help="requests per level: N, or Nx for N*concurrency (default 10x)")
+    p.add_argument("--warmup-per-level", type=parse_count, default=(2, True),
+                   help="warmup requests per level: N or Nx (default 2x)")
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the stack YAML's model_path)")
+    p.add_argument("--stack", default=str(deploy.DEFAULT_STACK), help="stack YAML (deploy/local/stack.yaml)")
+    p.add_argument("--out", default=None, help="results directory (default benchmarks/runs/<timestamp>)")
+    p.add_argument("--port-base", type=int, default=21000, help="first port; disagg uses port-base+100")
+    p.add_argument("--client", choices=["aiperf", "builtin"], default="aiperf",
+                   help="load generator (builtin: benchmarks/common/loadgen.py)")
+    p.add_argument("--no-fallback", action="store_true",
+                   help="fail a level when aiperf fails instead of re-running it with the builtin client")
+    p.add_argument("--url", default=None,
+                   help="benchmark a running OpenAI endpoint (…/v1) instead of deploying; needs one --mode "
+                        "(the label) and --num-workers")
+    p.add_argument("--num-workers", type=int, default=None, help="workers behind --url (for tokens/s/worker)")
+    p.add_argument("--seed", type=int, default=100)
+    p.add_argument("--with-prometheus", action="store_true", help="also start Prometheus with each stack")
+    p.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a stack to become healthy")
+    p.add_argument("--level-timeout", type=float, default=3600.0, help="seconds for one aiperf run")
+    p.add_argument("--compare", nargs=2, metavar=("DIR1", "DIR2"), help="plot two results dirs side by side")
+    return p
+
+
+def validate(args) -> None:
+    if not args.compare:
+        if any(c < 1 for c in args.concurrency):
+            raise ValueError(f"--concurrency {args.concurrency}: every level must be >= 1")
+        if args.isl < 1 or args.osl < 1:
+            raise ValueError(f"--isl {args.isl} --osl {args.osl}: both must be >= 1")
+        if args.osl < 2:
+            raise ValueError("--osl must be >= 2 (ITL needs two output tokens)")
+        if args.requests_per_level[0] < 1:
+            raise ValueError("--requests-per-level must be >= 1")
+        if args.url and args.mode == "both":
+            raise ValueError("--url benchmarks one running stack: give --mode agg or --mode disagg as its label")
+        if args.url and not args.num_workers:
+            raise ValueError("--url needs --num-workers (prefill+decode workers behind it)")
+
+
+def modes_of(args) -> list[str]:
+    return ["agg", "disagg"] if args.mode == "both" else [args.mode]
+
+
+def run_level(args, *, url: str, model_name: str, tokenizer: str, concurrency: int, artifact_dir: Path,
+              log) -> dict:
+    """One concurrency level with aiperf (or the builtin client); returns normalized metrics."""
+    n_req = level_count(args.requests_per_level, concurrency)
+    n_warm = level_count(args.warmup_per_level, concurrency)
+    kw = dict(isl=args.isl, osl=args.osl, concurrency=concurrency, request_count=n_req, warmup_count=n_warm)
+    if args.client == "aiperf":
+        cmd = aiperf.build_command(url=url, model=model_name, tokenizer=tokenizer, artifact_dir=artifact_dir,
+                                   seed=args.seed, **kw)
+        (artifact_dir.parent).mkdir(parents=True, exist_ok=True)
+        try:
+            aiperf.run(cmd, artifact_dir, timeout=args.level_timeout)
+            return metrics.read_level(artifact_dir)
+        except aiperf.AiperfError as e:
+            log(f"aiperf failed at concurrency {concurrency}: {e}")
+            if args.no_fallback:
+                raise
+            log("re-running this level with the builtin load generator (--no-fallback to fail instead)")
+    loadgen.profile(url, model_name, tokenizer, artifact_dir=artifact_dir, seed=args.seed, **kw)
+    return metrics.read_level(artifact_dir)
+
+
+def sweep_mode(args, mode: str, index: int, out: Path, bar: tqdm, info: dict) -> list[dict]:
+    log = tqdm.write
+    rows = []
+    if args.url:
+        url, n_workers = args.url, args.num_workers
+        tokenizer = args.model or deploy.load_stack_config(Path(args.stack))["model_path"]
+        stack_cm = None
+    else:
+        cfg = deploy.stack_config(mode, args.model, args.prefill, args.decode, args.port_base + 100 * index,
+                                  Path(args.stack))
+        n_workers, tokenizer = deploy.num_workers(cfg), cfg["model_path"]
+        bar.set_postfix_str(f"deploying {mode}")
+        t0 = time.monotonic()
+        stack_cm = deploy.deployed(cfg, out / f"stack_{mode}", progress=lambda n, s: log(f"  [{mode}] {n}: {s}"),
+                                   with_prometheus=args.with_prometheus, timeout=args.start_timeout)
+        stack = stack_cm.__enter__()
+        info["stack_start_s"][mode] = round(time.monotonic() - t0, 2)
+        log(f"[{mode}] stack healthy in {info['stack_start_s'][mode]} s: {stack.openai_url}")
+        deploy.snapshot_config(stack, out / f"config_{mode}")
+        url = stack.openai_url
+    try:
+        model_name = deploy.served_model_name(url, Path(tokenizer).name)
+        for c in args.concurrency:
+            bar.set_postfix_str(f"{mode} c={c}")
+            level = run_level(args, url=url, model_name=model_name, tokenizer=tokenizer, concurrency=c,
+                              artifact_dir=out / f"artifacts_{mode}" / f"-concurrency{c}", log=log)
+            row = metrics.summary_row(level, mode=mode, concurrency=c, num_workers=n_workers, isl=args.isl,
+                                      osl=args.osl)
+            rows.append(row)
+            log(f"[{mode}] c={c}: TTFT p50 {row['ttft_p50_ms']} ms, ITL p50 {row['itl_p50_ms']} ms, "
+                f"{row['output_token_throughput_tps']} tok/s, ok {row['requests_ok']} failed {row['requests_failed']}")
+            bar.update(1)
+    finally:
+        if stack_cm is not None:
+            bar.set_postfix_str(f"stopping {mode}")
+            stack_cm.__exit__(None, None, None)
+    return rows
+
+
+def write_summary(out: Path, rows: list[dict], run: dict) -> None:
+    results.write_csv(out / "summary.csv", rows, metrics.SUMMARY_FIELDS)
+    results.write_json(out / "summary.json", {"run": run, "fields": metrics.SUMMARY_FIELDS, "rows": rows})
+
+
+def subtitle_of(run: dict) -> str:
+    m = run.get("machine", {})
+    return (f"{Path(run.get('model', '?')).name}, ISL {run.get('isl')} / OSL {run.get('osl')}, "
+            f"{m.get('cpu_count')} CPU{'s' if m.get('cpu_count', 0) != 1 else ''}"
+            f"{', GPU ' + m['gpus'][0]['name'] if m.get('gpus') else ''}, commit {str(run.get('git_commit'))[:8]}")
+
+
+def groups_of(rows: list[dict], prefix: str = "") -> list[plots.Group]:
+    modes = [m for m in ("agg", "disagg") if any(r["mode"] == m for r in rows)]
+    return [(f"{prefix}{m}", [r for r in rows if r["mode"] == m]) for m in modes]
+
+
+def sweep(args) -> int:
+    out = results.make_results_dir(args.out)
+    git = results.git_info()
+    info = {"command": " ".join(shlex.quote(a) for a in sys.argv), "args": vars(args), "git": git,
+            "machine": results.machine_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "stack_start_s": {}, "failed_modes": {}}
+    results.write_json(out / "run_info.json", info)
+    modes = modes_of(args)
+    print(f"results -> {out}", flush=True)
+    rows: list[dict] = []
+    with tqdm(total=len(modes) * len(args.concurrency), desc="perf sweep", unit="level", file=sys.stderr) as bar:
+        for i, mode in enumerate(modes):
+            try:
+                rows += sweep_mode(args, mode, i, out, bar, info)
+            except (RuntimeError, TimeoutError, ValueError, aiperf.AiperfError) as e:
+                tqdm.write(f"[{mode}] FAILED: {e}")
+                info["failed_modes"][mode] = str(e)[-3000:]
+    info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    results.write_json(out / "run_info.json", info)
+    model = args.model or deploy.load_stack_config(Path(args.stack))["model_path"]
+    run = {"git_commit": git["commit"], "git_dirty": git["dirty"], "machine": info["machine"], "model": model,
+           "isl": args.isl, "osl": args.osl, "concurrency": args.concurrency, "modes": modes,
+           "prefill": args.prefill, "decode": args.decode, "client": args.client,
+           "stack_start_s": info["stack_start_s"], "failed_modes": info["failed_modes"]}
+    write_summary(out, rows, run)
+    if rows:
+        plots.perf_plots(groups_of(rows), out, subtitle_of(run))
+    print_table(rows)
+    print(f"results in {out}")
+    return 1 if info["failed_modes"] or not rows else 0
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = [("mode", "mode", "{}"), ("C", "concurrency", "{}"), ("TTFT p50", "ttft_p50_ms", "{:.1f}"),
+            ("TTFT p99", "ttft_p99_ms", "{:.1f}"), ("ITL p50", "itl_p50_ms", "{:.2f}"),
+            ("ITL p99", "itl_p99_ms", "{:.2f}"), ("req/s", "request_throughput_rps", "{:.2f}"),
+            ("tok/s", "output_token_throughput_tps", "{:.1f}"), ("tok/s/user", "tokens_per_s_per_user", "{:.1f}"),
+            ("tok/s/worker", "tokens_per_s_per_worker", "{:.1f}"), ("fail", "requests_failed", "{}")]
+    print(" | ".join(h for h, _, _ in cols))
+    for r in rows:
+        print(" | ".join("-" if r.get(k) is None else f.format(r[k]) for _, k, f in cols))
+
+
+def compare(args) -> int:
+    runs = []
+    for d in args.compare:
+        path = Path(d) / "summary.json"
+        if not path.is_file():
+            raise ValueError(f"--compare {d}: no summary.json there")
+        runs.append((Path(d).name, json.loads(path.read_text())))
+    out = results.make_results_dir(args.out, prefix="compare-")
+    groups, rows = [], []
+    for name, data in runs:
+        groups += groups_of(data["rows"], prefix=f"{name} ")
+        rows += [dict(r, run=name) for r in data["rows"]]
+    subtitle = " vs ".join(f"{n} ({subtitle_of(d['run'])})" for n, d in runs)
+    plots.perf_plots(groups, out, subtitle)
+    results.write_csv(out / "compare.csv", rows, ["run"] + metrics.SUMMARY_FIELDS)
+    results.write_json(out / "compare.json", {"runs": [{"name": n, "run": d["run"]} for n, d in runs],
+                                              "rows": rows})
+    print(f"comparison in {out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        validate(args)
+        return compare(args) if args.compare else sweep(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
