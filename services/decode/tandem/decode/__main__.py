@@ -1,31 +1,46 @@
-"""`python -m tandem.decode`: a decode (or aggregated) worker."""
+"""`python -m tandem.decode`: a decode worker (PD disaggregation) or an aggregated worker."""
 from __future__ import annotations
 
 from tandem.config import DecodeConfig, load_or_exit
-from tandem.server import ServiceRuntime, service_name, setup_logging
-from tandem.server.unimplemented import unimplemented_servicer
-from tandem.v1 import engine_control_pb2, engine_control_pb2_grpc, decode_pb2, decode_pb2_grpc
+from tandem.decode.servicer import DecodeServicer
+from tandem.server import service_name, setup_logging
+from tandem.transfer import make_receiver
+from tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from tandem.worker.decode import DecodeWorker
+from tandem.worker.prefill_client import PrefillSelector
+from tandem.worker.process import build_worker
 
 
 def main(argv=None) -> None:
     config = load_or_exit(DecodeConfig, argv, prog="python -m tandem.decode")
     setup_logging("decode", config.log_level, config.log_format)
-    runtime = ServiceRuntime("decode", config)
+    disagg = config.disaggregation_mode == "decode"
+    wp = build_worker("decode", config, engine_type="decode" if disagg else "unified", endpoint_name="generate")
+    receiver = selector = None
+    if disagg:
+        receiver = make_receiver(config.disaggregation_transfer_backend, wp.kv_buffers(), name=wp.runtime.worker_id,
+                                 model_fingerprint=wp.fingerprint,
+                                 bootstrap_timeout_s=config.disaggregation_bootstrap_timeout,
+                                 transfer_timeout_s=config.disaggregation_transfer_timeout)
+        selector = PrefillSelector(config.prefill_addresses, config.prefill_selection, wp.engine.page_size)
+        selector.start()
+        wp.runtime.on_shutdown(selector.stop)
+    worker = DecodeWorker(config, wp.loop, wp.runtime.worker_id, receiver, selector)
+    if disagg:
+        wp.reporter.extra = worker.disagg_stats
     name = service_name(decode_pb2, "Decode")
-    runtime.add_service(
-        decode_pb2_grpc.add_DecodeServicer_to_server,
-        unimplemented_servicer(decode_pb2_grpc.DecodeServicer, name, "decode lands with the engine and disaggregation issues"),
-        name,
-    )
-    ctl = service_name(engine_control_pb2, "EngineControl")
-    runtime.add_service(
-        engine_control_pb2_grpc.add_EngineControlServicer_to_server,
-        unimplemented_servicer(engine_control_pb2_grpc.EngineControlServicer, ctl, "lands with the engine"),
-        ctl,
-    )
-    runtime.start()
-    runtime.set_ready()
-    runtime.wait()
+    wp.runtime.add_service(decode_pb2_grpc.add_DecodeServicer_to_server,
+                           DecodeServicer(worker, wp.component_metrics, wp.reporter), name)
+
+    def warmup():
+        # One real step through the engine so the first user request does not pay for it.
+        req = decode_pb2.GenerateRequest(request_id="warmup", input_ids=[0, 1, 2, 3],
+                                         sampling=common_pb2.SamplingParams(max_tokens=1, ignore_eos=True),
+                                         prefill_override="local")
+        for _ in worker.generate(req, lambda: True, lambda cb: None):
+            pass
+
+    wp.serve(warmup)
 
 
 if __name__ == "__main__":

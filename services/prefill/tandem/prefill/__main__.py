@@ -1,31 +1,36 @@
 """`python -m tandem.prefill`: a prefill worker of PD disaggregation."""
 from __future__ import annotations
 
+
 from tandem.config import PrefillConfig, load_or_exit
-from tandem.server import ServiceRuntime, service_name, setup_logging
-from tandem.server.unimplemented import unimplemented_servicer
-from tandem.v1 import engine_control_pb2, engine_control_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from tandem.prefill.servicer import PrefillServicer
+from tandem.server import service_name, setup_logging
+from tandem.transfer import make_sender
+from tandem.v1 import prefill_pb2, prefill_pb2_grpc
+from tandem.worker.prefill import PrefillWorker
+from tandem.worker.process import build_worker
+from tandem.worker.warmup import warmup_prefill
 
 
 def main(argv=None) -> None:
     config = load_or_exit(PrefillConfig, argv, prog="python -m tandem.prefill")
     setup_logging("prefill", config.log_level, config.log_format)
-    runtime = ServiceRuntime("prefill", config)
+    wp = build_worker("prefill", config, engine_type="prefill", endpoint_name="prefill")
+    sender = make_sender(config.disaggregation_transfer_backend, wp.kv_buffers(), name=wp.runtime.worker_id,
+                         model_fingerprint=wp.fingerprint)
+    wp.runtime.on_shutdown(sender.close)
+    worker = PrefillWorker(config, wp.loop, sender, wp.runtime.worker_id)
+    wp.reporter.extra = worker.prefill_stats
     name = service_name(prefill_pb2, "Prefill")
-    runtime.add_service(
-        prefill_pb2_grpc.add_PrefillServicer_to_server,
-        unimplemented_servicer(prefill_pb2_grpc.PrefillServicer, name, "prefill lands with the disaggregation issue"),
-        name,
-    )
-    ctl = service_name(engine_control_pb2, "EngineControl")
-    runtime.add_service(
-        engine_control_pb2_grpc.add_EngineControlServicer_to_server,
-        unimplemented_servicer(engine_control_pb2_grpc.EngineControlServicer, ctl, "lands with the engine"),
-        ctl,
-    )
-    runtime.start()
-    runtime.set_ready()
-    runtime.wait()
+    wp.runtime.add_service(prefill_pb2_grpc.add_PrefillServicer_to_server,
+                           PrefillServicer(worker, wp.component_metrics), name)
+
+    def warmup():
+        # Only the leader warms up (Dynamo's rule); through the real gRPC server, before SERVING.
+        if config.node_rank == 0:
+            warmup_prefill(wp.runtime.address, config.warmup_timeout)
+
+    wp.serve(warmup)
 
 
 if __name__ == "__main__":

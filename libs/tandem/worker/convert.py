@@ -1,0 +1,58 @@
+"""Mapping between tandem.v1 messages and engine types."""
+from __future__ import annotations
+
+from tandem.engine.engine import StepOutput
+from tandem.engine.sampling_params import SamplingParams
+from tandem.v1 import common_pb2
+
+FINISH_REASONS = {
+    None: common_pb2.FINISH_REASON_UNSPECIFIED,
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_ABORT,
+    "error": common_pb2.FINISH_REASON_ERROR,
+}
+
+
+def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
+    """Proto zero values mean defaults (see common.proto); validation is the engine's."""
+    if p.max_tokens <= 0:
+        raise ValueError(f"max_tokens={p.max_tokens}: must be > 0")
+    return SamplingParams(
+        max_tokens=p.max_tokens,
+        temperature=p.temperature,
+        top_p=p.top_p if p.top_p else 1.0,
+        top_k=p.top_k if p.top_k > 0 else -1,
+        min_p=p.min_p,
+        seed=p.seed if p.HasField("seed") else None,
+        stop=list(p.stop),
+        stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+        min_tokens=p.min_tokens,
+        logprobs=p.logprobs or p.top_logprobs > 0,
+        top_logprobs=p.top_logprobs,
+    )
+
+
+def position_logprobs(logprob: float | None, top: list | None) -> common_pb2.PositionLogprobs:
+    return common_pb2.PositionLogprobs(
+        logprob=logprob if logprob is not None else 0.0,
+        top=[common_pb2.TokenLogprob(token_id=int(t), logprob=float(lp)) for t, lp in (top or [])],
+    )
+
+
+def chunk_from_output(out: StepOutput, request_id: str, want_logprobs: bool) -> common_pb2.TokenChunk:
+    chunk = common_pb2.TokenChunk(request_id=request_id, token_ids=out.new_token_ids)
+    if want_logprobs and out.new_token_ids:
+        tops = out.new_top_logprobs or [None] * len(out.new_token_ids)
+        lps = out.new_logprobs or [None] * len(out.new_token_ids)
+        chunk.logprobs.extend(position_logprobs(lp, top) for lp, top in zip(lps, tops))
+    if out.finished:
+        reason = "error" if out.error else out.finish_reason
+        chunk.finish_reason = FINISH_REASONS.get(reason, common_pb2.FINISH_REASON_ABORT)
+        chunk.usage.CopyFrom(common_pb2.Usage(prompt_tokens=out.num_prompt_tokens,
+                                              completion_tokens=out.num_output_tokens,
+                                              cached_tokens=out.cached_tokens))
+        if out.error:
+            chunk.error.CopyFrom(common_pb2.ErrorDetail(code="engine_error", message=out.error))
+    return chunk

@@ -1,0 +1,109 @@
+"""Assembly of a worker process: engine + loop + metrics + profiler on a ServiceRuntime.
+
+Shared by `python -m tandem.prefill` and `python -m tandem.decode`, which then add
+their own servicer on top.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from tandem.config import EngineConfig
+from tandem.engine.engine import EngineCore
+from tandem.metrics import ComponentMetrics, EngineMetrics, MetricsPublisher, default_stats_endpoint
+from tandem.server import ServiceRuntime, service_name
+from tandem.transfer import KvBuffers
+from tandem.v1 import engine_control_pb2, engine_control_pb2_grpc
+from tandem.worker.control import EngineControlServicer, add_profile_routes
+from tandem.worker.engine_loop import EngineLoop, wait_until
+from tandem.worker.profiler import EngineProfiler
+from tandem.worker.stats_reporter import StatsReporter
+
+log = logging.getLogger(__name__)
+
+
+def engine_config_of(config) -> EngineConfig:
+    return EngineConfig(**{k: getattr(config, k) for k in EngineConfig.model_fields})
+
+
+def model_fingerprint(model_path: str, dtype) -> str:
+    """Identity of the weights' shape and dtype: workers of different models never exchange KV."""
+    with open(os.path.join(model_path, "config.json"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    return f"{os.path.basename(os.path.normpath(model_path))}:{digest}:{str(dtype).replace('torch.', '')}"
+
+
+@dataclass
+class WorkerProcess:
+    kind: str
+    runtime: ServiceRuntime
+    engine: EngineCore
+    loop: EngineLoop
+    profiler: EngineProfiler
+    reporter: StatsReporter
+    publisher: MetricsPublisher
+    component_metrics: ComponentMetrics
+    model_name: str
+    fingerprint: str
+    extra_stats: dict = field(default_factory=dict)
+
+    def kv_buffers(self) -> KvBuffers:
+        pool = self.engine.pool
+        return KvBuffers(pool.k_buffers, pool.v_buffers, pool.aux)
+
+    def serve(self, warmup) -> None:
+        """Start serving, run `warmup()` before health turns SERVING, then block until SIGTERM."""
+        self.runtime.install_signal_handlers()
+        self.runtime.start()
+        self.loop.start()
+        if warmup is not None and not getattr(self.runtime.config, "skip_warmup", False):
+            t0 = time.monotonic()
+            warmup()
+            log.info("%s warmup done in %.2fs", self.kind, time.monotonic() - t0)
+        self.runtime.set_ready()
+        self.runtime.wait()
+
+
+def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> WorkerProcess:
+    runtime = ServiceRuntime(kind, config)
+    t0 = time.time()
+    engine = EngineCore(config=engine_config_of(config))
+    load_s = time.time() - t0
+    model_name = config.served_model_name or os.path.basename(os.path.normpath(config.model_path))
+    log.info("%s loaded %s in %.2fs: %d KV pages x %d tokens on %s/%s", kind, model_name, load_s,
+             engine.pool.num_pages, engine.page_size, engine.device, engine.dtype)
+    loop = EngineLoop(engine, kind)
+    worker_id = runtime.worker_id
+    engine_metrics = EngineMetrics(runtime.registry, model_name=model_name, engine_type=engine_type,
+                                   worker_id=worker_id)
+    component = ComponentMetrics(runtime.registry, component=kind, endpoint=endpoint_name, model=model_name,
+                                 worker_id=worker_id)
+    component.set_model_load_time(load_s)
+    endpoint = default_stats_endpoint(f"{kind}-{os.getpid()}-{runtime.port}")
+    publisher = MetricsPublisher(endpoint, engine_metrics, component_metrics=component).start()
+    wp_extra: dict = {}
+    reporter = StatsReporter(endpoint, engine.page_size, extra=lambda: wp_extra)
+    reporter.startup = {"engine_startup_time": time.time() - runtime.started_at, "engine_load_weights_time": load_s}
+    engine.add_step_hook(reporter.on_step)
+    loop.add_poll_hook(lambda: reporter.maybe_idle_report(engine.stats))
+    profiler = EngineProfiler(config.profile_dir, f"{kind}-{runtime.port}")
+    loop.add_poll_hook(profiler.poll)
+    loop.add_after_step_hook(profiler.step)
+    add_profile_routes(runtime.system, profiler)
+    ctl = service_name(engine_control_pb2, "EngineControl")
+    runtime.add_service(engine_control_pb2_grpc.add_EngineControlServicer_to_server,
+                        EngineControlServicer(profiler), ctl)
+
+    def shutdown():
+        # Drain: in-flight requests get the grace period to finish before the loop stops.
+        wait_until(lambda: loop.num_streams == 0, max(0.0, config.shutdown_grace_period - 1.5))
+        loop.stop()
+        reporter.close()
+        publisher.stop()
+
+    runtime.on_shutdown(shutdown)
+    return WorkerProcess(kind, runtime, engine, loop, profiler, reporter, publisher, component, model_name,
+                         model_fingerprint(config.model_path, engine.dtype), wp_extra)

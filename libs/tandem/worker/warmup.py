@@ -1,0 +1,35 @@
+"""Prefill warmup (as Dynamo's SGLang prefill leader does): one dummy request with a fake
+bootstrap room that transfers nothing, its stream consumed to the end, before the worker
+reports SERVING, so the first real request's TTFT is not a cold-start spike."""
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from tandem.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+WARMUP_INPUT_IDS = [0, 1, 2, 3]
+
+
+def warmup_prefill(address: str, timeout: float) -> prefill_pb2.TransferDone:
+    start = prefill_pb2.PrefillStart(
+        request_id="warmup", input_ids=WARMUP_INPUT_IDS, warmup=True,
+        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    with grpc.insecure_channel(address) as channel:
+        stub = prefill_pb2_grpc.PrefillStub(channel)
+        done = None
+        try:
+            for msg in stub.Prefill(iter([prefill_pb2.PrefillClientMessage(start=start)]), timeout=timeout):
+                if msg.WhichOneof("msg") == "done":
+                    done = msg.done
+                elif msg.WhichOneof("msg") == "failed":
+                    raise RuntimeError(f"prefill warmup failed: {msg.failed.error.message}")
+        except grpc.RpcError as exc:
+            raise RuntimeError(f"prefill warmup failed: {exc.code().name}: {exc.details()}") from None
+    if done is None:
+        raise RuntimeError("prefill warmup ended without a result")
+    log.info("prefill warmup: first token %d in %.1f ms", done.first_token_id, done.prefill_ms)
+    return done

@@ -1,0 +1,51 @@
+"""gRPC transport of tandem.v1.Decode over tandem.worker.decode.DecodeWorker."""
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from tandem.metrics import ComponentMetrics
+from tandem.v1 import common_pb2, decode_pb2_grpc
+from tandem.worker.decode import DecodeWorker
+from tandem.worker.errors import ClientGone, RequestFailed
+from tandem.worker.stats_reporter import StatsReporter
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, worker: DecodeWorker, metrics: ComponentMetrics, reporter: StatsReporter) -> None:
+        self.worker = worker
+        self.metrics = metrics
+        self.reporter = reporter
+
+    def Generate(self, request, context):
+        t0 = time.monotonic()
+        times: list[float] = []
+        aborted = True
+        with self.metrics.track_request("generate", request_bytes=request.ByteSize()) as track:
+            try:
+                for chunk in self.worker.generate(request, context.is_active, context.add_callback):
+                    if chunk.token_ids:
+                        times.append(time.monotonic())
+                    track.first_response()
+                    track.add_response_bytes(chunk.ByteSize())
+                    if chunk.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
+                        aborted = chunk.finish_reason == common_pb2.FINISH_REASON_ABORT
+                    yield chunk
+            except ClientGone:
+                track.set_error("CANCELLED")
+                return
+            except RequestFailed as exc:
+                track.set_error(exc.status.name)
+                context.abort(exc.status, exc.message)
+            finally:
+                if times:
+                    self.reporter.record_request(
+                        ttft=times[0] - t0, itl=[b - a for a, b in zip(times, times[1:])],
+                        e2e=time.monotonic() - t0, aborted=aborted)
+
+    def GetLoad(self, request, context):
+        return self.worker.get_load()
+
+    def KvEvents(self, request, context):
+        yield from self.worker.events.stream(request.since_sequence, request.snapshot, context.is_active)

@@ -1,0 +1,38 @@
+"""gRPC transport of tandem.v1.Prefill over tandem.worker.prefill.PrefillWorker."""
+from __future__ import annotations
+
+from tandem.metrics import ComponentMetrics
+from tandem.v1 import prefill_pb2_grpc
+from tandem.worker.errors import RequestFailed
+from tandem.worker.prefill import PrefillWorker
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, worker: PrefillWorker, metrics: ComponentMetrics) -> None:
+        self.worker = worker
+        self.metrics = metrics
+
+    def RegisterDecode(self, request, context):
+        try:
+            return self.worker.register_decode(request)
+        except RequestFailed as exc:
+            context.abort(exc.status, exc.message)
+
+    def Prefill(self, request_iterator, context):
+        with self.metrics.track_request("prefill") as track:
+            try:
+                for msg in self.worker.prefill(request_iterator, context.is_active):
+                    track.first_response()
+                    track.add_response_bytes(msg.ByteSize())
+                    if msg.WhichOneof("msg") == "failed":
+                        track.set_error(msg.failed.error.code or "transfer_failed")
+                    yield msg
+            except RequestFailed as exc:
+                track.set_error(exc.status.name)
+                context.abort(exc.status, exc.message)
+
+    def GetLoad(self, request, context):
+        return self.worker.get_load()
+
+    def KvEvents(self, request, context):
+        yield from self.worker.events.stream(request.since_sequence, request.snapshot, context.is_active)
