@@ -14,7 +14,7 @@ after it are dropped) or cannot anymore.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -58,7 +58,7 @@ class StopMatcher:
             raise ValueError("stop strings must be non-empty")
         self.stop = list(stop)
         self._buf = ""
-        self.matched: Optional[str] = None
+        self.matched: str | None = None
 
     def _held_suffix(self, text: str) -> int:
         """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
@@ -77,11 +77,13 @@ class StopMatcher:
         if not self.stop:
             return delta
         buf = self._buf + delta
-        hit_at, hit = -1, None
+        # The stop that completes first wins (as when text arrives one character at a time);
+        # among those ending at the same place, the one starting earliest.
+        hit_at, hit, hit_end = -1, None, -1
         for s in self.stop:
             i = buf.find(s)
-            if i >= 0 and (hit_at < 0 or i < hit_at):
-                hit_at, hit = i, s
+            if i >= 0 and (hit is None or (i + len(s), i) < (hit_end, hit_at)):
+                hit_at, hit, hit_end = i, s, i + len(s)
         if hit is not None:
             self.matched = hit
             self._buf = ""
@@ -108,7 +110,7 @@ class TextStream:
         return self.stops.matched is not None
 
     @property
-    def matched_stop(self) -> Optional[str]:
+    def matched_stop(self) -> str | None:
         return self.stops.matched
 
     def push(self, token_ids: Sequence[int]) -> str:

@@ -18,17 +18,16 @@ import base64
 import json
 import logging
 import threading
-from typing import Awaitable, Callable, Optional, Union
+from collections.abc import Awaitable, Callable
 
 import httpx
 from google.protobuf import json_format
-
 from tandem.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
 
-def _b64(data: Union[str, bytes]) -> str:
+def _b64(data: str | bytes) -> str:
     if isinstance(data, str):
         data = data.encode()
     return base64.b64encode(data).decode()
@@ -72,7 +71,7 @@ class Registration:
         self.key = key
         self.value = value
         self.ttl = int(round(ttl))
-        self.lease_id: Optional[str] = None
+        self.lease_id: str | None = None
         self._http = httpx.Client(base_url=self.endpoint, timeout=max(1.0, self.ttl / 3))
         self._stop = threading.Event()
         try:
@@ -116,7 +115,7 @@ class Registration:
             log.warning("etcd revoke of %s failed (the key expires with its lease): %s", self.key, e)
         self._http.close()
 
-    def __enter__(self) -> "Registration":
+    def __enter__(self) -> Registration:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -131,7 +130,7 @@ def register_worker(etcd_endpoint: str, prefix: str, info: common_pb2.WorkerInfo
     return Registration(etcd_endpoint, prefix + info.worker_id, encode_worker(info), ttl)
 
 
-OnChange = Callable[[dict[str, common_pb2.WorkerInfo]], Union[None, Awaitable[None]]]
+OnChange = Callable[[dict[str, common_pb2.WorkerInfo]], None | Awaitable[None]]
 
 
 class EtcdWatcher:

@@ -14,7 +14,7 @@ KV router.
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 from tandem.routing.block_hash import block_hashes, hash_block
 
@@ -34,7 +34,7 @@ class _WorkerBlocks:
 
 
 class KvIndex:
-    def __init__(self, block_size: Optional[int] = None) -> None:
+    def __init__(self, block_size: int | None = None) -> None:
         # Block size of the indexed workers; learnt from the first event when not given.
         self.block_size = block_size
         self._holders: dict[int, set[str]] = {}
@@ -69,7 +69,7 @@ class KvIndex:
         return in_order
 
     def store(self, worker_id: str, hashes: Sequence[int], token_ids: Sequence[int], block_size: int,
-              parent: Optional[int] = None) -> None:
+              parent: int | None = None) -> None:
         """Blocks `hashes` (worker's hashes, prefix order) were cached; `token_ids` are their tokens."""
         if block_size <= 0:
             raise KvIndexError(f"block_size={block_size}: must be > 0")
@@ -153,7 +153,7 @@ class KvIndex:
     def match(self, keys: Sequence[int]) -> dict[str, int]:
         """Per worker, the number of leading blocks of `keys` it holds (workers with 0 omitted)."""
         scores: dict[str, int] = {}
-        active: Optional[set[str]] = None
+        active: set[str] | None = None
         depth = 0
         for key in keys:
             holders = self._holders.get(key)
@@ -174,7 +174,7 @@ class KvIndex:
             scores[wid] = depth
         return scores
 
-    def num_blocks(self, worker_id: Optional[str] = None) -> int:
+    def num_blocks(self, worker_id: str | None = None) -> int:
         """Blocks indexed for one worker, or distinct blocks over all workers."""
         if worker_id is None:
             return len(self._holders)

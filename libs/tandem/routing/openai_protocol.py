@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from tandem.v1 import common_pb2
 
 MAX_TOP_LOGPROBS = 20
@@ -25,8 +25,8 @@ class OpenAIError(Exception):
     """An error answered in OpenAI's JSON shape with an HTTP status."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None,
-                 headers: Optional[dict[str, str]] = None) -> None:
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -39,7 +39,7 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> OpenAIError:
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, "invalid_request_error", param, code)
 
 
@@ -71,31 +71,31 @@ class StreamOptions(_Strict):
 
 class _SamplingFields(_Strict):
     model: str
-    max_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    seed: Optional[int] = None
-    stop: Optional[Union[str, list[str]]] = None
-    stop_token_ids: Optional[list[int]] = None
-    stream: Optional[bool] = False
-    stream_options: Optional[StreamOptions] = None
-    n: Optional[int] = 1
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    min_tokens: Optional[int] = None
-    ignore_eos: Optional[bool] = None
-    skip_special_tokens: Optional[bool] = None
-    user: Optional[str] = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = 1
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    user: str | None = None
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[int], list[str], list[list[int]]]
-    logprobs: Optional[int] = None
-    echo: Optional[bool] = False
-    best_of: Optional[int] = None
-    suffix: Optional[str] = None
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool | None = False
+    best_of: int | None = None
+    suffix: str | None = None
 
 
 class TextPart(_Strict):
@@ -105,8 +105,8 @@ class TextPart(_Strict):
 
 class ChatMessageIn(_Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: Optional[Union[str, list[TextPart]]] = None
-    name: Optional[str] = None
+    content: str | list[TextPart] | None = None
+    name: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -118,9 +118,9 @@ class ChatMessageIn(_Strict):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = None
-    logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
 
 
 def _format_validation_error(e: ValidationError) -> OpenAIError:
@@ -151,7 +151,7 @@ def parse_request(kind: Literal["completion", "chat"], body: bytes):
         raise _format_validation_error(e) from None
 
 
-def single_prompt(req: CompletionRequest) -> Union[str, list[int]]:
+def single_prompt(req: CompletionRequest) -> str | list[int]:
     """The one prompt of a completion request (a list of one prompt is accepted)."""
     p = req.prompt
     if isinstance(p, list) and p and isinstance(p[0], (str, list)):
@@ -166,7 +166,7 @@ def single_prompt(req: CompletionRequest) -> Union[str, list[int]]:
 
 
 def build_sampling(req: _SamplingFields, prompt_tokens: int, context_length: int,
-                   default_max_tokens: Optional[int]) -> common_pb2.SamplingParams:
+                   default_max_tokens: int | None) -> common_pb2.SamplingParams:
     """Validate sampling fields against the prompt and model; return the proto SamplingParams."""
     if req.n not in (None, 1):
         raise bad_request(f"n={req.n}: only n=1 is supported.", param="n")
@@ -259,7 +259,7 @@ _FINISH = {
 }
 
 
-def finish_reason_name(reason: int) -> Optional[str]:
+def finish_reason_name(reason: int) -> str | None:
     return _FINISH.get(reason)
 
 
@@ -289,7 +289,7 @@ class LogprobFormatter:
 
     def completion(self, token_ids: Sequence[int], logprobs: Sequence, top_n: int) -> dict:
         tokens, lps, tops, offsets = [], [], [], []
-        for tid, lp in zip(token_ids, logprobs):
+        for tid, lp in zip(token_ids, logprobs, strict=False):
             s = self.token_text(tid)
             tokens.append(s)
             lps.append(lp.logprob)
@@ -302,7 +302,7 @@ class LogprobFormatter:
 
     def chat(self, token_ids: Sequence[int], logprobs: Sequence) -> list[dict]:
         out = []
-        for tid, lp in zip(token_ids, logprobs):
+        for tid, lp in zip(token_ids, logprobs, strict=False):
             s = self.token_text(tid)
             out.append({
                 "token": s, "logprob": lp.logprob, "bytes": list(s.encode()),
@@ -314,7 +314,7 @@ class LogprobFormatter:
         return out
 
 
-def merge_completion_logprobs(parts: list[dict]) -> Optional[dict]:
+def merge_completion_logprobs(parts: list[dict]) -> dict | None:
     if not parts:
         return None
     out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -330,8 +330,8 @@ def merge_completion_logprobs(parts: list[dict]) -> Optional[dict]:
     return out
 
 
-def completion_body(rid: str, model: str, created: int, text: str, finish: Optional[str],
-                    usage: dict, logprobs: Optional[dict]) -> dict:
+def completion_body(rid: str, model: str, created: int, text: str, finish: str | None,
+                    usage: dict, logprobs: dict | None) -> dict:
     return {
         "id": rid, "object": "text_completion", "created": created, "model": model,
         "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
@@ -339,16 +339,16 @@ def completion_body(rid: str, model: str, created: int, text: str, finish: Optio
     }
 
 
-def completion_chunk(rid: str, model: str, created: int, text: str, finish: Optional[str],
-                     logprobs: Optional[dict] = None) -> dict:
+def completion_chunk(rid: str, model: str, created: int, text: str, finish: str | None,
+                     logprobs: dict | None = None) -> dict:
     return {
         "id": rid, "object": "text_completion", "created": created, "model": model,
         "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
     }
 
 
-def chat_body(rid: str, model: str, created: int, text: str, finish: Optional[str], usage: dict,
-              logprobs: Optional[list[dict]]) -> dict:
+def chat_body(rid: str, model: str, created: int, text: str, finish: str | None, usage: dict,
+              logprobs: list[dict] | None) -> dict:
     return {
         "id": rid, "object": "chat.completion", "created": created, "model": model,
         "choices": [{
@@ -360,8 +360,8 @@ def chat_body(rid: str, model: str, created: int, text: str, finish: Optional[st
     }
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: Optional[str],
-               logprobs: Optional[list[dict]] = None) -> dict:
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None,
+               logprobs: list[dict] | None = None) -> dict:
     return {
         "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
         "choices": [{

@@ -18,8 +18,8 @@ import math
 import random as _random
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 from tandem.routing.kv_index import KvIndex
 
@@ -45,7 +45,7 @@ class Decision:
     # kv_aware only: request blocks, and how many leading ones the chosen worker holds.
     request_blocks: int = 0
     overlap_blocks: int = 0
-    cost: Optional[float] = None
+    cost: float | None = None
     # kv_aware only: time spent hashing the prompt's blocks and looking them up, in ms.
     hash_ms: float = 0.0
     match_ms: float = 0.0
@@ -74,7 +74,7 @@ class RoundRobinPolicy(Policy):
 class RandomPolicy(Policy):
     name = "random"
 
-    def __init__(self, seed: Optional[int] = None) -> None:
+    def __init__(self, seed: int | None = None) -> None:
         self._rng = _random.Random(seed)
 
     def choose(self, workers, token_ids):
@@ -137,8 +137,8 @@ class KvAwarePolicy(Policy):
         return best
 
 
-def make_policy(name: str, index: Optional[KvIndex] = None, overlap_weight: float = 1.0,
-                seed: Optional[int] = None) -> Policy:
+def make_policy(name: str, index: KvIndex | None = None, overlap_weight: float = 1.0,
+                seed: int | None = None) -> Policy:
     """Build a policy by its config name (RouterConfig.routing_policy)."""
     if name == "round_robin":
         return RoundRobinPolicy()

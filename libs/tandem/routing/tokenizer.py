@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Optional, Sequence
 
 from tandem.routing.openai_protocol import bad_request
 
@@ -12,7 +12,7 @@ DEFAULT_CONTEXT_LENGTH = 2048
 
 
 class RouterTokenizer:
-    def __init__(self, model_path: str, context_length: Optional[int] = None) -> None:
+    def __init__(self, model_path: str, context_length: int | None = None) -> None:
         from transformers import AutoTokenizer  # heavy import, only where a tokenizer is needed
 
         if not os.path.isdir(model_path):

@@ -8,7 +8,6 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
 from tandem.routing.block_hash import block_hashes
 from tandem.v1 import common_pb2, decode_pb2_grpc
 
@@ -65,7 +64,7 @@ class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
         sent = 0
         while context.is_active():
             with self._cv:
-                self._cv.wait_for(lambda: len(self._events) > sent, timeout=0.2)
+                self._cv.wait_for(lambda n=sent: len(self._events) > n, timeout=0.2)
                 new = self._events[sent:]
             if new:
                 sent += len(new)

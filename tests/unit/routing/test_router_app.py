@@ -8,7 +8,6 @@ import time
 import grpc
 import httpx
 import pytest
-
 from fake_worker import FakeWorker
 from tandem.config import RouterConfig
 from tandem.router.app import build_router
@@ -270,4 +269,4 @@ def test_kv_aware_routes_shared_prefix_to_same_worker(make_router, workers):
     assert len(set(chosen)) == 1, chosen
     metrics = httpx.get(url(app, "/metrics")).text
     assert "tandem_router_decisions_total" in metrics and "dynamo_frontend_requests_total" in metrics
-    assert "dynamo_frontend_kv_hit_rate_bucket" in metrics
+    assert "dynamo_frontend_kv_hit_rate_bucket" in metrics and "tandem_router_kv_overlap_blocks_bucket" in metrics

@@ -16,23 +16,21 @@ import logging
 import os
 import socket
 import threading
-from typing import Optional
 
 import uvicorn
 from prometheus_client import CollectorRegistry
-
 from tandem.config import RouterConfig
-from tandem.routing.tokenizer import RouterTokenizer
 from tandem.router.core import RouterCore
 from tandem.router.grpc_api import RouterServicer
 from tandem.router.http_api import build_http_app
 from tandem.router.metrics import RouterMetrics
+from tandem.routing.tokenizer import RouterTokenizer
 
 log = logging.getLogger(__name__)
 
 
 class RouterApp:
-    def __init__(self, config: RouterConfig, registry: Optional[CollectorRegistry] = None) -> None:
+    def __init__(self, config: RouterConfig, registry: CollectorRegistry | None = None) -> None:
         if not config.model_path:
             raise ValueError("model_path is required: the router tokenizes prompts with the model's tokenizer")
         if config.discovery == "static" and not config.workers:
@@ -44,11 +42,11 @@ class RouterApp:
         self.metrics = RouterMetrics(self.registry, self.model_name)
         self.core = RouterCore(config, self.tokenizer, self.metrics, self.model_name)
         self.servicer = RouterServicer(self)
-        self.loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
-        self._server: Optional[uvicorn.Server] = None
-        self._sock: Optional[socket.socket] = None
-        self.http_port: Optional[int] = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: uvicorn.Server | None = None
+        self._sock: socket.socket | None = None
+        self.http_port: int | None = None
 
     @property
     def http_address(self) -> str:
@@ -120,7 +118,7 @@ class RouterApp:
         self._thread = None
 
 
-def build_router(config: RouterConfig, registry: Optional[CollectorRegistry] = None) -> RouterApp:
+def build_router(config: RouterConfig, registry: CollectorRegistry | None = None) -> RouterApp:
     """Construct the router (tokenizer, policy, worker pool, HTTP app, gRPC servicer); nothing runs
     until `start()`."""
     return RouterApp(config, registry)

@@ -13,20 +13,19 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
 
 import grpc
-
 from tandem.config import RouterConfig
+from tandem.router.metrics import RouterMetrics
+from tandem.router.workers import Worker, WorkerPool
 from tandem.routing.detokenizer import TextStream
 from tandem.routing.discovery import EtcdWatcher
 from tandem.routing.kv_index import KvIndex
 from tandem.routing.policies import Decision, KvAwarePolicy, make_policy
 from tandem.routing.tokenizer import RouterTokenizer
 from tandem.v1 import common_pb2, decode_pb2
-from tandem.router.metrics import RouterMetrics
-from tandem.router.workers import Worker, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +56,7 @@ class Prepared:
     endpoint: str = "grpc"
     skip_special_tokens: bool = True
     started: float = field(default_factory=time.perf_counter)
+    decision: Decision | None = None  # set when a worker is chosen
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Delta:
     logprobs: list
     finish_reason: int = 0
     matched_stop: str = ""
-    usage: Optional[common_pb2.Usage] = None
+    usage: common_pb2.Usage | None = None
 
 
 def static_worker_infos(addresses: list[str]) -> dict[str, common_pb2.WorkerInfo]:
@@ -83,14 +83,14 @@ class RouterCore:
         self.model_name = model_name
         self.index = KvIndex() if config.routing_policy == "kv_aware" else None
         self.policy = make_policy(config.routing_policy, self.index, config.kv_overlap_weight)
-        self.pool: Optional[WorkerPool] = None
-        self._watch_task: Optional[asyncio.Task] = None
-        self.watcher: Optional[EtcdWatcher] = None
-        metrics.context_length.labels(model_name).set(tokenizer.context_length)
+        self.pool: WorkerPool | None = None
+        self._watch_task: asyncio.Task | None = None
+        self.watcher: EtcdWatcher | None = None
+        metrics.frontend.set_model_info(context_length=tokenizer.context_length)
 
     async def start(self) -> None:
         def on_health(w: Worker, ok: bool) -> None:
-            self.metrics.worker_healthy.labels(w.worker_id).set(1 if ok else 0)
+            self.metrics.worker_healthy.labels(self.model_name, w.worker_id).set(1 if ok else 0)
 
         self.pool = WorkerPool(self.config.health_check_interval, self.index, on_health)
         if self.config.discovery == "static":
@@ -124,30 +124,29 @@ class RouterCore:
                 f"{len(self.pool.healthy())} healthy)")
         t0 = time.perf_counter()
         decision = self.policy.choose([w.view() for w in candidates], input_ids)
-        m = self.metrics
-        m.overhead_scheduling.observe((time.perf_counter() - t0) * 1e3)
-        m.decisions.labels(self.policy.name, decision.worker_id).inc()
-        if isinstance(self.policy, KvAwarePolicy):
-            m.overhead_hashing.observe(decision.hash_ms)
-            m.overhead_match.observe(decision.match_ms)
-            m.overlap_blocks.labels(self.policy.name).observe(decision.overlap_blocks)
-            if decision.request_blocks:
-                m.kv_hit_rate.labels(self.model_name).observe(decision.overlap_blocks / decision.request_blocks)
-            m.indexed_blocks.set(self.index.num_blocks())
+        r = self.metrics.routing
+        kv = isinstance(self.policy, KvAwarePolicy)
+        r.observe_overhead_ms(scheduling=(time.perf_counter() - t0) * 1e3,
+                              block_hashing=decision.hash_ms if kv else None,
+                              indexer_find_matches=decision.match_ms if kv else None)
+        r.record_decision(worker_id=decision.worker_id, policy=self.policy.name,
+                          overlap_blocks=decision.overlap_blocks if kv else None)
+        if kv:
+            self.metrics.indexed_blocks.labels(self.model_name).set(self.index.num_blocks())
             if self.index.block_size:
-                m.block_size.labels(self.model_name).set(self.index.block_size)
+                self.metrics.frontend.set_model_info(kv_cache_block_size=self.index.block_size)
         return self.pool.workers[decision.worker_id], decision
 
     def _blocks(self, n_tokens: int) -> int:
         bs = (self.index.block_size if self.index else None) or 16
         return math.ceil(n_tokens / bs)
 
-    async def worker_stream(self, prep: Prepared, deadline: Optional[float] = None) -> AsyncIterator[common_pb2.TokenChunk]:
+    async def worker_stream(self, prep: Prepared, deadline: float | None = None) -> AsyncIterator[common_pb2.TokenChunk]:
         """Raw worker chunks for a request, with at most `request_retries` retries on other
         workers while nothing has been streamed yet."""
         excluded: set[str] = set()
         attempt = 0
-        last_error: Optional[RouterError] = None
+        last_error: RouterError | None = None
         while True:
             try:
                 worker, decision = self.route(prep.input_ids, excluded)
@@ -155,7 +154,8 @@ class RouterCore:
                 if last_error is not None:
                     raise last_error from None
                 raise
-            self.metrics.overhead_total.observe((time.perf_counter() - prep.started) * 1e3)
+            prep.decision = decision
+            self.metrics.routing.observe_overhead_ms(total=(time.perf_counter() - prep.started) * 1e3)
             blocks = self._blocks(len(prep.input_ids) + prep.sampling.max_tokens)
             worker.active_requests += 1
             worker.active_blocks += blocks
@@ -164,7 +164,7 @@ class RouterCore:
                 decode_pb2.GenerateRequest(request_id=prep.request_id, input_ids=prep.input_ids,
                                            sampling=prep.sampling), timeout=timeout)
             streamed = False
-            error: Optional[RouterError] = None
+            error: RouterError | None = None
             retryable = False
             try:
                 async for chunk in call:
@@ -184,7 +184,7 @@ class RouterCore:
                     retryable = True
             except grpc.aio.AioRpcError as e:
                 code = e.code()
-                self.metrics.worker_errors.labels(worker.worker_id, code.name).inc()
+                self.metrics.worker_errors.labels(self.model_name, worker.worker_id, code.name).inc()
                 if code == grpc.StatusCode.UNAVAILABLE:
                     self.pool.mark_unhealthy(worker, f"Generate failed: {e.details()}")
                 error = RouterError(code, f"worker {worker.worker_id}: {e.details() or code.name}")
@@ -198,65 +198,43 @@ class RouterCore:
             attempt += 1
             excluded.add(worker.worker_id)
             last_error = error
-            self.metrics.retries.inc()
+            self.metrics.routing.record_retry(error.code.name.lower())
             log.warning("request %s: %s; retrying on another worker", prep.request_id, error.message)
 
-    async def run(self, prep: Prepared, timeout: Optional[float] = None) -> AsyncIterator[Delta]:
+    async def run(self, prep: Prepared, timeout: float | None = None) -> AsyncIterator[Delta]:
         """Text deltas of a request (detokenized, stop strings applied), with frontend metrics."""
-        m, model = self.metrics, self.model_name
         deadline = None if timeout is None else time.monotonic() + timeout
         ts = TextStream(self.tokenizer.hf, list(prep.sampling.stop), prep.skip_special_tokens)
         n_out = 0
-        first_at = last_at = None
-        status = "error"
-        m.inflight.labels(model).inc()
-        m.queued.labels(model).inc()
-        m.isl.labels(model).observe(len(prep.input_ids))
+        endpoint, _, stream = prep.endpoint.partition(":")
         agen = self.worker_stream(prep, deadline)
-        try:
-            async for chunk in agen:
-                ids = list(chunk.token_ids)
-                now = time.perf_counter()
-                if ids:
-                    if first_at is None:
-                        first_at = now
-                        m.queued.labels(model).dec()
-                        m.ttft.labels(model).observe(now - prep.started)
-                    elif last_at is not None:
-                        m.itl.labels(model).observe((now - last_at) / len(ids))
-                    last_at = now
-                n_out += len(ids)
-                text = ts.push(ids)
-                logprobs = list(chunk.logprobs)
-                if ts.stopped:
-                    status = "success"
-                    cached = chunk.usage.cached_tokens if chunk.HasField("usage") else 0
-                    yield Delta(text, ids, logprobs, common_pb2.FINISH_REASON_STOP, ts.matched_stop,
-                                common_pb2.Usage(prompt_tokens=len(prep.input_ids), completion_tokens=n_out,
-                                                 cached_tokens=cached))
-                    return
-                if chunk.finish_reason:
-                    text += ts.finish()
-                    usage = common_pb2.Usage(prompt_tokens=len(prep.input_ids), completion_tokens=n_out)
-                    if chunk.HasField("usage"):
-                        usage.cached_tokens = chunk.usage.cached_tokens
-                    m.cached_tokens.labels(model).observe(usage.cached_tokens)
-                    status = "success"
-                    yield Delta(text, ids, logprobs, chunk.finish_reason, chunk.matched_stop, usage)
-                    return
-                if text or ids:
-                    yield Delta(text, ids, logprobs)
-        except (asyncio.CancelledError, GeneratorExit):
-            status = "cancelled"
-            m.disconnected.labels(model).inc()
-            raise
-        finally:
-            await agen.aclose()
-            if first_at is None:
-                m.queued.labels(model).dec()
-            m.inflight.labels(model).dec()
-            m.osl.labels(model).observe(n_out)
-            m.output_tokens.labels(model).inc(n_out)
-            m.duration.labels(model).observe(time.perf_counter() - prep.started)
-            stream = "stream" if prep.endpoint.endswith(":stream") else "unary"
-            m.requests.labels(model, prep.endpoint.split(":")[0], stream, status).inc()
+        with self.metrics.frontend.track_request(endpoint, "stream" if stream else "unary") as fr:
+            fr.set_input_tokens(len(prep.input_ids))
+            try:
+                async for chunk in agen:
+                    ids = list(chunk.token_ids)
+                    fr.on_tokens(len(ids))
+                    n_out += len(ids)
+                    text = ts.push(ids)
+                    logprobs = list(chunk.logprobs)
+                    stopped = ts.stopped
+                    if stopped or chunk.finish_reason:
+                        if not stopped:
+                            text += ts.finish()
+                        usage = common_pb2.Usage(prompt_tokens=len(prep.input_ids), completion_tokens=n_out)
+                        if chunk.HasField("usage"):
+                            usage.cached_tokens = chunk.usage.cached_tokens
+                        elif prep.decision is not None and self.index is not None and self.index.block_size:
+                            usage.cached_tokens = prep.decision.overlap_blocks * self.index.block_size
+                        fr.set_cached_tokens(usage.cached_tokens, len(prep.input_ids))
+                        yield Delta(text, ids, logprobs,
+                                    common_pb2.FINISH_REASON_STOP if stopped else chunk.finish_reason,
+                                    ts.matched_stop if stopped else chunk.matched_stop, usage)
+                        return
+                    if text or ids:
+                        yield Delta(text, ids, logprobs)
+            except (asyncio.CancelledError, GeneratorExit):
+                fr.client_disconnected()
+                raise
+            finally:
+                await agen.aclose()

@@ -13,10 +13,9 @@ import uuid
 from typing import TYPE_CHECKING
 
 import grpc
-
+from tandem.router.core import Prepared, RouterError
 from tandem.routing.openai_protocol import OpenAIError
 from tandem.routing.sampling import check_sampling
-from tandem.router.core import Prepared, RouterError
 from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 if TYPE_CHECKING:
@@ -26,7 +25,7 @@ _END = object()
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, app: "RouterApp") -> None:
+    def __init__(self, app: RouterApp) -> None:
         self.app = app
 
     def _prepare(self, request: router_pb2.RouterGenerateRequest, context) -> Prepared:

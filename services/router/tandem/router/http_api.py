@@ -11,16 +11,16 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, AsyncIterator, Optional
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from tandem.routing import openai_protocol as oa
 from tandem.router.core import Delta, NoHealthyWorker, Prepared, RouterError
+from tandem.routing import openai_protocol as oa
 
 if TYPE_CHECKING:
     from tandem.router.app import RouterApp
@@ -71,7 +71,7 @@ async def _until_disconnect(request: Request, coro):
             task.cancel()
 
 
-def build_http_app(router: "RouterApp") -> FastAPI:
+def build_http_app(router: RouterApp) -> FastAPI:
     app = FastAPI(title="tandem router", docs_url=None, redoc_url=None, openapi_url=None)
     core = router.core
     tok = router.tokenizer
@@ -133,6 +133,7 @@ def build_http_app(router: "RouterApp") -> FastAPI:
     def prepare(kind: str, req, request: Request) -> Prepared:
         check_model(req.model)
         t0 = time.perf_counter()
+        op = "tokenize"
         if kind == "completion":
             prompt = oa.single_prompt(req)
             if isinstance(prompt, str):
@@ -145,7 +146,8 @@ def build_http_app(router: "RouterApp") -> FastAPI:
         else:
             ids = tok.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
             default_max = None  # the rest of the context
-        core.metrics.tokenizer_latency.labels(model_name).observe((time.perf_counter() - t0) * 1e3)
+            op = "chat_template"
+        core.metrics.frontend.observe_tokenizer_ms(op, (time.perf_counter() - t0) * 1e3)
         sampling = oa.build_sampling(req, len(ids), tok.context_length, default_max)
         rid = request.headers.get("x-request-id") or oa.new_request_id(kind)
         stream = bool(req.stream)
@@ -193,7 +195,7 @@ def build_http_app(router: "RouterApp") -> FastAPI:
         fmt = formatter()
         want_lp = prep.sampling.logprobs
         last = first
-        d: Optional[Delta] = first
+        d: Delta | None = first
         while d is not None:
             texts.append(d.text)
             if want_lp and d.logprobs:
@@ -223,7 +225,7 @@ def build_http_app(router: "RouterApp") -> FastAPI:
         try:
             if kind == "chat":
                 yield _sse(oa.chat_chunk(rid, model_name, created_at, {"role": "assistant", "content": ""}, None))
-            d: Optional[Delta] = first
+            d: Delta | None = first
             last = first
             while d is not None:
                 last = d

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from tandem.routing.kv_index import KvIndex
 from tandem.routing.policies import WorkerView
 from tandem.v1 import common_pb2, decode_pb2_grpc
@@ -42,7 +41,7 @@ class Worker:
         self.decode = decode_pb2_grpc.DecodeStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.healthy = False
-        self.load: Optional[common_pb2.WorkerLoad] = None
+        self.load: common_pb2.WorkerLoad | None = None
         self.active_requests = 0
         self.active_blocks = 0
         self.tasks: list[asyncio.Task] = []
@@ -76,8 +75,8 @@ class Worker:
 
 
 class WorkerPool:
-    def __init__(self, health_interval: float, index: Optional[KvIndex] = None,
-                 on_health: Optional[Callable[[Worker, bool], None]] = None) -> None:
+    def __init__(self, health_interval: float, index: KvIndex | None = None,
+                 on_health: Callable[[Worker, bool], None] | None = None) -> None:
         self.health_interval = health_interval
         self.check_timeout = min(1.0, max(0.2, health_interval))
         self.index = index

@@ -1,0 +1,77 @@
+"""Start a real etcd (Debian's etcd-server) on loopback in a temp dir, for discovery tests."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_etcd() -> str:
+    """Path of the etcd binary, installing it with build-support/install-etcd.sh if missing.
+    Raises RuntimeError with the installer's output when that fails."""
+    path = shutil.which("etcd")
+    if path:
+        return path
+    res = subprocess.run(["bash", str(REPO / "build-support" / "install-etcd.sh")], capture_output=True, text=True,
+                         timeout=600)
+    path = shutil.which("etcd")
+    if res.returncode != 0 or not path:
+        raise RuntimeError(f"etcd cannot be installed (install-etcd.sh exit {res.returncode}): "
+                           f"{(res.stderr or res.stdout).strip()[-500:]}")
+    return path
+
+
+class EtcdServer:
+    def __init__(self, data_dir: str) -> None:
+        binary = ensure_etcd()
+        self.client_port, peer = _free_port(), _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.client_port}"
+        self.log_path = os.path.join(data_dir, "etcd.log")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([
+            binary, "--name", "test", "--data-dir", os.path.join(data_dir, "data"),
+            "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+            "--initial-cluster", f"test=http://127.0.0.1:{peer}",
+        ], stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(self.endpoint + "/health", timeout=1).json().get("health") == "true":
+                    break
+            except (httpx.HTTPError, ValueError):
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"etcd did not start: {Path(self.log_path).read_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def keys(self, prefix: str) -> list[str]:
+        from tandem.routing.discovery import _b64, _unb64, prefix_range_end
+        r = httpx.post(self.endpoint + "/v3/kv/range",
+                       json={"key": _b64(prefix), "range_end": _b64(prefix_range_end(prefix))}, timeout=5)
+        return sorted(_unb64(kv["key"]).decode() for kv in r.json().get("kvs", []))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()

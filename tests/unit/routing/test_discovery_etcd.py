@@ -1,0 +1,143 @@
+"""etcd discovery against a real etcd on loopback: registration, lease expiry, watch, and the
+router picking up and dropping workers."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import httpx
+import pytest
+from etcd_server import EtcdServer
+from fake_worker import FakeWorker
+from tandem.config import RouterConfig
+from tandem.router.app import build_router
+from tandem.routing.discovery import EtcdWatcher, prefix_range_end, register_worker
+from tandem.v1 import common_pb2
+
+PREFIX = "/tandem-test/workers/"
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    try:
+        server = EtcdServer(str(tmp_path_factory.mktemp("etcd")))
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    yield server
+    server.stop()
+
+
+def wait_for(cond, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def info(wid, addr="127.0.0.1:1"):
+    return common_pb2.WorkerInfo(worker_id=wid, address=addr, role="agg", model="m")
+
+
+def test_prefix_range_end():
+    assert prefix_range_end("/a/") == b"/a0"
+    assert prefix_range_end("a\xff") != b""
+
+
+def test_register_and_close(etcd):
+    reg = register_worker(etcd.endpoint, PREFIX, info("w1"), ttl=2)
+    assert etcd.keys(PREFIX) == [PREFIX + "w1"]
+    time.sleep(3)  # longer than the TTL: the keepalive keeps it
+    assert etcd.keys(PREFIX) == [PREFIX + "w1"]
+    reg.close()
+    assert etcd.keys(PREFIX) == []
+
+
+def test_lease_expires_when_worker_dies(etcd):
+    script = textwrap.dedent(f"""
+        import time
+        from tandem.routing.discovery import register_worker
+        from tandem.v1 import common_pb2
+        register_worker({etcd.endpoint!r}, {PREFIX!r},
+                        common_pb2.WorkerInfo(worker_id="dying", address="127.0.0.1:2"), ttl=1)
+        print("registered", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "registered"
+        assert PREFIX + "dying" in etcd.keys(PREFIX)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(5)
+        wait_for(lambda: PREFIX + "dying" not in etcd.keys(PREFIX), timeout=10, what="lease expiry")
+    finally:
+        proc.kill()
+
+
+def test_bad_endpoint_errors():
+    with pytest.raises(ValueError, match="etcd_endpoint"):
+        register_worker("127.0.0.1:2379", PREFIX, info("x"))
+    with pytest.raises(ConnectionError, match="cannot register"):
+        register_worker("http://127.0.0.1:9", PREFIX, info("x"))
+    with pytest.raises(ValueError, match="worker_id and address"):
+        register_worker("http://127.0.0.1:9", PREFIX, common_pb2.WorkerInfo())
+
+
+def test_watcher_sees_puts_and_deletes(etcd):
+    seen: list[set] = []
+    prefix = PREFIX + "watch/"
+    pre = register_worker(etcd.endpoint, prefix, info("a"), ttl=5)
+
+    async def main():
+        watcher = EtcdWatcher(etcd.endpoint, prefix, lambda ws: seen.append(set(ws)))
+        task = asyncio.create_task(watcher.run())
+        await asyncio.wait_for(watcher.synced.wait(), 10)
+        reg = await asyncio.to_thread(register_worker, etcd.endpoint, prefix, info("b"), 5)
+        await asyncio.to_thread(wait_for, lambda: seen and seen[-1] == {"a", "b"}, 10, "b added")
+        await asyncio.to_thread(reg.close)
+        await asyncio.to_thread(wait_for, lambda: seen[-1] == {"a"}, 10, "b removed")
+        task.cancel()
+
+    try:
+        asyncio.run(main())
+    finally:
+        pre.close()
+    assert seen[0] == {"a"}
+
+
+def test_router_uses_worker_registered_later_and_drops_closed(etcd, tiny_model_dir):
+    prefix = PREFIX + "router/"
+    w1, w2 = FakeWorker([65, 66]), FakeWorker([67, 68])
+    app = build_router(RouterConfig(model_path=tiny_model_dir, discovery="etcd", etcd_endpoint=etcd.endpoint,
+                                    etcd_prefix=prefix, http_port=0, health_check_interval=0.1))
+    app.start()
+    regs = []
+    try:
+        base = f"http://{app.http_address}"
+        body = {"model": app.model_name, "prompt": "x", "max_tokens": 2}
+        assert httpx.post(base + "/v1/completions", json=body).status_code == 503
+        regs.append(register_worker(etcd.endpoint, prefix, info("w1", w1.address), ttl=2))
+        wait_for(lambda: len(app.core.pool.healthy()) == 1, what="w1 in rotation")
+        assert httpx.post(base + "/v1/completions", json=body).status_code == 200
+        regs.append(register_worker(etcd.endpoint, prefix, info("w2", w2.address), ttl=2))
+        wait_for(lambda: len(app.core.pool.healthy()) == 2, what="w2 in rotation")
+        for _ in range(4):
+            assert httpx.post(base + "/v1/completions", json=body).status_code == 200
+        assert w2.servicer.requests  # the late worker gets traffic
+        regs[0].close()
+        wait_for(lambda: set(app.core.pool.workers) == {"w2"}, what="w1 dropped")
+        n1 = len(w1.servicer.requests)
+        for _ in range(3):
+            assert httpx.post(base + "/v1/completions", json=body).status_code == 200
+        assert len(w1.servicer.requests) == n1
+    finally:
+        for r in regs:
+            r.close()
+        app.stop()
+        w1.stop()
+        w2.stop()

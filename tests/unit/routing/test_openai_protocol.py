@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import pytest
+from tandem.routing import openai_protocol as oa
+from tandem.routing.sampling import check_sampling
+from tandem.v1 import common_pb2
+
+
+def completion(**kw):
+    import json
+    return oa.parse_request("completion", json.dumps({"model": "m", "prompt": "x", **kw}).encode())
+
+
+def chat(**kw):
+    import json
+    return oa.parse_request("chat", json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                                **kw}).encode())
+
+
+def test_sampling_mapping():
+    sp = oa.build_sampling(completion(max_tokens=7, temperature=0, top_p=0.5, top_k=3, seed=11, stop="##",
+                                      min_tokens=2, ignore_eos=True, logprobs=2), 5, 100, 16)
+    assert (sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.seed, list(sp.stop)) == (7, 0, 0.5, 3, 11, ["##"])
+    assert sp.min_tokens == 2 and sp.ignore_eos and sp.logprobs and sp.top_logprobs == 2
+    assert not oa.build_sampling(completion(), 5, 100, 16).HasField("seed")
+    assert oa.build_sampling(completion(), 5, 100, 16).max_tokens == 16
+    assert oa.build_sampling(chat(), 30, 100, None).max_tokens == 70  # rest of the context
+    sp = oa.build_sampling(chat(logprobs=True, top_logprobs=3, max_completion_tokens=4), 5, 100, None)
+    assert sp.logprobs and sp.top_logprobs == 3 and sp.max_tokens == 4
+
+
+@pytest.mark.parametrize("req,param", [
+    (dict(max_tokens=96), "max_tokens"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-5), "top_k"),
+    (dict(n=3), "n"),
+    (dict(echo=True), "echo"),
+    (dict(presence_penalty=0.5), "presence_penalty"),
+    (dict(logprobs=50), "logprobs"),
+    (dict(stop=[""]), "stop"),
+    (dict(seed=-1), "seed"),
+    (dict(min_tokens=20, max_tokens=5), "min_tokens"),
+])
+def test_bad_sampling_names_the_field(req, param):
+    with pytest.raises(oa.OpenAIError) as e:
+        oa.build_sampling(completion(**req), 5, 100, 16)
+    assert e.value.status == 400 and e.value.param == param and param in e.value.message
+
+
+def test_prompt_too_long_and_empty():
+    with pytest.raises(oa.OpenAIError, match="maximum context length is 100"):
+        oa.build_sampling(completion(), 100, 100, 16)
+    with pytest.raises(oa.OpenAIError, match="empty"):
+        oa.single_prompt(completion(prompt=""))
+    with pytest.raises(oa.OpenAIError, match="one prompt"):
+        oa.single_prompt(completion(prompt=["a", "b"]))
+    assert oa.single_prompt(completion(prompt=[[1, 2]])) == [1, 2]
+    with pytest.raises(oa.OpenAIError, match="top_logprobs requires logprobs"):
+        oa.build_sampling(chat(top_logprobs=2), 5, 100, None)
+
+
+def test_parse_errors():
+    for body, code in [(b"", "invalid_json"), (b"{", "invalid_json"), (b'"str"', "invalid_type"),
+                       (b'{"model": "m"}', "missing_required_parameter"),
+                       (b'{"model": "m", "prompt": "x", "stream": "yes"}', "invalid_type")]:
+        with pytest.raises(oa.OpenAIError) as e:
+            oa.parse_request("completion", body)
+        assert e.value.status == 400 and e.value.code == code
+    with pytest.raises(oa.OpenAIError) as e:
+        oa.parse_request("chat", b'{"model": "m", "messages": []}')
+    assert e.value.param == "messages"
+    with pytest.raises(oa.OpenAIError) as e:
+        oa.parse_request("chat", b'{"model": "m", "messages": [{"role": "wizard", "content": "x"}]}')
+    assert e.value.param == "messages"
+
+
+def test_error_body_shape():
+    body = oa.unavailable("no workers").body()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert oa.unavailable("x").headers["Retry-After"]
+    assert oa.model_not_found("x").status == 404 and oa.unauthorized().status == 401
+
+
+def test_logprob_formatting():
+    fmt = oa.LogprobFormatter(lambda i: f"<{i}>")
+    lps = [common_pb2.PositionLogprobs(logprob=-1.0, top=[common_pb2.TokenLogprob(token_id=5, logprob=-1.0)]),
+           common_pb2.PositionLogprobs(logprob=-2.0, top=[common_pb2.TokenLogprob(token_id=6, logprob=-0.1)])]
+    c = fmt.completion([5, 7], lps, 1)
+    assert c == {"tokens": ["<5>", "<7>"], "token_logprobs": [-1.0, -2.0],
+                 "top_logprobs": [{"<5>": -1.0}, {"<6>": pytest.approx(-0.1)}], "text_offset": [0, 3]}
+    ch = fmt.chat([5], lps[:1])
+    assert ch[0]["token"] == "<5>" and ch[0]["top_logprobs"][0]["token"] == "<5>"
+    merged = oa.merge_completion_logprobs([c, fmt.completion([8], lps[:1], 1)])
+    assert merged["text_offset"] == [0, 3, 6] and len(merged["tokens"]) == 3
+
+
+def test_grpc_sampling_check():
+    sp = check_sampling(common_pb2.SamplingParams(), 10, 100)
+    assert sp.max_tokens == 90 and sp.top_p == 1.0
+    for bad, msg in [(dict(max_tokens=95), "exceeds"), (dict(top_p=2), "top_p"), (dict(temperature=-1), "temperature"),
+                     (dict(stop=[""]), "stop")]:
+        with pytest.raises(ValueError, match=msg):
+            check_sampling(common_pb2.SamplingParams(**bad), 10, 100)
+    with pytest.raises(ValueError, match="empty"):
+        check_sampling(common_pb2.SamplingParams(), 0, 100)
