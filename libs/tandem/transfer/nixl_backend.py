@@ -50,15 +50,53 @@ def _require_nixl() -> None:
         )
 
 
-def _make_agent(name: str, backends: list[str]):
+def _make_agent(name: str, backends: list[str], progress_thread: bool):
     _require_nixl()
-    agent = nixl_agent(name, nixl_agent_config(backends=backends))
+    # NIXL's progress thread polls UCX with no delay and burns most of a core even when idle;
+    # without it, UCX progresses inside check_xfer_state / get_new_notifs, which both sides
+    # call while a room is in flight anyway.
+    cfg = nixl_agent_config(backends=backends, enable_prog_thread=progress_thread)
+    agent = nixl_agent(name, cfg)
     if not agent.backends:
         raise RuntimeError(
             f"NIXL agent {name!r} has none of the backends {backends}; available plugins: "
             f"{agent.get_plugin_list()}"
         )
     return agent
+
+
+class _Progress:
+    """Drives UCX progress from a low-duty background thread.
+
+    Without NIXL's own progress thread (which busy-polls a whole core), UCX only moves data
+    while someone calls into the agent; this thread calls ``get_new_notifs`` every
+    ``interval_s`` (under the agent lock) and keeps what it drains for the owner.
+    """
+
+    def __init__(self, agent, lock: threading.RLock, interval_s: float):
+        self.agent, self.lock, self.interval_s = agent, lock, interval_s
+        self.drained: list[tuple[str, bytes]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nixl-progress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            with self.lock:
+                try:
+                    for agent, msgs in self.agent.get_new_notifs().items():
+                        self.drained.extend((agent, m) for m in msgs)
+                except Exception as e:  # keep progressing; the owner sees transfer errors
+                    log.debug("nixl progress: %s", e)
+
+    def take(self) -> list[tuple[str, bytes]]:
+        with self.lock:
+            out, self.drained = self.drained, []
+        return out
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(1.0)
 
 
 def _register(agent, buffers: KvBuffers):
@@ -105,10 +143,14 @@ class NixlKvSender(KvSender):
         model_fingerprint: str = "",
         nixl_backends: tuple[str, ...] = ("UCX",),
         aux_staging_slots: int = 1024,
+        progress_thread: bool = False,
+        progress_interval_s: float | None = 0.001,
     ):
         super().__init__(buffers, name, model_fingerprint)
         self._lock = threading.RLock()
-        self.agent = _make_agent(name, list(nixl_backends))
+        self.agent = _make_agent(name, list(nixl_backends), progress_thread)
+        self._progress = (_Progress(self.agent, self._lock, progress_interval_s)
+                          if progress_interval_s and not progress_thread else None)
         self._reg = _register(self.agent, buffers)
         # Aux rows are packed into this registered host buffer, then written to decode.
         self._staging = torch.zeros(aux_staging_slots, buffers.aux_slot_bytes, dtype=torch.uint8)
@@ -227,6 +269,9 @@ class NixlKvSender(KvSender):
                 log.warning("could not notify %s that room %s failed: %s", peer, room, e)
 
     def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
         super().close()
         with self._lock:
             for reg in (self._reg, self._staging_reg):
@@ -249,23 +294,31 @@ class NixlKvReceiver(KvReceiver):
         name: str,
         model_fingerprint: str = "",
         nixl_backends: tuple[str, ...] = ("UCX",),
+        progress_thread: bool = False,
+        progress_interval_s: float | None = 0.001,
         **timeouts,
     ):
         super().__init__(buffers, name, model_fingerprint, **timeouts)
         self._lock = threading.RLock()
-        self.agent = _make_agent(name, list(nixl_backends))
+        self.agent = _make_agent(name, list(nixl_backends), progress_thread)
+        self._bg = (_Progress(self.agent, self._lock, progress_interval_s)
+                    if progress_interval_s and not progress_thread else None)
         self._reg = _register(self.agent, buffers)
         # Notifications that arrived before expect() (or after forget()), oldest first.
         self._pending: OrderedDict[int, list[tuple[str, bytes]]] = OrderedDict()
         self._forgotten: OrderedDict[int, None] = OrderedDict()
 
     def registration(self) -> Registration:
-        return Registration(self.backend, self.name, self.agent.get_agent_metadata(), self.layout)
+        with self._lock:
+            md = self.agent.get_agent_metadata()
+        return Registration(self.backend, self.name, md, self.layout)
 
     def _progress(self) -> None:
         with self._lock:
-            notifs = self.agent.get_new_notifs()
-            for agent, msgs in notifs.items():
+            if self._bg is not None:
+                for agent, m in self._bg.take():
+                    self._apply(agent, m)
+            for agent, msgs in self.agent.get_new_notifs().items():
                 for m in msgs:
                     self._apply(agent, m)
 
@@ -309,6 +362,9 @@ class NixlKvReceiver(KvReceiver):
             return super().poll(room)
 
     def close(self) -> None:
+        if self._bg is not None:
+            self._bg.stop()
+            self._bg = None
         super().close()
         with self._lock:
             if self._reg is not None:
