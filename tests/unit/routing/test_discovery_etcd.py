@@ -11,8 +11,8 @@ import time
 
 import httpx
 import pytest
-from etcd_server import EtcdServer
-from fake_worker import FakeWorker
+from routing_etcd import EtcdServer
+from routing_fake_worker import FakeWorker
 from tandem.config import RouterConfig
 from tandem.router.app import build_router
 from tandem.routing.discovery import EtcdWatcher, prefix_range_end, register_worker

@@ -8,7 +8,7 @@ import time
 import grpc
 import httpx
 import pytest
-from fake_worker import FakeWorker
+from routing_fake_worker import FakeWorker
 from tandem.config import RouterConfig
 from tandem.router.app import build_router
 from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc

@@ -1,0 +1,49 @@
+"""Helpers for router integration tests: real worker processes, started in parallel."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from support.procs import REPO, ServiceProcess, start_service
+
+DENSE = REPO / "models" / "tandem-demo-dense"
+
+
+def need_demo_model() -> str:
+    if not (DENSE / "config.json").exists():
+        pytest.skip(f"demo model missing at {DENSE}: run `make demo-models`")
+    return str(DENSE)
+
+
+def start_many(specs: list[tuple[str, list[str]]], timeout: float = 180.0) -> list[ServiceProcess]:
+    """Start several services at once (module, args) and wait for all; stop all if one fails."""
+    out: list = [None] * len(specs)
+    errors: list[BaseException] = []
+
+    def one(i, module, args):
+        try:
+            out[i] = start_service(module, *args, timeout=timeout)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i, m, a)) for i, (m, a) in enumerate(specs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        for p in out:
+            if p is not None:
+                p.stop()
+        raise errors[0]
+    return out
+
+
+def agg_worker_args(model: str, *extra: str) -> list[str]:
+    return ["--disaggregation-mode", "null", "--model-path", model, "--log-level", "warning", *extra]
+
+
+def log_tail(p: ServiceProcess, n: int = 3000) -> str:
+    return Path(p.log_path).read_text(errors="replace")[-n:]

@@ -1,0 +1,249 @@
+"""The router (in-process RouterApp, the same object `python -m tandem.router` serves) in front
+of real worker processes on loopback: OpenAI client output equals the engine's offline API,
+kv_aware beats round_robin on prefix-cache hits, a killed worker is taken out, a client that
+disconnects stops the worker's generation, bad input gets OpenAI errors."""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+
+import httpx
+import pytest
+
+from tandem.config import RouterConfig
+from tandem.router.app import build_router
+from tests.integration.router_support import agg_worker_args, need_demo_model, start_many
+from tests.support.clients import load
+
+openai = pytest.importorskip("openai")
+
+# A small KV pool (32 pages of 16 tokens) so that a worker holds about two of the four
+# system prompts of the KV test: where requests land decides what stays cached.
+POOL = ["--max-total-tokens", "512", "--page-size", "16"]
+PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,",
+           "def fibonacci(n):", "Tandem bicycles are"]
+CHATS = [[{"role": "user", "content": "Say something about the sea."}],
+         [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Count to five."}]]
+MAX_TOKENS = 24
+
+
+def wait_for(cond, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def make_router(addresses, **kw):
+    cfg = RouterConfig(model_path=need_demo_model(), workers=list(addresses), http_port=0,
+                       health_check_interval=0.2, **kw)
+    app = build_router(cfg)
+    app.start()
+    wait_for(lambda: len(app.core.pool.healthy()) == len(addresses), timeout=30, what="workers healthy")
+    return app
+
+
+def stack_specs(mode: str, model: str):
+    if mode == "agg":
+        return [("tandem.decode", agg_worker_args(model, *POOL))] * 2
+    raise AssertionError(mode)
+
+
+@pytest.fixture(scope="module")
+def agg_workers():
+    model = need_demo_model()
+    procs = start_many([("tandem.decode", agg_worker_args(model, *POOL))] * 3)
+    yield procs  # [A, B, victim]
+    for p in procs:
+        p.stop()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Greedy outputs of the engine's offline API for the same prompts."""
+    from transformers import AutoTokenizer
+
+    from tandem.engine import LLM, SamplingParams
+
+    model = need_demo_model()
+    llm = LLM(model, page_size=16)
+    tok = AutoTokenizer.from_pretrained(model)
+    sp = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    text_ids = [tok(p)["input_ids"] for p in PROMPTS]
+    chat_ids = [tok(tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+                    add_special_tokens=False)["input_ids"] for c in CHATS]
+    outs = llm.generate(text_ids + chat_ids, sp)
+    return ([(o.text, o.finish_reason) for o in outs[:len(PROMPTS)]],
+            [(o.text, o.finish_reason) for o in outs[len(PROMPTS):]])
+
+
+def _finish(reason):
+    return {"eos": "stop"}.get(reason, reason)
+
+
+@pytest.fixture(scope="module", params=["agg", pytest.param("disagg", marks=pytest.mark.slow)])
+def openai_stack(request, agg_workers):
+    """A router over aggregated workers, or over a disaggregated decode + prefill pair."""
+    procs = []
+    if request.param == "agg":
+        addresses = [p.grpc_address for p in agg_workers[:2]]
+    else:
+        model = need_demo_model()
+        common = ["--model-path", model, "--log-level", "warning", "--disaggregation-transfer-backend", "grpc"]
+        (prefill,) = start_many([("tandem.prefill", common)])
+        (decode,) = start_many([("tandem.decode", [*common, "--disaggregation-mode", "decode",
+                                                   "--prefill-addresses", prefill.grpc_address])])
+        procs = [prefill, decode]
+        addresses = [decode.grpc_address]
+    app = make_router(addresses)
+    yield app
+    app.stop()
+    for p in procs:
+        p.stop()
+
+
+def test_openai_client_matches_offline_engine(openai_stack, reference):
+    app = openai_stack
+    client = openai.OpenAI(base_url=f"http://{app.http_address}/v1", api_key="none", max_retries=0)
+    ref_text, ref_chat = reference
+    for prompt, (want, reason) in zip(PROMPTS, ref_text, strict=True):
+        out = client.completions.create(model=app.model_name, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+        assert out.choices[0].text == want
+        assert out.choices[0].finish_reason == _finish(reason)
+        assert out.usage.completion_tokens > 0
+        stream = client.completions.create(model=app.model_name, prompt=prompt, max_tokens=MAX_TOKENS,
+                                           temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in stream if c.choices) == want
+    for messages, (want, reason) in zip(CHATS, ref_chat, strict=True):
+        out = client.chat.completions.create(model=app.model_name, messages=messages, max_tokens=MAX_TOKENS,
+                                             temperature=0)
+        assert out.choices[0].message.content == want
+        assert out.choices[0].finish_reason == _finish(reason)
+        stream = client.chat.completions.create(model=app.model_name, messages=messages, max_tokens=MAX_TOKENS,
+                                                temperature=0, stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def _kv_workload(seed: int, n_prompts: int = 4, per_prompt: int = 32):
+    rng = random.Random(seed)
+    systems = [[rng.randrange(10, 4000) for _ in range(192)] for _ in range(n_prompts)]
+    reqs = [systems[i] + [rng.randrange(10, 4000) for _ in range(rng.randrange(4, 12))]
+            for i in range(n_prompts) for _ in range(per_prompt)]
+    rng.shuffle(reqs)
+    return reqs
+
+
+def _run_workload(app, reqs) -> float:
+    cached = total = 0
+    with httpx.Client(base_url=f"http://{app.http_address}", timeout=60) as http:
+        for ids in reqs:
+            r = http.post("/v1/completions", json={"model": app.model_name, "prompt": ids, "max_tokens": 2,
+                                                   "temperature": 0})
+            assert r.status_code == 200, r.text
+            u = r.json()["usage"]
+            cached += u["prompt_tokens_details"]["cached_tokens"]
+            total += u["prompt_tokens"]
+    return cached / total
+
+
+def test_kv_aware_hit_rate_beats_round_robin(agg_workers):
+    addresses = [p.grpc_address for p in agg_workers[:2]]
+    rates = {}
+    # Different system prompts per policy, so neither run reuses the other's cache.
+    for seed, policy in enumerate(["round_robin", "kv_aware"]):
+        app = make_router(addresses, routing_policy=policy)
+        try:
+            rates[policy] = _run_workload(app, _kv_workload(seed))
+            metrics = httpx.get(f"http://{app.http_address}/metrics").text
+        finally:
+            app.stop()
+        assert "tandem_router_decisions_total" in metrics
+    worker_rates = [load(a).cache_hit_rate for a in addresses]
+    print(f"\nprefix-cache hit rate (cached/prompt tokens): round_robin={rates['round_robin']:.3f} "
+          f"kv_aware={rates['kv_aware']:.3f}; workers' cumulative cache_hit_rate={worker_rates}")
+    assert rates["kv_aware"] >= rates["round_robin"] + 0.15, rates
+    assert "tandem_router_kv_overlap_blocks" in metrics
+
+
+def test_client_disconnect_stops_generation(agg_workers):
+    worker = agg_workers[0]
+    app = make_router([worker.grpc_address])
+    try:
+        body = {"model": app.model_name, "prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", f"http://{app.http_address}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            got = [line for line, _ in zip(lines, range(6), strict=False) if line.startswith("data: ")]
+            assert got
+            assert load(worker.grpc_address).num_running_reqs == 1
+        # 1500 tokens take far longer than this wait: the worker stopped because we left.
+        wait_for(lambda: load(worker.grpc_address).num_running_reqs == 0, timeout=10, what="worker abort")
+    finally:
+        app.stop()
+
+
+def test_killed_worker_is_taken_out_and_inflight_gets_clear_error(agg_workers):
+    a, victim = agg_workers[0], agg_workers[2]
+    solo = make_router([victim.grpc_address])
+    pair = make_router([a.grpc_address, victim.grpc_address], routing_policy="round_robin", request_retries=1)
+    try:
+        body = {"model": solo.model_name, "prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True,
+                "stream": True}
+        events = []
+        with httpx.stream("POST", f"http://{solo.http_address}/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                if len(events) == 3:
+                    victim.proc.send_signal(signal.SIGKILL)
+                    killed_at = time.monotonic()
+        # The stream ends with an OpenAI error object, then [DONE].
+        assert events[-1] == "[DONE]"
+        err = json.loads(events[-2])["error"]
+        assert err["type"] == "service_unavailable_error" and victim.grpc_address in err["message"]
+        wait_for(lambda: victim.grpc_address not in {w.worker_id for w in pair.core.pool.healthy()},
+                 timeout=10, what="victim out of rotation")
+        print(f"\nkilled worker out of rotation after {time.monotonic() - killed_at:.2f}s")
+        # New requests all succeed on the survivor; and with no survivor, 503 + Retry-After.
+        for _ in range(4):
+            r = httpx.post(f"http://{pair.http_address}/v1/completions",
+                           json={"model": pair.model_name, "prompt": "Hi", "max_tokens": 2}, timeout=30)
+            assert r.status_code == 200, r.text
+        r = httpx.post(f"http://{solo.http_address}/v1/completions",
+                       json={"model": solo.model_name, "prompt": "Hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 503 and r.headers.get("retry-after")
+    finally:
+        solo.stop()
+        pair.stop()
+
+
+def test_bad_input_against_real_model(agg_workers):
+    app = make_router([agg_workers[0].grpc_address], api_key="k")
+    try:
+        base = f"http://{app.http_address}/v1/completions"
+        auth = {"Authorization": "Bearer k"}
+        cases = [
+            (dict(json={"model": app.model_name, "prompt": "x"}), {}, 401),
+            (dict(content=b"{oops", headers={"content-type": "application/json", **auth}), None, 400),
+            (dict(json={"model": app.model_name, "prompt": "x", "max_tokens": 5000}), auth, 400),
+            (dict(json={"model": app.model_name, "prompt": "x", "max_tokens": [1]}), auth, 400),
+            (dict(json={"model": "gpt-4", "prompt": "x"}), auth, 404),
+        ]
+        for kw, headers, status in cases:
+            if headers is not None:
+                kw = {**kw, "headers": headers}
+            r = httpx.post(base, timeout=30, **kw)
+            assert r.status_code == status, (kw, r.text)
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        r = httpx.post(base, json={"model": app.model_name, "prompt": "x", "max_tokens": 2}, headers=auth, timeout=30)
+        assert r.status_code == 200
+    finally:
+        app.stop()
