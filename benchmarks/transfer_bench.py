@@ -77,12 +77,13 @@ def pct(xs, q):
 # --------------------------------------------------------------------------------------
 # Decode process: NIXL receiver + gRPC client side of the handshake benches.
 # --------------------------------------------------------------------------------------
-def decode_main(conn, num_pages: int):
+def decode_main(conn, num_pages: int, progress_thread: bool = False):
     from tandem.transfer import KVPoll
     from tandem.transfer.nixl_backend import NixlKvReceiver
 
     pool = make_pool(num_pages, None)
-    rx = NixlKvReceiver(pool, "bench-decode", transfer_timeout_s=None)
+    rx = NixlKvReceiver(pool, "bench-decode", transfer_timeout_s=None,
+                        progress_thread=progress_thread)
     reg = rx.registration()
     conn.send((reg.agent_name, reg.agent_metadata, reg.layout.SerializeToString()))
     while (msg := conn.recv()) is not None:
@@ -102,7 +103,6 @@ def decode_main(conn, num_pages: int):
 # --------------------------------------------------------------------------------------
 def prefill_server_main(conn, num_pages: int):
     import grpc
-
     from tandem.transfer import AuxRow, Registration, done_from_aux_row, new_room_id
     from tandem.transfer.grpc_backend import GrpcKvSender
     from tandem.transfer.nixl_backend import NixlKvSender
@@ -162,7 +162,7 @@ def bench_memcpy(nbytes: int, repeats: int) -> float:
     dst = torch.empty_like(src)
     dst.copy_(src)  # touch pages
     ts = []
-    for _ in range(repeats):
+    for _ in range(max(repeats, 10)):
         t0 = time.perf_counter()
         dst.copy_(src)
         ts.append(time.perf_counter() - t0)
@@ -242,30 +242,34 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--handshakes", type=int, default=300)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--progress-thread", action="store_true",
+                    help="use NIXL's own (busy-polling) progress thread for the nixl part")
     args = ap.parse_args()
 
     import grpc
-
     from tandem.transfer import AuxRow, KVPoll, Registration
     from tandem.transfer.grpc_backend import GrpcKvReceiver
     from tandem.transfer.nixl_backend import NixlKvReceiver, NixlKvSender
     from tandem.v1 import common_pb2, prefill_pb2_grpc
 
+    load_start = os.getloadavg()
     per_page = page_total_bytes(1)
     pages = [max(1, int(s * MiB) // per_page) for s in args.sizes]
     src_pool_pages = max(pages) + 16
     dec_pool_pages = 2 * max(pages) + 16
     ctx = mp.get_context("spawn")
     rng = np.random.default_rng(0)
-    results: dict = {"geometry": {k: str(v) for k, v in GEOM.items()},
+    results: dict = {"nixl_progress_thread": args.progress_thread, "geometry": {k: str(v) for k, v in GEOM.items()},
                      "bytes_per_page_all_layers": per_page, "transfer": [], "handshake": {}}
 
     # ---- NIXL vs memcpy ---------------------------------------------------------------
     dconn, child = ctx.Pipe()
-    dproc = ctx.Process(target=decode_main, args=(child, dec_pool_pages), daemon=True)
+    dproc = ctx.Process(target=decode_main, args=(child, dec_pool_pages, args.progress_thread),
+                        daemon=True)
     dproc.start()
     agent, md, lay = dconn.recv()
-    tx = NixlKvSender(make_pool(src_pool_pages, seed=1), "bench-prefill")
+    tx = NixlKvSender(make_pool(src_pool_pages, seed=1), "bench-prefill",
+                      progress_thread=args.progress_thread)
     peer = tx.add_peer(Registration("nixl", agent, md, common_pb2.KvLayout.FromString(lay)))
     bench_nixl(tx, peer, dconn, 4, dec_pool_pages, "contiguous", 2, rng)  # warm the connection
     for n in pages:
@@ -357,6 +361,7 @@ def main() -> None:
         "cpu_model": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                            if ln.startswith("model name")), "?"),
         "note": "CPU only, host memory (DRAM), UCX defaults, both processes on one host",
+        "loadavg_start": " ".join(f"{x:.1f}" for x in load_start),
     }
     try:
         results["git_commit"] = subprocess.check_output(
@@ -372,7 +377,9 @@ def write_results(res: dict, out: Path) -> None:
     lines = [
         "# KV transfer benchmark", "",
         f"{res['timestamp']} · commit {res['git_commit'][:10]} · {res['machine']['cpu_model']} "
-        f"({res['machine']['cpus']} CPUs) · {res['machine']['note']}", "",
+        f"({res['machine']['cpus']} CPUs) · {res['machine']['note']} · NIXL progress thread: "
+        f"{'on' if res['nixl_progress_thread'] else 'off (1 ms library thread)'} · load average "
+        f"at start {res['machine']['loadavg_start']}", "",
         f"Geometry: {res['geometry']}; {res['bytes_per_page_all_layers'] // 1024} KiB per page "
         "(all layers, K+V). Time = send until decode's receiver reports Success (nixl) or the "
         "whole Prefill stream incl. unpack (grpc); memcpy = one local torch copy of the same "
