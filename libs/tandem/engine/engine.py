@@ -328,6 +328,10 @@ class EngineCore:
                 raise ValueError(f"first_token_id={first_token_id}: outside the vocabulary")
             self.pool.free_aux(req.aux_slot)
             req.aux_slot = None
+            if req.generator is not None and not req.sampling.greedy:
+                # The first token was sampled elsewhere with this seed: consume the draw it
+                # used, so the rest of the stream matches an aggregated run token for token.
+                self.sampler.skip_draw(req.generator, self.model_config.vocab_size)
             req.num_computed = len(req.prompt_ids)
             req.cached_tokens = cached_tokens
             req.status = Status.RUNNING
@@ -345,7 +349,7 @@ class EngineCore:
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         """Run one scheduling step (at most one forward pass); return per-request outputs."""
-        with self._lock:
+        with self._lock, torch.inference_mode():
             t0 = time.monotonic()
             kind, batch = self.scheduler.schedule()
             ntok = 0

@@ -14,6 +14,10 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
+    def skip_draw(self, generator: torch.Generator, vocab_size: int) -> None:
+        """Advance `generator` exactly as one sampling step of a row does."""
+        torch.empty(vocab_size, dtype=torch.float32, device=self.device).exponential_(generator=generator)
+
     def __call__(self, logits: torch.Tensor, reqs: list):
         """logits [B, V] float32; returns (token_ids list[int], logprobs [B, V] or None)."""
         sps = [r.sampling for r in reqs]
