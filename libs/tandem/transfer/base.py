@@ -198,6 +198,8 @@ class KvReceiver:
             raise ValueError(
                 f"aux slot {aux_slot} out of range for {self.buffers.num_aux_slots} aux slots"
             )
+        if len(np.unique(pages)) != len(pages):
+            raise ValueError(f"room {room}: decode page indices contain duplicates")
         if num_chunks is not None and num_chunks < 1:
             raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
         r = self._rooms.get(room)

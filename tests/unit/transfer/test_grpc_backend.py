@@ -103,6 +103,7 @@ def test_expect_validation(pair):
         rx.expect(1, [0], 8)
     with pytest.raises(ValueError, match="duplicates"):
         rx.expect(2, [3, 3], 0)
+    assert 2 not in rx.rooms
     rx.expect(4, [0], 0)
     with pytest.raises(ValueError, match="room 4 is already expected"):
         rx.expect(4, [1], 1)
