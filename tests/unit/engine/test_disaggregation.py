@@ -1,0 +1,106 @@
+"""Prefill-only on one engine, KV pages copied into another engine's pre-allocated pages,
+decode there: the same tokens as generating locally."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tandem.engine import AuxRow, OutOfPages, SamplingParams, pack_aux
+
+
+def copy_pages(src, dst, src_pages, dst_pages):
+    """What the transfer library does with NIXL: page i of every layer's K and V, plus nothing else."""
+    s, d = torch.tensor(src_pages), torch.tensor(dst_pages)
+    for layer in range(src.pool.num_layers):
+        dst.pool.k_buffers[layer][d] = src.pool.k_buffers[layer][s]
+        dst.pool.v_buffers[layer][d] = src.pool.v_buffers[layer][s]
+
+
+def run_to_end(eng, rid):
+    toks, reason = [], None
+    while reason is None:
+        for o in eng.step():
+            if o.rid == rid:
+                toks += o.new_token_ids
+                if o.finished:
+                    reason = o.finish_reason
+    return toks, reason
+
+
+@pytest.fixture(scope="module")
+def prefill_engine(demo_models, make_llm):
+    return make_llm(demo_models["dense"], chunked_prefill_size=8).engine
+
+
+@pytest.mark.parametrize("sp", [
+    SamplingParams(max_tokens=16, temperature=0, ignore_eos=True),
+    SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True),
+], ids=["greedy", "seeded"])
+def test_prefill_only_then_external_decode_equals_local(prefill_engine, dense_llm, prompts, sp):
+    pe, de = prefill_engine, dense_llm.engine
+    for prompt in prompts[:4]:
+        de.flush_cache()
+        pe.flush_cache()  # no prefix hit: the prompt is computed in several chunks
+        local = dense_llm.generate([prompt], sp)[0].token_ids
+        de.flush_cache()
+
+        alloc = de.allocate_external(prompt, sp)
+        assert len(alloc.page_indices) == -(-alloc.num_tokens // de.page_size)
+        results, chunks = [], []
+
+        def on_chunk(rid, pages, num_computed):
+            # stream finished pages as chunks complete (position in the prompt -> decode page)
+            start = sum(len(c) for c in chunks)
+            chunks.append(pages)
+            copy_pages(pe, de, pages, alloc.page_indices[start:start + len(pages)])
+
+        rid = pe.add_request(prompt, sp, mode="prefill_only", on_prefill_done=results.append, on_chunk_done=on_chunk)
+        first, reason = run_to_end(pe, rid)
+        assert reason == "prefill_done" and len(first) == 1
+        res = results[0]
+        assert res.first_token_id == first[0] and res.num_tokens == alloc.num_tokens
+        assert sum(chunks, []) == res.page_indices
+        if len(res.page_indices) > 1:
+            assert len(chunks) > 1  # chunked_prefill_size=8 < prompt: pages arrive in several chunks
+        de.pool.aux[alloc.aux_slot] = torch.frombuffer(
+            bytearray(pack_aux(AuxRow(res.first_token_id, res.first_token_logprob, res.cached_tokens))),
+            dtype=torch.uint8)
+        pe.release(rid)
+        de.activate_external(alloc.rid)
+        decoded, reason = run_to_end(de, alloc.rid)  # decode streams the first token too
+        assert reason == "length"
+        assert decoded[0] == first[0]
+        assert decoded == local, prompt
+
+
+def test_external_allocation_cancel_and_errors(dense_llm, prompts):
+    de = dense_llm.engine
+    start = de.num_available_pages
+    alloc = de.allocate_external(prompts[0], SamplingParams(max_tokens=4))
+    assert de.num_available_pages == start - len(alloc.page_indices)
+    with pytest.raises(ValueError, match="holds no first token"):
+        de.activate_external(alloc.rid)  # nothing arrived in the aux slot yet
+    assert de.abort(alloc.rid)
+    de.step()
+    assert de.num_available_pages == start
+    with pytest.raises(ValueError, match="no pre-allocated request"):
+        de.activate_external(alloc.rid, first_token_id=1)
+    with pytest.raises(ValueError, match="no held prefill-only request"):
+        de.release("nope")
+
+
+def test_external_allocation_out_of_pages(demo_models, make_llm, prompts):
+    eng = make_llm(demo_models["dense"], max_total_tokens=64, page_size=16).engine
+    a = eng.allocate_external(prompts[0] + prompts[3], SamplingParams(max_tokens=4))
+    with pytest.raises(OutOfPages):
+        eng.allocate_external(prompts[5] + prompts[7] + prompts[1], SamplingParams(max_tokens=4))
+    eng.abort(a.rid)
+    eng.step()
+
+
+def test_layout_exposes_regions(dense_llm):
+    lay = dense_llm.engine.kv_layout()
+    pool = dense_llm.engine.pool
+    assert lay["k_base_addrs"][0] == pool.k_buffers[0].data_ptr()
+    assert lay["bytes_per_page"] * lay["num_pages"] == pool.k_buffers[0].numel() * pool.k_buffers[0].element_size()
+    assert lay["aux_slot_bytes"] >= 64 and lay["mem_kind"] == "DRAM"
