@@ -16,7 +16,9 @@ from tests.support.procs import REPO, start_service
 
 SERVICES = {
     "tandem.router": ("tandem.v1.Router", []),
-    "tandem.eplb": ("tandem.v1.EplbPlanner", []),
+    "tandem.eplb": ("tandem.v1.EplbPlanner", ["--model-path", "models/tandem-demo-moe"]),
+    "tandem.prefill": ("tandem.v1.Prefill", ["--model-path", "models/tandem-demo-dense", "--max-total-tokens", "4096"]),
+    "tandem.decode": ("tandem.v1.Decode", ["--model-path", "models/tandem-demo-dense", "--max-total-tokens", "4096"]),
 }
 
 
