@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tests.support.procs import REPO, start_service
 
 SERVICES = {
-    "tandem.router": ("tandem.v1.Router", []),
+    "tandem.router": ("tandem.v1.Router", ["--model-path", "models/tandem-demo-dense", "--http-port", "0"]),
     "tandem.eplb": ("tandem.v1.EplbPlanner", ["--model-path", "models/tandem-demo-moe"]),
     "tandem.prefill": ("tandem.v1.Prefill", ["--model-path", "models/tandem-demo-dense", "--max-total-tokens", "4096"]),
     "tandem.decode": ("tandem.v1.Decode", ["--model-path", "models/tandem-demo-dense", "--max-total-tokens", "4096"]),

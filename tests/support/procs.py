@@ -25,6 +25,7 @@ class ServiceProcess:
     system_address: str
     log_path: Path
     _log_file: object = field(repr=False, default=None)
+    info: dict = field(default_factory=dict)  # the ready file: grpc, system, pid (+ http for the router)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -78,4 +79,4 @@ def start_service(module: str, *args: str, timeout: float = 120.0, env: dict | N
             raise TimeoutError(f"{module} not ready after {timeout}s:\n{log_path.read_text()}")
         time.sleep(0.05)
     info = json.loads(ready.read_text())
-    return ServiceProcess(module, proc, info["grpc"], info["system"], log_path, log_file)
+    return ServiceProcess(module, proc, info["grpc"], info["system"], log_path, log_file, info)

@@ -95,7 +95,7 @@ class ServiceRuntime:
         self.system.start()
         log.info("%s listening: grpc=%s system=http://%s", self.name, self.address, self.system_address)
 
-    def set_ready(self) -> None:
+    def set_ready(self, **extra) -> None:
         for svc in ["", *self._service_names]:
             self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
         self._ready.set()
@@ -103,7 +103,7 @@ class ServiceRuntime:
             tmp = f"{self.config.ready_file}.tmp"
             with open(tmp, "w") as f:
                 json.dump({"name": self.name, "grpc": self.address, "system": self.system_address,
-                           "pid": os.getpid()}, f)
+                           "pid": os.getpid(), **extra}, f)
             os.replace(tmp, self.config.ready_file)
         log.info("%s ready (SERVING) after %.2fs", self.name, time.time() - self.started_at)
 

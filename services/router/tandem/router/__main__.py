@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from tandem.config import RouterConfig, load_or_exit
+from tandem.router.app import build_router
 from tandem.server import ServiceRuntime, service_name, setup_logging
-from tandem.server.unimplemented import unimplemented_servicer
 from tandem.v1 import router_pb2, router_pb2_grpc
 
 
@@ -11,11 +11,17 @@ def main(argv=None) -> None:
     config = load_or_exit(RouterConfig, argv, prog="python -m tandem.router")
     setup_logging("router", config.log_level, config.log_format)
     runtime = ServiceRuntime("router", config)
-    name = service_name(router_pb2, "Router")
-    servicer = unimplemented_servicer(router_pb2_grpc.RouterServicer, name, "routing lands with the router issue")
-    runtime.add_service(router_pb2_grpc.add_RouterServicer_to_server, servicer, name)
+    try:
+        app = build_router(config, registry=runtime.registry)
+    except ValueError as exc:
+        raise SystemExit(f"config error: {exc}") from None
+    runtime.add_service(router_pb2_grpc.add_RouterServicer_to_server, app.servicer,
+                        service_name(router_pb2, "Router"))
+    runtime.on_shutdown(app.stop)
+    runtime.install_signal_handlers()
     runtime.start()
-    runtime.set_ready()
+    app.start()
+    runtime.set_ready(http=app.http_address)
     runtime.wait()
 
 
