@@ -1,0 +1,163 @@
+"""The Prefill handshake against a real prefill process with a hand-driven decode side:
+bad input gets INVALID_ARGUMENT / FAILED_PRECONDITION with a message, and nothing is
+written outside the allocated pages."""
+from __future__ import annotations
+
+import json
+
+import grpc
+import pytest
+import torch
+from tandem.transfer import KvBuffers, KVPoll, aux_row_from_done, make_receiver
+from tandem.v1 import prefill_pb2, prefill_pb2_grpc
+from tandem.worker.process import model_fingerprint
+
+from tests.support.clients import pages_in_use, sampling
+from tests.support.procs import REPO, start_service
+
+MODEL = "models/tandem-demo-dense"
+PAGE = 16
+
+
+def decode_buffers(page_size: int = PAGE, num_pages: int = 64) -> KvBuffers:
+    cfg = json.loads((REPO / MODEL / "config.json").read_text())
+    kv_heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    shape = (num_pages, page_size, kv_heads, head_dim)
+    layers = cfg["num_hidden_layers"]
+    return KvBuffers([torch.zeros(shape) for _ in range(layers)], [torch.zeros(shape) for _ in range(layers)],
+                     torch.zeros((16, 64), dtype=torch.uint8))
+
+
+@pytest.fixture(scope="module")
+def prefill():
+    svc = start_service("tandem.prefill", "--model-path", MODEL, "--max-total-tokens", "4096",
+                        "--disaggregation-transfer-backend", "grpc")
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(prefill):
+    with grpc.insecure_channel(prefill.grpc_address) as ch:
+        yield prefill_pb2_grpc.PrefillStub(ch)
+
+
+FINGERPRINT = model_fingerprint(str(REPO / MODEL), torch.float32)
+
+
+def registered_receiver(stub, decode_id: str):
+    rx = make_receiver("grpc", decode_buffers(), name=decode_id, model_fingerprint=FINGERPRINT)
+    stub.RegisterDecode(rx.registration().to_request(decode_id))
+    return rx
+
+
+def start_msg(decode_id: str, ids=tuple(range(5, 45))):
+    return prefill_pb2.PrefillClientMessage(start=prefill_pb2.PrefillStart(
+        request_id="t", decode_id=decode_id, input_ids=list(ids), sampling=sampling(max_tokens=4)))
+
+
+def alloc_msg(room: int, pages, aux: int = 0):
+    return prefill_pb2.PrefillClientMessage(allocation=prefill_pb2.PageAllocation(room=room, page_indices=pages,
+                                                                                  aux_slot=aux))
+
+
+class Conversation:
+    """Drive one Prefill stream step by step."""
+
+    def __init__(self, stub, first):
+        import queue
+
+        self.q = queue.Queue()
+        self.q.put(first)
+        self.responses = stub.Prefill(iter(self.q.get, None), timeout=30)
+
+    def send(self, msg):
+        self.q.put(msg)
+
+    def recv(self):
+        return next(self.responses)
+
+    def close(self):
+        self.q.put(None)
+
+
+def expect_error(fn, code: grpc.StatusCode, fragment: str):
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    assert info.value.code() == code, info.value.details()
+    assert fragment in info.value.details()
+
+
+def test_other_model_is_refused(stub):
+    rx = make_receiver("grpc", decode_buffers(), name="d-other", model_fingerprint="other-model:0:float32")
+    expect_error(lambda: stub.RegisterDecode(rx.registration().to_request("d-other")),
+                 grpc.StatusCode.FAILED_PRECONDITION, "model_fingerprint")
+
+
+def test_layout_mismatch_is_refused(stub):
+    rx = make_receiver("grpc", decode_buffers(page_size=8), name="d-mismatch", model_fingerprint=FINGERPRINT)
+    expect_error(lambda: stub.RegisterDecode(rx.registration().to_request("d-mismatch")),
+                 grpc.StatusCode.FAILED_PRECONDITION, "page_size")
+
+
+def test_unregistered_decode_is_refused(stub):
+    conv = Conversation(stub, start_msg("nobody"))
+    expect_error(conv.recv, grpc.StatusCode.FAILED_PRECONDITION, "not registered")
+
+
+def test_first_message_must_be_start(stub):
+    conv = Conversation(stub, alloc_msg(1, [0, 1, 2]))
+    expect_error(conv.recv, grpc.StatusCode.INVALID_ARGUMENT, "first message must be 'start'")
+
+
+def test_empty_prompt_is_refused(stub):
+    registered_receiver(stub, "d-empty")
+    conv = Conversation(stub, start_msg("d-empty", ids=()))
+    expect_error(conv.recv, grpc.StatusCode.INVALID_ARGUMENT, "empty prompt")
+
+
+@pytest.mark.parametrize("bad,fragment", [
+    ("room", "this stream's room"),
+    ("range", "out of range"),
+    ("count", "the prompt needs"),
+    ("aux", "aux slot"),
+])
+def test_bad_allocation_is_refused_and_nothing_written(stub, prefill, bad, fragment):
+    rx = registered_receiver(stub, f"d-{bad}")
+    conv = Conversation(stub, start_msg(f"d-{bad}"))
+    room = conv.recv().room
+    pages = list(range(room.num_pages))
+    msg = {
+        "room": alloc_msg(room.room + 1, pages),
+        "range": alloc_msg(room.room, pages[:-1] + [10_000]),
+        "count": alloc_msg(room.room, pages[:-1]),
+        "aux": alloc_msg(room.room, pages, aux=999),
+    }[bad]
+    conv.send(msg)
+    expect_error(conv.recv, grpc.StatusCode.INVALID_ARGUMENT, fragment)
+    assert all(float(t.abs().sum()) == 0.0 for t in rx.buffers.k + rx.buffers.v)
+    assert pages_in_use(prefill.grpc_address, "prefill") == 0
+
+
+def test_good_handshake_fills_exactly_the_allocated_pages(stub, prefill):
+    rx = registered_receiver(stub, "d-good")
+    conv = Conversation(stub, start_msg("d-good"))
+    room = conv.recv().room
+    pages = [7, 3, 20][: room.num_pages]
+    assert len(pages) == room.num_pages
+    rx.expect(room.room, pages, 5)
+    conv.send(alloc_msg(room.room, pages, aux=5))
+    done = None
+    while done is None:
+        msg = conv.recv()
+        if msg.WhichOneof("msg") == "chunk":
+            rx.receive(msg.chunk)
+        elif msg.WhichOneof("msg") == "done":
+            done = msg.done
+    rx.receive_aux(room.room, aux_row_from_done(done))
+    assert rx.poll(room.room) is KVPoll.Success
+    conv.close()
+    written = {p for p in range(rx.buffers.num_pages) if float(rx.buffers.k[0][p].abs().sum()) > 0}
+    assert written == set(pages)
+    assert pages_in_use(prefill.grpc_address, "prefill") == 0
