@@ -47,17 +47,11 @@ def make_router(addresses, **kw):
     return app
 
 
-def stack_specs(mode: str, model: str):
-    if mode == "agg":
-        return [("tandem.decode", agg_worker_args(model, *POOL))] * 2
-    raise AssertionError(mode)
-
-
 @pytest.fixture(scope="module")
 def agg_workers():
     model = need_demo_model()
-    procs = start_many([("tandem.decode", agg_worker_args(model, *POOL))] * 3)
-    yield procs  # [A, B, victim]
+    procs = start_many([("tandem.decode", agg_worker_args(model, *POOL))] * 2)
+    yield procs
     for p in procs:
         p.stop()
 
@@ -143,7 +137,7 @@ def _run_workload(app, reqs) -> float:
     cached = total = 0
     with httpx.Client(base_url=f"http://{app.http_address}", timeout=60) as http:
         for ids in reqs:
-            r = http.post("/v1/completions", json={"model": app.model_name, "prompt": ids, "max_tokens": 2,
+            r = http.post("/v1/completions", json={"model": app.model_name, "prompt": ids, "max_tokens": 1,
                                                    "temperature": 0})
             assert r.status_code == 200, r.text
             u = r.json()["usage"]
@@ -152,22 +146,27 @@ def _run_workload(app, reqs) -> float:
     return cached / total
 
 
-def test_kv_aware_hit_rate_beats_round_robin(agg_workers):
+@pytest.mark.parametrize("per_prompt,margin", [(8, 0.10), pytest.param(32, 0.20, marks=pytest.mark.slow)])
+def test_kv_aware_hit_rate_beats_round_robin(agg_workers, per_prompt, margin):
+    """4 shared system prompts x per_prompt requests, in random order, over 2 workers. Each
+    worker's pool holds about two of the prompts: round robin sends every prompt to both and
+    thrashes; kv_aware keeps each prompt on one worker. (Measured on the 2-core dev box:
+    4x32 gives about 0.65 vs 0.93; 4x8, with its 4 cold misses out of 32, about 0.6 vs 0.75.)"""
     addresses = [p.grpc_address for p in agg_workers[:2]]
     rates = {}
     # Different system prompts per policy, so neither run reuses the other's cache.
     for seed, policy in enumerate(["round_robin", "kv_aware"]):
         app = make_router(addresses, routing_policy=policy)
         try:
-            rates[policy] = _run_workload(app, _kv_workload(seed))
+            rates[policy] = _run_workload(app, _kv_workload(100 * per_prompt + seed, per_prompt=per_prompt))
             metrics = httpx.get(f"http://{app.http_address}/metrics").text
         finally:
             app.stop()
         assert "tandem_router_decisions_total" in metrics
     worker_rates = [load(a).cache_hit_rate for a in addresses]
-    print(f"\nprefix-cache hit rate (cached/prompt tokens): round_robin={rates['round_robin']:.3f} "
+    print(f"\n4x{per_prompt} requests: prefix-cache hit rate (cached/prompt tokens): round_robin={rates['round_robin']:.3f} "
           f"kv_aware={rates['kv_aware']:.3f}; workers' cumulative cache_hit_rate={worker_rates}")
-    assert rates["kv_aware"] >= rates["round_robin"] + 0.15, rates
+    assert rates["kv_aware"] >= rates["round_robin"] + margin, rates
     assert "tandem_router_kv_overlap_blocks" in metrics
 
 
@@ -188,8 +187,15 @@ def test_client_disconnect_stops_generation(agg_workers):
         app.stop()
 
 
-def test_killed_worker_is_taken_out_and_inflight_gets_clear_error(agg_workers):
-    a, victim = agg_workers[0], agg_workers[2]
+@pytest.fixture
+def victim():
+    (proc,) = start_many([("tandem.decode", agg_worker_args(need_demo_model(), *POOL))])
+    yield proc
+    proc.stop()
+
+
+def test_killed_worker_is_taken_out_and_inflight_gets_clear_error(agg_workers, victim):
+    a = agg_workers[0]
     solo = make_router([victim.grpc_address])
     pair = make_router([a.grpc_address, victim.grpc_address], routing_policy="round_robin", request_retries=1)
     try:

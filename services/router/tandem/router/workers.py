@@ -112,7 +112,9 @@ class WorkerPool:
         w = self.workers.pop(worker_id, None)
         if w is None:
             return
-        self._set_health(w, False, "removed")
+        w.healthy = False
+        if self.on_health:
+            self.on_health(w, False)
         if self.index is not None:
             self.index.remove_worker(worker_id)
         await w.close()
