@@ -5,7 +5,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from support.procs import REPO, ServiceProcess, start_service
 
 DENSE = REPO / "models" / "tandem-demo-dense"

@@ -11,9 +11,9 @@ import time
 
 import httpx
 import pytest
-
 from tandem.config import RouterConfig
 from tandem.router.app import build_router
+
 from tests.integration.router_support import agg_worker_args, need_demo_model, start_many
 from tests.support.clients import load
 
@@ -59,9 +59,8 @@ def agg_workers():
 @pytest.fixture(scope="module")
 def reference():
     """Greedy outputs of the engine's offline API for the same prompts."""
-    from transformers import AutoTokenizer
-
     from tandem.engine import LLM, SamplingParams
+    from transformers import AutoTokenizer
 
     model = need_demo_model()
     llm = LLM(model, page_size=16)
