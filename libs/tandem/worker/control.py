@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import grpc
-
 from tandem.server.system_http import SystemHttpServer
 from tandem.v1 import engine_control_pb2, engine_control_pb2_grpc
 from tandem.worker.profiler import EngineProfiler, ProfileRequest

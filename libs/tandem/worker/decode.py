@@ -12,11 +12,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import grpc
-
 from tandem.config import DecodeConfig
 from tandem.engine.engine import OutOfPages
 from tandem.engine.sampling_params import SamplingParams

@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from tandem.engine.engine import EngineCore, StepOutput
 from tandem.engine.sampling_params import SamplingParams
@@ -73,6 +73,7 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._idle_hooks: list[Callable[[], None]] = []
+        self._before_step_hooks: list[Callable[[], None]] = []
         self._after_step_hooks: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name=f"{name}-loop", daemon=True)
         self.steps = 0
@@ -90,8 +91,12 @@ class EngineLoop:
         """fn() on the loop thread before every step and when idle (e.g. the profiler's start)."""
         self._idle_hooks.append(fn)
 
+    def add_before_step_hook(self, fn: Callable[[], None]) -> None:
+        """fn() on the loop thread right before every engine step (never while idle)."""
+        self._before_step_hooks.append(fn)
+
     def add_after_step_hook(self, fn: Callable[[], None]) -> None:
-        """fn() on the loop thread after every step that ran a forward pass."""
+        """fn() on the loop thread after every engine step."""
         self._after_step_hooks.append(fn)
 
     def wake(self) -> None:
@@ -154,6 +159,8 @@ class EngineLoop:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
+            for hook in self._before_step_hooks:
+                hook()
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # keep serving: fail what was in flight, not the process

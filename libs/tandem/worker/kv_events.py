@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from tandem.engine import radix_cache as rc
 from tandem.v1 import common_pb2

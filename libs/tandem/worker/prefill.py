@@ -14,11 +14,10 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import grpc
-
 from tandem.config import PrefillConfig
 from tandem.transfer import AuxRow, KvSender, LayoutMismatchError, Registration, new_room_id, pages_needed
 from tandem.v1 import common_pb2, prefill_pb2

@@ -12,10 +12,9 @@ import logging
 import queue
 import random
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import grpc
-
 from tandem.routing.kv_index import KvIndex
 from tandem.server.runtime import GRPC_OPTIONS
 from tandem.transfer import Registration

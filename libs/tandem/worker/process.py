@@ -9,7 +9,7 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tandem.config import EngineConfig
 from tandem.engine.engine import EngineCore
@@ -48,7 +48,7 @@ class WorkerProcess:
     component_metrics: ComponentMetrics
     model_name: str
     fingerprint: str
-    extra_stats: dict = field(default_factory=dict)
+    eplb: object = None  # tandem.worker.eplb.WorkerEplb on MoE workers with EPLB or recording on
 
     def kv_buffers(self) -> KvBuffers:
         pool = self.engine.pool
@@ -84,8 +84,7 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
     component.set_model_load_time(load_s)
     endpoint = default_stats_endpoint(f"{kind}-{os.getpid()}-{runtime.port}")
     publisher = MetricsPublisher(endpoint, engine_metrics, component_metrics=component).start()
-    wp_extra: dict = {}
-    reporter = StatsReporter(endpoint, engine.page_size, extra=lambda: wp_extra)
+    reporter = StatsReporter(endpoint, engine.page_size)
     reporter.startup = {"engine_startup_time": time.time() - runtime.started_at, "engine_load_weights_time": load_s}
     engine.add_step_hook(reporter.on_step)
     loop.add_poll_hook(lambda: reporter.maybe_idle_report(engine.stats))
@@ -93,9 +92,18 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
     loop.add_poll_hook(profiler.poll)
     loop.add_after_step_hook(profiler.step)
     add_profile_routes(runtime.system, profiler)
+    eplb = None
+    if config.enable_eplb or config.expert_distribution_recorder_mode:
+        from tandem.worker.eplb import WorkerEplb
+
+        eplb = WorkerEplb(config, loop, worker_id)
+        eplb.add_routes(runtime.system)
+        if config.enable_eplb and config.eplb_planner_address:
+            eplb.start_planner_client(config.eplb_planner_address)
+        runtime.on_shutdown(eplb.close)
     ctl = service_name(engine_control_pb2, "EngineControl")
     runtime.add_service(engine_control_pb2_grpc.add_EngineControlServicer_to_server,
-                        EngineControlServicer(profiler), ctl)
+                        EngineControlServicer(profiler, eplb.control if eplb else None), ctl)
 
     def shutdown():
         # Drain: in-flight requests get the grace period to finish before the loop stops.
@@ -106,4 +114,4 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
 
     runtime.on_shutdown(shutdown)
     return WorkerProcess(kind, runtime, engine, loop, profiler, reporter, publisher, component, model_name,
-                         model_fingerprint(config.model_path, engine.dtype), wp_extra)
+                         model_fingerprint(config.model_path, engine.dtype), eplb)

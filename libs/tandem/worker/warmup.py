@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 
 import grpc
-
 from tandem.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -7,6 +7,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 from tandem.config import EplbPlannerConfig
 from tandem.eplb.planner import Plan, Planner
+from tandem.eplb.plans import plan_from_proto
 from tandem.v1 import eplb_pb2, eplb_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -31,19 +32,6 @@ def plan_to_proto(plan: Plan) -> eplb_pb2.ExpertPlan:
         num_moves=plan.num_moves,
         created_at=plan.created_at,
     )
-
-
-def plan_from_proto(msg: eplb_pb2.ExpertPlan, num_layers: int | None = None):
-    """Worker side: an ``ExpertLocation`` from a received plan, validated (a plan with the
-    wrong shape raises ValueError; keep the old placement then)."""
-    from tandem.eplb.placement import ExpertLocation
-
-    rows = [list(layer.physical_to_logical) for layer in msg.layers]
-    if num_layers is not None and len(rows) != num_layers:
-        raise ValueError(f"plan v{msg.version} has {len(rows)} layers, the model has {num_layers} MoE layers")
-    if any(len(r) != msg.num_physical_experts for r in rows):
-        raise ValueError(f"plan v{msg.version}: a layer does not have {msg.num_physical_experts} physical slots")
-    return ExpertLocation(rows, msg.num_logical_experts, msg.num_ranks)
 
 
 class EplbPlannerServicer(eplb_pb2_grpc.EplbPlannerServicer):
