@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -153,6 +154,7 @@ def sweep_mode(args, mode: str, index: int, out: Path, bar: tqdm, info: dict) ->
             bar.set_postfix_str(f"{mode} c={c}")
             level = run_level(args, url=url, model_name=model_name, tokenizer=tokenizer, concurrency=c,
                               artifact_dir=out / f"artifacts_{mode}" / f"-concurrency{c}", log=log)
+            level["load_avg_1m"] = round(os.getloadavg()[0], 2)
             row = metrics.summary_row(level, mode=mode, concurrency=c, num_workers=n_workers, isl=args.isl,
                                       osl=args.osl)
             rows.append(row)

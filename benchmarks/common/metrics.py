@@ -9,7 +9,7 @@ SUMMARY_FIELDS = [
     "mode", "concurrency", "num_workers", "isl", "osl", "client", "requests_ok", "requests_failed",
     "ttft_p50_ms", "ttft_p99_ms", "ttft_avg_ms", "itl_p50_ms", "itl_p99_ms", "itl_avg_ms",
     "request_latency_p50_ms", "request_throughput_rps", "output_token_throughput_tps",
-    "tokens_per_s_per_user", "tokens_per_s_per_worker", "benchmark_duration_s",
+    "tokens_per_s_per_user", "tokens_per_s_per_worker", "benchmark_duration_s", "load_avg_1m",
 ]
 
 
@@ -47,6 +47,8 @@ def summary_row(level: dict, *, mode: str, concurrency: int, num_workers: int, i
         "tokens_per_s_per_user": _get(level.get("output_tps_per_user"), "avg"),
         "tokens_per_s_per_worker": None if out_tps is None else out_tps / num_workers,
         "benchmark_duration_s": level.get("benchmark_duration_s"),
+        # 1-minute load average when the level ended: other work on the machine skews the numbers.
+        "load_avg_1m": level.get("load_avg_1m"),
     }
 
 
