@@ -6,7 +6,7 @@ Field names are SGLang's flag names with dashes turned into underscores, so
 """
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -21,33 +21,33 @@ class ServerConfig(_Section):
     system_port: int = Field(
         0, ge=0, le=65535, description="HTTP port for /health, /metrics and /engine/* (0 = free port)."
     )
-    worker_id: Optional[str] = Field(None, description="Unique id of this process (default host:port).")
+    worker_id: str | None = Field(None, description="Unique id of this process (default host:port).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     node_rank: int = Field(0, ge=0, description="Rank of this node in a multi-node worker (0 = leader).")
     shutdown_grace_period: float = Field(
         5.0, gt=0, description="Seconds to drain in-flight requests on SIGTERM before exiting."
     )
-    ready_file: Optional[str] = Field(
+    ready_file: str | None = Field(
         None, description="Write the bound ports as JSON to this file once serving (used by deploy-local)."
     )
 
 
 class EngineConfig(_Section):
-    model_path: Optional[str] = Field(None, description="Hugging Face checkpoint directory.")
-    served_model_name: Optional[str] = Field(None, description="Model name in APIs (default: directory name).")
+    model_path: str | None = Field(None, description="Hugging Face checkpoint directory.")
+    served_model_name: str | None = Field(None, description="Model name in APIs (default: directory name).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight and KV dtype (auto = float32 on CPU, bfloat16 on CUDA)."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device to run on.")
     page_size: int = Field(16, ge=1, le=4096, description="Tokens per KV page (16 on CPU, 128 suggested on GPU).")
-    max_total_tokens: Optional[int] = Field(
+    max_total_tokens: int | None = Field(
         None, ge=1, description="KV pool size in tokens (overrides --mem-fraction-static)."
     )
     mem_fraction_static: float = Field(
         0.8, gt=0, le=1, description="Fraction of free device memory for weights + KV pool (CUDA)."
     )
-    context_length: Optional[int] = Field(None, ge=1, description="Override the model's context length.")
+    context_length: int | None = Field(None, ge=1, description="Override the model's context length.")
     chunked_prefill_size: int = Field(512, ge=1, description="Maximum prompt tokens computed in one step.")
     max_running_requests: int = Field(64, ge=1, description="Maximum requests in the running batch.")
     max_prefill_tokens: int = Field(8192, ge=1, description="Maximum new prompt tokens admitted per step.")
@@ -63,7 +63,7 @@ class EngineConfig(_Section):
     hicache_write_policy: Literal["write_through", "write_through_selective", "write_back"] = Field(
         "write_through", description="When device pages are copied to host."
     )
-    hicache_storage_backend: Optional[Literal["file"]] = Field(None, description="Third KV tier backend.")
+    hicache_storage_backend: Literal["file"] | None = Field(None, description="Third KV tier backend.")
     hicache_storage_dir: str = Field("/tmp/tandem-hicache", description="Folder of the file storage backend.")
     # Expert parallelism / EPLB
     ep_size: int = Field(1, ge=1, description="Expert-parallel ranks.")
@@ -72,7 +72,7 @@ class EngineConfig(_Section):
     ep_dispatch_algorithm: Literal["static", "dynamic", "random"] = Field(
         "static", description="How a token picks among replicas of its expert."
     )
-    expert_distribution_recorder_mode: Optional[Literal["per_token", "per_pass", "stat", "stat_approx"]] = Field(
+    expert_distribution_recorder_mode: Literal["per_token", "per_pass", "stat", "stat_approx"] | None = Field(
         None, description="Expert-distribution recorder mode (None = off unless EPLB is on, then stat)."
     )
     expert_distribution_recorder_buffer_size: int = Field(
@@ -82,7 +82,7 @@ class EngineConfig(_Section):
     init_expert_location: str = Field(
         "trivial", description="Initial placement: trivial, a .json/.pt file, or inline JSON."
     )
-    eplb_planner_address: Optional[str] = Field(None, description="EPLB planner gRPC address (host:port).")
+    eplb_planner_address: str | None = Field(None, description="EPLB planner gRPC address (host:port).")
 
     @model_validator(mode="after")
     def _check_redundancy(self):
@@ -147,8 +147,8 @@ class RouterConfig(ServerConfig):
     port: int = Field(50051, ge=0, le=65535, description="gRPC port of the Router service.")
     system_port: int = Field(8051, ge=0, le=65535, description="HTTP port for /health and /metrics.")
     http_port: int = Field(8000, ge=0, le=65535, description="OpenAI-compatible HTTP port.")
-    model_path: Optional[str] = Field(None, description="Checkpoint directory (tokenizer + chat template).")
-    served_model_name: Optional[str] = Field(None, description="Model name in the API (default: directory name).")
+    model_path: str | None = Field(None, description="Checkpoint directory (tokenizer + chat template).")
+    served_model_name: str | None = Field(None, description="Model name in the API (default: directory name).")
     workers: list[str] = Field(default_factory=list, description="Worker gRPC addresses (static discovery).")
     discovery: Literal["static", "etcd"] = Field("static", description="How workers are found.")
     etcd_endpoint: str = Field("http://127.0.0.1:2379", description="etcd endpoint (etcd discovery).")
@@ -157,7 +157,7 @@ class RouterConfig(ServerConfig):
         "round_robin", description="How the router picks a worker."
     )
     kv_overlap_weight: float = Field(1.0, ge=0, description="kv_aware: weight of prefix overlap vs load.")
-    api_key: Optional[str] = Field(None, description="Require this bearer token on the HTTP API.")
+    api_key: str | None = Field(None, description="Require this bearer token on the HTTP API.")
     health_check_interval: float = Field(0.5, gt=0, description="Seconds between worker health checks.")
     request_retries: int = Field(1, ge=0, description="Retries on another worker when one fails before output.")
 
@@ -167,7 +167,7 @@ class EplbPlannerConfig(ServerConfig):
 
     port: int = Field(50081, ge=0, le=65535, description="gRPC port of the EplbPlanner service.")
     system_port: int = Field(8081, ge=0, le=65535, description="HTTP port for /health and /metrics.")
-    model_path: Optional[str] = Field(None, description="MoE checkpoint directory (expert counts, groups).")
+    model_path: str | None = Field(None, description="MoE checkpoint directory (expert counts, groups).")
     eplb_algorithm: Literal["auto", "hierarchical", "global", "move_aware"] = Field(
         "auto", description="auto = hierarchical when groups divide by nodes, else global."
     )
@@ -176,7 +176,7 @@ class EplbPlannerConfig(ServerConfig):
     ep_num_redundant_experts: int = Field(0, ge=0, description="Extra physical expert slots per layer.")
     eplb_rebalance_num_iterations: int = Field(1000, ge=1, description="Forward passes between plans.")
     eplb_rebalance_interval_s: float = Field(0.0, ge=0, description="Also replan every N seconds (0 = off).")
-    eplb_max_moves_per_layer: Optional[int] = Field(
+    eplb_max_moves_per_layer: int | None = Field(
         None, ge=0, description="move_aware: at most this many expert copies per layer per plan."
     )
     init_expert_location: str = Field("trivial", description="Initial placement: trivial, a file, or inline JSON.")

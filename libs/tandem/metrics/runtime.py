@@ -98,6 +98,14 @@ class ComponentMetrics:
             if tracker.error_type is not None:
                 self._errors.labels(**labels, error_type=tracker.error_type).inc()
 
+    def init_series(self, endpoint: str | None = None) -> None:
+        """Create the per-endpoint series at zero, so dashboards and rate() see them before
+        the first request (Prometheus' advice for labelled metrics)."""
+        labels = self.labels(endpoint)
+        for metric in (self._requests, self._req_bytes, self._resp_bytes, self._inflight, self._duration,
+                       self._ttfr):
+            metric.labels(**labels)
+
     def refresh_uptime(self) -> None:
         self._uptime.labels(**self.labels()).set(time.time() - self.started_at)
 

@@ -12,14 +12,13 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
-from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, CollectorRegistry
-
 from tandem.config import ServerConfig
 from tandem.server.system_http import SystemHttpServer
 

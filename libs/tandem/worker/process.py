@@ -82,6 +82,7 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
     component = ComponentMetrics(runtime.registry, component=kind, endpoint=endpoint_name, model=model_name,
                                  worker_id=worker_id)
     component.set_model_load_time(load_s)
+    component.init_series()
     endpoint = default_stats_endpoint(f"{kind}-{os.getpid()}-{runtime.port}")
     publisher = MetricsPublisher(endpoint, engine_metrics, component_metrics=component).start()
     reporter = StatsReporter(endpoint, engine.page_size)

@@ -6,6 +6,7 @@ never blocks: a stalled publisher only costs dropped messages.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -52,9 +53,8 @@ class StatsReporter:
             msg.realtime_prefill_compute_tokens = s.step_num_tokens
         elif s.step_kind == "decode":
             msg.realtime_decode_tokens = s.step_num_tokens
-        if not self._prev:
-            for k, v in self.startup.items():
-                setattr(msg, k, v)
+        for k, v in self.startup.items():  # gauges: resent so a dropped first message loses nothing
+            setattr(msg, k, v)
         with self._lock:
             finished, self._finished = self._finished, []
         for f in finished:
@@ -62,7 +62,7 @@ class StatsReporter:
                              aborted=f["aborted"])
         for k, v in self.extra().items():
             setattr(msg, k, v)
-        self._prev = s
+        self._prev = dataclasses.replace(s)  # the engine hands its live object: keep a snapshot
         self._last_sent = time.monotonic()
         self.sender.send(msg)
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import time
 
-import grpc
-
 from tandem.metrics import ComponentMetrics
 from tandem.v1 import common_pb2, decode_pb2_grpc
 from tandem.worker.decode import DecodeWorker

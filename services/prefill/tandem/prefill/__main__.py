@@ -1,7 +1,6 @@
 """`python -m tandem.prefill`: a prefill worker of PD disaggregation."""
 from __future__ import annotations
 
-
 from tandem.config import PrefillConfig, load_or_exit
 from tandem.prefill.servicer import PrefillServicer
 from tandem.server import service_name, setup_logging
@@ -25,9 +24,10 @@ def main(argv=None) -> None:
     wp.runtime.add_service(prefill_pb2_grpc.add_PrefillServicer_to_server,
                            PrefillServicer(worker, wp.component_metrics), name)
 
-    def warmup():
-        # Only the leader warms up (Dynamo's rule); through the real gRPC server, before SERVING.
-        if config.node_rank == 0:
+    # Only the leader warms up (Dynamo's rule), through the real gRPC server, before SERVING.
+    warmup = None
+    if config.node_rank == 0:
+        def warmup():
             warmup_prefill(wp.runtime.address, config.warmup_timeout)
 
     wp.serve(warmup)
