@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="checkpoint dir (default: stack YAML's model_path)")
     p.add_argument("--stack", default=str(deploy.DEFAULT_STACK))
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (disagg deploy)")
-    p.add_argument("--decode", type=int, default=1, help="decode workers (deploy)")
+    p.add_argument("--decode", type=int, default=1,
+                   help="decode workers (deploy; with --url: how many serve it, for tokens/s per worker)")
     p.add_argument("--port-base", type=int, default=22000)
     p.add_argument("--out", default=None, help="results dir (default benchmarks/runs/profile-<phase>-<timestamp>)")
     p.add_argument("--client", choices=["builtin", "aiperf"], default="builtin")
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
         if args.url:
             url = args.url
             model_dir = args.model or deploy.load_stack_config(Path(args.stack))["model_path"]
-            decode_workers, max_kv, mode = 1, args.max_kv_tokens, "external"
+            decode_workers, max_kv, mode = args.decode, args.max_kv_tokens, "external"
         else:
             cfg = deploy.stack_config(args.mode, args.model, args.prefill, args.decode, args.port_base,
                                       Path(args.stack))
