@@ -28,6 +28,7 @@ lint: setup
 	$(PY) -m ruff check libs services tests benchmarks
 
 deploy-local: setup demo-models  ## run the whole stack on loopback (Ctrl-C stops it)
+	@build-support/install-prometheus.sh
 	@MODE=$(MODE) MODEL=$(MODEL) PREFILL=$(PREFILL) DECODE=$(DECODE) $(PY) -m deploy.local.run
 
 stop-local:

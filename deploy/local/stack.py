@@ -189,15 +189,11 @@ class Stack:
         if prom:
             specs.append(prom)
         try:
-            # Workers start together (they load models in parallel); the router waits for them.
+            # Everything starts at once (imports and model loads overlap); the router
+            # health-checks its workers and routes only to healthy ones.
             deadline = time.monotonic() + timeout
-            workers = [s for s in specs if s.kind not in ("router", "prometheus")]
-            for spec in workers:
-                self._spawn(spec, progress)
-            self._wait_ready(deadline, progress)
             for spec in specs:
-                if spec.kind in ("router", "prometheus"):
-                    self._spawn(spec, progress)
+                self._spawn(spec, progress)
             self._wait_ready(deadline, progress)
         except BaseException:
             self.stop()

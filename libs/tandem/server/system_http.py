@@ -20,6 +20,17 @@ log = logging.getLogger(__name__)
 RouteHandler = Callable[[dict], tuple[int, Any]]
 
 
+class _QuietHTTPServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        # A scraper that gave up mid-response is not an error worth a traceback.
+        import sys
+
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            log.debug("system-http client %s went away", client_address)
+            return
+        super().handle_error(request, client_address)
+
+
 class SystemHttpServer:
     def __init__(
         self,
@@ -31,7 +42,7 @@ class SystemHttpServer:
         self._registry = registry
         self._is_healthy = is_healthy
         self._routes: dict[tuple[str, str], RouteHandler] = {}
-        self._httpd = ThreadingHTTPServer((host, port), self._make_handler())
+        self._httpd = _QuietHTTPServer((host, port), self._make_handler())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="system-http", daemon=True)
 
