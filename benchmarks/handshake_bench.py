@@ -1,0 +1,112 @@
+"""Per-request PD handshake overhead through the real Prefill service.
+
+A decode-side client (a real KV receiver, registered with RegisterDecode) runs the whole
+handshake against a real `tandem.prefill` process: start -> room -> allocation -> KV +
+aux -> done, for a 1-token prompt (one page). The prefill's own compute time (reported
+in TransferDone.prefill_ms) is subtracted, leaving the protocol overhead: gRPC stream,
+room bookkeeping, allocation checks, transfer of one page and the aux row.
+
+    .venv/bin/python benchmarks/handshake_bench.py [--backend nixl|grpc] [--n 300]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tandem.transfer import KVPoll, KvBuffers, aux_row_from_done, make_receiver  # noqa: E402
+from tandem.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc  # noqa: E402
+from tandem.worker.process import model_fingerprint  # noqa: E402
+from tests.support.procs import start_service  # noqa: E402
+
+
+def buffers(model: Path, pages: int = 64) -> KvBuffers:
+    cfg = json.loads((model / "config.json").read_text())
+    heads = cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    shape = (pages, 16, heads, dim)
+    n = cfg["num_hidden_layers"]
+    return KvBuffers([torch.zeros(shape) for _ in range(n)], [torch.zeros(shape) for _ in range(n)],
+                     torch.zeros((64, 64), dtype=torch.uint8))
+
+
+def one(stub, rx, decode_id: str, slot: int) -> tuple[float, float]:
+    q: queue.Queue = queue.Queue()
+    q.put(prefill_pb2.PrefillClientMessage(start=prefill_pb2.PrefillStart(
+        request_id="hs", decode_id=decode_id, input_ids=[42],
+        sampling=common_pb2.SamplingParams(max_tokens=1))))
+    t0 = time.perf_counter()
+    responses = stub.Prefill(iter(q.get, None), timeout=30)
+    room = next(responses).room.room
+    rx.expect(room, [slot], slot)
+    q.put(prefill_pb2.PrefillClientMessage(allocation=prefill_pb2.PageAllocation(room=room, page_indices=[slot],
+                                                                                 aux_slot=slot)))
+    done = None
+    for msg in responses:
+        kind = msg.WhichOneof("msg")
+        if kind == "chunk":
+            rx.receive(msg.chunk)
+        elif kind == "done":
+            done = msg.done
+            if rx.backend == "grpc":
+                rx.receive_aux(room, aux_row_from_done(done))
+            break
+    while rx.poll(room) is not KVPoll.Success:
+        time.sleep(0.0001)
+    total = time.perf_counter() - t0
+    q.put(None)
+    rx.forget(room)
+    return total, done.prefill_ms / 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(REPO / "models/tandem-demo-dense"))
+    ap.add_argument("--backend", choices=["nixl", "grpc"], default="nixl")
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--out", default=str(REPO / "benchmarks/results/handshake_bench.json"))
+    args = ap.parse_args()
+    model = Path(args.model)
+    prefill = start_service("tandem.prefill", "--model-path", str(model), "--max-total-tokens", "4096",
+                            "--disaggregation-transfer-backend", args.backend)
+    try:
+        rx = make_receiver(args.backend, buffers(model), name="bench-decode",
+                           model_fingerprint=model_fingerprint(str(model), torch.float32))
+        with grpc.insecure_channel(prefill.grpc_address) as ch:
+            stub = prefill_pb2_grpc.PrefillStub(ch)
+            stub.RegisterDecode(rx.registration().to_request("bench-decode"))
+            for i in range(20):  # warm the stream and the engine
+                one(stub, rx, "bench-decode", i % 64)
+            totals, overheads = [], []
+            for i in range(args.n):
+                total, compute = one(stub, rx, "bench-decode", i % 64)
+                totals.append(total)
+                overheads.append(total - compute)
+    finally:
+        prefill.stop()
+    q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] * 1e3  # noqa: E731
+    result = {"backend": args.backend, "n": args.n,
+              "total_ms": {"p50": q(totals, 50), "p99": q(totals, 99)},
+              "overhead_ms": {"p50": q(overheads, 50), "p99": q(overheads, 99)}}
+    print(f"handshake through the real Prefill service ({args.backend}, 1 page, n={args.n})")
+    print(f"  total incl. 1-token prefill   p50 {result['total_ms']['p50']:.2f} ms   p99 {result['total_ms']['p99']:.2f} ms")
+    print(f"  overhead (total - compute)    p50 {result['overhead_ms']['p50']:.2f} ms   "
+          f"p99 {result['overhead_ms']['p99']:.2f} ms   (goal p50 <= 2 ms)")
+    out = Path(args.out)
+    existing = json.loads(out.read_text()) if out.exists() else {}
+    existing[args.backend] = result
+    out.write_text(json.dumps(existing, indent=2))
+
+
+if __name__ == "__main__":
+    main()
