@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-per-level", type=parse_count, default=(2, True),
                    help="warmup requests per level: N or Nx (default 2x)")
     p.add_argument("--model", default=None, help="checkpoint directory (default: the stack YAML's model_path)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override the stack YAML's engine/router/disaggregation settings, e.g. "
+                        "router.health_check_interval=1.0 (repeatable; recorded in the config snapshot)")
     p.add_argument("--stack", default=str(deploy.DEFAULT_STACK), help="stack YAML (deploy/local/stack.yaml)")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/runs/<timestamp>)")
     p.add_argument("--port-base", type=int, default=21000, help="first port; disagg uses port-base+100")
@@ -96,6 +99,7 @@ def validate(args) -> None:
             raise ValueError("--osl must be >= 2 (ITL needs two output tokens)")
         if args.requests_per_level[0] < 1:
             raise ValueError("--requests-per-level must be >= 1")
+        deploy.parse_overrides(args.overrides)
         if args.url and args.mode == "both":
             raise ValueError("--url benchmarks one running stack: give --mode agg or --mode disagg as its label")
         if args.url and not args.num_workers:
@@ -137,7 +141,7 @@ def sweep_mode(args, mode: str, index: int, out: Path, bar: tqdm, info: dict) ->
         stack_cm = None
     else:
         cfg = deploy.stack_config(mode, args.model, args.prefill, args.decode, args.port_base + 100 * index,
-                                  Path(args.stack))
+                                  Path(args.stack), sections=deploy.parse_overrides(args.overrides))
         n_workers, tokenizer = deploy.num_workers(cfg), cfg["model_path"]
         bar.set_postfix_str(f"deploying {mode}")
         t0 = time.monotonic()
@@ -207,7 +211,7 @@ def sweep(args) -> int:
     model = args.model or deploy.load_stack_config(Path(args.stack))["model_path"]
     run = {"git_commit": git["commit"], "git_dirty": git["dirty"], "machine": info["machine"], "model": model,
            "isl": args.isl, "osl": args.osl, "concurrency": args.concurrency, "modes": modes,
-           "prefill": args.prefill, "decode": args.decode, "client": args.client,
+           "prefill": args.prefill, "decode": args.decode, "client": args.client, "overrides": args.overrides,
            "stack_start_s": info["stack_start_s"], "failed_modes": info["failed_modes"]}
     write_summary(out, rows, run)
     if rows:

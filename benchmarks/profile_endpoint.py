@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["agg", "disagg"], default="disagg", help="stack to deploy (no --url)")
     p.add_argument("--url", default=None, help="profile a running OpenAI endpoint (…/v1) instead of deploying")
     p.add_argument("--model", default=None, help="checkpoint dir (default: stack YAML's model_path)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override the stack YAML's engine/router/disaggregation settings, e.g. "
+                        "router.health_check_interval=1.0 (repeatable; recorded in the config snapshot)")
     p.add_argument("--stack", default=str(deploy.DEFAULT_STACK))
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (disagg deploy)")
     p.add_argument("--decode", type=int, default=1,
@@ -77,6 +80,7 @@ def validate(args) -> None:
             raise ValueError("--context and --batch values must be >= 1")
         if args.decode_osl < 2:
             raise ValueError("--decode-osl must be >= 2 (ITL needs two output tokens)")
+    deploy.parse_overrides(args.overrides)
     if args.max_kv_tokens is not None and args.max_kv_tokens < 1:
         raise ValueError("--max-kv-tokens must be >= 1")
 
@@ -178,7 +182,7 @@ def main(argv=None) -> int:
             decode_workers, max_kv, mode = args.decode, args.max_kv_tokens, "external"
         else:
             cfg = deploy.stack_config(args.mode, args.model, args.prefill, args.decode, args.port_base,
-                                      Path(args.stack))
+                                      Path(args.stack), sections=deploy.parse_overrides(args.overrides))
             t0 = time.monotonic()
             stack = es.enter_context(deploy.deployed(cfg, out / "stack", progress=lambda n, s: print(
                 f"  {n}: {s}", flush=True), timeout=args.start_timeout))

@@ -14,6 +14,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import yaml
+
 from deploy.local.stack import DEFAULT_STACK, Stack, load_stack_config
 
 MAX_WORKERS_PER_KIND = 10
@@ -28,9 +30,26 @@ def port_layout(port_base: int) -> dict[str, int]:
             "eplb_grpc": P + 50, "eplb_system": P + 51, "prometheus": P + 60}
 
 
+def parse_overrides(items: list[str] | None) -> dict[str, dict]:
+    """['router.health_check_interval=1.0', 'engine.page_size=32'] -> {'router': {...}, 'engine': {...}}.
+    Values are parsed as YAML scalars (numbers, booleans, strings)."""
+    out: dict[str, dict] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not (sep and dot and section and name):
+            raise ValueError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. router.health_check_interval=1.0")
+        if section not in ("engine", "router", "disaggregation"):
+            raise ValueError(f"--set {item!r}: section must be engine, router or disaggregation")
+        out.setdefault(section, {})[name] = yaml.safe_load(value)
+    return out
+
+
 def stack_config(mode: str, model: str | None, num_prefill: int, num_decode: int, port_base: int,
-                 stack_yaml: Path = DEFAULT_STACK, engine: dict | None = None) -> dict:
-    """The effective stack config of one benchmark deployment (validated by load_stack_config)."""
+                 stack_yaml: Path = DEFAULT_STACK, engine: dict | None = None,
+                 sections: dict[str, dict] | None = None) -> dict:
+    """The effective stack config of one benchmark deployment (validated by load_stack_config).
+    `sections` updates the engine/router/disaggregation sections of the YAML (see parse_overrides)."""
     if mode not in ("agg", "disagg"):
         raise ValueError(f"mode {mode!r}: must be agg or disagg")
     for name, n in (("--prefill", num_prefill), ("--decode", num_decode)):
@@ -40,6 +59,7 @@ def stack_config(mode: str, model: str | None, num_prefill: int, num_decode: int
                  "ports": port_layout(port_base)}
     if engine:
         overrides["engine"] = engine
+    overrides.update(sections or {})
     return load_stack_config(stack_yaml, overrides)
 
 

@@ -161,3 +161,14 @@ def test_perf_sh_wrapper_passes_arguments():
     r = subprocess.run([str(REPO / "benchmarks" / "perf.sh"), "--help"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and "--compare" in r.stdout
+
+
+def test_stack_overrides():
+    assert deploy.parse_overrides(["router.health_check_interval=1.0", "engine.page_size=32"]) == {
+        "router": {"health_check_interval": 1.0}, "engine": {"page_size": 32}}
+    for bad in ("router.x", "x=1", "ports.router_http=1"):
+        with pytest.raises(ValueError, match="--set"):
+            deploy.parse_overrides([bad])
+    cfg = deploy.stack_config("agg", str(MODEL), 1, 1, 30000, sections={"router": {"health_check_interval": 1.0}})
+    assert cfg["router"]["health_check_interval"] == 1.0 and cfg["router"]["routing_policy"] == "round_robin"
+    assert perf.main(["--set", "bogus"]) == 2
