@@ -15,11 +15,10 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
-
 from tandem.config.schemas import EngineConfig
 
 from .kv_pool import AuxRow, KVPool, OutOfPages
@@ -43,12 +42,12 @@ class StepOutput:
     new_logprobs: list = field(default_factory=list)  # per new token (when logprobs requested)
     new_top_logprobs: list = field(default_factory=list)  # per new token: [(token_id, logprob)]
     finished: bool = False
-    finish_reason: Optional[str] = None  # stop | length | abort | prefill_done
+    finish_reason: str | None = None  # stop | length | abort | prefill_done
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     cached_tokens: int = 0
-    error: Optional[str] = None
-    stop_text_pos: Optional[int] = None  # finished by a stop string: output text ends here
+    error: str | None = None
+    stop_text_pos: int | None = None  # finished by a stop string: output text ends here
 
 
 @dataclass

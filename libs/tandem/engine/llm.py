@@ -10,8 +10,8 @@ Keyword arguments are tandem.config.EngineConfig fields.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
 
 from .engine import EngineCore
 from .sampling_params import SamplingParams
@@ -23,7 +23,7 @@ class RequestOutput:
     prompt_token_ids: list
     token_ids: list = field(default_factory=list)
     text: str = ""
-    finish_reason: Optional[str] = None
+    finish_reason: str | None = None
     logprobs: list = field(default_factory=list)
     top_logprobs: list = field(default_factory=list)
     cached_tokens: int = 0
@@ -35,9 +35,9 @@ class LLM:
         self.engine = EngineCore(model_path, **config)
         self.tokenizer = self.engine.tokenizer
         self._queues: dict = {}
-        self._loop_task: Optional[asyncio.Task] = None
+        self._loop_task: asyncio.Task | None = None
 
-    def _text(self, out: RequestOutput, sp: SamplingParams, stop_pos: Optional[int]) -> str:
+    def _text(self, out: RequestOutput, sp: SamplingParams, stop_pos: int | None) -> str:
         if self.tokenizer is None:
             return ""
         text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)

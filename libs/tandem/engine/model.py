@@ -10,8 +10,8 @@ gathered from its pages into ``[B, Kmax]`` with a padding + causal mask.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -169,8 +169,8 @@ class MoE(nn.Module):
         self.shared = MLP(H, cfg.shared_expert_intermediate_size) if cfg.shared_expert_intermediate_size else None
         self.shared_gate = nn.Linear(H, 1, bias=False) if has_shared_gate else None
         # Hooks: dispatch(layer_idx, logical_ids) -> physical slot ids; recorder(layer_idx, logical_ids).
-        self.dispatch: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None
-        self.recorder: Optional[Callable[[int, torch.Tensor], None]] = None
+        self.dispatch: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+        self.recorder: Callable[[int, torch.Tensor], None] | None = None
 
     def route(self, x: torch.Tensor):
         """Return (topk_weights [T, k] float32, topk_ids [T, k] logical expert ids)."""

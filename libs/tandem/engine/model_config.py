@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 DENSE_TYPES = {"llama", "qwen2", "qwen3", "mistral"}
 MOE_TYPES = {"qwen2_moe", "qwen3_moe", "glm4_moe"}
@@ -45,14 +44,14 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     n_group: int = 1
     topk_group: int = 1
-    torch_dtype: Optional[str] = None
+    torch_dtype: str | None = None
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
     @classmethod
-    def from_dir(cls, path: str) -> "ModelConfig":
+    def from_dir(cls, path: str) -> ModelConfig:
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise ValueError(f"model_path={path!r}: no config.json in this directory")
@@ -60,7 +59,7 @@ class ModelConfig:
             return cls.from_dict(json.load(f))
 
     @classmethod
-    def from_dict(cls, c: dict) -> "ModelConfig":
+    def from_dict(cls, c: dict) -> ModelConfig:
         mt = c.get("model_type")
         if mt not in SUPPORTED_MODEL_TYPES:
             archs = c.get("architectures")

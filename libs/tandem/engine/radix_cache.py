@@ -15,11 +15,11 @@ import hashlib
 import heapq
 import itertools
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 
-def block_hash(parent_hash: Optional[int], tokens) -> int:
+def block_hash(parent_hash: int | None, tokens) -> int:
     """Stable 64-bit hash of a token block chained on its parent's hash."""
     h = hashlib.blake2b(digest_size=8)
     h.update(struct.pack("<Q", parent_hash or 0))
@@ -30,7 +30,7 @@ def block_hash(parent_hash: Optional[int], tokens) -> int:
 @dataclass
 class BlockStored:
     block_hashes: list
-    parent_block_hash: Optional[int]
+    parent_block_hash: int | None
     token_ids: list
     block_size: int
 
@@ -52,11 +52,11 @@ _tick = itertools.count()
 class Node:
     tokens: tuple = ()
     page: int = -1
-    parent: Optional["Node"] = None
+    parent: Node | None = None
     children: dict = field(default_factory=dict)
     lock_ref: int = 0
     last_access: int = 0
-    hash: Optional[int] = None
+    hash: int | None = None
 
 
 class RadixCache:

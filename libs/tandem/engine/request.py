@@ -3,21 +3,21 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 
 from .sampling_params import SamplingParams
 
 
-class Mode(str, enum.Enum):
+class Mode(enum.StrEnum):
     NORMAL = "normal"  # local prefill + decode (aggregated)
     PREFILL_ONLY = "prefill_only"  # prefill, sample the first token, hold the pages
     EXTERNAL = "external"  # KV filled from outside; decode after activate()
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     WAITING = "waiting"  # queued for (re)prefill
     RUNNING = "running"  # in the running batch (prefilling in chunks or decoding)
     HELD = "held"  # prefill-only request done, pages kept until release()
@@ -40,15 +40,15 @@ class Request:
     num_tree_pages: int = 0  # leading pages owned by the radix cache (matched prefix)
     tree_node: object = None  # last matched radix node (locked while we hold it)
     cached_tokens: int = 0
-    finish_reason: Optional[str] = None
-    stop_text_pos: Optional[int] = None  # where a stop string begins in the output text
-    generator: Optional[torch.Generator] = None
-    aux_slot: Optional[int] = None
-    on_prefill_done: Optional[Callable] = None
-    on_chunk_done: Optional[Callable] = None
+    finish_reason: str | None = None
+    stop_text_pos: int | None = None  # where a stop string begins in the output text
+    generator: torch.Generator | None = None
+    aux_slot: int | None = None
+    on_prefill_done: Callable | None = None
+    on_chunk_done: Callable | None = None
     pages_reported: int = 0  # pages already reported final to on_chunk_done
     arrival_time: float = field(default_factory=time.monotonic)
-    first_token_time: Optional[float] = None
+    first_token_time: float | None = None
     admit_seq: int = 0
 
     @property

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 @dataclass
@@ -20,7 +19,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1
     min_p: float = 0.0
-    seed: Optional[int] = None
+    seed: int | None = None
     stop: list = field(default_factory=list)
     stop_token_ids: list = field(default_factory=list)
     ignore_eos: bool = False

@@ -15,7 +15,7 @@ from collections import deque
 
 from .kv_pool import KVPool
 from .radix_cache import RadixCache
-from .request import Request, Status
+from .request import Mode, Request, Status
 
 
 class Scheduler:
@@ -96,8 +96,11 @@ class Scheduler:
             if batch or not self.running:
                 return kind, batch
             # Running requests exist but none could get pages: free some and retry.
-            victim = max(self.running, key=lambda r: r.admit_seq)
+            victim = self._victim()
             if len(self.running) == 1:
+                own = len(victim.pages) - victim.num_tree_pages
+                if self.pool.num_used_pages - self.cache.num_pages > own:
+                    return "idle", []  # held / pre-allocated pages elsewhere will come back: wait
                 return "stuck", [(victim, 0)]
             self.retract(victim)
 
@@ -130,7 +133,7 @@ class Scheduler:
             if req.num_uncomputed != 1 or req.status != Status.RUNNING:
                 continue
             while not self.ensure_pages(req, req.seq_len):
-                victim = max(self.running, key=lambda r: r.admit_seq)
+                victim = self._victim()
                 if victim is req:
                     break
                 self.retract(victim)
@@ -141,11 +144,18 @@ class Scheduler:
             break  # req itself is the youngest and got no page: leave the rest for later
         return ("decode" if decode else "idle"), decode
 
+    def _victim(self) -> Request:
+        """The request to preempt: the youngest, sparing prefill-only requests whose pages are
+        already being transferred (their page indices must not change)."""
+        spare = [r for r in self.running if not (r.mode == Mode.PREFILL_ONLY and r.pages_reported)]
+        return max(spare or self.running, key=lambda r: r.admit_seq)
+
     def retract(self, req: Request) -> None:
         """Preempt a running request: keep its tokens, drop its KV, queue it first."""
         self.running.remove(req)
         self.release(req, cache=True)
         req.num_computed = 0
+        req.pages_reported = 0
         req.status = Status.WAITING
         self.waiting.appendleft(req)
         self.num_retracted += 1

@@ -9,7 +9,6 @@ import os
 
 import pytest
 import torch
-
 from tandem.engine import LLM
 from tandem.engine.demo_models import build_all
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tandem.engine import AuxRow, OutOfPages, SamplingParams, pack_aux
 
 
@@ -48,7 +47,7 @@ def test_prefill_only_then_external_decode_equals_local(prefill_engine, dense_ll
         assert len(alloc.page_indices) == -(-alloc.num_tokens // de.page_size)
         results, chunks = [], []
 
-        def on_chunk(rid, pages, num_computed):
+        def on_chunk(rid, pages, num_computed, chunks=chunks, alloc=alloc):
             # stream finished pages as chunks complete (position in the prompt -> decode page)
             start = sum(len(c) for c in chunks)
             chunks.append(pages)

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 from tandem.engine import SamplingParams
+from transformers import AutoModelForCausalLM
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-
 from tandem.engine import AllBlocksCleared, BlockRemoved, BlockStored, SamplingParams, block_hash
 from tandem.engine.kv_pool import KVPool
 from tandem.engine.radix_cache import RadixCache

@@ -7,7 +7,6 @@ import os
 import shutil
 
 import pytest
-
 from tandem.engine import LLM, SamplingParams
 
 

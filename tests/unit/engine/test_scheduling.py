@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 from tandem.engine import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
