@@ -56,6 +56,9 @@ class EngineConfig(_Section):
     skip_warmup: bool = Field(False, description="Skip the warmup request before reporting healthy.")
     warmup_timeout: float = Field(1800.0, gt=0, description="Seconds the warmup request may take.")
     profile_dir: str = Field("/tmp/tandem-profiles", description="Default output folder of the torch profiler.")
+    torch_num_threads: int = Field(
+        0, ge=0, description="torch intra-op threads (0 = torch's default); 1 suits several workers per host."
+    )
     # HiCache
     enable_hierarchical_cache: bool = Field(False, description="Enable the host-memory KV tier (HiCache).")
     hicache_ratio: float = Field(2.0, ge=2.0, description="Host KV pool size as a multiple of the device pool.")
@@ -109,7 +112,15 @@ class DisaggregationConfig(_Section):
     )
 
 
-class PrefillConfig(ServerConfig, EngineConfig, DisaggregationConfig):
+class DiscoveryConfig(_Section):
+    etcd_endpoint: str | None = Field(
+        None, description="Register this worker in etcd (v3 JSON gateway URL) so routers discover it."
+    )
+    etcd_prefix: str = Field("/tandem/workers/", description="etcd key prefix to register under.")
+    etcd_ttl: float = Field(5.0, gt=0, description="Lease TTL in seconds; the key vanishes this long after a crash.")
+
+
+class PrefillConfig(ServerConfig, EngineConfig, DisaggregationConfig, DiscoveryConfig):
     """`python -m tandem.prefill`"""
 
     port: int = Field(50061, ge=0, le=65535, description="gRPC port (0 = pick a free port).")
@@ -117,7 +128,7 @@ class PrefillConfig(ServerConfig, EngineConfig, DisaggregationConfig):
     disaggregation_mode: Literal["prefill"] = Field("prefill", description="Always prefill for this service.")
 
 
-class DecodeConfig(ServerConfig, EngineConfig, DisaggregationConfig):
+class DecodeConfig(ServerConfig, EngineConfig, DisaggregationConfig, DiscoveryConfig):
     """`python -m tandem.decode` (also the aggregated worker with --disaggregation-mode null)."""
 
     port: int = Field(50071, ge=0, le=65535, description="gRPC port (0 = pick a free port).")

@@ -121,6 +121,9 @@ class EngineCore:
         self.config = cfg = _config(model_path, config, overrides)
         if not cfg.model_path:
             raise ValueError("model_path is required")
+        if cfg.enable_hierarchical_cache or cfg.hicache_storage_backend:
+            raise ValueError("enable_hierarchical_cache / hicache_storage_backend: the host KV tier (HiCache) "
+                             "is not implemented in this build; remove the flag")
         if not os.path.isdir(cfg.model_path):
             raise ValueError(f"model_path={cfg.model_path!r}: not a directory")
         device = cfg.device

@@ -80,9 +80,13 @@ class ServiceRuntime:
         add_to_server(servicer, self.server)
         self._service_names.append(full_name)
 
-    def on_shutdown(self, hook: Callable[[], None]) -> None:
-        """Hooks run in registration order after health turns NOT_SERVING, before the server stops."""
-        self._shutdown_hooks.append(hook)
+    def on_shutdown(self, hook: Callable[[], None], first: bool = False) -> None:
+        """Hooks run in registration order (`first` puts one in front) after health turns
+        NOT_SERVING, before the server stops."""
+        if first:
+            self._shutdown_hooks.insert(0, hook)
+        else:
+            self._shutdown_hooks.append(hook)
 
     def start(self) -> None:
         reflection.enable_server_reflection(

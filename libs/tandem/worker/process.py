@@ -9,6 +9,8 @@ import hashlib
 import logging
 import os
 import time
+
+import torch
 from dataclasses import dataclass
 
 from tandem.config import EngineConfig
@@ -54,21 +56,39 @@ class WorkerProcess:
         pool = self.engine.pool
         return KvBuffers(pool.k_buffers, pool.v_buffers, pool.aux)
 
-    def serve(self, warmup) -> None:
-        """Start serving, run `warmup()` before health turns SERVING, then block until SIGTERM."""
+    def serve(self, warmup, role: str) -> None:
+        """Start serving, run `warmup()` before health turns SERVING, register in etcd when
+        configured, then block until SIGTERM."""
+        config = self.runtime.config
         self.runtime.install_signal_handlers()
         self.runtime.start()
         self.loop.start()
-        if warmup is not None and not getattr(self.runtime.config, "skip_warmup", False):
+        if warmup is not None and not config.skip_warmup:
             t0 = time.monotonic()
             warmup()
             log.info("%s warmup done in %.2fs", self.kind, time.monotonic() - t0)
+        if config.etcd_endpoint:
+            self._register_in_etcd(role)  # routers still wait for health to turn SERVING
         self.runtime.set_ready()
         self.runtime.wait()
+
+    def _register_in_etcd(self, role: str) -> None:
+        from tandem.routing.discovery import register_worker
+        from tandem.v1 import common_pb2
+
+        cfg = self.runtime.config
+        info = common_pb2.WorkerInfo(worker_id=self.runtime.worker_id, address=self.runtime.address, role=role,
+                                     model=self.model_name, system_address=self.runtime.system_address)
+        registration = register_worker(cfg.etcd_endpoint, cfg.etcd_prefix, info, cfg.etcd_ttl)
+        # First hook: the router stops sending new work before the worker drains.
+        self.runtime.on_shutdown(registration.close, first=True)
+        log.info("registered in etcd at %s%s as %s", cfg.etcd_prefix, info.worker_id, role)
 
 
 def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> WorkerProcess:
     runtime = ServiceRuntime(kind, config)
+    if config.torch_num_threads:
+        torch.set_num_threads(config.torch_num_threads)
     t0 = time.time()
     engine = EngineCore(config=engine_config_of(config))
     load_s = time.time() - t0

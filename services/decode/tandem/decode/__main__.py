@@ -40,7 +40,7 @@ def main(argv=None) -> None:
         for _ in worker.generate(req, lambda: True, lambda cb: None):
             pass
 
-    wp.serve(warmup)
+    wp.serve(warmup, role="decode" if disagg else "agg")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def main(argv=None) -> None:
         def warmup():
             warmup_prefill(wp.runtime.address, config.warmup_timeout)
 
-    wp.serve(warmup)
+    wp.serve(warmup, role="prefill")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,60 @@
+"""Workers register themselves in a real etcd; a router with --discovery etcd finds them,
+serves through them, and drops one that stops."""
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.support.procs import start_service
+from tests.unit.routing.routing_etcd import EtcdServer
+
+MODEL = "models/tandem-demo-dense"
+PREFIX = "/tandem-it/workers/"
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    try:
+        server = EtcdServer(str(tmp_path_factory.mktemp("etcd")))
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    yield server
+    server.stop()
+
+
+def completion(http: str) -> httpx.Response:
+    return httpx.post(f"http://{http}/v1/completions", timeout=60,
+                      json={"model": "tandem-demo-dense", "prompt": "Hello there", "max_tokens": 4})
+
+
+def wait_for(cond, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.2)
+    return cond()
+
+
+def test_worker_registered_in_etcd_is_used_then_dropped(etcd):
+    router = start_service("tandem.router", "--model-path", MODEL, "--http-port", "0", "--discovery", "etcd",
+                           "--etcd-endpoint", etcd.endpoint, "--etcd-prefix", PREFIX)
+    worker = None
+    try:
+        http = router.info["http"]
+        assert completion(http).status_code == 503  # nobody registered yet
+        worker = start_service("tandem.decode", "--model-path", MODEL, "--max-total-tokens", "4096",
+                               "--etcd-endpoint", etcd.endpoint, "--etcd-prefix", PREFIX, "--etcd-ttl", "2")
+        assert etcd.keys(PREFIX) == [PREFIX + worker.grpc_address]
+        ok = wait_for(lambda: completion(http).status_code == 200)
+        assert ok, completion(http).text
+        worker.stop()
+        assert etcd.keys(PREFIX) == []  # deregistered on graceful stop
+        assert wait_for(lambda: completion(http).status_code == 503)
+    finally:
+        if worker:
+            worker.stop()
+        router.stop()
