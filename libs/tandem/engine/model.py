@@ -171,6 +171,11 @@ class MoE(nn.Module):
         # Hooks: dispatch(layer_idx, logical_ids) -> physical slot ids; recorder(layer_idx, logical_ids).
         self.dispatch: Callable[[int, torch.Tensor], torch.Tensor] | None = None
         self.recorder: Callable[[int, torch.Tensor], None] | None = None
+        # Expert parallelism (tandem.engine.expert_parallel): this rank holds physical slots
+        # [local_slot_start, local_slot_start + w13.shape[0]); all_reduce(buf) sums the
+        # per-(token, k) expert outputs of every rank in place. Defaults: one rank, all slots.
+        self.local_slot_start = 0
+        self.all_reduce: Callable[[torch.Tensor], None] | None = None
 
     def route(self, x: torch.Tensor):
         """Return (topk_weights [T, k] float32, topk_ids [T, k] logical expert ids)."""
@@ -203,33 +208,60 @@ class MoE(nn.Module):
         if self.recorder is not None:
             self.recorder(self.layer_idx, topk_ids)
         phys = topk_ids if self.dispatch is None else self.dispatch(self.layer_idx, topk_ids)
-        out = self.experts(x, phys, weights)
-        if self.shared is not None:
+        buf = self.expert_outputs(x, phys, weights)
+        if self.all_reduce is not None:
+            self.all_reduce(buf)  # every (token, k) entry was computed by exactly one rank
+        out = self.combine(buf, topk_ids)
+        if self.shared is not None:  # replicated on every EP rank, added after the reduce
             s = self.shared(x)
             if self.shared_gate is not None:
                 s = torch.sigmoid(self.shared_gate(x)) * s
             out = out + s
         return out
 
-    def experts(self, x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Grouped expert MLP: tokens sorted by physical slot, one matmul pair per used slot."""
+    def expert_outputs(self, x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Weighted output of every (token, k) entry routed to a local slot: ``[T, k, hidden]``.
+
+        Grouped expert MLP: entries sorted by physical slot (stably, so a slot sees its
+        tokens in the same order whatever the rank), one matmul pair per used local slot.
+        Entries whose slot lives on another EP rank stay zero.
+        """
         T, k = phys.shape
-        flat = phys.reshape(-1)
-        order = flat.argsort(stable=True)
-        token_of = order // k
-        counts = torch.bincount(flat, minlength=self.w13.shape[0]).tolist()
-        xs = x[token_of]
-        w = weights.reshape(-1)[order].to(x.dtype)
-        out = torch.zeros_like(x)
+        num_local = self.w13.shape[0]
+        local = phys.reshape(-1) - self.local_slot_start
+        keep = (local >= 0) & (local < num_local)
+        entries = torch.arange(T * k, device=phys.device)[keep]
+        local = local[keep]
+        order = local.argsort(stable=True)
+        entries = entries[order]
+        counts = torch.bincount(local, minlength=num_local).tolist()
+        xs = x[entries // k]
+        w = weights.reshape(-1)[entries].to(x.dtype)
+        buf = x.new_zeros(T * k, x.shape[-1])
         start = 0
         for slot, n in enumerate(counts):
             if n == 0:
                 continue
             seg = slice(start, start + n)
             gate, up = F.linear(xs[seg], self.w13[slot]).chunk(2, dim=-1)
-            h = F.linear(F.silu(gate) * up, self.w2[slot]) * w[seg, None]
-            out.index_add_(0, token_of[seg], h)
+            buf[entries[seg]] = F.linear(F.silu(gate) * up, self.w2[slot]) * w[seg, None]
             start += n
+        return buf.view(T, k, -1)
+
+    @staticmethod
+    def combine(buf: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Sum each token's k outputs in ascending logical-expert order.
+
+        A fixed order makes the float result independent of which physical slots (and
+        ranks) computed the entries, i.e. of the expert placement.
+        """
+        k = buf.shape[1]
+        if k > 1:
+            perm = topk_ids.argsort(dim=1, stable=True).to(buf.device)
+            buf = buf.gather(1, perm[:, :, None].expand_as(buf))
+        out = buf[:, 0]
+        for j in range(1, k):
+            out = out + buf[:, j]
         return out
 
 

@@ -1,0 +1,431 @@
+"""Expert parallelism (EP) across processes with ``torch.distributed``: the all-reduce variant.
+
+Layout
+    ``ep_size`` ranks, one process each (gloo on CPU, NCCL on CUDA; control messages always
+    go over a gloo CPU group). Every rank holds the dense part of the model (embeddings,
+    attention, norms, dense MLPs, routers, shared experts) and its own KV pool; in every MoE
+    layer it holds only the weights of its own physical slots,
+    ``ExpertLocation.slots_of_rank(rank)`` (a placement may have redundant slots).
+
+One MoE layer (``tandem.engine.model.MoE.forward``)
+    1. every rank routes all ``T`` tokens (same hidden states, so the same top-k);
+    2. dispatch maps logical ids to physical slots *rank-agnostically* (``ep_rank=None``),
+       so every rank picks the same slot: ``static`` by token index, ``dynamic`` from the
+       batch's counts, ``random`` from a generator seeded identically on every rank;
+    3. each rank computes the ``(token, k)`` entries whose slot is local into
+       ``buf [T, k, hidden]``, the others stay zero;
+    4. ``all_reduce(SUM)`` over the EP group: each entry is non-zero on exactly one rank,
+       so the reduction adds only zeros and is exact;
+    5. every rank sums each token's k entries in logical-expert order and adds its
+       (replicated) shared expert.
+    Hidden states are therefore bit-identical on every rank and to a one-rank run with the
+    same placement. The price of exactness: ``k * hidden`` values per token and layer are
+    reduced (``k`` times a partial-sum reduce); an all-to-all dispatch is the scalable variant.
+
+Lockstep (design: broadcast the scheduled batch)
+    Rank 0, the *leader*, is an ordinary ``EngineCore`` a service drives: scheduler, radix
+    cache, requests and sampling live there only. ``ExpertParallelLeader`` replaces
+    ``engine.runner`` with a runner that, right before each forward pass, broadcasts the
+    batch description (per request: first new position, new token ids, page indices) and
+    any new expert placement over the gloo group. Each *follower* (``ExpertParallelFollower``)
+    builds the same ``ForwardBatch`` with the same ``ModelRunner.build`` and runs the model
+    on its own KV pool. That pool mirrors the leader's page for page (same slot mapping,
+    same hidden states, so the same K/V), hence prefix-cache hits, chunked prefill,
+    preemption and aborts need nothing on followers. Only the leader samples, so sampling
+    seeds play no role. While idle the leader sends a no-op every ``keepalive_s`` (call
+    ``leader.keepalive()`` from the engine loop's poll hook) so the followers' pending
+    broadcast never reaches the collective timeout.
+
+Placement changes (EPLB)
+    ``ExpertParallelHook`` is an ``EplbEngineHook`` whose slots are sharded: it keeps every
+    logical expert's weights on the host and, when a plan is applied between forward
+    passes, copies only the changed local slots. The leader's runner ships the new
+    placement with the next forward pass; followers apply it before running that pass.
+
+Not supported: requests whose KV is written from outside (``allocate_external`` /
+``activate_external``, the decode side of PD disaggregation): only the leader's pool
+would receive the pages. The mirrored runner refuses such a batch with ``RuntimeError``.
+
+API::
+
+    ep = init_expert_parallel(rank, world_size, "tcp://127.0.0.1:29500")   # or env://
+    leader = ExpertParallelLeader(engine, ep)               # rank 0, after EngineCore(...)
+    ExpertParallelFollower(engine_config, ep).run()          # ranks 1.., returns at close()
+    leader.close()
+
+    leader = start_expert_parallel(engine)   # one host: spawns ranks 1..ep_size-1 and does the above
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from tandem.config.schemas import EngineConfig
+from tandem.eplb.engine_hook import EplbEngineHook
+from tandem.eplb.placement import ExpertLocation, diff
+
+from .kv_pool import KVPool
+from .loader import load_model, resolve_dtype
+from .model_runner import ModelRunner
+from .request import Mode
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ExpertParallelGroup", "init_expert_parallel", "ExpertParallelHook", "ExpertParallelLeader",
+    "ExpertParallelFollower", "start_expert_parallel", "follower_main",
+]
+
+
+# ---------------------------------------------------------------------------------- the group
+@dataclass
+class ExpertParallelGroup:
+    """This process's place in the EP group, with the two process groups it talks over."""
+
+    rank: int
+    size: int
+    device: torch.device
+    group: object = None  # collectives on the model's device (gloo or nccl)
+    cpu_group: object = None  # gloo: control messages (batches, placements)
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+
+    def broadcast(self, obj=None):
+        """Rank 0 sends ``obj``; every rank returns it."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.cpu_group, device=torch.device("cpu"))
+        return box[0]
+
+    def destroy(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_expert_parallel(
+    rank: int | None = None,
+    world_size: int | None = None,
+    init_method: str | None = None,
+    backend: str | None = None,
+    device: str = "cpu",
+    timeout_s: float = 600.0,
+) -> ExpertParallelGroup:
+    """Join the EP group (``world_size`` ranks, this one ``rank``).
+
+    ``rank`` / ``world_size`` default to the env vars RANK / WORLD_SIZE and ``init_method``
+    to ``env://`` (MASTER_ADDR / MASTER_PORT). ``backend`` defaults to nccl for a CUDA
+    ``device`` (rank ``r`` uses ``cuda:r`` unless the device names an index), gloo otherwise.
+    """
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"EP rank {rank} is outside [0, world_size={world_size})")
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    timeout = timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=init_method or "env://", rank=rank,
+                                world_size=world_size, timeout=timeout)
+    elif (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+        raise ValueError(f"torch.distributed is already initialized as rank {dist.get_rank()} of "
+                         f"{dist.get_world_size()}, not {rank} of {world_size}")
+    group = dist.group.WORLD
+    cpu_group = group if dist.get_backend(group) == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    return ExpertParallelGroup(rank, world_size, dev, group, cpu_group)
+
+
+# ---------------------------------------------------------------------------------- sharded hook
+class ExpertParallelHook(EplbEngineHook):
+    """``EplbEngineHook`` for one EP rank: each MoE layer keeps only this rank's slots.
+
+    Dispatch is rank-agnostic (every rank must pick the same slot); the recorder, if any,
+    sees every token (tokens are replicated), so only the leader should have one.
+    """
+
+    def __init__(self, model, location: ExpertLocation, ep: ExpertParallelGroup,
+                 dispatch_algorithm: str = "static", recorder=None, seed: int = 0):
+        if location.ep_size != ep.size:
+            raise ValueError(f"placement is for ep_size={location.ep_size}, the EP group has {ep.size} ranks")
+        super().__init__(model, location, dispatch_algorithm, recorder, ep_rank=None, seed=seed)
+        self.ep = ep
+        self._host: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def install(self) -> None:
+        for m in self.layers:
+            current = m.physical_to_logical.long().cpu()
+            if current.numel() != self.location.num_logical or not torch.equal(
+                current, torch.arange(self.location.num_logical)
+            ):
+                raise ValueError(f"MoE layer {m.layer_idx}: install() expects the checkpoint layout (identity)")
+        # Every logical expert's weights stay on the host: plans copy new slots from there.
+        self._host = [(m.w13.detach().to("cpu"), m.w2.detach().to("cpu")) for m in self.layers]
+        s = self.location.slots_of_rank(self.ep.rank)
+        for i, m in enumerate(self.layers):
+            local = self.location.physical_to_logical[i, s.start:s.stop]
+            with torch.no_grad():
+                m.w13.data = self._host[i][0].index_select(0, local).to(m.w13.device)
+                m.w2.data = self._host[i][1].index_select(0, local).to(m.w2.device)
+            m.local_slot_start = s.start
+            m.all_reduce = self.ep.all_reduce if self.ep.size > 1 else None
+            self._set_buffer(m, self.location.physical_to_logical[i])
+            m.dispatch = self._dispatch
+        if self.recorder is not None:
+            self.recorder.set_physical_to_logical(self.location.physical_to_logical)
+
+    def apply_pending(self) -> int:
+        """Apply a queued placement between forward passes; copies only this rank's changed
+        slots (from the host copy). Returns the number of slot copies over all ranks."""
+        with self._lock:
+            new, self._pending = self._pending, None
+            version = getattr(self, "_pending_version", None)
+        if new is None:
+            return 0
+        copies = diff(self.location, new)
+        start = new.slots_of_rank(self.ep.rank).start
+        for i, m in enumerate(self.layers):
+            mine = [c for c in copies if c.layer == i and c.rank == self.ep.rank]
+            if mine:
+                w13, w2 = m.w13.data.clone(), m.w2.data.clone()  # out of place: swapped in at once
+                for c in mine:
+                    w13[c.slot - start] = self._host[i][0][c.logical].to(w13.device)
+                    w2[c.slot - start] = self._host[i][1][c.logical].to(w2.device)
+                m.w13.data, m.w2.data = w13, w2
+            self._set_buffer(m, new.physical_to_logical[i])
+        self.location = new
+        if self.recorder is not None:
+            self.recorder.set_physical_to_logical(new.physical_to_logical)
+        self.version = version if version is not None else self.version + 1
+        self.moves_applied += len(copies)
+        return len(copies)
+
+    def set_location(self, location: ExpertLocation) -> int:
+        """Apply ``location`` now (followers, between passes)."""
+        self.submit(location)
+        return self.apply_pending()
+
+
+# ---------------------------------------------------------------------------------- batches
+class _Window:
+    """``all_ids`` stand-in holding only the tokens ``[start, start + len(ids))``."""
+
+    __slots__ = ("start", "ids")
+
+    def __init__(self, start: int, ids: list):
+        self.start, self.ids = start, ids
+
+    def __getitem__(self, sl: slice) -> list:
+        return self.ids[sl.start - self.start: sl.stop - self.start]
+
+
+class _Item:
+    """What ``ModelRunner.build`` reads of a scheduled request."""
+
+    __slots__ = ("num_computed", "all_ids", "pages")
+
+    def __init__(self, start: int, ids: list, pages: list):
+        self.num_computed, self.all_ids, self.pages = start, _Window(start, ids), pages
+
+
+def _items(records: list) -> list:
+    return [(_Item(start, ids, pages), len(ids)) for start, ids, pages in records]
+
+
+class _MirroredRunner(ModelRunner):
+    """The leader's runner: broadcast the batch, then run it like every follower does."""
+
+    def __init__(self, runner: ModelRunner, leader: ExpertParallelLeader):
+        super().__init__(runner.model, runner.pool, runner.device)
+        self.leader = leader
+
+    def forward(self, batch: list) -> torch.Tensor:
+        ps = self.page_size
+        records = []
+        for req, n in batch:
+            if req.mode == Mode.EXTERNAL:
+                raise RuntimeError(f"request {req.rid}: KV written from outside (PD decode) is not supported "
+                                   "with expert parallelism; only the leader's KV pool would hold it")
+            s = req.num_computed
+            records.append((s, list(req.all_ids[s:s + n]), list(req.pages[:(s + n + ps - 1) // ps])))
+        with self.leader._lock:
+            self.leader._send({"kind": "forward", "batch": records})
+            return super().forward(_items(records))
+
+
+# ---------------------------------------------------------------------------------- ranks
+class ExpertParallelLeader:
+    """Rank 0: shard ``engine``'s experts and mirror each of its forward passes on the followers.
+
+    ``location`` defaults to ``--init-expert-location`` with ``ep_num_redundant_experts``
+    extra slots; ``hook`` is the ``EplbEngineHook`` to use for EPLB (submit / apply_pending
+    as usual: the next forward pass carries the new placement to the followers).
+    """
+
+    def __init__(self, engine, ep: ExpertParallelGroup, location: ExpertLocation | None = None,
+                 dispatch_algorithm: str | None = None, recorder=None, seed: int | None = None,
+                 keepalive_s: float = 10.0):
+        if ep.rank != 0:
+            raise ValueError(f"the EP leader must be rank 0, this process is rank {ep.rank}")
+        cfg = engine.config
+        self.engine, self.ep, self.keepalive_s = engine, ep, keepalive_s
+        self._lock = threading.RLock()
+        self._last_send = time.monotonic()
+        self._closed = False
+        self.processes: list = []
+        if location is None:
+            location = default_location(engine.model, engine.model_config, cfg, ep.size)
+        algo = dispatch_algorithm or cfg.ep_dispatch_algorithm
+        seed = cfg.random_seed if seed is None else seed
+        self.hook = ExpertParallelHook(engine.model, location, ep, algo, recorder, seed)
+        with engine._lock:
+            self.hook.install()
+            self._sent_location = location
+            pool = engine.pool
+            self.ep.broadcast({"kind": "init", "num_pages": pool.num_pages, "page_size": pool.page_size,
+                               "placement": location.physical_to_logical, "dispatch": algo, "seed": seed})
+            engine.runner = _MirroredRunner(engine.runner, self)
+
+    def _send(self, msg: dict) -> None:
+        if self._closed:
+            raise RuntimeError("the expert-parallel group is closed")
+        loc = self.hook.location
+        if loc is not self._sent_location:
+            msg["placement"] = loc.physical_to_logical
+            self._sent_location = loc
+        self.ep.broadcast(msg)
+        self._last_send = time.monotonic()
+
+    def keepalive(self) -> None:
+        """Call often while idle (engine loop poll hook): a no-op every ``keepalive_s``."""
+        with self._lock:
+            if not self._closed and time.monotonic() - self._last_send >= self.keepalive_s:
+                self._send({"kind": "noop"})
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the followers (they return from ``run()``) and leave the group."""
+        with self._lock:
+            if self._closed:
+                return
+            self._send({"kind": "stop"})
+            self._closed = True
+        for p in self.processes:
+            p.join(timeout)
+            if p.is_alive():
+                log.warning("EP follower pid %s did not stop in %.0f s; terminating it", p.pid, timeout)
+                p.terminate()
+        self.ep.destroy()
+
+
+class ExpertParallelFollower:
+    """Rank ``ep.rank > 0``: the model and a KV pool mirroring the leader's; no scheduler."""
+
+    def __init__(self, config: EngineConfig, ep: ExpertParallelGroup):
+        if ep.rank == 0:
+            raise ValueError("rank 0 is the leader; followers are ranks 1..ep_size-1")
+        self.ep = ep
+        device = str(ep.device)
+        self.model, self.model_config = load_model(config.model_path, resolve_dtype(config.dtype, device), device)
+        mc = self.model_config
+        init = ep.broadcast()
+        if init.get("kind") != "init":
+            raise RuntimeError(f"EP follower {ep.rank}: expected the leader's init message, got {init.get('kind')}")
+        dtype = self.model.embed_tokens.weight.dtype
+        self.pool = KVPool(mc.num_layers, init["num_pages"], init["page_size"], mc.num_kv_heads, mc.head_dim,
+                           dtype, device, num_aux_slots=1)
+        location = ExpertLocation(init["placement"], mc.num_experts, ep.size)
+        self.hook = ExpertParallelHook(self.model, location, ep, init["dispatch"], None, init["seed"])
+        self.hook.install()
+        self.runner = ModelRunner(self.model, self.pool, device)
+        self.forward_passes = 0
+
+    def step(self) -> bool:
+        """Handle one message from the leader; False once it said stop."""
+        msg = self.ep.broadcast()
+        if msg.get("placement") is not None:
+            loc = ExpertLocation(msg["placement"], self.hook.location.num_logical, self.ep.size)
+            self.hook.set_location(loc)
+        kind = msg["kind"]
+        if kind == "forward":
+            self.runner.forward(_items(msg["batch"]))
+            self.forward_passes += 1
+        elif kind == "stop":
+            return False
+        return True
+
+    def run(self) -> None:
+        while self.step():
+            pass
+
+
+def default_location(model, model_config, cfg: EngineConfig, ep_size: int) -> ExpertLocation:
+    """``--init-expert-location`` over ``num_experts + ep_num_redundant_experts`` slots per layer."""
+    layers = model.moe_layers()
+    if not layers:
+        raise ValueError(f"ep_size={ep_size}: expert parallelism needs a MoE model; {cfg.model_path} has none")
+    e = int(layers[0].physical_to_logical.numel())
+    groups = getattr(model_config, "n_group", None) or 1
+    return ExpertLocation.from_init_arg(cfg.init_expert_location, len(layers), e, e + cfg.ep_num_redundant_experts,
+                                        ep_size, groups, 1)
+
+
+# ---------------------------------------------------------------------------------- one host
+def follower_main(rank: int, ep_size: int, init_method: str, config: dict, backend: str | None = None,
+                  num_threads: int | None = None, timeout_s: float = 600.0) -> None:
+    """Entry point of a follower process (picklable for ``multiprocessing`` spawn)."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    cfg = EngineConfig(**config)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    ep = init_expert_parallel(rank, ep_size, init_method, backend, device, timeout_s)
+    try:
+        ExpertParallelFollower(cfg, ep).run()
+    finally:
+        ep.destroy()
+
+
+def start_expert_parallel(engine, ep_size: int | None = None, init_method: str | None = None,
+                          backend: str | None = None, location: ExpertLocation | None = None,
+                          recorder=None, num_threads: int | None = None,
+                          timeout_s: float = 600.0) -> ExpertParallelLeader:
+    """One host: spawn followers 1..ep_size-1, join as rank 0 and attach to ``engine``.
+
+    ``ep_size`` defaults to ``engine.config.ep_size``; ``init_method`` to a free loopback
+    TCP port. Call ``leader.close()`` at shutdown (it joins the follower processes).
+    """
+    import torch.multiprocessing as mp
+
+    ep_size = ep_size or engine.config.ep_size
+    if ep_size < 2:
+        raise ValueError(f"ep_size={ep_size}: expert parallelism needs at least 2 ranks")
+    if init_method is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            init_method = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    ctx = mp.get_context("spawn")
+    config = engine.config.model_dump()
+    procs = [ctx.Process(target=follower_main, name=f"ep-follower-{r}", daemon=True,
+                         args=(r, ep_size, init_method, config, backend, num_threads, timeout_s))
+             for r in range(1, ep_size)]
+    for p in procs:
+        p.start()
+    try:
+        ep = init_expert_parallel(0, ep_size, init_method, backend, str(engine.device), timeout_s)
+        leader = ExpertParallelLeader(engine, ep, location, recorder=recorder)
+    except BaseException:
+        for p in procs:
+            p.terminate()
+        raise
+    leader.processes = procs
+    return leader
