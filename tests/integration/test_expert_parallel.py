@@ -1,0 +1,114 @@
+"""Expert parallelism across 2 processes (gloo, loopback) on the MoE demo model.
+
+The leader engine runs in this process and holds half of every MoE layer's experts; the
+follower is a spawned process holding the other half. Greedy tokens must equal a
+single-rank engine's, and the logprobs must be bit-identical to a single-rank engine
+using the same expert placement (the EP reduction only adds zeros).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from tandem.engine import EngineCore, SamplingParams
+from tandem.engine.demo_models import build_all
+from tandem.engine.expert_parallel import start_expert_parallel
+from tandem.eplb import rebalance_experts
+from tandem.eplb.engine_hook import EplbEngineHook
+from tandem.eplb.placement import ExpertLocation
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CFG = dict(max_total_tokens=4096, dtype="float32", device="cpu", chunked_prefill_size=40)
+PROMPTS = [
+    "The GNU General Public License is a free, copyleft license for",
+    "The GNU General Public License is a free, copyleft license for software and other kinds",
+    "def __init__(self, name, value=None):\n    self.name = name\n",
+    "import os\nimport sys\n\n",
+    "Permission is hereby granted, free of charge, to any person obtaining a copy",
+    "class Error(Exception):\n    \"\"\"Base class for",
+    "return",
+    "Licensed under the Apache License, Version 2.0 (the \"License\");",
+]
+GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=True)
+SAMPLED = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True, logprobs=True)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def moe_path():
+    torch.set_num_threads(1)
+    return build_all(os.path.join(REPO, "models"), log=lambda *_: None)["tandem-demo-moe"]
+
+
+def generate(engine, at_step=None):
+    """All prompts at once (plus one seeded sampled request); at_step=(n, fn) runs fn after step n."""
+    sps = [GREEDY] * len(PROMPTS) + [SAMPLED]
+    rids = [engine.add_request(p, sp) for p, sp in zip(PROMPTS + PROMPTS[:1], sps)]
+    toks = {r: [] for r in rids}
+    lps = {r: [] for r in rids}
+    steps = 0
+    while engine.has_work():
+        for o in engine.step():
+            toks[o.rid] += o.new_token_ids
+            lps[o.rid] += o.new_logprobs
+        steps += 1
+        if at_step is not None and steps == at_step[0]:
+            at_step[1]()
+    assert engine.num_available_pages == engine.pool.num_pages
+    return [toks[r] for r in rids], [lps[r] for r in rids]
+
+
+def one_rank(path, location=None, at_step=None, **cfg):
+    engine = EngineCore(path, **CFG, **cfg)
+    if location is not None:
+        hook = EplbEngineHook(engine.model, location, engine.config.ep_dispatch_algorithm)
+        hook.install()
+        if at_step is not None:
+            n, new = at_step
+            at_step = (n, lambda: (hook.submit(new), hook.apply_pending()))
+    return generate(engine, at_step)
+
+
+def with_ep(path, at_step=None, **cfg):
+    engine = EngineCore(path, ep_size=2, **CFG, **cfg)
+    leader = start_expert_parallel(engine, num_threads=1, timeout_s=120)
+    try:
+        moe = engine.model.moe_layers()
+        assert moe[0].w13.shape[0] == leader.hook.location.slots_per_rank  # only rank 0's half
+        if at_step is not None:
+            n, new = at_step
+            at_step = (n, lambda: (leader.hook.submit(new), leader.hook.apply_pending()))
+        out = generate(engine, at_step)
+        return out, leader.hook.location
+    finally:
+        leader.close()
+        for p in leader.processes:
+            assert p.exitcode == 0, f"follower exited with {p.exitcode}"
+
+
+def test_two_ranks_match_one_rank(moe_path):
+    ref_toks, ref_lps = one_rank(moe_path)
+    (toks, lps), loc = with_ep(moe_path)
+    assert loc == ExpertLocation.trivial(loc.num_layers, 8, 8, 2)
+    assert toks == ref_toks
+    assert lps == ref_lps  # same placement as the single rank: bit-identical
+
+
+def test_redundant_experts_and_rebalance_mid_flight(moe_path):
+    """10 slots (2 redundant), dynamic dispatch, a new placement applied on both ranks
+    while requests are running."""
+    cfg = dict(ep_num_redundant_experts=2, ep_dispatch_algorithm="dynamic")
+    layers = 3  # demo MoE: 4 layers, the first dense
+    load = torch.rand(layers, 8, generator=torch.Generator().manual_seed(0)) * 100
+    init = ExpertLocation.trivial(layers, 8, 10, 2)
+    new = ExpertLocation.from_rebalance(rebalance_experts(load, 10, 4, 1, 2), 8, 2)
+    assert not torch.equal(init.physical_to_logical, new.physical_to_logical)
+
+    plain_toks, _ = one_rank(moe_path)
+    same_toks, same_lps = one_rank(moe_path, init, at_step=(6, new), **cfg)
+    (toks, lps), loc = with_ep(moe_path, at_step=(6, new), **cfg)
+    assert loc == new
+    assert toks == same_toks and lps == same_lps  # EP == one rank with the same placements, bitwise
+    assert toks[: len(PROMPTS)] == plain_toks[: len(PROMPTS)]  # greedy: placement does not change tokens
