@@ -112,3 +112,30 @@ def test_redundant_experts_and_rebalance_mid_flight(moe_path):
     assert loc == new
     assert toks == same_toks and lps == same_lps  # EP == one rank with the same placements, bitwise
     assert toks[: len(PROMPTS)] == plain_toks[: len(PROMPTS)]  # greedy: placement does not change tokens
+
+
+def test_engine_loop_drives_ep_with_idle_keepalive(moe_path):
+    """The worker's threading: a loop thread steps the leader, requests arrive from another
+    thread, idle gaps are bridged by keepalive no-ops; close() stops the follower cleanly."""
+    import time
+
+    from tandem.worker.engine_loop import EngineLoop
+
+    ref_toks, _ = one_rank(moe_path)
+    engine = EngineCore(moe_path, ep_size=2, **CFG)
+    leader = start_expert_parallel(engine, num_threads=1, timeout_s=120, keepalive_s=0.05)
+    loop = EngineLoop(engine, "ep-test")
+    loop.add_poll_hook(leader.keepalive)
+    loop.start()
+    try:
+        got = []
+        for half in (PROMPTS[:4], PROMPTS[4:]):
+            streams = [loop.submit(engine.tokenize(p), GREEDY, rid=f"r{len(got)}-{i}") for i, p in enumerate(half)]
+            got += [[t for out in s for t in out.new_token_ids] for s in streams]
+            time.sleep(0.3)  # idle: keepalives flow
+        assert got == ref_toks[: len(PROMPTS)]
+        assert leader.messages_sent["noop"] >= 2 and leader.messages_sent["forward"] > 0
+    finally:
+        loop.stop()
+        leader.close()
+    assert all(p.exitcode == 0 for p in leader.processes)

@@ -105,6 +105,9 @@ class ExpertParallelGroup:
         return box[0]
 
     def destroy(self) -> None:
+        # Drop our references first: a process group that outlives destroy_process_group()
+        # is destructed at interpreter exit, where gloo's threads can abort the process.
+        self.group = self.cpu_group = None
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -284,6 +287,7 @@ class ExpertParallelLeader:
         self._last_send = time.monotonic()
         self._closed = False
         self.processes: list = []
+        self.messages_sent = {"forward": 0, "noop": 0, "placement": 0}
         if location is None:
             location = default_location(engine.model, engine.model_config, cfg, ep.size)
         algo = dispatch_algorithm or cfg.ep_dispatch_algorithm
@@ -294,7 +298,8 @@ class ExpertParallelLeader:
             self._sent_location = location
             pool = engine.pool
             self.ep.broadcast({"kind": "init", "num_pages": pool.num_pages, "page_size": pool.page_size,
-                               "placement": location.physical_to_logical, "dispatch": algo, "seed": seed})
+                               "placement": location.physical_to_logical, "dispatch": algo, "seed": seed,
+                               "model": _model_signature(engine.model, engine.model_config)})
             engine.runner = _MirroredRunner(engine.runner, self)
 
     def _send(self, msg: dict) -> None:
@@ -304,7 +309,10 @@ class ExpertParallelLeader:
         if loc is not self._sent_location:
             msg["placement"] = loc.physical_to_logical
             self._sent_location = loc
+            self.messages_sent["placement"] += 1
         self.ep.broadcast(msg)
+        if msg["kind"] in self.messages_sent:
+            self.messages_sent[msg["kind"]] += 1
         self._last_send = time.monotonic()
 
     def keepalive(self) -> None:
@@ -341,6 +349,10 @@ class ExpertParallelFollower:
         init = ep.broadcast()
         if init.get("kind") != "init":
             raise RuntimeError(f"EP follower {ep.rank}: expected the leader's init message, got {init.get('kind')}")
+        mine = _model_signature(self.model, mc)
+        if init["model"] != mine:
+            raise ValueError(f"EP follower {ep.rank}: its model {mine} differs from the leader's {init['model']} "
+                             "(same checkpoint and dtype needed on every rank)")
         dtype = self.model.embed_tokens.weight.dtype
         self.pool = KVPool(mc.num_layers, init["num_pages"], init["page_size"], mc.num_kv_heads, mc.head_dim,
                            dtype, device, num_aux_slots=1)
@@ -367,6 +379,11 @@ class ExpertParallelFollower:
     def run(self) -> None:
         while self.step():
             pass
+
+
+def _model_signature(model, mc) -> dict:
+    return {"layers": mc.num_layers, "hidden": mc.hidden_size, "experts": mc.num_experts,
+            "vocab": mc.vocab_size, "dtype": str(model.embed_tokens.weight.dtype)}
 
 
 def default_location(model, model_config, cfg: EngineConfig, ep_size: int) -> ExpertLocation:
@@ -397,8 +414,8 @@ def follower_main(rank: int, ep_size: int, init_method: str, config: dict, backe
 
 def start_expert_parallel(engine, ep_size: int | None = None, init_method: str | None = None,
                           backend: str | None = None, location: ExpertLocation | None = None,
-                          recorder=None, num_threads: int | None = None,
-                          timeout_s: float = 600.0) -> ExpertParallelLeader:
+                          recorder=None, num_threads: int | None = None, timeout_s: float = 600.0,
+                          keepalive_s: float = 10.0) -> ExpertParallelLeader:
     """One host: spawn followers 1..ep_size-1, join as rank 0 and attach to ``engine``.
 
     ``ep_size`` defaults to ``engine.config.ep_size``; ``init_method`` to a free loopback
@@ -422,10 +439,35 @@ def start_expert_parallel(engine, ep_size: int | None = None, init_method: str |
         p.start()
     try:
         ep = init_expert_parallel(0, ep_size, init_method, backend, str(engine.device), timeout_s)
-        leader = ExpertParallelLeader(engine, ep, location, recorder=recorder)
+        leader = ExpertParallelLeader(engine, ep, location, recorder=recorder, keepalive_s=keepalive_s)
     except BaseException:
         for p in procs:
             p.terminate()
         raise
     leader.processes = procs
     return leader
+
+
+def main(argv=None) -> None:
+    """``python -m tandem.engine.expert_parallel``: one follower rank, for leaders on another host."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--model-path", required=True)
+    ap.add_argument("--rank", type=int, default=None, help="default: $RANK")
+    ap.add_argument("--ep-size", type=int, default=None, help="default: $WORLD_SIZE")
+    ap.add_argument("--init-method", default=None, help="e.g. tcp://leader:29500 (default env://)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--backend", default=None)
+    ap.add_argument("--num-threads", type=int, default=None)
+    ap.add_argument("--timeout-s", type=float, default=600.0)
+    a = ap.parse_args(argv)
+    rank = a.rank if a.rank is not None else int(os.environ.get("RANK", "1"))
+    size = a.ep_size if a.ep_size is not None else int(os.environ.get("WORLD_SIZE", "2"))
+    follower_main(rank, size, a.init_method, {"model_path": a.model_path, "device": a.device, "dtype": a.dtype},
+                  a.backend, a.num_threads, a.timeout_s)
+
+
+if __name__ == "__main__":
+    main()
