@@ -17,6 +17,7 @@ from tandem.engine.expert_parallel import start_expert_parallel
 from tandem.eplb import rebalance_experts
 from tandem.eplb.engine_hook import EplbEngineHook
 from tandem.eplb.placement import ExpertLocation
+from tandem.eplb.recorder import ExpertDistributionRecorder
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = dict(max_total_tokens=4096, dtype="float32", device="cpu", chunked_prefill_size=40)
@@ -124,17 +125,28 @@ def test_engine_loop_drives_ep_with_idle_keepalive(moe_path):
     ref_toks, _ = one_rank(moe_path)
     engine = EngineCore(moe_path, ep_size=2, **CFG)
     leader = start_expert_parallel(engine, num_threads=1, timeout_s=120, keepalive_s=0.05)
+    rec = ExpertDistributionRecorder("stat", 3, 8, physical_to_logical=leader.hook.location.physical_to_logical)
+    rec.start()
+    leader.set_recorder(rec)  # what WorkerEplb would do with the leader's hook
     loop = EngineLoop(engine, "ep-test")
     loop.add_poll_hook(leader.keepalive)
+    loop.add_before_step_hook(leader.hook.on_forward_start)
+    loop.add_after_step_hook(leader.hook.on_forward_end)
     loop.start()
     try:
-        got = []
+        got, cached = [], []
         for half in (PROMPTS[:4], PROMPTS[4:]):
             streams = [loop.submit(engine.tokenize(p), GREEDY, rid=f"r{len(got)}-{i}") for i, p in enumerate(half)]
-            got += [[t for out in s for t in out.new_token_ids] for s in streams]
+            for s in streams:
+                outs = list(s)
+                got.append([t for out in outs for t in out.new_token_ids])
+                cached.append(outs[-1].cached_tokens)
             time.sleep(0.3)  # idle: keepalives flow
         assert got == ref_toks[: len(PROMPTS)]
         assert leader.messages_sent["noop"] >= 2 and leader.messages_sent["forward"] > 0
+        # every computed token (prompt + all but the last output token) routed to k=2 experts per layer
+        computed = sum(len(engine.tokenize(p)) - c + len(t) - 1 for p, t, c in zip(PROMPTS, got, cached, strict=True))
+        assert rec.logical_load().sum(1).tolist() == [2 * computed] * 3
     finally:
         loop.stop()
         leader.close()

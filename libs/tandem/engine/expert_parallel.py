@@ -302,6 +302,13 @@ class ExpertParallelLeader:
                                "model": _model_signature(engine.model, engine.model_config)})
             engine.runner = _MirroredRunner(engine.runner, self)
 
+    def set_recorder(self, recorder) -> None:
+        """Feed an ``ExpertDistributionRecorder`` from the leader's dispatch (every token is
+        routed on every rank, so the leader alone sees the whole load)."""
+        self.hook.recorder = recorder
+        if recorder is not None:
+            recorder.set_physical_to_logical(self.hook.location.physical_to_logical)
+
     def _send(self, msg: dict) -> None:
         if self._closed:
             raise RuntimeError("the expert-parallel group is closed")
