@@ -41,6 +41,7 @@ class Worker:
         self.decode = decode_pb2_grpc.DecodeStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.healthy = False
+        self.missed_checks = 0  # consecutive health checks that timed out
         self.load: common_pb2.WorkerLoad | None = None
         self.active_requests = 0
         self.active_blocks = 0
@@ -146,6 +147,14 @@ class WorkerPool:
             ok, reason = resp.status == health_pb2.HealthCheckResponse.SERVING, "not SERVING"
         except grpc.aio.AioRpcError as e:
             ok, reason = False, f"{e.code().name}: {e.details()}"
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and w.healthy:
+                # A busy worker may miss one deadline: take it out on the second miss in a
+                # row. A refused connection or NOT_SERVING takes it out at once.
+                w.missed_checks += 1
+                if w.missed_checks < 2:
+                    return True
+        if ok or not reason.startswith("DEADLINE_EXCEEDED"):
+            w.missed_checks = 0
         if ok:
             try:
                 w.load = await w.decode.GetLoad(common_pb2.GetLoadRequest(), timeout=self.check_timeout)
