@@ -5,7 +5,7 @@
                   TTFT and prefill tokens/s per worker, with a quadratic fit TTFT(ISL)
                   = a*ISL^2 + b*ISL + c that a planner can interpolate.
 --phase decode    sweeps context length x batch size (concurrency) with a longer OSL,
-                  after a warmup run, and records ITL and decode tokens/s per worker vs
+                  after a warmup run, and records ITL and decode tokens/s per worker (batch/ITL) vs
                   KV-cache usage (batch * (context + OSL/2) / KV pool tokens).
 
 It deploys the stack itself (--mode agg|disagg, deploy/local/stack.py) or profiles a
@@ -140,9 +140,12 @@ def profile_decode(args, ctx: dict, out: Path, max_kv: int | None) -> dict:
         itl = (lvl.get("itl_ms") or {}).get("avg")
         tps = lvl.get("output_token_throughput")
         kv_tokens = b * (c + args.decode_osl / 2)
+        # Decode rate while the batch runs: b tokens every ITL (aiperf's window throughput also
+        # counts the prefill of the whole batch, which dominates at short OSL; kept as output_tps_window).
         point = {"context_length": c, "batch_size": b, "kv_tokens": kv_tokens,
                  "kv_usage": kv_tokens / max_kv if max_kv else None, "itl_ms": itl,
-                 "thpt_per_worker": None if tps is None else tps / ctx["decode_workers"],
+                 "thpt_per_worker": None if not itl else b * 1e3 / itl / ctx["decode_workers"],
+                 "output_tps_window": tps,
                  "requests_ok": lvl["requests_ok"], "requests_failed": lvl["requests_failed"]}
         points.append(point)
         tqdm.write(f"context {c} batch {b}: ITL {itl} ms, {point['thpt_per_worker']} tokens/s/worker")
