@@ -13,7 +13,7 @@ running endpoint (--url). Output in --out: <phase>_results.json, raw_data.npz (D
 keys), <phase>_*.png, the config snapshot, run_info.json, and per-point artifacts.
 
 The load comes from the built-in client (benchmarks/common/loadgen.py) by default: one
-aiperf run costs ~17-40 s of fixed start-up on a 2-core machine, times every sweep point;
+aiperf run costs 5-40 s of fixed start-up on a 2-core machine, times every sweep point;
 --client aiperf uses aiperf for each point instead.
 
     .venv/bin/python benchmarks/profile_endpoint.py --phase prefill --mode disagg
