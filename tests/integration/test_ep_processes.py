@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 from tandem.engine import EngineCore, SamplingParams
-from tandem.engine.demo_models import build_all
+from tandem.engine.demo_models import SPECS, build_all, is_built
 from tandem.engine.expert_parallel import start_expert_parallel
 from tandem.eplb import rebalance_experts
 from tandem.eplb.engine_hook import EplbEngineHook
@@ -35,12 +35,20 @@ GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprob
 SAMPLED = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True, logprobs=True)
 
 pytestmark = pytest.mark.timeout(300)
+# cpu: gloo, fp32 (always); cuda: NCCL on 2 GPUs in bf16 (skipped without them)
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")),
+]
 
 
 @pytest.fixture(scope="module")
 def moe_path():
     torch.set_num_threads(1)
-    return build_all(os.path.join(REPO, "models"), log=lambda *_: None)["tandem-demo-moe"]
+    path = os.path.join(REPO, "models", "tandem-demo-moe")
+    if not is_built(path, next(s for s in SPECS if s["name"] == "tandem-demo-moe")):
+        build_all(os.path.join(REPO, "models"), log=lambda *_: None)
+    return path
 
 
 def generate(engine, at_step=None):
@@ -61,8 +69,12 @@ def generate(engine, at_step=None):
     return [toks[r] for r in rids], [lps[r] for r in rids]
 
 
-def one_rank(path, location=None, at_step=None, **cfg):
-    engine = EngineCore(path, **CFG, **cfg)
+def base(device):
+    return dict(CFG, device=device, dtype="float32" if device == "cpu" else "bfloat16")
+
+
+def one_rank(path, location=None, at_step=None, device="cpu", **cfg):
+    engine = EngineCore(path, **base(device), **cfg)
     if location is not None:
         hook = EplbEngineHook(engine.model, location, engine.config.ep_dispatch_algorithm)
         hook.install()
@@ -72,8 +84,8 @@ def one_rank(path, location=None, at_step=None, **cfg):
     return generate(engine, at_step)
 
 
-def with_ep(path, at_step=None, **cfg):
-    engine = EngineCore(path, ep_size=2, **CFG, **cfg)
+def with_ep(path, at_step=None, device="cpu", **cfg):
+    engine = EngineCore(path, ep_size=2, **base(device), **cfg)
     leader = start_expert_parallel(engine, num_threads=1, timeout_s=120)
     try:
         moe = engine.model.moe_layers()
@@ -89,15 +101,17 @@ def with_ep(path, at_step=None, **cfg):
             assert p.exitcode == 0, f"follower exited with {p.exitcode}"
 
 
-def test_two_ranks_match_one_rank(moe_path):
-    ref_toks, ref_lps = one_rank(moe_path)
-    (toks, lps), loc = with_ep(moe_path)
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_ranks_match_one_rank(moe_path, device):
+    ref_toks, ref_lps = one_rank(moe_path, device=device)
+    (toks, lps), loc = with_ep(moe_path, device=device)
     assert loc == ExpertLocation.trivial(loc.num_layers, 8, 8, 2)
     assert toks == ref_toks
     assert lps == ref_lps  # same placement as the single rank: bit-identical
 
 
-def test_redundant_experts_and_rebalance_mid_flight(moe_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_redundant_experts_and_rebalance_mid_flight(moe_path, device):
     """10 slots (2 redundant), dynamic dispatch, a new placement applied on both ranks
     while requests are running."""
     cfg = dict(ep_num_redundant_experts=2, ep_dispatch_algorithm="dynamic")
@@ -107,12 +121,15 @@ def test_redundant_experts_and_rebalance_mid_flight(moe_path):
     new = ExpertLocation.from_rebalance(rebalance_experts(load, 10, 4, 1, 2), 8, 2)
     assert not torch.equal(init.physical_to_logical, new.physical_to_logical)
 
-    plain_toks, _ = one_rank(moe_path)
-    same_toks, same_lps = one_rank(moe_path, init, at_step=(6, new), **cfg)
-    (toks, lps), loc = with_ep(moe_path, at_step=(6, new), **cfg)
+    plain_toks, _ = one_rank(moe_path, device=device)
+    same_toks, same_lps = one_rank(moe_path, init, at_step=(6, new), device=device, **cfg)
+    (toks, lps), loc = with_ep(moe_path, at_step=(6, new), device=device, **cfg)
     assert loc == new
     assert toks == same_toks and lps == same_lps  # EP == one rank with the same placements, bitwise
-    assert toks[: len(PROMPTS)] == plain_toks[: len(PROMPTS)]  # greedy: placement does not change tokens
+    same = sum(a == b for a, b in zip(toks[: len(PROMPTS)], plain_toks, strict=False))
+    print(f"{device}: {same}/{len(PROMPTS)} greedy sequences equal to the 8-slot placement's")
+    if device == "cpu":  # fp32: replicas' smaller GEMMs round within noise; bf16 on GPU may flip a token
+        assert same == len(PROMPTS)
 
 
 def test_engine_loop_drives_ep_with_idle_keepalive(moe_path):

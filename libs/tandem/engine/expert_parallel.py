@@ -335,12 +335,16 @@ class ExpertParallelLeader:
                 return
             self._send({"kind": "stop"})
             self._closed = True
+        # Tear down together with the followers (NCCL's communicator finalize is collective),
+        # keeping rank 0's TCPStore alive until they are gone.
+        store = _default_store()
+        self.ep.destroy()
         for p in self.processes:
             p.join(timeout)
             if p.is_alive():
                 log.warning("EP follower pid %s did not stop in %.0f s; terminating it", p.pid, timeout)
                 p.terminate()
-        self.ep.destroy()
+        del store
 
 
 class ExpertParallelFollower:
@@ -386,6 +390,13 @@ class ExpertParallelFollower:
     def run(self) -> None:
         while self.step():
             pass
+
+
+def _default_store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (RuntimeError, AttributeError, ValueError):
+        return None
 
 
 def _model_signature(model, mc) -> dict:
