@@ -31,6 +31,7 @@ import time
 import torch
 from tandem.eplb import balancedness, choose_algorithm, count_moves, rebalance_experts, rebalance_move_aware
 from tandem.eplb.algorithms import rebalance_global
+from tandem.eplb.move_aware import refine_placement
 from tandem.eplb.recorder import load_dump
 
 
@@ -81,6 +82,7 @@ def placement_rows(name: str, load: torch.Tensor, args, redundant_per_rank: list
         p, _, _ = rebalance_global(load, physical, args.gpus)
         row["global"] = balancedness(load, p, args.gpus)
         row["global_ms"] = (time.perf_counter() - t) * 1e3
+        row["global_refined"] = balancedness(load, refine_placement(load, p, args.gpus), args.gpus)
         rows.append(row)
     return rows
 
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
     title = (f"EPLB: {args.layers} layers x {args.experts} experts, {args.groups} groups, "
              f"{args.nodes} nodes, {args.gpus} GPUs")
     t1 = table(place, ["load", "redundant_per_rank", "physical", "before", "hierarchical", "global",
-                       "hierarchical_ms", "global_ms"])
+                       "global_refined", "hierarchical_ms", "global_ms"])
     t2 = table(moves, ["load", "mode", "budget", "moves_per_layer", "balancedness", "ms"])
     slots = args.experts + args.move_redundant_per_rank * args.gpus
     text = (f"## {title}\n\nBalancedness (mean/max GPU load) before and after rebalancing:\n\n{t1}\n\n"
@@ -211,6 +213,8 @@ def plot(place: list[dict], moves: list[dict], path: str, title: str) -> None:
         rs = [r for r in place if r["load"] == name]
         x = [r["redundant_per_rank"] for r in rs]
         line = a.plot(x, [r["global"] for r in rs], marker="o", label=f"{name} global")[0]
+        a.plot(x, [r["global_refined"] for r in rs], marker="^", ls="-.", color=line.get_color(),
+               label=f"{name} global + refine")
         if "hierarchical" in rs[0]:
             a.plot(x, [r["hierarchical"] for r in rs], marker="s", ls="--", color=line.get_color(),
                    label=f"{name} hierarchical")

@@ -24,9 +24,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tandem.transfer import KVPoll, KvBuffers, aux_row_from_done, make_receiver  # noqa: E402
+from tandem.transfer import KvBuffers, KVPoll, aux_row_from_done, make_receiver  # noqa: E402
 from tandem.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc  # noqa: E402
 from tandem.worker.process import model_fingerprint  # noqa: E402
+
 from tests.support.procs import start_service  # noqa: E402
 
 

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc  # noqa: E402
+
 from tests.support.procs import start_service  # noqa: E402
 
 

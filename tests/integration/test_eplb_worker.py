@@ -34,10 +34,11 @@ def test_worker_applies_planner_plans_while_serving_and_tokens_do_not_change():
     worker = start_service("tandem.decode", "--model-path", MOE, "--max-total-tokens", "8192", "--enable-eplb",
                            "--ep-size", "2", "--ep-num-redundant-experts", "2",
                            "--eplb-planner-address", planner.grpc_address)
+    reference = start_service("tandem.decode", "--model-path", MOE, "--max-total-tokens", "8192", "--skip-warmup")
     status_url = f"http://{worker.system_address}/eplb/status"
     try:
-        before = [generate(worker.grpc_address, p, sampling(max_tokens=10))[0] for p in PROMPTS]
-        assert http("GET", status_url)[1]["plan_version"] == 0
+        # Tokens with the checkpoint's own expert layout, from a worker without EPLB.
+        before = [generate(reference.grpc_address, p, sampling(max_tokens=10))[0] for p in PROMPTS]
         # Keep requests running while the planner's plan arrives and is applied.
         stop = threading.Event()
         errors: list[BaseException] = []
@@ -70,6 +71,7 @@ def test_worker_applies_planner_plans_while_serving_and_tokens_do_not_change():
     finally:
         worker.stop()
         planner.stop()
+        reference.stop()
 
 
 @pytest.mark.parametrize("mode", ["per_token", "per_pass", "stat", "stat_approx"])
@@ -99,3 +101,17 @@ def test_recorder_modes_over_http(mode, tmp_path):
         assert code == 400 and "format" in bad["error"]
     finally:
         worker.stop()
+
+
+def test_worker_with_two_ep_ranks_gives_the_tokens_of_one_rank():
+    common = ["--model-path", MOE, "--max-total-tokens", "4096", "--torch-num-threads", "1", "--skip-warmup"]
+    one = start_service("tandem.decode", *common)
+    two = start_service("tandem.decode", *common, "--ep-size", "2", "--enable-eplb", "--ep-num-redundant-experts", "2")
+    try:
+        params = [sampling(max_tokens=8)] * len(PROMPTS)
+        assert generate_many(two.grpc_address, PROMPTS, params, 4) == generate_many(one.grpc_address, PROMPTS, params, 4)
+        assert http("GET", f"http://{two.system_address}/eplb/status")[1]["num_physical_experts"] == 10
+        assert pages_in_use(two.grpc_address) == 0
+    finally:
+        assert two.stop() == 0, two.log()
+        one.stop()

@@ -276,3 +276,12 @@ def rebalance_move_aware(
         target_balancedness=tgt_bal,
         target_moves=target_moves,
     )
+
+
+def refine_placement(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """Improve a placement (e.g. the greedy global one) by the same local search, with no
+    move limit, keeping it when it is more balanced. DeepSeek's greedy packing is far from
+    optimal when there are few experts per GPU; the search never makes a layer worse.
+    Node locality is not kept: use it for single-node (global) placements."""
+    res = rebalance_move_aware(weight, phy2log, num_gpus, None, 1, 1)
+    return res.phy2log

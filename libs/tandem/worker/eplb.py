@@ -70,7 +70,7 @@ class ExpertRecorderControl:
 
 
 class WorkerEplb:
-    def __init__(self, config, loop: EngineLoop, worker_id: str) -> None:
+    def __init__(self, config, loop: EngineLoop, worker_id: str, ep=None) -> None:
         engine = loop.engine
         self.config = config
         self.loop = loop
@@ -80,7 +80,7 @@ class WorkerEplb:
             raise ValueError("--enable-eplb / --expert-distribution-recorder-mode need a MoE model; "
                              f"{config.model_path} has no MoE layers")
         self.num_layers = len(layers)
-        self.num_logical = int(layers[0].physical_to_logical.numel())
+        self.num_logical = int(engine.model_config.num_experts)
         self.num_physical = self.num_logical + config.ep_num_redundant_experts
         num_groups = getattr(engine.model_config, "n_group", None) or 1
         self.location = ExpertLocation.from_init_arg(
@@ -92,9 +92,15 @@ class WorkerEplb:
             physical_to_logical=self.location.physical_to_logical)
         if config.enable_eplb:
             self.recorder.start()
-        self.hook = EplbEngineHook(engine.model, self.location, config.ep_dispatch_algorithm, self.recorder)
-        with engine._lock:
-            self.hook.install()
+        if ep is not None:  # expert parallel: the EP leader's hook already owns the placement
+            self.hook = ep.hook
+            self.location = ep.hook.location
+            self.recorder.set_physical_to_logical(self.location.physical_to_logical)
+            ep.set_recorder(self.recorder)
+        else:
+            self.hook = EplbEngineHook(engine.model, self.location, config.ep_dispatch_algorithm, self.recorder)
+            with engine._lock:
+                self.hook.install()
         self.plan_version = 0
         self.plans_applied = 0
         self.plans_rejected = 0

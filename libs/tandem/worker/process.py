@@ -9,10 +9,9 @@ import hashlib
 import logging
 import os
 import time
-
-import torch
 from dataclasses import dataclass
 
+import torch
 from tandem.config import EngineConfig
 from tandem.engine.engine import EngineCore
 from tandem.metrics import ComponentMetrics, EngineMetrics, MetricsPublisher, default_stats_endpoint
@@ -96,6 +95,15 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
     log.info("%s loaded %s in %.2fs: %d KV pages x %d tokens on %s/%s", kind, model_name, load_s,
              engine.pool.num_pages, engine.page_size, engine.device, engine.dtype)
     loop = EngineLoop(engine, kind)
+    ep = None
+    if engine.config.ep_size > 1:
+        from tandem.engine.expert_parallel import start_expert_parallel
+
+        if getattr(config, "disaggregation_mode", "null") == "decode":
+            raise SystemExit("config error: ep_size>1 with disaggregation_mode='decode': prefill's KV would reach "
+                             "EP rank 0 only; use EP on aggregated or prefill workers")
+        ep = start_expert_parallel(engine, num_threads=config.torch_num_threads or None)
+        loop.add_poll_hook(ep.keepalive)
     worker_id = runtime.worker_id
     engine_metrics = EngineMetrics(runtime.registry, model_name=model_name, engine_type=engine_type,
                                    worker_id=worker_id)
@@ -117,7 +125,7 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
     if config.enable_eplb or config.expert_distribution_recorder_mode:
         from tandem.worker.eplb import WorkerEplb
 
-        eplb = WorkerEplb(config, loop, worker_id)
+        eplb = WorkerEplb(config, loop, worker_id, ep=ep)
         eplb.add_routes(runtime.system)
         if config.enable_eplb and config.eplb_planner_address:
             eplb.start_planner_client(config.eplb_planner_address)
@@ -134,5 +142,7 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
         publisher.stop()
 
     runtime.on_shutdown(shutdown)
+    if ep is not None:
+        runtime.on_shutdown(ep.close)  # after the loop stopped: followers exit with the leader
     return WorkerProcess(kind, runtime, engine, loop, profiler, reporter, publisher, component, model_name,
                          model_fingerprint(config.model_path, engine.dtype), eplb)

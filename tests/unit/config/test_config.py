@@ -5,7 +5,6 @@ import json
 
 import pytest
 import yaml
-
 from tandem.config import (
     SERVICE_SCHEMAS,
     ConfigError,

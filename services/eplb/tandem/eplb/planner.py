@@ -34,7 +34,7 @@ from tandem.eplb.algorithms import (
     rebalance_experts,
     rebalance_global,
 )
-from tandem.eplb.move_aware import rebalance_move_aware
+from tandem.eplb.move_aware import rebalance_move_aware, refine_placement
 from tandem.eplb.placement import ExpertLocation
 
 log = logging.getLogger(__name__)
@@ -328,8 +328,11 @@ class Planner:
             )
             return algo, res.phy2log
         if algo == "global":
-            return algo, rebalance_global(load, self.num_physical, self.ep_size)[0]
+            greedy = rebalance_global(load, self.num_physical, self.ep_size)[0]
+            return algo, refine_placement(load, greedy, self.ep_size)
         phy2log, _, _ = rebalance_experts(load, self.num_physical, self.num_groups, self.num_nodes, self.ep_size)
+        if self.num_nodes == 1:  # one node: no locality to keep, so refine like global
+            phy2log = refine_placement(load, phy2log, self.ep_size)
         return algo, phy2log
 
     def _publish(self, plan: Plan, moves: int) -> None:
