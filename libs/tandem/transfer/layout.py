@@ -119,11 +119,6 @@ class KvBuffers:
             raise ValueError(
                 f"aux_slot_bytes is {a.shape[1]}, must be >= {AUX_MIN_SLOT_BYTES}"
             )
-        if _mem_type(a)[0] != _mem_type(ref)[0]:
-            raise ValueError(
-                f"aux is on {a.device} but K/V on {ref.device}; KvLayout has a single mem_type, "
-                "so both must be host memory or both GPU memory"
-            )
 
     @property
     def num_layers(self) -> int:
@@ -169,19 +164,32 @@ class KvBuffers:
     def device_id(self) -> int:
         return _mem_type(self.k[0])[1]
 
-    def regions(self) -> list[tuple[int, int, int]]:
-        """(addr, nbytes, device_id) of every buffer, adjacent ones coalesced.
+    @property
+    def aux_mem_type(self) -> str:
+        """The aux rows may live elsewhere than K/V (host memory on GPU workers)."""
+        return _mem_type(self.aux)[0]
+
+    @property
+    def aux_device_id(self) -> int:
+        return _mem_type(self.aux)[1]
+
+    def regions(self, include_aux: bool = True) -> list[tuple[int, int, int]]:
+        """(addr, nbytes, device_id) of the K/V buffers (and aux), adjacent ones coalesced.
 
         An engine that allocates all layers in one tensor gives one or two regions;
         registering few large regions keeps NIXL/UCX registration cheap.
         """
         raw = sorted(
             (t.data_ptr(), t.numel() * t.element_size(), _mem_type(t)[1])
-            for t in [*self.k, *self.v, self.aux]
+            for t in [*self.k, *self.v, *([self.aux] if include_aux else [])]
         )
+        # GPU tensors are never merged: two allocations that happen to be adjacent in the
+        # address space are still two CUDA allocations, and CUDA IPC (UCX's cuda_ipc)
+        # cannot export a region that spans both.
+        merge = self.mem_type == "DRAM"
         out: list[list[int]] = []
         for addr, n, dev in raw:
-            if out and out[-1][2] == dev and out[-1][0] + out[-1][1] == addr:
+            if merge and out and out[-1][2] == dev and out[-1][0] + out[-1][1] == addr:
                 out[-1][1] += n
             else:
                 out.append([addr, n, dev])
@@ -206,6 +214,8 @@ def build_layout(buffers: KvBuffers, model_fingerprint: str = "") -> common_pb2.
         mem_type=buffers.mem_type,
         device_id=buffers.device_id,
         model_fingerprint=model_fingerprint,
+        aux_mem_type=buffers.aux_mem_type,
+        aux_device_id=buffers.aux_device_id,
     )
 
 

@@ -99,9 +99,15 @@ class _Progress:
         self._thread.join(1.0)
 
 
-def _register(agent, buffers: KvBuffers):
-    regions = [(a, n, d, "") for a, n, d in buffers.regions()]
-    return agent.register_memory(regions, buffers.mem_type)
+def _register(agent, buffers: KvBuffers) -> list:
+    """Register K/V (and aux, in its own memory kind when it differs); returns the handles."""
+    if buffers.aux_mem_type == buffers.mem_type:
+        return [agent.register_memory([(a, n, d, "") for a, n, d in buffers.regions()], buffers.mem_type)]
+    aux = buffers.aux
+    return [agent.register_memory([(a, n, d, "") for a, n, d in buffers.regions(include_aux=False)],
+                                  buffers.mem_type),
+            agent.register_memory([(aux.data_ptr(), aux.numel(), buffers.aux_device_id, "")],
+                                  buffers.aux_mem_type)]
 
 
 def kv_notif(room: int, chunk: int, is_last: bool) -> bytes:
@@ -214,13 +220,13 @@ class NixlKvSender(KvSender):
         data = pack_aux_row(row, nbytes)
         self._staging[slot, :nbytes] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         src = np.array([[self._staging[slot].data_ptr(), nbytes, 0]], dtype=np.uint64)
-        dst = np.array(
-            [[remote.aux_base_addr + aux_slot * remote.aux_slot_bytes, nbytes, remote.device_id]],
-            dtype=np.uint64,
-        )
+        aux_mem = remote.aux_mem_type or remote.mem_type
+        aux_dev = remote.aux_device_id if remote.aux_mem_type else remote.device_id
+        dst = np.array([[remote.aux_base_addr + aux_slot * remote.aux_slot_bytes, nbytes, aux_dev]],
+                       dtype=np.uint64)
         h = TransferHandle(room, peer, "aux", nbytes, aux_row=row)
         h._staging_slot = slot  # type: ignore[attr-defined]
-        return self._post(h, src, dst, remote.mem_type, aux_notif(room), "DRAM")
+        return self._post(h, src, dst, aux_mem, aux_notif(room), "DRAM")
 
     def _check(self, h: TransferHandle) -> XferStatus:
         if h.error:
@@ -274,7 +280,7 @@ class NixlKvSender(KvSender):
             self._progress = None
         super().close()
         with self._lock:
-            for reg in (self._reg, self._staging_reg):
+            for reg in [*(self._reg or []), self._staging_reg]:
                 try:
                     self.agent.deregister_memory(reg)
                 except Exception as e:
@@ -367,9 +373,9 @@ class NixlKvReceiver(KvReceiver):
             self._bg = None
         super().close()
         with self._lock:
-            if self._reg is not None:
+            for reg in self._reg or []:
                 try:
-                    self.agent.deregister_memory(self._reg)
+                    self.agent.deregister_memory(reg)
                 except Exception as e:
                     log.warning("deregistering NIXL memory: %s", e)
-                self._reg = None
+            self._reg = None

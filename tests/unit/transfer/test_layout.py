@@ -38,6 +38,7 @@ def test_build_layout_fields():
     assert lay.aux_base_addr == b.aux.data_ptr()
     assert (lay.aux_slot_bytes, lay.num_aux_slots) == (64, 8)
     assert (lay.mem_type, lay.device_id, lay.model_fingerprint) == ("DRAM", 0, "demo@abc")
+    assert (lay.aux_mem_type, lay.aux_device_id) == ("DRAM", 0)
     check_addresses(lay)
 
 

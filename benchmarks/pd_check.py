@@ -1,0 +1,101 @@
+"""PD disaggregation check on any device: disaggregated output vs aggregated, per
+transfer backend, plus TTFT of a long prompt. Used for the GPU runs (KV pages in VRAM,
+NIXL over UCX's CUDA transports), where CI cannot go.
+
+    python benchmarks/pd_check.py --device cuda --dtype float32 --backends nixl grpc --out results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.support.clients import generate, generate_many, load, pages_in_use, sampling  # noqa: E402
+from tests.support.procs import start_service  # noqa: E402
+
+
+def prompts(n: int) -> list[list[int]]:
+    return [[(i * 131 + j * 17) % 7000 + 20 for j in range(16 + 37 * i)] for i in range(n)]
+
+
+def ttft(address: str, ids: list[int], override: str = "") -> float:
+    t0 = time.perf_counter()
+    from tandem.v1 import decode_pb2, decode_pb2_grpc
+    import grpc
+
+    with grpc.insecure_channel(address) as ch:
+        for chunk in decode_pb2_grpc.DecodeStub(ch).Generate(decode_pb2.GenerateRequest(
+                input_ids=ids, sampling=sampling(max_tokens=2, ignore_eos=True), prefill_override=override)):
+            if chunk.token_ids:
+                return time.perf_counter() - t0
+    raise RuntimeError("no token")
+
+
+def check(args, backend: str) -> dict:
+    common = ["--model-path", args.model, "--device", args.device, "--dtype", args.dtype,
+              "--max-total-tokens", "65536", "--page-size", str(args.page_size)]
+    prefill = start_service("tandem.prefill", *common, "--disaggregation-transfer-backend", backend, timeout=300)
+    decode = start_service("tandem.decode", *common, "--disaggregation-transfer-backend", backend,
+                           "--disaggregation-mode", "decode", "--prefill-addresses", prefill.grpc_address, timeout=300)
+    agg = start_service("tandem.decode", *common, timeout=300)
+    try:
+        ps = prompts(16)
+        greedy = [sampling(max_tokens=24)] * len(ps)
+        seeded = [sampling(max_tokens=24, temperature=0.8, seed=7 + i) for i in range(len(ps))]
+        out = {"backend": backend}
+        for name, params in (("greedy", greedy), ("seeded", seeded)):
+            d = generate_many(decode.grpc_address, ps, params, 16, override="remote")
+            a = generate_many(agg.grpc_address, ps, params, 16)
+            out[f"{name}_identical"] = sum(x == y for x, y in zip(d, a))
+            out[f"{name}_prompts"] = len(ps)
+        long = [(j * 7) % 7000 + 20 for j in range(args.long_prompt)]
+        for label, addr, override in (("disagg", decode.grpc_address, "remote"), ("agg", agg.grpc_address, "")):
+            samples = [ttft(addr, long[:-1] + [i + 30], override) for i in range(6)]
+            out[f"ttft_{label}_ms_p50"] = statistics.median(samples[1:]) * 1e3
+        out["decode_pages_in_use_after"] = pages_in_use(decode.grpc_address)
+        out["prefill_pages_in_use_after"] = pages_in_use(prefill.grpc_address, "prefill")
+        out["prefill_completed"] = load(prefill.grpc_address, "prefill").num_prefilled_reqs
+        return out
+    finally:
+        for s in (decode, prefill, agg):
+            s.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(REPO / "models/tandem-demo-dense"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--page-size", type=int, default=16)
+    ap.add_argument("--backends", nargs="+", default=["nixl", "grpc"])
+    ap.add_argument("--long-prompt", type=int, default=1024)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    results = {"machine": platform.node(), "device": args.device, "dtype": args.dtype, "runs": []}
+    try:
+        import torch
+
+        if args.device == "cuda":
+            results["gpu"] = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    for backend in args.backends:
+        try:
+            r = check(args, backend)
+        except Exception as exc:  # report and go on with the next backend
+            r = {"backend": backend, "error": f"{type(exc).__name__}: {str(exc)[-2000:]}"}
+        print(json.dumps(r), flush=True)
+        results["runs"].append(r)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
