@@ -2,12 +2,11 @@
 serves through them, and drops one that stops."""
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 
 from tests.support.procs import start_service
+from tests.support.waiting import wait_for
 from tests.unit.routing.routing_etcd import EtcdServer
 
 MODEL = "models/tandem-demo-dense"
@@ -29,16 +28,6 @@ def completion(http: str) -> httpx.Response:
                       json={"model": "tandem-demo-dense", "prompt": "Hello there", "max_tokens": 4})
 
 
-def wait_for(cond, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.2)
-    return cond()
-
-
 def test_worker_registered_in_etcd_is_used_then_dropped(etcd):
     router = start_service("tandem.router", "--model-path", MODEL, "--http-port", "0", "--discovery", "etcd",
                            "--etcd-endpoint", etcd.endpoint, "--etcd-prefix", PREFIX)
@@ -49,11 +38,10 @@ def test_worker_registered_in_etcd_is_used_then_dropped(etcd):
         worker = start_service("tandem.decode", "--model-path", MODEL, "--max-total-tokens", "4096",
                                "--etcd-endpoint", etcd.endpoint, "--etcd-prefix", PREFIX, "--etcd-ttl", "2")
         assert etcd.keys(PREFIX) == [PREFIX + worker.grpc_address]
-        ok = wait_for(lambda: completion(http).status_code == 200)
-        assert ok, completion(http).text
+        wait_for(lambda: completion(http).status_code == 200, 20, "the router to serve through the worker")
         worker.stop()
         assert etcd.keys(PREFIX) == []  # deregistered on graceful stop
-        assert wait_for(lambda: completion(http).status_code == 503)
+        wait_for(lambda: completion(http).status_code == 503, 20, "the router to drop the stopped worker")
     finally:
         if worker:
             worker.stop()

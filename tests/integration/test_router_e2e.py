@@ -16,6 +16,7 @@ from tandem.router.app import build_router
 
 from tests.integration.router_support import agg_worker_args, need_demo_model, start_many
 from tests.support.clients import load
+from tests.support.waiting import wait_for
 
 openai = pytest.importorskip("openai")
 
@@ -27,15 +28,6 @@ PROMPTS = ["The capital of France is", "Once upon a time, in a land far away,",
 CHATS = [[{"role": "user", "content": "Say something about the sea."}],
          [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Count to five."}]]
 MAX_TOKENS = 24
-
-
-def wait_for(cond, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def make_router(addresses, **kw):

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import urllib.request
 
 import pytest
 
 from tests.support.clients import generate, sampling
 from tests.support.procs import start_service
+from tests.support.waiting import wait_for
 
 MODEL = "models/tandem-demo-dense"
 ENGINE = ["--model-path", MODEL, "--max-total-tokens", "4096"]
@@ -60,15 +60,6 @@ def worker():
     svc.stop()
 
 
-def wait_for(fn, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.2)
-
-
 def test_metric_names_labels_and_counters_for_a_known_request(worker):
     before = scrape(worker.system_address)
     for name in SGLANG_METRICS + DYNAMO_METRICS:
@@ -86,8 +77,7 @@ def test_metric_names_labels_and_counters_for_a_known_request(worker):
         after = scrape(worker.system_address)
         return after if total(after, "sglang:num_requests_total") > total(before, "sglang:num_requests_total") else None
 
-    after = wait_for(moved)
-    assert after, "counters did not move"
+    after = wait_for(moved, timeout=15, what="the request's counters on /metrics")
     delta = lambda name: total(after, name) - total(before, name)  # noqa: E731
     assert delta("sglang:prompt_tokens_total") == 37
     assert delta("sglang:generation_tokens_total") == 9

@@ -207,12 +207,7 @@ class ExpertParallelHook(EplbEngineHook):
                     w2[c.slot - start] = self._host[i][1][c.logical].to(w2.device)
                 m.w13.data, m.w2.data = w13, w2
             self._set_buffer(m, new.physical_to_logical[i])
-        self.location = new
-        if self.recorder is not None:
-            self.recorder.set_physical_to_logical(new.physical_to_logical)
-        self.version = version if version is not None else self.version + 1
-        self.moves_applied += len(copies)
-        return len(copies)
+        return self._applied(new, version, len(copies))
 
     def set_location(self, location: ExpertLocation) -> int:
         """Apply ``location`` now (followers, between passes)."""

@@ -145,9 +145,13 @@ class EplbEngineHook:
             if (src != torch.arange(new.num_physical)).any():
                 self._relayout(m, src)
             self._set_buffer(m, new.physical_to_logical[i])
+        return self._applied(new, version, len(copies))
+
+    def _applied(self, new: ExpertLocation, version: int | None, num_copies: int) -> int:
+        """Bookkeeping once ``new``'s weights are in place (shared with the EP hook)."""
         self.location = new
         if self.recorder is not None:
             self.recorder.set_physical_to_logical(new.physical_to_logical)
         self.version = version if version is not None else self.version + 1
-        self.moves_applied += len(copies)
-        return len(copies)
+        self.moves_applied += num_copies
+        return num_copies

@@ -18,6 +18,8 @@ from tandem.router.app import build_router
 from tandem.routing.discovery import EtcdWatcher, prefix_range_end, register_worker
 from tandem.v1 import common_pb2
 
+from tests.support.waiting import wait_for
+
 PREFIX = "/tandem-test/workers/"
 
 
@@ -29,15 +31,6 @@ def etcd(tmp_path_factory):
         pytest.skip(str(e))
     yield server
     server.stop()
-
-
-def wait_for(cond, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def info(wid, addr="127.0.0.1:1"):

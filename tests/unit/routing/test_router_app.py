@@ -3,7 +3,6 @@ errors, auth, retries, cancellation propagation, health-based removal."""
 from __future__ import annotations
 
 import json
-import time
 
 import grpc
 import httpx
@@ -13,16 +12,9 @@ from tandem.config import RouterConfig
 from tandem.router.app import build_router
 from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
 
+from tests.support.waiting import wait_for
+
 REPLY = "Hello world! Streaming text with émojis 🦊 and 漢字."
-
-
-def wait_for(cond, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
