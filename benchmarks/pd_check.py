@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.support.clients import generate, generate_many, load, pages_in_use, sampling  # noqa: E402
+from tests.support.clients import generate_many, load, pages_in_use, sampling  # noqa: E402
 from tests.support.procs import start_service  # noqa: E402
 
 
@@ -27,8 +27,8 @@ def prompts(n: int) -> list[list[int]]:
 
 def ttft(address: str, ids: list[int], override: str = "") -> float:
     t0 = time.perf_counter()
-    from tandem.v1 import decode_pb2, decode_pb2_grpc
     import grpc
+    from tandem.v1 import decode_pb2, decode_pb2_grpc
 
     with grpc.insecure_channel(address) as ch:
         for chunk in decode_pb2_grpc.DecodeStub(ch).Generate(decode_pb2.GenerateRequest(
