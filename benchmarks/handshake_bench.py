@@ -1,8 +1,8 @@
 """Per-request PD handshake overhead through the real Prefill service.
 
 A decode-side client (a real KV receiver, registered with RegisterDecode) runs the whole
-handshake against a real `tandem.prefill` process: start -> room -> allocation -> KV +
-aux -> done, for a 1-token prompt (one page). The prefill's own compute time (reported
+handshake against a real `tandem.prefill` process as decode does: start + allocation
+(room 0) -> room -> KV + aux -> done, for a 1-token prompt (one page). The prefill's own compute time (reported
 in TransferDone.prefill_ms) is subtracted, leaving the protocol overhead: gRPC stream,
 room bookkeeping, allocation checks, transfer of one page and the aux row.
 
@@ -46,12 +46,13 @@ def one(stub, rx, decode_id: str, slot: int) -> tuple[float, float]:
     q.put(prefill_pb2.PrefillClientMessage(start=prefill_pb2.PrefillStart(
         request_id="hs", decode_id=decode_id, input_ids=[42],
         sampling=common_pb2.SamplingParams(max_tokens=1))))
+    # As decode does: the allocation (room 0 = this stream's room) goes right after the start.
+    q.put(prefill_pb2.PrefillClientMessage(allocation=prefill_pb2.PageAllocation(room=0, page_indices=[slot],
+                                                                                 aux_slot=slot)))
     t0 = time.perf_counter()
     responses = stub.Prefill(iter(q.get, None), timeout=30)
     room = next(responses).room.room
     rx.expect(room, [slot], slot)
-    q.put(prefill_pb2.PrefillClientMessage(allocation=prefill_pb2.PageAllocation(room=room, page_indices=[slot],
-                                                                                 aux_slot=slot)))
     done = None
     for msg in responses:
         kind = msg.WhichOneof("msg")

@@ -160,13 +160,21 @@ class DecodeWorker:
         start = prefill_pb2.PrefillStart(request_id=rid, decode_id=self.worker_id, input_ids=ids,
                                          sampling=_sampling_to_proto(sp))
         t0 = time.monotonic()
-        call = PrefillCall(peer.stub, start, timeout=cfg.disaggregation_bootstrap_timeout
-                           + cfg.disaggregation_transfer_timeout)
         room = None
         allocated = False
+        call = None
         peer.inflight += 1
         self.inflight_rooms += 1
         try:
+            # Pre-allocate (waiting while the pool is full), then send the request and the
+            # allocation together (room 0 = "this stream's room"): one round trip, not two.
+            alloc = self._allocate(rid, ids, sp, t0, is_active)
+            allocated = True
+            t_alloc = time.monotonic()
+            call = PrefillCall(peer.stub, start, timeout=cfg.disaggregation_bootstrap_timeout
+                               + cfg.disaggregation_transfer_timeout)
+            call.send(prefill_pb2.PrefillClientMessage(allocation=prefill_pb2.PageAllocation(
+                room=0, page_indices=alloc.page_indices, aux_slot=alloc.aux_slot)))
             # Bootstrapping: wait for the room.
             msg = self._recv(call, cfg.disaggregation_bootstrap_timeout, is_active, "bootstrap room")
             if msg.WhichOneof("msg") == "failed":
@@ -174,15 +182,13 @@ class DecodeWorker:
             if msg.WhichOneof("msg") != "room":
                 raise RemotePrefillError("protocol", f"expected a room, got {msg.WhichOneof('msg')}", False,
                                          grpc.StatusCode.INTERNAL)
+            if msg.room.num_pages != len(alloc.page_indices):
+                raise RemotePrefillError("protocol", f"prefill wants {msg.room.num_pages} pages, decode allocated "
+                                         f"{len(alloc.page_indices)} (page sizes differ?)", False,
+                                         grpc.StatusCode.FAILED_PRECONDITION)
             room = msg.room.room
-            self.receiver.bootstrap(room)
             t_boot = time.monotonic()
-            alloc = self._allocate(rid, ids, sp, t0, is_active)
-            allocated = True
-            t_alloc = time.monotonic()
             self.receiver.expect(room, alloc.page_indices, alloc.aux_slot, peer=agent)
-            call.send(prefill_pb2.PrefillClientMessage(allocation=prefill_pb2.PageAllocation(
-                room=room, page_indices=alloc.page_indices, aux_slot=alloc.aux_slot)))
             done = self._await_transfer(call, room, is_active)
             row = self.receiver.aux_row(room)
             if row.room != room or row.first_token_id != done.first_token_id:
@@ -190,9 +196,9 @@ class DecodeWorker:
                                          f"room {room}/{done.first_token_id}", True)
             t_done = time.monotonic()
             c = self.counters
-            c.last_bootstrap_ms = (t_boot - t0) * 1e3
-            c.last_alloc_ms = (t_alloc - t_boot) * 1e3
-            c.last_transfer_ms = (t_done - t_alloc) * 1e3
+            c.last_alloc_ms = (t_alloc - t0) * 1e3
+            c.last_bootstrap_ms = (t_boot - t_alloc) * 1e3
+            c.last_transfer_ms = (t_done - t_boot) * 1e3
             c.last_transfer_mb = done.bytes_transferred / 1e6
             call.close()
             lp = done.first_token_logprobs
@@ -200,7 +206,8 @@ class DecodeWorker:
                                   [(t.token_id, t.logprob) for t in lp.top], done.cached_tokens, peer.address,
                                   done.bytes_transferred)
         except BaseException as exc:
-            call.cancel()
+            if call is not None:
+                call.cancel()
             if allocated:
                 self.loop.abort(rid)  # frees the pre-allocated pages and aux slot
             if isinstance(exc, RemotePrefillError) and exc.code == "prefill_failed_precondition":

@@ -132,7 +132,7 @@ class PrefillWorker:
             self.rooms.pop(room, None)
 
     def _check_allocation(self, alloc: prefill_pb2.PageAllocation, room: int, num_pages: int, peer: str) -> None:
-        if alloc.room != room:
+        if alloc.room not in (0, room):
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"allocation names room {alloc.room}, this stream's room is {room}")
         if len(alloc.page_indices) != num_pages:
