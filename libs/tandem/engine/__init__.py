@@ -6,7 +6,7 @@ Public API::
     from tandem.engine import EngineCore                   # step() loop for services
 """
 from .engine import EngineCore, EngineStats, ExternalAllocation, PrefillResult, StepOutput
-from .kv_pool import AUX_SLOT_BYTES, AuxRow, KVPool, OutOfPages, pack_aux, unpack_aux
+from .kv_pool import AUX_SLOT_BYTES, KVPool, OutOfPages
 from .llm import LLM, RequestOutput
 from .radix_cache import AllBlocksCleared, BlockRemoved, BlockStored, block_hash
 from .request import Mode
@@ -14,6 +14,6 @@ from .sampling_params import SamplingParams
 
 __all__ = [
     "LLM", "SamplingParams", "RequestOutput", "EngineCore", "EngineStats", "StepOutput", "PrefillResult",
-    "ExternalAllocation", "KVPool", "AuxRow", "AUX_SLOT_BYTES", "pack_aux", "unpack_aux", "OutOfPages",
+    "ExternalAllocation", "KVPool", "AUX_SLOT_BYTES", "OutOfPages",
     "BlockStored", "BlockRemoved", "AllBlocksCleared", "block_hash", "Mode",
 ]

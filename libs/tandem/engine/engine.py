@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from tandem.config.schemas import EngineConfig
 
-from .kv_pool import AuxRow, KVPool, OutOfPages
+from .kv_pool import KVPool, OutOfPages
 from .loader import load_model, resolve_dtype
 from .model_runner import ModelRunner
 from .radix_cache import RadixCache
@@ -311,21 +311,14 @@ class EngineCore:
             self._stats.prompt_tokens_total += len(req.prompt_ids)
             return ExternalAllocation(req.rid, list(pages), aux, len(req.prompt_ids))
 
-    def activate_external(self, rid: str, first_token_id: int | None = None,
-                          first_token_logprob: float | None = None, cached_tokens: int = 0) -> None:
-        """The KV of rid's prompt is in its pages: join the running batch with its first token.
-
-        With first_token_id None the first token is read from the request's aux slot.
-        """
+    def activate_external(self, rid: str, first_token_id: int, first_token_logprob: float | None = None,
+                          cached_tokens: int = 0) -> None:
+        """The KV of rid's prompt is in its pages: join the running batch with its first token
+        (which KV transfer delivered in the request's aux slot)."""
         with self._lock:
             req = self.requests.get(rid)
             if req is None or req.status != Status.EXTERNAL_WAIT:
                 raise ValueError(f"activate_external({rid!r}): no pre-allocated request with this id")
-            if first_token_id is None:
-                row = self.pool.read_aux(req.aux_slot)
-                if row is None:
-                    raise ValueError(f"activate_external({rid!r}): aux slot {req.aux_slot} holds no first token")
-                first_token_id, first_token_logprob, cached_tokens = row.first_token_id, row.logprob, row.cached_tokens
             if not 0 <= first_token_id < self.model_config.vocab_size:
                 raise ValueError(f"first_token_id={first_token_id}: outside the vocabulary")
             self.pool.free_aux(req.aux_slot)
@@ -552,4 +545,4 @@ def _generation_eos(path: str) -> set:
     return set(eos) if isinstance(eos, list) else {eos}
 
 
-__all__ = ["EngineCore", "EngineStats", "StepOutput", "PrefillResult", "ExternalAllocation", "AuxRow", "OutOfPages"]
+__all__ = ["EngineCore", "EngineStats", "StepOutput", "PrefillResult", "ExternalAllocation", "OutOfPages"]

@@ -3,36 +3,16 @@ and a small aux (metadata) buffer that KV transfer writes the first token into.
 
 Layout: ``k_buffers[layer]`` and ``v_buffers[layer]`` are ``[num_pages, page_size,
 num_kv_heads, head_dim]``; page ``p`` of a layer starts at ``base + p * bytes_per_page``.
-The aux buffer is ``[num_aux_slots, AUX_SLOT_BYTES]`` uint8; see ``AuxRow``.
+The aux buffer is ``[num_aux_slots, AUX_SLOT_BYTES]`` uint8 (rows written by KV transfer).
 """
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass
-
 import torch
 
+# One aux slot per pre-allocated request: the metadata row (first token, its logprob) that
+# prefill writes next to the KV pages. Its format belongs to the KV transfer library
+# (tandem.transfer.AuxRow); the engine only owns the slots.
 AUX_SLOT_BYTES = 64
-# first_token_id (int64), first_token_logprob (float32), cached_tokens (int32), valid flag (int32)
-_AUX_FMT = "<qfii"
-
-
-@dataclass
-class AuxRow:
-    first_token_id: int
-    logprob: float
-    cached_tokens: int = 0
-
-
-def pack_aux(row: AuxRow) -> bytes:
-    """The bytes of one aux slot (what prefill writes into decode's aux buffer)."""
-    data = struct.pack(_AUX_FMT, row.first_token_id, row.logprob, row.cached_tokens, 1)
-    return data + bytes(AUX_SLOT_BYTES - len(data))
-
-
-def unpack_aux(data: bytes) -> AuxRow | None:
-    tok, lp, cached, valid = struct.unpack_from(_AUX_FMT, bytes(data))
-    return AuxRow(tok, lp, cached) if valid == 1 else None
 
 
 class OutOfPages(RuntimeError):
@@ -91,12 +71,6 @@ class KVPool:
     def free_aux(self, slot: int) -> None:
         self.aux[slot].zero_()
         self._free_aux.append(slot)
-
-    def write_aux(self, slot: int, row: AuxRow) -> None:
-        self.aux[slot] = torch.frombuffer(bytearray(pack_aux(row)), dtype=torch.uint8)
-
-    def read_aux(self, slot: int) -> AuxRow | None:
-        return unpack_aux(self.aux[slot].numpy().tobytes())
 
     # ---- layout for transfer -------------------------------------------------------------
     @property

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tandem.engine import AuxRow, OutOfPages, SamplingParams, pack_aux
+from tandem.engine import OutOfPages, SamplingParams
+from tandem.transfer import AuxRow, pack_aux_row, unpack_aux_row
 
 
 def copy_pages(src, dst, src_pages, dst_pages):
@@ -61,11 +62,14 @@ def test_prefill_only_then_external_decode_equals_local(prefill_engine, dense_ll
         assert sum(chunks, []) == res.page_indices
         if len(res.page_indices) > 1:
             assert len(chunks) > 1  # chunked_prefill_size=8 < prompt: pages arrive in several chunks
-        de.pool.aux[alloc.aux_slot] = torch.frombuffer(
-            bytearray(pack_aux(AuxRow(res.first_token_id, res.first_token_logprob, res.cached_tokens))),
+        # The aux row travels like the KV pages: written into decode's slot, read back there.
+        slot = de.pool.aux[alloc.aux_slot]
+        slot[:] = torch.frombuffer(bytearray(pack_aux_row(
+            AuxRow(7, res.first_token_id, res.first_token_logprob, res.cached_tokens), slot.numel())),
             dtype=torch.uint8)
+        row = unpack_aux_row(slot)
         pe.release(rid)
-        de.activate_external(alloc.rid)
+        de.activate_external(alloc.rid, row.first_token_id, row.first_token_logprob, row.cached_tokens)
         decoded, reason = run_to_end(de, alloc.rid)  # decode streams the first token too
         assert reason == "length"
         assert decoded[0] == first[0]
@@ -77,8 +81,8 @@ def test_external_allocation_cancel_and_errors(dense_llm, prompts):
     start = de.num_available_pages
     alloc = de.allocate_external(prompts[0], SamplingParams(max_tokens=4))
     assert de.num_available_pages == start - len(alloc.page_indices)
-    with pytest.raises(ValueError, match="holds no first token"):
-        de.activate_external(alloc.rid)  # nothing arrived in the aux slot yet
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        de.activate_external(alloc.rid, first_token_id=10**9)
     assert de.abort(alloc.rid)
     de.step()
     assert de.num_available_pages == start
