@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 from tandem.config import DecodeConfig
-from tandem.engine.engine import OutOfPages
+from tandem.engine.engine import EngineStats, OutOfPages
 from tandem.engine.sampling_params import SamplingParams
 from tandem.transfer import KVPoll, KvReceiver, aux_row_from_done
 from tandem.v1 import common_pb2, decode_pb2, prefill_pb2
@@ -277,13 +277,13 @@ class DecodeWorker:
             if done is not None and msg is None:
                 time.sleep(POLL_S)
 
-    def disagg_stats(self) -> dict:
+    def disagg_stats(self, stats: EngineStats) -> dict:
         """Disaggregation fields of the next SchedulerStats (failure counts as deltas)."""
         c = self.counters
         failed, boot = c.remote_failures - self._reported[0], c.bootstrap_failures - self._reported[1]
         self._reported = (c.remote_failures, c.bootstrap_failures)
         return dict(num_decode_transfer_queue_reqs=self.inflight_rooms,
-                    num_decode_prealloc_queue_reqs=self.engine.stats().num_external_reqs,
+                    num_decode_prealloc_queue_reqs=stats.num_external_reqs,
                     kv_transfer_latency_ms=c.last_transfer_ms, kv_transfer_bootstrap_ms=c.last_bootstrap_ms,
                     kv_transfer_alloc_ms=c.last_alloc_ms, kv_transfer_total_mb=c.last_transfer_mb,
                     num_transfer_failed_reqs=failed - boot, num_bootstrap_failed_reqs=boot)

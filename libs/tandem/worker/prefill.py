@@ -220,7 +220,7 @@ class PrefillWorker:
             elif not stream.finished:
                 stream.cancel()
 
-    def prefill_stats(self) -> dict:
+    def prefill_stats(self, _stats=None) -> dict:
         """Disaggregation fields of the next SchedulerStats."""
         c = self.counters
         failed = c.failed - self._reported_failed

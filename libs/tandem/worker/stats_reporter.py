@@ -16,11 +16,12 @@ from tandem.metrics import SchedulerStats, StatsSender
 
 
 class StatsReporter:
-    def __init__(self, endpoint: str, page_size: int, extra: Callable[[], dict] | None = None,
+    def __init__(self, endpoint: str, page_size: int, extra: Callable[[EngineStats], dict] | None = None,
                  idle_interval_s: float = 1.0) -> None:
         self.sender = StatsSender(endpoint)
         self.page_size = page_size
-        self.extra = extra or (lambda: {})
+        # extra(stats) -> more SchedulerStats fields (the disaggregation gauges of a worker)
+        self.extra = extra or (lambda _stats: {})
         self.idle_interval_s = idle_interval_s
         self._lock = threading.Lock()
         self._finished: list[dict] = []
@@ -60,7 +61,7 @@ class StatsReporter:
         for f in finished:
             msg.add_finished(e2e=f["e2e"], ttft=f["ttft"], queue_time=f["queue_time"], itl=f["itl"],
                              aborted=f["aborted"])
-        for k, v in self.extra().items():
+        for k, v in self.extra(s).items():
             setattr(msg, k, v)
         self._prev = dataclasses.replace(s)  # the engine hands its live object: keep a snapshot
         self._last_sent = time.monotonic()
