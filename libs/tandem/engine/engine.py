@@ -215,6 +215,19 @@ class EngineCore:
             return self.tokenizer.encode(prompt, add_special_tokens=False).ids
         return list(prompt)
 
+    def validate_request(self, prompt_ids: list, sampling: SamplingParams) -> None:
+        """Raise ValueError naming the problem if this request could never run here."""
+        self._validate(list(prompt_ids), sampling)
+
+    def paused(self):
+        """Context manager: no step runs inside it (e.g. to swap expert weights between passes)."""
+        return self._lock
+
+    def kv_snapshot(self) -> list:
+        """Every block the prefix cache holds, as BlockStored events (for a new KV-event subscriber)."""
+        with self._lock:
+            return self.cache.snapshot()
+
     def _validate(self, ids: list, sp: SamplingParams) -> None:
         if len(ids) == 0:
             raise ValueError("empty prompt: at least one token is required")

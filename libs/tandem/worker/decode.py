@@ -67,16 +67,12 @@ class DecodeWorker:
         self.counters = DisaggCounters()
         self.inflight_rooms = 0
         self._reported = (0, 0)
-        self.events = KvEventLog(worker_id, self._cache_snapshot)
+        self.events = KvEventLog(worker_id, self.engine.kv_snapshot)
         self.engine.subscribe_kv_events(self.events.on_events)
 
     @property
     def disaggregated(self) -> bool:
         return self.config.disaggregation_mode == "decode"
-
-    def _cache_snapshot(self) -> list:
-        with self.engine._lock:
-            return self.engine.cache.snapshot()
 
     # ---- Generate ----------------------------------------------------------------------
     def generate(self, request: decode_pb2.GenerateRequest, is_active: Callable[[], bool],
@@ -121,7 +117,7 @@ class DecodeWorker:
     def _remote(self, rid: str, ids: list[int], sp: SamplingParams, is_active) -> RequestStream:
         # Validate here so a bad request never reaches a prefill worker.
         try:
-            self.engine._validate(list(ids), sp)
+            self.engine.validate_request(ids, sp)
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         tried: set[str] = set()

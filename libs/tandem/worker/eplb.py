@@ -99,7 +99,7 @@ class WorkerEplb:
             ep.set_recorder(self.recorder)
         else:
             self.hook = EplbEngineHook(engine.model, self.location, config.ep_dispatch_algorithm, self.recorder)
-            with engine._lock:
+            with engine.paused():
                 self.hook.install()
         self.plan_version = 0
         self.plans_applied = 0
@@ -140,7 +140,7 @@ class WorkerEplb:
         if pending is None:
             return
         version = getattr(self.hook, "_pending_version", None)
-        with self.loop.engine._lock:
+        with self.loop.engine.paused():
             copies = self.hook.apply_pending()
         self.plan_version = version if version is not None else self.plan_version + 1
         self.plans_applied += 1

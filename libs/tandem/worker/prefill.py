@@ -52,12 +52,8 @@ class PrefillWorker:
         self.rooms: dict[int, str] = {}  # live room -> request id
         self.counters = PrefillCounters()
         self._reported_failed = 0
-        self.events = KvEventLog(worker_id, self._cache_snapshot)
+        self.events = KvEventLog(worker_id, self.engine.kv_snapshot)
         self.engine.subscribe_kv_events(self.events.on_events)
-
-    def _cache_snapshot(self) -> list:
-        with self.engine._lock:
-            return self.engine.cache.snapshot()
 
     # ---- RegisterDecode -------------------------------------------------------------------
     def register_decode(self, req: prefill_pb2.RegisterDecodeRequest) -> prefill_pb2.RegisterDecodeResponse:
@@ -95,7 +91,7 @@ class PrefillWorker:
         ids = list(start.input_ids)
         try:
             sp = sampling_from_proto(start.sampling)
-            self.engine._validate(ids, sp)
+            self.engine.validate_request(ids, sp)
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         peer = None
