@@ -19,3 +19,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    """A real etcd on loopback for a module's tests; skipped, with the reason, when the etcd
+    binary cannot be installed (build-support/install-etcd.sh)."""
+    from tests.unit.routing.routing_etcd import EtcdServer
+
+    try:
+        server = EtcdServer(str(tmp_path_factory.mktemp("etcd")))
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    yield server
+    server.stop()

@@ -3,24 +3,12 @@ serves through them, and drops one that stops."""
 from __future__ import annotations
 
 import httpx
-import pytest
 
 from tests.support.procs import start_service
 from tests.support.waiting import wait_for
-from tests.unit.routing.routing_etcd import EtcdServer
 
 MODEL = "models/tandem-demo-dense"
 PREFIX = "/tandem-it/workers/"
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    try:
-        server = EtcdServer(str(tmp_path_factory.mktemp("etcd")))
-    except RuntimeError as e:
-        pytest.skip(str(e))
-    yield server
-    server.stop()
 
 
 def completion(http: str) -> httpx.Response:

@@ -11,7 +11,6 @@ import time
 
 import httpx
 import pytest
-from routing_etcd import EtcdServer
 from routing_fake_worker import FakeWorker
 from tandem.config import RouterConfig
 from tandem.router.app import build_router
@@ -21,16 +20,6 @@ from tandem.v1 import common_pb2
 from tests.support.waiting import wait_for
 
 PREFIX = "/tandem-test/workers/"
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    try:
-        server = EtcdServer(str(tmp_path_factory.mktemp("etcd")))
-    except RuntimeError as e:
-        pytest.skip(str(e))
-    yield server
-    server.stop()
 
 
 def info(wid, addr="127.0.0.1:1"):
