@@ -81,9 +81,10 @@ def plan_stack(cfg: dict) -> list[ProcessSpec]:
     py = [sys.executable, "-m"]
     specs: list[ProcessSpec] = []
     engine = dict(cfg.get("engine", {}), model_path=cfg["model_path"])
-    eplb_addr = None
     if is_moe(cfg["model_path"]):
         eplb_addr = f"{host}:{ports['eplb_grpc']}"
+        # MoE workers record expert load, report it to the planner and apply its plans.
+        engine.update(enable_eplb=True, eplb_planner_address=eplb_addr)
         specs.append(ProcessSpec("eplb", "eplb", py + ["tandem.eplb"], eplb_addr,
                                  f"{host}:{ports['eplb_system']}",
                                  {"host": host, "port": ports["eplb_grpc"], "system_port": ports["eplb_system"],

@@ -36,8 +36,10 @@ def free_base(span: int = 100) -> int:
     raise RuntimeError("no free port range")
 
 
-def write_stack(tmp_path: Path, mode: str) -> Path:
+def write_stack(tmp_path: Path, mode: str, model: str | None = None) -> Path:
     cfg = yaml.safe_load(STACK.read_text())
+    if model:
+        cfg["model_path"] = model
     base = free_base()
     for i, key in enumerate(cfg["ports"]):
         cfg["ports"][key] = base + 10 * i
@@ -62,8 +64,8 @@ def alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
-def start_stack(tmp_path: Path, mode: str):
-    stack = write_stack(tmp_path, mode)
+def start_stack(tmp_path: Path, mode: str, model: str | None = None):
+    stack = write_stack(tmp_path, mode, model)
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k not in ("MODE", "MODEL", "PREFILL", "DECODE")}
     proc = subprocess.Popen([sys.executable, "-m", "deploy.local.run", "--stack", str(stack), "--run-dir",
@@ -84,11 +86,15 @@ def start_stack(tmp_path: Path, mode: str):
     return proc, cfg, run_dir, output
 
 
-@pytest.mark.parametrize("mode", ["disagg", pytest.param("agg", marks=pytest.mark.slow)])
-def test_deploy_local_serves_chat_scrapes_metrics_and_stops_clean(tmp_path, mode):
+@pytest.mark.parametrize("mode,model", [
+    ("disagg", None),
+    ("disagg", "models/tandem-demo-moe"),  # MoE: the EPLB planner joins the stack
+    pytest.param("agg", None, marks=pytest.mark.slow),
+])
+def test_deploy_local_serves_chat_scrapes_metrics_and_stops_clean(tmp_path, mode, model):
     from openai import OpenAI
 
-    proc, cfg, run_dir, output = start_stack(tmp_path, mode)
+    proc, cfg, run_dir, output = start_stack(tmp_path, mode, model)
     pids = json.loads((run_dir / "pids.json").read_text())
     try:
         ports = cfg["ports"]
@@ -100,6 +106,9 @@ def test_deploy_local_serves_chat_scrapes_metrics_and_stops_clean(tmp_path, mode
         assert reply.choices[0].message.content is not None and reply.usage.completion_tokens > 0
         prom = f"http://127.0.0.1:{ports['prometheus']}"
         expected_jobs = {"tandem-router", "tandem-decode"} | ({"tandem-prefill"} if mode == "disagg" else set())
+        if model and "moe" in model:
+            expected_jobs.add("tandem-eplb")
+            assert "eplb" in pids
         deadline = time.monotonic() + 60
         while True:
             targets = get_json(f"{prom}/api/v1/targets")["data"]["activeTargets"]
