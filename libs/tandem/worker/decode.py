@@ -273,6 +273,31 @@ class DecodeWorker:
             if done is not None and msg is None:
                 time.sleep(POLL_S)
 
+    def warmup_remote(self, timeout: float) -> int:
+        """Before SERVING: one tiny remote prefill through every prefill worker, so the first
+        user request does not pay for RegisterDecode, the transport's connection set-up
+        (UCX wire-up) or cold kernels. A worker that stays unreachable is only logged:
+        requests will register with it lazily. Returns how many workers were warmed."""
+        warmed = 0
+        sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        for peer in self.selector.peers:
+            deadline = time.monotonic() + timeout
+            while True:
+                rid = f"warmup-{peer.address}-{uuid.uuid4().hex[:6]}"
+                try:
+                    out = self._prefill_on(peer, rid, [0, 1, 2, 3], sp, lambda: True)
+                    for _ in self.loop.activate_external(rid, out.first_token_id, None, 0):
+                        pass
+                    warmed += 1
+                    break
+                except RemotePrefillError as exc:
+                    if time.monotonic() > deadline:
+                        log.warning("warmup: prefill %s not reachable (%s); it will be used lazily",
+                                    peer.address, exc)
+                        break
+                    time.sleep(0.5)
+        return warmed
+
     def disagg_stats(self, stats: EngineStats) -> dict:
         """Disaggregation fields of the next SchedulerStats (failure counts as deltas)."""
         c = self.counters

@@ -13,9 +13,19 @@ log = logging.getLogger(__name__)
 WARMUP_INPUT_IDS = [0, 1, 2, 3]
 
 
-def warmup_prefill(address: str, timeout: float) -> prefill_pb2.TransferDone:
+def warmup_prefill(address: str, timeout: float, full_chunk_tokens: int = 0) -> prefill_pb2.TransferDone:
+    """Dynamo's tiny warmup request, then (when `full_chunk_tokens` > 0) one prompt of a whole
+    prefill chunk, so the largest matrix shapes are not first met by a user request."""
+    done = _warmup_request(address, timeout, WARMUP_INPUT_IDS)
+    if full_chunk_tokens > len(WARMUP_INPUT_IDS):
+        # Token ids 0-3 exist in every vocabulary.
+        done = _warmup_request(address, timeout, [i % 4 for i in range(full_chunk_tokens)])
+    return done
+
+
+def _warmup_request(address: str, timeout: float, input_ids: list[int]) -> prefill_pb2.TransferDone:
     start = prefill_pb2.PrefillStart(
-        request_id="warmup", input_ids=WARMUP_INPUT_IDS, warmup=True,
+        request_id="warmup", input_ids=input_ids, warmup=True,
         sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     with grpc.insecure_channel(address) as channel:
         stub = prefill_pb2_grpc.PrefillStub(channel)
@@ -30,5 +40,6 @@ def warmup_prefill(address: str, timeout: float) -> prefill_pb2.TransferDone:
             raise RuntimeError(f"prefill warmup failed: {exc.code().name}: {exc.details()}") from None
     if done is None:
         raise RuntimeError("prefill warmup ended without a result")
-    log.info("prefill warmup: first token %d in %.1f ms", done.first_token_id, done.prefill_ms)
+    log.info("prefill warmup (%d tokens): first token %d in %.1f ms", len(input_ids), done.first_token_id,
+             done.prefill_ms)
     return done

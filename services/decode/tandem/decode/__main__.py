@@ -39,6 +39,8 @@ def main(argv=None) -> None:
                                          prefill_override="local")
         for _ in worker.generate(req, lambda: True, lambda cb: None):
             pass
+        if disagg:
+            worker.warmup_remote(min(config.warmup_timeout, 120.0))
 
     wp.serve(warmup, role="decode" if disagg else "agg")
 
