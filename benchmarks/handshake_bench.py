@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tandem.transfer import KvBuffers, KVPoll, aux_row_from_done, make_receiver  # noqa: E402
+from tandem.transfer import KvBuffers, KVPoll, make_receiver  # noqa: E402
 from tandem.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc  # noqa: E402
 from tandem.worker.process import model_fingerprint  # noqa: E402
 
@@ -55,13 +55,8 @@ def one(stub, rx, decode_id: str, slot: int) -> tuple[float, float]:
     rx.expect(room, [slot], slot)
     done = None
     for msg in responses:
-        kind = msg.WhichOneof("msg")
-        if kind == "chunk":
-            rx.receive(msg.chunk)
-        elif kind == "done":
-            done = msg.done
-            if rx.backend == "grpc":
-                rx.receive_aux(room, aux_row_from_done(done))
+        done = rx.on_stream_message(room, msg)
+        if done is not None:
             break
     while rx.poll(room) is not KVPoll.Success:
         time.sleep(0.0001)

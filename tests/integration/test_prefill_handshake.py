@@ -8,7 +8,7 @@ import json
 import grpc
 import pytest
 import torch
-from tandem.transfer import KvBuffers, KVPoll, aux_row_from_done, make_receiver
+from tandem.transfer import KvBuffers, KVPoll, make_receiver
 from tandem.v1 import prefill_pb2, prefill_pb2_grpc
 from tandem.worker.process import model_fingerprint
 
@@ -150,12 +150,7 @@ def test_good_handshake_fills_exactly_the_allocated_pages(stub, prefill):
     conv.send(alloc_msg(room.room, pages, aux=5))
     done = None
     while done is None:
-        msg = conv.recv()
-        if msg.WhichOneof("msg") == "chunk":
-            rx.receive(msg.chunk)
-        elif msg.WhichOneof("msg") == "done":
-            done = msg.done
-    rx.receive_aux(room.room, aux_row_from_done(done))
+        done = rx.on_stream_message(room.room, conv.recv())
     assert rx.poll(room.room) is KVPoll.Success
     conv.close()
     written = {p for p in range(rx.buffers.num_pages) if float(rx.buffers.k[0][p].abs().sum()) > 0}

@@ -238,6 +238,27 @@ class KvReceiver:
         self._rooms.pop(room, None)
         self._on_forget(room)
 
+    def on_stream_message(self, room: int, msg: prefill_pb2.PrefillServerMessage):
+        """Apply one message of the room's Prefill stream: KV chunks and the done's aux row
+        (grpc backend; NIXL writes those into memory itself), a failure marks the room
+        Failed. Returns the TransferDone when ``msg`` is one, else None."""
+        kind = msg.WhichOneof("msg")
+        if kind == "chunk":
+            self._stream_chunk(msg.chunk)
+        elif kind == "done":
+            self._stream_done(room, msg.done)
+            return msg.done
+        elif kind == "failed":
+            self.mark_failed(room, msg.failed.error.message)
+        return None
+
+    def _stream_chunk(self, chunk: prefill_pb2.KvChunk) -> None:
+        raise ValueError(f"room {chunk.room}: a KvChunk on the stream, but this receiver's backend "
+                         f"is {self.backend!r}")
+
+    def _stream_done(self, room: int, done: prefill_pb2.TransferDone) -> None:
+        """The aux row came by the backend itself (e.g. a NIXL WRITE)."""
+
     def aux_row(self, room: int) -> AuxRow:
         """The aux row of a room that reached Success."""
         r = self._get(room)

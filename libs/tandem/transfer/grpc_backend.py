@@ -211,6 +211,12 @@ class GrpcKvReceiver(KvReceiver):
         with self._lock:
             return super().poll(room)
 
+    def _stream_chunk(self, chunk: prefill_pb2.KvChunk) -> None:
+        self.receive(chunk)
+
+    def _stream_done(self, room: int, done: prefill_pb2.TransferDone) -> None:
+        self.receive_aux(room, aux_row_from_done(done))
+
 
 def done_from_aux_row(row: AuxRow, **fields) -> prefill_pb2.TransferDone:
     """``TransferDone`` carrying ``row`` (grpc backend); extra fields pass through."""

@@ -19,7 +19,7 @@ import grpc
 from tandem.config import DecodeConfig
 from tandem.engine.engine import EngineStats, OutOfPages
 from tandem.engine.sampling_params import SamplingParams
-from tandem.transfer import KVPoll, KvReceiver, aux_row_from_done
+from tandem.transfer import KVPoll, KvReceiver
 from tandem.v1 import common_pb2, decode_pb2, prefill_pb2
 from tandem.worker.convert import chunk_from_output, sampling_from_proto
 from tandem.worker.engine_loop import EngineLoop, RequestStream
@@ -253,15 +253,8 @@ class DecodeWorker:
                 raise ClientGone()
             msg = call.recv(POLL_S if done is None else 0)
             if msg is not None:
-                kind = msg.WhichOneof("msg")
-                if kind == "chunk":
-                    rx.receive(msg.chunk)
-                elif kind == "done":
-                    done = msg.done
-                    if rx.backend == "grpc":
-                        rx.receive_aux(room, aux_row_from_done(done))
-                elif kind == "failed":
-                    rx.mark_failed(room, msg.failed.error.message)
+                done = rx.on_stream_message(room, msg) or done
+                if msg.WhichOneof("msg") == "failed":
                     raise _failed(msg.failed)
             state = rx.poll(room)
             if state is KVPoll.Failed:
