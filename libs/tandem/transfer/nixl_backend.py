@@ -110,6 +110,14 @@ def _register(agent, buffers: KvBuffers) -> list:
                                   buffers.aux_mem_type)]
 
 
+def _deregister(agent, regs: list) -> None:
+    for reg in regs:
+        try:
+            agent.deregister_memory(reg)
+        except Exception as e:  # closing must go on: the process may be exiting
+            log.warning("deregistering NIXL memory: %s", e)
+
+
 def kv_notif(room: int, chunk: int, is_last: bool) -> bytes:
     return f"{room}_kv_{chunk}_{int(is_last)}".encode()
 
@@ -160,7 +168,7 @@ class NixlKvSender(KvSender):
         self._reg = _register(self.agent, buffers)
         # Aux rows are packed into this registered host buffer, then written to decode.
         self._staging = torch.zeros(aux_staging_slots, buffers.aux_slot_bytes, dtype=torch.uint8)
-        self._staging_reg = self.agent.register_memory(self._staging)
+        self._reg.append(self.agent.register_memory(self._staging))
         self._free_staging = list(range(aux_staging_slots - 1, -1, -1))
 
     def _add_peer(self, reg: Registration) -> None:
@@ -280,12 +288,8 @@ class NixlKvSender(KvSender):
             self._progress = None
         super().close()
         with self._lock:
-            for reg in [*(self._reg or []), self._staging_reg]:
-                try:
-                    self.agent.deregister_memory(reg)
-                except Exception as e:
-                    log.warning("deregistering NIXL memory: %s", e)
-            self._reg = self._staging_reg = None
+            _deregister(self.agent, self._reg)
+            self._reg = []
 
 
 class NixlKvReceiver(KvReceiver):
@@ -373,9 +377,5 @@ class NixlKvReceiver(KvReceiver):
             self._bg = None
         super().close()
         with self._lock:
-            for reg in self._reg or []:
-                try:
-                    self.agent.deregister_memory(reg)
-                except Exception as e:
-                    log.warning("deregistering NIXL memory: %s", e)
-            self._reg = None
+            _deregister(self.agent, self._reg)
+            self._reg = []
