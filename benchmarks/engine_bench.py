@@ -1,61 +1,76 @@
-"""Engine throughput: tandem (continuous batching, paged KV) vs transformers `generate`.
+"""Engine throughput: tandem vs transformers `generate`, and decode against the memory roofline.
 
-One run, same machine, same requests (random prompt ids, fixed lengths, greedy,
-ignore_eos so every request produces exactly --output-len tokens):
+One run, one machine, the same requests for both (random prompt ids, fixed lengths,
+greedy, every request produces exactly --output-len tokens), each side warmed with an
+identical call first and then timed over whole `generate` calls (wall clock):
 
-* tandem: all requests of a batch submitted at once to ``LLM.generate``.
-* transformers: ``--hf-mode sequential`` runs them one by one (the CPU baseline of
-  the issue); ``batched`` runs them as one ``generate`` batch (the GPU comparison).
+* tandem: ``LLM(model, device=..., dtype=...)`` with the engine's shipped defaults (no
+  other option is passed); all requests of a batch submitted at once.
+* transformers: on CUDA one batched ``generate`` with the static cache
+  (``cache_implementation="static"``); on CPU one request at a time (``--hf-mode``).
+  transformers runs first and is freed before tandem loads, so each has the whole device.
 
-Also prints the batch-1 decode step time against the weight-bytes / HBM-bandwidth
-bound (meaningful on GPU). Examples::
+Roofline: weight bytes / HBM read bandwidth measured in the same run (a read-only sum over
+a large buffer); a decode step cannot be faster. The batch-1 decode step is the median
+engine step (wall clock, host work included). Targets (``--gates``) are printed met or not.
 
-    python benchmarks/engine_bench.py                                   # CPU, demo dense model, batch 16
-    python benchmarks/engine_bench.py --build-qwen05b models/qwen05b    # build the ~0.5B bf16 checkpoint
-    python benchmarks/engine_bench.py --model models/qwen05b --device cuda --dtype bfloat16 \
-        --batch-sizes 1 16 64 --hf-mode batched
+    python benchmarks/engine_bench.py                                    # CPU, demo dense model, batch 16
+    python benchmarks/engine_bench.py --build qwen05b /tmp/qwen05b       # random-weight checkpoints:
+    python benchmarks/engine_bench.py --build llama8b /tmp/llama8b       #   Qwen2-0.5B / Llama-3-8B shapes
+    python benchmarks/engine_bench.py --model /tmp/qwen05b --device cuda --dtype bfloat16 \\
+        --batch-sizes 1 16 64 --gates gpu-part1 --out benchmarks/results/gpu/engine_bench_qwen05b_h200.json
 """
 from __future__ import annotations
 
 import argparse
-import json
+import gc
 import os
-import platform
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "libs"))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "libs"))
+sys.path.insert(0, str(REPO))
 
 from tandem.engine import LLM, SamplingParams  # noqa: E402
 
+from benchmarks.common.results import git_info, machine_info, write_json  # noqa: E402
 
-def build_qwen05b(out: str, seed: int = 0) -> str:
-    """A Qwen2-0.5B-shaped checkpoint (494M params, bf16, random weights) + the demo tokenizer."""
+SHAPES = {
+    "qwen05b": dict(arch="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                    rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True),
+    "llama8b": dict(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                    max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+                    tie_word_embeddings=False),
+}
+
+
+def build_checkpoint(shape: str, out: str, seed: int = 0) -> str:
+    """A random-weight bf16 checkpoint of a known shape, with the demo tokenizer (no model hub here)."""
     from tandem.engine.demo_models import build_all
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     if os.path.isfile(os.path.join(out, "config.json")):
         print(f"{out}: exists")
         return out
-    demo = build_all(os.path.join(REPO, "models"))["tandem-demo-dense"]
-    cfg = Qwen2Config(
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
-        eos_token_id=2, bos_token_id=None, pad_token_id=0,
-    )
+    spec = dict(SHAPES[shape])
+    arch = spec.pop("arch")
+    cfg = (Qwen2Config if arch == "qwen2" else LlamaConfig)(eos_token_id=2, bos_token_id=None, pad_token_id=0, **spec)
+    demo = build_all(str(REPO / "models"))["tandem-demo-dense"]
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        with open(os.path.join(demo, name), "rb") as src, open(os.path.join(out, name), "wb") as dst:
-            dst.write(src.read())
+        Path(out, name).write_bytes(Path(demo, name).read_bytes())
     n = sum(p.numel() for p in model.parameters())
-    print(f"{out}: built {n / 1e6:.0f}M params (bf16)")
+    print(f"{out}: built {shape}, {n / 1e6:.0f}M params (bf16)")
     return out
 
 
@@ -64,55 +79,75 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    desc = f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-    if torch.cuda.is_available():
-        desc += f", GPU {torch.cuda.get_device_name(0)}"
-    return desc
+def read_bandwidth(device: str) -> float | None:
+    """HBM read bytes/s: a sum over a 4 GiB buffer, best of 5 after a warm-up."""
+    if not device.startswith("cuda"):
+        return None
+    buf = torch.ones(2 << 30, dtype=torch.bfloat16, device=device)
+    buf.sum()
+    sync(device)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        buf.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    nbytes = buf.numel() * buf.element_size()
+    del buf
+    torch.cuda.empty_cache()
+    return nbytes / best
 
 
-def bench_tandem(llm: LLM, prompts: list, out_len: int, device: str) -> dict:
+def timed(fn, device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def run_tandem(llm: LLM, prompts: list, out_len: int, device: str) -> dict:
     sp = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
-    llm.engine.flush_cache()
-    sync(device)
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, sp)
-    sync(device)
-    dt = time.perf_counter() - t0
-    n = sum(len(o.token_ids) for o in outs)
+
+    def call():
+        llm.engine.flush_cache()  # every call prefills its prompts: no prefix-cache hits between calls
+        return llm.generate(prompts, sp)
+
+    call()  # identical warm-up call
+    outs = []
+    dt = timed(lambda: outs.append(call()), device)
+    n = sum(len(o.token_ids) for o in outs[0])
     return {"seconds": dt, "output_tokens": n, "tokens_per_s": n / dt}
 
 
-def bench_hf(model, prompts: list, out_len: int, device: str, mode: str) -> dict:
+def run_hf(model, prompts: list, out_len: int, device: str, mode: str) -> dict:
     groups = [prompts] if mode == "batched" else [[p] for p in prompts]
-    sync(device)
-    t0 = time.perf_counter()
-    n = 0
-    with torch.inference_mode():
-        for g in groups:
-            ids = torch.tensor(g, device=device)
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=out_len,
-                                 min_new_tokens=out_len, do_sample=False, pad_token_id=0)
-            n += (out.shape[1] - ids.shape[1]) * ids.shape[0]
-    sync(device)
-    dt = time.perf_counter() - t0
-    return {"seconds": dt, "output_tokens": n, "tokens_per_s": n / dt}
+    extra = {"cache_implementation": "static"} if mode == "batched" else {}
+
+    def call():
+        n = 0
+        with torch.inference_mode():
+            for g in groups:
+                ids = torch.tensor(g, device=device)
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=out_len,
+                                     min_new_tokens=out_len, do_sample=False, pad_token_id=0, **extra)
+                n += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+        return n
+
+    call()  # identical warm-up call (includes any compile the static cache triggers)
+    counts = []
+    dt = timed(lambda: counts.append(call()), device)
+    return {"seconds": dt, "output_tokens": counts[0], "tokens_per_s": counts[0] / dt}
 
 
-def decode_step_time(llm: LLM, in_len: int, device: str, steps: int = 32) -> float:
+def decode_step_ms(llm: LLM, in_len: int, device: str, steps: int = 48) -> float:
+    """Median wall-clock time of one engine step of a batch-1 decode (host work included)."""
     eng = llm.engine
     eng.flush_cache()
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(10, eng.model_config.vocab_size, (in_len,), generator=g).tolist()
     rid = eng.add_request(prompt, SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True))
-    times = []
-    done = False
+    times, done = [], False
     while not done:
         sync(device)
         t0 = time.perf_counter()
@@ -121,104 +156,154 @@ def decode_step_time(llm: LLM, in_len: int, device: str, steps: int = 32) -> flo
         if eng.stats().step_kind == "decode":
             times.append(time.perf_counter() - t0)
         done = any(o.rid == rid and o.finished for o in outs)
-    times = sorted(times[2:])  # drop warm-up steps
-    return times[len(times) // 2]
+    times = sorted(times[2:])
+    return times[len(times) // 2] * 1e3
+
+
+def evaluate_gates(result: dict, gates: str | None) -> list[dict]:
+    """The issue's targets for this model's rows; each {target, value, met}."""
+    if gates != "gpu-part1":
+        return []
+    rows = {r["batch"]: r for r in result["rows"]}
+    bound_ms = result["roofline_ms"]
+    shape = result["shape"]
+    out = []
+    if shape == "llama8b" and 1 in rows:
+        want = 1e3 / (1.3 * bound_ms)
+        out.append({"target": f"batch 1 decode >= 1/(1.3 x roofline) = {want:.0f} tok/s",
+                    "value": round(rows[1]["tandem_tok_s"], 1), "met": rows[1]["tandem_tok_s"] >= want})
+    if shape == "qwen05b":
+        want = 6 * bound_ms
+        out.append({"target": f"batch 1 decode step <= 6 x roofline = {want:.3f} ms",
+                    "value": round(result["decode_step_ms_batch1"], 3), "met": result["decode_step_ms_batch1"] <= want})
+    if 64 in rows and "hf_tok_s" in rows[64]:
+        r = rows[64]
+        out.append({"target": "batch 64 >= 2x transformers static cache", "value": round(r["ratio"], 2),
+                    "met": r["ratio"] >= 2.0})
+    return out
+
+
+def shape_of(model_path: str) -> str | None:
+    import json
+
+    cfg = json.loads(Path(model_path, "config.json").read_text())
+    for name, spec in SHAPES.items():
+        if all(cfg.get(k) == v for k, v in spec.items() if k not in ("arch", "tie_word_embeddings")):
+            return name
+    return None
+
+
+def write_markdown(path: Path, r: dict) -> None:
+    gi = r["git"]
+    lines = [f"# engine_bench: {Path(r['model']).name} on {r['device_name']}", "",
+             f"Written by `benchmarks/engine_bench.py` at {r['time']}, commit `{gi.get('commit')}` "
+             f"(dirty: {gi.get('dirty')}). Command: `{r['command']}`", "",
+             f"{r['device']}/{r['dtype']}, prompt {r['input_len']}, output {r['output_len']}, weights "
+             f"{r['weight_bytes'] / 1e9:.2f} GB; tandem with the engine's shipped defaults "
+             f"(attention backend {r['engine']['attention_backend']}, CUDA graphs up to batch "
+             f"{r['engine']['cuda_graph_max_bs']}, page size {r['engine']['page_size']}); transformers "
+             f"{r['hf_mode']}{' (static cache)' if r['hf_mode'] == 'batched' else ''}, each side warmed with an "
+             "identical call; both alone on the device.", "",
+             "| batch | tandem tok/s | transformers tok/s | tandem / transformers |", "|---|---|---|---|"]
+    for row in r["rows"]:
+        lines.append(f"| {row['batch']} | {row['tandem_tok_s']:.1f} | {row.get('hf_tok_s', float('nan')):.1f} | "
+                     f"{row.get('ratio', float('nan')):.2f}x |")
+    lines += ["", f"Batch-1 decode step {r['decode_step_ms_batch1']:.3f} ms (median engine step)."]
+    if r["roofline_ms"] is not None:
+        lines[-1] += (f" Roofline {r['roofline_ms']:.3f} ms = weights / {r['read_bandwidth_Bps'] / 1e12:.2f} TB/s "
+                      f"HBM read bandwidth measured in this run ({r['decode_step_ms_batch1'] / r['roofline_ms']:.2f}x).")
+    if r["gates"]:
+        lines += ["", "| target | value | met |", "|---|---|---|"]
+        lines += [f"| {g['target']} | {g['value']} | {'yes' if g['met'] else '**no**'} |" for g in r["gates"]]
+    path.write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=os.path.join(REPO, "models", "tandem-demo-dense"))
-    ap.add_argument("--build-qwen05b", metavar="DIR", help="build a ~0.5B Qwen2-shaped bf16 checkpoint into DIR")
+    ap.add_argument("--model", default=str(REPO / "models" / "tandem-demo-dense"))
+    ap.add_argument("--build", nargs=2, metavar=("SHAPE", "DIR"), help=f"build a checkpoint: SHAPE in {list(SHAPES)}")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16])
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--page-size", type=int, default=None, help="default 16 on CPU, 128 on CUDA")
     ap.add_argument("--hf-mode", choices=["sequential", "batched"], default=None,
-                    help="transformers baseline: one by one (CPU default) or one batch (CUDA default)")
+                    help="transformers: one request at a time (CPU default) or one static-cache batch (CUDA default)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
-    ap.add_argument("--bandwidth", type=float, default=3.35e12, help="HBM bytes/s for the bound (H100 SXM)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    ap.add_argument("--gates", choices=["gpu-part1"], default=None, help="evaluate the issue's targets")
     ap.add_argument("--out", default=None, help="write JSON results here (and a .md next to it)")
     args = ap.parse_args(argv)
 
-    if args.build_qwen05b:
-        build_qwen05b(args.build_qwen05b)
-        if args.model == ap.get_default("model"):
-            return 0
+    if args.build:
+        build_checkpoint(*args.build)
+        return 0
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    git = git_info()  # read at start: the tree the numbers come from
     if args.threads:
         torch.set_num_threads(args.threads)
     if not os.path.isdir(args.model):
         from tandem.engine.demo_models import build_all
 
-        build_all(os.path.join(REPO, "models"))
+        build_all(str(REPO / "models"))
     cuda = args.device.startswith("cuda")
-    page_size = args.page_size or (128 if cuda else 16)
     hf_mode = args.hf_mode or ("batched" if cuda else "sequential")
-    max_b = max(args.batch_sizes)
-    total_tokens = max_b * (args.input_len + args.output_len) + 4 * page_size * max_b
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, page_size=page_size,
-              max_total_tokens=total_tokens, max_running_requests=max(max_b, 1),
-              chunked_prefill_size=max(2048, args.input_len), max_prefill_tokens=max(8192, args.input_len))
-    weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.model.parameters())
-    hf = None
+    g = torch.Generator().manual_seed(0)
+    vocab = __import__("json").loads(Path(args.model, "config.json").read_text())["vocab_size"]
+    prompts = {b: [torch.randint(10, vocab, (args.input_len,), generator=g).tolist() for _ in range(b)]
+               for b in args.batch_sizes}
+    bandwidth = read_bandwidth(args.device)
+
+    rows = {b: {"batch": b} for b in args.batch_sizes}
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=llm.engine.dtype).to(args.device).eval()
+        dtype = getattr(torch, args.dtype)
+        hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+        for b in args.batch_sizes:
+            h = run_hf(hf, prompts[b], args.output_len, args.device, hf_mode)
+            rows[b].update(hf_tok_s=h["tokens_per_s"], hf_s=h["seconds"])
+            print(f"batch {b:3d}: transformers ({hf_mode}) {h['tokens_per_s']:9.1f} tok/s", flush=True)
+        del hf
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
 
-    g = torch.Generator().manual_seed(0)
-    vocab = llm.engine.model_config.vocab_size
-    # warm-up (allocator, kernels) for both
-    warm = [torch.randint(10, vocab, (args.input_len,), generator=g).tolist() for _ in range(2)]
-    bench_tandem(llm, warm, 4, args.device)
-    if hf is not None:
-        bench_hf(hf, warm[:1], 4, args.device, "sequential")
-
-    rows = []
+    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    eng = llm.engine
+    weight_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())
     for b in args.batch_sizes:
-        prompts = [torch.randint(10, vocab, (args.input_len,), generator=g).tolist() for _ in range(b)]
-        t = bench_tandem(llm, prompts, args.output_len, args.device)
-        row = {"batch": b, "tandem_tok_s": t["tokens_per_s"], "tandem_s": t["seconds"]}
-        if hf is not None:
-            h = bench_hf(hf, prompts, args.output_len, args.device, hf_mode)
-            row.update(hf_tok_s=h["tokens_per_s"], hf_s=h["seconds"], ratio=t["tokens_per_s"] / h["tokens_per_s"])
-        rows.append(row)
+        t = run_tandem(llm, prompts[b], args.output_len, args.device)
+        row = rows[b]
+        row.update(tandem_tok_s=t["tokens_per_s"], tandem_s=t["seconds"])
+        if "hf_tok_s" in row:
+            row["ratio"] = row["tandem_tok_s"] / row["hf_tok_s"]
         print(f"batch {b:3d}: tandem {t['tokens_per_s']:9.1f} tok/s"
-              + (f" | transformers ({hf_mode}) {row['hf_tok_s']:9.1f} tok/s | ratio {row['ratio']:.2f}x"
-                 if hf is not None else ""), flush=True)
-
-    step = decode_step_time(llm, args.input_len, args.device)
-    bound = weight_bytes / args.bandwidth
-    print(f"batch-1 decode step: {step * 1e3:.2f} ms; weights {weight_bytes / 1e6:.1f} MB / "
-          f"{args.bandwidth:.3g} B/s = {bound * 1e3:.3f} ms bound ({bound / step * 100:.1f}% of bound)")
+              + (f" | ratio {row['ratio']:.2f}x" if "ratio" in row else ""), flush=True)
+    step = decode_step_ms(llm, args.input_len, args.device)
+    roofline_ms = weight_bytes / bandwidth * 1e3 if bandwidth else None
+    print(f"batch-1 decode step: {step:.3f} ms" + (f"; roofline {roofline_ms:.3f} ms ({step / roofline_ms:.2f}x) at "
+                                                    f"{bandwidth / 1e12:.2f} TB/s read" if roofline_ms else ""))
     result = {
-        "machine": machine(), "model": os.path.abspath(args.model), "device": args.device, "dtype": args.dtype,
-        "input_len": args.input_len, "output_len": args.output_len, "page_size": page_size,
-        "hf_mode": hf_mode, "rows": rows, "decode_step_ms_batch1": step * 1e3,
-        "weight_bytes": weight_bytes, "bandwidth_Bps": args.bandwidth, "bound_ms": bound * 1e3,
-        "git_commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                     text=True).stdout.strip(),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "time": started, "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "git": git, "machine": machine_info(),
+        "device_name": torch.cuda.get_device_name(0) if cuda else machine_info()["cpu_model"],
+        "model": os.path.abspath(args.model), "shape": shape_of(args.model), "device": args.device,
+        "dtype": args.dtype, "input_len": args.input_len, "output_len": args.output_len, "hf_mode": hf_mode,
+        "engine": {"attention_backend": eng.attention_backend, "cuda_graph_max_bs": eng.cuda_graph_max_bs,
+                   "page_size": eng.page_size, "chunked_prefill_size": eng.chunked_prefill_size,
+                   "torch_threads": torch.get_num_threads()},
+        "rows": list(rows.values()), "decode_step_ms_batch1": step, "weight_bytes": weight_bytes,
+        "read_bandwidth_Bps": bandwidth, "roofline_ms": roofline_ms,
     }
+    result["gates"] = evaluate_gates(result, args.gates)
+    for gate in result["gates"]:
+        print(f"target: {gate['target']}: {gate['value']} -> {'MET' if gate['met'] else 'NOT MET'}")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        md = os.path.splitext(args.out)[0] + ".md"
-        with open(md, "w") as f:
-            f.write(f"# engine_bench ({result['time']}, commit {result['git_commit']})\n\n")
-            f.write(f"Machine: {result['machine']}  \nModel: `{args.model}` ({weight_bytes / 1e6:.1f} MB weights), "
-                    f"{args.device}/{args.dtype}, prompt {args.input_len}, output {args.output_len}, "
-                    f"page size {page_size}\n\n")
-            f.write(f"| batch | tandem tok/s | transformers ({hf_mode}) tok/s | ratio |\n|---|---|---|---|\n")
-            for r in rows:
-                f.write(f"| {r['batch']} | {r['tandem_tok_s']:.1f} | {r.get('hf_tok_s', float('nan')):.1f} | "
-                        f"{r.get('ratio', float('nan')):.2f}x |\n")
-            f.write(f"\nBatch-1 decode step: {step * 1e3:.2f} ms; weight-bytes/bandwidth bound "
-                    f"{bound * 1e3:.3f} ms at {args.bandwidth:.3g} B/s.\n")
-        print(f"wrote {args.out} and {md}")
+        out = Path(args.out)
+        write_json(out, result)
+        write_markdown(out.with_suffix(".md"), result)
+        print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
 

@@ -28,8 +28,14 @@ def make_results_dir(out: str | os.PathLike | None, prefix: str = "") -> Path:
     return path
 
 
+GIT_STATE_FILE = REPO / ".git-state.json"  # written by build-support/git-state.sh where .git cannot travel
+
+
 def git_info(repo: Path = REPO) -> dict:
-    """Commit, branch and whether the work tree had local changes (None where git is unavailable)."""
+    """Commit, branch and whether the work tree had local changes (None where git is unavailable).
+
+    On a machine that got a copy of the tree without .git (the GPU device), the state that
+    build-support/git-state.sh recorded beside the tree is used and marked as such."""
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10,
@@ -37,7 +43,11 @@ def git_info(repo: Path = REPO) -> dict:
         except (OSError, subprocess.SubprocessError):
             return None
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+    commit = git("rev-parse", "HEAD")
+    if commit is None and GIT_STATE_FILE.is_file():
+        state = json.loads(GIT_STATE_FILE.read_text())
+        return {**state, "source": f"{GIT_STATE_FILE.name} (tree copied without .git)"}
+    return {"commit": commit, "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
             "dirty": None if status is None else bool(status)}
 
 
@@ -78,8 +88,17 @@ def _gpus() -> list[dict]:
     out = []
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
-        out.append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1)})
+        out.append({"index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
+                    "sms": p.multi_processor_count, "driver": _nvidia_driver(), "cuda": torch.version.cuda})
     return out
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20).stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
 
 
 def machine_info() -> dict:
@@ -97,7 +116,7 @@ def machine_info() -> dict:
         "memory_gib": _mem_total_gib(),
         "gpus": _gpus(),
         "python": sys.version.split()[0],
-        "packages": {d: _version(d) for d in ("torch", "transformers", "aiperf", "httpx", "nixl", "numpy")},
+        "packages": {d: _version(d) for d in ("torch", "triton", "transformers", "aiperf", "httpx", "nixl", "numpy")},
     }
 
 

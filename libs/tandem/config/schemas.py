@@ -48,10 +48,22 @@ class EngineConfig(_Section):
         0.8, gt=0, le=1, description="Fraction of free device memory for weights + KV pool (CUDA)."
     )
     context_length: int | None = Field(None, ge=1, description="Override the model's context length.")
-    chunked_prefill_size: int = Field(512, ge=1, description="Maximum prompt tokens computed in one step.")
+    chunked_prefill_size: int | None = Field(
+        None, ge=1, description="Maximum prompt tokens computed in one step (default: 512 on CPU; on CUDA "
+        "by device memory, as SGLang: 2048 below 35 GB, 4096 below 60 GB, else 8192)."
+    )
     max_running_requests: int = Field(64, ge=1, description="Maximum requests in the running batch.")
     max_prefill_tokens: int = Field(8192, ge=1, description="Maximum new prompt tokens admitted per step.")
     disable_radix_cache: bool = Field(False, description="Disable the radix prefix cache.")
+    attention_backend: Literal["torch_native", "triton"] | None = Field(
+        None, description="Attention kernels: triton (paged Triton kernels, the default on CUDA) or "
+        "torch_native (the torch reference, the default on CPU; triton on CPU needs TRITON_INTERPRET=1)."
+    )
+    cuda_graph_max_bs: int | None = Field(
+        None, ge=1, le=1024, description="Largest decode batch run as a captured CUDA graph (CUDA + triton "
+        "backend; default: --max-running-requests); larger batches run eagerly."
+    )
+    disable_cuda_graph: bool = Field(False, description="Run decode eagerly instead of replaying CUDA graphs.")
     random_seed: int = Field(0, description="Seed for weight-independent randomness (sampling without seed).")
     skip_warmup: bool = Field(False, description="Skip the warmup request before reporting healthy.")
     warmup_timeout: float = Field(1800.0, gt=0, description="Seconds the warmup request may take.")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
+import random
 import threading
 import time
 import uuid
@@ -26,11 +28,12 @@ from .loader import load_model, resolve_dtype
 from .model_runner import ModelRunner
 from .radix_cache import RadixCache
 from .request import Mode, Request, Status
-from .sampler import Sampler
+from .sampler import SamplerVariant, SamplingTensors, allow_mask
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 
 CPU_KV_BYTES_CAP = 512 << 20
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -133,9 +136,11 @@ class EngineCore:
             raise ValueError("device='cuda' but torch sees no CUDA device")
         self.device = device
         self.dtype = resolve_dtype(cfg.dtype, device)
+        self.attention_backend = _attention_backend(cfg.attention_backend, device)
         self.model, self.model_config = load_model(cfg.model_path, self.dtype, device)
         mc = self.model_config
         self.context_length = cfg.context_length or mc.max_position_embeddings
+        self.model.set_backend(self.attention_backend, self.context_length + 1)
         self.tokenizer = _load_tokenizer(cfg.model_path)
         self.eos_token_ids = set(mc.eos_token_ids) | _generation_eos(cfg.model_path)
         if self.tokenizer is not None:
@@ -160,10 +165,12 @@ class EngineCore:
         self.pool = KVPool(mc.num_layers, num_pages, page_size, mc.num_kv_heads, mc.head_dim, self.dtype,
                            device, num_aux_slots=max(64, cfg.max_running_requests * 4))
         self.cache = RadixCache(page_size, self.pool.free, disabled=cfg.disable_radix_cache)
-        self.scheduler = Scheduler(self.pool, self.cache, cfg.chunked_prefill_size, cfg.max_prefill_tokens,
+        self.chunked_prefill_size = cfg.chunked_prefill_size or _default_chunked_prefill_size(device)
+        self.scheduler = Scheduler(self.pool, self.cache, self.chunked_prefill_size, cfg.max_prefill_tokens,
                                    cfg.max_running_requests)
-        self.runner = ModelRunner(self.model, self.pool, device)
-        self.sampler = Sampler(device, cfg.random_seed)
+        self.cuda_graph_max_bs = self._cuda_graph_max_bs()
+        self.runner = ModelRunner(self.model, self.pool, device, self.cuda_graph_max_bs)
+        self._seed_rng = random.Random(cfg.random_seed)  # seeds of requests that bring none
         self.requests: dict[str, Request] = {}
         self._lock = threading.RLock()
         self._pending: list[StepOutput] = []
@@ -185,6 +192,23 @@ class EngineCore:
     def num_available_pages(self) -> int:
         """Free pages plus evictable cached pages: equals num_total_pages when nothing is in use."""
         return self.scheduler.available_pages
+
+    def _cuda_graph_max_bs(self) -> int:
+        """0 when decode runs eagerly; otherwise the largest batch captured as a CUDA graph."""
+        cfg = self.config
+        if not self.device.startswith("cuda") or cfg.disable_cuda_graph:
+            return 0
+        why = None
+        if self.attention_backend != "triton":
+            why = "the torch_native backend's decode shapes depend on the context length"
+        elif self.model.moe_layers():
+            why = "the MoE layer syncs with the host (fused MoE comes with GPU engine part 3)"
+        elif cfg.ep_size > 1:
+            why = "expert parallelism all-reduces outside a graph"
+        if why:
+            log.warning("CUDA graphs off: %s", why)
+            return 0
+        return min(cfg.cuda_graph_max_bs or cfg.max_running_requests, cfg.max_running_requests)
 
     def kv_layout(self) -> dict:
         return self.pool.layout()
@@ -253,10 +277,8 @@ class EngineCore:
         rid = rid if rid is not None else f"req-{next(self._rid_counter)}-{uuid.uuid4().hex[:8]}"
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
-        req = Request(rid=rid, prompt_ids=ids, sampling=sp, mode=mode)
-        if sp.seed is not None:
-            req.generator = torch.Generator(device=self.device).manual_seed(sp.seed)
-        return req
+        seed = sp.seed if sp.seed is not None else self._seed_rng.getrandbits(63)
+        return Request(rid=rid, prompt_ids=ids, sampling=sp, mode=mode, seed=seed)
 
     def add_request(self, prompt, sampling: SamplingParams | None = None, rid: str | None = None,
                     mode: Mode | str = Mode.NORMAL, on_prefill_done: Callable[[PrefillResult], None] | None = None,
@@ -336,10 +358,6 @@ class EngineCore:
                 raise ValueError(f"first_token_id={first_token_id}: outside the vocabulary")
             self.pool.free_aux(req.aux_slot)
             req.aux_slot = None
-            if req.generator is not None and not req.sampling.greedy:
-                # The first token was sampled elsewhere with this seed: consume the draw it
-                # used, so the rest of the stream matches an aggregated run token for token.
-                self.sampler.skip_draw(req.generator, self.model_config.vocab_size)
             req.num_computed = len(req.prompt_ids)
             req.cached_tokens = cached_tokens
             req.status = Status.RUNNING
@@ -393,15 +411,39 @@ class EngineCore:
             req.on_chunk_done(req.rid, req.pages[req.pages_reported:final], req.num_computed)
             req.pages_reported = final
 
-    def _sample(self, reqs: list, logits: torch.Tensor) -> None:
-        # min_tokens: forbid EOS / stop ids until enough tokens were produced.
-        for i, req in enumerate(reqs):
-            sp = req.sampling
+    def _sampling_inputs(self, reqs: list) -> tuple[SamplingTensors | None, SamplerVariant]:
+        """Host tensors of the batch's sampling parameters (None when every row is greedy, unmasked)."""
+        sps = [r.sampling for r in reqs]
+        V = self.model_config.vocab_size
+        masks = []
+        for req, sp in zip(reqs, sps):
+            # min_tokens: forbid EOS / stop ids until enough tokens were produced.
+            banned = []
             if len(req.output_ids) < sp.min_tokens:
                 banned = list(sp.stop_token_ids) + ([] if sp.ignore_eos else list(self.eos_token_ids))
-                if banned:
-                    logits[i, banned] = float("-inf")
-        tokens, logprobs = self.sampler(logits, reqs)
+            masks.append(banned)
+        variant = SamplerVariant(random=not all(sp.greedy for sp in sps),
+                                 top_k_top_p=any(0 < sp.top_k < V or sp.top_p < 1.0 for sp in sps),
+                                 masked=any(masks))
+        if variant == SamplerVariant():
+            return None, variant
+        return SamplingTensors(
+            temperatures=torch.tensor([1.0 if sp.greedy else sp.temperature for sp in sps]),
+            top_ks=torch.tensor([sp.top_k if 0 < sp.top_k < V else V for sp in sps]),
+            top_ps=torch.tensor([sp.top_p for sp in sps], dtype=torch.float32),
+            min_ps=torch.tensor([sp.min_p for sp in sps], dtype=torch.float32),
+            seeds=torch.tensor([r.seed for r in reqs], dtype=torch.int64),
+            positions=torch.tensor([r.seq_len for r in reqs], dtype=torch.int64),
+            greedy=torch.tensor([sp.greedy for sp in sps]),
+            mask=torch.stack([allow_mask(V, b) for b in masks]) if variant.masked else None,
+        ), variant
+
+    def _sample(self, reqs: list, logits: torch.Tensor) -> None:
+        tensors, variant = self._sampling_inputs(reqs)
+        token_ids = self.runner.sample(logits, tensors, variant)
+        want_lp = any(r.sampling.logprobs or r.sampling.top_logprobs for r in reqs)
+        logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
+        tokens = token_ids.tolist()  # the step's one wait for the device
         for i, (req, tok) in enumerate(zip(reqs, tokens)):
             sp = req.sampling
             lp, top = [], []
@@ -514,6 +556,22 @@ class EngineCore:
         else:
             s.gen_throughput = 0.0
         s.step_kind, s.step_batch_size, s.step_num_tokens, s.step_time_s = kind, bsz, ntok, dt
+
+
+def _attention_backend(requested: str | None, device: str) -> str:
+    if requested is None:
+        return "triton" if device.startswith("cuda") else "torch_native"
+    if requested == "triton" and not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("attention_backend='triton' on CPU runs only through the Triton interpreter "
+                         "(set TRITON_INTERPRET=1; slow, for tests); use torch_native on CPU")
+    return requested
+
+
+def _default_chunked_prefill_size(device: str) -> int:
+    if not device.startswith("cuda"):
+        return 512
+    gb = torch.cuda.get_device_properties(torch.device(device)).total_memory / 1e9
+    return 2048 if gb < 35 else 4096 if gb < 60 else 8192
 
 
 def _host_available_bytes() -> int:

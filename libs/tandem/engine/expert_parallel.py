@@ -236,6 +236,9 @@ class _Item:
     def __init__(self, start: int, ids: list, pages: list):
         self.num_computed, self.all_ids, self.pages = start, _Window(start, ids), pages
 
+    def token_at(self, i: int) -> int:
+        return self.all_ids[i:i + 1][0]
+
 
 def _items(records: list) -> list:
     return [(_Item(start, ids, pages), len(ids)) for start, ids, pages in records]

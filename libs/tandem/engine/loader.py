@@ -65,6 +65,23 @@ def _expert_weights(t: dict, p: str, E: int):
     return torch.stack(w13), torch.stack(w2)
 
 
+def _merge_projections(state: dict) -> None:
+    """q/k/v -> qkv_proj and gate/up -> gate_up_proj (rows stacked in that order), in place."""
+    merges = (("self_attn.", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+              ("", ("gate_proj", "up_proj"), "gate_up_proj"))
+    for key in [k for k in state if k.endswith(".weight") or k.endswith(".bias")]:
+        for scope, parts, merged in merges:
+            head, _, kind = key.rpartition(".")
+            prefix = head[: -len(parts[0])] if head.endswith(scope + parts[0]) else None
+            if prefix is None or (scope and not prefix.endswith(scope)):
+                continue
+            names = [f"{prefix}{p}.{kind}" for p in parts]
+            missing = [n for n in names if n not in state]
+            if missing:
+                raise ValueError(f"missing weights {missing}")
+            state[f"{prefix}{merged}.{kind}"] = torch.cat([state.pop(n) for n in names], dim=0)
+
+
 def load_model(path: str, dtype: torch.dtype, device: str) -> tuple[CausalLM, ModelConfig]:
     cfg = ModelConfig.from_dir(path)
     t = _read_tensors(path)
@@ -90,6 +107,7 @@ def load_model(path: str, dtype: torch.dtype, device: str) -> tuple[CausalLM, Mo
             state[k[len("model."):]] = t.pop(k)
         elif k == "lm_head.weight":
             state[k] = t.pop(k)
+    _merge_projections(state)
     expected = set(model.state_dict().keys())
     missing = sorted(expected - set(state))
     if missing:

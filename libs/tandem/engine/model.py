@@ -3,9 +3,9 @@ running over a paged KV pool.
 
 A forward pass takes a *flat* list of new tokens from several requests
 (``ForwardBatch``). Every token-wise op (projections, norms, MLP, MoE) runs on
-that flat ``[T, hidden]`` tensor; only attention regroups tokens per request:
-queries are scattered into ``[B, Qmax]`` and each request's keys/values are
-gathered from its pages into ``[B, Kmax]`` with a padding + causal mask.
+that flat ``[T, hidden]`` tensor; only attention looks at requests, through the
+backend's ops (``tandem.engine.ops``): the paged Triton kernels, or the torch
+reference that gathers each request's pages into dense tensors with a mask.
 """
 from __future__ import annotations
 
@@ -22,17 +22,25 @@ from .model_config import ModelConfig
 
 @dataclass
 class ForwardBatch:
-    """Tensors describing one forward pass (built by the model runner)."""
+    """Tensors describing one forward pass (built by the model runner).
+
+    Prefill and mixed batches (and every batch of the torch_native backend) carry the dense
+    view: ``kv_slots`` and ``attn_mask``. Decode batches of the triton backend carry the
+    paged view instead: ``page_table``, ``seq_lens`` and ``num_splits``.
+    """
 
     input_ids: torch.Tensor  # [T] new tokens of all requests, request-major
     positions: torch.Tensor  # [T] absolute position of each new token
-    slot_mapping: torch.Tensor  # [T] flat KV slot (page * page_size + offset) each new token writes
-    q_batch_idx: torch.Tensor  # [T] which request (0..B-1) each token belongs to
-    q_local_idx: torch.Tensor  # [T] index of the token among its request's new tokens
-    kv_slots: torch.Tensor  # [B, Kmax] flat KV slots of each request's whole context (padded)
-    attn_mask: torch.Tensor  # [B, 1, Qmax, Kmax] bool, True = attend
-    logits_indices: torch.Tensor  # [S] rows of T whose logits are wanted
+    slot_mapping: torch.Tensor  # [T] flat KV slot (page * page_size + offset) each new token writes (-1: none)
+    q_batch_idx: torch.Tensor | None = None  # [T] which request (0..B-1) each token belongs to
+    q_local_idx: torch.Tensor | None = None  # [T] index of the token among its request's new tokens
+    kv_slots: torch.Tensor | None = None  # [B, Kmax] flat KV slots of each request's whole context (padded)
+    attn_mask: torch.Tensor | None = None  # [B, 1, Qmax, Kmax] bool, True = attend
+    logits_indices: torch.Tensor | None = None  # [S] rows of T whose logits are wanted (None: every row)
     is_decode: bool = False  # every request has exactly one new token (T == B)
+    page_table: torch.Tensor | None = None  # [B, >= pages] int32 page indices of each request (paged decode)
+    seq_lens: torch.Tensor | None = None  # [B] int32 context length including the new token (0 = padding row)
+    num_splits: int = 1  # split-K ranges of the paged decode attention
 
 
 class RMSNorm(nn.Module):
@@ -91,56 +99,40 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        # q, k and v projections merged at load time: one GEMM instead of three.
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.scale = cfg.head_dim**-0.5
 
-    def forward(self, x, cos, sin, rotary: Rotary, fb: ForwardBatch, k_cache, v_cache):
+    def forward(self, x, rope, fb: ForwardBatch, k_cache, v_cache, ops):
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary.apply(q, cos, sin), rotary.apply(k, cos, sin)
-        # Write the new K/V into the pool, then read each request's whole context back.
-        k_flat = k_cache.view(-1, self.num_kv_heads, self.head_dim)
-        v_flat = v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        k_flat[fb.slot_mapping] = k.to(k_flat.dtype)
-        v_flat[fb.slot_mapping] = v.to(v_flat.dtype)
-        B, Kmax = fb.kv_slots.shape
-        keys = k_flat[fb.kv_slots].to(q.dtype).transpose(1, 2)  # [B, kvh, Kmax, D]
-        vals = v_flat[fb.kv_slots].to(q.dtype).transpose(1, 2)
-        Qmax = fb.attn_mask.shape[2]
-        if fb.is_decode:
-            qp = q.view(B, 1, self.num_heads, self.head_dim)
-        else:
-            qp = q.new_zeros(B, Qmax, self.num_heads, self.head_dim)
-            qp[fb.q_batch_idx, fb.q_local_idx] = q
-        out = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), keys, vals, attn_mask=fb.attn_mask, scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        ).transpose(1, 2)  # [B, Qmax, H, D]
-        if fb.is_decode:
-            out = out.reshape(T, -1)
-        else:
-            out = out[fb.q_batch_idx, fb.q_local_idx].reshape(T, -1)
-        return self.o_proj(out)
+            q = ops.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
+            k = ops.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
+        return self.o_proj(ops.attention(q, k, v, rope, fb, k_cache, v_cache, self.scale))
 
 
 class MLP(nn.Module):
     def __init__(self, hidden: int, inter: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        # gate and up projections merged at load time: [gate; up] rows.
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, ops=None):
+        gu = self.gate_up_proj(x)
+        if ops is not None:
+            return self.down_proj(ops.silu_and_mul(gu))
+        gate, up = gu.chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoE(nn.Module):
@@ -276,9 +268,19 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, h, cos, sin, rotary, fb, k_cache, v_cache):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, rotary, fb, k_cache, v_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, residual, rope, fb, k_cache, v_cache, ops):
+        """Returns (this layer's output, the residual stream before it): the next layer's norm
+        adds them (fused with its RMSNorm), exactly as ``h + attn(norm(h))`` would."""
+        norm_in, norm_post = self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            residual = h
+            x = ops.rms_norm(h, norm_in.weight, norm_in.eps)
+        else:
+            x, residual = ops.rms_norm(h, norm_in.weight, norm_in.eps, residual)
+        x = self.self_attn(x, rope, fb, k_cache, v_cache, ops)
+        x, residual = ops.rms_norm(x, norm_post.weight, norm_post.eps, residual)
+        x = self.mlp(x, ops) if isinstance(self.mlp, MLP) else self.mlp(x)
+        return x, residual
 
 
 class CausalLM(nn.Module):
@@ -291,17 +293,28 @@ class CausalLM(nn.Module):
         self.rotary = Rotary(cfg)
         self.tie_embeddings = tie_embeddings
         self.lm_head = None if tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.ops = None  # set by set_backend() once the weights sit on their device
+
+    def set_backend(self, backend: str, max_positions: int) -> None:
+        """Pick the attention backend's ops (tandem.engine.ops)."""
+        from .ops import make_ops
+
+        self.ops = make_ops(backend, self.rotary, max_positions)
 
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
 
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch, k_caches: list, v_caches: list) -> torch.Tensor:
-        """Run the batch; return logits [S, vocab] (float32) for ``fb.logits_indices``."""
+        """Run the batch; return logits [S, vocab] (float32) for ``fb.logits_indices`` (all rows if None)."""
+        ops = self.ops
         h = self.embed_tokens(fb.input_ids)
-        cos, sin = self.rotary.cos_sin(fb.positions, h.dtype)
+        rope = ops.rope_inputs(fb.positions, h.dtype)
+        residual = None
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, self.rotary, fb, k_caches[i], v_caches[i])
-        h = self.norm(h[fb.logits_indices])
+            h, residual = layer(h, residual, rope, fb, k_caches[i], v_caches[i], ops)
+        if fb.logits_indices is not None:
+            h, residual = h[fb.logits_indices], residual[fb.logits_indices]
+        h, _ = ops.rms_norm(h, self.norm.weight, self.norm.eps, residual)
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, w).float()

@@ -1,22 +1,76 @@
-"""Turns a scheduled batch into tensors, runs the model over the paged KV pool."""
+"""Turns a scheduled batch into tensors, runs the model over the paged KV pool, samples.
+
+Decode batches of the triton backend take the paged path (page table + context
+lengths, no dense gather) and, on CUDA, replay a captured CUDA graph
+(``cuda_graph_runner``). Everything else builds the dense view for the torch
+attention path.
+"""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from .kernels import default_num_splits
 from .kv_pool import KVPool
 from .model import CausalLM, ForwardBatch
+from .sampler import Sampler, SamplerVariant, SamplingTensors
+
+
+def decode_inputs(batch: list, page_size: int):
+    """Host arrays of a decode batch: (ids, positions, slots, seq_lens) int64 [B] and the page table
+    int32 [B, max pages]; request i computes the token at position num_computed."""
+    B = len(batch)
+    vec = np.empty((4, B), dtype=np.int64)
+    width = max((req.num_computed + page_size) // page_size for req, _ in batch)
+    table = np.zeros((B, width), dtype=np.int32)
+    for i, (req, _) in enumerate(batch):
+        pos = req.num_computed
+        n_pages = pos // page_size + 1
+        pages = req.pages[:n_pages]
+        table[i, :n_pages] = pages
+        vec[0, i] = req.token_at(pos)
+        vec[1, i] = pos
+        vec[2, i] = pages[-1] * page_size + pos % page_size
+        vec[3, i] = pos + 1
+    return vec, table
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, pool: KVPool, device: str):
+    def __init__(self, model: CausalLM, pool: KVPool, device: str, cuda_graph_max_bs: int = 0):
         self.model, self.pool, self.device = model, pool, device
         self.page_size = pool.page_size
+        self.paged_decode = model.ops is not None and model.ops.name == "triton"
+        self.num_kv_heads = pool.num_kv_heads
+        # Split-K of paged decode attention is sized to fill the device's multiprocessors.
+        self.num_sms = (torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
+                        if str(device).startswith("cuda") else 1)
+        self.sampler = Sampler(device)
+        self.graphs = None
+        self._replayed_bs = None  # batch size of the last forward when it was a graph replay
+        if cuda_graph_max_bs > 0 and self.paged_decode and str(device).startswith("cuda"):
+            from .cuda_graph_runner import CudaGraphRunner
+
+            self.graphs = CudaGraphRunner(model, pool, self.sampler, cuda_graph_max_bs, self.num_sms)
 
     def _tensor(self, data, dtype=torch.long):
         return torch.tensor(data, dtype=dtype, device=self.device)
 
     def build(self, batch: list) -> ForwardBatch:
         """batch: [(req, n_new)]; request i computes tokens all_ids[num_computed : num_computed + n_new]."""
+        if self.paged_decode and all(n == 1 for _, n in batch):
+            return self._build_paged_decode(batch)
+        return self._build_dense(batch)
+
+    def _build_paged_decode(self, batch: list) -> ForwardBatch:
+        vec, table = decode_inputs(batch, self.page_size)
+        vec_t = torch.from_numpy(vec).to(self.device)
+        return ForwardBatch(
+            input_ids=vec_t[0], positions=vec_t[1], slot_mapping=vec_t[2], seq_lens=vec_t[3],
+            page_table=torch.from_numpy(table).to(self.device), is_decode=True,
+            num_splits=default_num_splits(len(batch), self.num_kv_heads, self.num_sms),
+        )
+
+    def _build_dense(self, batch: list) -> ForwardBatch:
         ps = self.page_size
         B = len(batch)
         is_decode = all(n == 1 for _, n in batch)
@@ -54,13 +108,26 @@ class ModelRunner:
             q_local_idx=q_local,
             kv_slots=kv_slots,
             attn_mask=mask,
-            logits_indices=offsets + lens_t - 1,
+            logits_indices=None if is_decode else offsets + lens_t - 1,
             is_decode=is_decode,
         )
 
     def forward(self, batch: list) -> torch.Tensor:
         """Logits [B, vocab] (float32) at the last new token of every request in the batch."""
-        fb = self.build(batch)
+        self._replayed_bs = None
         # Named range so profiler traces show each forward pass of the model as one block.
         with torch.profiler.record_function("tandem.model_forward"):
-            return self.model(fb, self.pool.k_buffers, self.pool.v_buffers)
+            if self.graphs is not None and self.graphs.can_run(batch):
+                vec, table = decode_inputs(batch, self.page_size)
+                self._replayed_bs = len(batch)
+                return self.graphs.replay(vec, table)
+            return self.model(self.build(batch), self.pool.k_buffers, self.pool.v_buffers)
+
+    def sample(self, logits: torch.Tensor, tensors: SamplingTensors | None, variant: SamplerVariant) -> torch.Tensor:
+        """Token ids [B] (device) for every row of ``logits``; tensors on the host (None when all greedy)."""
+        if self._replayed_bs == logits.shape[0] and self.graphs is not None:
+            return self.graphs.sample(logits.shape[0], tensors, variant)
+        if tensors is not None:
+            tensors = SamplingTensors(**{k: (v.to(logits.device) if v is not None else None)
+                                         for k, v in vars(tensors).items()})
+        return self.sampler.sample(logits, tensors, variant)

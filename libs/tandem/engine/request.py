@@ -6,8 +6,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from .sampling_params import SamplingParams
 
 
@@ -42,7 +40,7 @@ class Request:
     cached_tokens: int = 0
     finish_reason: str | None = None
     stop_text_pos: int | None = None  # where a stop string begins in the output text
-    generator: torch.Generator | None = None
+    seed: int = 0  # keys the request's counter-based sampling noise (tandem.engine.philox)
     aux_slot: int | None = None
     on_prefill_done: Callable | None = None
     on_chunk_done: Callable | None = None
@@ -54,6 +52,11 @@ class Request:
     @property
     def all_ids(self) -> list:
         return self.prompt_ids + self.output_ids
+
+    def token_at(self, i: int) -> int:
+        """all_ids[i] without building all_ids."""
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
 
     @property
     def seq_len(self) -> int:

@@ -1,55 +1,113 @@
-"""Batched sampling: temperature, top-k, top-p, min-p, per-request seeded generators.
+"""Batched sampling on the device: greedy, temperature, top-k, top-p, min-p and token masks.
 
-Sampling uses the exponential-race trick (argmax of p / E with E ~ Exp(1)), which
-draws from p exactly. Each seeded request draws its noise from its own
-``torch.Generator``, so its tokens do not depend on the other requests in the batch.
+Everything is a tensor op with static shapes and no host synchronisation, so a CUDA
+graph can hold it (``cuda_graph_runner``); the caller fetches the sampled ids once.
+
+Drawing uses the Gumbel-max trick: ``argmax(logits / T + G)`` with ``G = -log(-log U)``
+draws from ``softmax(logits / T)`` exactly. ``U`` comes from a counter-based generator
+(``tandem.engine.philox``) keyed by the request's seed and the position of the token
+being drawn, so a seeded request yields the same tokens alone or batched, eager or
+replayed, aggregated or disaggregated. Top-k / top-p / min-p / masks set logits to
+-inf before the draw (top-p keeps the smallest prefix of the sorted distribution whose
+mass reaches p, the first token always).
+
+Per-request token masks (structured output) are allow-bitmasks ``[B, ceil(V / 32)]``
+int32: bit ``j % 32`` of word ``j // 32`` set = token ``j`` allowed. ``min_tokens``
+uses them too (EOS and stop ids disallowed until enough tokens were produced).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from .philox import gumbel_noise
+
+
+@dataclass(frozen=True)
+class SamplerVariant:
+    """The code path a batch needs; one CUDA graph is captured per (batch bucket, variant)."""
+
+    random: bool = False  # some row samples (else every row is greedy)
+    top_k_top_p: bool = False  # some row restricts by top-k or top-p (a sort over the vocabulary)
+    masked: bool = False  # some row has a token mask
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling parameters on the sampling device, shapes [B] (mask [B, W])."""
+
+    temperatures: torch.Tensor  # float32 (1.0 on greedy rows)
+    top_ks: torch.Tensor  # int64 (vocab size = off)
+    top_ps: torch.Tensor  # float32 (1.0 = off)
+    min_ps: torch.Tensor  # float32 (0.0 = off)
+    seeds: torch.Tensor  # int64
+    positions: torch.Tensor  # int64, position of the token being drawn
+    greedy: torch.Tensor  # bool
+    mask: torch.Tensor | None = None  # int32 allow-bitmask, or None
+
+
+def mask_words(vocab_size: int) -> int:
+    return (vocab_size + 31) // 32
+
+
+def allow_mask(vocab_size: int, banned: list | None = None) -> torch.Tensor:
+    """A host bitmask row [W] int32 allowing every token but ``banned``."""
+    bits = torch.ones(mask_words(vocab_size) * 32, dtype=torch.bool)
+    bits[vocab_size:] = False
+    if banned:
+        bits[torch.tensor(banned, dtype=torch.long)] = False
+    weights = 1 << torch.arange(32, dtype=torch.int64)
+    words = (bits.view(-1, 32).to(torch.int64) * weights).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def apply_mask(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    V = logits.shape[1]
+    j = torch.arange(V, device=logits.device)
+    allowed = (mask[:, j // 32] >> (j % 32).to(torch.int32)) & 1
+    return logits.masked_fill(allowed == 0, float("-inf"))
+
+
+def apply_top_k_top_p(scores: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    V = scores.shape[1]
+    sorted_s, idx = scores.sort(dim=-1, descending=True)
+    ranks = torch.arange(V, device=scores.device)[None, :]
+    cut = ranks >= top_ks[:, None]
+    probs = sorted_s.softmax(dim=-1)
+    cut |= (probs.cumsum(dim=-1) - probs) > top_ps[:, None]
+    return torch.empty_like(scores).scatter_(1, idx, sorted_s.masked_fill(cut, float("-inf")))
+
+
+def apply_min_p(scores: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
+    # p_j >= min_p * p_max  <=>  score_j >= max_score + log(min_p)   (log 0 = -inf: off)
+    thresh = scores.max(dim=-1, keepdim=True).values + torch.log(min_ps)[:, None]
+    return scores.masked_fill(scores < thresh, float("-inf"))
 
 
 class Sampler:
-    def __init__(self, device: str, seed: int = 0):
+    """``sample(logits, tensors, variant)``: token ids [B] int64 on the logits' device."""
+
+    def __init__(self, device: str):
         self.device = device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self._gumbel_argmax = None
+        if str(device).startswith("cuda"):
+            from .kernels.sampling import gumbel_argmax
 
-    def skip_draw(self, generator: torch.Generator, vocab_size: int) -> None:
-        """Advance `generator` exactly as one sampling step of a row does."""
-        torch.empty(vocab_size, dtype=torch.float32, device=self.device).exponential_(generator=generator)
+            self._gumbel_argmax = gumbel_argmax
 
-    def __call__(self, logits: torch.Tensor, reqs: list):
-        """logits [B, V] float32; returns (token_ids list[int], logprobs [B, V] or None)."""
-        sps = [r.sampling for r in reqs]
-        want_lp = any(sp.logprobs or sp.top_logprobs for sp in sps)
-        logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
-        if all(sp.greedy for sp in sps):
-            return logits.argmax(dim=-1).tolist(), logprobs
-        B, V = logits.shape
-        dev = logits.device
-        temps = torch.tensor([sp.temperature if not sp.greedy else 1.0 for sp in sps], device=dev)
-        probs = torch.softmax(logits / temps[:, None], dim=-1)
-        top_ks = [sp.top_k if sp.top_k > 0 else V for sp in sps]
-        top_ps = [sp.top_p for sp in sps]
-        min_ps = [sp.min_p for sp in sps]
-        if any(k < V for k in top_ks) or any(p < 1.0 for p in top_ps):
-            sorted_p, idx = probs.sort(dim=-1, descending=True)
-            ranks = torch.arange(V, device=dev)[None, :]
-            mask = ranks >= torch.tensor(top_ks, device=dev)[:, None]
-            cum = sorted_p.cumsum(dim=-1)
-            mask |= (cum - sorted_p) > torch.tensor(top_ps, device=dev)[:, None]
-            sorted_p = sorted_p.masked_fill(mask, 0.0)
-            probs = torch.zeros_like(probs).scatter_(1, idx, sorted_p)
-        if any(m > 0 for m in min_ps):
-            thresh = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_ps, device=dev)[:, None]
-            probs = probs.masked_fill(probs < thresh, 0.0)
-        noise = torch.empty_like(probs)
-        for i, r in enumerate(reqs):
-            g = r.generator if r.generator is not None else self.generator
-            noise[i].exponential_(generator=g)
-        tokens = (probs / noise).argmax(dim=-1)
-        greedy_rows = [i for i, sp in enumerate(sps) if sp.greedy]
-        if greedy_rows:
-            rows = torch.tensor(greedy_rows, device=dev)
-            tokens[rows] = logits[rows].argmax(dim=-1)
-        return tokens.tolist(), logprobs
+    def sample(self, logits: torch.Tensor, t: SamplingTensors, variant: SamplerVariant) -> torch.Tensor:
+        if variant.masked:
+            logits = apply_mask(logits, t.mask)
+        greedy_tokens = logits.argmax(dim=-1)
+        if not variant.random:
+            return greedy_tokens
+        scores = logits / t.temperatures[:, None]
+        if variant.top_k_top_p:
+            scores = apply_top_k_top_p(scores, t.top_ks, t.top_ps)
+        scores = apply_min_p(scores, t.min_ps)
+        if self._gumbel_argmax is not None:
+            drawn = self._gumbel_argmax(scores, t.seeds, t.positions)
+        else:
+            drawn = (scores + gumbel_noise(t.seeds, t.positions, scores.shape[1])).argmax(dim=-1)
+        return torch.where(t.greedy, greedy_tokens, drawn)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Record the checkout's commit and dirty flag in .git-state.json (git-ignored), for a copy of the
+# tree that travels without .git (the GPU device tool): benchmarks read it through
+# benchmarks/common/results.py:git_info and say that they did.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dirty=false
+[ -n "$(git status --porcelain --untracked-files=no)" ] && dirty=true
+printf '{"commit": "%s", "branch": "%s", "dirty": %s}\n' "$(git rev-parse HEAD)" \
+  "$(git rev-parse --abbrev-ref HEAD)" "$dirty" > .git-state.json
+cat .git-state.json

@@ -1,0 +1,128 @@
+"""CUDA graphs for decode: one captured forward pass per batch-size bucket.
+
+At start every bucket (1, 2, 4, 8, then every 8 up to ``--cuda-graph-max-bs``) is
+captured over static input buffers, largest first, all in one memory pool. A decode
+step copies its inputs into the buffers (two host-to-device copies), pads the batch
+to its bucket with rows that read and write nothing (context length 0, slot -1) and
+replays. Sampling has graphs of its own, per (bucket, ``SamplerVariant``), captured
+the first time a variant is needed; greedy batches just take the argmax.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from .kernels import default_num_splits
+from .model import ForwardBatch
+from .sampler import SamplerVariant, SamplingTensors, mask_words
+
+log = logging.getLogger(__name__)
+
+
+def graph_buckets(max_bs: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 8)) + [max_bs]
+    return sorted(set(sizes))
+
+
+class CudaGraphRunner:
+    def __init__(self, model, pool, sampler, max_bs: int, num_sms: int):
+        self.model, self.pool, self.sampler, self.num_sms = model, pool, sampler, num_sms
+        self.max_bs = max_bs
+        self.buckets = graph_buckets(max_bs)
+        self.page_size = pool.page_size
+        dev = pool.k_buffers[0].device
+        self.max_pages = -(-model.ops.cos.shape[0] // self.page_size) + 1
+        self.vec = torch.zeros((4, max_bs), dtype=torch.int64, device=dev)  # ids, positions, slots, seq_lens
+        self.page_table = torch.zeros((max_bs, self.max_pages), dtype=torch.int32, device=dev)
+        self.host_vec = torch.zeros((4, max_bs), dtype=torch.int64).pin_memory()
+        self.host_table = torch.zeros(max_bs * self.max_pages, dtype=torch.int32).pin_memory()
+        vocab = model.cfg.vocab_size
+        self.sampling = SamplingTensors(
+            temperatures=torch.ones(max_bs, device=dev), top_ks=torch.full((max_bs,), vocab, device=dev),
+            top_ps=torch.ones(max_bs, device=dev), min_ps=torch.zeros(max_bs, device=dev),
+            seeds=torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            positions=torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            greedy=torch.ones(max_bs, dtype=torch.bool, device=dev),
+            mask=torch.full((max_bs, mask_words(vocab)), -1, dtype=torch.int32, device=dev),
+        )
+        self.mempool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.sampler_graphs: dict[tuple[int, SamplerVariant], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._bucket = None
+        self._capture_all()
+
+    # ---- capture ---------------------------------------------------------------------------
+    def _forward_batch(self, bs: int) -> ForwardBatch:
+        v = self.vec
+        return ForwardBatch(input_ids=v[0, :bs], positions=v[1, :bs], slot_mapping=v[2, :bs], seq_lens=v[3, :bs],
+                            page_table=self.page_table[:bs], is_decode=True,
+                            num_splits=default_num_splits(bs, self.pool.num_kv_heads, self.num_sms))
+
+    def _capture(self, fn) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compile and autotune every kernel outside the capture
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool):
+            out = fn()
+        return graph, out
+
+    def _capture_all(self) -> None:
+        self.vec.zero_()
+        self.vec[2].fill_(-1)  # capture-time runs write no KV
+        k, v = self.pool.k_buffers, self.pool.v_buffers
+        with torch.inference_mode():
+            for bs in reversed(self.buckets):
+                fb = self._forward_batch(bs)
+                self.graphs[bs] = self._capture(lambda fb=fb: self.model(fb, k, v))
+        torch.cuda.synchronize()
+        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+
+    # ---- replay ----------------------------------------------------------------------------
+    def can_run(self, batch: list) -> bool:
+        return len(batch) <= self.max_bs and all(n == 1 for _, n in batch)
+
+    def bucket(self, bs: int) -> int:
+        return next(b for b in self.buckets if b >= bs)
+
+    def replay(self, vec: np.ndarray, table: np.ndarray) -> torch.Tensor:
+        """vec [4, B] and table [B, W] from ``model_runner.decode_inputs``; returns logits [B, V]."""
+        bs, width = table.shape
+        bucket = self.bucket(bs)
+        hv = self.host_vec.numpy()
+        hv[:, :bs] = vec
+        hv[:, bs:bucket] = 0
+        hv[2, bs:bucket] = -1  # padding rows: no KV write, context length 0
+        ht = self.host_table[: bs * width].numpy().reshape(bs, width)
+        ht[:] = table
+        self.vec[:, :bucket].copy_(self.host_vec[:, :bucket], non_blocking=True)
+        self.page_table[:bs, :width].copy_(self.host_table[: bs * width].view(bs, width), non_blocking=True)
+        graph, logits = self.graphs[bucket]
+        graph.replay()
+        self._bucket = bucket
+        return logits[:bs]
+
+    def sample(self, bs: int, tensors: SamplingTensors | None, variant: SamplerVariant) -> torch.Tensor:
+        """Sample the rows of the last replay (``tensors`` on the host, None when all greedy)."""
+        bucket = self._bucket
+        logits = self.graphs[bucket][1]
+        if variant == SamplerVariant():
+            return logits[:bs].argmax(dim=-1)
+        st = self.sampling
+        for name, src in vars(tensors).items():
+            if src is not None:
+                getattr(st, name)[:bs].copy_(src, non_blocking=True)
+        key = (bucket, variant)
+        if key not in self.sampler_graphs:
+            self.sampler_graphs[key] = self._capture(lambda: self.sampler.sample(logits, self._static(bucket), variant))
+        graph, tokens = self.sampler_graphs[key]
+        graph.replay()
+        return tokens[:bs]
+
+    def _static(self, bucket: int) -> SamplingTensors:
+        return SamplingTensors(**{k: v[:bucket] for k, v in vars(self.sampling).items()})
