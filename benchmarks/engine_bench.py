@@ -160,6 +160,37 @@ def decode_step_ms(llm: LLM, in_len: int, device: str, steps: int = 48) -> float
     return times[len(times) // 2] * 1e3
 
 
+def profile(llm: LLM, prompts: list, out_len: int, device: str, out_dir: Path) -> None:
+    """Where one whole generate call spends its time: host (cProfile) and device (torch profiler)."""
+    import cProfile
+    import io
+    import pstats
+
+    sp = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    llm.engine.flush_cache()
+    prof = cProfile.Profile()
+    prof.enable()
+    llm.generate(prompts, sp)
+    sync(device)
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+    (out_dir / f"host_profile_b{len(prompts)}.txt").write_text(text.getvalue())
+    print(text.getvalue()[:6000])
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    llm.engine.flush_cache()
+    with torch.profiler.profile(activities=activities) as tp:
+        llm.generate(prompts, sp)
+        sync(device)
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    table = tp.key_averages().table(sort_by=key, row_limit=30)
+    (out_dir / f"device_profile_b{len(prompts)}.txt").write_text(table)
+    print(table)
+
+
 def evaluate_gates(result: dict, gates: str | None) -> list[dict]:
     """The issue's targets for this model's rows; each {target, value, met}."""
     if gates != "gpu-part1":
@@ -233,6 +264,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--gates", choices=["gpu-part1"], default=None, help="evaluate the issue's targets")
     ap.add_argument("--out", default=None, help="write JSON results here (and a .md next to it)")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="also profile one generate call of the largest batch (host cProfile + torch profiler) into DIR")
     args = ap.parse_args(argv)
 
     if args.build:
@@ -281,6 +314,9 @@ def main(argv=None) -> int:
         print(f"batch {b:3d}: tandem {t['tokens_per_s']:9.1f} tok/s"
               + (f" | ratio {row['ratio']:.2f}x" if "ratio" in row else ""), flush=True)
     step = decode_step_ms(llm, args.input_len, args.device)
+    if args.profile:
+        b = max(args.batch_sizes)
+        profile(llm, prompts[b], args.output_len, args.device, Path(args.profile))
     roofline_ms = weight_bytes / bandwidth * 1e3 if bandwidth else None
     print(f"batch-1 decode step: {step:.3f} ms" + (f"; roofline {roofline_ms:.3f} ms ({step / roofline_ms:.2f}x) at "
                                                     f"{bandwidth / 1e12:.2f} TB/s read" if roofline_ms else ""))

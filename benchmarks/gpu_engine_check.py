@@ -67,8 +67,9 @@ def kernel_checks(dev: str) -> None:
             fn(q, x[:, H * D:(H + KVH) * D].view(T, KVH, D), x[:, (H + KVH) * D:].view(T, KVH, D), pos, cos, sin,
                slots, kc, vc)
             res.append((q.clone(), kc, vc))
-        record(f"rope+kv write {tag} bit-exact", all(torch.equal(a, b) for a, b in zip(*res)),
-               all(torch.equal(a, b) for a, b in zip(*res)))
+        diffs = [(a.float() - b.float()).abs().max().item() for a, b in zip(*res)]
+        record(f"rope+kv write {tag} max diff (q, k cache, v cache)", diffs, max(diffs) <= (1.6e-2 if tag == "bfloat16" else 1e-6),
+               f"bit-exact: {[torch.equal(a, b) for a, b in zip(*res)]}")
         x = torch.randn(T, 4096, device=dev, generator=g).to(dtype)
         r = torch.randn(T, 4096, device=dev, generator=g).to(dtype)
         w = torch.randn(4096, device=dev, generator=g).to(dtype)
@@ -85,9 +86,8 @@ def kernel_checks(dev: str) -> None:
             npages = sum(-(-n // ps) for n in lens) + 4
             kc = torch.randn(npages, ps, KVH, 128, device=dev, generator=g).to(dtype)
             vc = torch.randn(npages, ps, KVH, 128, device=dev, generator=g).to(dtype)
-            perm = torch.randperm(npages, device=dev, generator=g).int()
             width = max(-(-n // ps) for n in lens) + 1
-            table = torch.stack([perm[i * width % npages:][:width].roll(i) for i in range(len(lens))])
+            table = torch.stack([torch.randperm(npages, device=dev, generator=g)[:width] for _ in lens]).int()
             q = torch.randn(len(lens), H, 128, device=dev, generator=g).to(dtype)
             sl = torch.tensor(lens, device=dev, dtype=torch.int32)
             out = decode_attention.paged_decode_attention(q, kc, vc, table, sl, 128**-0.5, splits)

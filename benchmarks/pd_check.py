@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common.results import git_info, machine_info, write_json  # noqa: E402
 from tests.support.clients import generate_many, load, pages_in_use, sampling  # noqa: E402
 from tests.support.procs import start_service  # noqa: E402
 
@@ -78,14 +78,8 @@ def main() -> None:
     ap.add_argument("--long-prompt", type=int, default=1024)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    results = {"machine": platform.node(), "device": args.device, "dtype": args.dtype, "runs": []}
-    try:
-        import torch
-
-        if args.device == "cuda":
-            results["gpu"] = torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - informational only
-        pass
+    results = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv), "git": git_info(),
+               "machine": machine_info(), "device": args.device, "dtype": args.dtype, "runs": []}
     for backend in args.backends:
         try:
             r = check(args, backend)
@@ -94,7 +88,7 @@ def main() -> None:
         print(json.dumps(r), flush=True)
         results["runs"].append(r)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        write_json(Path(args.out), results)
 
 
 if __name__ == "__main__":

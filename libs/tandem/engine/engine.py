@@ -9,6 +9,7 @@ not call back into the engine (hand work to a queue instead).
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
@@ -177,7 +178,10 @@ class EngineCore:
         self._step_hooks: list[Callable[[EngineStats], None]] = []
         self._stats = EngineStats(num_total_pages=num_pages)
         self._rid_counter = itertools.count()
-        self._gen_window: list[tuple[float, int]] = []
+        # (time, tokens) per step over the last 5 s: one entry a step, so stats cost O(1) per step.
+        self._gen_window: collections.deque[tuple[float, int]] = collections.deque()
+        self._gen_window_tokens = 0
+        self._step_tokens = 0
 
     # ---- info ------------------------------------------------------------------------------
     @property
@@ -461,7 +465,7 @@ class EngineCore:
         req.output_logprobs.extend(lp)
         req.output_top_logprobs.extend(top)
         self._stats.generation_tokens_total += 1
-        self._gen_window.append((time.monotonic(), 1))
+        self._step_tokens += 1
         if req.mode == Mode.PREFILL_ONLY:
             self.scheduler.remove(req)
             req.status = Status.HELD
@@ -549,12 +553,14 @@ class EngineCore:
         s.cache_hit_rate = s.cached_tokens_total / max(1, s.prompt_tokens_total)
         s.num_retracted_total = sch.num_retracted
         now = time.monotonic()
-        self._gen_window = [(t, n) for t, n in self._gen_window if now - t < 5.0]
-        if self._gen_window:
-            span = max(now - self._gen_window[0][0], 1e-3)
-            s.gen_throughput = sum(n for _, n in self._gen_window) / span
-        else:
-            s.gen_throughput = 0.0
+        window = self._gen_window
+        if self._step_tokens:
+            window.append((now, self._step_tokens))
+            self._gen_window_tokens += self._step_tokens
+            self._step_tokens = 0
+        while window and now - window[0][0] >= 5.0:
+            self._gen_window_tokens -= window.popleft()[1]
+        s.gen_throughput = self._gen_window_tokens / max(now - window[0][0], 1e-3) if window else 0.0
         s.step_kind, s.step_batch_size, s.step_num_tokens, s.step_time_s = kind, bsz, ntok, dt
 
 

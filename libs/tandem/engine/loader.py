@@ -86,7 +86,8 @@ def load_model(path: str, dtype: torch.dtype, device: str) -> tuple[CausalLM, Mo
     cfg = ModelConfig.from_dir(path)
     t = _read_tensors(path)
     tie = "lm_head.weight" not in t
-    model = CausalLM(cfg, _layer_flags(cfg, t), tie_embeddings=tie)
+    with torch.device("meta"):  # no memory and no random init: every parameter comes from the checkpoint
+        model = CausalLM(cfg, _layer_flags(cfg, t), tie_embeddings=tie)
     state = {}
     for i, layer in enumerate(model.layers):
         p, d = f"model.layers.{i}.", f"layers.{i}."
@@ -115,7 +116,11 @@ def load_model(path: str, dtype: torch.dtype, device: str) -> tuple[CausalLM, Mo
     unexpected = sorted(set(state) - expected)
     if unexpected:
         raise ValueError(f"model_path={path!r}: unexpected weights {unexpected[:5]}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers are not in the checkpoint: make them real before the move.
+    model.rotary = Rotary(cfg)
+    for m in model.moe_layers():
+        m.physical_to_logical = torch.arange(m.num_experts)
     model.to(device=device, dtype=dtype)
     for m in model.moe_layers():  # routing stays float32, as in transformers
         m.gate_weight.data = m.gate_weight.data.float()

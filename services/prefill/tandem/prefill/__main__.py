@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     warmup = None
     if config.node_rank == 0:
         def warmup():
-            chunk = min(config.chunked_prefill_size, wp.engine.context_length - 1)
+            chunk = min(wp.engine.chunked_prefill_size, wp.engine.context_length - 1)
             warmup_prefill(wp.runtime.address, config.warmup_timeout, full_chunk_tokens=chunk)
 
     wp.serve(warmup, role="prefill")
