@@ -176,7 +176,6 @@ def profile(llm: LLM, prompts: list, out_len: int, device: str, out_dir: Path) -
     prof.disable()
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
-    (out_dir / f"host_profile_b{len(prompts)}.txt").write_text(text.getvalue())
     print(text.getvalue()[:6000])
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.startswith("cuda"):
@@ -187,8 +186,10 @@ def profile(llm: LLM, prompts: list, out_len: int, device: str, out_dir: Path) -
         sync(device)
     key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     table = tp.key_averages().table(sort_by=key, row_limit=30)
-    (out_dir / f"device_profile_b{len(prompts)}.txt").write_text(table)
+    out = out_dir / f"profile_b{len(prompts)}.txt"
+    out.write_text(f"host (cProfile, one generate call)\n{text.getvalue()}\n\ndevice (torch profiler)\n{table}\n")
     print(table)
+    print(f"wrote {out}")
 
 
 def evaluate_gates(result: dict, gates: str | None) -> list[dict]:
@@ -218,8 +219,10 @@ def shape_of(model_path: str) -> str | None:
     import json
 
     cfg = json.loads(Path(model_path, "config.json").read_text())
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads")
     for name, spec in SHAPES.items():
-        if all(cfg.get(k) == v for k, v in spec.items() if k not in ("arch", "tie_word_embeddings")):
+        if all(cfg.get(k) == spec[k] for k in keys):
             return name
     return None
 
@@ -265,7 +268,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gates", choices=["gpu-part1"], default=None, help="evaluate the issue's targets")
     ap.add_argument("--out", default=None, help="write JSON results here (and a .md next to it)")
     ap.add_argument("--profile", default=None, metavar="DIR",
-                    help="also profile one generate call of the largest batch (host cProfile + torch profiler) into DIR")
+                    help="also profile one generate call (host cProfile + torch profiler) into DIR")
+    ap.add_argument("--profile-batch", type=int, default=None, help="batch size to profile (default: the largest)")
     args = ap.parse_args(argv)
 
     if args.build:
@@ -315,7 +319,7 @@ def main(argv=None) -> int:
               + (f" | ratio {row['ratio']:.2f}x" if "ratio" in row else ""), flush=True)
     step = decode_step_ms(llm, args.input_len, args.device)
     if args.profile:
-        b = max(args.batch_sizes)
+        b = args.profile_batch or max(args.batch_sizes)
         profile(llm, prompts[b], args.output_len, args.device, Path(args.profile))
     roofline_ms = weight_bytes / bandwidth * 1e3 if bandwidth else None
     print(f"batch-1 decode step: {step:.3f} ms" + (f"; roofline {roofline_ms:.3f} ms ({step / roofline_ms:.2f}x) at "

@@ -79,8 +79,9 @@ def kernel_checks(dev: str) -> None:
         record(f"rms_norm+residual {tag} max diff", diff, torch.equal(ra, rb) and diff <= (0.07 if tag == "bfloat16" else 1e-4),
                "(residual bit-exact; normalised value: reduction order only)")
         gu = torch.randn(T, 2 * 4864, device=dev, generator=g).to(dtype)
-        record(f"silu_and_mul {tag} bit-exact", torch.equal(activation.silu_and_mul(gu), activation.silu_and_mul_ref(gu)),
-               torch.equal(activation.silu_and_mul(gu), activation.silu_and_mul_ref(gu)))
+        diff = (activation.silu_and_mul(gu).float() - activation.silu_and_mul_ref(gu).float()).abs().max().item()
+        record(f"silu_and_mul {tag} max diff", diff, diff <= (0.0 if tag == "bfloat16" else 1e-5),
+               "(bf16: bit-exact required; float32: exp approximation)")
         for ps, H, KVH, lens, splits in ((1, 8, 8, [1, 77, 0], 4), (16, 14, 2, [300, 17, 4096], 8),
                                          (128, 32, 8, [129, 1000], 16), (256, 28, 4, [5000], 1)):
             npages = sum(-(-n // ps) for n in lens) + 4
@@ -105,6 +106,13 @@ def kernel_checks(dev: str) -> None:
     record("gumbel sampling kernel == torch Philox reference (rows)", f"{same}/64", same == 64)
 
 
+def free_device() -> None:
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def tokens(llm, prompts, sp):
     return [o.token_ids for o in llm.generate(prompts, sp)]
 
@@ -115,16 +123,17 @@ def model_checks(dev: str) -> None:
     greedy = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     for name in ("tandem-demo-dense", "tandem-demo-moe"):
         path = str(REPO / "models" / name)
-        ref = LLM(path, device=dev, dtype="float32", attention_backend="torch_native")
+        ref = LLM(path, device=dev, dtype="float32", attention_backend="torch_native", max_total_tokens=1 << 16)
         want = tokens(ref, prompts, greedy)
         del ref
-        llm = LLM(path, device=dev, dtype="float32")
+        free_device()
+        llm = LLM(path, device=dev, dtype="float32", max_total_tokens=1 << 16)
         got = tokens(llm, prompts, greedy)
         same = sum(a == b for a, b in zip(got, want))
         record(f"{name} float32 greedy: triton (CUDA graphs up to {llm.engine.cuda_graph_max_bs}) == torch_native",
                f"{same}/{len(prompts)}", same == len(prompts))
         del llm
-        torch.cuda.empty_cache()
+        free_device()
 
 
 def logits_checks(dev: str, model: str) -> None:
@@ -132,7 +141,7 @@ def logits_checks(dev: str, model: str) -> None:
     from tandem.engine.ops import TorchNativeOps
     from tandem.engine.request import Request
 
-    llm = LLM(model, device=dev, dtype="bfloat16")
+    llm = LLM(model, device=dev, dtype="bfloat16", max_total_tokens=1 << 16)
     eng = llm.engine
     runner = eng.runner
     g = torch.Generator().manual_seed(3)
@@ -194,6 +203,7 @@ def main(argv=None) -> int:
     kernel_checks(dev)
     model_checks(dev)
     logits_checks(dev, str(REPO / "models" / "tandem-demo-dense"))
+    free_device()
     if args.bf16_model:
         logits_checks(dev, args.bf16_model)
     failed = [c for c in checks if not c["ok"]]

@@ -4,8 +4,9 @@ At start every bucket (1, 2, 4, 8, then every 8 up to ``--cuda-graph-max-bs``) i
 captured over static input buffers, largest first, all in one memory pool. A decode
 step copies its inputs into the buffers (two host-to-device copies), pads the batch
 to its bucket with rows that read and write nothing (context length 0, slot -1) and
-replays. Sampling has graphs of its own, per (bucket, ``SamplerVariant``), captured
-the first time a variant is needed; greedy batches just take the argmax.
+replays. Sampling has graphs of its own, one per (bucket, ``SamplerVariant``), also
+captured at start: a capture while serving would race other threads' CUDA calls (KV
+transfer). Greedy, unmasked batches just take the argmax.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from .kernels import default_num_splits
 from .model import ForwardBatch
-from .sampler import SamplerVariant, SamplingTensors, mask_words
+from .sampler import SAMPLER_VARIANTS, SamplerVariant, SamplingTensors, mask_words
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,14 @@ class CudaGraphRunner:
             for bs in reversed(self.buckets):
                 fb = self._forward_batch(bs)
                 self.graphs[bs] = self._capture(lambda fb=fb: self.model(fb, k, v))
+                logits = self.graphs[bs][1]
+                for variant in SAMPLER_VARIANTS:
+                    self.sampler_graphs[(bs, variant)] = self._capture(
+                        lambda logits=logits, bs=bs, variant=variant:
+                        self.sampler.sample(logits, self._static(bs), variant))
         torch.cuda.synchronize()
-        log.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+        log.info("captured decode CUDA graphs for batch sizes %s (forward + %d sampler variants each)",
+                 self.buckets, len(SAMPLER_VARIANTS))
 
     # ---- replay ----------------------------------------------------------------------------
     def can_run(self, batch: list) -> bool:
@@ -117,10 +124,7 @@ class CudaGraphRunner:
         for name, src in vars(tensors).items():
             if src is not None:
                 getattr(st, name)[:bs].copy_(src, non_blocking=True)
-        key = (bucket, variant)
-        if key not in self.sampler_graphs:
-            self.sampler_graphs[key] = self._capture(lambda: self.sampler.sample(logits, self._static(bucket), variant))
-        graph, tokens = self.sampler_graphs[key]
+        graph, tokens = self.sampler_graphs[(bucket, variant)]
         graph.replay()
         return tokens[:bs]
 

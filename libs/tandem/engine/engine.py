@@ -427,7 +427,8 @@ class EngineCore:
                 banned = list(sp.stop_token_ids) + ([] if sp.ignore_eos else list(self.eos_token_ids))
             masks.append(banned)
         variant = SamplerVariant(random=not all(sp.greedy for sp in sps),
-                                 top_k_top_p=any(0 < sp.top_k < V or sp.top_p < 1.0 for sp in sps),
+                                 top_k_top_p=any(not sp.greedy and (0 < sp.top_k < V or sp.top_p < 1.0)
+                                                 for sp in sps),
                                  masked=any(masks))
         if variant == SamplerVariant():
             return None, variant

@@ -33,6 +33,16 @@ class SamplerVariant:
     masked: bool = False  # some row has a token mask
 
 
+# Every variant that needs more than an argmax (top-k/top-p only matter when drawing).
+SAMPLER_VARIANTS = (
+    SamplerVariant(masked=True),
+    SamplerVariant(random=True),
+    SamplerVariant(random=True, top_k_top_p=True),
+    SamplerVariant(random=True, masked=True),
+    SamplerVariant(random=True, top_k_top_p=True, masked=True),
+)
+
+
 @dataclass
 class SamplingTensors:
     """Per-row sampling parameters on the sampling device, shapes [B] (mask [B, W])."""
