@@ -168,6 +168,20 @@ def profile(llm: LLM, prompts: list, out_len: int, device: str, out_dir: Path) -
 
     sp = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    eng = llm.engine
+    eng.flush_cache()
+    for p in prompts:
+        eng.add_request(p, sp)
+    phases: dict[str, list] = {}
+    while eng.has_work():
+        sync(device)
+        t0 = time.perf_counter()
+        eng.step()
+        sync(device)
+        phases.setdefault(eng.stats().step_kind, []).append((time.perf_counter() - t0) * 1e3)
+    steps = {k: {"steps": len(v), "total_ms": round(sum(v), 2), "median_ms": round(sorted(v)[len(v) // 2], 3)}
+             for k, v in phases.items()}
+    print(f"engine steps of one batch-{len(prompts)} generate: {steps}")
     llm.engine.flush_cache()
     prof = cProfile.Profile()
     prof.enable()
@@ -187,7 +201,7 @@ def profile(llm: LLM, prompts: list, out_len: int, device: str, out_dir: Path) -
     key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     table = tp.key_averages().table(sort_by=key, row_limit=30)
     out = out_dir / f"profile_b{len(prompts)}.txt"
-    out.write_text(f"host (cProfile, one generate call)\n{text.getvalue()}\n\ndevice (torch profiler)\n{table}\n")
+    out.write_text(f"engine steps (wall clock, synchronised): {steps}\n\nhost (cProfile, one generate call)\n{text.getvalue()}\n\ndevice (torch profiler)\n{table}\n")
     print(table)
     print(f"wrote {out}")
 

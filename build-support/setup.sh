@@ -17,6 +17,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # The CPU build of torch first: anything that asks for plain 'torch' would otherwise
   # pull a multi-GB CUDA build from PyPI.
   $PIP install "torch==2.13.0"
+  # Triton runs the GPU kernels' CPU tests through its interpreter (TRITON_INTERPRET=1). Pinned
+  # here, not in constraints.txt, whose pins are the Pants lock's (the PEXes do not carry it yet).
+  $PIP install "triton==3.9.0"
   $PIP install -r requirements/base.txt -c requirements/constraints.txt
   # The 'nixl' meta package requires both CUDA variants; take the cu12 one only.
   # Its UCX backend runs on host memory on CPU machines.

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-from tandem.engine import LLM
-from tandem.engine.demo_models import build_all
+# Triton kernels run on CPU tensors through Triton's interpreter; it must be on before any
+# kernel is defined (tandem.engine.kernels is imported lazily, by these tests and the triton backend).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tandem.engine import LLM  # noqa: E402
+from tandem.engine.demo_models import build_all  # noqa: E402
 
 # The test machine is small and shared: one intra-op thread avoids spin-wait oversubscription
 # (measured: 8x32 greedy tokens took 17 s with 2 threads under load, 2.4 s with 1).

@@ -16,12 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 32  # context tokens per inner iteration (and the granularity of a split)
+BLOCK_N = 64  # context tokens per inner iteration (and the granularity of a split)
 
 
 @triton.jit
 def _decode_partial_kernel(
-    Q, K, V, PageTable, SeqLens, PartialOut, PartialLse,
+    Q, K, V, PageTable, SeqLens, PartialOut, PartialLse, Out,
     sm_scale,
     stride_qb, stride_qh,
     stride_k_slot, stride_k_head,
@@ -29,6 +29,7 @@ def _decode_partial_kernel(
     stride_pt,
     stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
+    stride_out_b, stride_out_h,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -79,9 +80,14 @@ def _decode_partial_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    tl.store(PartialOut + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
-             out, mask=mask_h[:, None] & mask_d[None, :])
-    tl.store(PartialLse + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
+    mask_out = mask_h[:, None] & mask_d[None, :]
+    if NUM_SPLITS == 1:  # nothing to merge: the final output directly
+        tl.store(Out + b * stride_out_b + heads[:, None] * stride_out_h + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=mask_out)
+    else:
+        tl.store(PartialOut + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
+                 out, mask=mask_out)
+        tl.store(PartialLse + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
 
 
 @triton.jit
@@ -119,18 +125,22 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     group = H // kv_heads
     k = k_cache.view(-1, kv_heads, D)
     v = v_cache.view(-1, kv_heads, D)
-    partial = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
-    lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+    splits = max(num_splits, 1)
+    partial = torch.empty((B, H, splits, D) if splits > 1 else (1, 1, 1, 1), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B, H, splits) if splits > 1 else (1, 1, 1), dtype=torch.float32, device=q.device)
     out = torch.empty_like(q) if out is None else out
     block_d = triton.next_power_of_2(D)
     _decode_partial_kernel[(B, kv_heads, num_splits)](
-        q, k, v, page_table, seq_lens, partial, lse, scale,
+        q, k, v, page_table, seq_lens, partial, lse, out, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), page_table.stride(0),
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1),
         PAGE_SIZE=page_size, GROUP=group, HEAD_DIM=D, NUM_SPLITS=num_splits,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=BLOCK_N,
         IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2,
     )
+    if num_splits == 1:
+        return out
     _decode_merge_kernel[(B, H)](
         partial, lse, out, partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),

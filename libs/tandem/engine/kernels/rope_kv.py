@@ -1,8 +1,7 @@
 """Rotary embedding fused with the write of the new K/V into the page pool.
 
-One program per (token, head): query heads are rotated in place; key heads are
-rotated and stored, with the matching value head, at the token's flat slot of the
-pool (``slot_mapping``; a negative slot writes nothing, for CUDA-graph padding).
+One program per token: its query heads are rotated in place; its key heads are
+rotated and stored, with the value heads, at the token's flat slot of the pool (``slot_mapping``; a negative slot writes nothing, for CUDA-graph padding).
 Rotate-half convention on the first ``rot_dim`` dims, the rest passed through.
 
 Rounding follows the torch path (``Rotary.apply``) step by step: cos/sin are rounded
@@ -17,13 +16,16 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate(X, offs, mask_half, c, s, ROT_HALF: tl.constexpr):
+def _rotate_heads(X, stride_h, heads, mask_h, offs, mask_half, c, s, ROT_HALF: tl.constexpr):
+    """Rotated halves [heads, ROT_HALF] of the rows ``X + heads * stride_h``, rounded as torch would."""
     dtype = X.dtype.element_ty
-    x1 = tl.load(X + offs, mask=mask_half, other=0.0).to(tl.float32)
-    x2 = tl.load(X + ROT_HALF + offs, mask=mask_half, other=0.0).to(tl.float32)
+    ptr = X + heads[:, None] * stride_h + offs[None, :]
+    m = mask_h[:, None] & mask_half[None, :]
+    x1 = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + ROT_HALF, mask=m, other=0.0).to(tl.float32)
     o1 = ((x1 * c).to(dtype).to(tl.float32) + (-x2 * s).to(dtype).to(tl.float32)).to(dtype)
     o2 = ((x2 * c).to(dtype).to(tl.float32) + (x1 * s).to(dtype).to(tl.float32)).to(dtype)
-    return o1, o2
+    return o1, o2, m
 
 
 @triton.jit
@@ -31,41 +33,45 @@ def _rope_kv_kernel(
     Q, K, V, Positions, Cos, Sin, SlotMapping, KCache, VCache,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cos, stride_cache_slot, stride_cache_head,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_REST: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
+    """One program per token: every query head rotated in place, every kv head rotated and stored."""
     t = tl.program_id(0)
-    h = tl.program_id(1)
-    dtype = Q.dtype.element_ty
     pos = tl.load(Positions + t)
     offs = tl.arange(0, BLOCK_HALF)
     mask_half = offs < ROT_HALF
-    c = tl.load(Cos + pos * stride_cos + offs, mask=mask_half, other=0.0).to(dtype).to(tl.float32)
-    s = tl.load(Sin + pos * stride_cos + offs, mask=mask_half, other=0.0).to(dtype).to(tl.float32)
-    offs_rest = 2 * ROT_HALF + tl.arange(0, BLOCK_REST)
-    mask_rest = offs_rest < HEAD_DIM
-    if h < NUM_HEADS:
-        q = Q + t * stride_qt + h * stride_qh
-        o1, o2 = _rotate(q, offs, mask_half, c, s, ROT_HALF)
-        tl.store(q + offs, o1, mask=mask_half)
-        tl.store(q + ROT_HALF + offs, o2, mask=mask_half)
-    else:
-        kh = h - NUM_HEADS
-        slot = tl.load(SlotMapping + t).to(tl.int64)
-        if slot >= 0:
-            k = K + t * stride_kt + kh * stride_kh
-            o1, o2 = _rotate(k, offs, mask_half, c, s, ROT_HALF)
-            dst_k = KCache + slot * stride_cache_slot + kh * stride_cache_head
-            dst_v = VCache + slot * stride_cache_slot + kh * stride_cache_head
-            out_dtype = KCache.dtype.element_ty
-            tl.store(dst_k + offs, o1.to(out_dtype), mask=mask_half)
-            tl.store(dst_k + ROT_HALF + offs, o2.to(out_dtype), mask=mask_half)
-            rest = tl.load(k + offs_rest, mask=mask_rest, other=0.0)
-            tl.store(dst_k + offs_rest, rest.to(out_dtype), mask=mask_rest)
-            offs_d = tl.arange(0, BLOCK_D)
-            mask_d = offs_d < HEAD_DIM
-            v = tl.load(V + t * stride_vt + kh * stride_vh + offs_d, mask=mask_d, other=0.0)
-            tl.store(dst_v + offs_d, v.to(out_dtype), mask=mask_d)
+    dtype = Q.dtype.element_ty
+    c = tl.load(Cos + pos * stride_cos + offs, mask=mask_half, other=0.0).to(dtype).to(tl.float32)[None, :]
+    s = tl.load(Sin + pos * stride_cos + offs, mask=mask_half, other=0.0).to(dtype).to(tl.float32)[None, :]
+
+    q = Q + t * stride_qt
+    q_heads = tl.arange(0, BLOCK_H)
+    o1, o2, m = _rotate_heads(q, stride_qh, q_heads, q_heads < NUM_HEADS, offs, mask_half, c, s, ROT_HALF)
+    q_ptr = q + q_heads[:, None] * stride_qh + offs[None, :]
+    tl.store(q_ptr, o1, mask=m)
+    tl.store(q_ptr + ROT_HALF, o2, mask=m)
+
+    slot = tl.load(SlotMapping + t).to(tl.int64)
+    if slot >= 0:
+        out_dtype = KCache.dtype.element_ty
+        kv_heads = tl.arange(0, BLOCK_KVH)
+        mask_kvh = kv_heads < NUM_KV_HEADS
+        k = K + t * stride_kt
+        o1, o2, m = _rotate_heads(k, stride_kh, kv_heads, mask_kvh, offs, mask_half, c, s, ROT_HALF)
+        dst_k = KCache + slot * stride_cache_slot + kv_heads[:, None] * stride_cache_head
+        tl.store(dst_k + offs[None, :], o1.to(out_dtype), mask=m)
+        tl.store(dst_k + ROT_HALF + offs[None, :], o2.to(out_dtype), mask=m)
+        offs_rest = 2 * ROT_HALF + tl.arange(0, BLOCK_REST)
+        m_rest = mask_kvh[:, None] & (offs_rest < HEAD_DIM)[None, :]
+        rest = tl.load(k + kv_heads[:, None] * stride_kh + offs_rest[None, :], mask=m_rest, other=0.0)
+        tl.store(dst_k + offs_rest[None, :], rest.to(out_dtype), mask=m_rest)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_d = mask_kvh[:, None] & (offs_d < HEAD_DIM)[None, :]
+        v = tl.load(V + t * stride_vt + kv_heads[:, None] * stride_vh + offs_d[None, :], mask=m_d, other=0.0)
+        dst_v = VCache + slot * stride_cache_slot + kv_heads[:, None] * stride_cache_head + offs_d[None, :]
+        tl.store(dst_v, v.to(out_dtype), mask=m_d)
 
 
 def rope_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,13 +96,14 @@ def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positio
     vc = v_cache.view(-1, kv_heads, D)
     block_half = triton.next_power_of_2(rot_half)
     rest = D - 2 * rot_half
-    _rope_kv_kernel[(T, H + kv_heads)](
+    _rope_kv_kernel[(T,)](
         q, k, v, positions, cos, sin, slot_mapping, kc, vc,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), kc.stride(0), kc.stride(1),
-        NUM_HEADS=H, HEAD_DIM=D, ROT_HALF=rot_half, BLOCK_HALF=block_half,
-        BLOCK_REST=triton.next_power_of_2(rest) if rest > 0 else 1,
-        BLOCK_D=triton.next_power_of_2(D), num_warps=1,
+        NUM_HEADS=H, NUM_KV_HEADS=kv_heads, HEAD_DIM=D, ROT_HALF=rot_half,
+        BLOCK_H=triton.next_power_of_2(H), BLOCK_KVH=triton.next_power_of_2(kv_heads), BLOCK_HALF=block_half,
+        BLOCK_REST=triton.next_power_of_2(rest) if rest > 0 else 1, BLOCK_D=triton.next_power_of_2(D),
+        num_warps=4,
     )
 
 
