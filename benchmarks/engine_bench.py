@@ -50,8 +50,8 @@ SHAPES = {
 }
 
 
-def build_checkpoint(shape: str, out: str, seed: int = 0) -> str:
-    """A random-weight bf16 checkpoint of a known shape, with the demo tokenizer (no model hub here)."""
+def build_checkpoint(shape: str, out: str, seed: int = 0, with_tokenizer: bool = True) -> str:
+    """A random-weight bf16 checkpoint of a known shape (no model hub here), with the demo tokenizer."""
     from tandem.engine.demo_models import build_all
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -61,14 +61,15 @@ def build_checkpoint(shape: str, out: str, seed: int = 0) -> str:
     spec = dict(SHAPES[shape])
     arch = spec.pop("arch")
     cfg = (Qwen2Config if arch == "qwen2" else LlamaConfig)(eos_token_id=2, bos_token_id=None, pad_token_id=0, **spec)
-    demo = build_all(str(REPO / "models"))["tandem-demo-dense"]
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        Path(out, name).write_bytes(Path(demo, name).read_bytes())
+    if with_tokenizer:  # the benchmark itself sends token ids; a tokenizer only helps by-hand use
+        demo = build_all(str(REPO / "models"))["tandem-demo-dense"]
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            Path(out, name).write_bytes(Path(demo, name).read_bytes())
     n = sum(p.numel() for p in model.parameters())
     print(f"{out}: built {shape}, {n / 1e6:.0f}M params (bf16)")
     return out
@@ -270,6 +271,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(REPO / "models" / "tandem-demo-dense"))
     ap.add_argument("--build", nargs=2, metavar=("SHAPE", "DIR"), help=f"build a checkpoint: SHAPE in {list(SHAPES)}")
+    ap.add_argument("--no-tokenizer", action="store_true", help="--build without the demo tokenizer")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16])
@@ -287,7 +289,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.build:
-        build_checkpoint(*args.build)
+        build_checkpoint(*args.build, with_tokenizer=not args.no_tokenizer)
         return 0
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     git = git_info()  # read at start: the tree the numbers come from

@@ -59,10 +59,11 @@ def _rope_kv_kernel(
         kv_heads = tl.arange(0, BLOCK_KVH)
         mask_kvh = kv_heads < NUM_KV_HEADS
         k = K + t * stride_kt
-        o1, o2, m = _rotate_heads(k, stride_kh, kv_heads, mask_kvh, offs, mask_half, c, s, ROT_HALF)
+        # (names distinct from the query's: a compiled if-block may not re-type an outer variable)
+        k1, k2, mk = _rotate_heads(k, stride_kh, kv_heads, mask_kvh, offs, mask_half, c, s, ROT_HALF)
         dst_k = KCache + slot * stride_cache_slot + kv_heads[:, None] * stride_cache_head
-        tl.store(dst_k + offs[None, :], o1.to(out_dtype), mask=m)
-        tl.store(dst_k + ROT_HALF + offs[None, :], o2.to(out_dtype), mask=m)
+        tl.store(dst_k + offs[None, :], k1.to(out_dtype), mask=mk)
+        tl.store(dst_k + ROT_HALF + offs[None, :], k2.to(out_dtype), mask=mk)
         offs_rest = 2 * ROT_HALF + tl.arange(0, BLOCK_REST)
         m_rest = mask_kvh[:, None] & (offs_rest < HEAD_DIM)[None, :]
         rest = tl.load(k + kv_heads[:, None] * stride_kh + offs_rest[None, :], mask=m_rest, other=0.0)
@@ -103,7 +104,7 @@ def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positio
         NUM_HEADS=H, NUM_KV_HEADS=kv_heads, HEAD_DIM=D, ROT_HALF=rot_half,
         BLOCK_H=triton.next_power_of_2(H), BLOCK_KVH=triton.next_power_of_2(kv_heads), BLOCK_HALF=block_half,
         BLOCK_REST=triton.next_power_of_2(rest) if rest > 0 else 1, BLOCK_D=triton.next_power_of_2(D),
-        num_warps=4,
+        num_warps=4, enable_fp_fusion=False,  # no FMA contraction: round each product as torch does
     )
 
 
