@@ -183,9 +183,9 @@ def logits_checks(dev: str, model: str) -> None:
         eng.pool.free(r.pages)
     # A seeded request alone and inside a batch.
     sp = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=42, ignore_eos=True)
-    alone = llm.generate(["Seeded request"], sp)[0].token_ids
-    batch_out = llm.generate(["Seeded request"] + [f"other prompt {i}" for i in range(12)],
-                             [sp] + [SamplingParams(max_tokens=24, temperature=1.0, ignore_eos=True)] * 12)
+    ids = [torch.randint(10, eng.model_config.vocab_size, (20 + 3 * i,), generator=g).tolist() for i in range(13)]
+    alone = llm.generate([ids[0]], sp)[0].token_ids
+    batch_out = llm.generate(ids, [sp] + [SamplingParams(max_tokens=24, temperature=1.0, ignore_eos=True)] * 12)
     record("seeded request: alone == in a batch of 13", alone == batch_out[0].token_ids, alone == batch_out[0].token_ids)
 
 
@@ -200,12 +200,16 @@ def main(argv=None) -> int:
     from tandem.engine.demo_models import build_all
 
     build_all(str(REPO / "models"))
-    kernel_checks(dev)
-    model_checks(dev)
-    logits_checks(dev, str(REPO / "models" / "tandem-demo-dense"))
-    free_device()
+    steps = [lambda: kernel_checks(dev), lambda: model_checks(dev),
+             lambda: logits_checks(dev, str(REPO / "models" / "tandem-demo-dense"))]
     if args.bf16_model:
-        logits_checks(dev, args.bf16_model)
+        steps.append(lambda: logits_checks(dev, args.bf16_model))
+    for step in steps:
+        try:
+            step()
+        except Exception as exc:  # a crash is a failed check; the rest still run and the record is written
+            record("check raised", f"{type(exc).__name__}: {exc}", False)
+        free_device()
     failed = [c for c in checks if not c["ok"]]
     print(f"{len(checks) - len(failed)}/{len(checks)} checks passed")
     if args.out:

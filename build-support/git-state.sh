@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Record the checkout's commit and dirty flag in .git-state.json (git-ignored), for a copy of the
-# tree that travels without .git (the GPU device tool): benchmarks read it through
-# benchmarks/common/results.py:git_info and say that they did.
+# tree that runs elsewhere (the GPU device tool, whose copy of .git can be stale): benchmarks run
+# there with TANDEM_GIT_STATE=.git-state.json record it (benchmarks/common/results.py:git_info).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dirty=false

@@ -28,14 +28,17 @@ def make_results_dir(out: str | os.PathLike | None, prefix: str = "") -> Path:
     return path
 
 
-GIT_STATE_FILE = REPO / ".git-state.json"  # written by build-support/git-state.sh where .git cannot travel
-
-
 def git_info(repo: Path = REPO) -> dict:
     """Commit, branch and whether the work tree had local changes (None where git is unavailable).
 
-    On a machine that got a copy of the tree without .git (the GPU device), the state that
-    build-support/git-state.sh recorded beside the tree is used and marked as such."""
+    ``TANDEM_GIT_STATE=FILE`` (written by build-support/git-state.sh before the tree is copied
+    to another machine, the GPU device) takes precedence: the copy's own .git may be stale there
+    (seen on the device tool: it reported the session's first commit, dirty)."""
+    state_file = os.environ.get("TANDEM_GIT_STATE")
+    if state_file:
+        state = json.loads(Path(state_file).read_text())
+        return {**state, "source": f"{state_file} (recorded before the tree was copied)"}
+
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10,
@@ -43,11 +46,7 @@ def git_info(repo: Path = REPO) -> dict:
         except (OSError, subprocess.SubprocessError):
             return None
     status = git("status", "--porcelain", "--untracked-files=no")
-    commit = git("rev-parse", "HEAD")
-    if commit is None and GIT_STATE_FILE.is_file():
-        state = json.loads(GIT_STATE_FILE.read_text())
-        return {**state, "source": f"{GIT_STATE_FILE.name} (tree copied without .git)"}
-    return {"commit": commit, "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+    return {"commit": git("rev-parse", "HEAD"), "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
             "dirty": None if status is None else bool(status)}
 
 
