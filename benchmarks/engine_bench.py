@@ -19,6 +19,8 @@ engine step (wall clock, host work included). Targets (``--gates``) are printed 
     python benchmarks/engine_bench.py --build llama8b /tmp/llama8b       #   Qwen2-0.5B / Llama-3-8B shapes
     python benchmarks/engine_bench.py --model /tmp/qwen05b --device cuda --dtype bfloat16 \\
         --batch-sizes 1 16 64 --gates gpu-part1 --out benchmarks/results/gpu/engine_bench_qwen05b_h200.json
+    python benchmarks/engine_bench.py --phase prefill --model /tmp/llama8b --device cuda --dtype bfloat16 \\
+        --gates gpu-part2 --out benchmarks/results/gpu/engine_prefill_llama8b_h200.json
 """
 from __future__ import annotations
 
@@ -281,7 +283,13 @@ def main(argv=None) -> int:
                     help="transformers: one request at a time (CPU default) or one static-cache batch (CUDA default)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    ap.add_argument("--gates", choices=["gpu-part1"], default=None, help="evaluate the issue's targets")
+    ap.add_argument("--phase", choices=["decode", "prefill"], default="decode",
+                    help="decode: whole generate calls vs transformers and the roofline (default); "
+                         "prefill: TTFT and MFU by prompt length, and a cached shared prefix (engine_prefill.py)")
+    ap.add_argument("--prefill-lengths", type=int, nargs="+", default=[2048, 8192], help="--phase prefill prompts")
+    ap.add_argument("--prefix-tokens", type=int, nargs=2, default=[7168, 1024], metavar=("SHARED", "NEW"),
+                    help="--phase prefill: shared prefix and new tokens of the prefix-cache case")
+    ap.add_argument("--gates", choices=["gpu-part1", "gpu-part2"], default=None, help="evaluate the issue's targets")
     ap.add_argument("--out", default=None, help="write JSON results here (and a .md next to it)")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="also profile one generate call (host cProfile + torch profiler) into DIR")
@@ -295,6 +303,17 @@ def main(argv=None) -> int:
     git = git_info()  # read at start: the tree the numbers come from
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.phase == "prefill":
+        from benchmarks.engine_prefill import run as run_prefill
+
+        result = run_prefill(args, git, started, machine_info())
+        result["command"] = " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))
+        for gate in result["gates"]:
+            print(f"target: {gate['target']}: {gate['value']} -> {'MET' if gate['met'] else 'NOT MET'}")
+        if args.out:
+            write_json(Path(args.out), result)
+            print(f"wrote {args.out}")
+        return 0
     if not os.path.isdir(args.model):
         from tandem.engine.demo_models import build_all
 

@@ -55,6 +55,10 @@ class EngineConfig(_Section):
     max_running_requests: int = Field(64, ge=1, description="Maximum requests in the running batch.")
     max_prefill_tokens: int = Field(8192, ge=1, description="Maximum new prompt tokens admitted per step.")
     disable_radix_cache: bool = Field(False, description="Disable the radix prefix cache.")
+    enable_mixed_chunk: bool = Field(
+        True, description="Running decodes join each prefill chunk's step, so a long prompt delays them by "
+        "one chunk at most (--no-enable-mixed-chunk: decodes wait until no prefill work is left)."
+    )
     attention_backend: Literal["torch_native", "triton"] | None = Field(
         None, description="Attention kernels: triton (paged Triton kernels, the default on CUDA) or "
         "torch_native (the torch reference, the default on CPU; triton on CPU needs TRITON_INTERPRET=1)."

@@ -168,7 +168,7 @@ class EngineCore:
         self.cache = RadixCache(page_size, self.pool.free, disabled=cfg.disable_radix_cache)
         self.chunked_prefill_size = cfg.chunked_prefill_size or _default_chunked_prefill_size(device)
         self.scheduler = Scheduler(self.pool, self.cache, self.chunked_prefill_size, cfg.max_prefill_tokens,
-                                   cfg.max_running_requests)
+                                   cfg.max_running_requests, mixed_chunk=cfg.enable_mixed_chunk)
         self.cuda_graph_max_bs = self._cuda_graph_max_bs()
         self.runner = ModelRunner(self.model, self.pool, device, self.cuda_graph_max_bs)
         self._seed_rng = random.Random(cfg.random_seed)  # seeds of requests that bring none

@@ -24,9 +24,9 @@ from .model_config import ModelConfig
 class ForwardBatch:
     """Tensors describing one forward pass (built by the model runner).
 
-    Prefill and mixed batches (and every batch of the torch_native backend) carry the dense
-    view: ``kv_slots`` and ``attn_mask``. Decode batches of the triton backend carry the
-    paged view instead: ``page_table``, ``seq_lens`` and ``num_splits``.
+    The torch_native backend reads the dense view: ``kv_slots`` and ``attn_mask``. The triton
+    backend reads the paged view: ``page_table`` and ``seq_lens``, plus ``num_splits`` for
+    decode batches and ``q_start`` / ``q_lens`` for prefill and mixed (extend) batches.
     """
 
     input_ids: torch.Tensor  # [T] new tokens of all requests, request-major
@@ -38,9 +38,12 @@ class ForwardBatch:
     attn_mask: torch.Tensor | None = None  # [B, 1, Qmax, Kmax] bool, True = attend
     logits_indices: torch.Tensor | None = None  # [S] rows of T whose logits are wanted (None: every row)
     is_decode: bool = False  # every request has exactly one new token (T == B)
-    page_table: torch.Tensor | None = None  # [B, >= pages] int32 page indices of each request (paged decode)
-    seq_lens: torch.Tensor | None = None  # [B] int32 context length including the new token (0 = padding row)
+    page_table: torch.Tensor | None = None  # [B, >= pages] int32 page indices of each request (paged view)
+    seq_lens: torch.Tensor | None = None  # [B] context length including the new tokens (0 = padding row)
     num_splits: int = 1  # split-K ranges of the paged decode attention
+    q_start: torch.Tensor | None = None  # [B] row of T where each request's new tokens start (paged extend)
+    q_lens: torch.Tensor | None = None  # [B] new tokens of each request (paged extend)
+    max_q_len: int = 1  # the longest q_lens (host int: sizes the extend kernel's grid)
 
 
 class RMSNorm(nn.Module):

@@ -1,9 +1,9 @@
 """Turns a scheduled batch into tensors, runs the model over the paged KV pool, samples.
 
-Decode batches of the triton backend take the paged path (page table + context
-lengths, no dense gather) and, on CUDA, replay a captured CUDA graph
-(``cuda_graph_runner``). Everything else builds the dense view for the torch
-attention path.
+The triton backend reads K/V through the page table: decode batches take the paged
+decode path and, on CUDA, replay a captured CUDA graph (``cuda_graph_runner``);
+prefill and mixed batches take the paged extend path. The torch_native backend gets
+the dense view (each request's context gathered, with a mask).
 """
 from __future__ import annotations
 
@@ -35,11 +35,35 @@ def decode_inputs(batch: list, page_size: int):
     return vec, table
 
 
+def extend_inputs(batch: list, page_size: int):
+    """Host arrays of any batch for the paged extend path: per token (ids, positions, slots) int64
+    [3, T], per request (q_start, q_lens, seq_lens) int64 [3, B] and the page table int32."""
+    B = len(batch)
+    T = sum(n for _, n in batch)
+    tok = np.empty((3, T), dtype=np.int64)
+    req_vec = np.empty((3, B), dtype=np.int64)
+    width = max((req.num_computed + n + page_size - 1) // page_size for req, n in batch)
+    table = np.zeros((B, width), dtype=np.int32)
+    row = 0
+    for i, (req, n) in enumerate(batch):
+        s = req.num_computed
+        n_pages = (s + n + page_size - 1) // page_size
+        pages = np.asarray(req.pages[:n_pages], dtype=np.int64)
+        table[i, :n_pages] = pages
+        pos = np.arange(s, s + n)
+        tok[0, row:row + n] = req.all_ids[s:s + n]
+        tok[1, row:row + n] = pos
+        tok[2, row:row + n] = pages[pos // page_size] * page_size + pos % page_size
+        req_vec[:, i] = (row, n, s + n)
+        row += n
+    return tok, req_vec, table
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, pool: KVPool, device: str, cuda_graph_max_bs: int = 0):
         self.model, self.pool, self.device = model, pool, device
         self.page_size = pool.page_size
-        self.paged_decode = model.ops is not None and model.ops.name == "triton"
+        self.paged = model.ops is not None and model.ops.name == "triton"  # the triton backend reads pages
         self.num_kv_heads = pool.num_kv_heads
         # Split-K of paged decode attention is sized to fill the device's multiprocessors.
         self.num_sms = (torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
@@ -47,7 +71,7 @@ class ModelRunner:
         self.sampler = Sampler(device)
         self.graphs = None
         self._replayed_bs = None  # batch size of the last forward when it was a graph replay
-        if cuda_graph_max_bs > 0 and self.paged_decode and str(device).startswith("cuda"):
+        if cuda_graph_max_bs > 0 and self.paged and str(device).startswith("cuda"):
             from .cuda_graph_runner import CudaGraphRunner
 
             self.graphs = CudaGraphRunner(model, pool, self.sampler, cuda_graph_max_bs, self.num_sms)
@@ -57,9 +81,11 @@ class ModelRunner:
 
     def build(self, batch: list) -> ForwardBatch:
         """batch: [(req, n_new)]; request i computes tokens all_ids[num_computed : num_computed + n_new]."""
-        if self.paged_decode and all(n == 1 for _, n in batch):
+        if not self.paged:
+            return self._build_dense(batch)
+        if all(n == 1 for _, n in batch):
             return self._build_paged_decode(batch)
-        return self._build_dense(batch)
+        return self._build_paged_extend(batch)
 
     def _build_paged_decode(self, batch: list) -> ForwardBatch:
         vec, table = decode_inputs(batch, self.page_size)
@@ -68,6 +94,17 @@ class ModelRunner:
             input_ids=vec_t[0], positions=vec_t[1], slot_mapping=vec_t[2], seq_lens=vec_t[3],
             page_table=torch.from_numpy(table).to(self.device), is_decode=True,
             num_splits=default_num_splits(len(batch), self.num_kv_heads, self.num_sms),
+        )
+
+    def _build_paged_extend(self, batch: list) -> ForwardBatch:
+        tok, req_vec, table = extend_inputs(batch, self.page_size)
+        tok_t = torch.from_numpy(tok).to(self.device)
+        req_t = torch.from_numpy(req_vec).to(self.device)
+        q_start, q_lens = req_t[0], req_t[1]
+        return ForwardBatch(
+            input_ids=tok_t[0], positions=tok_t[1], slot_mapping=tok_t[2], page_table=torch.from_numpy(table).to(
+                self.device), seq_lens=req_t[2], q_start=q_start, q_lens=q_lens, max_q_len=int(req_vec[1].max()),
+            logits_indices=q_start + q_lens - 1,
         )
 
     def _build_dense(self, batch: list) -> ForwardBatch:

@@ -3,9 +3,9 @@
 ``torch_native`` is the reference and the CPU path: plain torch ops, attention by
 gathering each request's context into dense tensors and calling SDPA with a mask.
 ``triton`` is the GPU path: fused RMSNorm(+residual), SiLU-and-mul, rotary fused with
-the K/V write, and paged decode attention that reads K/V through the page table.
-Prefill and mixed batches still attend through the torch gather (GPU engine part 2
-replaces it with extend attention over the cached prefix).
+the K/V write, and attention that reads K/V through the page table: paged decode
+attention (split-K) for decode batches, extend attention (causal over the new tokens,
+full over the cached prefix, ragged, mixed with decodes) for everything else.
 
 Both backends compute the same function; ``tests/unit/engine/test_triton_backend.py``
 compares them token for token in float32 through the Triton interpreter.
@@ -78,9 +78,10 @@ class TritonOps:
     graph_safe = True
 
     def __init__(self, rotary, max_positions: int):
-        from .kernels import activation, decode_attention, norm, rope_kv
+        from .kernels import activation, decode_attention, extend_attention, norm, rope_kv
 
-        self._act, self._attn, self._norm, self._rope = activation, decode_attention, norm, rope_kv
+        self._act, self._norm, self._rope = activation, norm, rope_kv
+        self._decode, self._extend = decode_attention, extend_attention
         self.cos, self.sin = rope_kv.rope_cos_sin_cache(rotary.inv_freq, max_positions)
 
     def rope_inputs(self, positions: torch.Tensor, dtype: torch.dtype):
@@ -100,10 +101,12 @@ class TritonOps:
 
     def attention(self, q, k, v, positions, fb, k_cache, v_cache, scale):
         self._rope.rope_and_write_kv(q, k, v, positions, self.cos, self.sin, fb.slot_mapping, k_cache, v_cache)
-        if fb.page_table is None:
-            return dense_attention(q, fb, k_cache, v_cache, scale)
-        out = self._attn.paged_decode_attention(q, k_cache, v_cache, fb.page_table, fb.seq_lens, scale,
-                                                fb.num_splits)
+        if fb.is_decode:
+            out = self._decode.paged_decode_attention(q, k_cache, v_cache, fb.page_table, fb.seq_lens, scale,
+                                                      fb.num_splits)
+        else:
+            out = self._extend.extend_attention(q, k_cache, v_cache, fb.page_table, fb.q_start, fb.q_lens,
+                                                fb.seq_lens, fb.max_q_len, scale)
         return out.view(q.shape[0], -1)
 
 

@@ -1,8 +1,9 @@
 """Continuous batching with chunked prefill, admission by free pages, and retraction.
 
 Each step is either a *prefill* step (continue chunked prompts, then admit waiting
-requests while the token budget and the pages last) or, when no prefill work can
-run, a *decode* step over every running request with exactly one uncomputed token.
+requests while the token budget and the pages last; with ``mixed_chunk`` every running
+request ready to decode joins it too) or, when no prefill work can run, a *decode*
+step over every running request with exactly one uncomputed token.
 When a decode step cannot get a page, the most recently admitted request is
 retracted: its pages go to the radix cache (or back to the pool) and it waits to be
 recomputed from its prompt plus the tokens it already produced. Nothing crashes
@@ -20,11 +21,12 @@ from .request import Mode, Request, Status
 
 class Scheduler:
     def __init__(self, pool: KVPool, cache: RadixCache, chunked_prefill_size: int,
-                 max_prefill_tokens: int, max_running_requests: int):
+                 max_prefill_tokens: int, max_running_requests: int, mixed_chunk: bool = False):
         self.pool, self.cache = pool, cache
         self.page_size = pool.page_size
         self.prefill_budget = min(chunked_prefill_size, max_prefill_tokens)
         self.max_running = max_running_requests
+        self.mixed_chunk = mixed_chunk
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._admit_seq = itertools.count()
@@ -104,9 +106,15 @@ class Scheduler:
                 return "stuck", [(victim, 0)]
             self.retract(victim)
 
+    def _ready_to_decode(self) -> list[Request]:
+        return [r for r in self.running if r.num_uncomputed == 1 and r.status == Status.RUNNING]
+
     def _schedule_once(self) -> tuple[str, list]:
         budget = self.prefill_budget
         batch = []
+        decodes = self._ready_to_decode() if self.mixed_chunk else []
+        if decodes:
+            budget = max(1, budget - len(decodes))  # the decodes ride along in this step's token budget
         for req in self.running:
             if req.num_uncomputed > 1 and budget > 0:
                 n = min(req.num_uncomputed, budget)
@@ -127,6 +135,11 @@ class Scheduler:
             batch.append((req, n))
             budget -= n
         if batch:
+            # Mixed chunk: running decodes join the prefill step, so a long prompt delays them
+            # by one chunk at most instead of stalling them until its last chunk.
+            for req in sorted(decodes, key=lambda r: r.admit_seq):
+                if self.ensure_pages(req, req.seq_len):
+                    batch.append((req, 1))
             return "prefill", batch
         decode = []
         for req in sorted(self.running, key=lambda r: r.admit_seq):

@@ -5,7 +5,7 @@ without TRITON_INTERPRET (test_kernels_compile.py does)."""
 from __future__ import annotations
 
 import triton
-from tandem.engine.kernels import activation, decode_attention, norm, rope_kv, sampling
+from tandem.engine.kernels import activation, decode_attention, extend_attention, norm, rope_kv, sampling
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -36,6 +36,13 @@ def main() -> None:
                                       "stride_lb", "stride_lh", "stride_out_b", "stride_out_h")}},
                 dict(PAGE_SIZE=16, GROUP=group, HEAD_DIM=128, NUM_SPLITS=splits, BLOCK_H=16, BLOCK_D=128,
                      BLOCK_N=decode_attention.BLOCK_N, IEEE=dt == "fp32"))
+        compile_kernel(extend_attention._extend_attention_kernel, {
+            "Q": p, "K": p, "V": p, "Out": p, "PageTable": "*i32", "QStart": "*i64", "QLens": "*i64",
+            "SeqLens": "*i64", "sm_scale": "fp32",
+            **{n: "i32" for n in ("stride_qt", "stride_qh", "stride_k_slot", "stride_k_head", "stride_v_slot",
+                                  "stride_v_head", "stride_pt", "stride_ot", "stride_oh")}},
+            dict(PAGE_SIZE=16, GROUP=7, HEAD_DIM=64, BLOCK_M=extend_attention.BLOCK_M,
+                 BLOCK_N=extend_attention.BLOCK_N, BLOCK_D=64, IEEE=dt == "fp32"))
         compile_kernel(decode_attention._decode_merge_kernel, {
             "PartialOut": "*fp32", "PartialLse": "*fp32", "Out": p,
             **{n: "i32" for n in ("stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh", "stride_out_b",

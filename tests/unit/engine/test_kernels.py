@@ -7,7 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 from tandem.engine import philox
-from tandem.engine.kernels import activation, decode_attention, default_num_splits, norm, rope_kv, sampling
+from tandem.engine.kernels import (
+    activation,
+    decode_attention,
+    default_num_splits,
+    extend_attention,
+    norm,
+    rope_kv,
+    sampling,
+)
 
 
 def _table(lens, page_size, g):
@@ -123,3 +131,23 @@ def test_gumbel_argmax_kernel_draws_the_reference_tokens():
     got = sampling.gumbel_argmax(scores, seeds, pos)
     assert torch.equal(got, sampling.gumbel_argmax_ref(scores, seeds, pos))
     assert got[1] < 100
+
+
+@pytest.mark.parametrize("page_size,heads,kv_heads,q_lens,prefixes", [
+    (16, 8, 2, [5, 1, 70, 0], [0, 33, 17, 4]),  # ragged: empty prefix, a decode row, a long chunk, nothing new
+    (1, 7, 1, [3, 1], [10, 0]),                 # page size 1, GQA 7
+    (4, 4, 4, [130], [7]),                      # MHA, more than two query blocks, prefix not a page multiple
+    (128, 8, 2, [1, 1, 1], [200, 0, 127]),      # a batch of decodes through the extend kernel
+])
+def test_extend_attention_matches_reference(page_size, heads, kv_heads, q_lens, prefixes):
+    g = torch.Generator().manual_seed(sum(q_lens))
+    D = 32
+    seq = [n + p for n, p in zip(q_lens, prefixes)]
+    table, npages = _table([max(s, 1) for s in seq], page_size, g)
+    kc = torch.randn(npages, page_size, kv_heads, D, generator=g)
+    vc = torch.randn(npages, page_size, kv_heads, D, generator=g)
+    q = torch.randn(sum(q_lens), heads, D, generator=g)
+    q_start = torch.tensor([sum(q_lens[:i]) for i in range(len(q_lens))])
+    args = (q, kc, vc, table, q_start, torch.tensor(q_lens), torch.tensor(seq))
+    out = extend_attention.extend_attention(*args, max(q_lens), D**-0.5)
+    assert (out - extend_attention.extend_attention_ref(*args, D**-0.5)).abs().max().item() < 1e-5

@@ -92,3 +92,33 @@ def test_max_running_requests(demo_models, make_llm, prompts, reference):
         eng.step()
         peak = max(peak, len(eng.scheduler.running))
     assert peak == 3
+
+
+@pytest.mark.parametrize("mixed", [True, False])
+def test_long_prompt_delays_running_decodes_by_one_chunk_at_most(demo_models, make_llm, prompts, reference, mixed):
+    """An 80-token prompt (ten chunks of 8) arrives while a request decodes: with mixed chunks the
+    decode gets a token in every one of those prefill steps; without, it waits for the whole prompt.
+    Either way its tokens are those it produces alone."""
+    llm = make_llm(demo_models["dense"], chunked_prefill_size=8, enable_mixed_chunk=mixed, disable_radix_cache=True)
+    eng = llm.engine
+    rid = eng.add_request(prompts[0], GREEDY)
+    produced = []
+
+    def step():
+        outs = eng.step()
+        produced.extend(t for o in outs if o.rid == rid for t in o.new_token_ids)
+        return outs
+
+    while eng.stats().step_kind != "decode":
+        step()
+    long_prompt = eng.tokenize(" ".join(prompts[:6]))[:80]
+    assert len(long_prompt) == 80
+    eng.add_request(long_prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    before = len(produced)
+    for _ in range(10):
+        step()
+        assert eng.stats().step_kind == "prefill"
+    assert len(produced) - before == (10 if mixed else 0)
+    while eng.has_work():
+        step()
+    assert produced == reference[0]

@@ -1,0 +1,127 @@
+"""Extend (prefill) attention over a paged KV pool, for ragged and mixed batches.
+
+Request ``b`` brings ``q_lens[b]`` new tokens (flattened at ``q_start[b]`` in ``q``) on top
+of a cached prefix; its context is ``seq_lens[b]`` tokens, the new ones last, and every
+key and value (prefix and new, already written by the rotary + K/V kernel) is read through
+the page table. A query at position ``p`` attends to keys ``0..p``: full over the prefix,
+causal over the new tokens. Decode requests are extends of one token, so a mixed batch
+(prefill chunks + decodes) is one launch. No padding to the longest request: one program
+per (request, query head, block of BLOCK_M new tokens); blocks past a request's end do
+nothing.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 64
+BLOCK_N = 64
+
+
+@triton.jit
+def _extend_attention_kernel(
+    Q, K, V, Out, PageTable, QStart, QLens, SeqLens,
+    sm_scale,
+    stride_qt, stride_qh,
+    stride_k_slot, stride_k_head,
+    stride_v_slot, stride_v_head,
+    stride_pt, stride_ot, stride_oh,
+    PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    m_block = tl.program_id(2)
+    kv_head = h // GROUP
+    q_len = tl.load(QLens + b)
+    q_start = tl.load(QStart + b)
+    seq_len = tl.load(SeqLens + b)
+    prefix = seq_len - q_len
+    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < q_len
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q_pos = prefix + offs_m
+    # Keys this block can see: up to its last query's position (nothing for an empty block).
+    end = tl.where(m_block * BLOCK_M < q_len, tl.minimum(seq_len, prefix + (m_block + 1) * BLOCK_M), 0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(0, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        page = tl.load(PageTable + b * stride_pt + offs_n // PAGE_SIZE, mask=mask_n, other=0)
+        slot = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(K + slot[:, None] * stride_k_slot + kv_head * stride_k_head + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(k))
+        visible = mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        qk = tl.where(visible, qk * sm_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + slot[:, None] * stride_v_slot + kv_head * stride_v_head + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(Out + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+
+
+def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+                     q_start: torch.Tensor, q_lens: torch.Tensor, seq_lens: torch.Tensor, max_q_len: int,
+                     scale: float) -> torch.Tensor:
+    """q [T, H, D] new tokens of all requests (rotated); k_cache/v_cache [num_pages, page_size, kv_heads, D]
+    holding every context token; page_table [B, >= pages]; q_start, q_lens, seq_lens [B]. Returns [T, H, D]."""
+    T, H, D = q.shape
+    _, page_size, kv_heads, _ = k_cache.shape
+    B = q_lens.shape[0]
+    k = k_cache.view(-1, kv_heads, D)
+    v = v_cache.view(-1, kv_heads, D)
+    out = torch.empty_like(q)
+    grid = (B, H, triton.cdiv(max(max_q_len, 1), BLOCK_M))
+    _extend_attention_kernel[grid](
+        q, k, v, out, page_table, q_start, q_lens, seq_lens, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), page_table.stride(0),
+        out.stride(0), out.stride(1),
+        PAGE_SIZE=page_size, GROUP=H // kv_heads, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BLOCK_D=triton.next_power_of_2(D), IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2,
+    )
+    return out
+
+
+def extend_attention_ref(q, k_cache, v_cache, page_table, q_start, q_lens, seq_lens, scale) -> torch.Tensor:
+    """Torch reference: each request's context gathered through its page table, causal softmax in float32."""
+    T, H, D = q.shape
+    _, page_size, kv_heads, _ = k_cache.shape
+    k = k_cache.reshape(-1, kv_heads, D)
+    v = v_cache.reshape(-1, kv_heads, D)
+    out = torch.zeros_like(q)
+    for b in range(q_lens.shape[0]):
+        n, L, s = int(q_lens[b]), int(seq_lens[b]), int(q_start[b])
+        if n == 0:
+            continue
+        t = torch.arange(L)
+        slots = page_table[b, t // page_size].long() * page_size + t % page_size
+        kb = k[slots].float().repeat_interleave(H // kv_heads, dim=1)  # [L, H, D]
+        vb = v[slots].float().repeat_interleave(H // kv_heads, dim=1)
+        scores = torch.einsum("nhd,lhd->hnl", q[s:s + n].float(), kb) * scale
+        q_pos = (L - n) + torch.arange(n)
+        scores = scores.masked_fill(t[None, None, :] > q_pos[None, :, None], float("-inf"))
+        out[s:s + n] = torch.einsum("hnl,lhd->nhd", scores.softmax(-1), vb).to(q.dtype)
+    return out
