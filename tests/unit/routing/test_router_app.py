@@ -170,6 +170,36 @@ def test_error_without_retry_is_clear(make_router, workers):
     assert "scripted failure" in r.json()["error"]["message"]
 
 
+def test_worker_stream_ending_aborted_is_an_error_never_an_empty_success(make_router, workers):
+    app = make_router(workers[:1], request_retries=0)
+    workers[0].servicer.end_aborted = True
+    body = {"model": app.model_name, "prompt": "x", "max_tokens": 3}
+    r = httpx.post(url(app, "/v1/completions"), json=body)
+    assert r.status_code == 500 and "aborted the request" in r.json()["error"]["message"]
+    r = httpx.post(url(app, "/v1/completions"), json={**body, "stream": True})
+    assert r.status_code == 500 and "aborted the request" in r.json()["error"]["message"]
+    server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(8))
+    app.add_to_server(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch, pytest.raises(grpc.RpcError) as failed:
+            list(router_pb2_grpc.RouterStub(ch).Generate(router_pb2.RouterGenerateRequest(
+                text="x", sampling=common_pb2.SamplingParams(max_tokens=3)), timeout=10))
+        assert failed.value.code() == grpc.StatusCode.ABORTED
+    finally:
+        server.stop(0)
+
+
+def test_worker_stream_ending_aborted_is_retried_on_another_worker(make_router, workers):
+    app = make_router(workers, routing_policy="round_robin")
+    workers[0].servicer.end_aborted = True
+    for _ in range(4):
+        r = httpx.post(url(app, "/v1/completions"), json={"model": app.model_name, "prompt": "x", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
+    assert workers[0].servicer.requests and len(workers[1].servicer.requests) == 4
+
+
 def test_client_disconnect_cancels_worker_call(make_router, hf_tokenizer):
     slow = FakeWorker(hf_tokenizer(REPLY)["input_ids"] * 10, delay=0.05)
     try:
