@@ -23,7 +23,7 @@ def make_router(tiny_model_dir):
 
     def make(workers, **kw):
         cfg = RouterConfig(model_path=tiny_model_dir, workers=[w.address for w in workers], http_port=0,
-                           health_check_interval=0.1, **kw)
+                           **{"health_check_interval": 0.1, **kw})
         app = build_router(cfg)
         app.start()
         made.append(app)
@@ -168,6 +168,24 @@ def test_error_without_retry_is_clear(make_router, workers):
     r = httpx.post(url(app, "/v1/completions"), json={"model": app.model_name, "prompt": "x", "max_tokens": 3})
     assert r.status_code == 503
     assert "scripted failure" in r.json()["error"]["message"]
+
+
+def test_request_failure_ejects_a_worker_only_when_it_is_unreachable(make_router, workers):
+    # Health checks run once at start, then not again during the test: what happens to the
+    # rotation here is the request path's doing.
+    app = make_router(workers[:1], request_retries=0, health_check_interval=3600)
+    body = {"model": app.model_name, "prompt": "x", "max_tokens": 3}
+    workers[0].servicer.fail_code = grpc.StatusCode.UNAVAILABLE  # this request failed; the worker is fine
+    for _ in range(2):
+        r = httpx.post(url(app, "/v1/completions"), json=body)
+        assert r.status_code == 503 and "scripted failure" in r.json()["error"]["message"], r.text
+        assert app.core.pool.healthy()
+    workers[0].stop()  # now the worker itself is gone
+    r = httpx.post(url(app, "/v1/completions"), json=body)
+    assert r.status_code == 503
+    assert not app.core.pool.healthy()
+    r = httpx.post(url(app, "/v1/completions"), json=body)
+    assert r.status_code == 503 and "no healthy worker" in r.json()["error"]["message"]
 
 
 def test_worker_stream_ending_aborted_is_an_error_never_an_empty_success(make_router, workers):

@@ -197,7 +197,10 @@ class RouterCore:
                 code = e.code()
                 self.metrics.worker_errors.labels(self.model_name, worker.worker_id, code.name).inc()
                 if code == grpc.StatusCode.UNAVAILABLE:
-                    self.pool.mark_unhealthy(worker, f"Generate failed: {e.details()}")
+                    # Ask the worker now: one that cannot be reached goes out of rotation at
+                    # once; one that answers SERVING stays (the failure was this request's, e.g.
+                    # its remote prefill), instead of failing every request until the next check.
+                    await self.pool.check(worker)
                 error = RouterError(code, f"worker {worker.worker_id}: {e.details() or code.name}")
                 retryable = code in RETRYABLE
             finally:
