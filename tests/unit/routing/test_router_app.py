@@ -6,6 +6,7 @@ import json
 
 import grpc
 import httpx
+import openai
 import pytest
 from routing_fake_worker import FakeWorker
 from tandem.config import RouterConfig
@@ -91,7 +92,6 @@ def test_stop_string_cancels_worker(make_router, workers):
 
 
 def test_openai_client_and_logprobs(make_router, workers):
-    openai = pytest.importorskip("openai")
     app = make_router(workers)
     client = openai.OpenAI(base_url=url(app, "/v1"), api_key="unused")
     assert [m.id for m in client.models.list().data] == [app.model_name]

@@ -19,13 +19,9 @@ from tandem.transfer import (
     make_receiver,
     make_sender,
 )
+from tandem.transfer.nixl_backend import parse_notif
 from tandem.v1 import common_pb2
 from transfer_helpers import decode_process, make_buffers, page_bytes, random_page_map
-
-if available_backends()["nixl"]:
-    pytest.skip(available_backends()["nixl"], allow_module_level=True)
-
-from tandem.transfer.nixl_backend import parse_notif  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 _n = iter(range(10**6))
