@@ -6,7 +6,7 @@ MODEL ?=
 PREFILL ?= 1
 DECODE ?= 1
 
-.PHONY: setup codegen test test-fast lint demo-models deploy-local stop-local pants package bench clean
+.PHONY: setup codegen test test-tools test-fresh test-fast lint demo-models deploy-local stop-local pants package bench clean
 
 setup:  ## create .venv, install pinned deps, generate protobuf code (idempotent)
 	@build-support/setup.sh
@@ -17,9 +17,16 @@ codegen:
 demo-models: setup  ## build the small demo checkpoints into models/ (offline, deterministic)
 	@$(PY) -m tandem.engine.demo_models --out models
 
-test: setup demo-models  ## the whole test suite, then a Pants smoke build
-	$(PY) -m pytest -q tests
+test: setup demo-models test-tools  ## the whole test suite (slow tests too), the 15 slowest, then a Pants smoke build
+	$(PY) -m pytest -q -rs --durations=15 tests
 	@build-support/pants-smoke.sh
+
+test-tools:  ## the Debian tools tests run: Prometheus + promtool, etcd (installed when missing)
+	@build-support/install-prometheus.sh
+	@build-support/install-etcd.sh
+
+test-fresh:  ## `make test` in a fresh clone of HEAD with a scrubbed environment (new HOME, no caches)
+	@build-support/test-fresh.sh
 
 test-fast: setup
 	$(PY) -m pytest -q -x tests/unit

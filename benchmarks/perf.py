@@ -163,7 +163,8 @@ def sweep_mode(args, mode: str, index: int, out: Path, bar: tqdm, info: dict) ->
                                       osl=args.osl)
             rows.append(row)
             log(f"[{mode}] c={c}: TTFT p50 {row['ttft_p50_ms']} ms, ITL p50 {row['itl_p50_ms']} ms, "
-                f"{row['output_token_throughput_tps']} tok/s, ok {row['requests_ok']} failed {row['requests_failed']}")
+                f"{row['output_token_throughput_tps']} tok/s, ok {row['requests_ok']} failed {row['requests_failed']} "
+                f"(warmup failed {row['warmup_failed']})")
             bar.update(1)
     finally:
         if stack_cm is not None:
@@ -226,7 +227,7 @@ def print_table(rows: list[dict]) -> None:
             ("TTFT p99", "ttft_p99_ms", "{:.1f}"), ("ITL p50", "itl_p50_ms", "{:.2f}"),
             ("ITL p99", "itl_p99_ms", "{:.2f}"), ("req/s", "request_throughput_rps", "{:.2f}"),
             ("tok/s", "output_token_throughput_tps", "{:.1f}"), ("tok/s/user", "tokens_per_s_per_user", "{:.1f}"),
-            ("tok/s/worker", "tokens_per_s_per_worker", "{:.1f}"), ("fail", "requests_failed", "{}")]
+            ("tok/s/worker", "tokens_per_s_per_worker", "{:.1f}"), ("fail", "requests_failed", "{}"), ("warmup fail", "warmup_failed", "{}")]
     print(" | ".join(h for h, _, _ in cols))
     for r in rows:
         print(" | ".join("-" if r.get(k) is None else f.format(r[k]) for _, k, f in cols))

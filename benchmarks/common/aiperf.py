@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 
 EXPORT_JSON = "profile_export_aiperf.json"
+RECORDS_JSONL = "profile_export.jsonl"  # one record per request, warmup included
+NO_CONTENT = "response without content"
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
@@ -94,17 +96,39 @@ def _scalar(d: dict | None) -> float | None:
     return None if not d else d.get("avg")
 
 
-def read_export(artifact_dir: Path) -> dict:
-    """Normalize aiperf's profile_export_aiperf.json (+ phase_manifest.json) into level metrics.
+def record_failure(record: dict) -> str | None:
+    """Why one of aiperf's per-request records failed; None when it returned content. A
+    response without any output token is a failure even when aiperf raised no error for it."""
+    err = record.get("error")
+    if err:
+        return str(err.get("message", err) if isinstance(err, dict) else err)[:300]
+    tokens = ((record.get("metrics") or {}).get("output_token_count") or {}).get("value") or 0
+    return None if tokens > 0 else NO_CONTENT
 
-    Keys: ttft_ms, itl_ms, request_latency_ms, output_tps_per_user (percentile dicts),
-    request_throughput, output_token_throughput, input_token_throughput, isl_avg, osl_avg,
-    benchmark_duration_s, requests_ok, requests_failed, errors (list of {count, message}).
-    """
-    artifact_dir = Path(artifact_dir)
-    data = json.loads((artifact_dir / EXPORT_JSON).read_text())
+
+def count_records(path: Path) -> dict[str, dict]:
+    """Per phase kind ("warmup", "profiling"): {"ok", "failed", "errors": {message: count}}."""
+    phases: dict[str, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        kind = (record.get("metadata") or {}).get("benchmark_phase", "profiling")
+        phase = phases.setdefault(kind, {"ok": 0, "failed": 0, "errors": {}})
+        why = record_failure(record)
+        if why is None:
+            phase["ok"] += 1
+        else:
+            phase["failed"] += 1
+            phase["errors"][why] = phase["errors"].get(why, 0) + 1
+    return phases
+
+
+def _counts_from_summary(artifact_dir: Path, data: dict) -> tuple[int, int, int, list]:
+    """(ok, failed, warmup_failed, errors) from the summary and phase manifest, for exports
+    without per-request records."""
     ok = _scalar(data.get("request_count"))
-    failed = 0
+    failed = warmup_failed = 0
     errors = []
     manifest = artifact_dir / "phase_manifest.json"
     if manifest.exists():
@@ -112,11 +136,36 @@ def read_export(artifact_dir: Path) -> dict:
             if ph.get("phase_kind") == "profiling":
                 ok = ph.get("successful_request_count", ok)
                 failed = ph.get("error_request_count", 0) or 0
+            elif ph.get("phase_kind") == "warmup":
+                warmup_failed = ph.get("error_request_count", 0) or 0
     for e in data.get("error_summary") or []:
         det = e.get("error_details") or {}
         errors.append({"count": e.get("count"), "message": str(det.get("message", det))[:300]})
     if not failed and errors:
         failed = sum(e["count"] or 0 for e in errors)
+    return int(ok or 0), int(failed), int(warmup_failed), errors
+
+
+def read_export(artifact_dir: Path) -> dict:
+    """Normalize aiperf's profile_export_aiperf.json (+ its per-request records, or the phase
+    manifest) into level metrics.
+
+    Keys: ttft_ms, itl_ms, request_latency_ms, output_tps_per_user (percentile dicts),
+    request_throughput, output_token_throughput, input_token_throughput, isl_avg, osl_avg,
+    benchmark_duration_s, requests_ok, requests_failed, warmup_failed, errors (list of
+    {count, message}). Counts come from the per-request records when aiperf wrote them, so
+    that a request without content counts as failed whatever aiperf made of it.
+    """
+    artifact_dir = Path(artifact_dir)
+    data = json.loads((artifact_dir / EXPORT_JSON).read_text())
+    if (artifact_dir / RECORDS_JSONL).exists():
+        phases = count_records(artifact_dir / RECORDS_JSONL)
+        profiling = phases.get("profiling", {"ok": 0, "failed": 0, "errors": {}})
+        ok, failed = profiling["ok"], profiling["failed"]
+        warmup_failed = phases.get("warmup", {}).get("failed", 0)
+        errors = [{"count": c, "message": m} for m, c in profiling["errors"].items()]
+    else:
+        ok, failed, warmup_failed, errors = _counts_from_summary(artifact_dir, data)
     return {
         "client": "aiperf",
         "ttft_ms": _stats(data.get("time_to_first_token")),
@@ -129,7 +178,8 @@ def read_export(artifact_dir: Path) -> dict:
         "isl_avg": _scalar(data.get("input_sequence_length")),
         "osl_avg": _scalar(data.get("output_sequence_length")),
         "benchmark_duration_s": _scalar(data.get("benchmark_duration")),
-        "requests_ok": int(ok or 0),
-        "requests_failed": int(failed),
+        "requests_ok": ok,
+        "requests_failed": failed,
+        "warmup_failed": warmup_failed,
         "errors": errors,
     }

@@ -79,7 +79,7 @@ class RequestRecord:
     chunk_times: list[float] = field(default_factory=list, repr=False)
 
 
-async def _one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, isl: int, osl: int,
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, isl: int, osl: int,
                        warmup: bool) -> RequestRecord:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "stream": True,
             "max_tokens": osl, "min_tokens": osl, "ignore_eos": True,
@@ -121,7 +121,8 @@ async def _one_request(client: httpx.AsyncClient, url: str, model: str, prompt: 
 
 async def run_level(url: str, model: str, prompts: PromptFactory, *, isl: int, osl: int, concurrency: int,
                     request_count: int, warmup_count: int, timeout: float = 600.0) -> list[RequestRecord]:
-    """Warmup requests, then `request_count` requests with at most `concurrency` in flight."""
+    """Warmup requests, then `request_count` requests with at most `concurrency` in flight;
+    the records of both (warmup ones flagged)."""
     if concurrency < 1 or request_count < 1 or warmup_count < 0:
         raise ValueError("need concurrency >= 1, request_count >= 1, warmup_count >= 0")
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
@@ -135,14 +136,13 @@ async def run_level(url: str, model: str, prompts: PromptFactory, *, isl: int, o
 
             async def user() -> None:
                 while not queue.empty():
-                    out.append(await _one_request(client, url, model, queue.get_nowait(), isl, osl, warmup))
+                    out.append(await one_request(client, url, model, queue.get_nowait(), isl, osl, warmup))
 
             await asyncio.gather(*(user() for _ in range(min(concurrency, n))))
             return out
 
-        if warmup_count:
-            await phase(warmup_count, True)
-        return await phase(request_count, False)
+        warmup = await phase(warmup_count, True) if warmup_count else []
+        return warmup + await phase(request_count, False)
 
 
 def _stats(values: list[float]) -> dict | None:
@@ -153,8 +153,10 @@ def _stats(values: list[float]) -> dict | None:
             "p99": float(np.percentile(a, 99)), "min": float(a.min()), "max": float(a.max())}
 
 
-def summarize(records: list[RequestRecord]) -> dict:
-    """Level metrics in the same normalized shape as aiperf.read_export()."""
+def summarize(all_records: list[RequestRecord]) -> dict:
+    """Level metrics in the same normalized shape as aiperf.read_export(); the measured
+    requests only, plus how many warmup requests failed."""
+    records = [r for r in all_records if not r.warmup]
     ok = [r for r in records if r.error is None]
     failed = [r for r in records if r.error is not None]
     errors: dict[str, int] = {}
@@ -185,6 +187,7 @@ def summarize(records: list[RequestRecord]) -> dict:
         "benchmark_duration_s": window,
         "requests_ok": len(ok),
         "requests_failed": len(failed),
+        "warmup_failed": sum(1 for r in all_records if r.warmup and r.error is not None),
         "errors": [{"count": c, "message": m} for m, c in errors.items()],
     }
 

@@ -7,7 +7,7 @@ from benchmarks.common import aiperf, loadgen
 
 SUMMARY_FIELDS = [
     "mode", "concurrency", "num_workers", "isl", "osl", "client", "requests_ok", "requests_failed",
-    "ttft_p50_ms", "ttft_p99_ms", "ttft_avg_ms", "itl_p50_ms", "itl_p99_ms", "itl_avg_ms",
+    "warmup_failed", "ttft_p50_ms", "ttft_p99_ms", "ttft_avg_ms", "itl_p50_ms", "itl_p99_ms", "itl_avg_ms",
     "request_latency_p50_ms", "request_throughput_rps", "output_token_throughput_tps",
     "tokens_per_s_per_user", "tokens_per_s_per_worker", "benchmark_duration_s", "load_avg_1m",
 ]
@@ -37,6 +37,7 @@ def summary_row(level: dict, *, mode: str, concurrency: int, num_workers: int, i
         "mode": mode, "concurrency": concurrency, "num_workers": num_workers, "isl": isl, "osl": osl,
         "client": level.get("client"),
         "requests_ok": level.get("requests_ok"), "requests_failed": level.get("requests_failed"),
+        "warmup_failed": level.get("warmup_failed"),
         "ttft_p50_ms": _get(level.get("ttft_ms"), "p50"), "ttft_p99_ms": _get(level.get("ttft_ms"), "p99"),
         "ttft_avg_ms": _get(level.get("ttft_ms"), "avg"),
         "itl_p50_ms": _get(level.get("itl_ms"), "p50"), "itl_p99_ms": _get(level.get("itl_ms"), "p99"),

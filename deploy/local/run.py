@@ -10,7 +10,14 @@ import signal
 import sys
 import time
 
-from deploy.local.stack import DEFAULT_RUN_DIR, DEFAULT_STACK, Stack, load_stack_config, stop_from_pidfile
+from deploy.local.stack import (
+    DEFAULT_RUN_DIR,
+    DEFAULT_STACK,
+    PrometheusMissing,
+    Stack,
+    load_stack_config,
+    stop_from_pidfile,
+)
 
 
 class Progress:
@@ -49,10 +56,10 @@ def banner(stack: Stack) -> str:
              f"  OpenAI endpoint   {url}"]
     for s in stack.specs:
         lines.append(f"  {s.name:<17} grpc {s.grpc}   metrics http://{s.system}/metrics")
-    if any(rp.spec.kind == "prometheus" for rp in stack.running):
+    if stack.prometheus:
         lines.append(f"  Prometheus        {stack.prometheus_url}")
     else:
-        lines.append("  Prometheus        not started (binary not found; run build-support/install-prometheus.sh)")
+        lines.append("  Prometheus        not started (--no-prometheus)")
     lines += [
         "", "Try it:",
         f"  curl -s {url}/chat/completions -H 'Content-Type: application/json' \\",
@@ -84,8 +91,11 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"deploy-local: {exc}", file=sys.stderr)
         return 2
-    stack = Stack(cfg, args.run_dir, with_prometheus=not args.no_prometheus)
-    names = [s.name for s in stack.specs] + (["prometheus"] if stack._prometheus_spec() else [])
+    try:
+        stack = Stack(cfg, args.run_dir, with_prometheus=not args.no_prometheus)
+    except PrometheusMissing as exc:
+        print(f"deploy-local: {exc}", file=sys.stderr)
+        return 2
     t0 = time.monotonic()
 
     def on_signal(signum, _frame):
@@ -93,7 +103,7 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        stack.start(Progress(names))
+        stack.start(Progress(stack.process_names))
         print(f"\nall healthy in {time.monotonic() - t0:.1f}s")
         print(banner(stack), flush=True)
         if args.exit_when_ready:

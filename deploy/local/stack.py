@@ -26,6 +26,19 @@ DEFAULT_STACK = Path(__file__).with_name("stack.yaml")
 DEFAULT_RUN_DIR = REPO / ".run" / "deploy-local"
 
 
+class PrometheusMissing(RuntimeError):
+    """The full stack (with Prometheus) was asked for, but Prometheus is not installed."""
+
+
+def prometheus_binary() -> str:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise PrometheusMissing("Prometheus is not installed (no `prometheus` on PATH): run "
+                                "build-support/install-prometheus.sh (`make deploy-local` does), "
+                                "or start the stack without it (--no-prometheus)")
+    return binary
+
+
 @dataclass
 class ProcessSpec:
     name: str  # e.g. "prefill-0"
@@ -140,7 +153,8 @@ class Stack:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.specs = plan_stack(cfg)
-        self.with_prometheus = with_prometheus
+        # Checked before anything starts: the full stack never comes up without its Prometheus.
+        self.prometheus = prometheus_binary() if with_prometheus else None
         self.running: list[RunningProcess] = []
 
     @property
@@ -166,15 +180,18 @@ class Stack:
             render_prometheus_yml(self.specs, self.cfg.get("scrape_interval", "5s")))
         (self.run_dir / "stack.json").write_text(json.dumps(self.cfg, indent=2))
 
+    @property
+    def process_names(self) -> list[str]:
+        return [s.name for s in self.specs] + (["prometheus"] if self.prometheus else [])
+
     def _prometheus_spec(self) -> ProcessSpec | None:
-        binary = shutil.which("prometheus")
-        if not (self.with_prometheus and binary):
+        if self.prometheus is None:
             return None
         data = self.run_dir / "prometheus-data"
         data.mkdir(parents=True, exist_ok=True)
         addr = f"{self.cfg['host']}:{self.cfg['ports']['prometheus']}"
         return ProcessSpec("prometheus", "prometheus", [
-            binary, f"--config.file={self.run_dir / 'config' / 'prometheus.yml'}",
+            self.prometheus, f"--config.file={self.run_dir / 'config' / 'prometheus.yml'}",
             f"--storage.tsdb.path={data}", f"--web.listen-address={addr}"], system=addr)
 
     def start(self, progress: Callable[[str, str], None] | None = None, timeout: float = 180.0) -> None:

@@ -2,11 +2,13 @@
 parsing, the built-in client's metric definitions, summary rows, plots, argument handling."""
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from benchmarks import perf
@@ -57,6 +59,42 @@ def test_aiperf_export_to_summary_row(tmp_path):
     assert row["tokens_per_s_per_worker"] == 40.0 and row["tokens_per_s_per_user"] == 150.0
     with pytest.raises(ValueError, match="num_workers"):
         metrics.summary_row(level, mode="agg", concurrency=1, num_workers=0, isl=1, osl=2)
+
+
+def test_aiperf_records_count_a_response_without_content_as_failed(tmp_path):
+    d = write_aiperf_export(tmp_path / "-concurrency2", ok=3, failed=0)  # aiperf's summary says: no failure
+
+    def record(phase, tokens=8, error=None):
+        r = {"metadata": {"benchmark_phase": phase}, "metrics": {"output_token_count": {"value": tokens}}}
+        return {**r, "error": error} if error else r
+
+    records = [record("warmup"), record("warmup", tokens=0), record("profiling"), record("profiling"),
+               record("profiling", tokens=0), record("profiling", 0, {"type": "x", "message": "HTTP 503"})]
+    (d / aiperf.RECORDS_JSONL).write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    level = aiperf.read_export(d)
+    assert (level["requests_ok"], level["requests_failed"], level["warmup_failed"]) == (2, 2, 1)
+    assert sorted(e["message"] for e in level["errors"]) == ["HTTP 503", aiperf.NO_CONTENT]
+
+
+def _sse_stream(*chunks) -> httpx.MockTransport:
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    return httpx.MockTransport(lambda _req: httpx.Response(200, text=body,
+                                                           headers={"content-type": "text/event-stream"}))
+
+
+def test_builtin_client_counts_a_stream_without_content_as_failed():
+    async def one(transport):
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await loadgen.one_request(client, "http://x/v1", "m", "hi", 4, 2, warmup=False)
+
+    empty = asyncio.run(one(_sse_stream({"choices": [{"delta": {"role": "assistant", "content": ""}}]},
+                                        {"choices": [{"delta": {}, "finish_reason": "abort"}]})))
+    assert empty.error == "no content chunk received"
+    full = asyncio.run(one(_sse_stream({"choices": [{"delta": {"content": "a"}}]},
+                                       {"choices": [{"delta": {"content": "b"}, "finish_reason": "length"}]})))
+    assert full.error is None and full.chunks == 2
+    s = loadgen.summarize([empty, full, loadgen.RequestRecord(start=0.0, end=0.1, error="HTTP 503", warmup=True)])
+    assert (s["requests_ok"], s["requests_failed"], s["warmup_failed"]) == (1, 1, 1)
 
 
 def test_builtin_summary_uses_aiperf_definitions():

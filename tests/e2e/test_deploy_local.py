@@ -140,3 +140,14 @@ def test_stop_local_stops_a_running_stack(tmp_path):
     assert "stopped:" in out.stdout
     proc.wait(60)  # the foreground run notices its children died and exits
     assert not [name for name, p in pids.items() if alive(p)]
+
+
+def test_full_stack_without_prometheus_installed_fails_plainly(tmp_path, monkeypatch, capsys):
+    from deploy.local import run
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no prometheus on PATH
+    stack = write_stack(tmp_path, "disagg")
+    assert run.main(["--stack", str(stack), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "Prometheus is not installed" in err and "install-prometheus.sh" in err
+    assert not (tmp_path / "run").exists(), "nothing may start without the Prometheus that was asked for"

@@ -4,16 +4,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import pytest
-from support.procs import REPO, ServiceProcess, start_service
-
-DENSE = REPO / "models" / "tandem-demo-dense"
-
-
-def need_demo_model() -> str:
-    if not (DENSE / "config.json").exists():
-        pytest.skip(f"demo model missing at {DENSE}: run `make demo-models`")
-    return str(DENSE)
+from support.procs import ServiceProcess, start_service
 
 
 def start_many(specs: list[tuple[str, list[str]]], timeout: float = 180.0) -> list[ServiceProcess]:

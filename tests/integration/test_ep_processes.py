@@ -7,19 +7,17 @@ using the same expert placement (the EP reduction only adds zeros).
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from tandem.engine import EngineCore, SamplingParams
-from tandem.engine.demo_models import SPECS, build_all, is_built
 from tandem.engine.expert_parallel import start_expert_parallel
 from tandem.eplb import rebalance_experts
 from tandem.eplb.engine_hook import EplbEngineHook
 from tandem.eplb.placement import ExpertLocation
 from tandem.eplb.recorder import ExpertDistributionRecorder
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.support.models import demo_model
+
 CFG = dict(max_total_tokens=4096, dtype="float32", device="cpu", chunked_prefill_size=40)
 PROMPTS = [
     "The GNU General Public License is a free, copyleft license for",
@@ -38,17 +36,14 @@ pytestmark = pytest.mark.timeout(300)
 # cpu: gloo, fp32 (always); cuda: NCCL on 2 GPUs in bf16 (skipped without them)
 DEVICES = [
     "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")),
+    pytest.param("cuda", marks=pytest.mark.requires_2_gpus),
 ]
 
 
 @pytest.fixture(scope="module")
 def moe_path():
     torch.set_num_threads(1)
-    path = os.path.join(REPO, "models", "tandem-demo-moe")
-    if not is_built(path, next(s for s in SPECS if s["name"] == "tandem-demo-moe")):
-        build_all(os.path.join(REPO, "models"), log=lambda *_: None)
-    return path
+    return demo_model("tandem-demo-moe")
 
 
 def generate(engine, at_step=None):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -33,14 +32,9 @@ from tandem.metrics import (
 )
 from tandem.metrics.prometheus_config import render_prometheus_config
 
+from tests.support.system_tools import ensure_tool
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-
-
-def _prometheus_binary():
-    if shutil.which("prometheus") is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["bash", os.path.join(ROOT, "build-support", "install-prometheus.sh")],
-                       capture_output=True, timeout=600)
-    return shutil.which("prometheus")
 
 
 def _free_port():
@@ -145,10 +139,7 @@ def targets(request):
 
 
 def test_real_prometheus_scrapes_engine_and_frontend_series(tmp_path, targets):
-    binary = _prometheus_binary()
-    if binary is None:
-        pytest.skip("prometheus binary not found and could not be installed "
-                    "(build-support/install-prometheus.sh needs root and apt)")
+    binary = ensure_tool("prometheus")
     config = tmp_path / "prometheus.yml"
     config.write_text(render_prometheus_config(targets, "1s"))
     port = _free_port()

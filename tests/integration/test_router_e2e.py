@@ -10,15 +10,15 @@ import signal
 import time
 
 import httpx
+import openai
 import pytest
 from tandem.config import RouterConfig
 from tandem.router.app import build_router
 
-from tests.integration.router_support import agg_worker_args, need_demo_model, start_many
+from tests.integration.router_support import agg_worker_args, start_many
 from tests.support.clients import load
+from tests.support.models import demo_model
 from tests.support.waiting import wait_for
-
-openai = pytest.importorskip("openai")
 
 # A small KV pool (32 pages of 16 tokens) so that a worker holds about two of the four
 # system prompts of the KV test: where requests land decides what stays cached.
@@ -31,7 +31,7 @@ MAX_TOKENS = 24
 
 
 def make_router(addresses, **kw):
-    cfg = RouterConfig(model_path=need_demo_model(), workers=list(addresses), http_port=0,
+    cfg = RouterConfig(model_path=demo_model(), workers=list(addresses), http_port=0,
                        health_check_interval=0.2, **kw)
     app = build_router(cfg)
     app.start()
@@ -41,7 +41,7 @@ def make_router(addresses, **kw):
 
 @pytest.fixture(scope="module")
 def agg_workers():
-    model = need_demo_model()
+    model = demo_model()
     procs = start_many([("tandem.decode", agg_worker_args(model, *POOL))] * 2)
     yield procs
     for p in procs:
@@ -54,7 +54,7 @@ def reference():
     from tandem.engine import LLM, SamplingParams
     from transformers import AutoTokenizer
 
-    model = need_demo_model()
+    model = demo_model()
     llm = LLM(model, page_size=16)
     tok = AutoTokenizer.from_pretrained(model)
     sp = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
@@ -77,7 +77,7 @@ def openai_stack(request, agg_workers):
     if request.param == "agg":
         addresses = [p.grpc_address for p in agg_workers[:2]]
     else:
-        model = need_demo_model()
+        model = demo_model()
         common = ["--model-path", model, "--log-level", "warning", "--disaggregation-transfer-backend", "grpc"]
         (prefill,) = start_many([("tandem.prefill", common)])
         (decode,) = start_many([("tandem.decode", [*common, "--disaggregation-mode", "decode",
@@ -180,7 +180,7 @@ def test_client_disconnect_stops_generation(agg_workers):
 
 @pytest.fixture
 def victim():
-    (proc,) = start_many([("tandem.decode", agg_worker_args(need_demo_model(), *POOL))])
+    (proc,) = start_many([("tandem.decode", agg_worker_args(demo_model(), *POOL))])
     yield proc
     proc.stop()
 

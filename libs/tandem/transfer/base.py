@@ -192,7 +192,13 @@ class KvReceiver:
         peer: str | None = None,
     ) -> None:
         """Declare that ``room`` will fill ``page_indices`` and ``aux_slot`` (state
-        WaitingForInput). ``peer``: the prefill agent allowed to write it (nixl)."""
+        WaitingForInput). ``peer``: the prefill agent allowed to write it (nixl).
+
+        Never writes the pages or the aux slot: decode hands the allocation to prefill
+        before it learns the room (one round trip), so prefill's WRITEs, and their
+        notifications, may all have landed before this call. Clearing the slot is its
+        owner's job, before handing it out (the engine zeroes a slot when it allocates and
+        when it frees one); the row's room id tells a stale row from this room's."""
         pages = validate_pages(page_indices, self.buffers.num_pages, "decode page")
         if not 0 <= aux_slot < self.buffers.num_aux_slots:
             raise ValueError(
@@ -212,8 +218,6 @@ class KvReceiver:
         r.pages, r.aux_slot, r.peer = pages, aux_slot, peer
         if num_chunks is not None:
             r.num_chunks = num_chunks
-        # Clear the slot so a stale row of an earlier request is never taken for this one.
-        self.buffers.aux[aux_slot].zero_()
         self._on_expect(r)
 
     def poll(self, room: int) -> KVPoll:

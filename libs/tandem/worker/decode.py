@@ -103,6 +103,10 @@ class DecodeWorker:
             if not is_active():
                 stream.cancel()
                 return
+            if out.finished and out.finish_reason == "abort" and not out.error:
+                # Nobody here asked for it (a cancelled client is handled above): never let a
+                # request end as a success with whatever it had streamed so far.
+                raise RequestFailed(grpc.StatusCode.ABORTED, f"request {rid} was aborted before it finished")
             yield chunk_from_output(out, rid, want_lp)
 
     def _submit_local(self, rid: str, ids: list[int], sp: SamplingParams) -> RequestStream:
@@ -128,8 +132,12 @@ class DecodeWorker:
             if attempt:
                 self.counters.retries += 1
                 log.warning("request %s: retrying prefill on %s after: %s", rid, peer.address, last)
+            # Each attempt is its own engine request: the failed attempt's abort leaves a final
+            # output for the engine loop to deliver, and under the same id it would end the
+            # retry's stream, empty.
+            attempt_rid = rid if attempt == 0 else f"{rid}#retry{attempt}"
             try:
-                outcome = self._prefill_on(peer, rid, ids, sp, is_active)
+                outcome = self._prefill_on(peer, attempt_rid, ids, sp, is_active)
             except RemotePrefillError as exc:
                 self.counters.remote_failures += 1
                 peer.failures += 1
@@ -140,10 +148,10 @@ class DecodeWorker:
             peer.failures = 0
             self.counters.remote_prefills += 1
             try:
-                return self.loop.activate_external(rid, outcome.first_token_id, outcome.logprob,
+                return self.loop.activate_external(attempt_rid, outcome.first_token_id, outcome.logprob,
                                                    outcome.cached_tokens)
             except ValueError as exc:
-                self.loop.abort(rid)
+                self.loop.abort(attempt_rid)
                 raise RequestFailed(grpc.StatusCode.INTERNAL, f"activating {rid} failed: {exc}") from None
         assert last is not None
         raise RequestFailed(last.status, f"remote prefill failed after {len(tried)} worker(s): {last.message}")

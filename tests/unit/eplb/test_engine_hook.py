@@ -3,12 +3,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tandem.engine import model as model_mod
 from tandem.eplb import rebalance_experts
 from tandem.eplb.engine_hook import EplbEngineHook
 from tandem.eplb.placement import ExpertLocation
 from tandem.eplb.recorder import ExpertDistributionRecorder
-
-model_mod = pytest.importorskip("tandem.engine.model")
 
 E, H, INTER, K = 8, 16, 8, 2
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -13,15 +12,14 @@ import yaml
 from tandem.metrics.definitions import all_specs
 from tandem.metrics.prometheus_config import DEFAULT_TARGETS, main, render_prometheus_config
 
+from tests.support.system_tools import ensure_tool
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 OBS = os.path.join(ROOT, "deploy", "observability")
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool not installed (run build-support/install-prometheus.sh)")
 
 
 def _promtool(*args):
-    return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([ensure_tool("promtool"), *args], capture_output=True, text=True, timeout=60)
 
 
 def test_render_structure():
@@ -53,7 +51,6 @@ def test_checked_in_prometheus_yml_is_the_generated_default():
         assert f.read() == render_prometheus_config(DEFAULT_TARGETS, "10s")
 
 
-@needs_promtool
 def test_promtool_accepts_generated_and_checked_in(tmp_path):
     out = tmp_path / "prometheus.yml"
     assert main(["--job", "router=127.0.0.1:8051", "--job", "decode=127.0.0.1:8071,127.0.0.1:8072",
@@ -97,7 +94,6 @@ def test_dashboard_is_current_and_references_only_known_metrics():
             assert re.search(r"sum by \(le\) \(rate\([a-z0-9_:]+_bucket\{", expr), expr
 
 
-@needs_promtool
 def test_dashboard_promql_parses(tmp_path):
     """Every panel query as a recording rule: `promtool check rules` parses the PromQL."""
     rules = []

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.support.system_tools import ensure_tool
 
 
 def _free_port() -> int:
@@ -19,24 +18,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def ensure_etcd() -> str:
-    """Path of the etcd binary, installing it with build-support/install-etcd.sh if missing.
-    Raises RuntimeError with the installer's output when that fails."""
-    path = shutil.which("etcd")
-    if path:
-        return path
-    res = subprocess.run(["bash", str(REPO / "build-support" / "install-etcd.sh")], capture_output=True, text=True,
-                         timeout=600)
-    path = shutil.which("etcd")
-    if res.returncode != 0 or not path:
-        raise RuntimeError(f"etcd cannot be installed (install-etcd.sh exit {res.returncode}): "
-                           f"{(res.stderr or res.stdout).strip()[-500:]}")
-    return path
-
-
 class EtcdServer:
     def __init__(self, data_dir: str) -> None:
-        binary = ensure_etcd()
+        binary = ensure_tool("etcd")
         self.client_port, peer = _free_port(), _free_port()
         self.endpoint = f"http://127.0.0.1:{self.client_port}"
         self.log_path = os.path.join(data_dir, "etcd.log")

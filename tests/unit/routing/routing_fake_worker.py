@@ -20,6 +20,7 @@ class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
         self.block_size = block_size
         self.delay = delay
         self.fail_code = None  # abort Generate with this code before any output
+        self.end_aborted = False  # end the stream at once with finish_reason ABORT and no tokens
         self.requests = []
         self.cancelled = []
         self.finished = []
@@ -40,6 +41,10 @@ class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
                 self._events.append(common_pb2.KvEvent(stored=common_pb2.BlockStored(
                     block_hashes=hashes, token_ids=request.input_ids[:n], block_size=self.block_size)))
                 self._cv.notify_all()
+        if self.end_aborted:
+            self.finished.append(request.request_id)
+            yield common_pb2.TokenChunk(request_id=request.request_id, finish_reason=common_pb2.FINISH_REASON_ABORT)
+            return
         n = min(request.sampling.max_tokens, len(self.reply_ids))
         for i in range(n):
             if self.delay:

@@ -6,6 +6,7 @@ import json
 
 import grpc
 import httpx
+import openai
 import pytest
 from routing_fake_worker import FakeWorker
 from tandem.config import RouterConfig
@@ -23,7 +24,7 @@ def make_router(tiny_model_dir):
 
     def make(workers, **kw):
         cfg = RouterConfig(model_path=tiny_model_dir, workers=[w.address for w in workers], http_port=0,
-                           health_check_interval=0.1, **kw)
+                           **{"health_check_interval": 0.1, **kw})
         app = build_router(cfg)
         app.start()
         made.append(app)
@@ -91,7 +92,6 @@ def test_stop_string_cancels_worker(make_router, workers):
 
 
 def test_openai_client_and_logprobs(make_router, workers):
-    openai = pytest.importorskip("openai")
     app = make_router(workers)
     client = openai.OpenAI(base_url=url(app, "/v1"), api_key="unused")
     assert [m.id for m in client.models.list().data] == [app.model_name]
@@ -168,6 +168,54 @@ def test_error_without_retry_is_clear(make_router, workers):
     r = httpx.post(url(app, "/v1/completions"), json={"model": app.model_name, "prompt": "x", "max_tokens": 3})
     assert r.status_code == 503
     assert "scripted failure" in r.json()["error"]["message"]
+
+
+def test_request_failure_ejects_a_worker_only_when_it_is_unreachable(make_router, workers):
+    # Health checks run once at start, then not again during the test: what happens to the
+    # rotation here is the request path's doing.
+    app = make_router(workers[:1], request_retries=0, health_check_interval=3600)
+    body = {"model": app.model_name, "prompt": "x", "max_tokens": 3}
+    workers[0].servicer.fail_code = grpc.StatusCode.UNAVAILABLE  # this request failed; the worker is fine
+    for _ in range(2):
+        r = httpx.post(url(app, "/v1/completions"), json=body)
+        assert r.status_code == 503 and "scripted failure" in r.json()["error"]["message"], r.text
+        assert app.core.pool.healthy()
+    workers[0].stop()  # now the worker itself is gone
+    r = httpx.post(url(app, "/v1/completions"), json=body)
+    assert r.status_code == 503
+    assert not app.core.pool.healthy()
+    r = httpx.post(url(app, "/v1/completions"), json=body)
+    assert r.status_code == 503 and "no healthy worker" in r.json()["error"]["message"]
+
+
+def test_worker_stream_ending_aborted_is_an_error_never_an_empty_success(make_router, workers):
+    app = make_router(workers[:1], request_retries=0)
+    workers[0].servicer.end_aborted = True
+    body = {"model": app.model_name, "prompt": "x", "max_tokens": 3}
+    r = httpx.post(url(app, "/v1/completions"), json=body)
+    assert r.status_code == 500 and "aborted the request" in r.json()["error"]["message"]
+    r = httpx.post(url(app, "/v1/completions"), json={**body, "stream": True})
+    assert r.status_code == 500 and "aborted the request" in r.json()["error"]["message"]
+    server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(8))
+    app.add_to_server(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch, pytest.raises(grpc.RpcError) as failed:
+            list(router_pb2_grpc.RouterStub(ch).Generate(router_pb2.RouterGenerateRequest(
+                text="x", sampling=common_pb2.SamplingParams(max_tokens=3)), timeout=10))
+        assert failed.value.code() == grpc.StatusCode.ABORTED
+    finally:
+        server.stop(0)
+
+
+def test_worker_stream_ending_aborted_is_retried_on_another_worker(make_router, workers):
+    app = make_router(workers, routing_policy="round_robin")
+    workers[0].servicer.end_aborted = True
+    for _ in range(4):
+        r = httpx.post(url(app, "/v1/completions"), json={"model": app.model_name, "prompt": "x", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
+    assert workers[0].servicer.requests and len(workers[1].servicer.requests) == 4
 
 
 def test_client_disconnect_cancels_worker_call(make_router, hf_tokenizer):

@@ -70,6 +70,19 @@ class Delta:
     usage: common_pb2.Usage | None = None
 
 
+def failed_chunk(chunk: common_pb2.TokenChunk, worker_id: str) -> tuple[RouterError, bool] | None:
+    """The error a worker's chunk ends the request with, and whether another worker may
+    succeed; None for a chunk that is output. An abort the router did not ask for (it
+    cancels the call instead) is a failure: a request never ends as an empty success."""
+    if chunk.finish_reason == common_pb2.FINISH_REASON_ERROR:
+        e = chunk.error
+        return RouterError(grpc.StatusCode.UNAVAILABLE if e.retryable else grpc.StatusCode.INTERNAL,
+                           f"worker {worker_id}: {e.code}: {e.message}"), e.retryable
+    if chunk.finish_reason == common_pb2.FINISH_REASON_ABORT:
+        return RouterError(grpc.StatusCode.ABORTED, f"worker {worker_id} aborted the request"), True
+    return None
+
+
 def static_worker_infos(addresses: list[str]) -> dict[str, common_pb2.WorkerInfo]:
     return {a: common_pb2.WorkerInfo(worker_id=a, address=a, role="agg") for a in addresses}
 
@@ -168,11 +181,9 @@ class RouterCore:
             retryable = False
             try:
                 async for chunk in call:
-                    if chunk.finish_reason == common_pb2.FINISH_REASON_ERROR:
-                        e = chunk.error
-                        error = RouterError(grpc.StatusCode.UNAVAILABLE if e.retryable else grpc.StatusCode.INTERNAL,
-                                            f"worker {worker.worker_id}: {e.code}: {e.message}")
-                        retryable = e.retryable
+                    failure = failed_chunk(chunk, worker.worker_id)
+                    if failure is not None:
+                        error, retryable = failure
                         break
                     streamed = True
                     yield chunk
@@ -186,7 +197,10 @@ class RouterCore:
                 code = e.code()
                 self.metrics.worker_errors.labels(self.model_name, worker.worker_id, code.name).inc()
                 if code == grpc.StatusCode.UNAVAILABLE:
-                    self.pool.mark_unhealthy(worker, f"Generate failed: {e.details()}")
+                    # Ask the worker now: one that cannot be reached goes out of rotation at
+                    # once; one that answers SERVING stays (the failure was this request's, e.g.
+                    # its remote prefill), instead of failing every request until the next check.
+                    await self.pool.check(worker)
                 error = RouterError(code, f"worker {worker.worker_id}: {e.details() or code.name}")
                 retryable = code in RETRYABLE
             finally:

@@ -137,10 +137,6 @@ class WorkerPool:
         if self.on_health:
             self.on_health(w, ok)
 
-    def mark_unhealthy(self, w: Worker, reason: str) -> None:
-        """Take a worker out now (a request saw it fail); health checks bring it back."""
-        self._set_health(w, False, reason)
-
     async def check(self, w: Worker) -> bool:
         try:
             resp = await w.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.check_timeout)
