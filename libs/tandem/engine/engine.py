@@ -206,7 +206,8 @@ class EngineCore:
         if self.attention_backend != "triton":
             why = "the torch_native backend's decode shapes depend on the context length"
         elif self.model.moe_layers():
-            why = "the MoE layer syncs with the host (fused MoE comes with GPU engine part 3)"
+            why = ("EPLB's expert recorder and dispatch hooks run on the host at every forward pass "
+                   "(graph-safe EPLB comes with GPU engine part 3)")
         elif cfg.ep_size > 1:
             why = "expert parallelism all-reduces outside a graph"
         if why:
