@@ -296,6 +296,8 @@ class ExpertParallelLeader:
             self._sent_location = location
             pool = engine.pool
             self.ep.broadcast({"kind": "init", "num_pages": pool.num_pages, "page_size": pool.page_size,
+                               "attention_backend": engine.attention_backend,
+                               "max_positions": engine.context_length + 1,
                                "placement": location.physical_to_logical, "dispatch": algo, "seed": seed,
                                "model": _model_signature(engine.model, engine.model_config)})
             engine.runner = _MirroredRunner(engine.runner, self)
@@ -363,6 +365,7 @@ class ExpertParallelFollower:
             raise ValueError(f"EP follower {ep.rank}: its model {mine} differs from the leader's {init['model']} "
                              "(same checkpoint and dtype needed on every rank)")
         dtype = self.model.embed_tokens.weight.dtype
+        self.model.set_backend(init["attention_backend"], init["max_positions"])  # the leader's kernels
         self.pool = KVPool(mc.num_layers, init["num_pages"], init["page_size"], mc.num_kv_heads, mc.head_dim,
                            dtype, device, num_aux_slots=1)
         location = ExpertLocation(init["placement"], mc.num_experts, ep.size)
