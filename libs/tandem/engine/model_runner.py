@@ -13,7 +13,7 @@ import torch
 from .kernels import default_num_splits
 from .kv_pool import KVPool
 from .model import CausalLM, ForwardBatch
-from .sampler import Sampler, SamplerVariant, SamplingTensors
+from .sampler import PenaltyState, Sampler, SamplerVariant, SamplingTensors
 
 
 def decode_inputs(batch: list, page_size: int):
@@ -36,7 +36,8 @@ def decode_inputs(batch: list, page_size: int):
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, pool: KVPool, device: str, cuda_graph_max_bs: int = 0):
+    def __init__(self, model: CausalLM, pool: KVPool, device: str, cuda_graph_max_bs: int = 0,
+                 penalty_rows: int = 128):
         self.model, self.pool, self.device = model, pool, device
         self.page_size = pool.page_size
         self.paged_decode = model.ops is not None and model.ops.name == "triton"
@@ -44,7 +45,8 @@ class ModelRunner:
         # Split-K of paged decode attention is sized to fill the device's multiprocessors.
         self.num_sms = (torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
                         if str(device).startswith("cuda") else 1)
-        self.sampler = Sampler(device)
+        self.penalties = PenaltyState(penalty_rows, model.cfg.vocab_size, device)
+        self.sampler = Sampler(device, self.penalties)
         self.graphs = None
         self._replayed_bs = None  # batch size of the last forward when it was a graph replay
         if cuda_graph_max_bs > 0 and self.paged_decode and str(device).startswith("cuda"):

@@ -150,6 +150,49 @@ class RadixCache:
                 block_size=ps,
             )])
 
+    def insert_live(self, token_ids, pages: list[int], num_owned_from: int) -> tuple[list[int], Node]:
+        """Hand the full pages of a request that keeps running to the tree now (its prompt, once
+        prefilled), so that later requests with the same prefix share them at once.
+
+        ``token_ids`` covers whole pages only. Returns the request's page list for these tokens
+        (where the tree already held an equal block, the tree's page replaces the request's
+        own, which is freed: same tokens, same KV) and the last node, which the caller must
+        lock before anything can evict it.
+        """
+        ps = self.page_size
+        n_full = len(token_ids) // ps
+        if n_full > len(pages):
+            raise ValueError(f"insert_live: {n_full} full pages of tokens but {len(pages)} pages")
+        out, to_free, new_nodes = list(pages[:n_full]), [], []
+        node = self.root
+        for i in range(n_full):
+            key = tuple(token_ids[i * ps : (i + 1) * ps])
+            child = node.children.get(key)
+            if child is None:
+                if i < num_owned_from:
+                    raise RuntimeError("radix cache: locked prefix missing")
+                child = Node(tokens=key, page=pages[i], parent=node, hash=block_hash(node.hash, key))
+                node.children[key] = child
+                self.num_pages += 1
+                self.evictable_pages += 1
+                new_nodes.append(child)
+            elif i >= num_owned_from and child.page != pages[i]:
+                to_free.append(pages[i])
+                out[i] = child.page
+            child.last_access = next(_tick)
+            node = child
+        if to_free:
+            self._free_pages(to_free)
+        if new_nodes:
+            first = new_nodes[0]
+            self._emit([BlockStored(
+                block_hashes=[n.hash for n in new_nodes],
+                parent_block_hash=first.parent.hash if first.parent is not self.root else None,
+                token_ids=[t for n in new_nodes for t in n.tokens],
+                block_size=ps,
+            )])
+        return out, node
+
     # ---- eviction ------------------------------------------------------------------------
     def evict(self, num_pages: int) -> int:
         """Free up to num_pages unlocked pages, least recently used leaves first."""

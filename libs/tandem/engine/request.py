@@ -48,6 +48,8 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     admit_seq: int = 0
+    grammar: object = None  # GrammarState of a structured-output request (tandem.engine.grammar)
+    penalty_row: int | None = None  # row of the sampler's PenaltyState while it has one
 
     @property
     def all_ids(self) -> list:
