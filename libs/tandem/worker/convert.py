@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from tandem.engine.engine import StepOutput
-from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.sampling_params import SamplingParams, StructuredOutput
 from tandem.v1 import common_pb2
 
 FINISH_REASONS = {
@@ -31,7 +31,44 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
         min_tokens=p.min_tokens,
         logprobs=p.logprobs or p.top_logprobs > 0,
         top_logprobs=p.top_logprobs,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        logit_bias=dict(p.logit_bias),
+        structured=structured_from_proto(p.structured) if p.HasField("structured") else None,
     )
+
+
+def structured_from_proto(p: common_pb2.StructuredOutput) -> StructuredOutput:
+    kind = p.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("structured: set one of json_schema, json_object, regex, ebnf")
+    if kind == "json_object":
+        if not p.json_object:
+            raise ValueError("structured.json_object must be true when set")
+        return StructuredOutput("json_object")
+    return StructuredOutput(kind, getattr(p, kind))
+
+
+def structured_to_proto(so: StructuredOutput) -> common_pb2.StructuredOutput:
+    if so.kind == "json_object":
+        return common_pb2.StructuredOutput(json_object=True)
+    return common_pb2.StructuredOutput(**{so.kind: so.spec})
+
+
+def sampling_to_proto(sp: SamplingParams) -> common_pb2.SamplingParams:
+    """The inverse of sampling_from_proto (decode forwards a request to a prefill worker)."""
+    p = common_pb2.SamplingParams(
+        temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k if sp.top_k > 0 else 0, min_p=sp.min_p,
+        max_tokens=sp.max_tokens, stop=sp.stop, stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos,
+        logprobs=sp.logprobs, top_logprobs=sp.top_logprobs, min_tokens=sp.min_tokens,
+        presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
+        repetition_penalty=sp.repetition_penalty, logit_bias=sp.logit_bias)
+    if sp.seed is not None:
+        p.seed = sp.seed
+    if sp.structured is not None:
+        p.structured.CopyFrom(structured_to_proto(sp.structured))
+    return p
 
 
 def position_logprobs(logprob: float | None, top: list | None) -> common_pb2.PositionLogprobs:
