@@ -375,7 +375,7 @@ class EngineCore:
             return ExternalAllocation(req.rid, list(pages), aux, len(req.prompt_ids))
 
     def activate_external(self, rid: str, first_token_id: int, first_token_logprob: float | None = None,
-                          cached_tokens: int = 0) -> None:
+                          cached_tokens: int = 0, first_token_top: list | None = None) -> None:
         """The KV of rid's prompt is in its pages: join the running batch with its first token
         (which KV transfer delivered in the request's aux slot)."""
         with self._lock:
@@ -394,7 +394,8 @@ class EngineCore:
             self.scheduler.running.append(req)
             req.first_token_time = time.monotonic()
             lp = [] if first_token_logprob is None or not req.sampling.logprobs else [first_token_logprob]
-            self._accept_token(req, first_token_id, lp, [])
+            top = [list(first_token_top)] if first_token_top and req.sampling.top_logprobs else []
+            self._accept_token(req, first_token_id, lp, top)
 
     def flush_cache(self) -> bool:
         """Evict every unreferenced cached page; True when the cache is now empty."""

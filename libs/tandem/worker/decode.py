@@ -89,11 +89,8 @@ class DecodeWorker:
         if override not in ("", "local", "remote"):
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"prefill_override={override!r}: allowed '', 'local', 'remote'")
-        # Conditional disaggregation on the part of the prompt the prefix cache does not hold
-        # (as Dynamo's): samples 2..n of an n > 1 request find the prompt cached and stay here.
         local = (not self.disaggregated or override == "local"
-                 or (override != "remote" and len(ids) - self.engine.cached_prefix_tokens(ids)
-                     < self.config.max_local_prefill_length))
+                 or (override != "remote" and len(ids) < self.config.max_local_prefill_length))
         if override == "remote" and not self.disaggregated:
             raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
                                 "prefill_override='remote' but this worker is not in decode mode")
@@ -144,7 +141,7 @@ class DecodeWorker:
             self.counters.remote_prefills += 1
             try:
                 return self.loop.activate_external(rid, outcome.first_token_id, outcome.logprob,
-                                                   outcome.cached_tokens)
+                                                   outcome.cached_tokens, outcome.top)
             except ValueError as exc:
                 self.loop.abort(rid)
                 raise RequestFailed(grpc.StatusCode.INTERNAL, f"activating {rid} failed: {exc}") from None

@@ -121,6 +121,8 @@ def test_n_samples_get_seed_plus_i_on_one_worker(router_over, hf_tokenizer):
     assert out.usage.completion_tokens == 3 * n_tokens and out.usage.prompt_tokens == 1
     reqs = [r for w in workers for r in w.servicer.requests]
     assert sorted(r.sampling.seed for r in reqs) == [40, 41, 42]
+    # Samples 1.. ask for a local prefill: the worker holds the prompt's pages after sample 0.
+    assert sorted((r.sampling.seed, r.prefill_override) for r in reqs) == [(40, ""), (41, "local"), (42, "local")]
     assert sum(1 for w in workers if w.servicer.requests) == 1  # all samples on the worker of sample 0
     texts = {}
     for chunk in client.completions.create(model=app.model_name, prompt="x", max_tokens=50, n=2, stream=True):

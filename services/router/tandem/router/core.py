@@ -4,8 +4,9 @@ stop strings). Shared by the HTTP and the gRPC front ends; runs on the router's 
 
 n > 1: sample 0 goes first; once its first token arrived (its prompt is then in the
 worker's prefix cache) samples 1..n-1 start on the same worker, each with seed + i, and
-share the prompt's KV pages (a disaggregated decode worker prefills them locally: only
-the uncached tail is left). Their deltas are merged, each tagged with its index.
+share the prompt's KV pages: they ask for a local prefill (``prefill_override`` "local"),
+so a disaggregated decode worker computes only the uncached tail (less than a page)
+instead of fetching the prompt's KV again from a prefill worker. Their deltas are merged, each tagged with its index.
 
 Each sample's text goes through the request's output parsers: the reasoning parser
 (``<think>`` -> reasoning) and then the tool-call parser (calls out of the content).
@@ -73,6 +74,7 @@ class Prepared:
     echo_text: str = ""  # put before each sample's text (completions' echo)
     reasoning_parser: str | None = None  # split <think> text into Delta.reasoning
     tool_parser: str | None = None  # a parser name, "required" or "named:<fn>" (forced calls)
+    prefill_local: bool = False  # samples 1..n-1: the worker holds the prompt's pages already
 
     def sample(self, i: int) -> Prepared:
         """The request of sample i (its own request id, seed and routing decision)."""
@@ -81,7 +83,7 @@ class Prepared:
         if i:
             sp.seed = (sp.seed + i) % 2 ** 64
         return dataclasses.replace(self, request_id=f"{self.request_id}-{i}" if self.n > 1 else self.request_id,
-                                   sampling=sp, decision=None)
+                                   sampling=sp, decision=None, prefill_local=i > 0)
 
 
 @dataclass
@@ -227,7 +229,9 @@ class RouterCore:
             timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
             call = worker.decode.Generate(
                 decode_pb2.GenerateRequest(request_id=prep.request_id, input_ids=prep.input_ids,
-                                           sampling=prep.sampling), timeout=timeout)
+                                           sampling=prep.sampling,
+                                           prefill_override="local" if prep.prefill_local else ""),
+                timeout=timeout)
             streamed = False
             error: RouterError | None = None
             retryable = False
