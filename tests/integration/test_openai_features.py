@@ -171,6 +171,22 @@ def test_echo_and_logprobs_as_openai_returns_them(stack):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
     assert all(len(t) == 3 and max(t.values()) == pytest.approx(v, abs=1e-4) for t, v in
                zip(lp.top_logprobs, lp.token_logprobs))  # greedy: the sampled token is the most likely
+    # echo + logprobs: the prompt's tokens first, the first with null logprob and alternatives.
+    both = c.completions.create(model=stack.model, prompt="def __init__(self):", max_tokens=5, temperature=0,
+                                echo=True, logprobs=3).choices[0]
+    n_prompt = len(stack.app.tokenizer.encode("def __init__(self):"))
+    blp = both.logprobs
+    assert both.text == out.choices[0].text and len(blp.tokens) == n_prompt + 5
+    assert blp.token_logprobs[0] is None and blp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in blp.token_logprobs[1:])
+    assert blp.token_logprobs[n_prompt:] == pytest.approx(lp.token_logprobs, abs=1e-4)
+    assert "".join(blp.tokens[:n_prompt]) == "def __init__(self):"
+    assert blp.text_offset == sorted(blp.text_offset) and blp.text_offset[n_prompt] == len("def __init__(self):")
+    assert all(len(t) == 3 for t in blp.top_logprobs[1:])
+    streamed = [ch.logprobs for chunk in c.completions.create(
+        model=stack.model, prompt="def __init__(self):", max_tokens=5, temperature=0, echo=True, logprobs=3,
+        stream=True) for ch in chunk.choices if ch.logprobs]
+    assert [t for p in streamed for t in p.tokens] == blp.tokens
     chat = c.chat.completions.create(model=stack.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
                                      temperature=0, logprobs=True, top_logprobs=2)
     content = chat.choices[0].logprobs.content

@@ -53,6 +53,7 @@ class StepOutput:
     cached_tokens: int = 0
     error: str | None = None
     stop_text_pos: int | None = None  # finished by a stop string: output text ends here
+    prompt_logprobs: list = field(default_factory=list)  # with the first token: [(logprob, top)] of prompt 1..L-1
 
 
 @dataclass
@@ -319,6 +320,8 @@ class EngineCore:
         mode = Mode(mode)
         if mode == Mode.EXTERNAL:
             raise ValueError("use allocate_external() for requests whose KV comes from outside")
+        if mode == Mode.PREFILL_ONLY and sampling is not None and sampling.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs: the prompt must be prefilled where it is decoded (local prefill)")
         self._compile(sampling)
         with self._lock:
             req = self._new_request(prompt, sampling, rid, mode)
@@ -358,6 +361,8 @@ class EngineCore:
 
         Raises OutOfPages when the pool cannot hold it now (retry later or reject).
         """
+        if sampling is not None and sampling.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs: the prompt must be prefilled where it is decoded (local prefill)")
         self._compile(sampling)
         with self._lock:
             req = self._new_request(prompt, sampling, rid, Mode.EXTERNAL)
@@ -418,7 +423,13 @@ class EngineCore:
                 batch = []
             if batch:
                 ntok = sum(n for _, n in batch)
-                logits = self.runner.forward(batch)
+                want = [req.wants_prompt_logprobs for req, _ in batch]
+                if any(want):
+                    logits, rows = self.runner.forward(batch, want)
+                    for i, r in rows.items():
+                        self._gather_prompt_logprobs(batch[i][0], r)
+                else:
+                    logits = self.runner.forward(batch)
                 for req, n in batch:
                     req.num_computed += n
                 rows = [i for i, (req, _) in enumerate(batch) if req.num_uncomputed == 0]
@@ -436,6 +447,22 @@ class EngineCore:
             for hook in self._step_hooks:
                 hook(self._stats)
             return outs
+
+    def _gather_prompt_logprobs(self, req: Request, rows: torch.Tensor) -> None:
+        """rows[j]: logits after token num_computed + j, i.e. the distribution of the next prompt token."""
+        start, L = req.num_computed, len(req.prompt_ids)
+        n = min(rows.shape[0], L - 1 - start)
+        if n <= 0 or len(req.prompt_logprobs) != start:
+            return
+        lp = torch.log_softmax(rows[:n].float(), dim=-1)
+        targets = torch.tensor(req.prompt_ids[start + 1:start + 1 + n], device=lp.device)
+        vals = lp.gather(1, targets[:, None])[:, 0].tolist()
+        k = req.sampling.prompt_logprobs
+        tops = [[]] * n
+        if k:
+            v, ix = lp.topk(k, dim=-1)
+            tops = [list(zip(a, b)) for a, b in zip(ix.tolist(), v.tolist())]
+        req.prompt_logprobs.extend(zip(vals, tops))
 
     def _report_chunk(self, req: Request) -> None:
         final = min(req.num_computed, len(req.prompt_ids)) // self.page_size
@@ -623,6 +650,8 @@ class EngineCore:
             finished=req.status == Status.FINISHED, finish_reason=req.finish_reason,
             num_prompt_tokens=len(req.prompt_ids), num_output_tokens=len(req.output_ids),
             cached_tokens=req.cached_tokens, stop_text_pos=req.stop_text_pos,
+            prompt_logprobs=list(req.prompt_logprobs) if req.sampling.prompt_logprobs is not None and toks
+            and len(req.output_ids) == len(toks) else [],
         )
 
     # ---- stats ---------------------------------------------------------------------------------

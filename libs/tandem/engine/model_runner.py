@@ -57,11 +57,12 @@ class ModelRunner:
     def _tensor(self, data, dtype=torch.long):
         return torch.tensor(data, dtype=dtype, device=self.device)
 
-    def build(self, batch: list) -> ForwardBatch:
-        """batch: [(req, n_new)]; request i computes tokens all_ids[num_computed : num_computed + n_new]."""
+    def build(self, batch: list, all_rows: list | None = None) -> ForwardBatch:
+        """batch: [(req, n_new)]; request i computes tokens all_ids[num_computed : num_computed + n_new].
+        ``all_rows[i]``: logits for every new token of request i, not only its last (prompt logprobs)."""
         if self.paged_decode and all(n == 1 for _, n in batch):
             return self._build_paged_decode(batch)
-        return self._build_dense(batch)
+        return self._build_dense(batch, all_rows)
 
     def _build_paged_decode(self, batch: list) -> ForwardBatch:
         vec, table = decode_inputs(batch, self.page_size)
@@ -72,7 +73,7 @@ class ModelRunner:
             num_splits=default_num_splits(len(batch), self.num_kv_heads, self.num_sms),
         )
 
-    def _build_dense(self, batch: list) -> ForwardBatch:
+    def _build_dense(self, batch: list, all_rows: list | None = None) -> ForwardBatch:
         ps = self.page_size
         B = len(batch)
         is_decode = all(n == 1 for _, n in batch)
@@ -96,6 +97,11 @@ class ModelRunner:
         slot_mapping = kv_slots[q_batch, positions]
         Qmax = max(lens)
         kv_idx = torch.arange(Kmax, device=self.device)
+        logits_indices = None if is_decode else offsets + lens_t - 1
+        if all_rows is not None and any(all_rows) and not is_decode:
+            ends = (offsets + lens_t).tolist()
+            rows = [list(range(e - n, e)) if want else [e - 1] for want, e, n in zip(all_rows, ends, lens)]
+            logits_indices = self._tensor([r for rr in rows for r in rr])
         if is_decode:
             mask = (kv_idx[None, :] < kv_lens_t[:, None])[:, None, None, :]
         else:
@@ -110,12 +116,30 @@ class ModelRunner:
             q_local_idx=q_local,
             kv_slots=kv_slots,
             attn_mask=mask,
-            logits_indices=None if is_decode else offsets + lens_t - 1,
+            logits_indices=logits_indices,
             is_decode=is_decode,
         )
 
-    def forward(self, batch: list) -> torch.Tensor:
-        """Logits [B, vocab] (float32) at the last new token of every request in the batch."""
+    def forward(self, batch: list, all_rows: list | None = None) -> torch.Tensor | tuple:
+        """Logits [B, vocab] (float32) at the last new token of every request in the batch.
+
+        With ``all_rows`` (a flag per request; prompt logprobs): (logits [B, vocab], {i: [n_i,
+        vocab] logits of every new token of request i} for the flagged requests)."""
+        if all_rows is not None and any(all_rows):
+            fb = self.build(batch, all_rows)
+            with torch.profiler.record_function("tandem.model_forward"):
+                out = self.model(fb, self.pool.k_buffers, self.pool.v_buffers)
+            self._replayed_bs = None
+            if fb.logits_indices is None:  # a batch of one-token rows: one row per request
+                return out, {i: out[i:i + 1] for i, want in enumerate(all_rows) if want}
+            last, extra, at = [], {}, 0
+            for i, ((_, n), want) in enumerate(zip(batch, all_rows)):
+                k = n if want else 1
+                if want:
+                    extra[i] = out[at:at + k]
+                last.append(at + k - 1)
+                at += k
+            return out[last], extra
         self._replayed_bs = None
         # Named range so profiler traces show each forward pass of the model as one block.
         with torch.profiler.record_function("tandem.model_forward"):

@@ -52,6 +52,9 @@ class SamplingParams:
     output. ``logit_bias`` adds a value in [-100, 100] to a token's logit. All of them apply
     before temperature, also to greedy requests; logprobs stay the model's own.
     ``structured`` constrains the output to a grammar (``StructuredOutput``).
+    ``prompt_logprobs`` (vLLM's name; k in [0, 20]) returns the logprob of every prompt token
+    after the first, with its k most likely alternatives: the prompt is then computed in full
+    (no prefix-cache match) and only where it is prefilled locally.
     """
 
     max_tokens: int = 16
@@ -71,6 +74,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict = field(default_factory=dict)
     structured: StructuredOutput | None = None
+    prompt_logprobs: int | None = None  # logprob of every prompt token after the first (+ this many top)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -94,6 +98,8 @@ class SamplingParams:
             raise ValueError(f"min_tokens={self.min_tokens}: must be in [0, max_tokens={self.max_tokens}]")
         if self.top_logprobs < 0 or self.top_logprobs > 20:
             raise ValueError(f"top_logprobs={self.top_logprobs}: must be in [0, 20]")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise ValueError(f"prompt_logprobs={self.prompt_logprobs}: must be in [0, 20]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop={self.stop!r}: stop strings must be non-empty strings")
         for name in ("presence_penalty", "frequency_penalty"):

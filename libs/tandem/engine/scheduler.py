@@ -89,8 +89,12 @@ class Scheduler:
 
     # ---- admission -----------------------------------------------------------------------
     def _try_admit(self, req: Request) -> bool:
-        # Match at most seq_len - 1 tokens: the last token must be computed to get logits.
-        pages, node = self.cache.match_prefix(req.all_ids[: req.seq_len - 1])
+        # Match at most seq_len - 1 tokens: the last token must be computed to get logits; none
+        # when the prompt's logprobs are wanted (every prompt token's logits are computed).
+        if req.wants_prompt_logprobs:
+            pages, node = [], self.cache.root
+        else:
+            pages, node = self.cache.match_prefix(req.all_ids[: req.seq_len - 1])
         self.cache.lock(node)
         need = self.pages_for(req.seq_len + 1) - len(pages)
         # Keep one page of headroom per running request for its next decode page.

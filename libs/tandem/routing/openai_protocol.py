@@ -352,9 +352,6 @@ def build_sampling(req: _SamplingFields, prompt_tokens: int, context_length: int
     n = 1 if req.n is None else req.n
     if not 1 <= n <= MAX_N:
         raise bad_request(f"n={n}: must be in [1, {MAX_N}].", param="n")
-    if isinstance(req, CompletionRequest) and req.echo and req.logprobs is not None:
-        raise bad_request("echo with logprobs: the prompt's logprobs are not computed; use one of them.",
-                          param="echo", code="unsupported_parameter")
     for name in ("presence_penalty", "frequency_penalty"):
         v = getattr(req, name) or 0.0
         if not -2 <= v <= 2:
@@ -434,6 +431,8 @@ def build_sampling(req: _SamplingFields, prompt_tokens: int, context_length: int
         top_logprobs=top_n, min_tokens=min_tokens, presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0, repetition_penalty=rep_pen, logit_bias=bias,
     )
+    if isinstance(req, CompletionRequest) and req.echo and want_logprobs:
+        sp.prompt_logprobs = top_n  # echo + logprobs: the prompt tokens' logprobs too, as OpenAI returns them
     if req.seed is not None:
         if not 0 <= req.seed < 2 ** 64:
             raise bad_request(f"seed={req.seed}: must be in [0, 2**64).", param="seed")
@@ -479,7 +478,18 @@ class LogprobFormatter:
         self.token_text = token_text  # id -> str
         self._offset = 0  # text_offset for completions
 
-    def completion(self, token_ids: Sequence[int], logprobs: Sequence, top_n: int) -> dict:
+    def prompt(self, token_ids: Sequence[int], logprobs: Sequence, top_n: int) -> dict:
+        """The echoed prompt's part of completion logprobs: the first token has none (null)."""
+        rest = self.completion(token_ids[1:], logprobs, top_n, offset_from=self.token_text(token_ids[0]))
+        rest["tokens"].insert(0, self.token_text(token_ids[0]))
+        rest["token_logprobs"].insert(0, None)
+        rest["text_offset"].insert(0, 0)
+        if top_n:
+            rest["top_logprobs"].insert(0, None)
+        return rest
+
+    def completion(self, token_ids: Sequence[int], logprobs: Sequence, top_n: int, offset_from: str = "") -> dict:
+        self._offset += len(offset_from)
         tokens, lps, tops, offsets = [], [], [], []
         for tid, lp in zip(token_ids, logprobs, strict=False):
             s = self.token_text(tid)

@@ -50,6 +50,8 @@ def check_sampling(sp: common_pb2.SamplingParams, prompt_tokens: int, context_le
     for tid, v in out.logit_bias.items():
         if tid < 0 or not -100 <= v <= 100:
             raise ValueError(f"logit_bias {tid}: {v}: ids must be >= 0 and values in [-100, 100]")
+    if out.HasField("prompt_logprobs") and not 0 <= out.prompt_logprobs <= 20:
+        raise ValueError(f"prompt_logprobs={out.prompt_logprobs}: must be in [0, 20]")
     if out.HasField("structured"):
         check_structured(out.structured)
     return out

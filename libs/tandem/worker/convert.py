@@ -36,6 +36,7 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
         repetition_penalty=p.repetition_penalty or 1.0,
         logit_bias=dict(p.logit_bias),
         structured=structured_from_proto(p.structured) if p.HasField("structured") else None,
+        prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
     )
 
 
@@ -68,6 +69,8 @@ def sampling_to_proto(sp: SamplingParams) -> common_pb2.SamplingParams:
         p.seed = sp.seed
     if sp.structured is not None:
         p.structured.CopyFrom(structured_to_proto(sp.structured))
+    if sp.prompt_logprobs is not None:
+        p.prompt_logprobs = sp.prompt_logprobs
     return p
 
 
@@ -84,6 +87,8 @@ def chunk_from_output(out: StepOutput, request_id: str, want_logprobs: bool) -> 
         tops = out.new_top_logprobs or [None] * len(out.new_token_ids)
         lps = out.new_logprobs or [None] * len(out.new_token_ids)
         chunk.logprobs.extend(position_logprobs(lp, top) for lp, top in zip(lps, tops))
+    if out.prompt_logprobs:
+        chunk.prompt_logprobs.extend(position_logprobs(lp, top) for lp, top in out.prompt_logprobs)
     if out.finished:
         reason = "error" if out.error else out.finish_reason
         chunk.finish_reason = FINISH_REASONS.get(reason, common_pb2.FINISH_REASON_ABORT)

@@ -89,7 +89,7 @@ class DecodeWorker:
         if override not in ("", "local", "remote"):
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"prefill_override={override!r}: allowed '', 'local', 'remote'")
-        local = (not self.disaggregated or override == "local"
+        local = (not self.disaggregated or override == "local" or sp.prompt_logprobs is not None
                  or (override != "remote" and len(ids) < self.config.max_local_prefill_length))
         if override == "remote" and not self.disaggregated:
             raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,

@@ -144,3 +144,23 @@ def test_prompt_pages_are_shared_while_the_first_request_runs(dense_llm, prompts
     ref = dense_llm.generate([ids], sp)[0].token_ids
     assert eng.requests == {} and len(outs[second]) == 29
     assert ref[1:] == outs[first]
+
+
+def test_prompt_logprobs_match_the_models_next_token_logprobs(demo_models, make_llm):
+    llm = make_llm(demo_models["dense"], chunked_prefill_size=16)  # the prompt spans several chunks
+    ids = llm.engine.tokenize("Permission is hereby granted, free of charge, to any person obtaining a copy of "
+                              "this software and associated documentation files")
+    assert len(ids) > 20
+    for _ in range(2):  # the second time the prompt sits in the prefix cache: still computed in full
+        out = llm.generate([ids], SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3))[0]
+        assert len(out.prompt_logprobs) == len(ids) - 1
+    for j in (0, 7, 15, 16, len(ids) - 2):  # across chunk boundaries
+        forced = llm.generate([ids[:j + 1]], SamplingParams(max_tokens=1, temperature=0, logprobs=True,
+                                                            logit_bias={ids[j + 1]: 100}))[0]
+        assert forced.token_ids == [ids[j + 1]]
+        lp, top = out.prompt_logprobs[j]
+        assert abs(lp - forced.logprobs[0]) < 1e-4
+        assert len(top) == 3 and top[0][1] >= lp - 1e-6 and [t for t, _ in top] == sorted(
+            [t for t, _ in top], key=lambda t: -dict(top)[t])
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        llm.engine.allocate_external(ids, SamplingParams(prompt_logprobs=0))

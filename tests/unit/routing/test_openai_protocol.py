@@ -36,7 +36,6 @@ def test_sampling_mapping():
     (dict(top_k=-5), "top_k"),
     (dict(n=0), "n"),
     (dict(n=17), "n"),
-    (dict(echo=True, logprobs=1), "echo"),
     (dict(presence_penalty=2.5), "presence_penalty"),
     (dict(frequency_penalty=-3), "frequency_penalty"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
@@ -123,6 +122,9 @@ def test_penalties_bias_and_n_map_to_the_proto():
     assert (sp.presence_penalty, sp.frequency_penalty) == (0.5, -1.0)
     assert sp.repetition_penalty == pytest.approx(1.2) and dict(sp.logit_bias) == {7: -100.0, 9: 2.5}
     assert oa.build_sampling(completion(), 5, 100, 16).repetition_penalty == 1.0
+    assert oa.build_sampling(completion(echo=True, logprobs=2), 5, 100, 16).prompt_logprobs == 2
+    assert not oa.build_sampling(completion(echo=True), 5, 100, 16).HasField("prompt_logprobs")
+    assert not oa.build_sampling(completion(logprobs=2), 5, 100, 16).HasField("prompt_logprobs")
 
 
 @pytest.mark.parametrize("req,param", [

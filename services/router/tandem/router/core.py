@@ -101,6 +101,7 @@ class Delta:
     index: int = 0
     reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)  # first delta only: PositionLogprobs of prompt 1..L-1
 
 
 class OutputParsers:
@@ -332,6 +333,7 @@ class RouterCore:
                     n_out += len(ids)
                     text = ts.push(ids)
                     logprobs = list(chunk.logprobs)
+                    prompt_lps = list(chunk.prompt_logprobs)
                     stopped = ts.stopped
                     if stopped or chunk.finish_reason:
                         if not stopped:
@@ -345,11 +347,13 @@ class RouterCore:
                         reasoning, text, calls = parsers.push(text, final=True)
                         yield Delta(echo + text, ids, logprobs,
                                     common_pb2.FINISH_REASON_STOP if stopped else chunk.finish_reason,
-                                    ts.matched_stop if stopped else chunk.matched_stop, usage, index, reasoning, calls)
+                                    ts.matched_stop if stopped else chunk.matched_stop, usage, index, reasoning, calls,
+                                    prompt_lps)
                         return
                     if text or ids:
                         reasoning, text, calls = parsers.push(text, final=False)
-                        yield Delta(echo + text, ids, logprobs, index=index, reasoning=reasoning, tool_calls=calls)
+                        yield Delta(echo + text, ids, logprobs, index=index, reasoning=reasoning, tool_calls=calls,
+                                    prompt_logprobs=prompt_lps)
                         echo = ""
             except (asyncio.CancelledError, GeneratorExit):
                 fr.client_disconnected()

@@ -69,6 +69,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             if tools and kind != "chat":
                 raise ValueError("tools: only for chat prompts")
             sampling = check_sampling(request.sampling, len(ids), tok.context_length)
+            if request.echo and sampling.logprobs and not sampling.HasField("prompt_logprobs"):
+                sampling.prompt_logprobs = sampling.top_logprobs  # echo + logprobs: the prompt's too
             if forced is not None:
                 if sampling.HasField("structured"):
                     raise ValueError("sampling.structured and a forcing tool_choice both constrain the output")
@@ -97,7 +99,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     chunk = common_pb2.TokenChunk(
                         request_id=prep.request_id, token_ids=d.token_ids, text=d.text, logprobs=d.logprobs,
                         finish_reason=d.finish_reason, matched_stop=d.matched_stop, index=d.index,
-                        reasoning_text=d.reasoning,
+                        reasoning_text=d.reasoning, prompt_logprobs=d.prompt_logprobs,
                         tool_calls=[common_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments, index=k)
                                     for k, c in enumerate(d.tool_calls, start=calls.get(d.index, 0))])
                     calls[d.index] = calls.get(d.index, 0) + len(d.tool_calls)

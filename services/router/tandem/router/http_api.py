@@ -234,6 +234,8 @@ def build_http_app(router: RouterApp) -> FastAPI:
             texts[i].append(d.text)
             reasoning[i].append(d.reasoning)
             calls[i] += d.tool_calls
+            if want_lp and d.prompt_logprobs:
+                lp_parts[i].append(fmts[i].prompt(prep.input_ids, d.prompt_logprobs, prep.sampling.top_logprobs))
             if want_lp and d.logprobs:
                 if kind == "completion":
                     lp_parts[i].append(fmts[i].completion(d.token_ids, d.logprobs, prep.sampling.top_logprobs))
@@ -290,8 +292,12 @@ def build_http_app(router: RouterApp) -> FastAPI:
                 finish = finish_name(prep, d, ncalls[i] > 0) if d.finish_reason else None
                 if d.text or finish or d.reasoning or d.tool_calls or (want_lp and d.logprobs):
                     if kind == "completion":
-                        lp = fmts[i].completion(d.token_ids, d.logprobs, prep.sampling.top_logprobs) \
-                            if want_lp and d.logprobs else None
+                        parts = []
+                        if want_lp and d.prompt_logprobs:
+                            parts.append(fmts[i].prompt(prep.input_ids, d.prompt_logprobs, prep.sampling.top_logprobs))
+                        if want_lp and d.logprobs:
+                            parts.append(fmts[i].completion(d.token_ids, d.logprobs, prep.sampling.top_logprobs))
+                        lp = oa.merge_completion_logprobs(parts)
                         yield _sse(oa.completion_chunk(rid, model_name, created_at, i, d.text, finish, lp))
                     else:
                         lp = fmts[i].chat(d.token_ids, d.logprobs) if want_lp and d.logprobs else None
