@@ -14,29 +14,21 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
 from tandem.config import RouterConfig
 from tandem.router.app import build_router
-from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
+from tandem.v1 import common_pb2, router_pb2
 
 from tests.integration.router_support import need_demo_model, start_many
 from tests.support.clients import load, pages_in_use
+from tests.support.grpc_router import router_stub
+from tests.support.structured import PERSON_SCHEMA as SCHEMA
+from tests.support.structured import validate_person as _validate
 from tests.support.waiting import wait_for
 
 openai = pytest.importorskip("openai")
 
 PAGE = 16
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "pet": {"enum": ["cat", "dog", "none"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
-    },
-    "required": ["name", "age", "pet"],
-}
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
@@ -47,14 +39,6 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
 LONG_PROMPT = ("The GNU General Public License is a free, copyleft license for software and other kinds of works. "
                "The licenses for most software and other practical works are designed to take away your freedom "
                "to share and change the works. ") * 12
-
-
-def _validate(obj) -> None:
-    assert set(obj) <= set(SCHEMA["properties"]) and {"name", "age", "pet"} <= set(obj)
-    assert isinstance(obj["name"], str) and len(obj["name"]) <= 12
-    assert isinstance(obj["age"], int) and 0 <= obj["age"] <= 120
-    assert obj["pet"] in ("cat", "dog", "none")
-    assert all(isinstance(t, str) and len(t) <= 6 for t in obj.get("tags", []))
 
 
 class Stack:
@@ -297,33 +281,25 @@ def test_reasoning_parser_end_to_end(stack):
 
 
 def test_grpc_router_generate_takes_the_same_parameters(stack):
-    server = grpc.server(ThreadPoolExecutor(8))
-    stack.app.add_to_server(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = router_pb2_grpc.RouterStub(ch)
-            req = router_pb2.RouterGenerateRequest(
-                text="Once upon a time", n=2, echo=True,
-                sampling=common_pb2.SamplingParams(
-                    max_tokens=150, temperature=1.0, seed=9, frequency_penalty=1.0, logit_bias={1234: -100},
-                    structured=common_pb2.StructuredOutput(json_schema=json.dumps(SCHEMA))))
-            chunks = list(stub.Generate(req, timeout=120))
-            for i in (0, 1):
-                text = "".join(c.text for c in chunks if c.index == i)
-                assert text.startswith("Once upon a time")
-                _validate(json.loads(text[len("Once upon a time"):]))
-                assert 1234 not in [t for c in chunks if c.index == i for t in c.token_ids]
-            tools = router_pb2.RouterGenerateRequest(
-                chat=router_pb2.ChatMessages(messages=[router_pb2.ChatMessage(role="user", content="Time?")]),
-                tools=[router_pb2.Tool(name="get_time", parameters_json=json.dumps(TIME["function"]["parameters"]))],
-                tool_choice="get_time", sampling=common_pb2.SamplingParams(max_tokens=40, temperature=0))
-            calls = [c for ck in stub.Generate(tools, timeout=120) for c in ck.tool_calls]
-            assert [c.name for c in calls] == ["get_time"] and json.loads(calls[0].arguments)["zone"] in ("utc",
-                                                                                                         "local")
-    finally:
-        server.stop(0)
+    with router_stub(stack.app) as stub:
+        req = router_pb2.RouterGenerateRequest(
+            text="Once upon a time", n=2, echo=True,
+            sampling=common_pb2.SamplingParams(
+                max_tokens=150, temperature=1.0, seed=9, frequency_penalty=1.0, logit_bias={1234: -100},
+                structured=common_pb2.StructuredOutput(json_schema=json.dumps(SCHEMA))))
+        chunks = list(stub.Generate(req, timeout=120))
+        for i in (0, 1):
+            text = "".join(c.text for c in chunks if c.index == i)
+            assert text.startswith("Once upon a time")
+            _validate(json.loads(text[len("Once upon a time"):]))
+            assert 1234 not in [t for c in chunks if c.index == i for t in c.token_ids]
+        tools = router_pb2.RouterGenerateRequest(
+            chat=router_pb2.ChatMessages(messages=[router_pb2.ChatMessage(role="user", content="Time?")]),
+            tools=[router_pb2.Tool(name="get_time", parameters_json=json.dumps(TIME["function"]["parameters"]))],
+            tool_choice="get_time", sampling=common_pb2.SamplingParams(max_tokens=40, temperature=0))
+        calls = [c for ck in stub.Generate(tools, timeout=120) for c in ck.tool_calls]
+        assert [c.name for c in calls] == ["get_time"] and json.loads(calls[0].arguments)["zone"] in ("utc",
+                                                                                                     "local")
 
 
 def test_unsupported_parameters_answer_400_naming_them(stack):

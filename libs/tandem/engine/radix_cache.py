@@ -117,38 +117,11 @@ class RadixCache:
         Full pages become nodes (or are freed when an equal node appeared meanwhile);
         a trailing partial page is freed.
         """
-        ps = self.page_size
-        n_full = min(len(token_ids) // ps, len(pages))
-        to_free = list(pages[max(n_full, num_owned_from):])
+        n_full = min(len(token_ids) // self.page_size, len(pages))
         if self.disabled:
             self._free_pages(list(pages[num_owned_from:]))
             return
-        node, new_nodes = self.root, []
-        for i in range(n_full):
-            key = tuple(token_ids[i * ps : (i + 1) * ps])
-            child = node.children.get(key)
-            if child is None:
-                if i < num_owned_from:  # our matched prefix was evicted? never: it is locked
-                    raise RuntimeError("radix cache: locked prefix missing")
-                child = Node(tokens=key, page=pages[i], parent=node, hash=block_hash(node.hash, key))
-                node.children[key] = child
-                self.num_pages += 1
-                self.evictable_pages += 1
-                new_nodes.append(child)
-            elif i >= num_owned_from and child.page != pages[i]:
-                to_free.append(pages[i])
-            child.last_access = next(_tick)
-            node = child
-        if to_free:
-            self._free_pages(to_free)
-        if new_nodes:
-            first = new_nodes[0]
-            self._emit([BlockStored(
-                block_hashes=[n.hash for n in new_nodes],
-                parent_block_hash=first.parent.hash if first.parent is not self.root else None,
-                token_ids=[t for n in new_nodes for t in n.tokens],
-                block_size=ps,
-            )])
+        self._adopt(token_ids, pages, n_full, num_owned_from, list(pages[max(n_full, num_owned_from):]))
 
     def insert_live(self, token_ids, pages: list[int], num_owned_from: int) -> tuple[list[int], Node]:
         """Hand the full pages of a request that keeps running to the tree now (its prompt, once
@@ -159,17 +132,22 @@ class RadixCache:
         own, which is freed: same tokens, same KV) and the last node, which the caller must
         lock before anything can evict it.
         """
-        ps = self.page_size
-        n_full = len(token_ids) // ps
+        n_full = len(token_ids) // self.page_size
         if n_full > len(pages):
             raise ValueError(f"insert_live: {n_full} full pages of tokens but {len(pages)} pages")
-        out, to_free, new_nodes = list(pages[:n_full]), [], []
-        node = self.root
+        return self._adopt(token_ids, pages, n_full, num_owned_from, [])
+
+    def _adopt(self, token_ids, pages: list[int], n_full: int, num_owned_from: int,
+               to_free: list[int]) -> tuple[list[int], Node]:
+        """Make pages[:n_full] tree nodes (an equal node already there keeps its page and ours is
+        freed, with ``to_free``); return the pages now holding those tokens and the last node."""
+        ps = self.page_size
+        out, new_nodes, node = list(pages[:n_full]), [], self.root
         for i in range(n_full):
             key = tuple(token_ids[i * ps : (i + 1) * ps])
             child = node.children.get(key)
             if child is None:
-                if i < num_owned_from:
+                if i < num_owned_from:  # our matched prefix was evicted? never: it is locked
                     raise RuntimeError("radix cache: locked prefix missing")
                 child = Node(tokens=key, page=pages[i], parent=node, hash=block_hash(node.hash, key))
                 node.children[key] = child

@@ -12,16 +12,23 @@ import json
 from tandem.v1 import common_pb2
 
 
-def check_structured(so: common_pb2.StructuredOutput) -> None:
-    """Raise ValueError naming the problem."""
+def kind_and_spec(so: common_pb2.StructuredOutput) -> tuple[str, str]:
+    """(kind, spec) of the proto (spec "" for json_object); ValueError when it names none."""
     kind = so.WhichOneof("kind")
     if kind is None:
         raise ValueError("structured: set one of json_schema, json_object, regex, ebnf")
     if kind == "json_object":
         if not so.json_object:
             raise ValueError("structured.json_object must be true when set")
+        return kind, ""
+    return kind, getattr(so, kind)
+
+
+def check_structured(so: common_pb2.StructuredOutput) -> None:
+    """Raise ValueError naming the problem."""
+    kind, spec = kind_and_spec(so)
+    if kind == "json_object":
         return
-    spec = getattr(so, kind)
     if not spec:
         raise ValueError(f"{kind} is empty")
     if kind == "json_schema":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from tandem.engine.engine import StepOutput
 from tandem.engine.sampling_params import SamplingParams, StructuredOutput
+from tandem.routing.grammar_check import kind_and_spec
 from tandem.v1 import common_pb2
 
 FINISH_REASONS = {
@@ -41,14 +42,7 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
 
 
 def structured_from_proto(p: common_pb2.StructuredOutput) -> StructuredOutput:
-    kind = p.WhichOneof("kind")
-    if kind is None:
-        raise ValueError("structured: set one of json_schema, json_object, regex, ebnf")
-    if kind == "json_object":
-        if not p.json_object:
-            raise ValueError("structured.json_object must be true when set")
-        return StructuredOutput("json_object")
-    return StructuredOutput(kind, getattr(p, kind))
+    return StructuredOutput(*kind_and_spec(p))
 
 
 def structured_to_proto(so: StructuredOutput) -> common_pb2.StructuredOutput:

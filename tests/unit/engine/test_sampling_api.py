@@ -9,24 +9,8 @@ import pytest
 from tandem.engine import SamplingParams
 from tandem.engine.sampling_params import StructuredOutput
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "pet": {"enum": ["cat", "dog", "none"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
-    },
-    "required": ["name", "age", "pet"],
-}
-
-
-def _validate(obj) -> None:
-    assert set(obj) <= set(SCHEMA["properties"]) and {"name", "age", "pet"} <= set(obj)
-    assert isinstance(obj["name"], str) and len(obj["name"]) <= 12
-    assert isinstance(obj["age"], int) and 0 <= obj["age"] <= 120
-    assert obj["pet"] in ("cat", "dog", "none")
-    assert all(isinstance(t, str) and len(t) <= 6 for t in obj.get("tags", []))
+from tests.support.structured import PERSON_SCHEMA as SCHEMA
+from tests.support.structured import validate_person as _validate
 
 
 def test_logit_bias_bans_and_forces_tokens(dense_llm, prompts):

@@ -4,17 +4,17 @@ and n > 1 fans out with seed + i, pinned to one worker."""
 from __future__ import annotations
 
 import json
-from concurrent import futures
 
 import grpc
 import pytest
-from conftest import make_tokenizer_dir
 from routing_fake_worker import FakeWorker
 from tandem.config import RouterConfig
 from tandem.router.app import build_router
-from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
+from tandem.v1 import common_pb2, router_pb2
 
+from tests.support.grpc_router import router_stub
 from tests.support.waiting import wait_for
+from tests.unit.routing.conftest import make_tokenizer_dir
 
 openai = pytest.importorskip("openai")
 
@@ -135,60 +135,45 @@ def test_n_samples_get_seed_plus_i_on_one_worker(router_over, hf_tokenizer):
 
 def test_grpc_generate_with_n_tools_and_reasoning(router_over):
     app, workers, _ = router_over(CALL_TEXT, tool_call_parser="hermes", reasoning_parser="deepseek-r1")
-    server = grpc.server(futures.ThreadPoolExecutor(8))
-    app.add_to_server(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = router_pb2_grpc.RouterStub(ch)
-            req = router_pb2.RouterGenerateRequest(
-                chat=router_pb2.ChatMessages(messages=[router_pb2.ChatMessage(role="user", content="hi")]),
-                tools=[router_pb2.Tool(name="get_weather", parameters_json='{"type": "object"}'),
-                       router_pb2.Tool(name="get_time")],
-                n=2, sampling=common_pb2.SamplingParams(max_tokens=200, seed=7, presence_penalty=0.5,
-                                                        logit_bias={3: -100.0}))
-            chunks = list(stub.Generate(req, timeout=20))
-            for i in (0, 1):
-                mine = [c for c in chunks if c.index == i]
-                calls = [c for ck in mine for c in ck.tool_calls]
-                # deepseek-r1: no </think> in this output, so all of it is reasoning and no call is parsed.
-                assert "".join(c.reasoning_text for c in mine) == CALL_TEXT and not calls
-                assert mine[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
-            sent = workers[0].servicer.requests[-2:]
-            assert sorted(r.sampling.seed for r in sent) == [7, 8]
-            assert all(r.sampling.presence_penalty == 0.5 and dict(r.sampling.logit_bias) == {3: -100.0}
-                       for r in sent)
-            bad = router_pb2.RouterGenerateRequest(text="x", tool_choice="required",
-                                                   sampling=common_pb2.SamplingParams(max_tokens=5))
-            with pytest.raises(grpc.RpcError) as e:
-                list(stub.Generate(bad, timeout=10))
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tool_choice" in e.value.details()
-            bad = router_pb2.RouterGenerateRequest(text="x", sampling=common_pb2.SamplingParams(
-                max_tokens=5, structured=common_pb2.StructuredOutput(regex="([a-")))
-            with pytest.raises(grpc.RpcError) as e:
-                list(stub.Generate(bad, timeout=10))
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "regex" in e.value.details()
-    finally:
-        server.stop(0)
+    with router_stub(app) as stub:
+        req = router_pb2.RouterGenerateRequest(
+            chat=router_pb2.ChatMessages(messages=[router_pb2.ChatMessage(role="user", content="hi")]),
+            tools=[router_pb2.Tool(name="get_weather", parameters_json='{"type": "object"}'),
+                   router_pb2.Tool(name="get_time")],
+            n=2, sampling=common_pb2.SamplingParams(max_tokens=200, seed=7, presence_penalty=0.5,
+                                                    logit_bias={3: -100.0}))
+        chunks = list(stub.Generate(req, timeout=20))
+        for i in (0, 1):
+            mine = [c for c in chunks if c.index == i]
+            calls = [c for ck in mine for c in ck.tool_calls]
+            # deepseek-r1: no </think> in this output, so all of it is reasoning and no call is parsed.
+            assert "".join(c.reasoning_text for c in mine) == CALL_TEXT and not calls
+            assert mine[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        sent = workers[0].servicer.requests[-2:]
+        assert sorted(r.sampling.seed for r in sent) == [7, 8]
+        assert all(r.sampling.presence_penalty == 0.5 and dict(r.sampling.logit_bias) == {3: -100.0}
+                   for r in sent)
+        bad = router_pb2.RouterGenerateRequest(text="x", tool_choice="required",
+                                               sampling=common_pb2.SamplingParams(max_tokens=5))
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(bad, timeout=10))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tool_choice" in e.value.details()
+        bad = router_pb2.RouterGenerateRequest(text="x", sampling=common_pb2.SamplingParams(
+            max_tokens=5, structured=common_pb2.StructuredOutput(regex="([a-")))
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(bad, timeout=10))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "regex" in e.value.details()
 
 
 def test_grpc_tool_calls_parsed(router_over):
     app, _, _ = router_over(CALL_TEXT, tool_call_parser="hermes")
-    server = grpc.server(futures.ThreadPoolExecutor(8))
-    app.add_to_server(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            req = router_pb2.RouterGenerateRequest(
-                chat=router_pb2.ChatMessages(messages=[router_pb2.ChatMessage(role="user", content="hi")]),
-                tools=[router_pb2.Tool(name="get_weather"), router_pb2.Tool(name="get_time")],
-                sampling=common_pb2.SamplingParams(max_tokens=200))
-            chunks = list(router_pb2_grpc.RouterStub(ch).Generate(req, timeout=20))
+    with router_stub(app) as stub:
+        req = router_pb2.RouterGenerateRequest(
+            chat=router_pb2.ChatMessages(messages=[router_pb2.ChatMessage(role="user", content="hi")]),
+            tools=[router_pb2.Tool(name="get_weather"), router_pb2.Tool(name="get_time")],
+            sampling=common_pb2.SamplingParams(max_tokens=200))
+        chunks = list(stub.Generate(req, timeout=20))
         calls = [c for ck in chunks for c in ck.tool_calls]
         assert [(c.name, json.loads(c.arguments), c.index) for c in calls] == [
             ("get_weather", {"city": "Oslo"}, 0), ("get_time", {}, 1)]
         assert "".join(c.text for c in chunks) == "The fox checks.\n"
-    finally:
-        server.stop(0)
