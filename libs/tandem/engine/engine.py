@@ -256,8 +256,8 @@ class EngineCore:
         self._compile(sampling)
 
     def cached_prefix_tokens(self, prompt_ids: list) -> int:
-        """Leading tokens of the prompt that the prefix cache holds now (decode uses it to prefill
-        a mostly cached prompt locally, as Dynamo's conditional disaggregation does)."""
+        """Leading tokens of the prompt that the prefix cache holds now: what a request with this
+        prompt would share instead of computing."""
         with self._lock:
             return self.scheduler.cached_prefix_tokens(list(prompt_ids))
 

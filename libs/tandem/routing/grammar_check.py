@@ -12,6 +12,14 @@ import json
 from tandem.v1 import common_pb2
 
 
+def warm() -> None:
+    """Import xgrammar now (seconds: it loads torch), where it is installed."""
+    try:
+        import xgrammar  # noqa: F401
+    except ImportError:
+        pass
+
+
 def kind_and_spec(so: common_pb2.StructuredOutput) -> tuple[str, str]:
     """(kind, spec) of the proto (spec "" for json_object); ValueError when it names none."""
     kind = so.WhichOneof("kind")

@@ -177,3 +177,18 @@ def test_grpc_tool_calls_parsed(router_over):
         assert [(c.name, json.loads(c.arguments), c.index) for c in calls] == [
             ("get_weather", {"city": "Oslo"}, 0), ("get_time", {}, 1)]
         assert "".join(c.text for c in chunks) == "The fox checks.\n"
+
+
+def test_a_template_with_tool_support_renders_the_tools_itself(tmp_path):
+    from tandem.routing.tokenizer import RouterTokenizer
+    from tandem.routing.tool_parsers import Tool
+
+    d = make_tokenizer_dir(tmp_path, context_length=4096)
+    template = ("{% if tools %}TOOLS={% for t in tools %}{{ t['function']['name'] }};{% endfor %}"
+                "{% endif %}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
+                "{% endfor %}<|assistant|>")
+    (tmp_path / "chat_template.jinja").write_text(template)  # where transformers keeps the template
+    tok = RouterTokenizer(d)
+    assert tok.template_has_tools
+    text = tok.render_chat([{"role": "user", "content": "hi"}], [Tool("get_weather"), Tool("get_time")])
+    assert text.startswith("TOOLS=get_weather;get_time;") and "<tools>" not in text
