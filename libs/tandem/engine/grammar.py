@@ -47,7 +47,11 @@ class GrammarBackend:
     def _get_compiler(self):
         with self._lock:
             if self._compiler is None:
-                import xgrammar as xgr
+                try:
+                    import xgrammar as xgr
+                except ImportError:
+                    raise GrammarError("structured outputs need the xgrammar package, which this installation "
+                                       "lacks (build-support/setup.sh installs it)") from None
                 from transformers import AutoTokenizer
 
                 tok = AutoTokenizer.from_pretrained(self.model_path)
