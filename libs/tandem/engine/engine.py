@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 import torch
 from tandem.config.schemas import EngineConfig
 
+from .grammar import GrammarBackend
 from .kv_pool import KVPool, OutOfPages
 from .loader import load_model, resolve_dtype
 from .model_runner import ModelRunner
 from .radix_cache import RadixCache
 from .request import Mode, Request, Status
-from .sampler import SamplerVariant, SamplingTensors, allow_mask
+from .sampler import SamplerVariant, SamplingTensors, allow_mask, mask_words
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 
@@ -52,6 +53,7 @@ class StepOutput:
     cached_tokens: int = 0
     error: str | None = None
     stop_text_pos: int | None = None  # finished by a stop string: output text ends here
+    prompt_logprobs: list = field(default_factory=list)  # with the first token: [(logprob, top)] of prompt 1..L-1
 
 
 @dataclass
@@ -170,7 +172,11 @@ class EngineCore:
         self.scheduler = Scheduler(self.pool, self.cache, self.chunked_prefill_size, cfg.max_prefill_tokens,
                                    cfg.max_running_requests, mixed_chunk=cfg.enable_mixed_chunk)
         self.cuda_graph_max_bs = self._cuda_graph_max_bs()
-        self.runner = ModelRunner(self.model, self.pool, device, self.cuda_graph_max_bs)
+        # Penalty rows: one per running request with penalties or logit bias (decode may run
+        # more than max_running_requests when prefilled requests arrive from outside).
+        self.runner = ModelRunner(self.model, self.pool, device, self.cuda_graph_max_bs,
+                                  penalty_rows=2 * cfg.max_running_requests)
+        self.grammars = GrammarBackend(cfg.model_path, mc.vocab_size, sorted(self.eos_token_ids))
         self._seed_rng = random.Random(cfg.random_seed)  # seeds of requests that bring none
         self.requests: dict[str, Request] = {}
         self._lock = threading.RLock()
@@ -245,8 +251,22 @@ class EngineCore:
         return list(prompt)
 
     def validate_request(self, prompt_ids: list, sampling: SamplingParams) -> None:
-        """Raise ValueError naming the problem if this request could never run here."""
+        """Raise ValueError naming the problem if this request could never run here (a grammar
+        that does not compile included: it is compiled here, once, and cached)."""
         self._validate(list(prompt_ids), sampling)
+        self._compile(sampling)
+
+    def cached_prefix_tokens(self, prompt_ids: list) -> int:
+        """Leading tokens of the prompt that the prefix cache holds now: what a request with this
+        prompt would share instead of computing."""
+        with self._lock:
+            return self.scheduler.cached_prefix_tokens(list(prompt_ids))
+
+    def _compile(self, sp: SamplingParams | None) -> None:
+        """Compile the request's grammar outside the engine lock (cached by the backend)."""
+        if sp is not None and sp.structured is not None:
+            sp.structured.validate()
+            self.grammars.compile(sp.structured)
 
     def paused(self):
         """Context manager: no step runs inside it (e.g. to swap expert weights between passes)."""
@@ -283,7 +303,10 @@ class EngineCore:
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
         seed = sp.seed if sp.seed is not None else self._seed_rng.getrandbits(63)
-        return Request(rid=rid, prompt_ids=ids, sampling=sp, mode=mode, seed=seed)
+        req = Request(rid=rid, prompt_ids=ids, sampling=sp, mode=mode, seed=seed)
+        if sp.structured is not None:
+            req.grammar = self.grammars.new_state(sp.structured)
+        return req
 
     def add_request(self, prompt, sampling: SamplingParams | None = None, rid: str | None = None,
                     mode: Mode | str = Mode.NORMAL, on_prefill_done: Callable[[PrefillResult], None] | None = None,
@@ -298,6 +321,9 @@ class EngineCore:
         mode = Mode(mode)
         if mode == Mode.EXTERNAL:
             raise ValueError("use allocate_external() for requests whose KV comes from outside")
+        if mode == Mode.PREFILL_ONLY and sampling is not None and sampling.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs: the prompt must be prefilled where it is decoded (local prefill)")
+        self._compile(sampling)
         with self._lock:
             req = self._new_request(prompt, sampling, rid, mode)
             req.on_prefill_done, req.on_chunk_done = on_prefill_done, on_chunk_done
@@ -336,6 +362,9 @@ class EngineCore:
 
         Raises OutOfPages when the pool cannot hold it now (retry later or reject).
         """
+        if sampling is not None and sampling.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs: the prompt must be prefilled where it is decoded (local prefill)")
+        self._compile(sampling)
         with self._lock:
             req = self._new_request(prompt, sampling, rid, Mode.EXTERNAL)
             n = self.scheduler.pages_for(len(req.prompt_ids))
@@ -352,7 +381,7 @@ class EngineCore:
             return ExternalAllocation(req.rid, list(pages), aux, len(req.prompt_ids))
 
     def activate_external(self, rid: str, first_token_id: int, first_token_logprob: float | None = None,
-                          cached_tokens: int = 0) -> None:
+                          cached_tokens: int = 0, first_token_top: list | None = None) -> None:
         """The KV of rid's prompt is in its pages: join the running batch with its first token
         (which KV transfer delivered in the request's aux slot)."""
         with self._lock:
@@ -365,12 +394,14 @@ class EngineCore:
             req.aux_slot = None
             req.num_computed = len(req.prompt_ids)
             req.cached_tokens = cached_tokens
+            self.scheduler.cache_prompt(req)
             req.status = Status.RUNNING
             req.admit_seq = next(self.scheduler._admit_seq)
             self.scheduler.running.append(req)
             req.first_token_time = time.monotonic()
             lp = [] if first_token_logprob is None or not req.sampling.logprobs else [first_token_logprob]
-            self._accept_token(req, first_token_id, lp, [])
+            top = [list(first_token_top)] if first_token_top and req.sampling.top_logprobs else []
+            self._accept_token(req, first_token_id, lp, top)
 
     def flush_cache(self) -> bool:
         """Evict every unreferenced cached page; True when the cache is now empty."""
@@ -393,13 +424,23 @@ class EngineCore:
                 batch = []
             if batch:
                 ntok = sum(n for _, n in batch)
-                logits = self.runner.forward(batch)
+                want = [req.wants_prompt_logprobs for req, _ in batch]
+                if any(want):
+                    logits, rows = self.runner.forward(batch, want)
+                    for i, r in rows.items():
+                        self._gather_prompt_logprobs(batch[i][0], r)
+                else:
+                    logits = self.runner.forward(batch)
                 for req, n in batch:
                     req.num_computed += n
                 rows = [i for i, (req, _) in enumerate(batch) if req.num_uncomputed == 0]
                 for req, _ in batch:
                     if req.mode == Mode.PREFILL_ONLY and req.on_chunk_done is not None:
                         self._report_chunk(req)
+                for i in rows:
+                    req = batch[i][0]
+                    if req.mode == Mode.NORMAL and not req.output_ids:
+                        self.scheduler.cache_prompt(req)  # prefilled: share its prompt pages now
                 if rows:
                     self._sample([batch[i][0] for i in rows], logits[rows] if len(rows) < len(batch) else logits)
             outs, self._pending = self._pending, []
@@ -407,6 +448,22 @@ class EngineCore:
             for hook in self._step_hooks:
                 hook(self._stats)
             return outs
+
+    def _gather_prompt_logprobs(self, req: Request, rows: torch.Tensor) -> None:
+        """rows[j]: logits after token num_computed + j, i.e. the distribution of the next prompt token."""
+        start, L = req.num_computed, len(req.prompt_ids)
+        n = min(rows.shape[0], L - 1 - start)
+        if n <= 0 or len(req.prompt_logprobs) != start:
+            return
+        lp = torch.log_softmax(rows[:n].float(), dim=-1)
+        targets = torch.tensor(req.prompt_ids[start + 1:start + 1 + n], device=lp.device)
+        vals = lp.gather(1, targets[:, None])[:, 0].tolist()
+        k = req.sampling.prompt_logprobs
+        tops = [[]] * n
+        if k:
+            v, ix = lp.topk(k, dim=-1)
+            tops = [list(zip(a, b)) for a, b in zip(ix.tolist(), v.tolist())]
+        req.prompt_logprobs.extend(zip(vals, tops))
 
     def _report_chunk(self, req: Request) -> None:
         final = min(req.num_computed, len(req.prompt_ids)) // self.page_size
@@ -417,22 +474,38 @@ class EngineCore:
             req.pages_reported = final
 
     def _sampling_inputs(self, reqs: list) -> tuple[SamplingTensors | None, SamplerVariant]:
-        """Host tensors of the batch's sampling parameters (None when every row is greedy, unmasked)."""
+        """Host tensors of the batch's sampling parameters (None when every row is greedy, unmasked).
+
+        Masks: a grammar row gets its matcher's allow-bitmask for the next token (the previous
+        token was accepted in ``_accept_token``); min_tokens forbids EOS / stop ids until enough
+        tokens were produced (unless that would leave a grammar row nothing to choose).
+        """
         sps = [r.sampling for r in reqs]
         V = self.model_config.vocab_size
-        masks = []
+        banned_rows = []
         for req, sp in zip(reqs, sps):
-            # min_tokens: forbid EOS / stop ids until enough tokens were produced.
             banned = []
             if len(req.output_ids) < sp.min_tokens:
                 banned = list(sp.stop_token_ids) + ([] if sp.ignore_eos else list(self.eos_token_ids))
-            masks.append(banned)
+            banned_rows.append(banned)
+        penalties = any(r.penalty_row is not None for r in reqs)
+        grammar = any(r.grammar is not None for r in reqs)
         variant = SamplerVariant(random=not all(sp.greedy for sp in sps),
                                  top_k_top_p=any(not sp.greedy and (0 < sp.top_k < V or sp.top_p < 1.0)
                                                  for sp in sps),
-                                 masked=any(masks))
+                                 masked=any(banned_rows) or grammar or penalties, penalties=penalties)
         if variant == SamplerVariant():
             return None, variant
+        mask = None
+        if variant.masked:
+            mask = torch.full((len(reqs), mask_words(V)), -1, dtype=torch.int32)
+            for i, (req, banned) in enumerate(zip(reqs, banned_rows)):
+                if req.grammar is not None:
+                    req.grammar.fill(mask, i)
+                if banned:
+                    row = mask[i] & allow_mask(V, banned)
+                    if req.grammar is None or bool(row.any()):
+                        mask[i] = row
         return SamplingTensors(
             temperatures=torch.tensor([1.0 if sp.greedy else sp.temperature for sp in sps]),
             top_ks=torch.tensor([sp.top_k if 0 < sp.top_k < V else V for sp in sps]),
@@ -441,12 +514,49 @@ class EngineCore:
             seeds=torch.tensor([r.seed for r in reqs], dtype=torch.int64),
             positions=torch.tensor([r.seq_len for r in reqs], dtype=torch.int64),
             greedy=torch.tensor([sp.greedy for sp in sps]),
-            mask=torch.stack([allow_mask(V, b) for b in masks]) if variant.masked else None,
+            mask=mask,
+            penalty_rows=torch.tensor([self.runner.penalties.neutral_row if r.penalty_row is None else r.penalty_row
+                                       for r in reqs], dtype=torch.int64) if penalties else None,
         ), variant
 
+    def _penalty_rows(self, reqs: list, logits: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """Give every request with penalties / logit bias its PenaltyState row (filled from its
+        prompt and outputs so far). A request that finds none free ends with an error."""
+        state = self.runner.penalties
+        keep = []
+        for i, req in enumerate(reqs):
+            sp = req.sampling
+            if sp.penalized and req.penalty_row is None:
+                req.penalty_row = state.alloc(req.prompt_ids, req.output_ids, sp.presence_penalty,
+                                              sp.frequency_penalty, sp.repetition_penalty, sp.logit_bias)
+                if req.penalty_row is None:
+                    self._finish(req, "abort", cache=True)
+                    out = self._output(req, [], [], [])
+                    out.error = (f"all {state.num_rows} penalty rows are in use (requests with penalties or "
+                                 "logit_bias running at once); retry later")
+                    self._pending.append(out)
+                    continue
+            keep.append(i)
+        if len(keep) == len(reqs):
+            return reqs, logits
+        return [reqs[i] for i in keep], logits[keep]
+
+    def _free_sampling_state(self, req: Request) -> None:
+        if req.penalty_row is not None:
+            self.runner.penalties.free(req.penalty_row)
+            req.penalty_row = None
+
     def _sample(self, reqs: list, logits: torch.Tensor) -> None:
+        reqs, logits = self._penalty_rows(reqs, logits)
+        if not reqs:
+            return
         tensors, variant = self._sampling_inputs(reqs)
         token_ids = self.runner.sample(logits, tensors, variant)
+        if variant.penalties:  # count the new tokens on the device (no host sync)
+            idx = [i for i, r in enumerate(reqs) if r.penalty_row is not None]
+            dev = token_ids.device
+            self.runner.penalties.record(torch.tensor([reqs[i].penalty_row for i in idx], device=dev),
+                                         token_ids[torch.tensor(idx, device=dev)])
         want_lp = any(r.sampling.logprobs or r.sampling.top_logprobs for r in reqs)
         logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
         tokens = token_ids.tolist()  # the step's one wait for the device
@@ -468,7 +578,15 @@ class EngineCore:
         req.output_top_logprobs.extend(top)
         self._stats.generation_tokens_total += 1
         self._step_tokens += 1
+        if req.grammar is not None and not req.grammar.accept(tok):
+            # Only a first token sampled elsewhere (PD) could get here: never continue off-grammar.
+            self._finish(req, "abort", cache=True)
+            out = self._output(req, [tok], lp, top)
+            out.error = f"token {tok} is not allowed by the request's grammar"
+            self._pending.append(out)
+            return
         if req.mode == Mode.PREFILL_ONLY:
+            self._free_sampling_state(req)
             self.scheduler.remove(req)
             req.status = Status.HELD
             if req.on_prefill_done is not None:
@@ -490,6 +608,8 @@ class EngineCore:
     def _check_stop(self, req: Request, tok: int) -> str | None:
         sp = req.sampling
         n = len(req.output_ids)
+        if req.grammar is not None and req.grammar.terminated:
+            return "stop"  # the grammar is complete and its stop token was sampled
         if n >= sp.min_tokens:
             if tok in sp.stop_token_ids or (not sp.ignore_eos and tok in self.eos_token_ids):
                 return "stop"
@@ -512,6 +632,7 @@ class EngineCore:
             return
         req.status = Status.FINISHED
         req.finish_reason = reason
+        self._free_sampling_state(req)
         self.scheduler.remove(req)
         if status == Status.EXTERNAL_WAIT:
             self.scheduler.release(req, cache=False)  # KV may be half-written: never cache it
@@ -530,6 +651,8 @@ class EngineCore:
             finished=req.status == Status.FINISHED, finish_reason=req.finish_reason,
             num_prompt_tokens=len(req.prompt_ids), num_output_tokens=len(req.output_ids),
             cached_tokens=req.cached_tokens, stop_text_pos=req.stop_text_pos,
+            prompt_logprobs=list(req.prompt_logprobs) if req.sampling.prompt_logprobs is not None and toks
+            and len(req.output_ids) == len(toks) else [],
         )
 
     # ---- stats ---------------------------------------------------------------------------------

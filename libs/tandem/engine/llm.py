@@ -28,6 +28,7 @@ class RequestOutput:
     top_logprobs: list = field(default_factory=list)
     cached_tokens: int = 0
     finished: bool = False
+    prompt_logprobs: list = field(default_factory=list)  # [(logprob, top)] of prompt tokens 1..L-1
 
 
 class LLM:
@@ -72,6 +73,7 @@ class LLM:
                     r.token_ids.extend(o.new_token_ids)
                     r.logprobs.extend(o.new_logprobs)
                     r.top_logprobs.extend(o.new_top_logprobs)
+                    r.prompt_logprobs.extend(o.prompt_logprobs)
                     r.cached_tokens = o.cached_tokens
                     if o.finished:
                         r.finished, r.finish_reason = True, o.finish_reason

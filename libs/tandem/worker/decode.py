@@ -21,7 +21,7 @@ from tandem.engine.engine import EngineStats, OutOfPages
 from tandem.engine.sampling_params import SamplingParams
 from tandem.transfer import KVPoll, KvReceiver
 from tandem.v1 import common_pb2, decode_pb2, prefill_pb2
-from tandem.worker.convert import chunk_from_output, sampling_from_proto
+from tandem.worker.convert import chunk_from_output, sampling_from_proto, sampling_to_proto
 from tandem.worker.engine_loop import EngineLoop, RequestStream
 from tandem.worker.errors import ClientGone, RequestFailed
 from tandem.worker.kv_events import KvEventLog
@@ -89,7 +89,7 @@ class DecodeWorker:
         if override not in ("", "local", "remote"):
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"prefill_override={override!r}: allowed '', 'local', 'remote'")
-        local = (not self.disaggregated or override == "local"
+        local = (not self.disaggregated or override == "local" or sp.prompt_logprobs is not None
                  or (override != "remote" and len(ids) < self.config.max_local_prefill_length))
         if override == "remote" and not self.disaggregated:
             raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
@@ -149,7 +149,7 @@ class DecodeWorker:
             self.counters.remote_prefills += 1
             try:
                 return self.loop.activate_external(attempt_rid, outcome.first_token_id, outcome.logprob,
-                                                   outcome.cached_tokens)
+                                                   outcome.cached_tokens, outcome.top)
             except ValueError as exc:
                 self.loop.abort(attempt_rid)
                 raise RequestFailed(grpc.StatusCode.INTERNAL, f"activating {rid} failed: {exc}") from None
@@ -162,7 +162,7 @@ class DecodeWorker:
         cfg = self.config
         agent = peer.ensure_registered(self.receiver.registration(), self.worker_id)
         start = prefill_pb2.PrefillStart(request_id=rid, decode_id=self.worker_id, input_ids=ids,
-                                         sampling=_sampling_to_proto(sp))
+                                         sampling=sampling_to_proto(sp))
         t0 = time.monotonic()
         room = None
         allocated = False
@@ -325,12 +325,3 @@ def _failed(f: prefill_pb2.TransferFailed) -> RemotePrefillError:
                                                                    "bad_request") else grpc.StatusCode.UNAVAILABLE
     return RemotePrefillError(f.error.code or "transfer_failed", f.error.message, f.error.retryable, status)
 
-
-def _sampling_to_proto(sp: SamplingParams) -> common_pb2.SamplingParams:
-    p = common_pb2.SamplingParams(
-        temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k if sp.top_k > 0 else 0, min_p=sp.min_p,
-        max_tokens=sp.max_tokens, stop=sp.stop, stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos,
-        logprobs=sp.logprobs, top_logprobs=sp.top_logprobs, min_tokens=sp.min_tokens)
-    if sp.seed is not None:
-        p.seed = sp.seed
-    return p

@@ -129,11 +129,12 @@ class EngineLoop:
         return stream
 
     def activate_external(self, rid: str, first_token_id: int, logprob: float | None,
-                          cached_tokens: int) -> RequestStream:
-        """Start decoding a request whose prompt KV was written into its pages from outside."""
+                          cached_tokens: int, top: list | None = None) -> RequestStream:
+        """Start decoding a request whose prompt KV was written into its pages from outside
+        (``top``: the first token's top logprobs, [(token_id, logprob)])."""
         stream = self._open(rid)
         try:
-            self.engine.activate_external(rid, first_token_id, logprob, cached_tokens)
+            self.engine.activate_external(rid, first_token_id, logprob, cached_tokens, top)
         except BaseException:
             self._close(rid)
             raise
