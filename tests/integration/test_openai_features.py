@@ -14,19 +14,19 @@ import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import openai  # noqa: E402
 import pytest
 from tandem.config import RouterConfig
 from tandem.router.app import build_router
 from tandem.v1 import common_pb2, router_pb2
 
-from tests.integration.router_support import need_demo_model, start_many
+from tests.integration.router_support import start_many
 from tests.support.clients import load, pages_in_use
 from tests.support.grpc_router import router_stub
+from tests.support.models import demo_model
 from tests.support.structured import PERSON_SCHEMA as SCHEMA
 from tests.support.structured import validate_person as _validate
 from tests.support.waiting import wait_for
-
-openai = pytest.importorskip("openai")
 
 PAGE = 16
 WEATHER = {"type": "function", "function": {
@@ -43,7 +43,7 @@ LONG_PROMPT = ("The GNU General Public License is a free, copyleft license for s
 
 class Stack:
     def __init__(self, mode: str):
-        model = need_demo_model()
+        model = demo_model()
         common = ["--model-path", model, "--log-level", "warning", "--page-size", str(PAGE),
                   "--max-total-tokens", "16384"]
         if mode == "agg":
@@ -62,7 +62,7 @@ class Stack:
         self.model = self.app.model_name
 
     def router(self, **kw):
-        app = build_router(RouterConfig(model_path=need_demo_model(), workers=[self.decode.grpc_address],
+        app = build_router(RouterConfig(model_path=demo_model(), workers=[self.decode.grpc_address],
                                         http_port=0, health_check_interval=0.2, **kw))
         app.start()
         self.routers.append(app)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import grpc
+import openai  # noqa: E402
 import pytest
 from routing_fake_worker import FakeWorker
 from tandem.config import RouterConfig
@@ -15,8 +16,6 @@ from tandem.v1 import common_pb2, router_pb2
 from tests.support.grpc_router import router_stub
 from tests.support.waiting import wait_for
 from tests.unit.routing.conftest import make_tokenizer_dir
-
-openai = pytest.importorskip("openai")
 
 CALL_TEXT = ('The fox checks.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
              '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
