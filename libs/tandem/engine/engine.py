@@ -1,11 +1,11 @@
-"""EngineCore: the step loop a service thread drives, plus the disaggregation entry points.
+"""EngineCore: the step loop one thread drives, plus the disaggregation entry points.
 
-Thread safety: every public method takes the engine lock, so a service may call
-``add_request`` / ``abort`` / ``release`` / ``allocate_external`` /
-``activate_external`` from other threads while one thread loops on ``step()``.
-Callbacks (``on_prefill_done``, ``on_chunk_done``, KV-event subscribers, step
-hooks) run on the stepping thread with the lock held: they must be quick and must
-not call back into the engine (hand work to a queue instead).
+One owner: an EngineCore is not thread-safe. One thread calls everything on it (in a
+worker, the EngineLoop's thread, which turns every other thread's wish into a command;
+offline, the caller of ``LLM.generate``). Only ``validate_request``, which reads nothing
+but the fixed configuration, may be called from elsewhere. Callbacks (``on_prefill_done``,
+``on_chunk_done``, KV-event subscribers) run inside ``step()``: they must be quick and
+must not call back into the engine (hand work to a queue instead).
 """
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import random
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -173,9 +172,7 @@ class EngineCore:
         self.runner = ModelRunner(self.model, self.pool, device, self.cuda_graph_max_bs)
         self._seed_rng = random.Random(cfg.random_seed)  # seeds of requests that bring none
         self.requests: dict[str, Request] = {}
-        self._lock = threading.RLock()
         self._pending: list[StepOutput] = []
-        self._step_hooks: list[Callable[[EngineStats], None]] = []
         self._stats = EngineStats(num_total_pages=num_pages)
         self._rid_counter = itertools.count()
         # (time, tokens) per step over the last 5 s: one entry a step, so stats cost O(1) per step.
@@ -214,18 +211,15 @@ class EngineCore:
             return 0
         return min(cfg.cuda_graph_max_bs or cfg.max_running_requests, cfg.max_running_requests)
 
-    def kv_layout(self) -> dict:
-        return self.pool.layout()
-
     def has_work(self) -> bool:
-        with self._lock:
-            return bool(self.scheduler.waiting or self.scheduler.running or self._pending)
+        return bool(self.scheduler.waiting or self.scheduler.running or self._pending)
 
-    # ---- hooks -------------------------------------------------------------------------------
-    def add_step_hook(self, fn: Callable[[EngineStats], None]) -> None:
-        """fn(stats) after every step (metrics publisher, profiler)."""
-        self._step_hooks.append(fn)
+    def wrap_runner(self, wrap: Callable[[ModelRunner], ModelRunner]) -> None:
+        """Replace the model runner by ``wrap(runner)`` (expert parallelism mirrors every
+        forward pass on its followers); between steps only."""
+        self.runner = wrap(self.runner)
 
+    # ---- subscriptions -------------------------------------------------------------------------
     def subscribe_kv_events(self, fn: Callable[[list], None]) -> None:
         """fn(events) with BlockStored / BlockRemoved / AllBlocksCleared (tandem.engine.radix_cache)."""
         self.cache.subscribe(fn)
@@ -247,14 +241,9 @@ class EngineCore:
         """Raise ValueError naming the problem if this request could never run here."""
         self._validate(list(prompt_ids), sampling)
 
-    def paused(self):
-        """Context manager: no step runs inside it (e.g. to swap expert weights between passes)."""
-        return self._lock
-
     def kv_snapshot(self) -> list:
         """Every block the prefix cache holds, as BlockStored events (for a new KV-event subscriber)."""
-        with self._lock:
-            return self.cache.snapshot()
+        return self.cache.snapshot()
 
     def _validate(self, ids: list, sp: SamplingParams) -> None:
         if len(ids) == 0:
@@ -297,37 +286,34 @@ class EngineCore:
         mode = Mode(mode)
         if mode == Mode.EXTERNAL:
             raise ValueError("use allocate_external() for requests whose KV comes from outside")
-        with self._lock:
-            req = self._new_request(prompt, sampling, rid, mode)
-            req.on_prefill_done, req.on_chunk_done = on_prefill_done, on_chunk_done
-            self.requests[req.rid] = req
-            self.scheduler.waiting.append(req)
-            self._stats.prompt_tokens_total += len(req.prompt_ids)
-            return req.rid
+        req = self._new_request(prompt, sampling, rid, mode)
+        req.on_prefill_done, req.on_chunk_done = on_prefill_done, on_chunk_done
+        self.requests[req.rid] = req
+        self.scheduler.waiting.append(req)
+        self._stats.prompt_tokens_total += len(req.prompt_ids)
+        return req.rid
 
     def abort(self, rid: str, reason: str = "abort") -> bool:
         """Stop a request in any state and free its pages; False if unknown or already finished."""
-        with self._lock:
-            req = self.requests.get(rid)
-            if req is None:
-                return False
-            if req.status == Status.HELD:
-                self.release(rid, cache=False)
-                return True
-            self._finish(req, "abort", cache=True)
-            self._pending.append(self._output(req, [], [], []))
+        req = self.requests.get(rid)
+        if req is None:
+            return False
+        if req.status == Status.HELD:
+            self.release(rid, cache=False)
             return True
+        self._finish(req, "abort", cache=True)
+        self._pending.append(self._output(req, [], [], []))
+        return True
 
     def release(self, rid: str, cache: bool = True) -> None:
         """Free a finished prefill-only request's pages (into the prefix cache when cache)."""
-        with self._lock:
-            req = self.requests.pop(rid, None)
-            if req is None or req.status != Status.HELD:
-                raise ValueError(f"release({rid!r}): no held prefill-only request with this id")
-            # Only the prompt's KV is valid (the first output token was never computed).
-            req.num_computed = len(req.prompt_ids)
-            self.scheduler.release(req, cache=cache and not self.cache.disabled)
-            req.status = Status.FINISHED
+        req = self.requests.pop(rid, None)
+        if req is None or req.status != Status.HELD:
+            raise ValueError(f"release({rid!r}): no held prefill-only request with this id")
+        # Only the prompt's KV is valid (the first output token was never computed).
+        req.num_computed = len(req.prompt_ids)
+        self.scheduler.release(req, cache=cache and not self.cache.disabled)
+        req.status = Status.FINISHED
 
     def allocate_external(self, prompt, sampling: SamplingParams | None = None,
                           rid: str | None = None) -> ExternalAllocation:
@@ -335,51 +321,48 @@ class EngineCore:
 
         Raises OutOfPages when the pool cannot hold it now (retry later or reject).
         """
-        with self._lock:
-            req = self._new_request(prompt, sampling, rid, Mode.EXTERNAL)
-            n = self.scheduler.pages_for(len(req.prompt_ids))
-            pages = self.scheduler.alloc_pages(n)
-            if pages is None:
-                raise OutOfPages(f"need {n} pages, {self.scheduler.available_pages} available")
-            aux = self.pool.alloc_aux()
-            if aux is None:
-                self.pool.free(pages)
-                raise OutOfPages("no free aux slot")
-            req.pages, req.aux_slot, req.status = pages, aux, Status.EXTERNAL_WAIT
-            self.requests[req.rid] = req
-            self._stats.prompt_tokens_total += len(req.prompt_ids)
-            return ExternalAllocation(req.rid, list(pages), aux, len(req.prompt_ids))
+        req = self._new_request(prompt, sampling, rid, Mode.EXTERNAL)
+        n = self.scheduler.pages_for(len(req.prompt_ids))
+        pages = self.scheduler.alloc_pages(n)
+        if pages is None:
+            raise OutOfPages(f"need {n} pages, {self.scheduler.available_pages} available")
+        aux = self.pool.alloc_aux()
+        if aux is None:
+            self.pool.free(pages)
+            raise OutOfPages("no free aux slot")
+        req.pages, req.aux_slot, req.status = pages, aux, Status.EXTERNAL_WAIT
+        self.requests[req.rid] = req
+        self._stats.prompt_tokens_total += len(req.prompt_ids)
+        return ExternalAllocation(req.rid, list(pages), aux, len(req.prompt_ids))
 
     def activate_external(self, rid: str, first_token_id: int, first_token_logprob: float | None = None,
                           cached_tokens: int = 0) -> None:
         """The KV of rid's prompt is in its pages: join the running batch with its first token
         (which KV transfer delivered in the request's aux slot)."""
-        with self._lock:
-            req = self.requests.get(rid)
-            if req is None or req.status != Status.EXTERNAL_WAIT:
-                raise ValueError(f"activate_external({rid!r}): no pre-allocated request with this id")
-            if not 0 <= first_token_id < self.model_config.vocab_size:
-                raise ValueError(f"first_token_id={first_token_id}: outside the vocabulary")
-            self.pool.free_aux(req.aux_slot)
-            req.aux_slot = None
-            req.num_computed = len(req.prompt_ids)
-            req.cached_tokens = cached_tokens
-            req.status = Status.RUNNING
-            req.admit_seq = next(self.scheduler._admit_seq)
-            self.scheduler.running.append(req)
-            req.first_token_time = time.monotonic()
-            lp = [] if first_token_logprob is None or not req.sampling.logprobs else [first_token_logprob]
-            self._accept_token(req, first_token_id, lp, [])
+        req = self.requests.get(rid)
+        if req is None or req.status != Status.EXTERNAL_WAIT:
+            raise ValueError(f"activate_external({rid!r}): no pre-allocated request with this id")
+        if not 0 <= first_token_id < self.model_config.vocab_size:
+            raise ValueError(f"first_token_id={first_token_id}: outside the vocabulary")
+        self.pool.free_aux(req.aux_slot)
+        req.aux_slot = None
+        req.num_computed = len(req.prompt_ids)
+        req.cached_tokens = cached_tokens
+        req.status = Status.RUNNING
+        req.admit_seq = self.scheduler.next_admit_seq()
+        self.scheduler.running.append(req)
+        req.first_token_time = time.monotonic()
+        lp = [] if first_token_logprob is None or not req.sampling.logprobs else [first_token_logprob]
+        self._accept_token(req, first_token_id, lp, [])
 
     def flush_cache(self) -> bool:
         """Evict every unreferenced cached page; True when the cache is now empty."""
-        with self._lock:
-            return self.cache.reset()
+        return self.cache.reset()
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         """Run one scheduling step (at most one forward pass); return per-request outputs."""
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             t0 = time.monotonic()
             kind, batch = self.scheduler.schedule()
             ntok = 0
@@ -403,8 +386,6 @@ class EngineCore:
                     self._sample([batch[i][0] for i in rows], logits[rows] if len(rows) < len(batch) else logits)
             outs, self._pending = self._pending, []
             self._update_stats(kind if batch else "idle", len(batch), ntok, time.monotonic() - t0)
-            for hook in self._step_hooks:
-                hook(self._stats)
             return outs
 
     def _report_chunk(self, req: Request) -> None:
@@ -533,10 +514,9 @@ class EngineCore:
 
     # ---- stats ---------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
-        with self._lock:
-            self._update_stats(self._stats.step_kind, self._stats.step_batch_size, self._stats.step_num_tokens,
-                               self._stats.step_time_s)
-            return EngineStats(**vars(self._stats))
+        self._update_stats(self._stats.step_kind, self._stats.step_batch_size, self._stats.step_num_tokens,
+                           self._stats.step_time_s)
+        return EngineStats(**vars(self._stats))
 
     def _update_stats(self, kind: str, bsz: int, ntok: int, dt: float) -> None:
         s, sch, pool = self._stats, self.scheduler, self.pool

@@ -69,6 +69,10 @@ class Scheduler:
         req.pages, req.num_tree_pages, req.tree_node = [], 0, None
 
     # ---- admission -----------------------------------------------------------------------
+    def next_admit_seq(self) -> int:
+        """Admission order of a request joining the running batch from outside the queue."""
+        return next(self._admit_seq)
+
     def _try_admit(self, req: Request) -> bool:
         # Match at most seq_len - 1 tokens: the last token must be computed to get logits.
         pages, node = self.cache.match_prefix(req.all_ids[: req.seq_len - 1])

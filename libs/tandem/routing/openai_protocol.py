@@ -209,9 +209,9 @@ def build_sampling(req: _SamplingFields, prompt_tokens: int, context_length: int
     top_p = 1.0 if req.top_p is None else req.top_p
     if not 0 < top_p <= 1:
         raise bad_request(f"top_p={top_p}: must be in (0, 1].", param="top_p")
-    top_k = -1 if req.top_k in (None, 0) else req.top_k
+    top_k = req.top_k or 0  # 0 and -1 both mean off in tandem.v1; the worker maps them for the engine
     if top_k < -1:
-        raise bad_request(f"top_k={top_k}: must be -1 (off) or >= 1.", param="top_k")
+        raise bad_request(f"top_k={top_k}: must be -1 or 0 (off) or >= 1.", param="top_k")
     min_p = req.min_p or 0.0
     if not 0 <= min_p <= 1:
         raise bad_request(f"min_p={min_p}: must be in [0, 1].", param="min_p")

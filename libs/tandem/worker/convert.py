@@ -22,7 +22,7 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
         max_tokens=p.max_tokens,
         temperature=p.temperature,
         top_p=p.top_p if p.top_p else 1.0,
-        top_k=p.top_k if p.top_k > 0 else -1,
+        top_k=p.top_k if p.top_k > 0 else -1,  # the one place the proto's "off" (0 or -1) becomes the engine's -1
         min_p=p.min_p,
         seed=p.seed if p.HasField("seed") else None,
         stop=list(p.stop),
@@ -32,6 +32,17 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
         logprobs=p.logprobs or p.top_logprobs > 0,
         top_logprobs=p.top_logprobs,
     )
+
+
+def sampling_to_proto(sp: SamplingParams) -> common_pb2.SamplingParams:
+    """Inverse of :func:`sampling_from_proto` (decode hands a request to prefill)."""
+    p = common_pb2.SamplingParams(
+        temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p, max_tokens=sp.max_tokens,
+        stop=sp.stop, stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos, logprobs=sp.logprobs,
+        top_logprobs=sp.top_logprobs, min_tokens=sp.min_tokens)
+    if sp.seed is not None:
+        p.seed = sp.seed
+    return p
 
 
 def position_logprobs(logprob: float | None, top: list | None) -> common_pb2.PositionLogprobs:

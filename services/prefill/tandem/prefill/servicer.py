@@ -21,7 +21,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def Prefill(self, request_iterator, context):
         with self.metrics.track_request("prefill") as track:
             try:
-                for msg in self.worker.prefill(request_iterator, context.is_active):
+                for msg in self.worker.prefill(request_iterator, context.add_callback):
                     track.first_response()
                     track.add_response_bytes(msg.ByteSize())
                     if msg.WhichOneof("msg") == "failed":
@@ -30,6 +30,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             except RequestFailed as exc:
                 track.set_error(exc.status.name)
                 context.abort(exc.status, exc.message)
+
+    def CancelRoom(self, request, context):
+        try:
+            return self.worker.cancel_room(request)
+        except RequestFailed as exc:
+            context.abort(exc.status, exc.message)
 
     def GetLoad(self, request, context):
         return self.worker.get_load()
