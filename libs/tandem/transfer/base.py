@@ -281,6 +281,11 @@ class KvReceiver:
         with self._lock:
             return self._get(room).failure
 
+    def on_progress(self, fn) -> None:
+        """Call ``fn()`` (from any thread) whenever out-of-band progress arrived, so the owner's
+        poll loop can sleep until then. Backends whose messages all come through
+        :meth:`handle` have nothing to report."""
+
     def bytes_received(self, room: int) -> int:
         """KV bytes of ``room`` (counted in band, or as the sender's TransferDone reports)."""
         with self._lock:

@@ -333,8 +333,7 @@ class NixlKvReceiver(KvReceiver):
             return self.agent.get_agent_metadata()
 
     def on_progress(self, fn: Callable[[], None] | None) -> None:
-        """Call ``fn()`` (from the progress thread) whenever new notifications arrived, so the
-        owner's poll loop can wake up instead of polling on a timer."""
+        """Call ``fn()`` (from the progress thread) whenever new notifications arrived."""
         if self._bg is not None:
             self._bg.on_drained = fn
 

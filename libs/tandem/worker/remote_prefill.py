@@ -196,9 +196,8 @@ class RemotePrefill:
             for p in self.peers:
                 self._tasks.append(self._aio.create_task(
                     follow_kv_events(p.stub.KvEvents, self.index, p.address), name=f"kv-events {p.address}"))
-        wake = getattr(self.receiver, "on_progress", None)
-        if wake is not None:  # out-of-band backends tell us when notifications arrived
-            wake(lambda: self._aio.call_soon_threadsafe(self._wake.set))
+        # Out-of-band backends say when notifications arrived: the poll loop sleeps until then.
+        self.receiver.on_progress(lambda: self._aio.call_soon_threadsafe(self._wake.set))
         self._started.set()
         self._aio.run_forever()
         self._aio.close()

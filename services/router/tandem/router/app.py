@@ -52,12 +52,6 @@ class RouterApp:
     def http_address(self) -> str:
         return f"{self.config.host}:{self.http_port}"
 
-    def add_to_server(self, server) -> None:
-        """Register the Router servicer on a grpc.Server (ServiceRuntime.add_service does the same)."""
-        from tandem.v1 import router_pb2_grpc
-
-        router_pb2_grpc.add_RouterServicer_to_server(self.servicer, server)
-
     def start(self, timeout: float = 30.0) -> None:
         """Start the router loop thread: discovery, health checks and the HTTP server. Returns
         once the HTTP port is bound and serving."""
