@@ -98,7 +98,7 @@ def plan_stack(cfg: dict) -> list[ProcessSpec]:
         eplb_addr = f"{host}:{ports['eplb_grpc']}"
         # MoE workers record expert load, report it to the planner and apply its plans.
         engine.update(enable_eplb=True, eplb_planner_address=eplb_addr)
-        specs.append(ProcessSpec("eplb", "eplb", py + ["tandem.eplb"], eplb_addr,
+        specs.append(ProcessSpec("eplb", "eplb", py + ["tandem.eplb_planner"], eplb_addr,
                                  f"{host}:{ports['eplb_system']}",
                                  {"host": host, "port": ports["eplb_grpc"], "system_port": ports["eplb_system"],
                                   "model_path": cfg["model_path"]}))
