@@ -41,7 +41,7 @@ class RouterApp:
         self.model_name = config.served_model_name or os.path.basename(os.path.normpath(config.model_path))
         self.metrics = RouterMetrics(self.registry, self.model_name)
         self.core = RouterCore(config, self.tokenizer, self.metrics, self.model_name)
-        self.servicer = RouterServicer(self)
+        self.servicer = RouterServicer(self.core, lambda: self.loop)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: uvicorn.Server | None = None
@@ -67,7 +67,7 @@ class RouterApp:
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
         errors: list[BaseException] = []
-        uv_config = uvicorn.Config(build_http_app(self), log_level="warning", access_log=False,
+        uv_config = uvicorn.Config(build_http_app(self.core, self.registry), log_level="warning", access_log=False,
                                    timeout_graceful_shutdown=2, lifespan="off")
         self._server = uvicorn.Server(uv_config)
 
