@@ -17,7 +17,8 @@ codegen:
 demo-models: setup  ## build the small demo checkpoints into models/ (offline, deterministic)
 	@$(PY) -m tandem.engine.demo_models --out models
 
-test: setup demo-models test-tools  ## the whole test suite (slow tests too), the 15 slowest, then a Pants smoke build
+test: setup demo-models test-tools  ## layering contracts, the whole test suite (slow tests too), the 15 slowest, then a Pants smoke build
+	.venv/bin/lint-imports
 	$(PY) -m pytest -q -rs --durations=15 tests
 	@build-support/pants-smoke.sh
 
@@ -31,8 +32,9 @@ test-fresh:  ## `make test` in a fresh clone of HEAD with a scrubbed environment
 test-fast: setup
 	$(PY) -m pytest -q -x tests/unit
 
-lint: setup
+lint: setup  ## ruff (private reach-ins included) and the layering contracts (import-linter, pyproject.toml)
 	$(PY) -m ruff check libs services tests benchmarks
+	.venv/bin/lint-imports
 
 deploy-local: setup demo-models  ## run the whole stack on loopback (Ctrl-C stops it)
 	@build-support/install-prometheus.sh
