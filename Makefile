@@ -6,7 +6,7 @@ MODEL ?=
 PREFILL ?= 1
 DECODE ?= 1
 
-.PHONY: setup codegen test test-tools test-fresh test-fast lint demo-models deploy-local stop-local pants package bench clean
+.PHONY: setup codegen test test-tools test-fresh test-fast lint demo-models deploy-local stop-local pants package bench bench-micro clean
 
 setup:  ## create .venv, install pinned deps, generate protobuf code (idempotent)
 	@build-support/setup.sh
@@ -35,6 +35,10 @@ test-fast: setup
 lint: setup  ## ruff (private reach-ins included) and the layering contracts (import-linter, pyproject.toml)
 	$(PY) -m ruff check libs services tests benchmarks
 	.venv/bin/lint-imports
+
+bench-micro: setup demo-models  ## pytest-benchmark micro-benchmarks (routing, KV index, block hashing, detokenizer, config); saved in .benchmarks/, compared with the previous run
+	$(PY) -m pytest -q benchmarks/micro --benchmark-only --benchmark-autosave --benchmark-compare \
+	  --benchmark-columns=min,median,mean,iqr,rounds --benchmark-sort=name
 
 deploy-local: setup demo-models  ## run the whole stack on loopback (Ctrl-C stops it)
 	@build-support/install-prometheus.sh
