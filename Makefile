@@ -15,7 +15,7 @@ codegen:
 	@build-support/codegen.sh
 
 demo-models: setup  ## build the small demo checkpoints into models/ (offline, deterministic)
-	@$(PY) -m tandem.engine.demo_models --out models
+	@$(PY) -m deploy.demo_models --out models
 
 test: setup demo-models test-tools  ## layering contracts, the whole test suite (slow tests too), the 15 slowest, then a Pants smoke build
 	.venv/bin/lint-imports
