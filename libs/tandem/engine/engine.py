@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
 import logging
 import os
 import random
@@ -23,16 +22,20 @@ from dataclasses import dataclass, field
 import torch
 from tandem.config.schemas import EngineConfig
 
+from .disaggregation import DisaggregationMixin, ExternalAllocation, PrefillResult
+from .engine_config import attention_backend, default_chunked_prefill_size, merge_config, resolve_device
 from .kv_pool import KVPool, OutOfPages
 from .loader import load_model, resolve_dtype
 from .model_runner import ModelRunner
+from .pool_sizing import kv_pool_pages
 from .radix_cache import RadixCache
 from .request import Mode, Request, Status
 from .sampler import SamplerVariant, SamplingTensors, allow_mask
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
+from .stats import EngineStats, EngineStatsMixin
+from .tokenizer import eos_token_ids, load_tokenizer
 
-CPU_KV_BYTES_CAP = 512 << 20
 log = logging.getLogger(__name__)
 
 
@@ -53,75 +56,14 @@ class StepOutput:
     stop_text_pos: int | None = None  # finished by a stop string: output text ends here
 
 
-@dataclass
-class PrefillResult:
-    """A prefill-only request is done: its KV sits in these pages until release()."""
+class EngineCore(DisaggregationMixin, EngineStatsMixin):
+    """The engine: requests, scheduling, one forward pass per ``step()``. What is not the step
+    loop lives next door: config merge and device defaults (``engine_config``), KV pool sizing
+    (``pool_sizing``), tokenizer and EOS ids (``tokenizer``), the PD entry points
+    (``disaggregation``), stats (``stats``)."""
 
-    rid: str
-    page_indices: list
-    num_tokens: int
-    first_token_id: int
-    first_token_logprob: float
-    cached_tokens: int
-    top_logprobs: list = field(default_factory=list)
-
-
-@dataclass
-class ExternalAllocation:
-    """Pages (and an aux slot) reserved for a prompt whose KV will be written from outside."""
-
-    rid: str
-    page_indices: list
-    aux_slot: int
-    num_tokens: int
-
-
-@dataclass
-class EngineStats:
-    num_running_reqs: int = 0
-    num_queue_reqs: int = 0
-    num_held_reqs: int = 0
-    num_external_reqs: int = 0
-    num_used_pages: int = 0
-    num_free_pages: int = 0
-    num_cached_pages: int = 0
-    num_evictable_pages: int = 0
-    num_total_pages: int = 0
-    num_used_tokens: int = 0
-    token_usage: float = 0.0
-    cache_hit_rate: float = 0.0
-    prompt_tokens_total: int = 0
-    cached_tokens_total: int = 0
-    generation_tokens_total: int = 0
-    num_requests_total: int = 0
-    num_retracted_total: int = 0
-    gen_throughput: float = 0.0
-    step_kind: str = "idle"
-    step_batch_size: int = 0
-    step_num_tokens: int = 0
-    step_time_s: float = 0.0
-
-
-def _config(model_path, config: EngineConfig | None, overrides: dict) -> EngineConfig:
-    if config is not None:
-        if overrides or model_path:
-            data = config.model_dump()
-            data.update(overrides)
-            if model_path:
-                data["model_path"] = model_path
-            return EngineConfig(**data)
-        return config
-    # Services pass their whole config; keep only the engine's fields.
-    fields = EngineConfig.model_fields
-    unknown = [k for k in overrides if k not in fields]
-    if unknown:
-        raise ValueError(f"unknown engine option(s) {unknown}; see tandem.config.EngineConfig")
-    return EngineConfig(model_path=model_path, **overrides)
-
-
-class EngineCore:
     def __init__(self, model_path: str | None = None, config: EngineConfig | None = None, **overrides):
-        self.config = cfg = _config(model_path, config, overrides)
+        self.config = cfg = merge_config(model_path, config, overrides)
         if not cfg.model_path:
             raise ValueError("model_path is required")
         if cfg.enable_hierarchical_cache or cfg.hicache_storage_backend:
@@ -129,43 +71,22 @@ class EngineCore:
                              "is not implemented in this build; remove the flag")
         if not os.path.isdir(cfg.model_path):
             raise ValueError(f"model_path={cfg.model_path!r}: not a directory")
-        device = cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device='cuda' but torch sees no CUDA device")
-        self.device = device
+        self.device = device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, device)
-        self.attention_backend = _attention_backend(cfg.attention_backend, device)
+        self.attention_backend = attention_backend(cfg.attention_backend, device)
         self.model, self.model_config = load_model(cfg.model_path, self.dtype, device)
         mc = self.model_config
         self.context_length = cfg.context_length or mc.max_position_embeddings
         self.model.set_backend(self.attention_backend, self.context_length + 1)
-        self.tokenizer = _load_tokenizer(cfg.model_path)
-        self.eos_token_ids = set(mc.eos_token_ids) | _generation_eos(cfg.model_path)
-        if self.tokenizer is not None:
-            eos = _tokenizer_eos(cfg.model_path, self.tokenizer)
-            if eos is not None:
-                self.eos_token_ids.add(eos)
+        self.tokenizer = load_tokenizer(cfg.model_path)
+        self.eos_token_ids = eos_token_ids(cfg.model_path, mc, self.tokenizer)
 
         page_size = cfg.page_size
-        bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
-        if cfg.max_total_tokens:
-            total_tokens = cfg.max_total_tokens
-        elif device.startswith("cuda"):
-            free, total = torch.cuda.mem_get_info()
-            budget = total * cfg.mem_fraction_static - (total - free)
-            if budget <= 0:
-                raise ValueError(f"mem_fraction_static={cfg.mem_fraction_static}: no memory left for the KV pool")
-            total_tokens = int(budget // bytes_per_token)
-        else:
-            total_tokens = int(min(cfg.mem_fraction_static * _host_available_bytes(), CPU_KV_BYTES_CAP)
-                               // bytes_per_token)
-        num_pages = max(1, total_tokens // page_size)
+        num_pages = kv_pool_pages(cfg, mc, self.dtype, device)
         self.pool = KVPool(mc.num_layers, num_pages, page_size, mc.num_kv_heads, mc.head_dim, self.dtype,
                            device, num_aux_slots=max(64, cfg.max_running_requests * 4))
         self.cache = RadixCache(page_size, self.pool.free, disabled=cfg.disable_radix_cache)
-        self.chunked_prefill_size = cfg.chunked_prefill_size or _default_chunked_prefill_size(device)
+        self.chunked_prefill_size = cfg.chunked_prefill_size or default_chunked_prefill_size(device)
         self.scheduler = Scheduler(self.pool, self.cache, self.chunked_prefill_size, cfg.max_prefill_tokens,
                                    cfg.max_running_requests, mixed_chunk=cfg.enable_mixed_chunk)
         self.cuda_graph_max_bs = self._cuda_graph_max_bs()
@@ -304,56 +225,6 @@ class EngineCore:
         self._finish(req, "abort", cache=True)
         self._pending.append(self._output(req, [], [], []))
         return True
-
-    def release(self, rid: str, cache: bool = True) -> None:
-        """Free a finished prefill-only request's pages (into the prefix cache when cache)."""
-        req = self.requests.pop(rid, None)
-        if req is None or req.status != Status.HELD:
-            raise ValueError(f"release({rid!r}): no held prefill-only request with this id")
-        # Only the prompt's KV is valid (the first output token was never computed).
-        req.num_computed = len(req.prompt_ids)
-        self.scheduler.release(req, cache=cache and not self.cache.disabled)
-        req.status = Status.FINISHED
-
-    def allocate_external(self, prompt, sampling: SamplingParams | None = None,
-                          rid: str | None = None) -> ExternalAllocation:
-        """Reserve pages for a prompt whose KV will be written from outside (decode side of PD).
-
-        Raises OutOfPages when the pool cannot hold it now (retry later or reject).
-        """
-        req = self._new_request(prompt, sampling, rid, Mode.EXTERNAL)
-        n = self.scheduler.pages_for(len(req.prompt_ids))
-        pages = self.scheduler.alloc_pages(n)
-        if pages is None:
-            raise OutOfPages(f"need {n} pages, {self.scheduler.available_pages} available")
-        aux = self.pool.alloc_aux()
-        if aux is None:
-            self.pool.free(pages)
-            raise OutOfPages("no free aux slot")
-        req.pages, req.aux_slot, req.status = pages, aux, Status.EXTERNAL_WAIT
-        self.requests[req.rid] = req
-        self._stats.prompt_tokens_total += len(req.prompt_ids)
-        return ExternalAllocation(req.rid, list(pages), aux, len(req.prompt_ids))
-
-    def activate_external(self, rid: str, first_token_id: int, first_token_logprob: float | None = None,
-                          cached_tokens: int = 0) -> None:
-        """The KV of rid's prompt is in its pages: join the running batch with its first token
-        (which KV transfer delivered in the request's aux slot)."""
-        req = self.requests.get(rid)
-        if req is None or req.status != Status.EXTERNAL_WAIT:
-            raise ValueError(f"activate_external({rid!r}): no pre-allocated request with this id")
-        if not 0 <= first_token_id < self.model_config.vocab_size:
-            raise ValueError(f"first_token_id={first_token_id}: outside the vocabulary")
-        self.pool.free_aux(req.aux_slot)
-        req.aux_slot = None
-        req.num_computed = len(req.prompt_ids)
-        req.cached_tokens = cached_tokens
-        req.status = Status.RUNNING
-        req.admit_seq = self.scheduler.next_admit_seq()
-        self.scheduler.running.append(req)
-        req.first_token_time = time.monotonic()
-        lp = [] if first_token_logprob is None or not req.sampling.logprobs else [first_token_logprob]
-        self._accept_token(req, first_token_id, lp, [])
 
     def flush_cache(self) -> bool:
         """Evict every unreferenced cached page; True when the cache is now empty."""
@@ -513,94 +384,4 @@ class EngineCore:
         )
 
     # ---- stats ---------------------------------------------------------------------------------
-    def stats(self) -> EngineStats:
-        self._update_stats(self._stats.step_kind, self._stats.step_batch_size, self._stats.step_num_tokens,
-                           self._stats.step_time_s)
-        return EngineStats(**vars(self._stats))
-
-    def _update_stats(self, kind: str, bsz: int, ntok: int, dt: float) -> None:
-        s, sch, pool = self._stats, self.scheduler, self.pool
-        s.num_running_reqs = len(sch.running)
-        s.num_queue_reqs = len(sch.waiting)
-        s.num_held_reqs = sum(1 for r in self.requests.values() if r.status == Status.HELD)
-        s.num_external_reqs = sum(1 for r in self.requests.values() if r.status == Status.EXTERNAL_WAIT)
-        s.num_free_pages = pool.num_free_pages
-        s.num_used_pages = pool.num_used_pages
-        s.num_cached_pages = self.cache.num_pages
-        s.num_evictable_pages = self.cache.evictable_pages
-        in_use = pool.num_used_pages - self.cache.evictable_pages
-        s.num_used_tokens = in_use * pool.page_size
-        s.token_usage = in_use / pool.num_pages
-        s.cache_hit_rate = s.cached_tokens_total / max(1, s.prompt_tokens_total)
-        s.num_retracted_total = sch.num_retracted
-        now = time.monotonic()
-        window = self._gen_window
-        if self._step_tokens:
-            window.append((now, self._step_tokens))
-            self._gen_window_tokens += self._step_tokens
-            self._step_tokens = 0
-        while window and now - window[0][0] >= 5.0:
-            self._gen_window_tokens -= window.popleft()[1]
-        s.gen_throughput = self._gen_window_tokens / max(now - window[0][0], 1e-3) if window else 0.0
-        s.step_kind, s.step_batch_size, s.step_num_tokens, s.step_time_s = kind, bsz, ntok, dt
-
-
-def _attention_backend(requested: str | None, device: str) -> str:
-    if requested is None:
-        return "triton" if device.startswith("cuda") else "torch_native"
-    if requested == "triton" and not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("attention_backend='triton' on CPU runs only through the Triton interpreter "
-                         "(set TRITON_INTERPRET=1; slow, for tests); use torch_native on CPU")
-    return requested
-
-
-def _default_chunked_prefill_size(device: str) -> int:
-    if not device.startswith("cuda"):
-        return 512
-    gb = torch.cuda.get_device_properties(torch.device(device)).total_memory / 1e9
-    return 2048 if gb < 35 else 4096 if gb < 60 else 8192
-
-
-def _host_available_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
-
-
-def _load_tokenizer(path: str):
-    fn = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(fn):
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(fn)
-
-
-def _tokenizer_eos(path: str, tok) -> int | None:
-    try:
-        with open(os.path.join(path, "tokenizer_config.json")) as f:
-            eos = json.load(f).get("eos_token")
-    except (OSError, ValueError):
-        return None
-    if isinstance(eos, dict):
-        eos = eos.get("content")
-    return tok.token_to_id(eos) if isinstance(eos, str) else None
-
-
-def _generation_eos(path: str) -> set:
-    try:
-        with open(os.path.join(path, "generation_config.json")) as f:
-            eos = json.load(f).get("eos_token_id")
-    except (OSError, ValueError):
-        return set()
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, list) else {eos}
-
-
 __all__ = ["EngineCore", "EngineStats", "StepOutput", "PrefillResult", "ExternalAllocation", "OutOfPages"]
