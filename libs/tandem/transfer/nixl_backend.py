@@ -107,6 +107,29 @@ class _Progress:
         self._thread.join(1.0)
 
 
+class _Agent:
+    """A NIXL agent with a pool's memory registered and, unless NIXL runs its own, the
+    low-duty progress thread (both sides of the backend use one)."""
+
+    def __init__(self, name: str, buffers: KvBuffers, lock: threading.RLock, nixl_backends: tuple[str, ...],
+                 progress_thread: bool, progress_interval_s: float | None) -> None:
+        self.lock = lock
+        self.agent = _make_agent(name, list(nixl_backends), progress_thread)
+        self.progress = (_Progress(self.agent, lock, progress_interval_s)
+                         if progress_interval_s and not progress_thread else None)
+        self.regs = _register(self.agent, buffers)
+
+    def stop_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def deregister(self) -> None:
+        with self.lock:
+            _deregister(self.agent, self.regs)
+            self.regs = []
+
+
 def _register(agent, buffers: KvBuffers) -> list:
     """Register K/V (and aux, in its own memory kind when it differs); returns the handles."""
     if buffers.aux_mem_type == buffers.mem_type:
@@ -181,13 +204,11 @@ class NixlKvSender(KvSender):
     ):
         super().__init__(buffers, name, model_fingerprint)
         self._lock = threading.RLock()
-        self.agent = _make_agent(name, list(nixl_backends), progress_thread)
-        self._progress = (_Progress(self.agent, self._lock, progress_interval_s)
-                          if progress_interval_s and not progress_thread else None)
-        self._reg = _register(self.agent, buffers)
+        self._nixl = _Agent(name, buffers, self._lock, nixl_backends, progress_thread, progress_interval_s)
+        self.agent = self._nixl.agent
         # Aux rows are packed into this registered host buffer, then written to decode.
         self._staging = torch.zeros(aux_staging_slots, buffers.aux_slot_bytes, dtype=torch.uint8)
-        self._reg.append(self.agent.register_memory(self._staging))
+        self._nixl.regs.append(self.agent.register_memory(self._staging))
         self._free_staging = list(range(aux_staging_slots - 1, -1, -1))
 
     def _add_peer(self, reg: Registration) -> None:
@@ -295,13 +316,9 @@ class NixlKvSender(KvSender):
                 log.warning("could not notify %s that room %s failed: %s", peer, room, e)
 
     def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
+        self._nixl.stop_progress()
         super().close()
-        with self._lock:
-            _deregister(self.agent, self._reg)
-            self._reg = []
+        self._nixl.deregister()
 
 
 class NixlKvReceiver(KvReceiver):
@@ -321,10 +338,8 @@ class NixlKvReceiver(KvReceiver):
         **timeouts,
     ):
         super().__init__(buffers, name, model_fingerprint, **timeouts)
-        self.agent = _make_agent(name, list(nixl_backends), progress_thread)
-        self._bg = (_Progress(self.agent, self._lock, progress_interval_s)
-                    if progress_interval_s and not progress_thread else None)
-        self._reg = _register(self.agent, buffers)
+        self._nixl = _Agent(name, buffers, self._lock, nixl_backends, progress_thread, progress_interval_s)
+        self.agent = self._nixl.agent
         # Notifications that arrived before expect(), oldest first.
         self._pending: OrderedDict[int, list[tuple[str, bytes]]] = OrderedDict()
 
@@ -334,8 +349,8 @@ class NixlKvReceiver(KvReceiver):
 
     def on_progress(self, fn: Callable[[], None] | None) -> None:
         """Call ``fn()`` (from the progress thread) whenever new notifications arrived."""
-        if self._bg is not None:
-            self._bg.on_drained = fn
+        if self._nixl.progress is not None:
+            self._nixl.progress.on_drained = fn
 
     @property
     def num_early_notifications(self) -> int:
@@ -344,8 +359,8 @@ class NixlKvReceiver(KvReceiver):
             return sum(len(v) for v in self._pending.values())
 
     def _progress(self) -> None:
-        if self._bg is not None:
-            for agent, m in self._bg.take():
+        if self._nixl.progress is not None:
+            for agent, m in self._nixl.progress.take():
                 self._apply(agent, m)
         for agent, msgs in self.agent.get_new_notifs().items():
             for m in msgs:
@@ -383,10 +398,6 @@ class NixlKvReceiver(KvReceiver):
         self._pending.pop(room, None)
 
     def close(self) -> None:
-        if self._bg is not None:
-            self._bg.stop()
-            self._bg = None
+        self._nixl.stop_progress()
         super().close()
-        with self._lock:
-            _deregister(self.agent, self._reg)
-            self._reg = []
+        self._nixl.deregister()

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .paged import dot, load_slots, paged_slots
+
 BLOCK_N = 64  # context tokens per inner iteration (and the granularity of a split)
 
 
@@ -55,26 +57,17 @@ def _decode_partial_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        page = tl.load(PageTable + b * stride_pt + offs_n // PAGE_SIZE, mask=mask_n, other=0)
-        slot = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+        slot = paged_slots(PageTable, b * stride_pt, offs_n, mask_n, PAGE_SIZE)
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + slot[:, None] * stride_k_slot + kv_head * stride_k_head + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
+        k = load_slots(K, slot, stride_k_slot, kv_head * stride_k_head, offs_d, kv_mask)
+        qk = dot(q, tl.trans(k), IEEE)
         qk = tl.where(mask_n[None, :], qk * sm_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + slot[:, None] * stride_v_slot + kv_head * stride_v_head + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        v = load_slots(V, slot, stride_v_slot, kv_head * stride_v_head, offs_d, kv_mask)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     # An empty split (short context, or a padding row) stores zeros and lse = -inf.
     empty = l_i == 0.0

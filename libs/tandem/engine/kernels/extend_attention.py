@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .paged import dot, load_slots, paged_slots
+
 BLOCK_M = 64
 BLOCK_N = 64
 
@@ -55,15 +57,10 @@ def _extend_attention_kernel(
     for n0 in range(0, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        page = tl.load(PageTable + b * stride_pt + offs_n // PAGE_SIZE, mask=mask_n, other=0)
-        slot = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
+        slot = paged_slots(PageTable, b * stride_pt, offs_n, mask_n, PAGE_SIZE)
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + slot[:, None] * stride_k_slot + kv_head * stride_k_head + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
+        k = load_slots(K, slot, stride_k_slot, kv_head * stride_k_head, offs_d, kv_mask)
+        qk = dot(q, tl.trans(k), IEEE)
         visible = mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None])
         qk = tl.where(visible, qk * sm_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -71,12 +68,8 @@ def _extend_attention_kernel(
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(qk - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + slot[:, None] * stride_v_slot + kv_head * stride_v_head + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        v = load_slots(V, slot, stride_v_slot, kv_head * stride_v_head, offs_d, kv_mask)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(Out + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty),
