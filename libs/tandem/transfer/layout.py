@@ -74,7 +74,8 @@ class KvBuffers:
     """The engine's KV pool as the transfer library sees it (no engine import needed).
 
     ``k[l]`` / ``v[l]``: layer ``l``'s K / V tensor ``[num_pages, page_size, kv_heads,
-    head_dim]``, contiguous, all of one shape, dtype and device. ``aux``: uint8 tensor
+    head_dim]``, contiguous, all of one shape, dtype and device (``num_layers``, ``num_pages``,
+    ``page_size``, ``kv_heads``, ``head_dim`` and ``dtype`` are set from them). ``aux``: uint8 tensor
     ``[num_aux_slots, aux_slot_bytes]`` (``aux_slot_bytes >= 64``) on the same kind of
     memory as K/V (a PoolLayout carries one ``mem_type``).
     """
@@ -117,30 +118,9 @@ class KvBuffers:
             raise ValueError(
                 f"aux_slot_bytes is {a.shape[1]}, must be >= {AUX_MIN_SLOT_BYTES}"
             )
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.k)
-
-    @property
-    def num_pages(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
-    def page_size(self) -> int:
-        return self.k[0].shape[1]
-
-    @property
-    def kv_heads(self) -> int:
-        return self.k[0].shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.k[0].shape[3]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.k[0].dtype
+        # The pool's shape, fixed from here on.
+        self.num_layers, self.dtype = len(self.k), ref.dtype
+        self.num_pages, self.page_size, self.kv_heads, self.head_dim = ref.shape
 
     @property
     def bytes_per_page(self) -> int:

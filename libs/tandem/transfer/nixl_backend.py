@@ -108,11 +108,13 @@ class _Progress:
 
 
 class _Agent:
-    """A NIXL agent with a pool's memory registered and, unless NIXL runs its own, the
-    low-duty progress thread (both sides of the backend use one)."""
+    """A NIXL agent with a pool's memory registered and, unless NIXL runs its own
+    (``progress_thread``), the low-duty progress thread. Both sides of the backend have one;
+    their constructors pass these options through (``nixl_backends``, ``progress_thread``,
+    ``progress_interval_s``)."""
 
-    def __init__(self, name: str, buffers: KvBuffers, lock: threading.RLock, nixl_backends: tuple[str, ...],
-                 progress_thread: bool, progress_interval_s: float | None) -> None:
+    def __init__(self, name: str, buffers: KvBuffers, lock: threading.RLock, nixl_backends: tuple[str, ...] = ("UCX",),
+                 progress_thread: bool = False, progress_interval_s: float | None = 0.001) -> None:
         self.lock = lock
         self.agent = _make_agent(name, list(nixl_backends), progress_thread)
         self.progress = (_Progress(self.agent, lock, progress_interval_s)
@@ -192,19 +194,11 @@ class NixlKvSender(KvSender):
 
     backend = "nixl"
 
-    def __init__(
-        self,
-        buffers: KvBuffers,
-        name: str,
-        model_fingerprint: str = "",
-        nixl_backends: tuple[str, ...] = ("UCX",),
-        aux_staging_slots: int = 1024,
-        progress_thread: bool = False,
-        progress_interval_s: float | None = 0.001,
-    ):
+    def __init__(self, buffers: KvBuffers, name: str, model_fingerprint: str = "", aux_staging_slots: int = 1024,
+                 **agent_options):
         super().__init__(buffers, name, model_fingerprint)
         self._lock = threading.RLock()
-        self._nixl = _Agent(name, buffers, self._lock, nixl_backends, progress_thread, progress_interval_s)
+        self._nixl = _Agent(name, buffers, self._lock, **agent_options)
         self.agent = self._nixl.agent
         # Aux rows are packed into this registered host buffer, then written to decode.
         self._staging = torch.zeros(aux_staging_slots, buffers.aux_slot_bytes, dtype=torch.uint8)
@@ -327,18 +321,11 @@ class NixlKvReceiver(KvReceiver):
     backend = "nixl"
     _MAX_PENDING = 65536
 
-    def __init__(
-        self,
-        buffers: KvBuffers,
-        name: str,
-        model_fingerprint: str = "",
-        nixl_backends: tuple[str, ...] = ("UCX",),
-        progress_thread: bool = False,
-        progress_interval_s: float | None = 0.001,
-        **timeouts,
-    ):
-        super().__init__(buffers, name, model_fingerprint, **timeouts)
-        self._nixl = _Agent(name, buffers, self._lock, nixl_backends, progress_thread, progress_interval_s)
+    def __init__(self, buffers: KvBuffers, name: str, model_fingerprint: str = "",
+                 bootstrap_timeout_s: float | None = 300.0, transfer_timeout_s: float | None = 300.0,
+                 **agent_options):
+        super().__init__(buffers, name, model_fingerprint, bootstrap_timeout_s, transfer_timeout_s)
+        self._nixl = _Agent(name, buffers, self._lock, **agent_options)
         self.agent = self._nixl.agent
         # Notifications that arrived before expect(), oldest first.
         self._pending: OrderedDict[int, list[tuple[str, bytes]]] = OrderedDict()

@@ -17,10 +17,10 @@ import grpc
 from tandem.config import DecodeConfig
 from tandem.engine.sampling_params import SamplingParams
 from tandem.v1 import common_pb2, decode_pb2
+from tandem.worker.base import WorkerBase
 from tandem.worker.convert import chunk_from_output, sampling_from_proto
 from tandem.worker.engine_loop import EngineLoop, RequestStream
 from tandem.worker.errors import ClientGone, RequestFailed
-from tandem.worker.kv_events import KvEventLog
 from tandem.worker.remote_prefill import RemotePrefill, RemotePrefillFailed
 
 log = logging.getLogger(__name__)
@@ -50,16 +50,12 @@ class _Cancel:
             cancel()
 
 
-class DecodeWorker:
+class DecodeWorker(WorkerBase):
     def __init__(self, config: DecodeConfig, loop: EngineLoop, worker_id: str,
                  remote: RemotePrefill | None = None) -> None:
-        self.config = config
-        self.loop = loop
-        self.worker_id = worker_id
+        super().__init__(config, loop, worker_id)
         self.remote = remote
         self.local_prefills = 0
-        self.events = KvEventLog(worker_id, loop.kv_snapshot)
-        loop.subscribe_kv_events(self.events.on_events)
 
     @property
     def disaggregated(self) -> bool:
@@ -157,9 +153,4 @@ class DecodeWorker:
 
     # ---- load ----------------------------------------------------------------------------
     def get_load(self) -> common_pb2.WorkerLoad:
-        s = self.loop.stats
-        return common_pb2.WorkerLoad(
-            num_running_reqs=s.num_running_reqs, num_waiting_reqs=s.num_queue_reqs,
-            free_pages=s.num_free_pages, total_pages=s.num_total_pages, evictable_pages=s.num_evictable_pages,
-            num_inflight_transfers=self.remote.num_inflight if self.remote else 0, token_usage=s.token_usage,
-            cache_hit_rate=s.cache_hit_rate, num_prefilled_reqs=self.local_prefills)
+        return self.load(self.remote.num_inflight if self.remote else 0, self.local_prefills)

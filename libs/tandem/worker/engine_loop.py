@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from tandem.engine.engine import EngineCore, EngineStats, ExternalAllocation, StepOutput
 from tandem.engine.sampling_params import SamplingParams
+from tandem.worker.loop_thread import LoopThread
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,9 @@ class RequestStream:
             self.loop.abort(self.rid, reason)
 
 
-class EngineLoop:
+class EngineLoop(LoopThread):
     def __init__(self, engine: EngineCore, name: str = "engine") -> None:
+        super().__init__(f"{name}-loop")
         self.engine = engine  # the loop's alone: hand it commands, never call it
         self.name = name
         self.info = EngineInfo(engine.page_size, engine.pool.num_pages, engine.context_length,
@@ -122,28 +124,13 @@ class EngineLoop:
         self._streams: dict[str, RequestStream] = {}
         self._streams_lock = threading.Lock()
         self._commands: queue.SimpleQueue[tuple[Callable[[EngineCore], Any], Future]] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
         self._hooks: list[LoopHook] = []
         self._stats = engine.stats()
-        self._thread = threading.Thread(target=self._run, name=f"{name}-loop", daemon=True)
         self.steps = 0
-
-    # ---- lifecycle -----------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout)
 
     def add_hook(self, hook: LoopHook) -> None:
         """Add a hook (before start)."""
         self._hooks.append(hook)
-
-    def wake(self) -> None:
-        self._wake.set()
 
     @property
     def stats(self) -> EngineStats:

@@ -38,10 +38,11 @@ from tandem.transfer import (
     pages_needed,
 )
 from tandem.v1 import common_pb2, prefill_pb2
+from tandem.worker.base import WorkerBase
 from tandem.worker.convert import sampling_from_proto
 from tandem.worker.engine_loop import EngineLoop, RequestStream
 from tandem.worker.errors import RequestFailed
-from tandem.worker.kv_events import KvEventLog
+from tandem.worker.loop_thread import LoopThread
 from tandem.worker.pd_proto import layout_to_proto, message_to_proto, registration_from_request
 from tandem.worker.stats_reporter import StatsReporter
 
@@ -79,13 +80,14 @@ class _Room:
     t_finishing: float | None = None
 
 
-class PrefillTransfers:
+class PrefillTransfers(LoopThread):
     """Every room of this prefill worker, on one thread, polled once per iteration."""
 
     _MAX_TOMBSTONES = 65536
 
     def __init__(self, loop: EngineLoop, sender: KvSender, transfer_timeout_s: float,
                  reporter: StatsReporter | None = None) -> None:
+        super().__init__("prefill-transfers")
         self.loop = loop
         self.sender = sender
         self.transfer_timeout_s = transfer_timeout_s
@@ -94,17 +96,6 @@ class PrefillTransfers:
         self._rooms: dict[int, _Room] = {}
         self._tombstones: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="prefill-transfers", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout)
 
     @property
     def num_inflight(self) -> int:
@@ -296,18 +287,14 @@ class PrefillTransfers:
             self.reporter.set_gauges(num_prefill_inflight_queue_reqs=self.num_inflight)
 
 
-class PrefillWorker:
+class PrefillWorker(WorkerBase):
     def __init__(self, config: PrefillConfig, loop: EngineLoop, sender: KvSender, worker_id: str,
                  reporter: StatsReporter | None = None) -> None:
-        self.config = config
-        self.loop = loop
+        super().__init__(config, loop, worker_id)
         self.sender = sender
-        self.worker_id = worker_id
         self.decodes: dict[str, str] = {}  # decode_id -> sender peer name
         self._decodes_lock = threading.Lock()
         self.transfers = PrefillTransfers(loop, sender, config.disaggregation_transfer_timeout, reporter)
-        self.events = KvEventLog(worker_id, loop.kv_snapshot)
-        loop.subscribe_kv_events(self.events.on_events)
 
     # ---- RegisterDecode -------------------------------------------------------------------
     def register_decode(self, req: prefill_pb2.RegisterDecodeRequest) -> prefill_pb2.RegisterDecodeResponse:
@@ -391,9 +378,4 @@ class PrefillWorker:
         return prefill_pb2.CancelRoomResponse(found=found)
 
     def get_load(self) -> common_pb2.WorkerLoad:
-        s = self.loop.stats
-        return common_pb2.WorkerLoad(
-            num_running_reqs=s.num_running_reqs, num_waiting_reqs=s.num_queue_reqs, free_pages=s.num_free_pages,
-            total_pages=s.num_total_pages, evictable_pages=s.num_evictable_pages,
-            num_inflight_transfers=self.transfers.num_inflight, token_usage=s.token_usage,
-            cache_hit_rate=s.cache_hit_rate, num_prefilled_reqs=self.transfers.completed)
+        return self.load(self.transfers.num_inflight, self.transfers.completed)

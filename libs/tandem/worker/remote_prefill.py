@@ -98,9 +98,9 @@ class RemotePrefillFailed(Exception):
 
 @dataclass
 class PdCounters:
+    """Per worker, since start (failures go to the metrics as they happen)."""
+
     remote_prefills: int = 0
-    remote_failures: int = 0
-    bootstrap_failures: int = 0
     retries: int = 0
 
 
@@ -394,9 +394,6 @@ class RemotePrefill:
 
     # ---- stats -------------------------------------------------------------------------
     def _count_failure(self, exc: AttemptFailed) -> None:
-        self.counters.remote_failures += 1
-        if exc.bootstrap:
-            self.counters.bootstrap_failures += 1
         if self.reporter is not None:
             self.reporter.add_counts(num_bootstrap_failed_reqs=int(exc.bootstrap),
                                      num_transfer_failed_reqs=int(not exc.bootstrap))

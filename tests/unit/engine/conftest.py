@@ -14,6 +14,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from tandem.engine import LLM  # noqa: E402
+
 from deploy.demo_models import build_all  # noqa: E402
 
 # The test machine is small and shared: one intra-op thread avoids spin-wait oversubscription

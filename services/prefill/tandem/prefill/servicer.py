@@ -12,11 +12,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.worker = worker
         self.metrics = metrics
 
-    def RegisterDecode(self, request, context):
+    @staticmethod
+    def _unary(handle, request, context):
+        """A unary RPC: the worker's answer, or its RequestFailed as the call's status."""
         try:
-            return self.worker.register_decode(request)
+            return handle(request)
         except RequestFailed as exc:
             context.abort(exc.status, exc.message)
+
+    def RegisterDecode(self, request, context):
+        return self._unary(self.worker.register_decode, request, context)
 
     def Prefill(self, request_iterator, context):
         with self.metrics.track_request("prefill") as track:
@@ -32,10 +37,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 context.abort(exc.status, exc.message)
 
     def CancelRoom(self, request, context):
-        try:
-            return self.worker.cancel_room(request)
-        except RequestFailed as exc:
-            context.abort(exc.status, exc.message)
+        return self._unary(self.worker.cancel_room, request, context)
 
     def GetLoad(self, request, context):
         return self.worker.get_load()
