@@ -12,8 +12,9 @@ its measured value and verdict:
   (dense) identical to the torch_native path;
 * decode logits on one KV pool: graph replay == eager triton (bitwise), triton vs
   torch_native in bf16 within the stated tolerance;
-* sampling: the captured sampler graph draws the same seeded tokens as eager sampling,
-  and a seeded request draws the same tokens alone and inside a batch.
+* sampling: the captured sampler graph draws the same seeded tokens as eager sampling
+  (plain, and with penalties + logit bias + a grammar mask), and a seeded request (with
+  penalties too) draws the same tokens alone and inside a batch.
 
     python benchmarks/gpu_engine_check.py --out benchmarks/results/gpu/engine_check_h200.json
 """
@@ -179,6 +180,26 @@ def logits_checks(dev: str, model: str) -> None:
         eager_t = runner.sampler.sample(graph, type(tensors)(**{k: v.to(dev) for k, v in vars(tensors).items()
                                                                 if v is not None}), variant).tolist()
         record("seeded sampling: sampler CUDA graph == eager", in_graph == eager_t, in_graph == eager_t)
+        # Penalties + logit bias + a grammar mask: the captured penalties variant == eager.
+        from tandem.engine.sampling_params import StructuredOutput
+
+        for i, r in enumerate(reqs):
+            r.sampling.frequency_penalty, r.sampling.presence_penalty = 0.5, 0.3
+            r.sampling.repetition_penalty, r.sampling.logit_bias = 1.2, {5 + i: 30.0}
+        reqs[0].grammar = eng.grammars.new_state(StructuredOutput("regex", "[0-9]+"))
+        eng._penalty_rows(reqs, graph)
+        tensors, variant = eng._sampling_inputs(reqs)
+        runner.forward(batch)
+        in_graph = runner.sample(graph, tensors, variant).tolist()
+        eager_t = runner.sampler.sample(graph, type(tensors)(**{k: v.to(dev) for k, v in vars(tensors).items()
+                                                                if v is not None}), variant).tolist()
+        ok = in_graph == eager_t and variant.penalties and variant.masked
+        record("penalties + logit bias + grammar mask: sampler CUDA graph == eager", ok, ok, str(variant))
+        digit = eng.tokenizer.decode([in_graph[0]]).isdigit()
+        record("grammar row drew an allowed token ([0-9]+)", eng.tokenizer.decode([in_graph[0]]), digit)
+        for r in reqs:
+            eng._free_sampling_state(r)
+            r.grammar = None
     for r in reqs:
         eng.pool.free(r.pages)
     # A seeded request alone and inside a batch.
@@ -187,6 +208,12 @@ def logits_checks(dev: str, model: str) -> None:
     alone = llm.generate([ids[0]], sp)[0].token_ids
     batch_out = llm.generate(ids, [sp] + [SamplingParams(max_tokens=24, temperature=1.0, ignore_eos=True)] * 12)
     record("seeded request: alone == in a batch of 13", alone == batch_out[0].token_ids, alone == batch_out[0].token_ids)
+    pen = SamplingParams(max_tokens=24, temperature=0.9, seed=43, frequency_penalty=1.0, repetition_penalty=1.3,
+                         logit_bias={7: 5.0}, ignore_eos=True)
+    alone = llm.generate([ids[1]], pen)[0].token_ids
+    batch_out = llm.generate(ids, [sp, pen] + [SamplingParams(max_tokens=24, temperature=1.0, ignore_eos=True)] * 11)
+    record("penalized seeded request: alone == in a batch of 13 (CUDA graphs)", alone == batch_out[1].token_ids,
+           alone == batch_out[1].token_ids)
 
 
 def main(argv=None) -> int:

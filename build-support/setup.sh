@@ -24,6 +24,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # tool, pinned here as triton is (constraints.txt pins are the Pants lock's). 2.6 is the newest
   # whose rich requirement agrees with aiperf's (rich 14.1).
   $PIP install "import-linter==2.6" -c requirements/constraints.txt
+  # xgrammar masks tokens for structured outputs (engine) and checks grammars (router). Pinned
+  # here, like triton, not in constraints.txt: the Pants lock does not carry it yet. The
+  # constraints keep its dependencies (torch, transformers, numpy, pydantic) on our pins.
+  $PIP install "xgrammar==0.2.9" "apache-tvm-ffi==0.1.15.post2" -c requirements/constraints.txt
   $PIP install -r requirements/base.txt -c requirements/constraints.txt
   # The 'nixl' meta package requires both CUDA variants; take the cu12 one only.
   # Its UCX backend runs on host memory on CPU machines.

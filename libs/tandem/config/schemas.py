@@ -187,6 +187,11 @@ class RouterConfig(ServerConfig):
     api_key: str | None = Field(None, description="Require this bearer token on the HTTP API.")
     health_check_interval: float = Field(0.5, gt=0, description="Seconds between worker health checks.")
     request_retries: int = Field(1, ge=0, description="Retries on another worker when one fails before output.")
+    tool_call_parser: Literal["qwen25", "hermes", "llama3"] | None = Field(
+        None, description="Parse tool calls out of the output (tool_choice auto): qwen25/hermes = <tool_call> JSON "
+        "(Qwen2.5, Qwen3, Hermes), llama3 = Llama-3 JSON. Forced calls (required / a named tool) need none.")
+    reasoning_parser: Literal["deepseek-r1", "qwen3"] | None = Field(
+        None, description="Split the <think> part of reasoning models' output into reasoning_content.")
 
 
 class EplbPlannerConfig(ServerConfig):

@@ -47,6 +47,7 @@ class CudaGraphRunner:
             positions=torch.zeros(max_bs, dtype=torch.int64, device=dev),
             greedy=torch.ones(max_bs, dtype=torch.bool, device=dev),
             mask=torch.full((max_bs, mask_words(vocab)), -1, dtype=torch.int32, device=dev),
+            penalty_rows=torch.full((max_bs,), sampler.penalties.neutral_row, dtype=torch.int64, device=dev),
         )
         self.mempool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}

@@ -52,6 +52,9 @@ class DisaggregationMixin:
 
         Raises OutOfPages when the pool cannot hold it now (retry later or reject).
         """
+        if sampling is not None and sampling.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs: the prompt must be prefilled where it is decoded (local prefill)")
+        self._compile(sampling)
         req = self._new_request(prompt, sampling, rid, Mode.EXTERNAL)
         n = self.scheduler.pages_for(len(req.prompt_ids))
         pages = self.scheduler.alloc_pages(n)
@@ -67,7 +70,7 @@ class DisaggregationMixin:
         return ExternalAllocation(req.rid, list(pages), aux, len(req.prompt_ids))
 
     def activate_external(self, rid: str, first_token_id: int, first_token_logprob: float | None = None,
-                          cached_tokens: int = 0) -> None:
+                          cached_tokens: int = 0, first_token_top: list | None = None) -> None:
         """The KV of rid's prompt is in its pages: join the running batch with its first token
         (which KV transfer delivered in the request's aux slot)."""
         req = self.requests.get(rid)
@@ -79,9 +82,11 @@ class DisaggregationMixin:
         req.aux_slot = None
         req.num_computed = len(req.prompt_ids)
         req.cached_tokens = cached_tokens
+        self.scheduler.cache_prompt(req)
         req.status = Status.RUNNING
         req.admit_seq = self.scheduler.next_admit_seq()
         self.scheduler.running.append(req)
         req.first_token_time = time.monotonic()
         lp = [] if first_token_logprob is None or not req.sampling.logprobs else [first_token_logprob]
-        self._accept_token(req, first_token_id, lp, [])
+        top = [list(first_token_top)] if first_token_top and req.sampling.top_logprobs else []
+        self._accept_token(req, first_token_id, lp, top)

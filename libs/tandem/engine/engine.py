@@ -24,13 +24,14 @@ from tandem.config.schemas import EngineConfig
 
 from .disaggregation import DisaggregationMixin, ExternalAllocation, PrefillResult
 from .engine_config import attention_backend, default_chunked_prefill_size, merge_config, resolve_device
+from .grammar import GrammarBackend
 from .kv_pool import KVPool, OutOfPages
 from .loader import load_model, resolve_dtype
 from .model_runner import ModelRunner
 from .pool_sizing import kv_pool_pages
 from .radix_cache import RadixCache
 from .request import Mode, Request, Status
-from .sampler import SamplerVariant, SamplingTensors, allow_mask
+from .sampler import SamplerVariant, SamplingTensors, allow_mask, mask_words
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .stats import EngineStats, EngineStatsMixin
@@ -54,6 +55,7 @@ class StepOutput:
     cached_tokens: int = 0
     error: str | None = None
     stop_text_pos: int | None = None  # finished by a stop string: output text ends here
+    prompt_logprobs: list = field(default_factory=list)  # with the first token: [(logprob, top)] of prompt 1..L-1
 
 
 class EngineCore(DisaggregationMixin, EngineStatsMixin):
@@ -90,7 +92,11 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         self.scheduler = Scheduler(self.pool, self.cache, self.chunked_prefill_size, cfg.max_prefill_tokens,
                                    cfg.max_running_requests, mixed_chunk=cfg.enable_mixed_chunk)
         self.cuda_graph_max_bs = self._cuda_graph_max_bs()
-        self.runner = ModelRunner(self.model, self.pool, device, self.cuda_graph_max_bs)
+        # Penalty rows: one per running request with penalties or logit bias (decode may run
+        # more than max_running_requests when prefilled requests arrive from outside).
+        self.runner = ModelRunner(self.model, self.pool, device, self.cuda_graph_max_bs,
+                                  penalty_rows=2 * cfg.max_running_requests)
+        self.grammars = GrammarBackend(cfg.model_path, mc.vocab_size, sorted(self.eos_token_ids))
         self._seed_rng = random.Random(cfg.random_seed)  # seeds of requests that bring none
         self.requests: dict[str, Request] = {}
         self._pending: list[StepOutput] = []
@@ -124,7 +130,8 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         if self.attention_backend != "triton":
             why = "the torch_native backend's decode shapes depend on the context length"
         elif self.model.moe_layers():
-            why = "the MoE layer syncs with the host (fused MoE comes with GPU engine part 3)"
+            why = ("EPLB's expert recorder and dispatch hooks run on the host at every forward pass "
+                   "(graph-safe EPLB comes with GPU engine part 3)")
         elif cfg.ep_size > 1:
             why = "expert parallelism all-reduces outside a graph"
         if why:
@@ -159,8 +166,22 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         return list(prompt)
 
     def validate_request(self, prompt_ids: list, sampling: SamplingParams) -> None:
-        """Raise ValueError naming the problem if this request could never run here."""
+        """Raise ValueError naming the problem if this request could never run here (a grammar
+        that does not compile included: it is compiled here, once, and cached)."""
         self._validate(list(prompt_ids), sampling)
+        self._compile(sampling)
+
+    def cached_prefix_tokens(self, prompt_ids: list) -> int:
+        """Leading tokens of the prompt that the prefix cache holds now: what a request with this
+        prompt would share instead of computing."""
+        return self.scheduler.cached_prefix_tokens(list(prompt_ids))
+
+    def _compile(self, sp: SamplingParams | None) -> None:
+        """Compile the request's grammar (cached by the backend; validate_request runs it on the
+        caller's thread, so the engine loop seldom compiles)."""
+        if sp is not None and sp.structured is not None:
+            sp.structured.validate()
+            self.grammars.compile(sp.structured)
 
     def kv_snapshot(self) -> list:
         """Every block the prefix cache holds, as BlockStored events (for a new KV-event subscriber)."""
@@ -192,7 +213,10 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
         seed = sp.seed if sp.seed is not None else self._seed_rng.getrandbits(63)
-        return Request(rid=rid, prompt_ids=ids, sampling=sp, mode=mode, seed=seed)
+        req = Request(rid=rid, prompt_ids=ids, sampling=sp, mode=mode, seed=seed)
+        if sp.structured is not None:
+            req.grammar = self.grammars.new_state(sp.structured)
+        return req
 
     def add_request(self, prompt, sampling: SamplingParams | None = None, rid: str | None = None,
                     mode: Mode | str = Mode.NORMAL, on_prefill_done: Callable[[PrefillResult], None] | None = None,
@@ -207,6 +231,9 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         mode = Mode(mode)
         if mode == Mode.EXTERNAL:
             raise ValueError("use allocate_external() for requests whose KV comes from outside")
+        if mode == Mode.PREFILL_ONLY and sampling is not None and sampling.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs: the prompt must be prefilled where it is decoded (local prefill)")
+        self._compile(sampling)
         req = self._new_request(prompt, sampling, rid, mode)
         req.on_prefill_done, req.on_chunk_done = on_prefill_done, on_chunk_done
         self.requests[req.rid] = req
@@ -246,18 +273,44 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
                 batch = []
             if batch:
                 ntok = sum(n for _, n in batch)
-                logits = self.runner.forward(batch)
+                want = [req.wants_prompt_logprobs for req, _ in batch]
+                if any(want):
+                    logits, rows = self.runner.forward(batch, want)
+                    for i, r in rows.items():
+                        self._gather_prompt_logprobs(batch[i][0], r)
+                else:
+                    logits = self.runner.forward(batch)
                 for req, n in batch:
                     req.num_computed += n
                 rows = [i for i, (req, _) in enumerate(batch) if req.num_uncomputed == 0]
                 for req, _ in batch:
                     if req.mode == Mode.PREFILL_ONLY and req.on_chunk_done is not None:
                         self._report_chunk(req)
+                for i in rows:
+                    req = batch[i][0]
+                    if req.mode == Mode.NORMAL and not req.output_ids:
+                        self.scheduler.cache_prompt(req)  # prefilled: share its prompt pages now
                 if rows:
                     self._sample([batch[i][0] for i in rows], logits[rows] if len(rows) < len(batch) else logits)
             outs, self._pending = self._pending, []
             self._update_stats(kind if batch else "idle", len(batch), ntok, time.monotonic() - t0)
             return outs
+
+    def _gather_prompt_logprobs(self, req: Request, rows: torch.Tensor) -> None:
+        """rows[j]: logits after token num_computed + j, i.e. the distribution of the next prompt token."""
+        start, L = req.num_computed, len(req.prompt_ids)
+        n = min(rows.shape[0], L - 1 - start)
+        if n <= 0 or len(req.prompt_logprobs) != start:
+            return
+        lp = torch.log_softmax(rows[:n].float(), dim=-1)
+        targets = torch.tensor(req.prompt_ids[start + 1:start + 1 + n], device=lp.device)
+        vals = lp.gather(1, targets[:, None])[:, 0].tolist()
+        k = req.sampling.prompt_logprobs
+        tops = [[]] * n
+        if k:
+            v, ix = lp.topk(k, dim=-1)
+            tops = [list(zip(a, b)) for a, b in zip(ix.tolist(), v.tolist())]
+        req.prompt_logprobs.extend(zip(vals, tops))
 
     def _report_chunk(self, req: Request) -> None:
         final = min(req.num_computed, len(req.prompt_ids)) // self.page_size
@@ -268,22 +321,38 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
             req.pages_reported = final
 
     def _sampling_inputs(self, reqs: list) -> tuple[SamplingTensors | None, SamplerVariant]:
-        """Host tensors of the batch's sampling parameters (None when every row is greedy, unmasked)."""
+        """Host tensors of the batch's sampling parameters (None when every row is greedy, unmasked).
+
+        Masks: a grammar row gets its matcher's allow-bitmask for the next token (the previous
+        token was accepted in ``_accept_token``); min_tokens forbids EOS / stop ids until enough
+        tokens were produced (unless that would leave a grammar row nothing to choose).
+        """
         sps = [r.sampling for r in reqs]
         V = self.model_config.vocab_size
-        masks = []
+        banned_rows = []
         for req, sp in zip(reqs, sps):
-            # min_tokens: forbid EOS / stop ids until enough tokens were produced.
             banned = []
             if len(req.output_ids) < sp.min_tokens:
                 banned = list(sp.stop_token_ids) + ([] if sp.ignore_eos else list(self.eos_token_ids))
-            masks.append(banned)
+            banned_rows.append(banned)
+        penalties = any(r.penalty_row is not None for r in reqs)
+        grammar = any(r.grammar is not None for r in reqs)
         variant = SamplerVariant(random=not all(sp.greedy for sp in sps),
                                  top_k_top_p=any(not sp.greedy and (0 < sp.top_k < V or sp.top_p < 1.0)
                                                  for sp in sps),
-                                 masked=any(masks))
+                                 masked=any(banned_rows) or grammar or penalties, penalties=penalties)
         if variant == SamplerVariant():
             return None, variant
+        mask = None
+        if variant.masked:
+            mask = torch.full((len(reqs), mask_words(V)), -1, dtype=torch.int32)
+            for i, (req, banned) in enumerate(zip(reqs, banned_rows)):
+                if req.grammar is not None:
+                    req.grammar.fill(mask, i)
+                if banned:
+                    row = mask[i] & allow_mask(V, banned)
+                    if req.grammar is None or bool(row.any()):
+                        mask[i] = row
         return SamplingTensors(
             temperatures=torch.tensor([1.0 if sp.greedy else sp.temperature for sp in sps]),
             top_ks=torch.tensor([sp.top_k if 0 < sp.top_k < V else V for sp in sps]),
@@ -292,12 +361,49 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
             seeds=torch.tensor([r.seed for r in reqs], dtype=torch.int64),
             positions=torch.tensor([r.seq_len for r in reqs], dtype=torch.int64),
             greedy=torch.tensor([sp.greedy for sp in sps]),
-            mask=torch.stack([allow_mask(V, b) for b in masks]) if variant.masked else None,
+            mask=mask,
+            penalty_rows=torch.tensor([self.runner.penalties.neutral_row if r.penalty_row is None else r.penalty_row
+                                       for r in reqs], dtype=torch.int64) if penalties else None,
         ), variant
 
+    def _penalty_rows(self, reqs: list, logits: torch.Tensor) -> tuple[list, torch.Tensor]:
+        """Give every request with penalties / logit bias its PenaltyState row (filled from its
+        prompt and outputs so far). A request that finds none free ends with an error."""
+        state = self.runner.penalties
+        keep = []
+        for i, req in enumerate(reqs):
+            sp = req.sampling
+            if sp.penalized and req.penalty_row is None:
+                req.penalty_row = state.alloc(req.prompt_ids, req.output_ids, sp.presence_penalty,
+                                              sp.frequency_penalty, sp.repetition_penalty, sp.logit_bias)
+                if req.penalty_row is None:
+                    self._finish(req, "abort", cache=True)
+                    out = self._output(req, [], [], [])
+                    out.error = (f"all {state.num_rows} penalty rows are in use (requests with penalties or "
+                                 "logit_bias running at once); retry later")
+                    self._pending.append(out)
+                    continue
+            keep.append(i)
+        if len(keep) == len(reqs):
+            return reqs, logits
+        return [reqs[i] for i in keep], logits[keep]
+
+    def _free_sampling_state(self, req: Request) -> None:
+        if req.penalty_row is not None:
+            self.runner.penalties.free(req.penalty_row)
+            req.penalty_row = None
+
     def _sample(self, reqs: list, logits: torch.Tensor) -> None:
+        reqs, logits = self._penalty_rows(reqs, logits)
+        if not reqs:
+            return
         tensors, variant = self._sampling_inputs(reqs)
         token_ids = self.runner.sample(logits, tensors, variant)
+        if variant.penalties:  # count the new tokens on the device (no host sync)
+            idx = [i for i, r in enumerate(reqs) if r.penalty_row is not None]
+            dev = token_ids.device
+            self.runner.penalties.record(torch.tensor([reqs[i].penalty_row for i in idx], device=dev),
+                                         token_ids[torch.tensor(idx, device=dev)])
         want_lp = any(r.sampling.logprobs or r.sampling.top_logprobs for r in reqs)
         logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
         tokens = token_ids.tolist()  # the step's one wait for the device
@@ -319,7 +425,15 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         req.output_top_logprobs.extend(top)
         self._stats.generation_tokens_total += 1
         self._step_tokens += 1
+        if req.grammar is not None and not req.grammar.accept(tok):
+            # Only a first token sampled elsewhere (PD) could get here: never continue off-grammar.
+            self._finish(req, "abort", cache=True)
+            out = self._output(req, [tok], lp, top)
+            out.error = f"token {tok} is not allowed by the request's grammar"
+            self._pending.append(out)
+            return
         if req.mode == Mode.PREFILL_ONLY:
+            self._free_sampling_state(req)
             self.scheduler.remove(req)
             req.status = Status.HELD
             if req.on_prefill_done is not None:
@@ -341,6 +455,8 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
     def _check_stop(self, req: Request, tok: int) -> str | None:
         sp = req.sampling
         n = len(req.output_ids)
+        if req.grammar is not None and req.grammar.terminated:
+            return "stop"  # the grammar is complete and its stop token was sampled
         if n >= sp.min_tokens:
             if tok in sp.stop_token_ids or (not sp.ignore_eos and tok in self.eos_token_ids):
                 return "stop"
@@ -363,6 +479,7 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
             return
         req.status = Status.FINISHED
         req.finish_reason = reason
+        self._free_sampling_state(req)
         self.scheduler.remove(req)
         if status == Status.EXTERNAL_WAIT:
             self.scheduler.release(req, cache=False)  # KV may be half-written: never cache it
@@ -381,6 +498,8 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
             finished=req.status == Status.FINISHED, finish_reason=req.finish_reason,
             num_prompt_tokens=len(req.prompt_ids), num_output_tokens=len(req.output_ids),
             cached_tokens=req.cached_tokens, stop_text_pos=req.stop_text_pos,
+            prompt_logprobs=list(req.prompt_logprobs) if req.sampling.prompt_logprobs is not None and toks
+            and len(req.output_ids) == len(toks) else [],
         )
 
     # ---- stats ---------------------------------------------------------------------------------

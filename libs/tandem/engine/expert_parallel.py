@@ -385,12 +385,12 @@ class ExpertParallelFollower:
             raise ValueError(f"EP follower {ep.rank}: its model {mine} differs from the leader's {init['model']} "
                              "(same checkpoint and dtype needed on every rank)")
         dtype = self.model.embed_tokens.weight.dtype
+        self.model.set_backend(init["attention_backend"], init["max_positions"])  # the leader's kernels
         self.pool = KVPool(mc.num_layers, init["num_pages"], init["page_size"], mc.num_kv_heads, mc.head_dim,
                            dtype, device, num_aux_slots=1)
         location = ExpertLocation(init["placement"], mc.num_experts, ep.size)
         self.hook = ExpertParallelHook(self.model, location, ep, init["dispatch"], None, init["seed"])
         self.hook.install()
-        self.model.set_backend(init["attention_backend"], init["max_positions"])  # the leader's kernels
         self.runner = ModelRunner(self.model, self.pool, device)
         self.forward_passes = 0
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-# One aux slot per pre-allocated request: the metadata row (first token, its logprob) that
-# prefill writes next to the KV pages. Its format belongs to the KV transfer library
-# (tandem.transfer.AuxRow); the engine only owns the slots.
-AUX_SLOT_BYTES = 64
+# One aux slot per pre-allocated request: the metadata row (the first token of each sample, its
+# logprob and top logprobs) that prefill writes next to the KV pages. Its format belongs to the KV
+# transfer library (tandem.transfer.aux); the engine only owns the slots. 192 bytes hold one sample
+# with the API's 20 top logprobs (16 + 8 + 20 * 8 = 184), or up to 22 samples without them.
+AUX_SLOT_BYTES = 192
 
 
 class OutOfPages(RuntimeError):

@@ -28,12 +28,14 @@ class RequestOutput:
     top_logprobs: list = field(default_factory=list)
     cached_tokens: int = 0
     finished: bool = False
+    prompt_logprobs: list = field(default_factory=list)  # [(logprob, top)] of prompt tokens 1..L-1
 
     def add(self, o) -> None:
         """Append one step's output (a StepOutput of this request)."""
         self.token_ids.extend(o.new_token_ids)
         self.logprobs.extend(o.new_logprobs)
         self.top_logprobs.extend(o.new_top_logprobs)
+        self.prompt_logprobs.extend(o.prompt_logprobs)
         self.cached_tokens = o.cached_tokens
         if o.finished:
             self.finished, self.finish_reason = True, o.finish_reason

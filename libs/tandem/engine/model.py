@@ -198,17 +198,17 @@ class MoE(nn.Module):
             weights = weights / (denom + 1e-20 if self.scoring_func == "sigmoid" else denom)
         return weights * self.routed_scaling_factor, topk_ids
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops=None) -> torch.Tensor:
         weights, topk_ids = self.route(x)
         if self.recorder is not None:
             self.recorder(self.layer_idx, topk_ids)
         phys = topk_ids if self.dispatch is None else self.dispatch(self.layer_idx, topk_ids)
-        buf = self.expert_outputs(x, phys, weights)
+        buf = self.expert_outputs(x, phys, weights) if ops is None else ops.routed_experts(self, x, phys, weights)
         if self.all_reduce is not None:
             self.all_reduce(buf)  # every (token, k) entry was computed by exactly one rank
         out = self.combine(buf, topk_ids)
         if self.shared is not None:  # replicated on every EP rank, added after the reduce
-            s = self.shared(x)
+            s = self.shared(x, ops)
             if self.shared_gate is not None:
                 s = torch.sigmoid(self.shared_gate(x)) * s
             out = out + s
@@ -282,8 +282,7 @@ class DecoderLayer(nn.Module):
             x, residual = ops.rms_norm(h, norm_in.weight, norm_in.eps, residual)
         x = self.self_attn(x, rope, fb, k_cache, v_cache, ops)
         x, residual = ops.rms_norm(x, norm_post.weight, norm_post.eps, residual)
-        x = self.mlp(x, ops) if isinstance(self.mlp, MLP) else self.mlp(x)
-        return x, residual
+        return self.mlp(x, ops), residual
 
 
 class CausalLM(nn.Module):

@@ -13,7 +13,7 @@ import torch
 from .kernels import default_num_splits
 from .kv_pool import KVPool
 from .model import CausalLM, ForwardBatch
-from .sampler import Sampler, SamplerVariant, SamplingTensors
+from .sampler import PenaltyState, Sampler, SamplerVariant, SamplingTensors
 
 
 def decode_inputs(batch: list, page_size: int):
@@ -59,8 +59,18 @@ def extend_inputs(batch: list, page_size: int):
     return tok, req_vec, table
 
 
+def logits_rows(starts: list, lens: list, all_rows: list | None) -> list:
+    """Rows of the flat token batch whose logits are wanted: each request's last new token, or all
+    of its new tokens where ``all_rows`` flags it (prompt logprobs)."""
+    rows = []
+    for i, (s, n) in enumerate(zip(starts, lens)):
+        rows.extend(range(s, s + n) if all_rows and all_rows[i] else [s + n - 1])
+    return rows
+
+
 class ModelRunner:
-    def __init__(self, model: CausalLM, pool: KVPool, device: str, cuda_graph_max_bs: int = 0):
+    def __init__(self, model: CausalLM, pool: KVPool, device: str, cuda_graph_max_bs: int = 0,
+                 penalty_rows: int = 128):
         self.model, self.pool, self.device = model, pool, device
         self.page_size = pool.page_size
         self.paged = model.ops is not None and model.ops.name == "triton"  # the triton backend reads pages
@@ -68,7 +78,8 @@ class ModelRunner:
         # Split-K of paged decode attention is sized to fill the device's multiprocessors.
         self.num_sms = (torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
                         if str(device).startswith("cuda") else 1)
-        self.sampler = Sampler(device)
+        self.penalties = PenaltyState(penalty_rows, model.cfg.vocab_size, device)
+        self.sampler = Sampler(device, self.penalties)
         self.graphs = None
         self._replayed_bs = None  # batch size of the last forward when it was a graph replay
         if cuda_graph_max_bs > 0 and self.paged and str(device).startswith("cuda"):
@@ -79,13 +90,14 @@ class ModelRunner:
     def _tensor(self, data, dtype=torch.long):
         return torch.tensor(data, dtype=dtype, device=self.device)
 
-    def build(self, batch: list) -> ForwardBatch:
-        """batch: [(req, n_new)]; request i computes tokens all_ids[num_computed : num_computed + n_new]."""
+    def build(self, batch: list, all_rows: list | None = None) -> ForwardBatch:
+        """batch: [(req, n_new)]; request i computes tokens all_ids[num_computed : num_computed + n_new].
+        ``all_rows[i]``: logits for every new token of request i, not only its last (prompt logprobs)."""
         if not self.paged:
-            return self._build_dense(batch)
+            return self._build_dense(batch, all_rows)
         if all(n == 1 for _, n in batch):
             return self._build_paged_decode(batch)
-        return self._build_paged_extend(batch)
+        return self._build_paged_extend(batch, all_rows)
 
     def _build_paged_decode(self, batch: list) -> ForwardBatch:
         vec, table = decode_inputs(batch, self.page_size)
@@ -96,18 +108,18 @@ class ModelRunner:
             num_splits=default_num_splits(len(batch), self.num_kv_heads, self.num_sms),
         )
 
-    def _build_paged_extend(self, batch: list) -> ForwardBatch:
+    def _build_paged_extend(self, batch: list, all_rows: list | None = None) -> ForwardBatch:
         tok, req_vec, table = extend_inputs(batch, self.page_size)
         tok_t = torch.from_numpy(tok).to(self.device)
         req_t = torch.from_numpy(req_vec).to(self.device)
-        q_start, q_lens = req_t[0], req_t[1]
+        rows = logits_rows(req_vec[0].tolist(), req_vec[1].tolist(), all_rows)
         return ForwardBatch(
             input_ids=tok_t[0], positions=tok_t[1], slot_mapping=tok_t[2], page_table=torch.from_numpy(table).to(
-                self.device), seq_lens=req_t[2], q_start=q_start, q_lens=q_lens, max_q_len=int(req_vec[1].max()),
-            logits_indices=q_start + q_lens - 1,
+                self.device), seq_lens=req_t[2], q_start=req_t[0], q_lens=req_t[1], max_q_len=int(req_vec[1].max()),
+            logits_indices=self._tensor(rows),
         )
 
-    def _build_dense(self, batch: list) -> ForwardBatch:
+    def _build_dense(self, batch: list, all_rows: list | None = None) -> ForwardBatch:
         ps = self.page_size
         B = len(batch)
         is_decode = all(n == 1 for _, n in batch)
@@ -131,6 +143,10 @@ class ModelRunner:
         slot_mapping = kv_slots[q_batch, positions]
         Qmax = max(lens)
         kv_idx = torch.arange(Kmax, device=self.device)
+        logits_indices = None
+        if not is_decode:
+            starts_flat = [sum(lens[:i]) for i in range(B)]
+            logits_indices = self._tensor(logits_rows(starts_flat, lens, all_rows))
         if is_decode:
             mask = (kv_idx[None, :] < kv_lens_t[:, None])[:, None, None, :]
         else:
@@ -145,13 +161,30 @@ class ModelRunner:
             q_local_idx=q_local,
             kv_slots=kv_slots,
             attn_mask=mask,
-            logits_indices=None if is_decode else offsets + lens_t - 1,
+            logits_indices=logits_indices,
             is_decode=is_decode,
         )
 
-    def forward(self, batch: list) -> torch.Tensor:
-        """Logits [B, vocab] (float32) at the last new token of every request in the batch."""
+    def forward(self, batch: list, all_rows: list | None = None) -> torch.Tensor | tuple:
+        """Logits [B, vocab] (float32) at the last new token of every request in the batch.
+
+        With ``all_rows`` (a flag per request; prompt logprobs): (logits [B, vocab], {i: [n_i,
+        vocab] logits of every new token of request i} for the flagged requests)."""
         self._replayed_bs = None
+        if all_rows is not None and any(all_rows):
+            fb = self.build(batch, all_rows)
+            with torch.profiler.record_function("tandem.model_forward"):
+                out = self.model(fb, self.pool.k_buffers, self.pool.v_buffers)
+            if fb.logits_indices is None:  # a batch of one-token rows: one row per request
+                return out, {i: out[i:i + 1] for i, want in enumerate(all_rows) if want}
+            last, extra, at = [], {}, 0
+            for i, ((_, n), want) in enumerate(zip(batch, all_rows)):
+                k = n if want else 1
+                if want:
+                    extra[i] = out[at:at + k]
+                last.append(at + k - 1)
+                at += k
+            return out[last], extra
         # Named range so profiler traces show each forward pass of the model as one block.
         with torch.profiler.record_function("tandem.model_forward"):
             if self.graphs is not None and self.graphs.can_run(batch):

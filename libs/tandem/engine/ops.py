@@ -64,6 +64,9 @@ class TorchNativeOps:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    def routed_experts(self, moe, x, phys, weights):
+        return moe.expert_outputs(x, phys, weights)
+
     def attention(self, q, k, v, rope, fb, k_cache, v_cache, scale):
         cos, sin = rope
         q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
@@ -78,9 +81,9 @@ class TritonOps:
     graph_safe = True
 
     def __init__(self, rotary, max_positions: int):
-        from .kernels import activation, decode_attention, extend_attention, norm, rope_kv
+        from .kernels import activation, decode_attention, extend_attention, fused_moe, norm, rope_kv
 
-        self._act, self._norm, self._rope = activation, norm, rope_kv
+        self._act, self._norm, self._rope, self._moe = activation, norm, rope_kv, fused_moe
         self._decode, self._extend = decode_attention, extend_attention
         self.cos, self.sin = rope_kv.rope_cos_sin_cache(rotary.inv_freq, max_positions)
 
@@ -98,6 +101,13 @@ class TritonOps:
 
     def silu_and_mul(self, x):
         return self._act.silu_and_mul(x)
+
+    def routed_experts(self, moe, x, phys, weights):
+        """Fused MoE: grouped GEMMs over this rank's physical slots, no host sync."""
+        num_local = moe.w13.shape[0]
+        local = phys - moe.local_slot_start
+        slot_ids = torch.where((local >= 0) & (local < num_local), local, num_local)
+        return self._moe.fused_experts(x, moe.w13, moe.w2, slot_ids, weights, self.silu_and_mul)
 
     def attention(self, q, k, v, positions, fb, k_cache, v_cache, scale):
         self._rope.rope_and_write_kv(q, k, v, positions, self.cos, self.sin, fb.slot_mapping, k_cache, v_cache)

@@ -117,13 +117,32 @@ class RadixCache:
         Full pages become nodes (or are freed when an equal node appeared meanwhile);
         a trailing partial page is freed.
         """
-        ps = self.page_size
-        n_full = min(len(token_ids) // ps, len(pages))
-        to_free = list(pages[max(n_full, num_owned_from):])
+        n_full = min(len(token_ids) // self.page_size, len(pages))
         if self.disabled:
             self._free_pages(list(pages[num_owned_from:]))
             return
-        node, new_nodes = self.root, []
+        self._adopt(token_ids, pages, n_full, num_owned_from, list(pages[max(n_full, num_owned_from):]))
+
+    def insert_live(self, token_ids, pages: list[int], num_owned_from: int) -> tuple[list[int], Node]:
+        """Hand the full pages of a request that keeps running to the tree now (its prompt, once
+        prefilled), so that later requests with the same prefix share them at once.
+
+        ``token_ids`` covers whole pages only. Returns the request's page list for these tokens
+        (where the tree already held an equal block, the tree's page replaces the request's
+        own, which is freed: same tokens, same KV) and the last node, which the caller must
+        lock before anything can evict it.
+        """
+        n_full = len(token_ids) // self.page_size
+        if n_full > len(pages):
+            raise ValueError(f"insert_live: {n_full} full pages of tokens but {len(pages)} pages")
+        return self._adopt(token_ids, pages, n_full, num_owned_from, [])
+
+    def _adopt(self, token_ids, pages: list[int], n_full: int, num_owned_from: int,
+               to_free: list[int]) -> tuple[list[int], Node]:
+        """Make pages[:n_full] tree nodes (an equal node already there keeps its page and ours is
+        freed, with ``to_free``); return the pages now holding those tokens and the last node."""
+        ps = self.page_size
+        out, new_nodes, node = list(pages[:n_full]), [], self.root
         for i in range(n_full):
             key = tuple(token_ids[i * ps : (i + 1) * ps])
             child = node.children.get(key)
@@ -137,6 +156,7 @@ class RadixCache:
                 new_nodes.append(child)
             elif i >= num_owned_from and child.page != pages[i]:
                 to_free.append(pages[i])
+                out[i] = child.page
             child.last_access = next(_tick)
             node = child
         if to_free:
@@ -149,6 +169,7 @@ class RadixCache:
                 token_ids=[t for n in new_nodes for t in n.tokens],
                 block_size=ps,
             )])
+        return out, node
 
     # ---- eviction ------------------------------------------------------------------------
     def evict(self, num_pages: int) -> int:

@@ -48,6 +48,13 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     admit_seq: int = 0
+    grammar: object = None  # GrammarState of a structured-output request (tandem.engine.grammar)
+    penalty_row: int | None = None  # row of the sampler's PenaltyState while it has one
+    prompt_logprobs: list = field(default_factory=list)  # [(logprob, top)] of prompt tokens 1..L-1
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.sampling.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
 
     @property
     def all_ids(self) -> list:

@@ -12,8 +12,20 @@ replayed, aggregated or disaggregated. Top-k / top-p / min-p / masks set logits 
 mass reaches p, the first token always).
 
 Per-request token masks (structured output) are allow-bitmasks ``[B, ceil(V / 32)]``
-int32: bit ``j % 32`` of word ``j // 32`` set = token ``j`` allowed. ``min_tokens``
-uses them too (EOS and stop ids disallowed until enough tokens were produced).
+int32: bit ``j % 32`` of word ``j // 32`` set = token ``j`` allowed (xgrammar's layout, so
+its matcher fills the rows directly). ``min_tokens`` uses them too (EOS and stop ids
+disallowed until enough tokens were produced).
+
+Penalties (presence, frequency, repetition) and logit bias need per-request state on the
+device: ``PenaltyState`` holds, per *penalty row* (one per running request that uses
+them), the output-token counts, a seen-in-prompt-or-output flag and the bias as dense
+``[rows, V]`` tensors, plus the three penalty values. A step passes only ``penalty_rows``
+[B] (the state row of each batch row; rows without penalties point at an all-neutral
+row), so the shapes stay static and a CUDA graph reads the state in place. Rows are filled
+once per request (host -> device, the prompt's and outputs' bincount) and updated on the
+device after each sampled token (one scatter, no host sync). Cost: memory
+``rows x V x 9`` bytes (float32 counts and bias, bool seen); per step, only for batches
+that use them, a gather of ``B x V x 9`` bytes and a few elementwise ops.
 """
 from __future__ import annotations
 
@@ -31,6 +43,9 @@ class SamplerVariant:
     random: bool = False  # some row samples (else every row is greedy)
     top_k_top_p: bool = False  # some row restricts by top-k or top-p (a sort over the vocabulary)
     masked: bool = False  # some row has a token mask
+    penalties: bool = False  # some row has presence/frequency/repetition penalties or a logit bias
+    # (always with masked=True: rows without a mask get an all-ones one; this keeps the
+    # number of captured variants at 8 instead of 11)
 
 
 # Every variant that needs more than an argmax (top-k/top-p only matter when drawing).
@@ -40,6 +55,9 @@ SAMPLER_VARIANTS = (
     SamplerVariant(random=True, top_k_top_p=True),
     SamplerVariant(random=True, masked=True),
     SamplerVariant(random=True, top_k_top_p=True, masked=True),
+    SamplerVariant(masked=True, penalties=True),
+    SamplerVariant(random=True, masked=True, penalties=True),
+    SamplerVariant(random=True, top_k_top_p=True, masked=True, penalties=True),
 )
 
 
@@ -55,6 +73,7 @@ class SamplingTensors:
     positions: torch.Tensor  # int64, position of the token being drawn
     greedy: torch.Tensor  # bool
     mask: torch.Tensor | None = None  # int32 allow-bitmask, or None
+    penalty_rows: torch.Tensor | None = None  # int64 row of PenaltyState per batch row, or None
 
 
 def mask_words(vocab_size: int) -> int:
@@ -95,11 +114,77 @@ def apply_min_p(scores: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(scores < thresh, float("-inf"))
 
 
+class PenaltyState:
+    """Device-resident penalty and logit-bias state, one row per request that uses them.
+
+    Row ``num_rows`` (the last) is neutral (no penalty, no bias) and never handed out:
+    batch rows without penalties point at it. Rows are handed out by ``alloc`` and
+    returned by ``free`` (host bookkeeping only).
+    """
+
+    def __init__(self, num_rows: int, vocab_size: int, device):
+        self.num_rows, self.vocab_size = num_rows, vocab_size
+        n = num_rows + 1
+        self.counts = torch.zeros((n, vocab_size), dtype=torch.float32, device=device)
+        self.seen = torch.zeros((n, vocab_size), dtype=torch.bool, device=device)
+        self.bias = torch.zeros((n, vocab_size), dtype=torch.float32, device=device)
+        self.presence = torch.zeros(n, dtype=torch.float32, device=device)
+        self.frequency = torch.zeros(n, dtype=torch.float32, device=device)
+        self.repetition = torch.ones(n, dtype=torch.float32, device=device)
+        self._free = list(range(num_rows - 1, -1, -1))
+
+    @property
+    def neutral_row(self) -> int:
+        return self.num_rows
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self, prompt_ids: list, output_ids: list, presence: float, frequency: float,
+              repetition: float, logit_bias: dict) -> int | None:
+        """A row initialised for a request (None when every row is taken)."""
+        if not self._free:
+            return None
+        row = self._free.pop()
+        dev, V = self.counts.device, self.vocab_size
+        out = torch.tensor(output_ids, dtype=torch.long)
+        counts = torch.bincount(out, minlength=V).to(torch.float32)
+        seen = (torch.bincount(torch.tensor(prompt_ids, dtype=torch.long), minlength=V) > 0) | (counts > 0)
+        bias = torch.zeros(V, dtype=torch.float32)
+        if logit_bias:
+            bias[torch.tensor(list(logit_bias), dtype=torch.long)] = torch.tensor(list(logit_bias.values()))
+        self.counts[row].copy_(counts.to(dev))
+        self.seen[row].copy_(seen.to(dev))
+        self.bias[row].copy_(bias.to(dev))
+        self.presence[row], self.frequency[row], self.repetition[row] = presence, frequency, repetition
+        return row
+
+    def free(self, row: int) -> None:
+        self._free.append(row)
+
+    def record(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Count one sampled token per row (device tensors; no host sync)."""
+        self.counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
+        self.seen.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.bool))
+
+
+def apply_penalties(logits: torch.Tensor, rows: torch.Tensor, st: PenaltyState) -> torch.Tensor:
+    """Repetition penalty on tokens seen in the prompt or output, then frequency and presence on
+    the output counts, then the logit bias (vLLM's order)."""
+    counts, seen = st.counts[rows], st.seen[rows]
+    rep = st.repetition[rows][:, None]
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - st.frequency[rows][:, None] * counts - st.presence[rows][:, None] * (counts > 0)
+    return logits + st.bias[rows]
+
+
 class Sampler:
     """``sample(logits, tensors, variant)``: token ids [B] int64 on the logits' device."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, penalties: PenaltyState | None = None):
         self.device = device
+        self.penalties = penalties
         self._gumbel_argmax = None
         if str(device).startswith("cuda"):
             from .kernels.sampling import gumbel_argmax
@@ -107,6 +192,8 @@ class Sampler:
             self._gumbel_argmax = gumbel_argmax
 
     def sample(self, logits: torch.Tensor, t: SamplingTensors, variant: SamplerVariant) -> torch.Tensor:
+        if variant.penalties:
+            logits = apply_penalties(logits, t.penalty_rows, self.penalties)
         if variant.masked:
             logits = apply_mask(logits, t.mask)
         greedy_tokens = logits.argmax(dim=-1)

@@ -68,14 +68,39 @@ class Scheduler:
             self.cache.unlock(req.tree_node)
         req.pages, req.num_tree_pages, req.tree_node = [], 0, None
 
+    def cache_prompt(self, req: Request) -> None:
+        """Put the full pages of req's prefilled prompt into the prefix cache while it keeps
+        running, so parallel samples (n > 1) and other requests with the same prompt share them."""
+        if self.cache.disabled:
+            return
+        n_full = min(len(req.prompt_ids), req.num_computed) // self.page_size
+        if n_full <= req.num_tree_pages:
+            return
+        pages, node = self.cache.insert_live(req.prompt_ids[: n_full * self.page_size], req.pages[:n_full],
+                                             req.num_tree_pages)
+        self.cache.lock(node)
+        if req.tree_node is not None:
+            self.cache.unlock(req.tree_node)
+        req.pages[:n_full] = pages
+        req.num_tree_pages, req.tree_node = n_full, node
+
+    def cached_prefix_tokens(self, token_ids: list) -> int:
+        """How many leading tokens of a prompt the prefix cache holds (what admission would match)."""
+        pages, _ = self.cache.match_prefix(token_ids[: len(token_ids) - 1])
+        return len(pages) * self.page_size
+
     # ---- admission -----------------------------------------------------------------------
     def next_admit_seq(self) -> int:
         """Admission order of a request joining the running batch from outside the queue."""
         return next(self._admit_seq)
 
     def _try_admit(self, req: Request) -> bool:
-        # Match at most seq_len - 1 tokens: the last token must be computed to get logits.
-        pages, node = self.cache.match_prefix(req.all_ids[: req.seq_len - 1])
+        # Match at most seq_len - 1 tokens: the last token must be computed to get logits; none
+        # when the prompt's logprobs are wanted (every prompt token's logits are computed).
+        if req.wants_prompt_logprobs:
+            pages, node = [], self.cache.root
+        else:
+            pages, node = self.cache.match_prefix(req.all_ids[: req.seq_len - 1])
         self.cache.lock(node)
         need = self.pages_for(req.seq_len + 1) - len(pages)
         # Keep one page of headroom per running request for its next decode page.

@@ -3,22 +3,28 @@ and the error shape {"error": {"message", "type", "param", "code"}}.
 
 Requests are parsed with strict pydantic models straight from the raw JSON body, so
 malformed JSON and wrong types (a string for max_tokens, a number for model) are rejected
-with 400 and the offending field named. Fields OpenAI defines but tandem cannot honour
-(n > 1, echo, penalties) are refused rather than silently ignored; unknown extra fields are
-ignored, as vLLM and SGLang do. Extra sampling fields as in vLLM/SGLang: top_k, min_p,
-min_tokens, ignore_eos, stop_token_ids, skip_special_tokens.
+with 400 and the offending field named. Every OpenAI parameter either works or is refused
+with a 400 naming it (``REFUSED`` lists the refused ones and why); unknown extra fields are
+ignored, as vLLM and SGLang do, except other servers' structured-output spellings, which
+are refused with the name to use. Extra fields as in vLLM/SGLang: top_k, min_p,
+min_tokens, ignore_eos, stop_token_ids, skip_special_tokens, repetition_penalty, and
+SGLang's regex / ebnf.
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tandem.routing.grammar_check import check_structured
+from tandem.routing.tool_parsers import Tool, check_tool_name, forced_schema
 from tandem.v1 import common_pb2
 
 MAX_TOP_LOGPROBS = 20
+MAX_N = 16
 
 
 class OpenAIError(Exception):
@@ -69,6 +75,57 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDef(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class ToolDef(_Strict):
+    """One of the request's ``tools``: a function the model may call."""
+
+    type: Literal["function"]
+    function: FunctionDef
+
+    def tool(self) -> Tool:
+        """The tool, checked (its name, a parameters schema of type object); OpenAIError(400) naming it."""
+        f = self.function
+        try:
+            check_tool_name(f.name)
+        except ValueError as e:
+            raise bad_request(str(e) + ".", param="tools") from None
+        if f.parameters is not None and f.parameters.get("type", "object") != "object":
+            raise bad_request(f"tool {f.name}: parameters must be a JSON schema of type object.", param="tools")
+        return Tool(f.name, f.description or "", f.parameters)
+
+
+class ToolChoiceFunction(_Strict):
+    """The tool a named tool_choice forces."""
+
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    """tool_choice ``{"type": "function", "function": {"name": ...}}``."""
+
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
 class _SamplingFields(_Strict):
     model: str
     max_tokens: int | None = None
@@ -84,10 +141,21 @@ class _SamplingFields(_Strict):
     n: int | None = 1
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     min_tokens: int | None = None
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
-    user: str | None = None
+    user: str | None = None  # end-user id for abuse monitoring: nothing to do with it here
+    response_format: ResponseFormat | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    # Other fields are kept untyped (extra="allow"), so that the ones REFUSABLE names are refused
+    # by name (see REFUSED), not answered with a type error; the rest are ignored.
+    model_config = ConfigDict(strict=True, extra="allow")
+    REFUSABLE: ClassVar[frozenset[str]] = frozenset({
+        "store", "metadata", "service_tier", "prompt_cache_key", "guided_json", "guided_regex", "guided_grammar",
+        "guided_choice"})
 
 
 class CompletionRequest(_SamplingFields):
@@ -96,6 +164,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
+    REFUSABLE: ClassVar[frozenset[str]] = _SamplingFields.REFUSABLE | {"best_of", "suffix"}
 
 
 class TextPart(_Strict):
@@ -103,10 +172,23 @@ class TextPart(_Strict):
     text: str
 
 
+class CalledFunction(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(_Strict):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessageIn(_Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -121,6 +203,105 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    REFUSABLE: ClassVar[frozenset[str]] = _SamplingFields.REFUSABLE | {
+        "functions", "function_call", "audio", "modalities", "prediction", "web_search_options", "reasoning_effort", "verbosity"}
+
+
+# OpenAI parameters tandem does not honour, refused when set to anything but their default.
+REFUSED = {
+    "store": (lambda v: v not in (None, False), "storing completions is not supported"),
+    "metadata": (lambda v: v not in (None, {}), "metadata is only for stored completions, which are not supported"),
+    "service_tier": (lambda v: v not in (None, "auto", "default"), "only the default service tier exists"),
+    "prompt_cache_key": (lambda v: v is not None,
+                         "not used: every request's prefix is cached automatically; remove it"),
+    "functions": (lambda v: v is not None, "the deprecated functions API is not supported: use tools"),
+    "function_call": (lambda v: v is not None, "the deprecated function_call is not supported: use tool_choice"),
+    "audio": (lambda v: v is not None, "audio output is not supported"),
+    "modalities": (lambda v: v not in (None, ["text"]), "only text output is supported"),
+    "prediction": (lambda v: v is not None, "predicted outputs are not supported"),
+    "web_search_options": (lambda v: v is not None, "web search is not supported"),
+    "reasoning_effort": (lambda v: v is not None, "reasoning effort cannot be set for these models"),
+    "verbosity": (lambda v: v is not None, "verbosity cannot be set for these models"),
+    "best_of": (lambda v: v not in (None, 1), "only best_of=1 is supported (use n for several samples)"),
+    "suffix": (lambda v: bool(v), "suffix (insertion) is not supported"),
+    "guided_json": (lambda v: v is not None, "use response_format json_schema"),
+    "guided_regex": (lambda v: v is not None, "use regex"),
+    "guided_grammar": (lambda v: v is not None, "use ebnf"),
+    "guided_choice": (lambda v: v is not None, "use regex with alternatives"),
+}
+
+
+def check_refused(req: _SamplingFields) -> None:
+    for name in sorted(type(req).REFUSABLE):
+        is_set, why = REFUSED[name]
+        v = getattr(req, name, None)
+        if is_set(v):
+            raise bad_request(f"{name}: {why}.", param=name, code="unsupported_parameter")
+
+
+class ToolPlan(BaseModel):
+    """What a chat request's tools mean for rendering, decoding and parsing."""
+
+    tools: list = []  # list[Tool]
+    choice: str = "none"  # none | auto | required | named
+    named: str | None = None
+    parallel: bool = True
+
+
+def tool_plan(req: ChatCompletionRequest, parser: str | None) -> ToolPlan:
+    """Validate tools / tool_choice; raise OpenAIError(400) naming the field."""
+    if not req.tools:
+        if req.tool_choice not in (None, "none", "auto"):
+            raise bad_request("tool_choice requires tools.", param="tool_choice")
+        return ToolPlan()
+    tools = [t.tool() for t in req.tools]
+    if len({t.name for t in tools}) != len(tools):
+        raise bad_request("tools: function names must be unique.", param="tools")
+    choice = req.tool_choice if req.tool_choice is not None else "auto"
+    parallel = req.parallel_tool_calls is not False
+    if isinstance(choice, NamedToolChoice):
+        name = choice.function.name
+        if name not in {t.name for t in tools}:
+            raise bad_request(f"tool_choice names {name!r}, which is not in tools.", param="tool_choice")
+        return ToolPlan(tools=tools, choice="named", named=name, parallel=parallel)
+    if choice == "auto" and parser is None:
+        raise bad_request("tool_choice 'auto' (the default with tools) needs the router's --tool-call-parser; "
+                          "use tool_choice 'required' or a named function, or start the router with a parser.",
+                          param="tool_choice")
+    return ToolPlan(tools=tools, choice=choice, parallel=parallel)
+
+
+def structured_output(req: _SamplingFields, plan: ToolPlan | None = None) -> common_pb2.StructuredOutput | None:
+    """The grammar of a request (response_format, regex, ebnf, forced tool calls), at most one."""
+    found = []
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        found.append(("response_format", common_pb2.StructuredOutput(json_object=True)))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise bad_request("response_format json_schema needs json_schema.schema.", param="response_format")
+        found.append(("response_format", common_pb2.StructuredOutput(json_schema=json.dumps(rf.json_schema.schema_))))
+    if req.regex is not None:
+        found.append(("regex", common_pb2.StructuredOutput(regex=req.regex)))
+    if req.ebnf is not None:
+        found.append(("ebnf", common_pb2.StructuredOutput(ebnf=req.ebnf)))
+    if plan is not None and plan.choice in ("required", "named"):
+        schema = forced_schema(plan.tools, plan.named or "required", plan.parallel)
+        found.append(("tool_choice", common_pb2.StructuredOutput(json_schema=json.dumps(schema))))
+    if not found:
+        return None
+    if len(found) > 1:
+        names = [n for n, _ in found]
+        raise bad_request(f"{' and '.join(names)} both constrain the output: use one.", param=names[-1])
+    param, so = found[0]
+    try:
+        check_structured(so)
+    except ValueError as e:
+        raise bad_request(f"{param}: {e}.", param=param, code="invalid_grammar") from None
+    return so
 
 
 def _format_validation_error(e: ValidationError) -> OpenAIError:
@@ -168,19 +349,27 @@ def single_prompt(req: CompletionRequest) -> str | list[int]:
 def build_sampling(req: _SamplingFields, prompt_tokens: int, context_length: int,
                    default_max_tokens: int | None) -> common_pb2.SamplingParams:
     """Validate sampling fields against the prompt and model; return the proto SamplingParams."""
-    if req.n not in (None, 1):
-        raise bad_request(f"n={req.n}: only n=1 is supported.", param="n")
+    check_refused(req)
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= MAX_N:
+        raise bad_request(f"n={n}: must be in [1, {MAX_N}].", param="n")
     for name in ("presence_penalty", "frequency_penalty"):
-        v = getattr(req, name)
-        if v not in (None, 0, 0.0):
-            raise bad_request(f"{name}={v}: penalties are not supported (use 0).", param=name)
-    if isinstance(req, CompletionRequest):
-        if req.echo:
-            raise bad_request("echo=true is not supported.", param="echo")
-        if req.best_of not in (None, 1):
-            raise bad_request(f"best_of={req.best_of}: only 1 is supported.", param="best_of")
-        if req.suffix:
-            raise bad_request("suffix is not supported.", param="suffix")
+        v = getattr(req, name) or 0.0
+        if not -2 <= v <= 2:
+            raise bad_request(f"{name}={v}: must be in [-2, 2].", param=name)
+    rep_pen = 1.0 if req.repetition_penalty is None else req.repetition_penalty
+    if not 0 < rep_pen <= 10:
+        raise bad_request(f"repetition_penalty={rep_pen}: must be in (0, 10].", param="repetition_penalty")
+    bias = {}
+    for k, v in (req.logit_bias or {}).items():
+        try:
+            tid = int(k)
+        except ValueError:
+            raise bad_request(f"logit_bias key {k!r}: must be a token id.", param="logit_bias") from None
+        if tid < 0 or not -100 <= v <= 100:
+            raise bad_request(f"logit_bias {k}: {v}: ids must be >= 0 and values in [-100, 100].",
+                              param="logit_bias")
+        bias[tid] = v
     if prompt_tokens <= 0:
         raise bad_request("The prompt is empty.", param="prompt", code="empty_prompt")
     if prompt_tokens >= context_length:
@@ -240,8 +429,11 @@ def build_sampling(req: _SamplingFields, prompt_tokens: int, context_length: int
     sp = common_pb2.SamplingParams(
         temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, max_tokens=max_tokens,
         stop=stop, stop_token_ids=stop_ids, ignore_eos=bool(req.ignore_eos), logprobs=want_logprobs,
-        top_logprobs=top_n, min_tokens=min_tokens,
+        top_logprobs=top_n, min_tokens=min_tokens, presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0, repetition_penalty=rep_pen, logit_bias=bias,
     )
+    if isinstance(req, CompletionRequest) and req.echo and want_logprobs:
+        sp.prompt_logprobs = top_n  # echo + logprobs: the prompt tokens' logprobs too, as OpenAI returns them
     if req.seed is not None:
         if not 0 <= req.seed < 2 ** 64:
             raise bad_request(f"seed={req.seed}: must be in [0, 2**64).", param="seed")
@@ -287,7 +479,18 @@ class LogprobFormatter:
         self.token_text = token_text  # id -> str
         self._offset = 0  # text_offset for completions
 
-    def completion(self, token_ids: Sequence[int], logprobs: Sequence, top_n: int) -> dict:
+    def prompt(self, token_ids: Sequence[int], logprobs: Sequence, top_n: int) -> dict:
+        """The echoed prompt's part of completion logprobs: the first token has none (null)."""
+        rest = self.completion(token_ids[1:], logprobs, top_n, offset_from=self.token_text(token_ids[0]))
+        rest["tokens"].insert(0, self.token_text(token_ids[0]))
+        rest["token_logprobs"].insert(0, None)
+        rest["text_offset"].insert(0, 0)
+        if top_n:
+            rest["top_logprobs"].insert(0, None)
+        return rest
+
+    def completion(self, token_ids: Sequence[int], logprobs: Sequence, top_n: int, offset_from: str = "") -> dict:
+        self._offset += len(offset_from)
         tokens, lps, tops, offsets = [], [], [], []
         for tid, lp in zip(token_ids, logprobs, strict=False):
             s = self.token_text(tid)
@@ -330,42 +533,49 @@ def merge_completion_logprobs(parts: list[dict]) -> dict | None:
     return out
 
 
-def completion_body(rid: str, model: str, created: int, text: str, finish: str | None,
-                    usage: dict, logprobs: dict | None) -> dict:
-    return {
-        "id": rid, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-        "usage": usage,
-    }
+def completion_choice(index: int, text: str, finish: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
 
-def completion_chunk(rid: str, model: str, created: int, text: str, finish: str | None,
+def completion_body(rid: str, model: str, created: int, choices: list[dict], usage: dict) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+            "usage": usage}
+
+
+def completion_chunk(rid: str, model: str, created: int, index: int, text: str, finish: str | None,
                      logprobs: dict | None = None) -> dict:
-    return {
-        "id": rid, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-    }
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [completion_choice(index, text, finish, logprobs)]}
 
 
-def chat_body(rid: str, model: str, created: int, text: str, finish: str | None, usage: dict,
-              logprobs: list[dict] | None) -> dict:
-    return {
-        "id": rid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": text},
-            "logprobs": {"content": logprobs} if logprobs is not None else None,
-            "finish_reason": finish,
-        }],
-        "usage": usage,
-    }
+def tool_calls_body(calls: Sequence, start: int = 0) -> list[dict]:
+    """ToolCall objects (tandem.routing.tool_parsers) as OpenAI's message.tool_calls."""
+    return [{"index": start + i, "id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments}} for i, c in enumerate(calls)]
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None,
+def chat_choice(index: int, content: str | None, finish: str | None, logprobs: list[dict] | None,
+                reasoning: str | None = None, tool_calls: Sequence = ()) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
+    if tool_calls:
+        message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls_body(tool_calls)]
+    return {"index": index, "message": message,
+            "logprobs": {"content": logprobs} if logprobs is not None else None, "finish_reason": finish}
+
+
+def chat_body(rid: str, model: str, created: int, choices: list[dict], usage: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+            "usage": usage}
+
+
+def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, finish: str | None,
                logprobs: list[dict] | None = None) -> dict:
     return {
         "id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
         "choices": [{
-            "index": 0, "delta": delta,
+            "index": index, "delta": delta,
             "logprobs": {"content": logprobs} if logprobs is not None else None,
             "finish_reason": finish,
         }],

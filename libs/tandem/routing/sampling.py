@@ -2,6 +2,7 @@
 OpenAI fields in openai_protocol and produces already-valid params)."""
 from __future__ import annotations
 
+from tandem.routing.grammar_check import check_structured
 from tandem.v1 import common_pb2
 
 
@@ -37,4 +38,18 @@ def check_sampling(sp: common_pb2.SamplingParams, prompt_tokens: int, context_le
         raise ValueError("stop strings must be non-empty")
     if not 0 <= out.top_logprobs <= 20:
         raise ValueError(f"top_logprobs={out.top_logprobs}: must be in [0, 20]")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2 <= getattr(out, name) <= 2:
+            raise ValueError(f"{name}={getattr(out, name)}: must be in [-2, 2]")
+    if out.repetition_penalty == 0:
+        out.repetition_penalty = 1.0
+    if not 0 < out.repetition_penalty <= 10:
+        raise ValueError(f"repetition_penalty={out.repetition_penalty}: must be in (0, 10] (0 = off)")
+    for tid, v in out.logit_bias.items():
+        if tid < 0 or not -100 <= v <= 100:
+            raise ValueError(f"logit_bias {tid}: {v}: ids must be >= 0 and values in [-100, 100]")
+    if out.HasField("prompt_logprobs") and not 0 <= out.prompt_logprobs <= 20:
+        raise ValueError(f"prompt_logprobs={out.prompt_logprobs}: must be in [0, 20]")
+    if out.HasField("structured"):
+        check_structured(out.structured)
     return out

@@ -27,19 +27,37 @@ class RouterTokenizer:
         """Tokenize a raw prompt as `tokenizer(text)` does (special tokens such as BOS included)."""
         return list(self.hf(text)["input_ids"])
 
-    def render_chat(self, messages: Sequence[dict]) -> str:
-        """The chat template of the checkpoint applied to `messages`, with the generation prompt."""
+    @property
+    def template_has_tools(self) -> bool:
+        return "tools" in (getattr(self.hf, "chat_template", None) or "")
+
+    def render_chat(self, messages: Sequence[dict], tools: Sequence | None = None,
+                    tool_format: str = "qwen25") -> str:
+        """The chat template of the checkpoint applied to `messages`, with the generation prompt.
+
+        ``tools`` (tool_parsers.Tool) go to the template as ``tools=`` when it renders them;
+        for a template without tool support (the demo models') tandem writes them, earlier
+        calls and tool results as text in ``tool_format`` (Qwen2.5's wording: a system
+        message with the signatures, ``<tool_call>`` for calls, ``<tool_response>`` in a
+        user message for results)."""
         if not getattr(self.hf, "chat_template", None):
             raise bad_request(f"The model at {self.model_path} has no chat template; use /v1/completions.",
                               param="messages")
+        kw = {}
+        msgs = list(messages)
+        if tools and self.template_has_tools:
+            kw["tools"] = [t.openai() for t in tools]
+        elif tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in msgs):
+            msgs = _tools_as_text(msgs, tools or [], tool_format)
         try:
-            return self.hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            return self.hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kw)
         except Exception as e:  # template errors (e.g. role order the template rejects) are bad input
             raise bad_request(f"Cannot apply the chat template: {e}", param="messages") from None
 
-    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+    def encode_chat(self, messages: Sequence[dict], tools: Sequence | None = None,
+                    tool_format: str = "qwen25") -> list[int]:
         # The template already contains the special tokens (BOS etc.): don't add them twice.
-        return list(self.hf(self.render_chat(messages), add_special_tokens=False)["input_ids"])
+        return list(self.hf(self.render_chat(messages, tools, tool_format), add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -60,3 +78,27 @@ def _context_length(model_path: str, hf) -> int:
     if isinstance(mml, int) and mml < 10**7:
         return mml
     return DEFAULT_CONTEXT_LENGTH
+
+
+def _tools_as_text(messages: list[dict], tools: Sequence, tool_format: str) -> list[dict]:
+    from tandem.routing.tool_parsers import render_call, tools_system_prompt
+
+    out = []
+    if tools:
+        prompt = tools_system_prompt(list(tools), tool_format)
+        if messages and messages[0].get("role") in ("system", "developer"):
+            out.append({"role": "system", "content": (messages[0].get("content") or "") + "\n\n" + prompt})
+            messages = messages[1:]
+        else:
+            out.append({"role": "system", "content": prompt})
+    for m in messages:
+        if m.get("role") == "tool":
+            out.append({"role": "user", "content": "<tool_response>\n" + (m.get("content") or "") +
+                        "\n</tool_response>"})
+        elif m.get("tool_calls"):
+            calls = "\n".join(render_call(c, tool_format) for c in m["tool_calls"])
+            text = m.get("content") or ""
+            out.append({"role": "assistant", "content": (text + "\n" if text else "") + calls})
+        else:
+            out.append({k: v for k, v in m.items() if k in ("role", "content")})
+    return out

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from tandem.engine.engine import StepOutput
-from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.sampling_params import SamplingParams, StructuredOutput
+from tandem.routing.grammar_check import kind_and_spec
 from tandem.v1 import common_pb2
 
 FINISH_REASONS = {
@@ -31,17 +32,39 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
         min_tokens=p.min_tokens,
         logprobs=p.logprobs or p.top_logprobs > 0,
         top_logprobs=p.top_logprobs,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        logit_bias=dict(p.logit_bias),
+        structured=structured_from_proto(p.structured) if p.HasField("structured") else None,
+        prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
     )
 
 
+def structured_from_proto(p: common_pb2.StructuredOutput) -> StructuredOutput:
+    return StructuredOutput(*kind_and_spec(p))
+
+
+def structured_to_proto(so: StructuredOutput) -> common_pb2.StructuredOutput:
+    if so.kind == "json_object":
+        return common_pb2.StructuredOutput(json_object=True)
+    return common_pb2.StructuredOutput(**{so.kind: so.spec})
+
+
 def sampling_to_proto(sp: SamplingParams) -> common_pb2.SamplingParams:
-    """Inverse of :func:`sampling_from_proto` (decode hands a request to prefill)."""
+    """The inverse of sampling_from_proto (decode forwards a request to a prefill worker)."""
     p = common_pb2.SamplingParams(
-        temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p, max_tokens=sp.max_tokens,
-        stop=sp.stop, stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos, logprobs=sp.logprobs,
-        top_logprobs=sp.top_logprobs, min_tokens=sp.min_tokens)
+        temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p,
+        max_tokens=sp.max_tokens, stop=sp.stop, stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos,
+        logprobs=sp.logprobs, top_logprobs=sp.top_logprobs, min_tokens=sp.min_tokens,
+        presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
+        repetition_penalty=sp.repetition_penalty, logit_bias=sp.logit_bias)
     if sp.seed is not None:
         p.seed = sp.seed
+    if sp.structured is not None:
+        p.structured.CopyFrom(structured_to_proto(sp.structured))
+    if sp.prompt_logprobs is not None:
+        p.prompt_logprobs = sp.prompt_logprobs
     return p
 
 
@@ -58,6 +81,8 @@ def chunk_from_output(out: StepOutput, request_id: str, want_logprobs: bool) -> 
         tops = out.new_top_logprobs or [None] * len(out.new_token_ids)
         lps = out.new_logprobs or [None] * len(out.new_token_ids)
         chunk.logprobs.extend(position_logprobs(lp, top) for lp, top in zip(lps, tops))
+    if out.prompt_logprobs:
+        chunk.prompt_logprobs.extend(position_logprobs(lp, top) for lp, top in out.prompt_logprobs)
     if out.finished:
         reason = "error" if out.error else out.finish_reason
         chunk.finish_reason = FINISH_REASONS.get(reason, common_pb2.FINISH_REASON_ABORT)

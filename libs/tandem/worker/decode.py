@@ -78,7 +78,7 @@ class DecodeWorker(WorkerBase):
         if override == "remote" and not self.disaggregated:
             raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
                                 "prefill_override='remote' but this worker is not in decode mode")
-        local = (not self.disaggregated or override == "local"
+        local = (not self.disaggregated or override == "local" or sp.prompt_logprobs is not None
                  or (override != "remote" and len(ids) < self.config.max_local_prefill_length))
         try:
             self.loop.validate(ids, sp)  # a bad request never reaches a prefill worker

@@ -178,13 +178,14 @@ class EngineLoop(LoopThread):
         return self.call(lambda engine: engine.allocate_external(prompt_ids, sampling, rid=rid))
 
     def activate_external(self, rid: str, first_token_id: int, logprob: float | None,
-                          cached_tokens: int) -> Future[RequestStream]:
-        """Start decoding a request whose prompt KV was written into its pages from outside;
-        the Future gives its output stream."""
+                          cached_tokens: int, top: list | None = None) -> Future[RequestStream]:
+        """Start decoding a request whose prompt KV was written into its pages from outside
+        (``top``: the first token's top logprobs, [(token_id, logprob)]); the Future gives its
+        output stream."""
         def activate(engine: EngineCore) -> RequestStream:
             stream = self._open(rid)
             try:
-                engine.activate_external(rid, first_token_id, logprob, cached_tokens)
+                engine.activate_external(rid, first_token_id, logprob, cached_tokens, top)
             except BaseException:
                 self._close(rid)
                 raise

@@ -266,7 +266,8 @@ class RemotePrefill:
             first = row.samples[0]
             try:
                 return await asyncio.wrap_future(self.engine.activate_external(
-                    attempt_rid, first.token_id, first.logprob if sp.logprobs else None, row.cached_tokens))
+                    attempt_rid, first.token_id, first.logprob if sp.logprobs else None, row.cached_tokens,
+                    first.top_logprobs))
             except ValueError as exc:
                 self.engine.abort(attempt_rid)
                 raise RemotePrefillFailed(grpc.StatusCode.INTERNAL, f"activating {rid} failed: {exc}") from None

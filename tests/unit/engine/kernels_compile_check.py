@@ -5,7 +5,7 @@ without TRITON_INTERPRET (test_kernels_compile.py does)."""
 from __future__ import annotations
 
 import triton
-from tandem.engine.kernels import activation, decode_attention, extend_attention, norm, rope_kv, sampling
+from tandem.engine.kernels import activation, decode_attention, extend_attention, fused_moe, norm, rope_kv, sampling
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -43,6 +43,13 @@ def main() -> None:
                                   "stride_v_head", "stride_pt", "stride_ot", "stride_oh")}},
             dict(PAGE_SIZE=16, GROUP=7, HEAD_DIM=64, BLOCK_M=extend_attention.BLOCK_M,
                  BLOCK_N=extend_attention.BLOCK_N, BLOCK_D=64, IEEE=dt == "fp32"))
+        for mul_weight, rows in ((False, 8), (True, 1)):
+            compile_kernel(fused_moe._moe_gemm_kernel, {
+                "A": p, "B": p, "C": p, "SortedIds": "*i64", "BlockSlot": "*i64", "Weights": "*fp32",
+                "N": "i32", "K": "i32", "num_entries": "i32",
+                **{n: "i32" for n in ("stride_am", "stride_be", "stride_bn", "stride_cm")}},
+                dict(ROWS_PER_TOKEN=rows, MUL_WEIGHT=mul_weight, NUM_SLOTS=72, BLOCK_M=fused_moe.BLOCK_M,
+                     BLOCK_N=fused_moe.BLOCK_N, BLOCK_K=fused_moe.BLOCK_K, IEEE=dt == "fp32"))
         compile_kernel(decode_attention._decode_merge_kernel, {
             "PartialOut": "*fp32", "PartialLse": "*fp32", "Out": p,
             **{n: "i32" for n in ("stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh", "stride_out_b",

@@ -86,3 +86,55 @@ def test_greedy_rows_stay_greedy_in_a_random_batch():
     t = tensors(3, greedy=torch.tensor([True, False, True]), temperatures=torch.tensor([1.0, 2.0, 1.0]))
     out = draw(logits, t, SamplerVariant(random=True))
     assert out[0] == logits[0].argmax() and out[2] == logits[2].argmax()
+
+
+def penalty_state(rows=4, vocab=V):
+    from tandem.engine.sampler import PenaltyState
+
+    return PenaltyState(rows, vocab, "cpu")
+
+
+def test_penalties_follow_the_openai_and_vllm_formulas():
+    from tandem.engine.sampler import apply_penalties
+
+    st = penalty_state()
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(5)) * 3
+    a = st.alloc([1, 2], [3, 3, 4], presence=0.5, frequency=0.25, repetition=1.0, logit_bias={})
+    b = st.alloc([7], [8], presence=0.0, frequency=0.0, repetition=2.0, logit_bias={9: -100.0, 10: 5.0})
+    rows = torch.tensor([a, b, st.neutral_row])
+    out = apply_penalties(logits, rows, st)
+    want = logits.clone()
+    want[0, 3] -= 0.5 + 2 * 0.25  # presence once + frequency per occurrence (outputs only)
+    want[0, 4] -= 0.5 + 0.25
+    for j in (7, 8):  # repetition: prompt and output tokens, divide positive / multiply negative
+        want[1, j] = logits[1, j] / 2 if logits[1, j] > 0 else logits[1, j] * 2
+    want[1, 9] -= 100.0
+    want[1, 10] += 5.0
+    assert torch.allclose(out, want)
+    assert torch.equal(out[2], logits[2])  # the neutral row changes nothing
+
+
+def test_penalty_state_counts_sampled_tokens_on_the_device_and_rows_are_reused():
+    st = penalty_state(rows=2)
+    a = st.alloc([], [], 0.0, 1.0, 1.0, {})
+    st.record(torch.tensor([a, a]), torch.tensor([5, 6]))
+    st.record(torch.tensor([a]), torch.tensor([5]))
+    assert st.counts[a, 5] == 2 and st.counts[a, 6] == 1 and bool(st.seen[a, 6])
+    b = st.alloc([], [], 0.0, 0.0, 1.0, {})
+    assert st.alloc([], [], 0.0, 0.0, 1.0, {}) is None  # every row taken
+    st.free(a)
+    c = st.alloc([1], [], 0.0, 0.0, 1.0, {})
+    assert c == a and st.counts[c].sum() == 0 and bool(st.seen[c, 1]) and not bool(st.seen[c, 5])
+    assert b != c
+
+
+def test_frequency_penalty_turns_a_repeating_greedy_row_away():
+    st = penalty_state()
+    logits = torch.zeros(1, V)
+    logits[0, 3], logits[0, 4] = 2.0, 1.0
+    sampler = Sampler("cpu", st)
+    row = st.alloc([], [3, 3], presence=0.0, frequency=1.0, repetition=1.0, logit_bias={})
+    t = tensors(1, greedy=torch.tensor([True]), mask=torch.full((1, 2), -1, dtype=torch.int32),
+                penalty_rows=torch.tensor([row]))
+    assert int(sampler.sample(logits, t, SamplerVariant(masked=True, penalties=True))[0]) == 4
+    assert int(sampler.sample(logits, None, SamplerVariant())[0]) == 3

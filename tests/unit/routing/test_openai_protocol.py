@@ -34,9 +34,19 @@ def test_sampling_mapping():
     (dict(max_tokens=0), "max_tokens"),
     (dict(top_p=1.5), "top_p"),
     (dict(top_k=-5), "top_k"),
-    (dict(n=3), "n"),
-    (dict(echo=True), "echo"),
-    (dict(presence_penalty=0.5), "presence_penalty"),
+    (dict(n=0), "n"),
+    (dict(n=17), "n"),
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(logit_bias={"x": 1}), "logit_bias"),
+    (dict(logit_bias={"5": 101}), "logit_bias"),
+    (dict(best_of=2), "best_of"),
+    (dict(suffix="tail"), "suffix"),
+    (dict(store=True), "store"),
+    (dict(metadata={"a": "b"}), "metadata"),
+    (dict(service_tier="flex"), "service_tier"),
+    (dict(guided_json={"type": "object"}), "guided_json"),
     (dict(logprobs=50), "logprobs"),
     (dict(stop=[""]), "stop"),
     (dict(seed=-1), "seed"),
@@ -104,3 +114,62 @@ def test_grpc_sampling_check():
             check_sampling(common_pb2.SamplingParams(**bad), 10, 100)
     with pytest.raises(ValueError, match="empty"):
         check_sampling(common_pb2.SamplingParams(), 0, 100)
+
+
+def test_penalties_bias_and_n_map_to_the_proto():
+    sp = oa.build_sampling(completion(n=4, presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2,
+                                      logit_bias={"7": -100, "9": 2.5}), 5, 100, 16)
+    assert (sp.presence_penalty, sp.frequency_penalty) == (0.5, -1.0)
+    assert sp.repetition_penalty == pytest.approx(1.2) and dict(sp.logit_bias) == {7: -100.0, 9: 2.5}
+    assert oa.build_sampling(completion(), 5, 100, 16).repetition_penalty == 1.0
+    assert oa.build_sampling(completion(echo=True, logprobs=2), 5, 100, 16).prompt_logprobs == 2
+    assert not oa.build_sampling(completion(echo=True), 5, 100, 16).HasField("prompt_logprobs")
+    assert not oa.build_sampling(completion(logprobs=2), 5, 100, 16).HasField("prompt_logprobs")
+
+
+@pytest.mark.parametrize("req,param", [
+    (dict(functions=[{"name": "f"}]), "functions"),
+    (dict(function_call="auto"), "function_call"),
+    (dict(audio={"voice": "x"}), "audio"),
+    (dict(modalities=["text", "audio"]), "modalities"),
+    (dict(prediction={"type": "content", "content": "x"}), "prediction"),
+    (dict(web_search_options={}), "web_search_options"),
+    (dict(reasoning_effort="low"), "reasoning_effort"),
+    (dict(verbosity="low"), "verbosity"),
+    (dict(prompt_cache_key="k"), "prompt_cache_key"),
+])
+def test_unsupported_chat_parameters_are_refused_by_name(req, param):
+    with pytest.raises(oa.OpenAIError) as e:
+        oa.build_sampling(chat(**req), 5, 100, None)
+    assert e.value.status == 400 and e.value.param == param and param in e.value.message
+
+
+def test_structured_outputs_and_tools_validate():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    so = oa.structured_output(chat(response_format={"type": "json_schema", "json_schema": {"name": "x",
+                                                                                           "schema": schema}}))
+    assert so.WhichOneof("kind") == "json_schema"
+    assert oa.structured_output(chat(response_format={"type": "json_object"})).json_object
+    assert oa.structured_output(chat(response_format={"type": "text"})) is None
+    assert oa.structured_output(completion(regex="[a-z]+")).regex == "[a-z]+"
+    for req, param in ((completion(regex="([a-"), "regex"), (completion(ebnf="root ::= "), "ebnf"),
+                       (chat(regex="a", ebnf='root ::= "a"'), "ebnf"),
+                       (chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+                        "response_format")):
+        with pytest.raises(oa.OpenAIError) as e:
+            oa.structured_output(req)
+        assert e.value.status == 400 and e.value.param == param
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": schema}}]
+    plan = oa.tool_plan(chat(tools=tools, tool_choice="required"), None)
+    so = oa.structured_output(chat(tools=tools), plan)
+    assert plan.choice == "required" and '"minItems": 1' in so.json_schema
+    named = oa.tool_plan(chat(tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}}), None)
+    assert named.named == "get_weather"
+    assert oa.tool_plan(chat(tools=tools), "qwen25").choice == "auto"
+    for req, parser in ((chat(tools=tools), None),  # auto needs a parser
+                        (chat(tool_choice="required"), "qwen25"),  # no tools
+                        (chat(tools=tools, tool_choice={"type": "function", "function": {"name": "nope"}}), None),
+                        (chat(tools=tools * 2, tool_choice="required"), None)):
+        with pytest.raises(oa.OpenAIError) as e:
+            oa.tool_plan(req, parser)
+        assert e.value.param in ("tools", "tool_choice")

@@ -24,6 +24,7 @@ from tandem.router.core import RouterCore
 from tandem.router.grpc_api import RouterServicer
 from tandem.router.http_api import build_http_app
 from tandem.router.metrics import RouterMetrics
+from tandem.routing.grammar_check import warm as warm_grammar_check
 from tandem.routing.tokenizer import RouterTokenizer
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class RouterApp:
         once the HTTP port is bound and serving."""
         if self._thread is not None:
             raise RuntimeError("router already started")
+        # The grammar checker (xgrammar, which loads torch) is imported here, off the event loop,
+        # so the first structured-output request does not stall every other one.
+        threading.Thread(target=warm_grammar_check, name="grammar-import", daemon=True).start()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # Inherited by accepted connections: without it, a keep-alive response written in two

@@ -2,6 +2,15 @@
 when it fails before any output, and turns tokens into text (incremental detokenization,
 stop strings). Shared by the HTTP and the gRPC front ends; runs on the router's loop.
 
+n > 1: sample 0 goes first; once its first token arrived (its prompt is then in the
+worker's prefix cache) samples 1..n-1 start on the same worker, each with seed + i, and
+share the prompt's KV pages: they ask for a local prefill (``prefill_override`` "local"),
+so a disaggregated decode worker computes only the uncached tail (less than a page)
+instead of fetching the prompt's KV again from a prefill worker. Their deltas are merged, each tagged with its index.
+
+Each sample's text goes through the request's output parsers: the reasoning parser
+(``<think>`` -> reasoning) and then the tool-call parser (calls out of the content).
+
 Cancellation: the worker call lives inside an async generator; when the consumer stops
 early (client disconnected, gRPC cancel, stop string matched) the generator is closed or
 cancelled and its `finally` cancels the worker's Generate call, so the worker aborts the
@@ -10,8 +19,10 @@ request and frees its pages.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
+import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -24,7 +35,9 @@ from tandem.routing.detokenizer import TextStream
 from tandem.routing.discovery import EtcdWatcher
 from tandem.routing.kv_index import KvIndex
 from tandem.routing.policies import Decision, KvAwarePolicy, make_policy
+from tandem.routing.reasoning import ReasoningParser
 from tandem.routing.tokenizer import RouterTokenizer
+from tandem.routing.tool_parsers import ForcedToolParser, ToolCall, make_parser
 from tandem.v1 import common_pb2, decode_pb2
 
 log = logging.getLogger(__name__)
@@ -57,17 +70,66 @@ class Prepared:
     skip_special_tokens: bool = True
     started: float = field(default_factory=time.perf_counter)
     decision: Decision | None = None  # set when a worker is chosen
+    n: int = 1  # samples; sample i uses seed + i
+    echo_text: str = ""  # put before each sample's text (completions' echo)
+    reasoning_parser: str | None = None  # split <think> text into Delta.reasoning
+    tool_parser: str | None = None  # a parser name, "required" or "named:<fn>" (forced calls)
+    prefill_local: bool = False  # samples 1..n-1: the worker holds the prompt's pages already
+
+    def sample(self, i: int) -> Prepared:
+        """The request of sample i (its own request id, seed and routing decision)."""
+        sp = common_pb2.SamplingParams()
+        sp.CopyFrom(self.sampling)
+        if i:
+            sp.seed = (sp.seed + i) % 2 ** 64
+        return dataclasses.replace(self, request_id=f"{self.request_id}-{i}" if self.n > 1 else self.request_id,
+                                   sampling=sp, decision=None, prefill_local=i > 0)
 
 
 @dataclass
 class Delta:
-    """Output since the previous delta; the last one carries finish_reason and usage."""
+    """Output of one sample since its previous delta; its last one carries finish_reason and usage.
+
+    ``text`` is content: without the reasoning (``reasoning``) and the tool calls
+    (``tool_calls``, complete calls recognised in this delta) when parsers run."""
     text: str
     token_ids: list[int]
     logprobs: list
     finish_reason: int = 0
     matched_stop: str = ""
     usage: common_pb2.Usage | None = None
+    index: int = 0
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)  # first delta only: PositionLogprobs of prompt 1..L-1
+
+
+class OutputParsers:
+    """The reasoning parser, then the tool-call parser, over one sample's text stream."""
+
+    def __init__(self, reasoning: str | None, tools: str | None) -> None:
+        self.reasoning = ReasoningParser(reasoning) if reasoning else None
+        if tools is None:
+            self.tools = None
+        elif tools == "required" or tools.startswith("named:"):
+            self.tools = ForcedToolParser(None if tools == "required" else tools[len("named:"):])
+        else:
+            self.tools = make_parser(tools)
+
+    def push(self, text: str, final: bool) -> tuple[str, str, list[ToolCall]]:
+        """(reasoning, content, calls) of new text; final releases everything held back."""
+        reasoning, content, calls = "", text, []
+        if self.reasoning is not None:
+            reasoning, content = self.reasoning.feed(text)
+            if final:
+                r2, c2 = self.reasoning.finish()
+                reasoning, content = reasoning + r2, content + c2
+        if self.tools is not None:
+            content, calls = self.tools.feed(content)
+            if final:
+                c2, t2 = self.tools.finish()
+                content, calls = content + c2, calls + t2
+        return reasoning, content, calls
 
 
 def failed_chunk(chunk: common_pb2.TokenChunk, worker_id: str) -> tuple[RouterError, bool] | None:
@@ -154,15 +216,21 @@ class RouterCore:
         bs = (self.index.block_size if self.index else None) or 16
         return math.ceil(n_tokens / bs)
 
-    async def worker_stream(self, prep: Prepared, deadline: float | None = None) -> AsyncIterator[common_pb2.TokenChunk]:
+    async def worker_stream(self, prep: Prepared, deadline: float | None = None,
+                            pin: str | None = None) -> AsyncIterator[common_pb2.TokenChunk]:
         """Raw worker chunks for a request, with at most `request_retries` retries on other
-        workers while nothing has been streamed yet."""
+        workers while nothing has been streamed yet. ``pin``: go to this worker first (the
+        one holding the prompt's pages) while it is healthy."""
         excluded: set[str] = set()
         attempt = 0
         last_error: RouterError | None = None
         while True:
             try:
-                worker, decision = self.route(prep.input_ids, excluded)
+                pinned = self.pool.workers.get(pin) if pin is not None and pin not in excluded else None
+                if pinned is not None and pinned.healthy:
+                    worker, decision = pinned, Decision(pinned.worker_id)
+                else:
+                    worker, decision = self.route(prep.input_ids, excluded)
             except NoHealthyWorker:
                 if last_error is not None:
                     raise last_error from None
@@ -175,7 +243,9 @@ class RouterCore:
             timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
             call = worker.decode.Generate(
                 decode_pb2.GenerateRequest(request_id=prep.request_id, input_ids=prep.input_ids,
-                                           sampling=prep.sampling), timeout=timeout)
+                                           sampling=prep.sampling,
+                                           prefill_override="local" if prep.prefill_local else ""),
+                timeout=timeout)
             streamed = False
             error: RouterError | None = None
             retryable = False
@@ -216,12 +286,58 @@ class RouterCore:
             log.warning("request %s: %s; retrying on another worker", prep.request_id, error.message)
 
     async def run(self, prep: Prepared, timeout: float | None = None) -> AsyncIterator[Delta]:
-        """Text deltas of a request (detokenized, stop strings applied), with frontend metrics."""
+        """Deltas of a request's samples (detokenized, stop strings applied, parsed), merged."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if prep.n <= 1:
+            async for d in self._run_sample(prep.sample(0), 0, deadline):
+                yield d
+            return
+        if not prep.sampling.HasField("seed"):
+            prep.sampling.seed = random.getrandbits(63)  # n samples: distinct and reproducible seeds
+        q: asyncio.Queue = asyncio.Queue()
+        started = asyncio.Event()
+        first = prep.sample(0)
+        _DONE = object()
+
+        async def pump(i: int, sample: Prepared, pin: str | None) -> None:
+            try:
+                async for d in self._run_sample(sample, i, deadline, pin):
+                    started.set()
+                    await q.put(d)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                await q.put(e)
+            finally:
+                started.set()
+                await q.put(_DONE)
+
+        tasks = [asyncio.create_task(pump(0, first, None))]
+        try:
+            await started.wait()
+            pin = first.decision.worker_id if first.decision is not None else None
+            tasks += [asyncio.create_task(pump(i, prep.sample(i), pin)) for i in range(1, prep.n)]
+            live = len(tasks)
+            while live:
+                item = await q.get()
+                if item is _DONE:
+                    live -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _run_sample(self, prep: Prepared, index: int, deadline: float | None,
+                          pin: str | None = None) -> AsyncIterator[Delta]:
+        """Deltas of one sample, with frontend metrics."""
         ts = TextStream(self.tokenizer.hf, list(prep.sampling.stop), prep.skip_special_tokens)
+        parsers = OutputParsers(prep.reasoning_parser, prep.tool_parser)
+        echo = prep.echo_text
         n_out = 0
         endpoint, _, stream = prep.endpoint.partition(":")
-        agen = self.worker_stream(prep, deadline)
+        agen = self.worker_stream(prep, deadline, pin)
         with self.metrics.frontend.track_request(endpoint, "stream" if stream else "unary") as fr:
             fr.set_input_tokens(len(prep.input_ids))
             try:
@@ -231,6 +347,7 @@ class RouterCore:
                     n_out += len(ids)
                     text = ts.push(ids)
                     logprobs = list(chunk.logprobs)
+                    prompt_lps = list(chunk.prompt_logprobs)
                     stopped = ts.stopped
                     if stopped or chunk.finish_reason:
                         if not stopped:
@@ -241,12 +358,17 @@ class RouterCore:
                         elif prep.decision is not None and self.index is not None and self.index.block_size:
                             usage.cached_tokens = prep.decision.overlap_blocks * self.index.block_size
                         fr.set_cached_tokens(usage.cached_tokens, len(prep.input_ids))
-                        yield Delta(text, ids, logprobs,
+                        reasoning, text, calls = parsers.push(text, final=True)
+                        yield Delta(echo + text, ids, logprobs,
                                     common_pb2.FINISH_REASON_STOP if stopped else chunk.finish_reason,
-                                    ts.matched_stop if stopped else chunk.matched_stop, usage)
+                                    ts.matched_stop if stopped else chunk.matched_stop, usage, index, reasoning, calls,
+                                    prompt_lps)
                         return
                     if text or ids:
-                        yield Delta(text, ids, logprobs)
+                        reasoning, text, calls = parsers.push(text, final=False)
+                        yield Delta(echo + text, ids, logprobs, index=index, reasoning=reasoning, tool_calls=calls,
+                                    prompt_logprobs=prompt_lps)
+                        echo = ""
             except (asyncio.CancelledError, GeneratorExit):
                 fr.client_disconnected()
                 raise

@@ -1,5 +1,10 @@
 """gRPC Router service (tandem.v1.Router) for the shared synchronous grpc.Server.
 
+The request carries what the OpenAI API offers: sampling parameters (penalties, logit
+bias, structured output), n samples (chunks carry their index), echo, tools and
+tool_choice (calls come back parsed in TokenChunk.tool_calls), and the router's reasoning
+parser fills TokenChunk.reasoning_text.
+
 Each call is bridged into the router's asyncio loop: a pump task runs the request there and
 hands chunks to the gRPC thread through a queue. When the RPC ends early (client cancel or
 deadline), the gRPC callback cancels the pump task, which cancels the worker's Generate call.
@@ -8,14 +13,16 @@ The caller's deadline is passed on to the worker call.
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import uuid
 from collections.abc import Callable
 
 import grpc
 from tandem.router.core import Prepared, RouterCore, RouterError
-from tandem.routing.openai_protocol import OpenAIError
+from tandem.routing.openai_protocol import MAX_N, OpenAIError
 from tandem.routing.sampling import check_sampling
+from tandem.routing.tool_parsers import Tool, check_tool_name, forced_schema
 from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 _END = object()
@@ -33,27 +40,48 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if request.model and request.model != core.model_name:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}; serving {core.model_name!r}")
         tok = core.tokenizer
+        cfg = core.config
         kind = request.WhichOneof("prompt")
+        tool_parser = None
+        echo = ""
         try:
+            n = request.n or 1
+            if not 1 <= n <= MAX_N:
+                raise ValueError(f"n={n}: must be in [1, {MAX_N}]")
+            tools, tool_parser, forced = _tools(request, cfg.tool_call_parser)
             if kind == "text":
                 ids = tok.encode(request.text)
+                echo = request.text if request.echo else ""
             elif kind == "chat":
                 if not request.chat.messages:
                     raise ValueError("chat has no messages")
-                ids = tok.encode_chat([{"role": m.role, "content": m.content} for m in request.chat.messages])
+                ids = tok.encode_chat([_message(m) for m in request.chat.messages], tools or None,
+                                      cfg.tool_call_parser or "qwen25")
             elif kind == "token_ids":
                 ids = list(request.token_ids.ids)
                 if any(i < 0 for i in ids):
                     raise ValueError("token ids must be >= 0")
+                echo = tok.decode(ids, skip_special_tokens=False) if request.echo else ""
             else:
                 raise ValueError("no prompt: set one of text, chat or token_ids")
+            if request.echo and kind == "chat":
+                raise ValueError("echo: only for text and token_ids prompts")
+            if tools and kind != "chat":
+                raise ValueError("tools: only for chat prompts")
             sampling = check_sampling(request.sampling, len(ids), tok.context_length)
+            if request.echo and sampling.logprobs and not sampling.HasField("prompt_logprobs"):
+                sampling.prompt_logprobs = sampling.top_logprobs  # echo + logprobs: the prompt's too
+            if forced is not None:
+                if sampling.HasField("structured"):
+                    raise ValueError("sampling.structured and a forcing tool_choice both constrain the output")
+                sampling.structured.json_schema = json.dumps(forced)
         except OpenAIError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rid = request.request_id or f"router-{uuid.uuid4().hex}"
-        return Prepared(rid, ids, sampling, "grpc_generate:stream")
+        return Prepared(rid, ids, sampling, "grpc_generate:stream", n=n, echo_text=echo,
+                        reasoning_parser=cfg.reasoning_parser if kind == "chat" else None, tool_parser=tool_parser)
 
     def Generate(self, request, context):
         prep = self._prepare(request, context)
@@ -63,12 +91,18 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             timeout = None
         core = self.core
 
+        calls: dict[int, int] = {}  # tool calls sent so far, per sample
+
         async def pump() -> None:
             try:
                 async for d in core.run(prep, timeout):
-                    chunk = common_pb2.TokenChunk(request_id=prep.request_id, token_ids=d.token_ids, text=d.text,
-                                                  logprobs=d.logprobs, finish_reason=d.finish_reason,
-                                                  matched_stop=d.matched_stop)
+                    chunk = common_pb2.TokenChunk(
+                        request_id=prep.request_id, token_ids=d.token_ids, text=d.text, logprobs=d.logprobs,
+                        finish_reason=d.finish_reason, matched_stop=d.matched_stop, index=d.index,
+                        reasoning_text=d.reasoning, prompt_logprobs=d.prompt_logprobs,
+                        tool_calls=[common_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments, index=k)
+                                    for k, c in enumerate(d.tool_calls, start=calls.get(d.index, 0))])
+                    calls[d.index] = calls.get(d.index, 0) + len(d.tool_calls)
                     if d.usage is not None:
                         chunk.usage.CopyFrom(d.usage)
                     q.put(chunk)
@@ -95,3 +129,45 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
         workers = asyncio.run_coroutine_threadsafe(snapshot(), self.loop()).result(timeout=5)
         return router_pb2.ListWorkersResponse(workers=workers, policy=self.core.config.routing_policy)
+
+
+def _message(m: router_pb2.ChatMessage) -> dict:
+    d: dict = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        d["tool_calls"] = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                           for c in m.tool_calls]
+    if m.tool_call_id:
+        d["tool_call_id"] = m.tool_call_id
+    return d
+
+
+def _tools(request: router_pb2.RouterGenerateRequest, parser: str | None):
+    """(tools, the Prepared tool_parser, the forcing JSON schema or None); ValueError naming the problem."""
+    choice = request.tool_choice or ("auto" if request.tools else "none")
+    if not request.tools:
+        if choice not in ("none", "auto"):
+            raise ValueError(f"tool_choice={choice!r} requires tools")
+        return [], None, None
+    tools = []
+    for t in request.tools:
+        check_tool_name(t.name)
+        try:
+            params = json.loads(t.parameters_json) if t.parameters_json else None
+        except ValueError as e:
+            raise ValueError(f"tool {t.name}: parameters_json is not JSON: {e}") from None
+        if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
+            raise ValueError(f"tool {t.name}: parameters_json must be a JSON schema of type object")
+        tools.append(Tool(t.name, t.description, params))
+    if len({t.name for t in tools}) != len(tools):
+        raise ValueError("tools: function names must be unique")
+    if choice == "none":
+        return tools, None, None
+    if choice == "auto":
+        if parser is None:
+            raise ValueError("tool_choice 'auto' needs the router's --tool-call-parser; use 'required' or a tool name")
+        return tools, parser, None
+    if choice == "required":
+        return tools, "required", forced_schema(tools, "required")
+    if choice not in {t.name for t in tools}:
+        raise ValueError(f"tool_choice={choice!r}: not one of the tools")
+    return tools, f"named:{choice}", forced_schema(tools, choice)

@@ -126,10 +126,14 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
         check_model(name)
         return oa.models_body(model_name, created)["data"][0]
 
+    cfg = core.config
+
     def prepare(kind: str, req, request: Request) -> Prepared:
         check_model(req.model)
         t0 = time.perf_counter()
         op = "tokenize"
+        plan = None
+        echo_text = ""
         if kind == "completion":
             prompt = oa.single_prompt(req)
             if isinstance(prompt, str):
@@ -138,18 +142,33 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
                 if any(i < 0 for i in prompt):
                     raise oa.bad_request("token ids in the prompt must be >= 0.", param="prompt")
                 ids = list(prompt)
+            if req.echo:
+                echo_text = prompt if isinstance(prompt, str) else tok.decode(ids, skip_special_tokens=False)
             default_max = 16  # OpenAI's default for /v1/completions
         else:
-            ids = tok.encode_chat([{"role": m.role, "content": m.text()} for m in req.messages])
+            plan = oa.tool_plan(req, cfg.tool_call_parser)
+            messages = [_message_dict(m) for m in req.messages]
+            ids = tok.encode_chat(messages, plan.tools or None, cfg.tool_call_parser or "qwen25")
             default_max = None  # the rest of the context
             op = "chat_template"
         core.metrics.frontend.observe_tokenizer_ms(op, (time.perf_counter() - t0) * 1e3)
         sampling = oa.build_sampling(req, len(ids), tok.context_length, default_max)
+        structured = oa.structured_output(req, plan)
+        if structured is not None:
+            sampling.structured.CopyFrom(structured)
         rid = request.headers.get("x-request-id") or oa.new_request_id(kind)
         stream = bool(req.stream)
         endpoint = ("completions" if kind == "completion" else "chat_completions") + (":stream" if stream else "")
         skip = True if req.skip_special_tokens is None else req.skip_special_tokens
-        return Prepared(rid, ids, sampling, endpoint, skip)
+        tool_parser = None
+        if plan is not None and plan.choice == "auto":
+            tool_parser = cfg.tool_call_parser
+        elif plan is not None and plan.choice == "required":
+            tool_parser = "required"
+        elif plan is not None and plan.choice == "named":
+            tool_parser = f"named:{plan.named}"
+        return Prepared(rid, ids, sampling, endpoint, skip, n=req.n or 1, echo_text=echo_text,
+                        reasoning_parser=cfg.reasoning_parser if kind == "chat" else None, tool_parser=tool_parser)
 
     async def handle(kind: str, request: Request):
         check_auth(request)
@@ -186,62 +205,111 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
     def formatter() -> oa.LogprobFormatter:
         return oa.LogprobFormatter(tok.token_text)
 
+    def finish_name(prep: Prepared, d: Delta, had_calls: bool) -> str | None:
+        """OpenAI's finish_reason; "tool_calls" when complete tool calls were parsed (as vLLM; not for a
+        named tool_choice, where OpenAI answers "stop")."""
+        name = oa.finish_reason_name(d.finish_reason)
+        if had_calls and name in ("stop", "length") and not (prep.tool_parser or "").startswith("named:"):
+            return "tool_calls"
+        return name
+
     async def _collect(kind: str, prep: Prepared, first: Delta, deltas) -> dict:
-        texts, lp_parts, chat_lps = [], [], []
-        fmt = formatter()
+        n = prep.n
+        texts: list[list[str]] = [[] for _ in range(n)]
+        reasoning: list[list[str]] = [[] for _ in range(n)]
+        calls: list[list] = [[] for _ in range(n)]
+        lp_parts: list[list] = [[] for _ in range(n)]
+        chat_lps: list[list] = [[] for _ in range(n)]
+        fmts = [formatter() for _ in range(n)]
+        last: list[Delta | None] = [None] * n
         want_lp = prep.sampling.logprobs
-        last = first
         d: Delta | None = first
+        done = 0
         while d is not None:
-            texts.append(d.text)
+            i = d.index
+            texts[i].append(d.text)
+            reasoning[i].append(d.reasoning)
+            calls[i] += d.tool_calls
+            if want_lp and d.prompt_logprobs:
+                lp_parts[i].append(fmts[i].prompt(prep.input_ids, d.prompt_logprobs, prep.sampling.top_logprobs))
             if want_lp and d.logprobs:
                 if kind == "completion":
-                    lp_parts.append(fmt.completion(d.token_ids, d.logprobs, prep.sampling.top_logprobs))
+                    lp_parts[i].append(fmts[i].completion(d.token_ids, d.logprobs, prep.sampling.top_logprobs))
                 else:
-                    chat_lps += fmt.chat(d.token_ids, d.logprobs)
-            last = d
+                    chat_lps[i] += fmts[i].chat(d.token_ids, d.logprobs)
+            last[i] = d
             if d.finish_reason:
-                break
+                done += 1
+                if done == n:
+                    break
             d = await deltas.__anext__()
-        u = last.usage or oa.usage_body(len(prep.input_ids), 0)
-        usage = oa.usage_body(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
-        finish = oa.finish_reason_name(last.finish_reason)
-        text = "".join(texts)
+        choices = []
+        for i in range(n):
+            finish = finish_name(prep, last[i], bool(calls[i]))
+            text = "".join(texts[i])
+            if kind == "completion":
+                lp = oa.merge_completion_logprobs(lp_parts[i]) if want_lp else None
+                choices.append(oa.completion_choice(i, text, finish, lp))
+            else:
+                choices.append(oa.chat_choice(i, text if text or not calls[i] else None, finish,
+                                              chat_lps[i] if want_lp else None,
+                                              "".join(reasoning[i]) if prep.reasoning_parser else None, calls[i]))
+        usage = _usage(prep, last)
         if kind == "completion":
-            lp = oa.merge_completion_logprobs(lp_parts) if want_lp else None
-            return oa.completion_body(prep.request_id, model_name, oa.now(), text, finish, usage, lp)
-        return oa.chat_body(prep.request_id, model_name, oa.now(), text, finish, usage,
-                            chat_lps if want_lp else None)
+            return oa.completion_body(prep.request_id, model_name, oa.now(), choices, usage)
+        return oa.chat_body(prep.request_id, model_name, oa.now(), choices, usage)
+
+    def _usage(prep: Prepared, last: list) -> dict:
+        """Prompt counted once, completion tokens of every sample, cached tokens of sample 0."""
+        us = [d.usage for d in last if d is not None and d.usage is not None]
+        if not us:
+            return oa.usage_body(len(prep.input_ids), 0)
+        return oa.usage_body(us[0].prompt_tokens, sum(u.completion_tokens for u in us), us[0].cached_tokens)
 
     async def _stream_body(kind: str, prep: Prepared, first: Delta, deltas, include_usage: bool):
-        fmt = formatter()
+        n = prep.n
+        fmts = [formatter() for _ in range(n)]
         want_lp = prep.sampling.logprobs
         created_at = oa.now()
         rid = prep.request_id
+        last: list[Delta | None] = [None] * n
+        ncalls = [0] * n
         try:
             if kind == "chat":
-                yield _sse(oa.chat_chunk(rid, model_name, created_at, {"role": "assistant", "content": ""}, None))
+                for i in range(n):
+                    yield _sse(oa.chat_chunk(rid, model_name, created_at, i, {"role": "assistant", "content": ""},
+                                             None))
             d: Delta | None = first
-            last = first
+            done = 0
             while d is not None:
-                last = d
-                finish = oa.finish_reason_name(d.finish_reason) if d.finish_reason else None
-                if d.text or finish or (want_lp and d.logprobs):
+                i = d.index
+                last[i] = d
+                ncalls[i] += len(d.tool_calls)
+                finish = finish_name(prep, d, ncalls[i] > 0) if d.finish_reason else None
+                if d.text or finish or d.reasoning or d.tool_calls or (want_lp and d.logprobs):
                     if kind == "completion":
-                        lp = fmt.completion(d.token_ids, d.logprobs, prep.sampling.top_logprobs) \
-                            if want_lp and d.logprobs else None
-                        yield _sse(oa.completion_chunk(rid, model_name, created_at, d.text, finish, lp))
+                        parts = []
+                        if want_lp and d.prompt_logprobs:
+                            parts.append(fmts[i].prompt(prep.input_ids, d.prompt_logprobs, prep.sampling.top_logprobs))
+                        if want_lp and d.logprobs:
+                            parts.append(fmts[i].completion(d.token_ids, d.logprobs, prep.sampling.top_logprobs))
+                        lp = oa.merge_completion_logprobs(parts)
+                        yield _sse(oa.completion_chunk(rid, model_name, created_at, i, d.text, finish, lp))
                     else:
-                        lp = fmt.chat(d.token_ids, d.logprobs) if want_lp and d.logprobs else None
-                        delta = {"content": d.text} if d.text else {}
-                        yield _sse(oa.chat_chunk(rid, model_name, created_at, delta, finish, lp))
+                        lp = fmts[i].chat(d.token_ids, d.logprobs) if want_lp and d.logprobs else None
+                        delta: dict = {"content": d.text} if d.text else {}
+                        if d.reasoning:
+                            delta["reasoning_content"] = d.reasoning
+                        if d.tool_calls:
+                            delta["tool_calls"] = oa.tool_calls_body(d.tool_calls, ncalls[i] - len(d.tool_calls))
+                        yield _sse(oa.chat_chunk(rid, model_name, created_at, i, delta, finish, lp))
                 if d.finish_reason:
-                    break
+                    done += 1
+                    if done == n:
+                        break
                 d = await deltas.__anext__()
-            if include_usage and last.usage is not None:
-                u = last.usage
-                yield _sse(oa.usage_chunk(rid, model_name, created_at, kind,
-                                          oa.usage_body(u.prompt_tokens, u.completion_tokens, u.cached_tokens)))
+            if include_usage and any(x is not None and x.usage is not None for x in last):
+                yield _sse(oa.usage_chunk(rid, model_name, created_at, kind, _usage(prep, last)))
         except RouterError as e:
             # Headers are gone: report the error in the stream, as vLLM and SGLang do.
             yield _sse(router_error_to_openai(e).body())
@@ -260,3 +328,14 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
         return await handle("chat", request)
 
     return app
+
+
+def _message_dict(m: oa.ChatMessageIn) -> dict:
+    d: dict = {"role": m.role, "content": m.text()}
+    if m.tool_calls:
+        d["tool_calls"] = [{"id": c.id, "type": "function",
+                            "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                           for c in m.tool_calls]
+    if m.tool_call_id:
+        d["tool_call_id"] = m.tool_call_id
+    return d
