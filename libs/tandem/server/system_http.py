@@ -12,6 +12,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,7 @@ class SystemHttpServer:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))  # bound now: the port is known before start()
+        self._sock.listen(128)  # and connections queue until the server accepts them
         self.app = self._build_app()
         self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False,
                                                      lifespan="off", timeout_graceful_shutdown=1))
@@ -72,8 +74,14 @@ class SystemHttpServer:
 
         self.app.add_api_route(path, endpoint, methods=[method.upper()])
 
-    def start(self) -> None:
+    def start(self, timeout: float = 10.0) -> None:
+        """Serve from a thread; returns once the server accepts connections."""
         self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if not self._server.started:
+            raise RuntimeError(f"system HTTP server on port {self.port} did not start")
 
     def stop(self) -> None:
         self._server.should_exit = True
