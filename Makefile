@@ -6,7 +6,7 @@ MODEL ?=
 PREFILL ?= 1
 DECODE ?= 1
 
-.PHONY: setup codegen test test-tools test-fresh test-fast lint demo-models deploy-local stop-local pants package bench clean
+.PHONY: setup codegen test test-tools test-fresh test-fast lint demo-models deploy-local stop-local pants package bench bench-micro clean
 
 setup:  ## create .venv, install pinned deps, generate protobuf code (idempotent)
 	@build-support/setup.sh
@@ -15,9 +15,10 @@ codegen:
 	@build-support/codegen.sh
 
 demo-models: setup  ## build the small demo checkpoints into models/ (offline, deterministic)
-	@$(PY) -m tandem.engine.demo_models --out models
+	@$(PY) -m deploy.demo_models --out models
 
-test: setup demo-models test-tools  ## the whole test suite (slow tests too), the 15 slowest, then a Pants smoke build
+test: setup demo-models test-tools  ## layering contracts, the whole test suite (slow tests too), the 15 slowest, then a Pants smoke build
+	.venv/bin/lint-imports
 	$(PY) -m pytest -q -rs --durations=15 tests
 	@build-support/pants-smoke.sh
 
@@ -31,8 +32,13 @@ test-fresh:  ## `make test` in a fresh clone of HEAD with a scrubbed environment
 test-fast: setup
 	$(PY) -m pytest -q -x tests/unit
 
-lint: setup
+lint: setup  ## ruff (private reach-ins included) and the layering contracts (import-linter, pyproject.toml)
 	$(PY) -m ruff check libs services tests benchmarks
+	.venv/bin/lint-imports
+
+bench-micro: setup demo-models  ## pytest-benchmark micro-benchmarks (routing, KV index, block hashing, detokenizer, config); saved in .benchmarks/, compared with the previous run
+	$(PY) -m pytest -q benchmarks/micro --benchmark-only --benchmark-autosave --benchmark-compare \
+	  --benchmark-columns=min,median,mean,iqr,rounds --benchmark-sort=name
 
 deploy-local: setup demo-models  ## run the whole stack on loopback (Ctrl-C stops it)
 	@build-support/install-prometheus.sh

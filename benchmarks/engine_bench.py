@@ -54,8 +54,9 @@ SHAPES = {
 
 def build_checkpoint(shape: str, out: str, seed: int = 0, with_tokenizer: bool = True) -> str:
     """A random-weight bf16 checkpoint of a known shape (no model hub here), with the demo tokenizer."""
-    from tandem.engine.demo_models import build_all
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    from deploy.demo_models import build_all
 
     if os.path.isfile(os.path.join(out, "config.json")):
         print(f"{out}: exists")
@@ -315,7 +316,7 @@ def main(argv=None) -> int:
             print(f"wrote {args.out}")
         return 0
     if not os.path.isdir(args.model):
-        from tandem.engine.demo_models import build_all
+        from deploy.demo_models import build_all
 
         build_all(str(REPO / "models"))
     cuda = args.device.startswith("cuda")

@@ -224,7 +224,7 @@ def main(argv=None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     git = git_info()
     dev = "cuda"
-    from tandem.engine.demo_models import build_all
+    from deploy.demo_models import build_all
 
     build_all(str(REPO / "models"))
     steps = [lambda: kernel_checks(dev), lambda: model_checks(dev),

@@ -2,7 +2,7 @@
 
 A decode-side client (a real KV receiver, registered with RegisterDecode) runs the whole
 handshake against a real `tandem.prefill` process as decode does: start + allocation
-(room 0) -> room -> KV + aux -> done, for a 1-token prompt (one page). The prefill's own compute time (reported
+(decode's room) -> room -> KV + aux -> done, for a 1-token prompt (one page). The prefill's own compute time (reported
 in TransferDone.prefill_ms) is subtracted, leaving the protocol overhead: gRPC stream,
 room bookkeeping, allocation checks, transfer of one page and the aux row.
 
@@ -24,8 +24,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tandem.transfer import KvBuffers, KVPoll, make_receiver  # noqa: E402
+from tandem.transfer import KvBuffers, KVPoll, TransferDone, make_receiver, new_room_id  # noqa: E402
 from tandem.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc  # noqa: E402
+from tandem.worker.pd_proto import message_from_proto, registration_to_request  # noqa: E402
 from tandem.worker.process import model_fingerprint  # noqa: E402
 
 from tests.support.procs import start_service  # noqa: E402
@@ -43,20 +44,23 @@ def buffers(model: Path, pages: int = 64) -> KvBuffers:
 
 def one(stub, rx, decode_id: str, slot: int) -> tuple[float, float]:
     q: queue.Queue = queue.Queue()
-    q.put(prefill_pb2.PrefillClientMessage(start=prefill_pb2.PrefillStart(
-        request_id="hs", decode_id=decode_id, input_ids=[42],
-        sampling=common_pb2.SamplingParams(max_tokens=1))))
-    # As decode does: the allocation (room 0 = this stream's room) goes right after the start.
-    q.put(prefill_pb2.PrefillClientMessage(allocation=prefill_pb2.PageAllocation(room=0, page_indices=[slot],
-                                                                                 aux_slot=slot)))
+    room = new_room_id()
     t0 = time.perf_counter()
-    responses = stub.Prefill(iter(q.get, None), timeout=30)
-    room = next(responses).room.room
     rx.expect(room, [slot], slot)
+    q.put(prefill_pb2.PrefillClientMessage(start=prefill_pb2.PrefillStart(
+        request_id="hs", decode_id=decode_id, input_ids=[42], room=room,
+        sampling=common_pb2.SamplingParams(max_tokens=1))))
+    # As decode does: the allocation goes right after the start.
+    q.put(prefill_pb2.PrefillClientMessage(allocation=prefill_pb2.PageAllocation(room=room, page_indices=[slot],
+                                                                                 aux_slot=slot)))
+    responses = stub.Prefill(iter(q.get, None), timeout=30)
+    assert next(responses).room.room == room
     done = None
     for msg in responses:
-        done = rx.on_stream_message(room, msg)
-        if done is not None:
+        lib_msg = message_from_proto(msg)
+        rx.handle(lib_msg)
+        if isinstance(lib_msg, TransferDone):
+            done = msg.done
             break
     while rx.poll(room) is not KVPoll.Success:
         time.sleep(0.0001)
@@ -81,7 +85,7 @@ def main() -> None:
                            model_fingerprint=model_fingerprint(str(model), torch.float32))
         with grpc.insecure_channel(prefill.grpc_address) as ch:
             stub = prefill_pb2_grpc.PrefillStub(ch)
-            stub.RegisterDecode(rx.registration().to_request("bench-decode"))
+            stub.RegisterDecode(registration_to_request(rx.registration(), "bench-decode"))
             for i in range(20):  # warm the stream and the engine
                 one(stub, rx, "bench-decode", i % 64)
             totals, overheads = [], []

@@ -78,22 +78,25 @@ def pct(xs, q):
 # Decode process: NIXL receiver + gRPC client side of the handshake benches.
 # --------------------------------------------------------------------------------------
 def decode_main(conn, num_pages: int, progress_thread: bool = False):
-    from tandem.transfer import KVPoll
+    from tandem.transfer import KVPoll, TransferDone
     from tandem.transfer.nixl_backend import NixlKvReceiver
 
     pool = make_pool(num_pages, None)
     rx = NixlKvReceiver(pool, "bench-decode", transfer_timeout_s=None,
                         progress_thread=progress_thread)
-    reg = rx.registration()
-    conn.send((reg.agent_name, reg.agent_metadata, reg.layout.SerializeToString()))
+    conn.send(rx.registration())
     while (msg := conn.recv()) is not None:
         room, dst, slot = msg
         rx.expect(room, dst, slot)
+        # The sender's TransferDone (one chunk) would follow the data on the control stream;
+        # applied up front, Success marks the moment the pages and the aux row have landed.
+        rx.handle(TransferDone(room, 1))
         conn.send("ready")
         while (s := rx.poll(room)) not in (KVPoll.Success, KVPoll.Failed):
             time.sleep(0.00005)
         t_done = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
-        conn.send((int(s), t_done, rx.failure_reason(room)))
+        failure = rx.failure(room)
+        conn.send((int(s), t_done, failure.message if failure else ""))
         rx.forget(room)
     rx.close()
 
@@ -103,10 +106,11 @@ def decode_main(conn, num_pages: int, progress_thread: bool = False):
 # --------------------------------------------------------------------------------------
 def prefill_server_main(conn, num_pages: int):
     import grpc
-    from tandem.transfer import AuxRow, Registration, done_from_aux_row, new_room_id
+    from tandem.transfer import AuxRow, FailureReason, TransferFailure, new_room_id
     from tandem.transfer.grpc_backend import GrpcKvSender
     from tandem.transfer.nixl_backend import NixlKvSender
     from tandem.v1 import prefill_pb2, prefill_pb2_grpc
+    from tandem.worker.pd_proto import layout_to_proto, message_to_proto, registration_from_request
 
     pool = make_pool(num_pages, seed=1)
     senders = {"grpc": GrpcKvSender(pool, "bench-prefill-grpc"),
@@ -116,32 +120,32 @@ def prefill_server_main(conn, num_pages: int):
     class Servicer(prefill_pb2_grpc.PrefillServicer):
         def RegisterDecode(self, req, ctx):
             tx = senders[req.transfer_backend]
-            peers[req.decode_id] = (req.transfer_backend, tx.add_peer(Registration.from_request(req)))
-            return prefill_pb2.RegisterDecodeResponse(prefill_id="bench", layout=tx.layout,
+            peers[req.decode_id] = (req.transfer_backend, tx.add_peer(registration_from_request(req)))
+            return prefill_pb2.RegisterDecodeResponse(prefill_id="bench", layout=layout_to_proto(tx.layout),
                                                       agent_name=tx.name)
 
         def Prefill(self, it, ctx):
             start = next(it).start
             backend, peer = peers[start.decode_id]
             tx = senders[backend]
-            room = new_room_id()
+            room = start.room or new_room_id()
             n = len(start.input_ids)  # here: number of pages to send
+            alloc = next(it).allocation
             yield prefill_pb2.PrefillServerMessage(
                 room=prefill_pb2.BootstrapRoom(room=room, num_pages=n, prefill_id="bench"))
-            alloc = next(it).allocation
             src = np.arange(n, dtype=np.int64)
-            row = AuxRow(room, 42, -0.5, 0)
+            row = AuxRow.one(room, 42, -0.5, 0)
             h = [tx.send_kv(room, peer, src, np.asarray(alloc.page_indices), 0, True),
                  tx.send_aux(room, peer, alloc.aux_slot, row)]
             for x in h:
                 for m in x.messages:
-                    yield prefill_pb2.PrefillServerMessage(chunk=m)
+                    yield message_to_proto(m)
             st = tx.wait(h, 60)
             tx.release(h)
             if not st.done:
-                yield prefill_pb2.PrefillServerMessage(failed=prefill_pb2.TransferFailed(room=room))
+                yield message_to_proto(TransferFailure(room, FailureReason.BACKEND_ERROR, st.reason))
                 return
-            yield prefill_pb2.PrefillServerMessage(done=done_from_aux_row(row, num_chunks=1))
+            yield message_to_proto(tx.done(room, h))
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     prefill_pb2_grpc.add_PrefillServicer_to_server(Servicer(), server)
@@ -184,7 +188,7 @@ def bench_nixl(tx, peer, conn, n_pages, dec_pages, mapping, repeats, rng) -> dic
         conn.send((room, dst.tolist(), 0))
         assert conn.recv() == "ready"
         t0 = time.perf_counter()
-        h = [tx.send_kv(room, peer, src, dst, 0, True), tx.send_aux(room, peer, 0, AuxRow(room, 1))]
+        h = [tx.send_kv(room, peer, src, dst, 0, True), tx.send_aux(room, peer, 0, AuxRow.one(room, 1))]
         st = tx.wait(h, 120, sleep_s=0.00005)
         t1 = time.perf_counter()
         tx.release(h)
@@ -202,30 +206,26 @@ def _stream(stub, msgs_q):
 
 
 def grpc_request(stub, rx, decode_id, n_pages, dst, slot=0) -> tuple[float, int]:
-    """One Prefill stream; returns (seconds, final KVPoll) with the room received."""
-    from tandem.transfer import KVPoll, aux_row_from_done
+    """One Prefill stream, as decode runs it; returns (seconds, final KVPoll)."""
+    from tandem.transfer import KVPoll, TransferDone, TransferFailure, new_room_id
     from tandem.v1 import prefill_pb2
+    from tandem.worker.pd_proto import message_from_proto
 
     q: queue.Queue = queue.Queue()
     t0 = time.perf_counter()
-    q.put(prefill_pb2.PrefillClientMessage(
-        start=prefill_pb2.PrefillStart(request_id="b", decode_id=decode_id,
-                                       input_ids=range(n_pages))))
-    responses = _stream(stub, q)
-    room = next(responses).room.room
+    room = new_room_id()
     rx.expect(room, dst, slot)
     q.put(prefill_pb2.PrefillClientMessage(
+        start=prefill_pb2.PrefillStart(request_id="b", decode_id=decode_id, input_ids=range(n_pages), room=room)))
+    q.put(prefill_pb2.PrefillClientMessage(
         allocation=prefill_pb2.PageAllocation(room=room, page_indices=dst, aux_slot=slot)))
+    responses = _stream(stub, q)
+    assert next(responses).room.room == room
     state = None
     for msg in responses:
-        kind = msg.WhichOneof("msg")
-        if kind == "chunk":
-            rx.receive(msg.chunk)
-        elif kind == "done":
-            if hasattr(rx, "receive_aux"):
-                rx.receive_aux(room, aux_row_from_done(msg.done))
-            break
-        elif kind == "failed":
+        lib_msg = message_from_proto(msg)
+        rx.handle(lib_msg)
+        if isinstance(lib_msg, (TransferDone, TransferFailure)):
             break
     q.put(None)
     while (state := rx.poll(room)) not in (KVPoll.Success, KVPoll.Failed):
@@ -247,10 +247,11 @@ def main() -> None:
     args = ap.parse_args()
 
     import grpc
-    from tandem.transfer import AuxRow, KVPoll, Registration
+    from tandem.transfer import AuxRow, KVPoll
     from tandem.transfer.grpc_backend import GrpcKvReceiver
     from tandem.transfer.nixl_backend import NixlKvReceiver, NixlKvSender
-    from tandem.v1 import common_pb2, prefill_pb2_grpc
+    from tandem.v1 import prefill_pb2_grpc
+    from tandem.worker.pd_proto import registration_to_request
 
     load_start = os.getloadavg()
     per_page = page_total_bytes(1)
@@ -267,10 +268,10 @@ def main() -> None:
     dproc = ctx.Process(target=decode_main, args=(child, dec_pool_pages, args.progress_thread),
                         daemon=True)
     dproc.start()
-    agent, md, lay = dconn.recv()
+    registration = dconn.recv()
     tx = NixlKvSender(make_pool(src_pool_pages, seed=1), "bench-prefill",
                       progress_thread=args.progress_thread)
-    peer = tx.add_peer(Registration("nixl", agent, md, common_pb2.KvLayout.FromString(lay)))
+    peer = tx.add_peer(registration)
     bench_nixl(tx, peer, dconn, 4, dec_pool_pages, "contiguous", 2, rng)  # warm the connection
     for n in pages:
         nbytes = n * per_page
@@ -295,7 +296,7 @@ def main() -> None:
         assert dconn.recv() == "ready"
         t0 = time.perf_counter()
         h = [tx.send_kv(room, peer, [], [], 0, True),
-             tx.send_aux(room, peer, i % 64, AuxRow(room, 1))]
+             tx.send_aux(room, peer, i % 64, AuxRow.one(room, 1))]
         st = tx.wait(h, 10, sleep_s=0.00005)
         tx.release(h)
         state, t_done, reason = dconn.recv()
@@ -316,9 +317,9 @@ def main() -> None:
     stub = prefill_pb2_grpc.PrefillStub(chan)
     dec_pool = make_pool(dec_pool_pages, None)
     grx = GrpcKvReceiver(dec_pool, "bench-decode-grpc", transfer_timeout_s=None)
-    stub.RegisterDecode(grx.registration().to_request("d-grpc"))
+    stub.RegisterDecode(registration_to_request(grx.registration(), "d-grpc"))
     nrx = NixlKvReceiver(make_pool(16, None), "bench-decode-nixl2", transfer_timeout_s=None)
-    stub.RegisterDecode(nrx.registration().to_request("d-nixl"))
+    stub.RegisterDecode(registration_to_request(nrx.registration(), "d-nixl"))
 
     grpc_request(stub, grx, "d-grpc", 4, list(range(4)))  # warm up
     for n in pages:
@@ -394,7 +395,7 @@ def write_results(res: dict, out: Path) -> None:
     for k, v in res["handshake"].items():
         lines.append(f"| {k} | {v['p50_ms']:.3f} | {v['p99_ms']:.3f} | {v['n']} |")
     lines += ["", "Handshake rows: `grpc_stream_empty_transfer` = Prefill bidi stream (start -> room "
-              "-> allocation -> empty KvChunk + done) between two processes with a minimal "
+              "-> allocation -> empty KvChunk + aux + done) between two processes with a minimal "
               "servicer; `grpc_stream_plus_nixl_aux` = the same with the aux row written by NIXL "
               "and decode polling its receiver; `nixl_aux_only_one_way` = NIXL aux write until "
               "decode sees Success. The full Prefill service (engine included) is measured when "

@@ -9,5 +9,7 @@ rm -rf "$out"; mkdir -p "$out"
 .venv/bin/python -m grpc_tools.protoc -Iprotos \
   --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
   $(find protos -name '*.proto' | sort)
+# A regular package (the rest of tandem is PEP 420 portions): import-linter's contracts name it.
+echo '"""Generated protobuf / gRPC code of protos/tandem/v1 (make codegen)."""' > "$out/tandem/v1/__init__.py"
 touch "$out/.stamp"
 echo "[codegen] generated $(find "$out" -name '*_pb2*.py' | wc -l) modules into $out"

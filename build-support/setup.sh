@@ -20,6 +20,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # Triton runs the GPU kernels' CPU tests through its interpreter (TRITON_INTERPRET=1). Pinned
   # here, not in constraints.txt, whose pins are the Pants lock's (the PEXes do not carry it yet).
   $PIP install "triton==3.9.0"
+  # import-linter checks the layering contracts (pyproject.toml) in make lint / make test; a dev
+  # tool, pinned here as triton is (constraints.txt pins are the Pants lock's). 2.6 is the newest
+  # whose rich requirement agrees with aiperf's (rich 14.1).
+  $PIP install "import-linter==2.6" -c requirements/constraints.txt
   # xgrammar masks tokens for structured outputs (engine) and checks grammars (router). Pinned
   # here, like triton, not in constraints.txt: the Pants lock does not carry it yet. The
   # constraints keep its dependencies (torch, transformers, numpy, pydantic) on our pins.

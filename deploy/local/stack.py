@@ -98,7 +98,7 @@ def plan_stack(cfg: dict) -> list[ProcessSpec]:
         eplb_addr = f"{host}:{ports['eplb_grpc']}"
         # MoE workers record expert load, report it to the planner and apply its plans.
         engine.update(enable_eplb=True, eplb_planner_address=eplb_addr)
-        specs.append(ProcessSpec("eplb", "eplb", py + ["tandem.eplb"], eplb_addr,
+        specs.append(ProcessSpec("eplb", "eplb", py + ["tandem.eplb_planner"], eplb_addr,
                                  f"{host}:{ports['eplb_system']}",
                                  {"host": host, "port": ports["eplb_grpc"], "system_port": ports["eplb_system"],
                                   "model_path": cfg["model_path"]}))
@@ -234,12 +234,26 @@ class Stack:
 
     def _is_ready(self, rp: RunningProcess) -> bool:
         if rp.ready_path is not None:
-            return rp.ready_path.exists()
+            if not rp.ready_path.exists():
+                return False
+            return rp.spec.kind != "router" or self._router_routes(rp.ready_path)
         try:
             with urllib.request.urlopen(f"http://{rp.spec.system}/-/ready", timeout=1) as r:
                 return r.status == 200
         except OSError:
             return False
+
+    @staticmethod
+    def _router_routes(ready_path: Path) -> bool:
+        """The router serves once it has health-checked every worker it knows as SERVING: its
+        ready file comes earlier (its first checks may still be under way)."""
+        try:
+            http = json.loads(ready_path.read_text())["http"]
+            with urllib.request.urlopen(f"http://{http}/health", timeout=1) as r:
+                body = json.loads(r.read())
+        except (OSError, ValueError, KeyError):  # 503 (no healthy worker yet) is an HTTPError, an OSError
+            return False
+        return body["workers"] > 0 and body["healthy_workers"] == body["workers"]
 
     def _wait_ready(self, deadline: float, progress) -> None:
         pending = [rp for rp in self.running if not getattr(rp, "_ready", False)]

@@ -37,3 +37,10 @@ def agg_worker_args(model: str, *extra: str) -> list[str]:
 
 def log_tail(p: ServiceProcess, n: int = 3000) -> str:
     return Path(p.log_path).read_text(errors="replace")[-n:]
+
+
+def need_demo_model(name: str = "tandem-demo-dense") -> str:
+    """The demo checkpoint `name` (built first when missing)."""
+    from tests.support.models import demo_model
+
+    return demo_model(name)

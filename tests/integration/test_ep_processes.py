@@ -132,7 +132,17 @@ def test_engine_loop_drives_ep_with_idle_keepalive(moe_path):
     thread, idle gaps are bridged by keepalive no-ops; close() stops the follower cleanly."""
     import time
 
-    from tandem.worker.engine_loop import EngineLoop
+    from tandem.worker.engine_loop import EngineLoop, LoopHook
+
+    class LeaderHook(LoopHook):  # what the worker hooks in: keepalive, and the recorder's passes
+        def poll(self):
+            leader.keepalive()
+
+        def before_step(self):
+            leader.hook.on_forward_start()
+
+        def after_step(self, stats):
+            leader.hook.on_forward_end()
 
     ref_toks, _ = one_rank(moe_path)
     engine = EngineCore(moe_path, ep_size=2, **CFG)
@@ -141,9 +151,7 @@ def test_engine_loop_drives_ep_with_idle_keepalive(moe_path):
     rec.start()
     leader.set_recorder(rec)  # what WorkerEplb would do with the leader's hook
     loop = EngineLoop(engine, "ep-test")
-    loop.add_poll_hook(leader.keepalive)
-    loop.add_before_step_hook(leader.hook.on_forward_start)
-    loop.add_after_step_hook(leader.hook.on_forward_end)
+    loop.add_hook(LeaderHook())
     loop.start()
     try:
         got, cached = [], []

@@ -6,7 +6,8 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 from tandem.config import EplbPlannerConfig
-from tandem.eplb.servicer import EplbPlannerServicer, plan_from_proto
+from tandem.eplb.plans import plan_from_proto
+from tandem.eplb_planner.servicer import EplbPlannerServicer
 from tandem.v1 import eplb_pb2, eplb_pb2_grpc
 
 L, E = 2, 8

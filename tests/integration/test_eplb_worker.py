@@ -29,7 +29,7 @@ PROMPTS = [[(7 * i + 13 * j) % 900 + 20 for j in range(24 + 5 * i)] for i in ran
 
 
 def test_worker_applies_planner_plans_while_serving_and_tokens_do_not_change():
-    planner = start_service("tandem.eplb", "--model-path", MOE, "--ep-size", "2", "--ep-num-redundant-experts", "2",
+    planner = start_service("tandem.eplb_planner", "--model-path", MOE, "--ep-size", "2", "--ep-num-redundant-experts", "2",
                             "--eplb-rebalance-num-iterations", "30")
     worker = start_service("tandem.decode", "--model-path", MOE, "--max-total-tokens", "8192", "--enable-eplb",
                            "--ep-size", "2", "--ep-num-redundant-experts", "2",

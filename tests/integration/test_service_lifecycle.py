@@ -16,7 +16,7 @@ from tests.support.procs import REPO, start_service
 
 SERVICES = {
     "tandem.router": ("tandem.v1.Router", ["--model-path", "models/tandem-demo-dense", "--http-port", "0"]),
-    "tandem.eplb": ("tandem.v1.EplbPlanner", ["--model-path", "models/tandem-demo-moe"]),
+    "tandem.eplb_planner": ("tandem.v1.EplbPlanner", ["--model-path", "models/tandem-demo-moe"]),
     "tandem.prefill": ("tandem.v1.Prefill", ["--model-path", "models/tandem-demo-dense", "--max-total-tokens", "4096"]),
     "tandem.decode": ("tandem.v1.Decode", ["--model-path", "models/tandem-demo-dense", "--max-total-tokens", "4096"]),
 }
@@ -52,7 +52,7 @@ def test_service_serves_health_and_reflection_then_stops_on_sigterm(module):
     assert "stopped" in svc.log()
 
 
-@pytest.mark.parametrize("module", ["tandem.router", "tandem.prefill", "tandem.decode", "tandem.eplb"])
+@pytest.mark.parametrize("module", ["tandem.router", "tandem.prefill", "tandem.decode", "tandem.eplb_planner"])
 def test_help_lists_flags_and_bad_flag_fails_with_one_line(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0 and "--system-port" in out.stdout and "--print-config" in out.stdout

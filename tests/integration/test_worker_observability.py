@@ -119,8 +119,8 @@ def test_prefill_warmup_runs_once_on_the_leader_before_serving():
     skipped = start_service("tandem.prefill", *ENGINE, "--skip-warmup")
     try:
         log = leader.log()
-        assert log.count("prefill warmup (4 tokens): first token") == 1  # Dynamo's request, once
-        assert log.count("prefill warmup (512 tokens): first token") == 1  # one full prefill chunk
+        assert log.count("prefill warmup (4 tokens): prefilled") == 1  # Dynamo's request, once
+        assert log.count("prefill warmup (512 tokens): prefilled") == 1  # one full prefill chunk
         assert log.index("warmup done") < log.index("ready (SERVING)")
         assert "warmup" not in follower.log()
         assert "prefill warmup" not in skipped.log()

@@ -12,7 +12,7 @@ from tandem.v1 import router_pb2_grpc
 def router_stub(app):
     """Yields a RouterStub connected to ``app``'s Router service; stops the server afterwards."""
     server = grpc.server(futures.ThreadPoolExecutor(8))
-    app.add_to_server(server)
+    router_pb2_grpc.add_RouterServicer_to_server(app.servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:

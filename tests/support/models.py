@@ -6,7 +6,7 @@ from tests.support.procs import REPO
 
 def demo_model(name: str = "tandem-demo-dense") -> str:
     """Path of demo checkpoint `name`, built first (offline, deterministic) when missing."""
-    from tandem.engine.demo_models import SPECS, build_all, is_built
+    from deploy.demo_models import SPECS, build_all, is_built
 
     path = REPO / "models" / name
     if not is_built(str(path), next(s for s in SPECS if s["name"] == name)):

@@ -12,13 +12,16 @@ PROTO_DIR = Path(__file__).resolve().parents[2] / "protos" / "tandem" / "v1"
 def test_prefill_handshake_messages_round_trip():
     msgs = [
         prefill_pb2.PrefillClientMessage(start=prefill_pb2.PrefillStart(
-            request_id="r1", decode_id="d", input_ids=[1, 2, 3],
+            request_id="r1", decode_id="d", input_ids=[1, 2, 3], room=9,
             sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=4, seed=7))),
         prefill_pb2.PrefillClientMessage(allocation=prefill_pb2.PageAllocation(room=9, page_indices=[4, 5], aux_slot=1)),
-        prefill_pb2.PrefillServerMessage(done=prefill_pb2.TransferDone(room=9, first_token_id=42, cached_tokens=16)),
+        prefill_pb2.PrefillServerMessage(done=prefill_pb2.TransferDone(room=9, num_chunks=2, bytes_transferred=16)),
+        prefill_pb2.PrefillServerMessage(aux=prefill_pb2.KvAux(room=9, row=b"\1" * 64)),
         prefill_pb2.PrefillServerMessage(failed=prefill_pb2.TransferFailed(
-            room=9, error=common_pb2.ErrorDetail(code="transfer_failed", message="peer gone", retryable=True))),
+            room=9, error=common_pb2.ErrorDetail(code="backend_error", message="peer gone", retryable=True),
+            reason=prefill_pb2.TRANSFER_FAILURE_REASON_BACKEND_ERROR)),
         prefill_pb2.PrefillServerMessage(chunk=prefill_pb2.KvChunk(room=9, layer=1, page_indices=[4], k=b"\0" * 8)),
+        prefill_pb2.PrefillServerMessage(chunk=prefill_pb2.KvChunk(room=9, page_indices=[4], is_last=True)),
     ]
     for m in msgs:
         again = type(m).FromString(m.SerializeToString())
@@ -26,6 +29,9 @@ def test_prefill_handshake_messages_round_trip():
         assert again.WhichOneof("msg") == m.WhichOneof("msg")
     assert msgs[0].start.sampling.HasField("seed")
     assert not common_pb2.SamplingParams().HasField("seed")
+    # A chunk without a layer is the notice of pages written out of band; layer 0 is a layer.
+    assert not msgs[-1].chunk.HasField("layer")
+    assert prefill_pb2.KvChunk(layer=0).HasField("layer")
 
 
 def test_other_services_messages_round_trip():

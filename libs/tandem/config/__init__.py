@@ -12,8 +12,4 @@ from tandem.config.schemas import (
 )
 from tandem.config.snapshot import config_to_yaml, write_snapshot
 
-__all__ = [
-    "SERVICE_SCHEMAS", "ConfigError", "DecodeConfig", "DisaggregationConfig", "EngineConfig",
-    "EplbPlannerConfig", "PrefillConfig", "RouterConfig", "ServerConfig", "build_parser",
-    "config_to_yaml", "load_config", "load_or_exit", "validate", "write_snapshot",
-]
+__all__ = ["SERVICE_SCHEMAS", "ConfigError", "DecodeConfig", "DisaggregationConfig", "EngineConfig", "EplbPlannerConfig", "PrefillConfig", "RouterConfig", "ServerConfig", "build_parser", "config_to_yaml", "load_config", "load_or_exit", "validate", "write_snapshot"]

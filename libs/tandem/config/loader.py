@@ -1,6 +1,6 @@
 """Load a service config from defaults, a file, the environment and CLI flags.
 
-Precedence, lowest to highest:
+Precedence, lowest to highest (pydantic-settings sources, in this order):
     1. schema defaults
     2. ``--config FILE`` (YAML or JSON mapping; keys may use dashes or underscores)
     3. environment variables ``TANDEM_<FIELD>`` (e.g. ``TANDEM_PAGE_SIZE=32``;
@@ -13,6 +13,8 @@ field, the value given and what is allowed.
 from __future__ import annotations
 
 import argparse
+import contextvars
+import functools
 import json
 import os
 import sys
@@ -23,6 +25,8 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "TANDEM_"
 T = TypeVar("T", bound=BaseModel)
@@ -85,13 +89,61 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_env(schema: type[BaseModel], environ: Mapping[str, str]) -> dict[str, Any]:
+    """The ``TANDEM_*`` values of ``environ`` for ``schema``'s fields (raw, lists split)."""
     values: dict[str, Any] = {}
     for name, field in schema.model_fields.items():
         raw = environ.get(ENV_PREFIX + name.upper())
         if raw is None:
             continue
-        values[name] = [v for v in raw.split(",") if v] if _is_list(field.annotation) else raw
+        values[name] = _split_list(raw) if _is_list(field.annotation) else raw
     return values
+
+
+def _split_list(raw: str) -> list[str]:
+    return [v for v in raw.split(",") if v]
+
+
+# What one load_config call reads besides the flags: its environment and its file's values.
+_CALL: contextvars.ContextVar[tuple[Mapping[str, str], dict[str, Any]]] = contextvars.ContextVar("tandem_config_call")
+
+
+class _Env(EnvSettingsSource):
+    """``TANDEM_<FIELD>`` from the call's environment; lists as comma-separated values."""
+
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls, case_sensitive=False, env_prefix=ENV_PREFIX)
+        environ, _ = _CALL.get()
+        self.env_vars = {k.lower(): v for k, v in environ.items()}
+
+    def prepare_field_value(self, field_name: str, field: FieldInfo, value: Any, value_is_complex: bool) -> Any:
+        if isinstance(value, str) and _is_list(field.annotation):
+            return _split_list(value)
+        return super().prepare_field_value(field_name, field, value, value_is_complex)
+
+
+class _File(PydanticBaseSettingsSource):
+    """The values of ``--config FILE`` (already read and checked for unknown keys)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return _CALL.get()[1].get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_CALL.get()[1])
+
+
+@functools.cache
+def _settings_class(schema: type[T]) -> type[T]:
+    """``schema`` as a pydantic-settings class whose sources are flags > env > file > defaults."""
+
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return init_settings, _Env(settings_cls), _File(settings_cls)
+
+    return type(schema.__name__, (BaseSettings, schema), {
+        "__module__": schema.__module__, "__doc__": schema.__doc__,
+        "model_config": SettingsConfigDict(extra="forbid", validate_assignment=True),
+        "settings_customise_sources": classmethod(settings_customise_sources),
+    })
 
 
 def _unknown_keys(schema: type[BaseModel], values: Mapping[str, Any], origin: str) -> None:
@@ -131,14 +183,18 @@ def load_config(
     args = vars(build_parser(schema, prog).parse_args(list(sys.argv[1:] if argv is None else argv)))
     config_file = args.pop("config", None)
     print_config = bool(args.pop("print_config", False))
-    values: dict[str, Any] = {}
+    file_values: dict[str, Any] = {}
     if config_file:
         file_values = read_config_file(config_file)
         _unknown_keys(schema, file_values, f"config file {config_file!r}")
-        values.update(file_values)
-    values.update(read_env(schema, environ))
-    values.update(args)
-    return validate(schema, values), print_config
+    token = _CALL.set((environ, file_values))
+    try:
+        config = _settings_class(schema)(**args)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, {**file_values, **read_env(schema, environ), **args})) from None
+    finally:
+        _CALL.reset(token)
+    return config, print_config
 
 
 def load_or_exit(schema: type[T], argv: Sequence[str] | None = None, prog: str | None = None) -> T:

@@ -195,7 +195,7 @@ class RouterConfig(ServerConfig):
 
 
 class EplbPlannerConfig(ServerConfig):
-    """`python -m tandem.eplb`"""
+    """`python -m tandem.eplb_planner`"""
 
     port: int = Field(50081, ge=0, le=65535, description="gRPC port of the EplbPlanner service.")
     system_port: int = Field(8081, ge=0, le=65535, description="HTTP port for /health and /metrics.")

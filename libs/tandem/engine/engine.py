@@ -1,21 +1,19 @@
-"""EngineCore: the step loop a service thread drives, plus the disaggregation entry points.
+"""EngineCore: the step loop one thread drives, plus the disaggregation entry points.
 
-Thread safety: every public method takes the engine lock, so a service may call
-``add_request`` / ``abort`` / ``release`` / ``allocate_external`` /
-``activate_external`` from other threads while one thread loops on ``step()``.
-Callbacks (``on_prefill_done``, ``on_chunk_done``, KV-event subscribers, step
-hooks) run on the stepping thread with the lock held: they must be quick and must
-not call back into the engine (hand work to a queue instead).
+One owner: an EngineCore is not thread-safe. One thread calls everything on it (in a
+worker, the EngineLoop's thread, which turns every other thread's wish into a command;
+offline, the caller of ``LLM.generate``). Only ``validate_request``, which reads nothing
+but the fixed configuration, may be called from elsewhere. Callbacks (``on_prefill_done``,
+``on_chunk_done``, KV-event subscribers) run inside ``step()``: they must be quick and
+must not call back into the engine (hand work to a queue instead).
 """
 from __future__ import annotations
 
 import collections
 import itertools
-import json
 import logging
 import os
 import random
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -24,17 +22,21 @@ from dataclasses import dataclass, field
 import torch
 from tandem.config.schemas import EngineConfig
 
+from .disaggregation import DisaggregationMixin, ExternalAllocation, PrefillResult
+from .engine_config import attention_backend, default_chunked_prefill_size, merge_config, resolve_device
 from .grammar import GrammarBackend
 from .kv_pool import KVPool, OutOfPages
 from .loader import load_model, resolve_dtype
 from .model_runner import ModelRunner
+from .pool_sizing import kv_pool_pages
 from .radix_cache import RadixCache
 from .request import Mode, Request, Status
 from .sampler import SamplerVariant, SamplingTensors, allow_mask, mask_words
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
+from .stats import EngineStats, EngineStatsMixin
+from .tokenizer import eos_token_ids, load_tokenizer
 
-CPU_KV_BYTES_CAP = 512 << 20
 log = logging.getLogger(__name__)
 
 
@@ -56,75 +58,14 @@ class StepOutput:
     prompt_logprobs: list = field(default_factory=list)  # with the first token: [(logprob, top)] of prompt 1..L-1
 
 
-@dataclass
-class PrefillResult:
-    """A prefill-only request is done: its KV sits in these pages until release()."""
+class EngineCore(DisaggregationMixin, EngineStatsMixin):
+    """The engine: requests, scheduling, one forward pass per ``step()``. What is not the step
+    loop lives next door: config merge and device defaults (``engine_config``), KV pool sizing
+    (``pool_sizing``), tokenizer and EOS ids (``tokenizer``), the PD entry points
+    (``disaggregation``), stats (``stats``)."""
 
-    rid: str
-    page_indices: list
-    num_tokens: int
-    first_token_id: int
-    first_token_logprob: float
-    cached_tokens: int
-    top_logprobs: list = field(default_factory=list)
-
-
-@dataclass
-class ExternalAllocation:
-    """Pages (and an aux slot) reserved for a prompt whose KV will be written from outside."""
-
-    rid: str
-    page_indices: list
-    aux_slot: int
-    num_tokens: int
-
-
-@dataclass
-class EngineStats:
-    num_running_reqs: int = 0
-    num_queue_reqs: int = 0
-    num_held_reqs: int = 0
-    num_external_reqs: int = 0
-    num_used_pages: int = 0
-    num_free_pages: int = 0
-    num_cached_pages: int = 0
-    num_evictable_pages: int = 0
-    num_total_pages: int = 0
-    num_used_tokens: int = 0
-    token_usage: float = 0.0
-    cache_hit_rate: float = 0.0
-    prompt_tokens_total: int = 0
-    cached_tokens_total: int = 0
-    generation_tokens_total: int = 0
-    num_requests_total: int = 0
-    num_retracted_total: int = 0
-    gen_throughput: float = 0.0
-    step_kind: str = "idle"
-    step_batch_size: int = 0
-    step_num_tokens: int = 0
-    step_time_s: float = 0.0
-
-
-def _config(model_path, config: EngineConfig | None, overrides: dict) -> EngineConfig:
-    if config is not None:
-        if overrides or model_path:
-            data = config.model_dump()
-            data.update(overrides)
-            if model_path:
-                data["model_path"] = model_path
-            return EngineConfig(**data)
-        return config
-    # Services pass their whole config; keep only the engine's fields.
-    fields = EngineConfig.model_fields
-    unknown = [k for k in overrides if k not in fields]
-    if unknown:
-        raise ValueError(f"unknown engine option(s) {unknown}; see tandem.config.EngineConfig")
-    return EngineConfig(model_path=model_path, **overrides)
-
-
-class EngineCore:
     def __init__(self, model_path: str | None = None, config: EngineConfig | None = None, **overrides):
-        self.config = cfg = _config(model_path, config, overrides)
+        self.config = cfg = merge_config(model_path, config, overrides)
         if not cfg.model_path:
             raise ValueError("model_path is required")
         if cfg.enable_hierarchical_cache or cfg.hicache_storage_backend:
@@ -132,43 +73,22 @@ class EngineCore:
                              "is not implemented in this build; remove the flag")
         if not os.path.isdir(cfg.model_path):
             raise ValueError(f"model_path={cfg.model_path!r}: not a directory")
-        device = cfg.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device='cuda' but torch sees no CUDA device")
-        self.device = device
+        self.device = device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, device)
-        self.attention_backend = _attention_backend(cfg.attention_backend, device)
+        self.attention_backend = attention_backend(cfg.attention_backend, device)
         self.model, self.model_config = load_model(cfg.model_path, self.dtype, device)
         mc = self.model_config
         self.context_length = cfg.context_length or mc.max_position_embeddings
         self.model.set_backend(self.attention_backend, self.context_length + 1)
-        self.tokenizer = _load_tokenizer(cfg.model_path)
-        self.eos_token_ids = set(mc.eos_token_ids) | _generation_eos(cfg.model_path)
-        if self.tokenizer is not None:
-            eos = _tokenizer_eos(cfg.model_path, self.tokenizer)
-            if eos is not None:
-                self.eos_token_ids.add(eos)
+        self.tokenizer = load_tokenizer(cfg.model_path)
+        self.eos_token_ids = eos_token_ids(cfg.model_path, mc, self.tokenizer)
 
         page_size = cfg.page_size
-        bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
-        if cfg.max_total_tokens:
-            total_tokens = cfg.max_total_tokens
-        elif device.startswith("cuda"):
-            free, total = torch.cuda.mem_get_info()
-            budget = total * cfg.mem_fraction_static - (total - free)
-            if budget <= 0:
-                raise ValueError(f"mem_fraction_static={cfg.mem_fraction_static}: no memory left for the KV pool")
-            total_tokens = int(budget // bytes_per_token)
-        else:
-            total_tokens = int(min(cfg.mem_fraction_static * _host_available_bytes(), CPU_KV_BYTES_CAP)
-                               // bytes_per_token)
-        num_pages = max(1, total_tokens // page_size)
+        num_pages = kv_pool_pages(cfg, mc, self.dtype, device)
         self.pool = KVPool(mc.num_layers, num_pages, page_size, mc.num_kv_heads, mc.head_dim, self.dtype,
                            device, num_aux_slots=max(64, cfg.max_running_requests * 4))
         self.cache = RadixCache(page_size, self.pool.free, disabled=cfg.disable_radix_cache)
-        self.chunked_prefill_size = cfg.chunked_prefill_size or _default_chunked_prefill_size(device)
+        self.chunked_prefill_size = cfg.chunked_prefill_size or default_chunked_prefill_size(device)
         self.scheduler = Scheduler(self.pool, self.cache, self.chunked_prefill_size, cfg.max_prefill_tokens,
                                    cfg.max_running_requests, mixed_chunk=cfg.enable_mixed_chunk)
         self.cuda_graph_max_bs = self._cuda_graph_max_bs()
@@ -179,9 +99,7 @@ class EngineCore:
         self.grammars = GrammarBackend(cfg.model_path, mc.vocab_size, sorted(self.eos_token_ids))
         self._seed_rng = random.Random(cfg.random_seed)  # seeds of requests that bring none
         self.requests: dict[str, Request] = {}
-        self._lock = threading.RLock()
         self._pending: list[StepOutput] = []
-        self._step_hooks: list[Callable[[EngineStats], None]] = []
         self._stats = EngineStats(num_total_pages=num_pages)
         self._rid_counter = itertools.count()
         # (time, tokens) per step over the last 5 s: one entry a step, so stats cost O(1) per step.
@@ -221,18 +139,15 @@ class EngineCore:
             return 0
         return min(cfg.cuda_graph_max_bs or cfg.max_running_requests, cfg.max_running_requests)
 
-    def kv_layout(self) -> dict:
-        return self.pool.layout()
-
     def has_work(self) -> bool:
-        with self._lock:
-            return bool(self.scheduler.waiting or self.scheduler.running or self._pending)
+        return bool(self.scheduler.waiting or self.scheduler.running or self._pending)
 
-    # ---- hooks -------------------------------------------------------------------------------
-    def add_step_hook(self, fn: Callable[[EngineStats], None]) -> None:
-        """fn(stats) after every step (metrics publisher, profiler)."""
-        self._step_hooks.append(fn)
+    def wrap_runner(self, wrap: Callable[[ModelRunner], ModelRunner]) -> None:
+        """Replace the model runner by ``wrap(runner)`` (expert parallelism mirrors every
+        forward pass on its followers); between steps only."""
+        self.runner = wrap(self.runner)
 
+    # ---- subscriptions -------------------------------------------------------------------------
     def subscribe_kv_events(self, fn: Callable[[list], None]) -> None:
         """fn(events) with BlockStored / BlockRemoved / AllBlocksCleared (tandem.engine.radix_cache)."""
         self.cache.subscribe(fn)
@@ -259,23 +174,18 @@ class EngineCore:
     def cached_prefix_tokens(self, prompt_ids: list) -> int:
         """Leading tokens of the prompt that the prefix cache holds now: what a request with this
         prompt would share instead of computing."""
-        with self._lock:
-            return self.scheduler.cached_prefix_tokens(list(prompt_ids))
+        return self.scheduler.cached_prefix_tokens(list(prompt_ids))
 
     def _compile(self, sp: SamplingParams | None) -> None:
-        """Compile the request's grammar outside the engine lock (cached by the backend)."""
+        """Compile the request's grammar (cached by the backend; validate_request runs it on the
+        caller's thread, so the engine loop seldom compiles)."""
         if sp is not None and sp.structured is not None:
             sp.structured.validate()
             self.grammars.compile(sp.structured)
 
-    def paused(self):
-        """Context manager: no step runs inside it (e.g. to swap expert weights between passes)."""
-        return self._lock
-
     def kv_snapshot(self) -> list:
         """Every block the prefix cache holds, as BlockStored events (for a new KV-event subscriber)."""
-        with self._lock:
-            return self.cache.snapshot()
+        return self.cache.snapshot()
 
     def _validate(self, ids: list, sp: SamplingParams) -> None:
         if len(ids) == 0:
@@ -324,94 +234,33 @@ class EngineCore:
         if mode == Mode.PREFILL_ONLY and sampling is not None and sampling.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs: the prompt must be prefilled where it is decoded (local prefill)")
         self._compile(sampling)
-        with self._lock:
-            req = self._new_request(prompt, sampling, rid, mode)
-            req.on_prefill_done, req.on_chunk_done = on_prefill_done, on_chunk_done
-            self.requests[req.rid] = req
-            self.scheduler.waiting.append(req)
-            self._stats.prompt_tokens_total += len(req.prompt_ids)
-            return req.rid
+        req = self._new_request(prompt, sampling, rid, mode)
+        req.on_prefill_done, req.on_chunk_done = on_prefill_done, on_chunk_done
+        self.requests[req.rid] = req
+        self.scheduler.waiting.append(req)
+        self._stats.prompt_tokens_total += len(req.prompt_ids)
+        return req.rid
 
     def abort(self, rid: str, reason: str = "abort") -> bool:
         """Stop a request in any state and free its pages; False if unknown or already finished."""
-        with self._lock:
-            req = self.requests.get(rid)
-            if req is None:
-                return False
-            if req.status == Status.HELD:
-                self.release(rid, cache=False)
-                return True
-            self._finish(req, "abort", cache=True)
-            self._pending.append(self._output(req, [], [], []))
+        req = self.requests.get(rid)
+        if req is None:
+            return False
+        if req.status == Status.HELD:
+            self.release(rid, cache=False)
             return True
-
-    def release(self, rid: str, cache: bool = True) -> None:
-        """Free a finished prefill-only request's pages (into the prefix cache when cache)."""
-        with self._lock:
-            req = self.requests.pop(rid, None)
-            if req is None or req.status != Status.HELD:
-                raise ValueError(f"release({rid!r}): no held prefill-only request with this id")
-            # Only the prompt's KV is valid (the first output token was never computed).
-            req.num_computed = len(req.prompt_ids)
-            self.scheduler.release(req, cache=cache and not self.cache.disabled)
-            req.status = Status.FINISHED
-
-    def allocate_external(self, prompt, sampling: SamplingParams | None = None,
-                          rid: str | None = None) -> ExternalAllocation:
-        """Reserve pages for a prompt whose KV will be written from outside (decode side of PD).
-
-        Raises OutOfPages when the pool cannot hold it now (retry later or reject).
-        """
-        if sampling is not None and sampling.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs: the prompt must be prefilled where it is decoded (local prefill)")
-        self._compile(sampling)
-        with self._lock:
-            req = self._new_request(prompt, sampling, rid, Mode.EXTERNAL)
-            n = self.scheduler.pages_for(len(req.prompt_ids))
-            pages = self.scheduler.alloc_pages(n)
-            if pages is None:
-                raise OutOfPages(f"need {n} pages, {self.scheduler.available_pages} available")
-            aux = self.pool.alloc_aux()
-            if aux is None:
-                self.pool.free(pages)
-                raise OutOfPages("no free aux slot")
-            req.pages, req.aux_slot, req.status = pages, aux, Status.EXTERNAL_WAIT
-            self.requests[req.rid] = req
-            self._stats.prompt_tokens_total += len(req.prompt_ids)
-            return ExternalAllocation(req.rid, list(pages), aux, len(req.prompt_ids))
-
-    def activate_external(self, rid: str, first_token_id: int, first_token_logprob: float | None = None,
-                          cached_tokens: int = 0, first_token_top: list | None = None) -> None:
-        """The KV of rid's prompt is in its pages: join the running batch with its first token
-        (which KV transfer delivered in the request's aux slot)."""
-        with self._lock:
-            req = self.requests.get(rid)
-            if req is None or req.status != Status.EXTERNAL_WAIT:
-                raise ValueError(f"activate_external({rid!r}): no pre-allocated request with this id")
-            if not 0 <= first_token_id < self.model_config.vocab_size:
-                raise ValueError(f"first_token_id={first_token_id}: outside the vocabulary")
-            self.pool.free_aux(req.aux_slot)
-            req.aux_slot = None
-            req.num_computed = len(req.prompt_ids)
-            req.cached_tokens = cached_tokens
-            self.scheduler.cache_prompt(req)
-            req.status = Status.RUNNING
-            req.admit_seq = next(self.scheduler._admit_seq)
-            self.scheduler.running.append(req)
-            req.first_token_time = time.monotonic()
-            lp = [] if first_token_logprob is None or not req.sampling.logprobs else [first_token_logprob]
-            top = [list(first_token_top)] if first_token_top and req.sampling.top_logprobs else []
-            self._accept_token(req, first_token_id, lp, top)
+        self._finish(req, "abort", cache=True)
+        self._pending.append(self._output(req, [], [], []))
+        return True
 
     def flush_cache(self) -> bool:
         """Evict every unreferenced cached page; True when the cache is now empty."""
-        with self._lock:
-            return self.cache.reset()
+        return self.cache.reset()
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         """Run one scheduling step (at most one forward pass); return per-request outputs."""
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             t0 = time.monotonic()
             kind, batch = self.scheduler.schedule()
             ntok = 0
@@ -445,8 +294,6 @@ class EngineCore:
                     self._sample([batch[i][0] for i in rows], logits[rows] if len(rows) < len(batch) else logits)
             outs, self._pending = self._pending, []
             self._update_stats(kind if batch else "idle", len(batch), ntok, time.monotonic() - t0)
-            for hook in self._step_hooks:
-                hook(self._stats)
             return outs
 
     def _gather_prompt_logprobs(self, req: Request, rows: torch.Tensor) -> None:
@@ -656,95 +503,4 @@ class EngineCore:
         )
 
     # ---- stats ---------------------------------------------------------------------------------
-    def stats(self) -> EngineStats:
-        with self._lock:
-            self._update_stats(self._stats.step_kind, self._stats.step_batch_size, self._stats.step_num_tokens,
-                               self._stats.step_time_s)
-            return EngineStats(**vars(self._stats))
-
-    def _update_stats(self, kind: str, bsz: int, ntok: int, dt: float) -> None:
-        s, sch, pool = self._stats, self.scheduler, self.pool
-        s.num_running_reqs = len(sch.running)
-        s.num_queue_reqs = len(sch.waiting)
-        s.num_held_reqs = sum(1 for r in self.requests.values() if r.status == Status.HELD)
-        s.num_external_reqs = sum(1 for r in self.requests.values() if r.status == Status.EXTERNAL_WAIT)
-        s.num_free_pages = pool.num_free_pages
-        s.num_used_pages = pool.num_used_pages
-        s.num_cached_pages = self.cache.num_pages
-        s.num_evictable_pages = self.cache.evictable_pages
-        in_use = pool.num_used_pages - self.cache.evictable_pages
-        s.num_used_tokens = in_use * pool.page_size
-        s.token_usage = in_use / pool.num_pages
-        s.cache_hit_rate = s.cached_tokens_total / max(1, s.prompt_tokens_total)
-        s.num_retracted_total = sch.num_retracted
-        now = time.monotonic()
-        window = self._gen_window
-        if self._step_tokens:
-            window.append((now, self._step_tokens))
-            self._gen_window_tokens += self._step_tokens
-            self._step_tokens = 0
-        while window and now - window[0][0] >= 5.0:
-            self._gen_window_tokens -= window.popleft()[1]
-        s.gen_throughput = self._gen_window_tokens / max(now - window[0][0], 1e-3) if window else 0.0
-        s.step_kind, s.step_batch_size, s.step_num_tokens, s.step_time_s = kind, bsz, ntok, dt
-
-
-def _attention_backend(requested: str | None, device: str) -> str:
-    if requested is None:
-        return "triton" if device.startswith("cuda") else "torch_native"
-    if requested == "triton" and not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("attention_backend='triton' on CPU runs only through the Triton interpreter "
-                         "(set TRITON_INTERPRET=1; slow, for tests); use torch_native on CPU")
-    return requested
-
-
-def _default_chunked_prefill_size(device: str) -> int:
-    if not device.startswith("cuda"):
-        return 512
-    gb = torch.cuda.get_device_properties(torch.device(device)).total_memory / 1e9
-    return 2048 if gb < 35 else 4096 if gb < 60 else 8192
-
-
-def _host_available_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
-
-
-def _load_tokenizer(path: str):
-    fn = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(fn):
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(fn)
-
-
-def _tokenizer_eos(path: str, tok) -> int | None:
-    try:
-        with open(os.path.join(path, "tokenizer_config.json")) as f:
-            eos = json.load(f).get("eos_token")
-    except (OSError, ValueError):
-        return None
-    if isinstance(eos, dict):
-        eos = eos.get("content")
-    return tok.token_to_id(eos) if isinstance(eos, str) else None
-
-
-def _generation_eos(path: str) -> set:
-    try:
-        with open(os.path.join(path, "generation_config.json")) as f:
-            eos = json.load(f).get("eos_token_id")
-    except (OSError, ValueError):
-        return set()
-    if eos is None:
-        return set()
-    return set(eos) if isinstance(eos, list) else {eos}
-
-
 __all__ = ["EngineCore", "EngineStats", "StepOutput", "PrefillResult", "ExternalAllocation", "OutOfPages"]

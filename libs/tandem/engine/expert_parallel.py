@@ -24,8 +24,8 @@ One MoE layer (``tandem.engine.model.MoE.forward``)
 
 Lockstep (design: broadcast the scheduled batch)
     Rank 0, the *leader*, is an ordinary ``EngineCore`` a service drives: scheduler, radix
-    cache, requests and sampling live there only. ``ExpertParallelLeader`` replaces
-    ``engine.runner`` with a runner that, right before each forward pass, broadcasts the
+    cache, requests and sampling live there only. ``ExpertParallelLeader`` wraps the
+    engine's runner (``engine.wrap_runner``) in one that, right before each forward pass, broadcasts the
     batch description (per request: first new position, new token ids, page indices) and
     any new expert placement over the gloo group. Each *follower* (``ExpertParallelFollower``)
     builds the same ``ForwardBatch`` with the same ``ModelRunner.build`` and runs the model
@@ -57,6 +57,7 @@ API::
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -94,6 +95,7 @@ class ExpertParallelGroup:
     device: torch.device
     group: object = None  # collectives on the model's device (gloo or nccl)
     cpu_group: object = None  # gloo: control messages (batches, placements)
+    store: object = None  # the rendezvous TCPStore (rank 0 hosts it; kept until every rank left)
 
     def all_reduce(self, t: torch.Tensor) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
@@ -139,15 +141,29 @@ def init_expert_parallel(
         torch.cuda.set_device(dev)
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     timeout = timedelta(seconds=timeout_s)
+    store = None
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method=init_method or "env://", rank=rank,
-                                world_size=world_size, timeout=timeout)
+        store = _rendezvous_store(init_method or "env://", rank, world_size, timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     elif (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
         raise ValueError(f"torch.distributed is already initialized as rank {dist.get_rank()} of "
                          f"{dist.get_world_size()}, not {rank} of {world_size}")
     group = dist.group.WORLD
     cpu_group = group if dist.get_backend(group) == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-    return ExpertParallelGroup(rank, world_size, dev, group, cpu_group)
+    return ExpertParallelGroup(rank, world_size, dev, group, cpu_group, store)
+
+
+def _rendezvous_store(init_method: str, rank: int, world_size: int, timeout: timedelta):
+    """The TCPStore of ``tcp://host:port`` or ``env://`` (MASTER_ADDR / MASTER_PORT); rank 0 hosts it."""
+    if init_method == "env://":
+        host, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT", "")
+    elif init_method.startswith("tcp://"):
+        host, _, port = init_method[len("tcp://"):].rpartition(":")
+    else:
+        raise ValueError(f"init_method={init_method!r}: use tcp://host:port or env://")
+    if not port.isdigit():
+        raise ValueError(f"init_method={init_method!r}: no port (tcp://host:port, or MASTER_PORT with env://)")
+    return dist.TCPStore(host, int(port), world_size, is_master=rank == 0, timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------- sharded hook
@@ -191,9 +207,7 @@ class ExpertParallelHook(EplbEngineHook):
     def apply_pending(self) -> int:
         """Apply a queued placement between forward passes; copies only this rank's changed
         slots (from the host copy). Returns the number of slot copies over all ranks."""
-        with self._lock:
-            new, self._pending = self._pending, None
-            version = getattr(self, "_pending_version", None)
+        new, version = self.take_pending()
         if new is None:
             return 0
         copies = diff(self.location, new)
@@ -260,8 +274,7 @@ class _MirroredRunner(ModelRunner):
                                    "with expert parallelism; only the leader's KV pool would hold it")
             s = req.num_computed
             records.append((s, list(req.all_ids[s:s + n]), list(req.pages[:(s + n + ps - 1) // ps])))
-        with self.leader._lock:
-            self.leader._send({"kind": "forward", "batch": records})
+        with self.leader.broadcasting({"kind": "forward", "batch": records}):
             return super().forward(_items(records))
 
 
@@ -291,16 +304,16 @@ class ExpertParallelLeader:
         algo = dispatch_algorithm or cfg.ep_dispatch_algorithm
         seed = cfg.random_seed if seed is None else seed
         self.hook = ExpertParallelHook(engine.model, location, ep, algo, recorder, seed)
-        with engine._lock:
-            self.hook.install()
-            self._sent_location = location
-            pool = engine.pool
-            self.ep.broadcast({"kind": "init", "num_pages": pool.num_pages, "page_size": pool.page_size,
-                               "attention_backend": engine.attention_backend,
-                               "max_positions": engine.context_length + 1,
-                               "placement": location.physical_to_logical, "dispatch": algo, "seed": seed,
-                               "model": _model_signature(engine.model, engine.model_config)})
-            engine.runner = _MirroredRunner(engine.runner, self)
+        # Attached before the engine serves (no step can run meanwhile).
+        self.hook.install()
+        self._sent_location = location
+        pool = engine.pool
+        self.ep.broadcast({"kind": "init", "num_pages": pool.num_pages, "page_size": pool.page_size,
+                           "placement": location.physical_to_logical, "dispatch": algo, "seed": seed,
+                           "model": _model_signature(engine.model, engine.model_config),
+                           "attention_backend": engine.attention_backend,
+                           "max_positions": engine.context_length + 1})
+        engine.wrap_runner(lambda runner: _MirroredRunner(runner, self))
 
     def set_recorder(self, recorder) -> None:
         """Feed an ``ExpertDistributionRecorder`` from the leader's dispatch (every token is
@@ -308,6 +321,14 @@ class ExpertParallelLeader:
         self.hook.recorder = recorder
         if recorder is not None:
             recorder.set_physical_to_logical(self.hook.location.physical_to_logical)
+
+    @contextlib.contextmanager
+    def broadcasting(self, msg: dict):
+        """Send ``msg`` to the followers and hold the group until the block ends (the leader's
+        forward pass runs inside it, so no keepalive can cut in between)."""
+        with self._lock:
+            self._send(msg)
+            yield
 
     def _send(self, msg: dict) -> None:
         if self._closed:
@@ -323,7 +344,7 @@ class ExpertParallelLeader:
         self._last_send = time.monotonic()
 
     def keepalive(self) -> None:
-        """Call often while idle (engine loop poll hook): a no-op every ``keepalive_s``."""
+        """Call often while idle (from the engine loop's thread): a no-op every ``keepalive_s``."""
         with self._lock:
             if not self._closed and time.monotonic() - self._last_send >= self.keepalive_s:
                 self._send({"kind": "noop"})
@@ -336,15 +357,14 @@ class ExpertParallelLeader:
             self._send({"kind": "stop"})
             self._closed = True
         # Tear down together with the followers (NCCL's communicator finalize is collective),
-        # keeping rank 0's TCPStore alive until they are gone.
-        store = _default_store()
+        # keeping rank 0's TCPStore (ep.store) alive until they are gone.
         self.ep.destroy()
         for p in self.processes:
             p.join(timeout)
             if p.is_alive():
                 log.warning("EP follower pid %s did not stop in %.0f s; terminating it", p.pid, timeout)
                 p.terminate()
-        del store
+        self.ep.store = None
 
 
 class ExpertParallelFollower:
@@ -391,13 +411,6 @@ class ExpertParallelFollower:
     def run(self) -> None:
         while self.step():
             pass
-
-
-def _default_store():
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except (RuntimeError, AttributeError, ValueError):
-        return None
 
 
 def _model_signature(model, mc) -> dict:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-# One aux slot per pre-allocated request: the metadata row (first token, its logprob) that
-# prefill writes next to the KV pages. Its format belongs to the KV transfer library
-# (tandem.transfer.AuxRow); the engine only owns the slots.
-AUX_SLOT_BYTES = 64
+# One aux slot per pre-allocated request: the metadata row (the first token of each sample, its
+# logprob and top logprobs) that prefill writes next to the KV pages. Its format belongs to the KV
+# transfer library (tandem.transfer.aux); the engine only owns the slots. 192 bytes hold one sample
+# with the API's 20 top logprobs (16 + 8 + 20 * 8 = 184), or up to 22 samples without them.
+AUX_SLOT_BYTES = 192
 
 
 class OutOfPages(RuntimeError):
@@ -71,38 +72,3 @@ class KVPool:
     def free_aux(self, slot: int) -> None:
         self.aux[slot].zero_()
         self._free_aux.append(slot)
-
-    # ---- layout for transfer -------------------------------------------------------------
-    @property
-    def bytes_per_page(self) -> int:
-        return self.page_size * self.num_kv_heads * self.head_dim * self.k_buffers[0].element_size()
-
-    @property
-    def bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.bytes_per_page // self.page_size
-
-    def layout(self) -> dict:
-        """Everything a transfer engine needs to register and address the pool (matches KvLayout)."""
-        return {
-            "num_layers": self.num_layers,
-            "page_size": self.page_size,
-            "num_kv_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "bytes_per_page": self.bytes_per_page,
-            "num_pages": self.num_pages,
-            "k_base_addrs": [t.data_ptr() for t in self.k_buffers],
-            "v_base_addrs": [t.data_ptr() for t in self.v_buffers],
-            "layer_bytes": self.bytes_per_page * self.num_pages,
-            "aux_base_addr": self.aux.data_ptr(),
-            "aux_slot_bytes": AUX_SLOT_BYTES,
-            "num_aux_slots": self.aux.shape[0],
-            "mem_kind": "VRAM" if str(self.device).startswith("cuda") else "DRAM",
-        }
-
-    def regions(self) -> list[tuple[int, int]]:
-        """(address, bytes) of every buffer, for memory registration."""
-        size = self.bytes_per_page * self.num_pages
-        regs = [(t.data_ptr(), size) for t in self.k_buffers + self.v_buffers]
-        regs.append((self.aux.data_ptr(), self.aux.numel()))
-        return regs

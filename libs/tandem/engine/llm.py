@@ -30,6 +30,16 @@ class RequestOutput:
     finished: bool = False
     prompt_logprobs: list = field(default_factory=list)  # [(logprob, top)] of prompt tokens 1..L-1
 
+    def add(self, o) -> None:
+        """Append one step's output (a StepOutput of this request)."""
+        self.token_ids.extend(o.new_token_ids)
+        self.logprobs.extend(o.new_logprobs)
+        self.top_logprobs.extend(o.new_top_logprobs)
+        self.prompt_logprobs.extend(o.prompt_logprobs)
+        self.cached_tokens = o.cached_tokens
+        if o.finished:
+            self.finished, self.finish_reason = True, o.finish_reason
+
 
 class LLM:
     def __init__(self, model_path: str, **config):
@@ -70,13 +80,8 @@ class LLM:
                     r = results.get(o.rid)
                     if r is None:
                         continue
-                    r.token_ids.extend(o.new_token_ids)
-                    r.logprobs.extend(o.new_logprobs)
-                    r.top_logprobs.extend(o.new_top_logprobs)
-                    r.prompt_logprobs.extend(o.prompt_logprobs)
-                    r.cached_tokens = o.cached_tokens
+                    r.add(o)
                     if o.finished:
-                        r.finished, r.finish_reason = True, o.finish_reason
                         stop_pos[o.rid] = o.stop_text_pos
                         pending -= 1
         except BaseException:
@@ -105,12 +110,7 @@ class LLM:
         try:
             while True:
                 o = await q.get()
-                out.token_ids.extend(o.new_token_ids)
-                out.logprobs.extend(o.new_logprobs)
-                out.top_logprobs.extend(o.new_top_logprobs)
-                out.cached_tokens = o.cached_tokens
-                if o.finished:
-                    out.finished, out.finish_reason = True, o.finish_reason
+                out.add(o)
                 out.text = self._text(out, sp, o.stop_text_pos)
                 yield out
                 if o.finished:

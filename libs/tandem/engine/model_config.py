@@ -7,9 +7,9 @@ so one code path covers Llama, Qwen2/3, Mistral, Qwen2/3-MoE and GLM-4-MoE.
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
+
+from tandem.config.hf_config import read_hf_config
 
 DENSE_TYPES = {"llama", "qwen2", "qwen3", "mistral"}
 MOE_TYPES = {"qwen2_moe", "qwen3_moe", "glm4_moe"}
@@ -52,11 +52,7 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: str) -> ModelConfig:
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise ValueError(f"model_path={path!r}: no config.json in this directory")
-        with open(cfg_path) as f:
-            return cls.from_dict(json.load(f))
+        return cls.from_dict(read_hf_config(path))
 
     @classmethod
     def from_dict(cls, c: dict) -> ModelConfig:

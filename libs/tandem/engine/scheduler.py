@@ -90,6 +90,10 @@ class Scheduler:
         return len(pages) * self.page_size
 
     # ---- admission -----------------------------------------------------------------------
+    def next_admit_seq(self) -> int:
+        """Admission order of a request joining the running batch from outside the queue."""
+        return next(self._admit_seq)
+
     def _try_admit(self, req: Request) -> bool:
         # Match at most seq_len - 1 tokens: the last token must be computed to get logits; none
         # when the prompt's logprobs are wanted (every prompt token's logits are computed).

@@ -67,7 +67,7 @@ class EplbEngineHook:
         self.recorder = recorder
         self.ep_rank = ep_rank
         self.generator = torch.Generator().manual_seed(seed)
-        self._pending: ExpertLocation | None = None
+        self._pending: tuple[ExpertLocation, int | None] | None = None  # placement, plan version
         self._lock = threading.Lock()
         self.version = 0
         self.moves_applied = 0
@@ -126,14 +126,22 @@ class EplbEngineHook:
         ):
             raise ValueError(f"plan {location!r} does not match the running placement {old!r}")
         with self._lock:
-            self._pending = location
-            self._pending_version = version
+            self._pending = (location, version)
+
+    @property
+    def has_pending(self) -> bool:
+        with self._lock:
+            return self._pending is not None
+
+    def take_pending(self) -> tuple[ExpertLocation | None, int | None]:
+        """The queued placement and its version (None, None when there is none); clears it."""
+        with self._lock:
+            pending, self._pending = self._pending, None
+        return pending if pending is not None else (None, None)
 
     def apply_pending(self) -> int:
         """Apply a queued placement (call between forward passes). Returns the copies made."""
-        with self._lock:
-            new, self._pending = self._pending, None
-            version = getattr(self, "_pending_version", None)
+        new, version = self.take_pending()
         if new is None:
             return 0
         copies = diff(self.location, new)

@@ -8,21 +8,6 @@ from tandem.metrics import definitions as d
 from tandem.metrics.stats import SchedulerStats
 
 
-def observe_n(child, value: float, n: int) -> None:
-    """Observe ``value`` ``n`` times in one histogram child (as SGLang does for ITL).
-
-    prometheus_client has no weighted observe; this touches its bucket values directly,
-    which works for both the in-process and the multiprocess value classes.
-    """
-    if n <= 0:
-        return
-    child._sum.inc(value * n)
-    for i, bound in enumerate(child._upper_bounds):
-        if value <= bound:
-            child._buckets[i].inc(n)
-            break
-
-
 class EngineMetrics:
     """All ``sglang:*`` metrics of one engine (one worker), with a fixed base label set.
 
@@ -92,7 +77,7 @@ class EngineMetrics:
         for layer, per_rank in counts.items():
             child = self.eplb_gpu_physical_count.labels(**labels, layer=str(layer))
             for rank, n in enumerate(per_rank):
-                observe_n(child, rank, int(n))
+                child.observe_n(rank, int(n))
 
 
 _DELTA_FIELDS = tuple(f for _, f in d.ENGINE_COUNTERS) + tuple(f for _, f in d.REALTIME_MODES)

@@ -23,7 +23,10 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 ENV_MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
-_MULTIPROC_ATTR = "_tandem_multiproc"
+
+
+class MultiProcessRegistry(CollectorRegistry):
+    """The exposition registry of a multiprocess service: only its MultiProcessCollector."""
 
 
 def multiproc_dir() -> str | None:
@@ -48,15 +51,14 @@ def make_registry() -> CollectorRegistry:
             f"{ENV_MULTIPROC_DIR} was set after prometheus_client was imported; set it in the "
             "environment before the process starts (or before any import of prometheus_client)"
         )
-    registry = CollectorRegistry()
+    registry = MultiProcessRegistry()
     MultiProcessCollector(registry, path=path)
-    setattr(registry, _MULTIPROC_ATTR, True)
     return registry
 
 
 def is_multiprocess(registry: CollectorRegistry | None) -> bool:
     """True for an exposition registry made by :func:`make_registry` in multiprocess mode."""
-    return bool(getattr(registry, _MULTIPROC_ATTR, False))
+    return isinstance(registry, MultiProcessRegistry)
 
 
 def registration_target(registry: CollectorRegistry | None) -> CollectorRegistry | None:

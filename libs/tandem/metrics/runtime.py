@@ -39,10 +39,10 @@ class RequestTracker:
         """Mark the first streamed response (observed once)."""
         if self.first_response_at is None:
             self.first_response_at = time.perf_counter()
-            self._m._ttfr.labels(**self._labels).observe(self.first_response_at - self.start)
+            self._m.ttfr.labels(**self._labels).observe(self.first_response_at - self.start)
 
     def add_response_bytes(self, n: int) -> None:
-        self._m._resp_bytes.labels(**self._labels).inc(max(0, int(n)))
+        self._m.response_bytes.labels(**self._labels).inc(max(0, int(n)))
 
     def set_error(self, error_type: str) -> None:
         """Count this request as failed with ``error_type`` (e.g. a gRPC status code name)."""
@@ -63,9 +63,9 @@ class ComponentMetrics:
         self.default_endpoint = endpoint
         m = {key: spec.create(registry) for key, spec in d.COMPONENT.items()}
         self._requests, self._req_bytes = m["requests_total"], m["request_bytes_total"]
-        self._resp_bytes, self._inflight = m["response_bytes_total"], m["inflight_requests"]
+        self.response_bytes, self._inflight = m["response_bytes_total"], m["inflight_requests"]
         self._duration, self._errors = m["request_duration_seconds"], m["errors_total"]
-        self._ttfr, self._uptime = m["time_to_first_response_seconds"], m["uptime_seconds"]
+        self.ttfr, self._uptime = m["time_to_first_response_seconds"], m["uptime_seconds"]
         self._total_blocks, self._active_blocks = m["total_blocks"], m["active_blocks"]
         self._usage, self._hit_rate = m["gpu_cache_usage_percent"], m["gpu_prefix_cache_hit_rate"]
         self._load_time, self._kv_events = m["model_load_time_seconds"], m["kv_cache_events_applied_total"]
@@ -102,8 +102,8 @@ class ComponentMetrics:
         """Create the per-endpoint series at zero, so dashboards and rate() see them before
         the first request (Prometheus' advice for labelled metrics)."""
         labels = self.labels(endpoint)
-        for metric in (self._requests, self._req_bytes, self._resp_bytes, self._inflight, self._duration,
-                       self._ttfr):
+        for metric in (self._requests, self._req_bytes, self.response_bytes, self._inflight, self._duration,
+                       self.ttfr):
             metric.labels(**labels)
 
     def refresh_uptime(self) -> None:
@@ -148,13 +148,13 @@ class FrontendRequest:
         self._queued = True
 
     def set_input_tokens(self, n: int) -> None:
-        self._m._isl.labels(**self._m.base).observe(n)
+        self._m.isl.labels(**self._m.base).observe(n)
 
     def set_cached_tokens(self, cached: int, input_tokens: int) -> None:
         """Prompt tokens found in the KV cache (as reported by the worker or predicted by routing)."""
-        self._m._cached.labels(**self._m.base).observe(cached)
+        self._m.cached.labels(**self._m.base).observe(cached)
         if input_tokens > 0:
-            self._m._hit.labels(**self._m.base).observe(min(1.0, cached / input_tokens))
+            self._m.hit_rate.labels(**self._m.base).observe(min(1.0, cached / input_tokens))
 
     def on_tokens(self, n: int = 1) -> None:
         """``n`` new output tokens arrived together: first call gives TTFT, later ones ITL."""
@@ -163,19 +163,19 @@ class FrontendRequest:
         now = time.perf_counter()
         base = self._m.base
         if self._last_token_at is None:
-            self._m._ttft.labels(**base).observe(now - self.start)
-            self._leave_queue()
+            self._m.ttft.labels(**base).observe(now - self.start)
+            self.leave_queue()
         else:
             per_token = (now - self._last_token_at) / n
-            child = self._m._itl.labels(**base)
+            child = self._m.itl.labels(**base)
             for _ in range(n):
                 child.observe(per_token)
         self._last_token_at = now
         self.output_tokens += n
-        self._m._out_tokens.labels(**base).inc(n)
+        self._m.output_tokens.labels(**base).inc(n)
 
     def client_disconnected(self) -> None:
-        self._m._disconnected.labels(**self._m.base).inc()
+        self._m.disconnected.labels(**self._m.base).inc()
         self.status = "error"
 
     def set_status(self, status: str) -> None:
@@ -183,10 +183,10 @@ class FrontendRequest:
             raise ValueError(f"status must be 'success' or 'error', got {status!r}")
         self.status = status
 
-    def _leave_queue(self) -> None:
+    def leave_queue(self) -> None:
         if self._queued:
             self._queued = False
-            self._m._queued.labels(**self._m.base).dec()
+            self._m.queued.labels(**self._m.base).dec()
 
 
 class FrontendMetrics:
@@ -197,14 +197,14 @@ class FrontendMetrics:
             raise ValueError("FrontendMetrics: model must be a non-empty string")
         self.base = {"model": model}
         m = {key: spec.create(registry) for key, spec in d.FRONTEND.items()}
-        self._requests, self._inflight, self._queued = m["requests_total"], m["inflight_requests"], m["queued_requests"]
-        self._disconnected, self._duration = m["disconnected_clients"], m["request_duration_seconds"]
-        self._isl, self._osl, self._out_tokens = m["input_sequence_tokens"], m["output_sequence_tokens"], m["output_tokens_total"]
-        self._ttft, self._itl = m["time_to_first_token_seconds"], m["inter_token_latency_seconds"]
-        self._hit, self._cached, self._tok = m["kv_hit_rate"], m["cached_tokens"], m["tokenizer_latency_ms"]
+        self._requests, self._inflight, self.queued = m["requests_total"], m["inflight_requests"], m["queued_requests"]
+        self.disconnected, self._duration = m["disconnected_clients"], m["request_duration_seconds"]
+        self.isl, self._osl, self.output_tokens = m["input_sequence_tokens"], m["output_sequence_tokens"], m["output_tokens_total"]
+        self.ttft, self.itl = m["time_to_first_token_seconds"], m["inter_token_latency_seconds"]
+        self.hit_rate, self.cached, self._tok = m["kv_hit_rate"], m["cached_tokens"], m["tokenizer_latency_ms"]
         self._ctx, self._block, self._blocks = (m["model_context_length"], m["model_kv_cache_block_size"],
                                                 m["model_total_kv_blocks"])
-        for g in (self._inflight, self._queued, self._disconnected):
+        for g in (self._inflight, self.queued, self.disconnected):
             g.labels(**self.base)  # series exist (at 0) before the first request
 
     def set_model_info(self, *, context_length: int | None = None, kv_cache_block_size: int | None = None,
@@ -228,7 +228,7 @@ class FrontendMetrics:
             raise ValueError(f"request_type must be 'stream' or 'unary', got {request_type!r}")
         inflight = self._inflight.labels(**self.base)
         inflight.inc()
-        self._queued.labels(**self.base).inc()
+        self.queued.labels(**self.base).inc()
         req = FrontendRequest(self)
         try:
             yield req
@@ -236,7 +236,7 @@ class FrontendMetrics:
             req.status = "error"
             raise
         finally:
-            req._leave_queue()
+            req.leave_queue()
             inflight.dec()
             self._duration.labels(**self.base).observe(time.perf_counter() - req.start)
             self._osl.labels(**self.base).observe(req.output_tokens)

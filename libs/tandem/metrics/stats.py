@@ -62,27 +62,27 @@ class SchedulerStats:
     e2e_s: list[float] = field(default_factory=list)
     queue_time_s: list[float] = field(default_factory=list)
 
-    # PD disaggregation
-    num_prefill_prealloc_queue_reqs: int | None = None
-    num_prefill_inflight_queue_reqs: int | None = None
-    num_decode_prealloc_queue_reqs: int | None = None
-    num_decode_transfer_queue_reqs: int | None = None
-    kv_transfer_speed_gb_s: float | None = None
-    kv_transfer_latency_ms: float | None = None
-    kv_transfer_bootstrap_ms: float | None = None
-    kv_transfer_alloc_ms: float | None = None
-    kv_transfer_total_mb: float | None = None
-    num_bootstrap_failed_reqs: int = 0
-    num_transfer_failed_reqs: int = 0
+    # PD disaggregation (gauges: the latest room; counters: failed attempts)
+    num_prefill_prealloc_queue_reqs: int | None = None  # prefill: waiting for decode's pages (unused: decode allocates first)
+    num_prefill_inflight_queue_reqs: int | None = None  # prefill: rooms in flight
+    num_decode_prealloc_queue_reqs: int | None = None  # decode: requests holding pre-allocated pages
+    num_decode_transfer_queue_reqs: int | None = None  # decode: remote prefills in flight
+    kv_transfer_speed_gb_s: float | None = None  # prefill: bytes / transfer time
+    kv_transfer_latency_ms: float | None = None  # first chunk sent (prefill) or room confirmed (decode) -> done
+    kv_transfer_bootstrap_ms: float | None = None  # decode: allocation sent -> room confirmed
+    kv_transfer_alloc_ms: float | None = None  # decode: waiting for pages
+    kv_transfer_total_mb: float | None = None  # decode: KV received
+    num_bootstrap_failed_reqs: int = 0  # attempts that failed before prefill confirmed the room
+    num_transfer_failed_reqs: int = 0  # attempts that failed later
 
-    # HiCache
-    hicache_host_used_tokens: int | None = None
-    hicache_host_total_tokens: int | None = None
-    prefetch_occupied_ratio: float | None = None
-    evicted_tokens: int = 0
-    load_back_tokens: int = 0
-    prefetched_tokens: int = 0
-    backuped_tokens: int = 0
+    # HiCache (SGLang's fields; this build has no host KV tier and never sets them)
+    hicache_host_used_tokens: int | None = None  # host tier tokens in use
+    hicache_host_total_tokens: int | None = None  # host tier capacity
+    prefetch_occupied_ratio: float | None = None  # storage prefetch; > 1 means rate limited
+    evicted_tokens: int = 0  # device -> host
+    load_back_tokens: int = 0  # host -> device
+    prefetched_tokens: int = 0  # storage -> host
+    backuped_tokens: int = 0  # device -> storage
     eviction_duration_s: list[float] = field(default_factory=list)
     load_back_duration_s: list[float] = field(default_factory=list)
 

@@ -10,6 +10,14 @@ The router runs `EtcdWatcher.run()`: a range read of the prefix, then a watch fr
 revision; every change calls `on_change` with the full current {worker_id: WorkerInfo}.
 On any error it waits and starts over with a fresh range read, so it converges after etcd
 restarts or compactions.
+
+Why not etcd3gw, the maintained client of this same JSON gateway (it was declared and never
+used; it is gone from the requirements): its watch runs in a thread pool and, when the
+connection drops, that thread dies and the event iterator blocks forever with no error; a watch
+cancelled by compaction is ignored the same way; and its range read drops the response header,
+so a watch cannot resume from the revision after it without missing events. The router would
+stop seeing workers after an etcd restart. It is also synchronous (requests) where the router
+is asyncio. The two calls this needs (lease + put + keepalive, range + watch) stay here.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import json
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tandem.routing.grammar_check import check_structured
@@ -91,20 +91,37 @@ class ResponseFormat(_Strict):
 class FunctionDef(_Strict):
     name: str
     description: str | None = None
-    parameters: dict | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
     strict: bool | None = None
 
 
 class ToolDef(_Strict):
+    """One of the request's ``tools``: a function the model may call."""
+
     type: Literal["function"]
     function: FunctionDef
 
+    def tool(self) -> Tool:
+        """The tool, checked (its name, a parameters schema of type object); OpenAIError(400) naming it."""
+        f = self.function
+        try:
+            check_tool_name(f.name)
+        except ValueError as e:
+            raise bad_request(str(e) + ".", param="tools") from None
+        if f.parameters is not None and f.parameters.get("type", "object") != "object":
+            raise bad_request(f"tool {f.name}: parameters must be a JSON schema of type object.", param="tools")
+        return Tool(f.name, f.description or "", f.parameters)
+
 
 class ToolChoiceFunction(_Strict):
+    """The tool a named tool_choice forces."""
+
     name: str
 
 
 class NamedToolChoice(_Strict):
+    """tool_choice ``{"type": "function", "function": {"name": ...}}``."""
+
     type: Literal["function"]
     function: ToolChoiceFunction
 
@@ -133,15 +150,12 @@ class _SamplingFields(_Strict):
     response_format: ResponseFormat | None = None
     regex: str | None = None
     ebnf: str | None = None
-    # Refused when set (see REFUSED); typed loosely so the refusal, not a type error, answers.
-    store: Any = None
-    metadata: Any = None
-    service_tier: Any = None
-    prompt_cache_key: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_grammar: Any = None
-    guided_choice: Any = None
+    # Other fields are kept untyped (extra="allow"), so that the ones REFUSABLE names are refused
+    # by name (see REFUSED), not answered with a type error; the rest are ignored.
+    model_config = ConfigDict(strict=True, extra="allow")
+    REFUSABLE: ClassVar[frozenset[str]] = frozenset({
+        "store", "metadata", "service_tier", "prompt_cache_key", "guided_json", "guided_regex", "guided_grammar",
+        "guided_choice"})
 
 
 class CompletionRequest(_SamplingFields):
@@ -150,6 +164,7 @@ class CompletionRequest(_SamplingFields):
     echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
+    REFUSABLE: ClassVar[frozenset[str]] = _SamplingFields.REFUSABLE | {"best_of", "suffix"}
 
 
 class TextPart(_Strict):
@@ -191,14 +206,8 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    functions: Any = None
-    function_call: Any = None
-    audio: Any = None
-    modalities: Any = None
-    prediction: Any = None
-    web_search_options: Any = None
-    reasoning_effort: Any = None
-    verbosity: Any = None
+    REFUSABLE: ClassVar[frozenset[str]] = _SamplingFields.REFUSABLE | {
+        "functions", "function_call", "audio", "modalities", "prediction", "web_search_options", "reasoning_effort", "verbosity"}
 
 
 # OpenAI parameters tandem does not honour, refused when set to anything but their default.
@@ -226,7 +235,8 @@ REFUSED = {
 
 
 def check_refused(req: _SamplingFields) -> None:
-    for name, (is_set, why) in REFUSED.items():
+    for name in sorted(type(req).REFUSABLE):
+        is_set, why = REFUSED[name]
         v = getattr(req, name, None)
         if is_set(v):
             raise bad_request(f"{name}: {why}.", param=name, code="unsupported_parameter")
@@ -247,16 +257,7 @@ def tool_plan(req: ChatCompletionRequest, parser: str | None) -> ToolPlan:
         if req.tool_choice not in (None, "none", "auto"):
             raise bad_request("tool_choice requires tools.", param="tool_choice")
         return ToolPlan()
-    tools = []
-    for t in req.tools:
-        try:
-            check_tool_name(t.function.name)
-        except ValueError as e:
-            raise bad_request(str(e) + ".", param="tools") from None
-        if t.function.parameters is not None and t.function.parameters.get("type", "object") != "object":
-            raise bad_request(f"tool {t.function.name}: parameters must be a JSON schema of type object.",
-                              param="tools")
-        tools.append(Tool(t.function.name, t.function.description or "", t.function.parameters))
+    tools = [t.tool() for t in req.tools]
     if len({t.name for t in tools}) != len(tools):
         raise bad_request("tools: function names must be unique.", param="tools")
     choice = req.tool_choice if req.tool_choice is not None else "auto"
@@ -397,9 +398,9 @@ def build_sampling(req: _SamplingFields, prompt_tokens: int, context_length: int
     top_p = 1.0 if req.top_p is None else req.top_p
     if not 0 < top_p <= 1:
         raise bad_request(f"top_p={top_p}: must be in (0, 1].", param="top_p")
-    top_k = -1 if req.top_k in (None, 0) else req.top_k
+    top_k = req.top_k or 0  # 0 and -1 both mean off in tandem.v1; the worker maps them for the engine
     if top_k < -1:
-        raise bad_request(f"top_k={top_k}: must be -1 (off) or >= 1.", param="top_k")
+        raise bad_request(f"top_k={top_k}: must be -1 or 0 (off) or >= 1.", param="top_k")
     min_p = req.min_p or 0.0
     if not 0 <= min_p <= 1:
         raise bad_request(f"min_p={min_p}: must be in [0, 1].", param="min_p")

@@ -59,16 +59,24 @@ class Policy(ABC):
         """Pick one of `workers` (non-empty) for a request with prompt `token_ids`."""
 
 
-class RoundRobinPolicy(Policy):
-    name = "round_robin"
+class _Rotating(Policy):
+    """Workers in a stable order (by id, so the rotation holds while workers come and go) and a
+    rotating start: ``ordered(workers)`` -> (workers, start)."""
 
     def __init__(self) -> None:
         self._counter = itertools.count()
 
-    def choose(self, workers, token_ids):
-        # Order by id so the rotation is stable while workers come and go.
+    def ordered(self, workers: Sequence[WorkerView]) -> tuple[list[WorkerView], int]:
         ordered = sorted(workers, key=lambda w: w.worker_id)
-        return Decision(ordered[next(self._counter) % len(ordered)].worker_id)
+        return ordered, next(self._counter) % len(ordered)
+
+
+class RoundRobinPolicy(_Rotating):
+    name = "round_robin"
+
+    def choose(self, workers, token_ids):
+        ordered, start = self.ordered(workers)
+        return Decision(ordered[start].worker_id)
 
 
 class RandomPolicy(Policy):
@@ -81,32 +89,28 @@ class RandomPolicy(Policy):
         return Decision(self._rng.choice(list(workers)).worker_id)
 
 
-class LeastLoadedPolicy(Policy):
+class LeastLoadedPolicy(_Rotating):
     """Fewest waiting requests (GetLoad), then fewest router in-flight requests, then most free pages."""
 
     name = "least_loaded"
 
-    def __init__(self) -> None:
-        self._counter = itertools.count()
-
     def choose(self, workers, token_ids):
-        ordered = sorted(workers, key=lambda w: w.worker_id)
+        ordered, start = self.ordered(workers)
         n = len(ordered)
-        start = next(self._counter) % n
         best = min(range(n), key=lambda i: (
             ordered[i].num_waiting_reqs, ordered[i].active_requests, -ordered[i].free_pages, (i - start) % n))
         return Decision(ordered[best].worker_id)
 
 
-class KvAwarePolicy(Policy):
+class KvAwarePolicy(_Rotating):
     name = "kv_aware"
 
     def __init__(self, index: KvIndex, overlap_weight: float = 1.0, default_block_size: int = 16) -> None:
+        super().__init__()
         self.index = index
         self.overlap_weight = overlap_weight
         # Used for load accounting until the first KV event tells the real block size.
         self.default_block_size = default_block_size
-        self._counter = itertools.count()
 
     @property
     def block_size(self) -> int:
@@ -122,9 +126,8 @@ class KvAwarePolicy(Policy):
         overlaps = self.index.match(keys) if keys else {}
         t2 = time.perf_counter()
         n_blocks = self.request_blocks(len(token_ids))
-        ordered = sorted(workers, key=lambda w: w.worker_id)
+        ordered, start = self.ordered(workers)
         n = len(ordered)
-        start = next(self._counter) % n
         best_key = None
         best = None
         for i, w in enumerate(ordered):

@@ -30,8 +30,6 @@ def check_sampling(sp: common_pb2.SamplingParams, prompt_tokens: int, context_le
         raise ValueError(f"top_p={out.top_p}: must be in (0, 1]")
     if out.top_k < -1:
         raise ValueError(f"top_k={out.top_k}: must be -1 or 0 (off) or >= 1")
-    if out.top_k == 0:
-        out.top_k = -1  # the engine spells "off" as -1
     if not 0 <= out.min_p <= 1:
         raise ValueError(f"min_p={out.min_p}: must be in [0, 1]")
     if out.min_tokens < 0 or out.min_tokens > out.max_tokens:

@@ -1,11 +1,11 @@
 """The router's tokenizer: prompt encoding, chat templates and token text, from a checkpoint dir."""
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from functools import lru_cache
 
+from tandem.config.hf_config import context_length, read_hf_config
 from tandem.routing.openai_protocol import bad_request
 
 DEFAULT_CONTEXT_LENGTH = 2048
@@ -70,13 +70,10 @@ class RouterTokenizer:
 
 
 def _context_length(model_path: str, hf) -> int:
-    cfg_path = os.path.join(model_path, "config.json")
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        for key in ("max_position_embeddings", "max_sequence_length", "seq_length", "n_positions"):
-            if isinstance(cfg.get(key), int):
-                return cfg[key]
+    if os.path.exists(os.path.join(model_path, "config.json")):
+        n = context_length(read_hf_config(model_path))
+        if n is not None:
+            return n
     mml = getattr(hf, "model_max_length", None)
     if isinstance(mml, int) and mml < 10**7:
         return mml

@@ -1,34 +1,32 @@
 """The system HTTP port of every service: /health, /metrics and extra JSON routes.
 
-A plain threaded HTTP server keeps it independent of the gRPC server and of any
-asyncio loop, so metrics stay readable even when the service is busy.
+Served with the router's HTTP stack (FastAPI on uvicorn), on its own thread and asyncio
+loop, independent of the gRPC server, so metrics stay readable when the service is busy.
+Routes are plain functions ``handler(body: dict) -> (status, json-able body)``; they run in
+a worker thread (a handler may block, e.g. until a profile is written).
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import socket
 import threading
+import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
 
 # A route handler takes the parsed JSON body (or {} for GET) and returns (status, json-able body).
 RouteHandler = Callable[[dict], tuple[int, Any]]
-
-
-class _QuietHTTPServer(ThreadingHTTPServer):
-    def handle_error(self, request, client_address) -> None:
-        # A scraper that gave up mid-response is not an error worth a traceback.
-        import sys
-
-        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
-            log.debug("system-http client %s went away", client_address)
-            return
-        super().handle_error(request, client_address)
 
 
 class SystemHttpServer:
@@ -41,76 +39,74 @@ class SystemHttpServer:
     ) -> None:
         self._registry = registry
         self._is_healthy = is_healthy
-        self._routes: dict[tuple[str, str], RouteHandler] = {}
-        self._httpd = _QuietHTTPServer((host, port), self._make_handler())
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="system-http", daemon=True)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))  # bound now: the port is known before start()
+        self._sock.listen(128)  # and connections queue until the server accepts them
+        self.app = self._build_app()
+        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False,
+                                                     lifespan="off", timeout_graceful_shutdown=1))
+        self._thread = threading.Thread(target=self._serve, name="system-http", daemon=True)
 
     @property
     def port(self) -> int:
-        return self._httpd.server_address[1]
+        return self._sock.getsockname()[1]
 
     def add_route(self, method: str, path: str, handler: RouteHandler) -> None:
-        self._routes[(method.upper(), path)] = handler
+        async def endpoint(request: Request) -> JSONResponse:
+            body: dict = {}
+            raw = await request.body()
+            if raw:
+                try:
+                    body = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    return JSONResponse({"error": f"body is not valid JSON: {exc}"}, status_code=400)
+                if not isinstance(body, dict):
+                    return JSONResponse({"error": "body must be a JSON object"}, status_code=400)
+            try:
+                status, result = await run_in_threadpool(handler, body)
+            except ValueError as exc:
+                status, result = 400, {"error": str(exc)}
+            except Exception as exc:  # a failing control route must not kill the port
+                log.exception("system route %s %s failed", method, path)
+                status, result = 500, {"error": f"{type(exc).__name__}: {exc}"}
+            return JSONResponse(result, status_code=status)
 
-    def start(self) -> None:
+        self.app.add_api_route(path, endpoint, methods=[method.upper()])
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Serve from a thread; returns once the server accepts connections."""
         self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if not self._server.started:
+            raise RuntimeError(f"system HTTP server on port {self.port} did not start")
 
     def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._server.should_exit = True
+        self._thread.join(5)
+        self._sock.close()
 
-    def _make_handler(self):
-        server = self
+    def _serve(self) -> None:
+        asyncio.run(self._server.serve(sockets=[self._sock]))
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
-            def log_message(self, fmt, *args):  # route access logs to debug, not stderr
-                log.debug("system-http " + fmt, *args)
+        @app.exception_handler(HTTPException)
+        async def _http_error(request: Request, exc: HTTPException):
+            if exc.status_code in (404, 405):
+                return JSONResponse({"error": f"no route {request.method} {request.url.path}"}, status_code=404)
+            return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
 
-            def _send(self, status: int, body: bytes, content_type: str) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return Response(generate_latest(self._registry), media_type=CONTENT_TYPE_LATEST)
 
-            def _json(self, status: int, obj: Any) -> None:
-                self._send(status, json.dumps(obj).encode(), "application/json")
+        @app.get("/health")
+        async def health() -> JSONResponse:
+            ok = self._is_healthy()
+            return JSONResponse({"status": "ok" if ok else "starting"}, status_code=200 if ok else 503)
 
-            def _dispatch(self, method: str) -> None:
-                path = self.path.split("?", 1)[0]
-                if method == "GET" and path == "/metrics":
-                    return self._send(200, generate_latest(server._registry), CONTENT_TYPE_LATEST)
-                if method == "GET" and path == "/health":
-                    ok = server._is_healthy()
-                    return self._json(200 if ok else 503, {"status": "ok" if ok else "starting"})
-                handler = server._routes.get((method, path))
-                if handler is None:
-                    return self._json(404, {"error": f"no route {method} {path}"})
-                body: dict = {}
-                length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    try:
-                        body = json.loads(self.rfile.read(length) or b"{}")
-                    except json.JSONDecodeError as exc:
-                        return self._json(400, {"error": f"body is not valid JSON: {exc}"})
-                    if not isinstance(body, dict):
-                        return self._json(400, {"error": "body must be a JSON object"})
-                try:
-                    status, result = handler(body)
-                except ValueError as exc:
-                    status, result = 400, {"error": str(exc)}
-                except Exception as exc:  # a failing control route must not kill the port
-                    log.exception("system route %s %s failed", method, path)
-                    status, result = 500, {"error": f"{type(exc).__name__}: {exc}"}
-                self._json(status, result)
-
-            def do_GET(self):
-                self._dispatch("GET")
-
-            def do_POST(self):
-                self._dispatch("POST")
-
-        return Handler
+        return app

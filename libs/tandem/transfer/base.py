@@ -1,42 +1,49 @@
-"""Backend-neutral transfer interface: poll states, registrations, handles, room table.
+"""Backend-neutral transfer interface: poll states, registrations, handles, the room table.
 
 Roles (as in SGLang's disaggregation):
 
 * the **receiver** lives on decode: it owns the destination pages, publishes a
-  :class:`Registration` once per prefill worker (``RegisterDecode``), is told per request
-  which pages and aux slot a room will fill (:meth:`KvReceiver.expect`) and is polled
-  until the room reaches ``Success`` or ``Failed``;
+  :class:`Registration` once per prefill worker, is told per request which pages and aux
+  slot a room will fill (:meth:`KvReceiver.expect`), is handed the sender's messages
+  (:meth:`KvReceiver.handle`) and is polled, all rooms at once (:meth:`KvReceiver.poll_all`),
+  until each room reaches ``Success`` or ``Failed``;
 * the **sender** lives on prefill: it learns each decode worker once
   (:meth:`KvSender.add_peer`), then per finished chunk writes its own pages into the
-  decode pages of a room (:meth:`KvSender.send_kv`) and finally the aux row
+  decode pages of a room (:meth:`KvSender.send_kv`), then the aux row
   (:meth:`KvSender.send_aux`). Every call is non-blocking and returns a handle that
-  :meth:`KvSender.check` polls.
+  :meth:`KvSender.check` polls; once every handle of a room is done, :meth:`KvSender.done`
+  gives the :class:`TransferDone` that completes the room on the receiver.
 
 A *chunk* is a set of pages for **all** layers; a room's chunks are numbered 0, 1, ...
-and the last one carries ``is_last``. The room is complete when every chunk up to the
-last and the aux row have arrived.
+and the last one carries ``is_last``. A room succeeds when every chunk up to the last,
+the aux row and the sender's ``TransferDone`` have arrived. Adding a backend:
+``README.md`` in this folder.
 """
 
 from __future__ import annotations
 
 import enum
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from tandem.v1 import common_pb2, prefill_pb2
+import torch
 
+from .aux import AuxRow, pack_aux_row, unpack_aux_row
 from .layout import (
-    AuxRow,
     KvBuffers,
+    PoolLayout,
     build_layout,
     check_addresses,
+    check_allocation,
     check_compatible,
-    unpack_aux_row,
     validate_pages,
 )
+from .messages import AuxData, FailureReason, KvPages, TransferDone, TransferFailure, TransferMessage
 
 
 class KVPoll(enum.IntEnum):
@@ -79,56 +86,46 @@ class TransferError(RuntimeError):
 
 @dataclass
 class Registration:
-    """What decode sends prefill once (``RegisterDecodeRequest``)."""
+    """What decode tells each prefill worker once: its backend, agent and pool layout."""
 
     backend: str
     agent_name: str
     agent_metadata: bytes
-    layout: common_pb2.KvLayout
+    layout: PoolLayout
 
-    def to_request(self, decode_id: str) -> prefill_pb2.RegisterDecodeRequest:
-        return prefill_pb2.RegisterDecodeRequest(
-            decode_id=decode_id,
-            transfer_backend=self.backend,
-            agent_name=self.agent_name,
-            agent_metadata=self.agent_metadata,
-            layout=self.layout,
-        )
 
-    @classmethod
-    def from_request(cls, req: prefill_pb2.RegisterDecodeRequest) -> Registration:
-        return cls(req.transfer_backend, req.agent_name, bytes(req.agent_metadata), req.layout)
+class HandleKind(enum.Enum):
+    KV = "kv"
+    AUX = "aux"
 
 
 @dataclass
 class TransferHandle:
-    """One non-blocking send. Backends keep their private state in ``impl``.
+    """One non-blocking send.
 
-    For the grpc backend ``messages`` holds the ``KvChunk`` messages the service must put
-    on the Prefill stream; the handle is DONE as soon as they are packed.
+    ``messages``: what the worker must carry to the receiver on the control stream, in
+    order (in-band backends). ``backend_state``: the backend's own typed record of the send.
     """
 
     room: int
     peer: str
-    kind: str  # "kv" or "aux"
+    kind: HandleKind
     nbytes: int = 0
     chunk_index: int = -1
     is_last: bool = False
-    messages: list = field(default_factory=list)
-    aux_row: AuxRow | None = None
-    impl: object = None
-    error: str = ""
+    messages: list[TransferMessage] = field(default_factory=list)
+    backend_state: object = None
     started: float = field(default_factory=time.perf_counter)
 
 
 def new_room_id() -> int:
-    """A random non-zero 63-bit room id (as SGLang's bootstrap_room), so that rooms of
-    different prefill workers never collide on one decode worker."""
+    """A random non-zero 63-bit room id (as SGLang's bootstrap_room), so that rooms chosen by
+    different decode workers never collide on one prefill worker."""
     return secrets.randbits(63) or 1
 
 
 # ---------------------------------------------------------------------------------------
-# Receiver room bookkeeping, shared by both backends.
+# Receiver: the room table, shared by every backend.
 # ---------------------------------------------------------------------------------------
 
 
@@ -140,11 +137,17 @@ class Room:
     aux_slot: int = -1
     peer: str | None = None
     chunks: set[int] = field(default_factory=set)
-    num_chunks: int | None = None  # known once the is_last chunk arrived (or given)
+    num_chunks: int | None = None  # known once the is_last chunk arrived
     aux_done: bool = False
-    reason: str = ""
+    done: TransferDone | None = None
+    failure: TransferFailure | None = None
     since: float = field(default_factory=time.monotonic)
     bytes_received: int = 0
+    # Pages written per layer (in-band backends): sorted pages, their position in the
+    # allocation, and a [layers, pages] coverage matrix.
+    sorted_pages: np.ndarray | None = None
+    order: np.ndarray | None = None
+    coverage: np.ndarray | None = None
 
 
 class KvReceiver:
@@ -152,10 +155,11 @@ class KvReceiver:
 
     ``bootstrap_timeout_s``: how long a room may stay Bootstrapping; ``transfer_timeout_s``:
     how long WaitingForInput/Transferring may last without finishing. ``None`` disables.
-    Timeouts are applied in :meth:`poll`.
+    Timeouts are applied when rooms are polled. Thread-safe: one lock guards the room table.
     """
 
     backend = ""
+    _MAX_FORGOTTEN = 65536
 
     def __init__(
         self,
@@ -171,34 +175,35 @@ class KvReceiver:
         self.bootstrap_timeout_s = bootstrap_timeout_s
         self.transfer_timeout_s = transfer_timeout_s
         self._rooms: dict[int, Room] = {}
+        self._forgotten: OrderedDict[int, None] = OrderedDict()  # recently forgotten rooms, oldest first
+        self._lock = threading.RLock()
 
     # -- public API ---------------------------------------------------------------------
     def registration(self) -> Registration:
-        """What to send in ``RegisterDecode``."""
-        raise NotImplementedError
+        """What decode sends each prefill worker once."""
+        return Registration(self.backend, self.name, self.agent_metadata(), self.layout)
 
     def bootstrap(self, room: int) -> None:
         """Start tracking ``room`` before its pages are known (state Bootstrapping)."""
-        if room in self._rooms:
-            raise ValueError(f"room {room} is already tracked")
-        self._rooms[room] = Room(room, KVPoll.Bootstrapping)
+        with self._lock:
+            if room in self._rooms:
+                raise ValueError(f"room {room} is already tracked")
+            self._rooms[room] = Room(room, KVPoll.Bootstrapping)
 
     def expect(
         self,
         room: int,
         page_indices: Sequence[int],
         aux_slot: int,
-        num_chunks: int | None = None,
         peer: str | None = None,
     ) -> None:
         """Declare that ``room`` will fill ``page_indices`` and ``aux_slot`` (state
-        WaitingForInput). ``peer``: the prefill agent allowed to write it (nixl).
+        WaitingForInput). ``peer``: the sender agent allowed to write it (nixl).
 
-        Never writes the pages or the aux slot: decode hands the allocation to prefill
-        before it learns the room (one round trip), so prefill's WRITEs, and their
-        notifications, may all have landed before this call. Clearing the slot is its
-        owner's job, before handing it out (the engine zeroes a slot when it allocates and
-        when it frees one); the row's room id tells a stale row from this room's."""
+        Never writes the pages or the aux slot: the sender's writes, and their
+        notifications, may have landed before this call. Clearing the slot is its owner's
+        job, before handing it out (the engine zeroes a slot when it allocates and when it
+        frees one); the row's room id tells a stale row from this room's."""
         pages = validate_pages(page_indices, self.buffers.num_pages, "decode page")
         if not 0 <= aux_slot < self.buffers.num_aux_slots:
             raise ValueError(
@@ -206,73 +211,112 @@ class KvReceiver:
             )
         if len(np.unique(pages)) != len(pages):
             raise ValueError(f"room {room}: decode page indices contain duplicates")
-        if num_chunks is not None and num_chunks < 1:
-            raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
-        r = self._rooms.get(room)
-        if r is None:
-            r = self._rooms[room] = Room(room, KVPoll.WaitingForInput)
-        elif r.state is not KVPoll.Bootstrapping:
-            raise ValueError(f"room {room} is already expected (state {r.state.name})")
-        r.state = KVPoll.WaitingForInput
-        r.since = time.monotonic()
-        r.pages, r.aux_slot, r.peer = pages, aux_slot, peer
-        if num_chunks is not None:
-            r.num_chunks = num_chunks
-        self._on_expect(r)
+        with self._lock:
+            r = self._rooms.get(room)
+            self._forgotten.pop(room, None)
+            if r is None:
+                r = self._rooms[room] = Room(room, KVPoll.WaitingForInput)
+            elif r.state is not KVPoll.Bootstrapping:
+                raise ValueError(f"room {room} is already expected (state {r.state.name})")
+            r.state = KVPoll.WaitingForInput
+            r.since = time.monotonic()
+            r.pages, r.aux_slot, r.peer = pages, aux_slot, peer
+            r.order = np.argsort(pages, kind="stable")
+            r.sorted_pages = pages[r.order]
+            r.coverage = np.zeros((self.buffers.num_layers, len(pages)), dtype=bool)
+            self._on_expect(r)
+
+    def handle(self, msg: TransferMessage) -> KVPoll:
+        """Apply one message of the sender (in-band pages or aux row, done, failure); returns
+        the room's new state. Raises ValueError for a message that can never be right (unknown
+        room, a page not allocated to the room, a wrong byte count): nothing is written then,
+        and a known room is marked Failed with the same message."""
+        with self._lock:
+            r = self._rooms.get(msg.room)
+            if isinstance(msg, TransferFailure):
+                if r is not None:
+                    self._fail(r, msg)
+                return r.state if r is not None else KVPoll.Failed
+            if r is None:
+                if self._was_forgotten(msg.room):
+                    return KVPoll.Failed  # a late message of a room given up on
+                raise ValueError(f"{type(msg).__name__} for unknown room {msg.room}")
+            if r.state is KVPoll.Bootstrapping:
+                self._reject(r, f"room {r.room}: {type(msg).__name__} before the page allocation")
+            if r.state not in (KVPoll.WaitingForInput, KVPoll.Transferring):
+                return r.state  # late message of a finished room: ignore
+            if isinstance(msg, KvPages):
+                self._on_pages(r, msg)
+            elif isinstance(msg, AuxData):
+                self._write_aux(r, msg.row)
+                self._aux_arrived(r)
+            elif isinstance(msg, TransferDone):
+                r.done = msg
+                r.bytes_received = max(r.bytes_received, msg.bytes_transferred)
+                self._maybe_done(r)
+            else:
+                raise TypeError(f"not a transfer message: {msg!r}")
+            return r.state
 
     def poll(self, room: int) -> KVPoll:
         """Current state of ``room`` (drains backend progress, applies timeouts)."""
-        self._progress()
-        r = self._get(room)
-        self._check_timeout(r)
-        return r.state
+        with self._lock:
+            self._progress()
+            r = self._get(room)
+            self._check_timeout(r, time.monotonic())
+            return r.state
 
-    def failure_reason(self, room: int) -> str:
-        return self._get(room).reason
+    def poll_all(self) -> dict[int, KVPoll]:
+        """One pass over every tracked room: drains backend progress once, applies timeouts,
+        returns each room's state (what decode's transfer loop calls once per iteration)."""
+        with self._lock:
+            self._progress()
+            now = time.monotonic()
+            for r in self._rooms.values():
+                self._check_timeout(r, now)
+            return {k: r.state for k, r in self._rooms.items()}
 
-    def mark_failed(self, room: int, reason: str) -> None:
-        """Fail ``room`` (e.g. the Prefill stream reported TransferFailed)."""
-        r = self._get(room)
-        if r.state is not KVPoll.Success:
-            r.state, r.reason = KVPoll.Failed, reason
+    def failure(self, room: int) -> TransferFailure | None:
+        """Why ``room`` failed (None unless it is Failed)."""
+        with self._lock:
+            return self._get(room).failure
+
+    def on_progress(self, fn) -> None:
+        """Call ``fn()`` (from any thread) whenever out-of-band progress arrived, so the owner's
+        poll loop can sleep until then. Backends whose messages all come through
+        :meth:`handle` have nothing to report."""
+
+    def bytes_received(self, room: int) -> int:
+        """KV bytes of ``room`` (counted in band, or as the sender's TransferDone reports)."""
+        with self._lock:
+            return self._get(room).bytes_received
+
+    def fail(self, room: int, reason: FailureReason, message: str) -> None:
+        """Fail ``room`` from outside (e.g. the control stream broke)."""
+        with self._lock:
+            self._fail(self._get(room), TransferFailure(room, reason, message))
 
     def forget(self, room: int) -> None:
         """Stop tracking ``room``; later messages for it are ignored. The caller frees the
         pages. Unknown rooms are ignored (idempotent)."""
-        self._rooms.pop(room, None)
-        self._on_forget(room)
-
-    def on_stream_message(self, room: int, msg: prefill_pb2.PrefillServerMessage):
-        """Apply one message of the room's Prefill stream: KV chunks and the done's aux row
-        (grpc backend; NIXL writes those into memory itself), a failure marks the room
-        Failed. Returns the TransferDone when ``msg`` is one, else None."""
-        kind = msg.WhichOneof("msg")
-        if kind == "chunk":
-            self._stream_chunk(msg.chunk)
-        elif kind == "done":
-            self._stream_done(room, msg.done)
-            return msg.done
-        elif kind == "failed":
-            self.mark_failed(room, msg.failed.error.message)
-        return None
-
-    def _stream_chunk(self, chunk: prefill_pb2.KvChunk) -> None:
-        raise ValueError(f"room {chunk.room}: a KvChunk on the stream, but this receiver's backend "
-                         f"is {self.backend!r}")
-
-    def _stream_done(self, room: int, done: prefill_pb2.TransferDone) -> None:
-        """The aux row came by the backend itself (e.g. a NIXL WRITE)."""
+        with self._lock:
+            self._rooms.pop(room, None)
+            self._forgotten[room] = None
+            while len(self._forgotten) > self._MAX_FORGOTTEN:
+                self._forgotten.popitem(last=False)
+            self._on_forget(room)
 
     def aux_row(self, room: int) -> AuxRow:
         """The aux row of a room that reached Success."""
-        r = self._get(room)
-        if r.state is not KVPoll.Success:
-            raise ValueError(f"room {room} is {r.state.name}, not Success")
-        return unpack_aux_row(self.buffers.aux[r.aux_slot])
+        with self._lock:
+            r = self._get(room)
+            if r.state is not KVPoll.Success:
+                raise ValueError(f"room {room} is {r.state.name}, not Success")
+            return unpack_aux_row(self.buffers.aux[r.aux_slot])
 
     def wait(self, room: int, timeout_s: float, sleep_s: float = 0.0002) -> KVPoll:
         """Poll until ``room`` is Success/Failed or ``timeout_s`` passes (then returns the
-        current state; the room is not failed by this helper)."""
+        current state; the room is not failed by this helper). For tests and benchmarks."""
         deadline = time.monotonic() + timeout_s
         while True:
             s = self.poll(room)
@@ -283,31 +327,83 @@ class KvReceiver:
     @property
     def rooms(self) -> dict[int, KVPoll]:
         """State of every tracked room (for metrics and leak checks)."""
-        return {k: r.state for k, r in self._rooms.items()}
+        with self._lock:
+            return {k: r.state for k, r in self._rooms.items()}
 
     def close(self) -> None:
-        self._rooms.clear()
+        with self._lock:
+            self._rooms.clear()
 
     # -- for backends ---------------------------------------------------------------------
+    def agent_metadata(self) -> bytes:
+        """What a sender needs to reach this receiver (e.g. NIXL agent metadata)."""
+        return b""
+
+    def _progress(self) -> None:
+        """Drain the backend's out-of-band events (e.g. NIXL notifications) into
+        :meth:`_chunk_arrived` / :meth:`_aux_arrived` / :meth:`_fail`. Called under the lock."""
+
+    def _on_pages(self, r: Room, msg: KvPages) -> None:
+        """A :class:`KvPages` message for room ``r``; in-band backends override."""
+        self._reject(r, f"room {r.room}: a KvPages message, but this receiver's backend is "
+                        f"{self.backend!r}")
+
+    def _on_expect(self, r: Room) -> None:
+        pass
+
+    def _on_forget(self, room: int) -> None:
+        pass
+
+    def _was_forgotten(self, room: int) -> bool:
+        """True when ``room`` was forgotten recently (its late messages are dropped)."""
+        return room in self._forgotten
+
     def _get(self, room: int) -> Room:
         try:
             return self._rooms[room]
         except KeyError:
             raise KeyError(f"unknown room {room}") from None
 
-    def _check_timeout(self, r: Room) -> None:
-        now = time.monotonic()
+    def _covered_pages(self, r: Room, msg: KvPages) -> np.ndarray:
+        """Check that ``msg``'s pages (and layer) belong to room ``r``; returns their positions
+        in the allocation. The one page check of the receiving side."""
+        if msg.layer is not None and not 0 <= msg.layer < self.buffers.num_layers:
+            self._reject(r, f"room {r.room}: layer {msg.layer} out of range for "
+                            f"{self.buffers.num_layers} layers")
+        dst = np.asarray(msg.dst_pages, dtype=np.int64)
+        if not len(dst):
+            return np.zeros(0, dtype=np.int64)
+        at = np.searchsorted(r.sorted_pages, dst).clip(0, max(len(r.sorted_pages) - 1, 0))
+        ok = r.sorted_pages[at] == dst if len(r.sorted_pages) else np.zeros(len(dst), bool)
+        if not ok.all():
+            bad = int(dst[np.nonzero(~ok)[0][0]])
+            self._reject(r, f"room {r.room}: decode page {bad} is not allocated to this room "
+                            f"(pool has {self.buffers.num_pages} pages)")
+        return at
+
+    def _mark_covered(self, r: Room, msg: KvPages, at: np.ndarray) -> None:
+        layers = slice(None) if msg.layer is None else msg.layer
+        r.coverage[layers, r.order[at]] = True
+        self._chunk_arrived(r, msg.chunk_index, msg.is_last, len(msg.k) + len(msg.v))
+
+    def _reject(self, r: Room, message: str):
+        self._fail(r, TransferFailure(r.room, FailureReason.PROTOCOL, message))
+        raise ValueError(message)
+
+    def _fail(self, r: Room, failure: TransferFailure) -> None:
+        if r.state not in (KVPoll.Success, KVPoll.Failed):
+            r.state, r.failure = KVPoll.Failed, failure
+
+    def _check_timeout(self, r: Room, now: float) -> None:
         if r.state is KVPoll.Bootstrapping and self.bootstrap_timeout_s is not None:
             if now - r.since > self.bootstrap_timeout_s:
-                r.state = KVPoll.Failed
-                r.reason = f"bootstrap timed out after {self.bootstrap_timeout_s:g} s"
+                self._fail(r, TransferFailure(r.room, FailureReason.TIMEOUT,
+                                              f"bootstrap timed out after {self.bootstrap_timeout_s:g} s"))
         elif r.state in (KVPoll.WaitingForInput, KVPoll.Transferring):
             if self.transfer_timeout_s is not None and now - r.since > self.transfer_timeout_s:
-                r.state = KVPoll.Failed
-                r.reason = (
+                self._fail(r, TransferFailure(r.room, FailureReason.TIMEOUT, (
                     f"KV transfer timed out after {self.transfer_timeout_s:g} s "
-                    f"({len(r.chunks)} chunks, aux {'received' if r.aux_done else 'missing'})"
-                )
+                    f"({len(r.chunks)} chunks, aux {'received' if r.aux_done else 'missing'})")))
 
     def _chunk_arrived(self, r: Room, chunk: int, is_last: bool, nbytes: int = 0) -> None:
         if r.state not in (KVPoll.WaitingForInput, KVPoll.Transferring):
@@ -326,29 +422,37 @@ class KvReceiver:
         r.state = KVPoll.Transferring
         self._maybe_done(r)
 
+    def _write_aux(self, r: Room, row: bytes) -> None:
+        if len(row) > self.buffers.aux_slot_bytes:
+            self._reject(r, f"room {r.room}: aux row of {len(row)} bytes for a "
+                            f"{self.buffers.aux_slot_bytes}-byte slot")
+        slot = self.buffers.aux[r.aux_slot]
+        slot.zero_()
+        slot[: len(row)] = torch.frombuffer(bytearray(row), dtype=torch.uint8).to(slot.device)
+
     def _maybe_done(self, r: Room) -> None:
-        if not r.aux_done or r.num_chunks is None:
+        if r.num_chunks is not None and (len(r.chunks) > r.num_chunks or max(r.chunks) >= r.num_chunks):
+            self._fail(r, TransferFailure(r.room, FailureReason.PROTOCOL, (
+                f"room {r.room}: got chunks {sorted(r.chunks)} but the last chunk was {r.num_chunks - 1}")))
             return
-        if len(r.chunks) > r.num_chunks or max(r.chunks, default=-1) >= r.num_chunks:
-            r.state, r.reason = KVPoll.Failed, (
-                f"room {r.room}: got chunks {sorted(r.chunks)} but the last chunk was "
-                f"{r.num_chunks - 1}"
-            )
+        if r.done is not None and r.num_chunks is not None and r.done.num_chunks != r.num_chunks:
+            self._fail(r, TransferFailure(r.room, FailureReason.PROTOCOL, (
+                f"room {r.room}: the sender reports {r.done.num_chunks} chunks, the last chunk was "
+                f"{r.num_chunks - 1}")))
+            return
+        if not (r.aux_done and r.done is not None and r.num_chunks is not None):
             return
         if len(r.chunks) == r.num_chunks and self._room_complete(r):
             r.state = KVPoll.Success
 
     def _room_complete(self, r: Room) -> bool:
+        """Backend check that every page of the room arrived (in-band backends: coverage)."""
         return True
 
-    def _on_expect(self, r: Room) -> None:
-        pass
 
-    def _on_forget(self, room: int) -> None:
-        pass
-
-    def _progress(self) -> None:
-        """Backends drain their event source here (e.g. NIXL notifications)."""
+# ---------------------------------------------------------------------------------------
+# Sender
+# ---------------------------------------------------------------------------------------
 
 
 class KvSender:
@@ -360,7 +464,8 @@ class KvSender:
         self.buffers = buffers
         self.name = name
         self.layout = build_layout(buffers, model_fingerprint)
-        self._peers: dict[str, common_pb2.KvLayout] = {}
+        self._peers: dict[str, PoolLayout] = {}
+        self._peers_lock = threading.Lock()
 
     def add_peer(self, reg: Registration) -> str:
         """Learn a decode worker (once). Raises LayoutMismatchError / ValueError when its
@@ -373,16 +478,32 @@ class KvSender:
         check_compatible(self.layout, reg.layout)
         check_addresses(reg.layout)
         self._add_peer(reg)
-        self._peers[reg.agent_name] = reg.layout
+        with self._peers_lock:
+            self._peers[reg.agent_name] = reg.layout
         return reg.agent_name
 
     def remove_peer(self, peer: str) -> None:
-        if self._peers.pop(peer, None) is not None:
+        with self._peers_lock:
+            known = self._peers.pop(peer, None) is not None
+        if known:
             self._remove_peer(peer)
 
     @property
     def peers(self) -> list[str]:
-        return list(self._peers)
+        with self._peers_lock:
+            return list(self._peers)
+
+    def check_allocation(self, peer: str, dst_pages: Sequence[int], aux_slot: int, num_pages: int) -> None:
+        """Raise ValueError unless ``peer`` can receive a room of ``num_pages`` pages into
+        ``dst_pages`` and ``aux_slot`` (checked before anything is computed or written)."""
+        check_allocation(self.peer_layout(peer), dst_pages, aux_slot, num_pages)
+
+    def peer_layout(self, peer: str) -> PoolLayout:
+        with self._peers_lock:
+            try:
+                return self._peers[peer]
+            except KeyError:
+                raise ValueError(f"unknown decode peer {peer!r}; call add_peer first") from None
 
     def send_kv(
         self,
@@ -395,7 +516,7 @@ class KvSender:
     ) -> TransferHandle:
         """Write local pages ``src_pages`` of every layer into ``dst_pages`` of ``peer``
         (``src_pages[i] -> dst_pages[i]``) as chunk ``chunk_index`` of ``room``."""
-        remote = self._peer_layout(peer)
+        remote = self.peer_layout(peer)
         src = validate_pages(src_pages, self.buffers.num_pages, "prefill page")
         dst = validate_pages(dst_pages, remote.num_pages, "decode page")
         if src.size != dst.size:
@@ -406,14 +527,14 @@ class KvSender:
 
     def send_aux(self, room: int, peer: str, aux_slot: int, row: AuxRow) -> TransferHandle:
         """Write the metadata row into decode's ``aux_slot`` (after the last KV chunk)."""
-        remote = self._peer_layout(peer)
+        remote = self.peer_layout(peer)
         if not 0 <= aux_slot < remote.num_aux_slots:
             raise ValueError(
                 f"aux slot {aux_slot} out of range for {remote.num_aux_slots} aux slots"
             )
         if row.room != room:
             raise ValueError(f"aux row is for room {row.room}, not {room}")
-        return self._send_aux(room, peer, remote, aux_slot, row)
+        return self._send_aux(room, peer, remote, aux_slot, pack_aux_row(row, remote.aux_slot_bytes))
 
     def check(self, handles: TransferHandle | Iterable[TransferHandle]) -> XferStatus:
         """Combined state: ERROR if any failed, IN_PROGRESS if any is running, else DONE."""
@@ -427,13 +548,25 @@ class KvSender:
             busy |= s.state is XferState.IN_PROGRESS
         return XferStatus(XferState.IN_PROGRESS if busy else XferState.DONE)
 
+    def in_flight(self, handles: Iterable[TransferHandle]) -> bool:
+        """True while any of ``handles`` may still write (used before reporting a failure)."""
+        return any(self._check(h).state is XferState.IN_PROGRESS for h in handles)
+
+    def done(self, room: int, handles: Sequence[TransferHandle]) -> TransferDone:
+        """The message completing ``room`` on the receiver, once :meth:`check` is DONE."""
+        last = [h.chunk_index for h in handles if h.kind is HandleKind.KV and h.is_last]
+        if len(last) != 1 or not any(h.kind is HandleKind.AUX for h in handles):
+            raise ValueError(f"room {room}: done() needs the last KV chunk and the aux row among the handles")
+        return TransferDone(room, last[0] + 1, sum(h.nbytes for h in handles))
+
     def wait(
         self,
         handles: TransferHandle | Iterable[TransferHandle],
         timeout_s: float,
         sleep_s: float = 0.0001,
     ) -> XferStatus:
-        """Poll :meth:`check` until not IN_PROGRESS; ERROR with a reason on timeout."""
+        """Poll :meth:`check` until not IN_PROGRESS; ERROR with a reason on timeout. For
+        tests and benchmarks (the prefill worker polls all its rooms in one loop)."""
         handles = [handles] if isinstance(handles, TransferHandle) else list(handles)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -453,26 +586,23 @@ class KvSender:
         """Tell decode's receiver out of band that ``room`` failed (best effort)."""
 
     def close(self) -> None:
-        for p in list(self._peers):
+        for p in self.peers:
             self.remove_peer(p)
 
     # -- for backends ---------------------------------------------------------------------
-    def _peer_layout(self, peer: str) -> common_pb2.KvLayout:
-        try:
-            return self._peers[peer]
-        except KeyError:
-            raise ValueError(f"unknown decode peer {peer!r}; call add_peer first") from None
-
     def _add_peer(self, reg: Registration) -> None:
         pass
 
     def _remove_peer(self, peer: str) -> None:
         pass
 
-    def _send_kv(self, room, peer, remote, src, dst, chunk_index, is_last) -> TransferHandle:
+    def _send_kv(self, room: int, peer: str, remote: PoolLayout, src: np.ndarray, dst: np.ndarray,
+                 chunk_index: int, is_last: bool) -> TransferHandle:
         raise NotImplementedError
 
-    def _send_aux(self, room, peer, remote, aux_slot, row) -> TransferHandle:
+    def _send_aux(self, room: int, peer: str, remote: PoolLayout, aux_slot: int, row: bytes) -> TransferHandle:
+        """Write ``row`` (``remote.aux_slot_bytes`` bytes) into ``aux_slot``. Backends without
+        their own way may send it in band: :func:`inband_aux`."""
         raise NotImplementedError
 
     def _check(self, h: TransferHandle) -> XferStatus:
@@ -480,3 +610,9 @@ class KvSender:
 
     def _release(self, h: TransferHandle) -> None:
         pass
+
+
+def inband_aux(room: int, peer: str, row: bytes) -> TransferHandle:
+    """A done handle carrying the aux row as an :class:`AuxData` message."""
+    return TransferHandle(room, peer, HandleKind.AUX, len(row), messages=[AuxData(room, row)],
+                          backend_state=XferState.DONE)

@@ -1,7 +1,8 @@
-"""KV pool description, layout messages, page-run merging and the aux row format.
+"""KV pool description, the pool layout two workers exchange, page checks and page runs.
 
-Everything here is backend-neutral: both the NIXL and the gRPC backend compute where
-page ``p`` of layer ``l`` lives with the same code, so they write into the same bytes.
+Everything here is backend-neutral: every backend computes where page ``p`` of layer ``l``
+lives with the same code, so they all write into the same bytes. :class:`PoolLayout` is
+the library's own description of a pool (the worker maps it to ``tandem.v1.KvLayout``).
 
 Pool shape (owned by the engine): per layer one contiguous K tensor and one contiguous V
 tensor of shape ``[num_pages, page_size, kv_heads, head_dim]``; page ``p`` of layer ``l``
@@ -11,16 +12,13 @@ is the byte range ``[base_l + p * bytes_per_page, base_l + (p + 1) * bytes_per_p
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tandem.v1 import common_pb2
 
-# Smallest aux slot the engine may give us (SGLang's metadata rows are >= 64 bytes).
-AUX_MIN_SLOT_BYTES = 64
+from .aux import AUX_MIN_SLOT_BYTES
 
 _DTYPE_NAMES = {
     torch.float32: "float32",
@@ -48,7 +46,7 @@ class LayoutMismatchError(ValueError):
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """Canonical string for a torch dtype as carried in ``KvLayout.dtype``."""
+    """Canonical string for a torch dtype as carried in ``PoolLayout.dtype``."""
     try:
         return _DTYPE_NAMES[dtype]
     except KeyError:
@@ -76,9 +74,10 @@ class KvBuffers:
     """The engine's KV pool as the transfer library sees it (no engine import needed).
 
     ``k[l]`` / ``v[l]``: layer ``l``'s K / V tensor ``[num_pages, page_size, kv_heads,
-    head_dim]``, contiguous, all of one shape, dtype and device. ``aux``: uint8 tensor
+    head_dim]``, contiguous, all of one shape, dtype and device (``num_layers``, ``num_pages``,
+    ``page_size``, ``kv_heads``, ``head_dim`` and ``dtype`` are set from them). ``aux``: uint8 tensor
     ``[num_aux_slots, aux_slot_bytes]`` (``aux_slot_bytes >= 64``) on the same kind of
-    memory as K/V (KvLayout carries one ``mem_type``).
+    memory as K/V (a PoolLayout carries one ``mem_type``).
     """
 
     k: Sequence[torch.Tensor]
@@ -119,30 +118,9 @@ class KvBuffers:
             raise ValueError(
                 f"aux_slot_bytes is {a.shape[1]}, must be >= {AUX_MIN_SLOT_BYTES}"
             )
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.k)
-
-    @property
-    def num_pages(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
-    def page_size(self) -> int:
-        return self.k[0].shape[1]
-
-    @property
-    def kv_heads(self) -> int:
-        return self.k[0].shape[2]
-
-    @property
-    def head_dim(self) -> int:
-        return self.k[0].shape[3]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.k[0].dtype
+        # The pool's shape, fixed from here on.
+        self.num_layers, self.dtype = len(self.k), ref.dtype
+        self.num_pages, self.page_size, self.kv_heads, self.head_dim = ref.shape
 
     @property
     def bytes_per_page(self) -> int:
@@ -196,9 +174,39 @@ class KvBuffers:
         return [tuple(r) for r in out]
 
 
-def build_layout(buffers: KvBuffers, model_fingerprint: str = "") -> common_pb2.KvLayout:
-    """The ``KvLayout`` describing ``buffers`` (with base addresses)."""
-    return common_pb2.KvLayout(
+@dataclass
+class PoolLayout:
+    """A worker's KV pool as its peers see it: shape, dtype, base addresses, memory kind.
+
+    Field for field what ``tandem.v1.KvLayout`` carries on the wire (the worker converts).
+    """
+
+    num_layers: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    bytes_per_page: int
+    num_pages: int
+    k_base_addrs: tuple[int, ...] = ()
+    v_base_addrs: tuple[int, ...] = ()
+    aux_base_addr: int = 0
+    aux_slot_bytes: int = 0
+    num_aux_slots: int = 0
+    mem_type: str = "DRAM"
+    device_id: int = 0
+    model_fingerprint: str = ""
+    aux_mem_type: str = ""  # empty: the same as mem_type
+    aux_device_id: int = 0
+
+    def __post_init__(self):
+        self.k_base_addrs = tuple(int(a) for a in self.k_base_addrs)
+        self.v_base_addrs = tuple(int(a) for a in self.v_base_addrs)
+
+
+def build_layout(buffers: KvBuffers, model_fingerprint: str = "") -> PoolLayout:
+    """The :class:`PoolLayout` describing ``buffers`` (with base addresses)."""
+    return PoolLayout(
         num_layers=buffers.num_layers,
         page_size=buffers.page_size,
         num_kv_heads=buffers.kv_heads,
@@ -231,7 +239,7 @@ _COMPAT_FIELDS = (
 )
 
 
-def check_compatible(local: common_pb2.KvLayout, remote: common_pb2.KvLayout) -> None:
+def check_compatible(local: PoolLayout, remote: PoolLayout) -> None:
     """Raise :class:`LayoutMismatchError` naming the first field that differs.
 
     Pool sizes (pages, aux slots), addresses and memory kinds may differ between workers.
@@ -242,16 +250,16 @@ def check_compatible(local: common_pb2.KvLayout, remote: common_pb2.KvLayout) ->
             raise LayoutMismatchError(f, a, b)
 
 
-def check_addresses(layout: common_pb2.KvLayout) -> None:
+def check_addresses(layout: PoolLayout) -> None:
     """Raise ValueError unless ``layout`` carries one K and one V base address per layer."""
     n = layout.num_layers
     if len(layout.k_base_addrs) != n or len(layout.v_base_addrs) != n:
         raise ValueError(
-            f"KvLayout has {len(layout.k_base_addrs)} K and {len(layout.v_base_addrs)} V base "
+            f"layout has {len(layout.k_base_addrs)} K and {len(layout.v_base_addrs)} V base "
             f"addresses for {n} layers"
         )
     if layout.mem_type not in ("DRAM", "VRAM"):
-        raise ValueError(f"KvLayout.mem_type is {layout.mem_type!r}, allowed: DRAM, VRAM")
+        raise ValueError(f"layout mem_type is {layout.mem_type!r}, allowed: DRAM, VRAM")
 
 
 def validate_pages(pages, num_pages: int, what: str = "page") -> np.ndarray:
@@ -284,8 +292,8 @@ def merge_page_runs(src_pages, dst_pages) -> np.ndarray:
 
 
 def run_descriptors(
-    local: common_pb2.KvLayout,
-    remote: common_pb2.KvLayout,
+    local: PoolLayout,
+    remote: PoolLayout,
     runs: np.ndarray,
     layers: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -318,68 +326,20 @@ def run_descriptors(
     return src, dst
 
 
+def check_allocation(remote: PoolLayout, dst_pages: Sequence[int], aux_slot: int, num_pages: int) -> None:
+    """Raise ValueError naming the problem unless ``dst_pages`` (``num_pages`` distinct pages of
+    ``remote``'s pool) and ``aux_slot`` can receive a room: the one check of an allocation."""
+    if len(dst_pages) != num_pages:
+        raise ValueError(f"allocation has {len(dst_pages)} pages, the prompt needs {num_pages}")
+    pages = validate_pages(dst_pages, remote.num_pages, "decode page")
+    if len(np.unique(pages)) != len(pages):
+        raise ValueError("allocation repeats a page index")
+    if not 0 <= aux_slot < remote.num_aux_slots:
+        raise ValueError(f"aux slot {aux_slot} out of range for {remote.num_aux_slots} aux slots")
+
+
 def pages_needed(num_tokens: int, page_size: int) -> int:
     """Pages holding ``num_tokens`` tokens."""
     return math.ceil(num_tokens / page_size)
 
 
-# ---------------------------------------------------------------------------------------
-# Aux (metadata) row. Fixed little-endian format, written by prefill into decode's slot:
-#
-#   offset  type     field
-#   0       uint64   room            (lets decode reject a stale row left in the slot)
-#   8       int32    first_token_id
-#   12      float32  first_token_logprob  (NaN when logprobs were not requested)
-#   16      int32    cached_tokens   (prompt tokens served from prefill's prefix cache)
-#   20      int32    num_top         (top-logprob entries that follow)
-#   24      num_top x (int32 token_id, float32 logprob)
-#
-# A 64-byte slot holds 5 top logprobs; ``(slot_bytes - 24) // 8`` in general. Bytes after
-# the last entry are zero.
-# ---------------------------------------------------------------------------------------
-AUX_HEADER = struct.Struct("<QifiI")
-AUX_TOP = struct.Struct("<if")
-
-
-@dataclass
-class AuxRow:
-    """Per-request metadata prefill hands to decode with the KV pages."""
-
-    room: int
-    first_token_id: int
-    first_token_logprob: float = float("nan")
-    cached_tokens: int = 0
-    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
-
-
-def aux_max_top(slot_bytes: int) -> int:
-    """How many top-logprob entries fit in a slot of ``slot_bytes``."""
-    return max(0, (slot_bytes - AUX_HEADER.size) // AUX_TOP.size)
-
-
-def pack_aux_row(row: AuxRow, slot_bytes: int) -> bytes:
-    """``row`` as exactly ``slot_bytes`` bytes; top logprobs beyond what fits are dropped."""
-    if slot_bytes < AUX_HEADER.size:
-        raise ValueError(f"aux slot of {slot_bytes} bytes is smaller than the header")
-    top = row.top_logprobs[: aux_max_top(slot_bytes)]
-    buf = bytearray(slot_bytes)
-    AUX_HEADER.pack_into(
-        buf, 0, row.room, row.first_token_id, row.first_token_logprob, row.cached_tokens,
-        len(top),
-    )
-    for i, (tok, lp) in enumerate(top):
-        AUX_TOP.pack_into(buf, AUX_HEADER.size + i * AUX_TOP.size, tok, lp)
-    return bytes(buf)
-
-
-def unpack_aux_row(data) -> AuxRow:
-    """Inverse of :func:`pack_aux_row` (``data``: bytes, memoryview or uint8 tensor)."""
-    if isinstance(data, torch.Tensor):
-        data = data.cpu().numpy().tobytes()
-    data = bytes(data)
-    room, tok, lp, cached, n = AUX_HEADER.unpack_from(data, 0)
-    if n > aux_max_top(len(data)):
-        raise ValueError(f"aux row claims {n} top logprobs, a {len(data)}-byte slot holds "
-                         f"{aux_max_top(len(data))}")
-    top = [AUX_TOP.unpack_from(data, AUX_HEADER.size + i * AUX_TOP.size) for i in range(n)]
-    return AuxRow(room, tok, lp, cached, [(int(t), float(p)) for t, p in top])

@@ -4,7 +4,7 @@ Both sides register their K/V layer buffers and aux buffer as a few large region
 sender WRITEs merged page runs of every layer, K and V, with one notification per chunk
 ``b"{room}_kv_{chunk}_{is_last}"`` (is_last as 0/1), then the metadata row from a staging
 slot into decode's aux slot with ``b"{room}_aux"``; a failed room may be reported with
-``b"{room}_fail_{reason}"``. The receiver drains ``get_new_notifs`` in :meth:`poll` and
+``b"{room}_fail_{reason}"``. The receiver drains ``get_new_notifs`` when polled and
 counts notifications until every chunk up to the last and the aux row arrived.
 """
 
@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .base import (
-    KVPoll,
+    HandleKind,
     KvReceiver,
     KvSender,
     Registration,
@@ -28,7 +30,8 @@ from .base import (
     XferState,
     XferStatus,
 )
-from .layout import AuxRow, KvBuffers, merge_page_runs, pack_aux_row, run_descriptors
+from .layout import KvBuffers, merge_page_runs, run_descriptors
+from .messages import FailureReason, TransferFailure
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +79,23 @@ class _Progress:
     def __init__(self, agent, lock: threading.RLock, interval_s: float):
         self.agent, self.lock, self.interval_s = agent, lock, interval_s
         self.drained: list[tuple[str, bytes]] = []
+        self.on_drained: Callable[[], None] | None = None  # called (outside the lock) after new notifications
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nixl-progress", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
+            got = False
             with self.lock:
                 try:
                     for agent, msgs in self.agent.get_new_notifs().items():
                         self.drained.extend((agent, m) for m in msgs)
+                        got |= bool(msgs)
                 except Exception as e:  # keep progressing; the owner sees transfer errors
                     log.debug("nixl progress: %s", e)
+            if got and self.on_drained is not None:
+                self.on_drained()
 
     def take(self) -> list[tuple[str, bytes]]:
         with self.lock:
@@ -97,6 +105,31 @@ class _Progress:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(1.0)
+
+
+class _Agent:
+    """A NIXL agent with a pool's memory registered and, unless NIXL runs its own
+    (``progress_thread``), the low-duty progress thread. Both sides of the backend have one;
+    their constructors pass these options through (``nixl_backends``, ``progress_thread``,
+    ``progress_interval_s``)."""
+
+    def __init__(self, name: str, buffers: KvBuffers, lock: threading.RLock, nixl_backends: tuple[str, ...] = ("UCX",),
+                 progress_thread: bool = False, progress_interval_s: float | None = 0.001) -> None:
+        self.lock = lock
+        self.agent = _make_agent(name, list(nixl_backends), progress_thread)
+        self.progress = (_Progress(self.agent, lock, progress_interval_s)
+                         if progress_interval_s and not progress_thread else None)
+        self.regs = _register(self.agent, buffers)
+
+    def stop_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def deregister(self) -> None:
+        with self.lock:
+            _deregister(self.agent, self.regs)
+            self.regs = []
 
 
 def _register(agent, buffers: KvBuffers) -> list:
@@ -145,30 +178,31 @@ def parse_notif(msg: bytes) -> tuple[int, str, tuple]:
     raise ValueError(f"unknown notification {text!r}")
 
 
+@dataclass
+class _Xfer:
+    """A NIXL send: its transfer handle (None when only a notification went out, or once
+    released) and the aux staging slot it holds."""
+
+    handle: object = None
+    staging_slot: int | None = None
+    state: XferState = XferState.IN_PROGRESS
+    error: str = ""
+
+
 class NixlKvSender(KvSender):
     """Prefill side of the nixl backend."""
 
     backend = "nixl"
 
-    def __init__(
-        self,
-        buffers: KvBuffers,
-        name: str,
-        model_fingerprint: str = "",
-        nixl_backends: tuple[str, ...] = ("UCX",),
-        aux_staging_slots: int = 1024,
-        progress_thread: bool = False,
-        progress_interval_s: float | None = 0.001,
-    ):
+    def __init__(self, buffers: KvBuffers, name: str, model_fingerprint: str = "", aux_staging_slots: int = 1024,
+                 **agent_options):
         super().__init__(buffers, name, model_fingerprint)
         self._lock = threading.RLock()
-        self.agent = _make_agent(name, list(nixl_backends), progress_thread)
-        self._progress = (_Progress(self.agent, self._lock, progress_interval_s)
-                          if progress_interval_s and not progress_thread else None)
-        self._reg = _register(self.agent, buffers)
+        self._nixl = _Agent(name, buffers, self._lock, **agent_options)
+        self.agent = self._nixl.agent
         # Aux rows are packed into this registered host buffer, then written to decode.
         self._staging = torch.zeros(aux_staging_slots, buffers.aux_slot_bytes, dtype=torch.uint8)
-        self._reg.append(self.agent.register_memory(self._staging))
+        self._nixl.regs.append(self.agent.register_memory(self._staging))
         self._free_staging = list(range(aux_staging_slots - 1, -1, -1))
 
     def _add_peer(self, reg: Registration) -> None:
@@ -192,32 +226,31 @@ class NixlKvSender(KvSender):
 
     def _post(self, h: TransferHandle, src: np.ndarray, dst: np.ndarray, remote_mem: str,
               notif: bytes, local_mem: str) -> TransferHandle:
+        x = h.backend_state
         with self._lock:
             try:
                 if len(src) == 0:
                     self.agent.send_notif(h.peer, notif)
-                    h.impl = "DONE"
+                    x.state = XferState.DONE
                     return h
                 sd = self.agent.get_xfer_descs(src, local_mem)
                 dd = self.agent.get_xfer_descs(dst, remote_mem)
-                xh = self.agent.initialize_xfer("WRITE", sd, dd, h.peer, notif)
-                h.impl = xh
-                if self.agent.transfer(xh) == "ERR":
-                    h.error = f"NIXL transfer to {h.peer} failed to start (room {h.room})"
+                x.handle = self.agent.initialize_xfer("WRITE", sd, dd, h.peer, notif)
+                if self.agent.transfer(x.handle) == "ERR":
+                    x.state, x.error = XferState.ERROR, f"NIXL transfer to {h.peer} failed to start (room {h.room})"
             except Exception as e:
-                h.error = f"NIXL {type(e).__name__} writing room {h.room} to {h.peer}: {e}"
+                x.state, x.error = XferState.ERROR, f"NIXL {type(e).__name__} writing room {h.room} to {h.peer}: {e}"
         return h
 
     def _send_kv(self, room, peer, remote, src, dst, chunk_index, is_last) -> TransferHandle:
         runs = merge_page_runs(src, dst)
         s, d = run_descriptors(self.layout, remote, runs)
-        h = TransferHandle(room, peer, "kv", int(s[:, 1].sum()) if len(s) else 0,
-                           chunk_index, is_last)
-        return self._post(h, s, d, remote.mem_type, kv_notif(room, chunk_index, is_last),
-                          self.layout.mem_type)
+        h = TransferHandle(room, peer, HandleKind.KV, int(s[:, 1].sum()) if len(s) else 0, chunk_index, is_last,
+                           backend_state=_Xfer())
+        return self._post(h, s, d, remote.mem_type, kv_notif(room, chunk_index, is_last), self.layout.mem_type)
 
-    def _send_aux(self, room, peer, remote, aux_slot, row: AuxRow) -> TransferHandle:
-        nbytes = min(remote.aux_slot_bytes, self._staging.shape[1])
+    def _send_aux(self, room, peer, remote, aux_slot, row: bytes) -> TransferHandle:
+        nbytes = min(len(row), self._staging.shape[1])
         with self._lock:
             if not self._free_staging:
                 raise TransferError(
@@ -225,55 +258,49 @@ class NixlKvSender(KvSender):
                     "finished handles"
                 )
             slot = self._free_staging.pop()
-        data = pack_aux_row(row, nbytes)
-        self._staging[slot, :nbytes] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        self._staging[slot, :nbytes] = torch.frombuffer(bytearray(row[:nbytes]), dtype=torch.uint8)
         src = np.array([[self._staging[slot].data_ptr(), nbytes, 0]], dtype=np.uint64)
         aux_mem = remote.aux_mem_type or remote.mem_type
         aux_dev = remote.aux_device_id if remote.aux_mem_type else remote.device_id
         dst = np.array([[remote.aux_base_addr + aux_slot * remote.aux_slot_bytes, nbytes, aux_dev]],
                        dtype=np.uint64)
-        h = TransferHandle(room, peer, "aux", nbytes, aux_row=row)
-        h._staging_slot = slot  # type: ignore[attr-defined]
+        h = TransferHandle(room, peer, HandleKind.AUX, nbytes, backend_state=_Xfer(staging_slot=slot))
         return self._post(h, src, dst, aux_mem, aux_notif(room), "DRAM")
 
     def _check(self, h: TransferHandle) -> XferStatus:
-        if h.error:
-            return XferStatus(XferState.ERROR, h.error)
-        if h.impl == "DONE":
-            return XferStatus(XferState.DONE)
-        if h.impl is None:
-            return XferStatus(XferState.ERROR, f"handle of room {h.room} was released")
-        with self._lock:
-            try:
-                st = self.agent.check_xfer_state(h.impl)
-            except Exception as e:
-                st, h.error = "ERR", f"NIXL {type(e).__name__}: {e}"
-        if st == "DONE":
-            self._free_handle(h)
-            h.impl = "DONE"
-            return XferStatus(XferState.DONE)
-        if st == "ERR":
-            h.error = h.error or f"NIXL transfer of room {h.room} to {h.peer} failed"
-            return XferStatus(XferState.ERROR, h.error)
-        return XferStatus(XferState.IN_PROGRESS)
-
-    def _free_handle(self, h: TransferHandle) -> None:
-        if h.impl not in (None, "DONE"):
+        x: _Xfer = h.backend_state
+        if x.state is XferState.IN_PROGRESS:
+            if x.handle is None:
+                return XferStatus(XferState.ERROR, f"handle of room {h.room} was released")
             with self._lock:
                 try:
-                    h.impl.release()
+                    st = self.agent.check_xfer_state(x.handle)
+                except Exception as e:
+                    st, x.error = "ERR", f"NIXL {type(e).__name__}: {e}"
+            if st == "DONE":
+                self._free_handle(h)
+                x.state = XferState.DONE
+            elif st == "ERR":
+                x.state = XferState.ERROR
+                x.error = x.error or f"NIXL transfer of room {h.room} to {h.peer} failed"
+        return XferStatus(x.state, x.error)
+
+    def _free_handle(self, h: TransferHandle) -> None:
+        x: _Xfer = h.backend_state
+        if x.handle is not None:
+            with self._lock:
+                try:
+                    x.handle.release()
                 except Exception as e:  # an active transfer that cannot be cancelled
                     log.warning("releasing NIXL handle of room %s: %s", h.room, e)
-        slot = getattr(h, "_staging_slot", None)
-        if slot is not None:
-            h._staging_slot = None  # type: ignore[attr-defined]
+            x.handle = None
+        if x.staging_slot is not None:
             with self._lock:
-                self._free_staging.append(slot)
+                self._free_staging.append(x.staging_slot)
+            x.staging_slot = None
 
     def _release(self, h: TransferHandle) -> None:
         self._free_handle(h)
-        if h.impl != "DONE":
-            h.impl = None
 
     def notify_failed(self, room: int, peer: str, reason: str) -> None:
         with self._lock:
@@ -283,13 +310,9 @@ class NixlKvSender(KvSender):
                 log.warning("could not notify %s that room %s failed: %s", peer, room, e)
 
     def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
+        self._nixl.stop_progress()
         super().close()
-        with self._lock:
-            _deregister(self.agent, self._reg)
-            self._reg = []
+        self._nixl.deregister()
 
 
 class NixlKvReceiver(KvReceiver):
@@ -298,39 +321,37 @@ class NixlKvReceiver(KvReceiver):
     backend = "nixl"
     _MAX_PENDING = 65536
 
-    def __init__(
-        self,
-        buffers: KvBuffers,
-        name: str,
-        model_fingerprint: str = "",
-        nixl_backends: tuple[str, ...] = ("UCX",),
-        progress_thread: bool = False,
-        progress_interval_s: float | None = 0.001,
-        **timeouts,
-    ):
-        super().__init__(buffers, name, model_fingerprint, **timeouts)
-        self._lock = threading.RLock()
-        self.agent = _make_agent(name, list(nixl_backends), progress_thread)
-        self._bg = (_Progress(self.agent, self._lock, progress_interval_s)
-                    if progress_interval_s and not progress_thread else None)
-        self._reg = _register(self.agent, buffers)
-        # Notifications that arrived before expect() (or after forget()), oldest first.
+    def __init__(self, buffers: KvBuffers, name: str, model_fingerprint: str = "",
+                 bootstrap_timeout_s: float | None = 300.0, transfer_timeout_s: float | None = 300.0,
+                 **agent_options):
+        super().__init__(buffers, name, model_fingerprint, bootstrap_timeout_s, transfer_timeout_s)
+        self._nixl = _Agent(name, buffers, self._lock, **agent_options)
+        self.agent = self._nixl.agent
+        # Notifications that arrived before expect(), oldest first.
         self._pending: OrderedDict[int, list[tuple[str, bytes]]] = OrderedDict()
-        self._forgotten: OrderedDict[int, None] = OrderedDict()
 
-    def registration(self) -> Registration:
+    def agent_metadata(self) -> bytes:
         with self._lock:
-            md = self.agent.get_agent_metadata()
-        return Registration(self.backend, self.name, md, self.layout)
+            return self.agent.get_agent_metadata()
+
+    def on_progress(self, fn: Callable[[], None] | None) -> None:
+        """Call ``fn()`` (from the progress thread) whenever new notifications arrived."""
+        if self._nixl.progress is not None:
+            self._nixl.progress.on_drained = fn
+
+    @property
+    def num_early_notifications(self) -> int:
+        """Notifications held for rooms not expected yet."""
+        with self._lock:
+            return sum(len(v) for v in self._pending.values())
 
     def _progress(self) -> None:
-        with self._lock:
-            if self._bg is not None:
-                for agent, m in self._bg.take():
-                    self._apply(agent, m)
-            for agent, msgs in self.agent.get_new_notifs().items():
-                for m in msgs:
-                    self._apply(agent, m)
+        if self._nixl.progress is not None:
+            for agent, m in self._nixl.progress.take():
+                self._apply(agent, m)
+        for agent, msgs in self.agent.get_new_notifs().items():
+            for m in msgs:
+                self._apply(agent, m)
 
     def _apply(self, agent: str, msg: bytes) -> None:
         try:
@@ -340,7 +361,7 @@ class NixlKvReceiver(KvReceiver):
             return
         r = self._rooms.get(room)
         if r is None or r.pages is None:
-            if room not in self._forgotten:
+            if not self._was_forgotten(room):
                 self._pending.setdefault(room, []).append((agent, msg))
                 while len(self._pending) > self._MAX_PENDING:
                     self._pending.popitem(last=False)
@@ -352,30 +373,18 @@ class NixlKvReceiver(KvReceiver):
             self._chunk_arrived(r, *args)
         elif kind == "aux":
             self._aux_arrived(r)
-        elif r.state not in (KVPoll.Failed, KVPoll.Success):
-            r.state = KVPoll.Failed
-            r.reason = f"prefill {agent} reported failure: {args[0]}"
+        else:
+            self._fail(r, TransferFailure(room, FailureReason.BACKEND_ERROR,
+                                          f"prefill {agent} reported failure: {args[0]}"))
 
     def _on_expect(self, r: Room) -> None:
-        self._forgotten.pop(r.room, None)
         for agent, msg in self._pending.pop(r.room, []):
             self._apply(agent, msg)
 
     def _on_forget(self, room: int) -> None:
         self._pending.pop(room, None)
-        self._forgotten[room] = None
-        while len(self._forgotten) > self._MAX_PENDING:
-            self._forgotten.popitem(last=False)
-
-    def poll(self, room: int):
-        with self._lock:
-            return super().poll(room)
 
     def close(self) -> None:
-        if self._bg is not None:
-            self._bg.stop()
-            self._bg = None
+        self._nixl.stop_progress()
         super().close()
-        with self._lock:
-            _deregister(self.agent, self._reg)
-            self._reg = []
+        self._nixl.deregister()

@@ -23,7 +23,7 @@ def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
         max_tokens=p.max_tokens,
         temperature=p.temperature,
         top_p=p.top_p if p.top_p else 1.0,
-        top_k=p.top_k if p.top_k > 0 else -1,
+        top_k=p.top_k if p.top_k > 0 else -1,  # the one place the proto's "off" (0 or -1) becomes the engine's -1
         min_p=p.min_p,
         seed=p.seed if p.HasField("seed") else None,
         stop=list(p.stop),
@@ -54,7 +54,7 @@ def structured_to_proto(so: StructuredOutput) -> common_pb2.StructuredOutput:
 def sampling_to_proto(sp: SamplingParams) -> common_pb2.SamplingParams:
     """The inverse of sampling_from_proto (decode forwards a request to a prefill worker)."""
     p = common_pb2.SamplingParams(
-        temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k if sp.top_k > 0 else 0, min_p=sp.min_p,
+        temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p,
         max_tokens=sp.max_tokens, stop=sp.stop, stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos,
         logprobs=sp.logprobs, top_logprobs=sp.top_logprobs, min_tokens=sp.min_tokens,
         presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,

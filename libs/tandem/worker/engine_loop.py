@@ -1,8 +1,19 @@
-"""The engine's step loop on its own thread, and per-request output streams.
+"""The engine's owner: one thread that applies commands and steps the engine.
 
-gRPC handler threads submit work and read a `RequestStream`; only the loop thread
-steps the engine. The profiler and step hooks ride on the same thread so what they
-see is exactly what the engine did.
+Nothing else touches the engine. Request handlers, the PD transfer loops, EPLB and the
+control plane hand the loop *commands* (``call(fn)`` with ``fn(engine)``, and the typed
+wrappers below); the loop applies every queued command between two steps, on its own
+thread, in the order they were queued, and resolves each command's Future. Outputs reach
+their request's :class:`RequestStream`. Between steps is also where the next work on the
+engine loop (overlap scheduling: prepare batch N+1 while the GPU runs batch N) will put
+its own bookkeeping, so commands never race a step.
+
+Everything else that rides on the loop thread is a :class:`LoopHook` (one mechanism):
+``poll()`` every iteration, ``before_step()`` / ``after_step(stats)`` around each step. A
+hook must be quick and must not block on the loop (it runs on it).
+
+A snapshot of the engine's stats is published after every iteration that changed
+anything (:attr:`EngineLoop.stats`), so load reports never touch the engine either.
 """
 from __future__ import annotations
 
@@ -11,44 +22,82 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from tandem.engine.engine import EngineCore, StepOutput
+from tandem.engine.engine import EngineCore, EngineStats, ExternalAllocation, StepOutput
 from tandem.engine.sampling_params import SamplingParams
+from tandem.worker.loop_thread import LoopThread
 
 log = logging.getLogger(__name__)
 
-_END = object()
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What workers may know about the engine without touching it (fixed at start)."""
+
+    page_size: int
+    num_pages: int
+    context_length: int
+    chunked_prefill_size: int
+    device: str
+    dtype: object
+    vocab_size: int
+
+
+class LoopHook:
+    """Work that rides on the engine loop thread; override what you need."""
+
+    def poll(self) -> None:
+        """Every loop iteration, after the commands, whether or not the engine has work."""
+
+    def before_step(self) -> None:
+        """Right before each engine step."""
+
+    def after_step(self, stats: EngineStats) -> None:
+        """Right after each engine step, with the stats it left."""
+
+
+@dataclass(frozen=True)
+class _StreamEnd:
+    error: BaseException
 
 
 class RequestStream:
     """Outputs of one request, in order, ending with the finished one.
 
-    Iterating blocks; `poll(timeout)` returns None when nothing arrived in time.
-    `cancel()` aborts the request in the engine (its pages are freed) and ends the stream.
+    Iterating blocks; ``poll(timeout)`` returns None when nothing arrived in time (``0``:
+    never waits). ``cancel()`` aborts the request in the engine (its pages are freed) and
+    ends the stream. ``on_output`` (optional) is called on the loop thread after each output
+    is queued, e.g. to wake a poll loop.
     """
 
-    def __init__(self, loop: EngineLoop, rid: str) -> None:
+    def __init__(self, loop: EngineLoop, rid: str, on_output: Callable[[], None] | None = None) -> None:
         self.loop = loop
         self.rid = rid
-        self._q: queue.Queue = queue.Queue()
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._on_output = on_output
         self.finished = False
 
-    def _put(self, out) -> None:
+    def deliver(self, out: StepOutput | _StreamEnd) -> None:
+        """Loop thread: queue an output (or the end of the stream)."""
         self._q.put(out)
+        if self._on_output is not None:
+            self._on_output()
 
     def poll(self, timeout: float | None = None) -> StepOutput | None:
         if self.finished:
             return None
         try:
-            out = self._q.get(timeout=timeout)
+            out = self._q.get(timeout=timeout) if timeout != 0 else self._q.get_nowait()
         except queue.Empty:
             return None
-        if out is _END:
+        if isinstance(out, _StreamEnd):
             self.finished = True
-            return None
-        if isinstance(out, BaseException):
-            self.finished = True
-            raise out
+            raise out.error
         if out.finished:
             self.finished = True
         return out
@@ -64,104 +113,148 @@ class RequestStream:
             self.loop.abort(self.rid, reason)
 
 
-class EngineLoop:
+class EngineLoop(LoopThread):
     def __init__(self, engine: EngineCore, name: str = "engine") -> None:
-        self.engine = engine
+        super().__init__(f"{name}-loop")
+        self.engine = engine  # the loop's alone: hand it commands, never call it
         self.name = name
+        self.info = EngineInfo(engine.page_size, engine.pool.num_pages, engine.context_length,
+                               engine.chunked_prefill_size, engine.device, engine.dtype,
+                               engine.model_config.vocab_size)
         self._streams: dict[str, RequestStream] = {}
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._idle_hooks: list[Callable[[], None]] = []
-        self._before_step_hooks: list[Callable[[], None]] = []
-        self._after_step_hooks: list[Callable[[], None]] = []
-        self._thread = threading.Thread(target=self._run, name=f"{name}-loop", daemon=True)
+        self._streams_lock = threading.Lock()
+        self._commands: queue.SimpleQueue[tuple[Callable[[EngineCore], Any], Future]] = queue.SimpleQueue()
+        self._hooks: list[LoopHook] = []
+        self._stats = engine.stats()
         self.steps = 0
 
-    # ---- lifecycle -----------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread.start()
+    def add_hook(self, hook: LoopHook) -> None:
+        """Add a hook (before start)."""
+        self._hooks.append(hook)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
+    @property
+    def stats(self) -> EngineStats:
+        """The engine's stats as of the loop's last iteration that changed anything."""
+        return self._stats
+
+    # ---- commands --------------------------------------------------------------------------
+    def call(self, fn: Callable[[EngineCore], T]) -> Future[T]:
+        """Run ``fn(engine)`` on the loop thread between two steps; its result (or exception)
+        resolves the returned Future."""
+        fut: Future = Future()
+        if self._stop.is_set():
+            fut.set_exception(RuntimeError(f"{self.name} loop stopped"))
+            return fut
+        self._commands.put((fn, fut))
         self._wake.set()
-        self._thread.join(timeout)
+        return fut
 
-    def add_poll_hook(self, fn: Callable[[], None]) -> None:
-        """fn() on the loop thread before every step and when idle (e.g. the profiler's start)."""
-        self._idle_hooks.append(fn)
+    def validate(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        """Raise ValueError if this request could never run here (on the caller's thread:
+        it reads only the engine's fixed configuration)."""
+        self.engine.validate_request(prompt_ids, sampling)
 
-    def add_before_step_hook(self, fn: Callable[[], None]) -> None:
-        """fn() on the loop thread right before every engine step (never while idle)."""
-        self._before_step_hooks.append(fn)
+    def submit(self, prompt_ids: list[int], sampling: SamplingParams, rid: str, mode: str = "normal",
+               on_chunk_done=None, on_output: Callable[[], None] | None = None) -> RequestStream:
+        """Queue a request; its outputs arrive on the returned stream. Raises ValueError at
+        once for a request that can never run or an id in use."""
+        self.validate(prompt_ids, sampling)
+        stream = self._open(rid, on_output)
 
-    def add_after_step_hook(self, fn: Callable[[], None]) -> None:
-        """fn() on the loop thread after every engine step."""
-        self._after_step_hooks.append(fn)
+        def add(engine: EngineCore) -> None:
+            try:
+                engine.add_request(prompt_ids, sampling, rid=rid, mode=mode, on_chunk_done=on_chunk_done)
+            except BaseException as exc:
+                self._close(rid)
+                stream.deliver(_StreamEnd(exc))
 
-    def wake(self) -> None:
-        self._wake.set()
+        self.call(add)
+        return stream
 
-    # ---- requests ------------------------------------------------------------------------
-    def _open(self, rid: str) -> RequestStream:
-        stream = RequestStream(self, rid)
-        with self._lock:
+    def allocate_external(self, prompt_ids: list[int], sampling: SamplingParams, rid: str
+                          ) -> Future[ExternalAllocation]:
+        """Reserve pages and an aux slot for a prompt whose KV comes from outside (OutOfPages
+        when the pool cannot hold it now)."""
+        return self.call(lambda engine: engine.allocate_external(prompt_ids, sampling, rid=rid))
+
+    def activate_external(self, rid: str, first_token_id: int, logprob: float | None,
+                          cached_tokens: int, top: list | None = None) -> Future[RequestStream]:
+        """Start decoding a request whose prompt KV was written into its pages from outside
+        (``top``: the first token's top logprobs, [(token_id, logprob)]); the Future gives its
+        output stream."""
+        def activate(engine: EngineCore) -> RequestStream:
+            stream = self._open(rid)
+            try:
+                engine.activate_external(rid, first_token_id, logprob, cached_tokens, top)
+            except BaseException:
+                self._close(rid)
+                raise
+            return stream
+
+        return self.call(activate)
+
+    def release(self, rid: str, cache: bool = True) -> Future[None]:
+        """Free a finished prefill-only request's pages (into the prefix cache when cache)."""
+        return self.call(lambda engine: engine.release(rid, cache=cache))
+
+    def abort(self, rid: str, reason: str = "abort") -> Future[bool]:
+        """Stop a request in any state and free its pages."""
+        return self.call(lambda engine: engine.abort(rid, reason))
+
+    def subscribe_kv_events(self, fn: Callable[[list], None]) -> None:
+        """fn(events) on the loop thread for every prefix-cache change."""
+        self.call(lambda engine: engine.subscribe_kv_events(fn))
+
+    def kv_snapshot(self, timeout: float = 30.0) -> list:
+        """Every block the prefix cache holds now, as BlockStored events."""
+        return self.call(lambda engine: engine.kv_snapshot()).result(timeout)
+
+    @property
+    def num_streams(self) -> int:
+        with self._streams_lock:
+            return len(self._streams)
+
+    def _open(self, rid: str, on_output: Callable[[], None] | None = None) -> RequestStream:
+        stream = RequestStream(self, rid, on_output)
+        with self._streams_lock:
             if rid in self._streams:
                 raise ValueError(f"request id {rid!r} is already in use")
             self._streams[rid] = stream
         return stream
 
     def _close(self, rid: str) -> None:
-        with self._lock:
+        with self._streams_lock:
             self._streams.pop(rid, None)
 
-    def submit(self, prompt_ids: list[int], sampling: SamplingParams, rid: str, mode: str = "normal",
-               on_prefill_done=None, on_chunk_done=None) -> RequestStream:
-        """Queue a request; its outputs arrive on the returned stream."""
-        stream = self._open(rid)
-        try:
-            self.engine.add_request(prompt_ids, sampling, rid=rid, mode=mode, on_prefill_done=on_prefill_done,
-                                    on_chunk_done=on_chunk_done)
-        except BaseException:
-            self._close(rid)
-            raise
-        self._wake.set()
-        return stream
-
-    def activate_external(self, rid: str, first_token_id: int, logprob: float | None,
-                          cached_tokens: int, top: list | None = None) -> RequestStream:
-        """Start decoding a request whose prompt KV was written into its pages from outside
-        (``top``: the first token's top logprobs, [(token_id, logprob)])."""
-        stream = self._open(rid)
-        try:
-            self.engine.activate_external(rid, first_token_id, logprob, cached_tokens, top)
-        except BaseException:
-            self._close(rid)
-            raise
-        self._wake.set()
-        return stream
-
-    def abort(self, rid: str, reason: str = "abort") -> bool:
-        found = self.engine.abort(rid, reason)
-        self._wake.set()
-        return found
-
-    @property
-    def num_streams(self) -> int:
-        with self._lock:
-            return len(self._streams)
-
     # ---- the loop ------------------------------------------------------------------------
+    def _apply_commands(self) -> bool:
+        applied = False
+        while True:
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return applied
+            applied = True
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(self.engine))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            for hook in self._idle_hooks:
-                hook()
+            self._wake.clear()
+            changed = self._apply_commands()
+            for hook in self._hooks:
+                hook.poll()
             if not self.engine.has_work():
+                if changed:
+                    self._stats = self.engine.stats()
                 self._wake.wait(0.05)
-                self._wake.clear()
                 continue
-            for hook in self._before_step_hooks:
-                hook()
+            for hook in self._hooks:
+                hook.before_step()
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # keep serving: fail what was in flight, not the process
@@ -169,23 +262,34 @@ class EngineLoop:
                 self._fail_all(exc)
                 continue
             self.steps += 1
-            for hook in self._after_step_hooks:
-                hook()
+            self._stats = stats = self.engine.stats()
+            for hook in self._hooks:
+                hook.after_step(stats)
             for out in outputs:
-                with self._lock:
+                with self._streams_lock:
                     stream = self._streams.get(out.rid)
                     if out.finished:
                         self._streams.pop(out.rid, None)
                 if stream is not None:
-                    stream._put(out)
-        self._fail_all(RuntimeError("engine loop stopped"))
+                    stream.deliver(out)
+        self._fail_all(RuntimeError(f"{self.name} loop stopped"))
+        self._apply_commands_after_stop()
+
+    def _apply_commands_after_stop(self) -> None:
+        while True:
+            try:
+                _, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(RuntimeError(f"{self.name} loop stopped"))
 
     def _fail_all(self, exc: BaseException) -> None:
-        with self._lock:
+        with self._streams_lock:
             streams, self._streams = list(self._streams.values()), {}
         for s in streams:
             self.engine.abort(s.rid, "abort")
-            s._put(exc)
+            s.deliver(_StreamEnd(exc))
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.005) -> bool:

@@ -20,7 +20,7 @@ from tandem.eplb.plans import plan_from_proto
 from tandem.eplb.recorder import ExpertDistributionRecorder
 from tandem.server.system_http import SystemHttpServer
 from tandem.v1 import eplb_pb2, eplb_pb2_grpc
-from tandem.worker.engine_loop import EngineLoop
+from tandem.worker.engine_loop import EngineLoop, LoopHook
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,25 @@ class ExpertRecorderControl:
         system.add_route("POST", "/dump_expert_distribution_record", dump)
 
 
+class _ForwardPasses(LoopHook):
+    """The recorder counts forward passes: the EPLB hook brackets every engine step."""
+
+    def __init__(self, hook: EplbEngineHook) -> None:
+        self.hook = hook
+
+    def before_step(self) -> None:
+        self.hook.on_forward_start()
+
+    def after_step(self, stats) -> None:
+        self.hook.on_forward_end()
+
+
 class WorkerEplb:
+    """Built before the engine loop starts (it reads the model's MoE layers once); after
+    that it reaches the engine only through loop commands."""
+
     def __init__(self, config, loop: EngineLoop, worker_id: str, ep=None) -> None:
-        engine = loop.engine
+        engine = loop.engine  # not started yet: reading the model's shape is safe here
         self.config = config
         self.loop = loop
         self.worker_id = worker_id
@@ -99,16 +115,15 @@ class WorkerEplb:
             ep.set_recorder(self.recorder)
         else:
             self.hook = EplbEngineHook(engine.model, self.location, config.ep_dispatch_algorithm, self.recorder)
-            with engine.paused():
-                self.hook.install()
+            loop.call(lambda _engine: self.hook.install())  # before the first step
         self.plan_version = 0
         self.plans_applied = 0
         self.plans_rejected = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        loop.add_before_step_hook(self.hook.on_forward_start)
-        loop.add_after_step_hook(self.hook.on_forward_end)
-        loop.add_poll_hook(self._apply_pending)
+        self._stream = None
+        self._channel = None
+        loop.add_hook(_ForwardPasses(self.hook))
         self.control = ExpertRecorderControl(self.recorder, config.profile_dir, worker_id.replace(":", "_"))
 
     def status(self) -> dict:
@@ -124,25 +139,23 @@ class WorkerEplb:
 
     # ---- plans ---------------------------------------------------------------------------
     def submit_plan(self, msg: eplb_pb2.ExpertPlan) -> bool:
-        """Queue a plan from the planner; a bad one is logged and the old placement kept."""
+        """Queue a plan from the planner: applied by the engine loop between two forward
+        passes. A bad one is logged and the old placement kept."""
         try:
             self.hook.submit(plan_from_proto(msg, self.num_layers), msg.version)
         except ValueError as exc:
             self.plans_rejected += 1
             log.error("rejected EPLB plan v%d, keeping v%d: %s", msg.version, self.plan_version, exc)
             return False
-        self.loop.wake()
+        self.loop.call(lambda _engine: self._apply_pending())
         return True
 
     def _apply_pending(self) -> None:
         """Loop thread, between forward passes: copy expert weights into their new slots."""
-        pending = self.hook._pending
-        if pending is None:
-            return
-        version = getattr(self.hook, "_pending_version", None)
-        with self.loop.engine.paused():
-            copies = self.hook.apply_pending()
-        self.plan_version = version if version is not None else self.plan_version + 1
+        if not self.hook.has_pending:
+            return  # a later command already applied it
+        copies = self.hook.apply_pending()
+        self.plan_version = self.hook.version
         self.plans_applied += 1
         log.info("applied EPLB plan v%s: %d expert copies", self.plan_version, copies)
 
@@ -186,8 +199,7 @@ class WorkerEplb:
 
     def close(self) -> None:
         self._stop.set()
-        stream = getattr(self, "_stream", None)
-        if stream is not None:
-            stream.cancel()
-        if getattr(self, "_channel", None) is not None:
+        if self._stream is not None:
+            self._stream.cancel()
+        if self._channel is not None:
             self._channel.close()

@@ -1,65 +1,306 @@
-"""Prefill worker logic: RegisterDecode, the per-request Prefill handshake, GetLoad.
+"""Prefill worker logic: RegisterDecode, the per-request Prefill stream, CancelRoom, GetLoad.
 
-Per request: assign a bootstrap room, take decode's page allocation, run the prompt
-in prefill-only mode, and as each chunk's pages become final write them into decode's
-pages (NIXL WRITE, or KvChunk messages on the stream for the grpc backend); then the aux
-row (first token, logprob), wait for every transfer handle, free our pages (into the
-prefix cache) and report done — or failed with a reason. Nothing is written before the
-allocation has been checked against decode's registered layout.
+Per request the stream handler checks the request and decode's allocation (nothing is
+computed or written before), opens the room in :class:`PrefillTransfers` and relays what
+the room produces. :class:`PrefillTransfers` is prefill's one poll loop for every room: as
+the engine loop reports a chunk's pages final it WRITEs them into decode's pages (or packs
+them for the stream), then the aux row; it polls every room's transfer handles once per
+iteration, and when they are done frees the pages (into the prefix cache) and reports
+done. A failed or cancelled room is reported (and CancelRoom answered) only once none of
+its writes is in flight any more, so decode may reuse its pages.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from tandem.config import PrefillConfig
-from tandem.transfer import AuxRow, KvSender, LayoutMismatchError, Registration, new_room_id, pages_needed
+from tandem.transfer import (
+    AuxRow,
+    FailureReason,
+    KvSender,
+    LayoutMismatchError,
+    SampleToken,
+    TransferDone,
+    TransferError,
+    TransferFailure,
+    TransferHandle,
+    TransferMessage,
+    XferState,
+    new_room_id,
+    pages_needed,
+)
 from tandem.v1 import common_pb2, prefill_pb2
-from tandem.worker.convert import position_logprobs, sampling_from_proto
-from tandem.worker.engine_loop import EngineLoop
+from tandem.worker.base import WorkerBase
+from tandem.worker.convert import sampling_from_proto
+from tandem.worker.engine_loop import EngineLoop, RequestStream
 from tandem.worker.errors import RequestFailed
-from tandem.worker.kv_events import KvEventLog
+from tandem.worker.loop_thread import LoopThread
+from tandem.worker.pd_proto import layout_to_proto, message_to_proto, registration_from_request
+from tandem.worker.stats_reporter import StatsReporter
 
 log = logging.getLogger(__name__)
 
+# Poll period while transfers are in flight (NIXL handles need polling) and while idle.
+BUSY_POLL_S = 0.0005
+IDLE_POLL_S = 0.05
+_END = None  # ends a room's outbox
+
 
 @dataclass
-class PrefillCounters:
-    requests: int = 0
-    warmups: int = 0
-    completed: int = 0
-    failed: int = 0
-    bytes_sent: int = 0
-    last_transfer_gb_s: float = 0.0
-    last_transfer_ms: float = 0.0
+class _Room:
+    room: int
+    rid: str
+    peer: str | None  # None: warmup, nothing is transferred
+    dst_pages: list[int]
+    aux_slot: int
+    num_prompt_tokens: int
+    stream: RequestStream | None = None
+    chunks: collections.deque = field(default_factory=collections.deque)  # (pages, is_last), from the loop
+    outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # protos for the stream handler
+    handles: list[TransferHandle] = field(default_factory=list)
+    sent_pages: int = 0
+    chunk_index: int = 0
+    result: object = None  # the engine's prefill_done output
+    aux_sent: bool = False
+    held: bool = False  # the engine holds the prompt's pages until released
+    failure: TransferFailure | None = None
+    cancel_reason: str | None = None
+    closed: threading.Event = field(default_factory=threading.Event)
+    t0: float = field(default_factory=time.monotonic)
+    t_xfer: float | None = None
+    t_prefill: float | None = None
+    t_finishing: float | None = None
 
 
-class PrefillWorker:
-    def __init__(self, config: PrefillConfig, loop: EngineLoop, sender: KvSender, worker_id: str) -> None:
-        self.config = config
+class PrefillTransfers(LoopThread):
+    """Every room of this prefill worker, on one thread, polled once per iteration."""
+
+    _MAX_TOMBSTONES = 65536
+
+    def __init__(self, loop: EngineLoop, sender: KvSender, transfer_timeout_s: float,
+                 reporter: StatsReporter | None = None) -> None:
+        super().__init__("prefill-transfers")
         self.loop = loop
-        self.engine = loop.engine
         self.sender = sender
-        self.worker_id = worker_id
+        self.transfer_timeout_s = transfer_timeout_s
+        self.reporter = reporter
+        self.completed = 0
+        self._rooms: dict[int, _Room] = {}
+        self._tombstones: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def num_inflight(self) -> int:
+        """Rooms in flight (the one count)."""
+        with self._lock:
+            return len(self._rooms)
+
+    # ---- from stream handlers ----------------------------------------------------------
+    def open(self, room: int, rid: str, peer: str | None, dst_pages: list[int], aux_slot: int, ids: list[int],
+             sp) -> _Room:
+        """Track a room and start its prefill; its messages arrive on the room's outbox."""
+        r = _Room(room, rid, peer, dst_pages, aux_slot, len(ids))
+        with self._lock:
+            if room in self._tombstones:
+                raise RequestFailed(grpc.StatusCode.CANCELLED, f"room {room} was cancelled")
+            if room in self._rooms:
+                raise RequestFailed(grpc.StatusCode.ALREADY_EXISTS, f"room {room} is already in flight")
+            self._rooms[room] = r
+
+        def on_chunk(_rid, pages, num_computed):  # engine loop thread: just hand over
+            r.chunks.append((list(pages), num_computed >= len(ids)))
+            self._wake.set()
+
+        try:
+            r.stream = self.loop.submit(ids, sp, rid, mode="prefill_only",
+                                        on_chunk_done=None if peer is None else on_chunk, on_output=self._wake.set)
+        except ValueError as exc:
+            with self._lock:
+                self._rooms.pop(room, None)
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        self._publish()
+        self._wake.set()
+        return r
+
+    def cancel(self, room: int, reason: str, wait_s: float | None = None) -> bool:
+        """Cancel ``room``; with ``wait_s``, return once none of its writes is in flight (or
+        after ``wait_s``). An unknown room is remembered, so that it never starts. Returns
+        whether the room was live."""
+        with self._lock:
+            r = self._rooms.get(room)
+            if r is None:
+                self._tombstones[room] = None
+                while len(self._tombstones) > self._MAX_TOMBSTONES:
+                    self._tombstones.popitem(last=False)
+                return False
+            if r.cancel_reason is None:
+                r.cancel_reason = reason
+        self._wake.set()
+        if wait_s is not None and not r.closed.wait(wait_s):
+            raise TimeoutError(f"room {room} still has writes in flight after {wait_s:g} s")
+        return True
+
+    # ---- the poll loop -----------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            with self._lock:
+                rooms = list(self._rooms.values())
+            for r in rooms:
+                try:
+                    self._advance(r)
+                except Exception as exc:  # a bug must fail its room, not the loop
+                    log.exception("room %s failed", r.room)
+                    self._fail(r, FailureReason.PREFILL_FAILED, f"{type(exc).__name__}: {exc}")
+                    self._advance_failed(r)
+            busy = any(r.handles or r.failure for r in rooms)
+            self._wake.wait(BUSY_POLL_S if busy else IDLE_POLL_S)
+        with self._lock:
+            rooms = list(self._rooms.values())
+        for r in rooms:
+            self._fail(r, FailureReason.PREFILL_FAILED, "prefill worker shutting down")
+            self._close(r)
+
+    def _advance(self, r: _Room) -> None:
+        if r.failure is not None:
+            return self._advance_failed(r)
+        if r.cancel_reason is not None:
+            self._fail(r, FailureReason.CANCELLED, r.cancel_reason)
+            return self._advance_failed(r)
+        while (out := r.stream.poll(0)) is not None:
+            if not out.finished:
+                continue
+            if out.finish_reason != "prefill_done":
+                self._fail(r, FailureReason.PREFILL_FAILED, out.error or f"prefill ended: {out.finish_reason}")
+                return self._advance_failed(r)
+            r.result, r.held, r.t_prefill = out, True, time.monotonic()
+        while r.chunks:
+            pages, is_last = r.chunks.popleft()
+            dst = r.dst_pages[r.sent_pages:r.sent_pages + len(pages)]
+            r.t_xfer = r.t_xfer or time.monotonic()
+            if not self._send(r, lambda pages=pages, dst=dst, is_last=is_last: self.sender.send_kv(
+                    r.room, r.peer, pages, dst, chunk_index=r.chunk_index, is_last=is_last)):
+                return self._advance_failed(r)
+            r.sent_pages += len(pages)
+            r.chunk_index += 1
+        if r.result is None:
+            return
+        if r.peer is None:  # warmup: nothing to transfer
+            return self._finish(r, 0)
+        if not r.aux_sent:
+            if r.sent_pages != len(r.dst_pages):
+                self._fail(r, FailureReason.PROTOCOL, f"sent {r.sent_pages} of {len(r.dst_pages)} pages")
+                return self._advance_failed(r)
+            out = r.result
+            row = AuxRow(r.room, [SampleToken(out.new_token_ids[0],
+                                              out.new_logprobs[0] if out.new_logprobs else float("nan"),
+                                              out.new_top_logprobs[0] if out.new_top_logprobs else [])],
+                         out.cached_tokens)
+            if not self._send(r, lambda: self.sender.send_aux(r.room, r.peer, r.aux_slot, row)):
+                return self._advance_failed(r)
+            r.aux_sent, r.t_finishing = True, time.monotonic()
+        status = self.sender.check(r.handles)
+        if status.state is XferState.ERROR:
+            self.sender.notify_failed(r.room, r.peer, status.reason)
+            self._fail(r, FailureReason.BACKEND_ERROR, status.reason)
+            return self._advance_failed(r)
+        if status.done:
+            return self._finish(r, sum(h.nbytes for h in r.handles))
+        if time.monotonic() - r.t_finishing > self.transfer_timeout_s:
+            self._fail(r, FailureReason.TIMEOUT, f"transfer not done after {self.transfer_timeout_s:g} s")
+            return self._advance_failed(r)
+
+    def _send(self, r: _Room, send: Callable[[], TransferHandle]) -> bool:
+        try:
+            h = send()
+        except (TransferError, ValueError) as exc:
+            self._fail(r, FailureReason.BACKEND_ERROR, str(exc))
+            return False
+        r.handles.append(h)
+        for m in h.messages:
+            self._put(r, m)
+        return True
+
+    def _put(self, r: _Room, msg: TransferMessage) -> None:
+        r.outbox.put(message_to_proto(msg))
+
+    def _finish(self, r: _Room, nbytes: int) -> None:
+        t_done = time.monotonic()
+        done = self.sender.done(r.room, r.handles) if r.peer is not None else TransferDone(r.room, 0, 0)
+        self.sender.release(r.handles)
+        r.handles = []
+        self.loop.release(r.rid, cache=True)
+        r.held = False
+        xfer_s = t_done - (r.t_xfer or r.t_prefill)
+        self.completed += 1
+        msg = message_to_proto(done)
+        msg.done.prefill_ms = (r.t_prefill - r.t0) * 1e3
+        msg.done.transfer_ms = xfer_s * 1e3
+        r.outbox.put(msg)
+        if self.reporter is not None and r.peer is not None:
+            self.reporter.set_gauges(kv_transfer_latency_ms=xfer_s * 1e3,
+                                     kv_transfer_speed_gb_s=nbytes / max(xfer_s, 1e-9) / 1e9)
+        self._close(r)
+
+    def _fail(self, r: _Room, reason: FailureReason, message: str) -> None:
+        if r.failure is not None:
+            return
+        r.failure = TransferFailure(r.room, reason, message)
+        r.t_finishing = r.t_finishing or time.monotonic()
+        if r.stream is not None and not r.stream.finished:
+            r.stream.cancel()  # frees the pages the prefill holds
+        elif r.held:
+            self.loop.abort(r.rid)  # releases the held pages without caching them
+            r.held = False
+        if reason in (FailureReason.BACKEND_ERROR, FailureReason.TIMEOUT) and self.reporter is not None:
+            self.reporter.add_counts(num_transfer_failed_reqs=1)
+
+    def _advance_failed(self, r: _Room) -> None:
+        """Report the failure once none of the room's writes is in flight."""
+        if self.sender.in_flight(r.handles) and time.monotonic() - r.t_finishing <= self.transfer_timeout_s:
+            return
+        self.sender.release(r.handles)
+        r.handles = []
+        if r.held:
+            self.loop.abort(r.rid)
+            r.held = False
+        self._put(r, r.failure)
+        self._close(r)
+
+    def _close(self, r: _Room) -> None:
+        with self._lock:
+            self._rooms.pop(r.room, None)
+        r.outbox.put(_END)
+        r.closed.set()
+        self._publish()
+
+    def _publish(self) -> None:
+        if self.reporter is not None:
+            self.reporter.set_gauges(num_prefill_inflight_queue_reqs=self.num_inflight)
+
+
+class PrefillWorker(WorkerBase):
+    def __init__(self, config: PrefillConfig, loop: EngineLoop, sender: KvSender, worker_id: str,
+                 reporter: StatsReporter | None = None) -> None:
+        super().__init__(config, loop, worker_id)
+        self.sender = sender
         self.decodes: dict[str, str] = {}  # decode_id -> sender peer name
         self._decodes_lock = threading.Lock()
-        self.rooms: dict[int, str] = {}  # live room -> request id
-        self.counters = PrefillCounters()
-        self._reported_failed = 0
-        self.events = KvEventLog(worker_id, self.engine.kv_snapshot)
-        self.engine.subscribe_kv_events(self.events.on_events)
+        self.transfers = PrefillTransfers(loop, sender, config.disaggregation_transfer_timeout, reporter)
 
     # ---- RegisterDecode -------------------------------------------------------------------
     def register_decode(self, req: prefill_pb2.RegisterDecodeRequest) -> prefill_pb2.RegisterDecodeResponse:
         if not req.decode_id:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, "decode_id is empty")
-        reg = Registration.from_request(req)
+        reg = registration_from_request(req)
         with self._decodes_lock:
             old = self.decodes.pop(req.decode_id, None)
             if old is not None:
@@ -69,18 +310,16 @@ class PrefillWorker:
             except LayoutMismatchError as exc:
                 raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"decode {req.decode_id} cannot receive this prefill's KV: {exc}") from None
-            except ValueError as exc:
+            except (ValueError, TransferError) as exc:
                 raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION, f"decode {req.decode_id}: {exc}") from None
             self.decodes[req.decode_id] = peer
         log.info("registered decode %s (agent %s, backend %s)", req.decode_id, peer, reg.backend)
-        layout = common_pb2.KvLayout()
-        layout.CopyFrom(self.sender.layout)
-        return prefill_pb2.RegisterDecodeResponse(prefill_id=self.worker_id, layout=layout,
+        return prefill_pb2.RegisterDecodeResponse(prefill_id=self.worker_id, layout=layout_to_proto(self.sender.layout),
                                                   agent_name=self.sender.name)
 
     # ---- Prefill stream -------------------------------------------------------------------
     def prefill(self, requests: Iterator[prefill_pb2.PrefillClientMessage],
-                is_active: Callable[[], bool]) -> Iterator[prefill_pb2.PrefillServerMessage]:
+                on_cancel: Callable[[Callable[[], None]], object]) -> Iterator[prefill_pb2.PrefillServerMessage]:
         first = next(requests, None)
         if first is None:
             return
@@ -91,148 +330,52 @@ class PrefillWorker:
         ids = list(start.input_ids)
         try:
             sp = sampling_from_proto(start.sampling)
-            self.engine.validate_request(ids, sp)
+            self.loop.validate(ids, sp)
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        peer = None
+        room = start.room or new_room_id()
+        num_pages = pages_needed(len(ids), self.loop.info.page_size)
+        peer, pages, aux_slot = None, [], -1
         if not start.warmup:
             with self._decodes_lock:
                 peer = self.decodes.get(start.decode_id)
             if peer is None:
                 raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"decode {start.decode_id!r} is not registered; call RegisterDecode first")
-        rid = f"{start.request_id or 'prefill'}-{uuid.uuid4().hex[:8]}"
-        room = new_room_id()
-        num_pages = pages_needed(len(ids), self.engine.page_size)
-        self.counters.requests += 1
-        self.rooms[room] = rid
-        try:
-            yield prefill_pb2.PrefillServerMessage(room=prefill_pb2.BootstrapRoom(
-                room=room, num_pages=num_pages, prefill_id=self.worker_id))
-            if start.warmup:
-                self.counters.warmups += 1
-                yield from self._run(rid, ids, sp, room, None, None, is_active)
-                return
             msg = next(requests, None)
             if msg is None:
                 return  # decode went away before allocating: nothing was computed
-            if msg.WhichOneof("msg") == "cancel":
-                return
             if msg.WhichOneof("msg") != "allocation":
                 raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"expected 'allocation' for room {room}, got {msg.WhichOneof('msg')!r}")
             alloc = msg.allocation
-            self._check_allocation(alloc, room, num_pages, peer)
-            yield from self._run(rid, ids, sp, room, peer, alloc, is_active)
-        finally:
-            self.rooms.pop(room, None)
-
-    def _check_allocation(self, alloc: prefill_pb2.PageAllocation, room: int, num_pages: int, peer: str) -> None:
-        if alloc.room not in (0, room):
-            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"allocation names room {alloc.room}, this stream's room is {room}")
-        if len(alloc.page_indices) != num_pages:
-            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"allocation has {len(alloc.page_indices)} pages, the prompt needs {num_pages}")
-        remote = self.sender._peer_layout(peer)
-        bad = [p for p in alloc.page_indices if not 0 <= p < remote.num_pages]
-        if bad:
-            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"page index {bad[0]} out of range for decode's pool of {remote.num_pages} pages")
-        if len(set(alloc.page_indices)) != len(alloc.page_indices):
-            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, "allocation repeats a page index")
-        if not 0 <= alloc.aux_slot < remote.num_aux_slots:
-            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"aux slot {alloc.aux_slot} out of range for {remote.num_aux_slots} slots")
-
-    def _run(self, rid, ids, sp, room, peer, alloc, is_active) -> Iterator[prefill_pb2.PrefillServerMessage]:
-        """Prefill `ids`, streaming finished chunks to decode; `peer` None = warmup (no transfer)."""
-        chunks: queue.Queue = queue.Queue()
-        t0 = time.monotonic()
-
-        def on_chunk(_rid, pages, num_computed):  # engine loop thread: just hand over
-            chunks.put((list(pages), num_computed >= len(ids)))
-
-        stream = self.loop.submit(ids, sp, rid, mode="prefill_only", on_chunk_done=None if peer is None else on_chunk)
-        handles, sent_pages, chunk_index, result, held = [], 0, 0, None, False
-        t_xfer = None
+            if alloc.room not in (0, room):
+                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"allocation names room {alloc.room}, this stream's room is {room}")
+            try:
+                self.sender.check_allocation(peer, alloc.page_indices, alloc.aux_slot, num_pages)
+            except ValueError as exc:
+                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            pages, aux_slot = list(alloc.page_indices), alloc.aux_slot
+        rid = f"{start.request_id or 'prefill'}-{uuid.uuid4().hex[:8]}"
+        r = self.transfers.open(room, rid, peer, pages, aux_slot, ids, sp)
+        on_cancel(lambda: self.transfers.cancel(room, "decode cancelled the stream"))
         try:
-            while result is None:
-                if not is_active():
-                    stream.cancel()
-                    return
-                out = stream.poll(0.002)
-                if out is not None and out.finished:
-                    if out.finish_reason != "prefill_done":
-                        yield _failed(room, "prefill_aborted", out.error or f"prefill ended: {out.finish_reason}")
-                        return
-                    held, result = True, out
-                while peer is not None and not chunks.empty():
-                    pages, is_last = chunks.get()
-                    dst = alloc.page_indices[sent_pages:sent_pages + len(pages)]
-                    t_xfer = t_xfer or time.monotonic()
-                    h = self.sender.send_kv(room, peer, pages, dst, chunk_index=chunk_index, is_last=is_last)
-                    handles.append(h)
-                    for m in h.messages:
-                        yield prefill_pb2.PrefillServerMessage(chunk=m)
-                    sent_pages += len(pages)
-                    chunk_index += 1
-            t_prefill = time.monotonic()
-            tok = result.new_token_ids[0]
-            lp = result.new_logprobs[0] if result.new_logprobs else float("nan")
-            top = result.new_top_logprobs[0] if result.new_top_logprobs else []
-            nbytes = 0
-            if peer is not None:
-                if sent_pages != len(alloc.page_indices):
-                    yield _failed(room, "internal", f"sent {sent_pages} of {len(alloc.page_indices)} pages")
-                    return
-                handles.append(self.sender.send_aux(room, peer, alloc.aux_slot,
-                                                    AuxRow(room, tok, lp, result.cached_tokens, top)))
-                status = self.sender.wait(handles, self.config.disaggregation_transfer_timeout)
-                if status.failed:
-                    self.counters.failed += 1
-                    self.sender.notify_failed(room, peer, status.reason)
-                    yield _failed(room, "transfer_failed", status.reason, retryable=True)
-                    return
-                nbytes = sum(h.nbytes for h in handles)
-            t_done = time.monotonic()
-            self.engine.release(rid, cache=True)
-            held = False
-            xfer_s = t_done - (t_xfer or t_prefill)
-            self.counters.completed += 1
-            self.counters.bytes_sent += nbytes
-            self.counters.last_transfer_ms = xfer_s * 1e3
-            self.counters.last_transfer_gb_s = nbytes / max(xfer_s, 1e-9) / 1e9
-            done = prefill_pb2.TransferDone(
-                room=room, first_token_id=tok, cached_tokens=result.cached_tokens, bytes_transferred=nbytes,
-                num_chunks=chunk_index, prefill_ms=(t_prefill - t0) * 1e3, transfer_ms=xfer_s * 1e3,
-                first_token_logprobs=position_logprobs(lp if lp == lp else None, top))
-            yield prefill_pb2.PrefillServerMessage(done=done)
+            yield prefill_pb2.PrefillServerMessage(room=prefill_pb2.BootstrapRoom(
+                room=room, num_pages=num_pages, prefill_id=self.worker_id))
+            while (msg := r.outbox.get()) is not _END:
+                yield msg
         finally:
-            if handles:
-                self.sender.release(handles)
-            if held:
-                self.engine.abort(rid)  # releases the held pages without caching them
-            elif not stream.finished:
-                stream.cancel()
+            if not r.closed.is_set():
+                self.transfers.cancel(room, "the Prefill stream ended")
 
-    def prefill_stats(self, _stats=None) -> dict:
-        """Disaggregation fields of the next SchedulerStats."""
-        c = self.counters
-        failed = c.failed - self._reported_failed
-        self._reported_failed = c.failed
-        return dict(num_prefill_inflight_queue_reqs=len(self.rooms), kv_transfer_speed_gb_s=c.last_transfer_gb_s,
-                    kv_transfer_latency_ms=c.last_transfer_ms, num_transfer_failed_reqs=failed)
+    def cancel_room(self, req: prefill_pb2.PrefillCancel) -> prefill_pb2.CancelRoomResponse:
+        try:
+            found = self.transfers.cancel(req.room, req.reason or "cancelled by decode",
+                                          wait_s=self.config.disaggregation_transfer_timeout)
+        except TimeoutError as exc:
+            raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
+        return prefill_pb2.CancelRoomResponse(found=found)
 
     def get_load(self) -> common_pb2.WorkerLoad:
-        s = self.engine.stats()
-        return common_pb2.WorkerLoad(
-            num_running_reqs=s.num_running_reqs, num_waiting_reqs=s.num_queue_reqs, free_pages=s.num_free_pages,
-            total_pages=s.num_total_pages, evictable_pages=s.num_evictable_pages,
-            num_inflight_transfers=len(self.rooms), token_usage=s.token_usage, cache_hit_rate=s.cache_hit_rate,
-            num_prefilled_reqs=self.counters.completed)
-
-
-def _failed(room: int, code: str, message: str, retryable: bool = False) -> prefill_pb2.PrefillServerMessage:
-    return prefill_pb2.PrefillServerMessage(failed=prefill_pb2.TransferFailed(
-        room=room, error=common_pb2.ErrorDetail(code=code, message=message, retryable=retryable)))
+        return self.load(self.transfers.num_inflight, self.transfers.completed)

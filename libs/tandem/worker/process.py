@@ -19,7 +19,7 @@ from tandem.server import ServiceRuntime, service_name
 from tandem.transfer import KvBuffers
 from tandem.v1 import engine_control_pb2, engine_control_pb2_grpc
 from tandem.worker.control import EngineControlServicer, add_profile_routes
-from tandem.worker.engine_loop import EngineLoop, wait_until
+from tandem.worker.engine_loop import EngineLoop, LoopHook, wait_until
 from tandem.worker.profiler import EngineProfiler
 from tandem.worker.stats_reporter import StatsReporter
 
@@ -37,6 +37,16 @@ def model_fingerprint(model_path: str, dtype) -> str:
     return f"{os.path.basename(os.path.normpath(model_path))}:{digest}:{str(dtype).replace('torch.', '')}"
 
 
+class _Keepalive(LoopHook):
+    """The EP leader's no-op broadcasts while idle, on the loop thread."""
+
+    def __init__(self, ep) -> None:
+        self.ep = ep
+
+    def poll(self) -> None:
+        self.ep.keepalive()
+
+
 @dataclass
 class WorkerProcess:
     kind: str
@@ -52,6 +62,7 @@ class WorkerProcess:
     eplb: object = None  # tandem.worker.eplb.WorkerEplb on MoE workers with EPLB or recording on
 
     def kv_buffers(self) -> KvBuffers:
+        """The engine's KV pool as the transfer library sees it (before the loop starts)."""
         pool = self.engine.pool
         return KvBuffers(pool.k_buffers, pool.v_buffers, pool.aux)
 
@@ -103,7 +114,7 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
             raise SystemExit("config error: ep_size>1 with disaggregation_mode='decode': prefill's KV would reach "
                              "EP rank 0 only; use EP on aggregated or prefill workers")
         ep = start_expert_parallel(engine, num_threads=config.torch_num_threads or None)
-        loop.add_poll_hook(ep.keepalive)
+        loop.add_hook(_Keepalive(ep))
     worker_id = runtime.worker_id
     engine_metrics = EngineMetrics(runtime.registry, model_name=model_name, engine_type=engine_type,
                                    worker_id=worker_id)
@@ -113,13 +124,11 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
     component.init_series()
     endpoint = default_stats_endpoint(f"{kind}-{os.getpid()}-{runtime.port}")
     publisher = MetricsPublisher(endpoint, engine_metrics, component_metrics=component).start()
-    reporter = StatsReporter(endpoint, engine.page_size)
+    reporter = StatsReporter(endpoint, engine.page_size, stats=lambda: loop.stats)
     reporter.startup = {"engine_startup_time": time.time() - runtime.started_at, "engine_load_weights_time": load_s}
-    engine.add_step_hook(reporter.on_step)
-    loop.add_poll_hook(lambda: reporter.maybe_idle_report(engine.stats))
+    loop.add_hook(reporter)
     profiler = EngineProfiler(config.profile_dir, f"{kind}-{runtime.port}")
-    loop.add_poll_hook(profiler.poll)
-    loop.add_after_step_hook(profiler.step)
+    loop.add_hook(profiler)
     add_profile_routes(runtime.system, profiler)
     eplb = None
     if config.enable_eplb or config.expert_distribution_recorder_mode:

@@ -1,6 +1,6 @@
 """Engine profiler: torch.profiler started and stopped on demand, one Chrome trace per run.
 
-The engine loop calls `step()` after every forward step; a profile started with
+The engine loop calls `after_step()` after every forward step; a profile started with
 `num_steps=N` stops itself after N steps, one started with 0 runs until `stop()`.
 Start/stop may come from any thread (HTTP or gRPC); the profiler itself is entered and
 exited on the engine loop thread, which is the thread whose work it records.
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tandem.worker.engine_loop import LoopHook
 from torch.profiler import ProfilerActivity, profile
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class ProfileRequest:
             raise ValueError("activities include CUDA but no CUDA device is available")
 
 
-class EngineProfiler:
+class EngineProfiler(LoopHook):
     def __init__(self, default_dir: str, worker_name: str) -> None:
         self.default_dir = default_dir
         self.worker_name = worker_name
@@ -84,7 +85,7 @@ class EngineProfiler:
             return self.last_trace or ""
 
     def poll(self) -> None:
-        """Called by the engine loop thread before each step (and when idle)."""
+        """Engine loop thread, every iteration: enter a requested profile, leave a stopped one."""
         with self._lock:
             if self._pending is not None and self._active is None:
                 req = self._pending
@@ -96,8 +97,8 @@ class EngineProfiler:
             if self._active is not None and self._stop_requested:
                 self._finish()
 
-    def step(self) -> None:
-        """Called by the engine loop thread after each forward step."""
+    def after_step(self, stats) -> None:
+        """Engine loop thread, after each forward step."""
         with self._lock:
             if self._active is None:
                 return

@@ -1,8 +1,11 @@
 """Turns engine step stats and finished-request latencies into SchedulerStats messages
 sent over ZMQ to the service's metrics publisher (SGLang's scheduler -> collector path).
 
-`on_step` runs on the engine loop thread; `record_request` on gRPC threads. Sending
-never blocks: a stalled publisher only costs dropped messages.
+A hook on the engine loop (``after_step`` sends each step's stats, ``poll`` keeps the
+gauges fresh while idle). What the worker knows beyond the engine (its PD transfers, its
+finished requests) it hands in through :meth:`set_gauges`, :meth:`add_counts` and
+:meth:`record_request`, from any thread; the reporter never calls up into the worker.
+Sending never blocks: a stalled publisher only costs dropped messages.
 """
 from __future__ import annotations
 
@@ -13,28 +16,51 @@ from collections.abc import Callable
 
 from tandem.engine.engine import EngineStats
 from tandem.metrics import SchedulerStats, StatsSender
+from tandem.worker.engine_loop import LoopHook
 
 
-class StatsReporter:
-    def __init__(self, endpoint: str, page_size: int, extra: Callable[[EngineStats], dict] | None = None,
+class StatsReporter(LoopHook):
+    def __init__(self, endpoint: str, page_size: int, stats: Callable[[], EngineStats],
                  idle_interval_s: float = 1.0) -> None:
         self.sender = StatsSender(endpoint)
         self.page_size = page_size
-        # extra(stats) -> more SchedulerStats fields (the disaggregation gauges of a worker)
-        self.extra = extra or (lambda _stats: {})
+        self.stats = stats  # the loop's latest snapshot, for idle reports
         self.idle_interval_s = idle_interval_s
         self._lock = threading.Lock()
         self._finished: list[dict] = []
+        self._gauges: dict = {}
+        self._counts: dict[str, int] = {}
         self._prev: EngineStats | None = None
         self._last_sent = 0.0
         self.startup: dict = {}
 
+    # ---- from the worker (any thread) ----------------------------------------------------
     def record_request(self, *, ttft: float | None, itl: list[float], e2e: float, queue_time: float | None = None,
                        aborted: bool = False) -> None:
         with self._lock:
             self._finished.append(dict(ttft=ttft, itl=itl, e2e=e2e, queue_time=queue_time, aborted=aborted))
 
-    def on_step(self, s: EngineStats) -> None:
+    def set_gauges(self, **fields) -> None:
+        """SchedulerStats gauge fields, sent with every message until set again."""
+        with self._lock:
+            self._gauges.update(fields)
+
+    def add_counts(self, **fields: int) -> None:
+        """SchedulerStats counter increments, sent once with the next message."""
+        with self._lock:
+            for k, v in fields.items():
+                self._counts[k] = self._counts.get(k, 0) + v
+
+    # ---- on the engine loop ----------------------------------------------------------------
+    def after_step(self, stats: EngineStats) -> None:
+        self._send(stats)
+
+    def poll(self) -> None:
+        """Keep gauges fresh when no step has run for a while."""
+        if time.monotonic() - self._last_sent >= self.idle_interval_s:
+            self._send(self.stats())
+
+    def _send(self, s: EngineStats) -> None:
         prev = self._prev or EngineStats(num_total_pages=s.num_total_pages)
         total_tokens = s.num_total_pages * self.page_size
         msg = SchedulerStats(
@@ -58,19 +84,15 @@ class StatsReporter:
             setattr(msg, k, v)
         with self._lock:
             finished, self._finished = self._finished, []
+            gauges, counts, self._counts = dict(self._gauges), self._counts, {}
         for f in finished:
             msg.add_finished(e2e=f["e2e"], ttft=f["ttft"], queue_time=f["queue_time"], itl=f["itl"],
                              aborted=f["aborted"])
-        for k, v in self.extra(s).items():
+        for k, v in [*gauges.items(), *counts.items()]:
             setattr(msg, k, v)
-        self._prev = dataclasses.replace(s)  # the engine hands its live object: keep a snapshot
+        self._prev = dataclasses.replace(s)
         self._last_sent = time.monotonic()
         self.sender.send(msg)
-
-    def maybe_idle_report(self, stats: Callable[[], EngineStats]) -> None:
-        """From the idle loop: keep gauges fresh when no step has run for a while."""
-        if time.monotonic() - self._last_sent >= self.idle_interval_s:
-            self.on_step(stats())
 
     def close(self) -> None:
         self.sender.close()

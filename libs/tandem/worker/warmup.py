@@ -40,6 +40,5 @@ def _warmup_request(address: str, timeout: float, input_ids: list[int]) -> prefi
             raise RuntimeError(f"prefill warmup failed: {exc.code().name}: {exc.details()}") from None
     if done is None:
         raise RuntimeError("prefill warmup ended without a result")
-    log.info("prefill warmup (%d tokens): first token %d in %.1f ms", len(input_ids), done.first_token_id,
-             done.prefill_ms)
+    log.info("prefill warmup (%d tokens): prefilled in %.1f ms", len(input_ids), done.prefill_ms)
     return done

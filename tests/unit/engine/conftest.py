@@ -14,7 +14,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from tandem.engine import LLM  # noqa: E402
-from tandem.engine.demo_models import build_all  # noqa: E402
+
+from deploy.demo_models import build_all  # noqa: E402
 
 # The test machine is small and shared: one intra-op thread avoids spin-wait oversubscription
 # (measured: 8x32 greedy tokens took 17 s with 2 threads under load, 2.4 s with 1).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tandem.engine import OutOfPages, SamplingParams
-from tandem.transfer import AuxRow, pack_aux_row, unpack_aux_row
+from tandem.transfer import AuxRow, KvBuffers, build_layout, pack_aux_row, unpack_aux_row
 
 
 def copy_pages(src, dst, src_pages, dst_pages):
@@ -65,11 +65,11 @@ def test_prefill_only_then_external_decode_equals_local(prefill_engine, dense_ll
         # The aux row travels like the KV pages: written into decode's slot, read back there.
         slot = de.pool.aux[alloc.aux_slot]
         slot[:] = torch.frombuffer(bytearray(pack_aux_row(
-            AuxRow(7, res.first_token_id, res.first_token_logprob, res.cached_tokens), slot.numel())),
+            AuxRow.one(7, res.first_token_id, res.first_token_logprob, res.cached_tokens), slot.numel())),
             dtype=torch.uint8)
         row = unpack_aux_row(slot)
         pe.release(rid)
-        de.activate_external(alloc.rid, row.first_token_id, row.first_token_logprob, row.cached_tokens)
+        de.activate_external(alloc.rid, row.first_token_id, row.samples[0].logprob, row.cached_tokens)
         decoded, reason = run_to_end(de, alloc.rid)  # decode streams the first token too
         assert reason == "length"
         assert decoded[0] == first[0]
@@ -101,9 +101,12 @@ def test_external_allocation_out_of_pages(demo_models, make_llm, prompts):
     eng.step()
 
 
-def test_layout_exposes_regions(dense_llm):
-    lay = dense_llm.engine.kv_layout()
+def test_pool_is_what_the_transfer_library_registers(dense_llm):
+    # The engine's pool, as workers hand it to KV transfer: one contiguous K and V tensor per
+    # layer, host aux rows of at least 64 bytes; the layout names exactly those addresses.
     pool = dense_llm.engine.pool
-    assert lay["k_base_addrs"][0] == pool.k_buffers[0].data_ptr()
-    assert lay["bytes_per_page"] * lay["num_pages"] == pool.k_buffers[0].numel() * pool.k_buffers[0].element_size()
-    assert lay["aux_slot_bytes"] >= 64 and lay["mem_kind"] == "DRAM"
+    lay = build_layout(KvBuffers(pool.k_buffers, pool.v_buffers, pool.aux))
+    assert lay.k_base_addrs[0] == pool.k_buffers[0].data_ptr()
+    assert lay.v_base_addrs[-1] == pool.v_buffers[-1].data_ptr()
+    assert lay.bytes_per_page * lay.num_pages == pool.k_buffers[0].numel() * pool.k_buffers[0].element_size()
+    assert lay.aux_slot_bytes >= 64 and lay.mem_type == "DRAM" and lay.aux_mem_type == "DRAM"

@@ -197,7 +197,7 @@ def test_worker_stream_ending_aborted_is_an_error_never_an_empty_success(make_ro
     r = httpx.post(url(app, "/v1/completions"), json={**body, "stream": True})
     assert r.status_code == 500 and "aborted the request" in r.json()["error"]["message"]
     server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(8))
-    app.add_to_server(server)
+    router_pb2_grpc.add_RouterServicer_to_server(app.servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
@@ -238,7 +238,7 @@ def test_client_disconnect_cancels_worker_call(make_router, hf_tokenizer):
 def test_grpc_router_generate_and_list(make_router, workers, hf_tokenizer):
     app = make_router(workers)
     server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(8))
-    app.add_to_server(server)
+    router_pb2_grpc.add_RouterServicer_to_server(app.servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
@@ -272,7 +272,7 @@ def test_grpc_cancel_propagates(make_router, hf_tokenizer):
     server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(8))
     try:
         app = make_router([slow])
-        app.add_to_server(server)
+        router_pb2_grpc.add_RouterServicer_to_server(app.servicer, server)
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,6 +14,8 @@ from tandem.transfer import (
     AuxRow,
     KvBuffers,
     LayoutMismatchError,
+    SampleToken,
+    aux_max_samples,
     aux_max_top,
     build_layout,
     check_compatible,
@@ -22,7 +25,8 @@ from tandem.transfer import (
     unpack_aux_row,
     validate_pages,
 )
-from tandem.transfer.layout import AUX_HEADER, check_addresses, run_descriptors
+from tandem.transfer.aux import AUX_HEADER
+from tandem.transfer.layout import check_addresses, check_allocation, run_descriptors
 from transfer_helpers import make_buffers
 
 
@@ -100,10 +104,20 @@ def test_check_compatible_fingerprint_and_ok_cases():
 
 
 def test_check_addresses():
-    lay = build_layout(make_buffers(num_layers=2))
-    del lay.v_base_addrs[:]
+    lay = dataclasses.replace(build_layout(make_buffers(num_layers=2)), v_base_addrs=())
     with pytest.raises(ValueError, match="0 V base addresses for 2 layers"):
         check_addresses(lay)
+
+
+def test_check_allocation_is_the_one_page_check():
+    remote = build_layout(make_buffers(num_pages=10, aux_slots=4))
+    check_allocation(remote, [0, 9, 3], 3, num_pages=3)
+    for pages, aux, n, match in (([0, 10, 3], 0, 3, "decode page index 10 out of range"),
+                                 ([0, 1], 0, 3, "allocation has 2 pages, the prompt needs 3"),
+                                 ([2, 2, 3], 0, 3, "repeats a page index"),
+                                 ([0, 1, 2], 4, 3, "aux slot 4 out of range for 4 aux slots")):
+        with pytest.raises(ValueError, match=match):
+            check_allocation(remote, pages, aux, num_pages=n)
 
 
 def test_validate_pages():
@@ -154,30 +168,53 @@ def test_run_descriptors_addresses():
 
 
 def test_aux_row_roundtrip_and_truncation():
-    row = AuxRow(2**62 + 5, 31999, -0.125, 48, [(i, -float(i)) for i in range(10)])
+    row = AuxRow.one(2**62 + 5, 31999, -0.125, 48, [(i, -float(i)) for i in range(10)])
     data = pack_aux_row(row, 64)
     assert len(data) == 64
-    assert aux_max_top(64) == (64 - AUX_HEADER.size) // 8 == 5
+    assert aux_max_top(64) == (64 - AUX_HEADER.size - 8) // 8 == 5
     back = unpack_aux_row(data)
-    assert (back.room, back.first_token_id, back.first_token_logprob, back.cached_tokens) == (
+    assert (back.room, back.first_token_id, back.samples[0].logprob, back.cached_tokens) == (
         row.room, 31999, -0.125, 48)
-    assert back.top_logprobs == row.top_logprobs[:5]
+    assert back.samples[0].top_logprobs == row.samples[0].top_logprobs[:5]
     big = unpack_aux_row(pack_aux_row(row, 256))
-    assert big.top_logprobs == row.top_logprobs
-    # Little-endian fixed offsets, as documented.
-    assert int.from_bytes(data[8:12], "little") == 31999
+    assert big.samples[0].top_logprobs == row.samples[0].top_logprobs
+    # Little-endian fixed offsets, as documented: room, cached, num_samples, num_top, entries.
+    assert int.from_bytes(data[0:8], "little") == 2**62 + 5
+    assert int.from_bytes(data[8:12], "little") == 48
+    assert (int.from_bytes(data[12:14], "little"), int.from_bytes(data[14:16], "little")) == (1, 5)
+    assert int.from_bytes(data[16:20], "little") == 31999
     assert unpack_aux_row(torch.frombuffer(bytearray(data), dtype=torch.uint8)) == back
 
 
+def test_aux_row_carries_the_first_token_of_each_sample():
+    # n parallel samples: each sample's first token (and its logprobs) in one row.
+    assert aux_max_samples(64) == 6 and aux_max_top(64, 3) == 1
+    row = AuxRow(9, [SampleToken(10 + i, -0.5 * i, [(i, -1.0), (i + 1, -2.0)]) for i in range(3)], 7)
+    back = unpack_aux_row(pack_aux_row(row, 64))
+    assert [s.token_id for s in back.samples] == [10, 11, 12]
+    assert [s.logprob for s in back.samples] == [0.0, -0.5, -1.0]
+    assert [s.top_logprobs for s in back.samples] == [[(i, -1.0)] for i in range(3)]  # one top fits
+    full = unpack_aux_row(pack_aux_row(row, 256))
+    assert full == row
+    six = AuxRow(1, [SampleToken(i) for i in range(6)])
+    assert [s.token_id for s in unpack_aux_row(pack_aux_row(six, 64)).samples] == list(range(6))
+    with pytest.raises(ValueError, match="1 to 6 samples in a 64-byte slot, got 7"):
+        pack_aux_row(AuxRow(1, [SampleToken(i) for i in range(7)]), 64)
+
+
 def test_aux_row_nan_logprob_and_bad_input():
-    r = unpack_aux_row(pack_aux_row(AuxRow(1, 2), 64))
-    assert math.isnan(r.first_token_logprob) and r.top_logprobs == []
-    with pytest.raises(ValueError, match="smaller than the header"):
-        pack_aux_row(AuxRow(1, 2), 16)
-    bad = bytearray(pack_aux_row(AuxRow(1, 2), 64))
-    bad[20:24] = (99).to_bytes(4, "little")
-    with pytest.raises(ValueError, match="claims 99 top logprobs"):
+    r = unpack_aux_row(pack_aux_row(AuxRow.one(1, 2), 64))
+    assert math.isnan(r.samples[0].logprob) and r.samples[0].top_logprobs == []
+    with pytest.raises(ValueError, match="1 to 0 samples"):
+        pack_aux_row(AuxRow.one(1, 2), 16)
+    with pytest.raises(ValueError, match="different numbers of top logprobs"):
+        pack_aux_row(AuxRow(1, [SampleToken(1, 0.0, [(1, 0.0)]), SampleToken(2)]), 64)
+    bad = bytearray(pack_aux_row(AuxRow.one(1, 2), 64))
+    bad[14:16] = (99).to_bytes(2, "little")
+    with pytest.raises(ValueError, match="claims 1 samples with 99 top logprobs"):
         unpack_aux_row(bytes(bad))
+    cleared = unpack_aux_row(bytes(64))  # a zeroed slot: no row for any room
+    assert (cleared.room, cleared.samples) == (0, [])
 
 
 def test_pages_needed():

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .paged import dot, key_block, softmax_step
+
 BLOCK_N = 64  # context tokens per inner iteration (and the granularity of a split)
 
 
@@ -53,29 +55,13 @@ def _decode_partial_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        page = tl.load(PageTable + b * stride_pt + offs_n // PAGE_SIZE, mask=mask_n, other=0)
-        slot = page.to(tl.int64) * PAGE_SIZE + offs_n % PAGE_SIZE
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(K + slot[:, None] * stride_k_slot + kv_head * stride_k_head + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(k))
+        offs_n, mask_n, slot, kv_mask, k = key_block(PageTable, b * stride_pt, K, stride_k_slot,
+                                                     kv_head * stride_k_head, n0, end, offs_d, mask_d, PAGE_SIZE,
+                                                     BLOCK_N)
+        qk = dot(q, tl.trans(k), IEEE)
         qk = tl.where(mask_n[None, :], qk * sm_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + slot[:, None] * stride_v_slot + kv_head * stride_v_head + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = softmax_step(qk, m_i, l_i, acc, V, slot, stride_v_slot, kv_head * stride_v_head, offs_d,
+                                     kv_mask, False, IEEE)
     # An empty split (short context, or a padding row) stores zeros and lse = -inf.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

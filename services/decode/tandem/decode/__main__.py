@@ -7,8 +7,8 @@ from tandem.server import service_name, setup_logging
 from tandem.transfer import make_receiver
 from tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from tandem.worker.decode import DecodeWorker
-from tandem.worker.prefill_client import PrefillSelector
 from tandem.worker.process import build_worker
+from tandem.worker.remote_prefill import RemotePrefill
 
 
 def main(argv=None) -> None:
@@ -16,18 +16,17 @@ def main(argv=None) -> None:
     setup_logging("decode", config.log_level, config.log_format)
     disagg = config.disaggregation_mode == "decode"
     wp = build_worker("decode", config, engine_type="decode" if disagg else "unified", endpoint_name="generate")
-    receiver = selector = None
+    remote = None
     if disagg:
         receiver = make_receiver(config.disaggregation_transfer_backend, wp.kv_buffers(), name=wp.runtime.worker_id,
                                  model_fingerprint=wp.fingerprint,
                                  bootstrap_timeout_s=config.disaggregation_bootstrap_timeout,
                                  transfer_timeout_s=config.disaggregation_transfer_timeout)
-        selector = PrefillSelector(config.prefill_addresses, config.prefill_selection, wp.engine.page_size)
-        selector.start()
-        wp.runtime.on_shutdown(selector.stop)
-    worker = DecodeWorker(config, wp.loop, wp.runtime.worker_id, receiver, selector)
-    if disagg:
-        wp.reporter.extra = worker.disagg_stats
+        remote = RemotePrefill(config, wp.loop, receiver, wp.runtime.worker_id, wp.reporter)
+        remote.start()
+        wp.runtime.on_shutdown(remote.stop)
+        wp.runtime.on_shutdown(receiver.close)
+    worker = DecodeWorker(config, wp.loop, wp.runtime.worker_id, remote)
     name = service_name(decode_pb2, "Decode")
     wp.runtime.add_service(decode_pb2_grpc.add_DecodeServicer_to_server,
                            DecodeServicer(worker, wp.component_metrics, wp.reporter), name)

@@ -17,9 +17,10 @@ def main(argv=None) -> None:
     wp = build_worker("prefill", config, engine_type="prefill", endpoint_name="prefill")
     sender = make_sender(config.disaggregation_transfer_backend, wp.kv_buffers(), name=wp.runtime.worker_id,
                          model_fingerprint=wp.fingerprint)
+    worker = PrefillWorker(config, wp.loop, sender, wp.runtime.worker_id, wp.reporter)
+    worker.transfers.start()
+    wp.runtime.on_shutdown(worker.transfers.stop)
     wp.runtime.on_shutdown(sender.close)
-    worker = PrefillWorker(config, wp.loop, sender, wp.runtime.worker_id)
-    wp.reporter.extra = worker.prefill_stats
     name = service_name(prefill_pb2, "Prefill")
     wp.runtime.add_service(prefill_pb2_grpc.add_PrefillServicer_to_server,
                            PrefillServicer(worker, wp.component_metrics), name)
@@ -28,7 +29,7 @@ def main(argv=None) -> None:
     warmup = None
     if config.node_rank == 0:
         def warmup():
-            chunk = min(wp.engine.chunked_prefill_size, wp.engine.context_length - 1)
+            chunk = min(wp.loop.info.chunked_prefill_size, wp.loop.info.context_length - 1)
             warmup_prefill(wp.runtime.address, config.warmup_timeout, full_chunk_tokens=chunk)
 
     wp.serve(warmup, role="prefill")

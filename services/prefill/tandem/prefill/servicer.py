@@ -12,16 +12,21 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.worker = worker
         self.metrics = metrics
 
-    def RegisterDecode(self, request, context):
+    @staticmethod
+    def _unary(handle, request, context):
+        """A unary RPC: the worker's answer, or its RequestFailed as the call's status."""
         try:
-            return self.worker.register_decode(request)
+            return handle(request)
         except RequestFailed as exc:
             context.abort(exc.status, exc.message)
+
+    def RegisterDecode(self, request, context):
+        return self._unary(self.worker.register_decode, request, context)
 
     def Prefill(self, request_iterator, context):
         with self.metrics.track_request("prefill") as track:
             try:
-                for msg in self.worker.prefill(request_iterator, context.is_active):
+                for msg in self.worker.prefill(request_iterator, context.add_callback):
                     track.first_response()
                     track.add_response_bytes(msg.ByteSize())
                     if msg.WhichOneof("msg") == "failed":
@@ -30,6 +35,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             except RequestFailed as exc:
                 track.set_error(exc.status.name)
                 context.abort(exc.status, exc.message)
+
+    def CancelRoom(self, request, context):
+        return self._unary(self.worker.cancel_room, request, context)
 
     def GetLoad(self, request, context):
         return self.worker.get_load()

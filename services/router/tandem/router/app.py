@@ -42,7 +42,7 @@ class RouterApp:
         self.model_name = config.served_model_name or os.path.basename(os.path.normpath(config.model_path))
         self.metrics = RouterMetrics(self.registry, self.model_name)
         self.core = RouterCore(config, self.tokenizer, self.metrics, self.model_name)
-        self.servicer = RouterServicer(self)
+        self.servicer = RouterServicer(self.core, lambda: self.loop)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: uvicorn.Server | None = None
@@ -52,12 +52,6 @@ class RouterApp:
     @property
     def http_address(self) -> str:
         return f"{self.config.host}:{self.http_port}"
-
-    def add_to_server(self, server) -> None:
-        """Register the Router servicer on a grpc.Server (ServiceRuntime.add_service does the same)."""
-        from tandem.v1 import router_pb2_grpc
-
-        router_pb2_grpc.add_RouterServicer_to_server(self.servicer, server)
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the router loop thread: discovery, health checks and the HTTP server. Returns
@@ -77,7 +71,7 @@ class RouterApp:
         self.loop = asyncio.new_event_loop()
         started = threading.Event()
         errors: list[BaseException] = []
-        uv_config = uvicorn.Config(build_http_app(self), log_level="warning", access_log=False,
+        uv_config = uvicorn.Config(build_http_app(self.core, self.registry), log_level="warning", access_log=False,
                                    timeout_graceful_shutdown=2, lifespan="off")
         self._server = uvicorn.Server(uv_config)
 

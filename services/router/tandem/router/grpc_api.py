@@ -16,31 +16,31 @@ import asyncio
 import json
 import queue
 import uuid
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import grpc
-from tandem.router.core import Prepared, RouterError
+from tandem.router.core import Prepared, RouterCore, RouterError
 from tandem.routing.openai_protocol import MAX_N, OpenAIError
 from tandem.routing.sampling import check_sampling
 from tandem.routing.tool_parsers import Tool, check_tool_name, forced_schema
 from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
 
-if TYPE_CHECKING:
-    from tandem.router.app import RouterApp
-
 _END = object()
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, app: RouterApp) -> None:
-        self.app = app
+    """``loop()``: the router's asyncio loop, where ``core`` runs (set once the router started)."""
+
+    def __init__(self, core: RouterCore, loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
+        self.core = core
+        self.loop = loop
 
     def _prepare(self, request: router_pb2.RouterGenerateRequest, context) -> Prepared:
-        app = self.app
-        if request.model and request.model != app.model_name:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}; serving {app.model_name!r}")
-        tok = app.tokenizer
-        cfg = app.config
+        core = self.core
+        if request.model and request.model != core.model_name:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}; serving {core.model_name!r}")
+        tok = core.tokenizer
+        cfg = core.config
         kind = request.WhichOneof("prompt")
         tool_parser = None
         echo = ""
@@ -89,7 +89,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         timeout = context.time_remaining()
         if timeout is not None and timeout > 1e7:  # no deadline: gRPC reports ~int64 max
             timeout = None
-        core = self.app.core
+        core = self.core
 
         calls: dict[int, int] = {}  # tool calls sent so far, per sample
 
@@ -113,7 +113,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             finally:
                 q.put(_END)
 
-        fut = asyncio.run_coroutine_threadsafe(pump(), self.app.loop)
+        fut = asyncio.run_coroutine_threadsafe(pump(), self.loop())
         context.add_callback(fut.cancel)
         while True:
             item = q.get()
@@ -125,10 +125,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     def ListWorkers(self, request, context):
         async def snapshot():
-            return [w.to_proto() for w in self.app.core.pool.workers.values()]
+            return [w.to_proto() for w in self.core.pool.workers.values()]
 
-        workers = asyncio.run_coroutine_threadsafe(snapshot(), self.app.loop).result(timeout=5)
-        return router_pb2.ListWorkersResponse(workers=workers, policy=self.app.config.routing_policy)
+        workers = asyncio.run_coroutine_threadsafe(snapshot(), self.loop()).result(timeout=5)
+        return router_pb2.ListWorkersResponse(workers=workers, policy=self.core.config.routing_policy)
 
 
 def _message(m: router_pb2.ChatMessage) -> dict:

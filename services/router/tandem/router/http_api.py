@@ -12,18 +12,14 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from tandem.router.core import Delta, NoHealthyWorker, Prepared, RouterError
+from tandem.router.core import Delta, NoHealthyWorker, Prepared, RouterCore, RouterError
 from tandem.routing import openai_protocol as oa
-
-if TYPE_CHECKING:
-    from tandem.router.app import RouterApp
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +67,11 @@ async def _until_disconnect(request: Request, coro):
             task.cancel()
 
 
-def build_http_app(router: RouterApp) -> FastAPI:
+def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
+    """The OpenAI API over ``core``; ``registry`` is what ``/metrics`` exposes."""
     app = FastAPI(title="tandem router", docs_url=None, redoc_url=None, openapi_url=None)
-    core = router.core
-    tok = router.tokenizer
-    model_name = router.model_name
+    tok = core.tokenizer
+    model_name = core.model_name
     created = oa.now()
 
     @app.exception_handler(oa.OpenAIError)
@@ -96,7 +92,7 @@ def build_http_app(router: RouterApp) -> FastAPI:
         return JSONResponse(err.body(), status_code=500)
 
     def check_auth(request: Request) -> None:
-        key = router.config.api_key
+        key = core.config.api_key
         if not key:
             return
         header = request.headers.get("authorization", "")
@@ -117,7 +113,7 @@ def build_http_app(router: RouterApp) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return Response(generate_latest(router.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -130,7 +126,7 @@ def build_http_app(router: RouterApp) -> FastAPI:
         check_model(name)
         return oa.models_body(model_name, created)["data"][0]
 
-    cfg = router.config
+    cfg = core.config
 
     def prepare(kind: str, req, request: Request) -> Prepared:
         check_model(req.model)

@@ -1,5 +1,5 @@
 """The router's view of its workers: gRPC channels, health checks, load polling and the
-KV-event subscription that feeds the KV index.
+KV-event subscription that feeds the KV index (tandem.routing.kv_events).
 
 Everything here runs on the router's asyncio loop. A worker is taken out of rotation when one
 health check fails or times out (timeout <= health_check_interval, so a dead worker is out
@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tandem.routing.kv_events import follow_kv_events
 from tandem.routing.kv_index import KvIndex
 from tandem.routing.policies import WorkerView
 from tandem.v1 import common_pb2, decode_pb2_grpc
@@ -165,27 +166,5 @@ class WorkerPool:
             await asyncio.sleep(self.health_interval)
 
     async def _kv_events_loop(self, w: Worker) -> None:
-        """Subscribe to the worker's KvEvents with a snapshot; resubscribe on gaps and errors."""
-        index = self.index
-        delay = 0.2
-        while True:
-            if not w.healthy:
-                await asyncio.sleep(self.health_interval / 2)
-                continue
-            index.clear(w.worker_id)
-            index.reset_sequence(w.worker_id)
-            call = w.decode.KvEvents(common_pb2.KvEventsRequest(snapshot=True))
-            try:
-                async for batch in call:
-                    delay = 0.2
-                    if not index.apply_batch(w.worker_id, batch):
-                        log.warning("kv events of %s: sequence gap at %d; resubscribing", w.worker_id, batch.sequence)
-                        break
-            except grpc.aio.AioRpcError as e:
-                lvl = logging.DEBUG if e.code() == grpc.StatusCode.UNAVAILABLE else logging.WARNING
-                log.log(lvl, "kv events of %s: %s %s", w.worker_id, e.code().name, e.details())
-            finally:
-                call.cancel()
-            index.clear(w.worker_id)
-            await asyncio.sleep(delay)
-            delay = min(5.0, delay * 2)
+        await follow_kv_events(w.decode.KvEvents, self.index, w.worker_id, ready=lambda: w.healthy,
+                               idle_wait_s=self.health_interval / 2)

@@ -14,9 +14,7 @@ file or inline JSON (published at start); a ``trivial`` start publishes nothing,
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -26,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Summary
 from tandem.config import EplbPlannerConfig
+from tandem.config.hf_config import read_hf_config
 from tandem.eplb.algorithms import (
     balancedness_per_layer,
     choose_algorithm,
@@ -410,14 +409,6 @@ def _validate_shape(p: Planner) -> None:
 
 
 # ---------------------------------------------------------------------- model shape helpers
-def _read_config(model_path: str) -> dict:
-    path = os.path.join(model_path, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"model_path={model_path!r}: no config.json in this directory")
-    with open(path) as f:
-        return json.load(f)
-
-
 def model_moe_shape(model_path: str) -> tuple[int, int, int]:
     """``(num_moe_layers, num_logical_experts, num_groups)`` from a checkpoint's config.json.
 
@@ -426,7 +417,7 @@ def model_moe_shape(model_path: str) -> tuple[int, int, int]:
     dense layers and ``mlp_only_layers``, and follow ``decoder_sparse_step`` /
     ``moe_layer_freq``. Groups: ``n_group`` (1 when absent).
     """
-    c = _read_config(model_path)
+    c = read_hf_config(model_path)
     experts = c.get("num_experts") or c.get("n_routed_experts") or c.get("num_local_experts") or 0
     if not experts:
         raise ValueError(f"{model_path}: config.json has no num_experts / n_routed_experts: not an MoE model")
@@ -445,7 +436,7 @@ def model_moe_shape(model_path: str) -> tuple[int, int, int]:
 
 def expert_weight_bytes(model_path: str) -> int:
     """Bytes of one routed expert's weights (gate, up, down projections), 0 if unknown."""
-    c = _read_config(model_path)
+    c = read_hf_config(model_path)
     hidden = c.get("hidden_size") or 0
     inter = c.get("moe_intermediate_size") or c.get("intermediate_size") or 0
     dtype = str(c.get("torch_dtype") or c.get("dtype") or "bfloat16")

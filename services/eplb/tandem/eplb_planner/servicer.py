@@ -6,32 +6,16 @@ import logging
 import grpc
 from prometheus_client import CollectorRegistry
 from tandem.config import EplbPlannerConfig
-from tandem.eplb.planner import Plan, Planner
-from tandem.eplb.plans import plan_from_proto
+from tandem.eplb.planner import Planner
+from tandem.eplb.plans import plan_to_proto
 from tandem.v1 import eplb_pb2, eplb_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EplbPlannerServicer", "plan_to_proto", "plan_from_proto"]
+__all__ = ["EplbPlannerServicer"]
 
 # How often a WatchPlans stream wakes up to notice a cancelled client.
 _WATCH_POLL_S = 0.5
-
-
-def plan_to_proto(plan: Plan) -> eplb_pb2.ExpertPlan:
-    loc = plan.location
-    return eplb_pb2.ExpertPlan(
-        version=plan.version,
-        num_logical_experts=loc.num_logical,
-        num_physical_experts=loc.num_physical,
-        num_ranks=loc.ep_size,
-        layers=[eplb_pb2.LayerPlacement(physical_to_logical=row) for row in loc.physical_to_logical.tolist()],
-        algorithm=plan.algorithm,
-        balancedness_before=plan.balancedness_before,
-        balancedness_after=plan.balancedness_after,
-        num_moves=plan.num_moves,
-        created_at=plan.created_at,
-    )
 
 
 class EplbPlannerServicer(eplb_pb2_grpc.EplbPlannerServicer):

@@ -1,15 +1,15 @@
-"""`python -m tandem.eplb`: the EPLB planner service."""
+"""`python -m tandem.eplb_planner`: the EPLB planner service (its logic: tandem.eplb.planner)."""
 from __future__ import annotations
 
 from tandem.config import EplbPlannerConfig, load_or_exit
 from tandem.eplb.planner import expert_weight_bytes, model_moe_shape
-from tandem.eplb.servicer import EplbPlannerServicer
+from tandem.eplb_planner.servicer import EplbPlannerServicer
 from tandem.server import ServiceRuntime, service_name, setup_logging
 from tandem.v1 import eplb_pb2, eplb_pb2_grpc
 
 
 def main(argv=None) -> None:
-    config = load_or_exit(EplbPlannerConfig, argv, prog="python -m tandem.eplb")
+    config = load_or_exit(EplbPlannerConfig, argv, prog="python -m tandem.eplb_planner")
     setup_logging("eplb", config.log_level, config.log_format)
     if not config.model_path:
         raise SystemExit("config error: model_path=None: the planner needs the MoE checkpoint (--model-path)")

@@ -1,4 +1,4 @@
-"""Build the small demo checkpoints offline: ``python -m tandem.engine.demo_models --out models``.
+"""Build the small demo checkpoints offline: ``python -m deploy.demo_models --out models``.
 
 Two Hugging Face-format checkpoints, deterministic from a seed on a given machine:
 

@@ -1,0 +1,1 @@
+"""tandem decode service: a thin gRPC transport over tandem.worker."""

@@ -1,0 +1,1 @@
+"""tandem EPLB planner service: a thin gRPC shell over tandem.eplb.planner."""

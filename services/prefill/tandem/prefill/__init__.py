@@ -1,0 +1,1 @@
+"""tandem prefill service: a thin gRPC transport over tandem.worker."""
