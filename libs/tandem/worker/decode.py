@@ -123,7 +123,11 @@ class DecodeWorker:
         tried: set[str] = set()
         last: RemotePrefillError | None = None
         for attempt in range(self.config.prefill_retries + 1):
-            peer = self.selector.pick(ids, exclude=tried)
+            try:
+                peer = self.selector.pick(ids, exclude=tried)
+            except RemotePrefillError as exc:  # none registered (--prefill-discovery etcd)
+                last = exc
+                break
             tried.add(peer.address)
             if attempt:
                 self.counters.retries += 1

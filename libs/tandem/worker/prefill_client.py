@@ -127,32 +127,85 @@ class PrefillPeer:
 
 class PrefillSelector:
     """round_robin, or kv_aware: the peer whose prefix cache holds the longest prefix of
-    the prompt (from the prefills' KvEvents streams), ties broken by fewest in flight."""
+    the prompt (from the prefills' KvEvents streams), ties broken by fewest in flight.
 
-    def __init__(self, addresses: Sequence[str], policy: str, page_size: int) -> None:
-        if not addresses:
+    The set of peers is fixed (--prefill-addresses) or follows etcd (`PrefillDiscovery` calls
+    `set_addresses`): a peer that leaves is picked no more at once; its channel closes once
+    its in-flight prefills have ended."""
+
+    def __init__(self, addresses: Sequence[str], policy: str, page_size: int, dynamic: bool = False) -> None:
+        if not addresses and not dynamic:
             raise ValueError("no prefill workers configured")
-        self.peers = [PrefillPeer(a) for a in addresses]
         self.policy = policy
         self.index = KvIndex(block_size=page_size)
         self._index_lock = threading.Lock()
-        self._rr = itertools.count(random.randrange(len(self.peers)))
+        self._peers_lock = threading.Lock()
+        self._peers: dict[str, PrefillPeer] = {}
+        self._retired: list[PrefillPeer] = []
+        self._peer_stops: dict[str, threading.Event] = {}
+        self._rr = itertools.count(random.randrange(1 << 16))
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._started = False
         self.last_overlap_blocks = 0
+        self.set_addresses(addresses)
+
+    @property
+    def peers(self) -> list[PrefillPeer]:
+        with self._peers_lock:
+            return list(self._peers.values())
+
+    def set_addresses(self, addresses: Sequence[str]) -> None:
+        """Make the peer set exactly `addresses` (in this order for round robin)."""
+        wanted = list(dict.fromkeys(addresses))
+        with self._peers_lock:
+            gone = [a for a in self._peers if a not in wanted]
+            for a in gone:
+                self._retired.append(self._peers.pop(a))
+                stop = self._peer_stops.pop(a, None)
+                if stop is not None:
+                    stop.set()
+            added = [a for a in wanted if a not in self._peers]
+            peers = {a: self._peers.get(a) or PrefillPeer(a) for a in wanted}
+            self._peers = peers
+            self._close_idle_retired()
+        for a in gone:
+            with self._index_lock:
+                self.index.remove_worker(a)
+                self.index.reset_sequence(a)
+        if added or gone:
+            log.info("prefill workers: %s (added %s, removed %s)", wanted or "none", added or "-", gone or "-")
+        if self._started:
+            for a in added:
+                self._follow(a)
+
+    def _close_idle_retired(self) -> None:
+        still = []
+        for p in self._retired:
+            if p.inflight <= 0:
+                p.close()
+            else:
+                still.append(p)
+        self._retired = still
 
     def start(self) -> None:
+        self._started = True
+        for peer in self.peers:
+            self._follow(peer.address)
+
+    def _follow(self, address: str) -> None:
         if self.policy != "kv_aware":
             return
-        for peer in self.peers:
-            t = threading.Thread(target=self._follow_events, args=(peer,), name=f"kv-events-{peer.address}",
-                                 daemon=True)
-            t.start()
-            self._threads.append(t)
+        with self._peers_lock:
+            peer = self._peers.get(address)
+            if peer is None or address in self._peer_stops:
+                return
+            stop = self._peer_stops[address] = threading.Event()
+        threading.Thread(target=self._follow_events, args=(peer, stop), name=f"kv-events-{address}",
+                         daemon=True).start()
 
-    def _follow_events(self, peer: PrefillPeer) -> None:
+    def _follow_events(self, peer: PrefillPeer, stop: threading.Event) -> None:
         """Keep the index fed from one prefill; resubscribe with a snapshot after any gap."""
-        while not self._stop.is_set():
+        while not (self._stop.is_set() or stop.is_set()):
             try:
                 stream = peer.stub.KvEvents(common_pb2.KvEventsRequest(snapshot=True))
                 for batch in stream:
@@ -161,18 +214,21 @@ class PrefillSelector:
                     if not in_order and not any(e.WhichOneof("event") == "cleared" for e in batch.events):
                         stream.cancel()
                         break
-                    if self._stop.is_set():
+                    if self._stop.is_set() or stop.is_set():
                         stream.cancel()
                         return
-            except grpc.RpcError:
+            except (grpc.RpcError, ValueError):  # ValueError: the channel was closed under us
                 pass
             with self._index_lock:
                 self.index.remove_worker(peer.address)
                 self.index.reset_sequence(peer.address)
-            self._stop.wait(0.5)
+            stop.wait(0.5)
 
     def pick(self, token_ids: Sequence[int], exclude: set[str] = frozenset()) -> PrefillPeer:
-        candidates = [p for p in self.peers if p.address not in exclude] or list(self.peers)
+        peers = self.peers
+        if not peers:
+            raise RemotePrefillError("no_prefill_workers", "no prefill worker is registered", False)
+        candidates = [p for p in peers if p.address not in exclude] or peers
         if self.policy == "kv_aware":
             with self._index_lock:
                 overlap = self.index.match(self.index.request_keys(token_ids))
@@ -184,5 +240,59 @@ class PrefillSelector:
 
     def stop(self) -> None:
         self._stop.set()
-        for p in self.peers:
-            p.close()
+        with self._peers_lock:
+            for stop in self._peer_stops.values():
+                stop.set()
+            for p in [*self._peers.values(), *self._retired]:
+                p.close()
+            self._retired.clear()
+
+
+class PrefillDiscovery:
+    """Decode's view of the prefill workers registered in etcd (--prefill-discovery etcd): workers
+    with role "prefill" serving this model. Feeds `PrefillSelector.set_addresses` from a watcher
+    thread, so prefill workers can be added and removed (scaled) while decode serves."""
+
+    def __init__(self, selector: PrefillSelector, endpoint: str, prefix: str, model: str) -> None:
+        from tandem.routing.discovery import EtcdWatcher
+
+        self.selector = selector
+        self.model = model
+        self.synced = threading.Event()
+        self._watcher = EtcdWatcher(endpoint, prefix, self._on_change)
+        self._loop = None
+        self._task = None
+        self._thread = threading.Thread(target=self._run, name="prefill-discovery", daemon=True)
+
+    def _on_change(self, infos) -> None:
+        prefills = sorted((i for i in infos.values() if i.role == "prefill" and i.model in ("", self.model)),
+                          key=lambda i: i.worker_id)
+        self.selector.set_addresses([i.address for i in prefills])
+        self.synced.set()
+
+    def _run(self) -> None:
+        import asyncio
+
+        self._loop = asyncio.new_event_loop()
+        self._task = self._loop.create_task(self._watcher.run())
+        try:
+            self._loop.run_until_complete(self._task)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._loop.close()
+
+    def start(self, wait_s: float = 10.0) -> None:
+        """Start watching; wait up to `wait_s` for the first view (etcd may not be up yet)."""
+        self._thread.start()
+        if not self.synced.wait(wait_s):
+            log.warning("prefill discovery: no answer from etcd in %.0fs; prefill workers join once it answers",
+                        wait_s)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._task is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._task.cancel)
+            except RuntimeError:  # the loop already ended
+                pass
+        self._thread.join(5)

@@ -7,7 +7,7 @@ from tandem.server import service_name, setup_logging
 from tandem.transfer import make_receiver
 from tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from tandem.worker.decode import DecodeWorker
-from tandem.worker.prefill_client import PrefillSelector
+from tandem.worker.prefill_client import PrefillDiscovery, PrefillSelector
 from tandem.worker.process import build_worker
 
 
@@ -22,9 +22,15 @@ def main(argv=None) -> None:
                                  model_fingerprint=wp.fingerprint,
                                  bootstrap_timeout_s=config.disaggregation_bootstrap_timeout,
                                  transfer_timeout_s=config.disaggregation_transfer_timeout)
-        selector = PrefillSelector(config.prefill_addresses, config.prefill_selection, wp.engine.page_size)
+        follow_etcd = config.prefill_discovery == "etcd"
+        selector = PrefillSelector(config.prefill_addresses, config.prefill_selection, wp.engine.page_size,
+                                   dynamic=follow_etcd)
         selector.start()
         wp.runtime.on_shutdown(selector.stop)
+        if follow_etcd:
+            discovery = PrefillDiscovery(selector, config.etcd_endpoint, config.etcd_prefix, wp.model_name)
+            discovery.start()
+            wp.runtime.on_shutdown(discovery.stop, first=True)
     worker = DecodeWorker(config, wp.loop, wp.runtime.worker_id, receiver, selector)
     if disagg:
         wp.reporter.extra = worker.disagg_stats
