@@ -81,11 +81,12 @@ def main(dist: Path, models: Path) -> None:
                                              "--system-port", str(ports[f"{s}_sys"]), *argv[s]],
                                             cwd=scratch, env=env, stdout=fh, stderr=subprocess.STDOUT,
                                             start_new_session=True)
+        def exited():
+            dead = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
+            return f"exited: {dead}" if dead else None
+
         for s in ("prefill", "eplb", "decode", "router"):
-            def check_alive(s=s):
-                dead = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
-                return f"\nexited: {dead}" + tails() if dead else tails()
-            sc.wait_serving(s, addr[s], addr[f"{s}_sys"], timeout=300, on_timeout=check_alive)
+            sc.wait_serving(s, addr[s], addr[f"{s}_sys"], timeout=300, on_timeout=tails, alive=exited)
         log(f"all four SERVING (gRPC health + /health) after {time.monotonic() - t0:.0f} s")
 
         before = sc.metric_sum(sc.metrics(addr["prefill_sys"]), "sglang:prompt_tokens_total")

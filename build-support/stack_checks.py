@@ -46,6 +46,10 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 10.0,
         return e.code, e.read()
 
 
+class Fatal(Exception):
+    """Raised by a check when waiting longer cannot help (the process died)."""
+
+
 def wait_until(what: str, check, timeout: float, interval: float = 0.5, on_timeout=None):
     """Poll check() until it returns a truthy value; raises TimeoutError naming `what`."""
     deadline = time.monotonic() + timeout
@@ -55,6 +59,8 @@ def wait_until(what: str, check, timeout: float, interval: float = 0.5, on_timeo
             result = check()
             if result:
                 return result
+        except Fatal:
+            raise
         except Exception as e:  # not up yet: connection refused, 503, ...
             last = e
         time.sleep(interval)
@@ -62,10 +68,16 @@ def wait_until(what: str, check, timeout: float, interval: float = 0.5, on_timeo
     raise TimeoutError(f"{what}: not reached in {timeout:.0f}s (last error: {last}){extra}")
 
 
-def wait_serving(name: str, grpc_address: str, system_address: str, timeout: float, on_timeout=None) -> None:
-    """gRPC health SERVING and the system port's /health answering 200."""
-    wait_until(f"{name} gRPC health SERVING at {grpc_address}", lambda: grpc_health(grpc_address) == SERVING,
-               timeout, on_timeout=on_timeout)
+def wait_serving(name: str, grpc_address: str, system_address: str, timeout: float, on_timeout=None,
+                 alive=None) -> None:
+    """gRPC health SERVING and the system port's /health answering 200. `alive()`, when given,
+    returns why the service is gone (a string) or None; waiting stops at once when it is gone."""
+    def serving():
+        if alive is not None and (gone := alive()):
+            raise Fatal(f"{name}: {gone}" + (on_timeout() if on_timeout else ""))
+        return grpc_health(grpc_address) == SERVING
+
+    wait_until(f"{name} gRPC health SERVING at {grpc_address}", serving, timeout, on_timeout=on_timeout)
     wait_until(f"{name} GET http://{system_address}/health == 200",
                lambda: http("GET", f"http://{system_address}/health")[0] == 200, 30, on_timeout=on_timeout)
 
