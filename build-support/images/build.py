@@ -410,10 +410,14 @@ def tar_layout(layout: Path, archive: Path) -> None:
     tmp.replace(archive)
 
 
-def docker_archive(name: str, repo: str, tag: str) -> Path:
-    out = OUT / f"{name}.docker.tar"
+def docker_archive(name: str, repo: str, tag: str, digest: str) -> Path:
+    """The image as a docker-archive (`docker load -i`), rewritten only when the image changed."""
+    out, stamp = OUT / f"{name}.docker.tar", OUT / f".{name}.docker.digest"
+    if out.exists() and stamp.exists() and stamp.read_text() == digest:
+        return out
     out.unlink(missing_ok=True)
     run("skopeo", "copy", "--quiet", f"oci:{OUT / name}:{tag}", f"docker-archive:{out}:localhost/tandem/{repo}:{tag}")
+    stamp.write_text(digest)
     return out
 
 
@@ -453,7 +457,7 @@ def main() -> None:
         r = assemble(name, svc, tag, layers, service_config(svc, args.variant, src, packages, pex), src)
         r["_layer_files"] = [deps_tar, srcs_tar]
         if args.docker_archive:
-            r["docker_archive"] = str(docker_archive(name, svc, tag).relative_to(REPO))
+            r["docker_archive"] = str(docker_archive(name, svc, tag, r["digest"]).relative_to(REPO))
         results.append(r)
         log(f"{name}: {r['reference']} {r['digest']} ({r['compressed_size'] / 1e6:.0f} MB compressed)")
     if args.variant == "cpu" and (not args.services or "prometheus" in args.services):
@@ -464,7 +468,7 @@ def main() -> None:
         r = assemble("prometheus", "prometheus", tag, layers, config, src)
         r["_layer_files"] = [layer]
         if args.docker_archive:
-            r["docker_archive"] = str(docker_archive("prometheus", "prometheus", tag).relative_to(REPO))
+            r["docker_archive"] = str(docker_archive("prometheus", "prometheus", tag, r["digest"]).relative_to(REPO))
         results.append(r)
         log(f"prometheus: {r['reference']} {r['digest']} ({r['compressed_size'] / 1e6:.0f} MB compressed)")
     # Cached layers unused for a week (an older PEX, an older base) are dropped.
