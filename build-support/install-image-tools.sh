@@ -28,18 +28,10 @@ missing=()
 for c in "${cmds[@]}"; do command -v "$c" >/dev/null 2>&1 || missing+=("$c"); done
 if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-    echo "[install-image-tools] need root (or sudo) to apt-get install ${pkgs[*]}" >&2
-    exit 1
-  fi
-fi
-export DEBIAN_FRONTEND=noninteractive
-echo "[install-image-tools] missing: ${missing[*]}; apt-get install ${pkgs[*]}"
-$SUDO apt-get -o DPkg::Lock::Timeout=300 update -qq
-# Recommends are left out: only these packages' own binaries are used (podman recommends crun,
-# which fails on this kind of machine; runc is configured instead).
-$SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+echo "[install-image-tools] missing: ${missing[*]}"
+# Recommends are left out (apt-install-service.sh): only these packages' own binaries are used
+# (podman recommends crun, which fails on this kind of machine; runc is configured instead), and
+# podman's packaged system service is kept from running.
+build-support/apt-install-service.sh install-image-tools podman "${pkgs[@]}"
 for c in "${cmds[@]}"; do command -v "$c" >/dev/null || { echo "[install-image-tools] $c still missing" >&2; exit 1; }; done
 echo "[install-image-tools] installed: ${pkgs[*]}"
