@@ -7,6 +7,20 @@ PREFILL ?= 1
 DECODE ?= 1
 
 .PHONY: setup codegen test test-tools test-fresh test-fast lint demo-models deploy-local stop-local pants package bench bench-micro clean
+.PHONY: images images-docker test-images validate-deploy lock
+
+# cpu: the CPU build of torch (dist/, default.lock); cuda: PyPI's CUDA 13 build for GPU workers
+# (dist/cuda/, cuda.lock, build-support/pants-cuda.toml; only prefill and decode differ).
+TORCH_VARIANT ?= cpu
+ifeq ($(TORCH_VARIANT),cuda)
+PANTS_VARIANT := "--pants-config-files=+['build-support/pants-cuda.toml']"
+SERVICE_PEXES := services/prefill:: services/decode::
+else ifeq ($(TORCH_VARIANT),cpu)
+PANTS_VARIANT :=
+SERVICE_PEXES := services/router:: services/prefill:: services/decode:: services/eplb::
+else
+$(error TORCH_VARIANT=$(TORCH_VARIANT): must be cpu or cuda)
+endif
 
 setup:  ## create .venv, install pinned deps, generate protobuf code (idempotent)
 	@build-support/setup.sh
@@ -21,6 +35,7 @@ test: setup demo-models test-tools  ## layering contracts, the whole test suite 
 	.venv/bin/lint-imports
 	$(PY) -m pytest -q -rs --durations=15 tests
 	@build-support/pants-smoke.sh
+	@$(PY) build-support/validate_deploy.py
 
 test-tools:  ## the Debian tools tests run: Prometheus + promtool, etcd (installed when missing)
 	@build-support/install-prometheus.sh
@@ -50,8 +65,26 @@ stop-local:
 pants:  ## bootstrap Pants 2.17.1 and its offline tools into .tools/
 	@build-support/pants-bootstrap.sh
 
-package: pants  ## one PEX per service into dist/
-	@build-support/pants package services/router:: services/prefill:: services/decode:: services/eplb::
+package: pants  ## one PEX per service into dist/ (TORCH_VARIANT=cuda: the GPU workers into dist/cuda/)
+	@build-support/pants $(PANTS_VARIANT) package $(SERVICE_PEXES)
+
+lock: pants  ## regenerate the Pants lockfile (TORCH_VARIANT=cuda: 3rdparty/python/cuda.lock)
+	@build-support/pants $(PANTS_VARIANT) generate-lockfiles --resolve=python-default
+
+images: package  ## one OCI image per service into build/images/ (root; no Docker; TORCH_VARIANT=cpu|cuda)
+	@build-support/install-image-tools.sh build
+	@python3 build-support/images/build.py --variant $(TORCH_VARIANT)
+
+images-docker: package  ## images, plus build/images/<name>.docker.tar for `docker load`
+	@build-support/install-image-tools.sh build
+	@python3 build-support/images/build.py --variant $(TORCH_VARIANT) --docker-archive
+
+test-images: setup demo-models  ## run the built images: --help each, then the compose stack (podman-compose)
+	@build-support/install-image-tools.sh test
+	@$(PY) build-support/images/test_images.py
+
+validate-deploy: setup  ## render the Kubernetes overlays and validate them (also part of make test)
+	@$(PY) build-support/validate_deploy.py
 
 clean:
-	rm -rf gen .pytest_cache .ruff_cache dist .pants.d
+	rm -rf gen .pytest_cache .ruff_cache dist .pants.d build

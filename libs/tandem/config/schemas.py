@@ -21,7 +21,11 @@ class ServerConfig(_Section):
     system_port: int = Field(
         0, ge=0, le=65535, description="HTTP port for /health, /metrics and /engine/* (0 = free port)."
     )
-    worker_id: str | None = Field(None, description="Unique id of this process (default host:port).")
+    advertise_host: str | None = Field(
+        None, description="Host other processes reach this one at, registered in etcd (default --host; set it, "
+        "e.g. to the pod IP, when --host is 0.0.0.0)."
+    )
+    worker_id: str | None = Field(None, description="Unique id of this process (default advertised host:port).")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     log_format: Literal["text", "json"] = Field("text", description="Log line format.")
     node_rank: int = Field(0, ge=0, description="Rank of this node in a multi-node worker (0 = leader).")
@@ -153,6 +157,10 @@ class DecodeConfig(ServerConfig, EngineConfig, DisaggregationConfig, DiscoveryCo
         "null", description="null = aggregated worker (prefill and decode here); decode = use prefill workers."
     )
     prefill_addresses: list[str] = Field(default_factory=list, description="Prefill workers' gRPC addresses.")
+    prefill_discovery: Literal["static", "etcd"] = Field(
+        "static", description="static = --prefill-addresses; etcd = follow the prefill workers of this model "
+        "registered under --etcd-prefix at --etcd-endpoint (they come and go as they scale)."
+    )
     prefill_selection: Literal["round_robin", "kv_aware"] = Field(
         "round_robin", description="How decode picks a prefill worker."
     )
@@ -163,8 +171,13 @@ class DecodeConfig(ServerConfig, EngineConfig, DisaggregationConfig, DiscoveryCo
 
     @model_validator(mode="after")
     def _check_prefills(self):
-        if self.disaggregation_mode == "decode" and not self.prefill_addresses:
-            raise ValueError("prefill_addresses=[]: decode mode needs at least one prefill worker address")
+        if self.disaggregation_mode != "decode":
+            return self
+        if self.prefill_discovery == "etcd" and not self.etcd_endpoint:
+            raise ValueError("prefill_discovery='etcd': needs --etcd-endpoint")
+        if self.prefill_discovery == "static" and not self.prefill_addresses:
+            raise ValueError("prefill_addresses=[]: decode mode needs at least one prefill worker address "
+                             "(or --prefill-discovery etcd)")
         return self
 
 

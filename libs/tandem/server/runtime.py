@@ -68,12 +68,21 @@ class ServiceRuntime:
         return f"{self.config.host}:{self.port}"
 
     @property
+    def advertised_address(self) -> str:
+        """host:port other processes reach the gRPC server at (--advertise-host, else --host)."""
+        return f"{self.config.advertise_host or self.config.host}:{self.port}"
+
+    @property
     def worker_id(self) -> str:
-        return self.config.worker_id or self.address
+        return self.config.worker_id or self.advertised_address
 
     @property
     def system_address(self) -> str:
         return f"{self.config.host}:{self.system.port}"
+
+    @property
+    def advertised_system_address(self) -> str:
+        return f"{self.config.advertise_host or self.config.host}:{self.system.port}"
 
     def add_service(self, add_to_server: Callable, servicer, full_name: str) -> None:
         """Register a servicer, e.g. add_service(decode_pb2_grpc.add_DecodeServicer_to_server, s, name)."""

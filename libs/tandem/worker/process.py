@@ -87,8 +87,9 @@ class WorkerProcess:
         from tandem.v1 import common_pb2
 
         cfg = self.runtime.config
-        info = common_pb2.WorkerInfo(worker_id=self.runtime.worker_id, address=self.runtime.address, role=role,
-                                     model=self.model_name, system_address=self.runtime.system_address)
+        info = common_pb2.WorkerInfo(worker_id=self.runtime.worker_id, address=self.runtime.advertised_address,
+                                     role=role, model=self.model_name,
+                                     system_address=self.runtime.advertised_system_address)
         registration = register_worker(cfg.etcd_endpoint, cfg.etcd_prefix, info, cfg.etcd_ttl)
         # First hook: the router stops sending new work before the worker drains.
         self.runtime.on_shutdown(registration.close, first=True)

@@ -153,15 +153,19 @@ class RemotePrefill:
     any thread; everything else runs on the loop's own thread."""
 
     def __init__(self, config: DecodeConfig, engine: EngineLoop, receiver: KvReceiver, worker_id: str,
-                 reporter: StatsReporter | None = None) -> None:
+                 reporter: StatsReporter | None = None, dynamic: bool = False) -> None:
         self.config = config
         self.engine = engine
         self.receiver = receiver
         self.worker_id = worker_id
         self.reporter = reporter
-        self.peers = [PrefillPeer(a) for a in config.prefill_addresses]
-        if not self.peers:
+        # address -> peer; replaced whole (never mutated) so other threads may read it.
+        # ``dynamic``: the set follows etcd (``set_addresses``) and may be empty for a while.
+        self._peers = {a: PrefillPeer(a) for a in dict.fromkeys(config.prefill_addresses)}
+        if not self._peers and not dynamic:
             raise ValueError("no prefill workers configured")
+        self._retired: list[PrefillPeer] = []  # left the set, channel open while attempts use it
+        self._followers: dict[str, asyncio.Task] = {}
         self.index = KvIndex(block_size=engine.info.page_size)
         self.policy = make_policy(config.prefill_selection, self.index)
         self.counters = PdCounters()
@@ -190,12 +194,8 @@ class RemotePrefill:
         asyncio.set_event_loop(self._aio)
         self._wake = asyncio.Event()
         for p in self.peers:
-            p.connect()
+            self._connect(p)
         self._tasks.append(self._aio.create_task(self._poll_loop(), name="poll-rooms"))
-        if self.config.prefill_selection == "kv_aware":
-            for p in self.peers:
-                self._tasks.append(self._aio.create_task(
-                    follow_kv_events(p.stub.KvEvents, self.index, p.address), name=f"kv-events {p.address}"))
         # Out-of-band backends say when notifications arrived: the poll loop sleeps until then.
         self.receiver.on_progress(lambda: self._aio.call_soon_threadsafe(self._wake.set))
         self._started.set()
@@ -205,9 +205,51 @@ class RemotePrefill:
     async def _shutdown(self) -> None:
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for p in self.peers:
+        followers = list(self._followers.values())
+        for t in followers:
+            t.cancel()
+        await asyncio.gather(*self._tasks, *followers, return_exceptions=True)
+        for p in [*self.peers, *self._retired]:
             await p.channel.close(grace=None)
+
+    # ---- the set of prefill workers ----------------------------------------------------
+    @property
+    def peers(self) -> list[PrefillPeer]:
+        return list(self._peers.values())
+
+    def set_addresses(self, addresses: Sequence[str]) -> None:
+        """Make the set of prefill workers exactly ``addresses`` (any thread; --prefill-discovery
+        etcd). A worker that leaves is picked no more at once; its channel closes once no
+        attempt uses it. A worker that stays keeps its channel and registration."""
+        self._aio.call_soon_threadsafe(self._set_addresses, list(dict.fromkeys(addresses)))
+
+    def _set_addresses(self, wanted: list[str]) -> None:
+        gone = [a for a in self._peers if a not in wanted]
+        added = [a for a in wanted if a not in self._peers]
+        peers = {a: self._peers.get(a) or self._connect(PrefillPeer(a)) for a in wanted}
+        for a in gone:
+            follower = self._followers.pop(a, None)
+            if follower is not None:
+                follower.cancel()
+            self.index.remove_worker(a)
+            self._retired.append(self._peers[a])
+        self._peers = peers
+        self._close_idle_retired()
+        if added or gone:
+            log.info("prefill workers: %s (added %s, removed %s)", wanted or "none", added or "-", gone or "-")
+
+    def _connect(self, peer: PrefillPeer) -> PrefillPeer:
+        peer.connect()
+        if self.config.prefill_selection == "kv_aware":
+            self._followers[peer.address] = self._aio.create_task(
+                follow_kv_events(peer.stub.KvEvents, self.index, peer.address), name=f"kv-events {peer.address}")
+        return peer
+
+    def _close_idle_retired(self) -> None:
+        busy = {id(a.peer) for a in self._attempts.values()}
+        for p in [p for p in self._retired if id(p) not in busy]:
+            self._retired.remove(p)
+            self._aio.create_task(p.channel.close(grace=None))
 
     # ---- requests (any thread) ---------------------------------------------------------
     def prefill(self, rid: str, ids: list[int], sp: SamplingParams,
@@ -243,7 +285,12 @@ class RemotePrefill:
         last: AttemptFailed | None = None
         attempts = 1 if only is not None else self.config.prefill_retries + 1
         for attempt in range(attempts):
-            peer = only or self._pick(ids, tried)
+            try:
+                peer = only or self._pick(ids, tried)
+            except AttemptFailed as exc:
+                self._count_failure(exc)
+                last = exc
+                break
             tried.add(peer.address)
             if attempt:
                 self.counters.retries += 1
@@ -274,7 +321,10 @@ class RemotePrefill:
         raise RemotePrefillFailed(last.status, f"remote prefill failed after {len(tried)} worker(s): {last.message}")
 
     def _pick(self, ids: Sequence[int], exclude: set[str]) -> PrefillPeer:
-        candidates = [p for p in self.peers if p.address not in exclude] or list(self.peers)
+        peers = self.peers
+        if not peers:
+            raise AttemptFailed(grpc.StatusCode.UNAVAILABLE, "no prefill worker is registered", False, bootstrap=True)
+        candidates = [p for p in peers if p.address not in exclude] or peers
         views = [WorkerView(p.address, active_requests=sum(a.peer is p for a in self._attempts.values()),
                             active_blocks=sum(a.blocks for a in self._attempts.values() if a.peer is p))
                  for p in candidates]
@@ -333,6 +383,8 @@ class RemotePrefill:
                 call.cancel()
             rx.forget(room)
             del self._attempts[room]
+            if self._retired:
+                self._close_idle_retired()
             self._publish()
 
     async def _allocate(self, att: _Attempt, ids: list[int], sp: SamplingParams):

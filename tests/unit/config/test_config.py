@@ -58,6 +58,8 @@ def test_json_file_and_list_values(tmp_path):
         (DecodeConfig, ["--page-size", "many"], {}, "page_size='many'"),
         (DecodeConfig, ["--disaggregation-transfer-backend", "rdma"], {}, "'nixl' or 'grpc'"),
         (DecodeConfig, ["--disaggregation-mode", "decode"], {}, "prefill_addresses"),
+        (DecodeConfig, ["--disaggregation-mode", "decode", "--prefill-discovery", "etcd"], {}, "--etcd-endpoint"),
+        (DecodeConfig, ["--prefill-discovery", "dns"], {}, "'static' or 'etcd'"),
         (RouterConfig, ["--routing-policy", "best"], {}, "routing_policy='best'"),
         (DecodeConfig, [], {"TANDEM_HICACHE_RATIO": "1.5"}, "hicache_ratio='1.5'"),
         (DecodeConfig, ["--ep-size", "2", "--ep-num-redundant-experts", "3"], {}, "multiple of"),
@@ -102,3 +104,15 @@ def test_every_field_has_a_flag_with_help():
         for field_name, field in schema.model_fields.items():
             assert "--" + field_name.replace("_", "-") in help_text, (name, field_name)
             assert field.description, (name, field_name)
+
+
+def test_prefill_discovery_etcd_needs_no_static_addresses():
+    cfg = load(DecodeConfig, ["--disaggregation-mode", "decode", "--prefill-discovery", "etcd",
+                              "--etcd-endpoint", "http://etcd:2379"])
+    assert cfg.prefill_addresses == [] and cfg.prefill_discovery == "etcd"
+
+
+def test_advertise_host_from_env():
+    # Kubernetes: bind every interface, register the pod IP (downward API -> TANDEM_ADVERTISE_HOST).
+    cfg = load(DecodeConfig, ["--host", "0.0.0.0"], {"TANDEM_ADVERTISE_HOST": "10.1.2.3"})
+    assert (cfg.host, cfg.advertise_host) == ("0.0.0.0", "10.1.2.3")

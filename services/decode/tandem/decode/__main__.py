@@ -7,6 +7,7 @@ from tandem.server import service_name, setup_logging
 from tandem.transfer import make_receiver
 from tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from tandem.worker.decode import DecodeWorker
+from tandem.worker.prefill_discovery import PrefillDiscovery
 from tandem.worker.process import build_worker
 from tandem.worker.remote_prefill import RemotePrefill
 
@@ -22,10 +23,16 @@ def main(argv=None) -> None:
                                  model_fingerprint=wp.fingerprint,
                                  bootstrap_timeout_s=config.disaggregation_bootstrap_timeout,
                                  transfer_timeout_s=config.disaggregation_transfer_timeout)
-        remote = RemotePrefill(config, wp.loop, receiver, wp.runtime.worker_id, wp.reporter)
+        follow_etcd = config.prefill_discovery == "etcd"
+        remote = RemotePrefill(config, wp.loop, receiver, wp.runtime.worker_id, wp.reporter, dynamic=follow_etcd)
         remote.start()
         wp.runtime.on_shutdown(remote.stop)
         wp.runtime.on_shutdown(receiver.close)
+        if follow_etcd:
+            discovery = PrefillDiscovery(remote.set_addresses, config.etcd_endpoint, config.etcd_prefix,
+                                         wp.model_name)
+            discovery.start()
+            wp.runtime.on_shutdown(discovery.stop, first=True)
     worker = DecodeWorker(config, wp.loop, wp.runtime.worker_id, remote)
     name = service_name(decode_pb2, "Decode")
     wp.runtime.add_service(decode_pb2_grpc.add_DecodeServicer_to_server,
