@@ -226,6 +226,9 @@ def evaluate_gates(result: dict, gates: str | None) -> list[dict]:
         want = 6 * bound_ms
         out.append({"target": f"batch 1 decode step <= 6 x roofline = {want:.3f} ms",
                     "value": round(result["decode_step_ms_batch1"], 3), "met": result["decode_step_ms_batch1"] <= want})
+    if shape == "qwen05b" and "overlap_speedup" in rows.get(1, {}):
+        out.append({"target": "batch 1 tok/s with overlap >= 1.3x --disable-overlap-schedule",
+                    "value": round(rows[1]["overlap_speedup"], 2), "met": rows[1]["overlap_speedup"] >= 1.3})
     if 64 in rows and "hf_tok_s" in rows[64]:
         r = rows[64]
         out.append({"target": "batch 64 >= 2x transformers static cache", "value": round(r["ratio"], 2),
@@ -290,6 +293,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-lengths", type=int, nargs="+", default=[2048, 8192], help="--phase prefill prompts")
     ap.add_argument("--prefix-tokens", type=int, nargs=2, default=[7168, 1024], metavar=("SHARED", "NEW"),
                     help="--phase prefill: shared prefix and new tokens of the prefix-cache case")
+    ap.add_argument("--overlap-ab", action="store_true",
+                    help="also run every batch size with --disable-overlap-schedule and report the speedup")
     ap.add_argument("--gates", choices=["gpu-part1", "gpu-part2"], default=None, help="evaluate the issue's targets")
     ap.add_argument("--out", default=None, help="write JSON results here (and a .md next to it)")
     ap.add_argument("--profile", default=None, metavar="DIR",
@@ -354,6 +359,21 @@ def main(argv=None) -> int:
         print(f"batch {b:3d}: tandem {t['tokens_per_s']:9.1f} tok/s"
               + (f" | ratio {row['ratio']:.2f}x" if "ratio" in row else ""), flush=True)
     step = decode_step_ms(llm, args.input_len, args.device)
+    if args.overlap_ab:
+        # The same engine waiting for every step's tokens (--disable-overlap-schedule), same prompts.
+        del llm, eng
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        waiting = LLM(args.model, device=args.device, dtype=args.dtype, disable_overlap_schedule=True)
+        for b in args.batch_sizes:
+            t = run_tandem(waiting, prompts[b], args.output_len, args.device)
+            row = rows[b]
+            row.update(no_overlap_tok_s=t["tokens_per_s"], overlap_speedup=row["tandem_tok_s"] / t["tokens_per_s"])
+            print(f"batch {b:3d}: --disable-overlap-schedule {t['tokens_per_s']:9.1f} tok/s | overlap speedup "
+                  f"{row['overlap_speedup']:.2f}x", flush=True)
+        llm = waiting
+        eng = waiting.engine
     if args.profile:
         b = args.profile_batch or max(args.batch_sizes)
         profile(llm, prompts[b], args.output_len, args.device, Path(args.profile))

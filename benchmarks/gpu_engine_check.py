@@ -133,7 +133,17 @@ def model_checks(dev: str) -> None:
         same = sum(a == b for a, b in zip(got, want))
         record(f"{name} float32 greedy: triton (CUDA graphs up to {llm.engine.cuda_graph_max_bs}) == torch_native",
                f"{same}/{len(prompts)}", same == len(prompts))
+        seeded = SamplingParams(max_tokens=32, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True,
+                                logprobs=True, top_logprobs=2)
+        overlapped = [(o.token_ids, o.logprobs) for o in llm.generate(prompts, seeded)]
         del llm
+        free_device()
+        waiting = LLM(path, device=dev, dtype="float32", max_total_tokens=1 << 16, disable_overlap_schedule=True)
+        want_seeded = [(o.token_ids, o.logprobs) for o in waiting.generate(prompts, seeded)]
+        same = sum(a == b for a, b in zip(overlapped, want_seeded))
+        record(f"{name} float32 seeded + logprobs: overlap scheduling == --disable-overlap-schedule",
+               f"{same}/{len(prompts)}", same == len(prompts))
+        del waiting
         free_device()
 
 

@@ -72,6 +72,10 @@ class EngineConfig(_Section):
         "backend; default: --max-running-requests); larger batches run eagerly."
     )
     disable_cuda_graph: bool = Field(False, description="Run decode eagerly instead of replaying CUDA graphs.")
+    disable_overlap_schedule: bool = Field(False, description=(
+        "Wait for each step's sampled tokens before scheduling the next step. By default the next "
+        "step is scheduled and launched while the device still samples (overlap scheduling); steps "
+        "with grammar-constrained or prefill-only requests, and expert parallelism, always wait."))
     random_seed: int = Field(0, description="Seed for weight-independent randomness (sampling without seed).")
     skip_warmup: bool = Field(False, description="Skip the warmup request before reporting healthy.")
     warmup_timeout: float = Field(1800.0, gt=0, description="Seconds the warmup request may take.")

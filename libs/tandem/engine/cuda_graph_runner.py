@@ -37,8 +37,11 @@ class CudaGraphRunner:
         self.max_pages = -(-model.ops.cos.shape[0] // self.page_size) + 1
         self.vec = torch.zeros((4, max_bs), dtype=torch.int64, device=dev)  # ids, positions, slots, seq_lens
         self.page_table = torch.zeros((max_bs, self.max_pages), dtype=torch.int32, device=dev)
-        self.host_vec = torch.zeros((4, max_bs), dtype=torch.int64).pin_memory()
-        self.host_table = torch.zeros(max_bs * self.max_pages, dtype=torch.int32).pin_memory()
+        # Two pinned input buffers used in turn: with overlap scheduling the host fills step
+        # N+1's inputs before step N's non-blocking copy is known to have run.
+        self.host_vecs = [torch.zeros((4, max_bs), dtype=torch.int64).pin_memory() for _ in range(2)]
+        self.host_tables = [torch.zeros(max_bs * self.max_pages, dtype=torch.int32).pin_memory() for _ in range(2)]
+        self._turn = 0
         vocab = model.cfg.vocab_size
         self.sampling = SamplingTensors(
             temperatures=torch.ones(max_bs, device=dev), top_ks=torch.full((max_bs,), vocab, device=dev),
@@ -98,18 +101,23 @@ class CudaGraphRunner:
     def bucket(self, bs: int) -> int:
         return next(b for b in self.buckets if b >= bs)
 
-    def replay(self, vec: np.ndarray, table: np.ndarray) -> torch.Tensor:
-        """vec [4, B] and table [B, W] from ``model_runner.decode_inputs``; returns logits [B, V]."""
+    def replay(self, vec: np.ndarray, table: np.ndarray, future_tokens=None) -> torch.Tensor:
+        """vec [4, B] and table [B, W] from ``model_runner.decode_inputs``; returns logits [B, V].
+        ``future_tokens(ids)``: resolves the ids of tokens still being sampled (negative) on the device."""
         bs, width = table.shape
         bucket = self.bucket(bs)
-        hv = self.host_vec.numpy()
+        host_vec, host_table = self.host_vecs[self._turn], self.host_tables[self._turn]
+        self._turn ^= 1
+        hv = host_vec.numpy()
         hv[:, :bs] = vec
         hv[:, bs:bucket] = 0
         hv[2, bs:bucket] = -1  # padding rows: no KV write, context length 0
-        ht = self.host_table[: bs * width].numpy().reshape(bs, width)
+        ht = host_table[: bs * width].numpy().reshape(bs, width)
         ht[:] = table
-        self.vec[:, :bucket].copy_(self.host_vec[:, :bucket], non_blocking=True)
-        self.page_table[:bs, :width].copy_(self.host_table[: bs * width].view(bs, width), non_blocking=True)
+        self.vec[:, :bucket].copy_(host_vec[:, :bucket], non_blocking=True)
+        self.page_table[:bs, :width].copy_(host_table[: bs * width].view(bs, width), non_blocking=True)
+        if future_tokens is not None:
+            self.vec[0, :bs] = future_tokens(self.vec[0, :bs])
         graph, logits = self.graphs[bucket]
         graph.replay()
         self._bucket = bucket

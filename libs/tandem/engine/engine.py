@@ -58,6 +58,27 @@ class StepOutput:
     prompt_logprobs: list = field(default_factory=list)  # with the first token: [(logprob, top)] of prompt 1..L-1
 
 
+@dataclass
+class _Launched:
+    """One step's sampling, launched on the device: its results reach the host through
+    non-blocking copies (``event`` marks their end on CUDA) and are read by ``_resolve``."""
+
+    reqs: list
+    tokens: torch.Tensor  # [B] host
+    logprobs: torch.Tensor | None  # [B] host: logprob of each sampled token
+    top_ids: torch.Tensor | None  # [B, K] host, K = the largest top_logprobs asked
+    top_vals: torch.Tensor | None
+    event: object = None  # torch.cuda.Event on CUDA
+
+
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None or t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
 class EngineCore(DisaggregationMixin, EngineStatsMixin):
     """The engine: requests, scheduling, one forward pass per ``step()``. What is not the step
     loop lives next door: config merge and device defaults (``engine_config``), KV pool sizing
@@ -100,6 +121,11 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         self._seed_rng = random.Random(cfg.random_seed)  # seeds of requests that bring none
         self.requests: dict[str, Request] = {}
         self._pending: list[StepOutput] = []
+        # Overlap scheduling: step N+1 is scheduled and launched before step N's sampled tokens
+        # are read back (the next forward pass reads them on the device). Expert parallelism
+        # sends host token ids to its followers, so it always waits.
+        self.overlap_schedule = not cfg.disable_overlap_schedule and cfg.ep_size == 1
+        self._inflight: _Launched | None = None
         self._stats = EngineStats(num_total_pages=num_pages)
         self._rid_counter = itertools.count()
         # (time, tokens) per step over the last 5 s: one entry a step, so stats cost O(1) per step.
@@ -140,7 +166,7 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         return min(cfg.cuda_graph_max_bs or cfg.max_running_requests, cfg.max_running_requests)
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running or self._pending)
+        return bool(self.scheduler.waiting or self.scheduler.running or self._pending or self._inflight)
 
     def wrap_runner(self, wrap: Callable[[ModelRunner], ModelRunner]) -> None:
         """Replace the model runner by ``wrap(runner)`` (expert parallelism mirrors every
@@ -280,18 +306,32 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
                         self._gather_prompt_logprobs(batch[i][0], r)
                 else:
                     logits = self.runner.forward(batch)
-                for req, n in batch:
-                    req.num_computed += n
-                rows = [i for i, (req, _) in enumerate(batch) if req.num_uncomputed == 0]
-                for req, _ in batch:
-                    if req.mode == Mode.PREFILL_ONLY and req.on_chunk_done is not None:
+            # The previous step's tokens: the device produced them before this forward pass, so
+            # this waits for their copy only (a request may finish here, e.g. on a stop token).
+            self._resolve_inflight()
+            if batch:
+                live = [req.status != Status.FINISHED for req, _ in batch]
+                for (req, n), alive in zip(batch, live):
+                    if alive:
+                        req.num_computed += n
+                rows = [i for i, (req, _) in enumerate(batch) if live[i] and req.num_uncomputed == 0]
+                for (req, _), alive in zip(batch, live):
+                    if alive and req.mode == Mode.PREFILL_ONLY and req.on_chunk_done is not None:
                         self._report_chunk(req)
                 for i in rows:
                     req = batch[i][0]
                     if req.mode == Mode.NORMAL and not req.output_ids:
                         self.scheduler.cache_prompt(req)  # prefilled: share its prompt pages now
                 if rows:
-                    self._sample([batch[i][0] for i in rows], logits[rows] if len(rows) < len(batch) else logits)
+                    launched = self._launch_sample([batch[i][0] for i in rows],
+                                                   logits[rows] if len(rows) < len(batch) else logits)
+                    if launched is not None:
+                        self._inflight = launched
+                        if not self.overlap_schedule or any(
+                                r.grammar is not None or r.mode == Mode.PREFILL_ONLY for r in launched.reqs):
+                            # A grammar's next mask needs this token; a prefill-only request hands
+                            # its first token over now.
+                            self._resolve_inflight()
             outs, self._pending = self._pending, []
             self._update_stats(kind if batch else "idle", len(batch), ntok, time.monotonic() - t0)
             return outs
@@ -393,10 +433,13 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
             self.runner.penalties.free(req.penalty_row)
             req.penalty_row = None
 
-    def _sample(self, reqs: list, logits: torch.Tensor) -> None:
+    def _launch_sample(self, reqs: list, logits: torch.Tensor) -> _Launched | None:
+        """Sample every row on the device and start copying the results to the host. Until
+        ``_resolve`` reads them, each request's next token is a placeholder in ``output_ids``
+        (-(row + 1)) that the next forward pass resolves on the device."""
         reqs, logits = self._penalty_rows(reqs, logits)
         if not reqs:
-            return
+            return None
         tensors, variant = self._sampling_inputs(reqs)
         token_ids = self.runner.sample(logits, tensors, variant)
         if variant.penalties:  # count the new tokens on the device (no host sync)
@@ -404,19 +447,46 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
             dev = token_ids.device
             self.runner.penalties.record(torch.tensor([reqs[i].penalty_row for i in idx], device=dev),
                                          token_ids[torch.tensor(idx, device=dev)])
-        want_lp = any(r.sampling.logprobs or r.sampling.top_logprobs for r in reqs)
-        logprobs = torch.log_softmax(logits, dim=-1) if want_lp else None
-        tokens = token_ids.tolist()  # the step's one wait for the device
-        for i, (req, tok) in enumerate(zip(reqs, tokens)):
+        lp = top_ids = top_vals = None
+        k = max(r.sampling.top_logprobs or 0 for r in reqs)
+        if k or any(r.sampling.logprobs for r in reqs):
+            logprobs = torch.log_softmax(logits, dim=-1)
+            lp = logprobs.gather(1, token_ids[:, None].long())[:, 0]
+            if k:
+                top_vals, top_ids = logprobs.topk(k, dim=-1)
+        launched = _Launched(reqs, _to_host(token_ids), _to_host(lp), _to_host(top_ids), _to_host(top_vals))
+        if token_ids.device.type == "cuda":
+            launched.event = torch.cuda.Event()
+            launched.event.record()
+        self.runner.publish_future(token_ids)
+        for i, req in enumerate(reqs):
+            req.output_ids.append(-(i + 1))
+            req.num_pending = 1
+        return launched
+
+    def _resolve_inflight(self) -> None:
+        """Read back the launched step's tokens and accept them (stop checks, outputs)."""
+        launched, self._inflight = self._inflight, None
+        if launched is None:
+            return
+        if launched.event is not None:
+            launched.event.synchronize()
+        tokens = launched.tokens.tolist()
+        lps = launched.logprobs.tolist() if launched.logprobs is not None else None
+        top_ids = launched.top_ids.tolist() if launched.top_ids is not None else None
+        top_vals = launched.top_vals.tolist() if launched.top_vals is not None else None
+        now = time.monotonic()
+        for i, (req, tok) in enumerate(zip(launched.reqs, tokens)):
+            if req.status == Status.FINISHED:
+                continue  # aborted while its token was sampled: _finish dropped the placeholder
+            req.output_ids.pop()
+            req.num_pending = 0
             sp = req.sampling
-            lp, top = [], []
-            if logprobs is not None and sp.logprobs:
-                lp = [float(logprobs[i, tok])]
-            if logprobs is not None and sp.top_logprobs:
-                v, ix = logprobs[i].topk(sp.top_logprobs)
-                top = [list(zip(ix.tolist(), v.tolist()))]
+            lp = [lps[i]] if lps is not None and sp.logprobs else []
+            top = [list(zip(top_ids[i][:sp.top_logprobs], top_vals[i][:sp.top_logprobs]))] \
+                if top_ids is not None and sp.top_logprobs else []
             if req.first_token_time is None:
-                req.first_token_time = time.monotonic()
+                req.first_token_time = now
             self._accept_token(req, tok, lp, top)
 
     def _accept_token(self, req: Request, tok: int, lp: list, top: list) -> None:
@@ -479,6 +549,9 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
             return
         req.status = Status.FINISHED
         req.finish_reason = reason
+        if req.num_pending:  # a token still being sampled is not part of the output
+            req.output_ids.pop()
+            req.num_pending = 0
         self._free_sampling_state(req)
         self.scheduler.remove(req)
         if status == Status.EXTERNAL_WAIT:

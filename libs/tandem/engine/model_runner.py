@@ -80,12 +80,25 @@ class ModelRunner:
                         if str(device).startswith("cuda") else 1)
         self.penalties = PenaltyState(penalty_rows, model.cfg.vocab_size, device)
         self.sampler = Sampler(device, self.penalties)
+        # This step's sampled tokens, still on the device (overlap scheduling): the next forward
+        # pass reads row i where a request's next input id is the placeholder -(i + 1).
+        self.future = torch.zeros(0, dtype=torch.long, device=device)
         self.graphs = None
         self._replayed_bs = None  # batch size of the last forward when it was a graph replay
         if cuda_graph_max_bs > 0 and self.paged and str(device).startswith("cuda"):
             from .cuda_graph_runner import CudaGraphRunner
 
             self.graphs = CudaGraphRunner(model, pool, self.sampler, cuda_graph_max_bs, self.num_sms)
+
+    def publish_future(self, token_ids: torch.Tensor) -> None:
+        """Keep ``token_ids`` [B] (device) for the next forward pass (placeholders -1 .. -B)."""
+        n = token_ids.numel()
+        if self.future.numel() < n:
+            self.future = torch.zeros(max(n, 2 * self.future.numel(), 64), dtype=torch.long, device=self.device)
+        self.future[:n].copy_(token_ids)
+
+    def _future_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.where(ids < 0, self.future[(-ids - 1).clamp_(min=0)], ids)
 
     def _tensor(self, data, dtype=torch.long):
         return torch.tensor(data, dtype=dtype, device=self.device)
@@ -103,7 +116,7 @@ class ModelRunner:
         vec, table = decode_inputs(batch, self.page_size)
         vec_t = torch.from_numpy(vec).to(self.device)
         return ForwardBatch(
-            input_ids=vec_t[0], positions=vec_t[1], slot_mapping=vec_t[2], seq_lens=vec_t[3],
+            input_ids=self._future_tokens(vec_t[0]) if vec[0].min() < 0 else vec_t[0], positions=vec_t[1], slot_mapping=vec_t[2], seq_lens=vec_t[3],
             page_table=torch.from_numpy(table).to(self.device), is_decode=True,
             num_splits=default_num_splits(len(batch), self.num_kv_heads, self.num_sms),
         )
@@ -114,7 +127,7 @@ class ModelRunner:
         req_t = torch.from_numpy(req_vec).to(self.device)
         rows = logits_rows(req_vec[0].tolist(), req_vec[1].tolist(), all_rows)
         return ForwardBatch(
-            input_ids=tok_t[0], positions=tok_t[1], slot_mapping=tok_t[2], page_table=torch.from_numpy(table).to(
+            input_ids=self._future_tokens(tok_t[0]) if tok[0].min() < 0 else tok_t[0], positions=tok_t[1], slot_mapping=tok_t[2], page_table=torch.from_numpy(table).to(
                 self.device), seq_lens=req_t[2], q_start=req_t[0], q_lens=req_t[1], max_q_len=int(req_vec[1].max()),
             logits_indices=self._tensor(rows),
         )
@@ -154,7 +167,7 @@ class ModelRunner:
             qpos = torch.where(torch.arange(Qmax, device=self.device)[None, :] < lens_t[:, None], qpos, 0)
             mask = (kv_idx[None, None, :] <= qpos[:, :, None])[:, None]
         return ForwardBatch(
-            input_ids=self._tensor(ids),
+            input_ids=self._future_tokens(self._tensor(ids)) if min(ids) < 0 else self._tensor(ids),
             positions=positions,
             slot_mapping=slot_mapping,
             q_batch_idx=q_batch,
@@ -190,7 +203,7 @@ class ModelRunner:
             if self.graphs is not None and self.graphs.can_run(batch):
                 vec, table = decode_inputs(batch, self.page_size)
                 self._replayed_bs = len(batch)
-                return self.graphs.replay(vec, table)
+                return self.graphs.replay(vec, table, self._future_tokens if vec[0].min() < 0 else None)
             return self.model(self.build(batch), self.pool.k_buffers, self.pool.v_buffers)
 
     def sample(self, logits: torch.Tensor, tensors: SamplingTensors | None, variant: SamplerVariant) -> torch.Tensor:

@@ -51,6 +51,7 @@ class Request:
     grammar: object = None  # GrammarState of a structured-output request (tandem.engine.grammar)
     penalty_row: int | None = None  # row of the sampler's PenaltyState while it has one
     prompt_logprobs: list = field(default_factory=list)  # [(logprob, top)] of prompt tokens 1..L-1
+    num_pending: int = 0  # 1 while output_ids ends with a placeholder for a token being sampled
 
     @property
     def wants_prompt_logprobs(self) -> bool:
