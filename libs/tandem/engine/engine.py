@@ -25,11 +25,11 @@ from tandem.config.schemas import EngineConfig
 from .disaggregation import DisaggregationMixin, ExternalAllocation, PrefillResult
 from .engine_config import attention_backend, default_chunked_prefill_size, merge_config, resolve_device
 from .grammar import GrammarBackend
+from .hicache_setup import build_prefix_cache
 from .kv_pool import KVPool, OutOfPages
 from .loader import load_model, resolve_dtype
 from .model_runner import ModelRunner
 from .pool_sizing import kv_pool_pages
-from .radix_cache import RadixCache
 from .request import Mode, Request, Status
 from .sampler import SamplerVariant, SamplingTensors, allow_mask, mask_words
 from .sampling_params import SamplingParams
@@ -68,9 +68,6 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         self.config = cfg = merge_config(model_path, config, overrides)
         if not cfg.model_path:
             raise ValueError("model_path is required")
-        if cfg.enable_hierarchical_cache or cfg.hicache_storage_backend:
-            raise ValueError("enable_hierarchical_cache / hicache_storage_backend: the host KV tier (HiCache) "
-                             "is not implemented in this build; remove the flag")
         if not os.path.isdir(cfg.model_path):
             raise ValueError(f"model_path={cfg.model_path!r}: not a directory")
         self.device = device = resolve_device(cfg.device)
@@ -87,7 +84,7 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         num_pages = kv_pool_pages(cfg, mc, self.dtype, device)
         self.pool = KVPool(mc.num_layers, num_pages, page_size, mc.num_kv_heads, mc.head_dim, self.dtype,
                            device, num_aux_slots=max(64, cfg.max_running_requests * 4))
-        self.cache = RadixCache(page_size, self.pool.free, disabled=cfg.disable_radix_cache)
+        self.cache, self.hicache = build_prefix_cache(cfg, self.pool)
         self.chunked_prefill_size = cfg.chunked_prefill_size or default_chunked_prefill_size(device)
         self.scheduler = Scheduler(self.pool, self.cache, self.chunked_prefill_size, cfg.max_prefill_tokens,
                                    cfg.max_running_requests, mixed_chunk=cfg.enable_mixed_chunk)

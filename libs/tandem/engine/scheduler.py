@@ -100,7 +100,7 @@ class Scheduler:
         if req.wants_prompt_logprobs:
             pages, node = [], self.cache.root
         else:
-            pages, node = self.cache.match_prefix(req.all_ids[: req.seq_len - 1])
+            pages, node = self.cache.match_and_load(req.all_ids[: req.seq_len - 1])
         self.cache.lock(node)
         need = self.pages_for(req.seq_len + 1) - len(pages)
         # Keep one page of headroom per running request for its next decode page.

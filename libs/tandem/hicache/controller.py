@@ -1,0 +1,115 @@
+"""HiCacheController: owns the host pool, the storage tier and the copy stream; moves pages
+and counts what moved. Callers (the tier-aware radix cache) decide which pages move when.
+
+On CUDA, copies run on a dedicated stream: a backup first waits for the compute stream (the
+KV must be written), a load-back makes the compute stream wait for the copy before the next
+forward pass. Host buffers are pinned there. On CPU the copies are plain synchronous copies.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .config import HiCacheSettings
+from .file_storage import FileStorage
+from .host_pool import HostKVPool
+from .io import device_to_host, host_to_device
+
+
+@dataclass
+class HiCacheCounters:
+    """Totals since start (the stats reporter turns them into deltas)."""
+
+    host_hit_tokens: int = 0  # prefix tokens served by load-back from host
+    storage_hit_tokens: int = 0  # prefix tokens served from storage
+    load_back_tokens: int = 0  # host or storage -> device
+    load_back_bytes: int = 0
+    load_back_seconds: float = 0.0
+    backup_tokens: int = 0  # device -> host
+    backup_bytes: int = 0
+    evicted_tokens: int = 0  # left the device tier
+    storage_write_tokens: int = 0
+    storage_write_bytes: int = 0
+    storage_corrupt_pages: int = 0
+
+
+class HiCacheController:
+    def __init__(self, settings: HiCacheSettings, device_pool, host_pages: int, storage_namespace: str):
+        self.settings, self.device_pool = settings, device_pool
+        dev = device_pool.k_buffers[0].device
+        self.cuda = dev.type == "cuda"
+        self.host = HostKVPool(device_pool.num_layers, host_pages, device_pool.page_size, device_pool.num_kv_heads,
+                               device_pool.head_dim, device_pool.dtype, settings.mem_layout, pin_memory=self.cuda)
+        self.storage = (FileStorage(settings.storage_dir, storage_namespace)
+                        if settings.storage_backend == "file" else None)
+        self.copy_stream = torch.cuda.Stream(device=dev) if self.cuda else None
+        self.counters = HiCacheCounters()
+        self.page_size = device_pool.page_size
+        self.page_shape = (2, device_pool.num_layers, device_pool.page_size, device_pool.num_kv_heads,
+                           device_pool.head_dim)
+
+    # ---- device <-> host -------------------------------------------------------------------
+    def backup(self, device_pages: list[int]) -> list[int] | None:
+        """Copy device pages to newly allocated host pages; None when the host pool is full."""
+        host_pages = self.host.alloc(len(device_pages))
+        if host_pages is None:
+            return None
+        if self.copy_stream is not None:
+            self.copy_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.copy_stream):
+                device_to_host(self.settings.io_backend, self.device_pool, self.host, device_pages, host_pages)
+        else:
+            device_to_host(self.settings.io_backend, self.device_pool, self.host, device_pages, host_pages)
+        c = self.counters
+        c.backup_tokens += len(device_pages) * self.page_size
+        c.backup_bytes += len(device_pages) * self.host.bytes_per_page
+        return host_pages
+
+    def load_back(self, host_pages: list[int], device_pages: list[int]) -> None:
+        """Copy host pages into device pages (the next forward pass sees them)."""
+        t0 = time.perf_counter()
+        if self.copy_stream is not None:
+            self.copy_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.copy_stream):
+                host_to_device(self.settings.io_backend, self.host, self.device_pool, host_pages, device_pages)
+            torch.cuda.current_stream().wait_stream(self.copy_stream)
+        else:
+            host_to_device(self.settings.io_backend, self.host, self.device_pool, host_pages, device_pages)
+        self._count_load(len(host_pages), time.perf_counter() - t0)
+
+    def _count_load(self, n_pages: int, seconds: float) -> None:
+        c = self.counters
+        c.load_back_tokens += n_pages * self.page_size
+        c.load_back_bytes += n_pages * self.host.bytes_per_page
+        c.load_back_seconds += seconds
+
+    # ---- storage ---------------------------------------------------------------------------
+    def store(self, key: int, tokens, host_page: int) -> None:
+        """Write a host page to storage under its block hash (no-op without a storage tier)."""
+        if self.storage is None:
+            return
+        n = self.storage.put(key, tokens, self.host.page_data(host_page))
+        if n:
+            self.counters.storage_write_tokens += self.page_size
+            self.counters.storage_write_bytes += n
+
+    def fetch(self, key: int, tokens) -> torch.Tensor | None:
+        """A page's ``[2, layers, page_size, heads, dim]`` data from storage, or None (miss)."""
+        if self.storage is None:
+            return None
+        before = self.storage.num_corrupt
+        data = self.storage.get(key, tokens, self.page_shape, self.host.dtype)
+        self.counters.storage_corrupt_pages += self.storage.num_corrupt - before
+        return data
+
+    def load_from_storage(self, pages_data: list[torch.Tensor], device_pages: list[int]) -> None:
+        """Copy pages fetched from storage into device pages."""
+        t0 = time.perf_counter()
+        staged = torch.stack(pages_data).to(self.device_pool.k_buffers[0].device)
+        idx = torch.tensor(device_pages, dtype=torch.int64, device=staged.device)
+        for layer in range(self.device_pool.num_layers):
+            self.device_pool.k_buffers[layer].index_copy_(0, idx, staged[:, 0, layer])
+            self.device_pool.v_buffers[layer].index_copy_(0, idx, staged[:, 1, layer])
+        self._count_load(len(device_pages), time.perf_counter() - t0)
