@@ -100,7 +100,8 @@ class EngineConfig(_Section):
     )
     hicache_storage_backend: Literal["file", "nixl"] | None = Field(
         None, description="Third KV tier under the host pool: file (one checked file per page under "
-        "--hicache-storage-dir, keyed by the block hash chain; survives restarts). nixl is refused in this build."
+        "--hicache-storage-dir, keyed by the block hash chain, checked on read; survives restarts) or nixl (the same "
+        "files, page bytes moved by NIXL's POSIX plugin)."
     )
     hicache_storage_dir: str = Field("/tmp/tandem-hicache", description="Folder of the file storage backend.")
     # Expert parallelism / EPLB

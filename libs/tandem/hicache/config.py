@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from .host_pool import LAYOUTS
 from .io import IO_BACKENDS
 
+STORAGE_BACKENDS = (None, "file", "nixl")
 WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")
 # A node is backed up to host once hit this many times (SGLang's write_through_threshold);
 # write_back backs up only on device eviction.
@@ -37,8 +38,8 @@ def validate_settings(s: HiCacheSettings) -> None:
         raise ValueError(f"hicache_mem_layout={s.mem_layout!r}: expected one of {', '.join(LAYOUTS)}")
     if s.io_backend not in IO_BACKENDS:
         raise ValueError(f"hicache_io_backend={s.io_backend!r}: expected one of {', '.join(IO_BACKENDS)}")
-    if s.storage_backend not in (None, "file"):
-        raise ValueError(f"hicache_storage_backend={s.storage_backend!r}: only 'file' is available in this build")
+    if s.storage_backend not in STORAGE_BACKENDS:
+        raise ValueError(f"hicache_storage_backend={s.storage_backend!r}: expected one of file, nixl")
 
 
 def host_pool_pages(s: HiCacheSettings, device_pages: int, bytes_per_page: int) -> int:

@@ -16,6 +16,7 @@ from .config import HiCacheSettings
 from .file_storage import FileStorage
 from .host_pool import HostKVPool
 from .io import device_to_host, host_to_device
+from .nixl_storage import NixlStorage
 
 
 @dataclass
@@ -42,8 +43,8 @@ class HiCacheController:
         self.cuda = dev.type == "cuda"
         self.host = HostKVPool(device_pool.num_layers, host_pages, device_pool.page_size, device_pool.num_kv_heads,
                                device_pool.head_dim, device_pool.dtype, settings.mem_layout, pin_memory=self.cuda)
-        self.storage = (FileStorage(settings.storage_dir, storage_namespace)
-                        if settings.storage_backend == "file" else None)
+        storage_cls = {"file": FileStorage, "nixl": NixlStorage}.get(settings.storage_backend)
+        self.storage = storage_cls(settings.storage_dir, storage_namespace) if storage_cls else None
         self.copy_stream = torch.cuda.Stream(device=dev) if self.cuda else None
         self.counters = HiCacheCounters()
         self.page_size = device_pool.page_size

@@ -47,55 +47,67 @@ class FileStorage:
         """Store a page (any contiguous tensor); returns the bytes written (0 if already there)."""
         path = self._path(key)
         tok = np.asarray(tokens, dtype=np.int64).tobytes()
-        payload = data.contiguous().view(torch.uint8).numpy().tobytes()
+        payload = data.contiguous().view(torch.uint8).reshape(-1)
+        n = payload.numel()
         try:
-            if os.path.getsize(path) == _HEADER.size + len(tok) + len(payload):
+            if os.path.getsize(path) == _HEADER.size + len(tok) + n:
                 return 0  # already there (a corrupt one is found and removed on read)
         except FileNotFoundError:
             pass
+        digest = _digest(tok, payload.numpy().tobytes())
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
-            f.write(_HEADER.pack(_MAGIC, _VERSION, len(tokens), len(payload), _digest(tok, payload)))
+            f.write(_HEADER.pack(_MAGIC, _VERSION, len(tokens), n, digest))
             f.write(tok)
-            f.write(payload)
+            f.flush()
+            self._write_payload(f, _HEADER.size + len(tok), payload)
         os.replace(tmp, path)
-        return len(payload)
+        return n
 
     def get(self, key: int, tokens, shape: tuple, dtype: torch.dtype) -> torch.Tensor | None:
         """The page stored under key for these tokens, or None (absent, or failed its checks)."""
         path = self._path(key)
-        try:
-            with open(path, "rb") as f:
-                blob = f.read()
-        except FileNotFoundError:
-            return None
         tok = np.asarray(tokens, dtype=np.int64).tobytes()
         want = int(np.prod(shape)) * dtype.itemsize
-        why = self._check(blob, tok, want)
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(_HEADER.size + len(tok))
+                why = self._check_head(head, tok, want, size)
+                payload = None
+                if why is None:
+                    payload = self._read_payload(f, len(head), want)
+                    if _digest(tok, payload.numpy().tobytes()) != _HEADER.unpack_from(head)[4]:
+                        why = "digest mismatch"
+        except FileNotFoundError:
+            return None
         if why is not None:
             log.warning("hicache storage: %s %s: treated as a miss and removed", path, why)
             self.num_corrupt += 1
             self._remove(path)
             return None
-        payload = bytearray(blob[_HEADER.size + len(tok):])
-        return torch.frombuffer(payload, dtype=torch.uint8).view(dtype).view(shape)
+        return payload.view(dtype).view(shape)
+
+    # The payload moves through these two (the nixl backend moves it with NIXL's POSIX plugin).
+    def _write_payload(self, f, offset: int, payload: torch.Tensor) -> None:
+        f.write(payload.numpy().tobytes())
+
+    def _read_payload(self, f, offset: int, n: int) -> torch.Tensor:
+        return torch.frombuffer(bytearray(f.read(n)), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
 
     @staticmethod
-    def _check(blob: bytes, tok: bytes, want: int) -> str | None:
-        if len(blob) < _HEADER.size:
+    def _check_head(head: bytes, tok: bytes, want: int, size: int) -> str | None:
+        if len(head) < _HEADER.size:
             return "truncated header"
-        magic, version, n_tok, n_payload, digest = _HEADER.unpack_from(blob)
+        magic, version, n_tok, n_payload, _ = _HEADER.unpack_from(head)
         if magic != _MAGIC or version != _VERSION:
             return "bad magic or version"
         if n_tok * 8 != len(tok) or n_payload != want:
             return "shape differs"
-        if len(blob) != _HEADER.size + len(tok) + n_payload:
+        if size != _HEADER.size + len(tok) + n_payload:
             return "truncated"
-        body = blob[_HEADER.size:]
-        if body[:len(tok)] != tok:
+        if head[_HEADER.size:] != tok:
             return "holds other tokens (hash collision)"
-        if _digest(tok, body[len(tok):]) != digest:
-            return "digest mismatch"
         return None
 
     @staticmethod

@@ -149,5 +149,15 @@ def test_flags_checked_at_start(make_llm, demo_models):
         make_llm(demo_models["dense"], hicache_storage_backend="file")
     with pytest.raises(ValueError, match="drop --disable-radix-cache"):
         _hi(make_llm, demo_models, disable_radix_cache=True)
-    with pytest.raises(ValueError, match="nixl"):
-        _hi(make_llm, demo_models, hicache_storage_backend="nixl")
+
+
+def test_nixl_storage_backend(make_llm, demo_models, reference, tmp_path):
+    """The nixl backend (NIXL's POSIX plugin moves the bytes) writes files the file backend reads."""
+    store = str(tmp_path / "kv")
+    first = _hi(make_llm, demo_models, hicache_storage_backend="nixl", hicache_storage_dir=store)
+    a = _prompt(1)
+    assert _tokens(first, a) == reference[1]
+    for backend in ("nixl", "file"):
+        again = _hi(make_llm, demo_models, hicache_storage_backend=backend, hicache_storage_dir=store)
+        assert _tokens(again, a) == reference[1]
+        assert again.engine.hicache.counters.storage_hit_tokens == 15 * PS
