@@ -104,6 +104,14 @@ class EngineConfig(_Section):
         "files, page bytes moved by NIXL's POSIX plugin)."
     )
     hicache_storage_dir: str = Field("/tmp/tandem-hicache", description="Folder of the file storage backend.")
+    hicache_storage_prefetch_policy: Literal["best_effort", "wait_complete", "timeout"] = Field(
+        "best_effort", description="How long a request waits for its prefix pages read from storage: "
+        "best_effort (never: uses what was read), wait_complete (until read), timeout (at most "
+        "--hicache-storage-prefetch-timeout seconds)."
+    )
+    hicache_storage_prefetch_timeout: float = Field(
+        1.0, gt=0, description="Seconds a request waits for storage pages with --hicache-storage-prefetch-policy timeout."
+    )
     # Expert parallelism / EPLB
     ep_size: int = Field(1, ge=1, description="Expert-parallel ranks.")
     enable_eplb: bool = Field(False, description="Rebalance expert placement from recorded load.")

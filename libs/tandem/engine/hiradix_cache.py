@@ -71,7 +71,7 @@ class HiRadixCache(RadixCache):
             self.evictable_pages += 1
 
     # ---- admission: match and load back ------------------------------------------------------
-    def match_and_load(self, token_ids) -> tuple[list[int], Node]:
+    def match_and_load(self, token_ids) -> tuple[list[int], Node, bool]:
         pages, node = self.match_prefix(token_ids)
         ps = self.page_size
         i = len(pages)
@@ -82,19 +82,19 @@ class HiRadixCache(RadixCache):
                 break
             host_nodes.append(child)
             walk, i = child, i + 1
-        stored = []  # (key, tokens, data) of pages found in storage past the tree
-        key = walk.hash
+        chain, key = [], walk.hash  # (key, tokens) of the blocks past the tree, for storage
         while self.ctl.storage is not None and (i + 1) * ps <= len(token_ids):
             toks = tuple(token_ids[i * ps:(i + 1) * ps])
             key = block_hash(key, toks)
-            data = self.ctl.fetch(key, toks)
-            if data is None:
-                break
-            stored.append((key, toks, data))
+            chain.append((key, toks))
             i += 1
+        data = self.ctl.prefetched(chain)
+        if data is None:
+            return pages, node, False
+        stored = [(k, t, d) for (k, t), d in zip(chain, data)]
         if not host_nodes and not stored:
             self._count_hits(node)
-            return pages, node
+            return pages, node, True
         # Protect the device prefix and the host nodes while pages are found for the load.
         self.lock(node)
         for n in host_nodes:
@@ -125,7 +125,7 @@ class HiRadixCache(RadixCache):
         if n_stored:
             self.ctl.load_from_storage([d for _, _, d in stored[:n_stored]], got[n_host:])
             chain = []
-            for (key, toks, _), p in zip(stored[:n_stored], got[n_host:]):
+            for (key, toks, _), p in zip(stored, got[n_host:]):
                 child = Node(tokens=toks, page=p, parent=node, hash=key, last_access=next(_tick))
                 node.children[toks] = child
                 self.num_pages += 1
@@ -136,7 +136,7 @@ class HiRadixCache(RadixCache):
             self.ctl.counters.storage_hit_tokens += n_stored * ps
             pages += got[n_host:]
             self._on_device_nodes(chain)
-        return pages, node
+        return pages, node, True
 
     def _count_hits(self, node: Node) -> None:
         """A request matched the path to node: hot nodes get backed up (write_through_selective)."""

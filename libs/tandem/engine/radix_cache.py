@@ -190,10 +190,10 @@ class RadixCache:
     def _on_device_nodes(self, nodes: list) -> None:
         """Hook: nodes whose KV has just been computed on the device (HiCache backs them up)."""
 
-    def match_and_load(self, token_ids) -> tuple[list[int], Node]:
+    def match_and_load(self, token_ids) -> tuple[list[int], Node, bool]:
         """match_prefix for admission: with HiCache, the prefix found below the device tier is
-        loaded back first."""
-        return self.match_prefix(token_ids)
+        loaded back first. The flag is False while the request should wait (storage prefetch)."""
+        return *self.match_prefix(token_ids), True
 
     # ---- eviction ------------------------------------------------------------------------
     def evict(self, num_pages: int) -> int:

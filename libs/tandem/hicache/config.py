@@ -22,12 +22,16 @@ class HiCacheSettings:
     io_backend: str = "direct"
     storage_backend: str | None = None
     storage_dir: str = "/tmp/tandem-hicache"
+    prefetch_policy: str = "best_effort"
+    prefetch_timeout_s: float = 1.0
 
     @classmethod
     def from_config(cls, cfg) -> HiCacheSettings:
         return cls(ratio=cfg.hicache_ratio, size_gb=cfg.hicache_size, write_policy=cfg.hicache_write_policy,
                    mem_layout=cfg.hicache_mem_layout, io_backend=cfg.hicache_io_backend,
-                   storage_backend=cfg.hicache_storage_backend, storage_dir=cfg.hicache_storage_dir)
+                   storage_backend=cfg.hicache_storage_backend, storage_dir=cfg.hicache_storage_dir,
+                   prefetch_policy=cfg.hicache_storage_prefetch_policy,
+                   prefetch_timeout_s=cfg.hicache_storage_prefetch_timeout)
 
 
 def validate_settings(s: HiCacheSettings) -> None:

@@ -17,6 +17,7 @@ from .file_storage import FileStorage
 from .host_pool import HostKVPool
 from .io import device_to_host, host_to_device
 from .nixl_storage import NixlStorage
+from .prefetch import Prefetcher
 
 
 @dataclass
@@ -33,7 +34,6 @@ class HiCacheCounters:
     evicted_tokens: int = 0  # left the device tier
     storage_write_tokens: int = 0
     storage_write_bytes: int = 0
-    storage_corrupt_pages: int = 0
 
 
 class HiCacheController:
@@ -45,6 +45,8 @@ class HiCacheController:
                                device_pool.head_dim, device_pool.dtype, settings.mem_layout, pin_memory=self.cuda)
         storage_cls = {"file": FileStorage, "nixl": NixlStorage}.get(settings.storage_backend)
         self.storage = storage_cls(settings.storage_dir, storage_namespace) if storage_cls else None
+        self.prefetcher = (Prefetcher(self.fetch, settings.prefetch_policy, settings.prefetch_timeout_s)
+                           if self.storage is not None else None)
         self.copy_stream = torch.cuda.Stream(device=dev) if self.cuda else None
         self.counters = HiCacheCounters()
         self.page_size = device_pool.page_size
@@ -97,13 +99,20 @@ class HiCacheController:
             self.counters.storage_write_bytes += n
 
     def fetch(self, key: int, tokens) -> torch.Tensor | None:
-        """A page's ``[2, layers, page_size, heads, dim]`` data from storage, or None (miss)."""
-        if self.storage is None:
-            return None
-        before = self.storage.num_corrupt
-        data = self.storage.get(key, tokens, self.page_shape, self.host.dtype)
-        self.counters.storage_corrupt_pages += self.storage.num_corrupt - before
-        return data
+        """A page's ``[2, layers, page_size, heads, dim]`` data from storage, or None (miss).
+        Runs on the prefetch thread."""
+        return self.storage.get(key, tokens, self.page_shape, self.host.dtype)
+
+    def prefetched(self, chain: list) -> list | None:
+        """Storage pages of chain ([(key, tokens)]) ready now, or None while the prefetch policy
+        says to wait (see ``prefetch``)."""
+        if self.prefetcher is None:
+            return []
+        return self.prefetcher.poll(chain, self.storage.exists)
+
+    @property
+    def storage_corrupt_pages(self) -> int:
+        return self.storage.num_corrupt if self.storage is not None else 0
 
     def load_from_storage(self, pages_data: list[torch.Tensor], device_pages: list[int]) -> None:
         """Copy pages fetched from storage into device pages."""

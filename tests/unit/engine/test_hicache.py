@@ -20,6 +20,8 @@ def _prompt(seed: int, n: int = 256) -> list[int]:
 
 def _hi(make_llm, demo_models, **kw):
     kw.setdefault("max_total_tokens", DEVICE_TOKENS)
+    if kw.get("hicache_storage_backend"):
+        kw.setdefault("hicache_storage_prefetch_policy", "wait_complete")
     return make_llm(demo_models["dense"], enable_hierarchical_cache=True, **kw)
 
 
@@ -113,7 +115,7 @@ def test_storage_survives_restart_and_rejects_corrupt_pages(make_llm, demo_model
     out = third.generate([a], GREEDY)[0]
     c = third.engine.hicache.counters
     assert out.token_ids == reference[1]
-    assert c.storage_hit_tokens == 5 * PS and c.storage_corrupt_pages == 1
+    assert c.storage_hit_tokens == 5 * PS and third.engine.hicache.storage_corrupt_pages == 1
     # The recomputed pages were written again: a fourth engine gets all of them.
     fourth = _hi(make_llm, demo_models, hicache_storage_backend="file", hicache_storage_dir=store)
     assert _tokens(fourth, a) == reference[1]
