@@ -63,6 +63,9 @@ def test_host_load_back_same_tokens(make_llm, demo_models, reference, layout, io
     c = eng.hicache.counters
     assert c.host_hit_tokens == 15 * PS and out.cached_tokens == 15 * PS
     assert c.load_back_bytes == 15 * eng.hicache.host.bytes_per_page
+    st = eng.stats()
+    assert st.hicache_host_hit_tokens_total == 15 * PS and st.hicache_host_total_pages == 64
+    assert st.hicache_host_used_pages == eng.hicache.host.num_used_pages > 0
     _check_tiers(eng)
 
 
