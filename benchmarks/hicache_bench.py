@@ -91,7 +91,9 @@ def ttft_part(args, storage_dir: str) -> dict:
 
 def multi_turn(args, hicache: bool) -> dict:
     final_history = args.turns * (args.turn_len + args.output_len)
-    pool_tokens = int(args.conversations * final_history / args.working_set)
+    # At least the running chats' final histories must fit (plus a page each for decode).
+    pool_tokens = max(int(args.conversations * final_history / args.working_set),
+                      args.concurrency * (final_history + 32))
     kw = dict(enable_hierarchical_cache=True, hicache_ratio=args.hicache_ratio, hicache_mem_layout=args.mem_layout,
               hicache_io_backend=args.io_backend) if hicache else {}
     eng = EngineCore(args.model, device=args.device, dtype=args.dtype, max_total_tokens=pool_tokens, **kw)
