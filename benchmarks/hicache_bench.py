@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--out", default=None, help="write JSON results here (plus .png and .md next to it)")
     args = ap.parse_args(argv)
-    git = git_info()
+    git, started = git_info(), time.strftime("%Y-%m-%d %H:%M:%S")
     if args.threads:
         torch.set_num_threads(args.threads)
     storage_dir = tempfile.mkdtemp(prefix="tandem-hicache-bench-")
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
         f"multi-turn throughput >= {TARGET_SPEEDUP} x without HiCache": speedup >= TARGET_SPEEDUP,
     }
     result = {
-        "benchmark": "hicache_bench", "started": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git,
+        "benchmark": "hicache_bench", "started": started, "git": git,
         "machine": machine_info(), "versions": versions(), "command": sys.argv, "args": vars(args),
         "noise": "shared machine (other processes running tests); medians of --repeats runs",
         "ttft": ttft, "multi_turn": {"without_hicache": without, "with_hicache": with_hi, "speedup": speedup},

@@ -221,6 +221,10 @@ class RouterConfig(ServerConfig):
         "round_robin", description="How the router picks a worker."
     )
     kv_overlap_weight: float = Field(1.0, ge=0, description="kv_aware: weight of prefix overlap vs load.")
+    kv_host_hit_weight: float = Field(
+        0.5, ge=0, le=1, description="kv_aware: a prefix block a worker holds only in its host tier (HiCache) "
+        "counts as this fraction of a block on its device (it needs a load-back copy)."
+    )
     api_key: str | None = Field(None, description="Require this bearer token on the HTTP API.")
     health_check_interval: float = Field(0.5, gt=0, description="Seconds between worker health checks.")
     request_retries: int = Field(1, ge=0, description="Retries on another worker when one fails before output.")

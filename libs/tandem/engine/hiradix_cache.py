@@ -25,7 +25,7 @@ import heapq
 from tandem.hicache import HiCacheController
 from tandem.hicache.config import BACKUP_THRESHOLD
 
-from .radix_cache import AllBlocksCleared, BlockRemoved, Node, RadixCache, _tick, block_hash
+from .radix_cache import DEVICE, HOST, AllBlocksCleared, BlockRemoved, BlockStored, Node, RadixCache, _tick, block_hash
 
 
 class HiRadixCache(RadixCache):
@@ -55,6 +55,7 @@ class HiRadixCache(RadixCache):
             n.host_page = hp
             self.num_host_nodes += 1
             self.ctl.store(n.hash, n.tokens, hp)
+            self._emit_stored([n], HOST)
         for n in nodes:
             n.io_busy -= 1
 
@@ -200,7 +201,7 @@ class HiRadixCache(RadixCache):
 
     def _drop(self, n: Node) -> None:
         """Remove a node off the device, and its subtree (all off the device), from the tree."""
-        stack = [n]
+        stack, removed = [n], []
         while stack:
             m = stack.pop()
             stack.extend(m.children.values())
@@ -208,7 +209,10 @@ class HiRadixCache(RadixCache):
                 self.ctl.host.free([m.host_page])
                 m.host_page = -1
                 self.num_host_nodes -= 1
+                removed.append(m.hash)
         del n.parent.children[n.tokens]
+        if removed:
+            self._emit([BlockRemoved(block_hashes=removed, tier=HOST)])
 
     def _all_nodes(self):
         stack = list(self.root.children.values())
@@ -228,6 +232,13 @@ class HiRadixCache(RadixCache):
         return empty
 
     def snapshot(self) -> list:
-        """The blocks on the device (what the router follows), parents first."""
-        on_device = {n.hash for n in self._all_nodes() if n.page >= 0}
-        return [e for e in super().snapshot() if e.block_hashes[0] in on_device]
+        """The blocks on the device and on the host, as BlockStored events, parents first."""
+        out, stack = [], list(self.root.children.values())
+        while stack:
+            n = stack.pop()
+            for tier, held in ((DEVICE, n.page >= 0), (HOST, n.host_page >= 0)):
+                if held:
+                    out.append(BlockStored([n.hash], n.parent.hash if n.parent is not self.root else None,
+                                           list(n.tokens), self.page_size, tier))
+            stack.extend(n.children.values())
+        return out

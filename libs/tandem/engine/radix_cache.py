@@ -27,17 +27,22 @@ def block_hash(parent_hash: int | None, tokens) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
+DEVICE, HOST = "device", "host"  # tiers of KV events (HOST only with HiCache)
+
+
 @dataclass
 class BlockStored:
     block_hashes: list
     parent_block_hash: int | None
     token_ids: list
     block_size: int
+    tier: str = DEVICE
 
 
 @dataclass
 class BlockRemoved:
     block_hashes: list
+    tier: str = DEVICE
 
 
 @dataclass
@@ -172,8 +177,8 @@ class RadixCache:
         self._on_device_nodes(new_nodes)
         return out, node
 
-    def _emit_stored(self, chain: list) -> None:
-        """One BlockStored event for a parent-to-child chain of nodes now on the device."""
+    def _emit_stored(self, chain: list, tier: str = DEVICE) -> None:
+        """One BlockStored event for a parent-to-child chain of nodes now in a tier."""
         if chain:
             first = chain[0]
             self._emit([BlockStored(
@@ -181,6 +186,7 @@ class RadixCache:
                 parent_block_hash=first.parent.hash if first.parent is not self.root else None,
                 token_ids=[t for n in chain for t in n.tokens],
                 block_size=self.page_size,
+                tier=tier,
             )])
 
     def _revive(self, node: Node, page: int) -> None:

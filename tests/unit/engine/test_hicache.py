@@ -166,3 +166,24 @@ def test_nixl_storage_backend(make_llm, demo_models, reference, tmp_path):
         again = _hi(make_llm, demo_models, hicache_storage_backend=backend, hicache_storage_dir=store)
         assert _tokens(again, a) == reference[1]
         assert again.engine.hicache.counters.storage_hit_tokens == 15 * PS
+
+
+def test_kv_events_carry_the_tier(make_llm, demo_models):
+    from tandem.engine import BlockRemoved, BlockStored
+
+    llm = _hi(make_llm, demo_models)
+    events = []
+    llm.engine.subscribe_kv_events(events.extend)
+    a = _prompt(1)
+    _tokens(llm, a)
+    stored = {t: {h for e in events if isinstance(e, BlockStored) and e.tier == t for h in e.block_hashes}
+              for t in ("device", "host")}
+    keys = set(_chain_keys(a))
+    assert stored["device"] == stored["host"] == keys  # write_through: computed and backed up
+    events.clear()
+    _evict_by_pressure(llm, 2, 3)
+    removed = {h for e in events if isinstance(e, BlockRemoved) and e.tier == "device" for h in e.block_hashes}
+    assert keys <= removed
+    snap = llm.engine.kv_snapshot()
+    assert keys <= {h for e in snap if e.tier == "host" for h in e.block_hashes}
+    assert not keys & {h for e in snap if e.tier == "device" for h in e.block_hashes}
