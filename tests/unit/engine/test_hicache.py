@@ -135,13 +135,13 @@ def _chain_keys(tokens):
     return keys
 
 
-def test_pressure_many_concurrent_requests_no_leak(make_llm, demo_models, dense_llm):
+def test_pressure_many_concurrent_requests_no_leak(make_llm, demo_models, dense_llm, tmp_path):
     # 12 requests over 3 shared 128-token prefixes, host pool only 2x the device: every tier full.
     prefixes = [_prompt(10 + i, 128) for i in range(3)]
     prompts = [prefixes[i % 3] + _prompt(100 + i, 40) for i in range(12)]
     want = [o.token_ids for o in dense_llm.generate(prompts, GREEDY)]
     llm = _hi(make_llm, demo_models, max_total_tokens=512, hicache_mem_layout="page_first",
-              hicache_write_policy="write_back")
+              hicache_write_policy="write_back", hicache_storage_backend="file", hicache_storage_dir=str(tmp_path))
     for _ in range(2):
         assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == want
         _check_tiers(llm.engine)
