@@ -268,6 +268,10 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
                 out.error = "KV pool too small for this request's context"
                 self._pending.append(out)
                 batch = []
+            if self.hicache is not None:  # load-backs issued by schedule(): per-layer waits (CUDA)
+                self.runner.layer_ready = self.hicache.take_layer_ready() if batch else None
+                if not batch:
+                    self.hicache.join()
             if batch:
                 ntok = sum(n for _, n in batch)
                 want = [req.wants_prompt_logprobs for req, _ in batch]
@@ -277,6 +281,8 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
                         self._gather_prompt_logprobs(batch[i][0], r)
                 else:
                     logits = self.runner.forward(batch)
+                if self.hicache is not None:
+                    self.hicache.join()
                 for req, n in batch:
                     req.num_computed += n
                 rows = [i for i, (req, _) in enumerate(batch) if req.num_uncomputed == 0]

@@ -2,8 +2,10 @@
 and counts what moved. Callers (the tier-aware radix cache) decide which pages move when.
 
 On CUDA, copies run on a dedicated stream: a backup first waits for the compute stream (the
-KV must be written), a load-back makes the compute stream wait for the copy before the next
-forward pass. Host buffers are pinned there. On CPU the copies are plain synchronous copies.
+KV must be written); a load-back records an event per layer, and the next forward pass waits
+for layer i's event right before layer i (``take_layer_ready``), so the copy of later layers
+overlaps the compute of earlier ones; ``join`` then orders everything after on the compute
+stream behind the copies. Host buffers are pinned there. On CPU the copies are synchronous.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ class HiCacheController:
         self.prefetcher = (Prefetcher(self.fetch, settings.prefetch_policy, settings.prefetch_timeout_s)
                            if self.storage is not None else None)
         self.copy_stream = torch.cuda.Stream(device=dev) if self.cuda else None
+        self._layer_events: list | None = None  # per-layer events of the latest load-back (CUDA)
         self.counters = HiCacheCounters()
         self.page_size = device_pool.page_size
         self.page_shape = (2, device_pool.num_layers, device_pool.page_size, device_pool.num_kv_heads,
@@ -74,13 +77,30 @@ class HiCacheController:
         """Copy host pages into device pages (the next forward pass sees them)."""
         t0 = time.perf_counter()
         if self.copy_stream is not None:
+            events = [torch.cuda.Event() for _ in range(self.device_pool.num_layers)]
             self.copy_stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.copy_stream):
-                host_to_device(self.settings.io_backend, self.host, self.device_pool, host_pages, device_pages)
-            torch.cuda.current_stream().wait_stream(self.copy_stream)
+                host_to_device(self.settings.io_backend, self.host, self.device_pool, host_pages, device_pages,
+                               layer_done=lambda i: events[i].record(self.copy_stream))
+            # Copy-stream order: layer i of this load done implies every earlier load done.
+            self._layer_events = events
         else:
             host_to_device(self.settings.io_backend, self.host, self.device_pool, host_pages, device_pages)
         self._count_load(len(host_pages), time.perf_counter() - t0)
+
+    def take_layer_ready(self):
+        """For the next forward pass: ``ready(i)`` makes the compute stream wait for layer i of
+        the pending load-backs; None when nothing is pending (always on CPU)."""
+        events, self._layer_events = self._layer_events, None
+        if events is None:
+            return None
+        stream = torch.cuda.current_stream()
+        return lambda i: stream.wait_event(events[i])
+
+    def join(self) -> None:
+        """Order all later compute-stream work after every copy issued so far (no host wait)."""
+        if self.copy_stream is not None:
+            torch.cuda.current_stream().wait_stream(self.copy_stream)
 
     def _count_load(self, n_pages: int, seconds: float) -> None:
         c = self.counters
@@ -117,6 +137,7 @@ class HiCacheController:
     def load_from_storage(self, pages_data: list[torch.Tensor], device_pages: list[int]) -> None:
         """Copy pages fetched from storage into device pages."""
         t0 = time.perf_counter()
+        self.join()  # the compute stream writes these pages: after any copy still in flight
         staged = torch.stack(pages_data).to(self.device_pool.k_buffers[0].device)
         idx = torch.tensor(device_pages, dtype=torch.int64, device=staged.device)
         for layer in range(self.device_pool.num_layers):

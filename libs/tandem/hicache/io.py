@@ -5,9 +5,12 @@
   source side and moved in a single copy, then scattered on the destination side (one DMA per
   batch on CUDA instead of 2 x layers; with ``page_first`` the host side needs no scatter).
 
-On CUDA both run on the controller's copy stream (see ``controller``); here they only copy.
+On CUDA both run on the controller's copy stream (see ``controller``), which records an event
+per layer so the forward pass waits for each layer's pages only; here they only copy.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -40,7 +43,9 @@ def device_to_host(backend: str, device_pool, host_pool, device_pages: list[int]
         host_pool.v_buffers[layer][host_idx] = on_host[:, 1, layer]
 
 
-def host_to_device(backend: str, host_pool, device_pool, host_pages: list[int], device_pages: list[int]) -> None:
+def host_to_device(backend: str, host_pool, device_pool, host_pages: list[int], device_pages: list[int],
+                   layer_done: Callable[[int], None] | None = None) -> None:
+    """Copy host pages into device pages; ``layer_done(i)`` once layer i's copies are issued."""
     device = device_pool.k_buffers[0].device
     dev_idx = _idx(device_pages, device)
     host_idx = _idx(host_pages, "cpu")
@@ -50,6 +55,8 @@ def host_to_device(backend: str, host_pool, device_pool, host_pages: list[int], 
             for src, dst in ((host_pool.k_buffers[layer], device_pool.k_buffers[layer]),
                              (host_pool.v_buffers[layer], device_pool.v_buffers[layer])):
                 dst.index_copy_(0, dev_idx, src.index_select(0, host_idx).to(device, non_blocking=non_blocking))
+            if layer_done is not None:
+                layer_done(layer)
         return
     if host_pool.buffer is not None:
         staged = host_pool.buffer.index_select(0, host_idx)
@@ -62,3 +69,5 @@ def host_to_device(backend: str, host_pool, device_pool, host_pages: list[int], 
     for layer in range(device_pool.num_layers):
         device_pool.k_buffers[layer].index_copy_(0, dev_idx, on_device[:, 0, layer])
         device_pool.v_buffers[layer].index_copy_(0, dev_idx, on_device[:, 1, layer])
+        if layer_done is not None:
+            layer_done(layer)

@@ -187,3 +187,19 @@ def test_kv_events_carry_the_tier(make_llm, demo_models):
     snap = llm.engine.kv_snapshot()
     assert keys <= {h for e in snap if e.tier == "host" for h in e.block_hashes}
     assert not keys & {h for e in snap if e.tier == "device" for h in e.block_hashes}
+
+
+def test_forward_calls_layer_ready_before_each_layer(make_llm, demo_models, monkeypatch):
+    """The hook a CUDA load-back uses to make layer i wait for its own pages only (the
+    controller hands it out once per pending load; on CPU it has none, so fake one)."""
+    llm = _hi(make_llm, demo_models)
+    eng, seen = llm.engine, []
+    hooks = iter([seen.append])  # one pending load, then none
+    monkeypatch.setattr(eng.hicache, "take_layer_ready", lambda: next(hooks, None))
+    rid = eng.add_request(_prompt(4, 40), GREEDY)
+    while eng.has_work():
+        eng.step()
+    assert seen == list(range(eng.model_config.num_layers))  # the first forward only
+    assert eng.runner.layer_ready is None and rid not in eng.requests
+    with pytest.raises(ValueError, match="ep-size"):
+        _hi(make_llm, demo_models, ep_size=2)
