@@ -20,6 +20,7 @@ from .host_pool import HostKVPool
 from .io import device_to_host, host_to_device
 from .nixl_storage import NixlStorage
 from .prefetch import Prefetcher
+from .storage_writer import StorageWriter
 
 
 @dataclass
@@ -49,6 +50,8 @@ class HiCacheController:
         self.storage = storage_cls(settings.storage_dir, storage_namespace) if storage_cls else None
         self.prefetcher = (Prefetcher(self.fetch, settings.prefetch_policy, settings.prefetch_timeout_s)
                            if self.storage is not None else None)
+        self.writer = (StorageWriter(self.storage.put, self._count_storage_write)
+                       if self.storage is not None else None)
         self.copy_stream = torch.cuda.Stream(device=dev) if self.cuda else None
         self._layer_events: list | None = None  # per-layer events of the latest load-back (CUDA)
         self.counters = HiCacheCounters()
@@ -110,13 +113,20 @@ class HiCacheController:
 
     # ---- storage ---------------------------------------------------------------------------
     def store(self, key: int, tokens, host_page: int) -> None:
-        """Write a host page to storage under its block hash (no-op without a storage tier)."""
-        if self.storage is None:
-            return
-        n = self.storage.put(key, tokens, self.host.page_data(host_page))
-        if n:
+        """Queue a host page's write to storage under its block hash (no-op without storage)."""
+        if self.writer is not None:
+            self.writer.submit(key, tokens, self.host.page_data(host_page).clone())
+
+    def _count_storage_write(self, nbytes: int) -> None:
+        """On the writer thread, after a page was written (0 bytes: it was there already)."""
+        if nbytes:
             self.counters.storage_write_tokens += self.page_size
-            self.counters.storage_write_bytes += n
+            self.counters.storage_write_bytes += nbytes
+
+    def flush_storage(self) -> None:
+        """Wait for every queued storage write (tests, benchmarks, shutdown)."""
+        if self.writer is not None:
+            self.writer.flush()
 
     def fetch(self, key: int, tokens) -> torch.Tensor | None:
         """A page's ``[2, layers, page_size, heads, dim]`` data from storage, or None (miss).

@@ -97,6 +97,7 @@ def test_storage_survives_restart_and_rejects_corrupt_pages(make_llm, demo_model
     first = _hi(make_llm, demo_models, hicache_storage_backend="file", hicache_storage_dir=store)
     a = _prompt(1)
     assert _tokens(first, a) == reference[1]
+    first.engine.hicache.flush_storage()  # written on a background thread
     assert first.engine.hicache.counters.storage_write_tokens == 16 * PS
     # A new engine (a restarted worker) over the same folder: served from storage.
     second = _hi(make_llm, demo_models, hicache_storage_backend="file", hicache_storage_dir=store)
@@ -104,6 +105,7 @@ def test_storage_survives_restart_and_rejects_corrupt_pages(make_llm, demo_model
     assert out.token_ids == reference[1]
     assert second.engine.hicache.counters.storage_hit_tokens == 15 * PS and out.cached_tokens == 15 * PS
     _check_tiers(second.engine)
+    second.engine.hicache.flush_storage()
     # Corrupt the 6th page (one flipped byte) and truncate the 11th: recomputed from there on.
     folder = second.engine.hicache.storage.dir
     keys = _chain_keys(a)
@@ -119,6 +121,7 @@ def test_storage_survives_restart_and_rejects_corrupt_pages(make_llm, demo_model
     c = third.engine.hicache.counters
     assert out.token_ids == reference[1]
     assert c.storage_hit_tokens == 5 * PS and third.engine.hicache.storage_corrupt_pages == 1
+    third.engine.hicache.flush_storage()
     # The recomputed pages were written again: a fourth engine gets all of them.
     fourth = _hi(make_llm, demo_models, hicache_storage_backend="file", hicache_storage_dir=store)
     assert _tokens(fourth, a) == reference[1]
@@ -162,6 +165,7 @@ def test_nixl_storage_backend(make_llm, demo_models, reference, tmp_path):
     first = _hi(make_llm, demo_models, hicache_storage_backend="nixl", hicache_storage_dir=store)
     a = _prompt(1)
     assert _tokens(first, a) == reference[1]
+    first.engine.hicache.flush_storage()
     for backend in ("nixl", "file"):
         again = _hi(make_llm, demo_models, hicache_storage_backend=backend, hicache_storage_dir=store)
         assert _tokens(again, a) == reference[1]
