@@ -168,3 +168,14 @@ def decode_plots(points: list[dict], out_dir: Path, subtitle: str) -> list[Path]
         ax.legend(fontsize=8)
         paths.append(_save(fig, out_dir / name, f"{title}\n{subtitle}"))
     return paths
+
+
+def bar_panels(panels: list[tuple[str, list[str], list[float], str]], path: Path, title: str) -> Path:
+    """One bar chart per (panel title, bar labels, values, y label), side by side."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (sub, labels, values, ylabel) in zip(axes[0], panels):
+        bars = ax.bar(labels, values, color=[f"C{i}" for i in range(len(labels))])
+        ax.bar_label(bars, fmt="%.3g")
+        ax.set_title(sub)
+        ax.set_ylabel(ylabel)
+    return _save(fig, path, title)

@@ -54,6 +54,26 @@ PANELS = [
         (f"sum by (worker_id) (sglang:hicache_host_used_tokens{M}) / "
          f"clamp_min(sum by (worker_id) (sglang:hicache_host_total_tokens{M}), 1)", "{{worker_id}} host (HiCache)"),
     ], False),
+    ("HiCache hit rate by tier", "percentunit", [
+        (f"sum(rate(sglang:cached_tokens_total{M}[{RI}])) / clamp_min(sum(rate(sglang:prompt_tokens_total{M}[{RI}])), 1)",
+         "all tiers (cached / prompt tokens)"),
+        (f"sum(rate(tandem_hicache_host_hit_tokens_total{M}[{RI}])) / "
+         f"clamp_min(sum(rate(sglang:prompt_tokens_total{M}[{RI}])), 1)", "host"),
+        (f"sum(rate(sglang:prefetched_tokens_total{M}[{RI}])) / "
+         f"clamp_min(sum(rate(sglang:prompt_tokens_total{M}[{RI}])), 1)", "storage"),
+    ], False),
+    ("HiCache traffic", "Bps", [
+        (f"sum by (worker_id) (rate(tandem_hicache_load_back_bytes_total{M}[{RI}]))", "{{worker_id}} load-back"),
+        (f"sum by (worker_id) (rate(tandem_hicache_backup_bytes_total{M}[{RI}]))", "{{worker_id}} backup to host"),
+    ], False),
+    ("HiCache tokens moved", "tokens/s (tps)", [
+        (f"sum by (worker_id) (rate(sglang:evicted_tokens_total{M}[{RI}]))", "{{worker_id}} evicted from device"),
+        (f"sum by (worker_id) (rate(sglang:load_back_tokens_total{M}[{RI}]))", "{{worker_id}} loaded back"),
+        (f"sum by (worker_id) (rate(sglang:backuped_tokens_total{M}[{RI}]))", "{{worker_id}} written to storage"),
+        (f"sum by (worker_id) (rate(tandem_hicache_storage_corrupt_pages_total{M}[{RI}]))",
+         "{{worker_id}} corrupt storage pages/s"),
+    ], False),
+    ("HiCache load-back time", "s", quantiles("sglang:load_back_duration_seconds", M, (0.5, 0.99)), False),
     ("KV pool breakdown", "short", [
         (f"sum by (worker_id) (sglang:kv_used_tokens{M})", "{{worker_id}} used"),
         (f"sum by (worker_id) (sglang:kv_evictable_tokens{M})", "{{worker_id}} evictable (prefix cache)"),

@@ -84,14 +84,38 @@ class EngineConfig(_Section):
         0, ge=0, description="torch intra-op threads (0 = torch's default); 1 suits several workers per host."
     )
     # HiCache
-    enable_hierarchical_cache: bool = Field(False, description="Enable the host-memory KV tier (HiCache).")
+    enable_hierarchical_cache: bool = Field(
+        False, description="Enable HiCache: KV pages evicted from the device pool go to a host-memory pool "
+        "(and to --hicache-storage-backend) and are loaded back when a request reuses the prefix."
+    )
     hicache_ratio: float = Field(2.0, ge=2.0, description="Host KV pool size as a multiple of the device pool.")
     hicache_size: int = Field(0, ge=0, description="Host KV pool size in GB (overrides --hicache-ratio).")
     hicache_write_policy: Literal["write_through", "write_through_selective", "write_back"] = Field(
-        "write_through", description="When device pages are copied to host."
+        "write_through", description="When device pages are copied to host: write_through as they are computed, "
+        "write_through_selective once a prefix is hit twice, write_back only on device eviction."
     )
-    hicache_storage_backend: Literal["file"] | None = Field(None, description="Third KV tier backend.")
+    hicache_mem_layout: Literal["layer_first", "page_first"] = Field(
+        "layer_first", description="Host pool layout: layer_first (per layer buffers, like the device pool) or "
+        "page_first (all layers of a page contiguous: one copy per page to the device or storage)."
+    )
+    hicache_io_backend: Literal["direct", "kernel"] = Field(
+        "direct", description="Host<->device copies: direct (one indexed copy per layer and K/V) or kernel "
+        "(all layers gathered into one staging buffer, moved in one copy)."
+    )
+    hicache_storage_backend: Literal["file", "nixl"] | None = Field(
+        None, description="Third KV tier under the host pool: file (one checked file per page under "
+        "--hicache-storage-dir, keyed by the block hash chain, checked on read; survives restarts) or nixl (the same "
+        "files, page bytes moved by NIXL's POSIX plugin)."
+    )
     hicache_storage_dir: str = Field("/tmp/tandem-hicache", description="Folder of the file storage backend.")
+    hicache_storage_prefetch_policy: Literal["best_effort", "wait_complete", "timeout"] = Field(
+        "best_effort", description="How long a request waits for its prefix pages read from storage: "
+        "best_effort (never: uses what was read), wait_complete (until read), timeout (at most "
+        "--hicache-storage-prefetch-timeout seconds)."
+    )
+    hicache_storage_prefetch_timeout: float = Field(
+        1.0, gt=0, description="Seconds a request waits for storage pages with --hicache-storage-prefetch-policy timeout."
+    )
     # Expert parallelism / EPLB
     ep_size: int = Field(1, ge=1, description="Expert-parallel ranks.")
     enable_eplb: bool = Field(False, description="Rebalance expert placement from recorded load.")
@@ -201,6 +225,10 @@ class RouterConfig(ServerConfig):
         "round_robin", description="How the router picks a worker."
     )
     kv_overlap_weight: float = Field(1.0, ge=0, description="kv_aware: weight of prefix overlap vs load.")
+    kv_host_hit_weight: float = Field(
+        0.5, ge=0, le=1, description="kv_aware: a prefix block a worker holds only in its host tier (HiCache) "
+        "counts as this fraction of a block on its device (it needs a load-back copy)."
+    )
     api_key: str | None = Field(None, description="Require this bearer token on the HTTP API.")
     health_check_interval: float = Field(0.5, gt=0, description="Seconds between worker health checks.")
     request_retries: int = Field(1, ge=0, description="Retries on another worker when one fails before output.")

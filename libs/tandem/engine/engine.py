@@ -25,11 +25,11 @@ from tandem.config.schemas import EngineConfig
 from .disaggregation import DisaggregationMixin, ExternalAllocation, PrefillResult
 from .engine_config import attention_backend, default_chunked_prefill_size, merge_config, resolve_device
 from .grammar import GrammarBackend
+from .hicache_setup import build_prefix_cache
 from .kv_pool import KVPool, OutOfPages
 from .loader import load_model, resolve_dtype
 from .model_runner import ModelRunner
 from .pool_sizing import kv_pool_pages
-from .radix_cache import RadixCache
 from .request import Mode, Request, Status
 from .sampler import SamplerVariant, SamplingTensors, allow_mask, mask_words
 from .sampling_params import SamplingParams
@@ -89,9 +89,6 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         self.config = cfg = merge_config(model_path, config, overrides)
         if not cfg.model_path:
             raise ValueError("model_path is required")
-        if cfg.enable_hierarchical_cache or cfg.hicache_storage_backend:
-            raise ValueError("enable_hierarchical_cache / hicache_storage_backend: the host KV tier (HiCache) "
-                             "is not implemented in this build; remove the flag")
         if not os.path.isdir(cfg.model_path):
             raise ValueError(f"model_path={cfg.model_path!r}: not a directory")
         self.device = device = resolve_device(cfg.device)
@@ -108,7 +105,7 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         num_pages = kv_pool_pages(cfg, mc, self.dtype, device)
         self.pool = KVPool(mc.num_layers, num_pages, page_size, mc.num_kv_heads, mc.head_dim, self.dtype,
                            device, num_aux_slots=max(64, cfg.max_running_requests * 4))
-        self.cache = RadixCache(page_size, self.pool.free, disabled=cfg.disable_radix_cache)
+        self.cache, self.hicache = build_prefix_cache(cfg, self.pool)
         self.chunked_prefill_size = cfg.chunked_prefill_size or default_chunked_prefill_size(device)
         self.scheduler = Scheduler(self.pool, self.cache, self.chunked_prefill_size, cfg.max_prefill_tokens,
                                    cfg.max_running_requests, mixed_chunk=cfg.enable_mixed_chunk)
@@ -297,6 +294,10 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
                 out.error = "KV pool too small for this request's context"
                 self._pending.append(out)
                 batch = []
+            if self.hicache is not None:  # load-backs issued by schedule(): per-layer waits (CUDA)
+                self.runner.layer_ready = self.hicache.take_layer_ready() if batch else None
+                if not batch:
+                    self.hicache.join()
             if batch:
                 ntok = sum(n for _, n in batch)
                 want = [req.wants_prompt_logprobs for req, _ in batch]
@@ -306,6 +307,8 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
                         self._gather_prompt_logprobs(batch[i][0], r)
                 else:
                     logits = self.runner.forward(batch)
+                if self.hicache is not None:
+                    self.hicache.join()
             # The previous step's tokens: the device produced them before this forward pass, so
             # this waits for their copy only (a request may finish here, e.g. on a stop token).
             self._resolve_inflight()

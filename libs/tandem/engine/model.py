@@ -44,6 +44,7 @@ class ForwardBatch:
     q_start: torch.Tensor | None = None  # [B] row of T where each request's new tokens start (paged extend)
     q_lens: torch.Tensor | None = None  # [B] new tokens of each request (paged extend)
     max_q_len: int = 1  # the longest q_lens (host int: sizes the extend kernel's grid)
+    layer_ready: Callable[[int], None] | None = None  # called before layer i runs (HiCache: its pages loaded)
 
 
 class RMSNorm(nn.Module):
@@ -314,6 +315,8 @@ class CausalLM(nn.Module):
         rope = ops.rope_inputs(fb.positions, h.dtype)
         residual = None
         for i, layer in enumerate(self.layers):
+            if fb.layer_ready is not None:
+                fb.layer_ready(i)
             h, residual = layer(h, residual, rope, fb, k_caches[i], v_caches[i], ops)
         if fb.logits_indices is not None:
             h, residual = h[fb.logits_indices], residual[fb.logits_indices]

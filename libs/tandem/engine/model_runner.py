@@ -7,6 +7,8 @@ the dense view (each request's context gathered, with a mask).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -69,6 +71,10 @@ def logits_rows(starts: list, lens: list, all_rows: list | None) -> list:
 
 
 class ModelRunner:
+    # Set by the engine for the next forward pass: called before layer i runs (HiCache load-back
+    # on CUDA: the compute stream waits for layer i's pages only).
+    layer_ready: Callable[[int], None] | None = None
+
     def __init__(self, model: CausalLM, pool: KVPool, device: str, cuda_graph_max_bs: int = 0,
                  penalty_rows: int = 128):
         self.model, self.pool, self.device = model, pool, device
@@ -184,8 +190,10 @@ class ModelRunner:
         With ``all_rows`` (a flag per request; prompt logprobs): (logits [B, vocab], {i: [n_i,
         vocab] logits of every new token of request i} for the flagged requests)."""
         self._replayed_bs = None
+        ready, self.layer_ready = self.layer_ready, None
         if all_rows is not None and any(all_rows):
             fb = self.build(batch, all_rows)
+            fb.layer_ready = ready
             with torch.profiler.record_function("tandem.model_forward"):
                 out = self.model(fb, self.pool.k_buffers, self.pool.v_buffers)
             if fb.logits_indices is None:  # a batch of one-token rows: one row per request
@@ -201,10 +209,14 @@ class ModelRunner:
         # Named range so profiler traces show each forward pass of the model as one block.
         with torch.profiler.record_function("tandem.model_forward"):
             if self.graphs is not None and self.graphs.can_run(batch):
+                for i in range(self.pool.num_layers if ready is not None else 0):
+                    ready(i)  # a captured graph cannot wait per layer
                 vec, table = decode_inputs(batch, self.page_size)
                 self._replayed_bs = len(batch)
                 return self.graphs.replay(vec, table, self._future_tokens if vec[0].min() < 0 else None)
-            return self.model(self.build(batch), self.pool.k_buffers, self.pool.v_buffers)
+            fb = self.build(batch)
+            fb.layer_ready = ready
+            return self.model(fb, self.pool.k_buffers, self.pool.v_buffers)
 
     def sample(self, logits: torch.Tensor, tensors: SamplingTensors | None, variant: SamplerVariant) -> torch.Tensor:
         """Token ids [B] (device) for every row of ``logits``; tensors on the host (None when all greedy)."""

@@ -27,17 +27,22 @@ def block_hash(parent_hash: int | None, tokens) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
+DEVICE, HOST = "device", "host"  # tiers of KV events (HOST only with HiCache)
+
+
 @dataclass
 class BlockStored:
     block_hashes: list
     parent_block_hash: int | None
     token_ids: list
     block_size: int
+    tier: str = DEVICE
 
 
 @dataclass
 class BlockRemoved:
     block_hashes: list
+    tier: str = DEVICE
 
 
 @dataclass
@@ -57,6 +62,10 @@ class Node:
     lock_ref: int = 0
     last_access: int = 0
     hash: int | None = None
+    # HiCache (tandem.engine.hiradix_cache): page = -1 once the KV left the device tier.
+    host_page: int = -1
+    hit_count: int = 0
+    io_busy: int = 0  # > 0 while a copy reads or fills this node: no tier may drop it
 
 
 class RadixCache:
@@ -88,7 +97,7 @@ class RadixCache:
         ps = self.page_size
         for i in range(len(token_ids) // ps):
             child = node.children.get(tuple(token_ids[i * ps : (i + 1) * ps]))
-            if child is None:
+            if child is None or child.page < 0:  # only device pages match (HiCache loads the rest)
                 break
             node = child
             node.last_access = next(_tick)
@@ -154,6 +163,9 @@ class RadixCache:
                 self.num_pages += 1
                 self.evictable_pages += 1
                 new_nodes.append(child)
+            elif i >= num_owned_from and child.page < 0:  # its KV left the device: ours holds it again
+                self._revive(child, pages[i])
+                new_nodes.append(child)
             elif i >= num_owned_from and child.page != pages[i]:
                 to_free.append(pages[i])
                 out[i] = child.page
@@ -161,15 +173,33 @@ class RadixCache:
             node = child
         if to_free:
             self._free_pages(to_free)
-        if new_nodes:
-            first = new_nodes[0]
-            self._emit([BlockStored(
-                block_hashes=[n.hash for n in new_nodes],
-                parent_block_hash=first.parent.hash if first.parent is not self.root else None,
-                token_ids=[t for n in new_nodes for t in n.tokens],
-                block_size=ps,
-            )])
+        self._emit_stored(new_nodes)
+        self._on_device_nodes(new_nodes)
         return out, node
+
+    def _emit_stored(self, chain: list, tier: str = DEVICE) -> None:
+        """One BlockStored event for a parent-to-child chain of nodes now in a tier."""
+        if chain:
+            first = chain[0]
+            self._emit([BlockStored(
+                block_hashes=[n.hash for n in chain],
+                parent_block_hash=first.parent.hash if first.parent is not self.root else None,
+                token_ids=[t for n in chain for t in n.tokens],
+                block_size=self.page_size,
+                tier=tier,
+            )])
+
+    def _revive(self, node: Node, page: int) -> None:
+        """A node whose KV left the device gets a device page again (only with HiCache)."""
+        raise RuntimeError("radix cache: a node without a device page exists only with HiCache")
+
+    def _on_device_nodes(self, nodes: list) -> None:
+        """Hook: nodes whose KV has just been computed on the device (HiCache backs them up)."""
+
+    def match_and_load(self, token_ids) -> tuple[list[int], Node, bool]:
+        """match_prefix for admission: with HiCache, the prefix found below the device tier is
+        loaded back first. The flag is False while the request should wait (storage prefetch)."""
+        return *self.match_prefix(token_ids), True
 
     # ---- eviction ------------------------------------------------------------------------
     def evict(self, num_pages: int) -> int:

@@ -100,7 +100,9 @@ class Scheduler:
         if req.wants_prompt_logprobs:
             pages, node = [], self.cache.root
         else:
-            pages, node = self.cache.match_prefix(req.all_ids[: req.seq_len - 1])
+            pages, node, ready = self.cache.match_and_load(req.all_ids[: req.seq_len - 1])
+            if not ready:
+                return False  # its prefix is being read from storage (HiCache prefetch policy)
         self.cache.lock(node)
         need = self.pages_for(req.seq_len + 1) - len(pages)
         # Keep one page of headroom per running request for its next decode page.

@@ -32,6 +32,19 @@ class EngineStats:
     step_batch_size: int = 0
     step_num_tokens: int = 0
     step_time_s: float = 0.0
+    # HiCache (None / 0 without it): host pool gauges and totals since start
+    hicache_host_used_pages: int | None = None
+    hicache_host_total_pages: int | None = None
+    hicache_host_hit_tokens_total: int = 0
+    hicache_storage_hit_tokens_total: int = 0
+    hicache_load_back_tokens_total: int = 0
+    hicache_load_back_bytes_total: int = 0
+    hicache_load_back_seconds_total: float = 0.0
+    hicache_backup_tokens_total: int = 0
+    hicache_backup_bytes_total: int = 0
+    hicache_evicted_tokens_total: int = 0
+    hicache_storage_write_tokens_total: int = 0
+    hicache_storage_corrupt_pages_total: int = 0
 
 
 class EngineStatsMixin:
@@ -65,3 +78,17 @@ class EngineStatsMixin:
             self._gen_window_tokens -= window.popleft()[1]
         s.gen_throughput = self._gen_window_tokens / max(now - window[0][0], 1e-3) if window else 0.0
         s.step_kind, s.step_batch_size, s.step_num_tokens, s.step_time_s = kind, bsz, ntok, dt
+        if self.hicache is not None:
+            self._update_hicache_stats(s, self.hicache)
+
+    @staticmethod
+    def _update_hicache_stats(s: EngineStats, ctl) -> None:
+        c = ctl.counters
+        s.hicache_host_used_pages, s.hicache_host_total_pages = ctl.host.num_used_pages, ctl.host.num_pages
+        s.hicache_host_hit_tokens_total, s.hicache_storage_hit_tokens_total = c.host_hit_tokens, c.storage_hit_tokens
+        s.hicache_load_back_tokens_total, s.hicache_load_back_bytes_total = c.load_back_tokens, c.load_back_bytes
+        s.hicache_load_back_seconds_total = c.load_back_seconds
+        s.hicache_backup_tokens_total, s.hicache_backup_bytes_total = c.backup_tokens, c.backup_bytes
+        s.hicache_evicted_tokens_total = c.evicted_tokens
+        s.hicache_storage_write_tokens_total = c.storage_write_tokens
+        s.hicache_storage_corrupt_pages_total = ctl.storage_corrupt_pages

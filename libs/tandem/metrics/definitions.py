@@ -157,6 +157,14 @@ ENGINE_COUNTERS = (
     (_c(S + "load_back_tokens_total", "The number of tokens loaded from host to device."), "load_back_tokens"),
     (_c(S + "prefetched_tokens_total", "Number of prefetched prompt tokens."), "prefetched_tokens"),
     (_c(S + "backuped_tokens_total", "Number of backuped tokens."), "backuped_tokens"),
+    (_c("tandem_hicache_host_hit_tokens_total", "Prefix tokens served by load-back from the host KV tier."),
+     "hicache_host_hit_tokens"),
+    (_c("tandem_hicache_load_back_bytes_total", "KV bytes loaded back from host or storage to the device."),
+     "hicache_load_back_bytes"),
+    (_c("tandem_hicache_backup_bytes_total", "KV bytes copied from the device to the host tier."),
+     "hicache_backup_bytes"),
+    (_c("tandem_hicache_storage_corrupt_pages_total",
+        "Storage pages that failed their integrity checks (a miss: recomputed)."), "hicache_storage_corrupt_pages"),
 )
 REALTIME_TOKENS = _c(
     S + "realtime_tokens_total",

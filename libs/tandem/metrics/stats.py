@@ -75,14 +75,20 @@ class SchedulerStats:
     num_bootstrap_failed_reqs: int = 0  # attempts that failed before prefill confirmed the room
     num_transfer_failed_reqs: int = 0  # attempts that failed later
 
-    # HiCache (SGLang's fields; this build has no host KV tier and never sets them)
+    # HiCache (SGLang's fields, set by a worker with --enable-hierarchical-cache; tandem never
+    # sets prefetch_occupied_ratio: its storage prefetch has no rate limit)
     hicache_host_used_tokens: int | None = None  # host tier tokens in use
     hicache_host_total_tokens: int | None = None  # host tier capacity
     prefetch_occupied_ratio: float | None = None  # storage prefetch; > 1 means rate limited
-    evicted_tokens: int = 0  # device -> host
-    load_back_tokens: int = 0  # host -> device
-    prefetched_tokens: int = 0  # storage -> host
-    backuped_tokens: int = 0  # device -> storage
+    evicted_tokens: int = 0  # left the device tier (to host, or dropped)
+    load_back_tokens: int = 0  # host or storage -> device
+    prefetched_tokens: int = 0  # storage -> device (prefix tokens served from storage)
+    backuped_tokens: int = 0  # host -> storage
+    # HiCache, tandem's own
+    hicache_host_hit_tokens: int = 0  # prefix tokens served by load-back from host
+    hicache_load_back_bytes: int = 0  # host or storage -> device
+    hicache_backup_bytes: int = 0  # device -> host
+    hicache_storage_corrupt_pages: int = 0  # storage pages that failed their checks (recomputed)
     eviction_duration_s: list[float] = field(default_factory=list)
     load_back_duration_s: list[float] = field(default_factory=list)
 

@@ -7,7 +7,8 @@ than any polled load).
 kv_aware follows Dynamo's KV router: for each worker,
     cost = kv_overlap_weight * (blocks the worker would have to prefill) + active blocks
 where blocks to prefill = request blocks - blocks of the request's prefix already cached on
-that worker (from the `KvIndex`), and active blocks = KV blocks of the router's in-flight
+that worker (from the `KvIndex`; a block the worker holds only in its HiCache host tier counts
+as kv_host_hit_weight of one), and active blocks = KV blocks of the router's in-flight
 requests on that worker. The cheapest worker wins; ties go to the worker with fewer in-flight
 requests, then fewer cached blocks (more room, so new prefixes spread), then round robin.
 """
@@ -105,10 +106,13 @@ class LeastLoadedPolicy(_Rotating):
 class KvAwarePolicy(_Rotating):
     name = "kv_aware"
 
-    def __init__(self, index: KvIndex, overlap_weight: float = 1.0, default_block_size: int = 16) -> None:
+    def __init__(self, index: KvIndex, overlap_weight: float = 1.0, default_block_size: int = 16,
+                 host_hit_weight: float = 0.5) -> None:
         super().__init__()
         self.index = index
         self.overlap_weight = overlap_weight
+        # A block a worker holds only in its host tier (HiCache) saves this fraction of a device block.
+        self.host_hit_weight = host_hit_weight
         # Used for load accounting until the first KV event tells the real block size.
         self.default_block_size = default_block_size
 
@@ -123,7 +127,7 @@ class KvAwarePolicy(_Rotating):
         t0 = time.perf_counter()
         keys = self.index.request_keys(token_ids)
         t1 = time.perf_counter()
-        overlaps = self.index.match(keys) if keys else {}
+        overlaps = self.index.match_tiers(keys) if keys else {}
         t2 = time.perf_counter()
         n_blocks = self.request_blocks(len(token_ids))
         ordered, start = self.ordered(workers)
@@ -131,8 +135,10 @@ class KvAwarePolicy(_Rotating):
         best_key = None
         best = None
         for i, w in enumerate(ordered):
-            overlap = overlaps.get(w.worker_id, 0)
-            cost = self.overlap_weight * (n_blocks - overlap) + w.active_blocks
+            device, reachable = overlaps.get(w.worker_id, (0, 0))
+            overlap = reachable
+            saved = device + self.host_hit_weight * (reachable - device)
+            cost = self.overlap_weight * (n_blocks - saved) + w.active_blocks
             key = (cost, w.active_requests, self.index.num_blocks(w.worker_id), (i - start) % n)
             if best_key is None or key < best_key:
                 best_key, best = key, Decision(w.worker_id, n_blocks, overlap, cost)
@@ -141,7 +147,7 @@ class KvAwarePolicy(_Rotating):
 
 
 def make_policy(name: str, index: KvIndex | None = None, overlap_weight: float = 1.0,
-                seed: int | None = None) -> Policy:
+                seed: int | None = None, host_hit_weight: float = 0.5) -> Policy:
     """Build a policy by its config name (RouterConfig.routing_policy)."""
     if name == "round_robin":
         return RoundRobinPolicy()
@@ -150,5 +156,6 @@ def make_policy(name: str, index: KvIndex | None = None, overlap_weight: float =
     if name == "least_loaded":
         return LeastLoadedPolicy()
     if name == "kv_aware":
-        return KvAwarePolicy(index if index is not None else KvIndex(), overlap_weight)
+        return KvAwarePolicy(index if index is not None else KvIndex(), overlap_weight,
+                             host_hit_weight=host_hit_weight)
     raise ValueError(f"routing_policy={name!r}: must be one of {', '.join(POLICIES)}")

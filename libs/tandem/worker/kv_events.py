@@ -15,16 +15,19 @@ from collections.abc import Callable
 from tandem.engine import radix_cache as rc
 from tandem.v1 import common_pb2
 
+_TIERS = {rc.DEVICE: common_pb2.KV_TIER_DEVICE, rc.HOST: common_pb2.KV_TIER_HOST}
+
 
 def event_to_proto(ev) -> common_pb2.KvEvent:
     if isinstance(ev, rc.BlockStored):
         stored = common_pb2.BlockStored(block_hashes=ev.block_hashes, token_ids=list(ev.token_ids),
-                                        block_size=ev.block_size)
+                                        block_size=ev.block_size, tier=_TIERS[ev.tier])
         if ev.parent_block_hash is not None:
             stored.parent_block_hash = ev.parent_block_hash
         return common_pb2.KvEvent(stored=stored)
     if isinstance(ev, rc.BlockRemoved):
-        return common_pb2.KvEvent(removed=common_pb2.BlockRemoved(block_hashes=ev.block_hashes))
+        return common_pb2.KvEvent(removed=common_pb2.BlockRemoved(block_hashes=ev.block_hashes,
+                                                                  tier=_TIERS[ev.tier]))
     if isinstance(ev, rc.AllBlocksCleared):
         return common_pb2.KvEvent(cleared=common_pb2.AllBlocksCleared())
     raise TypeError(f"unknown KV event {ev!r}")

@@ -76,6 +76,8 @@ class StatsReporter(LoopHook):
             cached_tokens=s.cached_tokens_total - prev.cached_tokens_total,
             num_retracted_requests=s.num_retracted_total - prev.num_retracted_total,
         )
+        if s.hicache_host_total_pages is not None:
+            self._hicache_fields(msg, s, prev)
         if s.step_kind in ("prefill", "mixed"):
             msg.realtime_prefill_compute_tokens = s.step_num_tokens
         elif s.step_kind == "decode":
@@ -93,6 +95,24 @@ class StatsReporter(LoopHook):
         self._prev = dataclasses.replace(s)
         self._last_sent = time.monotonic()
         self.sender.send(msg)
+
+    def _hicache_fields(self, msg: SchedulerStats, s: EngineStats, prev: EngineStats) -> None:
+        """HiCache gauges, and counters as deltas; the load-back time since the last message is
+        one load_back_duration sample."""
+        msg.hicache_host_used_tokens = s.hicache_host_used_pages * self.page_size
+        msg.hicache_host_total_tokens = s.hicache_host_total_pages * self.page_size
+        msg.evicted_tokens = s.hicache_evicted_tokens_total - prev.hicache_evicted_tokens_total
+        msg.load_back_tokens = s.hicache_load_back_tokens_total - prev.hicache_load_back_tokens_total
+        msg.prefetched_tokens = s.hicache_storage_hit_tokens_total - prev.hicache_storage_hit_tokens_total
+        msg.backuped_tokens = s.hicache_storage_write_tokens_total - prev.hicache_storage_write_tokens_total
+        msg.hicache_host_hit_tokens = s.hicache_host_hit_tokens_total - prev.hicache_host_hit_tokens_total
+        msg.hicache_load_back_bytes = s.hicache_load_back_bytes_total - prev.hicache_load_back_bytes_total
+        msg.hicache_backup_bytes = s.hicache_backup_bytes_total - prev.hicache_backup_bytes_total
+        msg.hicache_storage_corrupt_pages = (s.hicache_storage_corrupt_pages_total
+                                             - prev.hicache_storage_corrupt_pages_total)
+        load_s = s.hicache_load_back_seconds_total - prev.hicache_load_back_seconds_total
+        if load_s > 0:
+            msg.load_back_duration_s.append(load_s)
 
     def close(self) -> None:
         self.sender.close()

@@ -98,3 +98,42 @@ def test_shared_blocks_refcounted_per_worker():
     assert idx.match(idx.request_keys(ids)) == {"b": 2}
     idx.remove("b", [111, 222])
     assert idx.num_blocks() == 0
+
+
+def test_host_tier_blocks_match_apart_from_device_blocks():
+    from tandem.routing.kv_index import DEVICE, HOST
+
+    idx = KvIndex()
+    prompt = list(range(32))  # 8 blocks
+    hashes = stored(prompt, salt=3)
+    idx.store("w0", hashes, prompt, BS, tier=DEVICE)
+    idx.store("w0", hashes, prompt, BS, tier=HOST)  # write-through: also on host
+    keys = idx.request_keys(prompt)
+    # The device loses its last 5 blocks (evicted to host): 3 on the device, 8 reachable.
+    idx.remove("w0", hashes[3:], tier=DEVICE)
+    assert idx.match(keys) == {"w0": 3}
+    assert idx.match_tiers(keys) == {"w0": (3, 8)}
+    assert idx.num_blocks("w0") == 3 and idx.num_blocks("w0", tier=HOST) == 8
+    # A host block's parent may have left the device: its worker hash stays known while any tier holds it.
+    idx.remove("w0", hashes[5:], tier=HOST)
+    assert idx.match_tiers(keys) == {"w0": (3, 5)}
+    idx.store("w0", hashes[5:6], prompt[20:24], BS, parent=hashes[4], tier=HOST)
+    assert idx.match_tiers(keys) == {"w0": (3, 6)}
+    idx.clear("w0")
+    assert idx.match_tiers(keys) == {} and idx.num_blocks(tier=HOST) == 0
+
+
+def test_apply_batch_reads_the_tier():
+    idx = KvIndex()
+    prompt = list(range(8))
+    hashes = stored(prompt, salt=5)
+    batch = common_pb2.KvEventBatch(sequence=1, events=[
+        common_pb2.KvEvent(stored=common_pb2.BlockStored(block_hashes=hashes, token_ids=prompt, block_size=BS,
+                                                         tier=common_pb2.KV_TIER_HOST))])
+    idx.apply_batch("w1", batch)
+    keys = idx.request_keys(prompt)
+    assert idx.match(keys) == {} and idx.match_tiers(keys) == {"w1": (0, 2)}
+    batch = common_pb2.KvEventBatch(sequence=2, events=[
+        common_pb2.KvEvent(removed=common_pb2.BlockRemoved(block_hashes=hashes, tier=common_pb2.KV_TIER_HOST))])
+    idx.apply_batch("w1", batch)
+    assert idx.match_tiers(keys) == {}

@@ -61,3 +61,19 @@ def test_kv_aware_spreads_new_prefixes():
     p = KvAwarePolicy(idx)
     # no overlap anywhere, equal load: the emptier cache wins
     assert p.choose(views(2), list(range(500, 532))).worker_id == "w1"
+
+
+def test_kv_aware_weights_host_hits_below_device_hits():
+    from tandem.routing.block_hash import block_hashes
+    from tandem.routing.kv_index import HOST
+
+    idx = KvIndex()
+    prompt = list(range(64))  # 16 blocks of 4
+    idx.store("w0", block_hashes(prompt[:32], 4), prompt[:32], 4)  # 8 blocks on w0's device
+    idx.store("w1", block_hashes(prompt[:48], 4), prompt[:48], 4, tier=HOST)  # 12 blocks on w1's host
+    # host blocks count half: w1 saves 6 blocks, w0 saves 8 -> w0
+    d = KvAwarePolicy(idx, host_hit_weight=0.5).choose(views(2), prompt)
+    assert (d.worker_id, d.overlap_blocks, d.cost) == ("w0", 8, 8)
+    # counted fully, w1's 12 host blocks beat w0's 8 device blocks
+    d = KvAwarePolicy(idx, host_hit_weight=1.0).choose(views(2), prompt)
+    assert (d.worker_id, d.overlap_blocks, d.cost) == ("w1", 12, 4)

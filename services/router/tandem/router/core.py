@@ -157,7 +157,8 @@ class RouterCore:
         self.metrics = metrics
         self.model_name = model_name
         self.index = KvIndex() if config.routing_policy == "kv_aware" else None
-        self.policy = make_policy(config.routing_policy, self.index, config.kv_overlap_weight)
+        self.policy = make_policy(config.routing_policy, self.index, config.kv_overlap_weight,
+                                  host_hit_weight=config.kv_host_hit_weight)
         self.pool: WorkerPool | None = None
         self._watch_task: asyncio.Task | None = None
         self.watcher: EtcdWatcher | None = None

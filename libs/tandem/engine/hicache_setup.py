@@ -1,0 +1,46 @@
+"""Builds the engine's prefix cache: the plain radix cache, or the tier-aware one with a
+HiCache controller when --enable-hierarchical-cache is on (flags checked here, at start)."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+from tandem.config.schemas import EngineConfig
+from tandem.hicache import HiCacheController, HiCacheSettings, host_pool_pages, validate_settings
+
+from .hiradix_cache import HiRadixCache
+from .kv_pool import KVPool
+from .radix_cache import RadixCache
+
+
+def build_prefix_cache(cfg: EngineConfig, pool: KVPool) -> tuple[RadixCache, HiCacheController | None]:
+    if not cfg.enable_hierarchical_cache:
+        if cfg.hicache_storage_backend:
+            raise ValueError("hicache_storage_backend needs --enable-hierarchical-cache (storage sits under the host tier)")
+        return RadixCache(pool.page_size, pool.free, disabled=cfg.disable_radix_cache), None
+    if cfg.disable_radix_cache:
+        raise ValueError("enable_hierarchical_cache needs the radix cache: drop --disable-radix-cache")
+    if cfg.ep_size > 1:
+        raise ValueError("enable_hierarchical_cache with --ep-size > 1 is not supported: pages loaded back on the "
+                         "leader would be missing from the followers' KV pools")
+    settings = HiCacheSettings.from_config(cfg)
+    validate_settings(settings)
+    bytes_per_page = 2 * pool.num_layers * pool.page_size * pool.num_kv_heads * pool.head_dim * pool.dtype.itemsize
+    host_pages = host_pool_pages(settings, pool.num_pages, bytes_per_page)
+    ctl = HiCacheController(settings, pool, host_pages, storage_namespace(cfg.model_path, pool))
+    return HiRadixCache(pool.page_size, pool, ctl), ctl
+
+
+def storage_namespace(model_path: str, pool: KVPool) -> str:
+    """Storage subfolder: pages of one checkpoint (its config.json and weight file sizes), KV
+    dtype and page size only ever meet each other."""
+    h = hashlib.blake2b(digest_size=8)
+    for name in sorted(os.listdir(model_path)):
+        path = os.path.join(model_path, name)
+        if name == "config.json":
+            with open(path, "rb") as f:
+                h.update(f.read())
+        elif name.endswith((".safetensors", ".bin")):
+            h.update(f"{name}:{os.path.getsize(path)}".encode())
+    dtype = str(pool.dtype).removeprefix("torch.")
+    return f"{os.path.basename(os.path.normpath(model_path))}-{h.hexdigest()}-{dtype}-ps{pool.page_size}"
