@@ -42,6 +42,7 @@ class CudaGraphRunner:
         self.host_vecs = [torch.zeros((4, max_bs), dtype=torch.int64).pin_memory() for _ in range(2)]
         self.host_tables = [torch.zeros(max_bs * self.max_pages, dtype=torch.int32).pin_memory() for _ in range(2)]
         self._turn = 0
+        self._copied: list = [None, None]  # per buffer: event after its last host-to-device copy
         vocab = model.cfg.vocab_size
         self.sampling = SamplingTensors(
             temperatures=torch.ones(max_bs, device=dev), top_ks=torch.full((max_bs,), vocab, device=dev),
@@ -106,8 +107,11 @@ class CudaGraphRunner:
         ``future_tokens(ids)``: resolves the ids of tokens still being sampled (negative) on the device."""
         bs, width = table.shape
         bucket = self.bucket(bs)
-        host_vec, host_table = self.host_vecs[self._turn], self.host_tables[self._turn]
+        turn = self._turn
         self._turn ^= 1
+        host_vec, host_table = self.host_vecs[turn], self.host_tables[turn]
+        if self._copied[turn] is not None:
+            self._copied[turn].synchronize()  # its previous copy has left the buffer
         hv = host_vec.numpy()
         hv[:, :bs] = vec
         hv[:, bs:bucket] = 0
@@ -116,6 +120,8 @@ class CudaGraphRunner:
         ht[:] = table
         self.vec[:, :bucket].copy_(host_vec[:, :bucket], non_blocking=True)
         self.page_table[:bs, :width].copy_(host_table[: bs * width].view(bs, width), non_blocking=True)
+        self._copied[turn] = torch.cuda.Event()
+        self._copied[turn].record()
         if future_tokens is not None:
             self.vec[0, :bs] = future_tokens(self.vec[0, :bs])
         graph, logits = self.graphs[bucket]
