@@ -24,13 +24,10 @@ Writes benchmarks/results/transfer_bench.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
-import platform
 import queue
 import statistics
-import subprocess
 import sys
 import time
 from concurrent import futures
@@ -40,6 +37,10 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common.results import print_targets, provenance, target, write_json  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 MiB = 1 << 20
 
@@ -235,7 +236,7 @@ def grpc_request(stub, rx, decode_id, n_pages, dst, slot=0) -> tuple[float, int]
     return dt, state
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=float, nargs="+", default=[4, 16, 64, 256],
                     help="transfer sizes in MiB (all layers, K+V)")
@@ -244,7 +245,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--progress-thread", action="store_true",
                     help="use NIXL's own (busy-polling) progress thread for the nixl part")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    started = provenance(argv)
 
     import grpc
     from tandem.transfer import AuxRow, KVPoll
@@ -260,7 +262,8 @@ def main() -> None:
     dec_pool_pages = 2 * max(pages) + 16
     ctx = mp.get_context("spawn")
     rng = np.random.default_rng(0)
-    results: dict = {"nixl_progress_thread": args.progress_thread, "geometry": {k: str(v) for k, v in GEOM.items()},
+    results: dict = {**started, "args": {k: str(v) for k, v in vars(args).items()},
+                     "nixl_progress_thread": args.progress_thread, "geometry": {k: str(v) for k, v in GEOM.items()},
                      "bytes_per_page_all_layers": per_page, "transfer": [], "handshake": {}}
 
     # ---- NIXL vs memcpy ---------------------------------------------------------------
@@ -356,31 +359,37 @@ def main() -> None:
     chan.close()
     nrx.close()
 
-    results["machine"] = {
-        "platform": platform.platform(), "python": sys.version.split()[0],
-        "torch": torch.__version__, "cpus": os.cpu_count(),
-        "cpu_model": next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                           if ln.startswith("model name")), "?"),
-        "note": "CPU only, host memory (DRAM), UCX defaults, both processes on one host",
-        "loadavg_start": " ".join(f"{x:.1f}" for x in load_start),
-    }
-    try:
-        results["git_commit"] = subprocess.check_output(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:
-        results["git_commit"] = "?"
-    results["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    results["setup"] = {"note": "CPU only, host memory (DRAM), both processes on one host",
+                        "ucx_env": {k: v for k, v in os.environ.items() if k.startswith("UCX_")},
+                        "torch_threads": torch.get_num_threads(),
+                        "loadavg_start": " ".join(f"{x:.1f}" for x in load_start),
+                        "loadavg_end": " ".join(f"{x:.1f}" for x in os.getloadavg())}
+    results["targets"] = targets_of(results)
     write_results(results, args.out)
+    print_targets(results["targets"])
+
+
+def targets_of(res: dict) -> list[dict]:
+    """NIXL at the largest size (contiguous pages) >= 0.5x a local memcpy of the same bytes."""
+    rows = [r for r in res["transfer"] if r["backend"] == "nixl" and r["mapping"] == "contiguous"]
+    if not rows:
+        return []
+    big = max(rows, key=lambda r: r["bytes"])
+    ratio = round(big["ratio_vs_memcpy"], 3)
+    return [target(f"NIXL page transfer / memcpy, {big['bytes'] / MiB:.0f} MiB contiguous", ratio, ">= 0.5",
+                   ratio >= 0.5)]
 
 
 def write_results(res: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     lines = [
         "# KV transfer benchmark", "",
-        f"{res['timestamp']} · commit {res['git_commit'][:10]} · {res['machine']['cpu_model']} "
-        f"({res['machine']['cpus']} CPUs) · {res['machine']['note']} · NIXL progress thread: "
+        f"{res['started']} · commit {str(res['git']['commit'])[:10]}{' (dirty)' if res['git']['dirty'] else ''}"
+        f" · {res['machine']['cpu_model']} ({res['machine']['cpu_count']} CPUs) · {res['setup']['note']}"
+        f" · UCX env {res['setup']['ucx_env'] or 'defaults'} · NIXL progress thread: "
         f"{'on' if res['nixl_progress_thread'] else 'off (1 ms library thread)'} · load average "
-        f"at start {res['machine']['loadavg_start']}", "",
+        f"at start {res['setup']['loadavg_start']}, at end {res['setup']['loadavg_end']}", "",
+        f"`{res['command']}`", "",
         f"Geometry: {res['geometry']}; {res['bytes_per_page_all_layers'] // 1024} KiB per page "
         "(all layers, K+V). Time = send until decode's receiver reports Success (nixl) or the "
         "whole Prefill stream incl. unpack (grpc); memcpy = one local torch copy of the same "
@@ -394,6 +403,9 @@ def write_results(res: dict, out: Path) -> None:
     lines += ["", "| handshake (empty transfer) | p50 ms | p99 ms | n |", "|---|---:|---:|---:|"]
     for k, v in res["handshake"].items():
         lines.append(f"| {k} | {v['p50_ms']:.3f} | {v['p99_ms']:.3f} | {v['n']} |")
+    lines += ["", "| target | value | goal | met |", "|---|---:|---|---|"]
+    lines += [f"| {t['target']} | {t['value']} | {t['goal']} | {'yes' if t['met'] else '**no**'} |"
+              for t in res["targets"]]
     lines += ["", "Handshake rows: `grpc_stream_empty_transfer` = Prefill bidi stream (start -> room "
               "-> allocation -> empty KvChunk + aux + done) between two processes with a minimal "
               "servicer; `grpc_stream_plus_nixl_aux` = the same with the aux row written by NIXL "
@@ -401,7 +413,7 @@ def write_results(res: dict, out: Path) -> None:
               "decode sees Success. The full Prefill service (engine included) is measured when "
               "the service lands.", ""]
     md = "\n".join(lines)
-    (out / "transfer_bench.json").write_text(json.dumps(res, indent=2))
+    write_json(out / "transfer_bench.json", res)
     (out / "transfer_bench.md").write_text(md)
     print("\n" + md)
     print(f"wrote {out / 'transfer_bench.json'} and {out / 'transfer_bench.md'}")
