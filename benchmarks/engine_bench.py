@@ -256,7 +256,11 @@ def write_markdown(path: Path, r: dict) -> None:
              f"(attention backend {r['engine']['attention_backend']}, CUDA graphs up to batch "
              f"{r['engine']['cuda_graph_max_bs']}, page size {r['engine']['page_size']}); transformers "
              f"{r['hf_mode']}{' (static cache)' if r['hf_mode'] == 'batched' else ''}, each side warmed with an "
-             "identical call; both alone on the device.", "",
+             "identical call, one after the other"
+             + ("; both alone on the device." if r["device"].startswith("cuda") else
+                f" on a CPU other processes may share (load average {r['machine'].get('load_avg')} at the start, "
+                f"{r.get('load_avg_1m_end')} at the end)."),
+             "",
              "| batch | tandem tok/s | transformers tok/s | tandem / transformers |", "|---|---|---|---|"]
     for row in r["rows"]:
         lines.append(f"| {row['batch']} | {row['tandem_tok_s']:.1f} | {row.get('hf_tok_s', float('nan')):.1f} | "
@@ -372,6 +376,7 @@ def main(argv=None) -> int:
         "engine": {"attention_backend": eng.attention_backend, "cuda_graph_max_bs": eng.cuda_graph_max_bs,
                    "page_size": eng.page_size, "chunked_prefill_size": eng.chunked_prefill_size,
                    "torch_threads": torch.get_num_threads()},
+        "load_avg_1m_end": round(os.getloadavg()[0], 2),
         "rows": list(rows.values()), "decode_step_ms_batch1": step, "weight_bytes": weight_bytes,
         "read_bandwidth_Bps": bandwidth, "roofline_ms": roofline_ms,
     }

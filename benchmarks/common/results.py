@@ -117,6 +117,7 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "cpu_affinity": affinity,
         "memory_gib": _mem_total_gib(),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],  # 1, 5, 15 min: other work skews the numbers
         "gpus": _gpus(),
         "python": sys.version.split()[0],
         "packages": {d: _version(d) for d in PACKAGES},
