@@ -25,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tandem.transfer import KvBuffers, KVPoll, TransferDone, make_receiver, new_room_id  # noqa: E402
+from tandem.transfer import KvBuffers, KVPoll, TransferDone, TransferFailure, make_receiver, new_room_id  # noqa: E402
 from tandem.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc  # noqa: E402
 from tandem.worker.pd_proto import message_from_proto, registration_to_request  # noqa: E402
 from tandem.worker.process import model_fingerprint  # noqa: E402
@@ -61,10 +61,16 @@ def one(stub, rx, decode_id: str, slot: int) -> tuple[float, float]:
     for msg in responses:
         lib_msg = message_from_proto(msg)
         rx.handle(lib_msg)
+        if isinstance(lib_msg, TransferFailure):
+            raise RuntimeError(f"room {room} failed: {lib_msg}")
         if isinstance(lib_msg, TransferDone):
             done = msg.done
             break
-    while rx.poll(room) is not KVPoll.Success:
+    if done is None:
+        raise RuntimeError(f"room {room}: the Prefill stream ended without TransferDone")
+    while (state := rx.poll(room)) is not KVPoll.Success:
+        if state is KVPoll.Failed:
+            raise RuntimeError(f"room {room} failed on the receiver: {rx.failure(room)}")
         time.sleep(0.0001)
     total = time.perf_counter() - t0
     q.put(None)
