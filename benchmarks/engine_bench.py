@@ -6,8 +6,9 @@ identical call first and then timed over whole `generate` calls (wall clock):
 
 * tandem: ``LLM(model, device=..., dtype=...)`` with the engine's shipped defaults (no
   other option is passed); all requests of a batch submitted at once.
-* transformers: on CUDA one batched ``generate`` with the static cache
-  (``cache_implementation="static"``); on CPU one request at a time (``--hf-mode``).
+* transformers: one batched ``generate`` of the same batch with the static cache
+  (``cache_implementation="static"``), on CPU as on CUDA (``--hf-mode sequential``: one
+  request at a time, which is not a like-for-like comparison).
   transformers runs first and is freed before tandem loads, so each has the whole device.
 
 Roofline: weight bytes / HBM read bandwidth measured in the same run (a read-only sum over
@@ -39,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from tandem.engine import LLM, SamplingParams  # noqa: E402
 
-from benchmarks.common.results import git_info, machine_info, write_json  # noqa: E402
+from benchmarks.common.results import command_line, git_info, machine_info, write_json  # noqa: E402
 
 SHAPES = {
     "qwen05b": dict(arch="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -258,7 +259,11 @@ def write_markdown(path: Path, r: dict) -> None:
              f"(attention backend {r['engine']['attention_backend']}, CUDA graphs up to batch "
              f"{r['engine']['cuda_graph_max_bs']}, page size {r['engine']['page_size']}); transformers "
              f"{r['hf_mode']}{' (static cache)' if r['hf_mode'] == 'batched' else ''}, each side warmed with an "
-             "identical call; both alone on the device.", "",
+             "identical call, one after the other"
+             + ("; both alone on the device." if r["device"].startswith("cuda") else
+                f" on a CPU other processes may share (load average {r['machine'].get('load_avg')} at the start, "
+                f"{r.get('load_avg_1m_end')} at the end)."),
+             "",
              "| batch | tandem tok/s | transformers tok/s | tandem / transformers |", "|---|---|---|---|"]
     for row in r["rows"]:
         lines.append(f"| {row['batch']} | {row['tandem_tok_s']:.1f} | {row.get('hf_tok_s', float('nan')):.1f} | "
@@ -284,7 +289,8 @@ def main(argv=None) -> int:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--hf-mode", choices=["sequential", "batched"], default=None,
-                    help="transformers: one request at a time (CPU default) or one static-cache batch (CUDA default)")
+                    help="transformers: one static-cache batch of the same requests as tandem's (default: like "
+                         "for like), or one request at a time (sequential)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--phase", choices=["decode", "prefill"], default="decode",
@@ -307,13 +313,14 @@ def main(argv=None) -> int:
         return 0
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     git = git_info()  # read at start: the tree the numbers come from
+    command = command_line(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.phase == "prefill":
         from benchmarks.engine_prefill import run as run_prefill
 
         result = run_prefill(args, git, started, machine_info())
-        result["command"] = " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))
+        result["command"] = command
         for gate in result["gates"]:
             print(f"target: {gate['target']}: {gate['value']} -> {'MET' if gate['met'] else 'NOT MET'}")
         if args.out:
@@ -325,7 +332,7 @@ def main(argv=None) -> int:
 
         build_all(str(REPO / "models"))
     cuda = args.device.startswith("cuda")
-    hf_mode = args.hf_mode or ("batched" if cuda else "sequential")
+    hf_mode = args.hf_mode or "batched"
     g = torch.Generator().manual_seed(0)
     vocab = __import__("json").loads(Path(args.model, "config.json").read_text())["vocab_size"]
     prompts = {b: [torch.randint(10, vocab, (args.input_len,), generator=g).tolist() for _ in range(b)]
@@ -381,7 +388,7 @@ def main(argv=None) -> int:
     print(f"batch-1 decode step: {step:.3f} ms" + (f"; roofline {roofline_ms:.3f} ms ({step / roofline_ms:.2f}x) at "
                                                     f"{bandwidth / 1e12:.2f} TB/s read" if roofline_ms else ""))
     result = {
-        "time": started, "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "time": started, "command": command,
         "git": git, "machine": machine_info(),
         "device_name": torch.cuda.get_device_name(0) if cuda else machine_info()["cpu_model"],
         "model": os.path.abspath(args.model), "shape": shape_of(args.model), "device": args.device,
@@ -389,10 +396,13 @@ def main(argv=None) -> int:
         "engine": {"attention_backend": eng.attention_backend, "cuda_graph_max_bs": eng.cuda_graph_max_bs,
                    "page_size": eng.page_size, "chunked_prefill_size": eng.chunked_prefill_size,
                    "torch_threads": torch.get_num_threads()},
+        "load_avg_1m_end": round(os.getloadavg()[0], 2),
         "rows": list(rows.values()), "decode_step_ms_batch1": step, "weight_bytes": weight_bytes,
         "read_bandwidth_Bps": bandwidth, "roofline_ms": roofline_ms,
     }
     result["gates"] = evaluate_gates(result, args.gates)
+    if not result["gates"]:
+        print("targets: none evaluated (--gates gpu-part1 holds the GPU targets; none is set for this CPU run)")
     for gate in result["gates"]:
         print(f"target: {gate['target']}: {gate['value']} -> {'MET' if gate['met'] else 'NOT MET'}")
     if args.out:

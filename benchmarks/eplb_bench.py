@@ -22,17 +22,21 @@ redundant experts per rank. Example::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
-from tandem.eplb import balancedness, choose_algorithm, count_moves, rebalance_experts, rebalance_move_aware
-from tandem.eplb.algorithms import rebalance_global
-from tandem.eplb.move_aware import refine_placement
-from tandem.eplb.recorder import load_dump
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tandem.eplb import balancedness, choose_algorithm, count_moves, rebalance_experts, rebalance_move_aware  # noqa: E402
+from tandem.eplb.algorithms import rebalance_global  # noqa: E402
+from tandem.eplb.move_aware import refine_placement  # noqa: E402
+from tandem.eplb.recorder import load_dump  # noqa: E402
+
+from benchmarks.common.results import provenance, write_json  # noqa: E402
 
 
 def zipf_load(layers: int, experts: int, skew: float, tokens: int, gen: torch.Generator) -> torch.Tensor:
@@ -145,6 +149,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default=None, help="result file tag (default: synthetic or recorded)")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
+    started = provenance(argv)
     gen = torch.Generator().manual_seed(args.seed)
 
     loads: list[tuple[str, torch.Tensor, float]] = []
@@ -190,10 +195,10 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     tag = args.tag or ("recorded" if args.recorded else "synthetic")
     base = os.path.join(args.out, f"eplb_{tag}")
-    meta = {"title": title, "args": vars(args), "machine": platform.platform(), "python": sys.version.split()[0],
-            "torch": torch.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    with open(base + ".json", "w") as f:
-        json.dump({"meta": meta, "placement": place, "moves": moves}, f, indent=1)
+    # No numeric target was set for this benchmark: it compares placements, and says so.
+    meta = {**started, "title": title, "args": vars(args), "targets": []}
+    print("targets: none set for this benchmark (a comparison of placement algorithms)")
+    write_json(Path(base + ".json"), {"meta": meta, "placement": place, "moves": moves})
     with open(base + ".md", "w") as f:
         f.write(text)
     if not args.no_plot:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from tandem.engine import LLM, SamplingParams  # noqa: E402
 
-from benchmarks.common.results import git_info, machine_info, write_json  # noqa: E402
+from benchmarks.common.results import command_line, git_info, machine_info, write_json  # noqa: E402
 
 BF16_ATTN_TOL = 2e-2  # paged decode attention vs float32-softmax reference, bf16 outputs
 BF16_LOGIT_TOL = 0.25  # decode logits, triton vs torch_native, bf16 model (24 layers of bf16 rounding)
@@ -233,6 +233,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     git = git_info()
+    command = command_line(argv)
     dev = "cuda"
     from deploy.demo_models import build_all
 
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
     failed = [c for c in checks if not c["ok"]]
     print(f"{len(checks) - len(failed)}/{len(checks)} checks passed")
     if args.out:
-        write_json(Path(args.out), {"time": started, "command": " ".join(sys.argv), "git": git,
+        write_json(Path(args.out), {"time": started, "command": command, "git": git,
                                     "machine": machine_info(), "checks": checks, "failed": len(failed)})
     return 1 if failed else 0
 

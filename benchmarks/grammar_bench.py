@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 from tandem.engine import EngineCore, SamplingParams  # noqa: E402
 from tandem.engine.sampling_params import StructuredOutput  # noqa: E402
 
-from benchmarks.common.results import git_info, machine_info, write_json  # noqa: E402
+from benchmarks.common.results import command_line, git_info, machine_info, write_json  # noqa: E402
 
 SCHEMA = {"type": "array", "minItems": 8, "items": {
     "type": "object",
@@ -113,7 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--out", default=None, help="write JSON results here (and a .md next to it)")
     args = ap.parse_args(argv)
-    git = git_info()
+    git = git_info()  # read at start: the tree the numbers come from
+    command = command_line(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     eng = EngineCore(args.model, device=args.device, dtype=args.dtype, max_running_requests=max(64, args.batch),
@@ -143,13 +144,15 @@ def main(argv=None) -> int:
         s["overhead_pct_median"] = (s["step_ms_median"] / base["step_ms_median"] - 1) * 100
         s["overhead_pct_p10"] = (s["step_ms_p10"] / base["step_ms_p10"] - 1) * 100
     result = {
-        "benchmark": "grammar_bench", "started": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git,
+        "benchmark": "grammar_bench", "command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git,
         "machine": machine_info(), "versions": versions(), "args": vars(args),
         "device_name": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else machine_info()["cpu_model"],
         "cuda_graph_max_bs": eng.cuda_graph_max_bs, "vocab_size": vocab, "grammar_compile_s": compile_s,
         "summary": summary, "runs": runs,
     }
     print(json.dumps(summary, indent=2))
+    result["targets"] = []
+    print("targets: none set for this benchmark (it measures what grammars and penalties cost)")
     if args.out:
         out = Path(args.out)
         write_json(out, result)

@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common.results import git_info, machine_info, write_json  # noqa: E402
+from benchmarks.common.results import command_line, git_info, machine_info, write_json  # noqa: E402
 from tests.support.clients import generate_many, load, pages_in_use, sampling  # noqa: E402
 from tests.support.procs import start_service  # noqa: E402
 
@@ -68,7 +68,7 @@ def check(args, backend: str) -> dict:
             s.stop()
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(REPO / "models/tandem-demo-dense"))
     ap.add_argument("--device", default="cpu")
@@ -77,8 +77,8 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["nixl", "grpc"])
     ap.add_argument("--long-prompt", type=int, default=1024)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    results = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv), "git": git_info(),
+    args = ap.parse_args(argv)
+    results = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command_line(argv), "git": git_info(),
                "machine": machine_info(), "device": args.device, "dtype": args.dtype, "runs": []}
     for backend in args.backends:
         try:

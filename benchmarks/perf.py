@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks.common import aiperf, deploy, loadgen, metrics, plots, results
+from benchmarks.common import aiperf, deploy, loadgen, metrics, plots, results, worker_metrics
 
 DEFAULT_CONCURRENCY = [1, 2, 4, 8, 16, 32]
 
@@ -58,7 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["agg", "disagg", "both"], default="both")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (disagg)")
-    p.add_argument("--decode", type=int, default=1, help="decode workers (disagg) / aggregated workers (agg)")
+    p.add_argument("--decode", type=int, default=1, help="decode workers (disagg)")
+    p.add_argument("--agg-workers", type=int, default=None,
+                   help="aggregated workers (agg); default --prefill + --decode, so that both modes get the "
+                        "same worker processes and torch threads in total (like for like)")
+    p.add_argument("--unique-prompts", action="store_true",
+                   help="cache-free prompts: every request of the run (warmup included) gets its own random "
+                        "prompt of exactly ISL tokens, so no two share a prefix page (aiperf reads them from a "
+                        "file); without it aiperf's synthetic prompts repeat across levels and hit the prefix "
+                        "cache. The hit tokens per level are reported either way")
     p.add_argument("--concurrency", type=int, nargs="+", default=DEFAULT_CONCURRENCY)
     p.add_argument("--isl", type=int, default=512, help="input tokens per request (Dynamo uses 3000 on GPUs)")
     p.add_argument("--osl", type=int, default=64, help="output tokens per request (Dynamo uses 150)")
@@ -104,21 +111,54 @@ def validate(args) -> None:
             raise ValueError("--url benchmarks one running stack: give --mode agg or --mode disagg as its label")
         if args.url and not args.num_workers:
             raise ValueError("--url needs --num-workers (prefill+decode workers behind it)")
+        if args.url and args.agg_workers is not None:
+            raise ValueError("--agg-workers deploys that many workers; with --url give --num-workers instead")
+        if args.agg_workers is not None and not 1 <= args.agg_workers <= deploy.MAX_WORKERS_PER_KIND:
+            raise ValueError(f"--agg-workers {args.agg_workers}: must be in [1, {deploy.MAX_WORKERS_PER_KIND}]")
 
 
 def modes_of(args) -> list[str]:
     return ["agg", "disagg"] if args.mode == "both" else [args.mode]
 
 
+def agg_workers(args) -> int:
+    return args.agg_workers if args.agg_workers is not None else args.prefill + args.decode
+
+
+def resources_of(cfg: dict) -> dict:
+    """Worker processes and torch threads one deployment gets (what a fair comparison equalizes)."""
+    threads = int(cfg.get("engine", {}).get("torch_num_threads") or 0) or None
+    if cfg["mode"] == "disagg":
+        layout, workers = f"{cfg['num_prefill']} prefill + {cfg['num_decode']} decode", cfg["num_prefill"] + cfg["num_decode"]
+    else:
+        layout, workers = f"{cfg['num_decode']} aggregated", cfg["num_decode"]
+    total = None if threads is None else workers * threads
+    return {"layout": layout, "workers": workers, "threads_per_worker": threads, "threads_total": total,
+            "text": f"{layout} ({workers} x {threads} torch threads = {total})"}
+
+
+def like_for_like(resources: dict[str, dict]) -> bool | None:
+    """Whether agg and disagg got the same workers and threads in total (None: one mode only)."""
+    if len(resources) < 2:
+        return None
+    keys = ("workers", "threads_total")
+    return len({tuple(r[k] for k in keys) for r in resources.values()}) == 1
+
+
 def run_level(args, *, url: str, model_name: str, tokenizer: str, concurrency: int, artifact_dir: Path,
-              log) -> dict:
-    """One concurrency level with aiperf (or the builtin client); returns normalized metrics."""
+              log, prompts: loadgen.PromptFactory | None = None) -> dict:
+    """One concurrency level with aiperf (or the builtin client); returns normalized metrics.
+    `prompts` (--unique-prompts): one factory for the whole sweep, so no prompt repeats."""
     n_req = level_count(args.requests_per_level, concurrency)
     n_warm = level_count(args.warmup_per_level, concurrency)
     kw = dict(isl=args.isl, osl=args.osl, concurrency=concurrency, request_count=n_req, warmup_count=n_warm)
     if args.client == "aiperf":
+        inputs = None
+        if prompts is not None:
+            inputs = aiperf.write_inputs(artifact_dir.parent / f"inputs-concurrency{concurrency}.jsonl",
+                                         [prompts.make(args.isl) for _ in range(n_warm + n_req)])
         cmd = aiperf.build_command(url=url, model=model_name, tokenizer=tokenizer, artifact_dir=artifact_dir,
-                                   seed=args.seed, **kw)
+                                   seed=args.seed, input_file=inputs, **kw)
         (artifact_dir.parent).mkdir(parents=True, exist_ok=True)
         try:
             aiperf.run(cmd, artifact_dir, timeout=args.level_timeout)
@@ -128,21 +168,29 @@ def run_level(args, *, url: str, model_name: str, tokenizer: str, concurrency: i
             if args.no_fallback:
                 raise
             log("re-running this level with the builtin load generator (--no-fallback to fail instead)")
-    loadgen.profile(url, model_name, tokenizer, artifact_dir=artifact_dir, seed=args.seed, **kw)
+    loadgen.profile(url, model_name, tokenizer, artifact_dir=artifact_dir, seed=args.seed, prompts=prompts, **kw)
     return metrics.read_level(artifact_dir)
 
 
 def sweep_mode(args, mode: str, index: int, out: Path, bar: tqdm, info: dict) -> list[dict]:
     log = tqdm.write
     rows = []
+    hit_workers: dict[str, str] = {}
     if args.url:
         url, n_workers = args.url, args.num_workers
         tokenizer = args.model or deploy.load_stack_config(Path(args.stack))["model_path"]
+        resources = {"layout": "external", "workers": n_workers, "threads_per_worker": None, "threads_total": None,
+                     "text": f"{n_workers} workers behind {args.url} (threads unknown)"}
         stack_cm = None
     else:
-        cfg = deploy.stack_config(mode, args.model, args.prefill, args.decode, args.port_base + 100 * index,
+        n_decode = args.decode if mode == "disagg" else agg_workers(args)
+        cfg = deploy.stack_config(mode, args.model, args.prefill, n_decode, args.port_base + 100 * index,
                                   Path(args.stack), sections=deploy.parse_overrides(args.overrides))
         n_workers, tokenizer = deploy.num_workers(cfg), cfg["model_path"]
+        resources = resources_of(cfg)
+    info["resources"][mode] = resources
+    log(f"[{mode}] resources: {resources['text']}")
+    if not args.url:
         bar.set_postfix_str(f"deploying {mode}")
         t0 = time.monotonic()
         stack_cm = deploy.deployed(cfg, out / f"stack_{mode}", progress=lambda n, s: log(f"  [{mode}] {n}: {s}"),
@@ -152,19 +200,26 @@ def sweep_mode(args, mode: str, index: int, out: Path, bar: tqdm, info: dict) ->
         log(f"[{mode}] stack healthy in {info['stack_start_s'][mode]} s: {stack.openai_url}")
         deploy.snapshot_config(stack, out / f"config_{mode}")
         url = stack.openai_url
+        hit_workers = worker_metrics.prefill_workers(stack.specs, mode)
     try:
         model_name = deploy.served_model_name(url, Path(tokenizer).name)
+        prompts = loadgen.PromptFactory(tokenizer, args.seed) if args.unique_prompts else None
         for c in args.concurrency:
             bar.set_postfix_str(f"{mode} c={c}")
+            before = worker_metrics.snapshot(hit_workers)
             level = run_level(args, url=url, model_name=model_name, tokenizer=tokenizer, concurrency=c,
-                              artifact_dir=out / f"artifacts_{mode}" / f"-concurrency{c}", log=log)
+                              artifact_dir=out / f"artifacts_{mode}" / f"-concurrency{c}", log=log, prompts=prompts)
             level["load_avg_1m"] = round(os.getloadavg()[0], 2)
+            if hit_workers:
+                level.update(worker_metrics.cache_hits(before, worker_metrics.snapshot(hit_workers)))
+            level["prompts"] = "unique" if args.unique_prompts else f"{args.client} synthetic"
             row = metrics.summary_row(level, mode=mode, concurrency=c, num_workers=n_workers, isl=args.isl,
-                                      osl=args.osl)
+                                      osl=args.osl, resources=resources)
             rows.append(row)
             log(f"[{mode}] c={c}: TTFT p50 {row['ttft_p50_ms']} ms, ITL p50 {row['itl_p50_ms']} ms, "
                 f"{row['output_token_throughput_tps']} tok/s, ok {row['requests_ok']} failed {row['requests_failed']} "
-                f"(warmup failed {row['warmup_failed']})")
+                f"(warmup failed {row['warmup_failed']}), prefix-cache hits {row['cached_tokens']} of "
+                f"{row['prompt_tokens']} prompt tokens")
             bar.update(1)
     finally:
         if stack_cm is not None:
@@ -190,12 +245,11 @@ def groups_of(rows: list[dict], prefix: str = "") -> list[plots.Group]:
     return [(f"{prefix}{m}", [r for r in rows if r["mode"] == m]) for m in modes]
 
 
-def sweep(args) -> int:
+def sweep(args, argv: list[str] | None = None) -> int:
+    info = {**results.provenance(argv), "args": vars(args), "stack_start_s": {}, "resources": {},
+            "failed_modes": {}}
+    git = info["git"]
     out = results.make_results_dir(args.out)
-    git = results.git_info()
-    info = {"command": " ".join(shlex.quote(a) for a in sys.argv), "args": vars(args), "git": git,
-            "machine": results.machine_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "stack_start_s": {}, "failed_modes": {}}
     results.write_json(out / "run_info.json", info)
     modes = modes_of(args)
     print(f"results -> {out}", flush=True)
@@ -208,16 +262,20 @@ def sweep(args) -> int:
                 tqdm.write(f"[{mode}] FAILED: {e}")
                 info["failed_modes"][mode] = str(e)[-3000:]
     info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    info["like_for_like"] = like_for_like(info["resources"])
     results.write_json(out / "run_info.json", info)
     model = args.model or deploy.load_stack_config(Path(args.stack))["model_path"]
     run = {"git_commit": git["commit"], "git_dirty": git["dirty"], "machine": info["machine"], "model": model,
            "isl": args.isl, "osl": args.osl, "concurrency": args.concurrency, "modes": modes,
-           "prefill": args.prefill, "decode": args.decode, "client": args.client, "overrides": args.overrides,
+           "prefill": args.prefill, "decode": args.decode, "agg_workers": agg_workers(args), "client": args.client,
+           "unique_prompts": args.unique_prompts, "overrides": args.overrides, "command": info["command"],
+           "resources": info["resources"], "like_for_like": info["like_for_like"],
            "stack_start_s": info["stack_start_s"], "failed_modes": info["failed_modes"]}
     write_summary(out, rows, run)
     if rows:
         plots.perf_plots(groups_of(rows), out, subtitle_of(run))
     print_table(rows)
+    print_resources(info["resources"], info["like_for_like"])
     print(f"results in {out}")
     return 1 if info["failed_modes"] or not rows else 0
 
@@ -227,10 +285,19 @@ def print_table(rows: list[dict]) -> None:
             ("TTFT p99", "ttft_p99_ms", "{:.1f}"), ("ITL p50", "itl_p50_ms", "{:.2f}"),
             ("ITL p99", "itl_p99_ms", "{:.2f}"), ("req/s", "request_throughput_rps", "{:.2f}"),
             ("tok/s", "output_token_throughput_tps", "{:.1f}"), ("tok/s/user", "tokens_per_s_per_user", "{:.1f}"),
-            ("tok/s/worker", "tokens_per_s_per_worker", "{:.1f}"), ("fail", "requests_failed", "{}"), ("warmup fail", "warmup_failed", "{}")]
+            ("tok/s/worker", "tokens_per_s_per_worker", "{:.1f}"), ("fail", "requests_failed", "{}"),
+            ("warmup fail", "warmup_failed", "{}"), ("workers", "num_workers", "{}"), ("threads", "threads_total", "{}"),
+            ("cached tok", "cached_tokens", "{}"), ("prompt tok", "prompt_tokens", "{}")]
     print(" | ".join(h for h, _, _ in cols))
     for r in rows:
         print(" | ".join("-" if r.get(k) is None else f.format(r[k]) for _, k, f in cols))
+
+
+def print_resources(resources: dict[str, dict], fair: bool | None) -> None:
+    for mode, r in resources.items():
+        print(f"{mode}: {r['text']}")
+    if fair is False:
+        print("NOTE: the modes did not get the same workers and threads in total: not a like-for-like comparison")
 
 
 def compare(args) -> int:
@@ -258,7 +325,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         validate(args)
-        return compare(args) if args.compare else sweep(args)
+        return compare(args) if args.compare else sweep(args, argv)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -168,15 +167,14 @@ def profile_decode(args, ctx: dict, out: Path, max_kv: int | None) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    info = {**results.provenance(argv), "args": vars(args)}  # read at start
+    git = info["git"]
     try:
         validate(args)
         out = results.make_results_dir(args.out, prefix=f"profile-{args.phase}-")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    git = results.git_info()
-    info = {"command": " ".join(shlex.quote(a) for a in sys.argv), "args": vars(args), "git": git,
-            "machine": results.machine_info(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     results.write_json(out / "run_info.json", info)
     with contextlib.ExitStack() as es:
         if args.url:
@@ -210,7 +208,9 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
     res = {"phase": args.phase, "mode": mode, "model": model_dir, "client": args.client,
-           "git_commit": git["commit"], "machine": info["machine"], **res}
+           "git_commit": git["commit"], "git_dirty": git["dirty"], "command": info["command"],
+           "machine": info["machine"], **res}
+    print("targets: none set for this benchmark (it records the tables a planner interpolates)")
     results.write_json(out / f"{args.phase}_results.json", res)
     info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     results.write_json(out / "run_info.json", info)

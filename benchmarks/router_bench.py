@@ -20,7 +20,6 @@ import argparse
 import http.client as http_client
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -37,6 +36,7 @@ from tandem.routing.kv_index import KvIndex  # noqa: E402
 from tandem.routing.policies import KvAwarePolicy, WorkerView  # noqa: E402
 from tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc, router_pb2, router_pb2_grpc  # noqa: E402
 
+from benchmarks.common.results import print_targets, provenance, target, write_json  # noqa: E402
 from tests.support.procs import start_service  # noqa: E402
 
 MODEL = REPO / "models" / "tandem-demo-dense"
@@ -169,7 +169,18 @@ def bench_decisions(args) -> dict:
             "us_per_decision": round(dt / n * 1e6, 2), "mean_overlap_blocks": round(statistics.mean(overlaps), 2)}
 
 
-def main() -> None:
+def targets_of(result: dict) -> list[dict]:
+    d = result["kv_aware_decisions"]
+    out = [target("kv_aware decisions/s (8 workers, 10k blocks)", d["decisions_per_s"], ">= 2000",
+                  d["decisions_per_s"] >= 2000)]
+    lat = result.get("latency")
+    added = None if lat is None else lat["added_grpc_ms"]["p50_of_pair_diffs"]
+    out.append(target("router added latency p50, gRPC, loopback (ms)", added, "<= 1",
+                      None if added is None else added <= 1.0))
+    return out
+
+
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--warmup", type=int, default=10)
@@ -179,10 +190,11 @@ def main() -> None:
     ap.add_argument("--query-tail", type=int, default=256, help="tokens after the shared prefix in each query")
     ap.add_argument("--decision-seconds", type=float, default=3.0)
     ap.add_argument("--skip-latency", action="store_true")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "router_bench"))
-    args = ap.parse_args()
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-              "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "router_bench"),
+                    help="writes OUT.json and OUT.md")
+    args = ap.parse_args(argv)
+    result = provenance(argv)
+    result["args"] = vars(args)
     result["kv_aware_decisions"] = d = bench_decisions(args)
     print(f"kv_aware: {d['decisions_per_s']:.0f} decisions/s ({d['us_per_decision']} us each) with "
           f"{d['workers']} workers, {d['indexed_blocks']} indexed blocks, {d['query_tokens']}-token prompts "
@@ -197,12 +209,15 @@ def main() -> None:
               f"(per-request pairs); difference of p50s {a['p50_diff']} ms (goal p50 <= 1 ms); first chunk "
               f"+{lat['added_grpc_first_chunk_ms']['p50_of_pair_diffs']} ms; HTTP path "
               f"+{lat['added_http_ms']['p50_of_pair_diffs']} ms p50")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(args.out + ".md", "w") as f:
-        f.write(f"# router_bench ({result['when']}, {result['machine']['platform']}, "
-                f"{result['machine']['cpus']} CPUs)\n\n```json\n{json.dumps(result, indent=2)}\n```\n")
+    result["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    result["targets"] = targets_of(result)
+    print_targets(result["targets"])
+    write_json(Path(args.out + ".json"), result)
+    Path(args.out + ".md").write_text(
+        f"# router_bench ({result['started']}, {result['machine']['cpu_model']}, "
+        f"{result['machine']['cpu_count']} CPUs, commit {result['git']['commit']}"
+        f"{' dirty' if result['git']['dirty'] else ''})\n\n`{result['command']}`\n\n"
+        f"```json\n{json.dumps(result, indent=2)}\n```\n")
     print(f"wrote {args.out}.json and .md")
 
 

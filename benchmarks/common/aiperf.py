@@ -42,8 +42,10 @@ def aiperf_binary() -> str:
 
 def build_command(*, url: str, model: str, tokenizer: str, isl: int, osl: int, concurrency: int,
                   request_count: int, warmup_count: int, artifact_dir: Path, seed: int = 100,
-                  extra_args: list[str] | None = None) -> list[str]:
-    """The `aiperf profile` argv for one concurrency level (Dynamo perf.sh flags)."""
+                  input_file: Path | None = None, extra_args: list[str] | None = None) -> list[str]:
+    """The `aiperf profile` argv for one concurrency level (Dynamo perf.sh flags). With
+    `input_file` (see write_inputs) the prompts come from that file, one line per request in
+    order, instead of aiperf's synthetic generator."""
     base_url = url.rstrip("/")
     if base_url.endswith("/v1"):
         base_url = base_url[: -len("/v1")]  # aiperf appends /v1/chat/completions itself
@@ -51,7 +53,9 @@ def build_command(*, url: str, model: str, tokenizer: str, isl: int, osl: int, c
         aiperf_binary(), "profile",
         "--model", model, "--tokenizer", str(Path(tokenizer).resolve()) if Path(tokenizer).exists() else tokenizer,
         "--url", base_url, "--endpoint-type", "chat", "--streaming",
-        "--synthetic-input-tokens-mean", str(isl), "--synthetic-input-tokens-stddev", "0",
+        *(["--custom-dataset-type", "single_turn", "--input-file", str(Path(input_file).resolve()),
+           "--dataset-sampling-strategy", "sequential"] if input_file else
+          ["--synthetic-input-tokens-mean", str(isl), "--synthetic-input-tokens-stddev", "0"]),
         "--output-tokens-mean", str(osl), "--output-tokens-stddev", "0",
         "--extra-inputs", f"max_tokens:{osl}", "--extra-inputs", f"min_tokens:{osl}",
         "--extra-inputs", "ignore_eos:true",
@@ -63,6 +67,14 @@ def build_command(*, url: str, model: str, tokenizer: str, isl: int, osl: int, c
         "--ui-type", "none", "--no-server-metrics", "--no-gpu-telemetry",
     ]
     return cmd + list(extra_args or [])
+
+
+def write_inputs(path: Path, prompts: list[str]) -> Path:
+    """aiperf's single_turn dataset: one {"text": prompt} line per request, sent in order."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in prompts))
+    return path
 
 
 def run(cmd: list[str], artifact_dir: Path, timeout: float | None = None) -> Path:

@@ -6,7 +6,8 @@ from pathlib import Path
 from benchmarks.common import aiperf, loadgen
 
 SUMMARY_FIELDS = [
-    "mode", "concurrency", "num_workers", "isl", "osl", "client", "requests_ok", "requests_failed",
+    "mode", "concurrency", "num_workers", "threads_total", "resources", "isl", "osl", "client", "prompts",
+    "prompt_tokens", "cached_tokens", "cache_hit_ratio", "requests_ok", "requests_failed",
     "warmup_failed", "ttft_p50_ms", "ttft_p99_ms", "ttft_avg_ms", "itl_p50_ms", "itl_p99_ms", "itl_avg_ms",
     "request_latency_p50_ms", "request_throughput_rps", "output_token_throughput_tps",
     "tokens_per_s_per_user", "tokens_per_s_per_worker", "benchmark_duration_s", "load_avg_1m",
@@ -27,15 +28,21 @@ def _get(stats: dict | None, key: str):
     return None if not stats else stats.get(key)
 
 
-def summary_row(level: dict, *, mode: str, concurrency: int, num_workers: int, isl: int, osl: int) -> dict:
+def summary_row(level: dict, *, mode: str, concurrency: int, num_workers: int, isl: int, osl: int,
+                resources: dict | None = None) -> dict:
     """One summary.csv row. tokens/s/user is the mean per-request decode rate (1/ITL);
-    tokens/s/worker divides output token throughput by prefill+decode workers (GPU-equivalents)."""
+    tokens/s/worker divides output token throughput by prefill+decode workers (GPU-equivalents).
+    `resources` (perf.resources_of) says what the deployment ran on; prompt/cached tokens are the
+    prefix-cache hits the workers counted during the level (None when not read)."""
     if num_workers < 1:
         raise ValueError(f"num_workers {num_workers}: must be >= 1")
     out_tps = level.get("output_token_throughput")
     return {
-        "mode": mode, "concurrency": concurrency, "num_workers": num_workers, "isl": isl, "osl": osl,
-        "client": level.get("client"),
+        "mode": mode, "concurrency": concurrency, "num_workers": num_workers,
+        "threads_total": (resources or {}).get("threads_total"), "resources": (resources or {}).get("text"),
+        "isl": isl, "osl": osl, "client": level.get("client"), "prompts": level.get("prompts"),
+        "prompt_tokens": level.get("prompt_tokens"), "cached_tokens": level.get("cached_tokens"),
+        "cache_hit_ratio": level.get("cache_hit_ratio"),
         "requests_ok": level.get("requests_ok"), "requests_failed": level.get("requests_failed"),
         "warmup_failed": level.get("warmup_failed"),
         "ttft_p50_ms": _get(level.get("ttft_ms"), "p50"), "ttft_p99_ms": _get(level.get("ttft_ms"), "p99"),

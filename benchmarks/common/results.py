@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from importlib import metadata
@@ -13,6 +14,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 RUNS_DIR = REPO / "benchmarks" / "runs"
+# Versions recorded with every result: what the numbers depend on.
+PACKAGES = ("torch", "triton", "transformers", "aiperf", "httpx", "nixl", "numpy", "grpcio", "protobuf",
+            "xgrammar", "uvicorn", "fastapi", "tokenizers")
 
 
 def timestamp() -> str:
@@ -113,10 +117,39 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "cpu_affinity": affinity,
         "memory_gib": _mem_total_gib(),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],  # 1, 5, 15 min: other work skews the numbers
         "gpus": _gpus(),
         "python": sys.version.split()[0],
-        "packages": {d: _version(d) for d in ("torch", "triton", "transformers", "aiperf", "httpx", "nixl", "numpy")},
+        "packages": {d: _version(d) for d in PACKAGES},
     }
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The full command line as a shell would run it: interpreter, script and arguments."""
+    args = sys.argv if argv is None else [sys.argv[0], *argv]
+    return " ".join(shlex.quote(a) for a in [sys.executable, *args])
+
+
+def provenance(argv: list[str] | None = None) -> dict:
+    """What every results file starts with, read when the script starts (before any code the
+    run itself might change): full command line, git commit and dirty flag, machine, package
+    versions, start time. ``argv`` is the argument list given to ``main(argv)`` if not sys.argv."""
+    return {"command": command_line(argv), "git": git_info(), "machine": machine_info(),
+            "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+
+
+def target(name: str, value, goal: str, met: bool | None) -> dict:
+    """One target a script checks: its name, the measured value, the goal as text, whether it is met
+    (None: not measured in this run)."""
+    return {"target": name, "value": value, "goal": goal, "met": met}
+
+
+def print_targets(targets: list[dict]) -> None:
+    """Print every target and whether it is met, one a line."""
+    print("targets:")
+    for t in targets:
+        verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")
+        print(f"  {t['target']}: {t['value']} (goal {t['goal']}): {verdict}")
 
 
 def write_json(path: Path, data) -> Path:

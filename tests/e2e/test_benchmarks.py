@@ -95,8 +95,12 @@ def test_perf_agg_tiny_sweep(tmp_path):
     out = tmp_path / "perf"
     run(["benchmarks/perf.py", "--mode", "agg", "--concurrency", "1", "2", "--isl", "32", "--osl", "8",
          "--requests-per-level", "2x", "--warmup-per-level", "1", "--port-base", str(free_port_base()),
-         "--no-fallback", "--out", str(out)], timeout=300)
-    check_perf_run(out, ["agg"], [1, 2], per_c=2)
+         "--no-fallback", "--unique-prompts", "--agg-workers", "1", "--out", str(out)], timeout=300)
+    rows = check_perf_run(out, ["agg"], [1, 2], per_c=2)
+    for r in rows:  # every prompt differs from its first page on: the workers counted no prefix-cache hit
+        assert r["prompts"] == "unique" and r["cached_tokens"] == 0
+        assert r["prompt_tokens"] >= 32 * (1 + 2 * r["concurrency"])  # 1 warmup + 2xC requests, 32 tokens each
+        assert r["num_workers"] == 1 and r["threads_total"] == 1
 
 
 def test_profile_prefill_tiny(tmp_path):
@@ -123,7 +127,9 @@ def test_perf_both_modes_tiny_sweep(tmp_path):
          "--requests-per-level", "2x", "--warmup-per-level", "1", "--port-base", str(free_port_base()),
          "--no-fallback", "--out", str(out)], timeout=600)
     rows = check_perf_run(out, ["agg", "disagg"], [1, 2], per_c=2)
-    assert {r["num_workers"] for r in rows if r["mode"] == "disagg"} == {2}
+    assert {r["num_workers"] for r in rows} == {2}  # agg gets as many workers as disagg's prefill + decode
+    assert all(r["cached_tokens"] is not None and r["prompt_tokens"] > 0 for r in rows)
+    assert json.loads((out / "summary.json").read_text())["run"]["like_for_like"] is True
 
 
 @pytest.mark.slow

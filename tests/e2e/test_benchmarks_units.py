@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from benchmarks import perf
-from benchmarks.common import aiperf, deploy, loadgen, metrics, plots
+from benchmarks.common import aiperf, deploy, loadgen, metrics, plots, results, worker_metrics
+from deploy.local.stack import plan_stack
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO / "models" / "tandem-demo-dense"
@@ -210,3 +211,62 @@ def test_stack_overrides():
     cfg = deploy.stack_config("agg", str(MODEL), 1, 1, 30000, sections={"router": {"health_check_interval": 1.0}})
     assert cfg["router"]["health_check_interval"] == 1.0 and cfg["router"]["routing_policy"] == "round_robin"
     assert perf.main(["--set", "bogus"]) == 2
+
+
+def test_like_for_like_resources():
+    agg = deploy.stack_config("agg", str(MODEL), 1, 3, 30000, sections={"engine": {"torch_num_threads": 2}})
+    dis = deploy.stack_config("disagg", str(MODEL), 1, 3, 30000, sections={"engine": {"torch_num_threads": 2}})
+    ra, rd = perf.resources_of(agg), perf.resources_of(dis)
+    assert (ra["workers"], ra["threads_total"], rd["workers"], rd["threads_total"]) == (3, 6, 4, 8)
+    assert "1 prefill + 3 decode" in rd["text"] and "3 aggregated" in ra["text"]
+    assert perf.like_for_like({"agg": ra, "disagg": rd}) is False
+    assert perf.like_for_like({"agg": perf.resources_of(deploy.stack_config("agg", str(MODEL), 1, 4, 30000,
+                                                                             sections={"engine": {"torch_num_threads": 2}})),
+                               "disagg": rd}) is True
+    assert perf.like_for_like({"agg": ra}) is None
+    args = perf.build_parser().parse_args(["--prefill", "2", "--decode", "3"])
+    assert perf.agg_workers(args) == 5  # the default: as many workers as disagg's prefill + decode
+    assert perf.main(["--agg-workers", "0"]) == 2
+    assert perf.main(["--url", "http://x/v1", "--mode", "agg", "--num-workers", "2", "--agg-workers", "2"]) == 2
+
+
+def test_cache_hits_from_worker_counters():
+    page = ("# HELP sglang:cached_tokens_total Number of cached prompt tokens.\n"
+            "# TYPE sglang:cached_tokens_total counter\n"
+            'sglang:cached_tokens_total{model_name="m",engine_type="unified"} 48.0\n'
+            'sglang:prompt_tokens_total{model_name="m",engine_type="unified"} 300.0\n'
+            'sglang:prompt_tokens_created{model_name="m"} 1.7e9\n'
+            'sglang:cached_tokens_total_bogus 5.0\n')
+    assert worker_metrics.parse_counters(page) == {"prompt_tokens": 300.0, "cached_tokens": 48.0}
+    before = {"a": {"prompt_tokens": 100.0, "cached_tokens": 16.0}, "b": {"prompt_tokens": 0.0, "cached_tokens": 0.0}}
+    after = {"a": {"prompt_tokens": 300.0, "cached_tokens": 48.0}, "b": {"prompt_tokens": 200.0, "cached_tokens": 32.0}}
+    assert worker_metrics.cache_hits(before, after) == {"prompt_tokens": 400, "cached_tokens": 64,
+                                                        "cache_hit_ratio": 0.16}
+    assert worker_metrics.cache_hits(before, before)["cache_hit_ratio"] is None
+    specs = plan_stack(deploy.stack_config("disagg", str(MODEL), 1, 2, 30000))
+    assert worker_metrics.prefill_workers(specs, "disagg") == {"prefill-0": "127.0.0.1:30020"}
+    specs = plan_stack(deploy.stack_config("agg", str(MODEL), 1, 2, 30000))
+    assert sorted(worker_metrics.prefill_workers(specs, "agg")) == ["decode-0", "decode-1"]
+
+
+def test_unique_prompts_go_to_aiperf_as_a_file(tmp_path):
+    pf = loadgen.PromptFactory(MODEL, seed=1)
+    prompts = [pf.make(40) for _ in range(6)]
+    assert len({p[:40] for p in prompts}) == 6  # every prompt starts differently: no shared prefix page
+    path = aiperf.write_inputs(tmp_path / "inputs.jsonl", prompts)
+    assert [json.loads(line)["text"] for line in path.read_text().splitlines()] == prompts
+    cmd = " ".join(aiperf.build_command(url="http://127.0.0.1:9/v1", model="m", tokenizer=str(MODEL), isl=40, osl=8,
+                                        concurrency=2, request_count=4, warmup_count=2, artifact_dir=tmp_path,
+                                        input_file=path))
+    assert f"--custom-dataset-type single_turn --input-file {path.resolve()} --dataset-sampling-strategy sequential" in cmd
+    assert "--synthetic-input-tokens-mean" not in cmd and "--extra-inputs max_tokens:8" in cmd
+
+
+def test_provenance_and_targets(capsys):
+    info = results.provenance(["--n", "3"])
+    assert info["command"].endswith("--n 3") and info["command"].startswith(sys.executable)
+    assert {"commit", "dirty"} <= set(info["git"]) and info["machine"]["packages"]["grpcio"]
+    results.print_targets([results.target("x (ms)", 2.6, "<= 1", False), results.target("y", 5, ">= 2", True),
+                           results.target("z", None, ">= 2", None)])
+    out = capsys.readouterr().out
+    assert "x (ms): 2.6 (goal <= 1): NOT met" in out and "y: 5 (goal >= 2): met" in out and "not measured" in out

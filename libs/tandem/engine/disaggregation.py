@@ -45,6 +45,9 @@ class DisaggregationMixin:
         req.num_computed = len(req.prompt_ids)
         self.scheduler.release(req, cache=cache and not self.cache.disabled)
         req.status = Status.FINISHED
+        # A prefill-only request ends here, not in _finish: count it and its prefix-cache hits the same way.
+        self._stats.num_requests_total += 1
+        self._stats.cached_tokens_total += req.cached_tokens
 
     def allocate_external(self, prompt, sampling: SamplingParams | None = None,
                           rid: str | None = None) -> ExternalAllocation:

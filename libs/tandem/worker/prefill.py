@@ -170,6 +170,8 @@ class PrefillTransfers(LoopThread):
             self._close(r)
 
     def _advance(self, r: _Room) -> None:
+        if r.stream is None:  # open() tracks the room before it submits the prefill: not started yet
+            return
         if r.failure is not None:
             return self._advance_failed(r)
         if r.cancel_reason is not None:

@@ -76,6 +76,25 @@ def test_prefill_only_then_external_decode_equals_local(prefill_engine, dense_ll
         assert decoded == local, prompt
 
 
+def test_prefill_only_counts_requests_and_prefix_cache_hits(prefill_engine, prompts):
+    """The prefill worker's sglang:cached_tokens_total comes from these counters."""
+    pe = prefill_engine
+    pe.flush_cache()
+    sp = SamplingParams(max_tokens=1, temperature=0)
+    prompt = prompts[0] * 4  # several pages: a repeat hits all but the last
+    cached = []
+    for _ in range(2):
+        before = pe.stats()
+        rid = pe.add_request(prompt, sp, mode="prefill_only")
+        run_to_end(pe, rid)
+        cached.append(pe.requests[rid].cached_tokens)
+        pe.release(rid)
+        after = pe.stats()
+        assert after.num_requests_total == before.num_requests_total + 1
+        assert after.cached_tokens_total == before.cached_tokens_total + cached[-1]
+    assert cached[0] == 0 and cached[1] >= pe.page_size
+
+
 def test_external_allocation_cancel_and_errors(dense_llm, prompts):
     de = dense_llm.engine
     start = de.num_available_pages
