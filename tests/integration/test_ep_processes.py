@@ -69,7 +69,9 @@ def base(device):
 
 
 def one_rank(path, location=None, at_step=None, device="cpu", **cfg):
-    engine = EngineCore(path, **base(device), **cfg)
+    # Expert parallelism always waits for each step's tokens: so does its reference, or a
+    # finished request's wasted row would change the batches (and MoE float sums) it is held to.
+    engine = EngineCore(path, **base(device), disable_overlap_schedule=True, **cfg)
     if location is not None:
         hook = EplbEngineHook(engine.model, location, engine.config.ep_dispatch_algorithm)
         hook.install()

@@ -71,6 +71,11 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def last_token_in_flight(self) -> bool:
+        """Its token being sampled is its last (max_tokens reached): nothing more to schedule."""
+        return self.num_pending > 0 and len(self.output_ids) >= self.sampling.max_tokens
+
+    @property
     def num_uncomputed(self) -> int:
         return self.seq_len - self.num_computed
 

@@ -128,6 +128,8 @@ class Scheduler:
             kind, batch = self._schedule_once()
             if batch or not self.running:
                 return kind, batch
+            if any(r.last_token_in_flight for r in self.running):
+                return "idle", []  # it finishes once its token is read back, freeing its pages
             # Running requests exist but none could get pages: free some and retry.
             victim = self._victim()
             if len(self.running) == 1:
@@ -138,7 +140,8 @@ class Scheduler:
             self.retract(victim)
 
     def _ready_to_decode(self) -> list[Request]:
-        return [r for r in self.running if r.num_uncomputed == 1 and r.status == Status.RUNNING]
+        return [r for r in self.running
+                if r.num_uncomputed == 1 and r.status == Status.RUNNING and not r.last_token_in_flight]
 
     def _schedule_once(self) -> tuple[str, list]:
         budget = self.prefill_budget
@@ -174,7 +177,7 @@ class Scheduler:
             return "prefill", batch
         decode = []
         for req in sorted(self.running, key=lambda r: r.admit_seq):
-            if req.num_uncomputed != 1 or req.status != Status.RUNNING:
+            if req.num_uncomputed != 1 or req.status != Status.RUNNING or req.last_token_in_flight:
                 continue
             while not self.ensure_pages(req, req.seq_len):
                 victim = self._victim()
