@@ -6,6 +6,7 @@ Field names are SGLang's flag names with dashes turned into underscores, so
 """
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -35,6 +36,36 @@ class ServerConfig(_Section):
     ready_file: str | None = Field(
         None, description="Write the bound ports as JSON to this file once serving (used by deploy-local)."
     )
+    ssl_certfile: str | None = Field(
+        None, description="PEM certificate of this process: serve gRPC and HTTP over TLS and present it to the "
+        "services it calls (needs --ssl-keyfile). Reloaded on SIGHUP (gRPC also when the file changes)."
+    )
+    ssl_keyfile: str | None = Field(None, description="PEM private key of --ssl-certfile.")
+    ssl_ca_certs: str | None = Field(
+        None, description="PEM CA bundle: mutual TLS. Servers require client certificates chaining to it; clients "
+        "accept only servers (workers, prefill, planner) whose certificate chains to it."
+    )
+    admin_token: str | None = Field(
+        None, description="Require this bearer token on the system port's admin routes (profiling, expert "
+        "recorder, EPLB status); /health and /metrics stay open."
+    )
+    admin_token_file: str | None = Field(None, description="Read --admin-token from this file (first line).")
+
+    @model_validator(mode="after")
+    def _check_tls(self):
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError(f"ssl_certfile={self.ssl_certfile!r}, ssl_keyfile={self.ssl_keyfile!r}: "
+                             "give both or neither")
+        if self.ssl_ca_certs and not self.ssl_certfile:
+            raise ValueError(f"ssl_ca_certs={self.ssl_ca_certs!r}: mutual TLS needs this process's own "
+                             "--ssl-certfile and --ssl-keyfile")
+        for name in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs", "admin_token_file"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{name}={path!r}: no such file")
+        if self.admin_token and self.admin_token_file:
+            raise ValueError("admin_token and admin_token_file: give one")
+        return self
 
 
 class EngineConfig(_Section):
@@ -197,7 +228,10 @@ class RouterConfig(ServerConfig):
         "round_robin", description="How the router picks a worker."
     )
     kv_overlap_weight: float = Field(1.0, ge=0, description="kv_aware: weight of prefix overlap vs load.")
-    api_key: str | None = Field(None, description="Require this bearer token on the HTTP API.")
+    api_key: str | None = Field(
+        None, description="Require this bearer token on the OpenAI HTTP API and on gRPC Router.Generate "
+        "(`authorization: Bearer <key>` metadata).")
+    api_key_file: str | None = Field(None, description="Read --api-key from this file (first line).")
     health_check_interval: float = Field(0.5, gt=0, description="Seconds between worker health checks.")
     request_retries: int = Field(1, ge=0, description="Retries on another worker when one fails before output.")
     tool_call_parser: Literal["qwen25", "hermes", "llama3"] | None = Field(
@@ -205,6 +239,14 @@ class RouterConfig(ServerConfig):
         "(Qwen2.5, Qwen3, Hermes), llama3 = Llama-3 JSON. Forced calls (required / a named tool) need none.")
     reasoning_parser: Literal["deepseek-r1", "qwen3"] | None = Field(
         None, description="Split the <think> part of reasoning models' output into reasoning_content.")
+
+    @model_validator(mode="after")
+    def _check_api_key(self):
+        if self.api_key and self.api_key_file:
+            raise ValueError("api_key and api_key_file: give one")
+        if self.api_key_file and not os.path.isfile(self.api_key_file):
+            raise ValueError(f"api_key_file={self.api_key_file!r}: no such file")
+        return self
 
 
 class EplbPlannerConfig(ServerConfig):

@@ -138,7 +138,7 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
         eplb = WorkerEplb(config, loop, worker_id, ep=ep)
         eplb.add_routes(runtime.system)
         if config.enable_eplb and config.eplb_planner_address:
-            eplb.start_planner_client(config.eplb_planner_address)
+            eplb.start_planner_client(config.eplb_planner_address, tls=runtime.tls)
         runtime.on_shutdown(eplb.close)
     ctl = service_name(engine_control_pb2, "EngineControl")
     runtime.add_service(engine_control_pb2_grpc.add_EngineControlServicer_to_server,

@@ -78,13 +78,14 @@ class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
 
 
 class FakeWorker:
-    def __init__(self, reply_ids, **kw):
+    def __init__(self, reply_ids, server_credentials=None, **kw):
         self.servicer = ScriptedDecode(reply_ids, **kw)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         decode_pb2_grpc.add_DecodeServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.port = (self.server.add_secure_port("127.0.0.1:0", server_credentials) if server_credentials
+                     else self.server.add_insecure_port("127.0.0.1:0"))
         self.address = f"127.0.0.1:{self.port}"
         self.server.start()
         self.set_serving(True)

@@ -17,6 +17,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"config error: {exc}") from None
     runtime.add_service(router_pb2_grpc.add_RouterServicer_to_server, app.servicer,
                         service_name(router_pb2, "Router"))
+    if runtime.tls_reloader:
+        app.reload_tls_on(runtime.tls_reloader)
     runtime.on_shutdown(app.stop)
     runtime.install_signal_handlers()
     runtime.start()

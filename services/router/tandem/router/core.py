@@ -38,6 +38,8 @@ from tandem.routing.policies import Decision, KvAwarePolicy, make_policy
 from tandem.routing.reasoning import ReasoningParser
 from tandem.routing.tokenizer import RouterTokenizer
 from tandem.routing.tool_parsers import ForcedToolParser, ToolCall, make_parser
+from tandem.server.auth import BearerCheck, read_secret
+from tandem.server.tls import tls_files
 from tandem.v1 import common_pb2, decode_pb2
 
 log = logging.getLogger(__name__)
@@ -156,6 +158,8 @@ class RouterCore:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.model_name = model_name
+        self.api_key = BearerCheck(read_secret(config, "api_key"), "API request")
+        self.tls = tls_files(config)
         self.index = KvIndex() if config.routing_policy == "kv_aware" else None
         self.policy = make_policy(config.routing_policy, self.index, config.kv_overlap_weight)
         self.pool: WorkerPool | None = None
@@ -167,7 +171,7 @@ class RouterCore:
         def on_health(w: Worker, ok: bool) -> None:
             self.metrics.worker_healthy.labels(self.model_name, w.worker_id).set(1 if ok else 0)
 
-        self.pool = WorkerPool(self.config.health_check_interval, self.index, on_health)
+        self.pool = WorkerPool(self.config.health_check_interval, self.index, on_health, tls=self.tls)
         if self.config.discovery == "static":
             await self.pool.set_workers(static_worker_infos(self.config.workers))
         else:

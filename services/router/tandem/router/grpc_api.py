@@ -84,6 +84,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         reasoning_parser=cfg.reasoning_parser if kind == "chat" else None, tool_parser=tool_parser)
 
     def Generate(self, request, context):
+        authorization = dict(context.invocation_metadata()).get("authorization")
+        if not self.core.api_key.allows(authorization, peer_host(context.peer())):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "incorrect or missing API key: send 'authorization: Bearer <key>' metadata")
         prep = self._prepare(request, context)
         q: queue.SimpleQueue = queue.SimpleQueue()
         timeout = context.time_remaining()
@@ -129,6 +133,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
         workers = asyncio.run_coroutine_threadsafe(snapshot(), self.loop()).result(timeout=5)
         return router_pb2.ListWorkersResponse(workers=workers, policy=self.core.config.routing_policy)
+
+
+def peer_host(peer: str) -> str:
+    """'ipv4:127.0.0.1:5000' -> 'ipv4:127.0.0.1' (one log line per host, not per connection)."""
+    return peer.rsplit(":", 1)[0] if peer.count(":") > 1 else peer
 
 
 def _message(m: router_pb2.ChatMessage) -> dict:

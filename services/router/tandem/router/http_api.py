@@ -92,12 +92,8 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
         return JSONResponse(err.body(), status_code=500)
 
     def check_auth(request: Request) -> None:
-        key = core.config.api_key
-        if not key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or token.strip() != key:
+        peer = request.client.host if request.client else "?"
+        if not core.api_key.allows(request.headers.get("authorization"), peer):
             raise oa.unauthorized()
 
     def check_model(name: str) -> None:

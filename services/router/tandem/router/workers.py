@@ -17,6 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tandem.routing.kv_events import follow_kv_events
 from tandem.routing.kv_index import KvIndex
 from tandem.routing.policies import WorkerView
+from tandem.server.channels import open_channel
+from tandem.server.tls import TlsFiles
 from tandem.v1 import common_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -33,16 +35,20 @@ CHANNEL_OPTIONS = [
 
 
 class Worker:
-    def __init__(self, info: common_pb2.WorkerInfo) -> None:
+    def __init__(self, info: common_pb2.WorkerInfo, tls: TlsFiles | None = None) -> None:
         self.info = common_pb2.WorkerInfo()
         self.info.CopyFrom(info)
         self.worker_id = info.worker_id or info.address
         self.address = info.address
-        self.channel = grpc.aio.insecure_channel(info.address, options=CHANNEL_OPTIONS)
+        # With mTLS, a worker whose certificate does not chain to the CA never passes a health
+        # check (its handshake fails), so it never gets a request.
+        self.channel = open_channel(info.address, tls, CHANNEL_OPTIONS, aio=True)
         self.decode = decode_pb2_grpc.DecodeStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.healthy = False
         self.missed_checks = 0  # consecutive health checks that timed out
+        self.checks = 0  # health checks answered or failed, since added
+        self.failed_checks = 0  # of those, failed (refused, TLS handshake, NOT_SERVING, timeout)
         self.load: common_pb2.WorkerLoad | None = None
         self.active_requests = 0
         self.active_blocks = 0
@@ -78,7 +84,8 @@ class Worker:
 
 class WorkerPool:
     def __init__(self, health_interval: float, index: KvIndex | None = None,
-                 on_health: Callable[[Worker, bool], None] | None = None) -> None:
+                 on_health: Callable[[Worker, bool], None] | None = None, tls: TlsFiles | None = None) -> None:
+        self.tls = tls
         self.health_interval = health_interval
         self.check_timeout = min(1.0, max(0.2, health_interval))
         self.index = index
@@ -100,7 +107,7 @@ class WorkerPool:
                 self.add(info)
 
     def add(self, info: common_pb2.WorkerInfo) -> Worker:
-        w = Worker(info)
+        w = Worker(info, self.tls)
         if w.worker_id in self.workers:
             raise ValueError(f"worker {w.worker_id} already known")
         self.workers[w.worker_id] = w
@@ -150,6 +157,8 @@ class WorkerPool:
                 w.missed_checks += 1
                 if w.missed_checks < 2:
                     return True
+        w.checks += 1
+        w.failed_checks += not ok
         if ok or not reason.startswith("DEADLINE_EXCEEDED"):
             w.missed_checks = 0
         if ok:
