@@ -60,7 +60,7 @@ def make_ca(out_dir: Path, name: str = "ca") -> Authority:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     subject = _name(f"tandem throw-away CA ({name})")
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
@@ -81,7 +81,7 @@ def issue(ca: Authority, out_dir: Path, name: str, hosts: list[str]) -> IssuedFi
     """A certificate for `name`, valid for `hosts` (IP addresses or DNS names), as server and client."""
     out_dir = Path(out_dir)
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     sans: list[x509.GeneralName] = []
     for h in hosts:
         try:
