@@ -199,6 +199,9 @@ class DecodeConfig(ServerConfig, EngineConfig, DisaggregationConfig, DiscoveryCo
         0, ge=0, description="Prompts shorter than this many tokens are prefilled locally."
     )
     prefill_retries: int = Field(1, ge=0, description="Retries on another prefill worker after a failure.")
+    max_queued_requests: int | None = Field(
+        None, ge=0, description="Requests waiting beyond the running batch (--max-running-requests); more are "
+        "refused with RESOURCE_EXHAUSTED (None = unbounded).")
 
     @model_validator(mode="after")
     def _check_prefills(self):
@@ -232,6 +235,24 @@ class RouterConfig(ServerConfig):
         None, description="Require this bearer token on the OpenAI HTTP API and on gRPC Router.Generate "
         "(`authorization: Bearer <key>` metadata).")
     api_key_file: str | None = Field(None, description="Read --api-key from this file (first line).")
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body (HTTP, 413) and Router.Generate message "
+        "(gRPC, RESOURCE_EXHAUSTED) accepted.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt in tokens (400 / INVALID_ARGUMENT; default: the context length).")
+    max_output_tokens: int | None = Field(
+        None, ge=1, description="Largest max_tokens (400 / INVALID_ARGUMENT); a request without max_tokens is "
+        "capped to it (default: the rest of the context).")
+    max_n: int = Field(16, ge=1, le=16, description="Most samples per request (n).")
+    max_stop_strings: int = Field(16, ge=0, description="Most stop strings per request.")
+    max_stop_string_length: int = Field(256, ge=1, description="Longest stop string in characters.")
+    max_logit_bias: int = Field(300, ge=0, description="Most logit_bias entries per request.")
+    max_concurrent_requests: int = Field(
+        0, ge=0, description="Requests in flight on this router; more are refused with 429 / RESOURCE_EXHAUSTED "
+        "and Retry-After (0 = unlimited).")
+    max_concurrent_requests_per_key: int = Field(
+        0, ge=0, description="Requests in flight per client key (its bearer token, else its address); more get "
+        "429 / RESOURCE_EXHAUSTED (0 = unlimited).")
     health_check_interval: float = Field(0.5, gt=0, description="Seconds between worker health checks.")
     request_retries: int = Field(1, ge=0, description="Retries on another worker when one fails before output.")
     tool_call_parser: Literal["qwen25", "hermes", "llama3"] | None = Field(

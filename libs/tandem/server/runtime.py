@@ -47,11 +47,14 @@ class ServiceRuntime:
         config: ServerConfig,
         registry: CollectorRegistry | None = None,
         max_workers: int = 128,
+        max_receive_message_bytes: int = GRPC_MESSAGE_LIMIT,
     ) -> None:
         self.name = name
         self.config = config
         self.registry = registry or REGISTRY
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+        options = [o for o in GRPC_OPTIONS if o[0] != "grpc.max_receive_message_length"]
+        options.append(("grpc.max_receive_message_length", max_receive_message_bytes))
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []

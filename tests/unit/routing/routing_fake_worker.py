@@ -21,6 +21,7 @@ class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
         self.delay = delay
         self.fail_code = None  # abort Generate with this code before any output
         self.end_aborted = False  # end the stream at once with finish_reason ABORT and no tokens
+        self.gate = None  # a threading.Event: Generate waits for it before the first token
         self.requests = []
         self.cancelled = []
         self.finished = []
@@ -41,6 +42,8 @@ class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
                 self._events.append(common_pb2.KvEvent(stored=common_pb2.BlockStored(
                     block_hashes=hashes, token_ids=request.input_ids[:n], block_size=self.block_size)))
                 self._cv.notify_all()
+        if self.gate is not None:
+            self.gate.wait(30)
         if self.end_aborted:
             self.finished.append(request.request_id)
             yield common_pb2.TokenChunk(request_id=request.request_id, finish_reason=common_pb2.FINISH_REASON_ABORT)

@@ -10,7 +10,7 @@ from tandem.v1 import router_pb2, router_pb2_grpc
 def main(argv=None) -> None:
     config = load_or_exit(RouterConfig, argv, prog="python -m tandem.router")
     setup_logging("router", config.log_level, config.log_format)
-    runtime = ServiceRuntime("router", config)
+    runtime = ServiceRuntime("router", config, max_receive_message_bytes=config.max_request_bytes)
     try:
         app = build_router(config, registry=runtime.registry)
     except ValueError as exc:
