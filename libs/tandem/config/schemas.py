@@ -156,10 +156,16 @@ class DisaggregationConfig(_Section):
         "nixl", description="How KV pages move from prefill to decode."
     )
     disaggregation_bootstrap_timeout: float = Field(
-        300.0, gt=0, description="Seconds a room may wait for its handshake to complete."
+        300.0, gt=0, description="Seconds a room may stay Bootstrapping: until its decode pages are allocated "
+        "(SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT)."
+    )
+    disaggregation_waiting_timeout: float = Field(
+        300.0, gt=0, description="Seconds a room may stay WaitingForInput: pages allocated, nothing of prefill "
+        "arrived yet (SGLANG_DISAGGREGATION_WAITING_TIMEOUT)."
     )
     disaggregation_transfer_timeout: float = Field(
-        300.0, gt=0, description="Seconds a room may wait for its KV to arrive."
+        300.0, gt=0, description="Seconds a room may stay Transferring, from its first KV data to done (decode); "
+        "seconds prefill waits for its writes to finish (prefill)."
     )
 
 

@@ -348,7 +348,8 @@ class RemotePrefill:
             alloc = await self._allocate(att, ids, sp)
             t_alloc = time.monotonic()
             rx.expect(room, alloc.page_indices, alloc.aux_slot, peer=agent)
-            call = peer.stub.Prefill(timeout=cfg.disaggregation_bootstrap_timeout + cfg.disaggregation_transfer_timeout)
+            call = peer.stub.Prefill(timeout=cfg.disaggregation_bootstrap_timeout + cfg.disaggregation_waiting_timeout
+                                     + cfg.disaggregation_transfer_timeout)
             await call.write(prefill_pb2.PrefillClientMessage(start=prefill_pb2.PrefillStart(
                 request_id=rid, decode_id=self.worker_id, input_ids=ids, sampling=sampling_to_proto(sp), room=room)))
             await call.write(prefill_pb2.PrefillClientMessage(allocation=prefill_pb2.PageAllocation(
