@@ -260,6 +260,9 @@ class RouterConfig(ServerConfig):
         0, ge=0, description="Requests in flight per client key (its bearer token, else its address); more get "
         "429 / RESOURCE_EXHAUSTED (0 = unlimited).")
     health_check_interval: float = Field(0.5, gt=0, description="Seconds between worker health checks.")
+    health_check_failures: int = Field(
+        2, ge=1, description="Timed-out health checks in a row that take a worker out of rotation (a refused "
+        "connection or NOT_SERVING takes it out at the first check).")
     request_retries: int = Field(1, ge=0, description="Retries on another worker when one fails before output.")
     tool_call_parser: Literal["qwen25", "hermes", "llama3"] | None = Field(
         None, description="Parse tool calls out of the output (tool_choice auto): qwen25/hermes = <tool_call> JSON "

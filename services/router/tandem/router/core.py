@@ -174,7 +174,8 @@ class RouterCore:
         def on_health(w: Worker, ok: bool) -> None:
             self.metrics.worker_healthy.labels(self.model_name, w.worker_id).set(1 if ok else 0)
 
-        self.pool = WorkerPool(self.config.health_check_interval, self.index, on_health, tls=self.tls)
+        self.pool = WorkerPool(self.config.health_check_interval, self.index, on_health, tls=self.tls,
+                               max_missed_checks=self.config.health_check_failures)
         if self.config.discovery == "static":
             await self.pool.set_workers(static_worker_infos(self.config.workers))
         else:
