@@ -130,9 +130,9 @@ class Load:
                         return
                     events = 0
                     async for line in r.aiter_lines():
-                        if line.startswith("data: "):
+                        if line.startswith("data: ") and line != "data: [DONE]":
                             events += 1
-                            if '"error"' in line:
+                            if "error" in json.loads(line[6:]):  # an error object ends the stream
                                 self.unexpected.append(f"{kind}: {line[:200]}")
                                 return
                             if kind == "cancel" and events == 3:
