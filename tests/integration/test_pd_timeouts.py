@@ -1,6 +1,6 @@
 """Decode's room timeouts through a real decode process and a prefill that stalls: nothing arrives
-after the allocation (waiting timeout), or the first data arrives and then nothing more
-(transfer timeout). Each ends the request with DEADLINE_EXCEEDED naming the timeout, frees
+after the allocation (waiting timeout), the first data arrives and then nothing more (transfer
+timeout), or the pool stays full so a room never gets its pages (bootstrap timeout). Each ends the request with DEADLINE_EXCEEDED naming the timeout, frees
 every page and aux slot, and the room went Bootstrapping -> WaitingForInput (-> Transferring)
 -> Failed on the live path."""
 from __future__ import annotations
@@ -62,6 +62,7 @@ def stalled():
     server = grpc.server(futures.ThreadPoolExecutor(8))
     prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
+    servicer.port = port
     server.start()
     decode = start_service("tandem.decode", "--model-path", MODEL, "--max-total-tokens", "4096", "--skip-warmup",
                            "--disaggregation-mode", "decode", "--prefill-addresses", f"127.0.0.1:{port}",
@@ -99,3 +100,41 @@ def test_stalled_prefill_trips_the_timeout_and_frees_every_page(stalled, mode, f
     assert fragment in result["details"], result
     assert servicer.rooms[-1] in servicer.cancelled  # decode asked prefill to stop writing first
     wait_for(lambda: pages_in_use(decode.grpc_address) == 0, timeout=20, what="pages freed")
+
+
+def test_bootstrap_timeout_when_the_pool_stays_full(stalled):
+    """A room that cannot get its pages (the pool is held by a stalled room) fails at the
+    bootstrap timeout with RESOURCE_EXHAUSTED; once the holder times out, every page is free."""
+    servicer, _ = stalled
+    servicer.mode = "silent"
+    port = servicer.port
+    decode = start_service("tandem.decode", "--model-path", MODEL, "--max-total-tokens", "64", "--skip-warmup",
+                           "--disaggregation-mode", "decode", "--prefill-addresses", f"127.0.0.1:{port}",
+                           "--disaggregation-transfer-backend", "grpc", "--prefill-retries", "0",
+                           "--disaggregation-bootstrap-timeout", "1", "--disaggregation-waiting-timeout", "8")
+    results: list = []
+
+    def run():
+        with grpc.insecure_channel(decode.grpc_address) as ch:
+            try:
+                list(decode_pb2_grpc.DecodeStub(ch).Generate(decode_pb2.GenerateRequest(
+                    input_ids=list(range(5, 45)), sampling=sampling(max_tokens=4), prefill_override="remote"),
+                    timeout=60))
+                results.append((grpc.StatusCode.OK, ""))
+            except grpc.RpcError as e:
+                results.append((e.code(), e.details()))
+
+    try:
+        seen = len(servicer.rooms)
+        holder = threading.Thread(target=run)
+        holder.start()
+        wait_for(lambda: len(servicer.rooms) > seen, timeout=30, what="the holder's room at prefill")
+        run()  # 3 of the 4 pages are held: this one waits for pages, then its bootstrap timeout trips
+        code, details = results[0]
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "bootstrap timeout" in details, results
+        assert len(servicer.rooms) == seen + 1  # it never reached prefill
+        holder.join(60)
+        assert results[1][0] == grpc.StatusCode.DEADLINE_EXCEEDED, results  # the holder: waiting timeout
+        wait_for(lambda: pages_in_use(decode.grpc_address) == 0, timeout=20, what="pages freed")
+    finally:
+        decode.stop()
