@@ -47,7 +47,7 @@ class ServerConfig(_Section):
     )
     admin_token: str | None = Field(
         None, description="Require this bearer token on the system port's admin routes (profiling, expert "
-        "recorder, EPLB status); /health and /metrics stay open."
+        "recorder, EPLB status) and on gRPC EngineControl (authorization metadata); /health and /metrics stay open."
     )
     admin_token_file: str | None = Field(None, description="Read --admin-token from this file (first line).")
 

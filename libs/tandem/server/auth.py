@@ -6,6 +6,8 @@ import hmac
 import logging
 import threading
 
+import grpc
+
 log = logging.getLogger(__name__)
 
 
@@ -49,3 +51,24 @@ class BearerCheck:
             log.warning("refused %s from %s: %s", self.what, peer,
                         "no bearer token" if not authorization else "wrong bearer token")
         return False
+
+
+class AdminInterceptor(grpc.ServerInterceptor):
+    """gRPC server interceptor: calls to the admin services (EngineControl: profiling, expert
+    recorder) need `authorization: Bearer <admin token>` metadata, else UNAUTHENTICATED."""
+
+    def __init__(self, check: BearerCheck, services: tuple[str, ...]) -> None:
+        self._check = check
+        self._prefixes = tuple(f"/{s}/" for s in services)
+
+        def deny(_request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin call: missing or wrong bearer token (--admin-token)")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, details):
+        if not details.method.startswith(self._prefixes):
+            return continuation(details)
+        if self._check.allows(dict(details.invocation_metadata).get("authorization"), "gRPC admin client"):
+            return continuation(details)
+        return self._deny

@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, CollectorRegistry
 from tandem.config import ServerConfig
-from tandem.server.auth import read_secret
+from tandem.server.auth import AdminInterceptor, BearerCheck, read_secret
 from tandem.server.system_http import SystemHttpServer
 from tandem.server.tls import TlsReloader, tls_files
 
@@ -33,6 +33,10 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
     ("grpc.so_reuseport", 0),
 ]
+
+
+# gRPC services that need the admin token (when one is set): profiling and the expert recorder.
+ADMIN_SERVICES = ("tandem.v1.EngineControl",)
 
 
 def service_name(pb2_module, service: str) -> str:
@@ -54,7 +58,11 @@ class ServiceRuntime:
         self.registry = registry or REGISTRY
         options = [o for o in GRPC_OPTIONS if o[0] != "grpc.max_receive_message_length"]
         options.append(("grpc.max_receive_message_length", max_receive_message_bytes))
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+        admin_token = read_secret(config, "admin_token")
+        interceptors = ([AdminInterceptor(BearerCheck(admin_token, "admin call"), ADMIN_SERVICES)]
+                        if admin_token else [])
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
+                                  interceptors=interceptors)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
@@ -72,7 +80,7 @@ class ServiceRuntime:
         self._stopped = threading.Event()
         self._shutdown_hooks: list[Callable[[], None]] = []
         self.system = SystemHttpServer(config.host, config.system_port, self.registry, self._ready.is_set,
-                                       tls=self.tls, admin_token=read_secret(config, "admin_token"))
+                                       tls=self.tls, admin_token=admin_token)
         if self.tls_reloader:
             self.tls_reloader.on_reload(self.system.reload_tls)
         self.started_at = time.time()

@@ -17,9 +17,10 @@ import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tandem.config import ServerConfig
-from tandem.server import ServiceRuntime
+from tandem.server import ServiceRuntime, service_name
 from tandem.server.channels import open_channel
 from tandem.server.tls import TlsFiles
+from tandem.v1 import engine_control_pb2, engine_control_pb2_grpc
 
 from tests.support.pki import client_context, make_pki
 from tests.support.waiting import wait_for
@@ -172,3 +173,31 @@ def test_config_rejects_half_tls(pki, tmp_path):
         ServerConfig(ssl_ca_certs=f.ca_certs)
     with pytest.raises(ValueError, match="no such file"):
         ServerConfig(ssl_certfile=str(tmp_path / "missing.pem"), ssl_keyfile=f.keyfile)
+
+
+class _Control(engine_control_pb2_grpc.EngineControlServicer):
+    def StopProfile(self, request, context):
+        return engine_control_pb2.ProfileResponse(ok=True, message="stopped")
+
+
+def test_admin_token_on_grpc_engine_control():
+    rt = ServiceRuntime("admin", ServerConfig(port=0, system_port=0, admin_token="s3cret"))
+    rt.add_service(engine_control_pb2_grpc.add_EngineControlServicer_to_server, _Control(),
+                   service_name(engine_control_pb2, "EngineControl"))
+    rt.start()
+    rt.set_ready()
+    try:
+        with grpc.insecure_channel(rt.address) as ch:
+            stub = engine_control_pb2_grpc.EngineControlStub(ch)
+            for metadata in (None, (("authorization", "Bearer nope"),)):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.StopProfile(engine_control_pb2.StopProfileRequest(), metadata=metadata, timeout=5)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            ok = stub.StopProfile(engine_control_pb2.StopProfileRequest(),
+                                  metadata=(("authorization", "Bearer s3cret"),), timeout=5)
+            assert ok.ok
+            # Health stays open.
+            assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+    finally:
+        rt.shutdown()
