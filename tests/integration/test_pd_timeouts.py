@@ -56,6 +56,17 @@ class StallingPrefill(prefill_pb2_grpc.PrefillServicer):
         return common_pb2.WorkerLoad()
 
 
+def remote_generate(address: str) -> tuple[grpc.StatusCode, str]:
+    """One remote-prefill request of 40 tokens to decode: (status, details)."""
+    with grpc.insecure_channel(address) as ch:
+        try:
+            list(decode_pb2_grpc.DecodeStub(ch).Generate(decode_pb2.GenerateRequest(
+                input_ids=list(range(5, 45)), sampling=sampling(max_tokens=4), prefill_override="remote"), timeout=60))
+            return grpc.StatusCode.OK, ""
+        except grpc.RpcError as e:
+            return e.code(), e.details()
+
+
 @pytest.fixture(scope="module")
 def stalled():
     servicer = StallingPrefill()
@@ -79,25 +90,14 @@ def test_stalled_prefill_trips_the_timeout_and_frees_every_page(stalled, mode, f
     servicer, decode = stalled
     servicer.mode = mode
     seen = len(servicer.rooms)
-    result: dict = {}
-
-    def run():
-        with grpc.insecure_channel(decode.grpc_address) as ch:
-            try:
-                list(decode_pb2_grpc.DecodeStub(ch).Generate(decode_pb2.GenerateRequest(
-                    input_ids=list(range(5, 45)), sampling=sampling(max_tokens=4), prefill_override="remote"),
-                    timeout=60))
-                result["code"] = grpc.StatusCode.OK
-            except grpc.RpcError as e:
-                result["code"], result["details"] = e.code(), e.details()
-
-    t = threading.Thread(target=run)
+    results: list = []
+    t = threading.Thread(target=lambda: results.append(remote_generate(decode.grpc_address)))
     t.start()
     wait_for(lambda: len(servicer.rooms) > seen, timeout=30, what="the room reached prefill")
     assert pages_in_use(decode.grpc_address) > 0  # allocated while it waits
     t.join(60)
-    assert result["code"] == grpc.StatusCode.DEADLINE_EXCEEDED, result
-    assert fragment in result["details"], result
+    code, details = results[0]
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and fragment in details, results
     assert servicer.rooms[-1] in servicer.cancelled  # decode asked prefill to stop writing first
     wait_for(lambda: pages_in_use(decode.grpc_address) == 0, timeout=20, what="pages freed")
 
@@ -115,14 +115,7 @@ def test_bootstrap_timeout_when_the_pool_stays_full(stalled):
     results: list = []
 
     def run():
-        with grpc.insecure_channel(decode.grpc_address) as ch:
-            try:
-                list(decode_pb2_grpc.DecodeStub(ch).Generate(decode_pb2.GenerateRequest(
-                    input_ids=list(range(5, 45)), sampling=sampling(max_tokens=4), prefill_override="remote"),
-                    timeout=60))
-                results.append((grpc.StatusCode.OK, ""))
-            except grpc.RpcError as e:
-                results.append((e.code(), e.details()))
+        results.append(remote_generate(decode.grpc_address))
 
     try:
         seen = len(servicer.rooms)
