@@ -55,18 +55,27 @@ def banner(stack: Stack) -> str:
     lines = ["", f"tandem is up ({cfg['mode']}, model {model}); logs in {stack.logs_dir}", "",
              f"  OpenAI endpoint   {url}"]
     for s in stack.specs:
-        lines.append(f"  {s.name:<17} grpc {s.grpc}   metrics http://{s.system}/metrics")
+        lines.append(f"  {s.name:<17} grpc {s.grpc}   metrics {stack.scheme}://{s.system}/metrics")
     if stack.prometheus:
         lines.append(f"  Prometheus        {stack.prometheus_url}")
     else:
         lines.append("  Prometheus        not started (--no-prometheus)")
+    curl_tls, py_import, py_client = "", "", ""
+    if stack.client_tls:
+        t = stack.client_tls
+        lines.append(f"  mTLS              every port; CA {t['ssl_ca_certs']}, client certificate {t['ssl_certfile']}")
+        curl_tls = f"--cacert {t['ssl_ca_certs']} --cert {t['ssl_certfile']} --key {t['ssl_keyfile']} "
+        py_import = "import httpx; "
+        py_client = (f", http_client=httpx.Client(verify='{t['ssl_ca_certs']}', "
+                     f"cert=('{t['ssl_certfile']}', '{t['ssl_keyfile']}'))")
     lines += [
         "", "Try it:",
-        f"  curl -s {url}/chat/completions -H 'Content-Type: application/json' \\",
+        f"  curl -s {curl_tls}{url}/chat/completions -H 'Content-Type: application/json' \\",
         f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], "
         "\"max_tokens\": 32}'",
         "",
-        f"  .venv/bin/python -c \"from openai import OpenAI; c = OpenAI(base_url='{url}', api_key='none'); "
+        f"  .venv/bin/python -c \"{py_import}from openai import OpenAI; "
+        f"c = OpenAI(base_url='{url}', api_key='none'{py_client}); "
         f"print(c.completions.create(model='{model}', prompt='The meaning of', max_tokens=24).choices[0].text)\"",
         "", "Ctrl-C (or `make stop-local` from another shell) stops everything.",
     ]

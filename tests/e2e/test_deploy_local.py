@@ -64,10 +64,12 @@ def alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
-def start_stack(tmp_path: Path, mode: str, model: str | None = None):
+def start_stack(tmp_path: Path, mode: str, model: str | None = None, tls: bool = False):
     stack = write_stack(tmp_path, mode, model)
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("MODE", "MODEL", "PREFILL", "DECODE")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MODE", "MODEL", "PREFILL", "DECODE", "TLS")}
+    if tls:
+        env["TLS"] = "1"
     proc = subprocess.Popen([sys.executable, "-m", "deploy.local.run", "--stack", str(stack), "--run-dir",
                              str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**env, "PYTHONUNBUFFERED": "1"})
@@ -130,6 +132,52 @@ def test_deploy_local_serves_chat_scrapes_metrics_and_stops_clean(tmp_path, mode
     while any(alive(p) for p in pids.values()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [name for name, p in pids.items() if alive(p)]
+
+
+def test_deploy_local_tls_runs_every_hop_over_mtls(tmp_path):
+    """TLS=1: router -> decode -> prefill, workers -> planner and Prometheus's scrapes all over
+    mTLS with the generated CA; plaintext and certificate-less clients are refused."""
+    import httpx
+    from openai import OpenAI
+    from tandem.server.tls import TlsFiles
+
+    from tests.support.pki import client_context
+
+    proc, cfg, run_dir, output = start_stack(tmp_path, "disagg", "models/tandem-demo-moe", tls=True)
+    try:
+        ports, tls_dir = cfg["ports"], run_dir / "tls"
+        client = TlsFiles(str(tls_dir / "client.pem"), str(tls_dir / "client-key.pem"), str(tls_dir / "ca.pem"))
+        base = f"https://127.0.0.1:{ports['router_http']}/v1"
+        assert base in output and "--cacert" in output
+        http = httpx.Client(verify=client_context(client), timeout=60)
+        oa = OpenAI(base_url=base, api_key="none", http_client=http)
+        model = oa.models.list().data[0].id
+        reply = oa.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello!"}],
+                                           max_tokens=8)
+        assert reply.usage.completion_tokens > 0  # through decode and prefill (remote prefill, NIXL)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{ports['router_http']}/v1/models", timeout=5)
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"{base}/models", verify=client_context(None, client.ca_certs), timeout=5)
+        for name in ("router", "decode-0", "prefill-0", "eplb"):
+            assert "(TLS)" in (run_dir / "logs" / f"{name}.log").read_text(), name
+        prom = f"http://127.0.0.1:{ports['prometheus']}"
+        jobs = {"tandem-router", "tandem-decode", "tandem-prefill", "tandem-eplb"}
+        deadline = time.monotonic() + 60
+        while True:
+            targets = get_json(f"{prom}/api/v1/targets")["data"]["activeTargets"]
+            up = {t["labels"]["job"] for t in targets if t["health"] == "up" and t["scrapeUrl"].startswith("https")}
+            q = urllib.parse.urlencode({"query": 'tandem_eplb_load_reports_total{result="accepted"} > 0'})
+            reports = get_json(f"{prom}/api/v1/query?{q}")["data"]["result"]
+            if (up >= jobs and reports) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert up >= jobs, targets
+        assert reports, "the planner got no load report over mTLS"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
 
 
 def test_stop_local_stops_a_running_stack(tmp_path):

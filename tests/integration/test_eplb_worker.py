@@ -1,5 +1,6 @@
 """EPLB through real processes: a MoE worker reports expert load to the planner, applies
-the plans it pushes while requests run, and its greedy tokens do not change."""
+the plans it pushes while requests run, and its greedy tokens do not change; with the planner
+gone it keeps its placement and serves on."""
 from __future__ import annotations
 
 import json
@@ -67,6 +68,17 @@ def test_worker_applies_planner_plans_while_serving_and_tokens_do_not_change():
         assert status["physical_to_logical"] != [list(range(8)) + [0, 1]] * status["num_layers"]
         after = [generate(worker.grpc_address, p, sampling(max_tokens=10))[0] for p in PROMPTS]
         assert after == before
+        assert pages_in_use(worker.grpc_address) == 0
+        # Planner down: the worker keeps its placement and serves on, the same tokens.
+        placed = http("GET", status_url)[1]
+        planner.kill()
+        time.sleep(2.0)  # several report intervals with the planner gone
+        again = [generate(worker.grpc_address, p, sampling(max_tokens=10))[0] for p in PROMPTS]
+        assert again == before
+        kept = http("GET", status_url)[1]
+        assert (kept["plan_version"], kept["physical_to_logical"]) == (placed["plan_version"],
+                                                                        placed["physical_to_logical"])
+        assert worker.proc.poll() is None
         assert pages_in_use(worker.grpc_address) == 0
     finally:
         worker.stop()

@@ -34,3 +34,37 @@ def test_worker_registered_in_etcd_is_used_then_dropped(etcd):
         if worker:
             worker.stop()
         router.stop()
+
+
+def test_etcd_down_and_back(etcd):
+    """etcd stops: the router keeps its last view and serves on; etcd comes back empty (a
+    replaced server): the worker registers again by itself and the router follows it. No page
+    is left in use."""
+    from tests.support.clients import pages_in_use
+
+    prefix = PREFIX + "outage/"
+    router = start_service("tandem.router", "--model-path", MODEL, "--http-port", "0", "--discovery", "etcd",
+                           "--etcd-endpoint", etcd.endpoint, "--etcd-prefix", prefix)
+    worker = start_service("tandem.decode", "--model-path", MODEL, "--max-total-tokens", "4096", "--skip-warmup",
+                           "--etcd-endpoint", etcd.endpoint, "--etcd-prefix", prefix, "--etcd-ttl", "1")
+    try:
+        http = router.info["http"]
+        wait_for(lambda: completion(http).status_code == 200, 30, "the router to serve through the worker")
+        etcd.stop()
+        # Longer than the lease TTL and several watch retries: the router keeps what it knew.
+        for _ in range(5):
+            assert completion(http).status_code == 200
+        wait_for(lambda: "etcd keepalive" in worker.log() and "failed" in worker.log(), 20,
+                 "the worker to notice etcd is gone")
+        etcd.restart(wipe=True)
+        wait_for(lambda: etcd.keys(prefix) == [prefix + worker.grpc_address], 30, "the worker to register again")
+        assert "registering again" in worker.log()
+        # The router's watch starts over on the new etcd (empty, then the worker's key).
+        wait_for(lambda: completion(http).status_code == 200, 30, "the router to follow the new registration")
+        for _ in range(3):
+            assert completion(http).status_code == 200
+        assert router.proc.poll() is None and worker.proc.poll() is None
+        wait_for(lambda: pages_in_use(worker.grpc_address) == 0, 20, "no page in use")
+    finally:
+        worker.stop()
+        router.stop()

@@ -18,6 +18,7 @@ from tandem.router.app import build_router
 from tests.integration.router_support import agg_worker_args, start_many
 from tests.support.clients import load
 from tests.support.models import demo_model
+from tests.support.procs import start_service
 from tests.support.waiting import wait_for
 
 # A small KV pool (32 pages of 16 tokens) so that a worker holds about two of the four
@@ -220,6 +221,52 @@ def test_killed_worker_is_taken_out_and_inflight_gets_clear_error(agg_workers, v
     finally:
         solo.stop()
         pair.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_worker_down_within_configured_checks_and_routed_again_after_restart(agg_workers):
+    """Killed: out of rotation after at most --health-check-failures failed checks (the pool's
+    health events say so), nothing routed to it while down (no retries here, so one request
+    sent to it would fail); restarted on its address: back in rotation and served. No page is
+    left in use on any worker."""
+    from tests.support.clients import pages_in_use
+
+    survivor, port = agg_workers[0], _free_port()
+    args = agg_worker_args(demo_model(), *POOL, "--port", str(port))
+    (victim,) = start_many([("tandem.decode", args)])
+    app = make_router([survivor.grpc_address, victim.grpc_address], routing_policy="round_robin",
+                      request_retries=0, health_check_failures=3)
+    body = {"model": app.model_name, "prompt": "Hi", "max_tokens": 2}
+    url = f"http://{app.http_address}/v1/completions"
+    try:
+        w = app.core.pool.workers[victim.grpc_address]
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait(10)
+        wait_for(lambda: w.health_events and w.health_events[-1][0] == "down", timeout=30, what="victim down")
+        assert 1 <= w.health_events[-1][1] <= 3, w.health_events
+        for _ in range(6):
+            assert httpx.post(url, json=body, timeout=30).status_code == 200
+        restarted = start_service("tandem.decode", *args)
+        try:
+            wait_for(lambda: w.health_events[-1][0] == "up", timeout=30, what="restarted victim back in rotation")
+            before = load(restarted.grpc_address).num_prefilled_reqs
+            for _ in range(4):
+                assert httpx.post(url, json=body, timeout=30).status_code == 200
+            assert load(restarted.grpc_address).num_prefilled_reqs > before  # routed to it again
+            for address in (survivor.grpc_address, restarted.grpc_address):
+                wait_for(lambda a=address: pages_in_use(a) == 0, timeout=20, what=f"no page in use on {address}")
+        finally:
+            restarted.stop()
+    finally:
+        app.stop()
+        victim.stop()
 
 
 def test_bad_input_against_real_model(agg_workers):

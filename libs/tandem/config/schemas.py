@@ -6,6 +6,7 @@ Field names are SGLang's flag names with dashes turned into underscores, so
 """
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -35,6 +36,36 @@ class ServerConfig(_Section):
     ready_file: str | None = Field(
         None, description="Write the bound ports as JSON to this file once serving (used by deploy-local)."
     )
+    ssl_certfile: str | None = Field(
+        None, description="PEM certificate of this process: serve gRPC and HTTP over TLS and present it to the "
+        "services it calls (needs --ssl-keyfile). Reloaded on SIGHUP (gRPC also when the file changes)."
+    )
+    ssl_keyfile: str | None = Field(None, description="PEM private key of --ssl-certfile.")
+    ssl_ca_certs: str | None = Field(
+        None, description="PEM CA bundle: mutual TLS. Servers require client certificates chaining to it; clients "
+        "accept only servers (workers, prefill, planner) whose certificate chains to it."
+    )
+    admin_token: str | None = Field(
+        None, description="Require this bearer token on the system port's admin routes (profiling, expert "
+        "recorder, EPLB status) and on gRPC EngineControl (authorization metadata); /health and /metrics stay open."
+    )
+    admin_token_file: str | None = Field(None, description="Read --admin-token from this file (first line).")
+
+    @model_validator(mode="after")
+    def _check_tls(self):
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError(f"ssl_certfile={self.ssl_certfile!r}, ssl_keyfile={self.ssl_keyfile!r}: "
+                             "give both or neither")
+        if self.ssl_ca_certs and not self.ssl_certfile:
+            raise ValueError(f"ssl_ca_certs={self.ssl_ca_certs!r}: mutual TLS needs this process's own "
+                             "--ssl-certfile and --ssl-keyfile")
+        for name in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certs", "admin_token_file"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{name}={path!r}: no such file")
+        if self.admin_token and self.admin_token_file:
+            raise ValueError("admin_token and admin_token_file: give one")
+        return self
 
 
 class EngineConfig(_Section):
@@ -153,10 +184,16 @@ class DisaggregationConfig(_Section):
         "nixl", description="How KV pages move from prefill to decode."
     )
     disaggregation_bootstrap_timeout: float = Field(
-        300.0, gt=0, description="Seconds a room may wait for its handshake to complete."
+        300.0, gt=0, description="Seconds a room may stay Bootstrapping: until its decode pages are allocated "
+        "(SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT)."
+    )
+    disaggregation_waiting_timeout: float = Field(
+        300.0, gt=0, description="Seconds a room may stay WaitingForInput: pages allocated, nothing of prefill "
+        "arrived yet (SGLANG_DISAGGREGATION_WAITING_TIMEOUT)."
     )
     disaggregation_transfer_timeout: float = Field(
-        300.0, gt=0, description="Seconds a room may wait for its KV to arrive."
+        300.0, gt=0, description="Seconds a room may stay Transferring, from its first KV data to done (decode); "
+        "seconds prefill waits for its writes to finish (prefill)."
     )
 
 
@@ -196,6 +233,9 @@ class DecodeConfig(ServerConfig, EngineConfig, DisaggregationConfig, DiscoveryCo
         0, ge=0, description="Prompts shorter than this many tokens are prefilled locally."
     )
     prefill_retries: int = Field(1, ge=0, description="Retries on another prefill worker after a failure.")
+    max_queued_requests: int | None = Field(
+        None, ge=0, description="Requests waiting beyond the running batch (--max-running-requests); more are "
+        "refused with RESOURCE_EXHAUSTED (None = unbounded).")
 
     @model_validator(mode="after")
     def _check_prefills(self):
@@ -229,14 +269,46 @@ class RouterConfig(ServerConfig):
         0.5, ge=0, le=1, description="kv_aware: a prefix block a worker holds only in its host tier (HiCache) "
         "counts as this fraction of a block on its device (it needs a load-back copy)."
     )
-    api_key: str | None = Field(None, description="Require this bearer token on the HTTP API.")
+    api_key: str | None = Field(
+        None, description="Require this bearer token on the OpenAI HTTP API and on gRPC Router.Generate "
+        "(`authorization: Bearer <key>` metadata).")
+    api_key_file: str | None = Field(None, description="Read --api-key from this file (first line).")
+    max_request_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="Largest request body (HTTP, 413) and Router.Generate message "
+        "(gRPC, RESOURCE_EXHAUSTED) accepted.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt in tokens (400 / INVALID_ARGUMENT; default: the context length).")
+    max_output_tokens: int | None = Field(
+        None, ge=1, description="Largest max_tokens (400 / INVALID_ARGUMENT); a request without max_tokens is "
+        "capped to it (default: the rest of the context).")
+    max_n: int = Field(16, ge=1, le=16, description="Most samples per request (n).")
+    max_stop_strings: int = Field(16, ge=0, description="Most stop strings per request.")
+    max_stop_string_length: int = Field(256, ge=1, description="Longest stop string in characters.")
+    max_logit_bias: int = Field(300, ge=0, description="Most logit_bias entries per request.")
+    max_concurrent_requests: int = Field(
+        0, ge=0, description="Requests in flight on this router; more are refused with 429 / RESOURCE_EXHAUSTED "
+        "and Retry-After (0 = unlimited).")
+    max_concurrent_requests_per_key: int = Field(
+        0, ge=0, description="Requests in flight per client key (its bearer token, else its address); more get "
+        "429 / RESOURCE_EXHAUSTED (0 = unlimited).")
     health_check_interval: float = Field(0.5, gt=0, description="Seconds between worker health checks.")
+    health_check_failures: int = Field(
+        2, ge=1, description="Timed-out health checks in a row that take a worker out of rotation (a refused "
+        "connection or NOT_SERVING takes it out at the first check).")
     request_retries: int = Field(1, ge=0, description="Retries on another worker when one fails before output.")
     tool_call_parser: Literal["qwen25", "hermes", "llama3"] | None = Field(
         None, description="Parse tool calls out of the output (tool_choice auto): qwen25/hermes = <tool_call> JSON "
         "(Qwen2.5, Qwen3, Hermes), llama3 = Llama-3 JSON. Forced calls (required / a named tool) need none.")
     reasoning_parser: Literal["deepseek-r1", "qwen3"] | None = Field(
         None, description="Split the <think> part of reasoning models' output into reasoning_content.")
+
+    @model_validator(mode="after")
+    def _check_api_key(self):
+        if self.api_key and self.api_key_file:
+            raise ValueError("api_key and api_key_file: give one")
+        if self.api_key_file and not os.path.isfile(self.api_key_file):
+            raise ValueError(f"api_key_file={self.api_key_file!r}: no such file")
+        return self
 
 
 class EplbPlannerConfig(ServerConfig):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGIT_BIAS = 100.0
@@ -86,8 +87,8 @@ class SamplingParams:
     def validate(self, vocab_size: int | None = None) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens={self.max_tokens!r}: must be an integer > 0")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0")
+        if not math.isfinite(self.temperature) or self.temperature < 0:  # NaN passes a plain `< 0`
+            raise ValueError(f"temperature={self.temperature}: must be a finite number >= 0")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
         if self.top_k == 0 or self.top_k < -1:

@@ -13,6 +13,7 @@ SGLang's regex / ebnf.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -393,8 +394,8 @@ def build_sampling(req: _SamplingFields, prompt_tokens: int, context_length: int
             f"completion). Please reduce the prompt or {max_param}.", param=max_param,
             code="context_length_exceeded")
     temperature = 1.0 if req.temperature is None else req.temperature
-    if temperature < 0:
-        raise bad_request(f"temperature={temperature}: must be >= 0.", param="temperature")
+    if not math.isfinite(temperature) or temperature < 0:  # NaN passes a plain `< 0`
+        raise bad_request(f"temperature={temperature}: must be a finite number >= 0.", param="temperature")
     top_p = 1.0 if req.top_p is None else req.top_p
     if not 0 < top_p <= 1:
         raise bad_request(f"top_p={top_p}: must be in (0, 1].", param="top_p")

@@ -2,6 +2,8 @@
 OpenAI fields in openai_protocol and produces already-valid params)."""
 from __future__ import annotations
 
+import math
+
 from tandem.routing.grammar_check import check_structured
 from tandem.v1 import common_pb2
 
@@ -22,8 +24,8 @@ def check_sampling(sp: common_pb2.SamplingParams, prompt_tokens: int, context_le
     if prompt_tokens + out.max_tokens > context_length:
         raise ValueError(f"prompt ({prompt_tokens}) + max_tokens ({out.max_tokens}) exceeds the context length "
                          f"{context_length}")
-    if out.temperature < 0:
-        raise ValueError(f"temperature={out.temperature}: must be >= 0")
+    if not math.isfinite(out.temperature) or out.temperature < 0:  # NaN passes a plain `< 0`
+        raise ValueError(f"temperature={out.temperature}: must be a finite number >= 0")
     if out.top_p == 0:
         out.top_p = 1.0
     if not 0 < out.top_p <= 1:

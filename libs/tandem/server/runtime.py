@@ -20,7 +20,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, CollectorRegistry
 from tandem.config import ServerConfig
+from tandem.server.auth import AdminInterceptor, BearerCheck, read_secret
 from tandem.server.system_http import SystemHttpServer
+from tandem.server.tls import TlsReloader, tls_files
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,10 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", GRPC_MESSAGE_LIMIT),
     ("grpc.so_reuseport", 0),
 ]
+
+
+# gRPC services that need the admin token (when one is set): profiling and the expert recorder.
+ADMIN_SERVICES = ("tandem.v1.EngineControl",)
 
 
 def service_name(pb2_module, service: str) -> str:
@@ -45,22 +51,38 @@ class ServiceRuntime:
         config: ServerConfig,
         registry: CollectorRegistry | None = None,
         max_workers: int = 128,
+        max_receive_message_bytes: int = GRPC_MESSAGE_LIMIT,
     ) -> None:
         self.name = name
         self.config = config
         self.registry = registry or REGISTRY
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=GRPC_OPTIONS)
+        options = [o for o in GRPC_OPTIONS if o[0] != "grpc.max_receive_message_length"]
+        options.append(("grpc.max_receive_message_length", max_receive_message_bytes))
+        admin_token = read_secret(config, "admin_token")
+        interceptors = ([AdminInterceptor(BearerCheck(admin_token, "admin call"), ADMIN_SERVICES)]
+                        if admin_token else [])
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
+                                  interceptors=interceptors)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        self.tls = tls_files(config)
+        self.tls_reloader = TlsReloader(self.tls) if self.tls else None
+        bind = f"{config.host}:{config.port}"
+        if self.tls_reloader:
+            self.port = self.server.add_secure_port(bind, self.tls_reloader.server_credentials())
+        else:
+            self.port = self.server.add_insecure_port(bind)
         if self.port == 0:
             raise RuntimeError(f"{name}: cannot bind gRPC port {config.host}:{config.port}")
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._shutdown_hooks: list[Callable[[], None]] = []
-        self.system = SystemHttpServer(config.host, config.system_port, self.registry, self._ready.is_set)
+        self.system = SystemHttpServer(config.host, config.system_port, self.registry, self._ready.is_set,
+                                       tls=self.tls, admin_token=admin_token)
+        if self.tls_reloader:
+            self.tls_reloader.on_reload(self.system.reload_tls)
         self.started_at = time.time()
 
     @property
@@ -105,7 +127,8 @@ class ServiceRuntime:
             self.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.start()
         self.system.start()
-        log.info("%s listening: grpc=%s system=http://%s", self.name, self.address, self.system_address)
+        log.info("%s listening: grpc=%s%s system=%s://%s", self.name, self.address, " (TLS)" if self.tls else "",
+                 "https" if self.tls else "http", self.system_address)
 
     def set_ready(self, **extra) -> None:
         for svc in ["", *self._service_names]:
@@ -134,6 +157,10 @@ class ServiceRuntime:
 
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
+        if self.tls_reloader:
+            reloader = self.tls_reloader
+            signal.signal(signal.SIGHUP, lambda _signum, _frame: threading.Thread(
+                target=reloader.reload, name="tls-reload", daemon=True).start())
 
     def request_stop(self) -> None:
         self._stopping.set()

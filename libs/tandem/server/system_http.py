@@ -3,7 +3,10 @@
 Served with the router's HTTP stack (FastAPI on uvicorn), on its own thread and asyncio
 loop, independent of the gRPC server, so metrics stay readable when the service is busy.
 Routes are plain functions ``handler(body: dict) -> (status, json-able body)``; they run in
-a worker thread (a handler may block, e.g. until a profile is written).
+a worker thread (a handler may block, e.g. until a profile is written). Routes added with
+`add_route` are admin routes: with an admin token they need `authorization: Bearer <token>`
+(401 otherwise); /health and /metrics stay open. With TLS files the port serves HTTPS
+(client certificates required when a CA is given).
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from tandem.server.auth import BearerCheck
+from tandem.server.tls import TlsFiles, reload_ssl_context, uvicorn_ssl_options
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +41,42 @@ class SystemHttpServer:
         port: int,
         registry: CollectorRegistry,
         is_healthy: Callable[[], bool],
+        tls: TlsFiles | None = None,
+        admin_token: str | None = None,
     ) -> None:
         self._registry = registry
         self._is_healthy = is_healthy
+        self._tls = tls
+        self._admin = BearerCheck(admin_token, "admin route")
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))  # bound now: the port is known before start()
         self._sock.listen(128)  # and connections queue until the server accepts them
         self.app = self._build_app()
         self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", access_log=False,
-                                                     lifespan="off", timeout_graceful_shutdown=1))
+                                                     lifespan="off", timeout_graceful_shutdown=1,
+                                                     **uvicorn_ssl_options(tls)))
         self._thread = threading.Thread(target=self._serve, name="system-http", daemon=True)
 
     @property
     def port(self) -> int:
         return self._sock.getsockname()[1]
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self._tls else "http"
+
+    def reload_tls(self) -> None:
+        """Load the current certificate files into the serving SSL context (SIGHUP)."""
+        if self._tls is not None and self._server.config.ssl is not None:
+            reload_ssl_context(self._server.config.ssl, self._tls)
+
     def add_route(self, method: str, path: str, handler: RouteHandler) -> None:
         async def endpoint(request: Request) -> JSONResponse:
+            peer = request.client.host if request.client else "?"
+            if not self._admin.allows(request.headers.get("authorization"), peer):
+                return JSONResponse({"error": "admin route: missing or wrong bearer token (--admin-token)"},
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
             body: dict = {}
             raw = await request.body()
             if raw:

@@ -95,7 +95,7 @@ def make_sender(backend: str, buffers: KvBuffers, name: str, model_fingerprint: 
 
 def make_receiver(backend: str, buffers: KvBuffers, name: str, model_fingerprint: str = "",
                   **kwargs) -> KvReceiver:
-    """Decode-side receiver for ``backend``; kwargs: bootstrap_timeout_s,
+    """Decode-side receiver for ``backend``; kwargs: bootstrap_timeout_s, waiting_timeout_s,
     transfer_timeout_s (and the backend's own, e.g. nixl_backends)."""
     return _classes(backend)[1](buffers, name, model_fingerprint, **kwargs)
 

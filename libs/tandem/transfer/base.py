@@ -153,8 +153,11 @@ class Room:
 class KvReceiver:
     """Decode side: owns destination pages, tracks rooms until Success/Failed.
 
-    ``bootstrap_timeout_s``: how long a room may stay Bootstrapping; ``transfer_timeout_s``:
-    how long WaitingForInput/Transferring may last without finishing. ``None`` disables.
+    ``bootstrap_timeout_s``: how long a room may stay Bootstrapping (until its pages are
+    allocated); ``waiting_timeout_s``: how long it may stay WaitingForInput (allocated, nothing
+    of the sender arrived yet: prefill queued, stalled or gone); ``transfer_timeout_s``: how long
+    Transferring may last from the first data to the end. ``None`` disables. SGLang's
+    DISAGGREGATION_BOOTSTRAP_TIMEOUT / WAITING_TIMEOUT and the transfer timeout.
     Timeouts are applied when rooms are polled. Thread-safe: one lock guards the room table.
     """
 
@@ -168,12 +171,14 @@ class KvReceiver:
         model_fingerprint: str = "",
         bootstrap_timeout_s: float | None = 300.0,
         transfer_timeout_s: float | None = 300.0,
+        waiting_timeout_s: float | None = 300.0,
     ):
         self.buffers = buffers
         self.name = name
         self.layout = build_layout(buffers, model_fingerprint)
         self.bootstrap_timeout_s = bootstrap_timeout_s
         self.transfer_timeout_s = transfer_timeout_s
+        self.waiting_timeout_s = waiting_timeout_s
         self._rooms: dict[int, Room] = {}
         self._forgotten: OrderedDict[int, None] = OrderedDict()  # recently forgotten rooms, oldest first
         self._lock = threading.RLock()
@@ -399,7 +404,12 @@ class KvReceiver:
             if now - r.since > self.bootstrap_timeout_s:
                 self._fail(r, TransferFailure(r.room, FailureReason.TIMEOUT,
                                               f"bootstrap timed out after {self.bootstrap_timeout_s:g} s"))
-        elif r.state in (KVPoll.WaitingForInput, KVPoll.Transferring):
+        elif r.state is KVPoll.WaitingForInput and self.waiting_timeout_s is not None:
+            if now - r.since > self.waiting_timeout_s:
+                self._fail(r, TransferFailure(r.room, FailureReason.TIMEOUT, (
+                    f"waiting for KV timed out after {self.waiting_timeout_s:g} s: the pages were allocated "
+                    "but nothing of the sender arrived")))
+        elif r.state is KVPoll.Transferring:
             if self.transfer_timeout_s is not None and now - r.since > self.transfer_timeout_s:
                 self._fail(r, TransferFailure(r.room, FailureReason.TIMEOUT, (
                     f"KV transfer timed out after {self.transfer_timeout_s:g} s "
@@ -412,15 +422,21 @@ class KvReceiver:
         r.bytes_received += nbytes
         if is_last:
             r.num_chunks = chunk + 1
-        r.state = KVPoll.Transferring
+        self._transferring(r)
         self._maybe_done(r)
 
     def _aux_arrived(self, r: Room) -> None:
         if r.state not in (KVPoll.WaitingForInput, KVPoll.Transferring):
             return
         r.aux_done = True
-        r.state = KVPoll.Transferring
+        self._transferring(r)
         self._maybe_done(r)
+
+    @staticmethod
+    def _transferring(r: Room) -> None:
+        """First data of the room: the waiting timeout ends, the transfer timeout starts."""
+        if r.state is KVPoll.WaitingForInput:
+            r.state, r.since = KVPoll.Transferring, time.monotonic()
 
     def _write_aux(self, r: Room, row: bytes) -> None:
         if len(row) > self.buffers.aux_slot_bytes:

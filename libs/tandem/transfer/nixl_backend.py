@@ -323,8 +323,8 @@ class NixlKvReceiver(KvReceiver):
 
     def __init__(self, buffers: KvBuffers, name: str, model_fingerprint: str = "",
                  bootstrap_timeout_s: float | None = 300.0, transfer_timeout_s: float | None = 300.0,
-                 **agent_options):
-        super().__init__(buffers, name, model_fingerprint, bootstrap_timeout_s, transfer_timeout_s)
+                 waiting_timeout_s: float | None = 300.0, **agent_options):
+        super().__init__(buffers, name, model_fingerprint, bootstrap_timeout_s, transfer_timeout_s, waiting_timeout_s)
         self._nixl = _Agent(name, buffers, self._lock, **agent_options)
         self.agent = self._nixl.agent
         # Notifications that arrived before expect(), oldest first.

@@ -57,6 +57,18 @@ class DecodeWorker(WorkerBase):
         self.remote = remote
         self.local_prefills = 0
 
+    def _admit(self) -> None:
+        """Bounded queue: beyond the running batch plus --max-queued-requests, refuse at once
+        (RESOURCE_EXHAUSTED: the router tries another worker, then answers 429)."""
+        bound = self.config.max_queued_requests
+        if bound is None:
+            return
+        in_flight = self.loop.num_streams
+        if in_flight >= self.config.max_running_requests + bound:
+            raise RequestFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"worker overloaded: {in_flight} requests in flight (--max-running-requests "
+                                f"{self.config.max_running_requests} + --max-queued-requests {bound})")
+
     @property
     def disaggregated(self) -> bool:
         return self.config.disaggregation_mode == "decode"
@@ -84,6 +96,7 @@ class DecodeWorker(WorkerBase):
             self.loop.validate(ids, sp)  # a bad request never reaches a prefill worker
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        self._admit()
         cancel = _Cancel()
         if local:
             stream = self._submit_local(rid, ids, sp)

@@ -18,7 +18,9 @@ from tandem.eplb.engine_hook import EplbEngineHook, find_moe_layers
 from tandem.eplb.placement import ExpertLocation
 from tandem.eplb.plans import plan_from_proto
 from tandem.eplb.recorder import ExpertDistributionRecorder
+from tandem.server.channels import open_channel
 from tandem.server.system_http import SystemHttpServer
+from tandem.server.tls import TlsFiles
 from tandem.v1 import eplb_pb2, eplb_pb2_grpc
 from tandem.worker.engine_loop import EngineLoop, LoopHook
 
@@ -160,8 +162,8 @@ class WorkerEplb:
         log.info("applied EPLB plan v%s: %d expert copies", self.plan_version, copies)
 
     # ---- planner client ---------------------------------------------------------------------
-    def start_planner_client(self, address: str, report_interval_s: float = 1.0) -> None:
-        self._channel = grpc.insecure_channel(address)
+    def start_planner_client(self, address: str, report_interval_s: float = 1.0, tls: TlsFiles | None = None) -> None:
+        self._channel = open_channel(address, tls)
         self._stub = eplb_pb2_grpc.EplbPlannerStub(self._channel)
         for target, name in ((self._watch, "eplb-watch"), (self._report, "eplb-report")):
             t = threading.Thread(target=target, args=(report_interval_s,), name=name, daemon=True)

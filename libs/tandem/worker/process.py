@@ -17,6 +17,7 @@ from tandem.engine.engine import EngineCore
 from tandem.metrics import ComponentMetrics, EngineMetrics, MetricsPublisher, default_stats_endpoint
 from tandem.server import ServiceRuntime, service_name
 from tandem.transfer import KvBuffers
+from tandem.transfer.ucx_binding import bind_ucx_to_host
 from tandem.v1 import engine_control_pb2, engine_control_pb2_grpc
 from tandem.worker.control import EngineControlServicer, add_profile_routes
 from tandem.worker.engine_loop import EngineLoop, LoopHook, wait_until
@@ -98,6 +99,8 @@ class WorkerProcess:
 
 def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> WorkerProcess:
     runtime = ServiceRuntime(kind, config)
+    if getattr(config, "disaggregation_transfer_backend", None) == "nixl":
+        bind_ucx_to_host(config.advertise_host or config.host)  # before any NIXL agent starts
     if config.torch_num_threads:
         torch.set_num_threads(config.torch_num_threads)
     t0 = time.time()
@@ -138,7 +141,7 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
         eplb = WorkerEplb(config, loop, worker_id, ep=ep)
         eplb.add_routes(runtime.system)
         if config.enable_eplb and config.eplb_planner_address:
-            eplb.start_planner_client(config.eplb_planner_address)
+            eplb.start_planner_client(config.eplb_planner_address, tls=runtime.tls)
         runtime.on_shutdown(eplb.close)
     ctl = service_name(engine_control_pb2, "EngineControl")
     runtime.add_service(engine_control_pb2_grpc.add_EngineControlServicer_to_server,

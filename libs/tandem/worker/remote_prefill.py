@@ -41,7 +41,8 @@ from tandem.engine.sampling_params import SamplingParams
 from tandem.routing.kv_events import follow_kv_events
 from tandem.routing.kv_index import KvIndex
 from tandem.routing.policies import WorkerView, make_policy
-from tandem.server.runtime import GRPC_OPTIONS
+from tandem.server.channels import open_channel
+from tandem.server.tls import TlsFiles, tls_files
 from tandem.transfer import AuxRow, FailureReason, KVPoll, KvReceiver, TransferDone, TransferFailure, new_room_id
 from tandem.v1 import prefill_pb2, prefill_pb2_grpc
 from tandem.worker.convert import sampling_to_proto
@@ -114,8 +115,8 @@ class PrefillPeer:
         self.agent_name: str | None = None
         self._register_lock: asyncio.Lock | None = None
 
-    def connect(self) -> None:
-        self.channel = grpc.aio.insecure_channel(self.address, options=GRPC_OPTIONS)
+    def connect(self, tls: TlsFiles | None = None) -> None:
+        self.channel = open_channel(self.address, tls, aio=True)
         self.stub = prefill_pb2_grpc.PrefillStub(self.channel)
         self._register_lock = asyncio.Lock()
 
@@ -239,7 +240,7 @@ class RemotePrefill:
             log.info("prefill workers: %s (added %s, removed %s)", wanted or "none", added or "-", gone or "-")
 
     def _connect(self, peer: PrefillPeer) -> PrefillPeer:
-        peer.connect()
+        peer.connect(tls_files(self.config))
         if self.config.prefill_selection == "kv_aware":
             self._followers[peer.address] = self._aio.create_task(
                 follow_kv_events(peer.stub.KvEvents, self.index, peer.address), name=f"kv-events {peer.address}")
@@ -347,7 +348,8 @@ class RemotePrefill:
             alloc = await self._allocate(att, ids, sp)
             t_alloc = time.monotonic()
             rx.expect(room, alloc.page_indices, alloc.aux_slot, peer=agent)
-            call = peer.stub.Prefill(timeout=cfg.disaggregation_bootstrap_timeout + cfg.disaggregation_transfer_timeout)
+            call = peer.stub.Prefill(timeout=cfg.disaggregation_bootstrap_timeout + cfg.disaggregation_waiting_timeout
+                                     + cfg.disaggregation_transfer_timeout)
             await call.write(prefill_pb2.PrefillClientMessage(start=prefill_pb2.PrefillStart(
                 request_id=rid, decode_id=self.worker_id, input_ids=ids, sampling=sampling_to_proto(sp), room=room)))
             await call.write(prefill_pb2.PrefillClientMessage(allocation=prefill_pb2.PageAllocation(

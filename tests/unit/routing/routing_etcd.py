@@ -20,13 +20,23 @@ def _free_port() -> int:
 
 class EtcdServer:
     def __init__(self, data_dir: str) -> None:
-        binary = ensure_tool("etcd")
-        self.client_port, peer = _free_port(), _free_port()
+        self.binary = ensure_tool("etcd")
+        self.client_port, self.peer_port = _free_port(), _free_port()
         self.endpoint = f"http://127.0.0.1:{self.client_port}"
+        self.data_dir = data_dir
         self.log_path = os.path.join(data_dir, "etcd.log")
-        self._log = open(self.log_path, "w")
+        self._start(os.path.join(data_dir, "data"))
+
+    def restart(self, wipe: bool = False) -> None:
+        """Start again on the same ports (after stop()); `wipe`: with an empty data dir, every
+        key and lease gone, as a replaced etcd."""
+        self._start(os.path.join(self.data_dir, f"data-{time.monotonic_ns()}" if wipe else "data"))
+
+    def _start(self, data: str) -> None:
+        binary, peer = self.binary, self.peer_port
+        self._log = open(self.log_path, "a")
         self.proc = subprocess.Popen([
-            binary, "--name", "test", "--data-dir", os.path.join(data_dir, "data"),
+            binary, "--name", "test", "--data-dir", data,
             "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",

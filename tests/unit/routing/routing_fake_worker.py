@@ -21,6 +21,7 @@ class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
         self.delay = delay
         self.fail_code = None  # abort Generate with this code before any output
         self.end_aborted = False  # end the stream at once with finish_reason ABORT and no tokens
+        self.gate = None  # a threading.Event: Generate waits for it before the first token
         self.requests = []
         self.cancelled = []
         self.finished = []
@@ -41,6 +42,8 @@ class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
                 self._events.append(common_pb2.KvEvent(stored=common_pb2.BlockStored(
                     block_hashes=hashes, token_ids=request.input_ids[:n], block_size=self.block_size)))
                 self._cv.notify_all()
+        if self.gate is not None:
+            self.gate.wait(30)
         if self.end_aborted:
             self.finished.append(request.request_id)
             yield common_pb2.TokenChunk(request_id=request.request_id, finish_reason=common_pb2.FINISH_REASON_ABORT)
@@ -78,13 +81,14 @@ class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
 
 
 class FakeWorker:
-    def __init__(self, reply_ids, **kw):
+    def __init__(self, reply_ids, server_credentials=None, **kw):
         self.servicer = ScriptedDecode(reply_ids, **kw)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         decode_pb2_grpc.add_DecodeServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.port = (self.server.add_secure_port("127.0.0.1:0", server_credentials) if server_credentials
+                     else self.server.add_insecure_port("127.0.0.1:0"))
         self.address = f"127.0.0.1:{self.port}"
         self.server.start()
         self.set_serving(True)

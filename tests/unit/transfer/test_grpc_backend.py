@@ -112,15 +112,16 @@ def test_room_incomplete_until_every_layer_arrived(pair):
 
 
 def test_timeouts_are_typed_and_fail_once():
-    rx = GrpcKvReceiver(make_buffers(), "d", bootstrap_timeout_s=0.01, transfer_timeout_s=0.01)
+    rx = GrpcKvReceiver(make_buffers(), "d", bootstrap_timeout_s=0.01, waiting_timeout_s=0.01)
     rx.bootstrap(1)
     rx.expect(2, [0], 0)
     time.sleep(0.03)
     states = rx.poll_all()
     assert states == {1: KVPoll.Failed, 2: KVPoll.Failed}
     assert rx.failure(1).reason is FailureReason.TIMEOUT and "bootstrap timed out" in rx.failure(1).message
-    assert rx.failure(2).reason is FailureReason.TIMEOUT and "KV transfer timed out" in rx.failure(2).message
-    rx2 = GrpcKvReceiver(make_buffers(), "d", bootstrap_timeout_s=None, transfer_timeout_s=None)
+    assert rx.failure(2).reason is FailureReason.TIMEOUT and "waiting for KV timed out" in rx.failure(2).message
+    rx2 = GrpcKvReceiver(make_buffers(), "d", bootstrap_timeout_s=None, transfer_timeout_s=None,
+                         waiting_timeout_s=None)
     rx2.expect(3, [0], 0)
     rx2.fail(3, FailureReason.BACKEND_ERROR, "prefill died")
     rx2.fail(3, FailureReason.TIMEOUT, "later")  # the first failure stays
@@ -154,3 +155,28 @@ def test_bfloat16_pages_survive_bytes():
     assert rx.poll(1) is KVPoll.Success
     assert page_bytes(db, [3, 0]) == page_bytes(pb, [1, 2])
     assert np.array_equal(db.k[0][3].view(torch.int16).numpy(), pb.k[0][1].view(torch.int16).numpy())
+
+
+def test_each_state_has_its_own_timeout():
+    """Bootstrapping -> bootstrap timeout; WaitingForInput (allocated, nothing arrived) -> waiting
+    timeout; Transferring -> transfer timeout counted from the first data, not from the allocation."""
+    pb = make_buffers(num_pages=16, page_size=4, seed=3)
+    tx = GrpcKvSender(pb, "p", "m")
+    rx = GrpcKvReceiver(make_buffers(num_pages=16, page_size=4), "d", "m", bootstrap_timeout_s=30,
+                        waiting_timeout_s=0.05, transfer_timeout_s=1.0)
+    tx.add_peer(rx.registration())
+    rx.bootstrap(1)
+    rx.expect(1, [0], 0)  # waits, nothing comes
+    rx.bootstrap(2)
+    rx.expect(2, [1], 1)
+    rx.bootstrap(3)  # never allocated: the 30 s bootstrap timeout is far
+    time.sleep(0.03)
+    deliver(rx, [tx.send_aux(2, "d", 1, AuxRow.one(2, 1))])  # room 2's first data, within its wait
+    assert rx.poll(2) is KVPoll.Transferring
+    time.sleep(0.05)
+    states = rx.poll_all()
+    assert states == {1: KVPoll.Failed, 2: KVPoll.Transferring, 3: KVPoll.Bootstrapping}, states
+    assert rx.failure(1).reason is FailureReason.TIMEOUT and "waiting for KV timed out" in rx.failure(1).message
+    time.sleep(1.0)
+    assert rx.poll(2) is KVPoll.Failed and "KV transfer timed out" in rx.failure(2).message
+    assert rx.poll(3) is KVPoll.Bootstrapping

@@ -22,6 +22,7 @@ def main(argv=None) -> None:
         receiver = make_receiver(config.disaggregation_transfer_backend, wp.kv_buffers(), name=wp.runtime.worker_id,
                                  model_fingerprint=wp.fingerprint,
                                  bootstrap_timeout_s=config.disaggregation_bootstrap_timeout,
+                                 waiting_timeout_s=config.disaggregation_waiting_timeout,
                                  transfer_timeout_s=config.disaggregation_transfer_timeout)
         follow_etcd = config.prefill_discovery == "etcd"
         remote = RemotePrefill(config, wp.loop, receiver, wp.runtime.worker_id, wp.reporter, dynamic=follow_etcd)

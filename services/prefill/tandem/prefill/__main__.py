@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     if config.node_rank == 0:
         def warmup():
             chunk = min(wp.loop.info.chunked_prefill_size, wp.loop.info.context_length - 1)
-            warmup_prefill(wp.runtime.address, config.warmup_timeout, full_chunk_tokens=chunk)
+            warmup_prefill(wp.runtime.address, config.warmup_timeout, full_chunk_tokens=chunk, tls=wp.runtime.tls)
 
     wp.serve(warmup, role="prefill")
 

@@ -26,6 +26,7 @@ from tandem.router.http_api import build_http_app
 from tandem.router.metrics import RouterMetrics
 from tandem.routing.grammar_check import warm as warm_grammar_check
 from tandem.routing.tokenizer import RouterTokenizer
+from tandem.server.tls import TlsReloader, reload_ssl_context, uvicorn_ssl_options
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,13 @@ class RouterApp:
         self._server: uvicorn.Server | None = None
         self._sock: socket.socket | None = None
         self.http_port: int | None = None
+
+    def reload_tls_on(self, reloader: TlsReloader) -> None:
+        """The OpenAI port's certificate follows the process's reloads (SIGHUP)."""
+        def reload() -> None:
+            if self._server is not None and self._server.config.ssl is not None:
+                reload_ssl_context(self._server.config.ssl, reloader.tls)
+        reloader.on_reload(reload)
 
     @property
     def http_address(self) -> str:
@@ -72,7 +80,7 @@ class RouterApp:
         started = threading.Event()
         errors: list[BaseException] = []
         uv_config = uvicorn.Config(build_http_app(self.core, self.registry), log_level="warning", access_log=False,
-                                   timeout_graceful_shutdown=2, lifespan="off")
+                                   timeout_graceful_shutdown=2, lifespan="off", **uvicorn_ssl_options(self.core.tls))
         self._server = uvicorn.Server(uv_config)
 
         async def main() -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from tandem.config import RouterConfig
+from tandem.router.admission import Admission, Overloaded
 from tandem.router.metrics import RouterMetrics
 from tandem.router.workers import Worker, WorkerPool
 from tandem.routing.detokenizer import TextStream
@@ -38,6 +39,8 @@ from tandem.routing.policies import Decision, KvAwarePolicy, make_policy
 from tandem.routing.reasoning import ReasoningParser
 from tandem.routing.tokenizer import RouterTokenizer
 from tandem.routing.tool_parsers import ForcedToolParser, ToolCall, make_parser
+from tandem.server.auth import BearerCheck, read_secret
+from tandem.server.tls import tls_files
 from tandem.v1 import common_pb2, decode_pb2
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,7 @@ class Prepared:
     reasoning_parser: str | None = None  # split <think> text into Delta.reasoning
     tool_parser: str | None = None  # a parser name, "required" or "named:<fn>" (forced calls)
     prefill_local: bool = False  # samples 1..n-1: the worker holds the prompt's pages already
+    client_key: str = ""  # who sent it (bearer token or address): the per-key concurrency limit
 
     def sample(self, i: int) -> Prepared:
         """The request of sample i (its own request id, seed and routing decision)."""
@@ -156,6 +160,9 @@ class RouterCore:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.model_name = model_name
+        self.api_key = BearerCheck(read_secret(config, "api_key"), "API request")
+        self.tls = tls_files(config)
+        self.admission = Admission(config.max_concurrent_requests, config.max_concurrent_requests_per_key)
         self.index = KvIndex() if config.routing_policy == "kv_aware" else None
         self.policy = make_policy(config.routing_policy, self.index, config.kv_overlap_weight,
                                   host_hit_weight=config.kv_host_hit_weight)
@@ -168,7 +175,8 @@ class RouterCore:
         def on_health(w: Worker, ok: bool) -> None:
             self.metrics.worker_healthy.labels(self.model_name, w.worker_id).set(1 if ok else 0)
 
-        self.pool = WorkerPool(self.config.health_check_interval, self.index, on_health)
+        self.pool = WorkerPool(self.config.health_check_interval, self.index, on_health, tls=self.tls,
+                               max_missed_checks=self.config.health_check_failures)
         if self.config.discovery == "static":
             await self.pool.set_workers(static_worker_infos(self.config.workers))
         else:
@@ -287,7 +295,19 @@ class RouterCore:
             log.warning("request %s: %s; retrying on another worker", prep.request_id, error.message)
 
     async def run(self, prep: Prepared, timeout: float | None = None) -> AsyncIterator[Delta]:
-        """Deltas of a request's samples (detokenized, stop strings applied, parsed), merged."""
+        """Deltas of a request's samples (detokenized, stop strings applied, parsed), merged; a
+        request over the concurrency limits ends at once with RESOURCE_EXHAUSTED."""
+        try:
+            release = self.admission.admit(prep.client_key)
+        except Overloaded as e:
+            raise RouterError(e.code, e.message) from None
+        try:
+            async for d in self._run(prep, timeout):
+                yield d
+        finally:
+            release()
+
+    async def _run(self, prep: Prepared, timeout: float | None) -> AsyncIterator[Delta]:
         deadline = None if timeout is None else time.monotonic() + timeout
         if prep.n <= 1:
             async for d in self._run_sample(prep.sample(0), 0, deadline):

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import grpc
 from tandem.router.core import Prepared, RouterCore, RouterError
+from tandem.routing.limits import RequestLimits
 from tandem.routing.openai_protocol import MAX_N, OpenAIError
 from tandem.routing.sampling import check_sampling
 from tandem.routing.tool_parsers import Tool, check_tool_name, forced_schema
@@ -34,6 +35,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, core: RouterCore, loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
         self.core = core
         self.loop = loop
+        self.limits = RequestLimits.from_config(core.config)
 
     def _prepare(self, request: router_pb2.RouterGenerateRequest, context) -> Prepared:
         core = self.core
@@ -69,6 +71,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             if tools and kind != "chat":
                 raise ValueError("tools: only for chat prompts")
             sampling = check_sampling(request.sampling, len(ids), tok.context_length)
+            self.limits.check(len(ids), sampling, n, max_tokens_given=request.sampling.max_tokens > 0)
             if request.echo and sampling.logprobs and not sampling.HasField("prompt_logprobs"):
                 sampling.prompt_logprobs = sampling.top_logprobs  # echo + logprobs: the prompt's too
             if forced is not None:
@@ -81,9 +84,14 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rid = request.request_id or f"router-{uuid.uuid4().hex}"
         return Prepared(rid, ids, sampling, "grpc_generate:stream", n=n, echo_text=echo,
-                        reasoning_parser=cfg.reasoning_parser if kind == "chat" else None, tool_parser=tool_parser)
+                        reasoning_parser=cfg.reasoning_parser if kind == "chat" else None, tool_parser=tool_parser,
+                        client_key=client_key(context))
 
     def Generate(self, request, context):
+        authorization = dict(context.invocation_metadata()).get("authorization")
+        if not self.core.api_key.allows(authorization, peer_host(context.peer())):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "incorrect or missing API key: send 'authorization: Bearer <key>' metadata")
         prep = self._prepare(request, context)
         q: queue.SimpleQueue = queue.SimpleQueue()
         timeout = context.time_remaining()
@@ -129,6 +137,19 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
         workers = asyncio.run_coroutine_threadsafe(snapshot(), self.loop()).result(timeout=5)
         return router_pb2.ListWorkersResponse(workers=workers, policy=self.core.config.routing_policy)
+
+
+def client_key(context) -> str:
+    """Whom the per-key concurrency limit counts: the bearer token, else the peer's host."""
+    scheme, _, token = (dict(context.invocation_metadata()).get("authorization") or "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return "key:" + token.strip()
+    return "addr:" + peer_host(context.peer()).split(":", 1)[-1]
+
+
+def peer_host(peer: str) -> str:
+    """'ipv4:127.0.0.1:5000' -> 'ipv4:127.0.0.1' (one log line per host, not per connection)."""
+    return peer.rsplit(":", 1)[0] if peer.count(":") > 1 else peer
 
 
 def _message(m: router_pb2.ChatMessage) -> dict:

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tandem.router.core import Delta, NoHealthyWorker, Prepared, RouterCore, RouterError
 from tandem.routing import openai_protocol as oa
+from tandem.routing.limits import LimitExceeded, RequestLimits
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ _HTTP_STATUS = {
     grpc.StatusCode.OUT_OF_RANGE: 400,
     grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 503,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.CANCELLED: 499,
@@ -39,6 +40,8 @@ def router_error_to_openai(e: RouterError) -> oa.OpenAIError:
     if isinstance(e, NoHealthyWorker):
         return oa.unavailable(e.message)
     status = _HTTP_STATUS.get(e.code, 500)
+    if status == 429:
+        return oa.OpenAIError(429, e.message, "rate_limit_error", None, "rate_limit_exceeded", {"Retry-After": "1"})
     if status == 503:
         return oa.unavailable(e.message)
     if status == 400:
@@ -49,6 +52,33 @@ def router_error_to_openai(e: RouterError) -> oa.OpenAIError:
 
 def _sse(obj) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    parts, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _too_large(limit: int) -> oa.OpenAIError:
+    return oa.OpenAIError(413, f"request body larger than {limit} bytes (--max-request-bytes)",
+                          "invalid_request_error", None, "request_too_large")
+
+
+def client_key(request: Request) -> str:
+    """Whom the per-key concurrency limit counts: the bearer token, else the client address."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return "key:" + token.strip()
+    return "addr:" + (request.client.host if request.client else "?")
 
 
 async def _until_disconnect(request: Request, coro):
@@ -92,12 +122,8 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
         return JSONResponse(err.body(), status_code=500)
 
     def check_auth(request: Request) -> None:
-        key = core.config.api_key
-        if not key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or token.strip() != key:
+        peer = request.client.host if request.client else "?"
+        if not core.api_key.allows(request.headers.get("authorization"), peer):
             raise oa.unauthorized()
 
     def check_model(name: str) -> None:
@@ -127,6 +153,7 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
         return oa.models_body(model_name, created)["data"][0]
 
     cfg = core.config
+    limits = RequestLimits.from_config(cfg)
 
     def prepare(kind: str, req, request: Request) -> Prepared:
         check_model(req.model)
@@ -153,6 +180,12 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
             op = "chat_template"
         core.metrics.frontend.observe_tokenizer_ms(op, (time.perf_counter() - t0) * 1e3)
         sampling = oa.build_sampling(req, len(ids), tok.context_length, default_max)
+        try:
+            limits.check(len(ids), sampling, req.n or 1,
+                         max_tokens_given=req.max_tokens is not None
+                         or getattr(req, "max_completion_tokens", None) is not None)
+        except LimitExceeded as e:
+            raise oa.bad_request(str(e), param=e.param) from None
         structured = oa.structured_output(req, plan)
         if structured is not None:
             sampling.structured.CopyFrom(structured)
@@ -168,11 +201,12 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
         elif plan is not None and plan.choice == "named":
             tool_parser = f"named:{plan.named}"
         return Prepared(rid, ids, sampling, endpoint, skip, n=req.n or 1, echo_text=echo_text,
-                        reasoning_parser=cfg.reasoning_parser if kind == "chat" else None, tool_parser=tool_parser)
+                        reasoning_parser=cfg.reasoning_parser if kind == "chat" else None, tool_parser=tool_parser,
+                        client_key=client_key(request))
 
     async def handle(kind: str, request: Request):
         check_auth(request)
-        req = oa.parse_request(kind, await request.body())
+        req = oa.parse_request(kind, await read_body(request, cfg.max_request_bytes))
         prep = prepare(kind, req, request)
         deltas = core_run(prep)
         headers = {"X-Request-Id": prep.request_id}

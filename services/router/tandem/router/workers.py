@@ -1,10 +1,11 @@
 """The router's view of its workers: gRPC channels, health checks, load polling and the
 KV-event subscription that feeds the KV index (tandem.routing.kv_events).
 
-Everything here runs on the router's asyncio loop. A worker is taken out of rotation when one
-health check fails or times out (timeout <= health_check_interval, so a dead worker is out
-within about two intervals, well under 2 s at the default 0.5 s) or when a request to it fails
-with UNAVAILABLE, and comes back on the first SERVING answer.
+Everything here runs on the router's asyncio loop. A worker is taken out of rotation when a
+health check is refused or answers NOT_SERVING, after --health-check-failures checks in a row
+time out (timeout <= health_check_interval), or when a request to it fails with UNAVAILABLE
+(which health-checks it at once), and comes back on the first SERVING answer. Each change is
+kept in the worker's `health_events` (up/down, with the consecutive failures that led to it).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tandem.routing.kv_events import follow_kv_events
 from tandem.routing.kv_index import KvIndex
 from tandem.routing.policies import WorkerView
+from tandem.server.channels import open_channel
+from tandem.server.tls import TlsFiles
 from tandem.v1 import common_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -33,16 +36,22 @@ CHANNEL_OPTIONS = [
 
 
 class Worker:
-    def __init__(self, info: common_pb2.WorkerInfo) -> None:
+    def __init__(self, info: common_pb2.WorkerInfo, tls: TlsFiles | None = None) -> None:
         self.info = common_pb2.WorkerInfo()
         self.info.CopyFrom(info)
         self.worker_id = info.worker_id or info.address
         self.address = info.address
-        self.channel = grpc.aio.insecure_channel(info.address, options=CHANNEL_OPTIONS)
+        # With mTLS, a worker whose certificate does not chain to the CA never passes a health
+        # check (its handshake fails), so it never gets a request.
+        self.channel = open_channel(info.address, tls, CHANNEL_OPTIONS, aio=True)
         self.decode = decode_pb2_grpc.DecodeStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.healthy = False
         self.missed_checks = 0  # consecutive health checks that timed out
+        self.checks = 0  # health checks answered or failed, since added
+        self.failed_checks = 0  # of those, failed (refused, TLS handshake, NOT_SERVING, timeout)
+        self.consecutive_failures = 0
+        self.health_events: list[tuple[str, int]] = []  # ("up" | "down", consecutive failed checks then)
         self.load: common_pb2.WorkerLoad | None = None
         self.active_requests = 0
         self.active_blocks = 0
@@ -78,7 +87,10 @@ class Worker:
 
 class WorkerPool:
     def __init__(self, health_interval: float, index: KvIndex | None = None,
-                 on_health: Callable[[Worker, bool], None] | None = None) -> None:
+                 on_health: Callable[[Worker, bool], None] | None = None, tls: TlsFiles | None = None,
+                 max_missed_checks: int = 2) -> None:
+        self.tls = tls
+        self.max_missed_checks = max_missed_checks
         self.health_interval = health_interval
         self.check_timeout = min(1.0, max(0.2, health_interval))
         self.index = index
@@ -100,7 +112,7 @@ class WorkerPool:
                 self.add(info)
 
     def add(self, info: common_pb2.WorkerInfo) -> Worker:
-        w = Worker(info)
+        w = Worker(info, self.tls)
         if w.worker_id in self.workers:
             raise ValueError(f"worker {w.worker_id} already known")
         self.workers[w.worker_id] = w
@@ -130,6 +142,7 @@ class WorkerPool:
         if w.healthy == ok:
             return
         w.healthy = ok
+        w.health_events.append(("up" if ok else "down", w.consecutive_failures))
         if ok:
             log.info("worker %s healthy", w.worker_id)
             self.changed.set()
@@ -145,11 +158,17 @@ class WorkerPool:
         except grpc.aio.AioRpcError as e:
             ok, reason = False, f"{e.code().name}: {e.details()}"
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and w.healthy:
-                # A busy worker may miss one deadline: take it out on the second miss in a
-                # row. A refused connection or NOT_SERVING takes it out at once.
+                # A busy worker may miss a deadline: take it out after --health-check-failures
+                # misses in a row. A refused connection or NOT_SERVING takes it out at once.
                 w.missed_checks += 1
-                if w.missed_checks < 2:
+                if w.missed_checks < self.max_missed_checks:
+                    w.checks += 1
+                    w.failed_checks += 1
+                    w.consecutive_failures += 1
                     return True
+        w.checks += 1
+        w.failed_checks += not ok
+        w.consecutive_failures = 0 if ok else w.consecutive_failures + 1
         if ok or not reason.startswith("DEADLINE_EXCEEDED"):
             w.missed_checks = 0
         if ok:

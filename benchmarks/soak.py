@@ -1,0 +1,227 @@
+"""Soak: the deploy-local stack under mixed load for a given time, memory and KV sampled.
+
+    .venv/bin/python benchmarks/soak.py --duration 600          # 10 minutes (the default)
+    .venv/bin/python benchmarks/soak.py --duration 180 --concurrency 4 --mode disagg
+
+Load (closed loop, `--concurrency` clients): streaming chat, streams cancelled after a few
+events, long prompts, plain completions and bad requests (which must get a 4xx). Every
+`--sample-interval` seconds it records each process's RSS and the KV pages in use on every
+worker. Afterwards it waits for the KV pages to return to the idle baseline.
+
+Targets (printed, met or not, and written to the result file with commit, machine and command
+line): 0 unexpected errors; RSS slope over the last 80% of the run below 1 MiB/min per process;
+KV pages in use back to the idle baseline after the load stops.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tandem.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc  # noqa: E402
+
+from benchmarks.common.deploy import deployed, stack_config  # noqa: E402
+from benchmarks.common.results import REPO, git_info, machine_info, timestamp, write_json  # noqa: E402
+
+SLOPE_TARGET_MIB_PER_MIN = 1.0
+WORDS = ("the quick brown fox jumps over the lazy dog while tandem routes every request to a "
+         "worker and moves pages between prefill and decode").split()
+
+
+def rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def pages_in_use(address: str, kind: str) -> int | None:
+    try:
+        with grpc.insecure_channel(address) as ch:
+            stub = decode_pb2_grpc.DecodeStub(ch) if kind == "decode" else prefill_pb2_grpc.PrefillStub(ch)
+            w = stub.GetLoad(common_pb2.GetLoadRequest(), timeout=5)
+        return w.total_pages - w.free_pages - w.evictable_pages
+    except grpc.RpcError:
+        return None
+
+
+def slope_mib_per_min(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (seconds, MiB) over the last 80% of the run, in MiB per minute."""
+    if len(points) < 3:
+        return None
+    t_end = points[-1][0]
+    t0 = points[0][0] + 0.2 * (t_end - points[0][0])
+    pts = [(t, v) for t, v in points if t >= t0]
+    n = len(pts)
+    if n < 2:
+        return None
+    mt, mv = sum(t for t, _ in pts) / n, sum(v for _, v in pts) / n
+    den = sum((t - mt) ** 2 for t, _ in pts)
+    return None if den == 0 else 60.0 * sum((t - mt) * (v - mv) for t, v in pts) / den
+
+
+class Sampler(threading.Thread):
+    def __init__(self, stack, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.stack, self.interval = stack, interval
+        self.rss: dict[str, list[tuple[float, float]]] = {}
+        self.kv: dict[str, list[tuple[float, int]]] = {}
+        self.stop_event = threading.Event()
+        self.t0 = time.monotonic()
+
+    def sample(self) -> None:
+        now = time.monotonic() - self.t0
+        for rp in self.stack.running:
+            v = rss_mib(rp.proc.pid)
+            if v is not None:
+                self.rss.setdefault(rp.spec.name, []).append((now, v))
+            if rp.spec.kind in ("decode", "prefill"):
+                used = pages_in_use(rp.spec.grpc, rp.spec.kind)
+                if used is not None:
+                    self.kv.setdefault(rp.spec.name, []).append((now, used))
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            self.sample()
+
+
+class Load:
+    KINDS = ("stream", "cancel", "long", "plain", "bad")
+
+    def __init__(self, url: str, model: str, seed: int) -> None:
+        self.url, self.model, self.rng = url, model, random.Random(seed)
+        self.ok = dict.fromkeys(self.KINDS, 0)
+        self.expected_errors = 0
+        self.unexpected: list[str] = []
+
+    def _prompt(self, words: int) -> str:
+        return " ".join(self.rng.choice(WORDS) for _ in range(words))
+
+    async def one(self, client: httpx.AsyncClient) -> None:
+        kind = self.rng.choice(self.KINDS)
+        try:
+            if kind == "bad":
+                body = self.rng.choice([{"model": self.model, "prompt": "x", "max_tokens": -1},
+                                        {"model": self.model}, {"model": "nope", "prompt": "x"}])
+                r = await client.post("/completions", json=body)
+                if 400 <= r.status_code < 500:
+                    self.expected_errors += 1
+                else:
+                    self.unexpected.append(f"bad request got {r.status_code}")
+                return
+            if kind in ("stream", "cancel"):
+                body = {"model": self.model, "messages": [{"role": "user", "content": self._prompt(20)}],
+                        "max_tokens": self.rng.randint(16, 64), "stream": True, "ignore_eos": True}
+                async with client.stream("POST", "/chat/completions", json=body) as r:
+                    if r.status_code != 200:
+                        self.unexpected.append(f"{kind}: {r.status_code}")
+                        return
+                    events = 0
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            events += 1
+                            if "error" in json.loads(line[6:]):  # an error object ends the stream
+                                self.unexpected.append(f"{kind}: {line[:200]}")
+                                return
+                            if kind == "cancel" and events == 3:
+                                break  # the client goes away mid-stream
+                self.ok[kind] += 1
+                return
+            words = 700 if kind == "long" else 12
+            body = {"model": self.model, "prompt": self._prompt(words), "max_tokens": 16}
+            r = await client.post("/completions", json=body)
+            if r.status_code == 200 and r.json()["choices"]:
+                self.ok[kind] += 1
+            else:
+                self.unexpected.append(f"{kind}: {r.status_code} {r.text[:200]}")
+        except httpx.HTTPError as e:
+            self.unexpected.append(f"{kind}: {type(e).__name__}: {e}")
+
+    async def run(self, concurrency: int, duration: float) -> None:
+        deadline = time.monotonic() + duration
+        async with httpx.AsyncClient(base_url=self.url, timeout=120) as client:
+            async def worker():
+                while time.monotonic() < deadline:
+                    await self.one(client)
+            await asyncio.gather(*[worker() for _ in range(concurrency)])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=600.0, help="seconds of load")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--mode", choices=["agg", "disagg"], default="disagg")
+    p.add_argument("--model", default=None, help="checkpoint (default: the stack's demo model)")
+    p.add_argument("--sample-interval", type=float, default=5.0)
+    p.add_argument("--port-base", type=int, default=23000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="result file (default benchmarks/results/soak_<time>.json)")
+    args = p.parse_args(argv)
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"soak_{timestamp()}.json"
+    cfg = stack_config(args.mode, args.model, 1, 1, args.port_base)
+    run_dir = REPO / ".run" / f"soak-{timestamp()}"
+    with deployed(cfg, run_dir) as stack:
+        model = Path(cfg["model_path"]).name
+        sampler = Sampler(stack, args.sample_interval)
+        sampler.sample()
+        baseline = {k: v[-1][1] for k, v in sampler.kv.items()}
+        sampler.start()
+        load = Load(stack.openai_url, model, args.seed)
+        t0 = time.monotonic()
+        asyncio.run(load.run(args.concurrency, args.duration))
+        ran = time.monotonic() - t0
+        sampler.stop_event.set()
+        sampler.join()
+        deadline = time.monotonic() + 60
+        after = {}
+        while time.monotonic() < deadline:
+            after = {rp.spec.name: pages_in_use(rp.spec.grpc, rp.spec.kind) for rp in stack.running
+                     if rp.spec.kind in ("decode", "prefill")}
+            if all(after[k] is not None and after[k] <= baseline.get(k, 0) for k in after):
+                break
+            time.sleep(1)
+        alive = stack.alive()
+    slopes = {name: slope_mib_per_min(pts) for name, pts in sampler.rss.items()}
+    targets = {
+        "unexpected_errors == 0": len(load.unexpected) == 0,
+        f"RSS slope < {SLOPE_TARGET_MIB_PER_MIN} MiB/min per process (last 80%)":
+            all(s is not None and s < SLOPE_TARGET_MIB_PER_MIN for s in slopes.values()),
+        "KV pages back to the idle baseline": all(after.get(k) is not None and after[k] <= baseline.get(k, 0)
+                                                  for k in baseline),
+        "every process alive": all(alive.values()),
+    }
+    result = {
+        "command": [sys.executable, *sys.argv], "git": git_info(), "machine": machine_info(),
+        "note": "measured on a shared 2-core CPU machine with other test runs: latency-free figures only",
+        "duration_s": round(ran, 1), "concurrency": args.concurrency, "mode": args.mode, "model": model,
+        "completed": load.ok, "expected_errors": load.expected_errors,
+        "unexpected_errors": len(load.unexpected), "unexpected_samples": load.unexpected[:20],
+        "rss_slope_mib_per_min": slopes,
+        "rss_first_last_mib": {k: (v[0][1], v[-1][1]) for k, v in sampler.rss.items()},
+        "kv_pages_in_use": {"idle_baseline": baseline, "after_load": after,
+                            "max_during": {k: max(x for _, x in v) for k, v in sampler.kv.items()}},
+        "alive_at_end": alive, "targets": targets, "samples": {"rss": sampler.rss, "kv": sampler.kv},
+    }
+    write_json(out, result)
+    print(json.dumps({k: result[k] for k in ("duration_s", "completed", "expected_errors", "unexpected_errors",
+                                             "rss_slope_mib_per_min", "kv_pages_in_use")}, indent=2))
+    for name, met in targets.items():
+        print(f"target {name}: {'met' if met else 'NOT met'}")
+    print(f"written {out}")
+    return 0 if all(targets.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
