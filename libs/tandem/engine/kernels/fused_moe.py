@@ -32,7 +32,10 @@ def align_by_expert(slot_ids: torch.Tensor, num_slots: int, block_m: int = BLOCK
     n = slot_ids.shape[0]
     dev = slot_ids.device
     max_padded = -(-(n + num_slots * (block_m - 1)) // block_m) * block_m
-    counts = torch.bincount(slot_ids, minlength=num_slots + 1)[:num_slots]
+    # Not torch.bincount: on CUDA it reads the maximum back to size its output (a host sync,
+    # which a CUDA graph capture forbids).
+    counts = torch.zeros(num_slots + 1, dtype=torch.int64, device=dev).scatter_add_(
+        0, slot_ids, torch.ones_like(slot_ids))[:num_slots]
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)
     order = torch.argsort(slot_ids, stable=True)
