@@ -110,7 +110,11 @@ def main(argv=None) -> int:
     def on_signal(signum, _frame):
         raise KeyboardInterrupt
 
+    # SIGINT too: a process started in the background by a non-interactive shell inherits
+    # SIGINT as ignored, and Python then leaves it ignored (Ctrl-C / `kill -INT` would not stop
+    # the stack; seen in `make test-fresh` runs started with `&`).
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         stack.start(Progress(stack.process_names))
         print(f"\nall healthy in {time.monotonic() - t0:.1f}s")
