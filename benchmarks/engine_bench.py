@@ -111,6 +111,13 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - t0
 
 
+def release_memory(cuda: bool) -> None:
+    """Give the memory of a model just deleted back before the next one loads."""
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
 def run_tandem(llm: LLM, prompts: list, out_len: int, device: str) -> dict:
     sp = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
 
@@ -350,9 +357,7 @@ def main(argv=None) -> int:
             rows[b].update(hf_tok_s=h["tokens_per_s"], hf_s=h["seconds"])
             print(f"batch {b:3d}: transformers ({hf_mode}) {h['tokens_per_s']:9.1f} tok/s", flush=True)
         del hf
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+        release_memory(cuda)
 
     llm = LLM(args.model, device=args.device, dtype=args.dtype)
     eng = llm.engine
@@ -369,9 +374,7 @@ def main(argv=None) -> int:
     if args.overlap_ab:
         # The same engine waiting for every step's tokens (--disable-overlap-schedule), same prompts.
         del llm, eng
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()
+        release_memory(cuda)
         waiting = LLM(args.model, device=args.device, dtype=args.dtype, disable_overlap_schedule=True)
         for b in args.batch_sizes:
             t = run_tandem(waiting, prompts[b], args.output_len, args.device)
