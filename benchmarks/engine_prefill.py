@@ -69,7 +69,12 @@ def run(args, git: dict, started: str, machine: dict) -> dict:
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    llm = LLM(args.model, device=device, dtype=args.dtype)
+    # An n-token prompt plus its one output token needs a context of n + 1: with a model whose
+    # max_position_embeddings is exactly 8192 the 8k row would be refused, so the context is
+    # raised to fit (SGLang's --context-length does the same) and recorded in the results.
+    longest = max(max(lengths), sum(args.prefix_tokens) + args.prefix_tokens[1])
+    context_length = max(cfg.get("max_position_embeddings", 0), longest + 1)
+    llm = LLM(args.model, device=device, dtype=args.dtype, context_length=context_length)
     eng = llm.engine
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     embed = sum(p.numel() for name, p in eng.model.named_parameters() if "embed_tokens" in name or "lm_head" in name)
@@ -119,7 +124,7 @@ def run(args, git: dict, started: str, machine: dict) -> dict:
     result = {"time": started, "git": git, "machine": machine, "phase": "prefill", "model": args.model,
               "shape": shape_of(args.model), "device": device, "dtype": args.dtype,
               "engine": {"attention_backend": eng.attention_backend, "chunked_prefill_size": eng.chunked_prefill_size,
-                         "page_size": eng.page_size},
+                         "page_size": eng.page_size, "context_length": eng.context_length},
               "peak_flops": peak, "rows": list(rows.values()), "prefix_cache": prefix}
     result["gates"] = gates(result) if args.gates == "gpu-part2" else []
     return result
