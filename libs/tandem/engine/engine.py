@@ -38,6 +38,9 @@ from .stats import EngineStats, EngineStatsMixin
 from .tokenizer import eos_token_ids, load_tokenizer
 
 log = logging.getLogger(__name__)
+# Longest an idle step blocks on a storage prefetch that a waiting request needs: short, so a
+# command (a new request, an abort) arriving meanwhile is taken within this time.
+PREFETCH_WAIT_S = 0.01
 
 
 @dataclass
@@ -298,6 +301,8 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
                 self.runner.layer_ready = self.hicache.take_layer_ready() if batch else None
                 if not batch:
                     self.hicache.join()
+                    if self._inflight is None and self.scheduler.waiting:
+                        self.hicache.wait_prefetch(PREFETCH_WAIT_S)  # nothing to run: do not spin
             if batch:
                 ntok = sum(n for _, n in batch)
                 want = [req.wants_prompt_logprobs for req, _ in batch]

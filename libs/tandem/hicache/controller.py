@@ -140,6 +140,10 @@ class HiCacheController:
             return []
         return self.prefetcher.poll(chain, self.storage.exists)
 
+    def wait_prefetch(self, timeout_s: float) -> bool:
+        """Block up to ``timeout_s`` for a storage read that admission waits on (False at once if none)."""
+        return self.prefetcher is not None and self.prefetcher.wait(timeout_s)
+
     @property
     def storage_corrupt_pages(self) -> int:
         return self.storage.num_corrupt if self.storage is not None else 0

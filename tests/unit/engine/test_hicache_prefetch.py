@@ -46,3 +46,17 @@ def test_nothing_in_storage_starts_no_read():
     assert p.poll([], exists=lambda key: True) == []
     with pytest.raises(ValueError, match="prefetch_policy"):
         Prefetcher(lambda k, t: None, "eager", 1.0)
+
+
+def test_wait_blocks_on_the_running_read_and_returns_at_once_without_one():
+    release, first_ready = threading.Event(), threading.Event()
+    p = Prefetcher(_blocking_fetch(release, first_ready), "wait_complete", 1.0)
+    assert p.wait(10) is False  # no read: no wait
+    assert p.poll(CHAIN, exists=lambda key: True) is None
+    first_ready.wait(10)
+    assert p.wait(0.01) is False  # page 12 still blocked
+    threading.Timer(0.05, release.set).start()
+    assert p.wait(10) is True  # woken by the read's end, not by the timeout
+    assert p.poll(CHAIN, exists=lambda key: True) == ["page11", "page12"]
+    assert p.wait(10) is False
+    p.close()
