@@ -1,9 +1,10 @@
 """Workers register themselves in a real etcd; a router with --discovery etcd finds them,
-serves through them, and drops one that stops."""
+serves through them, and drops one that stops; the same over etcd with client-certificate auth."""
 from __future__ import annotations
 
 import httpx
 
+from tests.support.pki import client_context
 from tests.support.procs import start_service
 from tests.support.waiting import wait_for
 
@@ -68,3 +69,33 @@ def test_etcd_down_and_back(etcd):
     finally:
         worker.stop()
         router.stop()
+
+
+def _flags(prefix: str, files) -> list[str]:
+    return [f"--{prefix}-certfile", files.certfile, f"--{prefix}-keyfile", files.keyfile,
+            f"--{prefix}-ca-certs", files.ca_certs]
+
+
+def test_worker_and_router_over_etcd_with_client_certificates(etcd_tls):
+    """etcd requires client certificates: the worker uses its --ssl-* files for etcd too (the
+    default), the router its own --etcd-ssl-* files; the router finds the worker and serves
+    through it over mTLS."""
+    pki, prefix = etcd_tls.pki, PREFIX + "tls/"
+    worker = start_service("tandem.decode", "--model-path", MODEL, "--max-total-tokens", "4096", "--skip-warmup",
+                           "--etcd-endpoint", etcd_tls.endpoint, "--etcd-prefix", prefix,
+                           *_flags("ssl", pki.files("decode")))
+    router = None
+    try:
+        assert etcd_tls.keys(prefix) == [prefix + worker.grpc_address]
+        router = start_service("tandem.router", "--model-path", MODEL, "--http-port", "0", "--discovery", "etcd",
+                               "--etcd-endpoint", etcd_tls.endpoint, "--etcd-prefix", prefix,
+                               *_flags("ssl", pki.files("router")), *_flags("etcd-ssl", pki.files("router-etcd")))
+        client = httpx.Client(verify=client_context(pki.files("client")), timeout=60)
+        body = {"model": "tandem-demo-dense", "prompt": "Hello there", "max_tokens": 4}
+        url = f"https://{router.info['http']}/v1/completions"
+        wait_for(lambda: client.post(url, json=body).status_code == 200, 30, "the router to serve through the worker")
+    finally:
+        if router:
+            router.stop()
+        worker.stop()
+    assert etcd_tls.keys(prefix) == []  # deregistered on graceful stop, over TLS
