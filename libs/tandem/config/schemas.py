@@ -197,10 +197,13 @@ class DisaggregationConfig(_Section):
     )
 
 
-class EtcdTlsConfig(_Section):
-    """TLS towards etcd: client certificate and CA of an https:// --etcd-endpoint (etcdctl's --cert,
-    --key, --cacert). Each defaults to the process's own --ssl-* file; an https endpoint needs both."""
+class EtcdClientConfig(_Section):
+    """Where etcd is, and TLS towards it: client certificate and CA of an https:// --etcd-endpoint
+    (etcdctl's --cert, --key, --cacert). Each defaults to the process's own --ssl-* file; an https
+    endpoint needs both."""
 
+    etcd_endpoint: str | None = Field(None, description="etcd's v3 JSON gateway URL, http:// or https://.")
+    etcd_prefix: str = Field("/tandem/workers/", description="etcd key prefix workers register under.")
     etcd_ssl_certfile: str | None = Field(
         None, description="PEM client certificate presented to an https:// --etcd-endpoint (etcd run with "
         "--client-cert-auth); default --ssl-certfile. Reread when the file changes."
@@ -212,7 +215,7 @@ class EtcdTlsConfig(_Section):
     )
 
     def uses_etcd(self) -> bool:
-        return bool(getattr(self, "etcd_endpoint", None))
+        return bool(self.etcd_endpoint)
 
     def etcd_tls_paths(self) -> tuple[str, str, str] | None:
         """(client certificate, its key, CA bundle) for etcd, or None for a plaintext endpoint."""
@@ -229,7 +232,7 @@ class EtcdTlsConfig(_Section):
         if bool(given["etcd_ssl_certfile"]) != bool(given["etcd_ssl_keyfile"]):
             raise ValueError(f"etcd_ssl_certfile={given['etcd_ssl_certfile']!r}, "
                              f"etcd_ssl_keyfile={given['etcd_ssl_keyfile']!r}: give both or neither")
-        endpoint = getattr(self, "etcd_endpoint", None)
+        endpoint = self.etcd_endpoint
         if endpoint and not endpoint.startswith(("http://", "https://")):
             raise ValueError(f"etcd_endpoint={endpoint!r}: must be an http:// or https:// URL")
         named = ", ".join(n for n, v in given.items() if v)
@@ -251,12 +254,11 @@ class EtcdTlsConfig(_Section):
         return self
 
 
-class DiscoveryConfig(EtcdTlsConfig):
+class DiscoveryConfig(EtcdClientConfig):
     etcd_endpoint: str | None = Field(
         None, description="Register this worker in etcd (v3 JSON gateway URL, http:// or https://) so routers "
         "discover it."
     )
-    etcd_prefix: str = Field("/tandem/workers/", description="etcd key prefix to register under.")
     etcd_ttl: float = Field(5.0, gt=0, description="Lease TTL in seconds; the key vanishes this long after a crash.")
 
 
@@ -304,7 +306,7 @@ class DecodeConfig(ServerConfig, EngineConfig, DisaggregationConfig, DiscoveryCo
         return self
 
 
-class RouterConfig(ServerConfig, EtcdTlsConfig):
+class RouterConfig(ServerConfig, EtcdClientConfig):
     """`python -m tandem.router`"""
 
     port: int = Field(50051, ge=0, le=65535, description="gRPC port of the Router service.")
@@ -316,7 +318,6 @@ class RouterConfig(ServerConfig, EtcdTlsConfig):
     discovery: Literal["static", "etcd"] = Field("static", description="How workers are found.")
     etcd_endpoint: str = Field(
         "http://127.0.0.1:2379", description="etcd endpoint, v3 JSON gateway URL: http:// or https:// (etcd discovery).")
-    etcd_prefix: str = Field("/tandem/workers/", description="etcd key prefix workers register under.")
     routing_policy: Literal["round_robin", "random", "least_loaded", "kv_aware"] = Field(
         "round_robin", description="How the router picks a worker."
     )

@@ -190,6 +190,6 @@ class ClientTlsContext:
 
 
 def etcd_client_tls(config) -> ClientTlsContext | None:
-    """The TLS context towards etcd of a config with EtcdTlsConfig's fields; None = plaintext."""
+    """The TLS context towards etcd of a config with EtcdClientConfig's fields; None = plaintext."""
     paths = config.etcd_tls_paths()
     return ClientTlsContext(TlsFiles(*paths)) if paths else None
