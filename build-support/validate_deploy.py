@@ -5,7 +5,9 @@
    1.37 schemas by `kubernetes-validate --strict` (PyPI; installed into .tools/k8s-validate).
 2. What schemas cannot see, checked here: every tandem config file (the ConfigMap's, and
    deploy/compose/config/) passes tandem's own config validation together with the environment
-   the manifest gives it; each Deployment mounts the ConfigMap and a /dev/shm memory volume where
+   the manifest gives it and the files its Secret volumes hold (the etcd Secrets are made by
+   deploy/k8s/etcd_certs.py; its server certificate must name the host of etcd_endpoint, and
+   etcd must serve TLS with client-certificate auth from the files of its Secret); each Deployment mounts the ConfigMap and a /dev/shm memory volume where
    it should, its gRPC probes and Prometheus annotations name ports it declares, each Service
    selects pods that exist; the GPU overlay requests nvidia.com/gpu, adds IPC_LOCK and runs the
    CUDA images; replica counts are the overlay's knobs.
@@ -18,8 +20,10 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -68,7 +72,10 @@ def render(overlay: str) -> tuple[Path, list[dict]]:
     return path, [d for d in yaml.safe_load_all(res.stdout) if d]
 
 
-def check_tandem_config(origin: str, service: str, text: str, env: dict[str, str]) -> None:
+def check_tandem_config(origin: str, service: str, text: str, env: dict[str, str],
+                        files: dict[str, str] | None = None) -> dict:
+    """Validate a tandem config file; `files` maps the paths a pod's Secret volumes hold to local
+    stand-ins (tandem checks that its certificate files exist)."""
     from tandem.config import SERVICE_SCHEMAS, ConfigError
     from tandem.config.loader import read_env, validate
 
@@ -76,18 +83,74 @@ def check_tandem_config(origin: str, service: str, text: str, env: dict[str, str
     schema = SERVICE_SCHEMAS[service]
     values = {k.replace("-", "_"): v for k, v in values.items()}
     values.update(read_env(schema, env))
+    values = {k: (files or {}).get(v, v) if isinstance(v, str) else v for k, v in values.items()}
     try:
         validate(schema, values)
     except ConfigError as e:
         fail(f"{origin}: {service} config does not validate: {e}")
+    return values
+
+
+class SecretFiles:
+    """The Secrets applied out of band (deploy/k8s/etcd_certs.py), as the files a pod sees."""
+
+    def __init__(self) -> None:
+        from deploy.k8s.etcd_certs import secret_manifests
+
+        self.docs = {d["metadata"]["name"]: d["stringData"] for d in secret_manifests(days=1)}
+        self._tmp = tempfile.TemporaryDirectory(prefix="validate-deploy-secrets-")  # removed at exit
+        self._dir = Path(self._tmp.name)
+
+    def mounted(self, container: dict, volumes: dict[str, dict]) -> dict[str, str]:
+        """{path in the container: local stand-in} for every key of the known Secrets it mounts."""
+        out = {}
+        for m in container.get("volumeMounts", []):
+            name = volumes[m["name"]].get("secret", {}).get("secretName")
+            for key, data in self.docs.get(name, {}).items():
+                standin = self._dir / name / key
+                standin.parent.mkdir(exist_ok=True)
+                standin.write_text(data)
+                out[f"{m['mountPath']}/{key}"] = str(standin)
+        return out
+
+    def server_names(self) -> set[str]:
+        """The DNS names of etcd's server certificate."""
+        from cryptography import x509
+
+        from deploy.k8s.etcd_certs import SERVER_SECRET
+
+        cert = x509.load_pem_x509_certificate(self.docs[SERVER_SECRET]["tls.crt"].encode())
+        return set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                   .get_values_for_type(x509.DNSName))
+
+
+def check_etcd(overlay: str, etcd: dict, secrets: SecretFiles, endpoints: set[str]) -> None:
+    """etcd serves TLS with client-certificate auth, from files its Secret holds, under a name the
+    tandem configs' https:// endpoints use."""
+    spec = etcd["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    flags = dict((a.removeprefix("--").split("=", 1) + [""])[:2] for a in c["command"][1:])
+    if "client-cert-auth" not in flags or not flags.get("listen-client-urls", "").startswith("https://"):
+        fail(f"{overlay}/etcd: clients are not required to present a certificate over https "
+             "(--client-cert-auth, https:// --listen-client-urls)")
+    files = secrets.mounted(c, {v["name"]: v for v in spec["volumes"]})
+    for flag in ("cert-file", "key-file", "trusted-ca-file"):
+        if flags.get(flag) not in files:
+            fail(f"{overlay}/etcd: --{flag}={flags.get(flag)} is not a file of its Secret volume")
+    names = secrets.server_names()
+    for endpoint in endpoints:
+        parts = urlsplit(endpoint)
+        if parts.scheme != "https" or parts.hostname not in names:
+            fail(f"{overlay}: etcd_endpoint {endpoint} is not https:// to a name of etcd's certificate {sorted(names)}")
 
 
 def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
-def check_overlay(overlay: str, docs: list[dict]) -> None:
+def check_overlay(overlay: str, docs: list[dict], secrets: SecretFiles) -> None:
     deployments, services = by_kind(docs, "Deployment"), by_kind(docs, "Service")
+    etcd_endpoints = set()
     configmaps = by_kind(docs, "ConfigMap")
     for name in ("router", *WORKERS, "eplb", "etcd"):
         if name not in deployments or name not in services:
@@ -114,7 +177,10 @@ def check_overlay(overlay: str, docs: list[dict]) -> None:
         for e in c.get("env", []):
             if "valueFrom" in e:  # secret or pod IP: any string passes the schema; stand in for it
                 env[e["name"]] = "10.0.0.1" if "fieldRef" in e["valueFrom"] else "secret"
-        check_tandem_config(f"k8s {overlay} ConfigMap", svc, cm["data"][f"{svc}.yaml"], env)
+        values = check_tandem_config(f"k8s {overlay} ConfigMap", svc, cm["data"][f"{svc}.yaml"], env,
+                                     secrets.mounted(c, volumes))
+        if values.get("etcd_endpoint"):
+            etcd_endpoints.add(values["etcd_endpoint"])
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             if c[probe]["grpc"]["port"] != ports["grpc"]:
@@ -145,6 +211,7 @@ def check_overlay(overlay: str, docs: list[dict]) -> None:
     for knob in WORKERS:
         if not isinstance(deployments[knob]["spec"].get("replicas"), int):
             fail(f"{overlay}/{knob}: no replica count")
+    check_etcd(overlay, deployments["etcd"], secrets, etcd_endpoints)
 
 
 def check_compose() -> None:
@@ -172,9 +239,10 @@ def main() -> None:
     t0 = time.monotonic()
     validate = kubernetes_validate()
     rendered = []
+    secrets = SecretFiles()
     for overlay in OVERLAYS:
         path, docs = render(overlay)
-        check_overlay(overlay, docs)
+        check_overlay(overlay, docs, secrets)
         rendered.append(path)
         log(f"{overlay}: {len(docs)} objects ({', '.join(sorted({d['kind'] for d in docs}))}) "
             f"-> {path.relative_to(REPO)}")

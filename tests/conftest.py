@@ -79,3 +79,16 @@ def etcd(tmp_path_factory):
     server = EtcdServer(str(tmp_path_factory.mktemp("etcd")))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def etcd_tls(tmp_path_factory):
+    """A real etcd on loopback over TLS that requires client certificates of `etcd_tls.pki`'s CA
+    (--client-cert-auth); `pki.files(name)` issues them, `pki.rogue(name)` those of another CA."""
+    from tests.support.pki import make_pki
+    from tests.unit.routing.routing_etcd import EtcdServer
+
+    directory = tmp_path_factory.mktemp("etcd-tls")
+    server = EtcdServer(str(directory), pki=make_pki(directory / "pki"))
+    yield server
+    server.stop()

@@ -56,7 +56,7 @@ def _name(common_name: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def make_ca(out_dir: Path, name: str = "ca") -> Authority:
+def make_ca(out_dir: Path, name: str = "ca", validity: datetime.timedelta = VALIDITY) -> Authority:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -64,7 +64,7 @@ def make_ca(out_dir: Path, name: str = "ca") -> Authority:
     subject = _name(f"tandem throw-away CA ({name})")
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + VALIDITY)
+            .not_valid_after(now + validity)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                          content_commitment=False, key_encipherment=False, data_encipherment=False,
@@ -77,7 +77,8 @@ def make_ca(out_dir: Path, name: str = "ca") -> Authority:
     return Authority(cert_path, key_path, cert, key)
 
 
-def issue(ca: Authority, out_dir: Path, name: str, hosts: list[str]) -> IssuedFiles:
+def issue(ca: Authority, out_dir: Path, name: str, hosts: list[str],
+          validity: datetime.timedelta = VALIDITY) -> IssuedFiles:
     """A certificate for `name`, valid for `hosts` (IP addresses or DNS names), as server and client."""
     out_dir = Path(out_dir)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -90,7 +91,7 @@ def issue(ca: Authority, out_dir: Path, name: str, hosts: list[str]) -> IssuedFi
             sans.append(x509.DNSName(h))
     cert = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(ca.cert.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + VALIDITY)
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + validity)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),

@@ -1,9 +1,10 @@
 """Workers register themselves in a real etcd; a router with --discovery etcd finds them,
-serves through them, and drops one that stops."""
+serves through them, and drops one that stops; the same over etcd with client-certificate auth."""
 from __future__ import annotations
 
 import httpx
 
+from tests.support.pki import client_context
 from tests.support.procs import start_service
 from tests.support.waiting import wait_for
 
@@ -68,3 +69,38 @@ def test_etcd_down_and_back(etcd):
     finally:
         worker.stop()
         router.stop()
+
+
+def _flags(prefix: str, files) -> list[str]:
+    return [f"--{prefix}-certfile", files.certfile, f"--{prefix}-keyfile", files.keyfile,
+            f"--{prefix}-ca-certs", files.ca_certs]
+
+
+def test_pd_stack_over_etcd_with_client_certificates(etcd_tls):
+    """etcd requires client certificates: prefill and decode use their --ssl-* files for etcd too
+    (the default), the router its own --etcd-ssl-* files. Prefill registers, decode finds it in
+    etcd (--prefill-discovery etcd), the router finds decode; a request flows through all three."""
+    pki, prefix = etcd_tls.pki, PREFIX + "tls/"
+    common = ["--model-path", MODEL, "--etcd-endpoint", etcd_tls.endpoint, "--etcd-prefix", prefix]
+    worker = [*common, "--max-total-tokens", "4096", "--skip-warmup", "--disaggregation-transfer-backend", "grpc"]
+    procs = []
+    try:
+        prefill = start_service("tandem.prefill", *worker, *_flags("ssl", pki.files("prefill")))
+        procs.append(prefill)
+        decode = start_service("tandem.decode", *worker, "--disaggregation-mode", "decode",
+                               "--prefill-discovery", "etcd", *_flags("ssl", pki.files("decode")))
+        procs.append(decode)
+        assert etcd_tls.keys(prefix) == sorted(prefix + p.grpc_address for p in (prefill, decode))
+        procs.append(start_service("tandem.router", *common, "--http-port", "0", "--discovery", "etcd",
+                                   *_flags("ssl", pki.files("router")), *_flags("etcd-ssl", pki.files("router-etcd"))))
+        client = httpx.Client(verify=client_context(pki.files("client")), timeout=60)
+        body = {"model": "tandem-demo-dense", "prompt": "Hello there", "max_tokens": 4}
+        url = f"https://{procs[-1].info['http']}/v1/completions"
+        wait_for(lambda: client.post(url, json=body).status_code == 200, 30, "the router to serve through decode")
+        metrics = client.get(f"https://{prefill.system_address}/metrics").text
+        assert any(line.startswith("sglang:prompt_tokens_total") and float(line.rsplit(" ", 1)[1]) > 0
+                   for line in metrics.splitlines()), "the prompt was not prefilled on the prefill worker"
+    finally:
+        for p in reversed(procs):
+            p.stop()
+    assert etcd_tls.keys(prefix) == []  # deregistered on graceful stop, over TLS

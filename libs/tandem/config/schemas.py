@@ -197,11 +197,68 @@ class DisaggregationConfig(_Section):
     )
 
 
-class DiscoveryConfig(_Section):
-    etcd_endpoint: str | None = Field(
-        None, description="Register this worker in etcd (v3 JSON gateway URL) so routers discover it."
+class EtcdClientConfig(_Section):
+    """Where etcd is, and TLS towards it: client certificate and CA of an https:// --etcd-endpoint
+    (etcdctl's --cert, --key, --cacert). Each defaults to the process's own --ssl-* file; an https
+    endpoint needs both."""
+
+    etcd_endpoint: str | None = Field(None, description="etcd's v3 JSON gateway URL, http:// or https://.")
+    etcd_prefix: str = Field("/tandem/workers/", description="etcd key prefix workers register under.")
+    etcd_ssl_certfile: str | None = Field(
+        None, description="PEM client certificate presented to an https:// --etcd-endpoint (etcd run with "
+        "--client-cert-auth); default --ssl-certfile. Reread when the file changes."
     )
-    etcd_prefix: str = Field("/tandem/workers/", description="etcd key prefix to register under.")
+    etcd_ssl_keyfile: str | None = Field(None, description="PEM private key of --etcd-ssl-certfile; default "
+                                         "--ssl-keyfile.")
+    etcd_ssl_ca_certs: str | None = Field(
+        None, description="PEM CA bundle that etcd's server certificate must chain to; default --ssl-ca-certs."
+    )
+
+    def uses_etcd(self) -> bool:
+        return bool(self.etcd_endpoint)
+
+    def etcd_tls_paths(self) -> tuple[str, str, str] | None:
+        """(client certificate, its key, CA bundle) for etcd, or None for a plaintext endpoint."""
+        if not self.uses_etcd() or not self.etcd_endpoint.startswith("https://"):
+            return None
+        certfile = self.etcd_ssl_certfile or getattr(self, "ssl_certfile", None)
+        keyfile = self.etcd_ssl_keyfile or getattr(self, "ssl_keyfile", None)
+        ca_certs = self.etcd_ssl_ca_certs or getattr(self, "ssl_ca_certs", None)
+        return certfile, keyfile, ca_certs
+
+    @model_validator(mode="after")
+    def _check_etcd_tls(self):
+        given = {n: getattr(self, n) for n in ("etcd_ssl_certfile", "etcd_ssl_keyfile", "etcd_ssl_ca_certs")}
+        if bool(given["etcd_ssl_certfile"]) != bool(given["etcd_ssl_keyfile"]):
+            raise ValueError(f"etcd_ssl_certfile={given['etcd_ssl_certfile']!r}, "
+                             f"etcd_ssl_keyfile={given['etcd_ssl_keyfile']!r}: give both or neither")
+        endpoint = self.etcd_endpoint
+        if endpoint and not endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"etcd_endpoint={endpoint!r}: must be an http:// or https:// URL")
+        named = ", ".join(n for n, v in given.items() if v)
+        if named and not self.uses_etcd():
+            raise ValueError(f"{named}: etcd TLS files, but this process does not use etcd (set --etcd-endpoint; "
+                             "the router also --discovery etcd)")
+        if named and not endpoint.startswith("https://"):
+            raise ValueError(f"{named}: etcd TLS files need an https:// etcd_endpoint, not {endpoint!r}")
+        for name, path in given.items():
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{name}={path!r}: no such file")
+        paths = self.etcd_tls_paths()
+        if paths and not paths[2]:
+            raise ValueError(f"etcd_endpoint={endpoint!r}: https needs the CA of etcd's server certificate "
+                             "(--etcd-ssl-ca-certs or --ssl-ca-certs)")
+        if paths and not paths[0]:
+            raise ValueError(f"etcd_endpoint={endpoint!r}: https needs a client certificate for etcd's "
+                             "--client-cert-auth (--etcd-ssl-certfile/--etcd-ssl-keyfile or --ssl-certfile/--ssl-keyfile)")
+        return self
+
+
+class DiscoveryConfig(EtcdClientConfig):
+    etcd_endpoint: str | None = Field(
+        None, description="Register this worker in etcd (v3 JSON gateway URL, http:// or https://) so routers "
+        "discover it."
+    )
     etcd_ttl: float = Field(5.0, gt=0, description="Lease TTL in seconds; the key vanishes this long after a crash.")
 
 
@@ -249,7 +306,7 @@ class DecodeConfig(ServerConfig, EngineConfig, DisaggregationConfig, DiscoveryCo
         return self
 
 
-class RouterConfig(ServerConfig):
+class RouterConfig(ServerConfig, EtcdClientConfig):
     """`python -m tandem.router`"""
 
     port: int = Field(50051, ge=0, le=65535, description="gRPC port of the Router service.")
@@ -259,8 +316,8 @@ class RouterConfig(ServerConfig):
     served_model_name: str | None = Field(None, description="Model name in the API (default: directory name).")
     workers: list[str] = Field(default_factory=list, description="Worker gRPC addresses (static discovery).")
     discovery: Literal["static", "etcd"] = Field("static", description="How workers are found.")
-    etcd_endpoint: str = Field("http://127.0.0.1:2379", description="etcd endpoint (etcd discovery).")
-    etcd_prefix: str = Field("/tandem/workers/", description="etcd key prefix workers register under.")
+    etcd_endpoint: str = Field(
+        "http://127.0.0.1:2379", description="etcd endpoint, v3 JSON gateway URL: http:// or https:// (etcd discovery).")
     routing_policy: Literal["round_robin", "random", "least_loaded", "kv_aware"] = Field(
         "round_robin", description="How the router picks a worker."
     )
@@ -301,6 +358,9 @@ class RouterConfig(ServerConfig):
         "(Qwen2.5, Qwen3, Hermes), llama3 = Llama-3 JSON. Forced calls (required / a named tool) need none.")
     reasoning_parser: Literal["deepseek-r1", "qwen3"] | None = Field(
         None, description="Split the <think> part of reasoning models' output into reasoning_content.")
+
+    def uses_etcd(self) -> bool:
+        return self.discovery == "etcd"
 
     @model_validator(mode="after")
     def _check_api_key(self):

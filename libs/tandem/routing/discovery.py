@@ -11,6 +11,10 @@ revision; every change calls `on_change` with the full current {worker_id: Worke
 On any error it waits and starts over with a fresh range read, so it converges after etcd
 restarts or compactions.
 
+Over https (etcd run with --client-cert-auth) both take a `ClientTls`: an ssl.SSLContext that
+trusts etcd's CA and presents this process's client certificate, refreshed before each request
+so rotated certificate files are used at the next handshake (tandem.server.tls.ClientTlsContext).
+
 Why not etcd3gw, the maintained client of this same JSON gateway (it was declared and never
 used; it is gone from the requirements): its watch runs in a thread pool and, when the
 connection drops, that thread dies and the event iterator blocks forever with no error; a watch
@@ -25,8 +29,10 @@ import asyncio
 import base64
 import json
 import logging
+import ssl
 import threading
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import httpx
 from google.protobuf import json_format
@@ -55,10 +61,25 @@ def prefix_range_end(prefix: str) -> bytes:
     return b"\0"  # all keys
 
 
-def _check_endpoint(endpoint: str) -> str:
+class ClientTls(Protocol):
+    """TLS towards etcd: the context the HTTP client uses, and a hook that reloads changed files into it."""
+
+    context: ssl.SSLContext
+
+    def refresh(self) -> None: ...
+
+
+def _check_endpoint(endpoint: str, tls: ClientTls | None) -> str:
     if not endpoint.startswith(("http://", "https://")):
         raise ValueError(f"etcd_endpoint={endpoint!r}: must be an http:// or https:// URL")
+    if tls is not None and not endpoint.startswith("https://"):
+        raise ValueError(f"etcd_endpoint={endpoint!r}: TLS files given for a plaintext endpoint (use https://)")
     return endpoint.rstrip("/")
+
+
+def _verify(tls: ClientTls | None) -> ssl.SSLContext | bool:
+    """httpx's `verify`: the TLS context, or the default (system roots for an https URL)."""
+    return tls.context if tls is not None else True
 
 
 def encode_worker(info: common_pb2.WorkerInfo) -> str:
@@ -72,15 +93,16 @@ def decode_worker(raw: bytes) -> common_pb2.WorkerInfo:
 class Registration:
     """A worker's registration; keep it alive for the life of the worker, then `close()`."""
 
-    def __init__(self, endpoint: str, key: str, value: str, ttl: float) -> None:
+    def __init__(self, endpoint: str, key: str, value: str, ttl: float, tls: ClientTls | None = None) -> None:
         if ttl < 1:
             raise ValueError(f"ttl={ttl}: must be >= 1 second (etcd leases have second granularity)")
-        self.endpoint = _check_endpoint(endpoint)
+        self.endpoint = _check_endpoint(endpoint, tls)
+        self.tls = tls
         self.key = key
         self.value = value
         self.ttl = int(round(ttl))
         self.lease_id: str | None = None
-        self._http = httpx.Client(base_url=self.endpoint, timeout=max(1.0, self.ttl / 3))
+        self._http = httpx.Client(base_url=self.endpoint, timeout=max(1.0, self.ttl / 3), verify=_verify(tls))
         self._stop = threading.Event()
         try:
             self._register()
@@ -91,6 +113,8 @@ class Registration:
         self._thread.start()
 
     def _post(self, path: str, body: dict) -> dict:
+        if self.tls is not None:
+            self.tls.refresh()
         r = self._http.post(path, json=body)
         r.raise_for_status()
         return r.json()
@@ -130,12 +154,14 @@ class Registration:
         self.close()
 
 
-def register_worker(etcd_endpoint: str, prefix: str, info: common_pb2.WorkerInfo, ttl: float = 5.0) -> Registration:
+def register_worker(etcd_endpoint: str, prefix: str, info: common_pb2.WorkerInfo, ttl: float = 5.0,
+                    tls: ClientTls | None = None) -> Registration:
     """Register a worker under `<prefix><worker_id>` with a lease of `ttl` seconds, kept alive
-    by a background thread. Raises ConnectionError when etcd cannot be reached."""
+    by a background thread. Raises ConnectionError when etcd cannot be reached or refuses the
+    TLS handshake."""
     if not info.worker_id or not info.address:
         raise ValueError("WorkerInfo needs worker_id and address to be registered")
-    return Registration(etcd_endpoint, prefix + info.worker_id, encode_worker(info), ttl)
+    return Registration(etcd_endpoint, prefix + info.worker_id, encode_worker(info), ttl, tls)
 
 
 OnChange = Callable[[dict[str, common_pb2.WorkerInfo]], None | Awaitable[None]]
@@ -144,8 +170,10 @@ OnChange = Callable[[dict[str, common_pb2.WorkerInfo]], None | Awaitable[None]]
 class EtcdWatcher:
     """Keeps {worker_id: WorkerInfo} in sync with the keys under `prefix`."""
 
-    def __init__(self, endpoint: str, prefix: str, on_change: OnChange, retry_delay: float = 0.5) -> None:
-        self.endpoint = _check_endpoint(endpoint)
+    def __init__(self, endpoint: str, prefix: str, on_change: OnChange, retry_delay: float = 0.5,
+                 tls: ClientTls | None = None) -> None:
+        self.endpoint = _check_endpoint(endpoint, tls)
+        self.tls = tls
         self.prefix = prefix
         self.on_change = on_change
         self.retry_delay = retry_delay
@@ -180,9 +208,11 @@ class EtcdWatcher:
         key_b64 = _b64(self.prefix)
         end_b64 = _b64(prefix_range_end(self.prefix))
         timeout = httpx.Timeout(5.0, read=None)
-        async with httpx.AsyncClient(base_url=self.endpoint, timeout=timeout) as http:
+        async with httpx.AsyncClient(base_url=self.endpoint, timeout=timeout, verify=_verify(self.tls)) as http:
             while True:
                 try:
+                    if self.tls is not None:
+                        self.tls.refresh()
                     r = await http.post("/v3/kv/range", json={"key": key_b64, "range_end": end_b64})
                     r.raise_for_status()
                     body = r.json()

@@ -8,7 +8,8 @@ whose certificate chains to it. Without a CA, clients verify servers against the
 Certificates are reloaded without dropping connections: gRPC asks `TlsReloader` for the
 current certificate at every new handshake (it rereads the files when their mtime changed or
 after SIGHUP); the HTTP ports' SSL contexts reload on SIGHUP (`on_reload`). Established
-streams keep the session they negotiated.
+streams keep the session they negotiated. The etcd client (`ClientTlsContext`) rereads its
+files when they change, before its next request.
 """
 from __future__ import annotations
 
@@ -141,11 +142,54 @@ class TlsReloader:
             raise ValueError(f"{self.tls.keyfile} / {self.tls.certfile}: not a PEM key and certificate")
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
-    def _mtimes(self) -> tuple[float, ...]:
-        out = []
-        for path in self.tls.paths():
+    def _mtimes(self) -> tuple[int, ...]:
+        return file_mtimes(self.tls.paths())
+
+
+def file_mtimes(paths: tuple[str, ...]) -> tuple[int, ...]:
+    """The files' mtimes (ns; -1 for a missing one): a change means "reload"."""
+    out = []
+    for path in paths:
+        try:
+            out.append(os.stat(path).st_mtime_ns)
+        except OSError:
+            out.append(-1)
+    return tuple(out)
+
+
+class ClientTlsContext:
+    """The ssl.SSLContext of an HTTPS client (etcd's gateway): trusts the CA, presents the certificate.
+
+    `refresh()`, called before each request, reloads changed files into the same context, so
+    the client's next handshake uses them (established connections keep their session); a
+    file that does not load keeps the previous certificate.
+    """
+
+    def __init__(self, tls: TlsFiles) -> None:
+        self.tls = tls
+        self.context = ssl.create_default_context(cafile=tls.ca_certs)
+        self.context.load_cert_chain(tls.certfile, tls.keyfile)
+        self._lock = threading.Lock()
+        self._stamp = file_mtimes(tls.paths())
+        self.reloads = 0
+
+    def refresh(self) -> None:
+        with self._lock:
+            stamp = file_mtimes(self.tls.paths())
+            if stamp == self._stamp:
+                return
+            self._stamp = stamp
             try:
-                out.append(os.stat(path).st_mtime_ns)
-            except OSError:
-                out.append(-1)
-        return tuple(out)
+                reload_ssl_context(self.context, self.tls)
+            except (OSError, ssl.SSLError) as exc:
+                log.error("changed TLS files %s unusable, keeping the current certificate: %s",
+                          ", ".join(self.tls.paths()), exc)
+                return
+            self.reloads += 1
+        log.info("TLS client certificate reloaded from %s", self.tls.certfile)
+
+
+def etcd_client_tls(config) -> ClientTlsContext | None:
+    """The TLS context towards etcd of a config with EtcdClientConfig's fields; None = plaintext."""
+    paths = config.etcd_tls_paths()
+    return ClientTlsContext(TlsFiles(*paths)) if paths else None

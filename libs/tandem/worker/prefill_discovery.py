@@ -10,18 +10,18 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
-from tandem.routing.discovery import EtcdWatcher
+from tandem.routing.discovery import ClientTls, EtcdWatcher
 
 log = logging.getLogger(__name__)
 
 
 class PrefillDiscovery:
     def __init__(self, set_addresses: Callable[[Sequence[str]], None], endpoint: str, prefix: str,
-                 model: str) -> None:
+                 model: str, tls: ClientTls | None = None) -> None:
         self.set_addresses = set_addresses
         self.model = model
         self.synced = threading.Event()
-        self._watcher = EtcdWatcher(endpoint, prefix, self.on_change)
+        self._watcher = EtcdWatcher(endpoint, prefix, self.on_change, tls=tls)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._thread = threading.Thread(target=self._run, name="prefill-discovery", daemon=True)

@@ -85,13 +85,14 @@ class WorkerProcess:
 
     def _register_in_etcd(self, role: str) -> None:
         from tandem.routing.discovery import register_worker
+        from tandem.server.tls import etcd_client_tls
         from tandem.v1 import common_pb2
 
         cfg = self.runtime.config
         info = common_pb2.WorkerInfo(worker_id=self.runtime.worker_id, address=self.runtime.advertised_address,
                                      role=role, model=self.model_name,
                                      system_address=self.runtime.advertised_system_address)
-        registration = register_worker(cfg.etcd_endpoint, cfg.etcd_prefix, info, cfg.etcd_ttl)
+        registration = register_worker(cfg.etcd_endpoint, cfg.etcd_prefix, info, cfg.etcd_ttl, tls=etcd_client_tls(cfg))
         # First hook: the router stops sending new work before the worker drains.
         self.runtime.on_shutdown(registration.close, first=True)
         log.info("registered in etcd at %s%s as %s", cfg.etcd_prefix, info.worker_id, role)

@@ -116,3 +116,38 @@ def test_advertise_host_from_env():
     # Kubernetes: bind every interface, register the pod IP (downward API -> TANDEM_ADVERTISE_HOST).
     cfg = load(DecodeConfig, ["--host", "0.0.0.0"], {"TANDEM_ADVERTISE_HOST": "10.1.2.3"})
     assert (cfg.host, cfg.advertise_host) == ("0.0.0.0", "10.1.2.3")
+
+
+def test_etcd_tls_flags_default_to_the_service_files_and_bad_combinations_fail(tmp_path):
+    files = {}
+    for name in ("svc.pem", "svc-key.pem", "ca.pem", "etcd.pem", "etcd-key.pem", "etcd-ca.pem"):
+        (tmp_path / name).write_text("x")
+        files[name] = str(tmp_path / name)
+    svc = ["--ssl-certfile", files["svc.pem"], "--ssl-keyfile", files["svc-key.pem"], "--ssl-ca-certs", files["ca.pem"]]
+    etcd = ["--etcd-ssl-certfile", files["etcd.pem"], "--etcd-ssl-keyfile", files["etcd-key.pem"],
+            "--etcd-ssl-ca-certs", files["etcd-ca.pem"]]
+    https = ["--etcd-endpoint", "https://etcd:2379"]
+    assert load(DecodeConfig, https + svc).etcd_tls_paths() == (files["svc.pem"], files["svc-key.pem"], files["ca.pem"])
+    assert load(DecodeConfig, https + svc + etcd).etcd_tls_paths() == (
+        files["etcd.pem"], files["etcd-key.pem"], files["etcd-ca.pem"])
+    # Each part defaults on its own: etcd's own CA, the service's client certificate.
+    assert load(PrefillConfig, https + svc + etcd[4:]).etcd_tls_paths() == (
+        files["svc.pem"], files["svc-key.pem"], files["etcd-ca.pem"])
+    router = ["--discovery", "etcd"] + https
+    assert load(RouterConfig, router + etcd).etcd_tls_paths()[2] == files["etcd-ca.pem"]
+    assert load(DecodeConfig, ["--etcd-endpoint", "http://etcd:2379"] + svc).etcd_tls_paths() is None
+    assert load(RouterConfig, svc).etcd_tls_paths() is None  # static discovery: no etcd at all
+    bad = [
+        (DecodeConfig, https, "https needs the CA"),
+        (DecodeConfig, https + etcd[4:], "https needs a client certificate"),
+        (RouterConfig, router + etcd[:2] + etcd[4:], "etcd_ssl_keyfile=None: give both or neither"),
+        (DecodeConfig, ["--etcd-endpoint", "http://etcd:2379"] + etcd, "need an https:// etcd_endpoint"),
+        (RouterConfig, ["--etcd-endpoint", "https://etcd:2379"] + etcd, "does not use etcd"),
+        (PrefillConfig, etcd[4:], "etcd_ssl_ca_certs: etcd TLS files, but this process does not use etcd"),
+        (DecodeConfig, https + svc + ["--etcd-ssl-ca-certs", str(tmp_path / "nope.pem")], "no such file"),
+        (RouterConfig, ["--discovery", "etcd", "--etcd-endpoint", "etcd:2379"], "http:// or https://"),
+    ]
+    for schema, argv, expected in bad:
+        with pytest.raises(ConfigError) as info:
+            load(schema, argv)
+        assert expected in str(info.value) and "\n" not in str(info.value), (argv, str(info.value))

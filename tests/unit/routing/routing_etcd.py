@@ -1,4 +1,5 @@
-"""Start a real etcd (Debian's etcd-server) on loopback in a temp dir, for discovery tests."""
+"""Start a real etcd (Debian's etcd-server) on loopback in a temp dir, for discovery tests;
+with a `Pki`, over TLS with client-certificate auth (etcd's --client-cert-auth)."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.support.pki import Pki, client_context
 from tests.support.system_tools import ensure_tool
 
 
@@ -19,10 +21,18 @@ def _free_port() -> int:
 
 
 class EtcdServer:
-    def __init__(self, data_dir: str) -> None:
+    def __init__(self, data_dir: str, pki: Pki | None = None) -> None:
         self.binary = ensure_tool("etcd")
         self.client_port, self.peer_port = _free_port(), _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.client_port}"
+        self.pki = pki
+        self.tls_flags: list[str] = []
+        self.verify = True  # httpx's verify for the test's own reads
+        if pki is not None:
+            server = pki.files("etcd-server")
+            self.tls_flags = ["--cert-file", server.certfile, "--key-file", server.keyfile,
+                              "--client-cert-auth", "--trusted-ca-file", server.ca_certs]
+            self.verify = client_context(pki.files("etcd-test-client"))
+        self.endpoint = f"{'https' if pki else 'http'}://127.0.0.1:{self.client_port}"
         self.data_dir = data_dir
         self.log_path = os.path.join(data_dir, "etcd.log")
         self._start(os.path.join(data_dir, "data"))
@@ -40,12 +50,12 @@ class EtcdServer:
             "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-cluster", f"test=http://127.0.0.1:{peer}",
+            "--initial-cluster", f"test=http://127.0.0.1:{peer}", *self.tls_flags,
         ], stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(self.endpoint + "/health", timeout=1).json().get("health") == "true":
+                if httpx.get(self.endpoint + "/health", timeout=1, verify=self.verify).json().get("health") == "true":
                     break
             except (httpx.HTTPError, ValueError):
                 pass
@@ -57,7 +67,8 @@ class EtcdServer:
     def keys(self, prefix: str) -> list[str]:
         from tandem.routing.discovery import _b64, _unb64, prefix_range_end
         r = httpx.post(self.endpoint + "/v3/kv/range",
-                       json={"key": _b64(prefix), "range_end": _b64(prefix_range_end(prefix))}, timeout=5)
+                       json={"key": _b64(prefix), "range_end": _b64(prefix_range_end(prefix))}, timeout=5,
+                       verify=self.verify)
         return sorted(_unb64(kv["key"]).decode() for kv in r.json().get("kvs", []))
 
     def stop(self) -> None:

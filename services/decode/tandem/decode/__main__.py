@@ -4,6 +4,7 @@ from __future__ import annotations
 from tandem.config import DecodeConfig, load_or_exit
 from tandem.decode.servicer import DecodeServicer
 from tandem.server import service_name, setup_logging
+from tandem.server.tls import etcd_client_tls
 from tandem.transfer import make_receiver
 from tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from tandem.worker.decode import DecodeWorker
@@ -31,7 +32,7 @@ def main(argv=None) -> None:
         wp.runtime.on_shutdown(receiver.close)
         if follow_etcd:
             discovery = PrefillDiscovery(remote.set_addresses, config.etcd_endpoint, config.etcd_prefix,
-                                         wp.model_name)
+                                         wp.model_name, tls=etcd_client_tls(config))
             discovery.start()
             wp.runtime.on_shutdown(discovery.stop, first=True)
     worker = DecodeWorker(config, wp.loop, wp.runtime.worker_id, remote)

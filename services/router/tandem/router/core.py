@@ -40,7 +40,7 @@ from tandem.routing.reasoning import ReasoningParser
 from tandem.routing.tokenizer import RouterTokenizer
 from tandem.routing.tool_parsers import ForcedToolParser, ToolCall, make_parser
 from tandem.server.auth import BearerCheck, read_secret
-from tandem.server.tls import tls_files
+from tandem.server.tls import etcd_client_tls, tls_files
 from tandem.v1 import common_pb2, decode_pb2
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,8 @@ class RouterCore:
         if self.config.discovery == "static":
             await self.pool.set_workers(static_worker_infos(self.config.workers))
         else:
-            self.watcher = EtcdWatcher(self.config.etcd_endpoint, self.config.etcd_prefix, self._on_discovery)
+            self.watcher = EtcdWatcher(self.config.etcd_endpoint, self.config.etcd_prefix, self._on_discovery,
+                                       tls=etcd_client_tls(self.config))
             self._watch_task = asyncio.create_task(self.watcher.run(), name="etcd-watch")
 
     async def _on_discovery(self, infos: dict[str, common_pb2.WorkerInfo]) -> None:
