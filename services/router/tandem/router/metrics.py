@@ -1,6 +1,7 @@
 """Router metrics: Dynamo's frontend and routing metrics from the shared `tandem.metrics`
 library (dynamo_frontend_*, dynamo_router_overhead_*, tandem_router_decisions/overlap/retries),
-plus the router's own view of its workers (tandem_router_worker_*, tandem_router_kv_*)."""
+plus the router's own view of its workers (tandem_router_worker_*, tandem_router_kv_*) and the
+streams it dropped because their client stopped taking data (tandem_router_stalled_streams_total)."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -19,3 +20,7 @@ class RouterMetrics:
                                     ["model", "worker_id"], registry=registry)
         self.indexed_blocks = Gauge("tandem_router_kv_indexed_blocks",
                                     "Distinct prefix blocks in the router's KV index.", ["model"], registry=registry)
+        self.stalled_streams = Counter(
+            "tandem_router_stalled_streams", "Streams dropped because the client took no data for "
+            "--stream-stall-timeout seconds (their worker request cancelled), by API (http, grpc).",
+            ["model", "api"], registry=registry)
