@@ -118,19 +118,10 @@ class RouterApp:
             raise RuntimeError(f"router failed to start: {errors[0]}") from errors[0]
         log.info("router HTTP (OpenAI API) on http://%s, policy %s", self.http_address, self.config.routing_policy)
 
-    def _http_protocol(self) -> type[asyncio.Protocol] | str:
-        """uvicorn's HTTP protocol, its connections dropped when their client stalls (unless
-        --stream-stall-timeout is 0)."""
+    def _http_protocol(self) -> type[asyncio.Protocol]:
+        """uvicorn's HTTP protocol, its connections dropped when their client stalls."""
         timeout = self.config.stream_stall_timeout
-        if not timeout:
-            return "auto"
-
-        def on_stall(peer: str, waiting: int) -> None:
-            self.metrics.stalled_streams.labels(self.model_name, "http").inc()
-            log.warning("HTTP client %s took no data for %g s (%d bytes waiting): connection dropped and its "
-                        "request cancelled (--stream-stall-timeout)", peer, timeout, waiting)
-
-        return stall_guarded(AutoHTTPProtocol, timeout, on_stall)
+        return stall_guarded(AutoHTTPProtocol, timeout, self.metrics.stall_events("http", timeout))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the HTTP server, close worker channels and the loop thread."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import uuid
 from collections.abc import Callable
 
@@ -27,8 +26,6 @@ from tandem.routing.openai_protocol import MAX_N, OpenAIError
 from tandem.routing.sampling import check_sampling
 from tandem.routing.tool_parsers import Tool, check_tool_name, forced_schema
 from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
-
-log = logging.getLogger(__name__)
 
 # Chunks handed to the gRPC thread and not yet sent, per call: a client that stops reading holds
 # back the worker's stream (flow control) instead of filling an unbounded queue.
@@ -104,7 +101,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             timeout = None
         core = self.core
         stall_timeout = core.config.stream_stall_timeout
-        window = SendWindow(SEND_WINDOW, stall_timeout)
+        events = core.metrics.stall_events("grpc", stall_timeout)
+        window = SendWindow(SEND_WINDOW, stall_timeout, events.write_waited)
 
         calls: dict[int, int] = {}  # tool calls sent so far, per sample
 
@@ -124,10 +122,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         chunk.usage.CopyFrom(d.usage)
                     await window.put(chunk)
             except SendStalled:
-                core.metrics.stalled_streams.labels(core.model_name, "grpc").inc()
-                log.warning("request %s: gRPC client %s took no message for %g s: stream cancelled and its "
-                            "worker request aborted (--stream-stall-timeout)", prep.request_id, context.peer(),
-                            window.stalled_for())
+                events.stalled(f"{context.peer()} (request {prep.request_id})", f"{SEND_WINDOW} messages")
                 context.cancel()
             except RouterError as e:
                 error = e

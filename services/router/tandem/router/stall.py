@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import logging
 import queue
 import termios
 import time
 from collections.abc import Callable, Iterator
-
-log = logging.getLogger(__name__)
+from typing import Protocol
 
 _END = object()
 
@@ -49,16 +47,24 @@ def unacknowledged_bytes(transport: asyncio.Transport) -> int:
         return pending
 
 
+class StallEvents(Protocol):
+    def write_waited(self) -> None:
+        """A stream's writes began to wait for its client."""
+
+    def stalled(self, peer: str, waiting: str) -> None:
+        """A stream is dropped: its client took nothing for the timeout (once per stream)."""
+
+
 class WriteStallGuard:
-    """Watches one connection's transport while writing is paused; after ``timeout`` seconds in
-    which the client took no byte, calls ``on_stall(peer, waiting_bytes)`` once and aborts the
+    """Watches one connection's transport while writing is paused; after ``timeout`` seconds
+    (0: never) in which the client took no byte, reports ``events.stalled`` once and aborts the
     connection (the server then sees the client gone and cancels the request)."""
 
-    def __init__(self, transport: asyncio.Transport, timeout: float, on_stall: Callable[[str, int], None],
+    def __init__(self, transport: asyncio.Transport, timeout: float, events: StallEvents,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.transport = transport
         self.timeout = timeout
-        self.on_stall = on_stall
+        self.events = events
         self.loop = loop
         self.stalled = False
         self._timer: asyncio.TimerHandle | None = None
@@ -66,7 +72,8 @@ class WriteStallGuard:
         self._waiting = 0
 
     def paused(self) -> None:
-        if self._timer is not None or self.stalled:
+        self.events.write_waited()
+        if self._timer is not None or self.stalled or not self.timeout:
             return
         self._since = self.loop.time()
         self._waiting = unacknowledged_bytes(self.transport)
@@ -89,15 +96,14 @@ class WriteStallGuard:
         if now - self._since >= self.timeout:
             self.stalled = True
             peer = self.transport.get_extra_info("peername")
-            self.on_stall(f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer), waiting)
+            self.events.stalled(f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer), f"{waiting} bytes")
             self.transport.abort()
             return
         self._timer = self.loop.call_later(min(check_interval(self.timeout), self._since + self.timeout - now),
                                            self._check)
 
 
-def stall_guarded(protocol: type[asyncio.Protocol], timeout: float,
-                  on_stall: Callable[[str, int], None]) -> type[asyncio.Protocol]:
+def stall_guarded(protocol: type[asyncio.Protocol], timeout: float, events: StallEvents) -> type[asyncio.Protocol]:
     """A subclass of uvicorn's HTTP protocol class ``protocol`` whose connections are dropped
     when they stall (``uvicorn.Config(http=...)`` takes it)."""
 
@@ -105,7 +111,7 @@ def stall_guarded(protocol: type[asyncio.Protocol], timeout: float,
         _stall_guard: WriteStallGuard | None = None
 
         def connection_made(self, transport) -> None:
-            self._stall_guard = WriteStallGuard(transport, timeout, on_stall, asyncio.get_running_loop())
+            self._stall_guard = WriteStallGuard(transport, timeout, events, asyncio.get_running_loop())
             super().connection_made(transport)
 
         def pause_writing(self) -> None:
@@ -136,15 +142,20 @@ class SendWindow:
     at most ``size`` handed over and not yet sent. ``put`` raises SendStalled once a send has been
     in progress for ``stall_timeout`` seconds (0: never) with the window full."""
 
-    def __init__(self, size: int, stall_timeout: float) -> None:
+    def __init__(self, size: int, stall_timeout: float, on_wait: Callable[[], None]) -> None:
         self.stall_timeout = stall_timeout
+        self.on_wait = on_wait
         self._room = asyncio.Semaphore(size)  # bound to the loop that first waits on it
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._sending_since: float | None = None  # set by the writer thread
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def put(self, item: object) -> None:
+        """Hand over ``item``; waits while the window is full (reported once per wait to
+        ``on_wait``), raises SendStalled when the client took nothing for the stall timeout."""
         self._loop = asyncio.get_running_loop()
+        if self._room.locked():
+            self.on_wait()
         while True:
             try:
                 async with asyncio.timeout(self._time_left()):
