@@ -4,14 +4,12 @@ request and frees its pages, and the next request is served; a slow client that 
 is served to the end, however long its writes wait.
 
 On loopback the kernel's socket buffers would absorb a whole stream, so the raw HTTP clients
-advertise a tiny receive buffer and segment size (the router's send buffer is sized from them)
-and the gRPC client keeps its flow-control window at 16 KiB. Each token of a chat stream with
-20 top logprobs is ~1.7 KB of SSE, so a few hundred tokens fill every buffer."""
+advertise a tiny receive buffer and segment size (tests/support/stalled_client.py) and the gRPC
+client keeps its flow-control window at 16 KiB. Each token of a chat stream with 20 top
+logprobs is ~1.7 KB of SSE, so a few hundred tokens fill every buffer."""
 from __future__ import annotations
 
 import json
-import socket
-import time
 
 import grpc
 import httpx
@@ -21,6 +19,7 @@ from tandem.v1 import router_pb2, router_pb2_grpc
 
 from tests.support.clients import pages_in_use, sampling
 from tests.support.procs import start_service
+from tests.support.stalled_client import large_chat_stream, raw_http_stream, read_to_end
 from tests.support.waiting import wait_for
 
 MODEL = "models/tandem-demo-dense"
@@ -50,41 +49,11 @@ def metric(address: str, name: str, **labels: str) -> float:
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
-def chat_body(max_tokens: int) -> dict:
-    return {"model": NAME, "messages": [{"role": "user", "content": "Tell me a story."}], "stream": True,
-            "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0, "logprobs": True, "top_logprobs": 20}
+CHAT = "/v1/chat/completions"
 
 
-def raw_http_stream(http: str, body: dict) -> socket.socket:
-    """A streaming request on a socket with a tiny receive buffer and segment size; nothing read yet."""
-    host, port = http.rsplit(":", 1)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # before connect: the advertised window
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
-    sock.connect((host, int(port)))
-    raw = json.dumps(body).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (http.encode(), len(raw), raw))
-    return sock
-
-
-def read_to_end(sock: socket.socket, sip: int = 1 << 16, pause: float = 0.0) -> bytes:
-    """Everything until the server closes (or resets) the connection, ``sip`` bytes at a time."""
-    sock.settimeout(60)
-    parts = []
-    while True:
-        try:
-            b = sock.recv(sip)
-        except ConnectionResetError:
-            break
-        if not b:
-            break
-        parts.append(b)
-        if b"data: [DONE]" in b"".join(parts[-2:]):
-            break
-        if pause:
-            time.sleep(pause)
-    return b"".join(parts)
+def chat(max_tokens: int) -> dict:
+    return large_chat_stream(NAME, max_tokens)
 
 
 def sse_events(data: bytes) -> list[dict]:
@@ -103,7 +72,7 @@ def counters(router, decode) -> dict:
 
 def assert_served_after(router) -> None:
     r = httpx.post(f"http://{router.info['http']}/v1/chat/completions", timeout=60,
-                   json={**chat_body(8), "stream": False})
+                   json={**chat(8), "stream": False})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 8
 
@@ -122,7 +91,7 @@ def assert_dropped_and_freed(router, decode, before: dict, api: str) -> None:
 def test_http_client_that_stops_reading_is_dropped_and_its_pages_freed(stack):
     router, decode = stack
     before = counters(router, decode)
-    sock = raw_http_stream(router.info["http"], chat_body(LONG))
+    sock = raw_http_stream(router.info["http"], CHAT, chat(LONG))
     try:
         assert_dropped_and_freed(router, decode, before, "http")
         data = read_to_end(sock)  # what the buffers held, then the connection ends
@@ -161,7 +130,7 @@ def test_slow_http_client_that_keeps_reading_is_not_dropped(stack):
     router, decode = stack
     before = counters(router, decode)
     max_tokens = 100
-    sock = raw_http_stream(router.info["http"], chat_body(max_tokens))
+    sock = raw_http_stream(router.info["http"], CHAT, chat(max_tokens))
     try:
         data = read_to_end(sock, sip=1024, pause=0.05)
     finally:
