@@ -9,6 +9,8 @@ import json
 import socket
 import time
 
+TCP_ESTABLISHED = 1  # tcp_info.tcpi_state (Linux)
+
 
 def raw_http_stream(http: str, path: str, body: dict) -> socket.socket:
     """POST ``body`` to ``path`` at ``http`` (host:port) on such a socket; nothing read yet."""
@@ -41,6 +43,17 @@ def read_to_end(sock: socket.socket, sip: int = 1 << 16, pause: float = 0.0, tim
         if pause:
             time.sleep(pause)
     return b"".join(parts)
+
+
+def closed_by_server(sock: socket.socket, timeout: float) -> bool:
+    """Without reading anything: whether the server closes or resets the connection (its TCP
+    state leaves ESTABLISHED) within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_ESTABLISHED:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def large_chat_stream(model: str, max_tokens: int, content: str = "Tell me a story.") -> dict:

@@ -19,6 +19,9 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import queue
+import socket
+import struct
+import sys
 import termios
 import time
 from collections.abc import Callable, Iterator
@@ -42,9 +45,20 @@ def unacknowledged_bytes(transport: asyncio.Transport) -> int:
     try:
         out = bytearray(4)
         fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, out)  # TIOCOUTQ == SIOCOUTQ on sockets
-        return pending + int.from_bytes(out, "little", signed=True)
+        return pending + int.from_bytes(out, sys.byteorder, signed=True)
     except OSError:
         return pending
+
+
+def reset_on_close(transport: asyncio.Transport) -> None:
+    """Closing the socket then resets the connection (SO_LINGER 0) and frees what its send buffer
+    holds; a plain close would leave the kernel trying to deliver it to the stalled client."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
 
 
 class StallEvents(Protocol):
@@ -97,6 +111,7 @@ class WriteStallGuard:
             self.stalled = True
             peer = self.transport.get_extra_info("peername")
             self.events.stalled(f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer), f"{waiting} bytes")
+            reset_on_close(self.transport)
             self.transport.abort()
             return
         self._timer = self.loop.call_later(min(check_interval(self.timeout), self._since + self.timeout - now),
