@@ -1,6 +1,7 @@
 """The router's send-stall watchdog on its own: an HTTP connection whose client takes no byte
 while writing is paused is aborted once; one that keeps taking bytes never is; the gRPC send
-window holds back the producer and raises SendStalled only while a send makes no progress.
+window holds back the producer and raises SendStalled only while a send makes no progress;
+n > 1 samples run at most the merge window ahead of a stalled consumer.
 (The real processes: tests/integration/test_stalled_clients.py.)"""
 from __future__ import annotations
 
@@ -134,3 +135,42 @@ def test_send_window_without_timeout_waits_for_a_slow_writer():
 
     sent = asyncio.run(run())
     assert sent[:3] == ["a", "b", "c"] and isinstance(sent[3], RuntimeError)
+
+
+def test_n_samples_run_at_most_the_merge_window_ahead_of_a_stalled_consumer(tiny_model_dir):
+    """n > 1: while the consumer (the client's stream) takes nothing, the samples' worker streams
+    are no longer read once MERGED_DELTAS_WAITING deltas wait; they go on when it reads."""
+    from prometheus_client import CollectorRegistry
+    from tandem.config import RouterConfig
+    from tandem.router.core import MERGED_DELTAS_WAITING, Delta, Prepared, RouterCore
+    from tandem.router.metrics import RouterMetrics
+    from tandem.routing.policies import Decision
+    from tandem.routing.tokenizer import RouterTokenizer
+    from tandem.v1 import common_pb2
+
+    pulled: list[int] = []
+    per_sample = 500
+
+    class EndlessWorkers(RouterCore):
+        async def _run_sample(self, prep, index, deadline, pin=None):  # each sample: a worker stream
+            prep.decision = Decision("w")
+            for k in range(per_sample):
+                pulled.append(index)
+                yield Delta("x", [1], [], index=index, finish_reason=1 if k == per_sample - 1 else 0)
+
+    cfg = RouterConfig(model_path=tiny_model_dir, workers=[])
+    core = EndlessWorkers(cfg, RouterTokenizer(tiny_model_dir), RouterMetrics(CollectorRegistry(), "m"), "m")
+    n = 4
+
+    async def run():
+        deltas = core.run(Prepared("r", [1, 2], common_pb2.SamplingParams(max_tokens=per_sample), n=n))
+        await deltas.__anext__()
+        for _ in range(200):  # the consumer stalls; every pump gets many turns
+            await asyncio.sleep(0)
+        held_back = len(pulled)
+        rest = [d async for d in deltas]
+        return held_back, 1 + len(rest)
+
+    held_back, received = asyncio.run(run())
+    assert held_back <= MERGED_DELTAS_WAITING + n + 1  # waiting + one per pump in hand + the one consumed
+    assert received == n * per_sample
