@@ -348,6 +348,11 @@ class RouterConfig(ServerConfig, EtcdClientConfig):
     max_concurrent_requests_per_key: int = Field(
         0, ge=0, description="Requests in flight per client key (its bearer token, else its address); more get "
         "429 / RESOURCE_EXHAUSTED (0 = unlimited).")
+    stream_stall_timeout: float = Field(
+        60.0, ge=0, description="Seconds a client may take no data while the router has output waiting for it "
+        "(HTTP: its socket takes no byte; gRPC: no message send completes); then its stream is dropped and the "
+        "worker's request cancelled, freeing its KV pages. A slow client that keeps reading is never dropped "
+        "(0 = never drop).")
     health_check_interval: float = Field(0.5, gt=0, description="Seconds between worker health checks.")
     health_check_failures: int = Field(
         2, ge=1, description="Timed-out health checks in a row that take a worker out of rotation (a refused "

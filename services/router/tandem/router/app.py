@@ -24,9 +24,11 @@ from tandem.router.core import RouterCore
 from tandem.router.grpc_api import RouterServicer
 from tandem.router.http_api import build_http_app
 from tandem.router.metrics import RouterMetrics
+from tandem.router.stall import stall_guarded
 from tandem.routing.grammar_check import warm as warm_grammar_check
 from tandem.routing.tokenizer import RouterTokenizer
 from tandem.server.tls import TlsReloader, reload_ssl_context, uvicorn_ssl_options
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,8 @@ class RouterApp:
         started = threading.Event()
         errors: list[BaseException] = []
         uv_config = uvicorn.Config(build_http_app(self.core, self.registry), log_level="warning", access_log=False,
-                                   timeout_graceful_shutdown=2, lifespan="off", **uvicorn_ssl_options(self.core.tls))
+                                   timeout_graceful_shutdown=2, lifespan="off", http=self._http_protocol(),
+                                   **uvicorn_ssl_options(self.core.tls))
         self._server = uvicorn.Server(uv_config)
 
         async def main() -> None:
@@ -114,6 +117,11 @@ class RouterApp:
         if errors:
             raise RuntimeError(f"router failed to start: {errors[0]}") from errors[0]
         log.info("router HTTP (OpenAI API) on http://%s, policy %s", self.http_address, self.config.routing_policy)
+
+    def _http_protocol(self) -> type[asyncio.Protocol]:
+        """uvicorn's HTTP protocol, its connections dropped when their client stalls."""
+        timeout = self.config.stream_stall_timeout
+        return stall_guarded(AutoHTTPProtocol, timeout, self.metrics.stall_events("http", timeout))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the HTTP server, close worker channels and the loop thread."""

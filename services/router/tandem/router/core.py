@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 # Worker failures that say nothing about the request itself: another worker may succeed.
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED}
 
+# n > 1: deltas of all samples that may wait for the consumer (the client) before the samples'
+# worker streams are no longer read.
+MERGED_DELTAS_WAITING = 32
+
 
 class RouterError(Exception):
     """A request failed; `code` is the gRPC status the gRPC API returns (HTTP maps it)."""
@@ -317,6 +321,9 @@ class RouterCore:
         if not prep.sampling.HasField("seed"):
             prep.sampling.seed = random.getrandbits(63)  # n samples: distinct and reproducible seeds
         q: asyncio.Queue = asyncio.Queue()
+        # Deltas waiting for the consumer, all samples together: while the client is slow (or
+        # stalled) the samples' worker streams are held back by flow control instead of queueing here.
+        room = asyncio.Semaphore(MERGED_DELTAS_WAITING)
         started = asyncio.Event()
         first = prep.sample(0)
         _DONE = object()
@@ -325,12 +332,13 @@ class RouterCore:
             try:
                 async for d in self._run_sample(sample, i, deadline, pin):
                     started.set()
-                    await q.put(d)
+                    await room.acquire()
+                    q.put_nowait(d)
             except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                await q.put(e)
+                q.put_nowait(e)
             finally:
                 started.set()
-                await q.put(_DONE)
+                q.put_nowait(_DONE)
 
         tasks = [asyncio.create_task(pump(0, first, None))]
         try:
@@ -345,6 +353,7 @@ class RouterCore:
                 elif isinstance(item, BaseException):
                     raise item
                 else:
+                    room.release()
                     yield item
         finally:
             for t in tasks:

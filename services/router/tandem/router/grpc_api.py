@@ -6,7 +6,8 @@ tool_choice (calls come back parsed in TokenChunk.tool_calls), and the router's 
 parser fills TokenChunk.reasoning_text.
 
 Each call is bridged into the router's asyncio loop: a pump task runs the request there and
-hands chunks to the gRPC thread through a queue. When the RPC ends early (client cancel or
+hands chunks to the gRPC thread through a bounded window (``stall.SendWindow``); a client that
+takes no message for --stream-stall-timeout seconds gets its call cancelled. When the RPC ends early (client cancel or
 deadline), the gRPC callback cancels the pump task, which cancels the worker's Generate call.
 The caller's deadline is passed on to the worker call.
 """
@@ -14,19 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import uuid
 from collections.abc import Callable
 
 import grpc
 from tandem.router.core import Prepared, RouterCore, RouterError
+from tandem.router.stall import SendStalled, SendWindow
 from tandem.routing.limits import RequestLimits
 from tandem.routing.openai_protocol import MAX_N, OpenAIError
 from tandem.routing.sampling import check_sampling
 from tandem.routing.tool_parsers import Tool, check_tool_name, forced_schema
 from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
 
-_END = object()
+# Chunks handed to the gRPC thread and not yet sent, per call: a client that stops reading holds
+# back the worker's stream (flow control) instead of filling an unbounded queue.
+SEND_WINDOW = 16
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -93,17 +96,21 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           "incorrect or missing API key: send 'authorization: Bearer <key>' metadata")
         prep = self._prepare(request, context)
-        q: queue.SimpleQueue = queue.SimpleQueue()
         timeout = context.time_remaining()
         if timeout is not None and timeout > 1e7:  # no deadline: gRPC reports ~int64 max
             timeout = None
         core = self.core
+        stall_timeout = core.config.stream_stall_timeout
+        events = core.metrics.stall_events("grpc", stall_timeout)
+        window = SendWindow(SEND_WINDOW, stall_timeout, events.write_waited)
 
         calls: dict[int, int] = {}  # tool calls sent so far, per sample
 
         async def pump() -> None:
+            error: RouterError | None = None
+            deltas = core.run(prep, timeout)
             try:
-                async for d in core.run(prep, timeout):
+                async for d in deltas:
                     chunk = common_pb2.TokenChunk(
                         request_id=prep.request_id, token_ids=d.token_ids, text=d.text, logprobs=d.logprobs,
                         finish_reason=d.finish_reason, matched_stop=d.matched_stop, index=d.index,
@@ -113,20 +120,21 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     calls[d.index] = calls.get(d.index, 0) + len(d.tool_calls)
                     if d.usage is not None:
                         chunk.usage.CopyFrom(d.usage)
-                    q.put(chunk)
+                    await window.put(chunk)
+            except SendStalled:
+                events.stalled(f"{context.peer()} (request {prep.request_id})", f"{SEND_WINDOW} messages")
+                context.cancel()
             except RouterError as e:
-                q.put(e)
+                error = e
             except Exception as e:  # a bug: report it instead of hanging the call
-                q.put(RouterError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
+                error = RouterError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
             finally:
-                q.put(_END)
+                window.close(error)
+                await deltas.aclose()
 
         fut = asyncio.run_coroutine_threadsafe(pump(), self.loop())
         context.add_callback(fut.cancel)
-        while True:
-            item = q.get()
-            if item is _END:
-                return
+        for item in window.items():
             if isinstance(item, RouterError):
                 context.abort(item.code, item.message)
             yield item
