@@ -139,7 +139,13 @@ class Load:
         kind = self.rng.choices(self.KINDS, self.WEIGHTS)[0]
         try:
             if kind == "stall":
-                await asyncio.to_thread(self.stalled_client, self._prompt(20))
+                # Counted here, on the loop: threads adding to the counts could lose an update
+                # (stalled clients dropped in one watchdog pass end together).
+                error = await asyncio.to_thread(self.stalled_client, self._prompt(20))
+                if error is None:
+                    self.ok["stall"] += 1
+                else:
+                    self.unexpected.append(error)
                 return
             if kind == "bad":
                 body = self.rng.choice([{"model": self.model, "prompt": "x", "max_tokens": -1},
@@ -178,9 +184,9 @@ class Load:
         except httpx.HTTPError as e:
             self.unexpected.append(f"{kind}: {type(e).__name__}: {e}")
 
-    def stalled_client(self, prompt: str) -> None:
+    def stalled_client(self, prompt: str) -> str | None:
         """Stops reading at once; the router must drop the stream (reset the connection) once the
-        buffers are full and the stall timeout passed."""
+        buffers are full and the stall timeout passed. Returns None when it did, else the error."""
         http = self.url.split("://", 1)[1].split("/", 1)[0]
         try:
             sock = raw_http_stream(http, "/v1/chat/completions",
@@ -191,13 +197,11 @@ class Load:
             finally:
                 sock.close()
         except OSError as e:
-            self.unexpected.append(f"stall: {type(e).__name__}: {e}")
-            return
+            return f"stall: {type(e).__name__}: {e}"
         if dropped and b"data: [DONE]" not in data:
-            self.ok["stall"] += 1
-        else:
-            self.unexpected.append(f"stall: not dropped within {self.stall_timeout + STALL_GRACE_S:g} s: "
-                                   f"{data[:120]!r} ... {data[-120:]!r}")
+            return None
+        return (f"stall: not dropped within {self.stall_timeout + STALL_GRACE_S:g} s: "
+                f"{data[:120]!r} ... {data[-120:]!r}")
 
     async def run(self, concurrency: int, duration: float) -> None:
         deadline = time.monotonic() + duration
