@@ -106,6 +106,11 @@ class ModelRunner:
     def _future_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.where(ids < 0, self.future[(-ids - 1).clamp_(min=0)], ids)
 
+    def _input_ids(self, host_ids, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` (device) with placeholders resolved; ``host_ids``, the same ids on the host,
+        tell without a device sync whether there is any."""
+        return self._future_tokens(ids) if np.min(host_ids) < 0 else ids
+
     def _tensor(self, data, dtype=torch.long):
         return torch.tensor(data, dtype=dtype, device=self.device)
 
@@ -122,7 +127,7 @@ class ModelRunner:
         vec, table = decode_inputs(batch, self.page_size)
         vec_t = torch.from_numpy(vec).to(self.device)
         return ForwardBatch(
-            input_ids=self._future_tokens(vec_t[0]) if vec[0].min() < 0 else vec_t[0], positions=vec_t[1], slot_mapping=vec_t[2], seq_lens=vec_t[3],
+            input_ids=self._input_ids(vec[0], vec_t[0]), positions=vec_t[1], slot_mapping=vec_t[2], seq_lens=vec_t[3],
             page_table=torch.from_numpy(table).to(self.device), is_decode=True,
             num_splits=default_num_splits(len(batch), self.num_kv_heads, self.num_sms),
         )
@@ -133,7 +138,7 @@ class ModelRunner:
         req_t = torch.from_numpy(req_vec).to(self.device)
         rows = logits_rows(req_vec[0].tolist(), req_vec[1].tolist(), all_rows)
         return ForwardBatch(
-            input_ids=self._future_tokens(tok_t[0]) if tok[0].min() < 0 else tok_t[0], positions=tok_t[1], slot_mapping=tok_t[2], page_table=torch.from_numpy(table).to(
+            input_ids=self._input_ids(tok[0], tok_t[0]), positions=tok_t[1], slot_mapping=tok_t[2], page_table=torch.from_numpy(table).to(
                 self.device), seq_lens=req_t[2], q_start=req_t[0], q_lens=req_t[1], max_q_len=int(req_vec[1].max()),
             logits_indices=self._tensor(rows),
         )
@@ -173,7 +178,7 @@ class ModelRunner:
             qpos = torch.where(torch.arange(Qmax, device=self.device)[None, :] < lens_t[:, None], qpos, 0)
             mask = (kv_idx[None, None, :] <= qpos[:, :, None])[:, None]
         return ForwardBatch(
-            input_ids=self._future_tokens(self._tensor(ids)) if min(ids) < 0 else self._tensor(ids),
+            input_ids=self._input_ids(ids, self._tensor(ids)),
             positions=positions,
             slot_mapping=slot_mapping,
             q_batch_idx=q_batch,
