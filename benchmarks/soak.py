@@ -225,6 +225,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="result file (default benchmarks/results/soak_<time>.json)")
     args = p.parse_args(argv)
+    git = git_info()  # at start: the tree may change during a long run
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"soak_{timestamp()}.json"
     cfg = stack_config(args.mode, args.model, 1, 1, args.port_base,
                        sections={"router": {"stream_stall_timeout": args.stall_timeout}})
@@ -262,7 +263,7 @@ def main(argv=None) -> int:
         "every stalled client dropped and counted by the router": stalled == load.ok["stall"],
     }
     result = {
-        "command": [sys.executable, *sys.argv], "git": git_info(), "machine": machine_info(),
+        "command": [sys.executable, *sys.argv], "git": git, "machine": machine_info(),
         "note": "measured on a shared 2-core CPU machine with other test runs: latency-free figures only",
         "duration_s": round(ran, 1), "concurrency": args.concurrency, "mode": args.mode, "model": model,
         "completed": load.ok, "expected_errors": load.expected_errors,
