@@ -8,6 +8,7 @@ The aux buffer is ``[num_aux_slots, AUX_SLOT_BYTES]`` uint8 (rows written by KV 
 from __future__ import annotations
 
 import torch
+from tandem.hicache.page_allocator import PageAllocator
 
 # One aux slot per pre-allocated request: the metadata row (the first token of each sample, its
 # logprob and top logprobs) that prefill writes next to the KV pages. Its format belongs to the KV
@@ -20,42 +21,20 @@ class OutOfPages(RuntimeError):
     """Raised by callers that need pages the pool cannot give (the scheduler never lets it escape)."""
 
 
-class KVPool:
+class KVPool(PageAllocator):
     def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: str, num_aux_slots: int = 256):
         if num_pages < 1:
             raise ValueError(f"KV pool needs at least one page, got num_pages={num_pages}")
-        self.num_layers, self.num_pages, self.page_size = num_layers, num_pages, page_size
+        super().__init__(num_pages)
+        self.num_layers, self.page_size = num_layers, page_size
         self.num_kv_heads, self.head_dim, self.dtype, self.device = num_kv_heads, head_dim, dtype, device
         shape = (num_pages, page_size, num_kv_heads, head_dim)
         self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         # Aux rows stay on the host: they are tiny and read by Python.
         self.aux = torch.zeros((num_aux_slots, AUX_SLOT_BYTES), dtype=torch.uint8)
-        self._free_pages = list(range(num_pages - 1, -1, -1))  # pop() hands out low indices first
         self._free_aux = list(range(num_aux_slots - 1, -1, -1))
-
-    # ---- pages -------------------------------------------------------------------------
-    @property
-    def num_free_pages(self) -> int:
-        return len(self._free_pages)
-
-    @property
-    def num_used_pages(self) -> int:
-        return self.num_pages - len(self._free_pages)
-
-    def alloc(self, n: int) -> list[int] | None:
-        """n pages, or None (nothing taken) when fewer are free."""
-        if n > len(self._free_pages):
-            return None
-        if n == 0:
-            return []
-        out = self._free_pages[-n:][::-1]
-        del self._free_pages[-n:]
-        return out
-
-    def free(self, pages) -> None:
-        self._free_pages.extend(pages)
 
     # ---- aux slots ---------------------------------------------------------------------
     @property

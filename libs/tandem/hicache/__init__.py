@@ -1,8 +1,9 @@
 """HiCache: the host-memory and storage tiers below the engine's device KV pool.
 
 This package knows nothing of the engine's radix tree or scheduler: it holds host pages
-(``host_pool``), moves pages between a device pool and the host (``io``), keeps pages in a
-storage tier (``file_storage``) and ties them together (``controller``). The engine's
+(``host_pool``; its free list, ``page_allocator``, serves the device pool too), moves pages
+between a device pool and the host (``io``), keeps pages in a storage tier (``file_storage``)
+and ties them together (``controller``). The engine's
 tier-aware radix cache (``tandem.engine.hiradix_cache``) decides what moves when.
 """
 from .config import HiCacheSettings, host_pool_pages, validate_settings

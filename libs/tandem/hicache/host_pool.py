@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import torch
 
+from .page_allocator import PageAllocator
+
 LAYOUTS = ("layer_first", "page_first")
 
 
-class HostKVPool:
+class HostKVPool(PageAllocator):
     def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, layout: str = "layer_first", pin_memory: bool = False):
         if layout not in LAYOUTS:
             raise ValueError(f"hicache_mem_layout={layout!r}: expected one of {', '.join(LAYOUTS)}")
         if num_pages < 1:
             raise ValueError(f"host KV pool needs at least one page, got {num_pages}")
-        self.num_layers, self.num_pages, self.page_size = num_layers, num_pages, page_size
+        super().__init__(num_pages)
+        self.num_layers, self.page_size = num_layers, page_size
         self.num_kv_heads, self.head_dim, self.dtype, self.layout = num_kv_heads, head_dim, dtype, layout
         page_shape = (page_size, num_kv_heads, head_dim)
         if layout == "page_first":
@@ -34,30 +37,10 @@ class HostKVPool:
                               for _ in range(num_layers)]
             self.v_buffers = [torch.zeros((num_pages, *page_shape), dtype=dtype, pin_memory=pin_memory)
                               for _ in range(num_layers)]
-        self._free = list(range(num_pages - 1, -1, -1))
 
     @property
     def bytes_per_page(self) -> int:
         return 2 * self.num_layers * self.page_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
-
-    @property
-    def num_free_pages(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_used_pages(self) -> int:
-        return self.num_pages - len(self._free)
-
-    def alloc(self, n: int) -> list[int] | None:
-        """n host pages, or None (nothing taken) when fewer are free."""
-        if n > len(self._free):
-            return None
-        out = self._free[len(self._free) - n:][::-1]
-        del self._free[len(self._free) - n:]
-        return out
-
-    def free(self, pages) -> None:
-        self._free.extend(pages)
 
     def page_data(self, page: int) -> torch.Tensor:
         """A page's K and V as one contiguous ``[2, layers, page_size, heads, head_dim]`` tensor
