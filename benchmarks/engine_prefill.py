@@ -72,7 +72,7 @@ def run(args, git: dict, started: str, machine: dict) -> dict:
     # An n-token prompt plus its one output token needs a context of n + 1: with a model whose
     # max_position_embeddings is exactly 8192 the 8k row would be refused, so the context is
     # raised to fit (SGLang's --context-length does the same) and recorded in the results.
-    longest = max(max(lengths), sum(args.prefix_tokens) + args.prefix_tokens[1])
+    longest = max(max(lengths), sum(args.prefix_tokens))  # the prefix case: shared + new tokens
     context_length = max(cfg.get("max_position_embeddings", 0), longest + 1)
     llm = LLM(args.model, device=device, dtype=args.dtype, context_length=context_length)
     eng = llm.engine

@@ -7,8 +7,9 @@ parser fills TokenChunk.reasoning_text.
 
 Each call is bridged into the router's asyncio loop: a pump task runs the request there and
 hands chunks to the gRPC thread through a bounded window (``stall.SendWindow``); a client that
-takes no message for --stream-stall-timeout seconds gets its call cancelled. When the RPC ends early (client cancel or
-deadline), the gRPC callback cancels the pump task, which cancels the worker's Generate call.
+takes no message for --stream-stall-timeout seconds gets its call cancelled. When the RPC ends
+early (client cancel or deadline), the gRPC callback cancels the pump task, which cancels the
+worker's Generate call.
 The caller's deadline is passed on to the worker call.
 """
 from __future__ import annotations
