@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from deploy.services import module_of
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_STACK = Path(__file__).with_name("stack.yaml")
 DEFAULT_RUN_DIR = REPO / ".run" / "deploy-local"
@@ -101,7 +103,7 @@ def plan_stack(cfg: dict) -> list[ProcessSpec]:
         eplb_addr = f"{host}:{ports['eplb_grpc']}"
         # MoE workers record expert load, report it to the planner and apply its plans.
         engine.update(enable_eplb=True, eplb_planner_address=eplb_addr)
-        specs.append(ProcessSpec("eplb", "eplb", py + ["tandem.eplb_planner"], eplb_addr,
+        specs.append(ProcessSpec("eplb", "eplb", py + [module_of("eplb")], eplb_addr,
                                  f"{host}:{ports['eplb_system']}",
                                  {"host": host, "port": ports["eplb_grpc"], "system_port": ports["eplb_system"],
                                   "model_path": cfg["model_path"]}))
@@ -113,7 +115,7 @@ def plan_stack(cfg: dict) -> list[ProcessSpec]:
             conf = dict(engine, host=host, port=ports["prefill_grpc"] + i,
                         system_port=ports["prefill_system"] + i,
                         disaggregation_transfer_backend=cfg["disaggregation"]["disaggregation_transfer_backend"])
-            specs.append(ProcessSpec(f"prefill-{i}", "prefill", py + ["tandem.prefill"], addr,
+            specs.append(ProcessSpec(f"prefill-{i}", "prefill", py + [module_of("prefill")], addr,
                                      f"{host}:{ports['prefill_system'] + i}", conf))
     decode_addrs = []
     for i in range(cfg["num_decode"]):
@@ -122,11 +124,11 @@ def plan_stack(cfg: dict) -> list[ProcessSpec]:
         conf = dict(engine, host=host, port=ports["decode_grpc"] + i, system_port=ports["decode_system"] + i)
         if cfg["mode"] == "disagg":
             conf.update(cfg["disaggregation"], disaggregation_mode="decode", prefill_addresses=prefill_addrs)
-        specs.append(ProcessSpec(f"decode-{i}", "decode", py + ["tandem.decode"], addr,
+        specs.append(ProcessSpec(f"decode-{i}", "decode", py + [module_of("decode")], addr,
                                  f"{host}:{ports['decode_system'] + i}", conf))
     router = dict(cfg.get("router", {}), host=host, port=ports["router_grpc"], system_port=ports["router_system"],
                   http_port=ports["router_http"], model_path=cfg["model_path"], workers=decode_addrs)
-    specs.append(ProcessSpec("router", "router", py + ["tandem.router"], f"{host}:{ports['router_grpc']}",
+    specs.append(ProcessSpec("router", "router", py + [module_of("router")], f"{host}:{ports['router_grpc']}",
                              f"{host}:{ports['router_system']}", router))
     return specs
 
