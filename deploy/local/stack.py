@@ -310,6 +310,9 @@ class Stack:
     def _write_pids(self) -> None:
         pids = {rp.spec.name: rp.proc.pid for rp in self.running}
         (self.run_dir / "pids.json").write_text(json.dumps(pids))
+        # The process that owns this stack (`make deploy-local`): `make stop-local` asks it to stop
+        # the stack, so that a requested stop does not read as a crash of its processes.
+        (self.run_dir / "owner.pid").write_text(str(os.getpid()))
 
     def alive(self) -> dict[str, bool]:
         return {rp.spec.name: rp.proc.poll() is None for rp in self.running}
@@ -329,6 +332,7 @@ class Stack:
                 rp.proc.wait(5)
         self.running.clear()
         (self.run_dir / "pids.json").unlink(missing_ok=True)
+        (self.run_dir / "owner.pid").unlink(missing_ok=True)
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -339,20 +343,35 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 def stop_from_pidfile(run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 10.0) -> list[str]:
-    """`make stop-local`: stop a stack started by another process."""
-    pidfile = Path(run_dir) / "pids.json"
+    """`make stop-local`: stop a stack started by another process. Its owner (the running `make
+    deploy-local`) gets SIGTERM and stops the stack itself, exiting 0 with "stopped"; processes
+    still alive after that (an owner killed with SIGKILL leaves its stack behind) get SIGTERM,
+    then SIGKILL."""
+    run_dir = Path(run_dir)
+    pidfile = run_dir / "pids.json"
     if not pidfile.exists():
         return []
     pids = json.loads(pidfile.read_text())
-    for pid in pids.values():
+    try:
+        owner = int((run_dir / "owner.pid").read_text())
+    except (OSError, ValueError):
+        owner = None
+    if owner is not None and owner != os.getpid() and _alive(owner):
+        os.kill(owner, signal.SIGTERM)
+        deadline = time.monotonic() + timeout + 5  # the owner's own stop waits up to `timeout`
+        while time.monotonic() < deadline and _alive(owner):
+            time.sleep(0.1)
+    left = [pid for pid in pids.values() if _alive(pid)]
+    for pid in left:
         _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    for pid in pids.values():
+    for pid in left:
         while time.monotonic() < deadline and _alive(pid):
             time.sleep(0.1)
         if _alive(pid):
             _signal_group(pid, signal.SIGKILL)
     pidfile.unlink(missing_ok=True)
+    (run_dir / "owner.pid").unlink(missing_ok=True)
     return list(pids)
 
 
