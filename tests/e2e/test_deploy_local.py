@@ -23,9 +23,10 @@ STACK = REPO / "deploy" / "local" / "stack.yaml"
 
 
 def free_base(span: int = 100) -> int:
-    """A port base where base..base+span are free (best effort)."""
+    """A port base where base..base+span are free (best effort). Below the kernel's ephemeral
+    range (32768+), from which other tests' port-0 servers and every client connection draw."""
     for _ in range(50):
-        base = random.randrange(20000, 40000, 100)
+        base = random.randrange(20000, 32700 - span, 100)
         try:
             for port in range(base, base + span):
                 with socket.socket() as s:
