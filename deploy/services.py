@@ -21,11 +21,14 @@ def service_modules() -> dict[str, str]:
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "TANDEM_SERVICES"
                                                 for t in node.targets):
-            table = ast.literal_eval(node.value)
-            if not (isinstance(table, dict) and table
-                    and all(isinstance(k, str) and isinstance(v, str) for k, v in table.items())):
-                raise ValueError(f"{MACRO}: TANDEM_SERVICES must be a non-empty dict of str -> str")
-            return dict(table)
+            pairs = ast.literal_eval(node.value)
+            if not (isinstance(pairs, tuple) and pairs and all(
+                    isinstance(p, tuple) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs)):
+                raise ValueError(f"{MACRO}: TANDEM_SERVICES must be a non-empty tuple of (service, module) pairs")
+            table = dict(pairs)
+            if len(table) != len(pairs):
+                raise ValueError(f"{MACRO}: TANDEM_SERVICES names a service twice")
+            return table
     raise ValueError(f"{MACRO}: no TANDEM_SERVICES table")
 
 

@@ -129,7 +129,9 @@ def _index_caught_up(app, addresses) -> None:
     """Wait until the router's KV index has applied every KV event the workers published so far.
     A worker publishes a step's events before that step's tokens leave it, so after a response
     this covers every block the request cached or evicted: the next routing decision sees the
-    same state however late the events' stream is scheduled (under load it lagged whole requests)."""
+    same state however late the events' stream is scheduled (under load it lagged whole requests).
+    Before the first request it waits for the subscription's snapshot (the blocks earlier tests
+    left), which the policy's tie-break reads."""
     index = app.core.index
     published = {w.worker_id: load(w.address).kv_event_sequence for w in app.core.pool.workers.values()
                  if w.address in addresses}
@@ -141,14 +143,14 @@ def _run_workload(app, reqs, addresses) -> float:
     cached = total = 0
     with httpx.Client(base_url=f"http://{app.http_address}", timeout=60) as http:
         for ids in reqs:
+            if app.core.index is not None:  # before the first request too: the subscription's snapshot
+                _index_caught_up(app, addresses)
             r = http.post("/v1/completions", json={"model": app.model_name, "prompt": ids, "max_tokens": 1,
                                                    "temperature": 0})
             assert r.status_code == 200, r.text
             u = r.json()["usage"]
             cached += u["prompt_tokens_details"]["cached_tokens"]
             total += u["prompt_tokens"]
-            if app.core.index is not None:
-                _index_caught_up(app, addresses)
     return cached / total
 
 
