@@ -221,6 +221,14 @@ class ExpertDistributionRecorder:
                     total[rec["layer"]] += torch.bincount(rec["topk_ids"].reshape(-1), minlength=self.num_logical)
             return total
 
+    def last_pass_counts(self) -> torch.Tensor | None:
+        """Logical counts ``[layers, experts]`` of the newest folded pass (stat modes; a device copy,
+        no host sync), None before the first one."""
+        with self._lock:
+            if self.mode not in ("stat", "stat_approx") or not self.num_forward_passes:
+                return None
+            return self._window[(self.num_forward_passes - 1) % self.buffer_size].clone()
+
     def take_load_delta(self):
         """``(counts [layers, experts], num_forward_passes)`` since the previous call (for
         the planner's ReportLoad); resets the delta."""

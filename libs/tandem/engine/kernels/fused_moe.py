@@ -204,9 +204,14 @@ def shape_key(KS: int, H: int, inter: int, dtype: torch.dtype) -> str:
 
 
 def device_key(device: torch.device) -> str:
-    if device.type != "cuda":
-        return device.type
-    return torch.cuda.get_device_name(device).replace(" ", "_")
+    return _device_key(device.type, device.index)
+
+
+@functools.cache
+def _device_key(kind: str, index: int | None) -> str:
+    if kind != "cuda":
+        return kind
+    return torch.cuda.get_device_name(index).replace(" ", "_")
 
 
 def config_path(dev_key: str) -> str:
@@ -223,13 +228,12 @@ def _tuned(dev_key: str) -> dict:
 
 
 def get_config(T: int, KS: int, H: int, inter: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """The tuned configuration for this shape at the nearest tuned batch size (the smallest at or
-    above ``T``, else the largest), or ``default_config``."""
+    """The tuned configuration for this shape at the nearest tuned batch size at or above ``T``;
+    ``default_config`` for an untuned shape or a batch larger than any tuned (prefill)."""
     table = _tuned(device_key(device)).get(shape_key(KS, H, inter, dtype))
-    if not table:
+    at = min((int(b) for b in table or {} if int(b) >= T), default=None)
+    if at is None:
         return default_config(T, KS, H, inter, interpreter=device.type == "cpu")
-    sizes = sorted(int(b) for b in table)
-    at = next((b for b in sizes if b >= T), sizes[-1])
     return table[str(at)]
 
 
