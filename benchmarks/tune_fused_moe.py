@@ -3,8 +3,9 @@
 For each shape (``benchmarks/common/shapes.py``) and batch size T: uniform random routing of T
 tokens (top-k distinct experts each, plus the folded shared expert's chunks), bf16 weights of the
 shape, and a coordinate search over small candidate sets: for each schedule that fits T
-(``tokens`` up to T=16, ``blocks`` from T=4), the up projection's parameters with the down
-projection's fixed, then the down projection's with the best up; the fastest schedule wins.
+(``tokens`` up to T=64, with the down projection fused with the combine or split from it;
+``blocks`` from T=4), the up projection's parameters with the down projection's fixed, then the
+down projection's with the best up; the fastest schedule wins.
 Each candidate is timed with ``triton.testing.do_bench`` (median, L2 flushed between runs) over
 the whole ``fused_experts`` call. The untuned default is timed too.
 
@@ -41,7 +42,7 @@ def _cfg(bn, bk, warps, stages):
 
 
 TOKENS = [_cfg(8, 256, 4, 3), _cfg(16, 256, 4, 3), _cfg(16, 512, 4, 3), _cfg(32, 256, 4, 3), _cfg(16, 256, 8, 3),
-          _cfg(32, 512, 8, 3), _cfg(16, 128, 2, 4)]
+          _cfg(32, 512, 8, 3), _cfg(16, 128, 2, 4), _cfg(8, 512, 4, 3), _cfg(8, 128, 2, 4)]
 BLOCKS = [_cfg(64, 64, 4, 3), _cfg(128, 64, 4, 3), _cfg(64, 128, 4, 3), _cfg(32, 128, 4, 4), _cfg(128, 128, 8, 3),
           _cfg(64, 64, 4, 4)]
 
@@ -90,13 +91,15 @@ def tune_shape(name: str, batch_sizes: list, dev: str) -> tuple[dict, list]:
         default_ms = run(default)
         best = (default_ms, default)
         for mode, cands in (("tokens", TOKENS), ("blocks", BLOCKS)):
-            if (mode == "tokens" and T > 16) or (mode == "blocks" and T < 4):
+            if (mode == "tokens" and T > 64) or (mode == "blocks" and T < 4):
                 continue
             base = dict(fused_moe.default_config(1 if mode == "tokens" else max(T, 9), KS, H, inter))
             up = min(cands, key=lambda c: run(dict(base, up=c)))
-            down_ms, down = min((run(dict(base, up=up, down=c)), c) for c in cands)
+            splits = (False, True) if mode == "tokens" else (False,)
+            down_ms, down, split = min(((run(dict(base, up=up, down=c, split_down=sp)), c, sp)
+                                        for c in cands for sp in splits), key=lambda r: r[0])
             if down_ms < best[0]:
-                best = (down_ms, dict(base, up=up, down=down))
+                best = (down_ms, dict(base, up=up, down=down, split_down=split))
         ms, cfg = best
         table[str(T)] = cfg
         gbps = distinct * expert_bytes / (ms * 1e-3) / 1e9

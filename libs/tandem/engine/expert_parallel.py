@@ -229,6 +229,9 @@ class ExpertParallelLeader:
     def __init__(self, engine, ep: ExpertParallelGroup, keepalive_s: float = 10.0):
         if ep.rank != 0:
             raise ValueError(f"the EP leader must be rank 0, this process is rank {ep.rank}")
+        if not engine.model.moe_layers():
+            raise ValueError(f"ep_size={ep.size}: expert parallelism needs a MoE model; "
+                             f"{engine.config.model_path} has none")
         if engine.eplb is None or engine.eplb.dispatcher.ep_size != ep.size:
             raise ValueError("the engine was not built for this expert-parallel group "
                              "(EngineCore(config, expert_parallel=ep))")

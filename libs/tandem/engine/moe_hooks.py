@@ -50,6 +50,9 @@ class ExpertHooks:
 
     def build(self, mc, num_moe_layers: int) -> tuple[ExpertDispatcher | None, ExpertDistributionRecorder | None]:
         cfg = self.config
+        if cfg.ep_size > 1 and self.ep_size == 1:
+            raise ValueError(f"ep_size={cfg.ep_size}: the engine needs its expert-parallel group "
+                             "(tandem.engine.expert_parallel.start_expert_parallel builds both)")
         E = mc.num_experts
         recording = self.with_recorder and (cfg.enable_eplb or cfg.expert_distribution_recorder_mode is not None)
         placed = (self.location is not None or self.ep_size > 1 or cfg.enable_eplb or cfg.ep_num_redundant_experts > 0
@@ -89,9 +92,6 @@ class ExpertHooks:
 def expert_hooks(config: EngineConfig, device: str, expert_parallel=None) -> ExpertHooks:
     """The hooks of an engine: one rank, or rank ``expert_parallel.rank`` of its EP group."""
     if expert_parallel is None:
-        if config.ep_size > 1:
-            raise ValueError(f"ep_size={config.ep_size}: the engine needs its expert-parallel group "
-                             "(tandem.engine.expert_parallel.start_expert_parallel builds both)")
         return ExpertHooks(config, device)
     if expert_parallel.size != config.ep_size:
         raise ValueError(f"ep_size={config.ep_size} but the expert-parallel group has {expert_parallel.size} ranks")

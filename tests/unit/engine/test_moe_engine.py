@@ -24,14 +24,6 @@ from tandem.eplb import rebalance_experts
 from tandem.eplb.placement import ExpertLocation
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-PROMPTS = [
-    "The GNU General Public License is a free, copyleft license for",
-    "def __init__(self, name, value=None):\n    self.name = name\n",
-    "import os\nimport sys\n\n",
-    "Permission is hereby granted, free of charge, to any person obtaining a copy",
-    "class Error(Exception):\n    \"\"\"Base class for",
-    "return",
-]
 MOE_LAYERS, EXPERTS, SLOTS = 3, 8, 12
 
 
@@ -64,12 +56,17 @@ def new_plan():
 
 
 @pytest.fixture(scope="module")
-def plain_tokens(demo_models):
-    return generate(engine(demo_models["moe"]), PROMPTS, GREEDY)
+def six_prompts(prompts):  # the conftest's prompts, six of them
+    return prompts[:6]
+
+
+@pytest.fixture(scope="module")
+def plain_tokens(demo_models, six_prompts):
+    return generate(engine(demo_models["moe"]), six_prompts, GREEDY)
 
 
 @pytest.mark.parametrize("algo", ["static", "dynamic", "random"])
-def test_rebalance_mid_generation_keeps_greedy_tokens(demo_models, plain_tokens, algo):
+def test_rebalance_mid_generation_keeps_greedy_tokens(demo_models, plain_tokens, six_prompts, algo):
     eng = engine(demo_models["moe"], enable_eplb=True, ep_num_redundant_experts=SLOTS - EXPERTS,
                  ep_dispatch_algorithm=algo, init_expert_location="trivial")
     moe = eng.model.moe_layers()
@@ -78,7 +75,7 @@ def test_rebalance_mid_generation_keeps_greedy_tokens(demo_models, plain_tokens,
     ptrs = [(m.w13.data_ptr(), m.w2.data_ptr()) for m in moe]
     tables = (eng.eplb.dispatcher.log2phy.data_ptr(), eng.eplb.recorder.counter(0).data_ptr())
     plan = new_plan()
-    assert generate(eng, PROMPTS, GREEDY, plan) == plain_tokens
+    assert generate(eng, six_prompts, GREEDY, plan) == plain_tokens
     assert eng.eplb.location == plan and eng.eplb.version == 1
     # in place: what a captured graph reads kept its address
     assert [(m.w13.data_ptr(), m.w2.data_ptr()) for m in moe] == ptrs
@@ -87,22 +84,24 @@ def test_rebalance_mid_generation_keeps_greedy_tokens(demo_models, plain_tokens,
         assert torch.equal(m.dispatcher.physical_to_logical[m.moe_index], plan.physical_to_logical[m.moe_index])
     # recorded: every computed token routed to top-2 experts in each MoE layer, every pass folded
     rec = eng.eplb.recorder
-    computed = sum(len(eng.tokenize(p)) + len(t) - 1 for p, t in zip(PROMPTS, plain_tokens))
+    computed = sum(len(eng.tokenize(p)) + len(t) - 1 for p, t in zip(six_prompts, plain_tokens))
     assert rec.logical_load().sum(1).tolist() == [2 * computed] * MOE_LAYERS
 
 
-def test_device_counters_equal_the_host_recorder(demo_models, plain_tokens):
+def test_device_counters_equal_the_host_recorder(demo_models, plain_tokens, six_prompts):
     """stat (device counters, folded per pass) vs per_token (host copies of every token's ids)."""
     cfg = dict(enable_eplb=True, ep_num_redundant_experts=SLOTS - EXPERTS, ep_dispatch_algorithm="dynamic")
     stat = engine(demo_models["moe"], expert_distribution_recorder_mode="stat", **cfg)
     host = engine(demo_models["moe"], expert_distribution_recorder_mode="per_token", **cfg)
     plan = new_plan()
-    assert generate(stat, PROMPTS, GREEDY, plan) == plain_tokens
-    assert generate(host, PROMPTS, GREEDY, plan) == plain_tokens
+    assert generate(stat, six_prompts, GREEDY, plan) == plain_tokens
+    assert generate(host, six_prompts, GREEDY, plan) == plain_tokens
     records = host.eplb.recorder.dump_dict(tensors=True)["records"]
     want = torch.zeros(MOE_LAYERS, EXPERTS, dtype=torch.int64)
     for r in records:
         want[r["layer"]] += torch.bincount(r["topk_ids"].reshape(-1), minlength=EXPERTS)
+    computed = sum(len(stat.tokenize(p)) + len(t) - 1 for p, t in zip(six_prompts, plain_tokens))
+    assert want.sum(1).tolist() == [2 * computed] * MOE_LAYERS  # every computed token, top-2, each layer
     assert torch.equal(stat.eplb.recorder.logical_load(), want)
     assert stat.eplb.recorder.num_forward_passes == host.eplb.recorder.num_forward_passes
     # group-limited routing: each token's experts come from at most topk_group groups
@@ -112,9 +111,9 @@ def test_device_counters_equal_the_host_recorder(demo_models, plain_tokens):
         assert all(len(set(row.tolist())) <= mc.topk_group for row in groups)
 
 
-def test_triton_backend_rebalance_keeps_tokens_and_counts(demo_models, plain_tokens):
+def test_triton_backend_rebalance_keeps_tokens_and_counts(demo_models, plain_tokens, six_prompts):
     """The kernels' path (fused routing + dispatch + counting, fused experts) with a plan mid-run."""
-    prompts, sp = PROMPTS[:2], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    prompts, sp = six_prompts[:2], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
     cfg = dict(enable_eplb=True, ep_num_redundant_experts=SLOTS - EXPERTS)
     tri = engine(demo_models["moe"], attention_backend="triton", **cfg)
     ref = engine(demo_models["moe"], **cfg)

@@ -149,6 +149,9 @@ def test_fused_experts_match_torch(mode, T, KS, S, H, inter):
     assert bool((rows[slots == S] == 0).all())  # not here: zero, for the all-reduce
     out = fused_moe.fused_experts(x, w13, w2, slots, weights, combine=True, config=cfg)
     assert (out - moe_math.combine(ref)).abs().max().item() < 1e-5
+    if mode == "tokens":  # the down projection split from the combine: the same sums
+        split = fused_moe.fused_experts(x, w13, w2, slots, weights, combine=True, config=dict(cfg, split_down=True))
+        assert torch.equal(split, out)
     assert torch.equal(fused_moe.combine_rows(ref), moe_math.combine(ref))
 
 

@@ -43,6 +43,15 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 # ---------------------------------------------------------------------------------- tokens
 @triton.jit
+def _silu_and_mul(acc_g, acc_u, dtype: tl.constexpr):
+    """SiLU(gate) * up from float32 GEMM results, rounded as ``F.silu(gate) * up`` on ``dtype`` values."""
+    g = acc_g.to(dtype).to(tl.float32)
+    u = acc_u.to(dtype).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    return (act * u).to(dtype)
+
+
+@triton.jit
 def _up_tokens_kernel(X, W13, Act, Slots, H, inter, stride_x, stride_we, stride_wn, stride_act,
                       KS: tl.constexpr, NUM_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     e = tl.program_id(0)
@@ -64,10 +73,8 @@ def _up_tokens_kernel(X, W13, Act, Slots, H, inter, stride_x, stride_we, stride_
             wu = tl.load(w_base + (inter + n_offs)[:, None] * stride_wn + k[None, :], mask=m, other=0.0).to(tl.float32)
             acc_g += wg * xk[None, :]
             acc_u += wu * xk[None, :]
-        g = tl.sum(acc_g, axis=1).to(dtype).to(tl.float32)
-        u = tl.sum(acc_u, axis=1).to(dtype).to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-        tl.store(Act + e.to(tl.int64) * stride_act + n_offs, (act * u).to(dtype), mask=n_mask)
+        act = _silu_and_mul(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), dtype)
+        tl.store(Act + e.to(tl.int64) * stride_act + n_offs, act, mask=n_mask)
 
 
 @triton.jit
@@ -130,10 +137,7 @@ def _up_blocks_kernel(X, W13, Act, SortedIds, BlockSlot, num_entries, H, inter, 
             else:
                 acc_g = tl.dot(a, bg, acc_g)
                 acc_u = tl.dot(a, bu, acc_u)
-        g = acc_g.to(dtype).to(tl.float32)
-        u = acc_u.to(dtype).to(tl.float32)
-        act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-        tl.store(Act + entries.to(tl.int64)[:, None] * stride_act + n_offs[None, :], (act * u).to(dtype),
+        tl.store(Act + entries.to(tl.int64)[:, None] * stride_act + n_offs[None, :], _silu_and_mul(acc_g, acc_u, dtype),
                  mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -261,13 +265,19 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, slots: t
                 x, w13, act, slots, H, inter, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
                 KS=KS, NUM_SLOTS=num_slots, BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"],
                 num_warps=up["num_warps"], num_stages=up["num_stages"])
-        out = torch.empty((T, H) if combine else (n, H), dtype=x.dtype, device=dev)
+        # "split_down": one program per (entry, tile) and the combine kernel after (more programs
+        # for the down projection of few tokens); else the token's entries are summed in the kernel.
+        fuse = combine and not cfg.get("split_down", False)
+        out = torch.empty((T, H) if fuse else (n, H), dtype=x.dtype, device=dev)
         if out.shape[0]:
             _down_tokens_kernel[(out.shape[0], triton.cdiv(H, down["BLOCK_N"]))](
                 act, w2, out, slots, weights, H, inter, act.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-                KS=KS, NUM_SLOTS=num_slots, FUSE_COMBINE=combine, BLOCK_N=down["BLOCK_N"],
+                KS=KS, NUM_SLOTS=num_slots, FUSE_COMBINE=fuse, BLOCK_N=down["BLOCK_N"],
                 BLOCK_K=down["BLOCK_K"], num_warps=down["num_warps"], num_stages=down["num_stages"])
-        return out if combine else out.view(T, KS, H)
+        if fuse:
+            return out
+        rows = out.view(T, KS, H)
+        return combine_rows(rows) if combine else rows
     block_m = cfg["BLOCK_M"]
     sorted_ids, block_slot = moe_align.align(slots, num_slots, block_m)
     num_blocks = block_slot.shape[0]

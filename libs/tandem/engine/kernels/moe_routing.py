@@ -37,6 +37,16 @@ def _mix32(h):
 
 
 @triton.jit
+def _take_best(values, index, sentinel: tl.constexpr):
+    """Per row, the element of ``index`` with the largest value (the lowest index on ties): (pick
+    mask over the row, values with the picked elements removed)."""
+    best = tl.max(values, axis=1)
+    first = tl.min(tl.where(values == best[:, None], index, sentinel), axis=1)
+    pick = index == first[:, None]
+    return pick, tl.where(pick, float("-inf"), values)
+
+
+@triton.jit
 def _route_kernel(
     Logits, Bias, Log2Phy, LogCnt, Positions, SeqLens, Counts,
     Ids, Slots, Weights,
@@ -83,20 +93,14 @@ def _route_kernel(
             gscore = tl.where(member, score[:, None], gscore)
         keep = ex < 0
         gs = tl.where(in_range, gscore, float("-inf"))
-        for _ in tl.static_range(TOPK_GROUP):  # the best group (lowest index on ties) each round
-            best = tl.max(gs, axis=1)
-            g_best = tl.min(tl.where(gs == best[:, None], group, N_GROUP), axis=1)
-            pick = group == g_best[:, None]
+        for _ in tl.static_range(TOPK_GROUP):  # the best group each round
+            pick, gs = _take_best(gs, group, N_GROUP)
             keep = keep | pick
-            gs = tl.where(pick, float("-inf"), gs)
         choice = tl.where(keep & in_range, choice, float("-inf"))
     chosen = ex < 0
-    for _ in tl.static_range(TOP_K):  # the best expert (lowest id on ties) each round
-        best = tl.max(choice, axis=1)
-        idx = tl.min(tl.where(choice == best[:, None], ex, BLOCK_E), axis=1)
-        pick = ex == idx[:, None]
+    for _ in tl.static_range(TOP_K):  # the best expert each round
+        pick, choice = _take_best(choice, ex, BLOCK_E)
         chosen = chosen | pick
-        choice = tl.where(pick, float("-inf"), choice)
     chosen = chosen & in_range
     w = tl.where(chosen, scores, 0.0)
     if RENORM:
