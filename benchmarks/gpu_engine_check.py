@@ -144,6 +144,13 @@ def moe_kernel_checks(dev: str) -> None:
             diff = (got[2] - want[2]).abs().max().item()
             record(f"routing kernel {name}, {T} tokens: ids, slots, counts equal; weights max diff", diff,
                    same and diff <= 1e-6)
+    for dtype in (torch.bfloat16, torch.float32):
+        for T, rows in ((1, 61), (64, 129)):
+            x = torch.randn(T, 2048, device=dev, generator=g).to(dtype)
+            w = torch.randn(rows, 2048, device=dev, generator=g) * 0.02
+            diff = (moe_routing.router_logits(x, w) - torch.nn.functional.linear(x.float(), w)).abs().max().item()
+            record(f"router logits kernel {str(dtype)[6:]} T={T} rows={rows} vs cuBLAS float32: max diff", diff,
+                   diff <= 1e-4)
     for n, slots in ((4, 64), (512, 132), (2400, 129)):
         ids = torch.randint(0, slots + 1, (n,), device=dev, generator=g).to(torch.int32)
         a, r = moe_align.align(ids, slots, 16), moe_align.align_ref(ids, slots, 16)

@@ -219,7 +219,7 @@ class MoE(nn.Module):
         """``ops``: the backend's (None: the torch reference). ``fb`` gives positions (random
         dispatch), which rows are a graph's padding (decode ``seq_lens == 0``) and whether to record."""
         spec, k = self.spec, self.spec.top_k
-        logits = F.linear(x.float(), self.gate_weight)
+        logits = F.linear(x.float(), self.gate_weight) if ops is None else ops.moe_router(x, self.gate_weight)
         positions = seq_lens = counts = None
         record = self.recorder is not None and fb is not None and fb.record_experts
         if fb is not None:

@@ -66,6 +66,9 @@ class TorchNativeOps:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    def moe_router(self, x, weight):
+        return F.linear(x.float(), weight)
+
     def moe_route(self, *args):
         return moe_math.route_tokens(*args)
 
@@ -110,6 +113,10 @@ class TritonOps:
 
     def silu_and_mul(self, x):
         return self._act.silu_and_mul(x)
+
+    def moe_router(self, x, weight):
+        """Router logits (float32) in one kernel at decode sizes."""
+        return self._routing.router_logits(x, weight)
 
     def moe_route(self, *args):
         """Fused routing (scores, groups, top-k, shared entries, dispatch, recorder) in one kernel."""

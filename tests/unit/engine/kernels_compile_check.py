@@ -49,6 +49,9 @@ def moe_kernels(p: str, dt: str) -> None:
             dict(NUM_SLOTS=slots, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, IEEE=dt == "fp32"))
         compile_kernel(fused_moe._combine_kernel, {"Rows": p, "Out": p, "H": i32, "stride_rows": i32,
                                                    "stride_out": i32}, dict(KS=ks, BLOCK=fused_moe.COMBINE_BLOCK))
+    compile_kernel(moe_routing._router_kernel, {"X": p, "W": "*fp32", "Out": "*fp32", "H": i32, "stride_x": i32,
+                                                "stride_w": i32, "stride_o": i32},
+                   dict(ROWS=129, BLOCK_E=8, BLOCK_K=256))
     if dt != "bf16":
         return
     for slots in (68, 129):

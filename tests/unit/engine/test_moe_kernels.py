@@ -79,6 +79,14 @@ def test_routing_kernel_matches_torch(case, tokens):
         assert bool(((slots[:, :k] < disp.num_local) == (phys >= disp.local_start)).all())
 
 
+@pytest.mark.parametrize("tokens,rows,hidden", [(1, 61, 512), (13, 128, 300), (64, 9, 64), (65, 8, 32)])
+def test_router_logits_kernel_matches_torch(tokens, rows, hidden):
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(tokens, hidden, generator=g), torch.randn(rows, hidden, generator=g)
+    want = torch.nn.functional.linear(x, w)
+    assert (moe_routing.router_logits(x, w) - want).abs().max().item() < 1e-4
+
+
 def test_routing_counts_physical_slots_and_replicas_spread():
     sp = spec(8, 2)
     disp = dispatcher(8, "static", redundant=8)  # every expert twice

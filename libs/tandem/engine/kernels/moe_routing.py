@@ -1,6 +1,8 @@
-"""Fused MoE routing: scoring, group-limited top-k, renormalisation, the score-correction bias,
-the shared expert's entries, EPLB's dispatch to this rank's slots and the recorder's counts, in
-one kernel (one program per block of tokens; no host sync).
+"""MoE routing in two kernels at decode sizes: the router logits (``router_logits``: the float32
+GEMV straight from the model-dtype activations), then the fused routing: scoring, group-limited
+top-k, renormalisation, the score-correction bias, the shared expert's entries, EPLB's dispatch
+to this rank's slots and the recorder's counts, in one kernel (one program per block of tokens;
+no host sync).
 
 It computes ``tandem.engine.moe_math``'s ``route`` + ``with_shared`` + ``dispatch_ids`` (static or
 random; ``dynamic`` needs the whole batch and runs as torch ops after) + ``local_slots``:
@@ -34,6 +36,39 @@ def _mix32(h):
     h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
     h = (((h >> 16) ^ h) * 0x45D9F3B) & 0xFFFFFFFF
     return (h >> 16) ^ h
+
+
+@triton.jit
+def _router_kernel(X, W, Out, H, stride_x, stride_w, stride_o, ROWS: tl.constexpr, BLOCK_E: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """logits[t, e] = x[t] . w[e] in float32 (x in the model dtype, w float32): program (rows, token)."""
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    t = tl.program_id(1).to(tl.int64)
+    e_mask = e < ROWS
+    acc = tl.zeros([BLOCK_E, BLOCK_K], tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k < H
+        x = tl.load(X + t * stride_x + k, mask=k_mask, other=0.0).to(tl.float32)
+        w = tl.load(W + e[:, None] * stride_w + k[None, :], mask=e_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += w * x[None, :]
+    tl.store(Out + t * stride_o + e, tl.sum(acc, axis=1), mask=e_mask)
+
+
+ROUTER_KERNEL_MAX_TOKENS = 64  # decode sizes; larger batches take cuBLAS (x.float() @ w.T)
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x.float(), weight)`` (float32 router) in one kernel for decode-sized batches."""
+    T, H = x.shape
+    if T > ROUTER_KERNEL_MAX_TOKENS or T == 0:
+        return torch.nn.functional.linear(x.float(), weight)
+    rows = weight.shape[0]
+    out = torch.empty((T, rows), dtype=torch.float32, device=x.device)
+    block_e = 8
+    _router_kernel[(triton.cdiv(rows, block_e), T)](x, weight, out, H, x.stride(0), weight.stride(0), out.stride(0),
+                                                    ROWS=rows, BLOCK_E=block_e, BLOCK_K=256, num_warps=4)
+    return out
 
 
 @triton.jit
