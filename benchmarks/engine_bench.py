@@ -271,6 +271,8 @@ def main(argv=None) -> int:
                     help="transformers: one static-cache batch of the same requests as tandem's (default: like "
                          "for like), or one request at a time (sequential)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--hf-batch-sizes", type=int, nargs="+", default=None,
+                    help="run the transformers baseline at these of --batch-sizes only (default: all)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--phase", choices=["decode", "prefill"], default="decode",
                     help="decode: whole generate calls vs transformers and the roofline (default); "
@@ -336,7 +338,7 @@ def main(argv=None) -> int:
                 hf = AutoModelForCausalLM.from_config(hf_config(shape_of(args.model)), dtype=dtype).eval()
         else:
             hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
-        for b in args.batch_sizes:
+        for b in [b for b in args.batch_sizes if args.hf_batch_sizes is None or b in args.hf_batch_sizes]:
             h = run_hf(hf, prompts[b], args.output_len, args.device, hf_mode)
             rows[b].update(hf_tok_s=h["tokens_per_s"], hf_s=h["seconds"])
             print(f"batch {b:3d}: transformers ({hf_mode}) {h['tokens_per_s']:9.1f} tok/s", flush=True)
