@@ -22,6 +22,16 @@ engine step (wall clock, host work included). Targets (``--gates``) are printed 
         --batch-sizes 1 16 64 --gates gpu-part1 --out benchmarks/results/gpu/engine_bench_qwen05b_h200.json
     python benchmarks/engine_bench.py --phase prefill --model /tmp/llama8b --device cuda --dtype bfloat16 \\
         --gates gpu-part2 --out benchmarks/results/gpu/engine_prefill_llama8b_h200.json
+    python benchmarks/engine_bench.py --shape qwen3moe-30b-a3b --device cuda --dtype bfloat16 \\
+        --batch-sizes 1 64 --output-len 32 --gates gpu-moe --out benchmarks/results/gpu/engine_bench_qwen3moe_h100.json
+
+``--shape NAME`` runs a shape of ``benchmarks/common/shapes.py`` without its weights: tandem with
+``--load-format dummy`` (random weights made on the device from config.json alone) and transformers
+built by ``from_config`` on the device. A MoE model also gets ``benchmarks/common/moe.py``'s
+section: the roofline of the bytes a step reads (non-expert weights + the distinct experts hit,
+coverage measured with the recorder), decode steps at every batch size, and EPLB with
+``--ep-num-redundant-experts 4`` (recorder on vs off, graph replays vs eager steps, a plan applied
+between replays); ``--gates gpu-moe`` evaluates the MoE targets.
 """
 from __future__ import annotations
 
@@ -41,42 +51,7 @@ sys.path.insert(0, str(REPO))
 from tandem.engine import LLM, SamplingParams  # noqa: E402
 
 from benchmarks.common.results import command_line, git_info, machine_info, write_json  # noqa: E402
-
-SHAPES = {
-    "qwen05b": dict(arch="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                    rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True),
-    "llama8b": dict(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                    max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
-                    tie_word_embeddings=False),
-}
-
-
-def build_checkpoint(shape: str, out: str, seed: int = 0, with_tokenizer: bool = True) -> str:
-    """A random-weight bf16 checkpoint of a known shape (no model hub here), with the demo tokenizer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
-    from deploy.demo_models import build_all
-
-    if os.path.isfile(os.path.join(out, "config.json")):
-        print(f"{out}: exists")
-        return out
-    spec = dict(SHAPES[shape])
-    arch = spec.pop("arch")
-    cfg = (Qwen2Config if arch == "qwen2" else LlamaConfig)(eos_token_id=2, bos_token_id=None, pad_token_id=0, **spec)
-    torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(out)
-    if with_tokenizer:  # the benchmark itself sends token ids; a tokenizer only helps by-hand use
-        demo = build_all(str(REPO / "models"))["tandem-demo-dense"]
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            Path(out, name).write_bytes(Path(demo, name).read_bytes())
-    n = sum(p.numel() for p in model.parameters())
-    print(f"{out}: built {shape}, {n / 1e6:.0f}M params (bf16)")
-    return out
+from benchmarks.common.shapes import SHAPES, build_checkpoint, shape_of, write_config_dir  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -152,22 +127,23 @@ def run_hf(model, prompts: list, out_len: int, device: str, mode: str) -> dict:
     return {"seconds": dt, "output_tokens": counts[0], "tokens_per_s": counts[0] / dt}
 
 
-def decode_step_ms(llm: LLM, in_len: int, device: str, steps: int = 48) -> float:
-    """Median wall-clock time of one engine step of a batch-1 decode (host work included)."""
+def decode_step_ms(llm: LLM, in_len: int, device: str, steps: int = 48, batch: int = 1) -> float:
+    """Median wall-clock time of one engine step of a decode of ``batch`` requests (host work included)."""
     eng = llm.engine
     eng.flush_cache()
     g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(10, eng.model_config.vocab_size, (in_len,), generator=g).tolist()
-    rid = eng.add_request(prompt, SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True))
-    times, done = [], False
-    while not done:
+    sp = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    rids = {eng.add_request(torch.randint(10, eng.model_config.vocab_size, (in_len,), generator=g).tolist(), sp)
+            for _ in range(batch)}
+    times = []
+    while rids:
         sync(device)
         t0 = time.perf_counter()
         outs = eng.step()
         sync(device)
         if eng.stats().step_kind == "decode":
             times.append(time.perf_counter() - t0)
-        done = any(o.rid == rid and o.finished for o in outs)
+        rids -= {o.rid for o in outs if o.finished}
     times = sorted(times[2:])
     return times[len(times) // 2] * 1e3
 
@@ -244,18 +220,6 @@ def evaluate_gates(result: dict, gates: str | None) -> list[dict]:
     return out
 
 
-def shape_of(model_path: str) -> str | None:
-    import json
-
-    cfg = json.loads(Path(model_path, "config.json").read_text())
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads")
-    for name, spec in SHAPES.items():
-        if all(cfg.get(k) == spec[k] for k in keys):
-            return name
-    return None
-
-
 def write_markdown(path: Path, r: dict) -> None:
     gi = r["git"]
     lines = [f"# engine_bench: {Path(r['model']).name} on {r['device_name']}", "",
@@ -279,6 +243,10 @@ def write_markdown(path: Path, r: dict) -> None:
     if r["roofline_ms"] is not None:
         lines[-1] += (f" Roofline {r['roofline_ms']:.3f} ms = weights / {r['read_bandwidth_Bps'] / 1e12:.2f} TB/s "
                       f"HBM read bandwidth measured in this run ({r['decode_step_ms_batch1'] / r['roofline_ms']:.2f}x).")
+    if r.get("moe"):
+        from benchmarks.common.moe import moe_markdown
+
+        lines += moe_markdown(r)
     if r["gates"]:
         lines += ["", "| target | value | met |", "|---|---|---|"]
         lines += [f"| {g['target']} | {g['value']} | {'yes' if g['met'] else '**no**'} |" for g in r["gates"]]
@@ -289,6 +257,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(REPO / "models" / "tandem-demo-dense"))
     ap.add_argument("--build", nargs=2, metavar=("SHAPE", "DIR"), help=f"build a checkpoint: SHAPE in {list(SHAPES)}")
+    ap.add_argument("--shape", choices=list(SHAPES), default=None,
+                    help="run a shape without its weights: --load-format dummy, transformers from_config")
+    ap.add_argument("--load-format", choices=["auto", "dummy"], default=None,
+                    help="tandem's --load-format (default: dummy with --shape, else auto)")
     ap.add_argument("--no-tokenizer", action="store_true", help="--build without the demo tokenizer")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
@@ -299,6 +271,8 @@ def main(argv=None) -> int:
                     help="transformers: one static-cache batch of the same requests as tandem's (default: like "
                          "for like), or one request at a time (sequential)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--hf-batch-sizes", type=int, nargs="+", default=None,
+                    help="run the transformers baseline at these of --batch-sizes only (default: all)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--phase", choices=["decode", "prefill"], default="decode",
                     help="decode: whole generate calls vs transformers and the roofline (default); "
@@ -308,7 +282,8 @@ def main(argv=None) -> int:
                     help="--phase prefill: shared prefix and new tokens of the prefix-cache case")
     ap.add_argument("--overlap-ab", action="store_true",
                     help="also run every batch size with --disable-overlap-schedule and report the speedup")
-    ap.add_argument("--gates", choices=["gpu-part1", "gpu-part2"], default=None, help="evaluate the issue's targets")
+    ap.add_argument("--gates", choices=["gpu-part1", "gpu-part2", "gpu-moe"], default=None,
+                    help="evaluate the issue's targets")
     ap.add_argument("--out", default=None, help="write JSON results here (and a .md next to it)")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="also profile one generate call (host cProfile + torch profiler) into DIR")
@@ -316,8 +291,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     if args.build:
-        build_checkpoint(*args.build, with_tokenizer=not args.no_tokenizer)
+        build_checkpoint(*args.build, with_tokenizer=not args.no_tokenizer, repo=REPO)
         return 0
+    if args.shape:  # a config.json alone: random weights on the device, nothing read
+        import tempfile
+
+        args.model = write_config_dir(args.shape, tempfile.mkdtemp(prefix=f"tandem-{args.shape}-"))
+    load_format = args.load_format or ("dummy" if args.shape else "auto")
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     git = git_info()  # read at start: the tree the numbers come from
     command = command_line(argv)
@@ -351,17 +331,24 @@ def main(argv=None) -> int:
         from transformers import AutoModelForCausalLM
 
         dtype = getattr(torch, args.dtype)
-        hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
-        for b in args.batch_sizes:
+        if load_format == "dummy":  # no weights on disk: transformers' own random init, on the device
+            from benchmarks.common.shapes import hf_config
+
+            with torch.device(args.device):
+                hf = AutoModelForCausalLM.from_config(hf_config(shape_of(args.model)), dtype=dtype).eval()
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+        for b in [b for b in args.batch_sizes if args.hf_batch_sizes is None or b in args.hf_batch_sizes]:
             h = run_hf(hf, prompts[b], args.output_len, args.device, hf_mode)
             rows[b].update(hf_tok_s=h["tokens_per_s"], hf_s=h["seconds"])
             print(f"batch {b:3d}: transformers ({hf_mode}) {h['tokens_per_s']:9.1f} tok/s", flush=True)
         del hf
         release_memory(cuda)
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, load_format=load_format)
     eng = llm.engine
     weight_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())
+    is_moe = bool(eng.model.moe_layers())
     for b in args.batch_sizes:
         t = run_tandem(llm, prompts[b], args.output_len, args.device)
         row = rows[b]
@@ -371,6 +358,16 @@ def main(argv=None) -> int:
         print(f"batch {b:3d}: tandem {t['tokens_per_s']:9.1f} tok/s"
               + (f" | ratio {row['ratio']:.2f}x" if "ratio" in row else ""), flush=True)
     step = decode_step_ms(llm, args.input_len, args.device)
+    steps, served = {1: step}, {}
+    if is_moe:  # the MoE roofline gates hold for every batch size
+        from benchmarks.common.moe import pipelined_step_ms, weights_read
+
+        moe_weights = weights_read(eng.model)
+        steps.update({b: decode_step_ms(llm, args.input_len, args.device, steps=args.output_len, batch=b)
+                      for b in args.batch_sizes if b != 1})
+        served = {b: pipelined_step_ms(eng, prompts[b], args.output_len, args.device) for b in args.batch_sizes}
+        print(f"decode step, synchronised (host + device): {', '.join(f'batch {b}: {ms:.3f} ms' for b, ms in steps.items())}"
+              f"; as served (overlap): {', '.join(f'batch {b}: {ms:.3f} ms' for b, ms in served.items())}")
     if args.overlap_ab:
         # The same engine waiting for every step's tokens (--disable-overlap-schedule), same prompts.
         del llm, eng
@@ -384,9 +381,22 @@ def main(argv=None) -> int:
                   f"{row['overlap_speedup']:.2f}x", flush=True)
         llm = waiting
         eng = waiting.engine
+    engine_info = {"attention_backend": eng.attention_backend, "cuda_graph_max_bs": eng.cuda_graph_max_bs,
+                   "page_size": eng.page_size, "chunked_prefill_size": eng.chunked_prefill_size,
+                   "torch_threads": torch.get_num_threads()}
     if args.profile:
         b = args.profile_batch or max(args.batch_sizes)
         profile(llm, prompts[b], args.output_len, args.device, Path(args.profile))
+    moe = None
+    if is_moe:  # after the default engine is gone: an EPLB engine, on the same prompts
+        from benchmarks.common.moe import eplb_section
+
+        del llm, eng
+        release_memory(cuda)
+        moe = {"weights": moe_weights, "formula": "bytes = non_expert_bytes + moe_layers x coverage x expert_bytes "
+                                                  "(coverage: distinct experts per MoE layer per decode step)",
+               "eplb": eplb_section(args.model, args.device, args.dtype, load_format, prompts, args.output_len,
+                                    moe_weights, bandwidth)}
     roofline_ms = weight_bytes / bandwidth * 1e3 if bandwidth else None
     print(f"batch-1 decode step: {step:.3f} ms" + (f"; roofline {roofline_ms:.3f} ms ({step / roofline_ms:.2f}x) at "
                                                     f"{bandwidth / 1e12:.2f} TB/s read" if roofline_ms else ""))
@@ -396,14 +406,16 @@ def main(argv=None) -> int:
         "device_name": torch.cuda.get_device_name(0) if cuda else machine_info()["cpu_model"],
         "model": os.path.abspath(args.model), "shape": shape_of(args.model), "device": args.device,
         "dtype": args.dtype, "input_len": args.input_len, "output_len": args.output_len, "hf_mode": hf_mode,
-        "engine": {"attention_backend": eng.attention_backend, "cuda_graph_max_bs": eng.cuda_graph_max_bs,
-                   "page_size": eng.page_size, "chunked_prefill_size": eng.chunked_prefill_size,
-                   "torch_threads": torch.get_num_threads()},
+        "engine": engine_info,
         "load_avg_1m_end": round(os.getloadavg()[0], 2),
         "rows": list(rows.values()), "decode_step_ms_batch1": step, "weight_bytes": weight_bytes,
-        "read_bandwidth_Bps": bandwidth, "roofline_ms": roofline_ms,
+        "read_bandwidth_Bps": bandwidth, "roofline_ms": roofline_ms, "load_format": load_format,
     }
-    result["gates"] = evaluate_gates(result, args.gates)
+    if moe is not None:
+        from benchmarks.common.moe import moe_gates
+
+        result.update(decode_step_ms=steps, decode_step_ms_pipelined=served, moe=moe)
+    result["gates"] = moe_gates(result) if args.gates == "gpu-moe" else evaluate_gates(result, args.gates)
     if not result["gates"]:
         print("targets: none evaluated (--gates gpu-part1 holds the GPU targets; none is set for this CPU run)")
     for gate in result["gates"]:

@@ -7,14 +7,15 @@ using the same expert placement (the EP reduction only adds zeros).
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from tandem.config.schemas import EngineConfig
 from tandem.engine import EngineCore, SamplingParams
 from tandem.engine.expert_parallel import start_expert_parallel
 from tandem.eplb import rebalance_experts
-from tandem.eplb.engine_hook import EplbEngineHook
 from tandem.eplb.placement import ExpertLocation
-from tandem.eplb.recorder import ExpertDistributionRecorder
 
 from tests.support.models import demo_model
 
@@ -71,27 +72,29 @@ def base(device):
 def one_rank(path, location=None, at_step=None, device="cpu", **cfg):
     # Expert parallelism always waits for each step's tokens: so does its reference, or a
     # finished request's wasted row would change the batches (and MoE float sums) it is held to.
+    if location is not None:  # the same placement on one rank
+        cfg = dict(cfg, init_expert_location=json.dumps(
+            {"physical_to_logical_map": location.physical_to_logical.tolist()}))
     engine = EngineCore(path, **base(device), disable_overlap_schedule=True, **cfg)
-    if location is not None:
-        hook = EplbEngineHook(engine.model, location, engine.config.ep_dispatch_algorithm)
-        hook.install()
-        if at_step is not None:
-            n, new = at_step
-            at_step = (n, lambda: (hook.submit(new), hook.apply_pending()))
+    if location is not None and at_step is not None:
+        n, new = at_step
+        new = ExpertLocation(new.physical_to_logical, new.num_logical, 1)
+        at_step = (n, lambda: (engine.eplb.submit(new), engine.eplb.apply_pending()))
     return generate(engine, at_step)
 
 
 def with_ep(path, at_step=None, device="cpu", **cfg):
-    engine = EngineCore(path, ep_size=2, **base(device), **cfg)
-    leader = start_expert_parallel(engine, num_threads=1, timeout_s=120)
+    leader = start_expert_parallel(EngineConfig(model_path=path, ep_size=2, **base(device), **cfg), num_threads=1,
+                                   timeout_s=120)
+    engine = leader.engine
     try:
         moe = engine.model.moe_layers()
-        assert moe[0].w13.shape[0] == leader.hook.location.slots_per_rank  # only rank 0's half
+        assert moe[0].num_local == leader.eplb.location.slots_per_rank  # only rank 0's half
         if at_step is not None:
             n, new = at_step
-            at_step = (n, lambda: (leader.hook.submit(new), leader.hook.apply_pending()))
+            at_step = (n, lambda: (leader.eplb.submit(new), leader.eplb.apply_pending()))
         out = generate(engine, at_step)
-        return out, leader.hook.location
+        return out, leader.eplb.location
     finally:
         leader.close()
         for p in leader.processes:
@@ -140,18 +143,16 @@ def test_engine_loop_drives_ep_with_idle_keepalive(moe_path):
         def poll(self):
             leader.keepalive()
 
-        def before_step(self):
-            leader.hook.on_forward_start()
-
         def after_step(self, stats):
-            leader.hook.on_forward_end()
+            leader.eplb.end_pass()
 
     ref_toks, _ = one_rank(moe_path)
-    engine = EngineCore(moe_path, ep_size=2, **CFG)
-    leader = start_expert_parallel(engine, num_threads=1, timeout_s=120, keepalive_s=0.05)
-    rec = ExpertDistributionRecorder("stat", 3, 8, physical_to_logical=leader.hook.location.physical_to_logical)
+    # The leader's engine builds the recorder into its MoE layers (rank 0 sees every token).
+    leader = start_expert_parallel(EngineConfig(model_path=moe_path, ep_size=2, expert_distribution_recorder_mode="stat",
+                                                **CFG), num_threads=1, timeout_s=120, keepalive_s=0.05)
+    engine = leader.engine
+    rec = engine.eplb.recorder
     rec.start()
-    leader.set_recorder(rec)  # what WorkerEplb would do with the leader's hook
     loop = EngineLoop(engine, "ep-test")
     loop.add_hook(LeaderHook())
     loop.start()

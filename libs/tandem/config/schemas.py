@@ -71,6 +71,10 @@ class ServerConfig(_Section):
 class EngineConfig(_Section):
     model_path: str | None = Field(None, description="Hugging Face checkpoint directory.")
     served_model_name: str | None = Field(None, description="Model name in APIs (default: directory name).")
+    load_format: Literal["auto", "dummy"] = Field(
+        "auto", description="auto: read the checkpoint's safetensors; dummy: random weights of the checkpoint's "
+        "shape (config.json only), created on the device (benchmarks of shapes without their weights)."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weight and KV dtype (auto = float32 on CPU, bfloat16 on CUDA)."
     )

@@ -7,6 +7,12 @@ to its bucket with rows that read and write nothing (context length 0, slot -1) 
 replays. Sampling has graphs of its own, one per (bucket, ``SamplerVariant``), also
 captured at start: a capture while serving would race other threads' CUDA calls (KV
 transfer). Greedy, unmasked batches just take the argmax.
+
+A MoE model with an expert recorder gets two forward graphs per bucket: one whose routing adds
+to the recorder's device counters and one that does not, replayed as recording is on or off
+(the per_token mode copies ids to the host inside the pass: it decodes eagerly while recording).
+EPLB changes nothing here: a plan is copied into the weights and dispatch tables the graphs
+read, in place, between two replays.
 """
 from __future__ import annotations
 
@@ -54,17 +60,20 @@ class CudaGraphRunner:
             penalty_rows=torch.full((max_bs,), sampler.penalties.neutral_row, dtype=torch.int64, device=dev),
         )
         self.mempool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.sampler_graphs: dict[tuple[int, SamplerVariant], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        rec = model.expert_recorder
+        self.record_variants = (False, True) if rec is not None and rec.graph_safe else (False,)
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.sampler_graphs: dict[tuple[int, bool, SamplerVariant], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._bucket = None
         self._capture_all()
 
     # ---- capture ---------------------------------------------------------------------------
-    def _forward_batch(self, bs: int) -> ForwardBatch:
+    def _forward_batch(self, bs: int, record: bool) -> ForwardBatch:
         v = self.vec
         return ForwardBatch(input_ids=v[0, :bs], positions=v[1, :bs], slot_mapping=v[2, :bs], seq_lens=v[3, :bs],
                             page_table=self.page_table[:bs], is_decode=True,
-                            num_splits=default_num_splits(bs, self.pool.num_kv_heads, self.num_sms))
+                            num_splits=default_num_splits(bs, self.pool.num_kv_heads, self.num_sms),
+                            record_experts=record)
 
     def _capture(self, fn) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         stream = torch.cuda.Stream()
@@ -84,27 +93,33 @@ class CudaGraphRunner:
         k, v = self.pool.k_buffers, self.pool.v_buffers
         with torch.inference_mode():
             for bs in reversed(self.buckets):
-                fb = self._forward_batch(bs)
-                self.graphs[bs] = self._capture(lambda fb=fb: self.model(fb, k, v))
-                logits = self.graphs[bs][1]
-                for variant in SAMPLER_VARIANTS:
-                    self.sampler_graphs[(bs, variant)] = self._capture(
-                        lambda logits=logits, bs=bs, variant=variant:
-                        self.sampler.sample(logits, self._static(bs), variant))
+                for record in self.record_variants:
+                    fb = self._forward_batch(bs, record)
+                    self.graphs[(bs, record)] = self._capture(lambda fb=fb: self.model(fb, k, v))
+                    if record:  # the capture's warm-up runs counted into the recorder: not real passes
+                        self.model.expert_recorder.discard_pass()
+                    logits = self.graphs[(bs, record)][1]
+                    for variant in SAMPLER_VARIANTS:  # each reads its forward graph's logits buffer
+                        self.sampler_graphs[(bs, record, variant)] = self._capture(
+                            lambda logits=logits, bs=bs, variant=variant:
+                            self.sampler.sample(logits, self._static(bs), variant))
         torch.cuda.synchronize()
-        log.info("captured decode CUDA graphs for batch sizes %s (forward + %d sampler variants each)",
-                 self.buckets, len(SAMPLER_VARIANTS))
+        log.info("captured decode CUDA graphs for batch sizes %s (forward%s + %d sampler variants each)",
+                 self.buckets, " with and without expert recording" if len(self.record_variants) > 1 else "",
+                 len(SAMPLER_VARIANTS))
 
     # ---- replay ----------------------------------------------------------------------------
-    def can_run(self, batch: list) -> bool:
-        return len(batch) <= self.max_bs and all(n == 1 for _, n in batch)
+    def can_run(self, batch: list, record: bool = False) -> bool:
+        return (len(batch) <= self.max_bs and all(n == 1 for _, n in batch)
+                and (not record or record in self.record_variants))
 
     def bucket(self, bs: int) -> int:
         return next(b for b in self.buckets if b >= bs)
 
-    def replay(self, vec: np.ndarray, table: np.ndarray, future_tokens=None) -> torch.Tensor:
+    def replay(self, vec: np.ndarray, table: np.ndarray, future_tokens=None, record: bool = False) -> torch.Tensor:
         """vec [4, B] and table [B, W] from ``model_runner.decode_inputs``; returns logits [B, V].
-        ``future_tokens(ids)``: resolves the ids of tokens still being sampled (negative) on the device."""
+        ``future_tokens(ids)``: resolves the ids of tokens still being sampled (negative) on the device;
+        ``record``: the variant whose MoE routing adds to the expert recorder."""
         bs, width = table.shape
         bucket = self.bucket(bs)
         turn = self._turn
@@ -124,22 +139,22 @@ class CudaGraphRunner:
         self._copied[turn].record()
         if future_tokens is not None:
             self.vec[0, :bs] = future_tokens(self.vec[0, :bs])
-        graph, logits = self.graphs[bucket]
+        graph, logits = self.graphs[(bucket, record)]
         graph.replay()
-        self._bucket = bucket
+        self._bucket = (bucket, record)
         return logits[:bs]
 
     def sample(self, bs: int, tensors: SamplingTensors | None, variant: SamplerVariant) -> torch.Tensor:
         """Sample the rows of the last replay (``tensors`` on the host, None when all greedy)."""
-        bucket = self._bucket
-        logits = self.graphs[bucket][1]
+        bucket, record = self._bucket
+        logits = self.graphs[(bucket, record)][1]
         if variant == SamplerVariant():
             return logits[:bs].argmax(dim=-1)
         st = self.sampling
         for name, src in vars(tensors).items():
             if src is not None:
                 getattr(st, name)[:bs].copy_(src, non_blocking=True)
-        graph, tokens = self.sampler_graphs[(bucket, variant)]
+        graph, tokens = self.sampler_graphs[(bucket, record, variant)]
         graph.replay()
         return tokens[:bs]
 

@@ -29,6 +29,7 @@ from .hicache_setup import build_prefix_cache
 from .kv_pool import KVPool, OutOfPages
 from .loader import load_model, resolve_dtype
 from .model_runner import ModelRunner
+from .moe_hooks import expert_hooks
 from .pool_sizing import kv_pool_pages
 from .request import Mode, Request, Status
 from .sampler import SamplerVariant, SamplingTensors, allow_mask, mask_words
@@ -88,7 +89,9 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
     (``pool_sizing``), tokenizer and EOS ids (``tokenizer``), the PD entry points
     (``disaggregation``), stats (``stats``)."""
 
-    def __init__(self, model_path: str | None = None, config: EngineConfig | None = None, **overrides):
+    def __init__(self, model_path: str | None = None, config: EngineConfig | None = None, expert_parallel=None,
+                 **overrides):
+        """``expert_parallel``: this process's ``ExpertParallelGroup`` (rank 0) when ``ep_size > 1``."""
         self.config = cfg = merge_config(model_path, config, overrides)
         if not cfg.model_path:
             raise ValueError("model_path is required")
@@ -97,7 +100,10 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         self.device = device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, device)
         self.attention_backend = attention_backend(cfg.attention_backend, device)
-        self.model, self.model_config = load_model(cfg.model_path, self.dtype, device)
+        hooks = expert_hooks(cfg, device, expert_parallel)
+        self.model, self.model_config = load_model(cfg.model_path, self.dtype, device, hooks, cfg.load_format)
+        # EPLB: plans applied in place between steps, the recorder folded after each (None: dense or no EPLB).
+        self.eplb = hooks.runtime(self.model)
         mc = self.model_config
         self.context_length = cfg.context_length or mc.max_position_embeddings
         self.model.set_backend(self.attention_backend, self.context_length + 1)
@@ -155,9 +161,6 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         why = None
         if self.attention_backend != "triton":
             why = "the torch_native backend's decode shapes depend on the context length"
-        elif self.model.moe_layers():
-            why = ("EPLB's expert recorder and dispatch hooks run on the host at every forward pass "
-                   "(graph-safe EPLB comes with GPU engine part 3)")
         elif cfg.ep_size > 1:
             why = "expert parallelism all-reduces outside a graph"
         if why:
@@ -177,11 +180,6 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
     def subscribe_kv_events(self, fn: Callable[[list], None]) -> None:
         """fn(events) with BlockStored / BlockRemoved / AllBlocksCleared (tandem.engine.radix_cache)."""
         self.cache.subscribe(fn)
-
-    def set_expert_recorder(self, fn: Callable[[int, torch.Tensor], None] | None) -> None:
-        """fn(layer_idx, topk_ids [T, k]) for every MoE layer's routing, or None to stop."""
-        for m in self.model.moe_layers():
-            m.recorder = fn
 
     # ---- requests ------------------------------------------------------------------------------
     def tokenize(self, prompt) -> list:

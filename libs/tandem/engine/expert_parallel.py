@@ -7,24 +7,24 @@ Layout
     layer it holds only the weights of its own physical slots,
     ``ExpertLocation.slots_of_rank(rank)`` (a placement may have redundant slots).
 
-One MoE layer (``tandem.engine.model.MoE.forward``)
+One MoE layer (``tandem.engine.model.MoE.forward``; its ``ExpertDispatcher``, built at
+construction from this rank's place in the group, carries the local slots and the all-reduce)
     1. every rank routes all ``T`` tokens (same hidden states, so the same top-k);
-    2. dispatch maps logical ids to physical slots *rank-agnostically* (``ep_rank=None``),
-       so every rank picks the same slot: ``static`` by token index, ``dynamic`` from the
-       batch's counts, ``random`` from a generator seeded identically on every rank;
-    3. each rank computes the ``(token, k)`` entries whose slot is local into
-       ``buf [T, k, hidden]``, the others stay zero;
-    4. ``all_reduce(SUM)`` over the EP group: each entry is non-zero on exactly one rank,
+    2. dispatch maps logical ids to physical slots the same way on every rank (``static`` by
+       token index, ``dynamic`` from the batch's counts, ``random`` from a seeded hash);
+    3. each rank computes the ``(token, entry)`` rows whose slot is local into
+       ``rows [T, KS, hidden]``, the others stay zero (a folded shared expert: rank 0's rows);
+    4. ``all_reduce(SUM)`` over the EP group: each row is non-zero on exactly one rank,
        so the reduction adds only zeros and is exact;
-    5. every rank sums each token's k entries in logical-expert order and adds its
-       (replicated) shared expert.
+    5. every rank sums each token's rows in order (an unfolded shared expert is added after).
     Hidden states are therefore bit-identical on every rank and to a one-rank run with the
     same placement. The price of exactness: ``k * hidden`` values per token and layer are
     reduced (``k`` times a partial-sum reduce); an all-to-all dispatch is the scalable variant.
 
 Lockstep (design: broadcast the scheduled batch)
-    Rank 0, the *leader*, is an ordinary ``EngineCore`` a service drives: scheduler, radix
-    cache, requests and sampling live there only. ``ExpertParallelLeader`` wraps the
+    Rank 0, the *leader*, is an ordinary ``EngineCore`` a service drives (built with the group:
+    ``EngineCore(config, expert_parallel=group)``): scheduler, radix cache, requests and
+    sampling live there only. ``ExpertParallelLeader`` wraps the
     engine's runner (``engine.wrap_runner``) in one that, right before each forward pass, broadcasts the
     batch description (per request: first new position, new token ids, page indices) and
     any new expert placement over the gloo group. Each *follower* (``ExpertParallelFollower``)
@@ -37,10 +37,10 @@ Lockstep (design: broadcast the scheduled batch)
     broadcast never reaches the collective timeout.
 
 Placement changes (EPLB)
-    ``ExpertParallelHook`` is an ``EplbEngineHook`` whose slots are sharded: it keeps every
-    logical expert's weights on the host and, when a plan is applied between forward
-    passes, copies only the changed local slots. The leader's runner ships the new
-    placement with the next forward pass; followers apply it before running that pass.
+    Each rank's ``EplbRuntime`` (``engine.eplb``) holds only its slots; the loader keeps every
+    logical expert's weights on the host (or regenerates dummy ones), and a plan applied between
+    forward passes copies only the changed local slots, in place. The leader's runner ships the
+    new placement with the next forward pass; followers apply it before running that pass.
 
 Not supported: requests whose KV is written from outside (``allocate_external`` /
 ``activate_external``, the decode side of PD disaggregation): only the leader's pool
@@ -49,11 +49,13 @@ would receive the pages. The mirrored runner refuses such a batch with ``Runtime
 API::
 
     ep = init_expert_parallel(rank, world_size, "tcp://127.0.0.1:29500")   # or env://
-    leader = ExpertParallelLeader(engine, ep)               # rank 0, after EngineCore(...)
+    engine = EngineCore(config=engine_config, expert_parallel=ep)          # rank 0
+    leader = ExpertParallelLeader(engine, ep)
     ExpertParallelFollower(engine_config, ep).run()          # ranks 1.., returns at close()
     leader.close()
 
-    leader = start_expert_parallel(engine)   # one host: spawns ranks 1..ep_size-1 and does the above
+    leader = start_expert_parallel(engine_config)   # one host: spawns ranks 1..ep_size-1 and does the above
+    engine = leader.engine
 """
 from __future__ import annotations
 
@@ -69,19 +71,20 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from tandem.config.schemas import EngineConfig
-from tandem.eplb.engine_hook import EplbEngineHook
-from tandem.eplb.placement import ExpertLocation, diff
+from tandem.eplb.placement import ExpertLocation
 
+from .engine_config import resolve_device
 from .kv_pool import KVPool
 from .loader import load_model, resolve_dtype
 from .model_runner import ModelRunner
+from .moe_hooks import ExpertHooks
 from .request import Mode
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ExpertParallelGroup", "init_expert_parallel", "ExpertParallelHook", "ExpertParallelLeader",
-    "ExpertParallelFollower", "start_expert_parallel", "follower_main",
+    "ExpertParallelGroup", "init_expert_parallel", "ExpertParallelLeader", "ExpertParallelFollower",
+    "start_expert_parallel", "follower_main",
 ]
 
 
@@ -166,69 +169,6 @@ def _rendezvous_store(init_method: str, rank: int, world_size: int, timeout: tim
     return dist.TCPStore(host, int(port), world_size, is_master=rank == 0, timeout=timeout)
 
 
-# ---------------------------------------------------------------------------------- sharded hook
-class ExpertParallelHook(EplbEngineHook):
-    """``EplbEngineHook`` for one EP rank: each MoE layer keeps only this rank's slots.
-
-    Dispatch is rank-agnostic (every rank must pick the same slot); the recorder, if any,
-    sees every token (tokens are replicated), so only the leader should have one.
-    """
-
-    def __init__(self, model, location: ExpertLocation, ep: ExpertParallelGroup,
-                 dispatch_algorithm: str = "static", recorder=None, seed: int = 0):
-        if location.ep_size != ep.size:
-            raise ValueError(f"placement is for ep_size={location.ep_size}, the EP group has {ep.size} ranks")
-        super().__init__(model, location, dispatch_algorithm, recorder, ep_rank=None, seed=seed)
-        self.ep = ep
-        self._host: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def install(self) -> None:
-        for m in self.layers:
-            current = m.physical_to_logical.long().cpu()
-            if current.numel() != self.location.num_logical or not torch.equal(
-                current, torch.arange(self.location.num_logical)
-            ):
-                raise ValueError(f"MoE layer {m.layer_idx}: install() expects the checkpoint layout (identity)")
-        # Every logical expert's weights stay on the host: plans copy new slots from there.
-        self._host = [(m.w13.detach().to("cpu"), m.w2.detach().to("cpu")) for m in self.layers]
-        s = self.location.slots_of_rank(self.ep.rank)
-        for i, m in enumerate(self.layers):
-            local = self.location.physical_to_logical[i, s.start:s.stop]
-            with torch.no_grad():
-                m.w13.data = self._host[i][0].index_select(0, local).to(m.w13.device)
-                m.w2.data = self._host[i][1].index_select(0, local).to(m.w2.device)
-            m.local_slot_start = s.start
-            m.all_reduce = self.ep.all_reduce if self.ep.size > 1 else None
-            self._set_buffer(m, self.location.physical_to_logical[i])
-            m.dispatch = self._dispatch
-        if self.recorder is not None:
-            self.recorder.set_physical_to_logical(self.location.physical_to_logical)
-
-    def apply_pending(self) -> int:
-        """Apply a queued placement between forward passes; copies only this rank's changed
-        slots (from the host copy). Returns the number of slot copies over all ranks."""
-        new, version = self.take_pending()
-        if new is None:
-            return 0
-        copies = diff(self.location, new)
-        start = new.slots_of_rank(self.ep.rank).start
-        for i, m in enumerate(self.layers):
-            mine = [c for c in copies if c.layer == i and c.rank == self.ep.rank]
-            if mine:
-                w13, w2 = m.w13.data.clone(), m.w2.data.clone()  # out of place: swapped in at once
-                for c in mine:
-                    w13[c.slot - start] = self._host[i][0][c.logical].to(w13.device)
-                    w2[c.slot - start] = self._host[i][1][c.logical].to(w2.device)
-                m.w13.data, m.w2.data = w13, w2
-            self._set_buffer(m, new.physical_to_logical[i])
-        return self._applied(new, version, len(copies))
-
-    def set_location(self, location: ExpertLocation) -> int:
-        """Apply ``location`` now (followers, between passes)."""
-        self.submit(location)
-        return self.apply_pending()
-
-
 # ---------------------------------------------------------------------------------- batches
 class _Window:
     """``all_ids`` stand-in holding only the tokens ``[start, start + len(ids))``."""
@@ -280,47 +220,40 @@ class _MirroredRunner(ModelRunner):
 
 # ---------------------------------------------------------------------------------- ranks
 class ExpertParallelLeader:
-    """Rank 0: shard ``engine``'s experts and mirror each of its forward passes on the followers.
+    """Rank 0: mirror each forward pass of ``engine`` (built with ``expert_parallel=ep``) on the followers.
 
-    ``location`` defaults to ``--init-expert-location`` with ``ep_num_redundant_experts``
-    extra slots; ``hook`` is the ``EplbEngineHook`` to use for EPLB (submit / apply_pending
-    as usual: the next forward pass carries the new placement to the followers).
+    ``eplb`` is the engine's ``EplbRuntime`` (submit / apply_pending as usual: the next forward
+    pass carries the new placement to the followers).
     """
 
-    def __init__(self, engine, ep: ExpertParallelGroup, location: ExpertLocation | None = None,
-                 dispatch_algorithm: str | None = None, recorder=None, seed: int | None = None,
-                 keepalive_s: float = 10.0):
+    def __init__(self, engine, ep: ExpertParallelGroup, keepalive_s: float = 10.0):
         if ep.rank != 0:
             raise ValueError(f"the EP leader must be rank 0, this process is rank {ep.rank}")
+        if not engine.model.moe_layers():
+            raise ValueError(f"ep_size={ep.size}: expert parallelism needs a MoE model; "
+                             f"{engine.config.model_path} has none")
+        if engine.eplb is None or engine.eplb.dispatcher.ep_size != ep.size:
+            raise ValueError("the engine was not built for this expert-parallel group "
+                             "(EngineCore(config, expert_parallel=ep))")
         cfg = engine.config
         self.engine, self.ep, self.keepalive_s = engine, ep, keepalive_s
+        self.eplb = engine.eplb
         self._lock = threading.RLock()
         self._last_send = time.monotonic()
         self._closed = False
         self.processes: list = []
         self.messages_sent = {"forward": 0, "noop": 0, "placement": 0}
-        if location is None:
-            location = default_location(engine.model, engine.model_config, cfg, ep.size)
-        algo = dispatch_algorithm or cfg.ep_dispatch_algorithm
-        seed = cfg.random_seed if seed is None else seed
-        self.hook = ExpertParallelHook(engine.model, location, ep, algo, recorder, seed)
-        # Attached before the engine serves (no step can run meanwhile).
-        self.hook.install()
+        location = self.eplb.location
         self._sent_location = location
         pool = engine.pool
         self.ep.broadcast({"kind": "init", "num_pages": pool.num_pages, "page_size": pool.page_size,
-                           "placement": location.physical_to_logical, "dispatch": algo, "seed": seed,
+                           "placement": location.physical_to_logical, "num_experts": location.num_logical,
+                           "dispatch": self.eplb.dispatcher.algorithm, "seed": cfg.random_seed,
+                           "load_format": cfg.load_format,
                            "model": _model_signature(engine.model, engine.model_config),
                            "attention_backend": engine.attention_backend,
                            "max_positions": engine.context_length + 1})
         engine.wrap_runner(lambda runner: _MirroredRunner(runner, self))
-
-    def set_recorder(self, recorder) -> None:
-        """Feed an ``ExpertDistributionRecorder`` from the leader's dispatch (every token is
-        routed on every rank, so the leader alone sees the whole load)."""
-        self.hook.recorder = recorder
-        if recorder is not None:
-            recorder.set_physical_to_logical(self.hook.location.physical_to_logical)
 
     @contextlib.contextmanager
     def broadcasting(self, msg: dict):
@@ -333,7 +266,7 @@ class ExpertParallelLeader:
     def _send(self, msg: dict) -> None:
         if self._closed:
             raise RuntimeError("the expert-parallel group is closed")
-        loc = self.hook.location
+        loc = self.eplb.location
         if loc is not self._sent_location:
             msg["placement"] = loc.physical_to_logical
             self._sent_location = loc
@@ -375,11 +308,17 @@ class ExpertParallelFollower:
             raise ValueError("rank 0 is the leader; followers are ranks 1..ep_size-1")
         self.ep = ep
         device = str(ep.device)
-        self.model, self.model_config = load_model(config.model_path, resolve_dtype(config.dtype, device), device)
-        mc = self.model_config
-        init = ep.broadcast()
+        init = ep.broadcast()  # the leader sends it once its engine is built
         if init.get("kind") != "init":
             raise RuntimeError(f"EP follower {ep.rank}: expected the leader's init message, got {init.get('kind')}")
+        location = ExpertLocation(init["placement"], init["num_experts"], ep.size)
+        # The leader's dispatch and seed: every rank must pick the same slots.
+        config = config.model_copy(update={"ep_dispatch_algorithm": init["dispatch"], "random_seed": init["seed"],
+                                           "ep_size": ep.size})
+        hooks = ExpertHooks(config, device, ep.rank, ep.size, ep.all_reduce, location=location, with_recorder=False)
+        self.model, self.model_config = load_model(config.model_path, resolve_dtype(config.dtype, device), device,
+                                                   hooks, init["load_format"])
+        mc = self.model_config
         mine = _model_signature(self.model, mc)
         if init["model"] != mine:
             raise ValueError(f"EP follower {ep.rank}: its model {mine} differs from the leader's {init['model']} "
@@ -388,9 +327,7 @@ class ExpertParallelFollower:
         self.model.set_backend(init["attention_backend"], init["max_positions"])  # the leader's kernels
         self.pool = KVPool(mc.num_layers, init["num_pages"], init["page_size"], mc.num_kv_heads, mc.head_dim,
                            dtype, device, num_aux_slots=1)
-        location = ExpertLocation(init["placement"], mc.num_experts, ep.size)
-        self.hook = ExpertParallelHook(self.model, location, ep, init["dispatch"], None, init["seed"])
-        self.hook.install()
+        self.eplb = hooks.runtime(self.model)
         self.runner = ModelRunner(self.model, self.pool, device)
         self.forward_passes = 0
 
@@ -398,8 +335,8 @@ class ExpertParallelFollower:
         """Handle one message from the leader; False once it said stop."""
         msg = self.ep.broadcast()
         if msg.get("placement") is not None:
-            loc = ExpertLocation(msg["placement"], self.hook.location.num_logical, self.ep.size)
-            self.hook.set_location(loc)
+            loc = ExpertLocation(msg["placement"], self.eplb.location.num_logical, self.ep.size)
+            self.eplb.set_location(loc)
         kind = msg["kind"]
         if kind == "forward":
             self.runner.forward(_items(msg["batch"]))
@@ -418,17 +355,6 @@ def _model_signature(model, mc) -> dict:
             "vocab": mc.vocab_size, "dtype": str(model.embed_tokens.weight.dtype)}
 
 
-def default_location(model, model_config, cfg: EngineConfig, ep_size: int) -> ExpertLocation:
-    """``--init-expert-location`` over ``num_experts + ep_num_redundant_experts`` slots per layer."""
-    layers = model.moe_layers()
-    if not layers:
-        raise ValueError(f"ep_size={ep_size}: expert parallelism needs a MoE model; {cfg.model_path} has none")
-    e = int(layers[0].physical_to_logical.numel())
-    groups = getattr(model_config, "n_group", None) or 1
-    return ExpertLocation.from_init_arg(cfg.init_expert_location, len(layers), e, e + cfg.ep_num_redundant_experts,
-                                        ep_size, groups, 1)
-
-
 # ---------------------------------------------------------------------------------- one host
 def follower_main(rank: int, ep_size: int, init_method: str, config: dict, backend: str | None = None,
                   num_threads: int | None = None, timeout_s: float = 600.0) -> None:
@@ -444,34 +370,38 @@ def follower_main(rank: int, ep_size: int, init_method: str, config: dict, backe
         ep.destroy()
 
 
-def start_expert_parallel(engine, ep_size: int | None = None, init_method: str | None = None,
-                          backend: str | None = None, location: ExpertLocation | None = None,
-                          recorder=None, num_threads: int | None = None, timeout_s: float = 600.0,
+def start_expert_parallel(config: EngineConfig, ep_size: int | None = None, init_method: str | None = None,
+                          backend: str | None = None, num_threads: int | None = None, timeout_s: float = 600.0,
                           keepalive_s: float = 10.0) -> ExpertParallelLeader:
-    """One host: spawn followers 1..ep_size-1, join as rank 0 and attach to ``engine``.
+    """One host: spawn followers 1..ep_size-1, join as rank 0, build the engine over the group and
+    attach the leader to it (``leader.engine``).
 
-    ``ep_size`` defaults to ``engine.config.ep_size``; ``init_method`` to a free loopback
-    TCP port. Call ``leader.close()`` at shutdown (it joins the follower processes).
+    ``ep_size`` defaults to ``config.ep_size``; ``init_method`` to a free loopback TCP port. Call
+    ``leader.close()`` at shutdown (it joins the follower processes).
     """
     import torch.multiprocessing as mp
 
-    ep_size = ep_size or engine.config.ep_size
+    from .engine import EngineCore
+
+    ep_size = ep_size or config.ep_size
     if ep_size < 2:
         raise ValueError(f"ep_size={ep_size}: expert parallelism needs at least 2 ranks")
+    if config.ep_size != ep_size:
+        config = config.model_copy(update={"ep_size": ep_size})
     if init_method is None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             init_method = f"tcp://127.0.0.1:{s.getsockname()[1]}"
     ctx = mp.get_context("spawn")
-    config = engine.config.model_dump()
     procs = [ctx.Process(target=follower_main, name=f"ep-follower-{r}", daemon=True,
-                         args=(r, ep_size, init_method, config, backend, num_threads, timeout_s))
+                         args=(r, ep_size, init_method, config.model_dump(), backend, num_threads, timeout_s))
              for r in range(1, ep_size)]
     for p in procs:
         p.start()
     try:
-        ep = init_expert_parallel(0, ep_size, init_method, backend, str(engine.device), timeout_s)
-        leader = ExpertParallelLeader(engine, ep, location, recorder=recorder, keepalive_s=keepalive_s)
+        ep = init_expert_parallel(0, ep_size, init_method, backend, resolve_device(config.device), timeout_s)
+        engine = EngineCore(config=config, expert_parallel=ep)
+        leader = ExpertParallelLeader(engine, ep, keepalive_s=keepalive_s)
     except BaseException:
         for p in procs:
             p.terminate()

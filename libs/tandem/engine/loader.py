@@ -1,11 +1,14 @@
 """Load a Hugging Face checkpoint directory (config.json + *.safetensors) into ``CausalLM``."""
 from __future__ import annotations
 
+import functools
 import glob
 import os
+import zlib
 
 import torch
 from safetensors import safe_open
+from tandem.config.hf_config import read_hf_config
 
 from .model import CausalLM, MoE, Rotary
 from .model_config import ModelConfig
@@ -82,27 +85,51 @@ def _merge_projections(state: dict) -> None:
             state[f"{prefix}{merged}.{kind}"] = torch.cat([state.pop(n) for n in names], dim=0)
 
 
-def load_model(path: str, dtype: torch.dtype, device: str) -> tuple[CausalLM, ModelConfig]:
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def load_model(path: str, dtype: torch.dtype, device: str, moe_hooks=None,
+               load_format: str = "auto") -> tuple[CausalLM, ModelConfig]:
+    """``moe_hooks`` (``tandem.engine.moe_hooks.ExpertHooks``): what MoE layers get at construction.
+    ``load_format``: ``auto`` reads the safetensors; ``dummy`` builds random weights of the
+    checkpoint's shape directly on the device from config.json alone (nothing read or written)."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format={load_format!r}: allowed are {', '.join(LOAD_FORMATS)}")
+    if load_format == "dummy":
+        return _load_dummy(path, dtype, device, moe_hooks)
     cfg = ModelConfig.from_dir(path)
     t = _read_tensors(path)
     tie = "lm_head.weight" not in t
+    flags = _layer_flags(cfg, t)
+    dispatcher, recorder = _build_hooks(moe_hooks, cfg, flags)
     with torch.device("meta"):  # no memory and no random init: every parameter comes from the checkpoint
-        model = CausalLM(cfg, _layer_flags(cfg, t), tie_embeddings=tie)
+        model = CausalLM(cfg, flags, tie_embeddings=tie, expert_dispatcher=dispatcher, expert_recorder=recorder)
     state = {}
     for i, layer in enumerate(model.layers):
         p, d = f"model.layers.{i}.", f"layers.{i}."
         if isinstance(layer.mlp, MoE):
-            state[d + "mlp.w13"], state[d + "mlp.w2"] = _expert_weights(t, p, cfg.num_experts)
-            state[d + "mlp.gate_weight"] = t.pop(p + "mlp.gate.weight")
-            if layer.mlp.score_bias is not None:
-                state[d + "mlp.score_bias"] = t.pop(p + "mlp.gate.e_score_correction_bias")
-            for src, dst in (("shared_expert.", "shared."), ("shared_experts.", "shared.")):
+            moe = layer.mlp
+            w13, w2 = _expert_weights(t, p, cfg.num_experts)
+            if moe_hooks is not None and moe_hooks.keep_experts:
+                moe_hooks.keep(moe.moe_index, w13, w2)
+            shared = {}
+            for src in ("shared_expert.", "shared_experts."):
                 for name in ("gate_proj", "up_proj", "down_proj"):
                     key = f"{p}mlp.{src}{name}.weight"
                     if key in t:
-                        state[f"{d}mlp.{dst}{name}.weight"] = t.pop(key)
-            if layer.mlp.shared_gate is not None:
-                state[d + "mlp.shared_gate.weight"] = t.pop(p + "mlp.shared_expert_gate.weight")
+                        shared[name] = t.pop(key)
+            if moe.shared is not None:
+                state.update({f"{d}mlp.shared.{name}.weight": w for name, w in shared.items()})
+                shared = None
+            elif shared:
+                shared = (shared["gate_proj"], shared["up_proj"], shared["down_proj"])
+            state[d + "mlp.w13"], state[d + "mlp.w2"] = moe.pack_experts(w13, w2, shared or None)
+            router = [t.pop(p + "mlp.gate.weight")]
+            if moe.spec.shared_gated:
+                router.append(t.pop(p + "mlp.shared_expert_gate.weight"))
+            state[d + "mlp.gate_weight"] = torch.cat(router)
+            if moe.score_bias is not None:
+                state[d + "mlp.score_bias"] = t.pop(p + "mlp.gate.e_score_correction_bias")
     for k in list(t):
         if k.startswith("model."):
             state[k[len("model."):]] = t.pop(k)
@@ -117,10 +144,19 @@ def load_model(path: str, dtype: torch.dtype, device: str) -> tuple[CausalLM, Mo
     if unexpected:
         raise ValueError(f"model_path={path!r}: unexpected weights {unexpected[:5]}")
     model.load_state_dict(state, strict=True, assign=True)
-    # Non-persistent buffers are not in the checkpoint: make them real before the move.
-    model.rotary = Rotary(cfg)
-    for m in model.moe_layers():
-        m.physical_to_logical = torch.arange(m.num_experts)
+    return _finish(model, cfg, dtype, device), cfg
+
+
+def _build_hooks(moe_hooks, cfg: ModelConfig, flags: list[dict]):
+    num_moe = sum(f["moe"] for f in flags)
+    if moe_hooks is None or not num_moe:
+        return None, None
+    return moe_hooks.build(cfg, num_moe)
+
+
+def _finish(model: CausalLM, cfg: ModelConfig, dtype: torch.dtype, device: str) -> CausalLM:
+    """Weights in place: on the device, in the model dtype; routing float32; rotary rebuilt."""
+    model.rotary = Rotary(cfg)  # non-persistent buffers are not in the checkpoint: real before the move
     model.to(device=device, dtype=dtype)
     for m in model.moe_layers():  # routing stays float32, as in transformers
         m.gate_weight.data = m.gate_weight.data.float()
@@ -128,4 +164,88 @@ def load_model(path: str, dtype: torch.dtype, device: str) -> tuple[CausalLM, Mo
             m.score_bias.data = m.score_bias.data.float()
     model.rotary = Rotary(cfg).to(device)  # rebuilt after the cast: inv_freq stays float32
     model.eval()
-    return model, cfg
+    return model
+
+
+# ---------------------------------------------------------------------------------- --load-format dummy
+def config_layer_flags(c: dict, cfg: ModelConfig) -> list[dict]:
+    """The layer flags of ``_layer_flags``, from config.json alone (what transformers builds)."""
+    mt = cfg.model_type
+    if mt == "qwen2":
+        qkv_bias = True
+    elif mt == "qwen2_moe":
+        qkv_bias = bool(c.get("qkv_bias", True))
+    else:
+        qkv_bias = bool(c.get("attention_bias", False))
+    qk_norm = mt in ("qwen3", "qwen3_moe") or (mt == "glm4_moe" and bool(c.get("use_qk_norm", False)))
+    flags = []
+    for i in range(cfg.num_layers):
+        if mt in ("qwen2_moe", "qwen3_moe"):
+            moe = (i not in (c.get("mlp_only_layers") or []) and cfg.num_experts > 0
+                   and (i + 1) % (c.get("decoder_sparse_step") or 1) == 0)
+        else:
+            moe = mt == "glm4_moe" and i >= c.get("first_k_dense_replace", 1)
+        flags.append({"qkv_bias": qkv_bias, "qk_norm": qk_norm, "moe": moe,
+                      "shared_gate": moe and mt == "qwen2_moe" and cfg.shared_expert_intermediate_size > 0,
+                      "score_bias": moe and mt == "glm4_moe"})
+    return flags
+
+
+def _seeded(name: str, seed: int, device: str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed((zlib.crc32(name.encode()) << 20) ^ seed)
+
+
+def dummy_tensor(name: str, shape, dtype: torch.dtype, device: str, std: float, seed: int = 0) -> torch.Tensor:
+    """One dummy weight: a function of its name and the seed only (every EP rank draws the same)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out.normal_(0.0, std, generator=_seeded(name, seed, device))
+
+
+def _load_dummy(path: str, dtype: torch.dtype, device: str, moe_hooks, seed: int = 0):
+    raw = read_hf_config(path)
+    cfg = ModelConfig.from_dict(raw)
+    flags = config_layer_flags(raw, cfg)
+    dispatcher, recorder = _build_hooks(moe_hooks, cfg, flags)
+    with torch.device("meta"):
+        model = CausalLM(cfg, flags, tie_embeddings=cfg.tie_word_embeddings, expert_dispatcher=dispatcher,
+                         expert_recorder=recorder)
+    std = float(raw.get("initializer_range") or 0.02)
+    state = {}
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if name.endswith(("mlp.w13", "mlp.w2")):
+            continue
+        if "norm" in name:
+            state[name] = torch.ones(p.shape, dtype=dtype, device=device)
+        elif leaf in ("bias", "score_bias"):
+            state[name] = torch.zeros(p.shape, dtype=dtype, device=device)
+        else:
+            state[name] = dummy_tensor(name, p.shape, dtype, device, std, seed)
+    for layer in model.layers:
+        if isinstance(layer.mlp, MoE):
+            moe = layer.mlp
+            prefix = f"layers.{layer.mlp.layer_idx}.mlp."
+            w13, w2 = _dummy_experts(prefix, moe, dtype, device, std, seed)
+            state[prefix + "w13"], state[prefix + "w2"] = w13, w2
+            if moe_hooks is not None and moe_hooks.keep_experts:
+                moe_hooks.store = functools.partial(_dummy_expert_of_layer, model, dtype, device, std, seed)
+    model.load_state_dict(state, strict=True, assign=True)
+    return _finish(model, cfg, dtype, device), cfg
+
+
+def _dummy_expert(prefix: str, moe: MoE, e: int, dtype, device, std: float, seed: int):
+    """Logical expert ``e`` of a layer (or shared chunk ``e - E``): (w13 [2I, H], w2 [H, I])."""
+    _, two_i, H = moe.w13.shape
+    return (dummy_tensor(f"{prefix}w13:{e}", (two_i, H), dtype, device, std, seed),
+            dummy_tensor(f"{prefix}w2:{e}", (H, two_i // 2), dtype, device, std, seed))
+
+
+def _dummy_experts(prefix: str, moe: MoE, dtype, device, std: float, seed: int):
+    ids = moe.local_experts().tolist() + [moe.num_experts + c for c in range(moe.spec.num_shared)]
+    rows = [_dummy_expert(prefix, moe, e, dtype, device, std, seed) for e in ids]
+    return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+
+def _dummy_expert_of_layer(model: CausalLM, dtype, device, std: float, seed: int, moe_index: int, e: int):
+    moe = model.moe_layers()[moe_index]
+    return _dummy_expert(f"layers.{moe.layer_idx}.mlp.", moe, e, dtype, device, std, seed)

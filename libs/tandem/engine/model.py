@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import moe_math
 from .model_config import ModelConfig
+from .moe_math import RoutingSpec
 
 
 @dataclass
@@ -45,6 +47,7 @@ class ForwardBatch:
     q_lens: torch.Tensor | None = None  # [B] new tokens of each request (paged extend)
     max_q_len: int = 1  # the longest q_lens (host int: sizes the extend kernel's grid)
     layer_ready: Callable[[int], None] | None = None  # called before layer i runs (HiCache: its pages loaded)
+    record_experts: bool = False  # MoE layers add their routing to the expert recorder's counters
 
 
 class RMSNorm(nn.Module):
@@ -140,135 +143,127 @@ class MLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed experts (+ optional shared expert).
+    """Routed experts (+ the shared expert), computed as ``tandem.engine.moe_math`` defines.
 
-    Experts live in stacked tensors indexed by *physical slot*:
-    ``w13[p] = cat(gate, up)`` and ``w2[p] = down``. The router picks *logical*
-    expert ids; ``dispatch`` turns them into physical slots. By default there is
-    one slot per logical expert (``physical_to_logical`` is the identity); EPLB
-    may later grow the slots (replicas) and replace ``dispatch``.
+    Expert weights live in stacked tensors indexed by *local slot*: ``w13[s] = cat(gate, up)``
+    and ``w2[s] = down``. Slots ``[0, num_local)`` hold the routed experts this rank computes, in
+    the order of the ``dispatcher``'s placement (EPLB: replicas, EP: this rank's share; without a
+    dispatcher, slot = expert id); slots ``num_local..`` hold the shared expert's ``S`` chunks
+    when its intermediate size is a multiple of the experts' (folded in, see ``moe_math``;
+    otherwise it stays an ``MLP``). The router's weight carries the shared expert's gate as its
+    last row. Both collaborators come at construction: the ``dispatcher``
+    (``tandem.eplb.dispatch.ExpertDispatcher``: logical -> physical slots on the device, EP's
+    local slots and all-reduce) and the optional ``recorder`` (``ExpertDistributionRecorder``,
+    whose device counters the routing adds to when the forward batch says ``record_experts``).
     """
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, has_shared_gate: bool, has_score_bias: bool):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, has_shared_gate: bool, has_score_bias: bool,
+                 moe_index: int = 0, dispatcher=None, recorder=None):
         super().__init__()
+        if dispatcher is not None and moe_index >= dispatcher.num_layers:
+            raise ValueError(f"the expert placement has {dispatcher.num_layers} MoE layers; this is MoE layer "
+                             f"{moe_index} (decoder layer {layer_idx})")
         self.layer_idx = layer_idx
+        self.moe_index = moe_index  # ordinal among the MoE layers (placement and recorder rows)
         E, H, inter = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.num_experts, self.top_k = E, cfg.num_experts_per_tok
-        self.scoring_func, self.norm_topk_prob = cfg.scoring_func, cfg.norm_topk_prob
-        self.routed_scaling_factor = cfg.routed_scaling_factor
-        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
-        self.gate_weight = nn.Parameter(torch.zeros(E, H))
+        shared_inter = cfg.shared_expert_intermediate_size or 0
+        fold = shared_inter > 0 and shared_inter % inter == 0
+        S = shared_inter // inter if fold else 0
+        self.spec = RoutingSpec(E, cfg.num_experts_per_tok, cfg.scoring_func, cfg.norm_topk_prob,
+                                cfg.routed_scaling_factor, cfg.n_group, cfg.topk_group, S, has_shared_gate)
+        self.gate_weight = nn.Parameter(torch.zeros(E + int(has_shared_gate), H))
         self.score_bias = nn.Parameter(torch.zeros(E)) if has_score_bias else None
-        self.w13 = nn.Parameter(torch.zeros(E, 2 * inter, H))
-        self.w2 = nn.Parameter(torch.zeros(E, H, inter))
-        self.register_buffer("physical_to_logical", torch.arange(E), persistent=False)
-        self.shared = MLP(H, cfg.shared_expert_intermediate_size) if cfg.shared_expert_intermediate_size else None
-        self.shared_gate = nn.Linear(H, 1, bias=False) if has_shared_gate else None
-        # Hooks: dispatch(layer_idx, logical_ids) -> physical slot ids; recorder(layer_idx, logical_ids).
-        self.dispatch: Callable[[int, torch.Tensor], torch.Tensor] | None = None
-        self.recorder: Callable[[int, torch.Tensor], None] | None = None
-        # Expert parallelism (tandem.engine.expert_parallel): this rank holds physical slots
-        # [local_slot_start, local_slot_start + w13.shape[0]); all_reduce(buf) sums the
-        # per-(token, k) expert outputs of every rank in place. Defaults: one rank, all slots.
-        self.local_slot_start = 0
-        self.all_reduce: Callable[[torch.Tensor], None] | None = None
+        self.num_local = dispatcher.num_local if dispatcher is not None else E
+        self.w13 = nn.Parameter(torch.zeros(self.num_local + S, 2 * inter, H))
+        self.w2 = nn.Parameter(torch.zeros(self.num_local + S, H, inter))
+        self.shared = MLP(H, shared_inter) if shared_inter and not fold else None
+        self.dispatcher, self.recorder = dispatcher, recorder
+        # Expert parallelism: the folded shared expert's rows are computed by rank 0 alone, so the
+        # all-reduce adds each row exactly once (an unfolded shared MLP runs on every rank after it).
+        self.shared_here = dispatcher is None or dispatcher.rank == 0
 
-    def route(self, x: torch.Tensor):
-        """Return (topk_weights [T, k] float32, topk_ids [T, k] logical expert ids)."""
-        logits = F.linear(x.float(), self.gate_weight.float())
-        if self.scoring_func == "softmax":
-            scores = logits.softmax(dim=-1)
+    @property
+    def num_experts(self) -> int:
+        return self.spec.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.spec.top_k
+
+    def local_experts(self) -> torch.Tensor:
+        """Logical expert of each routed local slot (host int64)."""
+        if self.dispatcher is None:
+            return torch.arange(self.num_experts)
+        return self.dispatcher.local_experts(self.moe_index)
+
+    def pack_experts(self, w13: torch.Tensor, w2: torch.Tensor, shared: tuple | None = None):
+        """Slot tensors from a checkpoint's experts (``w13 [E, 2I, H]``, ``w2 [E, H, I]``, by logical
+        id) and shared expert (``gate, up [S*I, H]``, ``down [H, S*I]``): ``(w13, w2)`` as this layer holds them."""
+        idx = self.local_experts()
+        w13, w2 = w13.index_select(0, idx), w2.index_select(0, idx)
+        S = self.spec.num_shared
+        if S:
+            gate, up, down = shared
+            inter = w2.shape[2]
+            c13 = [torch.cat([gate[c * inter:(c + 1) * inter], up[c * inter:(c + 1) * inter]]) for c in range(S)]
+            c2 = [down[:, c * inter:(c + 1) * inter] for c in range(S)]
+            w13 = torch.cat([w13, torch.stack(c13).to(w13.dtype)])
+            w2 = torch.cat([w2, torch.stack(c2).to(w2.dtype)])
+        return w13, w2
+
+    def routed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of the routed slots' weights (EPLB copies new experts into them in place)."""
+        return self.w13[: self.num_local], self.w2[: self.num_local]
+
+    def forward(self, x: torch.Tensor, ops=None, fb: ForwardBatch | None = None) -> torch.Tensor:
+        """``ops``: the backend's (None: the torch reference). ``fb`` gives positions (random
+        dispatch), which rows are a graph's padding (decode ``seq_lens == 0``) and whether to record."""
+        spec, k = self.spec, self.spec.top_k
+        logits = F.linear(x.float(), self.gate_weight) if ops is None else ops.moe_router(x, self.gate_weight)
+        positions = seq_lens = counts = None
+        record = self.recorder is not None and fb is not None and fb.record_experts
+        if fb is not None:
+            positions = fb.positions
+            if fb.is_decode and fb.seq_lens is not None and fb.seq_lens.shape[0] == x.shape[0]:
+                seq_lens = fb.seq_lens
+        if record:
+            counts = self.recorder.counter(self.moe_index)
+        route = moe_math.route_tokens if ops is None else ops.moe_route
+        ids, slots, weights = route(spec, logits, self.score_bias, self.dispatcher, self.moe_index, positions,
+                                    self.shared_here, counts, record and self.recorder.counts_physical, seq_lens)
+        if record and self.recorder.mode == "per_token":
+            self.recorder.record_tokens(self.moe_index, ids[:, :k], positions,
+                                        None if seq_lens is None else seq_lens > 0)
+        reduce = self.dispatcher.all_reduce if self.dispatcher is not None else None
+        if ops is None:
+            rows = moe_math.expert_rows(x, self.w13, self.w2, slots, weights)
+            if reduce is not None:
+                reduce(rows)  # every (token, entry) row was computed by exactly one rank
+            out = moe_math.combine(rows)
+        elif reduce is None:
+            out = ops.moe_experts(x, self.w13, self.w2, slots, weights, True)
         else:
-            scores = logits.sigmoid()
-        choice = scores if self.score_bias is None else scores + self.score_bias.float()
-        if self.n_group > 1:
-            T = x.shape[0]
-            grouped = choice.view(T, self.n_group, -1)
-            if self.scoring_func == "sigmoid":  # DeepSeek-V3: sum of the top-2 scores per group
-                group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
-            else:  # DeepSeek-V2 group_limited_greedy: best score per group
-                group_scores = grouped.max(dim=-1).values
-            group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False)[1]
-            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
-            score_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(T, -1)
-            choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
-        topk_ids = choice.topk(self.top_k, dim=-1, sorted=False)[1]
-        weights = scores.gather(1, topk_ids)
-        if self.norm_topk_prob:
-            denom = weights.sum(dim=-1, keepdim=True)
-            weights = weights / (denom + 1e-20 if self.scoring_func == "sigmoid" else denom)
-        return weights * self.routed_scaling_factor, topk_ids
-
-    def forward(self, x: torch.Tensor, ops=None) -> torch.Tensor:
-        weights, topk_ids = self.route(x)
-        if self.recorder is not None:
-            self.recorder(self.layer_idx, topk_ids)
-        phys = topk_ids if self.dispatch is None else self.dispatch(self.layer_idx, topk_ids)
-        buf = self.expert_outputs(x, phys, weights) if ops is None else ops.routed_experts(self, x, phys, weights)
-        if self.all_reduce is not None:
-            self.all_reduce(buf)  # every (token, k) entry was computed by exactly one rank
-        out = self.combine(buf, topk_ids)
-        if self.shared is not None:  # replicated on every EP rank, added after the reduce
+            rows = ops.moe_experts(x, self.w13, self.w2, slots, weights, False)
+            reduce(rows)
+            out = ops.moe_combine(rows)
+        if self.shared is not None:  # not folded: replicated on every EP rank, added after the reduce
             s = self.shared(x, ops)
-            if self.shared_gate is not None:
-                s = torch.sigmoid(self.shared_gate(x)) * s
+            if spec.shared_gated:
+                s = torch.sigmoid(logits[:, spec.num_experts:]).to(s.dtype) * s
             out = out + s
-        return out
-
-    def expert_outputs(self, x: torch.Tensor, phys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Weighted output of every (token, k) entry routed to a local slot: ``[T, k, hidden]``.
-
-        Grouped expert MLP: entries sorted by physical slot (stably, so a slot sees its
-        tokens in the same order whatever the rank), one matmul pair per used local slot.
-        Entries whose slot lives on another EP rank stay zero.
-        """
-        T, k = phys.shape
-        num_local = self.w13.shape[0]
-        local = phys.reshape(-1) - self.local_slot_start
-        keep = (local >= 0) & (local < num_local)
-        entries = torch.arange(T * k, device=phys.device)[keep]
-        local = local[keep]
-        order = local.argsort(stable=True)
-        entries = entries[order]
-        counts = torch.bincount(local, minlength=num_local).tolist()
-        xs = x[entries // k]
-        w = weights.reshape(-1)[entries].to(x.dtype)
-        buf = x.new_zeros(T * k, x.shape[-1])
-        start = 0
-        for slot, n in enumerate(counts):
-            if n == 0:
-                continue
-            seg = slice(start, start + n)
-            gate, up = F.linear(xs[seg], self.w13[slot]).chunk(2, dim=-1)
-            buf[entries[seg]] = F.linear(F.silu(gate) * up, self.w2[slot]) * w[seg, None]
-            start += n
-        return buf.view(T, k, -1)
-
-    @staticmethod
-    def combine(buf: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Sum each token's k outputs in ascending logical-expert order.
-
-        A fixed order makes the float result independent of which physical slots (and
-        ranks) computed the entries, i.e. of the expert placement.
-        """
-        k = buf.shape[1]
-        if k > 1:
-            perm = topk_ids.argsort(dim=1, stable=True).to(buf.device)
-            buf = buf.gather(1, perm[:, :, None].expand_as(buf))
-        out = buf[:, 0]
-        for j in range(1, k):
-            out = out + buf[:, j]
         return out
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, flags: dict):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, flags: dict, moe_index: int = 0, dispatcher=None,
+                 recorder=None):
         super().__init__()
         self.self_attn = Attention(cfg, layer_idx, flags["qkv_bias"], flags["qk_norm"])
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if flags["moe"]:
-            self.mlp = MoE(cfg, layer_idx, flags["shared_gate"], flags["score_bias"])
+        self.is_moe = flags["moe"]
+        if self.is_moe:
+            self.mlp = MoE(cfg, layer_idx, flags["shared_gate"], flags["score_bias"], moe_index, dispatcher, recorder)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
@@ -283,15 +278,22 @@ class DecoderLayer(nn.Module):
             x, residual = ops.rms_norm(h, norm_in.weight, norm_in.eps, residual)
         x = self.self_attn(x, rope, fb, k_cache, v_cache, ops)
         x, residual = ops.rms_norm(x, norm_post.weight, norm_post.eps, residual)
-        return self.mlp(x, ops), residual
+        return (self.mlp(x, ops, fb) if self.is_moe else self.mlp(x, ops)), residual
 
 
 class CausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_flags: list[dict], tie_embeddings: bool):
+    """``expert_dispatcher`` / ``expert_recorder``: what every MoE layer gets at construction (None
+    for a dense model, or a MoE model without EPLB, expert parallelism or recording)."""
+
+    def __init__(self, cfg: ModelConfig, layer_flags: list[dict], tie_embeddings: bool, expert_dispatcher=None,
+                 expert_recorder=None):
         super().__init__()
         self.cfg = cfg
+        self.expert_dispatcher, self.expert_recorder = expert_dispatcher, expert_recorder
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, f) for i, f in enumerate(layer_flags))
+        moe_index = [sum(f["moe"] for f in layer_flags[:i]) for i in range(len(layer_flags))]
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, f, moe_index[i], expert_dispatcher, expert_recorder)
+                                    for i, f in enumerate(layer_flags))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg)
         self.tie_embeddings = tie_embeddings

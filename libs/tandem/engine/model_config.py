@@ -94,7 +94,8 @@ class ModelConfig:
             torch_dtype=c.get("dtype") or c.get("torch_dtype"),
         )
         if mt in ("qwen2_moe", "qwen3_moe"):
-            mc.num_experts = c["num_experts"]
+            # checkpoints say num_experts; transformers >= 5.2x writes num_local_experts for Qwen3-MoE
+            mc.num_experts = c["num_experts"] if "num_experts" in c else c["num_local_experts"]
             mc.num_experts_per_tok = c["num_experts_per_tok"]
             mc.moe_intermediate_size = c["moe_intermediate_size"]
             mc.shared_expert_intermediate_size = c.get("shared_expert_intermediate_size", 0) or 0

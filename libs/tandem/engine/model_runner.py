@@ -91,10 +91,18 @@ class ModelRunner:
         self.future = torch.zeros(0, dtype=torch.long, device=device)
         self.graphs = None
         self._replayed_bs = None  # batch size of the last forward when it was a graph replay
+        # Decode forward passes so far: replayed CUDA graphs and eager runs (benchmarks report both).
+        self.graph_replays = 0
+        self.eager_decodes = 0
         if cuda_graph_max_bs > 0 and self.paged and str(device).startswith("cuda"):
             from .cuda_graph_runner import CudaGraphRunner
 
             self.graphs = CudaGraphRunner(model, pool, self.sampler, cuda_graph_max_bs, self.num_sms)
+
+    def _record_experts(self) -> bool:
+        """Whether this forward pass adds to the MoE expert recorder's counters."""
+        rec = self.model.expert_recorder
+        return rec is not None and rec.recording
 
     def publish_future(self, token_ids: torch.Tensor) -> None:
         """Keep ``token_ids`` [B] (device) for the next forward pass (placeholders -1 .. -B)."""
@@ -196,9 +204,10 @@ class ModelRunner:
         vocab] logits of every new token of request i} for the flagged requests)."""
         self._replayed_bs = None
         ready, self.layer_ready = self.layer_ready, None
+        record = self._record_experts()
         if all_rows is not None and any(all_rows):
             fb = self.build(batch, all_rows)
-            fb.layer_ready = ready
+            fb.layer_ready, fb.record_experts = ready, record
             with torch.profiler.record_function("tandem.model_forward"):
                 out = self.model(fb, self.pool.k_buffers, self.pool.v_buffers)
             if fb.logits_indices is None:  # a batch of one-token rows: one row per request
@@ -213,14 +222,16 @@ class ModelRunner:
             return out[last], extra
         # Named range so profiler traces show each forward pass of the model as one block.
         with torch.profiler.record_function("tandem.model_forward"):
-            if self.graphs is not None and self.graphs.can_run(batch):
+            if self.graphs is not None and self.graphs.can_run(batch, record):
                 for i in range(self.pool.num_layers if ready is not None else 0):
                     ready(i)  # a captured graph cannot wait per layer
                 vec, table = decode_inputs(batch, self.page_size)
                 self._replayed_bs = len(batch)
-                return self.graphs.replay(vec, table, self._future_tokens if vec[0].min() < 0 else None)
+                self.graph_replays += 1
+                return self.graphs.replay(vec, table, self._future_tokens if vec[0].min() < 0 else None, record)
             fb = self.build(batch)
-            fb.layer_ready = ready
+            fb.layer_ready, fb.record_experts = ready, record
+            self.eager_decodes += fb.is_decode
             return self.model(fb, self.pool.k_buffers, self.pool.v_buffers)
 
     def sample(self, logits: torch.Tensor, tensors: SamplingTensors | None, variant: SamplerVariant) -> torch.Tensor:

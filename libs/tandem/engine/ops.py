@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import moe_math
+
 BACKENDS = ("torch_native", "triton")
 
 
@@ -64,8 +66,18 @@ class TorchNativeOps:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def routed_experts(self, moe, x, phys, weights):
-        return moe.expert_outputs(x, phys, weights)
+    def moe_router(self, x, weight):
+        return F.linear(x.float(), weight)
+
+    def moe_route(self, *args):
+        return moe_math.route_tokens(*args)
+
+    def moe_experts(self, x, w13, w2, slots, weights, combine: bool):
+        rows = moe_math.expert_rows(x, w13, w2, slots, weights)
+        return moe_math.combine(rows) if combine else rows
+
+    def moe_combine(self, rows):
+        return moe_math.combine(rows)
 
     def attention(self, q, k, v, rope, fb, k_cache, v_cache, scale):
         cos, sin = rope
@@ -81,9 +93,9 @@ class TritonOps:
     graph_safe = True
 
     def __init__(self, rotary, max_positions: int):
-        from .kernels import activation, decode_attention, extend_attention, fused_moe, norm, rope_kv
+        from .kernels import activation, decode_attention, extend_attention, fused_moe, moe_routing, norm, rope_kv
 
-        self._act, self._norm, self._rope, self._moe = activation, norm, rope_kv, fused_moe
+        self._act, self._norm, self._rope, self._moe, self._routing = activation, norm, rope_kv, fused_moe, moe_routing
         self._decode, self._extend = decode_attention, extend_attention
         self.cos, self.sin = rope_kv.rope_cos_sin_cache(rotary.inv_freq, max_positions)
 
@@ -102,12 +114,20 @@ class TritonOps:
     def silu_and_mul(self, x):
         return self._act.silu_and_mul(x)
 
-    def routed_experts(self, moe, x, phys, weights):
-        """Fused MoE: grouped GEMMs over this rank's physical slots, no host sync."""
-        num_local = moe.w13.shape[0]
-        local = phys - moe.local_slot_start
-        slot_ids = torch.where((local >= 0) & (local < num_local), local, num_local)
-        return self._moe.fused_experts(x, moe.w13, moe.w2, slot_ids, weights, self.silu_and_mul)
+    def moe_router(self, x, weight):
+        """Router logits (float32) in one kernel at decode sizes."""
+        return self._routing.router_logits(x, weight)
+
+    def moe_route(self, *args):
+        """Fused routing (scores, groups, top-k, shared entries, dispatch, recorder) in one kernel."""
+        return self._routing.route(*args)
+
+    def moe_experts(self, x, w13, w2, slots, weights, combine: bool):
+        """Fused MoE experts over this rank's slots (combine: the weighted sum too), no host sync."""
+        return self._moe.fused_experts(x, w13, w2, slots, weights, combine)
+
+    def moe_combine(self, rows):
+        return self._moe.combine_rows(rows)
 
     def attention(self, q, k, v, positions, fb, k_cache, v_cache, scale):
         self._rope.rope_and_write_kv(q, k, v, positions, self.cos, self.sin, fb.slot_mapping, k_cache, v_cache)

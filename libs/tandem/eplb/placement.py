@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from .algorithms import log2phy_from_phy2log, logcnt_from_phy2log, rebalance_experts
+from .dispatch import DISPATCH_ALGORITHMS, dispatch_ids
 
 __all__ = ["ExpertLocation", "SlotCopy", "diff", "DISPATCH_ALGORITHMS"]
-
-DISPATCH_ALGORITHMS = ("static", "dynamic", "random")
 
 
 @dataclass(frozen=True)
@@ -198,16 +197,14 @@ class ExpertLocation:
         algorithm: str = "static",
         positions: torch.Tensor | None = None,
         rank: int | None = None,
-        generator: torch.Generator | None = None,
+        seed: int = 0,
     ) -> torch.Tensor:
-        """Map logical top-k ids ``[tokens, k]`` to physical slot ids (same shape).
+        """Map logical top-k ids ``[tokens, k]`` to physical slot ids (same shape), on the host.
 
-        * ``static``: fixed choice. With ``rank`` given, a replica on that rank when one
-          exists; otherwise replica ``position % replica_count`` (``positions`` defaults
-          to the token index), so repeated tokens spread over replicas deterministically.
-        * ``dynamic``: per batch, split each expert's tokens over its replicas so that
-          the ranks' token counts stay as even as possible (greedy, hottest expert first).
-        * ``random``: uniform replica, from ``generator`` (seed it for reproducibility).
+        The rules are ``tandem.eplb.dispatch.dispatch_ids``' (static, dynamic, random: the
+        device dispatcher runs the same function on its tables); ``positions`` feed ``random``
+        (default: the token index). With ``rank`` given, ``static`` prefers a replica on that
+        rank when one exists.
         """
         if algorithm not in DISPATCH_ALGORITHMS:
             raise ValueError(f"ep_dispatch_algorithm={algorithm!r}: allowed {', '.join(DISPATCH_ALGORITHMS)}")
@@ -216,23 +213,13 @@ class ExpertLocation:
         ids = ids.cpu()
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.num_logical):
             raise ValueError(f"topk ids out of range [0, {self.num_logical})")
-        table = self.logical_to_physical[layer]  # [logical, max_rep]
-        cnt = self.logical_count[layer]
-        if int(cnt.max()) == 1:  # no redundant experts: one answer
-            return table[ids, 0].to(device)
-        if algorithm == "static":
-            if positions is None:
-                positions = torch.arange(ids.size(0))
-            pos = torch.as_tensor(positions).long().cpu().view(-1, 1).expand_as(ids)
-            out = table[ids, pos % cnt[ids]]
-            if rank is not None:
-                local = self._local_choice(layer, rank)[ids]
-                out = torch.where(local >= 0, local, out)
-            return out.to(device)
-        if algorithm == "random":
-            r = torch.randint(0, 1 << 30, ids.shape, generator=generator)
-            return table[ids, r % cnt[ids]].to(device)
-        return self._dispatch_dynamic(layer, ids).to(device)
+        pos = None if positions is None else torch.as_tensor(positions).long().cpu()
+        out = dispatch_ids(self.logical_to_physical[layer].clamp(min=0), self.logical_count[layer], ids, algorithm,
+                           layer, seed, pos)
+        if rank is not None and algorithm == "static":
+            local = self._local_choice(layer, rank)[ids]
+            out = torch.where(local >= 0, local, out)
+        return out.to(device)
 
     def _local_choice(self, layer: int, rank: int) -> torch.Tensor:
         """[logical] first slot of each expert on ``rank`` (or -1)."""
@@ -242,34 +229,6 @@ class ExpertLocation:
         slots = torch.arange(s.start, s.stop)
         out.scatter_(0, p2l.flip(0), slots.flip(0))  # flip: the lowest slot wins
         return out
-
-    def _dispatch_dynamic(self, layer: int, ids: torch.Tensor) -> torch.Tensor:
-        table = self.logical_to_physical[layer]
-        cnt = self.logical_count[layer]
-        flat = ids.reshape(-1)
-        demand = torch.bincount(flat, minlength=self.num_logical)
-        rank_load = [0] * self.ep_size
-        quota = {}  # logical expert -> [(slot, tokens)]
-        single = cnt == 1
-        for e in (single & (demand > 0)).nonzero().flatten().tolist():
-            rank_load[int(table[e, 0]) // self.slots_per_rank] += int(demand[e])
-        multi = (~single & (demand > 0)).nonzero().flatten()
-        for e in sorted(multi.tolist(), key=lambda e: -int(demand[e])):
-            slots = table[e, : int(cnt[e])].tolist()
-            take = [0] * len(slots)
-            for _ in range(int(demand[e])):  # water-fill the least-loaded replica's rank
-                i = min(range(len(slots)), key=lambda i: (rank_load[slots[i] // self.slots_per_rank], take[i]))
-                take[i] += 1
-                rank_load[slots[i] // self.slots_per_rank] += 1
-            quota[e] = [(s, t) for s, t in zip(slots, take, strict=True) if t]
-        out = table[flat, 0].clone()
-        for e, parts in quota.items():
-            where = (flat == e).nonzero().flatten()
-            start = 0
-            for slot, n in parts:
-                out[where[start:start + n]] = slot
-                start += n
-        return out.view_as(ids)
 
 
 def diff(old: ExpertLocation, new: ExpertLocation) -> list[SlotCopy]:

@@ -1,25 +1,31 @@
 """Expert-distribution recorder: which experts the router picks, per MoE layer.
 
-The engine calls, around every forward pass::
+Counting happens on the device, inside the forward pass, into static counters a CUDA graph
+increments by address (the triton backend's routing kernel adds to them; the torch path
+calls ``record``); nothing reads them back per layer. Between forward passes the host folds
+the pass's counters into its window (``end_pass``: device copies, no host sync) and zeroes
+them for the next pass::
 
-    recorder.on_forward_start()
-    recorder.record(layer_idx, topk_logical_ids, topk_physical_ids)  # each MoE layer
-    recorder.on_forward_end()
+    row = recorder.counter(layer)        # the layer's device counters (logical, or physical for stat_approx):
+                                         # the routing (kernel or its torch twin) adds 1 per routed entry
+    recorder.record_tokens(layer, ids, positions, valid)  # per_token mode only: the ids themselves
+    recorder.end_pass()                  # once per forward pass, between steps
 
-``record`` is a no-op unless recording was started (``start()``), so the hooks can stay
-in the model permanently. Counting stays on the ids' device (no host sync per layer);
-tensors move to the host only at the end of a pass (``per_token``/``per_pass``) or at
-dump time (``stat``/``stat_approx``).
+Counts of a pass are kept only while recording is on (``start()``/``stop()``); a pass that
+ran while it was off is dropped at ``end_pass``, so the layers may count unconditionally.
+Rows of a CUDA graph's padding (``valid`` False) are never counted.
 
 Modes (``--expert-distribution-recorder-mode``):
 
-* ``per_token``: every token's top-k logical ids, with its position, per layer and pass.
-* ``per_pass``: logical counts ``[layers, experts]`` of each forward pass.
-* ``stat``: sliding window (circular buffer, ``buffer_size`` passes) of per-pass
-  logical counts ``[buffer, layers, experts]``.
+* ``per_token``: every token's top-k logical ids, with its position, per layer and pass. It
+  copies ids to the host inside the forward pass, which a graph cannot do: decode runs
+  eagerly while it records (``graph_safe`` is False).
+* ``per_pass``: logical counts ``[layers, experts]`` of each forward pass (copied to the host
+  at ``end_pass``).
+* ``stat``: sliding window (circular buffer, ``buffer_size`` passes) of per-pass logical
+  counts ``[buffer, layers, experts]``, on the device.
 * ``stat_approx``: the same window, counted from the dispatched *physical* ids
-  (``[layers, physical]`` bincount) and folded to logical experts with the placement
-  once per pass. Cheaper where the dispatcher already has per-slot counts.
+  (``[layers, physical]``) and folded to logical experts with the placement once per pass.
 
 Dump format (``dump(path, fmt)``; ``fmt`` "json" or "pt", same keys; ``.pt`` holds
 tensors where JSON holds nested lists)::
@@ -82,7 +88,26 @@ class ExpertDistributionRecorder:
         self._p2l: torch.Tensor | None = None
         if physical_to_logical is not None:
             self.set_physical_to_logical(physical_to_logical)
+        L, E = num_layers, num_logical_experts
+        # The device counters: allocated once, zeroed in place (graphs hold their addresses).
+        self._cur = torch.zeros(L, E, dtype=torch.int32, device=self.device)
+        self._cur_phys = (torch.zeros(L, self._p2l.size(1), dtype=torch.int32, device=self.device)
+                          if mode == "stat_approx" else None)
         self.reset()
+
+    @property
+    def counts_physical(self) -> bool:
+        """True when ``counter`` rows count physical slots (stat_approx), else logical experts."""
+        return self._cur_phys is not None
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether recording can run inside a CUDA graph (all modes but per_token)."""
+        return self.mode != "per_token"
+
+    def counter(self, layer: int) -> torch.Tensor:
+        """The device counters (int32) the routing of MoE layer ``layer`` adds to."""
+        return self._cur_phys[layer] if self._cur_phys is not None else self._cur[layer]
 
     # ------------------------------------------------------------------ control
     def start(self) -> None:
@@ -100,20 +125,15 @@ class ExpertDistributionRecorder:
         with self._lock:
             L, E = self.num_layers, self.num_logical
             self.num_forward_passes = 0
-            self._in_pass = False
-            self._cur = torch.zeros(L, E, dtype=torch.int64, device=self.device)
-            self._cur_phys = (
-                torch.zeros(L, self._p2l.size(1), dtype=torch.int64, device=self.device)
-                if self._p2l is not None
-                else None
-            )
+            self._cur.zero_()
+            if self._cur_phys is not None:
+                self._cur_phys.zero_()
             self._cur_tokens: list[dict] = []
             self._records: list[dict] = []
             self._window = torch.zeros(self.buffer_size, L, E, dtype=torch.int64, device=self.device)
             self._window_phys = (
                 torch.zeros(self.buffer_size, L, self._p2l.size(1), dtype=torch.int64, device=self.device)
-                if self._p2l is not None and self.mode == "stat_approx"
-                else None
+                if self._cur_phys is not None else None
             )
             self._delta = torch.zeros(L, E, dtype=torch.int64, device=self.device)
             self._delta_passes = 0
@@ -121,81 +141,70 @@ class ExpertDistributionRecorder:
     def set_physical_to_logical(self, physical_to_logical: torch.Tensor) -> None:
         """Tell the recorder the current placement (after a rebalance). For stat_approx the
         window is folded with the placement at pass end, so earlier passes keep their
-        logical counts; only the physical-count window is cleared when its width changes."""
+        logical counts; the number of physical slots is fixed."""
         p2l = torch.as_tensor(physical_to_logical).long().to(self.device)
         if p2l.dim() != 2 or p2l.size(0) != self.num_layers:
             raise ValueError(f"physical_to_logical must be [{self.num_layers}, physical], got {tuple(p2l.shape)}")
         if p2l.numel() and (p2l.min() < 0 or p2l.max() >= self.num_logical):
             raise ValueError(f"physical_to_logical has expert ids outside [0, {self.num_logical})")
         with self._lock:
-            old = self._p2l
+            if self._p2l is not None and self._p2l.shape != p2l.shape:
+                raise ValueError(f"physical_to_logical has {p2l.size(1)} slots per layer, the recorder counts "
+                                 f"{self._p2l.size(1)}")
             self._p2l = p2l
-            if old is not None and old.shape != p2l.shape and hasattr(self, "_window"):
-                self._cur_phys = torch.zeros(self.num_layers, p2l.size(1), dtype=torch.int64, device=self.device)
-                if self.mode == "stat_approx":
-                    self._window_phys = torch.zeros(
-                        self.buffer_size, self.num_layers, p2l.size(1), dtype=torch.int64, device=self.device
-                    )
 
     # ------------------------------------------------------------------ engine hooks
-    def on_forward_start(self) -> None:
-        if not self._recording:
-            return
-        self._in_pass = True
-        self._cur.zero_()
-        if self._cur_phys is not None:
-            self._cur_phys.zero_()
-        self._cur_tokens = []
-
-    def record(
-        self,
-        layer_idx: int,
-        topk_logical_ids: torch.Tensor,
-        topk_physical_ids: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
-    ) -> None:
-        """Record one MoE layer's routing: ``topk_*_ids`` are ``[tokens, k]``; ``positions``
-        (``[tokens]``, per_token mode) defaults to the token index in the pass."""
-        if not self._recording or not self._in_pass:
+    def record_tokens(self, layer_idx: int, topk_logical_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      valid: torch.Tensor | None = None) -> None:
+        """per_token mode: keep one layer's ``[tokens, k]`` logical ids (host copies, inside the
+        forward pass: not graph-safe) with their positions (default: the token index); rows with
+        ``valid`` False are padding and left out. The counts come from ``counter`` as in every mode."""
+        if self.mode != "per_token":
             return
         if not 0 <= layer_idx < self.num_layers:
             raise ValueError(f"layer_idx {layer_idx} out of range [0, {self.num_layers})")
-        if self.mode == "stat_approx" and topk_physical_ids is not None:
-            ids = topk_physical_ids.reshape(-1).to(self.device)
-            self._cur_phys[layer_idx] += torch.bincount(ids, minlength=self._cur_phys.size(1))
-            return
-        ids = topk_logical_ids.reshape(-1).to(self.device)
-        self._cur[layer_idx] += torch.bincount(ids, minlength=self.num_logical)
-        if self.mode == "per_token":
-            tokens = topk_logical_ids.size(0)
-            pos = torch.arange(tokens) if positions is None else positions.reshape(-1)
-            self._cur_tokens.append(
-                {"layer": layer_idx, "positions": pos.detach().cpu().long(), "topk_ids": topk_logical_ids.detach().cpu().long()}
-            )
+        tokens = topk_logical_ids.size(0)
+        pos = torch.arange(tokens) if positions is None else positions.reshape(-1).cpu()
+        ids_host = topk_logical_ids.detach().cpu().long()
+        if valid is not None:
+            keep = valid.reshape(-1).cpu()
+            pos, ids_host = pos[keep], ids_host[keep]
+        self._cur_tokens.append({"layer": layer_idx, "positions": pos.long(), "topk_ids": ids_host})
 
-    def on_forward_end(self) -> None:
-        if not self._recording or not self._in_pass:
-            return
+    def end_pass(self) -> None:
+        """Fold the pass that just ran into the window (between steps: device copies, no host sync
+        except per_pass's records) and zero the counters for the next one."""
         with self._lock:
-            self._in_pass = False
-            if self.mode == "stat_approx" and self._cur_phys is not None:
-                # fold physical counts into logical ones (adds to any logical-id fallback)
-                self._cur.scatter_add_(1, self._p2l, self._cur_phys)
-            pass_id = self.num_forward_passes
-            self.num_forward_passes += 1
-            self._delta += self._cur
-            self._delta_passes += 1
-            if self.mode in ("stat", "stat_approx"):
-                slot = pass_id % self.buffer_size
-                self._window[slot].copy_(self._cur)
-                if self._window_phys is not None:
-                    self._window_phys[slot].copy_(self._cur_phys)
-            elif self.mode == "per_pass":
-                self._records.append({"forward_pass_id": pass_id, "logical_count": self._cur.cpu().clone()})
-            else:
-                for rec in self._cur_tokens:
-                    self._records.append({"forward_pass_id": pass_id, **rec})
-                self._cur_tokens = []
+            if self._recording:
+                cur = self._cur.long()
+                if self._cur_phys is not None:  # fold physical counts into logical ones
+                    cur = cur.scatter_add(1, self._p2l, self._cur_phys.long())
+                pass_id = self.num_forward_passes
+                self.num_forward_passes += 1
+                self._delta += cur
+                self._delta_passes += 1
+                if self.mode in ("stat", "stat_approx"):
+                    slot = pass_id % self.buffer_size
+                    self._window[slot].copy_(cur)
+                    if self._window_phys is not None:
+                        self._window_phys[slot].copy_(self._cur_phys)
+                elif self.mode == "per_pass":
+                    self._records.append({"forward_pass_id": pass_id, "logical_count": cur.cpu()})
+                else:
+                    for rec in self._cur_tokens:
+                        self._records.append({"forward_pass_id": pass_id, **rec})
+            self._cur_tokens = []
+            self._cur.zero_()
+            if self._cur_phys is not None:
+                self._cur_phys.zero_()
+
+    def discard_pass(self) -> None:
+        """Zero the counters without folding them (runs that were no real pass: graph capture)."""
+        with self._lock:
+            self._cur_tokens = []
+            self._cur.zero_()
+            if self._cur_phys is not None:
+                self._cur_phys.zero_()
 
     # ------------------------------------------------------------------ reading
     def logical_load(self) -> torch.Tensor:
@@ -211,6 +220,14 @@ class ExpertDistributionRecorder:
                 else:
                     total[rec["layer"]] += torch.bincount(rec["topk_ids"].reshape(-1), minlength=self.num_logical)
             return total
+
+    def last_pass_counts(self) -> torch.Tensor | None:
+        """Logical counts ``[layers, experts]`` of the newest folded pass (stat modes; a device copy,
+        no host sync), None before the first one."""
+        with self._lock:
+            if self.mode not in ("stat", "stat_approx") or not self.num_forward_passes:
+                return None
+            return self._window[(self.num_forward_passes - 1) % self.buffer_size].clone()
 
     def take_load_delta(self):
         """``(counts [layers, experts], num_forward_passes)`` since the previous call (for

@@ -14,10 +14,9 @@ import threading
 import time
 
 import grpc
-from tandem.eplb.engine_hook import EplbEngineHook, find_moe_layers
-from tandem.eplb.placement import ExpertLocation
 from tandem.eplb.plans import plan_from_proto
 from tandem.eplb.recorder import ExpertDistributionRecorder
+from tandem.eplb.runtime import EplbRuntime
 from tandem.server.channels import open_channel
 from tandem.server.system_http import SystemHttpServer
 from tandem.server.tls import TlsFiles
@@ -72,52 +71,34 @@ class ExpertRecorderControl:
 
 
 class _ForwardPasses(LoopHook):
-    """The recorder counts forward passes: the EPLB hook brackets every engine step."""
+    """After every engine step (one forward pass at most) the recorder folds its device counters."""
 
-    def __init__(self, hook: EplbEngineHook) -> None:
-        self.hook = hook
-
-    def before_step(self) -> None:
-        self.hook.on_forward_start()
+    def __init__(self, eplb: EplbRuntime) -> None:
+        self.eplb = eplb
 
     def after_step(self, stats) -> None:
-        self.hook.on_forward_end()
+        self.eplb.end_pass()
 
 
 class WorkerEplb:
-    """Built before the engine loop starts (it reads the model's MoE layers once); after
-    that it reaches the engine only through loop commands."""
+    """Built before the engine loop starts; the engine built the placement, dispatcher and recorder
+    into its MoE layers from the same config (``engine.eplb``). After that it reaches the engine
+    only through loop commands (plans) and the recorder's thread-safe reads."""
 
-    def __init__(self, config, loop: EngineLoop, worker_id: str, ep=None) -> None:
-        engine = loop.engine  # not started yet: reading the model's shape is safe here
+    def __init__(self, config, loop: EngineLoop, worker_id: str) -> None:
+        engine = loop.engine  # not started yet: reading its EPLB runtime is safe here
         self.config = config
         self.loop = loop
         self.worker_id = worker_id
-        layers = find_moe_layers(engine.model)
-        if not layers:
+        if engine.eplb is None or engine.eplb.recorder is None:
             raise ValueError("--enable-eplb / --expert-distribution-recorder-mode need a MoE model; "
                              f"{config.model_path} has no MoE layers")
-        self.num_layers = len(layers)
-        self.num_logical = int(engine.model_config.num_experts)
-        self.num_physical = self.num_logical + config.ep_num_redundant_experts
-        num_groups = getattr(engine.model_config, "n_group", None) or 1
-        self.location = ExpertLocation.from_init_arg(
-            config.init_expert_location, self.num_layers, self.num_logical, self.num_physical, config.ep_size,
-            num_groups, 1)
-        mode = config.expert_distribution_recorder_mode or "stat"
-        self.recorder = ExpertDistributionRecorder(
-            mode, self.num_layers, self.num_logical, config.expert_distribution_recorder_buffer_size,
-            physical_to_logical=self.location.physical_to_logical)
-        if config.enable_eplb:
-            self.recorder.start()
-        if ep is not None:  # expert parallel: the EP leader's hook already owns the placement
-            self.hook = ep.hook
-            self.location = ep.hook.location
-            self.recorder.set_physical_to_logical(self.location.physical_to_logical)
-            ep.set_recorder(self.recorder)
-        else:
-            self.hook = EplbEngineHook(engine.model, self.location, config.ep_dispatch_algorithm, self.recorder)
-            loop.call(lambda _engine: self.hook.install())  # before the first step
+        self.eplb = engine.eplb
+        self.recorder = self.eplb.recorder
+        location = self.eplb.location
+        self.num_layers = location.num_layers
+        self.num_logical = location.num_logical
+        self.num_physical = location.num_physical
         self.plan_version = 0
         self.plans_applied = 0
         self.plans_rejected = 0
@@ -125,7 +106,7 @@ class WorkerEplb:
         self._threads: list[threading.Thread] = []
         self._stream = None
         self._channel = None
-        loop.add_hook(_ForwardPasses(self.hook))
+        loop.add_hook(_ForwardPasses(self.eplb))
         self.control = ExpertRecorderControl(self.recorder, config.profile_dir, worker_id.replace(":", "_"))
 
     def status(self) -> dict:
@@ -133,7 +114,7 @@ class WorkerEplb:
                 "plans_rejected": self.plans_rejected, "recorder_mode": self.recorder.mode,
                 "recording": self.recorder.recording, "num_layers": self.num_layers,
                 "num_logical_experts": self.num_logical, "num_physical_experts": self.num_physical,
-                "physical_to_logical": self.hook.location.physical_to_logical.tolist()}
+                "physical_to_logical": self.eplb.location.physical_to_logical.tolist()}
 
     def add_routes(self, system: SystemHttpServer) -> None:
         self.control.add_routes(system)
@@ -144,7 +125,7 @@ class WorkerEplb:
         """Queue a plan from the planner: applied by the engine loop between two forward
         passes. A bad one is logged and the old placement kept."""
         try:
-            self.hook.submit(plan_from_proto(msg, self.num_layers), msg.version)
+            self.eplb.submit(plan_from_proto(msg, self.num_layers), msg.version)
         except ValueError as exc:
             self.plans_rejected += 1
             log.error("rejected EPLB plan v%d, keeping v%d: %s", msg.version, self.plan_version, exc)
@@ -154,10 +135,10 @@ class WorkerEplb:
 
     def _apply_pending(self) -> None:
         """Loop thread, between forward passes: copy expert weights into their new slots."""
-        if not self.hook.has_pending:
+        if not self.eplb.has_pending:
             return  # a later command already applied it
-        copies = self.hook.apply_pending()
-        self.plan_version = self.hook.version
+        copies = self.eplb.apply_pending()
+        self.plan_version = self.eplb.version
         self.plans_applied += 1
         log.info("applied EPLB plan v%s: %d expert copies", self.plan_version, copies)
 

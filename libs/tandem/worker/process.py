@@ -105,20 +105,24 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
     if config.torch_num_threads:
         torch.set_num_threads(config.torch_num_threads)
     t0 = time.time()
-    engine = EngineCore(config=engine_config_of(config))
-    load_s = time.time() - t0
-    model_name = config.served_model_name or os.path.basename(os.path.normpath(config.model_path))
-    log.info("%s loaded %s in %.2fs: %d KV pages x %d tokens on %s/%s", kind, model_name, load_s,
-             engine.pool.num_pages, engine.page_size, engine.device, engine.dtype)
-    loop = EngineLoop(engine, kind)
     ep = None
-    if engine.config.ep_size > 1:
+    if config.ep_size > 1:
         from tandem.engine.expert_parallel import start_expert_parallel
 
         if getattr(config, "disaggregation_mode", "null") == "decode":
             raise SystemExit("config error: ep_size>1 with disaggregation_mode='decode': prefill's KV would reach "
                              "EP rank 0 only; use EP on aggregated or prefill workers")
-        ep = start_expert_parallel(engine, num_threads=config.torch_num_threads or None)
+        # The followers and the group come first: every rank's MoE layers are built for their slots.
+        ep = start_expert_parallel(engine_config_of(config), num_threads=config.torch_num_threads or None)
+        engine = ep.engine
+    else:
+        engine = EngineCore(config=engine_config_of(config))
+    load_s = time.time() - t0
+    model_name = config.served_model_name or os.path.basename(os.path.normpath(config.model_path))
+    log.info("%s loaded %s in %.2fs: %d KV pages x %d tokens on %s/%s", kind, model_name, load_s,
+             engine.pool.num_pages, engine.page_size, engine.device, engine.dtype)
+    loop = EngineLoop(engine, kind)
+    if ep is not None:
         loop.add_hook(_Keepalive(ep))
     worker_id = runtime.worker_id
     engine_metrics = EngineMetrics(runtime.registry, model_name=model_name, engine_type=engine_type,
@@ -139,7 +143,7 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
     if config.enable_eplb or config.expert_distribution_recorder_mode:
         from tandem.worker.eplb import WorkerEplb
 
-        eplb = WorkerEplb(config, loop, worker_id, ep=ep)
+        eplb = WorkerEplb(config, loop, worker_id)
         eplb.add_routes(runtime.system)
         if config.enable_eplb and config.eplb_planner_address:
             eplb.start_planner_client(config.eplb_planner_address, tls=runtime.tls)

@@ -5,7 +5,17 @@ without TRITON_INTERPRET (test_kernels_compile.py does)."""
 from __future__ import annotations
 
 import triton
-from tandem.engine.kernels import activation, decode_attention, extend_attention, fused_moe, norm, rope_kv, sampling
+from tandem.engine.kernels import (
+    activation,
+    decode_attention,
+    extend_attention,
+    fused_moe,
+    moe_align,
+    moe_routing,
+    norm,
+    rope_kv,
+    sampling,
+)
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -15,6 +25,53 @@ TARGET = GPUTarget("cuda", 90, 32)
 def compile_kernel(fn, signature: dict, constexprs: dict) -> None:
     sig = dict(signature, **{k: "constexpr" for k in constexprs})
     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=TARGET)
+
+
+def moe_kernels(p: str, dt: str) -> None:
+    """The MoE kernels for the benchmark shapes' parameters (Qwen2-MoE, Qwen3-MoE, GLM-4-MoE)."""
+    i32 = "i32"
+    for ks, slots, fuse in ((8, 64 + 4, True), (8, 128, False)):
+        compile_kernel(fused_moe._up_tokens_kernel, {
+            "X": p, "W13": p, "Act": p, "Slots": "*i32", **{n: i32 for n in ("H", "inter", "stride_x", "stride_we",
+                                                                             "stride_wn", "stride_act")}},
+            dict(KS=ks, NUM_SLOTS=slots, BLOCK_N=16, BLOCK_K=256))
+        compile_kernel(fused_moe._down_tokens_kernel, {
+            "Act": p, "W2": p, "Out": p, "Slots": "*i32", "Weights": "*fp32",
+            **{n: i32 for n in ("H", "inter", "stride_act", "stride_we", "stride_wn", "stride_out")}},
+            dict(KS=ks, NUM_SLOTS=slots, FUSE_COMBINE=fuse, BLOCK_N=16, BLOCK_K=256))
+        compile_kernel(fused_moe._up_blocks_kernel, {
+            "X": p, "W13": p, "Act": p, "SortedIds": "*i32", "BlockSlot": "*i32",
+            **{n: i32 for n in ("num_entries", "H", "inter", "stride_x", "stride_we", "stride_wn", "stride_act")}},
+            dict(KS=ks, NUM_SLOTS=slots, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, IEEE=dt == "fp32"))
+        compile_kernel(fused_moe._down_blocks_kernel, {
+            "Act": p, "W2": p, "Rows": p, "SortedIds": "*i32", "BlockSlot": "*i32", "Weights": "*fp32",
+            **{n: i32 for n in ("num_entries", "H", "inter", "stride_act", "stride_we", "stride_wn", "stride_rows")}},
+            dict(NUM_SLOTS=slots, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, IEEE=dt == "fp32"))
+        compile_kernel(fused_moe._combine_kernel, {"Rows": p, "Out": p, "H": i32, "stride_rows": i32,
+                                                   "stride_out": i32}, dict(KS=ks, BLOCK=fused_moe.COMBINE_BLOCK))
+    compile_kernel(moe_routing._router_kernel, {"X": p, "W": "*fp32", "Out": "*fp32", "H": i32, "stride_x": i32,
+                                                "stride_w": i32, "stride_o": i32},
+                   dict(ROWS=129, BLOCK_E=8, BLOCK_K=256))
+    if dt != "bf16":
+        return
+    for slots in (68, 129):
+        compile_kernel(moe_align._align_kernel, {"Slots": "*i32", "SortedIds": "*i32", "BlockSlot": "*i32",
+                                                 "n": i32, "num_rows": i32},
+                       dict(NUM_SLOTS=slots, BLOCK_M=16, BLOCK_E=256, CHUNK=16, CHUNK_P=1024))
+    routing = {"Logits": "*fp32", "Bias": "*fp32", "Log2Phy": "*i32", "LogCnt": "*i32", "Positions": "*i64",
+               "SeqLens": "*i64", "Counts": "*i32", "Ids": "*i32", "Slots": "*i32", "Weights": "*fp32",
+               **{n: i32 for n in ("T", "stride_l", "stride_tab", "seed", "layer", "local_start", "num_local")},
+               "scaling": "fp32"}
+    for e, k, s, softmax, bias, groups, algo, count in (
+            (60, 4, 4, True, False, (1, 1), moe_routing.ALGO_IDENTITY, False),     # Qwen2-MoE
+            (128, 8, 0, True, False, (1, 1), moe_routing.ALGO_STATIC, True),       # Qwen3-MoE + EPLB, recording
+            (160, 8, 1, False, True, (8, 4), moe_routing.ALGO_RANDOM, True),       # GLM-4-MoE style
+            (64, 6, 2, False, True, (8, 3), moe_routing.ALGO_NONE, False)):        # dynamic dispatch
+        compile_kernel(moe_routing._route_kernel, routing, dict(
+            E=e, TOP_K=k, NUM_SHARED=s, SHARED_GATED=s == 4, SHARED_HERE=True, SOFTMAX=softmax, HAS_BIAS=bias,
+            RENORM=not softmax, N_GROUP=groups[0], TOPK_GROUP=groups[1], ALGO=algo, COUNT=count,
+            COUNT_PHYSICAL=algo == moe_routing.ALGO_STATIC, HAS_SEQLENS=count, BLOCK_T=16,
+            BLOCK_E=1 << (e - 1).bit_length(), BLOCK_S=max(1, 1 << (max(s, 1) - 1).bit_length())))
 
 
 def main() -> None:
@@ -43,13 +100,7 @@ def main() -> None:
                                   "stride_v_head", "stride_pt", "stride_ot", "stride_oh")}},
             dict(PAGE_SIZE=16, GROUP=7, HEAD_DIM=64, BLOCK_M=extend_attention.BLOCK_M,
                  BLOCK_N=extend_attention.BLOCK_N, BLOCK_D=64, IEEE=dt == "fp32"))
-        for mul_weight, rows in ((False, 8), (True, 1)):
-            compile_kernel(fused_moe._moe_gemm_kernel, {
-                "A": p, "B": p, "C": p, "SortedIds": "*i64", "BlockSlot": "*i64", "Weights": "*fp32",
-                "N": "i32", "K": "i32", "num_entries": "i32",
-                **{n: "i32" for n in ("stride_am", "stride_be", "stride_bn", "stride_cm")}},
-                dict(ROWS_PER_TOKEN=rows, MUL_WEIGHT=mul_weight, NUM_SLOTS=72, BLOCK_M=fused_moe.BLOCK_M,
-                     BLOCK_N=fused_moe.BLOCK_N, BLOCK_K=fused_moe.BLOCK_K, IEEE=dt == "fp32"))
+        moe_kernels(p, dt)
         compile_kernel(decode_attention._decode_merge_kernel, {
             "PartialOut": "*fp32", "PartialLse": "*fp32", "Out": p,
             **{n: "i32" for n in ("stride_ob", "stride_oh", "stride_os", "stride_lb", "stride_lh", "stride_out_b",

@@ -12,7 +12,6 @@ from tandem.engine.kernels import (
     decode_attention,
     default_num_splits,
     extend_attention,
-    fused_moe,
     norm,
     rope_kv,
     sampling,
@@ -154,36 +153,3 @@ def test_extend_attention_matches_reference(page_size, heads, kv_heads, q_lens, 
     assert (out - extend_attention.extend_attention_ref(*args, D**-0.5)).abs().max().item() < 1e-5
 
 
-def _moe_reference(x, w13, w2, slots, weights):
-    T, k = slots.shape
-    out = torch.zeros(T * k, w2.shape[1])
-    for e, (s, w) in enumerate(zip(slots.reshape(-1).tolist(), weights.reshape(-1))):
-        if s < w13.shape[0]:
-            gate, up = torch.nn.functional.linear(x[e // k], w13[s]).chunk(2)
-            out[e] = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w2[s]) * w
-    return out.view(T, k, -1)
-
-
-@pytest.mark.parametrize("tokens,top_k,slots,hidden,inter", [
-    (5, 2, 4, 32, 48),   # top-2
-    (1, 1, 3, 64, 32),   # top-1, one token: most slots empty
-    (17, 8, 9, 32, 16),  # top-8, more slots than fit in one block
-])
-def test_fused_moe_matches_reference(tokens, top_k, slots, hidden, inter):
-    g = torch.Generator().manual_seed(tokens)
-    x = torch.randn(tokens, hidden, generator=g)
-    w13 = torch.randn(slots, 2 * inter, hidden, generator=g) * 0.1
-    w2 = torch.randn(slots, hidden, inter, generator=g) * 0.1
-    slot_ids = torch.randint(0, slots + 1, (tokens, top_k), generator=g)  # id == slots: on another EP rank
-    weights = torch.rand(tokens, top_k, generator=g)
-    out = fused_moe.fused_experts(x, w13, w2, slot_ids, weights, activation.silu_and_mul)
-    assert (out - _moe_reference(x, w13, w2, slot_ids, weights)).abs().max().item() < 1e-5
-    assert torch.all(out[slot_ids == slots] == 0)
-
-
-def test_align_by_expert_groups_and_pads():
-    ids = torch.tensor([2, 0, 2, 3, 2, 0])  # 3 = not here (num_slots 3)
-    sorted_ids, block_slot = fused_moe.align_by_expert(ids, 3, block_m=2)
-    blocks = sorted_ids.view(-1, 2).tolist()
-    assert blocks[:3] == [[1, 5], [0, 2], [4, 6]]  # slot 0, then slot 2 in two blocks (padding = 6)
-    assert block_slot.tolist()[:3] == [0, 2, 2] and all(s == 3 for s in block_slot.tolist()[3:])

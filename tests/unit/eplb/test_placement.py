@@ -82,9 +82,8 @@ def redundant():
 
 def test_dispatch_maps_to_a_replica_of_the_same_expert(redundant):
     ids = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 0], [0, 1]])
-    gen = torch.Generator().manual_seed(0)
     for algo in ("static", "dynamic", "random"):
-        phys = redundant.dispatch(0, ids, algo, generator=gen)
+        phys = redundant.dispatch(0, ids, algo, seed=3)
         assert phys.shape == ids.shape
         assert torch.equal(redundant.physical_to_logical[0][phys], ids)
 
@@ -112,9 +111,13 @@ def test_dynamic_balances_ranks(redundant):
 
 def test_random_is_seeded(redundant):
     ids = torch.zeros(32, 2, dtype=torch.long)
-    a = redundant.dispatch(0, ids, "random", generator=torch.Generator().manual_seed(7))
-    b = redundant.dispatch(0, ids, "random", generator=torch.Generator().manual_seed(7))
+    a = redundant.dispatch(0, ids, "random", seed=7)
+    b = redundant.dispatch(0, ids, "random", seed=7)
     assert torch.equal(a, b) and set(a.flatten().tolist()) == {0, 4}
+    assert not torch.equal(a, redundant.dispatch(0, ids, "random", seed=8))
+    # a fresh draw at every position, about half on each replica
+    pos = redundant.dispatch(0, ids[:, :1], "random", positions=torch.arange(100, 132), seed=7)
+    assert not torch.equal(pos, a[:, :1]) and 8 <= int((pos == 4).sum()) <= 24
 
 
 def test_dispatch_errors(redundant):

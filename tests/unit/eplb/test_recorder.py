@@ -18,14 +18,20 @@ COUNTS = [
 ]
 
 
+def count(rec, layer, ids, phys=None, positions=None):
+    """What the MoE routing does for the recorder: +1 per entry in the layer's counters."""
+    counted = phys if rec.counts_physical else ids
+    rec.counter(layer).scatter_add_(0, counted.reshape(-1), torch.ones(counted.numel(), dtype=torch.int32))
+    rec.record_tokens(layer, ids, positions)
+
+
 def run(rec, loc=None):
     for p in PASSES:
-        rec.on_forward_start()
         for layer, ids in p.items():
             ids = torch.tensor(ids)
             phys = loc.dispatch(layer, ids, "static") if loc is not None else None
-            rec.record(layer, ids, phys)
-        rec.on_forward_end()
+            count(rec, layer, ids, phys)
+        rec.end_pass()
 
 
 def make(mode, **kw):
@@ -105,9 +111,8 @@ def test_per_token():
 
 def test_per_token_positions():
     rec = make("per_token")
-    rec.on_forward_start()
-    rec.record(1, torch.tensor([[3, 0]]), positions=torch.tensor([17]))
-    rec.on_forward_end()
+    count(rec, 1, torch.tensor([[3, 0]]), positions=torch.tensor([17]))
+    rec.end_pass()
     assert rec.dump_dict()["records"][0]["positions"] == [17]
 
 
@@ -142,9 +147,30 @@ def test_reset_and_delta():
 def test_bad_args():
     with pytest.raises(ValueError, match="allowed"):
         ExpertDistributionRecorder("sometimes", 2, 4)
-    rec = make("stat")
-    rec.on_forward_start()
+    rec = make("per_token")
     with pytest.raises(ValueError, match="layer_idx"):
-        rec.record(5, torch.tensor([[0]]))
+        rec.record_tokens(5, torch.tensor([[0]]))
+    loc = ExpertLocation.trivial(2, 4, 6, 2)
+    approx = make("stat_approx", physical_to_logical=loc.physical_to_logical)
+    with pytest.raises(ValueError, match="8 slots per layer, the recorder counts 6"):
+        approx.set_physical_to_logical(ExpertLocation.trivial(2, 4, 8, 2).physical_to_logical)
     with pytest.raises(ValueError, match="format"):
         rec.dump("/tmp/x.bin", "yaml")
+
+
+def test_padding_rows_and_passes_while_off_are_not_counted():
+    """The counters are device tensors the routing adds to; rows a graph pads with are masked out by
+    the routing (seq_lens 0), and a pass run while recording is off is dropped when folded."""
+    rec = ExpertDistributionRecorder("stat", 2, 4)
+    row = rec.counter(0)
+    row += torch.tensor([1, 0, 2, 0], dtype=torch.int32)
+    rec.end_pass()  # not recording: dropped
+    assert rec.num_forward_passes == 0 and rec.counter(0).sum() == 0
+    rec.start()
+    assert rec.counter(0).data_ptr() == row.data_ptr()  # the same buffer a graph captured
+    row += torch.tensor([1, 0, 2, 0], dtype=torch.int32)
+    rec.discard_pass()  # a capture's warm-up: not a pass
+    row += torch.tensor([0, 3, 0, 0], dtype=torch.int32)
+    rec.end_pass()
+    assert rec.num_forward_passes == 1 and rec.logical_load()[0].tolist() == [0, 3, 0, 0]
+    assert rec.graph_safe and not make("per_token").graph_safe
