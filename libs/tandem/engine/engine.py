@@ -97,7 +97,8 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         self.device = device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, device)
         self.attention_backend = attention_backend(cfg.attention_backend, device)
-        self.model, self.model_config = load_model(cfg.model_path, self.dtype, device)
+        self.model, self.model_config = load_model(cfg.model_path, self.dtype, device, cfg.quantization,
+                                                   cfg.fp8_gemm_backend)
         mc = self.model_config
         self.context_length = cfg.context_length or mc.max_position_embeddings
         self.model.set_backend(self.attention_backend, self.context_length + 1)

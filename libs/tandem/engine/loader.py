@@ -7,7 +7,7 @@ import os
 import torch
 from safetensors import safe_open
 
-from .model import CausalLM, MoE, Rotary
+from .model import CausalLM, MoE, Rotary, plain_linear
 from .model_config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,12 +82,31 @@ def _merge_projections(state: dict) -> None:
             state[f"{prefix}{merged}.{kind}"] = torch.cat([state.pop(n) for n in names], dim=0)
 
 
-def load_model(path: str, dtype: torch.dtype, device: str) -> tuple[CausalLM, ModelConfig]:
+def _fp8_linears(path: str, cfg: ModelConfig, t: dict, dtype: torch.dtype, device: str, quantization: str | None,
+                 fp8_gemm_backend: str):
+    """(FP8 format or None, the model's linear factory): FP8 when ``--quantization fp8`` or config.json's
+    ``quantization_config`` says so (tandem.engine.quantization). FP8 weights of other modules in
+    ``t`` are dequantized to ``dtype`` here."""
+    from tandem.config.hf_config import read_hf_config
+
+    from .quantization import Fp8Gemm, Fp8LinearFactory, dequantize_unplanned, plan_fp8_linears, resolve_fp8_config
+
+    fp8 = resolve_fp8_config(quantization, read_hf_config(path), cfg.is_moe, fp8_gemm_backend)
+    if fp8 is None:
+        return None, plain_linear
+    plan = plan_fp8_linears(fp8, t, cfg.num_layers)
+    dequantize_unplanned(t, plan, fp8, cfg.num_layers, dtype)
+    return fp8, Fp8LinearFactory(plan, Fp8Gemm(fp8.gemm_backend, device))
+
+
+def load_model(path: str, dtype: torch.dtype, device: str, quantization: str | None = None,
+               fp8_gemm_backend: str = "auto") -> tuple[CausalLM, ModelConfig]:
     cfg = ModelConfig.from_dir(path)
     t = _read_tensors(path)
     tie = "lm_head.weight" not in t
+    fp8, linear = _fp8_linears(path, cfg, t, dtype, device, quantization, fp8_gemm_backend)
     with torch.device("meta"):  # no memory and no random init: every parameter comes from the checkpoint
-        model = CausalLM(cfg, _layer_flags(cfg, t), tie_embeddings=tie)
+        model = CausalLM(cfg, _layer_flags(cfg, t), tie_embeddings=tie, linear=linear)
     state = {}
     for i, layer in enumerate(model.layers):
         p, d = f"model.layers.{i}.", f"layers.{i}."
@@ -108,6 +127,10 @@ def load_model(path: str, dtype: torch.dtype, device: str) -> tuple[CausalLM, Mo
             state[k[len("model."):]] = t.pop(k)
         elif k == "lm_head.weight":
             state[k] = t.pop(k)
+    if fp8 is not None:
+        from .quantization import prepare_fp8_state
+
+        prepare_fp8_state(state, linear.plan, fp8, cfg.num_layers, device, dtype)
     _merge_projections(state)
     expected = set(model.state_dict().keys())
     missing = sorted(expected - set(state))

@@ -1,0 +1,179 @@
+"""FP8 E4M3 GEMMs with float32 scales: ``y = (q_x * s_x) @ (q_w * s_w).T`` (+ bias), rounded to
+the activations' dtype.
+
+Two kernels, both for the two weight layouts (``group_n`` x ``group_k`` blocks of one scale:
+1 x K per channel, 128 x 128 block-scaled):
+
+* ``fp8_gemm``: activations already quantized (``fp8_quant.quantize_activations``); tiles of
+  BLOCK_M x BLOCK_N, BLOCK_K columns a step (one activation group and one weight block column
+  a step, so each step's product is scaled and added in float32: Hopper's FP8 tensor-core
+  accumulation is not kept across steps, as DeepSeek-V3's GEMMs do). For prefill and large
+  decode batches; the per-channel layout also has ``torch._scaled_mm``.
+* ``fp8_gemm_small_m``: decode batches of a few rows. The activations come in unquantized;
+  each program quantizes its rows itself (per token: an amax pass over the row first; per
+  128-column group: the step's tile; static: the calibrated scale), so a linear layer is one
+  launch, and each program streams a narrow BLOCK_N slice of the weight: many programs, the
+  weight read once at full bandwidth.
+
+Their torch definition is ``tandem.engine.quantization.fp8.fp8_linear_ref``. Configurations are
+picked on the GPU by measurement (``tandem.engine.quantization.gemm``).
+Under Triton's interpreter an e4m3 ``tl.dot`` is exact (float32 products of exact values), but
+its float32 -> e4m3 cast rounds wrongly (see ``fp8_quant``): the CPU tests use activations
+whose quotients are exact e4m3 values.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from tandem.engine.quantization.fp8 import EPS, FP8_MAX
+
+
+class GemmConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@triton.jit
+def _fp8_gemm_kernel(A, B, C, AS, BS, Bias, M, N, K,
+                     stride_am, stride_bn, stride_cm, stride_as_m, stride_as_k, stride_bs_n, stride_bs_k,
+                     GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = SWIZZLE * num_n  # programs of SWIZZLE row blocks walk the columns together (L2 reuse)
+    first_m = (pid // per_group) * SWIZZLE
+    rows = tl.minimum(num_m - first_m, SWIZZLE)
+    pid_m = first_m + (pid % per_group) % rows
+    pid_n = (pid % per_group) // rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptr = A + offs_m.to(tl.int64)[:, None] * stride_am
+    b_ptr = B + offs_n.to(tl.int64)[None, :] * stride_bn
+    as_ptr = AS + offs_m * stride_as_m
+    bs_ptr = BS + (offs_n // GROUP_N) * stride_bs_n
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = k0 + offs_k < K
+        a = tl.load(a_ptr + (k0 + offs_k)[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptr + (k0 + offs_k)[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        a_s = tl.load(as_ptr + (k0 // GROUP_K) * stride_as_k, mask=mask_m, other=0.0)
+        b_s = tl.load(bs_ptr + (k0 // GROUP_K) * stride_bs_k, mask=mask_n, other=0.0)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :], acc.to(C.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _fp8_gemm_small_m_kernel(X, W, WS, Static, Bias, Y, M, N, K,
+                             stride_xm, stride_wn, stride_ym, stride_ws_n, stride_ws_k,
+                             ACT: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+    # ACT: 0 dynamic per token, 1 dynamic per token and GROUP_K columns (BLOCK_K == GROUP_K), 2 static.
+    pid_n = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_ptr = X + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_ptr = W + offs_n.to(tl.int64)[None, :] * stride_wn
+    ws_ptr = WS + (offs_n // GROUP_N) * stride_ws_n
+    fp8 = W.dtype.element_ty
+    if ACT == 0:
+        amax = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_ptr + (k0 + offs_k)[None, :], mask=mask_m[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        row_scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=1), EPS), FP8_MAX)
+    elif ACT == 2:
+        row_scale = tl.zeros([BLOCK_M], tl.float32) + tl.load(Static).to(tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = k0 + offs_k < K
+        x = tl.load(x_ptr + (k0 + offs_k)[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        if ACT == 1:
+            s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), EPS), FP8_MAX)
+        else:
+            s = row_scale
+        xq = tl.clamp(tl.math.div_rn(x, s[:, None]), -FP8_MAX, FP8_MAX).to(fp8)
+        w = tl.load(w_ptr + (k0 + offs_k)[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        w_s = tl.load(ws_ptr + (k0 // GROUP_K) * stride_ws_k, mask=mask_n, other=0.0)
+        acc += tl.dot(xq, w) * s[:, None] * w_s[None, :]
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _weight_scale_strides(weight_scale: torch.Tensor) -> tuple[int, int]:
+    """(stride over row groups, stride over column groups) of a [N] (per-channel) or [Nb, Kb] scale."""
+    if weight_scale.dim() == 1:
+        return weight_scale.stride(0), 0
+    return weight_scale.stride(0), weight_scale.stride(1)
+
+
+def fp8_gemm(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+             group_n: int, group_k: int | None, out_dtype: torch.dtype, config: GemmConfig,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """xq [M, K] e4m3 with x_scale [M, 1] (per token) or [M, ceil(K / group_k)]; weight [N, K] e4m3 with
+    weight_scale [N] (group_n 1, group_k None) or [ceil(N / group_n), ceil(K / group_k)]. -> [M, N]."""
+    M, K = xq.shape
+    N = weight.shape[0]
+    if group_k is not None and group_k % config.block_k:
+        raise ValueError(f"block_k={config.block_k} must divide the scale group of {group_k} columns")
+    y = torch.empty((M, N), dtype=out_dtype, device=xq.device)
+    if M == 0:
+        return y
+    ws_n, ws_k = _weight_scale_strides(weight_scale)
+    as_k = x_scale.stride(1) if x_scale.shape[1] > 1 else 0
+    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n),)
+    _fp8_gemm_kernel[grid](
+        xq, weight, y, x_scale, weight_scale, bias if bias is not None else y, M, N, K,
+        xq.stride(0), weight.stride(0), y.stride(0), x_scale.stride(0), as_k, ws_n, ws_k,
+        GROUP_N=group_n, GROUP_K=group_k or config.block_k, HAS_BIAS=bias is not None,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SWIZZLE=8,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return y
+
+
+def fp8_gemm_small_m(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, group_n: int,
+                     group_k: int | None, config: GemmConfig, input_scale: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (bf16 / fp32, M <= config.block_m) quantized inside the kernel: per token, per
+    ``group_k`` columns when the weight is block-scaled, or with the static ``input_scale``. -> [M, N]."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if M > config.block_m:
+        raise ValueError(f"fp8_gemm_small_m: {M} rows > block_m={config.block_m}")
+    if group_k is not None and input_scale is None and config.block_k != group_k:
+        raise ValueError(f"block_k={config.block_k} must equal the activation group of {group_k} columns")
+    if group_k is not None and group_k % config.block_k:
+        raise ValueError(f"block_k={config.block_k} must divide the weight block of {group_k} columns")
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    act = 2 if input_scale is not None else (0 if group_k is None else 1)
+    ws_n, ws_k = _weight_scale_strides(weight_scale)
+    _fp8_gemm_small_m_kernel[(triton.cdiv(N, config.block_n),)](
+        x, weight, weight_scale, input_scale if input_scale is not None else weight_scale,
+        bias if bias is not None else y, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0), ws_n, ws_k,
+        ACT=act, GROUP_N=group_n, GROUP_K=group_k or config.block_k, HAS_BIAS=bias is not None,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, FP8_MAX=FP8_MAX, EPS=EPS,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return y
+

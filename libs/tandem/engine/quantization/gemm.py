@@ -1,0 +1,177 @@
+"""Which kernel runs an FP8 linear layer: measured, once per layer shape and batch-size bucket.
+
+Candidates (``--fp8-gemm-backend``):
+
+* ``scaled_mm``: per-token activation quantization (Triton) + ``torch._scaled_mm`` with rowwise
+  scales (cuBLASLt); per-channel weights only;
+* ``small_m``: ``fp8_gemm_small_m`` (one launch, activations quantized inside), batches of up to
+  32 rows, a few tile widths;
+* ``gemm``: activation quantization + the tiled ``fp8_gemm``, a few tile shapes;
+* ``torch``: ``fp8.fp8_linear_ref`` (dequantize, matmul): the CPU path and the reference.
+
+With ``auto`` on CUDA every applicable candidate runs on the real inputs the first time a key
+(out features, in features, scale groups, static input, dtype, bias, batch rounded up to a power
+of two) is seen outside a CUDA-graph capture, and the fastest is kept for the life of the
+process (all models share the choices, so a graph replay and an eager pass of one shape run the
+same kernel). The CUDA-graph runner's warm-up passes make every decode bucket's choice before
+its capture. ``auto`` on CPU is ``torch``; ``triton`` on CPU (``TRITON_INTERPRET=1``) takes the
+first Triton candidate without timing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+
+from .fp8 import fp8_linear_ref, quantize_row_groups, quantize_rows, quantize_static
+
+log = logging.getLogger(__name__)
+
+SMALL_M_MAX = 32  # largest batch the fused small-M kernel is a candidate for
+# Process-wide: key -> candidate name; and what was measured, for benchmarks and logs.
+_CHOICES: dict[tuple, str] = {}
+_TIMINGS: dict[tuple, dict[str, float]] = {}
+
+
+def bucket_of(m: int) -> int:
+    return 1 << max(0, m - 1).bit_length()
+
+
+def choices() -> list[dict]:
+    """Every choice made in this process: shape, batch bucket, the kernel kept and each candidate's ms."""
+    out = []
+    for key, name in _CHOICES.items():
+        N, K, group_n, group_k, static, dtype, bias, bucket, device = key
+        out.append({"N": N, "K": K, "group_n": group_n, "group_k": group_k, "static_input": static,
+                    "batch_bucket": bucket, "chosen": name, "ms": _TIMINGS.get(key, {})})
+    return out
+
+
+def _small_m_configs(group_k: int | None, bucket: int):
+    from tandem.engine.kernels.fp8_gemm import GemmConfig
+
+    bm = max(16, bucket)
+    if group_k is None:
+        return [GemmConfig(bm, 16, 256, 2, 4), GemmConfig(bm, 32, 256, 4, 4), GemmConfig(bm, 64, 128, 4, 4)]
+    return [GemmConfig(bm, 16, group_k, 2, 4), GemmConfig(bm, 32, group_k, 4, 4), GemmConfig(bm, 64, group_k, 4, 4)]
+
+
+def _gemm_configs(group_k: int | None, bucket: int):
+    from tandem.engine.kernels.fp8_gemm import GemmConfig
+
+    bk = min(128, group_k or 128)
+    if bucket <= 64:
+        bm = max(16, bucket)
+        return [GemmConfig(bm, 64, bk, 4, 4), GemmConfig(bm, 128, bk, 4, 3)]
+    return [GemmConfig(64, 128, bk, 4, 3), GemmConfig(128, 128, bk, 8, 3)]
+
+
+class Fp8Gemm:
+    """Runs ``Fp8Linear.forward``: ``gemm(layer, x [M, K]) -> [M, N]`` on the chosen kernel."""
+
+    def __init__(self, backend: str = "auto", device: str = "cpu"):
+        if backend not in ("auto", "scaled_mm", "triton", "torch"):
+            raise ValueError(f"fp8_gemm_backend={backend!r}: allowed are auto, scaled_mm, triton, torch")
+        if backend == "triton" and not str(device).startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("fp8_gemm_backend='triton' on CPU runs only through the Triton interpreter (set "
+                             "TRITON_INTERPRET=1; slow, for tests); use auto or torch on CPU")
+        self.backend = backend
+
+    def __call__(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        M = x.shape[0]
+        cuda = x.device.type == "cuda"
+        if self.backend == "torch" or (self.backend == "auto" and not cuda):
+            return self._torch(layer, x)
+        bucket = bucket_of(M)
+        cands = self.candidates(layer, M, cuda)
+        if not cands:
+            raise ValueError(f"fp8_gemm_backend={self.backend!r} has no kernel for a {layer.group_n}x{layer.group_k} "
+                             "block-scaled weight (use auto or triton)")
+        key = (layer.out_features, layer.in_features, layer.group_n, layer.group_k, layer.input_scale is not None,
+               x.dtype, layer.bias is not None, bucket, str(x.device))
+        name = _CHOICES.get(key)
+        if name is None:
+            if not cuda or len(cands) == 1:
+                name = next(iter(cands))
+                _CHOICES[key] = name
+            elif torch.cuda.is_current_stream_capturing():
+                name = next(iter(cands))  # never measured inside a capture; the warm-up passes pick first
+            else:
+                name = self._measure(key, cands, layer, x)
+        return cands[name](layer, x)
+
+    # ---- candidates ------------------------------------------------------------------------
+    def candidates(self, layer, M: int, cuda: bool) -> dict[str, Callable]:
+        """name -> fn(layer, x) of every kernel allowed for this layer and batch, in order of preference."""
+        out: dict[str, Callable] = {}
+        per_channel = layer.group_k is None
+        if per_channel and self.backend in ("auto", "scaled_mm"):
+            out["scaled_mm"] = self._scaled_mm
+        if self.backend in ("auto", "triton"):
+            from tandem.engine.kernels.fp8_gemm import fp8_gemm, fp8_gemm_small_m
+
+            bucket = bucket_of(M)
+            if M <= SMALL_M_MAX:
+                for c in _small_m_configs(layer.group_k, bucket):
+                    out[f"small_m{tuple(c)}"] = lambda layer, x, c=c: fp8_gemm_small_m(
+                        x, layer.weight, layer.weight_scale, layer.group_n, layer.group_k, c, layer.input_scale,
+                        layer.bias)
+            for c in _gemm_configs(layer.group_k, bucket):
+                out[f"gemm{tuple(c)}"] = lambda layer, x, c=c: fp8_gemm(
+                    *self._quantize(layer, x), layer.weight, layer.weight_scale, layer.group_n, layer.group_k,
+                    x.dtype, c, layer.bias)
+        return out
+
+    def _quantize(self, layer, x: torch.Tensor):
+        """Activation quantization: the Triton kernel on CUDA and for ``triton`` (interpreter) on CPU."""
+        if x.device.type == "cuda" or self.backend == "triton":
+            from tandem.engine.kernels.fp8_quant import quantize_activations
+
+            return quantize_activations(x, layer.group_k, layer.input_scale)
+        if layer.input_scale is not None:
+            return quantize_static(x, layer.input_scale)
+        return quantize_rows(x) if layer.group_k is None else quantize_row_groups(x, layer.group_k)
+
+    def _scaled_mm(self, layer, x: torch.Tensor) -> torch.Tensor:
+        xq, xs = self._quantize(layer, x)
+        # torch's FP8 GEMM (cuBLASLt); the name the peers use, public as F.scaled_mm only from later torch.
+        y = torch._scaled_mm(xq, layer.weight.t(), scale_a=xs,  # noqa: SLF001
+                             scale_b=layer.weight_scale.view(1, -1), out_dtype=x.dtype)
+        return y if layer.bias is None else y + layer.bias
+
+    @staticmethod
+    def _torch(layer, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear_ref(x, layer.weight, layer.weight_scale, layer.group_n, layer.group_k, layer.input_scale,
+                              layer.bias)
+
+    # ---- measurement -----------------------------------------------------------------------
+    @staticmethod
+    def _measure(key: tuple, cands: dict[str, Callable], layer, x: torch.Tensor, reps: int = 10) -> str:
+        times: dict[str, float] = {}
+        for name, fn in cands.items():
+            try:
+                for _ in range(2):  # compile, then warm
+                    fn(layer, x)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                best = float("inf")
+                for _ in range(3):
+                    start.record()
+                    for _ in range(reps):
+                        fn(layer, x)
+                    end.record()
+                    end.synchronize()
+                    best = min(best, start.elapsed_time(end) / reps)
+                times[name] = round(best, 5)
+            except (RuntimeError, ValueError) as exc:  # e.g. a shape _scaled_mm rejects
+                log.info("fp8 gemm candidate %s unavailable for N=%d K=%d: %s", name, key[0], key[1], exc)
+        if not times:
+            raise RuntimeError(f"no FP8 GEMM kernel ran for N={key[0]} K={key[1]} (candidates {list(cands)})")
+        name = min(times, key=times.get)
+        _CHOICES[key], _TIMINGS[key] = name, times
+        log.info("fp8 gemm N=%d K=%d batch<=%d: %s (%s)", key[0], key[1], key[7], name,
+                 ", ".join(f"{n} {t:.4f} ms" for n, t in times.items()))
+        return name
