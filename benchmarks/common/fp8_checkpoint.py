@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "libs"))
 
-from tandem.engine.quantization.fp8 import quantize_blocks, scale_of, to_fp8  # noqa: E402
+from tandem.engine.quantization.fp8 import inverse_scale_of, quantize_blocks, scale_of, to_fp8  # noqa: E402
 
 LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)\.weight$")
 SHARD_BYTES = 4 << 30
@@ -44,8 +44,8 @@ def quantize_tensor(w: torch.Tensor, layout: str, block=(128, 128)) -> dict[str,
     if layout == "block":
         q, s = quantize_blocks(w, block)
         return {"weight": q, "weight_scale_inv": s}
-    s = scale_of(w.abs().amax())
-    return {"weight": to_fp8(w, s), "weight_scale": s.reshape(())}
+    amax = w.abs().amax()
+    return {"weight": to_fp8(w, inverse_scale_of(amax)), "weight_scale": scale_of(amax).reshape(())}
 
 
 def write_fp8_checkpoint(src: str, out: str, layout: str, block=(128, 128), skip=(), input_scale: float | None = None,

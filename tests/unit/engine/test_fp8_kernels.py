@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tandem.engine.kernels.fp8_gemm import GemmConfig, fp8_gemm, fp8_gemm_small_m
+from tandem.engine.kernels.fp8_gemm import GemmConfig, fp8_gemm, fp8_gemm_small_m, fp8_gemv
 from tandem.engine.kernels.fp8_quant import quantize_activations, quantize_activations_ref
 from tandem.engine.quantization import Fp8Gemm, Fp8Linear, Fp8LinearSpec
 from tandem.engine.quantization import fp8 as F
@@ -101,6 +101,19 @@ def test_fp8_gemm_small_m_matches_torch(layout, M, cfg):
     assert (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("layout", ["channel", "block", "block_rows"])
+@pytest.mark.parametrize("cfg", [GemmConfig(1, 16, 128, 4, 1, 4), GemmConfig(1, 32, 128, 4, 1, 1)])
+def test_fp8_gemv_matches_torch(layout, cfg):
+    g = torch.Generator().manual_seed(7)
+    N, K = 120, 300
+    wq, ws, gn, gk = _weights(N, K, layout, g)
+    x = exact_activations(1, K, gk or K, g)
+    bias = torch.randn(N, generator=g)
+    y = fp8_gemv(x, wq, ws, gn, gk, cfg, bias=bias)
+    ref = F.fp8_linear_ref(x, wq, ws, gn, gk, bias=bias)
+    assert (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
 def test_fp8_gemm_small_m_static_input_and_bias():
     g = torch.Generator().manual_seed(9)
     wq, ws, gn, gk = _weights(72, 256, "channel", g)
@@ -110,6 +123,8 @@ def test_fp8_gemm_small_m_static_input_and_bias():
     y = fp8_gemm_small_m(x, wq, ws, gn, gk, GemmConfig(16, 32, 256, 2, 4), input_scale=scale, bias=bias)
     ref = F.fp8_linear_ref(x, wq, ws, gn, gk, input_scale=scale, bias=bias)
     assert (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    y1 = fp8_gemv(x[:1], wq, ws, gn, gk, GemmConfig(1, 16, 256, 4, 1, 2), input_scale=scale, bias=bias)
+    assert (y1 - ref[:1]).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
 def test_kernels_refuse_configs_that_split_a_scale_group():
@@ -125,7 +140,7 @@ def test_kernels_refuse_configs_that_split_a_scale_group():
 @pytest.mark.parametrize("spec", [Fp8LinearSpec(), Fp8LinearSpec(group_n=128, group_k=128)])
 def test_triton_backend_runs_an_fp8_linear_like_torch(spec):
     """``--fp8-gemm-backend triton`` on CPU (interpreter): the small-M kernel for a few rows, the tiled
-    GEMM beyond 32, both equal to the ``torch`` backend."""
+    GEMM beyond 16, both equal to the ``torch`` backend."""
     g = torch.Generator().manual_seed(3)
     N, K = 256, 384
     layer = Fp8Linear(K, N, True, spec, Fp8Gemm("triton", "cpu"))
@@ -135,7 +150,8 @@ def test_triton_backend_runs_an_fp8_linear_like_torch(spec):
     for M in (3, 40):
         x = exact_activations(M, K, gk or K, g)
         names = list(layer.gemm.candidates(layer, M, cuda=False))
-        assert names[0].startswith("small_m" if M <= 32 else "gemm")
+        assert names[0].startswith("small_m" if M <= 16 else "gemm")
+        assert any(n.startswith("gemv") for n in layer.gemm.candidates(layer, 1, cuda=False))
         y = layer(x)
         ref = ref_gemm(layer, x)
         assert (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()

@@ -1,7 +1,7 @@
 """FP8 E4M3 GEMMs with float32 scales: ``y = (q_x * s_x) @ (q_w * s_w).T`` (+ bias), rounded to
 the activations' dtype.
 
-Two kernels, both for the two weight layouts (``group_n`` x ``group_k`` blocks of one scale:
+Three kernels, each for both weight layouts (``group_n`` x ``group_k`` blocks of one scale:
 1 x K per channel, 128 x 128 block-scaled):
 
 * ``fp8_gemm``: activations already quantized (``fp8_quant.quantize_activations``); tiles of
@@ -10,10 +10,14 @@ Two kernels, both for the two weight layouts (``group_n`` x ``group_k`` blocks o
   accumulation is not kept across steps, as DeepSeek-V3's GEMMs do). For prefill and large
   decode batches; the per-channel layout also has ``torch._scaled_mm``.
 * ``fp8_gemm_small_m``: decode batches of a few rows. The activations come in unquantized;
-  each program quantizes its rows itself (per token: an amax pass over the row first; per
-  128-column group: the step's tile; static: the calibrated scale), so a linear layer is one
-  launch, and each program streams a narrow BLOCK_N slice of the weight: many programs, the
-  weight read once at full bandwidth.
+  each program quantizes its rows itself (per token: an amax pass over the row first, in wide
+  strides; per 128-column group: the step's tile; static: the calibrated scale), so a linear
+  layer is one launch, and each program streams a narrow BLOCK_N slice of the weight: many
+  programs, the weight read once at full bandwidth. Quantizing costs a multiply per value (the
+  divisions are per row or group), so redoing it in every program stays cheap.
+* ``fp8_gemv``: the same for one row (batch-1 decode) on the CUDA cores: no tensor-core tile
+  padded to 16 rows, each weight value converted once; the loop unrolled so that several weight
+  tiles are in flight per program.
 
 Their torch definition is ``tandem.engine.quantization.fp8.fp8_linear_ref``. Configurations are
 picked on the GPU by measurement (``tandem.engine.quantization.gemm``).
@@ -37,6 +41,7 @@ class GemmConfig(NamedTuple):
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    unroll: int = 1  # fp8_gemv: main-loop iterations unrolled (weight tiles in flight per program)
 
 
 @triton.jit
@@ -79,7 +84,7 @@ def _fp8_gemm_kernel(A, B, C, AS, BS, Bias, M, N, K,
 def _fp8_gemm_small_m_kernel(X, W, WS, Static, Bias, Y, M, N, K,
                              stride_xm, stride_wn, stride_ym, stride_ws_n, stride_ws_k,
                              ACT: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr,
                              FP8_MAX: tl.constexpr, EPS: tl.constexpr):
     # ACT: 0 dynamic per token, 1 dynamic per token and GROUP_K columns (BLOCK_K == GROUP_K), 2 static.
     pid_n = tl.program_id(0)
@@ -92,23 +97,31 @@ def _fp8_gemm_small_m_kernel(X, W, WS, Static, Bias, Y, M, N, K,
     w_ptr = W + offs_n.to(tl.int64)[None, :] * stride_wn
     ws_ptr = WS + (offs_n // GROUP_N) * stride_ws_n
     fp8 = W.dtype.element_ty
-    if ACT == 0:
-        amax = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_ptr + (k0 + offs_k)[None, :], mask=mask_m[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
-            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-        row_scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=1), EPS), FP8_MAX)
+    if ACT == 0:  # the rows' amax first: wide strides over the (L2-resident) activations
+        offs_pre = tl.arange(0, PRE_K)
+        amax = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in tl.range(0, K, PRE_K, loop_unroll_factor=4):  # several loads in flight
+            x = tl.load(x_ptr + (k0 + offs_pre)[None, :], mask=mask_m[:, None] & (k0 + offs_pre < K)[None, :],
+                        other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1).to(tl.float32))
+        top = tl.maximum(amax, EPS)
+        row_scale = tl.math.div_rn(top, FP8_MAX)
+        row_inv = tl.math.div_rn(tl.zeros([BLOCK_M], tl.float32) + FP8_MAX, top)
     elif ACT == 2:
         row_scale = tl.zeros([BLOCK_M], tl.float32) + tl.load(Static).to(tl.float32)
+        row_inv = tl.math.div_rn(tl.zeros([BLOCK_M], tl.float32) + 1.0, row_scale)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = k0 + offs_k < K
         x = tl.load(x_ptr + (k0 + offs_k)[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         if ACT == 1:
-            s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), EPS), FP8_MAX)
+            top = tl.maximum(tl.max(tl.abs(x), axis=1), EPS)
+            s = tl.math.div_rn(top, FP8_MAX)
+            inv = tl.math.div_rn(tl.zeros([BLOCK_M], tl.float32) + FP8_MAX, top)
         else:
             s = row_scale
-        xq = tl.clamp(tl.math.div_rn(x, s[:, None]), -FP8_MAX, FP8_MAX).to(fp8)
+            inv = row_inv
+        xq = tl.clamp(x * inv[:, None], -FP8_MAX, FP8_MAX).to(fp8)
         w = tl.load(w_ptr + (k0 + offs_k)[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         w_s = tl.load(ws_ptr + (k0 // GROUP_K) * stride_ws_k, mask=mask_n, other=0.0)
         acc += tl.dot(xq, w) * s[:, None] * w_s[None, :]
@@ -116,6 +129,51 @@ def _fp8_gemm_small_m_kernel(X, W, WS, Static, Bias, Y, M, N, K,
         acc += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _fp8_gemv_kernel(X, W, WS, Static, Bias, Y, N, K, stride_wn, stride_ws_n, stride_ws_k,
+                     ACT: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, UNROLL: tl.constexpr,
+                     FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+    # One row (batch 1) on the CUDA cores: each weight value converted once, no padded rows.
+    pid_n = tl.program_id(0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    w_ptr = W + offs_n.to(tl.int64)[:, None] * stride_wn
+    ws_ptr = WS + (offs_n // GROUP_N) * stride_ws_n
+    fp8 = W.dtype.element_ty
+    if ACT == 0:
+        offs_pre = tl.arange(0, PRE_K)
+        amax = tl.zeros([PRE_K], tl.float32)
+        for k0 in tl.range(0, K, PRE_K, loop_unroll_factor=4):
+            amax = tl.maximum(amax, tl.abs(tl.load(X + k0 + offs_pre, mask=k0 + offs_pre < K, other=0.0)
+                                           .to(tl.float32)))
+        top = tl.maximum(tl.max(amax, axis=0), EPS)
+        row_scale = tl.math.div_rn(top, FP8_MAX)
+        row_inv = tl.math.div_rn(FP8_MAX, top)
+    elif ACT == 2:
+        row_scale = tl.load(Static).to(tl.float32)
+        row_inv = tl.math.div_rn(1.0, row_scale)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=UNROLL):
+        mask_k = k0 + offs_k < K
+        x = tl.load(X + k0 + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        if ACT == 1:
+            top = tl.maximum(tl.max(tl.abs(x), axis=0), EPS)
+            s = tl.math.div_rn(top, FP8_MAX)
+            inv = tl.math.div_rn(FP8_MAX, top)
+        else:
+            s = row_scale
+            inv = row_inv
+        xq = tl.clamp(x * inv, -FP8_MAX, FP8_MAX).to(fp8).to(tl.float32)
+        w = tl.load(w_ptr + (k0 + offs_k)[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        w_s = tl.load(ws_ptr + (k0 // GROUP_K) * stride_ws_k, mask=mask_n, other=0.0)
+        acc += tl.sum(w.to(tl.float32) * xq[None, :], axis=1) * (s * w_s)
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(Y + offs_n, acc.to(Y.dtype.element_ty), mask=mask_n)
 
 
 def _weight_scale_strides(weight_scale: torch.Tensor) -> tuple[int, int]:
@@ -172,8 +230,34 @@ def fp8_gemm_small_m(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         x, weight, weight_scale, input_scale if input_scale is not None else weight_scale,
         bias if bias is not None else y, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0), ws_n, ws_k,
         ACT=act, GROUP_N=group_n, GROUP_K=group_k or config.block_k, HAS_BIAS=bias is not None,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, FP8_MAX=FP8_MAX, EPS=EPS,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        PRE_K=min(triton.next_power_of_2(K), 4096 // config.block_m), FP8_MAX=FP8_MAX, EPS=EPS,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return y
 
+
+
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, group_n: int, group_k: int | None,
+             config: GemmConfig, input_scale: torch.Tensor | None = None,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``fp8_gemm_small_m`` for one row on the CUDA cores."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if M != 1:
+        raise ValueError(f"fp8_gemv: one row, not {M}")
+    if group_k is not None and input_scale is None and config.block_k != group_k:
+        raise ValueError(f"block_k={config.block_k} must equal the activation group of {group_k} columns")
+    if group_k is not None and group_k % config.block_k:
+        raise ValueError(f"block_k={config.block_k} must divide the weight block of {group_k} columns")
+    y = torch.empty((1, N), dtype=x.dtype, device=x.device)
+    act = 2 if input_scale is not None else (0 if group_k is None else 1)
+    ws_n, ws_k = _weight_scale_strides(weight_scale)
+    _fp8_gemv_kernel[(triton.cdiv(N, config.block_n),)](
+        x, weight, weight_scale, input_scale if input_scale is not None else weight_scale,
+        bias if bias is not None else y, y, N, K, weight.stride(0), ws_n, ws_k,
+        ACT=act, GROUP_N=group_n, GROUP_K=group_k or config.block_k, HAS_BIAS=bias is not None,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, PRE_K=min(triton.next_power_of_2(K), 4096),
+        UNROLL=config.unroll, FP8_MAX=FP8_MAX, EPS=EPS, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return y

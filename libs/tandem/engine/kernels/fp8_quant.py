@@ -1,8 +1,8 @@
 """Activation quantization to FP8 E4M3, per token or per token and group of columns.
 
 One program per (row, group of ``group`` columns): the group's amax gives the scale
-``max(amax, EPS) / 448`` and every value becomes ``e4m3(clamp(x / scale))`` (IEEE division,
-as the torch definition in ``tandem.engine.quantization.fp8``). ``group`` = K is per-token
+``max(amax, EPS) / 448`` and every value becomes ``e4m3(clamp(x * (448 / max(amax, EPS))))``
+(IEEE-rounded divisions, as the torch definition in ``tandem.engine.quantization.fp8``). ``group`` = K is per-token
 quantization (the row read twice, in chunks); a static scale (calibrated ``input_scale``)
 skips the amax. Scales come out float32 ``[M, groups]`` for the GEMMs of ``fp8_gemm``.
 
@@ -28,6 +28,7 @@ def _quant_kernel(X, Q, S, Static, K, group, stride_xm, stride_qm, stride_sm,
     q_row = Q + row * stride_qm
     if STATIC:
         s = tl.load(Static).to(tl.float32)
+        inv = tl.math.div_rn(1.0, s)
     else:
         amax = tl.zeros([BLOCK], tl.float32)
         for off in range(0, group, BLOCK):
@@ -35,12 +36,14 @@ def _quant_kernel(X, Q, S, Static, K, group, stride_xm, stride_qm, stride_sm,
             mask = (idx < group) & (start + idx < K)
             x = tl.load(x_row + start + idx, mask=mask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        s = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), EPS), FP8_MAX)
+        top = tl.maximum(tl.max(amax, axis=0), EPS)
+        s = tl.math.div_rn(top, FP8_MAX)
+        inv = tl.math.div_rn(FP8_MAX, top)
     for off in range(0, group, BLOCK):
         idx = off + tl.arange(0, BLOCK)
         mask = (idx < group) & (start + idx < K)
         x = tl.load(x_row + start + idx, mask=mask, other=0.0).to(tl.float32)
-        q = tl.clamp(tl.math.div_rn(x, s), -FP8_MAX, FP8_MAX)
+        q = tl.clamp(x * inv, -FP8_MAX, FP8_MAX)
         tl.store(q_row + start + idx, q.to(Q.dtype.element_ty), mask=mask)
     tl.store(S + row * stride_sm + g, s)
 

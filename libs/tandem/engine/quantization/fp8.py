@@ -3,8 +3,10 @@ and the CPU path.
 
 One rule everywhere (weights at load time, activations at run time): a group of values with
 absolute maximum ``amax`` gets the scale ``s = max(amax, EPS) / 448`` (float32), and each value
-``x`` becomes ``e4m3(clamp(x / s, -448, 448))`` (IEEE division, round to nearest even); ``s`` is
-the dequantisation multiplier, ``x ~= q * s``. Groups: a whole row (per-channel weights,
+``x`` becomes ``e4m3(clamp(x * (448 / max(amax, EPS)), -448, 448))`` (float32, the divisions
+IEEE-rounded, the cast round-to-nearest-even); ``s`` is the dequantisation multiplier,
+``x ~= q * s``. A static scale ``s`` quantizes with ``x * (1 / s)``. One division per group and a
+multiply per value: the kernels quantize the same values on every program that reads them. Groups: a whole row (per-channel weights,
 per-token activations), a block of rows x columns (block-scaled weights), a row's run of
 ``group`` columns (per-token-group activations, matching the weight blocks' columns).
 """
@@ -22,18 +24,24 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def scale_of(amax: torch.Tensor) -> torch.Tensor:
+    """The dequantisation multiplier of a group with absolute maximum ``amax``."""
     return amax.float().clamp(min=EPS) / FP8_MAX
 
 
-def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """e4m3(clamp(x / scale)) with ``scale`` broadcast against ``x`` (float32 arithmetic)."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+def inverse_scale_of(amax: torch.Tensor) -> torch.Tensor:
+    """What a group's values are multiplied by before the cast."""
+    return FP8_MAX / amax.float().clamp(min=EPS)
+
+
+def to_fp8(x: torch.Tensor, inverse_scale: torch.Tensor) -> torch.Tensor:
+    """e4m3(clamp(x * inverse_scale)), ``inverse_scale`` broadcast against ``x`` (float32 arithmetic)."""
+    return (x.float() * inverse_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (per-token / per-output-channel) quantization: (q [M, K] e4m3, scales [M, 1] float32)."""
-    s = scale_of(x.abs().amax(dim=-1, keepdim=True))
-    return to_fp8(x, s), s
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    return to_fp8(x, inverse_scale_of(amax)), scale_of(amax)
 
 
 def quantize_row_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,15 +50,15 @@ def quantize_row_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torc
     M, K = x.shape
     G = _cdiv(K, group)
     padded = torch.nn.functional.pad(x.float(), (0, G * group - K)).view(M, G, group)
-    s = scale_of(padded.abs().amax(dim=-1))
-    return to_fp8(x, s.repeat_interleave(group, dim=1)[:, :K]), s
+    amax = padded.abs().amax(dim=-1)
+    return to_fp8(x, inverse_scale_of(amax).repeat_interleave(group, dim=1)[:, :K]), scale_of(amax)
 
 
 def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Static per-tensor activation quantization with a calibrated ``scale`` (0-d or [1] float32):
     (q [M, K] e4m3, scales [M, 1] float32, every row ``scale``)."""
-    s = scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()
-    return to_fp8(x, s), s
+    s = scale.float().reshape(1, 1)
+    return to_fp8(x, 1.0 / s), s.expand(x.shape[0], 1).contiguous()
 
 
 def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,8 +68,8 @@ def quantize_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tens
     N, K = w.shape
     Nb, Kb = _cdiv(N, bn), _cdiv(K, bk)
     padded = torch.nn.functional.pad(w.float(), (0, Kb * bk - K, 0, Nb * bn - N)).view(Nb, bn, Kb, bk)
-    s = scale_of(padded.abs().amax(dim=(1, 3)))
-    return to_fp8(w, expand_block_scale(s, block, (N, K))), s
+    amax = padded.abs().amax(dim=(1, 3))
+    return to_fp8(w, expand_block_scale(inverse_scale_of(amax), block, (N, K))), scale_of(amax)
 
 
 def expand_block_scale(scale: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:

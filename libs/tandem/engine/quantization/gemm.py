@@ -4,8 +4,8 @@ Candidates (``--fp8-gemm-backend``):
 
 * ``scaled_mm``: per-token activation quantization (Triton) + ``torch._scaled_mm`` with rowwise
   scales (cuBLASLt); per-channel weights only;
-* ``small_m``: ``fp8_gemm_small_m`` (one launch, activations quantized inside), batches of up to
-  32 rows, a few tile widths;
+* ``gemv`` (batch 1) and ``small_m`` (up to 16 rows): ``fp8_gemv`` / ``fp8_gemm_small_m`` (one
+  launch, activations quantized inside), a few tile widths each;
 * ``gemm``: activation quantization + the tiled ``fp8_gemm``, a few tile shapes;
 * ``torch``: ``fp8.fp8_linear_ref`` (dequantize, matmul): the CPU path and the reference.
 
@@ -29,7 +29,7 @@ from .fp8 import fp8_linear_ref, quantize_row_groups, quantize_rows, quantize_st
 
 log = logging.getLogger(__name__)
 
-SMALL_M_MAX = 32  # largest batch the fused small-M kernel is a candidate for
+SMALL_M_MAX = 16  # largest batch the fused small-M kernel is a candidate for
 # Process-wide: key -> candidate name; and what was measured, for benchmarks and logs.
 _CHOICES: dict[tuple, str] = {}
 _TIMINGS: dict[tuple, dict[str, float]] = {}
@@ -49,22 +49,30 @@ def choices() -> list[dict]:
     return out
 
 
+# A few configurations each (every one is a Triton compile on first use, ~1 s on the GPU); the
+# measurement keeps the fastest. BLOCK_K is the weight block's width where scales are per block.
+def _gemv_configs(group_k: int | None):
+    from tandem.engine.kernels.fp8_gemm import GemmConfig
+
+    bk = group_k or 256
+    return [GemmConfig(1, 16, bk, 4, 1, 4), GemmConfig(1, 32, bk, 4, 1, 2)]
+
+
 def _small_m_configs(group_k: int | None, bucket: int):
     from tandem.engine.kernels.fp8_gemm import GemmConfig
 
-    bm = max(16, bucket)
-    if group_k is None:
-        return [GemmConfig(bm, 16, 256, 2, 4), GemmConfig(bm, 32, 256, 4, 4), GemmConfig(bm, 64, 128, 4, 4)]
-    return [GemmConfig(bm, 16, group_k, 2, 4), GemmConfig(bm, 32, group_k, 4, 4), GemmConfig(bm, 64, group_k, 4, 4)]
+    bm, bk = max(16, bucket), group_k or 256
+    return [GemmConfig(bm, 16, bk, 2, 4), GemmConfig(bm, 32, bk, 4, 4)]
 
 
 def _gemm_configs(group_k: int | None, bucket: int):
     from tandem.engine.kernels.fp8_gemm import GemmConfig
 
     bk = min(128, group_k or 128)
+    if bucket <= 16:
+        return [GemmConfig(16, 64, bk, 4, 4), GemmConfig(64, 64, bk, 4, 3)]
     if bucket <= 64:
-        bm = max(16, bucket)
-        return [GemmConfig(bm, 64, bk, 4, 4), GemmConfig(bm, 128, bk, 4, 3)]
+        return [GemmConfig(bucket, 64, bk, 4, 4), GemmConfig(bucket, 128, bk, 4, 3)]
     return [GemmConfig(64, 128, bk, 4, 3), GemmConfig(128, 128, bk, 8, 3)]
 
 
@@ -112,9 +120,14 @@ class Fp8Gemm:
         if per_channel and self.backend in ("auto", "scaled_mm"):
             out["scaled_mm"] = self._scaled_mm
         if self.backend in ("auto", "triton"):
-            from tandem.engine.kernels.fp8_gemm import fp8_gemm, fp8_gemm_small_m
+            from tandem.engine.kernels.fp8_gemm import fp8_gemm, fp8_gemm_small_m, fp8_gemv
 
             bucket = bucket_of(M)
+            if M == 1:
+                for c in _gemv_configs(layer.group_k):
+                    out[f"gemv{tuple(c)}"] = lambda layer, x, c=c: fp8_gemv(
+                        x, layer.weight, layer.weight_scale, layer.group_n, layer.group_k, c, layer.input_scale,
+                        layer.bias)
             if M <= SMALL_M_MAX:
                 for c in _small_m_configs(layer.group_k, bucket):
                     out[f"small_m{tuple(c)}"] = lambda layer, x, c=c: fp8_gemm_small_m(
@@ -150,24 +163,8 @@ class Fp8Gemm:
 
     # ---- measurement -----------------------------------------------------------------------
     @staticmethod
-    def _measure(key: tuple, cands: dict[str, Callable], layer, x: torch.Tensor, reps: int = 10) -> str:
-        times: dict[str, float] = {}
-        for name, fn in cands.items():
-            try:
-                for _ in range(2):  # compile, then warm
-                    fn(layer, x)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                best = float("inf")
-                for _ in range(3):
-                    start.record()
-                    for _ in range(reps):
-                        fn(layer, x)
-                    end.record()
-                    end.synchronize()
-                    best = min(best, start.elapsed_time(end) / reps)
-                times[name] = round(best, 5)
-            except (RuntimeError, ValueError) as exc:  # e.g. a shape _scaled_mm rejects
-                log.info("fp8 gemm candidate %s unavailable for N=%d K=%d: %s", name, key[0], key[1], exc)
+    def _measure(key: tuple, cands: dict[str, Callable], layer, x: torch.Tensor) -> str:
+        times = time_candidates(cands, layer, x)
         if not times:
             raise RuntimeError(f"no FP8 GEMM kernel ran for N={key[0]} K={key[1]} (candidates {list(cands)})")
         name = min(times, key=times.get)
@@ -175,3 +172,28 @@ class Fp8Gemm:
         log.info("fp8 gemm N=%d K=%d batch<=%d: %s (%s)", key[0], key[1], key[7], name,
                  ", ".join(f"{n} {t:.4f} ms" for n, t in times.items()))
         return name
+
+
+def time_candidates(cands: dict[str, Callable], layer, x: torch.Tensor, reps: int = 10) -> dict[str, float]:
+    """Median milliseconds of each candidate (CUDA) over ``reps`` calls, L2 flushed before each: a decode
+    step reads every layer's weight from HBM, not from the cache a repeated call would leave it in.
+    Candidates that fail (a shape ``_scaled_mm`` rejects, a config Triton cannot compile) are left out."""
+    times: dict[str, float] = {}
+    flush = torch.empty(96 << 20, dtype=torch.int8, device=x.device)  # above H100/H200's 50 MB of L2
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for name, fn in cands.items():
+        try:
+            for _ in range(2):  # compile, then warm
+                fn(layer, x)
+            for start, end in events:
+                flush.zero_()
+                start.record()
+                fn(layer, x)
+                end.record()
+            torch.cuda.synchronize(x.device)
+            ms = sorted(start.elapsed_time(end) for start, end in events)
+            times[name] = round(ms[len(ms) // 2], 5)
+        except Exception as exc:  # noqa: BLE001 - any failure only removes this candidate
+            log.info("fp8 gemm candidate %s unavailable for N=%d K=%d: %s", name, layer.out_features,
+                     layer.in_features, exc)
+    return times
