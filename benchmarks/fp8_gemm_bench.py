@@ -49,7 +49,8 @@ def family(name: str) -> str:
 def fp8_layer(w: torch.Tensor, block: bool) -> Fp8Linear:
     N, K = w.shape
     spec = Fp8LinearSpec(group_n=128, group_k=128) if block else Fp8LinearSpec()
-    layer = Fp8Linear(K, N, False, spec, Fp8Gemm("auto", "cuda")).to(w.device)
+    with torch.device(w.device):
+        layer = Fp8Linear(K, N, False, spec, Fp8Gemm("auto", "cuda"))
     if block:
         q, s = Q.quantize_blocks(w, (128, 128))
     else:

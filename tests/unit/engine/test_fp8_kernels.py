@@ -155,3 +155,59 @@ def test_triton_backend_runs_an_fp8_linear_like_torch(spec):
         y = layer(x)
         ref = ref_gemm(layer, x)
         assert (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+def test_auto_keeps_the_fastest_candidate_and_never_measures_inside_a_capture(monkeypatch):
+    """The choice logic of ``--fp8-gemm-backend auto`` with the timing replaced (CUDA events need a GPU):
+    the fastest candidate is kept per key and reused; inside a CUDA-graph capture nothing is measured
+    (a capture cannot synchronise) and nothing is kept."""
+    from tandem.engine.quantization import gemm as G
+
+    g = torch.Generator().manual_seed(4)
+    layer = Fp8Linear(256, 64, False, Fp8LinearSpec(), Fp8Gemm("triton", "cpu"))
+    wq, ws, _, _ = _weights(64, 256, "channel", g)
+    layer.weight.data, layer.weight_scale.data = wq, ws
+    x = exact_activations(3, 256, 256, g)
+    measured = []
+
+    def fake_times(cands, layer, x, reps=10):
+        measured.append(list(cands))
+        return {name: (0.5 if name.startswith("gemm") else 1.0) for name in cands}  # a tiled-GEMM config wins
+
+    monkeypatch.setattr(G, "time_candidates", fake_times)
+    monkeypatch.setattr(G, "_CHOICES", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    layer.gemm.kernel_for(layer, x, cuda=True)
+    assert not measured and not G.choices()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    fn = layer.gemm.kernel_for(layer, x, cuda=True)
+    assert len(measured) == 1 and [c["chosen"][:4] for c in G.choices()] == ["gemm"]
+    assert layer.gemm.kernel_for(layer, x, cuda=True) is fn and len(measured) == 1  # kept: measured once
+    layer.gemm.kernel_for(layer, exact_activations(40, 256, 256, g), cuda=True)  # another batch bucket: measured
+    assert len(measured) == 2 and not any(n.startswith("small_m") for n in measured[1])
+    y = fn(layer, x)
+    assert (y - F.fp8_linear_ref(x, wq, ws, 1, None)).abs().max().item() <= 1e-5 * y.abs().max().item()
+
+
+def test_engine_on_the_triton_kernels_matches_the_torch_path(tmp_path):
+    """A whole FP8 engine with ``--fp8-gemm-backend triton`` (interpreter): prefill on the small-M kernel,
+    decode on the GEMV, the same greedy tokens as ``--fp8-gemm-backend torch`` and logprobs within the
+    interpreter's cast error (real activations are not exact e4m3 multiples, and the interpreter rounds
+    some of them a step too low: ~0.02 here; a wrong scale or index moves them by whole units)."""
+    from tandem.engine import LLM, SamplingParams
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      tie_word_embeddings=False, eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(str(tmp_path))
+    sp = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=True)
+    outs = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(str(tmp_path), device="cpu", dtype="float32", max_total_tokens=256, quantization="fp8",
+                  fp8_gemm_backend=backend)
+        assert isinstance(llm.engine.model.layers[0].mlp.down_proj, Fp8Linear)
+        outs[backend] = llm.generate([[5, 17, 33, 90, 4, 61]], sp)[0]
+    assert outs["triton"].token_ids == outs["torch"].token_ids
+    assert max(abs(a - b) for a, b in zip(outs["triton"].logprobs, outs["torch"].logprobs)) < 0.1

@@ -86,31 +86,41 @@ class Fp8Gemm:
             raise ValueError("fp8_gemm_backend='triton' on CPU runs only through the Triton interpreter (set "
                              "TRITON_INTERPRET=1; slow, for tests); use auto or torch on CPU")
         self.backend = backend
+        self._fns: dict[tuple, Callable] = {}  # key -> the chosen kernel (skips rebuilding the candidates)
 
     def __call__(self, layer, x: torch.Tensor) -> torch.Tensor:
         if x.stride(-1) != 1:
             x = x.contiguous()
-        M = x.shape[0]
         cuda = x.device.type == "cuda"
         if self.backend == "torch" or (self.backend == "auto" and not cuda):
             return self._torch(layer, x)
-        bucket = bucket_of(M)
-        cands = self.candidates(layer, M, cuda)
+        return self.kernel_for(layer, x, cuda)(layer, x)
+
+    def kernel_for(self, layer, x: torch.Tensor, cuda: bool) -> Callable:
+        """The kernel ``fn(layer, x)`` that runs ``layer`` on a batch like ``x``: chosen (measured on CUDA) the
+        first time its key is seen, then kept."""
+        key = (layer.out_features, layer.in_features, layer.group_n, layer.group_k, layer.input_scale is not None,
+               x.dtype, layer.bias is not None, bucket_of(x.shape[0]), str(x.device))
+        fn = self._fns.get(key)
+        return fn if fn is not None else self._choose(key, layer, x, cuda)
+
+    def _choose(self, key: tuple, layer, x: torch.Tensor, cuda: bool) -> Callable:
+        cands = self.candidates(layer, x.shape[0], cuda)
         if not cands:
             raise ValueError(f"fp8_gemm_backend={self.backend!r} has no kernel for a {layer.group_n}x{layer.group_k} "
                              "block-scaled weight (use auto or triton)")
-        key = (layer.out_features, layer.in_features, layer.group_n, layer.group_k, layer.input_scale is not None,
-               x.dtype, layer.bias is not None, bucket, str(x.device))
-        name = _CHOICES.get(key)
-        if name is None:
+        name = _CHOICES.get(key)  # another model of this process may have measured this key
+        if name is None or name not in cands:
             if not cuda or len(cands) == 1:
                 name = next(iter(cands))
                 _CHOICES[key] = name
             elif torch.cuda.is_current_stream_capturing():
-                name = next(iter(cands))  # never measured inside a capture; the warm-up passes pick first
+                # Never measured inside a capture (the graph runner's warm-up passes measure first); not kept.
+                return cands[next(iter(cands))]
             else:
                 name = self._measure(key, cands, layer, x)
-        return cands[name](layer, x)
+        self._fns[key] = cands[name]
+        return cands[name]
 
     # ---- candidates ------------------------------------------------------------------------
     def candidates(self, layer, M: int, cuda: bool) -> dict[str, Callable]:
