@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from tandem.engine import LLM, SamplingParams  # noqa: E402
 
-from benchmarks.common.results import command_line, git_info, machine_info, write_json  # noqa: E402
+from benchmarks.common.results import command_line, git_info, machine_info, write_json, write_results  # noqa: E402
 
 SHAPES = {
     "qwen05b": dict(arch="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -346,9 +346,7 @@ def main(argv=None) -> int:
             print(f"target: {gate['target']}: {gate['value']} -> "
                   f"{'not measured' if gate['met'] is None else 'MET' if gate['met'] else 'NOT MET'}")
         if args.out:
-            write_json(Path(args.out), result)
-            fp8_markdown(Path(args.out).with_suffix(".md"), result)
-            print(f"wrote {args.out}")
+            write_results(args.out, result, fp8_markdown)
         return 0
     if args.phase == "prefill":
         from benchmarks.engine_prefill import run as run_prefill

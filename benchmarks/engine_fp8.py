@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tandem.engine import LLM
 
+from benchmarks.common.results import written_by
 from benchmarks.engine_bench import decode_step_ms, read_bandwidth, run_tandem, shape_of
 
 
@@ -135,10 +136,8 @@ def gates(r: dict, which: str | None, baseline_path: str | None) -> list[dict]:
 
 
 def write_markdown(path: Path, r: dict) -> None:
-    gi = r["git"]
     lines = [f"# engine_bench --quantization fp8: {r['shape'] or 'model'} on {r['device_name']}", "",
-             f"Written by `benchmarks/engine_bench.py` at {r['time']}, commit `{gi.get('commit')}` "
-             f"(dirty: {gi.get('dirty')}). Command: `{r['command']}`", "",
+             written_by("benchmarks/engine_bench.py", r), "",
              f"{r['device']}/{r['dtype']}, prompt {r['input_len']}, output {r['output_len']}; each variant the "
              "engine's shipped defaults, warmed with an identical call, alone on the device, one after the other.", "",
              "| variant | batch | tok/s | vs the unquantized run |", "|---|---|---|---|"]

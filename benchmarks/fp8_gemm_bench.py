@@ -36,7 +36,7 @@ from tandem.engine.quantization import Fp8Gemm, Fp8Linear, Fp8LinearSpec  # noqa
 from tandem.engine.quantization import fp8 as Q  # noqa: E402
 from tandem.engine.quantization.gemm import time_candidates  # noqa: E402
 
-from benchmarks.common.results import print_targets, provenance, target, write_json  # noqa: E402
+from benchmarks.common.results import print_targets, provenance, target, write_results, written_by  # noqa: E402
 
 SHAPES = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096), "down_proj": (4096, 14336)}
 FAMILIES = ("scaled_mm", "triton_gemm", "small_m", "gemv")
@@ -111,10 +111,7 @@ def summarize(rows: list[dict], batches: list[int]) -> list[dict]:
 
 
 def write_markdown(path: Path, r: dict) -> None:
-    gi = r["git"]
-    lines = [f"# fp8_gemm_bench on {r['device_name']}", "",
-             f"Written by `benchmarks/fp8_gemm_bench.py`, commit `{gi.get('commit')}` (dirty: {gi.get('dirty')}). "
-             f"Command: `{r['command']}`", "",
+    lines = [f"# fp8_gemm_bench on {r['device_name']}", "", written_by("benchmarks/fp8_gemm_bench.py", r), "",
              "Per Llama-3-8B layer (qkv + o + gate/up + down), ms, median of 10 calls with L2 flushed, activation "
              "quantization included; speedup over bf16 `F.linear`; GB/s of the bytes read by the engine's pick.", "",
              "| batch | bf16 | scaled_mm | triton gemm (ch) | small-M (ch) | gemv (ch) | auto (ch) | triton gemm "
@@ -161,10 +158,7 @@ def main(argv=None) -> int:
     result = {**prov, "device_name": torch.cuda.get_device_name(0), "seconds": round(time.time() - t0, 1),
               "rows": rows, "per_layer": per_layer, "targets": targets}
     if args.out:
-        out = Path(args.out)
-        write_json(out, result)
-        write_markdown(out.with_suffix(".md"), result)
-        print(f"wrote {out} and {out.with_suffix('.md')}")
+        write_results(args.out, result, write_markdown)
     return 0
 
 

@@ -16,8 +16,8 @@ Three kernels, each for both weight layouts (``group_n`` x ``group_k`` blocks of
   programs, the weight read once at full bandwidth. Quantizing costs a multiply per value (the
   divisions are per row or group), so redoing it in every program stays cheap.
 * ``fp8_gemv``: the same for one row (batch-1 decode) on the CUDA cores: no tensor-core tile
-  padded to 16 rows, each weight value converted once; the loop unrolled so that several weight
-  tiles are in flight per program.
+  padded to 16 rows, each weight value converted once; the loop pipelined or unrolled so that
+  several weight tiles are in flight per program.
 
 Their torch definition is ``tandem.engine.quantization.fp8.fp8_linear_ref``. Configurations are
 picked on the GPU by measurement (``tandem.engine.quantization.gemm``).
@@ -41,7 +41,24 @@ class GemmConfig(NamedTuple):
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
-    unroll: int = 1  # fp8_gemv: main-loop iterations unrolled (weight tiles in flight per program)
+    unroll: int = 1  # fp8_gemv: main-loop iterations unrolled (num_stages: its loop's pipeline depth)
+
+
+@triton.jit
+def _tile(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows and columns of output tile (pid_m, pid_n), and which of them exist."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
+def _store_tile(Y, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, Bias, HAS_BIAS: tl.constexpr):
+    """acc (+ bias) rounded to Y's dtype into rows offs_m, columns offs_n."""
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -57,11 +74,8 @@ def _fp8_gemm_kernel(A, B, C, AS, BS, Bias, M, N, K,
     rows = tl.minimum(num_m - first_m, SWIZZLE)
     pid_m = first_m + (pid % per_group) % rows
     pid_n = (pid % per_group) // rows
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, mask_m, mask_n = _tile(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
     a_ptr = A + offs_m.to(tl.int64)[:, None] * stride_am
     b_ptr = B + offs_n.to(tl.int64)[None, :] * stride_bn
     as_ptr = AS + offs_m * stride_as_m
@@ -74,10 +88,32 @@ def _fp8_gemm_kernel(A, B, C, AS, BS, Bias, M, N, K,
         a_s = tl.load(as_ptr + (k0 // GROUP_K) * stride_as_k, mask=mask_m, other=0.0)
         b_s = tl.load(bs_ptr + (k0 // GROUP_K) * stride_bs_k, mask=mask_n, other=0.0)
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-    if HAS_BIAS:
-        acc += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :], acc.to(C.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    _store_tile(C, acc, offs_m, offs_n, mask_m, mask_n, stride_cm, Bias, HAS_BIAS)
+
+
+@triton.jit
+def _scales(amax, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+    """(dequantisation scale, its inverse) of groups with absolute maximum ``amax``."""
+    top = tl.maximum(amax, EPS)
+    return tl.math.div_rn(top, FP8_MAX), tl.math.div_rn(tl.zeros_like(top) + FP8_MAX, top)
+
+
+@triton.jit
+def _row_scales(x_ptr, mask_m, K, Static, ACT: tl.constexpr, BLOCK_M: tl.constexpr, PRE_K: tl.constexpr,
+                FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+    """Per-row (scale, inverse) [BLOCK_M]: ACT 0 from the rows' amax (a first pass over the L2-resident
+    activations in wide strides, unrolled so that several loads are in flight); ACT 2 the static scale."""
+    if ACT == 0:
+        offs = tl.arange(0, PRE_K)
+        amax = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in tl.range(0, K, PRE_K, loop_unroll_factor=4):
+            x = tl.load(x_ptr + (k0 + offs)[None, :], mask=mask_m[:, None] & (k0 + offs < K)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1).to(tl.float32))
+        scale, inv = _scales(amax, FP8_MAX, EPS)
+    else:
+        scale = tl.zeros([BLOCK_M], tl.float32) + tl.load(Static).to(tl.float32)
+        inv = tl.math.div_rn(tl.zeros([BLOCK_M], tl.float32) + 1.0, scale)
+    return scale, inv
 
 
 @triton.jit
@@ -87,90 +123,58 @@ def _fp8_gemm_small_m_kernel(X, W, WS, Static, Bias, Y, M, N, K,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr,
                              FP8_MAX: tl.constexpr, EPS: tl.constexpr):
     # ACT: 0 dynamic per token, 1 dynamic per token and GROUP_K columns (BLOCK_K == GROUP_K), 2 static.
-    pid_n = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, mask_m, mask_n = _tile(0, tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
     x_ptr = X + offs_m.to(tl.int64)[:, None] * stride_xm
     w_ptr = W + offs_n.to(tl.int64)[None, :] * stride_wn
     ws_ptr = WS + (offs_n // GROUP_N) * stride_ws_n
-    fp8 = W.dtype.element_ty
-    if ACT == 0:  # the rows' amax first: wide strides over the (L2-resident) activations
-        offs_pre = tl.arange(0, PRE_K)
-        amax = tl.zeros([BLOCK_M], tl.float32)
-        for k0 in tl.range(0, K, PRE_K, loop_unroll_factor=4):  # several loads in flight
-            x = tl.load(x_ptr + (k0 + offs_pre)[None, :], mask=mask_m[:, None] & (k0 + offs_pre < K)[None, :],
-                        other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1).to(tl.float32))
-        top = tl.maximum(amax, EPS)
-        row_scale = tl.math.div_rn(top, FP8_MAX)
-        row_inv = tl.math.div_rn(tl.zeros([BLOCK_M], tl.float32) + FP8_MAX, top)
-    elif ACT == 2:
-        row_scale = tl.zeros([BLOCK_M], tl.float32) + tl.load(Static).to(tl.float32)
-        row_inv = tl.math.div_rn(tl.zeros([BLOCK_M], tl.float32) + 1.0, row_scale)
+    if ACT != 1:
+        row_scale, row_inv = _row_scales(x_ptr, mask_m, K, Static, ACT, BLOCK_M, PRE_K, FP8_MAX, EPS)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = k0 + offs_k < K
         x = tl.load(x_ptr + (k0 + offs_k)[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
         if ACT == 1:
-            top = tl.maximum(tl.max(tl.abs(x), axis=1), EPS)
-            s = tl.math.div_rn(top, FP8_MAX)
-            inv = tl.math.div_rn(tl.zeros([BLOCK_M], tl.float32) + FP8_MAX, top)
+            s, inv = _scales(tl.max(tl.abs(x), axis=1), FP8_MAX, EPS)
         else:
-            s = row_scale
-            inv = row_inv
-        xq = tl.clamp(x * inv[:, None], -FP8_MAX, FP8_MAX).to(fp8)
+            s, inv = row_scale, row_inv
+        xq = tl.clamp(x * inv[:, None], -FP8_MAX, FP8_MAX).to(W.dtype.element_ty)
         w = tl.load(w_ptr + (k0 + offs_k)[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         w_s = tl.load(ws_ptr + (k0 // GROUP_K) * stride_ws_k, mask=mask_n, other=0.0)
         acc += tl.dot(xq, w) * s[:, None] * w_s[None, :]
-    if HAS_BIAS:
-        acc += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    _store_tile(Y, acc, offs_m, offs_n, mask_m, mask_n, stride_ym, Bias, HAS_BIAS)
 
 
 @triton.jit
 def _fp8_gemv_kernel(X, W, WS, Static, Bias, Y, N, K, stride_wn, stride_ws_n, stride_ws_k,
                      ACT: tl.constexpr, GROUP_N: tl.constexpr, GROUP_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, UNROLL: tl.constexpr,
-                     FP8_MAX: tl.constexpr, EPS: tl.constexpr):
-    # One row (batch 1) on the CUDA cores: each weight value converted once, no padded rows.
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRE_K: tl.constexpr, STAGES: tl.constexpr,
+                     UNROLL: tl.constexpr, FP8_MAX: tl.constexpr, EPS: tl.constexpr):
+    # One row (batch 1) on the CUDA cores, as a [1, BLOCK_K] tile: each weight value converted once.
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
+    row = tl.arange(0, 1) < 1
     w_ptr = W + offs_n.to(tl.int64)[:, None] * stride_wn
     ws_ptr = WS + (offs_n // GROUP_N) * stride_ws_n
-    fp8 = W.dtype.element_ty
-    if ACT == 0:
-        offs_pre = tl.arange(0, PRE_K)
-        amax = tl.zeros([PRE_K], tl.float32)
-        for k0 in tl.range(0, K, PRE_K, loop_unroll_factor=4):
-            amax = tl.maximum(amax, tl.abs(tl.load(X + k0 + offs_pre, mask=k0 + offs_pre < K, other=0.0)
-                                           .to(tl.float32)))
-        top = tl.maximum(tl.max(amax, axis=0), EPS)
-        row_scale = tl.math.div_rn(top, FP8_MAX)
-        row_inv = tl.math.div_rn(FP8_MAX, top)
-    elif ACT == 2:
-        row_scale = tl.load(Static).to(tl.float32)
-        row_inv = tl.math.div_rn(1.0, row_scale)
+    if ACT != 1:
+        row_scale, row_inv = _row_scales(X + tl.zeros([1, 1], tl.int64), row, K, Static, ACT, 1, PRE_K,
+                                         FP8_MAX, EPS)
     acc = tl.zeros([BLOCK_N], tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=UNROLL):
+    # No dot here, so the kernel's num_stages would pipeline nothing: the loop's own num_stages (weight tiles
+    # in flight) and unrolling (independent loads issued together) keep HBM busy instead.
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES, loop_unroll_factor=UNROLL):
         mask_k = k0 + offs_k < K
-        x = tl.load(X + k0 + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        x = tl.load(X + (k0 + offs_k)[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
         if ACT == 1:
-            top = tl.maximum(tl.max(tl.abs(x), axis=0), EPS)
-            s = tl.math.div_rn(top, FP8_MAX)
-            inv = tl.math.div_rn(FP8_MAX, top)
+            s, inv = _scales(tl.max(tl.abs(x), axis=1), FP8_MAX, EPS)
         else:
-            s = row_scale
-            inv = row_inv
-        xq = tl.clamp(x * inv, -FP8_MAX, FP8_MAX).to(fp8).to(tl.float32)
+            s, inv = row_scale, row_inv
+        xq = tl.clamp(x * inv[:, None], -FP8_MAX, FP8_MAX).to(W.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + (k0 + offs_k)[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         w_s = tl.load(ws_ptr + (k0 // GROUP_K) * stride_ws_k, mask=mask_n, other=0.0)
-        acc += tl.sum(w.to(tl.float32) * xq[None, :], axis=1) * (s * w_s)
+        acc += tl.sum(w.to(tl.float32) * xq, axis=1) * s * w_s
     if HAS_BIAS:
         acc += tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(Y + offs_n, acc.to(Y.dtype.element_ty), mask=mask_n)
@@ -258,6 +262,6 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, 
         bias if bias is not None else y, y, N, K, weight.stride(0), ws_n, ws_k,
         ACT=act, GROUP_N=group_n, GROUP_K=group_k or config.block_k, HAS_BIAS=bias is not None,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, PRE_K=min(triton.next_power_of_2(K), 4096),
-        UNROLL=config.unroll, FP8_MAX=FP8_MAX, EPS=EPS, num_warps=config.num_warps, num_stages=config.num_stages,
+        STAGES=config.num_stages, UNROLL=config.unroll, FP8_MAX=FP8_MAX, EPS=EPS, num_warps=config.num_warps,
     )
     return y

@@ -55,7 +55,7 @@ def _gemv_configs(group_k: int | None):
     from tandem.engine.kernels.fp8_gemm import GemmConfig
 
     bk = group_k or 256
-    return [GemmConfig(1, 16, bk, 4, 1, 4), GemmConfig(1, 32, bk, 4, 1, 2)]
+    return [GemmConfig(1, 16, bk, 4, 1, 4), GemmConfig(1, 32, bk, 4, 3, 1)]  # unrolled by 4; pipelined x3
 
 
 def _small_m_configs(group_k: int | None, bucket: int):
@@ -69,10 +69,10 @@ def _gemm_configs(group_k: int | None, bucket: int):
     from tandem.engine.kernels.fp8_gemm import GemmConfig
 
     bk = min(128, group_k or 128)
-    if bucket <= 16:
-        return [GemmConfig(16, 64, bk, 4, 4), GemmConfig(64, 64, bk, 4, 3)]
+    if bucket <= 16:  # narrow tiles: N=4096 still makes 128 programs for 132 SMs
+        return [GemmConfig(16, 32, bk, 4, 4), GemmConfig(64, 64, bk, 4, 3)]
     if bucket <= 64:
-        return [GemmConfig(bucket, 64, bk, 4, 4), GemmConfig(bucket, 128, bk, 4, 3)]
+        return [GemmConfig(bucket, 32, bk, 4, 4), GemmConfig(bucket, 64, bk, 4, 4)]
     return [GemmConfig(64, 128, bk, 4, 3), GemmConfig(128, 128, bk, 8, 3)]
 
 
