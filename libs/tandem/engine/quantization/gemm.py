@@ -55,7 +55,7 @@ def _gemv_configs(group_k: int | None):
     from tandem.engine.kernels.fp8_gemm import GemmConfig
 
     bk = group_k or 256
-    return [GemmConfig(1, 16, bk, 4, 1, 4), GemmConfig(1, 32, bk, 4, 3, 1)]  # unrolled by 4; pipelined x3
+    return [GemmConfig(1, 16, bk, 4, 4, 1), GemmConfig(1, 32, bk, 4, 1, 4)]  # pipelined 4 deep; unrolled by 4
 
 
 def _small_m_configs(group_k: int | None, bucket: int):
