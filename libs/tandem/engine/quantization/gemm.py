@@ -7,7 +7,8 @@ Candidates (``--fp8-gemm-backend``):
 * ``gemv`` (batch 1) and ``small_m`` (up to 16 rows): ``fp8_gemv`` / ``fp8_gemm_small_m`` (one
   launch, activations quantized inside), a few tile widths each;
 * ``gemm``: activation quantization + the tiled ``fp8_gemm``, a few tile shapes;
-* ``torch``: ``fp8.fp8_linear_ref`` (dequantize, matmul): the CPU path and the reference.
+* ``torch``: ``fp8.fp8_linear_ref`` (dequantize, matmul): the CPU path, the reference, and with
+  ``auto`` on CUDA the last candidate (slow: it dequantizes the whole weight at every call).
 
 With ``auto`` on CUDA every applicable candidate runs on the real inputs the first time a key
 (out features, in features, scale groups, static input, dtype, bias, batch rounded up to a power
@@ -147,6 +148,8 @@ class Fp8Gemm:
                 out[f"gemm{tuple(c)}"] = lambda layer, x, c=c: fp8_gemm(
                     *self._quantize(layer, x), layer.weight, layer.weight_scale, layer.group_n, layer.group_k,
                     x.dtype, c, layer.bias)
+        if cuda and self.backend == "auto":
+            out["torch"] = self._torch  # the definition: a slow last resort should no kernel run on this GPU
         return out
 
     def _quantize(self, layer, x: torch.Tensor):
