@@ -72,6 +72,7 @@ def bench_shape(name: str, N: int, K: int, batches: list[int], g: torch.Generato
         row = {"linear": name, "N": N, "K": K, "batch": M, "bf16_ms": base}
         for layout, layer in layers.items():
             cands = layer.gemm.candidates(layer, M, cuda=True)
+            cands.pop("torch", None)  # the engine's fallback, never timed against the kernels
             times = time_candidates(cands, layer, x)
             for fam in FAMILIES:
                 t = [v for k, v in times.items() if family(k) == fam]

@@ -453,3 +453,26 @@ def test_online_fp8_engine_on_the_demo_model(demo_models, make_llm):
 def test_fp8_on_a_moe_checkpoint_is_refused(demo_models):
     with pytest.raises(ValueError, match=MOE_NOT_SUPPORTED):
         LLM(demo_models["moe"], device="cpu", dtype="float32", max_total_tokens=1024, quantization="fp8")
+
+
+def test_engine_bench_fp8_runs_every_variant_and_reports_the_bytes_read(tiny, tmp_path):
+    """``engine_bench.py --quantization fp8 --compare-bf16 --fp8-checkpoint``: one run, each variant's tok/s,
+    the bytes a decode step reads (FP8 linears at one byte a weight), the gates (batch 64 not run: not
+    measured, not a pass)."""
+    from benchmarks import engine_bench
+
+    out = tmp_path / "fp8.json"
+    rc = engine_bench.main(["--model", tiny["bf16"], "--device", "cpu", "--dtype", "float32", "--batch-sizes", "1",
+                            "--input-len", "8", "--output-len", "2", "--quantization", "fp8", "--compare-bf16",
+                            "--fp8-checkpoint", tiny["block"], "--gates", "fp8", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert rc == 0 and out.with_suffix(".md").is_file()
+    names = [v["variant"] for v in r["variants"]]
+    assert names == ["float32", "fp8-online", "fp8-block"]
+    nbytes = {v["variant"]: v["bytes_read_per_step"] for v in r["variants"]}
+    linear_params = 2 * (256 * 512 + 256 * 256 + 384 * 2 * 256 + 256 * 384)  # 2 layers: qkv, o, gate/up, down
+    assert nbytes["float32"] - nbytes["fp8-online"] >= 3 * linear_params - 4 * 2 * (512 + 256 + 768 + 256)
+    assert all(row["vs_unquantized"] > 0 for v in r["variants"] for row in v["rows"])
+    gates = {g["target"]: g for g in r["gates"]}
+    assert gates["fp8-online batch 64 >= 1.3x bf16 tok/s (same run)"]["met"] is None
+    assert gates["fp8-online batch 1 >= 1.4x bf16 tok/s (same run)"]["value"] is not None
