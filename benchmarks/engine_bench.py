@@ -32,6 +32,10 @@ section: the roofline of the bytes a step reads (non-expert weights + the distin
 coverage measured with the recorder), decode steps at every batch size, and EPLB with
 ``--ep-num-redundant-experts 4`` (recorder on vs off, graph replays vs eager steps, a plan applied
 between replays); ``--gates gpu-moe`` evaluates the MoE targets.
+
+    python benchmarks/engine_bench.py --model /tmp/llama8b --device cuda --dtype bfloat16 --batch-sizes 1 64 \\
+        --output-len 64 --quantization fp8 --compare-bf16 --fp8-checkpoint /tmp/llama8b-fp8-block --gates fp8 \\
+        --out benchmarks/results/gpu/engine_fp8_llama8b.json           # engine_fp8.py
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ sys.path.insert(0, str(REPO))
 
 from tandem.engine import LLM, SamplingParams  # noqa: E402
 
-from benchmarks.common.results import command_line, git_info, machine_info, write_json  # noqa: E402
+from benchmarks.common.results import command_line, git_info, machine_info, write_json, write_results  # noqa: E402
 from benchmarks.common.shapes import SHAPES, build_checkpoint, shape_of, write_config_dir  # noqa: E402
 
 
@@ -282,7 +286,16 @@ def main(argv=None) -> int:
                     help="--phase prefill: shared prefix and new tokens of the prefix-cache case")
     ap.add_argument("--overlap-ab", action="store_true",
                     help="also run every batch size with --disable-overlap-schedule and report the speedup")
-    ap.add_argument("--gates", choices=["gpu-part1", "gpu-part2", "gpu-moe"], default=None,
+    ap.add_argument("--quantization", choices=["fp8"], default=None,
+                    help="FP8 decode (engine_fp8.py): --model with --quantization fp8, then each --fp8-checkpoint; "
+                         "tok/s, batch-1 step and the roofline of the bytes read; no transformers baseline")
+    ap.add_argument("--compare-bf16", action="store_true", help="--quantization: also run --model in bf16, first")
+    ap.add_argument("--fp8-checkpoint", nargs="*", default=[], metavar="DIR",
+                    help="--quantization: FP8 checkpoints of the same weights to run too (benchmarks/common/"
+                         "fp8_checkpoint.py writes them)")
+    ap.add_argument("--bf16-baseline", default=None, metavar="JSON",
+                    help="--gates fp8: an engine_bench JSON of the same card and command; bf16 must stay >= 0.97x")
+    ap.add_argument("--gates", choices=["gpu-part1", "gpu-part2", "gpu-moe", "fp8"], default=None,
                     help="evaluate the issue's targets")
     ap.add_argument("--out", default=None, help="write JSON results here (and a .md next to it)")
     ap.add_argument("--profile", default=None, metavar="DIR",
@@ -303,6 +316,18 @@ def main(argv=None) -> int:
     command = command_line(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.quantization:
+        from benchmarks.engine_fp8 import run as run_fp8
+        from benchmarks.engine_fp8 import write_markdown as fp8_markdown
+
+        result = run_fp8(args, git, started, machine_info())
+        result["command"] = command
+        for gate in result["gates"]:
+            print(f"target: {gate['target']}: {gate['value']} -> "
+                  f"{'not measured' if gate['met'] is None else 'MET' if gate['met'] else 'NOT MET'}")
+        if args.out:
+            write_results(args.out, result, fp8_markdown)
+        return 0
     if args.phase == "prefill":
         from benchmarks.engine_prefill import run as run_prefill
 

@@ -22,8 +22,16 @@ its measured value and verdict:
   (``--ep-num-redundant-experts 4``, recorder on) every decode step a graph replay, a plan applied
   between two replays keeps float32 greedy tokens identical to the engine without EPLB, and the
   recorder's device counters (inside the graphs) equal the host recorder's (per_token mode).
+* FP8 (``fp8_checks``): the activation quantization kernel == torch bit for bit on random
+  bf16 inputs (the rounding the CPU interpreter cannot check), every FP8 GEMM candidate within
+  bf16 rounding of the torch definition, per-linear output cosine >= 0.999 against bf16 on the
+  8B shape (``--fp8-model``: the bf16 checkpoint; its real hidden states, online and block
+  layouts), the demo dense model teacher-forced (64 prompts x 32 positions) top-1 agreement
+  with bf16 >= 95% with the mean KL, and the graph / eager / torch_native logits checks above
+  on the demo model in FP8 (online and block-scaled).
 
     python benchmarks/gpu_engine_check.py --out benchmarks/results/gpu/engine_check_h200.json
+    python benchmarks/gpu_engine_check.py --fp8-only --fp8-model /tmp/llama8b --out .../engine_check_fp8.json
 """
 from __future__ import annotations
 
@@ -289,13 +297,14 @@ def reference_logits(dev: str, model: str) -> torch.Tensor:
     return out
 
 
-def logits_checks(dev: str, model: str) -> None:
+def logits_checks(dev: str, model: str, quantization: str | None = None) -> None:
     """One KV pool, one decode batch: graph replay vs eager triton vs torch_native logits (bf16),
-    both judged against a float32 reference."""
+    both judged against a float32 reference (unquantized weights: with ``quantization`` both paths
+    carry the same quantization error, and the check judges what differs, attention and norms)."""
     from tandem.engine.ops import TorchNativeOps
 
     ref = reference_logits(dev, model)
-    llm = LLM(model, device=dev, dtype="bfloat16", max_total_tokens=1 << 16)
+    llm = LLM(model, device=dev, dtype="bfloat16", max_total_tokens=1 << 16, quantization=quantization)
     eng = llm.engine
     runner = eng.runner
     g = torch.Generator().manual_seed(3)
@@ -307,8 +316,9 @@ def logits_checks(dev: str, model: str) -> None:
         batch = [(r, 1) for r in reqs]
         graph = runner.forward(batch).clone()
         eager = eng.model(runner._build_paged_decode(batch), eng.pool.k_buffers, eng.pool.v_buffers)
-        record(f"{Path(model).name}: graph replay == eager triton (decode logits, bf16, batch 8)", torch.equal(graph, eager),
-               torch.equal(graph, eager))
+        tag = f"{Path(model).name}{' --quantization ' + quantization if quantization else ''}"
+        record(f"{tag}: graph replay == eager triton (decode logits, bf16, batch 8, graphs up to "
+               f"{eng.cuda_graph_max_bs})", torch.equal(graph, eager), torch.equal(graph, eager) and eng.cuda_graph_max_bs > 0)
         triton_ops = eng.model.ops
         eng.model.ops = TorchNativeOps(eng.model.rotary)
         dense = eng.model(runner._build_dense(batch), eng.pool.k_buffers, eng.pool.v_buffers)
@@ -319,7 +329,7 @@ def logits_checks(dev: str, model: str) -> None:
         diff = (graph - dense).abs().max().item()
         agree = (graph.argmax(-1) == dense.argmax(-1)).float().mean().item()
         agree_ref = (graph.argmax(-1).cpu() == ref.argmax(-1)).float().mean().item()
-        record(f"decode logits, bf16 {Path(model).name}: triton's error vs the float32 reference",
+        record(f"decode logits, bf16 {tag}: triton's error vs the float32 reference",
                round(err_triton, 4), err_triton <= tol,
                f"(tolerance {BF16_ERR_RATIO} x torch_native bf16's error {err_native:.4f} = {tol:.4f}; "
                f"triton vs torch_native {diff:.4f}, argmax agreement {agree:.2f}, with the reference {agree_ref:.2f})")
@@ -391,9 +401,133 @@ def batch_invariance_checks(llm, g: torch.Generator, dtype: str) -> None:
            same or not must_hold, expected)
 
 
+def fp8_kernel_checks(dev: str) -> None:
+    """The FP8 kernels on the GPU against their torch definitions, on random bf16 inputs."""
+    from tandem.engine.kernels.fp8_quant import quantize_activations, quantize_activations_ref
+    from tandem.engine.quantization import Fp8Gemm, Fp8Linear, Fp8LinearSpec
+    from tandem.engine.quantization import fp8 as Q
+
+    g = torch.Generator(device=dev).manual_seed(30)
+    for M, K, group, static in ((37, 4096, 128, None), (5, 14336, None, None), (300, 1000, 128, None),
+                                (8, 4096, None, torch.tensor(0.02, device=dev))):
+        x = (torch.randn(M, K, device=dev, generator=g) * torch.rand(M, 1, device=dev, generator=g) * 4).bfloat16()
+        q, s_ = quantize_activations(x, group, static)
+        qr, sr = quantize_activations_ref(x, group, static)
+        same_q = (q.view(torch.uint8) == qr.view(torch.uint8)).float().mean().item()
+        record(f"fp8 activation quantization == torch (M={M}, K={K}, group={group}, static={static is not None})",
+               f"q {same_q:.6f} equal, scales equal {torch.equal(s_, sr)}", same_q == 1.0 and torch.equal(s_, sr))
+    for layout, spec in (("per-channel", Fp8LinearSpec()), ("block", Fp8LinearSpec(group_n=128, group_k=128))):
+        N, K = 1536, 4096
+        w = torch.randn(N, K, device=dev, generator=g) * 0.02
+        with torch.device(dev):
+            layer = Fp8Linear(K, N, True, spec, Fp8Gemm("auto", dev))
+        if spec.group_k is None:
+            q, s_ = Q.quantize_rows(w)
+            s_ = s_[:, 0].contiguous()
+        else:
+            q, s_ = Q.quantize_blocks(w, (128, 128))
+        layer.weight.data, layer.weight_scale.data = q, s_
+        layer.bias.data = (torch.randn(N, device=dev, generator=g) * 0.1).bfloat16()
+        worst: dict[str, float] = {}
+        for M in (1, 5, 16, 37, 200):
+            x = torch.randn(M, K, device=dev, generator=g).bfloat16()
+            ref = Q.fp8_linear_ref(x.float(), q, s_, layer.group_n, layer.group_k, bias=layer.bias.float())
+            for name, fn in layer.gemm.candidates(layer, M, cuda=True).items():
+                try:
+                    err = ((fn(layer, x).float() - ref).abs().max() / ref.abs().max()).item()
+                except Exception as exc:  # noqa: BLE001 - recorded as a failed check
+                    err = float("inf")
+                    print(f"  {name}: {type(exc).__name__}: {exc}")
+                fam = name.split("(")[0]
+                worst[fam] = max(worst.get(fam, 0.0), err)
+        for fam, err in worst.items():
+            record(f"fp8 {fam} ({layout}) vs torch definition, max error / max |y|, M 1..200", round(err, 5),
+                   err <= 1e-2, "(tolerance 1e-2: bf16 output rounding + accumulation order)")
+
+
+def fp8_linear_cosines(dev: str, model: str) -> None:
+    """Each dense linear of the bf16 checkpoint on its real input (hidden states of a prefill of up to 256 tokens):
+    FP8 output vs bf16 output, online (per-channel) and block-scaled weights, the engine's kernels."""
+    from tandem.engine.quantization import Fp8Gemm, Fp8Linear, Fp8LinearSpec
+    from tandem.engine.quantization import fp8 as Q
+
+    from benchmarks.common.fp8_accuracy import cosine
+
+    llm = LLM(model, device=dev, dtype="bfloat16", max_total_tokens=4096, disable_cuda_graph=True)
+    inputs = {}
+
+    def keep_input(name):
+        def hook(module, args, out):
+            inputs.setdefault(name, args[0].detach().clone())  # the prefill's input; returns None: output unchanged
+        return hook
+
+    hooks = [m.register_forward_hook(keep_input(name))
+             for name, m in llm.engine.model.layers.named_modules() if isinstance(m, torch.nn.Linear)]
+    g = torch.Generator().manual_seed(8)
+    prompt = torch.randint(10, llm.engine.model_config.vocab_size, (min(256, llm.engine.context_length - 1),),
+                           generator=g).tolist()
+    llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))
+    for h in hooks:
+        h.remove()
+    modules = dict(llm.engine.model.layers.named_modules())
+    gemm = Fp8Gemm("auto", dev)
+    for layout, spec in (("online per-channel", Fp8LinearSpec()), ("block 128x128", Fp8LinearSpec(128, 128))):
+        cosines = {}
+        with torch.inference_mode():
+            for name, x in inputs.items():
+                lin = modules[name]
+                with torch.device(dev):
+                    fp8 = Fp8Linear(lin.in_features, lin.out_features, lin.bias is not None, spec, gemm)
+                if spec.group_k is None:
+                    q, s_ = Q.quantize_rows(lin.weight)
+                    s_ = s_[:, 0].contiguous()
+                else:
+                    q, s_ = Q.quantize_blocks(lin.weight, (128, 128))
+                fp8.weight.data, fp8.weight_scale.data = q, s_
+                if lin.bias is not None:
+                    fp8.bias.data = lin.bias.data
+                cosines[name] = cosine(fp8(x), lin(x))
+        worst = min(cosines, key=cosines.get)
+        record(f"fp8 {layout} per-linear output cosine vs bf16, {len(cosines)} linears of {Path(model).name} "
+               f"(min; mean {sum(cosines.values()) / len(cosines):.6f})", round(cosines[worst], 6),
+               cosines[worst] >= 0.999, f"(worst: {worst}; target >= 0.999)")
+    del llm
+
+
+def fp8_teacher_forced(dev: str) -> None:
+    """The demo dense model in FP8 (online; block-scaled checkpoint) vs bf16, teacher-forced."""
+    from benchmarks.common.fp8_accuracy import corpus_sequences, teacher_forced
+    from benchmarks.common.fp8_checkpoint import write_fp8_checkpoint
+
+    path = str(REPO / "models" / "tandem-demo-dense")
+    block = write_fp8_checkpoint(path, "/tmp/tandem-demo-dense-fp8-block", "block")
+    ref = LLM(path, device=dev, dtype="bfloat16", max_total_tokens=1 << 14)
+    seqs = corpus_sequences(ref.tokenizer, 64, 32)
+    for name, llm_path, kw in (("online", path, {"quantization": "fp8"}), ("block-scaled checkpoint", block, {})):
+        llm = LLM(llm_path, device=dev, dtype="bfloat16", max_total_tokens=1 << 14, **kw)
+        acc = teacher_forced(ref.engine, llm.engine, seqs)
+        record(f"fp8 {name} demo dense: teacher-forced top-1 agreement with bf16, 64 prompts x 32 positions",
+               round(acc["top1"], 4), acc["top1"] >= 0.95,
+               f"(target >= 0.95; mean KL {acc['mean_kl']:.2e} nats, max {acc['max_kl']:.2e})")
+        del llm
+        free_device()
+
+
+def fp8_checks(dev: str, fp8_model: str | None) -> list:
+    steps = [lambda: fp8_kernel_checks(dev), lambda: fp8_teacher_forced(dev),
+             lambda: logits_checks(dev, str(REPO / "models" / "tandem-demo-dense"), quantization="fp8"),
+             lambda: logits_checks(dev, "/tmp/tandem-demo-dense-fp8-block")]
+    if fp8_model:
+        steps.append(lambda: fp8_linear_cosines(dev, fp8_model))
+    return steps
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bf16-model", default=None, help="larger bf16 checkpoint for the logits check")
+    ap.add_argument("--fp8-model", default=None,
+                    help="bf16 checkpoint (the 8B shape) for the per-linear FP8 cosine check")
+    ap.add_argument("--fp8-only", action="store_true", help="run only the FP8 checks")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -410,6 +544,9 @@ def main(argv=None) -> int:
              lambda: moe_eplb_checks(dev)]
     if args.bf16_model:
         steps.append(lambda: logits_checks(dev, args.bf16_model))
+    if args.fp8_only:
+        steps = []
+    steps += fp8_checks(dev, args.fp8_model)
     for step in steps:
         try:
             step()

@@ -152,6 +152,23 @@ def print_targets(targets: list[dict]) -> None:
         print(f"  {t['target']}: {t['value']} (goal {t['goal']}): {verdict}")
 
 
+def written_by(script: str, r: dict) -> str:
+    """The provenance sentence a results .md starts with: script, time, commit, dirty flag, command."""
+    gi = r.get("git") or {}
+    when = r.get("time") or r.get("started")
+    return (f"Written by `{script}` at {when}, commit `{gi.get('commit')}` (dirty: {gi.get('dirty')}). "
+            f"Command: `{r.get('command')}`")
+
+
+def write_results(path: str | os.PathLike, result: dict, write_markdown=None) -> None:
+    """``result`` as JSON at ``path`` and, with ``write_markdown(md_path, result)``, a .md beside it."""
+    out = Path(path)
+    write_json(out, result)
+    if write_markdown is not None:
+        write_markdown(out.with_suffix(".md"), result)
+    print(f"wrote {out}" + (f" and {out.with_suffix('.md')}" if write_markdown is not None else ""))
+
+
 def write_json(path: Path, data) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,18 @@ class EngineConfig(_Section):
         "auto", description="Weight and KV dtype (auto = float32 on CPU, bfloat16 on CUDA)."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device to run on.")
+    quantization: Literal["fp8"] | None = Field(
+        None, description="fp8: FP8 E4M3 weights for the dense linear layers (lm_head and embeddings stay in "
+        "--dtype). A bf16/fp32 checkpoint is quantized at load time (per-channel weight scales, dynamic per-token "
+        "activation scales); an FP8 checkpoint (config.json quantization_config.quant_method fp8: block-scaled "
+        "weight_block_size or per-tensor) is recognised without this flag. MoE checkpoints: not yet."
+    )
+    fp8_gemm_backend: Literal["auto", "scaled_mm", "triton", "torch"] = Field(
+        "auto", description="FP8 GEMMs: auto (on CUDA, the fastest of torch._scaled_mm and the Triton kernels, "
+        "measured once per layer shape and batch-size bucket at first use; on CPU, torch), scaled_mm "
+        "(torch._scaled_mm; per-channel layouts only), triton (the Triton kernels; CPU needs TRITON_INTERPRET=1) "
+        "or torch (dequantize and matmul: the reference)."
+    )
     page_size: int = Field(16, ge=1, le=4096, description="Tokens per KV page (16 on CPU, 128 suggested on GPU).")
     max_total_tokens: int | None = Field(
         None, ge=1, description="KV pool size in tokens (overrides --mem-fraction-static)."

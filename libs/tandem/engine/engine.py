@@ -101,7 +101,8 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         self.dtype = resolve_dtype(cfg.dtype, device)
         self.attention_backend = attention_backend(cfg.attention_backend, device)
         hooks = expert_hooks(cfg, device, expert_parallel)
-        self.model, self.model_config = load_model(cfg.model_path, self.dtype, device, hooks, cfg.load_format)
+        self.model, self.model_config = load_model(cfg.model_path, self.dtype, device, hooks, cfg.load_format,
+                                                   cfg.quantization, cfg.fp8_gemm_backend)
         # EPLB: plans applied in place between steps, the recorder folded after each (None: dense or no EPLB).
         self.eplb = hooks.runtime(self.model)
         mc = self.model_config

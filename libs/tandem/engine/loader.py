@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from tandem.config.hf_config import read_hf_config
 
-from .model import CausalLM, MoE, Rotary
+from .model import CausalLM, MoE, Rotary, plain_linear
 from .model_config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,22 +88,44 @@ def _merge_projections(state: dict) -> None:
 LOAD_FORMATS = ("auto", "dummy")
 
 
-def load_model(path: str, dtype: torch.dtype, device: str, moe_hooks=None,
-               load_format: str = "auto") -> tuple[CausalLM, ModelConfig]:
+def _fp8_linears(path: str, cfg: ModelConfig, t: dict, dtype: torch.dtype, device: str, quantization: str | None,
+                 fp8_gemm_backend: str):
+    """(FP8 format or None, the model's linear factory): FP8 when ``--quantization fp8`` or config.json's
+    ``quantization_config`` says so (tandem.engine.quantization). FP8 weights of other modules in
+    ``t`` are dequantized to ``dtype`` here."""
+    from .quantization import Fp8Gemm, Fp8LinearFactory, dequantize_unplanned, plan_fp8_linears, resolve_fp8_config
+
+    fp8 = resolve_fp8_config(quantization, read_hf_config(path), cfg.is_moe, fp8_gemm_backend)
+    if fp8 is None:
+        return None, plain_linear
+    plan = plan_fp8_linears(fp8, t, cfg.num_layers)
+    dequantize_unplanned(t, plan, fp8, cfg.num_layers, dtype)
+    return fp8, Fp8LinearFactory(plan, Fp8Gemm(fp8.gemm_backend, device))
+
+
+def load_model(path: str, dtype: torch.dtype, device: str, moe_hooks=None, load_format: str = "auto",
+               quantization: str | None = None, fp8_gemm_backend: str = "auto") -> tuple[CausalLM, ModelConfig]:
     """``moe_hooks`` (``tandem.engine.moe_hooks.ExpertHooks``): what MoE layers get at construction.
     ``load_format``: ``auto`` reads the safetensors; ``dummy`` builds random weights of the
-    checkpoint's shape directly on the device from config.json alone (nothing read or written)."""
+    checkpoint's shape directly on the device from config.json alone (nothing read or written).
+    ``quantization``: ``fp8`` quantizes the dense linears at load time (an FP8 checkpoint is
+    recognised without it, from config.json's ``quantization_config``)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r}: allowed are {', '.join(LOAD_FORMATS)}")
     if load_format == "dummy":
+        if quantization is not None:
+            raise ValueError("load_format='dummy' with quantization='fp8': not supported; FP8 quantizes the "
+                             "checkpoint's weights at load time (write a random-weight checkpoint instead)")
         return _load_dummy(path, dtype, device, moe_hooks)
     cfg = ModelConfig.from_dir(path)
     t = _read_tensors(path)
     tie = "lm_head.weight" not in t
     flags = _layer_flags(cfg, t)
     dispatcher, recorder = _build_hooks(moe_hooks, cfg, flags)
+    fp8, linear = _fp8_linears(path, cfg, t, dtype, device, quantization, fp8_gemm_backend)
     with torch.device("meta"):  # no memory and no random init: every parameter comes from the checkpoint
-        model = CausalLM(cfg, flags, tie_embeddings=tie, expert_dispatcher=dispatcher, expert_recorder=recorder)
+        model = CausalLM(cfg, flags, tie_embeddings=tie, expert_dispatcher=dispatcher, expert_recorder=recorder,
+                         linear=linear)
     state = {}
     for i, layer in enumerate(model.layers):
         p, d = f"model.layers.{i}.", f"layers.{i}."
@@ -135,6 +157,10 @@ def load_model(path: str, dtype: torch.dtype, device: str, moe_hooks=None,
             state[k[len("model."):]] = t.pop(k)
         elif k == "lm_head.weight":
             state[k] = t.pop(k)
+    if fp8 is not None:
+        from .quantization import prepare_fp8_state
+
+        prepare_fp8_state(state, linear.plan, fp8, cfg.num_layers, device, dtype)
     _merge_projections(state)
     expected = set(model.state_dict().keys())
     missing = sorted(expected - set(state))

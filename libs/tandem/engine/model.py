@@ -101,16 +101,23 @@ class Rotary(nn.Module):
         return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
+def plain_linear(name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
+    """The default linear factory: ``(module name, in, out, bias) -> module``. The loader passes
+    another one to build some linears differently (FP8: ``tandem.engine.quantization``)."""
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, qkv_bias: bool, qk_norm: bool):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, qkv_bias: bool, qk_norm: bool, linear=plain_linear):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         # q, k and v projections merged at load time: one GEMM instead of three.
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        p = f"layers.{layer_idx}.self_attn."
+        self.qkv_proj = linear(p + "qkv_proj", cfg.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias)
+        self.o_proj = linear(p + "o_proj", self.q_size, cfg.hidden_size, False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.scale = cfg.head_dim**-0.5
@@ -128,11 +135,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int):
+    def __init__(self, hidden: int, inter: int, linear=plain_linear, prefix: str = ""):
         super().__init__()
         # gate and up projections merged at load time: [gate; up] rows.
-        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_up_proj = linear(prefix + "gate_up_proj", hidden, 2 * inter, False)
+        self.down_proj = linear(prefix + "down_proj", inter, hidden, False)
 
     def forward(self, x, ops=None):
         gu = self.gate_up_proj(x)
@@ -256,16 +263,16 @@ class MoE(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, flags: dict, moe_index: int = 0, dispatcher=None,
-                 recorder=None):
+                 recorder=None, linear=plain_linear):
         super().__init__()
-        self.self_attn = Attention(cfg, layer_idx, flags["qkv_bias"], flags["qk_norm"])
+        self.self_attn = Attention(cfg, layer_idx, flags["qkv_bias"], flags["qk_norm"], linear)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = flags["moe"]
         if self.is_moe:
             self.mlp = MoE(cfg, layer_idx, flags["shared_gate"], flags["score_bias"], moe_index, dispatcher, recorder)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, linear, f"layers.{layer_idx}.mlp.")
 
     def forward(self, h, residual, rope, fb, k_cache, v_cache, ops):
         """Returns (this layer's output, the residual stream before it): the next layer's norm
@@ -283,16 +290,17 @@ class DecoderLayer(nn.Module):
 
 class CausalLM(nn.Module):
     """``expert_dispatcher`` / ``expert_recorder``: what every MoE layer gets at construction (None
-    for a dense model, or a MoE model without EPLB, expert parallelism or recording)."""
+    for a dense model, or a MoE model without EPLB, expert parallelism or recording). Dense linears
+    (q/k/v, o, gate/up, down) come from ``linear``; embeddings and lm_head are plain."""
 
     def __init__(self, cfg: ModelConfig, layer_flags: list[dict], tie_embeddings: bool, expert_dispatcher=None,
-                 expert_recorder=None):
+                 expert_recorder=None, linear=plain_linear):
         super().__init__()
         self.cfg = cfg
         self.expert_dispatcher, self.expert_recorder = expert_dispatcher, expert_recorder
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         moe_index = [sum(f["moe"] for f in layer_flags[:i]) for i in range(len(layer_flags))]
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, f, moe_index[i], expert_dispatcher, expert_recorder)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, f, moe_index[i], expert_dispatcher, expert_recorder, linear)
                                     for i, f in enumerate(layer_flags))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg)

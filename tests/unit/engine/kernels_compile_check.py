@@ -9,6 +9,8 @@ from tandem.engine.kernels import (
     activation,
     decode_attention,
     extend_attention,
+    fp8_gemm,
+    fp8_quant,
     fused_moe,
     moe_align,
     moe_routing,
@@ -22,9 +24,48 @@ from triton.compiler import ASTSource
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_kernel(fn, signature: dict, constexprs: dict) -> None:
+def compile_kernel(fn, signature: dict, constexprs: dict, aligned: tuple = (), **options) -> None:
+    """``aligned``: arguments a launch would specialize as divisible by 16 (pointers, shapes and strides
+    that are multiples of 16), as Triton's JIT does; the FP8 kernels' loads vectorize and pipeline on it."""
     sig = dict(signature, **{k: "constexpr" for k in constexprs})
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=TARGET)
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs), target=TARGET,
+                   options=options or None)
+
+
+def compile_fp8_kernels() -> None:
+    """The FP8 kernels in the forms the engine's kernel choice compiles (quantization/gemm.py): each
+    activation mode, per-channel and 128x128 block scales, the narrowest and widest tiles."""
+    ints = {n: "i32" for n in ("M", "N", "K")}
+    fp8 = dict(FP8_MAX=448.0, EPS=1e-10)
+    for static in (False, True):
+        compile_kernel(fp8_quant._quant_kernel, {"X": "*bf16", "Q": "*fp8e4nv", "S": "*fp32", "Static": "*fp32",
+                                                 "K": "i32", "group": "i32", "stride_xm": "i32", "stride_qm": "i32",
+                                                 "stride_sm": "i32"}, dict(STATIC=static, BLOCK=2048, **fp8),
+                       aligned=("X", "Q", "K", "stride_xm", "stride_qm"), num_warps=8)
+    for cfg, group_n, group_k in ((fp8_gemm.GemmConfig(16, 32, 128, 4, 4), 1, 128),
+                                  (fp8_gemm.GemmConfig(128, 128, 128, 8, 3), 128, 128)):
+        compile_kernel(fp8_gemm._fp8_gemm_kernel, {
+            "A": "*fp8e4nv", "B": "*fp8e4nv", "C": "*bf16", "AS": "*fp32", "BS": "*fp32", "Bias": "*bf16", **ints,
+            **{n: "i32" for n in ("stride_am", "stride_bn", "stride_cm", "stride_as_m", "stride_as_k", "stride_bs_n",
+                                  "stride_bs_k")}},
+            dict(GROUP_N=group_n, GROUP_K=group_k, HAS_BIAS=group_n == 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                 BLOCK_K=cfg.block_k, SWIZZLE=8), aligned=("A", "B", "C", "N", "K", "stride_am", "stride_bn", "stride_cm"),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    common = {"X": "*bf16", "W": "*fp8e4nv", "WS": "*fp32", "Static": "*fp32", "Bias": "*bf16", "Y": "*bf16"}
+    for act, group_n, block_k in ((0, 1, 256), (1, 128, 128)):
+        compile_kernel(fp8_gemm._fp8_gemm_small_m_kernel, {
+            **common, **ints, **{n: "i32" for n in ("stride_xm", "stride_wn", "stride_ym", "stride_ws_n",
+                                                    "stride_ws_k")}},
+            dict(ACT=act, GROUP_N=group_n, GROUP_K=block_k, HAS_BIAS=act == 0, BLOCK_M=16, BLOCK_N=16 * (2 - act),
+                 BLOCK_K=block_k, PRE_K=256, **fp8), aligned=("X", "W", "Y", "N", "K", "stride_xm", "stride_wn", "stride_ym"),
+            num_warps=2, num_stages=4)
+    for act, group_n, block_k, stages, unroll in ((1, 128, 128, 1, 4), (2, 1, 256, 3, 1)):
+        compile_kernel(fp8_gemm._fp8_gemv_kernel, {
+            **common, "N": "i32", "K": "i32", **{n: "i32" for n in ("stride_wn", "stride_ws_n", "stride_ws_k")}},
+            dict(ACT=act, GROUP_N=group_n, GROUP_K=block_k, HAS_BIAS=act == 2, BLOCK_N=16, BLOCK_K=block_k,
+                 PRE_K=4096, STAGES=stages, UNROLL=unroll, **fp8), aligned=("X", "W", "Y", "N", "K", "stride_wn"),
+            num_warps=4)
 
 
 def moe_kernels(p: str, dt: str) -> None:
@@ -115,6 +156,7 @@ def main() -> None:
     compile_kernel(sampling._gumbel_argmax_kernel, {"Scores": "*fp32", "Seeds": "*i64", "Positions": "*i64",
                                                     "Out": "*i64", "stride_s": "i32", "V": "i32"},
                    dict(BLOCK=sampling.BLOCK))
+    compile_fp8_kernels()
     print("all kernels compiled for sm_90")
 
 
