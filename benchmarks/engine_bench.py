@@ -18,6 +18,7 @@ engine step (wall clock, host work included). Targets (``--gates``) are printed 
     python benchmarks/engine_bench.py                                    # CPU, demo dense model, batch 16
     python benchmarks/engine_bench.py --build qwen05b /tmp/qwen05b       # random-weight checkpoints:
     python benchmarks/engine_bench.py --build llama8b /tmp/llama8b       #   Qwen2-0.5B / Llama-3-8B shapes
+    python benchmarks/engine_bench.py --build llama8b_32k /tmp/llama8b_32k  # 32k positions, Llama-3.1 rope
     python benchmarks/engine_bench.py --model /tmp/qwen05b --device cuda --dtype bfloat16 \\
         --batch-sizes 1 16 64 --gates gpu-part1 --out benchmarks/results/gpu/engine_bench_qwen05b_h200.json
     python benchmarks/engine_bench.py --phase prefill --model /tmp/llama8b --device cuda --dtype bfloat16 \\
@@ -41,42 +42,7 @@ sys.path.insert(0, str(REPO))
 from tandem.engine import LLM, SamplingParams  # noqa: E402
 
 from benchmarks.common.results import command_line, git_info, machine_info, write_json  # noqa: E402
-
-SHAPES = {
-    "qwen05b": dict(arch="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                    rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True),
-    "llama8b": dict(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                    max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
-                    tie_word_embeddings=False),
-}
-
-
-def build_checkpoint(shape: str, out: str, seed: int = 0, with_tokenizer: bool = True) -> str:
-    """A random-weight bf16 checkpoint of a known shape (no model hub here), with the demo tokenizer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
-    from deploy.demo_models import build_all
-
-    if os.path.isfile(os.path.join(out, "config.json")):
-        print(f"{out}: exists")
-        return out
-    spec = dict(SHAPES[shape])
-    arch = spec.pop("arch")
-    cfg = (Qwen2Config if arch == "qwen2" else LlamaConfig)(eos_token_id=2, bos_token_id=None, pad_token_id=0, **spec)
-    torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.save_pretrained(out)
-    if with_tokenizer:  # the benchmark itself sends token ids; a tokenizer only helps by-hand use
-        demo = build_all(str(REPO / "models"))["tandem-demo-dense"]
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            Path(out, name).write_bytes(Path(demo, name).read_bytes())
-    n = sum(p.numel() for p in model.parameters())
-    print(f"{out}: built {shape}, {n / 1e6:.0f}M params (bf16)")
-    return out
+from benchmarks.common.shapes import SHAPES, build_checkpoint, shape_of  # noqa: E402,F401 (engine_prefill: shape_of)
 
 
 def sync(device: str) -> None:
@@ -242,18 +208,6 @@ def evaluate_gates(result: dict, gates: str | None) -> list[dict]:
         out.append({"target": "batch 64 >= 2x transformers static cache", "value": round(r["ratio"], 2),
                     "met": r["ratio"] >= 2.0})
     return out
-
-
-def shape_of(model_path: str) -> str | None:
-    import json
-
-    cfg = json.loads(Path(model_path, "config.json").read_text())
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads")
-    for name, spec in SHAPES.items():
-        if all(cfg.get(k) == spec[k] for k in keys):
-            return name
-    return None
 
 
 def write_markdown(path: Path, r: dict) -> None:

@@ -7,6 +7,7 @@ import os
 import torch
 from safetensors import safe_open
 
+from .kv_quant import is_kv_scale_name
 from .model import CausalLM, MoE, Rotary
 from .model_config import ModelConfig
 
@@ -104,7 +105,9 @@ def load_model(path: str, dtype: torch.dtype, device: str) -> tuple[CausalLM, Mo
             if layer.mlp.shared_gate is not None:
                 state[d + "mlp.shared_gate.weight"] = t.pop(p + "mlp.shared_expert_gate.weight")
     for k in list(t):
-        if k.startswith("model."):
+        if is_kv_scale_name(k):  # FP8 KV-cache scales: read by kv_quant for --kv-cache-dtype fp8_*
+            del t[k]
+        elif k.startswith("model."):
             state[k[len("model."):]] = t.pop(k)
         elif k == "lm_head.weight":
             state[k] = t.pop(k)
