@@ -21,7 +21,7 @@ import triton.language as tl
 
 # Magic number: adding then subtracting 2^23 rounds a float32 in [0, 2^22) to an integer,
 # half to even (IEEE addition), on the GPU and in numpy alike.
-_ROUND = 8388608.0
+_ROUND = tl.constexpr(8388608.0)
 
 
 @triton.jit
@@ -31,10 +31,9 @@ def _fp8_bits(x, MAN: tl.constexpr, BIAS: tl.constexpr, MAX: tl.constexpr, MIN_N
     sign = (xi >> 24) & 0x80  # bit 31 -> bit 7 (arithmetic shift keeps it in the low byte)
     a = tl.minimum(tl.abs(x), MAX)
     ai = a.to(tl.int32, bitcast=True)
-    SHIFT: tl.constexpr = 23 - MAN
     # Normal range: round the float32 exponent+mantissa word to MAN mantissa bits (a carry
     # into the exponent is the right answer), then move the exponent to the FP8 bias.
-    normal = ((ai + ((1 << (SHIFT - 1)) - 1) + ((ai >> SHIFT) & 1)) >> SHIFT) - ((127 - BIAS) << MAN)
+    normal = ((ai + ((1 << (22 - MAN)) - 1) + ((ai >> (23 - MAN)) & 1)) >> (23 - MAN)) - ((127 - BIAS) << MAN)
     # Below the smallest normal: multiples of the subnormal step; the integer is the bit pattern
     # (a result of 2^MAN is exactly the smallest normal's encoding).
     sub = ((tl.minimum(a, MIN_NORMAL) * SUB_SCALE + _ROUND) - _ROUND).to(tl.int32)

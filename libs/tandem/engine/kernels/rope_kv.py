@@ -40,7 +40,7 @@ def _rotate_heads(X, stride_h, heads, mask_h, offs, mask_half, c, s, ROT_HALF: t
 def _to_cache(x, scale, KV_FP8: tl.constexpr, E4M3: tl.constexpr, out_dtype: tl.constexpr):
     """Values as the pool stores them: FP8 bits of ``x / scale``, or ``x`` cast to the pool dtype."""
     if KV_FP8:
-        return fp8_bits(tl.div_rn(x.to(tl.float32), scale), E4M3)
+        return fp8_bits(tl.math.div_rn(x.to(tl.float32), scale), E4M3)
     else:
         return x.to(out_dtype)
 
