@@ -56,6 +56,13 @@ def test_fp8_pool_holds_twice_the_tokens_in_the_same_memory(demo_models, monkeyp
         assert pool_sizing.kv_pool_pages(cfg, mc, fp8, "cpu") == 2 * bf16
 
 
+def test_engine_sizes_its_fp8_pool_by_the_fp8_element(demo_models, make_llm, monkeypatch):
+    monkeypatch.setattr(pool_sizing, "CPU_KV_BYTES_CAP", 4 << 20)  # the same small budget for both engines
+    full = make_llm(demo_models["dense"], max_total_tokens=None).engine.pool
+    fp8 = make_llm(demo_models["dense"], max_total_tokens=None, kv_cache_dtype="fp8_e4m3").engine.pool
+    assert full.dtype == torch.float32 and fp8.num_pages == 4 * full.num_pages
+
+
 def test_engine_pool_is_fp8_and_its_layout_says_so(demo_models, make_llm, caplog):
     with caplog.at_level(logging.WARNING, logger="tandem.engine.kv_quant"):
         eng = make_llm(demo_models["dense"], kv_cache_dtype="fp8_e5m2").engine
