@@ -215,6 +215,21 @@ def _prefix_bytes(eng, ids) -> torch.Tensor:
     return torch.stack([t.view(torch.uint8)[idx] for t in eng.pool.k_buffers + eng.pool.v_buffers])
 
 
+def test_storage_keeps_fp8_pages_of_other_scales_apart(demo_models):
+    """Pages on disk are only read back by a pool of the same dtype and, for FP8, the same scales."""
+    from tandem.engine.hicache_setup import storage_namespace
+    from tandem.engine.kv_pool import KVPool
+
+    def pool(dtype, k=None):
+        return KVPool(2, 4, 16, 2, 8, dtype, "cpu", num_aux_slots=1, k_scales=k, v_scales=k and [1.0, 1.0])
+
+    path = demo_models["dense"]
+    names = [storage_namespace(path, p) for p in (pool(torch.float32), pool(torch.float8_e4m3fn, [1.0, 1.0]),
+                                                     pool(torch.float8_e4m3fn, [0.5, 1.0]))]
+    assert len(set(names)) == 3 and "float8_e4m3fn" in names[1]
+    assert storage_namespace(path, pool(torch.float8_e4m3fn, [0.5, 1.0])) == names[2]
+
+
 @pytest.mark.parametrize("layout,io", [("layer_first", "direct"), ("page_first", "kernel")])
 def test_hicache_load_back_of_fp8_pages_equals_recompute(make_llm, demo_models, layout, io, tmp_path):
     """A prefix evicted from the device comes back from the host tier (and, in a new engine, from
