@@ -142,14 +142,19 @@ def kernel_rows(args, heads: int, kv_heads: int, head_dim: int, page_size: int) 
     q = torch.randn(B, heads, head_dim, device=dev, dtype=torch.bfloat16)
     splits = default_num_splits(B, kv_heads, sms)
     rows = []
-    for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+    # The engine's choice (decode_attention.BLOCK_N context tokens per iteration), and for FP8
+    # pools twice as many (the same bytes per iteration as bf16): data for the next tuning step.
+    variants = [(torch.bfloat16, decode_attention.BLOCK_N), (torch.float8_e4m3fn, decode_attention.BLOCK_N),
+                (torch.float8_e4m3fn, 2 * decode_attention.BLOCK_N)]
+    for kv_dtype, block_n in variants:
         shape = (B * pages_per, page_size, kv_heads, head_dim)
         kc = torch.randn(shape, device=dev, dtype=torch.bfloat16).to(kv_dtype)
         vc = torch.randn(shape, device=dev, dtype=torch.bfloat16).to(kv_dtype)
         scale = torch.ones(2, device=dev) if kv_dtype != torch.bfloat16 else None
 
-        def run(kc=kc, vc=vc, scale=scale):
-            decode_attention.paged_decode_attention(q, kc, vc, table, seq, head_dim**-0.5, splits, kv_scale=scale)
+        def run(kc=kc, vc=vc, scale=scale, block_n=block_n):
+            decode_attention.paged_decode_attention(q, kc, vc, table, seq, head_dim**-0.5, splits, kv_scale=scale,
+                                                    block_n=block_n)
 
         for _ in range(3):
             run()
@@ -161,10 +166,11 @@ def kernel_rows(args, heads: int, kv_heads: int, head_dim: int, page_size: int) 
         torch.cuda.synchronize()
         ms = start.elapsed_time(end) / 20
         nbytes = 2 * B * C * kv_heads * head_dim * kc.element_size()
-        rows.append({"kv_dtype": str(kv_dtype).removeprefix("torch."), "ms": round(ms, 4),
-                     "kv_bytes": nbytes, "gb_per_s": round(nbytes / ms / 1e6, 1), "splits": splits})
-        print(f"paged decode attention, one layer, batch {B} x {C} tokens, {rows[-1]['kv_dtype']}: {ms:.3f} ms, "
-              f"{rows[-1]['gb_per_s']} GB/s of K/V", flush=True)
+        rows.append({"kv_dtype": str(kv_dtype).removeprefix("torch."), "block_n": block_n, "ms": round(ms, 4),
+                     "kv_bytes": nbytes, "gb_per_s": round(nbytes / ms / 1e6, 1), "splits": splits,
+                     "engine_default": block_n == decode_attention.BLOCK_N})
+        print(f"paged decode attention, one layer, batch {B} x {C} tokens, {rows[-1]['kv_dtype']}, block_n {block_n}: "
+              f"{ms:.3f} ms, {rows[-1]['gb_per_s']} GB/s of K/V", flush=True)
         del kc, vc
         release(dev)
     return rows
@@ -253,8 +259,9 @@ def write_markdown(path: Path, r: dict) -> None:
     lines += ["", f"Pool tokens FP8 / {r['dtype']}: {r['pool_ratio']:.3f}; decode step FP8 / {r['dtype']}: "
               f"{r['step_ratio']:.3f} (medians of the rounds)."]
     if r["kernel"]:
-        lines += ["", "| paged decode attention, one layer | ms | K/V GB/s |", "|---|---|---|"]
-        lines += [f"| {k['kv_dtype']} | {k['ms']} | {k['gb_per_s']} |" for k in r["kernel"]]
+        lines += ["", "| paged decode attention, one layer | block_n | ms | K/V GB/s |", "|---|---|---|---|"]
+        lines += [f"| {k['kv_dtype']}{' (engine)' if k['engine_default'] else ''} | {k['block_n']} | {k['ms']} | "
+                  f"{k['gb_per_s']} |" for k in r["kernel"]]
     if r["gates"]:
         lines += ["", "| target | value | met |", "|---|---|---|"]
         lines += [f"| {g['target']} | {g['value']} | {'yes' if g['met'] else '**no**'} |" for g in r["gates"]]

@@ -33,7 +33,8 @@ def main() -> None:
                                       "stride_cos", "stride_cache_slot", "stride_cache_head")}},
                 dict(NUM_HEADS=14, NUM_KV_HEADS=2, HEAD_DIM=64, ROT_HALF=16, BLOCK_H=16, BLOCK_KVH=2, BLOCK_HALF=16,
                      BLOCK_REST=32, BLOCK_D=64, KV_FP8=fp8, E4M3=kv == "fp8e4nv"))
-            for splits, group in ((1, 4), (8, 7)):
+            block_n = decode_attention.BLOCK_N
+            for splits, group, bn in ((1, 4, block_n), (8, 7, block_n), *([(8, 4, 2 * block_n)] if fp8 else [])):
                 compile_kernel(decode_attention._decode_partial_kernel, {
                     "Q": p, "K": f"*{kv}", "V": f"*{kv}", "PageTable": "*i32", "SeqLens": "*i64",
                     "PartialOut": "*fp32", "PartialLse": "*fp32", "Out": p, "KVScale": "*fp32", "sm_scale": "fp32",
@@ -41,7 +42,7 @@ def main() -> None:
                                           "stride_v_slot", "stride_v_head", "stride_pt", "stride_ob", "stride_oh",
                                           "stride_os", "stride_lb", "stride_lh", "stride_out_b", "stride_out_h")}},
                     dict(PAGE_SIZE=16, GROUP=group, HEAD_DIM=128, NUM_SPLITS=splits, BLOCK_H=16, BLOCK_D=128,
-                         BLOCK_N=decode_attention.BLOCK_N, IEEE=dt == "fp32", KV_FP8=fp8))
+                         BLOCK_N=bn, IEEE=dt == "fp32", KV_FP8=fp8))
             compile_kernel(extend_attention._extend_attention_kernel, {
                 "Q": p, "K": f"*{kv}", "V": f"*{kv}", "Out": p, "PageTable": "*i32", "QStart": "*i64",
                 "QLens": "*i64", "SeqLens": "*i64", "KVScale": "*fp32", "sm_scale": "fp32",

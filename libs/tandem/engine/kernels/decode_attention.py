@@ -110,10 +110,11 @@ def _decode_merge_kernel(
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            page_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            num_splits: int, out: torch.Tensor | None = None,
-                           kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           kv_scale: torch.Tensor | None = None, block_n: int = BLOCK_N) -> torch.Tensor:
     """q [B, H, D]; k_cache/v_cache [num_pages, page_size, kv_heads, D]; page_table [B, >= pages]
     (int32 or int64); seq_lens [B] context length including the new token. Returns [B, H, D].
-    An FP8 pool needs ``kv_scale`` = float32 (k_scale, v_scale) on the device."""
+    An FP8 pool needs ``kv_scale`` = float32 (k_scale, v_scale) on the device. ``block_n``:
+    context tokens per inner iteration (a power of two; benchmarks compare choices with it)."""
     B, H, D = q.shape
     _, page_size, kv_heads, _ = k_cache.shape
     group = H // kv_heads
@@ -131,7 +132,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
         PAGE_SIZE=page_size, GROUP=group, HEAD_DIM=D, NUM_SPLITS=num_splits,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=BLOCK_N,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
         IEEE=q.dtype == torch.float32, KV_FP8=fp8, num_warps=4, num_stages=2,
     )
     if num_splits == 1:
