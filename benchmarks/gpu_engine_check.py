@@ -51,28 +51,39 @@ def record(name: str, value, ok: bool, detail: str = "") -> None:
     print(f"[{'ok' if ok else 'FAIL'}] {name}: {value} {detail}", flush=True)
 
 
+def rope_write_results(dev: str, g, dtype, cache_dtype, kv_scale, H: int, KVH: int, theta: float, D: int = 128,
+                       T: int = 37, amplitude: float = 1.0) -> list:
+    """[(q, k cache, v cache)] after the rotary + K/V write kernel and after its torch reference,
+    on the same inputs (FP8 caches as their bytes)."""
+    from tandem.engine.kernels import rope_kv
+
+    qkv = (torch.randn(T, (H + 2 * KVH) * D, device=dev, generator=g) * amplitude).to(dtype)
+    inv = 1.0 / (theta ** (torch.arange(0, D, 2, device=dev).float() / D))
+    cos, sin = rope_kv.rope_cos_sin_cache(inv, 4096)
+    pos = torch.randint(0, 4096, (T,), device=dev, generator=g)
+    slots = torch.randperm(64 * 16, device=dev, generator=g)[:T]
+    slots[3] = -1
+    res = []
+    for fn in (rope_kv.rope_and_write_kv, rope_kv.rope_and_write_kv_ref):
+        x = qkv.clone()
+        kc = torch.zeros(64, 16, KVH, D, device=dev, dtype=cache_dtype)
+        vc = torch.zeros_like(kc)
+        q = x[:, : H * D].view(T, H, D)
+        fn(q, x[:, H * D:(H + KVH) * D].view(T, KVH, D), x[:, (H + KVH) * D:].view(T, KVH, D), pos, cos, sin,
+           slots, kc, vc, kv_scale)
+        as_bytes = cache_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+        res.append((q.clone(), *(c.view(torch.uint8) if as_bytes else c for c in (kc, vc))))
+    return res
+
+
 def kernel_checks(dev: str) -> None:
-    from tandem.engine.kernels import activation, decode_attention, norm, rope_kv, sampling
+    from tandem.engine.kernels import activation, decode_attention, norm, sampling
 
     g = torch.Generator(device=dev).manual_seed(0)
     for dtype in (torch.bfloat16, torch.float32):
         tag = str(dtype).replace("torch.", "")
-        T, H, KVH, D = 37, 28, 4, 128
-        qkv = torch.randn(T, (H + 2 * KVH) * D, device=dev, generator=g).to(dtype)
-        inv = 1.0 / (1e6 ** (torch.arange(0, D, 2, device=dev).float() / D))
-        cos, sin = rope_kv.rope_cos_sin_cache(inv, 4096)
-        pos = torch.randint(0, 4096, (T,), device=dev, generator=g)
-        slots = torch.randperm(64 * 16, device=dev, generator=g)[:T]
-        slots[3] = -1
-        res = []
-        for fn in (rope_kv.rope_and_write_kv, rope_kv.rope_and_write_kv_ref):
-            x = qkv.clone()
-            kc = torch.zeros(64, 16, KVH, D, device=dev, dtype=dtype)
-            vc = torch.zeros_like(kc)
-            q = x[:, : H * D].view(T, H, D)
-            fn(q, x[:, H * D:(H + KVH) * D].view(T, KVH, D), x[:, (H + KVH) * D:].view(T, KVH, D), pos, cos, sin,
-               slots, kc, vc)
-            res.append((q.clone(), kc, vc))
+        T = 37
+        res = rope_write_results(dev, g, dtype, dtype, None, H=28, KVH=4, theta=1e6)
         diffs = [(a.float() - b.float()).abs().max().item() for a, b in zip(*res)]
         record(f"rope+kv write {tag} max diff (q, k cache, v cache)", diffs, max(diffs) <= (1.6e-2 if tag == "bfloat16" else 1e-6),
                f"bit-exact: {[torch.equal(a, b) for a, b in zip(*res)]}")
@@ -240,28 +251,14 @@ FP8_TOP1_TARGET = 0.97
 
 def kv_fp8_kernel_checks(dev: str) -> None:
     from tandem.engine import kv_quant
-    from tandem.engine.kernels import decode_attention, extend_attention, rope_kv
+    from tandem.engine.kernels import decode_attention, extend_attention
 
     g = torch.Generator(device=dev).manual_seed(1)
-    T, H, KVH, D = 37, 32, 8, 128
+    H, KVH, D = 32, 8, 128
     for fmt in kv_quant.FP8_DTYPES:
         tag = str(fmt).replace("torch.", "")
-        qkv = (torch.randn(T, (H + 2 * KVH) * D, device=dev, generator=g) * 4).to(torch.bfloat16)
-        inv = 1.0 / (5e5 ** (torch.arange(0, D, 2, device=dev).float() / D))
-        cos, sin = rope_kv.rope_cos_sin_cache(inv, 4096)
-        pos = torch.randint(0, 4096, (T,), device=dev, generator=g)
-        slots = torch.randperm(64 * 16, device=dev, generator=g)[:T]
-        slots[3] = -1
         scale = torch.tensor([0.013, 0.021], device=dev)
-        res = []
-        for fn in (rope_kv.rope_and_write_kv, rope_kv.rope_and_write_kv_ref):
-            x = qkv.clone()
-            kc = torch.zeros(64, 16, KVH, D, device=dev, dtype=fmt)
-            vc = torch.zeros_like(kc)
-            q = x[:, : H * D].view(T, H, D)
-            fn(q, x[:, H * D:(H + KVH) * D].view(T, KVH, D), x[:, (H + KVH) * D:].view(T, KVH, D), pos, cos, sin,
-               slots, kc, vc, scale)
-            res.append((q.clone(), kc.view(torch.uint8), vc.view(torch.uint8)))
+        res = rope_write_results(dev, g, torch.bfloat16, fmt, scale, H=H, KVH=KVH, theta=5e5, amplitude=4.0)
         exact = [torch.equal(a, b) for a, b in zip(*res)]
         record(f"rope+kv write into a {tag} pool == torch reference (q, k bytes, v bytes)", exact, all(exact))
         for ps, lens, splits in ((16, [300, 17, 32768], 8), (128, [129, 5000], 16)):

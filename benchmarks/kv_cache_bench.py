@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from tandem.engine import LLM, SamplingParams, kv_quant  # noqa: E402
 
-from benchmarks.common.results import command_line, git_info, machine_info, write_json  # noqa: E402
+from benchmarks.common.results import command_line, git_info, machine_info, write_json, written_by  # noqa: E402
 from benchmarks.common.shapes import shape_of  # noqa: E402
 
 KV_SIDES = ("auto", "fp8_e4m3")
@@ -245,10 +245,7 @@ def main(argv=None) -> int:
 
 
 def write_markdown(path: Path, r: dict) -> None:
-    gi = r["git"]
-    lines = [f"# kv_cache_bench: {Path(r['model']).name} on {r['device_name']}", "",
-             f"Written by `benchmarks/kv_cache_bench.py` at {r['time']}, commit `{gi.get('commit')}` "
-             f"(dirty: {gi.get('dirty')}). Command: `{r['command']}`", "",
+    lines = [f"# kv_cache_bench: {Path(r['model']).name} on {r['device_name']}", "", written_by("kv_cache_bench.py", r), "",
              f"Weights {r['dtype']}; decode of batch {r['batch']} at {r['context']} tokens of context, "
              f"{r['steps']} steps per engine; {len(r['rounds'])} alternating rounds, one engine at a time.", "",
              "| round | KV cache | pool tokens | decode step median (ms) |", "|---|---|---|---|"]

@@ -38,32 +38,32 @@ def _pair(backend: str):
 
 
 @pytest.fixture(scope="module")
-def grpc_pair():
-    prefill, decode = _pair("grpc")
-    yield prefill, decode
-    decode.stop()
-    prefill.stop()
+def pairs():
+    """backend -> (prefill, decode) with FP8 K/V, started on first use, stopped at the end."""
+    made = {}
+
+    def get(backend: str):
+        if backend not in made:
+            made[backend] = _pair(backend)
+        return made[backend]
+
+    yield get
+    for prefill, decode in made.values():
+        decode.stop()
+        prefill.stop()
 
 
-@pytest.fixture(scope="module")
-def nixl_pair():
-    prefill, decode = _pair("nixl")
-    yield prefill, decode
-    decode.stop()
-    prefill.stop()
-
-
-@pytest.mark.parametrize("pair", ["nixl_pair", "grpc_pair"])
-def test_fp8_pd_tokens_equal_fp8_aggregated(pair, agg, request):
-    _, decode = request.getfixturevalue(pair)
+@pytest.mark.parametrize("backend", ["nixl", "grpc"])
+def test_fp8_pd_tokens_equal_fp8_aggregated(pairs, agg, backend):
+    _, decode = pairs(backend)
     ps = prompts()
     seeded = [sampling(max_tokens=10, temperature=0.9, top_p=0.95, seed=50 + i) for i in range(len(ps))]
     disagg = generate_many(decode.grpc_address, ps, seeded, concurrency=8, override="remote")
     assert disagg == generate_many(agg.grpc_address, ps, seeded, concurrency=8)
 
 
-def test_decode_with_another_kv_dtype_is_refused(grpc_pair):
-    prefill, _ = grpc_pair
+def test_decode_with_another_kv_dtype_is_refused(pairs):
+    prefill, _ = pairs("grpc")
     other = start_service("tandem.decode", "--model-path", MODEL, "--max-total-tokens", "4096", "--page-size", "16",
                           "--disaggregation-transfer-backend", "grpc", "--disaggregation-mode", "decode",
                           "--prefill-addresses", prefill.grpc_address, "--prefill-retries", "0")
