@@ -229,6 +229,8 @@ def kv_cache_spec(cfg, model, model_dtype: torch.dtype, device: str, tokenizer) 
         prompts = calibration_prompts(tokenizer, model.cfg.vocab_size, cfg.kv_cache_calibrate, length,
                                       cfg.random_seed)
         k, v = calibrate_kv_scales(model, cfg.page_size, device, model_dtype, dtype, prompts)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()  # the scratch pool's memory goes back before the real pool is sized
         log.info("KV cache %s: scales calibrated on %d prompts of %d tokens (K %.4g..%.4g, V %.4g..%.4g)",
                  cfg.kv_cache_dtype, len(prompts), length, min(k), max(k), min(v), max(v))
         return KvCacheSpec(dtype, k, v, "calibrated")
