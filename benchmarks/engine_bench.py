@@ -18,6 +18,7 @@ engine step (wall clock, host work included). Targets (``--gates``) are printed 
     python benchmarks/engine_bench.py                                    # CPU, demo dense model, batch 16
     python benchmarks/engine_bench.py --build qwen05b /tmp/qwen05b       # random-weight checkpoints:
     python benchmarks/engine_bench.py --build llama8b /tmp/llama8b       #   Qwen2-0.5B / Llama-3-8B shapes
+    python benchmarks/engine_bench.py --build llama8b_32k /tmp/llama8b_32k  # 32k positions, Llama-3.1 rope
     python benchmarks/engine_bench.py --model /tmp/qwen05b --device cuda --dtype bfloat16 \\
         --batch-sizes 1 16 64 --gates gpu-part1 --out benchmarks/results/gpu/engine_bench_qwen05b_h200.json
     python benchmarks/engine_bench.py --phase prefill --model /tmp/llama8b --device cuda --dtype bfloat16 \\

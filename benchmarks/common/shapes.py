@@ -5,6 +5,9 @@ directory holding only that file runs with ``--load-format dummy`` (random weigh
 the device, nothing read or written); ``build_checkpoint`` writes a random-weight safetensors
 checkpoint instead where one is wanted on disk (it fits for the dense shapes; the 30B MoE shape
 does not fit the device's disk beside anything else).
+
+``llama8b_32k`` is the long-context shape: Llama-3-8B with 32k positions and Llama-3.1's rope
+scaling (``llama3``: factor 8, low/high frequency factors 1 and 4, original context 8192).
 """
 from __future__ import annotations
 
@@ -26,6 +29,12 @@ SHAPES = {
                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                     max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
                     tie_word_embeddings=False),
+    "llama8b_32k": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                        max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=500000.0,
+                        tie_word_embeddings=False,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
     # Qwen1.5-MoE-A2.7B: 60 routed experts, top-4, a gated shared expert (4 x 1408), 14.3B parameters
     "qwen2moe-a2.7b": dict(_MOE_COMMON, model_type="qwen2_moe", intermediate_size=5632, num_hidden_layers=24,
                            num_attention_heads=16, num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
@@ -39,7 +48,7 @@ SHAPES = {
 }
 # the keys that tell shapes apart in a config.json
 _SIGNATURE = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "num_experts")
+              "num_attention_heads", "num_key_value_heads", "num_experts", "max_position_embeddings")
 
 
 def hf_config(shape: str):

@@ -110,6 +110,15 @@ def test_two_ranks_match_one_rank(moe_path, device):
     assert lps == ref_lps  # same placement as the single rank: bit-identical
 
 
+def test_two_ranks_match_one_rank_with_an_fp8_kv_cache(moe_path):
+    """The follower stores K/V as the leader does (--kv-cache-dtype and the leader's scales):
+    the same bits as one rank with the same FP8 cache."""
+    fp8 = dict(kv_cache_dtype="fp8_e4m3", kv_cache_calibrate=1)
+    ref_toks, ref_lps = one_rank(moe_path, **fp8)
+    (toks, lps), _ = with_ep(moe_path, **fp8)
+    assert toks == ref_toks and lps == ref_lps
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_redundant_experts_and_rebalance_mid_flight(moe_path, device):
     """10 slots (2 redundant), dynamic dispatch, a new placement applied on both ranks

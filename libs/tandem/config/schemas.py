@@ -76,7 +76,19 @@ class EngineConfig(_Section):
         "shape (config.json only), created on the device (benchmarks of shapes without their weights)."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight and KV dtype (auto = float32 on CPU, bfloat16 on CUDA)."
+        "auto", description="Weight dtype, and KV dtype unless --kv-cache-dtype says otherwise (auto = float32 on "
+        "CPU, bfloat16 on CUDA)."
+    )
+    kv_cache_dtype: Literal["auto", "fp8_e4m3", "fp8_e5m2"] = Field(
+        "auto", description="KV cache element type (SGLang's flag): auto = --dtype; fp8_e4m3 or fp8_e5m2 store one "
+        "byte per element (twice the tokens in the same memory) with a K and a V scale per layer, read from the "
+        "checkpoint (k_scale/v_scale) when present, else 1.0 with a warning, or measured by --kv-cache-calibrate."
+    )
+    kv_cache_calibrate: int = Field(
+        0, ge=0, le=4096, description="tandem's own flag (SGLang has none): with an FP8 --kv-cache-dtype, measure "
+        "the per-layer K/V scales at start on this many built-in prompts (512 tokens each) instead of reading "
+        "them from the checkpoint: the power of two at or above 2 x the largest |K| (|V|) / the FP8 maximum "
+        "(0 = off). Prefill and decode workers must use the same value."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device to run on.")
     quantization: Literal["fp8"] | None = Field(

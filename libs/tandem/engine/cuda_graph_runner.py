@@ -73,7 +73,7 @@ class CudaGraphRunner:
         return ForwardBatch(input_ids=v[0, :bs], positions=v[1, :bs], slot_mapping=v[2, :bs], seq_lens=v[3, :bs],
                             page_table=self.page_table[:bs], is_decode=True,
                             num_splits=default_num_splits(bs, self.pool.num_kv_heads, self.num_sms),
-                            record_experts=record)
+                            record_experts=record, kv_scales=self.pool.kv_scales)
 
     def _capture(self, fn) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         stream = torch.cuda.Stream()

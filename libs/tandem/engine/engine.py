@@ -27,6 +27,7 @@ from .engine_config import attention_backend, default_chunked_prefill_size, merg
 from .grammar import GrammarBackend
 from .hicache_setup import build_prefix_cache
 from .kv_pool import KVPool, OutOfPages
+from .kv_quant import kv_cache_spec
 from .loader import load_model, resolve_dtype
 from .model_runner import ModelRunner
 from .moe_hooks import expert_hooks
@@ -112,9 +113,11 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         self.eos_token_ids = eos_token_ids(cfg.model_path, mc, self.tokenizer)
 
         page_size = cfg.page_size
-        num_pages = kv_pool_pages(cfg, mc, self.dtype, device)
-        self.pool = KVPool(mc.num_layers, num_pages, page_size, mc.num_kv_heads, mc.head_dim, self.dtype,
-                           device, num_aux_slots=max(64, cfg.max_running_requests * 4))
+        kv = kv_cache_spec(cfg, self.model, self.dtype, device, self.tokenizer)  # --kv-cache-dtype, its scales
+        num_pages = kv_pool_pages(cfg, mc, kv.dtype, device)
+        self.pool = KVPool(mc.num_layers, num_pages, page_size, mc.num_kv_heads, mc.head_dim, kv.dtype,
+                           device, num_aux_slots=max(64, cfg.max_running_requests * 4),
+                           k_scales=kv.k_scales or None, v_scales=kv.v_scales or None)
         self.cache, self.hicache = build_prefix_cache(cfg, self.pool)
         self.chunked_prefill_size = cfg.chunked_prefill_size or default_chunked_prefill_size(device)
         self.scheduler = Scheduler(self.pool, self.cache, self.chunked_prefill_size, cfg.max_prefill_tokens,

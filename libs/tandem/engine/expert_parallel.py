@@ -252,7 +252,10 @@ class ExpertParallelLeader:
                            "load_format": cfg.load_format,
                            "model": _model_signature(engine.model, engine.model_config),
                            "attention_backend": engine.attention_backend,
-                           "max_positions": engine.context_length + 1})
+                           "max_positions": engine.context_length + 1,
+                           # The KV cache as the leader stores it (--kv-cache-dtype and its scales):
+                           # every rank's attention must read the same values.
+                           "kv_dtype": str(pool.dtype).removeprefix("torch."), "kv_scales": pool.scales()})
         engine.wrap_runner(lambda runner: _MirroredRunner(runner, self))
 
     @contextlib.contextmanager
@@ -323,10 +326,11 @@ class ExpertParallelFollower:
         if init["model"] != mine:
             raise ValueError(f"EP follower {ep.rank}: its model {mine} differs from the leader's {init['model']} "
                              "(same checkpoint and dtype needed on every rank)")
-        dtype = self.model.embed_tokens.weight.dtype
         self.model.set_backend(init["attention_backend"], init["max_positions"])  # the leader's kernels
+        k_scales, v_scales = init["kv_scales"]
         self.pool = KVPool(mc.num_layers, init["num_pages"], init["page_size"], mc.num_kv_heads, mc.head_dim,
-                           dtype, device, num_aux_slots=1)
+                           getattr(torch, init["kv_dtype"]), device, num_aux_slots=1,
+                           k_scales=k_scales or None, v_scales=v_scales or None)
         self.eplb = hooks.runtime(self.model)
         self.runner = ModelRunner(self.model, self.pool, device)
         self.forward_passes = 0

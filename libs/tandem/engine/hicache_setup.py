@@ -33,7 +33,8 @@ def build_prefix_cache(cfg: EngineConfig, pool: KVPool) -> tuple[RadixCache, HiC
 
 def storage_namespace(model_path: str, pool: KVPool) -> str:
     """Storage subfolder: pages of one checkpoint (its config.json and weight file sizes), KV
-    dtype and page size only ever meet each other."""
+    dtype (and, for FP8 pages, the K/V scales they were quantized with) and page size only ever
+    meet each other."""
     h = hashlib.blake2b(digest_size=8)
     for name in sorted(os.listdir(model_path)):
         path = os.path.join(model_path, name)
@@ -42,5 +43,7 @@ def storage_namespace(model_path: str, pool: KVPool) -> str:
                 h.update(f.read())
         elif name.endswith((".safetensors", ".bin")):
             h.update(f"{name}:{os.path.getsize(path)}".encode())
+    if pool.is_fp8:
+        h.update(pool.kv_scales.cpu().numpy().tobytes())
     dtype = str(pool.dtype).removeprefix("torch.")
     return f"{os.path.basename(os.path.normpath(model_path))}-{h.hexdigest()}-{dtype}-ps{pool.page_size}"

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from tandem.config.hf_config import read_hf_config
 
+from .kv_quant import is_kv_scale_name
 from .model import CausalLM, MoE, Rotary, plain_linear
 from .model_config import ModelConfig
 
@@ -153,7 +154,9 @@ def load_model(path: str, dtype: torch.dtype, device: str, moe_hooks=None, load_
             if moe.score_bias is not None:
                 state[d + "mlp.score_bias"] = t.pop(p + "mlp.gate.e_score_correction_bias")
     for k in list(t):
-        if k.startswith("model."):
+        if is_kv_scale_name(k):  # FP8 KV-cache scales: read by kv_quant for --kv-cache-dtype fp8_*
+            del t[k]
+        elif k.startswith("model."):
             state[k[len("model."):]] = t.pop(k)
         elif k == "lm_head.weight":
             state[k] = t.pop(k)

@@ -48,6 +48,7 @@ class ForwardBatch:
     max_q_len: int = 1  # the longest q_lens (host int: sizes the extend kernel's grid)
     layer_ready: Callable[[int], None] | None = None  # called before layer i runs (HiCache: its pages loaded)
     record_experts: bool = False  # MoE layers add their routing to the expert recorder's counters
+    kv_scales: torch.Tensor | None = None  # [layers, 2] (k_scale, v_scale) of the pool (read when it is FP8)
 
 
 class RMSNorm(nn.Module):
@@ -131,7 +132,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = ops.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
             k = ops.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
-        return self.o_proj(ops.attention(q, k, v, rope, fb, k_cache, v_cache, self.scale))
+        kv_scale = None if fb.kv_scales is None else fb.kv_scales[self.layer_idx]
+        return self.o_proj(ops.attention(q, k, v, rope, fb, k_cache, v_cache, self.scale, kv_scale))
 
 
 class MLP(nn.Module):

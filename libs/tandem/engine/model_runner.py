@@ -126,10 +126,13 @@ class ModelRunner:
         """batch: [(req, n_new)]; request i computes tokens all_ids[num_computed : num_computed + n_new].
         ``all_rows[i]``: logits for every new token of request i, not only its last (prompt logprobs)."""
         if not self.paged:
-            return self._build_dense(batch, all_rows)
-        if all(n == 1 for _, n in batch):
-            return self._build_paged_decode(batch)
-        return self._build_paged_extend(batch, all_rows)
+            fb = self._build_dense(batch, all_rows)
+        elif all(n == 1 for _, n in batch):
+            fb = self._build_paged_decode(batch)
+        else:
+            fb = self._build_paged_extend(batch, all_rows)
+        fb.kv_scales = self.pool.kv_scales
+        return fb
 
     def _build_paged_decode(self, batch: list) -> ForwardBatch:
         vec, table = decode_inputs(batch, self.page_size)

@@ -7,6 +7,10 @@ the K/V write, and attention that reads K/V through the page table: paged decode
 attention (split-K) for decode batches, extend attention (causal over the new tokens,
 full over the cached prefix, ragged, mixed with decodes) for everything else.
 
+With an FP8 pool (``--kv-cache-dtype``) both quantize K/V as they write them and dequantize
+what they read with the layer's (k_scale, v_scale): torch_native in torch (``kv_quant``), triton
+in the kernels' registers.
+
 Both backends compute the same function; ``tests/unit/engine/test_triton_backend.py``
 compares them token for token in float32 through the Triton interpreter.
 """
@@ -16,19 +20,30 @@ import torch
 import torch.nn.functional as F
 
 from . import moe_math
+from .kv_quant import is_fp8, read_slots, write_slots
 
 BACKENDS = ("torch_native", "triton")
 
 
-def dense_attention(q: torch.Tensor, fb, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [T, H, D] (rotated); each request's whole context gathered from the pool; returns [T, H*D]."""
+def _pool_scales(k_cache: torch.Tensor, kv_scale: torch.Tensor | None):
+    """(k_scale, v_scale) of an FP8 pool (it must have them), (None, None) otherwise."""
+    if not is_fp8(k_cache.dtype):
+        return None, None
+    if kv_scale is None:
+        raise ValueError(f"a {k_cache.dtype} KV pool needs its layer's kv_scale (ForwardBatch.kv_scales)")
+    return kv_scale[0], kv_scale[1]
+
+
+def dense_attention(q: torch.Tensor, fb, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+                    kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, H, D] (rotated); each request's whole context gathered from the pool (dequantized when
+    it is FP8, ``kv_scale`` = (k_scale, v_scale)); returns [T, H*D]."""
     T, H, D = q.shape
     kv_heads = k_cache.shape[2]
-    k_flat = k_cache.view(-1, kv_heads, D)
-    v_flat = v_cache.view(-1, kv_heads, D)
+    k_scale, v_scale = _pool_scales(k_cache, kv_scale)
     B, _ = fb.kv_slots.shape
-    keys = k_flat[fb.kv_slots].to(q.dtype).transpose(1, 2)  # [B, kvh, Kmax, D]
-    vals = v_flat[fb.kv_slots].to(q.dtype).transpose(1, 2)
+    keys = read_slots(k_cache, fb.kv_slots, k_scale, q.dtype).transpose(1, 2)  # [B, kvh, Kmax, D]
+    vals = read_slots(v_cache, fb.kv_slots, v_scale, q.dtype).transpose(1, 2)
     Qmax = fb.attn_mask.shape[2]
     if fb.is_decode:
         qp = q.view(B, 1, H, D)
@@ -79,13 +94,13 @@ class TorchNativeOps:
     def moe_combine(self, rows):
         return moe_math.combine(rows)
 
-    def attention(self, q, k, v, rope, fb, k_cache, v_cache, scale):
+    def attention(self, q, k, v, rope, fb, k_cache, v_cache, scale, kv_scale=None):
         cos, sin = rope
         q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
-        kv_heads, D = k.shape[1], k.shape[2]
-        k_cache.view(-1, kv_heads, D)[fb.slot_mapping] = k.to(k_cache.dtype)
-        v_cache.view(-1, kv_heads, D)[fb.slot_mapping] = v.to(v_cache.dtype)
-        return dense_attention(q, fb, k_cache, v_cache, scale)
+        k_scale, v_scale = _pool_scales(k_cache, kv_scale)
+        write_slots(k_cache, fb.slot_mapping, k, k_scale)
+        write_slots(v_cache, fb.slot_mapping, v, v_scale)
+        return dense_attention(q, fb, k_cache, v_cache, scale, kv_scale)
 
 
 class TritonOps:
@@ -129,14 +144,16 @@ class TritonOps:
     def moe_combine(self, rows):
         return self._moe.combine_rows(rows)
 
-    def attention(self, q, k, v, positions, fb, k_cache, v_cache, scale):
-        self._rope.rope_and_write_kv(q, k, v, positions, self.cos, self.sin, fb.slot_mapping, k_cache, v_cache)
+    def attention(self, q, k, v, positions, fb, k_cache, v_cache, scale, kv_scale=None):
+        _pool_scales(k_cache, kv_scale)  # an FP8 pool must come with its scales
+        self._rope.rope_and_write_kv(q, k, v, positions, self.cos, self.sin, fb.slot_mapping, k_cache, v_cache,
+                                     kv_scale)
         if fb.is_decode:
             out = self._decode.paged_decode_attention(q, k_cache, v_cache, fb.page_table, fb.seq_lens, scale,
-                                                      fb.num_splits)
+                                                      fb.num_splits, kv_scale=kv_scale)
         else:
             out = self._extend.extend_attention(q, k_cache, v_cache, fb.page_table, fb.q_start, fb.q_lens,
-                                                fb.seq_lens, fb.max_q_len, scale)
+                                                fb.seq_lens, fb.max_q_len, scale, kv_scale=kv_scale)
         return out.view(q.shape[0], -1)
 
 

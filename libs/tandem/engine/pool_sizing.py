@@ -11,7 +11,8 @@ CPU_KV_BYTES_CAP = 512 << 20
 
 
 def kv_pool_pages(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: str) -> int:
-    """Pages of ``cfg.page_size`` tokens for the KV pool of model ``mc`` in ``dtype`` on ``device``."""
+    """Pages of ``cfg.page_size`` tokens for the KV pool of model ``mc`` on ``device`` whose elements are
+    ``dtype`` (the KV cache dtype: an FP8 pool holds twice the tokens of a bf16 one in the same bytes)."""
     page_size = cfg.page_size
     bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * dtype.itemsize
     if cfg.max_total_tokens:

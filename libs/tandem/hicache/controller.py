@@ -17,7 +17,7 @@ import torch
 from .config import HiCacheSettings
 from .file_storage import FileStorage
 from .host_pool import HostKVPool
-from .io import device_to_host, host_to_device
+from .io import device_to_host, host_to_device, raw
 from .nixl_storage import NixlStorage
 from .prefetch import Prefetcher
 from .storage_writer import StorageWriter
@@ -152,9 +152,9 @@ class HiCacheController:
         """Copy pages fetched from storage into device pages."""
         t0 = time.perf_counter()
         self.join()  # the compute stream writes these pages: after any copy still in flight
-        staged = torch.stack(pages_data).to(self.device_pool.k_buffers[0].device)
+        staged = torch.stack([raw(p) for p in pages_data]).to(self.device_pool.k_buffers[0].device)
         idx = torch.tensor(device_pages, dtype=torch.int64, device=staged.device)
         for layer in range(self.device_pool.num_layers):
-            self.device_pool.k_buffers[layer].index_copy_(0, idx, staged[:, 0, layer])
-            self.device_pool.v_buffers[layer].index_copy_(0, idx, staged[:, 1, layer])
+            raw(self.device_pool.k_buffers[layer]).index_copy_(0, idx, staged[:, 0, layer])
+            raw(self.device_pool.v_buffers[layer]).index_copy_(0, idx, staged[:, 1, layer])
         self._count_load(len(device_pages), time.perf_counter() - t0)

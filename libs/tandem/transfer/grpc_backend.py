@@ -19,17 +19,23 @@ import numpy as np
 import torch
 
 from .base import HandleKind, KvReceiver, KvSender, Room, TransferHandle, XferState, XferStatus, inband_aux
-from .layout import KvBuffers, merge_page_runs, torch_dtype
+from .layout import KvBuffers, merge_page_runs
 from .messages import KvPages
 
 DEFAULT_MAX_MESSAGE_BYTES = 3 << 20
+
+
+def _byte_rows(t: torch.Tensor) -> torch.Tensor:
+    """Layer tensor as its bytes ``[num_pages, bytes_per_page]`` (any dtype, FP8 included: torch
+    indexes uint8 on every device)."""
+    return t.view(torch.uint8).view(t.shape[0], -1)
 
 
 def _page_rows(t: torch.Tensor) -> np.ndarray | None:
     """Layer tensor as a uint8 numpy array [num_pages, bytes_per_page] (host memory only)."""
     if t.device.type != "cpu":
         return None
-    return t.view(torch.uint8).numpy().reshape(t.shape[0], -1)
+    return _byte_rows(t).numpy()
 
 
 def _page_bytes(t: torch.Tensor, pages: np.ndarray) -> bytes:
@@ -37,7 +43,7 @@ def _page_bytes(t: torch.Tensor, pages: np.ndarray) -> bytes:
     rows = _page_rows(t)
     if rows is None:
         idx = torch.from_numpy(pages).to(t.device)
-        return t.index_select(0, idx).cpu().view(torch.uint8).numpy().tobytes()
+        return _byte_rows(t).index_select(0, idx).cpu().numpy().tobytes()
     runs = merge_page_runs(pages, pages)
     if len(runs) == 1:
         s, _, n = runs[0]
@@ -52,14 +58,14 @@ def _from_bytes(data: bytes) -> torch.Tensor:
         return torch.frombuffer(data, dtype=torch.uint8)
 
 
-def _write_pages(t: torch.Tensor, pages: np.ndarray, data: bytes, dtype, page_shape) -> None:
+def _write_pages(t: torch.Tensor, pages: np.ndarray, data: bytes) -> None:
     """Write packed page bytes into pages ``pages`` of one layer tensor (one copy)."""
     rows = _page_rows(t)
     if rows is not None:
         rows[pages] = np.frombuffer(data, dtype=np.uint8).reshape(len(pages), -1)
         return
-    src = _from_bytes(data).view(dtype).view(len(pages), *page_shape)
-    t.index_copy_(0, torch.from_numpy(pages).to(t.device), src.to(t.device))
+    src = _from_bytes(data).view(len(pages), -1)
+    _byte_rows(t).index_copy_(0, torch.from_numpy(pages).to(t.device), src.to(t.device))
 
 
 class GrpcKvSender(KvSender):
@@ -114,8 +120,6 @@ class GrpcKvReceiver(KvReceiver):
 
     def __init__(self, buffers: KvBuffers, name: str = "decode", model_fingerprint: str = "", **timeouts):
         super().__init__(buffers, name, model_fingerprint, **timeouts)
-        self._dtype = torch_dtype(self.layout.dtype)
-        self._page_shape = tuple(buffers.k[0].shape[1:])
 
     def _on_pages(self, r: Room, msg: KvPages) -> None:
         b = self.buffers
@@ -129,7 +133,7 @@ class GrpcKvReceiver(KvReceiver):
                             f"{len(msg.k)}/{len(msg.v)} K/V bytes, expected {want}")
         if len(dst):
             for data, pool in ((msg.k, b.k), (msg.v, b.v)):
-                _write_pages(pool[msg.layer], dst, data, self._dtype, self._page_shape)
+                _write_pages(pool[msg.layer], dst, data)
         self._mark_covered(r, msg, at)
 
     def _room_complete(self, r: Room) -> bool:

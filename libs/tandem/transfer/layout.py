@@ -7,6 +7,9 @@ the library's own description of a pool (the worker maps it to ``tandem.v1.KvLay
 Pool shape (owned by the engine): per layer one contiguous K tensor and one contiguous V
 tensor of shape ``[num_pages, page_size, kv_heads, head_dim]``; page ``p`` of layer ``l``
 is the byte range ``[base_l + p * bytes_per_page, base_l + (p + 1) * bytes_per_page)``.
+
+FP8 pools (``float8_e4m3fn`` / ``float8_e5m2``) carry one K and one V dequantization scale per
+layer: pages move as their bytes, so both sides must hold the same dtype and the same scales.
 """
 
 from __future__ import annotations
@@ -33,6 +36,17 @@ _DTYPE_NAMES = {
 _NAME_DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
 
 
+_FP8_NAMES = ("float8_e4m3fn", "float8_e5m2")
+# What the user changes to make two workers agree, for the fields a flag sets.
+_MISMATCH_HINTS = {
+    "dtype": "prefill and decode need the same --kv-cache-dtype (and --dtype)",
+    "k_scales": "prefill and decode need the same FP8 KV scales: the same checkpoint, or the same "
+                "--kv-cache-calibrate",
+    "page_size": "prefill and decode need the same --page-size",
+}
+_MISMATCH_HINTS["v_scales"] = _MISMATCH_HINTS["k_scales"]
+
+
 class LayoutMismatchError(ValueError):
     """Two KV layouts cannot exchange pages; ``field`` names the first mismatching field."""
 
@@ -40,9 +54,13 @@ class LayoutMismatchError(ValueError):
         self.field = field_name
         self.local = local
         self.remote = remote
-        super().__init__(
-            f"KV layout mismatch on {field_name}: local={local!r} remote={remote!r}"
-        )
+        hint = _MISMATCH_HINTS.get(field_name)
+        if field_name in ("k_scales", "v_scales") and len(local) == len(remote):
+            layer = next(i for i, (a, b) in enumerate(zip(local, remote)) if a != b)
+            what = f"layer {layer}: local={local[layer]!r} remote={remote[layer]!r}"
+        else:
+            what = f"local={local!r} remote={remote!r}"
+        super().__init__(f"KV layout mismatch on {field_name}: {what}" + (f" ({hint})" if hint else ""))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -77,12 +95,15 @@ class KvBuffers:
     head_dim]``, contiguous, all of one shape, dtype and device (``num_layers``, ``num_pages``,
     ``page_size``, ``kv_heads``, ``head_dim`` and ``dtype`` are set from them). ``aux``: uint8 tensor
     ``[num_aux_slots, aux_slot_bytes]`` (``aux_slot_bytes >= 64``) on the same kind of
-    memory as K/V (a PoolLayout carries one ``mem_type``).
+    memory as K/V (a PoolLayout carries one ``mem_type``). ``k_scales`` / ``v_scales``: one
+    dequantization scale per layer for FP8 K/V (required then), empty otherwise.
     """
 
     k: Sequence[torch.Tensor]
     v: Sequence[torch.Tensor]
     aux: torch.Tensor
+    k_scales: Sequence[float] = ()
+    v_scales: Sequence[float] = ()
 
     def __post_init__(self):
         self.k = list(self.k)
@@ -118,6 +139,16 @@ class KvBuffers:
             raise ValueError(
                 f"aux_slot_bytes is {a.shape[1]}, must be >= {AUX_MIN_SLOT_BYTES}"
             )
+        self.k_scales = tuple(float(s) for s in self.k_scales)
+        self.v_scales = tuple(float(s) for s in self.v_scales)
+        if dtype_name(ref.dtype) in _FP8_NAMES:
+            if len(self.k_scales) != len(self.k) or len(self.v_scales) != len(self.k):
+                raise ValueError(
+                    f"{ref.dtype} K/V need one K and one V scale per layer: got {len(self.k_scales)} "
+                    f"and {len(self.v_scales)} for {len(self.k)} layers"
+                )
+        elif self.k_scales or self.v_scales:
+            raise ValueError(f"KV scales are for FP8 K/V, not {ref.dtype}")
         # The pool's shape, fixed from here on.
         self.num_layers, self.dtype = len(self.k), ref.dtype
         self.num_pages, self.page_size, self.kv_heads, self.head_dim = ref.shape
@@ -198,10 +229,14 @@ class PoolLayout:
     model_fingerprint: str = ""
     aux_mem_type: str = ""  # empty: the same as mem_type
     aux_device_id: int = 0
+    k_scales: tuple[float, ...] = ()  # FP8: each layer's K dequantization scale (empty otherwise)
+    v_scales: tuple[float, ...] = ()
 
     def __post_init__(self):
         self.k_base_addrs = tuple(int(a) for a in self.k_base_addrs)
         self.v_base_addrs = tuple(int(a) for a in self.v_base_addrs)
+        self.k_scales = tuple(float(s) for s in self.k_scales)
+        self.v_scales = tuple(float(s) for s in self.v_scales)
 
 
 def build_layout(buffers: KvBuffers, model_fingerprint: str = "") -> PoolLayout:
@@ -224,6 +259,8 @@ def build_layout(buffers: KvBuffers, model_fingerprint: str = "") -> PoolLayout:
         model_fingerprint=model_fingerprint,
         aux_mem_type=buffers.aux_mem_type,
         aux_device_id=buffers.aux_device_id,
+        k_scales=buffers.k_scales,
+        v_scales=buffers.v_scales,
     )
 
 
@@ -235,6 +272,8 @@ _COMPAT_FIELDS = (
     "num_kv_heads",
     "head_dim",
     "dtype",
+    "k_scales",
+    "v_scales",
     "bytes_per_page",
 )
 

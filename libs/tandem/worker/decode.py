@@ -157,6 +157,11 @@ class DecodeWorker(WorkerBase):
                     warmed += 1
                     break
                 except RemotePrefillFailed as exc:
+                    if exc.status in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                        # A configuration the prefill refuses (its KV layout, e.g. another
+                        # --kv-cache-dtype or --page-size): waiting will not change it.
+                        log.error("warmup: prefill %s refuses this decode: %s", peer.address, exc.message)
+                        break
                     if time.monotonic() > deadline:
                         log.warning("warmup: prefill %s not reachable (%s); it will be used lazily",
                                     peer.address, exc.message)

@@ -65,7 +65,8 @@ class WorkerProcess:
     def kv_buffers(self) -> KvBuffers:
         """The engine's KV pool as the transfer library sees it (before the loop starts)."""
         pool = self.engine.pool
-        return KvBuffers(pool.k_buffers, pool.v_buffers, pool.aux)
+        k_scales, v_scales = pool.scales()  # FP8 pools: pages mean nothing without them
+        return KvBuffers(pool.k_buffers, pool.v_buffers, pool.aux, k_scales, v_scales)
 
     def serve(self, warmup, role: str) -> None:
         """Start serving, run `warmup()` before health turns SERVING, register in etcd when

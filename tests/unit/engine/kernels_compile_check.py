@@ -116,31 +116,38 @@ def moe_kernels(p: str, dt: str) -> None:
 
 
 def main() -> None:
+    # KV pool element type per model dtype: the model's own, and the FP8 formats (--kv-cache-dtype)
+    # for bf16 (the rotary + K/V write stores FP8 pools as their bytes, *u8).
+    kv_types = {"bf16": ["bf16", "fp8e4nv", "fp8e5"], "fp32": ["fp32"]}
     for dt in ("bf16", "fp32"):
         p = f"*{dt}"
-        compile_kernel(rope_kv._rope_kv_kernel, {
-            **{n: p for n in ("Q", "K", "V")}, "Positions": "*i64", "Cos": "*fp32", "Sin": "*fp32",
-            "SlotMapping": "*i64", "KCache": p, "VCache": p,
-            **{n: "i32" for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
-                                  "stride_cos", "stride_cache_slot", "stride_cache_head")}},
-            dict(NUM_HEADS=14, NUM_KV_HEADS=2, HEAD_DIM=64, ROT_HALF=16, BLOCK_H=16, BLOCK_KVH=2, BLOCK_HALF=16,
-                 BLOCK_REST=32, BLOCK_D=64))
-        for splits, group in ((1, 4), (8, 7)):
-            compile_kernel(decode_attention._decode_partial_kernel, {
-                "Q": p, "K": p, "V": p, "PageTable": "*i32", "SeqLens": "*i64", "PartialOut": "*fp32",
-                "PartialLse": "*fp32", "Out": p, "sm_scale": "fp32",
-                **{n: "i32" for n in ("stride_qb", "stride_qh", "stride_k_slot", "stride_k_head", "stride_v_slot",
-                                      "stride_v_head", "stride_pt", "stride_ob", "stride_oh", "stride_os",
-                                      "stride_lb", "stride_lh", "stride_out_b", "stride_out_h")}},
-                dict(PAGE_SIZE=16, GROUP=group, HEAD_DIM=128, NUM_SPLITS=splits, BLOCK_H=16, BLOCK_D=128,
-                     BLOCK_N=decode_attention.BLOCK_N, IEEE=dt == "fp32"))
-        compile_kernel(extend_attention._extend_attention_kernel, {
-            "Q": p, "K": p, "V": p, "Out": p, "PageTable": "*i32", "QStart": "*i64", "QLens": "*i64",
-            "SeqLens": "*i64", "sm_scale": "fp32",
-            **{n: "i32" for n in ("stride_qt", "stride_qh", "stride_k_slot", "stride_k_head", "stride_v_slot",
-                                  "stride_v_head", "stride_pt", "stride_ot", "stride_oh")}},
-            dict(PAGE_SIZE=16, GROUP=7, HEAD_DIM=64, BLOCK_M=extend_attention.BLOCK_M,
-                 BLOCK_N=extend_attention.BLOCK_N, BLOCK_D=64, IEEE=dt == "fp32"))
+        for kv in kv_types[dt]:
+            fp8 = kv != dt
+            cache = "*u8" if fp8 else p
+            compile_kernel(rope_kv._rope_kv_kernel, {
+                **{n: p for n in ("Q", "K", "V")}, "Positions": "*i64", "Cos": "*fp32", "Sin": "*fp32",
+                "SlotMapping": "*i64", "KCache": cache, "VCache": cache, "KVScale": "*fp32",
+                **{n: "i32" for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
+                                      "stride_cos", "stride_cache_slot", "stride_cache_head")}},
+                dict(NUM_HEADS=14, NUM_KV_HEADS=2, HEAD_DIM=64, ROT_HALF=16, BLOCK_H=16, BLOCK_KVH=2, BLOCK_HALF=16,
+                     BLOCK_REST=32, BLOCK_D=64, KV_FP8=fp8, E4M3=kv == "fp8e4nv"))
+            block_n = decode_attention.BLOCK_N
+            for splits, group, bn in ((1, 4, block_n), (8, 7, block_n), *([(8, 4, 2 * block_n)] if fp8 else [])):
+                compile_kernel(decode_attention._decode_partial_kernel, {
+                    "Q": p, "K": f"*{kv}", "V": f"*{kv}", "PageTable": "*i32", "SeqLens": "*i64",
+                    "PartialOut": "*fp32", "PartialLse": "*fp32", "Out": p, "KVScale": "*fp32", "sm_scale": "fp32",
+                    **{n: "i32" for n in ("stride_qb", "stride_qh", "stride_k_slot", "stride_k_head",
+                                          "stride_v_slot", "stride_v_head", "stride_pt", "stride_ob", "stride_oh",
+                                          "stride_os", "stride_lb", "stride_lh", "stride_out_b", "stride_out_h")}},
+                    dict(PAGE_SIZE=16, GROUP=group, HEAD_DIM=128, NUM_SPLITS=splits, BLOCK_H=16, BLOCK_D=128,
+                         BLOCK_N=bn, IEEE=dt == "fp32", KV_FP8=fp8))
+            compile_kernel(extend_attention._extend_attention_kernel, {
+                "Q": p, "K": f"*{kv}", "V": f"*{kv}", "Out": p, "PageTable": "*i32", "QStart": "*i64",
+                "QLens": "*i64", "SeqLens": "*i64", "KVScale": "*fp32", "sm_scale": "fp32",
+                **{n: "i32" for n in ("stride_qt", "stride_qh", "stride_k_slot", "stride_k_head", "stride_v_slot",
+                                      "stride_v_head", "stride_pt", "stride_ot", "stride_oh")}},
+                dict(PAGE_SIZE=16, GROUP=7, HEAD_DIM=64, BLOCK_M=extend_attention.BLOCK_M,
+                     BLOCK_N=extend_attention.BLOCK_N, BLOCK_D=64, IEEE=dt == "fp32", KV_FP8=fp8))
         moe_kernels(p, dt)
         compile_kernel(decode_attention._decode_merge_kernel, {
             "PartialOut": "*fp32", "PartialLse": "*fp32", "Out": p,

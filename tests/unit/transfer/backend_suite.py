@@ -78,9 +78,11 @@ class BackendSuite:
             rx.close()
 
     @pytest.mark.parametrize("page_size", [1, 16])
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
     def test_decode_pages_equal_prefill_pages(self, make_pair, page_size, dtype):
+        """Pages arrive byte for byte (FP8 pages as their bytes: --kv-cache-dtype fp8_e4m3)."""
         pb, db, tx, rx = make_pair(page_size, num_pages=48, dtype=dtype)
+        assert rx.registration().layout.dtype == str(dtype).removeprefix("torch.")
         rng = np.random.default_rng(page_size * 7 + (dtype == torch.bfloat16))
         for n, chunks in ((1, 1), (13, 3), (40, 4)):
             src, dst = random_page_map(rng, n, pb.num_pages, db.num_pages)
@@ -254,7 +256,7 @@ class BackendSuite:
             tx.close()
             other.close()
 
-    @pytest.mark.parametrize("page_size, dtype", [(1, torch.bfloat16), (16, torch.float32)])
+    @pytest.mark.parametrize("page_size, dtype", [(1, torch.bfloat16), (16, torch.float32), (16, torch.float8_e5m2)])
     def test_two_processes_pages_equal(self, shm, page_size, dtype):
         """The receiver in another process: only what the backend moves (and the messages the
         workers carry) gets there."""

@@ -95,6 +95,33 @@ def test_check_compatible_names_field(kwargs, field):
     assert e.value.field == field
 
 
+def test_fp8_kv_layout_carries_dtype_and_scales_and_mismatches_are_refused():
+    """--kv-cache-dtype: prefill and decode must hold the same FP8 format and the same scales;
+    the refusal names both sides' values and the flag to fix."""
+    fp8 = build_layout(make_buffers(dtype=torch.float8_e4m3fn), "m")
+    assert fp8.dtype == "float8_e4m3fn" and fp8.bytes_per_page == 16 * 2 * 8
+    assert fp8.k_scales == (0.25, 0.5, 0.75) and fp8.v_scales == (0.75, 0.5, 0.25)
+    for other, what in ((make_buffers(dtype=torch.bfloat16), "local='float8_e4m3fn' remote='bfloat16'"),
+                        (make_buffers(dtype=torch.float8_e5m2), "local='float8_e4m3fn' remote='float8_e5m2'")):
+        with pytest.raises(LayoutMismatchError, match="--kv-cache-dtype") as e:
+            check_compatible(fp8, build_layout(other, "m"))
+        assert e.value.field == "dtype" and what in str(e.value)
+    b = make_buffers(dtype=torch.float8_e4m3fn)
+    rescaled = KvBuffers(b.k, b.v, b.aux, [0.25, 0.5, 0.7], b.v_scales)
+    with pytest.raises(LayoutMismatchError, match=r"k_scales: layer 2: local=0.75 remote=0.7 .*calibrate"):
+        check_compatible(fp8, build_layout(rescaled, "m"))
+    check_compatible(fp8, build_layout(make_buffers(dtype=torch.float8_e4m3fn, num_pages=7), "m"))
+
+
+def test_fp8_kv_buffers_need_their_scales():
+    b = make_buffers(dtype=torch.float8_e5m2, num_layers=2)
+    with pytest.raises(ValueError, match="one K and one V scale per layer: got 0 and 0 for 2 layers"):
+        KvBuffers(b.k, b.v, b.aux)
+    f = make_buffers(num_layers=2)
+    with pytest.raises(ValueError, match="KV scales are for FP8 K/V, not torch.float32"):
+        KvBuffers(f.k, f.v, f.aux, [1.0, 1.0], [1.0, 1.0])
+
+
 def test_check_compatible_fingerprint_and_ok_cases():
     local = build_layout(make_buffers(), "model-a")
     with pytest.raises(LayoutMismatchError, match="model_fingerprint.*model-a.*model-b"):

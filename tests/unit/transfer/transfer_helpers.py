@@ -11,6 +11,7 @@ import torch
 from tandem.transfer import AuxRow, KvBuffers, KVPoll, backends, make_receiver, new_room_id, register_backend
 
 SHAPE = dict(kv_heads=2, head_dim=8)
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def use_shm_backend() -> None:
@@ -43,7 +44,8 @@ class ShmDir:
 def make_buffers(num_layers=3, num_pages=40, page_size=16, dtype=torch.float32, seed=None,
                  aux_slots=8, aux_slot_bytes=64, kv_heads=2, head_dim=8, shm: ShmDir | None = None) -> KvBuffers:
     """A pool with random content (``seed``) or zeros (``seed=None``); in shared-memory files
-    when ``shm`` is given (every backend can use those, the shm backend needs them)."""
+    when ``shm`` is given (every backend can use those, the shm backend needs them). FP8 pools
+    get per-layer scales (the same for every pool of this shape, as two workers must have)."""
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     shape = (num_pages, page_size, kv_heads, head_dim)
 
@@ -55,7 +57,9 @@ def make_buffers(num_layers=3, num_pages=40, page_size=16, dtype=torch.float32, 
     aux = shm.tensor((aux_slots, aux_slot_bytes), torch.uint8) if shm is not None else \
         torch.empty(aux_slots, aux_slot_bytes, dtype=torch.uint8)
     aux.zero_()
-    return KvBuffers([t() for _ in range(num_layers)], [t() for _ in range(num_layers)], aux)
+    scales = [0.25 * (i + 1) for i in range(num_layers)] if dtype in FP8 else []
+    return KvBuffers([t() for _ in range(num_layers)], [t() for _ in range(num_layers)], aux, scales,
+                     scales[::-1])
 
 
 def random_page_map(rng: np.random.Generator, n: int, src_pool: int, dst_pool: int):

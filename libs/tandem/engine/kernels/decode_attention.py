@@ -9,6 +9,9 @@ one program per (request, kv head, split): all query heads that share the kv hea
 (GQA) are processed together as the rows of one ``tl.dot``. Stage 2 merges the
 splits by their log-sum-exp. Rows with ``seq_len == 0`` (padding of a CUDA-graph
 bucket) produce zeros. Nothing here synchronises with the host.
+
+An FP8 pool is read as bytes and converted to the query's dtype in registers; the layer's
+key scale multiplies the scores and its value scale the output (``paged.kv_scales``).
 """
 from __future__ import annotations
 
@@ -16,14 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged import dot, key_block, softmax_step
+from .fp8 import dequantized_pool, fp8_pool_format
+from .paged import dot, key_block, kv_scales, softmax_step
 
 BLOCK_N = 64  # context tokens per inner iteration (and the granularity of a split)
 
 
 @triton.jit
 def _decode_partial_kernel(
-    Q, K, V, PageTable, SeqLens, PartialOut, PartialLse, Out,
+    Q, K, V, PageTable, SeqLens, PartialOut, PartialLse, Out, KVScale,
     sm_scale,
     stride_qb, stride_qh,
     stride_k_slot, stride_k_head,
@@ -34,6 +38,7 @@ def _decode_partial_kernel(
     stride_out_b, stride_out_h,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -51,6 +56,7 @@ def _decode_partial_kernel(
 
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+    qk_scale, v_scale = kv_scales(KVScale, sm_scale, KV_FP8)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
@@ -58,13 +64,13 @@ def _decode_partial_kernel(
         offs_n, mask_n, slot, kv_mask, k = key_block(PageTable, b * stride_pt, K, stride_k_slot,
                                                      kv_head * stride_k_head, n0, end, offs_d, mask_d, PAGE_SIZE,
                                                      BLOCK_N)
-        qk = dot(q, tl.trans(k), IEEE)
-        qk = tl.where(mask_n[None, :], qk * sm_scale, float("-inf"))
+        qk = dot(q, tl.trans(k.to(q.dtype)), IEEE)
+        qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))
         m_i, l_i, acc = softmax_step(qk, m_i, l_i, acc, V, slot, stride_v_slot, kv_head * stride_v_head, offs_d,
-                                     kv_mask, False, IEEE)
+                                     kv_mask, False, IEEE, q.dtype)
     # An empty split (short context, or a padding row) stores zeros and lse = -inf.
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = acc * v_scale / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     mask_out = mask_h[:, None] & mask_d[None, :]
     if NUM_SPLITS == 1:  # nothing to merge: the final output directly
@@ -103,12 +109,16 @@ def _decode_merge_kernel(
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            page_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           num_splits: int, out: torch.Tensor | None = None) -> torch.Tensor:
+                           num_splits: int, out: torch.Tensor | None = None,
+                           kv_scale: torch.Tensor | None = None, block_n: int = BLOCK_N) -> torch.Tensor:
     """q [B, H, D]; k_cache/v_cache [num_pages, page_size, kv_heads, D]; page_table [B, >= pages]
-    (int32 or int64); seq_lens [B] context length including the new token. Returns [B, H, D]."""
+    (int32 or int64); seq_lens [B] context length including the new token. Returns [B, H, D].
+    An FP8 pool needs ``kv_scale`` = float32 (k_scale, v_scale) on the device. ``block_n``:
+    context tokens per inner iteration (a power of two; benchmarks compare choices with it)."""
     B, H, D = q.shape
     _, page_size, kv_heads, _ = k_cache.shape
     group = H // kv_heads
+    fp8 = fp8_pool_format(k_cache, kv_scale) is not None
     k = k_cache.view(-1, kv_heads, D)
     v = v_cache.view(-1, kv_heads, D)
     splits = max(num_splits, 1)
@@ -117,13 +127,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     out = torch.empty_like(q) if out is None else out
     block_d = triton.next_power_of_2(D)
     _decode_partial_kernel[(B, kv_heads, num_splits)](
-        q, k, v, page_table, seq_lens, partial, lse, out, scale,
+        q, k, v, page_table, seq_lens, partial, lse, out, kv_scale if fp8 else seq_lens, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), page_table.stride(0),
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         out.stride(0), out.stride(1),
         PAGE_SIZE=page_size, GROUP=group, HEAD_DIM=D, NUM_SPLITS=num_splits,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=BLOCK_N,
-        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=block_n,
+        IEEE=q.dtype == torch.float32, KV_FP8=fp8, num_warps=4, num_stages=2,
     )
     if num_splits == 1:
         return out
@@ -136,12 +146,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
-def paged_decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, scale) -> torch.Tensor:
-    """The torch reference: gather each request's context through its page table, softmax in float32."""
+def paged_decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, scale, kv_scale=None) -> torch.Tensor:
+    """The torch reference: gather each request's context through its page table (dequantized
+    with ``kv_scale`` when FP8), softmax in float32."""
     B, H, D = q.shape
     _, page_size, kv_heads, _ = k_cache.shape
-    k = k_cache.reshape(-1, kv_heads, D)
-    v = v_cache.reshape(-1, kv_heads, D)
+    k, v = dequantized_pool(k_cache, v_cache, kv_scale)
     out = torch.zeros_like(q)
     for b in range(B):
         n = int(seq_lens[b])

@@ -7,7 +7,7 @@ the page table. A query at position ``p`` attends to keys ``0..p``: full over th
 causal over the new tokens. Decode requests are extends of one token, so a mixed batch
 (prefill chunks + decodes) is one launch. No padding to the longest request: one program
 per (request, query head, block of BLOCK_M new tokens); blocks past a request's end do
-nothing.
+nothing. An FP8 pool is dequantized in registers, as in paged decode attention.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged import dot, key_block, softmax_step
+from .fp8 import dequantized_pool, fp8_pool_format
+from .paged import dot, key_block, kv_scales, softmax_step
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -23,7 +24,7 @@ BLOCK_N = 64
 
 @triton.jit
 def _extend_attention_kernel(
-    Q, K, V, Out, PageTable, QStart, QLens, SeqLens,
+    Q, K, V, Out, PageTable, QStart, QLens, SeqLens, KVScale,
     sm_scale,
     stride_qt, stride_qh,
     stride_k_slot, stride_k_head,
@@ -31,6 +32,7 @@ def _extend_attention_kernel(
     stride_pt, stride_ot, stride_oh,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -51,6 +53,7 @@ def _extend_attention_kernel(
     # Keys this block can see: up to its last query's position (nothing for an empty block).
     end = tl.where(m_block * BLOCK_M < q_len, tl.minimum(seq_len, prefix + (m_block + 1) * BLOCK_M), 0)
 
+    qk_scale, v_scale = kv_scales(KVScale, sm_scale, KV_FP8)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -58,45 +61,48 @@ def _extend_attention_kernel(
         offs_n, mask_n, slot, kv_mask, k = key_block(PageTable, b * stride_pt, K, stride_k_slot,
                                                      kv_head * stride_k_head, n0, end, offs_d, mask_d, PAGE_SIZE,
                                                      BLOCK_N)
-        qk = dot(q, tl.trans(k), IEEE)
+        qk = dot(q, tl.trans(k.to(q.dtype)), IEEE)
         visible = mask_n[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        qk = tl.where(visible, qk * sm_scale, float("-inf"))
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
         # Causal rows may see nothing yet in this block.
         m_i, l_i, acc = softmax_step(qk, m_i, l_i, acc, V, slot, stride_v_slot, kv_head * stride_v_head, offs_d,
-                                     kv_mask, True, IEEE)
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+                                     kv_mask, True, IEEE, q.dtype)
+    out = acc * v_scale / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(Out + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
 
 
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                      q_start: torch.Tensor, q_lens: torch.Tensor, seq_lens: torch.Tensor, max_q_len: int,
-                     scale: float) -> torch.Tensor:
+                     scale: float, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, H, D] new tokens of all requests (rotated); k_cache/v_cache [num_pages, page_size, kv_heads, D]
-    holding every context token; page_table [B, >= pages]; q_start, q_lens, seq_lens [B]. Returns [T, H, D]."""
+    holding every context token; page_table [B, >= pages]; q_start, q_lens, seq_lens [B]. Returns [T, H, D].
+    An FP8 pool needs ``kv_scale`` = float32 (k_scale, v_scale) on the device."""
     T, H, D = q.shape
     _, page_size, kv_heads, _ = k_cache.shape
     B = q_lens.shape[0]
+    fp8 = fp8_pool_format(k_cache, kv_scale) is not None
     k = k_cache.view(-1, kv_heads, D)
     v = v_cache.view(-1, kv_heads, D)
     out = torch.empty_like(q)
     grid = (B, H, triton.cdiv(max(max_q_len, 1), BLOCK_M))
     _extend_attention_kernel[grid](
-        q, k, v, out, page_table, q_start, q_lens, seq_lens, scale,
+        q, k, v, out, page_table, q_start, q_lens, seq_lens, kv_scale if fp8 else seq_lens, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), page_table.stride(0),
         out.stride(0), out.stride(1),
         PAGE_SIZE=page_size, GROUP=H // kv_heads, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_D=triton.next_power_of_2(D), IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2,
+        BLOCK_D=triton.next_power_of_2(D), IEEE=q.dtype == torch.float32, KV_FP8=fp8, num_warps=4, num_stages=2,
     )
     return out
 
 
-def extend_attention_ref(q, k_cache, v_cache, page_table, q_start, q_lens, seq_lens, scale) -> torch.Tensor:
-    """Torch reference: each request's context gathered through its page table, causal softmax in float32."""
+def extend_attention_ref(q, k_cache, v_cache, page_table, q_start, q_lens, seq_lens, scale,
+                         kv_scale=None) -> torch.Tensor:
+    """Torch reference: each request's context gathered through its page table (dequantized with
+    ``kv_scale`` when FP8), causal softmax in float32."""
     T, H, D = q.shape
     _, page_size, kv_heads, _ = k_cache.shape
-    k = k_cache.reshape(-1, kv_heads, D)
-    v = v_cache.reshape(-1, kv_heads, D)
+    k, v = dequantized_pool(k_cache, v_cache, kv_scale)
     out = torch.zeros_like(q)
     for b in range(q_lens.shape[0]):
         n, L, s = int(q_lens[b]), int(seq_lens[b]), int(q_start[b])

@@ -1,4 +1,8 @@
-"""Triton device functions both paged attention kernels use (inlined into each kernel)."""
+"""Triton device functions both paged attention kernels use (inlined into each kernel).
+
+FP8 pools: keys and values are converted to the query's dtype as they are loaded (exact), and
+the per-layer scales are folded into scalars by the kernels: the key scale into the softmax
+scale, the value scale into the final normalisation (``kv_scales``)."""
 from __future__ import annotations
 
 import triton
@@ -42,10 +46,11 @@ def key_block(PageTable, row, K, stride_k_slot, k_head, n0, end, offs_d, mask_d,
 
 @triton.jit
 def softmax_step(qk, m_i, l_i, acc, V, slot, stride_v_slot, v_head, offs_d, kv_mask, ROWS_MAY_BE_EMPTY: tl.constexpr,
-                 IEEE: tl.constexpr):
+                 IEEE: tl.constexpr, CDT: tl.constexpr):
     """One online-softmax step over a block of scores ``qk`` (masked keys at -inf): the new
     running max, denominator and output. ``ROWS_MAY_BE_EMPTY``: a row may have seen no key yet
-    (its max stays -inf), so exponentiate against 0 instead."""
+    (its max stays -inf), so exponentiate against 0 instead. Values are read as ``CDT`` (the
+    query's dtype; FP8 values convert exactly, their scale is the caller's to apply)."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     if ROWS_MAY_BE_EMPTY:
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -54,6 +59,16 @@ def softmax_step(qk, m_i, l_i, acc, V, slot, stride_v_slot, v_head, offs_d, kv_m
     alpha = tl.exp(m_i - m_ref)
     p = tl.exp(qk - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = load_slots(V, slot, stride_v_slot, v_head, offs_d, kv_mask)
-    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
+    v = load_slots(V, slot, stride_v_slot, v_head, offs_d, kv_mask).to(CDT)
+    acc = acc * alpha[:, None] + dot(p.to(CDT), v, IEEE)
     return m_new, l_i, acc
+
+
+@triton.jit
+def kv_scales(KVScale, sm_scale, KV_FP8: tl.constexpr):
+    """(score scale, output scale) of a layer: ``sm_scale * k_scale`` and ``v_scale`` for an FP8
+    pool, ``sm_scale`` and 1 otherwise."""
+    if KV_FP8:
+        return sm_scale * tl.load(KVScale), tl.load(KVScale + 1)
+    else:
+        return sm_scale, 1.0
