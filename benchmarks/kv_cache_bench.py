@@ -245,7 +245,7 @@ def main(argv=None) -> int:
 
 
 def write_markdown(path: Path, r: dict) -> None:
-    lines = [f"# kv_cache_bench: {Path(r['model']).name} on {r['device_name']}", "", written_by("kv_cache_bench.py", r), "",
+    lines = [f"# kv_cache_bench: {Path(r['model']).name} on {r['device_name']}", "", written_by("benchmarks/kv_cache_bench.py", r), "",
              f"Weights {r['dtype']}; decode of batch {r['batch']} at {r['context']} tokens of context, "
              f"{r['steps']} steps per engine; {len(r['rounds'])} alternating rounds, one engine at a time.", "",
              "| round | KV cache | pool tokens | decode step median (ms) |", "|---|---|---|---|"]

@@ -189,9 +189,3 @@ def write_csv(path: Path, rows: list[dict], fields: list[str]) -> Path:
 def _fmt(v):
     return f"{v:.6g}" if isinstance(v, float) else v
 
-
-def written_by(script: str, result: dict) -> str:
-    """The provenance line a results .md starts with: script, time, commit, dirty flag, command."""
-    gi = result["git"]
-    return (f"Written by `benchmarks/{script}` at {result['time']}, commit `{gi.get('commit')}` "
-            f"(dirty: {gi.get('dirty')}). Command: `{result['command']}`")
