@@ -18,6 +18,7 @@ from tandem.router.app import build_router
 from tests.integration.router_support import agg_worker_args, start_many
 from tests.support.clients import load
 from tests.support.models import demo_model
+from tests.support.ports import free_port
 from tests.support.procs import start_service
 from tests.support.waiting import wait_for
 
@@ -244,11 +245,7 @@ def test_killed_worker_is_taken_out_and_inflight_gets_clear_error(agg_workers, v
 
 
 def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def test_worker_down_within_configured_checks_and_routed_again_after_restart(agg_workers):
