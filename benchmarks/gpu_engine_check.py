@@ -14,9 +14,14 @@ its measured value and verdict:
   torch_native in bf16 within the stated tolerance;
 * sampling: the captured sampler graph draws the same seeded tokens as eager sampling
   (plain, and with penalties + logit bias + a grammar mask), and a seeded request (with
-  penalties too) draws the same tokens alone and inside a batch.
+  penalties too) draws the same tokens alone and inside a batch;
+* HiCache: the Triton page-transfer kernel and the direct copies move pages between the device
+  pool and the pinned host pool byte-exact (both layouts, both directions, bf16 and float32);
+  on both demo models in float32, a prefix loaded back from host and from storage gives the
+  greedy tokens of recomputing it (HiCache off).
 
     python benchmarks/gpu_engine_check.py --out benchmarks/results/gpu/engine_check_h200.json
+    python benchmarks/gpu_engine_check.py --only hicache --out benchmarks/results/gpu/hicache_check_h100.json
 """
 from __future__ import annotations
 
@@ -230,10 +235,83 @@ def logits_checks(dev: str, model: str) -> None:
            alone == batch_out[1].token_ids)
 
 
+def hicache_transfer_checks(dev: str) -> None:
+    from tandem.engine import KVPool
+    from tandem.engine.kernels.kv_transfer import TritonCopier
+    from tandem.hicache import HostKVPool
+    from tandem.hicache.io import DirectCopier, PageMove
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        pool = KVPool(4, 96, 16, 8, 128, dtype, dev, num_aux_slots=1)
+        for buf in pool.k_buffers + pool.v_buffers:
+            buf.copy_(torch.randn(buf.shape, generator=g).to(dtype))
+        want = [b.cpu() for b in pool.k_buffers + pool.v_buffers]
+        dev_pages = torch.randperm(96, generator=g)[:40].tolist()
+        for layout in ("layer_first", "page_first"):
+            for cls in (TritonCopier, DirectCopier):
+                host = HostKVPool(4, 64, 16, 8, 128, dtype, layout, pin_memory=True)
+                host_pages = torch.randperm(64, generator=g)[:40].tolist()
+                copier = cls(pool, host)
+                copier.to_host(PageMove(dev_pages, host_pages))
+                torch.cuda.synchronize()
+                to_host = all(torch.equal(host.layer_view(kv, layer)[h], want[kv * 4 + layer][d])
+                              for kv in range(2) for layer in range(4) for d, h in zip(dev_pages, host_pages))
+                back = list(reversed(dev_pages))  # each page lands on another page
+                move = PageMove(back, host_pages)
+                for layer in range(4):
+                    copier.to_device(move, layer)
+                torch.cuda.synchronize()
+                to_dev = all(torch.equal(pool.k_buffers[layer][b].cpu(), want[layer][d]) and
+                             torch.equal(pool.v_buffers[layer][b].cpu(), want[4 + layer][d])
+                             for layer in range(4) for d, b in zip(dev_pages, back))
+                for i, buf in enumerate(pool.k_buffers + pool.v_buffers):
+                    buf.copy_(want[i])
+                name = f"hicache {cls.__name__} {layout} {str(dtype).removeprefix('torch.')}"
+                record(f"{name}: device -> pinned host, host -> device (40 scattered pages) byte-exact",
+                       [to_host, to_dev], to_host and to_dev)
+                del host
+
+
+def hicache_token_checks(dev: str) -> None:
+    import random
+    import tempfile
+
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    for model in ("tandem-demo-dense", "tandem-demo-moe"):
+        path = str(REPO / "models" / model)
+        rng = random.Random(0)
+        prompts = [[rng.randrange(10, 2000) for _ in range(400)] for _ in range(2)]
+        ref = tokens(LLM(path, device=dev, dtype="float32", max_total_tokens=2048), prompts, sp)
+        free_device()
+        for layout in ("layer_first", "page_first"):
+            with tempfile.TemporaryDirectory() as store:
+                llm = LLM(path, device=dev, dtype="float32", max_total_tokens=1024, enable_hierarchical_cache=True,
+                          hicache_mem_layout=layout, hicache_io_backend="kernel", hicache_storage_backend="file",
+                          hicache_storage_dir=store, hicache_storage_prefetch_policy="wait_complete")
+                eng = llm.engine
+                first = tokens(llm, prompts, sp)
+                eng.cache.wait_io()
+                eng.cache.evict(eng.cache.evictable_pages)  # device -> host
+                host = tokens(llm, prompts, sp)
+                host_hits = eng.hicache.counters.host_hit_tokens
+                eng.flush_cache()  # device and host emptied, storage keeps the pages
+                storage = tokens(llm, prompts, sp)
+                storage_hits = eng.hicache.counters.storage_hit_tokens
+                ok = first == ref and host == ref and storage == ref and host_hits > 0 and storage_hits > 0
+                record(f"hicache {model} {layout} float32: host and storage load-back == recompute (greedy)",
+                       {"host_hit_tokens": host_hits, "storage_hit_tokens": storage_hits}, ok,
+                       f"first {first == ref}, host {host == ref}, storage {storage == ref}")
+                eng.cache.wait_io()
+                del llm, eng
+                free_device()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bf16-model", default=None, help="larger bf16 checkpoint for the logits check")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", choices=["hicache"], default=None, help="run only this group of checks")
     args = ap.parse_args(argv)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     git = git_info()
@@ -244,8 +322,12 @@ def main(argv=None) -> int:
     build_all(str(REPO / "models"))
     steps = [lambda: kernel_checks(dev), lambda: model_checks(dev),
              lambda: logits_checks(dev, str(REPO / "models" / "tandem-demo-dense"))]
+    hicache = [lambda: hicache_transfer_checks(dev), lambda: hicache_token_checks(dev)]
+    steps += hicache
     if args.bf16_model:
         steps.append(lambda: logits_checks(dev, args.bf16_model))
+    if args.only == "hicache":
+        steps = hicache
     for step in steps:
         try:
             step()

@@ -61,7 +61,10 @@ class HostKVPool(PageAllocator):
     def __del__(self):
         if getattr(self, "pinned", False):
             self.pinned = False
-            torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
+            try:
+                torch.cuda.cudart().cudaHostUnregister(self.buffer.data_ptr())
+            except Exception:  # interpreter shutdown: the process unmaps everything anyway
+                pass
 
     @property
     def bytes_per_page(self) -> int:

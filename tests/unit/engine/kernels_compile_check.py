@@ -5,7 +5,8 @@ without TRITON_INTERPRET (test_kernels_compile.py does)."""
 from __future__ import annotations
 
 import triton
-from tandem.engine.kernels import activation, decode_attention, extend_attention, fused_moe, norm, rope_kv, sampling
+from tandem.engine.kernels import (activation, decode_attention, extend_attention, fused_moe, kv_transfer, norm, rope_kv,
+                                   sampling)
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -64,6 +65,13 @@ def main() -> None:
     compile_kernel(sampling._gumbel_argmax_kernel, {"Scores": "*fp32", "Seeds": "*i64", "Positions": "*i64",
                                                     "Out": "*i64", "stride_s": "i32", "V": "i32"},
                    dict(BLOCK=sampling.BLOCK))
+    for word in ("*i32", "*i16", "*u8"):  # KV pages move as 32-bit words (16/8 when a page is odd-sized)
+        for to_host in (False, True):
+            compile_kernel(kv_transfer._kv_transfer_kernel, {
+                "Dev": word, "DevOffsets": "*i64", "Host": word, "DevPages": "*i64", "HostPages": "*i64",
+                "layer_start": "i32", "num_layers_here": "i32", "chunk": "i32", "host_page_stride": "i64",
+                "host_kv_stride": "i64", "host_layer_stride": "i64"},
+                dict(NUM_LAYERS=32, ALIGN=4, BLOCK=2048, TO_HOST=to_host))
     print("all kernels compiled for sm_90")
 
 

@@ -19,6 +19,7 @@ compare it with under the Triton interpreter, and the CPU engine uses.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -89,10 +90,11 @@ class TritonCopier:
             return
         dev_idx, host_idx = move.index(self.device)
         grid = (len(move), 2 * num_layers)
-        _kv_transfer_kernel[grid](
-            self.dev_base, self.dev_offsets, self.host_words, dev_idx, host_idx, layer_start, num_layers, self.chunk,
-            *self.strides, NUM_LAYERS=self.num_layers, ALIGN=self.align, BLOCK=self.block, TO_HOST=to_host,
-            num_warps=self.num_warps)
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            _kv_transfer_kernel[grid](
+                self.dev_base, self.dev_offsets, self.host_words, dev_idx, host_idx, layer_start, num_layers,
+                self.chunk, *self.strides, NUM_LAYERS=self.num_layers, ALIGN=self.align, BLOCK=self.block,
+                TO_HOST=to_host, num_warps=self.num_warps)
 
     def to_host(self, move: PageMove) -> None:
         self._launch(move, 0, self.num_layers, to_host=True)
