@@ -88,7 +88,7 @@ def test_backup_in_flight_is_never_evicted_nor_overwritten(make_llm, demo_models
     held = list(eng.cache._all_nodes())  # noqa: SLF001 (the test inspects the tree)
     assert len(held) == 16 and len(copies.gates) == 1 and all(n.io_busy for n in held)
     dev, host = [n.page for n in held], [n.host_page for n in held]
-    assert eng.cache.evictable_pages == 0  # in a copy: not evictable
+    assert eng.cache.evictable_pages == 0 and eng.cache.evict(32) == 0  # in a copy: not evictable
     # B needs 17 pages, 16 are free, the other 16 are in the copy: B waits, the engine steps on.
     rid = eng.add_request(_prompt(2), GREEDY)
     for _ in range(5):
