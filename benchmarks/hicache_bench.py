@@ -16,7 +16,8 @@ side by side, HiCache off and on, the order alternating per repeat; each row a f
 Also measured in the run: host <-> device page transfer of the prefix's pages (scattered, as
 after churn) by each io backend and host layout, against a pinned ``copy_`` of the same bytes;
 the storage folder's cold read bandwidth (one stream, and the engine's reader threads, page
-by page); on CUDA a torch-profiler trace of one host load-back (``--trace``), in which each
+by page); whether grouping a chain's pages into one file per segment would read faster cold
+than one file per page (the same pages both ways); on CUDA a torch-profiler trace of one host load-back (``--trace``), in which each
 layer's copy should overlap the compute of the layers before it (counted from the trace).
 
 Multi-turn part: ``--conversations`` chats x ``--turns`` turns; a turn sends the chat's
@@ -181,6 +182,56 @@ def cold_read_bandwidth(folder: str, nbytes: int, chunk: int) -> dict:
         out["bytes_per_s"] = max(out["one_stream_bytes_per_s"], out[f"{threads}_threads_bytes_per_s"])
     finally:
         os.remove(path)
+    return out
+
+
+def _page_reader(page_bytes: int, threads: int):
+    """read(path, pages): every page of a file, one read each, into the thread's own buffer."""
+    bufs = [bytearray(page_bytes) for _ in range(threads)]
+    local = threading.local()
+
+    def read(item) -> None:
+        if not hasattr(local, "buf"):
+            local.buf = bufs.pop()
+        path, pages = item
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for j in range(pages):
+                os.preadv(fd, [local.buf], j * page_bytes)
+        finally:
+            os.close(fd)
+
+    return read
+
+
+def segment_files_read(folder: str, page_bytes: int, n_pages: int, segment: int) -> dict:
+    """Is grouping a chain's pages into one file per ``segment`` pages faster to read cold than one
+    file per page? The same n_pages pages, written both ways, each read cold by the engine's
+    reader threads page by page (open, read, close per page file; one open per segment)."""
+    threads = min(STORAGE_READ_THREADS, os.cpu_count() or 1)
+    root = tempfile.mkdtemp(prefix="segments-", dir=folder)
+    page = os.urandom(page_bytes)
+    out = {"page_bytes": page_bytes, "pages": n_pages, "segment_pages": segment, "threads": threads}
+    try:
+        for name, per_file in (("page_files", 1), ("segment_files", segment)):
+            files = []
+            for i in range(0, n_pages, per_file):
+                path = os.path.join(root, f"{name}-{i}")
+                with open(path, "wb") as f:
+                    for _ in range(min(per_file, n_pages - i)):
+                        f.write(page)
+                files.append((path, min(per_file, n_pages - i)))
+            drop_page_cache(root)
+            read_file = _page_reader(page_bytes, threads)
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(read_file, files))
+            out[f"{name}_bytes_per_s"] = n_pages * page_bytes / (time.perf_counter() - t0)
+            for path, _ in files:
+                os.remove(path)
+        out["segment_over_page_files"] = out["segment_files_bytes_per_s"] / out["page_files_bytes_per_s"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     return out
 
 
@@ -362,6 +413,8 @@ def ttft_measure(args, engines: dict, storage_dir: str, out: Path | None) -> dic
     on.flush_cache()
     result["transfer"] = transfer_bandwidth(on, args.prefix_len // on.page_size, args.transfer_repeats)
     result["cold_read"] = cold_read_bandwidth(storage_dir, result["storage_bytes"], ctl.host.bytes_per_page)
+    result["segment_files"] = segment_files_read(storage_dir, ctl.host.bytes_per_page, args.prefix_len // on.page_size,
+                                                 args.segment_pages)
     if cuda and out is not None and args.trace:
         prefix = fresh(args.prefix_len)
         run_to_first_token(on, prefix + fresh(args.suffix_len))
@@ -484,6 +537,7 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--hicache-ratio", type=float, default=6.0, help="host pool / device pool (multi-turn part)")
     ap.add_argument("--working-set", type=float, default=4.0, help="final working set / device pool")
+    ap.add_argument("--segment-pages", type=int, default=16, help="pages per file in the grouped-files read test")
     ap.add_argument("--no-trace", dest="trace", action="store_false", help="skip the profiler trace (CUDA)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--out", default=None, help="write JSON results here (plus .png and .md next to it)")
@@ -545,6 +599,10 @@ def markdown(r: dict) -> str:
         f"Storage folder cold read: one stream {cold['one_stream_bytes_per_s'] / 1e9:.2f} GB/s, "
         f"{cold['threads']} threads page by page {cold[str(cold['threads']) + '_threads_bytes_per_s'] / 1e9:.2f} GB/s "
         f"(resident probes after the drop: {cold.get('resident_after_drop')}).", "",
+        f"Page files grouped by chain segment ({t['segment_files']['segment_pages']} pages a file), read cold: "
+        f"{t['segment_files']['segment_over_page_files']:.2f}x the bandwidth of one file per page "
+        f"({t['segment_files']['page_files_bytes_per_s'] / 1e9:.2f} GB/s, "
+        f"{t['segment_files']['page_bytes']:,}-byte pages).", "",
     ]
     trace = t.get("loadback_trace")
     if trace:

@@ -7,10 +7,11 @@ colliding file is a miss (the caller recomputes), never wrong KV. Files are writ
 temporary name and renamed, so a crash mid-write leaves no half page under a real name. The
 folder survives worker restarts; a subfolder per KV shape (``namespace``) keeps models apart.
 
-The payload moves between the file and the caller's memory (the pinned host pool's pages) with
-one ``preadv`` / ``pwritev`` per page: no staging copy, and the GIL is released for the whole
-system call and the CRC (zlib releases it on large buffers), so several reader threads run in
-parallel. Version-1 files (blake2b digests) are misses and are rewritten.
+A page moves between its file and the caller's memory (the pinned host pool's pages) in one
+``preadv`` / ``pwritev`` of the whole file (header, tokens and payload: one disk request for a
+cold page): no staging copy, and the GIL is released for the whole system call and the CRC
+(zlib releases it on large buffers), so several reader threads run in parallel. Version-1
+files (blake2b digests) are misses and are rewritten.
 
 ``max_bytes`` (``--hicache-storage-max-bytes``; 0: no limit) bounds the folder: after each
 write the oldest chains are removed (``StorageIndex``). The limit counts the pages this worker
@@ -135,16 +136,15 @@ class FileStorage:
                 return 0  # already there (a corrupt one is found and removed on read)
         except FileNotFoundError:
             pass
-        head = _HEADER.pack(_MAGIC, _VERSION, len(tokens), n, parent or 0, _crc(arrays))
+        head = _HEADER.pack(_MAGIC, _VERSION, len(tokens), n, parent or 0, _crc(arrays)) + tok
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            pwritev_all(fd, [head, tok], 0)
-            self._write_payload(fd, len(head) + len(tok), arrays)
+            self._write_all(fd, head, arrays)
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        self._remember(key, parent, len(head) + len(tok) + n)
+        self._remember(key, parent, len(head) + n)
         return n
 
     def read_into(self, key: int, parent: int | None, tokens, chunks: list[torch.Tensor]) -> bool:
@@ -161,11 +161,13 @@ class FileStorage:
             return False
         try:
             size = os.fstat(fd).st_size
-            head = os.pread(fd, _HEADER.size + len(tok), 0)
-            why = self._check_head(head, tok, parent or 0, want, size)
-            if why is None:
-                self._read_payload(fd, len(head), arrays)
-                if _crc(arrays) != _HEADER.unpack_from(head)[5]:
+            head = bytearray(_HEADER.size + len(tok))
+            if size != len(head) + want:
+                why = "truncated or of another shape"
+            else:
+                self._read_all(fd, head, arrays)  # one read of the whole file
+                why = self._check_head(bytes(head), tok, parent or 0, want)
+                if why is None and _crc(arrays) != _HEADER.unpack_from(head)[5]:
                     why = "checksum mismatch"
         except OSError as e:
             why = f"unreadable ({e})"
@@ -185,12 +187,12 @@ class FileStorage:
                     self.index.add(key, parent or 0, size)  # written by another process
         return True
 
-    # The payload moves through these two (the nixl backend moves it with NIXL's POSIX plugin).
-    def _write_payload(self, fd: int, offset: int, arrays: list[np.ndarray]) -> None:
-        pwritev_all(fd, arrays, offset)
+    # A page moves through these two (the nixl backend moves the payload with NIXL's POSIX plugin).
+    def _write_all(self, fd: int, head: bytes, arrays: list[np.ndarray]) -> None:
+        pwritev_all(fd, [head, *arrays], 0)
 
-    def _read_payload(self, fd: int, offset: int, arrays: list[np.ndarray]) -> None:
-        preadv_all(fd, arrays, offset)
+    def _read_all(self, fd: int, head: bytearray, arrays: list[np.ndarray]) -> None:
+        preadv_all(fd, [np.frombuffer(head, dtype=np.uint8), *arrays], 0)
 
     def _remember(self, key: int, parent: int | None, size: int) -> None:
         if self.index is not None:
@@ -212,16 +214,12 @@ class FileStorage:
         self._remove(self._path(key))
 
     @staticmethod
-    def _check_head(head: bytes, tok: bytes, parent: int, want: int, size: int) -> str | None:
-        if len(head) < _HEADER.size:
-            return "truncated header"
+    def _check_head(head: bytes, tok: bytes, parent: int, want: int) -> str | None:
         magic, version, n_tok, n_payload, stored_parent, _ = _HEADER.unpack_from(head)
         if magic != _MAGIC or version != _VERSION:
             return "bad magic or version"
         if n_tok * 8 != len(tok) or n_payload != want:
             return "shape differs"
-        if size != _HEADER.size + len(tok) + n_payload:
-            return "truncated"
         if head[_HEADER.size:] != tok or stored_parent != parent:
             return "holds another page (hash collision)"
         return None

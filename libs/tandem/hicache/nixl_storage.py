@@ -1,7 +1,7 @@
 """The ``nixl`` storage tier: the ``file`` tier's files and checks, with each page's KV bytes
 moved between host memory and the file by NIXL's POSIX plugin (DRAM_SEG <-> FILE_SEG), one
 transfer per page (one descriptor per contiguous piece of the page in the host pool). GDS (file
-<-> GPU memory) is not available on these machines: this is the code path, measured on CPU."""
+<-> GPU memory) is not available on these machines: this is the code path, tested on CPU."""
 from __future__ import annotations
 
 import os
@@ -58,8 +58,11 @@ class NixlStorage(FileStorage):
         if state != "DONE":
             raise OSError(f"NIXL POSIX {op} of {sum(a.nbytes for a in arrays)} bytes: {state}")
 
-    def _write_payload(self, fd: int, offset: int, arrays: list[np.ndarray]) -> None:
-        self._move("WRITE", arrays, fd, offset)
+    def _write_all(self, fd: int, head: bytes, arrays: list[np.ndarray]) -> None:
+        os.pwrite(fd, head, 0)
+        self._move("WRITE", arrays, fd, len(head))
 
-    def _read_payload(self, fd: int, offset: int, arrays: list[np.ndarray]) -> None:
-        self._move("READ", arrays, fd, offset)
+    def _read_all(self, fd: int, head: bytearray, arrays: list[np.ndarray]) -> None:
+        if os.preadv(fd, [head], 0) != len(head):
+            raise OSError("short read of the page header")
+        self._move("READ", arrays, fd, len(head))

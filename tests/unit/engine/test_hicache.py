@@ -262,3 +262,26 @@ def test_storage_size_limit_keeps_the_newest_chains(make_llm, demo_models, refer
                 hicache_storage_max_bytes=20 * page_file)
     assert _tokens(again, _prompt(3)) == reference[3]
     assert again.engine.hicache.counters.storage_hit_tokens == 15 * PS
+
+
+def test_host_pages_for_a_storage_read_never_take_the_prefix_being_loaded(make_llm, demo_models, reference, tmp_path):
+    """A prefix half on host, half in storage, with the host pool full: the host pages the storage
+    read needs are found by evicting other host pages, never the host half about to be loaded."""
+    llm = _hi(make_llm, demo_models, hicache_storage_backend="file", hicache_storage_dir=str(tmp_path))
+    eng, a = llm.engine, _prompt(1)
+    assert _tokens(llm, a) == reference[1]  # A's 16 pages: on host and in storage
+    eng.cache.wait_io()
+    eng.flush_cache()
+    _tokens(llm, a[:128] + _prompt(50, 64))  # A's first 8 pages back (from storage) + 4 others
+    for seed in (51, 52, 53):
+        _tokens(llm, _prompt(seed))
+    _tokens(llm, _prompt(54, 72))
+    eng.cache.wait_io()
+    eng.cache.evict(eng.cache.evictable_pages)
+    assert eng.hicache.host.num_free_pages == 0  # 8 + 4 + 3 x 16 + 4 pages: the host pool is full
+    before = eng.hicache.counters.storage_hit_tokens
+    out = llm.generate([a], GREEDY)[0]
+    assert out.token_ids == reference[1] and out.cached_tokens == 15 * PS
+    assert eng.hicache.counters.storage_hit_tokens - before == 7 * PS  # A's pages 9-15 from storage
+    eng.cache.wait_io()
+    _check_tiers(eng)
