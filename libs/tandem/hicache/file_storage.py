@@ -49,34 +49,31 @@ def _crc(arrays: list[np.ndarray]) -> int:
     return crc
 
 
-def preadv_all(fd: int, arrays: list[np.ndarray], offset: int) -> None:
-    """Fill every array from the file at offset (OSError at end of file)."""
-    i, skip = 0, 0
-    while i < len(arrays):
-        views = [memoryview(arrays[i]).cast("B")[skip:]] + [memoryview(a).cast("B") for a in arrays[i + 1:i + _IOV_MAX]]
-        n = os.preadv(fd, views, offset)
+def _vectored(op, fd: int, buffers: list, offset: int, what: str) -> None:
+    """Move every buffer (in order) from or to the file at offset with ``op`` (os.preadv or
+    os.pwritev), again while a call moves less than asked."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    i = 0
+    while i < len(views):
+        n = op(fd, views[i:i + _IOV_MAX], offset)
         if n == 0:
-            raise OSError("unexpected end of file")
+            raise OSError(f"{what} made no progress at offset {offset}")
         offset += n
-        while i < len(arrays) and n >= arrays[i].nbytes - skip:
-            n -= arrays[i].nbytes - skip
-            i, skip = i + 1, 0
-        skip += n
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        if n:
+            views[i] = views[i][n:]
 
 
-def pwritev_all(fd: int, arrays: list, offset: int) -> None:
+def preadv_all(fd: int, buffers: list, offset: int) -> None:
+    """Fill every buffer from the file at offset (OSError at end of file)."""
+    _vectored(os.preadv, fd, buffers, offset, "read")
+
+
+def pwritev_all(fd: int, buffers: list, offset: int) -> None:
     """Write every buffer to the file at offset."""
-    i, skip = 0, 0
-    while i < len(arrays):
-        views = [memoryview(arrays[i]).cast("B")[skip:]] + [memoryview(a).cast("B") for a in arrays[i + 1:i + _IOV_MAX]]
-        n = os.pwritev(fd, views, offset)
-        if n == 0:
-            raise OSError("write made no progress")
-        offset += n
-        while i < len(arrays) and n >= memoryview(arrays[i]).nbytes - skip:
-            n -= memoryview(arrays[i]).nbytes - skip
-            i, skip = i + 1, 0
-        skip += n
+    _vectored(os.pwritev, fd, buffers, offset, "write")
 
 
 class FileStorage:

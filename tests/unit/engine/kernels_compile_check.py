@@ -5,8 +5,16 @@ without TRITON_INTERPRET (test_kernels_compile.py does)."""
 from __future__ import annotations
 
 import triton
-from tandem.engine.kernels import (activation, decode_attention, extend_attention, fused_moe, kv_transfer, norm, rope_kv,
-                                   sampling)
+from tandem.engine.kernels import (
+    activation,
+    decode_attention,
+    extend_attention,
+    fused_moe,
+    kv_transfer,
+    norm,
+    rope_kv,
+    sampling,
+)
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
