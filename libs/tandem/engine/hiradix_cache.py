@@ -168,22 +168,25 @@ class HiRadixCache(RadixCache):
             host_nodes.append(child)
             walk, i = child, i + 1
         n_host = len(host_nodes)
+        for n in host_nodes:  # host pages found for a storage read or device pages for the load must not take them
+            self._hold(n)
         if self.ctl.storage is not None and (i + 1) * ps <= len(token_ids):
             read = self.ctl.prefetched(*self._chain(walk, token_ids, i), self._alloc_host)
             if read is None:
+                for n in host_nodes:
+                    self._release(n)
                 return pages, node, False  # the prefetch policy waits for the storage read
             for n in self._adopt_stored(walk, read):
                 if n.tokens != tuple(token_ids[i * ps:(i + 1) * ps]):
                     break  # the read followed another prompt's chain from here (kept as host nodes)
+                self._hold(n)
                 host_nodes.append(n)
                 i += 1
         if not host_nodes:
             self._count_hits(node)
             return pages, node, True
-        # Protect the device prefix and the host nodes while device pages are found for the load.
+        # Protect the device prefix too while device pages are found for the load.
         self.lock(node)
-        for n in host_nodes:
-            self._hold(n)
         short = len(host_nodes) - self.pool.num_free_pages
         if short > 0:
             self.evict(short)
