@@ -187,6 +187,17 @@ class HiCacheController:
         self._finished: list[tuple[str, object]] = []  # reported by the next poll()
         self._layer_events = None  # per-layer events of load-backs no forward pass waited on yet
         self._unjoined = None  # events of the latest load-back, until join()
+        if self.cuda:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Run every copy shape once at start (free page 0 both sides), so that no request waits
+        for a kernel to compile at its first backup or load-back."""
+        move = PageMove([0], [0])
+        self.copier.to_host(move)
+        for layer in range(self.device_pool.num_layers):
+            self.copier.to_device(move, layer)
+        torch.cuda.synchronize()
 
     # ---- device <-> host -------------------------------------------------------------------
     def backup(self, device_pages: list[int], host_pages: list[int], tag, store: list[StoreRequest] = ()):
