@@ -33,10 +33,15 @@ its measured value and verdict:
   its torch reference, paged decode / extend attention over FP8 pools within tolerance, and on
   the dense demo model in bf16, teacher-forced over 2000 tokens of real text, the top-1
   prediction with FP8 K/V equal to the bf16 cache's at >= 97% of positions (KL reported).
+* HiCache: the Triton page-transfer kernel and the direct copies move pages between the device
+  pool and the pinned host pool byte-exact (both layouts, both directions, bf16 and float32);
+  on both demo models in float32, a prefix loaded back from host and from storage gives the
+  greedy tokens of recomputing it (HiCache off).
 
     python benchmarks/gpu_engine_check.py --out benchmarks/results/gpu/engine_check_h200.json
     python benchmarks/gpu_engine_check.py --only fp8 --fp8-model /tmp/llama8b --out .../engine_check_fp8.json
     python benchmarks/gpu_engine_check.py --only kv-fp8 --out benchmarks/results/gpu/kv_fp8_check_h100.json
+    python benchmarks/gpu_engine_check.py --only hicache --out benchmarks/results/gpu/hicache_check_h100.json
 """
 from __future__ import annotations
 
@@ -622,14 +627,87 @@ def kv_fp8_accuracy_checks(dev: str) -> None:
         free_device()
 
 
+def hicache_transfer_checks(dev: str) -> None:
+    from tandem.engine import KVPool
+    from tandem.engine.kernels.kv_transfer import TritonCopier
+    from tandem.hicache import HostKVPool
+    from tandem.hicache.io import DirectCopier, PageMove
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        pool = KVPool(4, 96, 16, 8, 128, dtype, dev, num_aux_slots=1)
+        for buf in pool.k_buffers + pool.v_buffers:
+            buf.copy_(torch.randn(buf.shape, generator=g).to(dtype))
+        want = [b.cpu() for b in pool.k_buffers + pool.v_buffers]
+        dev_pages = torch.randperm(96, generator=g)[:40].tolist()
+        for layout in ("layer_first", "page_first"):
+            for cls in (TritonCopier, DirectCopier):
+                host = HostKVPool(4, 64, 16, 8, 128, dtype, layout, pin_memory=True)
+                host_pages = torch.randperm(64, generator=g)[:40].tolist()
+                copier = cls(pool, host)
+                copier.to_host(PageMove(dev_pages, host_pages))
+                torch.cuda.synchronize()
+                to_host = all(torch.equal(host.layer_view(kv, layer)[h], want[kv * 4 + layer][d])
+                              for kv in range(2) for layer in range(4) for d, h in zip(dev_pages, host_pages))
+                back = list(reversed(dev_pages))  # each page lands on another page
+                move = PageMove(back, host_pages)
+                for layer in range(4):
+                    copier.to_device(move, layer)
+                torch.cuda.synchronize()
+                to_dev = all(torch.equal(pool.k_buffers[layer][b].cpu(), want[layer][d]) and
+                             torch.equal(pool.v_buffers[layer][b].cpu(), want[4 + layer][d])
+                             for layer in range(4) for d, b in zip(dev_pages, back))
+                for i, buf in enumerate(pool.k_buffers + pool.v_buffers):
+                    buf.copy_(want[i])
+                name = f"hicache {cls.__name__} {layout} {str(dtype).removeprefix('torch.')}"
+                record(f"{name}: device -> pinned host, host -> device (40 scattered pages) byte-exact",
+                       [to_host, to_dev], to_host and to_dev)
+                del host
+
+
+def hicache_token_checks(dev: str) -> None:
+    import random
+    import tempfile
+
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    for model in ("tandem-demo-dense", "tandem-demo-moe"):
+        path = str(REPO / "models" / model)
+        rng = random.Random(0)
+        prompts = [[rng.randrange(10, 2000) for _ in range(400)] for _ in range(2)]
+        ref = tokens(LLM(path, device=dev, dtype="float32", max_total_tokens=2048), prompts, sp)
+        free_device()
+        for layout in ("layer_first", "page_first"):
+            with tempfile.TemporaryDirectory() as store:
+                llm = LLM(path, device=dev, dtype="float32", max_total_tokens=1024, enable_hierarchical_cache=True,
+                          hicache_mem_layout=layout, hicache_io_backend="kernel", hicache_storage_backend="file",
+                          hicache_storage_dir=store, hicache_storage_prefetch_policy="wait_complete")
+                eng = llm.engine
+                first = tokens(llm, prompts, sp)
+                eng.cache.wait_io()
+                eng.cache.evict(eng.cache.evictable_pages)  # device -> host
+                host = tokens(llm, prompts, sp)
+                host_hits = eng.hicache.counters.host_hit_tokens
+                eng.flush_cache()  # device and host emptied, storage keeps the pages
+                storage = tokens(llm, prompts, sp)
+                storage_hits = eng.hicache.counters.storage_hit_tokens
+                ok = first == ref and host == ref and storage == ref and host_hits > 0 and storage_hits > 0
+                record(f"hicache {model} {layout} float32: host and storage load-back == recompute (greedy)",
+                       {"host_hit_tokens": host_hits, "storage_hit_tokens": storage_hits}, ok,
+                       f"first {first == ref}, host {host == ref}, storage {storage == ref}")
+                eng.cache.wait_io()
+                del llm, eng
+                free_device()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bf16-model", default=None, help="larger bf16 checkpoint for the logits check")
     ap.add_argument("--fp8-model", default=None,
                     help="bf16 checkpoint (the 8B shape) for the per-linear FP8 cosine check")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", choices=["fp8", "kv-fp8"], default=None,
-                    help="run only this group of checks (fp8: FP8 weights; kv-fp8: the FP8 KV cache)")
+    ap.add_argument("--only", choices=["fp8", "kv-fp8", "hicache"], default=None,
+                    help="run only this group of checks (fp8: FP8 weights; kv-fp8: the FP8 KV cache; hicache: "
+                         "HiCache page transfers and load-back tokens)")
     args = ap.parse_args(argv)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     git = git_info()
@@ -646,8 +724,9 @@ def main(argv=None) -> int:
              lambda: moe_eplb_checks(dev)]
     if args.bf16_model:
         steps.append(lambda: logits_checks(dev, args.bf16_model))
-    groups = {"fp8": fp8_checks(dev, args.fp8_model), "kv-fp8": kv_fp8}
-    steps = groups[args.only] if args.only else steps + groups["fp8"] + groups["kv-fp8"]
+    groups = {"fp8": fp8_checks(dev, args.fp8_model), "kv-fp8": kv_fp8,
+              "hicache": [lambda: hicache_transfer_checks(dev), lambda: hicache_token_checks(dev)]}
+    steps = groups[args.only] if args.only else steps + groups["fp8"] + groups["kv-fp8"] + groups["hicache"]
     for step in steps:
         try:
             step()

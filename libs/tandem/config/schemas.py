@@ -158,8 +158,9 @@ class EngineConfig(_Section):
         "page_first (all layers of a page contiguous: one copy per page to the device or storage)."
     )
     hicache_io_backend: Literal["direct", "kernel"] = Field(
-        "direct", description="Host<->device copies: direct (one indexed copy per layer and K/V) or kernel "
-        "(all layers gathered into one staging buffer, moved in one copy)."
+        "kernel", description="Host<->device page copies: kernel (on CUDA a Triton kernel moves any set of pages "
+        "over all layers in one launch, a load-back one launch per layer; on CPU indexed copies) or direct (a DMA "
+        "copy per run of consecutive pages, layer and K/V)."
     )
     hicache_storage_backend: Literal["file", "nixl"] | None = Field(
         None, description="Third KV tier under the host pool: file (one checked file per page under "
@@ -174,6 +175,10 @@ class EngineConfig(_Section):
     )
     hicache_storage_prefetch_timeout: float = Field(
         1.0, gt=0, description="Seconds a request waits for storage pages with --hicache-storage-prefetch-policy timeout."
+    )
+    hicache_storage_max_bytes: int = Field(
+        0, ge=0, description="Largest size of the storage folder's pages in bytes (0: no limit); beyond it the "
+        "least recently used chains are removed, from their last page."
     )
     # Expert parallelism / EPLB
     ep_size: int = Field(1, ge=1, description="Expert-parallel ranks.")

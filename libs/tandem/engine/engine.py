@@ -328,10 +328,7 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
                 for (req, _), alive in zip(batch, live):
                     if alive and req.mode == Mode.PREFILL_ONLY and req.on_chunk_done is not None:
                         self._report_chunk(req)
-                for i in rows:
-                    req = batch[i][0]
-                    if req.mode == Mode.NORMAL and not req.output_ids:
-                        self.scheduler.cache_prompt(req)  # prefilled: share its prompt pages now
+                self._cache_prefilled_pages(batch, live)
                 if rows:
                     launched = self._launch_sample([batch[i][0] for i in rows],
                                                    logits[rows] if len(rows) < len(batch) else logits)
@@ -345,6 +342,15 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
             outs, self._pending = self._pending, []
             self._update_stats(kind if batch else "idle", len(batch), ntok, time.monotonic() - t0)
             return outs
+
+    def _cache_prefilled_pages(self, batch: list, live: list) -> None:
+        """Full prompt pages go to the prefix cache (shared from then on) once computed: after the
+        prompt's last chunk; with HiCache after every chunk, so that write-through backs a long
+        prompt up chunk by chunk while the next chunk computes."""
+        every_chunk = self.hicache is not None
+        for (req, _), alive in zip(batch, live):
+            if alive and req.mode == Mode.NORMAL and not req.output_ids and (every_chunk or req.num_uncomputed == 0):
+                self.scheduler.cache_prompt(req)
 
     def _gather_prompt_logprobs(self, req: Request, rows: torch.Tensor) -> None:
         """rows[j]: logits after token num_computed + j, i.e. the distribution of the next prompt token."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 
+import torch
 from tandem.config.schemas import EngineConfig
 from tandem.hicache import HiCacheController, HiCacheSettings, host_pool_pages, validate_settings
+from tandem.hicache.io import CopierFactory, default_copier
 
 from .hiradix_cache import HiRadixCache
 from .kv_pool import KVPool
@@ -27,8 +29,19 @@ def build_prefix_cache(cfg: EngineConfig, pool: KVPool) -> tuple[RadixCache, HiC
     validate_settings(settings)
     bytes_per_page = 2 * pool.num_layers * pool.page_size * pool.num_kv_heads * pool.head_dim * pool.dtype.itemsize
     host_pages = host_pool_pages(settings, pool.num_pages, bytes_per_page)
-    ctl = HiCacheController(settings, pool, host_pages, storage_namespace(cfg.model_path, pool))
+    ctl = HiCacheController(settings, pool, host_pages, storage_namespace(cfg.model_path, pool),
+                            copier=page_copier(settings.io_backend, pool.k_buffers[0].device))
     return HiRadixCache(pool.page_size, pool, ctl), ctl
+
+
+def page_copier(io_backend: str, device) -> CopierFactory:
+    """How host <-> device page copies run: on CUDA ``kernel`` is the Triton transfer kernel
+    (imported only there: the CPU engine needs no triton); otherwise the copies of tandem.hicache.io."""
+    if io_backend == "kernel" and torch.device(device).type == "cuda":
+        from .kernels.kv_transfer import TritonCopier
+
+        return TritonCopier
+    return lambda device_pool, host_pool: default_copier(io_backend, device_pool, host_pool)
 
 
 def storage_namespace(model_path: str, pool: KVPool) -> str:

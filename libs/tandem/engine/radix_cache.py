@@ -65,7 +65,8 @@ class Node:
     # HiCache (tandem.engine.hiradix_cache): page = -1 once the KV left the device tier.
     host_page: int = -1
     hit_count: int = 0
-    io_busy: int = 0  # > 0 while a copy reads or fills this node: no tier may drop it
+    io_busy: int = 0  # > 0 while a copy reads or fills this node's pages: no tier may drop it
+    storage_busy: int = 0  # > 0 while its host page is written to storage: the host page stays
 
 
 class RadixCache:
@@ -106,7 +107,7 @@ class RadixCache:
 
     def lock(self, node: Node) -> None:
         while node is not self.root:
-            if node.lock_ref == 0:
+            if node.lock_ref == 0 and node.io_busy == 0:  # a node in a copy was not counted evictable
                 self.evictable_pages -= 1
             node.lock_ref += 1
             node = node.parent
@@ -114,7 +115,7 @@ class RadixCache:
     def unlock(self, node: Node) -> None:
         while node is not self.root:
             node.lock_ref -= 1
-            if node.lock_ref == 0:
+            if node.lock_ref == 0 and node.io_busy == 0:
                 self.evictable_pages += 1
             node = node.parent
 
@@ -195,6 +196,14 @@ class RadixCache:
 
     def _on_device_nodes(self, nodes: list) -> None:
         """Hook: nodes whose KV has just been computed on the device (HiCache backs them up)."""
+
+    def poll(self) -> None:
+        """Hook, once per scheduling step: HiCache applies the page copies that finished."""
+
+    @property
+    def io_pending(self) -> bool:
+        """Page copies in flight hold pages that will be evictable once done (HiCache)."""
+        return False
 
     def match_and_load(self, token_ids) -> tuple[list[int], Node, bool]:
         """match_prefix for admission: with HiCache, the prefix found below the device tier is

@@ -124,6 +124,7 @@ class Scheduler:
 
     def schedule(self) -> tuple[str, list]:
         """Return ("prefill" | "decode" | "idle", [(req, num_new_tokens)])."""
+        self.cache.poll()
         while True:
             kind, batch = self._schedule_once()
             if batch or not self.running:
@@ -134,8 +135,8 @@ class Scheduler:
             victim = self._victim()
             if len(self.running) == 1:
                 own = len(victim.pages) - victim.num_tree_pages
-                if self.pool.num_used_pages - self.cache.num_pages > own:
-                    return "idle", []  # held / pre-allocated pages elsewhere will come back: wait
+                if self.pool.num_used_pages - self.cache.num_pages > own or self.cache.io_pending:
+                    return "idle", []  # held / pre-allocated pages, or pages in a copy, will come back: wait
                 return "stuck", [(victim, 0)]
             self.retract(victim)
 

@@ -11,6 +11,10 @@ WRITE_POLICIES = ("write_through", "write_through_selective", "write_back")
 # A node is backed up to host once hit this many times (SGLang's write_through_threshold);
 # write_back backs up only on device eviction.
 BACKUP_THRESHOLD = {"write_through": 1, "write_through_selective": 2}
+# Storage I/O threads (at most the CPU count): reads of one prefix run in parallel (the GIL is
+# released in the system calls and the checksums); writes are not on a request's path.
+STORAGE_READ_THREADS = 8
+STORAGE_WRITE_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,7 @@ class HiCacheSettings:
     storage_dir: str = "/tmp/tandem-hicache"
     prefetch_policy: str = "best_effort"
     prefetch_timeout_s: float = 1.0
+    storage_max_bytes: int = 0  # 0: no limit
 
     @classmethod
     def from_config(cls, cfg) -> HiCacheSettings:
@@ -31,7 +36,8 @@ class HiCacheSettings:
                    mem_layout=cfg.hicache_mem_layout, io_backend=cfg.hicache_io_backend,
                    storage_backend=cfg.hicache_storage_backend, storage_dir=cfg.hicache_storage_dir,
                    prefetch_policy=cfg.hicache_storage_prefetch_policy,
-                   prefetch_timeout_s=cfg.hicache_storage_prefetch_timeout)
+                   prefetch_timeout_s=cfg.hicache_storage_prefetch_timeout,
+                   storage_max_bytes=cfg.hicache_storage_max_bytes)
 
 
 def validate_settings(s: HiCacheSettings) -> None:

@@ -1,89 +1,141 @@
 """Page copies between the device KV pool and the host pool (``--hicache-io-backend``).
 
-* ``direct``: per layer, one indexed copy of K and one of V (2 x layers copies per batch of pages).
-* ``kernel``: the pages of every layer are gathered into one contiguous staging tensor on the
-  source side and moved in a single copy, then scattered on the destination side (one DMA per
-  batch on CUDA instead of 2 x layers; with ``page_first`` the host side needs no scatter).
+A copier moves a ``PageMove`` (device pages <-> host pages, pairwise) either for every layer at
+once (``to_host``: a backup) or one layer at a time (``to_device``: a load-back, so that layer
+i of the next forward pass waits only for layer i's pages). It only issues copies: the
+controller picks the stream (on CUDA a copy stream, into host memory pinned at start) and
+records the events that say when they are done.
 
-FP8 pools (``--kv-cache-dtype``) keep FP8 pages in every tier; they are copied as their bytes.
+* ``direct``: ``copy_`` of each run of consecutive pages (consecutive on both sides and
+  contiguous in memory) per layer and K/V: DMA on CUDA, no SM used. A freshly computed prompt
+  is one run; a fragmented pool, or the page_first layout (a page's layers are contiguous, a
+  layer's pages are not), costs one copy per page per layer and K/V.
+* ``kernel``: on CUDA, the Triton transfer kernel (``tandem.engine.kernels.kv_transfer``,
+  given to the controller by the engine): one launch per direction moves any set of pages
+  over all layers (a load-back: one launch per layer). On CPU, ``IndexedCopier``: one indexed
+  copy per layer and K/V (the kernel's reference).
 
-On CUDA both run on the controller's copy stream (see ``controller``), which records an event
-per layer so the forward pass waits for each layer's pages only; here they only copy.
+Copies are dtype-agnostic: elements move as integers of the pool's element size.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 IO_BACKENDS = ("direct", "kernel")
+_WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+def as_words(t: torch.Tensor) -> torch.Tensor:
+    """The same memory as integers of the element's size (indexed copies work for every dtype)."""
+    return t.view(_WORDS[t.element_size()])
 
 
-def _idx(pages: list[int], device) -> torch.Tensor:
-    return torch.tensor(pages, dtype=torch.int64, device=device)
+@dataclass
+class PageMove:
+    """device_pages[i] <-> host_pages[i]."""
+
+    device_pages: list
+    host_pages: list
+    _tensors: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.device_pages)
+
+    def index(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(device pages, host pages) as int64 tensors on ``device``, made once per move; on CUDA
+        through pinned memory and a non-blocking copy (the host never waits for a stream)."""
+        key = str(device)
+        if key not in self._tensors:
+            both = torch.tensor([self.device_pages, self.host_pages], dtype=torch.int64)
+            if torch.device(device).type == "cuda":
+                both = both.pin_memory().to(device, non_blocking=True)
+            self._tensors[key] = (both[0], both[1])
+        return self._tensors[key]
 
 
-def raw(t: torch.Tensor) -> torch.Tensor:
-    """FP8 pages move as their bytes (torch has no indexed copy for FP8 on every device)."""
-    return t.view(torch.uint8) if t.dtype in _FP8 else t
+class PageCopier(Protocol):
+    def to_host(self, move: PageMove) -> None: ...
+
+    def to_device(self, move: PageMove, layer: int) -> None: ...
 
 
-def _raw_layers(pool) -> tuple[list, list]:
-    return [raw(k) for k in pool.k_buffers], [raw(v) for v in pool.v_buffers]
+def page_runs(move: PageMove, host_contiguous: bool) -> list[tuple[int, int, int]]:
+    """(device start, host start, length) of runs of pages consecutive on both sides; length 1
+    each where consecutive host pages of a layer are not adjacent in memory."""
+    runs: list[list[int]] = []
+    for d, h in zip(move.device_pages, move.host_pages):
+        last = runs[-1] if runs else None
+        if host_contiguous and last is not None and d == last[0] + last[2] and h == last[1] + last[2]:
+            last[2] += 1
+        else:
+            runs.append([d, h, 1])
+    return [tuple(r) for r in runs]
 
 
-def device_to_host(backend: str, device_pool, host_pool, device_pages: list[int], host_pages: list[int]) -> None:
-    dev_idx = _idx(device_pages, device_pool.k_buffers[0].device)
-    host_idx = _idx(host_pages, "cpu")
-    # Device -> host copies block: the host reads the data right after (the copy stream keeps
-    # the compute stream running meanwhile).
-    dev_k, dev_v = _raw_layers(device_pool)
-    host_k, host_v = _raw_layers(host_pool)
-    if backend == "direct":
-        for layer in range(device_pool.num_layers):
-            for src, dst in ((dev_k[layer], host_k[layer]), (dev_v[layer], host_v[layer])):
-                dst[host_idx] = src.index_select(0, dev_idx).to("cpu")
-        return
-    staged = torch.stack([torch.stack([k.index_select(0, dev_idx) for k in dev_k], 1),
-                          torch.stack([v.index_select(0, dev_idx) for v in dev_v], 1)], 1)
-    on_host = staged.to("cpu")  # [n, 2, layers, ps, heads, dim]
-    if host_pool.buffer is not None:
-        raw(host_pool.buffer)[host_idx] = on_host
-        return
-    for layer in range(host_pool.num_layers):
-        host_k[layer][host_idx] = on_host[:, 0, layer]
-        host_v[layer][host_idx] = on_host[:, 1, layer]
+class _PoolPair:
+    def __init__(self, device_pool, host_pool):
+        if device_pool.dtype.itemsize != host_pool.dtype.itemsize:
+            raise ValueError(f"host pool dtype {host_pool.dtype} != device pool dtype {device_pool.dtype}")
+        self.device_pool, self.host = device_pool, host_pool
+        self.device = device_pool.k_buffers[0].device
+        self.num_layers = device_pool.num_layers
+
+    def _pairs(self, layer: int):
+        """(device buffer, host view) of a layer's K and V, as integer words."""
+        return ((as_words(self.device_pool.k_buffers[layer]), as_words(self.host.layer_view(0, layer))),
+                (as_words(self.device_pool.v_buffers[layer]), as_words(self.host.layer_view(1, layer))))
 
 
-def host_to_device(backend: str, host_pool, device_pool, host_pages: list[int], device_pages: list[int],
-                   layer_done: Callable[[int], None] | None = None) -> None:
-    """Copy host pages into device pages; ``layer_done(i)`` once layer i's copies are issued."""
-    device = device_pool.k_buffers[0].device
-    dev_idx = _idx(device_pages, device)
-    host_idx = _idx(host_pages, "cpu")
-    non_blocking = device.type == "cuda"
-    dev_k, dev_v = _raw_layers(device_pool)
-    host_k, host_v = _raw_layers(host_pool)
-    if backend == "direct":
-        for layer in range(device_pool.num_layers):
-            for src, dst in ((host_k[layer], dev_k[layer]), (host_v[layer], dev_v[layer])):
-                dst.index_copy_(0, dev_idx, src.index_select(0, host_idx).to(device, non_blocking=non_blocking))
-            if layer_done is not None:
-                layer_done(layer)
-        return
-    if host_pool.buffer is not None:
-        staged = raw(host_pool.buffer).index_select(0, host_idx)
-    else:
-        staged = torch.stack([torch.stack([k.index_select(0, host_idx) for k in host_k], 1),
-                              torch.stack([v.index_select(0, host_idx) for v in host_v], 1)], 1)
-    if non_blocking:
-        staged = staged.pin_memory()
-    on_device = staged.to(device, non_blocking=non_blocking)
-    for layer in range(device_pool.num_layers):
-        dev_k[layer].index_copy_(0, dev_idx, on_device[:, 0, layer])
-        dev_v[layer].index_copy_(0, dev_idx, on_device[:, 1, layer])
-        if layer_done is not None:
-            layer_done(layer)
+class DirectCopier(_PoolPair):
+    def __init__(self, device_pool, host_pool):
+        super().__init__(device_pool, host_pool)
+        self.non_blocking = self.device.type == "cuda"
+
+    def _copy(self, move: PageMove, layers, to_host: bool) -> None:
+        runs = page_runs(move, host_contiguous=self.host.page_stride == self.host.chunk)
+        for layer in layers:
+            for dev, host in self._pairs(layer):
+                for d, h, n in runs:
+                    src, dst = (dev[d:d + n], host[h:h + n]) if to_host else (host[h:h + n], dev[d:d + n])
+                    dst.copy_(src, non_blocking=self.non_blocking)
+
+    def to_host(self, move: PageMove) -> None:
+        self._copy(move, range(self.num_layers), to_host=True)
+
+    def to_device(self, move: PageMove, layer: int) -> None:
+        self._copy(move, (layer,), to_host=False)
+
+
+class IndexedCopier(_PoolPair):
+    """One indexed copy per layer and K/V; device and host pool on the same device (CPU). It is
+    also the reference the Triton transfer kernel is tested against."""
+
+    def _copy(self, move: PageMove, layers, to_host: bool) -> None:
+        dev_idx, host_idx = move.index(self.device)
+        for layer in layers:
+            for dev, host in self._pairs(layer):
+                if to_host:
+                    host.index_copy_(0, host_idx, dev.index_select(0, dev_idx))
+                else:
+                    dev.index_copy_(0, dev_idx, host.index_select(0, host_idx))
+
+    def to_host(self, move: PageMove) -> None:
+        self._copy(move, range(self.num_layers), to_host=True)
+
+    def to_device(self, move: PageMove, layer: int) -> None:
+        self._copy(move, (layer,), to_host=False)
+
+
+CopierFactory = Callable[[object, object], PageCopier]
+
+
+def default_copier(backend: str, device_pool, host_pool) -> PageCopier:
+    """The copier for a backend without the engine's kernels: ``kernel`` maps to the indexed
+    copies (the CPU path; the engine passes the Triton kernel on CUDA)."""
+    if backend not in IO_BACKENDS:
+        raise ValueError(f"hicache_io_backend={backend!r}: expected one of {', '.join(IO_BACKENDS)}")
+    return (DirectCopier if backend == "direct" else IndexedCopier)(device_pool, host_pool)

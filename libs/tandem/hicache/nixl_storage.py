@@ -1,10 +1,13 @@
 """The ``nixl`` storage tier: the ``file`` tier's files and checks, with each page's KV bytes
-moved between host memory and the file by NIXL's POSIX plugin (DRAM_SEG <-> FILE_SEG)."""
+moved between host memory and the file by NIXL's POSIX plugin (DRAM_SEG <-> FILE_SEG), one
+transfer per page (one descriptor per contiguous piece of the page in the host pool). GDS (file
+<-> GPU memory) is not available on these machines: this is the code path, tested on CPU."""
 from __future__ import annotations
 
 import os
+import threading
 
-import torch
+import numpy as np
 
 from .file_storage import FileStorage
 
@@ -24,34 +27,42 @@ def nixl_posix_agent(name: str):
 
 
 class NixlStorage(FileStorage):
-    def __init__(self, root: str, namespace: str):
-        super().__init__(root, namespace)
+    def __init__(self, root: str, namespace: str, max_bytes: int = 0):
+        super().__init__(root, namespace, max_bytes)
         self.agent = nixl_posix_agent(f"tandem-hicache-{os.getpid()}-{id(self):x}")
+        self._agent_lock = threading.Lock()  # one transfer at a time through the agent
 
-    def _move(self, op: str, buf: torch.Tensor, fd: int, offset: int) -> None:
-        n = buf.numel()
-        if n == 0:
+    def _move(self, op: str, arrays: list[np.ndarray], fd: int, offset: int) -> None:
+        """One NIXL transfer between the arrays (in order) and the file from offset."""
+        if not arrays:
             return
-        dram = self.agent.register_memory([(buf.data_ptr(), n, 0, "")], "DRAM")
-        file = self.agent.register_memory([(offset, n, fd, "")], "FILE")
-        try:
-            handle = self.agent.initialize_xfer(op, dram.trim(), file.trim(), self.agent.name)
+        dram_descs, file_descs = [], []
+        for a in arrays:
+            dram_descs.append((a.ctypes.data, a.nbytes, 0, ""))
+            file_descs.append((offset, a.nbytes, fd, ""))
+            offset += a.nbytes
+        with self._agent_lock:
+            dram = self.agent.register_memory(dram_descs, "DRAM")
+            file = self.agent.register_memory(file_descs, "FILE")
             try:
-                state = self.agent.transfer(handle)
-                while state == "PROC":
-                    state = self.agent.check_xfer_state(handle)
+                handle = self.agent.initialize_xfer(op, dram.trim(), file.trim(), self.agent.name)
+                try:
+                    state = self.agent.transfer(handle)
+                    while state == "PROC":
+                        state = self.agent.check_xfer_state(handle)
+                finally:
+                    self.agent.release_xfer_handle(handle)
             finally:
-                self.agent.release_xfer_handle(handle)
-        finally:
-            self.agent.deregister_memory(file)
-            self.agent.deregister_memory(dram)
+                self.agent.deregister_memory(file)
+                self.agent.deregister_memory(dram)
         if state != "DONE":
-            raise OSError(f"NIXL POSIX {op} of {n} bytes at offset {offset}: {state}")
+            raise OSError(f"NIXL POSIX {op} of {sum(a.nbytes for a in arrays)} bytes: {state}")
 
-    def _write_payload(self, f, offset: int, payload: torch.Tensor) -> None:
-        self._move("WRITE", payload.contiguous(), f.fileno(), offset)
+    def _write_all(self, fd: int, head: bytes, arrays: list[np.ndarray]) -> None:
+        os.pwrite(fd, head, 0)
+        self._move("WRITE", arrays, fd, len(head))
 
-    def _read_payload(self, f, offset: int, n: int) -> torch.Tensor:
-        buf = torch.empty(n, dtype=torch.uint8)
-        self._move("READ", buf, f.fileno(), offset)
-        return buf
+    def _read_all(self, fd: int, head: bytearray, arrays: list[np.ndarray]) -> None:
+        if os.preadv(fd, [head], 0) != len(head):
+            raise OSError("short read of the page header")
+        self._move("READ", arrays, fd, len(head))

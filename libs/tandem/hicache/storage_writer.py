@@ -1,15 +1,14 @@
-"""Writes pages to the storage tier on a background thread, so a backup never waits for disk.
+"""Writes pages to the storage tier on background threads, so a backup never waits for disk.
 
-The caller hands over a copy of the page (its host page may be reused at once). At most
-``max_pending`` writes wait; beyond that ``submit`` waits for the oldest (backpressure). A
+The writer reads the page where it lies (the pinned host pool): the caller keeps that host
+page from being freed or reused until the page's future is done. Nothing here blocks the
+caller: the number of writes waiting is bounded by the host pool, whose pages they hold. A
 failed write (disk full, ...) is logged and counted, never raised into the engine: the page
-simply is not in storage. Threads of ``concurrent.futures`` are joined at interpreter exit,
-so writes still queued then are finished.
+simply is not in storage (its future's result is -1).
 """
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -17,30 +16,23 @@ log = logging.getLogger(__name__)
 
 
 class StorageWriter:
-    def __init__(self, put: Callable[[int, tuple, object], int], on_written: Callable[[int], None],
-                 max_pending: int = 1024):
-        self.put, self.on_written, self.max_pending = put, on_written, max_pending
+    def __init__(self, write: Callable[..., int], threads: int = 1):
+        self.write = write
         self.num_failed = 0
-        self._pending: deque[Future] = deque()
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hicache-storage-write")
+        self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hicache-storage-write")
 
-    def submit(self, key: int, tokens: tuple, data) -> None:
-        while self._pending and self._pending[0].done():
-            self._pending.popleft()
-        if len(self._pending) >= self.max_pending:
-            self._pending.popleft().result()
-        self._pending.append(self._thread.submit(self._write, key, tokens, data))
+    def submit(self, key: int, parent: int | None, tokens: tuple, chunks: list) -> Future:
+        """Write a page; the future's result is the bytes written (0: it was there), or -1."""
+        return self._threads.submit(self._write, key, parent, tokens, chunks)
 
-    def _write(self, key: int, tokens: tuple, data) -> None:
+    def _write(self, key: int, parent: int | None, tokens: tuple, chunks: list) -> int:
         try:
-            n = self.put(key, tokens, data)
+            return self.write(key, parent, tokens, chunks)
         except OSError as e:
             self.num_failed += 1
             log.warning("hicache storage: writing page %016x failed: %s", key, e)
-            return
-        self.on_written(n)
+            return -1
 
-    def flush(self) -> None:
-        """Wait until every submitted write has finished."""
-        while self._pending:
-            self._pending.popleft().result()
+    def close(self) -> None:
+        """Finish the writes submitted so far."""
+        self._threads.shutdown(wait=True)

@@ -12,6 +12,7 @@ from tandem.engine.kernels import (
     fp8_gemm,
     fp8_quant,
     fused_moe,
+    kv_transfer,
     moe_align,
     moe_routing,
     norm,
@@ -164,6 +165,13 @@ def main() -> None:
                                                     "Out": "*i64", "stride_s": "i32", "V": "i32"},
                    dict(BLOCK=sampling.BLOCK))
     compile_fp8_kernels()
+    for word in ("*i32", "*i16", "*u8"):  # KV pages move as 32-bit words (16/8 when a page is odd-sized)
+        for to_host in (False, True):
+            compile_kernel(kv_transfer._kv_transfer_kernel, {
+                "Dev": word, "DevOffsets": "*i64", "Host": word, "DevPages": "*i64", "HostPages": "*i64",
+                "layer_start": "i32", "num_layers_here": "i32", "chunk": "i32", "host_page_stride": "i64",
+                "host_kv_stride": "i64", "host_layer_stride": "i64"},
+                dict(NUM_LAYERS=32, ALIGN=4, BLOCK=2048, TO_HOST=to_host))
     print("all kernels compiled for sm_90")
 
 

@@ -1,33 +1,74 @@
-"""Host pool layouts and copy backends move pages byte-exact; pool sizing follows the flags."""
+"""Host pool layouts and the host <-> device page copies (direct, indexed, and the Triton transfer
+kernel under the interpreter) move pages byte-exact for any KV dtype; pool sizing follows the flags."""
 from __future__ import annotations
 
 import pytest
 import torch
 from tandem.engine import KVPool
 from tandem.hicache import HiCacheSettings, HostKVPool, host_pool_pages
-from tandem.hicache.io import device_to_host, host_to_device
+from tandem.hicache.io import DirectCopier, IndexedCopier, PageMove, page_runs
+
+LAYERS, PAGES, PS, HEADS, DIM = 3, 8, 4, 2, 6
+
+
+def _pools(dtype, layout, seed=0):
+    dev = KVPool(LAYERS, PAGES, PS, HEADS, DIM, dtype, "cpu", num_aux_slots=1)
+    g = torch.Generator().manual_seed(seed)
+    for buf in dev.k_buffers + dev.v_buffers:
+        raw = buf.view(torch.uint8)
+        raw.copy_(torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=g))
+    host = HostKVPool(LAYERS, 6, PS, HEADS, DIM, dtype, layout)
+    host.buffer.view(torch.uint8).zero_()
+    return dev, host
+
+
+def _raw(t):
+    return t.contiguous().view(torch.uint8)
+
+
+def _round_trip(copier_cls, dtype, layout):
+    dev, host = _pools(dtype, layout)
+    before = [_raw(b).clone() for b in dev.k_buffers + dev.v_buffers]
+    copier = copier_cls(dev, host)
+    copier.to_host(PageMove([5, 1, 6, 7], [2, 0, 4, 5]))
+    for kv, bufs in ((0, dev.k_buffers), (1, dev.v_buffers)):
+        for layer in range(LAYERS):
+            for d, h in ((5, 2), (1, 0), (6, 4), (7, 5)):
+                assert torch.equal(_raw(host.layer_view(kv, layer)[h]), _raw(bufs[layer][d]))
+    move = PageMove([0, 3, 4, 2], [2, 0, 4, 5])
+    for layer in range(LAYERS):
+        copier.to_device(move, layer)
+    for i, bufs in enumerate((dev.k_buffers, dev.v_buffers)):
+        for layer in range(LAYERS):
+            for src, dst in ((5, 0), (1, 3), (6, 4), (7, 2)):
+                assert torch.equal(_raw(bufs[layer][dst]), before[i * LAYERS + layer][src])
+    return dev, host
 
 
 @pytest.mark.parametrize("layout", ["layer_first", "page_first"])
-@pytest.mark.parametrize("backend", ["direct", "kernel"])
-def test_pages_round_trip(layout, backend):
-    dev = KVPool(num_layers=3, num_pages=8, page_size=4, num_kv_heads=2, head_dim=5, dtype=torch.float32,
-                 device="cpu", num_aux_slots=1)
-    for buf in dev.k_buffers + dev.v_buffers:
-        buf.copy_(torch.randn_like(buf))
-    before = [b.clone() for b in dev.k_buffers + dev.v_buffers]
-    host = HostKVPool(3, 6, 4, 2, 5, torch.float32, layout)
-    device_to_host(backend, dev, host, [5, 1, 6], [2, 0, 4])
-    assert torch.equal(host.k_buffers[1][0], dev.k_buffers[1][1])
-    assert torch.equal(host.page_data(4)[1, 2], dev.v_buffers[2][6])  # [K/V, layer, ...]
-    host_to_device(backend, host, dev, [2, 0, 4], [0, 3, 7])
-    for layer in range(3):
-        for src, dst, buf in ((5, 0, dev.k_buffers), (1, 3, dev.k_buffers), (6, 7, dev.v_buffers)):
-            ref = before[layer] if buf is dev.k_buffers else before[3 + layer]
-            assert torch.equal(buf[layer][dst], ref[src])
-    data = host.page_data(2).clone()
-    host.set_page_data(5, data)
-    assert torch.equal(host.page_data(5), data)
+@pytest.mark.parametrize("copier", [DirectCopier, IndexedCopier])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_copiers_round_trip_pages(layout, copier, dtype):
+    _round_trip(copier, dtype, layout)
+
+
+def test_runs_of_consecutive_pages():
+    move = PageMove([4, 5, 6, 9, 10, 2], [0, 1, 2, 3, 7, 8])
+    assert page_runs(move, host_contiguous=True) == [(4, 0, 3), (9, 3, 1), (10, 7, 1), (2, 8, 1)]
+    assert page_runs(move, host_contiguous=False) == [(d, h, 1) for d, h in zip(move.device_pages, move.host_pages)]
+
+
+def test_layouts_address_pages_by_strides():
+    for layout in ("layer_first", "page_first"):
+        host = HostKVPool(LAYERS, 5, PS, HEADS, DIM, torch.float32, layout)
+        host.buffer.copy_(torch.arange(host.buffer.numel(), dtype=torch.float32).view(host.buffer.shape))
+        flat = host.buffer.view(-1)
+        for page, kv, layer in ((0, 0, 0), (3, 1, 2), (4, 0, 1)):
+            at = page * host.page_stride + kv * host.kv_stride + layer * host.layer_stride
+            assert torch.equal(host.layer_view(kv, layer)[page].reshape(-1), flat[at:at + host.chunk])
+        chunks = host.page_chunks(3)
+        assert sum(c.numel() for c in chunks) == host.bytes_per_page
+        assert torch.equal(torch.cat(chunks).view(torch.float32), host.page_data(3).reshape(-1))
 
 
 def test_host_pool_size_from_ratio_or_gb():
