@@ -110,13 +110,38 @@ def test_two_ranks_match_one_rank(moe_path, device):
     assert lps == ref_lps  # same placement as the single rank: bit-identical
 
 
-def test_two_ranks_match_one_rank_with_an_fp8_kv_cache(moe_path):
+@pytest.fixture(scope="module")
+def moe_with_kv_scales(moe_path, tmp_path_factory):
+    """The MoE demo checkpoint plus per-layer K/V scales (not 1.0, and different per layer) under
+    vLLM/SGLang's names."""
+    import os
+
+    from safetensors.torch import save_file
+    from tandem.engine.model_config import ModelConfig
+
+    out = tmp_path_factory.mktemp("moe-kv") / "moe-kv-scales"
+    out.mkdir()
+    for name in os.listdir(moe_path):
+        os.symlink(os.path.join(moe_path, name), out / name)
+    layers = ModelConfig.from_dir(moe_path).num_layers
+    save_file({**{f"model.layers.{i}.self_attn.k_scale": torch.tensor(0.02 * (1 + i)) for i in range(layers)},
+               **{f"model.layers.{i}.self_attn.v_scale": torch.tensor(0.01 * (1 + i)) for i in range(layers)}},
+              str(out / "kv_scales.safetensors"))
+    return str(out)
+
+
+def test_two_ranks_match_one_rank_with_an_fp8_kv_cache(moe_with_kv_scales):
     """The follower stores K/V as the leader does (--kv-cache-dtype and the leader's scales):
     the same bits as one rank with the same FP8 cache."""
-    fp8 = dict(kv_cache_dtype="fp8_e4m3", kv_cache_calibrate=1)
-    ref_toks, ref_lps = one_rank(moe_path, **fp8)
-    (toks, lps), _ = with_ep(moe_path, **fp8)
+    fp8 = dict(kv_cache_dtype="fp8_e4m3")
+    ref_toks, ref_lps = one_rank(moe_with_kv_scales, **fp8)
+    (toks, lps), _ = with_ep(moe_with_kv_scales, **fp8)
     assert toks == ref_toks and lps == ref_lps
+
+
+def test_kv_cache_calibration_is_refused_with_expert_parallelism(moe_path):
+    with pytest.raises(ValueError, match="kv_cache_calibrate=1: not supported with ep_size=2"):
+        EngineConfig(model_path=moe_path, ep_size=2, kv_cache_dtype="fp8_e4m3", kv_cache_calibrate=1)
 
 
 @pytest.mark.parametrize("device", DEVICES)

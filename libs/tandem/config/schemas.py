@@ -88,7 +88,8 @@ class EngineConfig(_Section):
         0, ge=0, le=4096, description="tandem's own flag (SGLang has none): with an FP8 --kv-cache-dtype, measure "
         "the per-layer K/V scales at start on this many built-in prompts (512 tokens each) instead of reading "
         "them from the checkpoint: the power of two at or above 2 x the largest |K| (|V|) / the FP8 maximum "
-        "(0 = off). Prefill and decode workers must use the same value."
+        "(0 = off). Prefill and decode workers must use the same value. Not with --ep-size > 1 (the passes run "
+        "before the expert-parallel group forms: give the checkpoint k_scale/v_scale there)."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device to run on.")
     quantization: Literal["fp8"] | None = Field(
@@ -205,6 +206,14 @@ class EngineConfig(_Section):
             raise ValueError(
                 f"ep_num_redundant_experts={self.ep_num_redundant_experts}: must be a multiple of "
                 f"ep_size={self.ep_size} so every rank gets the same number of slots"
+            )
+        if self.ep_size > 1 and self.kv_cache_calibrate:
+            # The calibration passes run while the engine is built, before the followers join it,
+            # and an MoE layer needs every rank's experts.
+            raise ValueError(
+                f"kv_cache_calibrate={self.kv_cache_calibrate}: not supported with ep_size={self.ep_size}; "
+                "give the checkpoint's k_scale/v_scale (or calibrate on a single-rank worker and write its "
+                "scales into the checkpoint)"
             )
         return self
 
