@@ -194,7 +194,7 @@ def logits_checks(dev: str, model: str) -> None:
                                                                 if v is not None}), variant).tolist()
         record("seeded sampling: sampler CUDA graph == eager", in_graph == eager_t, in_graph == eager_t)
         # Penalties + logit bias + a grammar mask: the captured penalties variant == eager.
-        from tandem.engine.sampling_params import StructuredOutput
+        from tandem.engine import StructuredOutput
 
         for i, r in enumerate(reqs):
             r.sampling.frequency_penalty, r.sampling.presence_penalty = 0.5, 0.3

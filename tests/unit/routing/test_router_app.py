@@ -39,7 +39,7 @@ def make_router(tiny_model_dir):
 @pytest.fixture
 def workers(hf_tokenizer):
     ids = hf_tokenizer(REPLY)["input_ids"]
-    made = [FakeWorker(ids), FakeWorker(ids)]
+    made = [FakeWorker(ids, tokenizer=hf_tokenizer), FakeWorker(ids, tokenizer=hf_tokenizer)]
     yield made
     for w in made:
         w.stop()
