@@ -61,9 +61,8 @@ class _StreamDriver:
         self._wake = threading.Event()
         self._lock = threading.Lock()  # guards the decision to end against a new command
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # the thread's own
-        self.running = True
-        self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
-        self._thread.start()
+        self.running = True  # False once the thread decided to end: it takes no more commands
+        self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)  # started by the first command
 
     @property
     def has_streams(self) -> bool:
@@ -93,11 +92,14 @@ class _StreamDriver:
                 return None
             fut: Future = Future()
             self._commands.put((fn, fut))
+            if self._thread.ident is None:
+                self._thread.start()
         self._wake.set()
         return fut
 
     def join(self) -> None:
-        self._thread.join()
+        if self._thread.ident is not None:
+            self._thread.join()
 
     # ---- the thread ----------------------------------------------------------------------------
     def _run(self) -> None:
