@@ -281,14 +281,12 @@ class EngineCore:
             outputs, self._pending = self._pending, []
             # The previous step's tokens: the device produced them before this forward pass, so
             # this waits for their copy only (a request may finish here, e.g. on a stop token).
-            outputs += self.scheduler.update_from_output(batch, self.sample_launcher.resolve(), prompt_lps)
+            outputs += self._drop_finished(
+                self.scheduler.update_from_output(batch, self.sample_launcher.resolve(), prompt_lps))
             rows = batch.rows_to_sample()
             if rows:
-                outputs += self._sample([batch.items[i][0] for i in rows],
-                                        logits[rows] if len(rows) < len(batch.items) else logits)
-            for out in outputs:
-                if out.finished:
-                    self.sample_launcher.free(self.runner, out.rid)
+                outputs += self._drop_finished(self._sample([batch.items[i][0] for i in rows],
+                                                            logits[rows] if len(rows) < len(batch.items) else logits))
             self.stats_collector.step_done(batch.kind if batch.items else "idle", len(batch.items),
                                            batch.num_tokens, time.monotonic() - t0)
             return outputs
@@ -315,6 +313,13 @@ class EngineCore:
         if hicache is not None:
             hicache.join()
         return logits, prompt_lps
+
+    def _drop_finished(self, outputs: list[StepOutput]) -> list[StepOutput]:
+        """Free the sampler state (penalty rows) of the requests these outputs finish."""
+        for out in outputs:
+            if out.finished:
+                self.sample_launcher.free(self.runner, out.rid)
+        return outputs
 
     def _sample(self, reqs: list, logits: torch.Tensor) -> list[StepOutput]:
         """Launch sampling of ``reqs``; read the tokens back now unless the next step may run

@@ -157,9 +157,9 @@ class EngineLoop(LoopThread):
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, rid: str, mode: str = "normal",
                on_output: Callable[[], None] | None = None) -> RequestStream:
         """Queue a request; its outputs arrive on the returned stream (a prefill-only request's
-        include the pages each chunk made final). Raises ValueError at once for a request that
-        can never run or an id in use."""
-        self.validate(prompt_ids, sampling)
+        include the pages each chunk made final). Check it first with ``validate``: what the
+        engine refuses when it is added ends the stream with that ValueError. Raises ValueError
+        at once for an id in use."""
         stream = self._open(rid, on_output)
 
         def add(engine: EngineCore) -> None:
