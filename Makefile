@@ -31,11 +31,8 @@ codegen:
 demo-models: setup  ## build the small demo checkpoints into models/ (offline, deterministic)
 	@$(PY) -m deploy.demo_models --out models
 
-test: setup demo-models test-tools  ## layering contracts, the whole test suite (slow tests too), the 15 slowest, then a Pants smoke build
-	.venv/bin/lint-imports
-	$(PY) -m pytest -q -rs --durations=15 tests
-	@build-support/pants-smoke.sh
-	@$(PY) build-support/validate_deploy.py
+test:  ## set-up, Debian tools and the Pants build side by side; then layering contracts, the whole test suite (slow tests too), the PEX smoke run, deploy-file checks; the time of each and the total
+	@build-support/test.sh
 
 test-tools:  ## the Debian tools tests run: Prometheus + promtool, etcd (installed when missing)
 	@build-support/install-prometheus.sh

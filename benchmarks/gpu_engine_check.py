@@ -10,8 +10,9 @@ its measured value and verdict:
   Philox reference;
 * both demo models in float32: greedy tokens of the triton backend with CUDA graphs
   (dense) identical to the torch_native path;
-* decode logits on one KV pool: graph replay == eager triton (bitwise), triton vs
-  torch_native in bf16 within the stated tolerance;
+* decode logits on one KV pool: graph replay == eager triton (bitwise); triton's bf16 error
+  against a float32 reference (same weights, torch_native) at most 1.5x torch_native's own bf16
+  error against it;
 * sampling: the captured sampler graph draws the same seeded tokens as eager sampling
   (plain, and with penalties + logit bias + a grammar mask), and a seeded request (with
   penalties too) draws the same tokens alone and inside a batch.
@@ -36,7 +37,11 @@ from tandem.engine import LLM, SamplingParams  # noqa: E402
 from benchmarks.common.results import command_line, git_info, machine_info, write_json  # noqa: E402
 
 BF16_ATTN_TOL = 2e-2  # paged decode attention vs float32-softmax reference, bf16 outputs
-BF16_LOGIT_TOL = 0.25  # decode logits, triton vs torch_native, bf16 model (24 layers of bf16 rounding)
+# Decode logits of the triton path in bf16 are judged against a float32 reference (the same weights,
+# torch_native in float32): their error may be at most this multiple of the error of the torch_native
+# path in bf16 against the same reference. The tolerance comes from the reference, not from the
+# difference it judges: bf16 rounding of the weights and activations sets the scale.
+BF16_ERR_RATIO = 1.5
 
 checks: list[dict] = []
 
@@ -150,21 +155,45 @@ def model_checks(dev: str) -> None:
         free_device()
 
 
-def logits_checks(dev: str, model: str) -> None:
-    """One KV pool, one decode batch: graph replay vs eager triton vs torch_native logits (bf16)."""
-    from tandem.engine.ops import TorchNativeOps
+def decode_batch(eng, g: torch.Generator) -> list:
+    """Eight requests with prompts of 99..358 random tokens (from ``g``) and pages for one decode step."""
     from tandem.engine.request import Request
 
-    llm = LLM(model, device=dev, dtype="bfloat16", max_total_tokens=1 << 16)
-    eng = llm.engine
-    runner = eng.runner
-    g = torch.Generator().manual_seed(3)
     reqs = []
     for i in range(8):
         ids = torch.randint(10, eng.model_config.vocab_size, (100 + 37 * i,), generator=g).tolist()
         r = Request(rid=f"c{i}", prompt_ids=ids[:-1], sampling=SamplingParams(), output_ids=[ids[-1]])
         assert eng.scheduler.ensure_pages(r, len(ids))
         reqs.append(r)
+    return reqs
+
+
+def reference_logits(dev: str, model: str) -> torch.Tensor:
+    """The decode batch's logits with the same weights in float32 on the torch_native path (on the host)."""
+    llm = LLM(model, device=dev, dtype="float32", attention_backend="torch_native", max_total_tokens=1 << 16)
+    eng = llm.engine
+    reqs = decode_batch(eng, torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        eng.runner.forward([(r, len(r.prompt_ids)) for r in reqs])
+        for r in reqs:
+            r.num_computed = len(r.prompt_ids)
+        out = eng.runner.forward([(r, 1) for r in reqs]).float().cpu()
+    del llm, eng, reqs
+    free_device()
+    return out
+
+
+def logits_checks(dev: str, model: str) -> None:
+    """One KV pool, one decode batch: graph replay vs eager triton vs torch_native logits (bf16),
+    both judged against a float32 reference."""
+    from tandem.engine.ops import TorchNativeOps
+
+    ref = reference_logits(dev, model)
+    llm = LLM(model, device=dev, dtype="bfloat16", max_total_tokens=1 << 16)
+    eng = llm.engine
+    runner = eng.runner
+    g = torch.Generator().manual_seed(3)
+    reqs = decode_batch(eng, g)
     with torch.inference_mode():
         runner.forward([(r, len(r.prompt_ids)) for r in reqs])  # prefill the prompts' KV
         for r in reqs:
@@ -178,10 +207,16 @@ def logits_checks(dev: str, model: str) -> None:
         eng.model.ops = TorchNativeOps(eng.model.rotary)
         dense = eng.model(runner._build_dense(batch), eng.pool.k_buffers, eng.pool.v_buffers)
         eng.model.ops = triton_ops
+        err_triton = (graph.float().cpu() - ref).abs().max().item()
+        err_native = (dense.float().cpu() - ref).abs().max().item()
+        tol = BF16_ERR_RATIO * err_native
         diff = (graph - dense).abs().max().item()
         agree = (graph.argmax(-1) == dense.argmax(-1)).float().mean().item()
-        record(f"decode logits triton vs torch_native, bf16 {Path(model).name}", round(diff, 4),
-               diff <= BF16_LOGIT_TOL, f"(tolerance {BF16_LOGIT_TOL}; argmax agreement {agree:.2f})")
+        agree_ref = (graph.argmax(-1).cpu() == ref.argmax(-1)).float().mean().item()
+        record(f"decode logits, bf16 {Path(model).name}: triton's error vs the float32 reference",
+               round(err_triton, 4), err_triton <= tol,
+               f"(tolerance {BF16_ERR_RATIO} x torch_native bf16's error {err_native:.4f} = {tol:.4f}; "
+               f"triton vs torch_native {diff:.4f}, argmax agreement {agree:.2f}, with the reference {agree_ref:.2f})")
         # Sampler: captured graph vs eager, seeded.
         sps = [SamplingParams(temperature=0.7 + 0.1 * i, top_k=(50 if i % 2 else -1), top_p=(0.9 if i % 3 else 1.0),
                               min_p=0.05 * (i % 2), seed=100 + i) for i in range(8)]
@@ -216,18 +251,38 @@ def logits_checks(dev: str, model: str) -> None:
             r.grammar = None
     for r in reqs:
         eng.pool.free(r.pages)
-    # A seeded request alone and inside a batch.
+    batch_invariance_checks(llm, g, "bfloat16")
+
+
+def fp32_batch_invariance(dev: str, model: str) -> None:
+    llm = LLM(model, device=dev, dtype="float32", max_total_tokens=1 << 16)
+    batch_invariance_checks(llm, torch.Generator().manual_seed(3), "float32")
+
+
+def batch_invariance_checks(llm, g: torch.Generator, dtype: str) -> None:
+    """A seeded request (plain, and with penalties under CUDA graphs) alone and inside a batch of 13.
+
+    The sampler is batch-invariant (Philox keyed by seed and position); the logits are too in
+    float32, where the check must hold. In bf16 the default mode is not: GEMM and attention
+    reductions change with the batch, so the tokens may differ. That is the expected result of the
+    default mode, recorded with its outcome, not a failure (--enable-deterministic-inference is the
+    mode that makes bf16 batch-invariant)."""
+    vocab = llm.engine.model_config.vocab_size
+    must_hold = dtype == "float32"
+    expected = "" if must_hold else "(expected in bf16 without --enable-deterministic-inference: not batch-invariant)"
     sp = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=42, ignore_eos=True)
-    ids = [torch.randint(10, eng.model_config.vocab_size, (20 + 3 * i,), generator=g).tolist() for i in range(13)]
+    ids = [torch.randint(10, vocab, (20 + 3 * i,), generator=g).tolist() for i in range(13)]
     alone = llm.generate([ids[0]], sp)[0].token_ids
     batch_out = llm.generate(ids, [sp] + [SamplingParams(max_tokens=24, temperature=1.0, ignore_eos=True)] * 12)
-    record("seeded request: alone == in a batch of 13", alone == batch_out[0].token_ids, alone == batch_out[0].token_ids)
+    same = alone == batch_out[0].token_ids
+    record(f"seeded request, {dtype}: alone == in a batch of 13", same, same or not must_hold, expected)
     pen = SamplingParams(max_tokens=24, temperature=0.9, seed=43, frequency_penalty=1.0, repetition_penalty=1.3,
                          logit_bias={7: 5.0}, ignore_eos=True)
     alone = llm.generate([ids[1]], pen)[0].token_ids
     batch_out = llm.generate(ids, [sp, pen] + [SamplingParams(max_tokens=24, temperature=1.0, ignore_eos=True)] * 11)
-    record("penalized seeded request: alone == in a batch of 13 (CUDA graphs)", alone == batch_out[1].token_ids,
-           alone == batch_out[1].token_ids)
+    same = alone == batch_out[1].token_ids
+    record(f"penalized seeded request, {dtype}: alone == in a batch of 13 (CUDA graphs)", same,
+           same or not must_hold, expected)
 
 
 def main(argv=None) -> int:
@@ -243,7 +298,8 @@ def main(argv=None) -> int:
 
     build_all(str(REPO / "models"))
     steps = [lambda: kernel_checks(dev), lambda: model_checks(dev),
-             lambda: logits_checks(dev, str(REPO / "models" / "tandem-demo-dense"))]
+             lambda: logits_checks(dev, str(REPO / "models" / "tandem-demo-dense")),
+             lambda: fp32_batch_invariance(dev, str(REPO / "models" / "tandem-demo-dense"))]
     if args.bf16_model:
         steps.append(lambda: logits_checks(dev, args.bf16_model))
     for step in steps:

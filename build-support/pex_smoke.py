@@ -27,7 +27,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stack_checks as sc  # noqa: E402
 
-SERVICES = ("router", "prefill", "decode", "eplb")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from deploy.services import module_of, service_modules  # noqa: E402
+
+SERVICES = tuple(service_modules())
 WORKER_FLAGS = ["--page-size", "16", "--max-total-tokens", "4096", "--chunked-prefill-size", "256",
                 "--torch-num-threads", "1", "--host", "127.0.0.1"]
 
@@ -49,7 +52,7 @@ def main(dist: Path, models: Path) -> None:
         if not os.access(p, os.X_OK):
             raise SystemExit(f"FAIL: {p} was not built")
         out = subprocess.run([str(p), "--help"], cwd=scratch, env=env, capture_output=True, text=True, timeout=600)
-        if out.returncode != 0 or f"usage: python -m tandem.{s}" not in out.stdout:
+        if out.returncode != 0 or f"usage: python -m {module_of(s)} " not in out.stdout:
             raise SystemExit(f"FAIL: {p} --help exited {out.returncode}:\n{out.stdout}\n{out.stderr}")
     log(f"--help ok for {', '.join(SERVICES)} ({time.monotonic() - t0:.0f} s, PEX_ROOT {pex_root})")
 

@@ -24,6 +24,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # tool, pinned here as triton is (constraints.txt pins are the Pants lock's). 2.6 is the newest
   # whose rich requirement agrees with aiperf's (rich 14.1).
   $PIP install "import-linter==2.6" -c requirements/constraints.txt
+  # pytest-xdist runs two test files at once in `make test` (build-support/test.sh): the suite
+  # keeps one core busy on average, and the second file fills the other. A dev tool, pinned here.
+  $PIP install "pytest-xdist==3.8.0" "execnet==2.1.2" -c requirements/constraints.txt
   # xgrammar masks tokens for structured outputs (engine) and checks grammars (router). Pinned
   # here, like triton, not in constraints.txt: the Pants lock does not carry it yet. The
   # constraints keep its dependencies (torch, transformers, numpy, pydantic) on our pins.

@@ -4,6 +4,7 @@ image test (images/test_images.py). Standard library, plus grpcio for gRPC healt
 from __future__ import annotations
 
 import json
+import random
 import socket
 import time
 import urllib.error
@@ -16,15 +17,21 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on loopback (bound together, then released)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """n distinct TCP ports on loopback, free now, for processes told their port in advance: random,
+    below the kernel's ephemeral range (32768+), from which client connections and port-0 servers
+    draw, so that nothing takes one between this choice and the process's bind."""
+    rng = random.SystemRandom()
+    found: list[int] = []
+    for port in rng.sample(range(20000, 32700), 50 * n + 100):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        found.append(port)
+        if len(found) == n:
+            return found
+    raise RuntimeError(f"no {n} free ports below 32700")
 
 
 def grpc_health(address: str, timeout: float = 3.0) -> int:

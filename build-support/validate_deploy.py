@@ -27,6 +27,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import entrypoints_check as entrypoints  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "build" / "k8s"
 OVERLAYS = ("cpu", "gpu")
@@ -240,9 +243,12 @@ def main() -> None:
     validate = kubernetes_validate()
     rendered = []
     secrets = SecretFiles()
+    help_of = entrypoints.HelpTexts()
+    started = []
     for overlay in OVERLAYS:
         path, docs = render(overlay)
         check_overlay(overlay, docs, secrets)
+        started += check_entrypoints(entrypoints.check_k8s, overlay, docs, help_of)
         rendered.append(path)
         log(f"{overlay}: {len(docs)} objects ({', '.join(sorted({d['kind'] for d in docs}))}) "
             f"-> {path.relative_to(REPO)}")
@@ -251,8 +257,19 @@ def main() -> None:
     if res.returncode != 0:
         fail(f"kubernetes-validate {K8S_VERSION} --strict:\n{res.stdout}{res.stderr}")
     check_compose()
+    started += check_entrypoints(entrypoints.check_compose,
+                                 yaml.safe_load((REPO / "deploy" / "compose" / "compose.yaml").read_text()), help_of)
+    started += check_entrypoints(entrypoints.check_images, help_of)
     log(f"ok: both overlays valid against Kubernetes {K8S_VERSION} (kubernetes-validate --strict), "
-        f"tandem configs valid (k8s and compose); {time.monotonic() - t0:.1f} s")
+        f"tandem configs valid (k8s and compose), {len(started)} start commands name a module and flags "
+        f"that exist ({', '.join(started)}); {time.monotonic() - t0:.1f} s")
+
+
+def check_entrypoints(check, *args) -> list[str]:
+    try:
+        return check(*args)
+    except entrypoints.EntrypointError as exc:
+        fail(str(exc))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,9 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from deploy.services import module_of  # noqa: E402  (the one table of service -> module)
+
 OUT = REPO / "build" / "images"
 CACHE = OUT / ".cache"
 # Every file in every layer gets this mtime (and mmdebstrap gets it as SOURCE_DATE_EPOCH): a fixed
@@ -340,11 +343,16 @@ def common_labels(title: str, description: str, src: dict, packages: str) -> dic
     }
 
 
+def entrypoint(svc: str) -> list[str]:
+    """What the image of ``svc`` runs: the venv's python on the service's module (deploy.services)."""
+    return [f"{VENV}/bin/python", "-m", module_of(svc)]
+
+
 def service_config(svc: str, variant: str, src: dict, packages: str, pex: Path) -> dict:
     spec = SERVICES[svc]
     labels = common_labels(f"tandem-{svc}", spec["description"], src, packages)
     labels.update({"dev.tandem.torch-variant": variant, "dev.tandem.pex.sha256": sha256_file(pex)})
-    return {"entrypoint": [f"{VENV}/bin/python", "-m", f"tandem.{svc}"], "cmd": [],
+    return {"entrypoint": entrypoint(svc), "cmd": [],
             "env": ["PATH=/opt/tandem/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                     "LANG=C.UTF-8", "PYTHONUNBUFFERED=1", "HOME=/tmp"],
             "ports": [f"{p}/tcp" for p in spec["ports"]], "labels": labels}

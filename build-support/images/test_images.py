@@ -32,9 +32,12 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 import stack_checks as sc  # noqa: E402
 
+sys.path.insert(0, str(REPO))
+from deploy.services import module_of, service_modules  # noqa: E402
+
 IMAGES = REPO / "build" / "images"
 PODMAN = REPO / "build" / "podman"
-SERVICES = ("router", "prefill", "decode", "eplb")
+SERVICES = tuple(service_modules())
 MODEL = "tandem-demo-moe"
 
 
@@ -108,7 +111,7 @@ def load_images(env: dict) -> dict[str, str]:
 def check_help(refs: dict, env: dict) -> None:
     for svc in SERVICES:
         out = sh("podman", "run", "--rm", "--network", "host", refs[svc], "--help", env=env).stdout
-        if f"usage: python -m tandem.{svc}" not in out:
+        if f"usage: python -m {module_of(svc)} " not in out:
             raise SystemExit(f"[test-images] {refs[svc]} --help printed:\n{out}")
     out = sh("podman", "run", "--rm", "--network", "host", refs["prometheus"], "--version", env=env)
     if "prometheus, version" not in out.stdout + out.stderr:

@@ -127,8 +127,12 @@ def main(argv=None) -> int:
                 print(f"deploy-local: {', '.join(dead)} exited; see {stack.logs_dir}. Stopping.", file=sys.stderr)
                 return 1
             time.sleep(0.5)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM, or `make stop-local` (which signals this process)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second Ctrl-C must not break the stop itself
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("\nstopping…", flush=True)
+        stack.stop()
+        print("stopped", flush=True)
         return 0
     except (RuntimeError, TimeoutError) as exc:
         print(f"deploy-local: {exc}", file=sys.stderr)

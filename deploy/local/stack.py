@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from deploy.services import module_of
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_STACK = Path(__file__).with_name("stack.yaml")
 DEFAULT_RUN_DIR = REPO / ".run" / "deploy-local"
@@ -101,7 +103,7 @@ def plan_stack(cfg: dict) -> list[ProcessSpec]:
         eplb_addr = f"{host}:{ports['eplb_grpc']}"
         # MoE workers record expert load, report it to the planner and apply its plans.
         engine.update(enable_eplb=True, eplb_planner_address=eplb_addr)
-        specs.append(ProcessSpec("eplb", "eplb", py + ["tandem.eplb_planner"], eplb_addr,
+        specs.append(ProcessSpec("eplb", "eplb", py + [module_of("eplb")], eplb_addr,
                                  f"{host}:{ports['eplb_system']}",
                                  {"host": host, "port": ports["eplb_grpc"], "system_port": ports["eplb_system"],
                                   "model_path": cfg["model_path"]}))
@@ -113,7 +115,7 @@ def plan_stack(cfg: dict) -> list[ProcessSpec]:
             conf = dict(engine, host=host, port=ports["prefill_grpc"] + i,
                         system_port=ports["prefill_system"] + i,
                         disaggregation_transfer_backend=cfg["disaggregation"]["disaggregation_transfer_backend"])
-            specs.append(ProcessSpec(f"prefill-{i}", "prefill", py + ["tandem.prefill"], addr,
+            specs.append(ProcessSpec(f"prefill-{i}", "prefill", py + [module_of("prefill")], addr,
                                      f"{host}:{ports['prefill_system'] + i}", conf))
     decode_addrs = []
     for i in range(cfg["num_decode"]):
@@ -122,11 +124,11 @@ def plan_stack(cfg: dict) -> list[ProcessSpec]:
         conf = dict(engine, host=host, port=ports["decode_grpc"] + i, system_port=ports["decode_system"] + i)
         if cfg["mode"] == "disagg":
             conf.update(cfg["disaggregation"], disaggregation_mode="decode", prefill_addresses=prefill_addrs)
-        specs.append(ProcessSpec(f"decode-{i}", "decode", py + ["tandem.decode"], addr,
+        specs.append(ProcessSpec(f"decode-{i}", "decode", py + [module_of("decode")], addr,
                                  f"{host}:{ports['decode_system'] + i}", conf))
     router = dict(cfg.get("router", {}), host=host, port=ports["router_grpc"], system_port=ports["router_system"],
                   http_port=ports["router_http"], model_path=cfg["model_path"], workers=decode_addrs)
-    specs.append(ProcessSpec("router", "router", py + ["tandem.router"], f"{host}:{ports['router_grpc']}",
+    specs.append(ProcessSpec("router", "router", py + [module_of("router")], f"{host}:{ports['router_grpc']}",
                              f"{host}:{ports['router_system']}", router))
     return specs
 
@@ -308,6 +310,9 @@ class Stack:
     def _write_pids(self) -> None:
         pids = {rp.spec.name: rp.proc.pid for rp in self.running}
         (self.run_dir / "pids.json").write_text(json.dumps(pids))
+        # The process that owns this stack (`make deploy-local`): `make stop-local` asks it to stop
+        # the stack, so that a requested stop does not read as a crash of its processes.
+        (self.run_dir / "owner.pid").write_text(str(os.getpid()))
 
     def alive(self) -> dict[str, bool]:
         return {rp.spec.name: rp.proc.poll() is None for rp in self.running}
@@ -327,6 +332,7 @@ class Stack:
                 rp.proc.wait(5)
         self.running.clear()
         (self.run_dir / "pids.json").unlink(missing_ok=True)
+        (self.run_dir / "owner.pid").unlink(missing_ok=True)
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -337,20 +343,35 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 def stop_from_pidfile(run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 10.0) -> list[str]:
-    """`make stop-local`: stop a stack started by another process."""
-    pidfile = Path(run_dir) / "pids.json"
+    """`make stop-local`: stop a stack started by another process. Its owner (the running `make
+    deploy-local`) gets SIGTERM and stops the stack itself, exiting 0 with "stopped"; processes
+    still alive after that (an owner killed with SIGKILL leaves its stack behind) get SIGTERM,
+    then SIGKILL."""
+    run_dir = Path(run_dir)
+    pidfile = run_dir / "pids.json"
     if not pidfile.exists():
         return []
     pids = json.loads(pidfile.read_text())
-    for pid in pids.values():
+    try:
+        owner = int((run_dir / "owner.pid").read_text())
+    except (OSError, ValueError):
+        owner = None
+    if owner is not None and owner != os.getpid() and _alive(owner):
+        os.kill(owner, signal.SIGTERM)
+        deadline = time.monotonic() + timeout + 5  # the owner's own stop waits up to `timeout`
+        while time.monotonic() < deadline and _alive(owner):
+            time.sleep(0.1)
+    left = [pid for pid in pids.values() if _alive(pid)]
+    for pid in left:
         _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    for pid in pids.values():
+    for pid in left:
         while time.monotonic() < deadline and _alive(pid):
             time.sleep(0.1)
         if _alive(pid):
             _signal_group(pid, signal.SIGKILL)
     pidfile.unlink(missing_ok=True)
+    (run_dir / "owner.pid").unlink(missing_ok=True)
     return list(pids)
 
 

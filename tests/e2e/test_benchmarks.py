@@ -5,6 +5,7 @@ decode). Nothing is mocked: the router, workers and engine are the real services
 from __future__ import annotations
 
 import json
+import random
 import socket
 import subprocess
 import sys
@@ -22,8 +23,10 @@ PERF_PLOTS = ("ttft_vs_concurrency.png", "itl_vs_concurrency.png", "throughput_v
 
 
 def free_port_base(span: int = 220) -> int:
-    """A base with `span` free ports above it (perf.py uses base..base+160 for two modes)."""
-    for base in range(31000, 60000, 997):
+    """A base with `span` free ports above it (perf.py uses base..base+160 for two modes). Random,
+    and below the kernel's ephemeral range (32768+), from which port-0 servers and client
+    connections draw: the suite runs two test files at once."""
+    for base in random.sample(range(20000, 32700 - span, 250), 40):
         socks = []
         try:
             for p in range(base, base + span):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -32,15 +31,14 @@ from tandem.metrics import (
 )
 from tandem.metrics.prometheus_config import render_prometheus_config
 
+from tests.support.ports import free_port
 from tests.support.system_tools import ensure_tool
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 
 def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def _serve(registry):

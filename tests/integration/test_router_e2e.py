@@ -18,6 +18,7 @@ from tandem.router.app import build_router
 from tests.integration.router_support import agg_worker_args, start_many
 from tests.support.clients import load
 from tests.support.models import demo_model
+from tests.support.ports import free_port
 from tests.support.procs import start_service
 from tests.support.waiting import wait_for
 
@@ -125,10 +126,26 @@ def _kv_workload(seed: int, n_prompts: int = 4, per_prompt: int = 32):
     return reqs
 
 
-def _run_workload(app, reqs) -> float:
+def _index_caught_up(app, addresses) -> None:
+    """Wait until the router's KV index has applied every KV event the workers published so far.
+    A worker publishes a step's events before that step's tokens leave it, so after a response
+    this covers every block the request cached or evicted: the next routing decision sees the
+    same state however late the events' stream is scheduled (under load it lagged whole requests).
+    Before the first request it waits for the subscription's snapshot (the blocks earlier tests
+    left), which the policy's tie-break reads."""
+    index = app.core.index
+    published = {w.worker_id: load(w.address).kv_event_sequence for w in app.core.pool.workers.values()
+                 if w.address in addresses}
+    wait_for(lambda: all(index.last_sequence(wid) >= seq for wid, seq in published.items()), timeout=30,
+             what=f"router KV index at the workers' KV event sequences {published}")
+
+
+def _run_workload(app, reqs, addresses) -> float:
     cached = total = 0
     with httpx.Client(base_url=f"http://{app.http_address}", timeout=60) as http:
         for ids in reqs:
+            if app.core.index is not None:  # before the first request too: the subscription's snapshot
+                _index_caught_up(app, addresses)
             r = http.post("/v1/completions", json={"model": app.model_name, "prompt": ids, "max_tokens": 1,
                                                    "temperature": 0})
             assert r.status_code == 200, r.text
@@ -143,14 +160,18 @@ def test_kv_aware_hit_rate_beats_round_robin(agg_workers, per_prompt, margin):
     """4 shared system prompts x per_prompt requests, in random order, over 2 workers. Each
     worker's pool holds about two of the prompts: round robin sends every prompt to both and
     thrashes; kv_aware keeps each prompt on one worker. (Measured on the 2-core dev box:
-    4x32 gives about 0.65 vs 0.93; 4x8, with its 4 cold misses out of 32, about 0.6 vs 0.75.)"""
+    4x32 gives about 0.65 vs 0.93; 4x8, with its 4 cold misses out of 32, about 0.6 vs 0.75.)
+    Deterministic: requests are sequential, and before each one the router's index has applied
+    every KV event its workers published (a worker's GetLoad tells its last sequence number), so
+    each decision sees the blocks every earlier request left, whatever the machine's load."""
     addresses = [p.grpc_address for p in agg_workers[:2]]
     rates = {}
     # Different system prompts per policy, so neither run reuses the other's cache.
     for seed, policy in enumerate(["round_robin", "kv_aware"]):
         app = make_router(addresses, routing_policy=policy)
         try:
-            rates[policy] = _run_workload(app, _kv_workload(100 * per_prompt + seed, per_prompt=per_prompt))
+            rates[policy] = _run_workload(app, _kv_workload(100 * per_prompt + seed, per_prompt=per_prompt),
+                                           addresses)
             metrics = httpx.get(f"http://{app.http_address}/metrics").text
         finally:
             app.stop()
@@ -224,11 +245,7 @@ def test_killed_worker_is_taken_out_and_inflight_gets_clear_error(agg_workers, v
 
 
 def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def test_worker_down_within_configured_checks_and_routed_again_after_restart(agg_workers):

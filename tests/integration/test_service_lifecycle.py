@@ -4,7 +4,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import grpc
@@ -32,7 +31,9 @@ def list_services(address: str) -> set[str]:
 @pytest.mark.parametrize("module", sorted(SERVICES))
 def test_service_serves_health_and_reflection_then_stops_on_sigterm(module):
     service, args = SERVICES[module]
-    svc = start_service(module, *args)
+    # An idle service must not sit out its drain grace period: with a 600 s grace period, one that
+    # waited for it would still be running when stop() gives up and kills it (exit code != 0).
+    svc = start_service(module, *args, "--shutdown-grace-period", "600")
     try:
         assert svc.health_status() == health_pb2.HealthCheckResponse.SERVING
         assert svc.health_status(service) == health_pb2.HealthCheckResponse.SERVING
@@ -44,11 +45,8 @@ def test_service_serves_health_and_reflection_then_stops_on_sigterm(module):
             assert b"python_info" in r.read()
             assert r.headers["Content-Type"].startswith("text/plain")
     finally:
-        t0 = time.monotonic()
-        code = svc.stop(signal.SIGTERM)
-        elapsed = time.monotonic() - t0
-    assert code == 0, svc.log()
-    assert elapsed < 5.0, f"{module} took {elapsed:.1f}s to stop"
+        code = svc.stop(signal.SIGTERM, timeout=120)  # well below the 600 s grace
+    assert code == 0, svc.log()  # it exited by itself, long before the grace period
     assert "stopped" in svc.log()
 
 

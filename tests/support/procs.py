@@ -38,7 +38,10 @@ class ServiceProcess:
             stub = health_pb2_grpc.HealthStub(ch)
             return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        """Signal the process and wait for it; a process still running after ``timeout`` (a
+        deadline for a hang, not a speed test: generous, since the suite runs two test files at
+        once on two cores) is killed, and its exit code is then the kill's."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:

@@ -58,7 +58,6 @@ class KvIndex:
         caller should resubscribe with a snapshot); the batch is still applied."""
         last = self._last_sequence.get(worker_id)
         in_order = last is None or batch.sequence == last + 1
-        self._last_sequence[worker_id] = batch.sequence
         for ev in batch.events:
             kind = ev.WhichOneof("event")
             try:
@@ -74,7 +73,14 @@ class KvIndex:
             except KvIndexError as e:
                 self.events_rejected += 1
                 log.warning("kv event from %s rejected: %s", worker_id, e)
+        # Recorded after the events are applied: a reader that sees this sequence sees its blocks.
+        self._last_sequence[worker_id] = batch.sequence
         return in_order
+
+    def last_sequence(self, worker_id: str) -> int:
+        """Sequence number of the last batch applied from ``worker_id`` (0: none yet). Compare
+        with the worker's ``WorkerLoad.kv_event_sequence`` to know whether the index caught up."""
+        return self._last_sequence.get(worker_id, 0)
 
     def _tier_holders(self, tier: int) -> dict[int, set[str]]:
         if tier not in TIERS:

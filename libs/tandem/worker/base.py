@@ -22,4 +22,5 @@ class WorkerBase:
             num_running_reqs=s.num_running_reqs, num_waiting_reqs=s.num_queue_reqs, free_pages=s.num_free_pages,
             total_pages=s.num_total_pages, evictable_pages=s.num_evictable_pages,
             num_inflight_transfers=num_inflight_transfers, token_usage=s.token_usage,
-            cache_hit_rate=s.cache_hit_rate, num_prefilled_reqs=num_prefilled_reqs)
+            cache_hit_rate=s.cache_hit_rate, num_prefilled_reqs=num_prefilled_reqs,
+            kv_event_sequence=self.events.sequence)

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import pytest
 from prometheus_client import CollectorRegistry
 from tandem.metrics import EngineMetrics, MetricsPublisher, SchedulerStats, StatsSender, validate_endpoint
+
+from tests.support.ports import free_port
 
 L = {"model_name": "demo", "engine_type": "decode", "tp_rank": "0", "pp_rank": "0", "worker_id": "d0"}
 
@@ -27,9 +28,7 @@ def _metrics():
 
 
 def _free_tcp_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 @pytest.fixture(params=["ipc", "tcp"])

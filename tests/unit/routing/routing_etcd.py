@@ -3,7 +3,6 @@ with a `Pki`, over TLS with client-certificate auth (etcd's --client-cert-auth).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -11,13 +10,12 @@ from pathlib import Path
 import httpx
 
 from tests.support.pki import Pki, client_context
+from tests.support.ports import free_port
 from tests.support.system_tools import ensure_tool
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 class EtcdServer:

@@ -24,6 +24,7 @@ request and frees its pages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -351,16 +352,22 @@ class RouterCore:
         except Overloaded as e:
             raise RouterError(e.code, e.message) from None
         try:
-            async for d in self._run(prep, timeout):
-                yield d
+            # aclosing: when the consumer closes this generator (a response complete, a client gone),
+            # the generators below close now, in order, down to worker_stream's accounting; an
+            # abandoned `async for` would leave them to the event loop's finalizer, after the
+            # response may already have reached the client (and its next request been routed).
+            async with contextlib.aclosing(self._run(prep, timeout)) as deltas:
+                async for d in deltas:
+                    yield d
         finally:
             release()
 
     async def _run(self, prep: Prepared, timeout: float | None) -> AsyncIterator[Delta]:
         deadline = None if timeout is None else time.monotonic() + timeout
         if prep.n <= 1:
-            async for d in self._run_sample(prep.sample(0), 0, deadline):
-                yield d
+            async with contextlib.aclosing(self._run_sample(prep.sample(0), 0, deadline)) as deltas:
+                async for d in deltas:
+                    yield d
             return
         if prep.sampling.seed is None:
             prep.sampling.seed = random.getrandbits(63)  # n samples: distinct and reproducible seeds
@@ -374,10 +381,11 @@ class RouterCore:
 
         async def pump(i: int, sample: Prepared, pin: str | None) -> None:
             try:
-                async for d in self._run_sample(sample, i, deadline, pin):
-                    started.set()
-                    await room.acquire()
-                    q.put_nowait(d)
+                async with contextlib.aclosing(self._run_sample(sample, i, deadline, pin)) as deltas:
+                    async for d in deltas:
+                        started.set()
+                        await room.acquire()
+                        q.put_nowait(d)
             except BaseException as e:  # noqa: BLE001 - handed to the consumer
                 q.put_nowait(e)
             finally:
