@@ -181,6 +181,21 @@ class EngineConfig(_Section):
         0, ge=0, description="Largest size of the storage folder's pages in bytes (0: no limit); beyond it the "
         "least recently used chains are removed, from their last page."
     )
+    # LoRA adapters (tandem.engine.lora)
+    enable_lora: bool = Field(
+        False, description="Serve LoRA adapters chosen per request (OpenAI model 'base:adapter'); on by itself when "
+        "--lora-paths is given.")
+    lora_paths: list[str] = Field(
+        default_factory=list, description="Adapters loaded at start, each NAME=PATH (a PEFT folder with "
+        "adapter_config.json and adapter_model.safetensors).")
+    max_loras_per_batch: int = Field(
+        8, ge=1, description="Adapters one batch may mix (device slots of static buffers; a request waits while "
+        "every slot serves another adapter).")
+    max_lora_rank: int | None = Field(
+        None, ge=1, description="Largest adapter rank the slots hold (default: the largest rank of --lora-paths).")
+    max_loaded_loras: int | None = Field(
+        None, ge=1, description="Adapters kept in host memory, least recently used dropped and read again from disk "
+        "when next used (default: all).")
     # Expert parallelism / EPLB
     ep_size: int = Field(1, ge=1, description="Expert-parallel ranks.")
     enable_eplb: bool = Field(False, description="Rebalance expert placement from recorded load.")
@@ -199,6 +214,31 @@ class EngineConfig(_Section):
         "trivial", description="Initial placement: trivial, a .json/.pt file, or inline JSON."
     )
     eplb_planner_address: str | None = Field(None, description="EPLB planner gRPC address (host:port).")
+
+    @model_validator(mode="after")
+    def _check_lora(self):
+        seen = set()
+        for item in self.lora_paths:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path or ":" in name:
+                raise ValueError(f"lora_paths item {item!r}: expected NAME=PATH (NAME without ':')")
+            if name in seen:
+                raise ValueError(f"lora_paths: adapter name {name!r} given twice")
+            seen.add(name)
+        if self.lora_enabled and not self.lora_paths and self.max_lora_rank is None:
+            raise ValueError("max_lora_rank: required with enable_lora when no lora_paths are given "
+                             "(adapters loaded later must fit it)")
+        return self
+
+    @property
+    def lora_enabled(self) -> bool:
+        """``enable_lora``, or adapters given with ``lora_paths``."""
+        return self.enable_lora or bool(self.lora_paths)
+
+    @property
+    def lora_path_map(self) -> dict[str, str]:
+        """``lora_paths`` as {name: path}."""
+        return dict(item.partition("=")[::2] for item in self.lora_paths)
 
     @model_validator(mode="after")
     def _check_redundancy(self):

@@ -38,13 +38,17 @@ class PdRequests:
         """Reserve pages and an aux slot for ``req``, a new request whose KV will be written from
         outside. Raises OutOfPages when the pool cannot hold it now (retry later or reject)."""
         n = self.scheduler.pages_for(len(req.prompt_ids))
+        if not self.scheduler.acquire_lora(req):
+            raise OutOfPages(f"every LoRA slot serves other adapters' running requests (adapter {req.lora_name!r})")
         pages = self.scheduler.alloc_pages(n)
-        if pages is None:
-            raise OutOfPages(f"need {n} pages, {self.scheduler.available_pages} available")
-        aux = self.pool.alloc_aux()
-        if aux is None:
-            self.pool.free(pages)
-            raise OutOfPages("no free aux slot")
+        aux = self.pool.alloc_aux() if pages is not None else None
+        if pages is None or aux is None:
+            if pages is not None:
+                self.pool.free(pages)
+            if req.lora_slot >= 0:
+                self.scheduler.release(req, cache=False)
+            raise OutOfPages(f"need {n} pages, {self.scheduler.available_pages} available" if pages is None
+                             else "no free aux slot")
         req.pages, req.aux_slot, req.status = pages, aux, Status.EXTERNAL_WAIT
         self.scheduler.register(req)
         return ExternalAllocation(req.rid, list(pages), aux, len(req.prompt_ids))

@@ -105,19 +105,21 @@ def _fp8_linears(path: str, cfg: ModelConfig, t: dict, dtype: torch.dtype, devic
 
 
 def load_model(path: str, dtype: torch.dtype, device: str, moe_hooks=None, load_format: str = "auto",
-               quantization: str | None = None, fp8_gemm_backend: str = "auto") -> tuple[CausalLM, ModelConfig]:
+               quantization: str | None = None, fp8_gemm_backend: str = "auto",
+               lora=None) -> tuple[CausalLM, ModelConfig]:
     """``moe_hooks`` (``tandem.engine.moe_hooks.ExpertHooks``): what MoE layers get at construction.
     ``load_format``: ``auto`` reads the safetensors; ``dummy`` builds random weights of the
     checkpoint's shape directly on the device from config.json alone (nothing read or written).
     ``quantization``: ``fp8`` quantizes the dense linears at load time (an FP8 checkpoint is
-    recognised without it, from config.json's ``quantization_config``)."""
+    recognised without it, from config.json's ``quantization_config``). ``lora``: the model's
+    ``tandem.engine.lora.LoraWeights`` (``--enable-lora``)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r}: allowed are {', '.join(LOAD_FORMATS)}")
     if load_format == "dummy":
         if quantization is not None:
             raise ValueError("load_format='dummy' with quantization='fp8': not supported; FP8 quantizes the "
                              "checkpoint's weights at load time (write a random-weight checkpoint instead)")
-        return _load_dummy(path, dtype, device, moe_hooks)
+        return _load_dummy(path, dtype, device, moe_hooks, lora=lora)
     cfg = ModelConfig.from_dir(path)
     t = _read_tensors(path)
     tie = "lm_head.weight" not in t
@@ -126,7 +128,7 @@ def load_model(path: str, dtype: torch.dtype, device: str, moe_hooks=None, load_
     fp8, linear = _fp8_linears(path, cfg, t, dtype, device, quantization, fp8_gemm_backend)
     with torch.device("meta"):  # no memory and no random init: every parameter comes from the checkpoint
         model = CausalLM(cfg, flags, tie_embeddings=tie, expert_dispatcher=dispatcher, expert_recorder=recorder,
-                         linear=linear)
+                         linear=linear, lora=lora)
     state = {}
     for i, layer in enumerate(model.layers):
         p, d = f"model.layers.{i}.", f"layers.{i}."
@@ -230,14 +232,14 @@ def dummy_tensor(name: str, shape, dtype: torch.dtype, device: str, std: float, 
     return out.normal_(0.0, std, generator=_seeded(name, seed, device))
 
 
-def _load_dummy(path: str, dtype: torch.dtype, device: str, moe_hooks, seed: int = 0):
+def _load_dummy(path: str, dtype: torch.dtype, device: str, moe_hooks, seed: int = 0, lora=None):
     raw = read_hf_config(path)
     cfg = ModelConfig.from_dict(raw)
     flags = config_layer_flags(raw, cfg)
     dispatcher, recorder = _build_hooks(moe_hooks, cfg, flags)
     with torch.device("meta"):
         model = CausalLM(cfg, flags, tie_embeddings=cfg.tie_word_embeddings, expert_dispatcher=dispatcher,
-                         expert_recorder=recorder)
+                         expert_recorder=recorder, lora=lora)
     std = float(raw.get("initializer_range") or 0.02)
     state = {}
     for name, p in model.named_parameters():

@@ -49,6 +49,7 @@ class ForwardBatch:
     layer_ready: Callable[[int], None] | None = None  # called before layer i runs (HiCache: its pages loaded)
     record_experts: bool = False  # MoE layers add their routing to the expert recorder's counters
     kv_scales: torch.Tensor | None = None  # [layers, 2] (k_scale, v_scale) of the pool (read when it is FP8)
+    lora: object = None  # tandem.engine.lora.LoraBatch: each request's adapter slot (None: no adapter in the pass)
 
 
 class RMSNorm(nn.Module):
@@ -109,7 +110,8 @@ def plain_linear(name: str, in_features: int, out_features: int, bias: bool) -> 
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, qkv_bias: bool, qk_norm: bool, linear=plain_linear):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, qkv_bias: bool, qk_norm: bool, linear=plain_linear,
+                 lora=None):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -119,6 +121,9 @@ class Attention(nn.Module):
         p = f"layers.{layer_idx}.self_attn."
         self.qkv_proj = linear(p + "qkv_proj", cfg.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias)
         self.o_proj = linear(p + "o_proj", self.q_size, cfg.hidden_size, False)
+        # LoRA (tandem.engine.lora): a delta added beside each base projection's output.
+        self.qkv_lora = lora(p + "qkv_proj", cfg.hidden_size, (self.q_size, self.kv_size, self.kv_size)) if lora else None
+        self.o_lora = lora(p + "o_proj", self.q_size, (cfg.hidden_size,)) if lora else None
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.scale = cfg.head_dim**-0.5
@@ -126,6 +131,8 @@ class Attention(nn.Module):
     def forward(self, x, rope, fb: ForwardBatch, k_cache, v_cache, ops):
         T = x.shape[0]
         qkv = self.qkv_proj(x)
+        if self.qkv_lora is not None:
+            qkv = self.qkv_lora(x, qkv, fb.lora)
         q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
@@ -133,22 +140,31 @@ class Attention(nn.Module):
             q = ops.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
             k = ops.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
         kv_scale = None if fb.kv_scales is None else fb.kv_scales[self.layer_idx]
-        return self.o_proj(ops.attention(q, k, v, rope, fb, k_cache, v_cache, self.scale, kv_scale))
+        attn = ops.attention(q, k, v, rope, fb, k_cache, v_cache, self.scale, kv_scale)
+        out = self.o_proj(attn)
+        return out if self.o_lora is None else self.o_lora(attn, out, fb.lora)
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int, linear=plain_linear, prefix: str = ""):
+    def __init__(self, hidden: int, inter: int, linear=plain_linear, prefix: str = "", lora=None):
         super().__init__()
         # gate and up projections merged at load time: [gate; up] rows.
         self.gate_up_proj = linear(prefix + "gate_up_proj", hidden, 2 * inter, False)
         self.down_proj = linear(prefix + "down_proj", inter, hidden, False)
+        self.gate_up_lora = lora(prefix + "gate_up_proj", hidden, (inter, inter)) if lora else None
+        self.down_lora = lora(prefix + "down_proj", inter, (hidden,)) if lora else None
 
-    def forward(self, x, ops=None):
+    def forward(self, x, ops=None, lora_batch=None):
         gu = self.gate_up_proj(x)
+        if self.gate_up_lora is not None:
+            gu = self.gate_up_lora(x, gu, lora_batch)
         if ops is not None:
-            return self.down_proj(ops.silu_and_mul(gu))
-        gate, up = gu.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+            act = ops.silu_and_mul(gu)
+        else:
+            gate, up = gu.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        out = self.down_proj(act)
+        return out if self.down_lora is None else self.down_lora(act, out, lora_batch)
 
 
 class MoE(nn.Module):
@@ -265,16 +281,16 @@ class MoE(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, flags: dict, moe_index: int = 0, dispatcher=None,
-                 recorder=None, linear=plain_linear):
+                 recorder=None, linear=plain_linear, lora=None):
         super().__init__()
-        self.self_attn = Attention(cfg, layer_idx, flags["qkv_bias"], flags["qk_norm"], linear)
+        self.self_attn = Attention(cfg, layer_idx, flags["qkv_bias"], flags["qk_norm"], linear, lora)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = flags["moe"]
         if self.is_moe:
             self.mlp = MoE(cfg, layer_idx, flags["shared_gate"], flags["score_bias"], moe_index, dispatcher, recorder)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, linear, f"layers.{layer_idx}.mlp.")
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, linear, f"layers.{layer_idx}.mlp.", lora)
 
     def forward(self, h, residual, rope, fb, k_cache, v_cache, ops):
         """Returns (this layer's output, the residual stream before it): the next layer's norm
@@ -287,23 +303,26 @@ class DecoderLayer(nn.Module):
             x, residual = ops.rms_norm(h, norm_in.weight, norm_in.eps, residual)
         x = self.self_attn(x, rope, fb, k_cache, v_cache, ops)
         x, residual = ops.rms_norm(x, norm_post.weight, norm_post.eps, residual)
-        return (self.mlp(x, ops, fb) if self.is_moe else self.mlp(x, ops)), residual
+        return (self.mlp(x, ops, fb) if self.is_moe else self.mlp(x, ops, fb.lora)), residual
 
 
 class CausalLM(nn.Module):
     """``expert_dispatcher`` / ``expert_recorder``: what every MoE layer gets at construction (None
     for a dense model, or a MoE model without EPLB, expert parallelism or recording). Dense linears
-    (q/k/v, o, gate/up, down) come from ``linear``; embeddings and lm_head are plain."""
+    (q/k/v, o, gate/up, down) come from ``linear``; embeddings and lm_head are plain. ``lora``
+    (``tandem.engine.lora.LoraWeights``, None without ``--enable-lora``) gives each of those
+    linears of the attention and the dense MLPs its LoRA delta."""
 
     def __init__(self, cfg: ModelConfig, layer_flags: list[dict], tie_embeddings: bool, expert_dispatcher=None,
-                 expert_recorder=None, linear=plain_linear):
+                 expert_recorder=None, linear=plain_linear, lora=None):
         super().__init__()
         self.cfg = cfg
         self.expert_dispatcher, self.expert_recorder = expert_dispatcher, expert_recorder
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         moe_index = [sum(f["moe"] for f in layer_flags[:i]) for i in range(len(layer_flags))]
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, f, moe_index[i], expert_dispatcher, expert_recorder, linear)
-                                    for i, f in enumerate(layer_flags))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, f, moe_index[i], expert_dispatcher, expert_recorder, linear,
+                                                 lora) for i, f in enumerate(layer_flags))
+        self.lora = lora
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg)
         self.tie_embeddings = tie_embeddings

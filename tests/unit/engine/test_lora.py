@@ -1,0 +1,204 @@
+"""LoRA adapters per request: the SGMV kernels against torch, PEFT loading, the engine against
+transformers with the adapter merged into the weights (float32), mixed batches, and the adapter in
+every cache key."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from tandem.engine import SamplingParams, UnknownLoraError
+from tandem.engine.lora import LoraAdapterError, kernels
+
+from deploy.demo_lora import build_adapter, merge_into
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+# ---- kernels (Triton interpreter vs torch) ------------------------------------------------------------
+def _segments(lens, slots):
+    starts = [sum(lens[:i]) for i in range(len(lens))]
+    return (torch.tensor(starts, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32),
+            torch.tensor(slots, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("lens,slots", [([1, 1, 1, 1], [0, -1, 2, 0]), ([5, 17, 3, 40], [1, 0, -1, 2])])
+def test_sgmv_shrink_expand_match_torch(lens, slots):
+    g = torch.Generator().manual_seed(0)
+    T, K, N, R, S = sum(lens), 40, 70, 24, 3  # K, N not multiples of the blocks; R = 3 parts of rank 8
+    x = torch.randn(T, K, generator=g)
+    a = torch.randn(S, R, K, generator=g)
+    b = torch.randn(S, N, R, generator=g)
+    y = torch.randn(T, N, generator=g)
+    st, ln, sl = _segments(lens, slots)
+    xa = kernels.shrink(x, a, st, ln, sl, max(lens))
+    xa_ref = kernels.shrink_ref(x, a, st, ln, sl)
+    used = torch.repeat_interleave(sl, ln) >= 0
+    assert torch.allclose(xa[used], xa_ref[used], atol=1e-4, rtol=1e-4)
+    out = kernels.expand(xa_ref.clone(), b, y.clone(), st, ln, sl, max(lens))
+    ref = kernels.expand_ref(xa_ref, b, y.clone(), st, ln, sl)
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(out[~used], y[~used])  # base rows untouched
+    assert not torch.allclose(out[used], y[used])
+
+
+# ---- adapters ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def adapters(demo_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    m = demo_models["dense"]
+    return {
+        "a": build_adapter(m, str(root / "a"), rank=8, seed=1),  # every module
+        "b": build_adapter(m, str(root / "b"), rank=4, targets=("q_proj", "v_proj", "down_proj"), seed=2),
+        "c": build_adapter(m, str(root / "c"), rank=8, targets=("k_proj", "o_proj", "gate_proj", "up_proj"), seed=3),
+    }
+
+
+@pytest.fixture(scope="module")
+def lora_llm(demo_models, make_llm, adapters):
+    return make_llm(demo_models["dense"], lora_paths=[f"{n}={p}" for n, p in adapters.items()],
+                    max_loras_per_batch=3, max_lora_rank=8)
+
+
+@pytest.fixture(scope="module")
+def hf_merged(demo_models, adapters):
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for name in [None, *adapters]:
+        hf = AutoModelForCausalLM.from_pretrained(demo_models["dense"], dtype=torch.float32).eval()
+        if name is not None:
+            hf.load_state_dict(merge_into(hf.state_dict(), adapters[name]))
+        out[name] = hf
+    return out
+
+
+def _hf_greedy(hf, ids, n):
+    t = torch.tensor([ids])
+    return hf.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False)[0, len(ids):].tolist()
+
+
+def test_adapter_logits_and_tokens_match_merged_reference(lora_llm, hf_merged, prompts):
+    eng = lora_llm.engine
+    ids = eng.tokenize(prompts[0])
+    for name in ["a", "b", "c"]:
+        out = lora_llm.generate(ids, GREEDY, lora_name=name)[0]
+        assert out.token_ids == _hf_greedy(hf_merged[name], ids, GREEDY.max_tokens), name
+    # Logits of the whole prompt under adapter a, to 1e-4.
+    from tandem.engine.request import Request
+
+    r = Request(rid="logits", prompt_ids=ids, sampling=SamplingParams(), lora_name="a")
+    r.lora_slot = eng.lora.acquire("a")
+    assert eng.scheduler.ensure_pages(r, len(ids))
+    try:
+        fb = eng.runner.build([(r, len(ids))])
+        fb.logits_indices = torch.arange(len(ids))
+        ours = eng.model(fb, eng.pool.k_buffers, eng.pool.v_buffers)
+        with torch.no_grad():
+            ref = hf_merged["a"](torch.tensor([ids])).logits[0].float()
+            base = hf_merged[None](torch.tensor([ids])).logits[0].float()
+        assert (ours - ref).abs().max().item() <= 1e-4
+        assert (ours - base).abs().max().item() > 1e-2  # a no-op adapter would fail here
+    finally:
+        eng.pool.free(r.pages)
+        eng.lora.release(r.lora_slot)
+
+
+def test_adapter_changes_the_output(lora_llm, prompts):
+    ids = lora_llm.engine.tokenize(prompts[1])
+    base = lora_llm.generate(ids, GREEDY)[0].token_ids
+    assert lora_llm.generate(ids, GREEDY, lora_name="a")[0].token_ids != base
+
+
+def test_mixed_batch_equals_each_alone(lora_llm, prompts):
+    """Three adapters of two ranks and the base model in one batch (prefill and decode) give the
+    tokens each gives alone."""
+    ps = [lora_llm.engine.tokenize(p) for p in prompts[:4]]
+    names = ["a", None, "b", "c"]
+    alone = [lora_llm.generate(p, GREEDY, lora_name=n)[0].token_ids for p, n in zip(ps, names)]
+    mixed = lora_llm.generate(ps, GREEDY, lora_name=names)
+    assert [o.token_ids for o in mixed] == alone
+    same = lora_llm.generate([ps[1]] * 4, GREEDY, lora_name=["a", None, "b", "c"])
+    assert len({tuple(o.token_ids) for o in same}) >= 3  # one prompt, different models in one batch
+    assert [o.token_ids for o in same] == [lora_llm.generate(ps[1], GREEDY, lora_name=n)[0].token_ids
+                                           for n in ["a", None, "b", "c"]]
+
+
+def test_same_prompt_under_two_adapters_shares_no_pages(lora_llm, prompts):
+    eng = lora_llm.engine
+    eng.flush_cache()
+    ids = eng.tokenize(" ".join(prompts[:4]) * 2)
+    assert len(ids) > 3 * eng.page_size
+    first = lora_llm.generate(ids, GREEDY, lora_name="a")[0]
+    assert first.cached_tokens == 0
+    assert eng.cached_prefix_tokens(ids, "a") >= 2 * eng.page_size
+    assert eng.cached_prefix_tokens(ids, "b") == 0 and eng.cached_prefix_tokens(ids) == 0
+    assert lora_llm.generate(ids, GREEDY, lora_name="b")[0].cached_tokens == 0
+    assert lora_llm.generate(ids, GREEDY)[0].cached_tokens == 0
+    assert lora_llm.generate(ids, GREEDY, lora_name="a")[0].cached_tokens > 0
+
+
+def test_kv_events_carry_the_adapter_and_distinct_hashes(lora_llm, prompts):
+    eng = lora_llm.engine
+    eng.flush_cache()
+    events = []
+    eng.subscribe_kv_events(events.extend)
+    ids = eng.tokenize(" ".join(prompts[:3]))
+    for name in ["a", None]:
+        lora_llm.generate(ids, GREEDY, lora_name=name)
+    stored = [e for e in events if type(e).__name__ == "BlockStored" and e.parent_block_hash is None]
+    by_lora = {e.lora_name: e for e in stored}
+    assert set(by_lora) >= {"a", None}
+    assert by_lora["a"].token_ids[:eng.page_size] == by_lora[None].token_ids[:eng.page_size]
+    assert by_lora["a"].block_hashes[0] != by_lora[None].block_hashes[0]
+
+
+def test_more_adapters_than_slots_wait_and_finish(demo_models, make_llm, adapters, prompts):
+    llm = make_llm(demo_models["dense"], lora_paths=[f"{n}={p}" for n, p in adapters.items()],
+                   max_loras_per_batch=1, max_loaded_loras=1)
+    ps = [llm.engine.tokenize(p) for p in prompts[:3]]
+    alone = [llm.generate(p, GREEDY, lora_name=n)[0].token_ids for p, n in zip(ps, "abc")]
+    assert [o.token_ids for o in llm.generate(ps, GREEDY, lora_name=list("abc"))] == alone
+    assert llm.engine.lora.counters.disk_loads > 0  # one adapter in memory: the others read again
+
+
+def test_load_unload_list_and_errors(lora_llm, adapters, demo_models, tmp_path, prompts):
+    eng = lora_llm.engine
+    assert set(eng.list_loras()) == {"a", "b", "c"}
+    with pytest.raises(UnknownLoraError, match="'nope'"):
+        lora_llm.generate("hi", GREEDY, lora_name="nope")
+    eng.load_lora("a2", adapters["a"])
+    ids = eng.tokenize(prompts[0])
+    assert lora_llm.generate(ids, GREEDY, lora_name="a2")[0].token_ids == \
+        lora_llm.generate(ids, GREEDY, lora_name="a")[0].token_ids
+    with pytest.raises(LoraAdapterError, match="already loaded"):
+        eng.load_lora("a2", adapters["a"])
+    eng.unload_lora("a2")
+    assert "a2" not in eng.list_loras()
+    with pytest.raises(UnknownLoraError):
+        eng.unload_lora("a2")
+    # Busy: a waiting/running request pins its adapter.
+    rid = eng.add_request(ids, GREEDY, lora_name="b")
+    eng.step()
+    with pytest.raises(LoraAdapterError, match="in use"):
+        eng.unload_lora("b")
+    while eng.has_work():
+        eng.step()
+    assert rid not in eng.requests
+    big = build_adapter(demo_models["dense"], str(tmp_path / "big"), rank=16, seed=5)
+    with pytest.raises(LoraAdapterError, match="max-lora-rank"):
+        eng.load_lora("big", big)
+    with pytest.raises(LoraAdapterError, match="adapter_config.json"):
+        eng.load_lora("none", str(tmp_path))
+    os.remove(os.path.join(big, "adapter_model.safetensors"))
+
+
+def test_triton_backend_with_lora_matches_torch_native(demo_models, make_llm, adapters, lora_llm, prompts):
+    llm = make_llm(demo_models["dense"], lora_paths=[f"a={adapters['a']}", f"b={adapters['b']}"],
+                   attention_backend="triton", max_lora_rank=8)
+    ps = [llm.engine.tokenize(p)[:20] for p in prompts[:3]]
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    names = ["a", None, "b"]
+    got = [o.token_ids for o in llm.generate(ps, sp, lora_name=names)]
+    assert got == [o.token_ids for o in lora_llm.generate(ps, sp, lora_name=names)]
