@@ -52,9 +52,9 @@ def unauthorized() -> OpenAIError:
                        "invalid_request_error", None, "invalid_api_key")
 
 
-def model_not_found(model: str) -> OpenAIError:
-    return OpenAIError(404, f"The model '{model}' does not exist.", "invalid_request_error", "model",
-                       "model_not_found")
+def model_not_found(model: str, detail: str = "") -> OpenAIError:
+    return OpenAIError(404, f"The model '{model}' does not exist." + (f" ({detail})" if detail else ""),
+                       "invalid_request_error", "model", "model_not_found")
 
 
 def invalid(e: SamplingError) -> OpenAIError:
@@ -527,5 +527,8 @@ def usage_chunk(rid: str, model: str, created: int, kind: Literal["completion", 
     }
 
 
-def models_body(model: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "tandem"}]}
+def models_body(models: list[str] | str, created: int) -> dict:
+    """/v1/models: the base model and its LoRA adapters (``base:adapter``)."""
+    models = [models] if isinstance(models, str) else models
+    return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": "tandem"}
+                                       for m in models]}

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 from tandem.config import DecodeConfig
+from tandem.engine import UnknownLoraError
 from tandem.routing.sampling import sampling_from_proto
 from tandem.sampling import SamplingParams
 from tandem.v1 import common_pb2, decode_pb2
@@ -93,18 +94,21 @@ class DecodeWorker(WorkerBase):
                                 "prefill_override='remote' but this worker is not in decode mode")
         local = (not self.disaggregated or override == "local" or sp.prompt_logprobs is not None
                  or (override != "remote" and len(ids) < self.config.max_local_prefill_length))
+        lora = request.lora_name or None
         try:
-            self.loop.validate(ids, sp)  # a bad request never reaches a prefill worker
+            self.loop.validate(ids, sp, lora)  # a bad request never reaches a prefill worker
+        except UnknownLoraError as exc:
+            raise RequestFailed(grpc.StatusCode.NOT_FOUND, str(exc)) from None
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         self._admit()
         cancel = _Cancel()
         if local:
-            stream = self._submit_local(rid, ids, sp)
+            stream = self._submit_local(rid, ids, sp, lora)
             cancel.add(stream.cancel)
             on_cancel(cancel)
         else:
-            stream = self._remote(rid, ids, sp, cancel, on_cancel)
+            stream = self._remote(rid, ids, sp, cancel, on_cancel, lora)
             cancel.add(stream.cancel)
         try:
             for out in stream:
@@ -119,17 +123,17 @@ class DecodeWorker(WorkerBase):
         except ValueError as exc:  # the engine refused the request when it was added
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
-    def _submit_local(self, rid: str, ids: list[int], sp: SamplingParams) -> RequestStream:
+    def _submit_local(self, rid: str, ids: list[int], sp: SamplingParams, lora: str | None = None) -> RequestStream:
         try:
-            stream = self.loop.submit(ids, sp, rid)
+            stream = self.loop.submit(ids, sp, rid, lora_name=lora)
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         self.local_prefills += 1
         return stream
 
     def _remote(self, rid: str, ids: list[int], sp: SamplingParams, cancel: _Cancel,
-                on_cancel: Callable[[Callable[[], None]], None]) -> RequestStream:
-        fut = self.remote.prefill(rid, ids, sp)
+                on_cancel: Callable[[Callable[[], None]], None], lora: str | None = None) -> RequestStream:
+        fut = self.remote.prefill(rid, ids, sp, lora_name=lora)
         cancel.add(fut.cancel)
         on_cancel(cancel)
         try:

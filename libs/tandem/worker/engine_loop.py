@@ -126,6 +126,8 @@ class EngineLoop(LoopThread):
         self._commands: queue.SimpleQueue[tuple[Callable[[EngineCore], Any], Future]] = queue.SimpleQueue()
         self._hooks: list[LoopHook] = []
         self._stats = engine.stats()
+        # The LoRA adapters the engine holds (a snapshot for other threads: GetLoad, /v1/models).
+        self.lora_names: list[str] = sorted(engine.list_loras())
         self.steps = 0
 
     def add_hook(self, hook: LoopHook) -> None:
@@ -149,13 +151,14 @@ class EngineLoop(LoopThread):
         self._wake.set()
         return fut
 
-    def validate(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
+    def validate(self, prompt_ids: list[int], sampling: SamplingParams, lora_name: str | None = None) -> None:
         """Raise ValueError if this request could never run here (on the caller's thread:
-        it reads only the engine's fixed configuration)."""
-        self.engine.validate_request(prompt_ids, sampling)
+        it reads only the engine's fixed configuration), UnknownLoraError for an adapter the
+        engine does not hold."""
+        self.engine.validate_request(prompt_ids, sampling, lora_name)
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, rid: str, mode: str = "normal",
-               on_output: Callable[[], None] | None = None) -> RequestStream:
+               on_output: Callable[[], None] | None = None, lora_name: str | None = None) -> RequestStream:
         """Queue a request; its outputs arrive on the returned stream (a prefill-only request's
         include the pages each chunk made final). Check it first with ``validate``: what the
         engine refuses when it is added ends the stream with that ValueError. Raises ValueError
@@ -164,7 +167,7 @@ class EngineLoop(LoopThread):
 
         def add(engine: EngineCore) -> None:
             try:
-                engine.add_request(prompt_ids, sampling, rid=rid, mode=mode)
+                engine.add_request(prompt_ids, sampling, rid=rid, mode=mode, lora_name=lora_name)
             except BaseException as exc:
                 self._close(rid)
                 stream.deliver(_StreamEnd(exc))
@@ -172,11 +175,11 @@ class EngineLoop(LoopThread):
         self.call(add)
         return stream
 
-    def allocate_external(self, prompt_ids: list[int], sampling: SamplingParams, rid: str
-                          ) -> Future[ExternalAllocation]:
+    def allocate_external(self, prompt_ids: list[int], sampling: SamplingParams, rid: str,
+                          lora_name: str | None = None) -> Future[ExternalAllocation]:
         """Reserve pages and an aux slot for a prompt whose KV comes from outside (OutOfPages
-        when the pool cannot hold it now)."""
-        return self.call(lambda engine: engine.allocate_external(prompt_ids, sampling, rid=rid))
+        when the pool cannot hold it now, or no LoRA slot is free for its adapter)."""
+        return self.call(lambda engine: engine.allocate_external(prompt_ids, sampling, rid=rid, lora_name=lora_name))
 
     def activate_external(self, rid: str, first_token_id: int, logprob: float | None,
                           cached_tokens: int, top: list | None = None) -> Future[RequestStream]:
@@ -205,6 +208,22 @@ class EngineLoop(LoopThread):
     def subscribe_kv_events(self, fn: Callable[[list], None]) -> None:
         """fn(events) on the loop thread for every prefix-cache change."""
         self.call(lambda engine: engine.subscribe_kv_events(fn))
+
+    def load_lora(self, name: str, path: str) -> Future[None]:
+        """Load LoRA adapter ``name`` from ``path`` between two steps (LoraAdapterError if refused)."""
+        def load(engine: EngineCore) -> None:
+            engine.load_lora(name, path)
+            self.lora_names = sorted(engine.list_loras())
+
+        return self.call(load)
+
+    def unload_lora(self, name: str) -> Future[None]:
+        """Unload LoRA adapter ``name`` (UnknownLoraError, or LoraAdapterError while in use)."""
+        def unload(engine: EngineCore) -> None:
+            engine.unload_lora(name)
+            self.lora_names = sorted(engine.list_loras())
+
+        return self.call(unload)
 
     def kv_snapshot(self, timeout: float = 30.0) -> list:
         """Every block the prefix cache holds now, as BlockStored events."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from tandem.config import PrefillConfig
+from tandem.engine import UnknownLoraError
 from tandem.routing.sampling import sampling_from_proto
 from tandem.transfer import (
     AuxRow,
@@ -104,7 +105,7 @@ class PrefillTransfers(LoopThread):
 
     # ---- from stream handlers ----------------------------------------------------------
     def open(self, room: int, rid: str, peer: str | None, dst_pages: list[int], aux_slot: int, ids: list[int],
-             sp) -> _Room:
+             sp, lora_name: str | None = None) -> _Room:
         """Track a room and start its prefill; its messages arrive on the room's outbox."""
         r = _Room(room, rid, peer, dst_pages, aux_slot, len(ids))
         with self._lock:
@@ -114,7 +115,8 @@ class PrefillTransfers(LoopThread):
                 raise RequestFailed(grpc.StatusCode.ALREADY_EXISTS, f"room {room} is already in flight")
             self._rooms[room] = r
         try:
-            r.stream = self.loop.submit(ids, sp, rid, mode="prefill_only", on_output=self._wake.set)
+            r.stream = self.loop.submit(ids, sp, rid, mode="prefill_only", on_output=self._wake.set,
+                                        lora_name=lora_name)
         except ValueError as exc:
             with self._lock:
                 self._rooms.pop(room, None)
@@ -330,7 +332,9 @@ class PrefillWorker(WorkerBase):
         ids = list(start.input_ids)
         try:
             sp = sampling_from_proto(start.sampling)
-            self.loop.validate(ids, sp)
+            self.loop.validate(ids, sp, start.lora_name or None)
+        except UnknownLoraError as exc:  # decode holds the adapter, this prefill worker does not
+            raise RequestFailed(grpc.StatusCode.NOT_FOUND, f"prefill worker {self.worker_id}: {exc}") from None
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         room = start.room or new_room_id()
@@ -358,7 +362,7 @@ class PrefillWorker(WorkerBase):
                 raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             pages, aux_slot = list(alloc.page_indices), alloc.aux_slot
         rid = f"{start.request_id or 'prefill'}-{uuid.uuid4().hex[:8]}"
-        r = self.transfers.open(room, rid, peer, pages, aux_slot, ids, sp)
+        r = self.transfers.open(room, rid, peer, pages, aux_slot, ids, sp, start.lora_name or None)
         on_cancel(lambda: self.transfers.cancel(room, "decode cancelled the stream"))
         try:
             yield prefill_pb2.PrefillServerMessage(room=prefill_pb2.BootstrapRoom(

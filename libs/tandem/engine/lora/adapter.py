@@ -15,8 +15,6 @@ import os
 import re
 from dataclasses import dataclass
 
-import torch
-
 # PEFT module name -> (the engine's projection it is part of, index of the part).
 TARGETS = {
     "q_proj": ("self_attn.qkv_proj", 0), "k_proj": ("self_attn.qkv_proj", 1), "v_proj": ("self_attn.qkv_proj", 2),

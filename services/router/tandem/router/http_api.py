@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from tandem.router.core import Delta, NoHealthyWorker, Prepared, PromptInput, RouterCore, RouterError
+from tandem.router.core import Delta, NoHealthyWorker, Prepared, PromptInput, RouterCore, RouterError, UnknownModel
 from tandem.routing import openai_protocol as oa
 from tandem.sampling import SamplingError
 
@@ -125,9 +125,12 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
         if not core.api_key.allows(request.headers.get("authorization"), peer):
             raise oa.unauthorized()
 
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise oa.model_not_found(name)
+    def check_model(name: str) -> str | None:
+        """The LoRA adapter ``name`` selects (None: the base model); 404 for anything unknown."""
+        try:
+            return core.resolve_model(name)
+        except UnknownModel as e:
+            raise oa.model_not_found(name, e.message) from None
 
     @app.get("/health")
     async def health():
@@ -143,20 +146,20 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         check_auth(request)
-        return oa.models_body(model_name, created)
+        return oa.models_body(core.model_ids(), created)
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str, request: Request):
         check_auth(request)
         check_model(name)
-        return oa.models_body(model_name, created)["data"][0]
+        return oa.models_body([name], created)["data"][0]
 
     cfg = core.config
 
     def prepare(kind: str, req, request: Request) -> Prepared:
         """The request in the router's terms (its prompt, its sampling side), then the one
         shared preparation (``RouterCore.prepare``)."""
-        check_model(req.model)
+        lora = check_model(req.model)
         plan = None
         if kind == "completion":
             prompt = oa.single_prompt(req)
@@ -177,7 +180,7 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
         rid = request.headers.get("x-request-id") or oa.new_request_id(kind)
         endpoint = ("completions" if kind == "completion" else "chat_completions") + (":stream" if req.stream else "")
         try:
-            return core.prepare(prompt_in, sampling, rid, endpoint, client_key(request), tool_parser)
+            return core.prepare(prompt_in, sampling, rid, endpoint, client_key(request), tool_parser, lora)
         except SamplingError as e:
             raise oa.invalid(e) from None
 
