@@ -34,6 +34,12 @@ coverage measured with the recorder), decode steps at every batch size, and EPLB
 ``--ep-num-redundant-experts 4`` (recorder on vs off, graph replays vs eager steps, a plan applied
 between replays); ``--gates gpu-moe`` evaluates the MoE targets.
 
+``--lora`` measures LoRA adapters against the base model (``engine_lora.py``; its targets: a batch
+of 64 mixing 4 rank-16 adapters >= 0.85x base tok/s, batch 1 >= 0.9x):
+
+    python benchmarks/engine_bench.py --lora --shape llama8b --device cuda --dtype bfloat16 --batch-sizes 1 64 \\
+        --input-len 128 --output-len 64 --out benchmarks/results/gpu/engine_lora_llama8b.json
+
     python benchmarks/engine_bench.py --model /tmp/llama8b --device cuda --dtype bfloat16 --batch-sizes 1 64 \\
         --output-len 64 --quantization fp8 --compare-bf16 --fp8-checkpoint /tmp/llama8b-fp8-block --gates fp8 \\
         --out benchmarks/results/gpu/engine_fp8_llama8b.json           # engine_fp8.py
@@ -231,6 +237,10 @@ def main(argv=None) -> int:
                     help="--gates fp8: an engine_bench JSON of the same card and command; bf16 must stay >= 0.97x")
     ap.add_argument("--gates", choices=["gpu-part1", "gpu-part2", "gpu-moe", "fp8"], default=None,
                     help="evaluate the issue's targets")
+    ap.add_argument("--lora", action="store_true",
+                    help="LoRA adapters vs the base model (engine_lora.py), instead of tandem vs transformers")
+    ap.add_argument("--lora-rank", type=int, default=16, help="--lora: rank of every adapter")
+    ap.add_argument("--lora-adapters", type=int, default=4, help="--lora: adapters mixed in a batch")
     ap.add_argument("--out", default=None, help="write JSON results here (and a .md next to it)")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="also profile one generate call (host cProfile + torch profiler) into DIR")
@@ -261,6 +271,21 @@ def main(argv=None) -> int:
                   f"{'not measured' if gate['met'] is None else 'MET' if gate['met'] else 'NOT MET'}")
         if args.out:
             write_results(args.out, result, fp8_markdown)
+        return 0
+    if args.lora:
+        from benchmarks.engine_lora import run as run_lora
+        from benchmarks.engine_lora import write_markdown as lora_markdown
+
+        if not os.path.isdir(args.model):
+            from deploy.demo_models import build_all
+
+            build_all(str(REPO / "models"))
+        result = run_lora(args, git, started, machine_info())
+        result["command"] = command
+        for gate in result["gates"]:
+            print(f"target: {gate['target']}: {gate['value']} -> {'MET' if gate['met'] else 'NOT MET'}")
+        if args.out:
+            write_results(args.out, result, lora_markdown)
         return 0
     if args.phase == "prefill":
         from benchmarks.engine_prefill import run as run_prefill

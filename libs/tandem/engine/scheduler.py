@@ -82,7 +82,7 @@ class Scheduler:
     def register(self, req: Request) -> None:
         """Track a request that is not queued (its KV comes from outside: ``join_running`` later)."""
         self.requests[req.rid] = req
-        self.stats.request_added(len(req.prompt_ids))
+        self.stats.request_added(len(req.prompt_ids), req.lora_name)
 
     def join_running(self, req: Request) -> None:
         """A request whose prompt KV is in its pages joins the running batch to decode."""
@@ -346,7 +346,7 @@ class Scheduler:
         req.output_ids.append(tok)
         req.output_logprobs.extend(lp)
         req.output_top_logprobs.extend(top)
-        self.stats.token_generated()
+        self.stats.token_generated(req.lora_name)
         if req.grammar is not None and not req.grammar.accept(tok):
             # Only a first token sampled elsewhere (PD) could get here: never continue off-grammar.
             self.finish(req, "abort")
@@ -385,7 +385,7 @@ class Scheduler:
             self.pool.free_aux(req.aux_slot)
             req.aux_slot = None
         self.requests.pop(req.rid, None)
-        self.stats.request_finished(req.cached_tokens)
+        self.stats.request_finished(req.cached_tokens, req.lora_name)
 
     def finish_with_error(self, req: Request, error: str) -> StepOutput:
         """End a request that cannot go on (reason abort, with the error); its output."""

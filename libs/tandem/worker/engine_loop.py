@@ -126,8 +126,10 @@ class EngineLoop(LoopThread):
         self._commands: queue.SimpleQueue[tuple[Callable[[EngineCore], Any], Future]] = queue.SimpleQueue()
         self._hooks: list[LoopHook] = []
         self._stats = engine.stats()
-        # The LoRA adapters the engine holds (a snapshot for other threads: GetLoad, /v1/models).
-        self.lora_names: list[str] = sorted(engine.list_loras())
+        # The LoRA adapters the engine holds, {name: path} (a snapshot for other threads: GetLoad,
+        # ListLoras), replaced after each load/unload; lora_enabled: --enable-lora.
+        self.loras: dict[str, str] = engine.list_loras()
+        self.lora_enabled = engine.lora is not None
         self.steps = 0
 
     def add_hook(self, hook: LoopHook) -> None:
@@ -209,19 +211,27 @@ class EngineLoop(LoopThread):
         """fn(events) on the loop thread for every prefix-cache change."""
         self.call(lambda engine: engine.subscribe_kv_events(fn))
 
-    def load_lora(self, name: str, path: str) -> Future[None]:
-        """Load LoRA adapter ``name`` from ``path`` between two steps (LoraAdapterError if refused)."""
-        def load(engine: EngineCore) -> None:
+    @property
+    def lora_names(self) -> list[str]:
+        return sorted(self.loras)
+
+    def load_lora(self, name: str, path: str) -> Future[dict[str, str]]:
+        """Load LoRA adapter ``name`` from ``path`` between two steps; the Future gives every adapter
+        held now ({name: path}) or raises LoraAdapterError (LoraExistsError for a name in use)."""
+        def load(engine: EngineCore) -> dict[str, str]:
             engine.load_lora(name, path)
-            self.lora_names = sorted(engine.list_loras())
+            self.loras = engine.list_loras()
+            return self.loras
 
         return self.call(load)
 
-    def unload_lora(self, name: str) -> Future[None]:
-        """Unload LoRA adapter ``name`` (UnknownLoraError, or LoraAdapterError while in use)."""
-        def unload(engine: EngineCore) -> None:
+    def unload_lora(self, name: str) -> Future[dict[str, str]]:
+        """Unload LoRA adapter ``name``; the Future gives the adapters left, or raises
+        UnknownLoraError, or LoraInUseError while requests use it."""
+        def unload(engine: EngineCore) -> dict[str, str]:
             engine.unload_lora(name)
-            self.lora_names = sorted(engine.list_loras())
+            self.loras = engine.list_loras()
+            return self.loras
 
         return self.call(unload)
 

@@ -60,10 +60,13 @@ CANCEL_ACK_TIMEOUT_S = 10.0
 IDLE_POLL_S = 0.05
 
 # gRPC errors of the Prefill stream: whether another worker may help, and the request's status.
+# NOT_FOUND: that prefill worker lacks the request's LoRA adapter (another one may hold it; the
+# last attempt's NOT_FOUND reaches the client as such).
 _RETRYABLE_RPC = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                  grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+                  grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED,
+                  grpc.StatusCode.NOT_FOUND}
 _KEPT_RPC_STATUS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
-                    grpc.StatusCode.DEADLINE_EXCEEDED}
+                    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND}
 
 
 class AttemptFailed(Exception):

@@ -197,8 +197,90 @@ def test_load_unload_list_and_errors(lora_llm, adapters, demo_models, tmp_path, 
 def test_triton_backend_with_lora_matches_torch_native(demo_models, make_llm, adapters, lora_llm, prompts):
     llm = make_llm(demo_models["dense"], lora_paths=[f"a={adapters['a']}", f"b={adapters['b']}"],
                    attention_backend="triton", max_lora_rank=8)
-    ps = [llm.engine.tokenize(p)[:10] for p in prompts[:2]]
-    sp = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    # Tiny (the interpreter runs every kernel): one prefill step with two segments of two adapters
+    # (different ranks), then one decode step of both.
+    ps = [llm.engine.tokenize(p)[:5] for p in prompts[:2]]
+    sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, logprobs=True)
     names = ["a", "b"]
-    got = [o.token_ids for o in llm.generate(ps, sp, lora_name=names)]
-    assert got == [o.token_ids for o in lora_llm.generate(ps, sp, lora_name=names)]
+    got = llm.generate(ps, sp, lora_name=names)
+    ref = lora_llm.generate(ps, sp, lora_name=names)
+    base = lora_llm.generate(ps, sp)
+    for g, r, b in zip(got, ref, base):
+        assert g.token_ids == r.token_ids
+        assert max(abs(x - y) for x, y in zip(g.logprobs, r.logprobs)) <= 1e-4
+        assert g.token_ids != b.token_ids or max(abs(x - y) for x, y in zip(g.logprobs, b.logprobs)) > 1e-3
+
+
+def test_per_adapter_counts_reach_prometheus(lora_llm, prompts, tmp_path):
+    """The engine counts requests and tokens by adapter; the stats reporter sends them as deltas
+    and the worker's metrics expose sglang:lora_*_total{lora_name}."""
+    from prometheus_client import CollectorRegistry
+    from tandem.metrics import EngineMetrics
+    from tandem.worker.stats_reporter import StatsReporter
+
+    eng = lora_llm.engine
+    sent = []
+    rep = StatsReporter(f"ipc://{tmp_path}/stats", page_size=eng.page_size, stats=eng.stats)
+    rep.sender.close()
+    rep.sender = type("Collect", (), {"send": lambda self, m: sent.append(m), "close": lambda self: None})()
+    rep.after_step(eng.stats())  # the baseline: what earlier tests counted is not in the deltas
+    ids = eng.tokenize(prompts[2])
+    sp = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    lora_llm.generate([ids, ids, ids], sp, lora_name=["b", "b", None])
+    rep.after_step(eng.stats())
+    lora_llm.generate(ids, sp, lora_name="c")
+    rep.after_step(eng.stats())
+    first, second = sent[1], sent[2]
+    assert first.lora_requests == {"b": 2} and first.lora_generation_tokens == {"b": 10}
+    assert first.lora_prompt_tokens == {"b": 2 * len(ids)}
+    assert second.lora_requests == {"c": 1} and second.lora_prompt_tokens == {"c": len(ids)}
+    reg = CollectorRegistry()
+    em = EngineMetrics(reg, model_name="m", engine_type="unified", worker_id="w")
+    for m in sent[1:]:
+        em.apply(type(m).from_bytes(m.to_bytes()))  # through the wire format
+    labels = {"model_name": "m", "engine_type": "unified", "worker_id": "w", "tp_rank": "0", "pp_rank": "0"}
+    assert reg.get_sample_value("sglang:lora_requests_total", {**labels, "lora_name": "b"}) == 2
+    assert reg.get_sample_value("sglang:lora_generation_tokens_total", {**labels, "lora_name": "b"}) == 10
+    assert reg.get_sample_value("sglang:lora_prompt_tokens_total", {**labels, "lora_name": "c"}) == len(ids)
+    assert reg.get_sample_value("sglang:lora_requests_total", {**labels, "lora_name": "a"}) is None
+
+
+def test_deploy_local_lora_serves_the_demo_adapters(demo_models, tmp_path):
+    """LORA=1 (``lora: true``): every worker of the local stack gets the demo adapters, built next
+    to the model; a MoE model is refused by name."""
+    from deploy.local.stack import load_stack_config, plan_stack
+
+    model = tmp_path / "tandem-demo-dense"
+    model.symlink_to(os.path.abspath(demo_models["dense"]))
+    cfg = load_stack_config(overrides={"model_path": str(model), "lora": "1"})
+    workers = [s for s in plan_stack(cfg) if s.kind in ("prefill", "decode")]
+    assert len(workers) == 2
+    for s in workers:
+        names = [item.partition("=")[0] for item in s.config["lora_paths"]]
+        assert names == ["tandem-demo-lora-a", "tandem-demo-lora-b"]
+        for item in s.config["lora_paths"]:
+            assert os.path.isfile(os.path.join(item.partition("=")[2], "adapter_config.json"))
+    assert "lora_paths" not in plan_stack(load_stack_config(overrides={"model_path": str(model)}))[0].config
+    with pytest.raises(ValueError, match="MoE"):
+        plan_stack(load_stack_config(overrides={"model_path": os.path.abspath(demo_models["moe"]), "lora": True}))
+
+
+def test_engine_bench_lora_runs_tiny_and_writes_its_results(demo_models, tmp_path, capsys):
+    """The GPU gate script (``engine_bench.py --lora``) on the demo model, tiny: both sides measured
+    in one run, the targets printed met or not, the results file written by the script."""
+    import json
+
+    from benchmarks.engine_bench import main
+
+    out = tmp_path / "lora.json"
+    assert main(["--lora", "--model", demo_models["dense"], "--batch-sizes", "1", "2", "--input-len", "8",
+                 "--output-len", "2", "--lora-adapters", "2", "--lora-rank", "4", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [row["batch"] for row in r["rows"]] == [1, 2] and r["lora_rank"] == 4
+    for row in r["rows"]:
+        assert row["base_tok_s"] > 0 and row["lora_tok_s"] > 0 and row["ratio"] == row["lora_tok_s"] / row["base_tok_s"]
+    assert [row["adapters_in_batch"] for row in r["rows"]] == [1, 2]
+    (gate,) = r["gates"]  # batch 1 only: no batch of 64 in this run
+    assert gate["target"].startswith("batch 1") and gate["met"] == (r["rows"][0]["ratio"] >= 0.9)
+    assert "target: batch 1" in capsys.readouterr().out and out.with_suffix(".md").is_file()
+    assert r["git"]["commit"] and "--lora" in r["command"]

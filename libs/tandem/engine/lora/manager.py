@@ -24,6 +24,14 @@ class UnknownLoraError(LookupError):
         self.name = name
 
 
+class LoraExistsError(LoraAdapterError):
+    """``load`` of a name that is already registered."""
+
+
+class LoraInUseError(LoraAdapterError):
+    """``unload`` of an adapter that running or waiting requests use."""
+
+
 @dataclass
 class LoraCounters:
     requests: dict = field(default_factory=dict)  # adapter -> requests admitted
@@ -57,7 +65,7 @@ class LoraManager:
         if not name or ":" in name:
             raise LoraAdapterError(f"lora name {name!r}: must be non-empty and without ':'")
         if name in self.paths:
-            raise LoraAdapterError(f"LoRA adapter {name!r} is already loaded (from {self.paths[name]!r})")
+            raise LoraExistsError(f"LoRA adapter {name!r} is already loaded (from {self.paths[name]!r})")
         adapter = load_adapter(name, path, self.max_rank, self.num_layers)
         self.weights.check(adapter)
         self.paths[name] = path
@@ -71,7 +79,7 @@ class LoraManager:
         if name in self.slot_name:
             slot = self.slot_name.index(name)
             if self.slot_users[slot]:
-                raise LoraAdapterError(f"LoRA adapter {name!r} is in use by {self.slot_users[slot]} request(s)")
+                raise LoraInUseError(f"LoRA adapter {name!r} is in use by {self.slot_users[slot]} request(s)")
             self.slot_name[slot] = None
             self.weights.write(slot, None)
         del self.paths[name]
