@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from tandem.engine import LLM
 
-from deploy.demo_lora import build_adapter
 from benchmarks.common.engine import release_memory, run_tandem
 from benchmarks.common.shapes import shape_of
+from deploy.demo_lora import build_adapter
 
 TARGETS = {64: 0.85, 1: 0.90}  # batch -> minimum lora / base tok/s
 

@@ -20,8 +20,8 @@ from tandem.transfer import KvBuffers
 from tandem.transfer.ucx_binding import bind_ucx_to_host
 from tandem.v1 import engine_control_pb2, engine_control_pb2_grpc
 from tandem.worker.control import EngineControlServicer, add_profile_routes
-from tandem.worker.lora_control import LoraControl
 from tandem.worker.engine_loop import EngineLoop, LoopHook, wait_until
+from tandem.worker.lora_control import LoraControl
 from tandem.worker.profiler import EngineProfiler
 from tandem.worker.stats_reporter import StatsReporter
 
