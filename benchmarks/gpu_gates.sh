@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU gate of the open issues, in parts that each fit one lent-device call (< 10 minutes).
 #
-#   OUT=/path/to/results benchmarks/gpu_gates.sh PART...      PART: check check-demo moe fp8 fp8gemm kv hicache ab
+#   OUT=/path/to/results benchmarks/gpu_gates.sh PART...      PART: check check-demo moe fp8 fp8gemm kv hicache ab lora
 #
 # Run from the repository root on the GPU machine (the device tool copies the working tree; name
 # gen, .whl and the A/B base tree in its `carry`). Every script writes its own results file
@@ -20,6 +20,8 @@
 #            checkpoint, gates fp8 (issue 30)
 #   kv       kv_cache_bench.py --gates on the 32k Llama-3-8B shape (issue 31)
 #   hicache  hicache_bench.py on the 8B shape (issue 27)
+#   lora     engine_bench --lora on the 8B shape (random weights, nothing built): 4 rank-16 adapters
+#            mixed in a batch of 64 >= 0.85x base tok/s, batch 1 >= 0.9x (issue 36)
 #   ab       ab_alternate.py vs the base tree $AB_BASE (default .gpu-base): 0.5B batch 1 tok/s with
 #            overlap scheduling, 8B batch 1 and 64 tok/s (issue 25: >= 0.97x the commit before)
 set -uo pipefail
@@ -94,8 +96,11 @@ for part in "$@"; do
             --metric rows.0.tandem_tok_s --metric rows.1.tandem_tok_s --out "$OUT/ab_engine_bench_llama8b_$card.json" -- \
             python3 benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 --no-hf \
             --batch-sizes 1 64 --output-len 64 --out '{out}' ;;
+    lora)
+        step engine_lora 300 $py benchmarks/engine_bench.py --lora --shape llama8b --device cuda --dtype bfloat16 \
+            --batch-sizes 1 64 --input-len 128 --output-len 64 --out "$OUT/engine_lora_llama8b_$card.json" ;;
     fp8gemm)
         step fp8_gemm 150 $py benchmarks/fp8_gemm_bench.py --out "$OUT/fp8_gemm_bench_$card.json" ;;
-    *) echo "unknown part $part (check check-demo moe fp8 fp8gemm kv hicache ab)"; exit 2 ;;
+    *) echo "unknown part $part (check check-demo moe fp8 fp8gemm kv hicache ab lora)"; exit 2 ;;
     esac
 done
