@@ -108,12 +108,12 @@ def extend_attention_ref(q, k_cache, v_cache, page_table, q_start, q_lens, seq_l
         n, L, s = int(q_lens[b]), int(seq_lens[b]), int(q_start[b])
         if n == 0:
             continue
-        t = torch.arange(L)
+        t = torch.arange(L, device=page_table.device)
         slots = page_table[b, t // page_size].long() * page_size + t % page_size
         kb = k[slots].float().repeat_interleave(H // kv_heads, dim=1)  # [L, H, D]
         vb = v[slots].float().repeat_interleave(H // kv_heads, dim=1)
         scores = torch.einsum("nhd,lhd->hnl", q[s:s + n].float(), kb) * scale
-        q_pos = (L - n) + torch.arange(n)
+        q_pos = (L - n) + torch.arange(n, device=page_table.device)
         scores = scores.masked_fill(t[None, None, :] > q_pos[None, :, None], float("-inf"))
         out[s:s + n] = torch.einsum("hnl,lhd->nhd", scores.softmax(-1), vb).to(q.dtype)
     return out
