@@ -39,7 +39,7 @@ def make_router(tiny_model_dir):
 @pytest.fixture
 def workers(hf_tokenizer):
     ids = hf_tokenizer(REPLY)["input_ids"]
-    made = [FakeWorker(ids), FakeWorker(ids)]
+    made = [FakeWorker(ids, tokenizer=hf_tokenizer), FakeWorker(ids, tokenizer=hf_tokenizer)]
     yield made
     for w in made:
         w.stop()
@@ -310,3 +310,32 @@ def test_kv_aware_routes_shared_prefix_to_same_worker(make_router, workers):
     metrics = httpx.get(url(app, "/metrics")).text
     assert "tandem_router_decisions_total" in metrics and "dynamo_frontend_requests_total" in metrics
     assert "dynamo_frontend_kv_hit_rate_bucket" in metrics and "tandem_router_kv_overlap_blocks_bucket" in metrics
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_closed_request_releases_its_worker_before_close_returns(make_router, workers, n):
+    """The HTTP handler closes a request's delta generator once its response is complete. By the
+    time that close returns, the worker's in-flight accounting (which routing reads) is released:
+    the generators below close in order. Left to the event loop's finalizer, they closed later,
+    sometimes after the client had its response and sent the next request (kv_aware then saw the
+    finished request as still running: a routing decision that depended on timing)."""
+    import asyncio
+
+    from tandem.router.core import Prepared
+    from tandem.sampling import SamplingParams
+
+    app = make_router(workers)
+
+    async def run_and_close():
+        prep = Prepared(f"close-{n}", [5, 6, 7], SamplingParams(max_tokens=4, seed=1), n=n)
+        deltas = app.core.run(prep)
+        finished = 0
+        async for d in deltas:
+            finished += bool(d.finish_reason)
+            if finished == n:
+                break  # as the HTTP handler does: stop at the last finish, then close
+        await deltas.aclose()
+        return {w.worker_id: w.active_requests for w in app.core.pool.workers.values()}
+
+    in_flight = asyncio.run_coroutine_threadsafe(run_and_close(), app.loop).result(30)
+    assert set(in_flight.values()) == {0}, in_flight
