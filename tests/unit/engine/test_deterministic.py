@@ -46,10 +46,10 @@ def _steps(eng, requests):
     schedule = eng.scheduler.schedule
 
     def recording():
-        kind, batch = schedule()
-        if batch:
-            passes.append((kind, {names.get(r.rid, r.rid): n for r, n in batch}))
-        return kind, batch
+        batch = schedule()
+        if batch.items:
+            passes.append((batch.kind, {names.get(r.rid, r.rid): n for r, n in batch.items}))
+        return batch
 
     eng.scheduler.schedule = recording  # test instrumentation: which rows ride together
     try:
@@ -85,7 +85,7 @@ def test_seeded_request_alone_equals_inside_mixed_batches_dense(demo_models, mak
                    enable_mixed_chunk=True)
     assert type(llm.engine.model.ops).__name__ == "DeterministicTritonOps"
     target = _ids(1, 40)
-    alone, mixed, passes = _alone_vs_mixed(llm, target, target[:26] + _ids(2, 6), [_ids(3, 60), _ids(4, 20)])
+    alone, mixed, passes = _alone_vs_mixed(llm, target, target[:26] + _ids(2, 6), [_ids(3, 30), _ids(4, 50)])
     assert alone[2] == 0 and mixed["target"][2] == 24  # a prefix hit: 6 cached pages of 4 tokens
     # The target's prompt ran in other chunks than alone, and its decode rows rode in prefill chunks' batches.
     target_chunks = [p["target"] for _, p in passes if p.get("target", 1) > 1]
@@ -101,7 +101,7 @@ def test_seeded_request_alone_equals_inside_mixed_batches_moe(demo_models, make_
     llm = make_llm(demo_models["moe"], enable_deterministic_inference=True, page_size=4, chunked_prefill_size=16,
                    enable_mixed_chunk=True)
     target = _ids(5, 20)
-    alone, mixed, passes = _alone_vs_mixed(llm, target, target[:13] + _ids(6, 3), [_ids(7, 30)])
+    alone, mixed, passes = _alone_vs_mixed(llm, target, target[:13] + _ids(6, 3), [_ids(7, 20), _ids(9, 40)])
     assert mixed["target"][2] == 12
     assert any(p.get("target") == 1 and any(n > 1 for n in p.values()) for _, p in passes)
     assert mixed["target"][0] == alone[0] and mixed["target"][1] == alone[1]

@@ -2,9 +2,12 @@
 given row comes out bit-identical alone and inside batches of 3, 13 and 64 (at another position,
 among other rows), and the batch-invariant GEMM matches its definition.
 
-Float32 only: the interpreter's bf16 ``tl.dot`` is broken (a 16x64 @ 64x16 bf16 product came out
-8.5e10 off its float32 value, measured with triton 3.9), so bf16 invariance is the GPU check's
-(``benchmarks/gpu_engine_check.py --only deterministic``)."""
+The kernels without ``tl.dot`` (RMSNorm, SiLU-and-mul, rotary + K/V write) are checked in bf16 too.
+The GEMM, attention and MoE kernels in float32 only: the interpreter's bf16 ``tl.dot`` is broken (a
+16x128 @ 128x64 bf16 product came out 1.6e11 off its float32 value, measured with triton 3.9), so
+their bf16 invariance is the GPU check's (``benchmarks/gpu_engine_check.py --only deterministic``).
+Negative controls show the checks can fail: a split-K chosen by the batch, and the default ops'
+split decode kernel."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -17,6 +20,7 @@ from tandem.engine.kernels import activation, fused_moe, invariant_gemm, moe_rou
 from tandem.engine.kernels.invariant_gemm import InvariantGemmConfig, gemm_config, matmul, matmul_ref
 from tandem.engine.model import ForwardBatch
 from tandem.engine.moe_math import RoutingSpec
+from tandem.engine.ops import TritonOps
 from tandem.engine.sampler import Sampler, SamplerVariant, SamplingTensors
 
 BATCHES = (1, 3, 13, 64)
@@ -59,6 +63,20 @@ def test_gemm_row_is_bit_identical_in_any_batch(N, K, bias, config):
     assert (alone - matmul_ref(x[:1], w, b)[0]).abs().max().item() < 1e-5
     full = matmul(x, w, b, config=config)
     assert (full - matmul_ref(x, w, b)).abs().max().item() < 1e-5
+
+
+def test_the_invariance_check_catches_a_split_k_chosen_by_the_batch():
+    """Negative control: a GEMM that picks split-K by the row count (as cuBLAS does) fails the check that
+    the invariant GEMM passes; float32 sums in another order differ in their last bits."""
+    g = torch.Generator().manual_seed(5)
+    w, x = torch.randn(64, 1024, generator=g), torch.randn(64, 1024, generator=g)
+
+    def by_batch(rows):  # few rows: split K in 8 to fill the device; many rows: no split
+        split = 8 if rows.shape[0] < 8 else 1
+        return matmul(rows, w, config=InvariantGemmConfig(16, 64, 64, split, 4, 1))
+
+    with pytest.raises(AssertionError, match="batch"):
+        assert_row_invariant(by_batch, x[0], x[1:])
 
 
 def test_gemm_router_case_float32_weight_bf16_activations():
@@ -120,7 +138,7 @@ def _table(page_lists):
     return torch.tensor([p + [0] * (width - len(p)) for p in page_lists], dtype=torch.int32)
 
 
-def _target_row(ops, pool, requests, is_decode):
+def _target_row(ops, pool, requests, is_decode, num_splits=4):
     """Run one forward batch's attention: ``requests`` = [(pages, context length, new tokens, q, k, v) | None
     (a graph's padding row)]; returns the output rows of the first request whose q is the target's."""
     qs, ks, vs, pos, slots, tables, seq, q_lens = [], [], [], [], [], [], [], []
@@ -138,7 +156,7 @@ def _target_row(ops, pool, requests, is_decode):
     q_lens_t = torch.tensor(q_lens)
     fb = ForwardBatch(input_ids=torch.zeros(len(q_all), dtype=torch.long), positions=torch.cat(pos),
                       slot_mapping=torch.cat(slots), page_table=_table(tables), seq_lens=torch.tensor(seq),
-                      is_decode=is_decode, num_splits=4,
+                      is_decode=is_decode, num_splits=num_splits,
                       q_start=None if is_decode else torch.cumsum(q_lens_t, 0) - q_lens_t,
                       q_lens=None if is_decode else q_lens_t, max_q_len=max(q_lens))
     out = ops.attention(q_all, torch.cat(ks), torch.cat(vs), fb.positions, fb, pool.k, pool.v, D**-0.5)
@@ -178,13 +196,22 @@ def test_attention_row_is_the_same_in_decode_mixed_and_prefill_batches():
                                                                False)[40]
     want = got["prefill"]
     assert all(torch.equal(v, want) for v in got.values()), [k for k, v in got.items() if not torch.equal(v, want)]
+    # Negative control: the default ops compute a decode row with the split decode kernel, whose sums
+    # differ from the extend kernel's (the prompt's row) and change with the split the batch size picks.
+    default = TritonOps(SimpleNamespace(inv_freq=1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))), 256)
+    rows = {}
+    for splits in (1, 4):
+        rows[splits] = _target_row(default, pool, [target(1)], True, num_splits=splits)[0]
+    assert not (torch.equal(rows[1], want) and torch.equal(rows[4], want) and torch.equal(rows[1], rows[4]))
 
 
 # ---- per-row kernels -------------------------------------------------------------------------------
-def test_rms_norm_silu_and_rotary_rows_are_bit_identical_in_any_batch():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_silu_and_rotary_rows_are_bit_identical_in_any_batch(dtype):
+    """In bf16 too: these kernels have no ``tl.dot``, which the interpreter gets wrong in bf16."""
     g = torch.Generator().manual_seed(2)
-    x, r = torch.randn(64, 96, generator=g), torch.randn(64, 96, generator=g)
-    w = torch.randn(96, generator=g)
+    x, r = torch.randn(64, 96, generator=g).to(dtype), torch.randn(64, 96, generator=g).to(dtype)
+    w = torch.randn(96, generator=g).to(dtype)
     assert_row_invariant(lambda rows: norm.rms_norm(rows, w, 1e-6), x[0], x[1:])
     xr = torch.cat([x, r], 1)
     assert_row_invariant(lambda rows: torch.cat(norm.rms_norm(rows[:, :96], w, 1e-6, rows[:, 96:].clone()), 1),
@@ -195,12 +222,13 @@ def test_rms_norm_silu_and_rotary_rows_are_bit_identical_in_any_batch():
     def rotate(rows):  # rows: [q (2 heads), k, v (1 head)] of 16 + position
         n = rows.shape[0]
         q = rows[:, :32].reshape(n, 2, 16).clone()
-        kc, vc = torch.zeros(n, 1, 1, 16), torch.zeros(n, 1, 1, 16)
+        kc, vc = torch.zeros(n, 1, 1, 16, dtype=rows.dtype), torch.zeros(n, 1, 1, 16, dtype=rows.dtype)
         rope_kv.rope_and_write_kv(q, rows[:, 32:48].reshape(n, 1, 16), rows[:, 48:64].reshape(n, 1, 16),
                                   rows[:, 64].long(), cos, sin, torch.arange(n), kc, vc)
         return torch.cat([q.reshape(n, -1), kc.reshape(n, -1), vc.reshape(n, -1)], 1)
 
     rows = torch.cat([torch.randn(64, 64, generator=g), torch.randint(0, 64, (64, 1), generator=g).float()], 1)
+    rows = rows.to(dtype)  # positions < 64: exact in bf16
     assert_row_invariant(rotate, rows[0], rows[1:])
 
 
