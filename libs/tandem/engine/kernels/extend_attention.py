@@ -6,8 +6,8 @@ key and value (prefix and new, already written by the rotary + K/V kernel) is re
 the page table. A query at position ``p`` attends to keys ``0..p``: full over the prefix,
 causal over the new tokens. Decode requests are extends of one token, so a mixed batch
 (prefill chunks + decodes) is one launch. No padding to the longest request: one program
-per (request, query head, block of BLOCK_M new tokens); blocks past a request's end do
-nothing. An FP8 pool is dequantized in registers, as in paged decode attention.
+per (request, query head, block of BLOCK_M new tokens), the blocks with the most keys issued
+first; blocks past a request's end do nothing. An FP8 pool is dequantized in registers, as in paged decode attention.
 """
 from __future__ import annotations
 
@@ -36,7 +36,9 @@ def _extend_attention_kernel(
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    m_block = tl.program_id(2)
+    # Heaviest blocks first: a causal block's keys grow with its index, and the grid's last
+    # dimension is issued slowest, so the long blocks start first and the short ones fill the tail.
+    m_block = tl.num_programs(2) - 1 - tl.program_id(2)
     kv_head = h // GROUP
     q_len = tl.load(QLens + b)
     q_start = tl.load(QStart + b)
