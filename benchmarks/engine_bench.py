@@ -347,7 +347,6 @@ def main(argv=None) -> int:
                 h = run_hf(hf, prompts[b], args.output_len, args.device, hf_mode)
                 rows[b].update(hf_tok_s=h["tokens_per_s"], hf_s=h["seconds"])
                 print(f"batch {b:3d}: transformers ({hf_mode}) {h['tokens_per_s']:9.1f} tok/s", flush=True)
-            del hf
             hf = None
             release_memory(cuda)
 
@@ -392,7 +391,8 @@ def main(argv=None) -> int:
             det = variants["deterministic"]
             steps_ms = alternate_rounds({
                 "tandem": lambda b=b: decode_step_ms(llm, args.input_len, args.device, batch=b),
-                "deterministic": lambda b=b: decode_step_ms(det, args.input_len, args.device, batch=b)}, rounds)
+                "deterministic": lambda b=b, det=det: decode_step_ms(det, args.input_len, args.device, batch=b)},
+                rounds)
             cost = round_ratios(steps_ms["deterministic"], steps_ms["tandem"])
             row.update(deterministic_tok_s=spread(tok_s["deterministic"])["median"],
                        deterministic_tok_s_rounds=spread(tok_s["deterministic"]),
@@ -402,7 +402,7 @@ def main(argv=None) -> int:
             line += (f" | {label['deterministic']} {row['deterministic_tok_s']:9.1f} tok/s, decode step "
                      f"{cost['median']:.2f}x the default ({cost['min']:.2f}..{cost['max']:.2f})")
         print(line, flush=True)
-    del hf
+    hf = None
     variants.clear()  # the default engine stays for the step, profile and MoE sections
     release_memory(cuda)
     step = decode_step_ms(llm, args.input_len, args.device)

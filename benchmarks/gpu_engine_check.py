@@ -479,14 +479,14 @@ def pd_in_process(prefill, decode, prompt: list, sp: SamplingParams, others: lis
     return out[alloc.rid]
 
 
-def deterministic_checks(dev: str, model: str, flag: bool) -> None:
+def deterministic_checks(dev: str, model: str, flag: bool, dtype: str = "bfloat16") -> None:
     """A seeded request in bf16 alone vs inside a batch of 13 (prompts chunked, decodes riding in prefill
     chunks, a prefix-cache hit), with penalties under CUDA graphs, and disaggregated (prefill-only on one
     engine, decoded inside a batch on another) vs aggregated alone. With --enable-deterministic-inference
     (``flag``) every comparison must be identical (tokens; logprobs bit for bit). Without it the same
     comparisons are the negative control: bf16 rows change with their batch, so some must differ (the
     check can fail)."""
-    kw = dict(device=dev, dtype="bfloat16", max_total_tokens=1 << 16, chunked_prefill_size=256,
+    kw = dict(device=dev, dtype=dtype, max_total_tokens=1 << 16, chunked_prefill_size=256,
               enable_mixed_chunk=True, enable_deterministic_inference=flag)
     llm = LLM(model, **kw)
     eng = llm.engine
@@ -498,7 +498,7 @@ def deterministic_checks(dev: str, model: str, flag: bool) -> None:
     pen = SamplingParams(max_tokens=24, temperature=0.9, seed=43, frequency_penalty=1.0, repetition_penalty=1.3,
                          logit_bias={7: 5.0}, ignore_eos=True, logprobs=True)
     rest = SamplingParams(max_tokens=24, temperature=1.0, ignore_eos=True)
-    tag = f"{Path(model).name} bf16 {'with' if flag else 'without'} --enable-deterministic-inference"
+    tag = f"{Path(model).name} {dtype} {'with' if flag else 'without'} --enable-deterministic-inference"
     results = {}
 
     def run(prompts, params, at):
@@ -532,8 +532,6 @@ def deterministic_checks(dev: str, model: str, flag: bool) -> None:
         differ = [name for name, same in results.items() if not same]
         record(f"{tag} (negative control): some comparison differs", differ, bool(differ),
                "(bf16 rows change with their batch: the checks with the flag can fail)")
-    del llm, eng
-    free_device()
 
 
 def fp8_kernel_checks(dev: str) -> None:

@@ -1,6 +1,7 @@
-"""Prefill warmup (as Dynamo's SGLang prefill leader does): one dummy request with a fake
-bootstrap room that transfers nothing, its stream consumed to the end, before the worker
-reports SERVING, so the first real request's TTFT is not a cold-start spike."""
+"""Warmup before SERVING, so the first real request's TTFT is not a cold-start spike. Prefill (as
+Dynamo's SGLang prefill leader does): dummy requests with a fake bootstrap room that transfer
+nothing, each stream consumed to the end. What every worker warms (``warmup_requests``: every
+sampler path, prompt sizes up to a whole chunk) is defined here, once."""
 from __future__ import annotations
 
 import logging
@@ -13,24 +14,60 @@ from tandem.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 log = logging.getLogger(__name__)
 
 WARMUP_INPUT_IDS = [0, 1, 2, 3]
+# A prompt of several pages and a partial chunk: the first multi-page transfer in PD and the
+# prefill shapes between the tiny prompt and a whole chunk.
+WARMUP_MULTI_PAGE_TOKENS = 256
+# Every sampler code path a first request can take (the sampler runs eagerly after a prefill, so
+# its kernels are compiled on first use, not captured at start): greedy, a seeded draw (the Gumbel
+# kernel), top-k/top-p with logprobs, penalties with a logit bias. Field names are both the proto's
+# and the engine's SamplingParams'.
+WARMUP_SAMPLINGS = (
+    {"temperature": 0.0},
+    {"temperature": 0.8, "seed": 1},
+    {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.01, "seed": 1, "logprobs": True, "top_logprobs": 2},
+    {"temperature": 0.8, "seed": 1, "frequency_penalty": 0.5, "presence_penalty": 0.1, "repetition_penalty": 1.1,
+     "logit_bias": {1: 1.0}},
+)
+
+
+def warmup_prompt(tokens: int) -> list[int]:
+    """A prompt of ``tokens`` ids 0-3 (they exist in every vocabulary)."""
+    return [i % 4 for i in range(tokens)]
+
+
+def multi_page_tokens(info) -> int:
+    """The multi-page warmup prompt's length on an engine (``EngineLoop.info``): at most a quarter of
+    its KV pool and within its context, so warmup never competes for pages."""
+    return max(len(WARMUP_INPUT_IDS), min(WARMUP_MULTI_PAGE_TOKENS, info.context_length - 4,
+                                          info.num_pages * info.page_size // 4))
+
+
+def warmup_requests(full_chunk_tokens: int = 0, multi_page: int = WARMUP_MULTI_PAGE_TOKENS
+                    ) -> list[tuple[list[int], dict]]:
+    """[(prompt ids, sampling fields)] a worker runs before SERVING: the tiny prompt with every sampler
+    path, then greedy prompts of ``multi_page`` tokens and (when ``full_chunk_tokens`` > 0) of a whole
+    prefill chunk, so the largest matrix shapes are not first met by a user request."""
+    out = [(WARMUP_INPUT_IDS, dict(kw)) for kw in WARMUP_SAMPLINGS]
+    for n in sorted({min(multi_page, full_chunk_tokens or multi_page), full_chunk_tokens}):
+        if n > len(WARMUP_INPUT_IDS):
+            out.append((warmup_prompt(n), {"temperature": 0.0}))
+    return out
 
 
 def warmup_prefill(address: str, timeout: float, full_chunk_tokens: int = 0,
                    tls: TlsFiles | None = None) -> prefill_pb2.TransferDone:
-    """Dynamo's tiny warmup request, then (when `full_chunk_tokens` > 0) one prompt of a whole
-    prefill chunk, so the largest matrix shapes are not first met by a user request."""
-    done = _warmup_request(address, timeout, WARMUP_INPUT_IDS, tls)
-    if full_chunk_tokens > len(WARMUP_INPUT_IDS):
-        # Token ids 0-3 exist in every vocabulary.
-        done = _warmup_request(address, timeout, [i % 4 for i in range(full_chunk_tokens)], tls)
+    """Dynamo's tiny warmup request, then the rest of ``warmup_requests``. Returns the last result."""
+    done = None
+    for ids, sampling in warmup_requests(full_chunk_tokens):
+        done = _warmup_request(address, timeout, ids, sampling, tls)
     return done
 
 
-def _warmup_request(address: str, timeout: float, input_ids: list[int],
+def _warmup_request(address: str, timeout: float, input_ids: list[int], sampling: dict,
                     tls: TlsFiles | None) -> prefill_pb2.TransferDone:
     start = prefill_pb2.PrefillStart(
         request_id="warmup", input_ids=input_ids, warmup=True,
-        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+        sampling=common_pb2.SamplingParams(max_tokens=8, ignore_eos=True, **sampling))
     with open_channel(address, tls) as channel:
         stub = prefill_pb2_grpc.PrefillStub(channel)
         done = None
