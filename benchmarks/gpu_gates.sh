@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU gate of the open issues, in parts that each fit one lent-device call (< 10 minutes).
 #
-#   OUT=/path/to/results benchmarks/gpu_gates.sh PART...      PART: check moe fp8 kv hicache ab
+#   OUT=/path/to/results benchmarks/gpu_gates.sh PART...      PART: check moe fp8 kv hicache ab deterministic dense
 #
 # Run from the repository root on the GPU machine (the device tool copies the working tree; name
 # gen, .whl and the A/B base tree in its `carry`). Every script writes its own results file
@@ -19,6 +19,12 @@
 #            checkpoint, gates fp8 (issue 30)
 #   kv       kv_cache_bench.py --gates on the 32k Llama-3-8B shape (issue 31)
 #   hicache  hicache_bench.py on the 8B shape (issue 27)
+#   deterministic  gpu_engine_check.py --only deterministic (both demo models and the 8B shape in bf16, with
+#            --enable-deterministic-inference and without as the negative control), then the flag's decode
+#            step cost at batch 1 and 64, 3 alternating rounds (issue 28)
+#   dense    the dense engine's gates, each the median of 3 alternating rounds: 8B batch 64 vs transformers
+#            static cache (batch 1 vs roofline too), 8k prefill TTFT vs SDPA, 0.5B batch-1 overlap speedup,
+#            first TTFT with warmup in PD vs steady (issue 29)
 #   ab       ab_alternate.py vs the base tree $AB_BASE (default .gpu-base): 0.5B batch 1 tok/s with
 #            overlap scheduling, 8B batch 1 and 64 tok/s (issue 25: >= 0.97x the commit before)
 set -uo pipefail
@@ -92,6 +98,27 @@ for part in "$@"; do
             --metric rows.0.tandem_tok_s --metric rows.1.tandem_tok_s --out "$OUT/ab_engine_bench_llama8b_$card.json" -- \
             python3 benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 --no-hf \
             --batch-sizes 1 64 --output-len 64 --out '{out}' ;;
-    *) echo "unknown part $part (check moe fp8 kv hicache ab)"; exit 2 ;;
+    deterministic)
+        build llama8b
+        step deterministic_check 300 $py benchmarks/gpu_engine_check.py --only deterministic --bf16-model "$M/llama8b" \
+            --out "$OUT/deterministic_check_$card.json"
+        step deterministic_cost 240 $py benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 \
+            --no-hf --batch-sizes 1 64 --output-len 64 --deterministic --rounds 3 --gates deterministic \
+            --out "$OUT/engine_bench_deterministic_llama8b_$card.json" ;;
+    dense)
+        build qwen05b
+        build llama8b
+        step dense_llama8b 300 $py benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 \
+            --batch-sizes 1 64 --hf-batch-sizes 64 --output-len 64 --rounds 3 --gates gpu-part1 \
+            --out "$OUT/engine_bench_dense_llama8b_$card.json"
+        step dense_prefill_llama8b 240 $py benchmarks/engine_bench.py --phase prefill --model "$M/llama8b" \
+            --device cuda --dtype bfloat16 --prefill-lengths 8192 --rounds 3 --gates gpu-part2 \
+            --out "$OUT/engine_prefill_llama8b_$card.json"
+        step dense_overlap_qwen05b 200 $py benchmarks/engine_bench.py --model "$M/qwen05b" --device cuda \
+            --dtype bfloat16 --no-hf --batch-sizes 1 --output-len 128 --overlap-ab --rounds 3 --gates gpu-part1 \
+            --out "$OUT/engine_bench_overlap_qwen05b_$card.json"
+        step dense_warmup 420 $py benchmarks/warmup_bench.py --rounds 3 --steady 6 \
+            --out "$OUT/warmup_bench_$card.json" ;;
+    *) echo "unknown part $part (check moe fp8 kv hicache ab deterministic dense)"; exit 2 ;;
     esac
 done
