@@ -11,6 +11,8 @@ first; blocks past a request's end do nothing. An FP8 pool is dequantized in reg
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -20,6 +22,20 @@ from .paged import dot, key_block, kv_scales, softmax_step
 
 BLOCK_M = 64
 BLOCK_N = 64
+
+
+class ExtendConfig(NamedTuple):
+    """A launch configuration of the extend kernel. The default is the engine's (and the only one
+    --enable-deterministic-inference may use: a row's sums follow the tiles); others are for
+    ``benchmarks/extend_attention_bench.py`` to compare."""
+
+    block_m: int = BLOCK_M
+    block_n: int = BLOCK_N
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+DEFAULT_CONFIG = ExtendConfig()
 
 
 @triton.jit
@@ -76,10 +92,12 @@ def _extend_attention_kernel(
 
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                      q_start: torch.Tensor, q_lens: torch.Tensor, seq_lens: torch.Tensor, max_q_len: int,
-                     scale: float, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     scale: float, kv_scale: torch.Tensor | None = None,
+                     config: ExtendConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """q [T, H, D] new tokens of all requests (rotated); k_cache/v_cache [num_pages, page_size, kv_heads, D]
     holding every context token; page_table [B, >= pages]; q_start, q_lens, seq_lens [B]. Returns [T, H, D].
-    An FP8 pool needs ``kv_scale`` = float32 (k_scale, v_scale) on the device."""
+    An FP8 pool needs ``kv_scale`` = float32 (k_scale, v_scale) on the device. ``config``: the tiles and
+    warps (block sizes powers of two, at least 16)."""
     T, H, D = q.shape
     _, page_size, kv_heads, _ = k_cache.shape
     B = q_lens.shape[0]
@@ -87,13 +105,14 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     k = k_cache.view(-1, kv_heads, D)
     v = v_cache.view(-1, kv_heads, D)
     out = torch.empty_like(q)
-    grid = (B, H, triton.cdiv(max(max_q_len, 1), BLOCK_M))
+    grid = (B, H, triton.cdiv(max(max_q_len, 1), config.block_m))
     _extend_attention_kernel[grid](
         q, k, v, out, page_table, q_start, q_lens, seq_lens, kv_scale if fp8 else seq_lens, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), page_table.stride(0),
         out.stride(0), out.stride(1),
-        PAGE_SIZE=page_size, GROUP=H // kv_heads, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_D=triton.next_power_of_2(D), IEEE=q.dtype == torch.float32, KV_FP8=fp8, num_warps=4, num_stages=2,
+        PAGE_SIZE=page_size, GROUP=H // kv_heads, HEAD_DIM=D, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_D=triton.next_power_of_2(D), IEEE=q.dtype == torch.float32, KV_FP8=fp8, num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     return out
 
