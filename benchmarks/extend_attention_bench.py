@@ -92,10 +92,10 @@ def main(argv=None) -> int:
     dtype, device = getattr(torch, args.dtype), args.device
     H, KVH, D = args.heads, args.kv_heads, args.head_dim
     g = torch.Generator().manual_seed(0)
+    scale = D**-0.5
     rows = []
     for T in args.lengths:
         p = problem(T, H, KVH, D, args.page_size, dtype, device, g)
-        scale = D**-0.5
 
         def run(config, p=p, T=T):
             return extend_attention(p["q"], p["kc"], p["vc"], p["table"], p["q_start"], p["q_lens"], p["seq_lens"],
