@@ -24,7 +24,7 @@
 #            step cost at batch 1 and 64, 3 alternating rounds (issue 28)
 #   dense    the dense engine's gates, each the median of 3 alternating rounds: 8B batch 64 vs transformers
 #            static cache (batch 1 vs roofline too), 8k prefill TTFT vs SDPA, 0.5B batch-1 overlap speedup,
-#            first TTFT with warmup in PD vs steady (issue 29)
+#            first TTFT with warmup in PD vs steady; the extend kernel's tile candidates vs SDPA (issue 29)
 #   ab       ab_alternate.py vs the base tree $AB_BASE (default .gpu-base): 0.5B batch 1 tok/s with
 #            overlap scheduling, 8B batch 1 and 64 tok/s (issue 25: >= 0.97x the commit before)
 set -uo pipefail
@@ -111,6 +111,7 @@ for part in "$@"; do
         step dense_llama8b 300 $py benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 \
             --batch-sizes 1 64 --hf-batch-sizes 64 --output-len 64 --rounds 3 --gates gpu-part1 \
             --out "$OUT/engine_bench_dense_llama8b_$card.json"
+        step extend_attention 120 $py benchmarks/extend_attention_bench.py --out "$OUT/extend_attention_$card.json"
         step dense_prefill_llama8b 240 $py benchmarks/engine_bench.py --phase prefill --model "$M/llama8b" \
             --device cuda --dtype bfloat16 --prefill-lengths 8192 --rounds 3 --gates gpu-part2 \
             --out "$OUT/engine_prefill_llama8b_$card.json"
