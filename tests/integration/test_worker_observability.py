@@ -6,7 +6,6 @@ import re
 import urllib.request
 
 import pytest
-from tandem.worker.warmup import WARMUP_MULTI_PAGE_TOKENS, WARMUP_SAMPLINGS
 
 from tests.support.clients import generate, sampling
 from tests.support.procs import start_service
@@ -120,10 +119,8 @@ def test_prefill_warmup_runs_once_on_the_leader_before_serving():
     skipped = start_service("tandem.prefill", *ENGINE, "--skip-warmup")
     try:
         log = leader.log()
-        # Dynamo's request, once per sampler path (the first greedy); a multi-page prompt; a full chunk.
-        assert log.count("prefill warmup (4 tokens): prefilled") == len(WARMUP_SAMPLINGS) == 4
-        assert log.count(f"prefill warmup ({WARMUP_MULTI_PAGE_TOKENS} tokens): prefilled") == 1
-        assert log.count("prefill warmup (512 tokens): prefilled") == 1
+        assert log.count("prefill warmup (4 tokens): prefilled") == 1  # Dynamo's request, once
+        assert log.count("prefill warmup (512 tokens): prefilled") == 1  # one full prefill chunk
         assert log.index("warmup done") < log.index("ready (SERVING)")
         assert "warmup" not in follower.log()
         assert "prefill warmup" not in skipped.log()

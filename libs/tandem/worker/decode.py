@@ -23,7 +23,14 @@ from tandem.worker.convert import chunk_from_output
 from tandem.worker.engine_loop import EngineLoop, RequestStream
 from tandem.worker.errors import ClientGone, RequestFailed
 from tandem.worker.remote_prefill import RemotePrefill, RemotePrefillFailed
-from tandem.worker.warmup import WARMUP_INPUT_IDS, WARMUP_SAMPLINGS, multi_page_tokens, warmup_prompt
+from tandem.worker.warmup import (
+    GREEDY,
+    WARMUP_INPUT_IDS,
+    WARMUP_SAMPLINGS,
+    compiles_kernels,
+    multi_page_tokens,
+    warmup_prompt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +150,8 @@ class DecodeWorker(WorkerBase):
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
 
     def warmup_remote(self, timeout: float) -> int:
-        """Before SERVING: one tiny remote prefill through every prefill worker, then a multi-page
-        one and every sampler path (``_warm_transfers``), so the first user request does not pay
+        """Before SERVING: one tiny remote prefill through every prefill worker, then on CUDA a
+        multi-page one and every sampler path (``_warm_transfers``), so the first user request does not pay
         for RegisterDecode, the transport's connection set-up (UCX wire-up), its first multi-page
         transfer or cold kernels. A worker that stays unreachable is only logged:
         requests will register with it lazily. Returns how many workers were warmed."""
@@ -158,7 +165,8 @@ class DecodeWorker(WorkerBase):
                     for _ in self.remote.prefill(rid, WARMUP_INPUT_IDS, sp, peer=peer).result():
                         pass
                     warmed += 1
-                    self._warm_transfers(peer)
+                    if compiles_kernels(self.loop.info):
+                        self._warm_transfers(peer)
                     break
                 except RemotePrefillFailed as exc:
                     if exc.status in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
@@ -176,7 +184,7 @@ class DecodeWorker(WorkerBase):
     def _warm_transfers(self, peer) -> None:
         """Past the first contact: a prompt of several pages (the first multi-page transfer, larger
         prefill shapes) and every sampler path, through ``peer``; a failure is only logged."""
-        requests = [(warmup_prompt(multi_page_tokens(self.loop.info)), {"temperature": 0.0})]
+        requests = [(warmup_prompt(multi_page_tokens(self.loop.info)), GREEDY)]
         requests += [(WARMUP_INPUT_IDS, kw) for kw in WARMUP_SAMPLINGS[1:]]
         for ids, kw in requests:
             rid = f"warmup-{peer.address}-{uuid.uuid4().hex[:6]}"

@@ -11,7 +11,7 @@ from tandem.worker.decode import DecodeWorker
 from tandem.worker.prefill_discovery import PrefillDiscovery
 from tandem.worker.process import build_worker
 from tandem.worker.remote_prefill import RemotePrefill
-from tandem.worker.warmup import multi_page_tokens, warmup_requests
+from tandem.worker.warmup import warmup_requests
 
 
 def main(argv=None) -> None:
@@ -42,9 +42,9 @@ def main(argv=None) -> None:
                            DecodeServicer(worker, wp.component_metrics, wp.reporter), name)
 
     def warmup():
-        # Real steps through the engine (a prefill and a decode step with every sampler path), so the
-        # first user request does not pay for them.
-        for ids, sampling in warmup_requests(multi_page=multi_page_tokens(wp.loop.info)):
+        # Real steps through the engine (a prefill and a decode step each; on CUDA every sampler path and
+        # a multi-page prompt), so the first user request does not pay for them.
+        for ids, sampling in warmup_requests(wp.loop.info):
             req = decode_pb2.GenerateRequest(request_id="warmup", input_ids=ids, prefill_override="local",
                                              sampling=common_pb2.SamplingParams(max_tokens=2, ignore_eos=True,
                                                                                 **sampling))
