@@ -390,9 +390,9 @@ def main(argv=None) -> int:
         if "deterministic" in tok_s:
             det = variants["deterministic"]
             steps_ms = alternate_rounds({
-                "tandem": lambda b=b: decode_step_ms(llm, args.input_len, args.device, batch=b),
-                "deterministic": lambda b=b, det=det: decode_step_ms(det, args.input_len, args.device, batch=b)},
-                rounds)
+                "tandem": lambda b=b: decode_step_ms(llm, args.input_len, args.device, steps=args.output_len, batch=b),
+                "deterministic": lambda b=b, det=det: decode_step_ms(det, args.input_len, args.device,
+                                                                     steps=args.output_len, batch=b)}, rounds)
             cost = round_ratios(steps_ms["deterministic"], steps_ms["tandem"])
             row.update(deterministic_tok_s=spread(tok_s["deterministic"])["median"],
                        deterministic_tok_s_rounds=spread(tok_s["deterministic"]),

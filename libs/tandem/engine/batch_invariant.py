@@ -81,8 +81,6 @@ class DeterministicTritonOps(TritonOps):
         from .kernels import invariant_gemm
 
         self._gemm = invariant_gemm
-        self._rows = torch.zeros(0, dtype=torch.long)  # 0..n-1: a decode batch's q_start
-        self._ones = torch.zeros(0, dtype=torch.long)  # its q_lens
 
     def moe_router(self, x, weight):
         return self._gemm.matmul(x, weight, out_dtype=torch.float32)
@@ -93,21 +91,12 @@ class DeterministicTritonOps(TritonOps):
     def moe_experts(self, x, w13, w2, slots, weights, combine: bool):
         return self._moe.fused_experts(x, w13, w2, slots, weights, combine, moe_config(x.device.type != "cuda"))
 
-    def _decode_rows(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q_start, q_lens) of ``n`` one-token rows: views of tensors kept across calls (a CUDA graph's
-        warm-up passes, before its capture, make them large enough)."""
-        if self._rows.numel() < n or self._rows.device != torch.device(device):
-            size = max(n, 2 * self._rows.numel(), 64)
-            self._rows = torch.arange(size, device=device)
-            self._ones = torch.ones(size, dtype=torch.long, device=device)
-        return self._rows[:n], self._ones[:n]
-
     def attention(self, q, k, v, positions, fb, k_cache, v_cache, scale, kv_scale=None):
         if not fb.is_decode:
             return super().attention(q, k, v, positions, fb, k_cache, v_cache, scale, kv_scale)
         self._write_kv(q, k, v, positions, fb, k_cache, v_cache, kv_scale)
-        q_start, q_lens = self._decode_rows(q.shape[0], q.device)
-        # Padding rows of a graph bucket (context 0) see no key and come out zero.
-        out = self._extend.extend_attention(q, k_cache, v_cache, fb.page_table, q_start, q_lens, fb.seq_lens, 1,
-                                            scale, kv_scale=kv_scale)
+        # One row per request (no per-batch tensors for a CUDA graph to hold); padding rows of a graph
+        # bucket (context 0) see no key and come out zero.
+        out = self._extend.extend_attention(q, k_cache, v_cache, fb.page_table, None, None, fb.seq_lens, 1, scale,
+                                            kv_scale=kv_scale)
         return out.view(q.shape[0], -1)

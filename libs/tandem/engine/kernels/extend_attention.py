@@ -48,7 +48,7 @@ def _extend_attention_kernel(
     stride_pt, stride_ot, stride_oh,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr, ROWS_OF_ONE: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -56,8 +56,12 @@ def _extend_attention_kernel(
     # dimension is issued slowest, so the long blocks start first and the short ones fill the tail.
     m_block = tl.num_programs(2) - 1 - tl.program_id(2)
     kv_head = h // GROUP
-    q_len = tl.load(QLens + b)
-    q_start = tl.load(QStart + b)
+    if ROWS_OF_ONE:  # a decode batch: request b's one new token is row b (no q_start / q_lens tensors)
+        q_len = 1
+        q_start = b
+    else:
+        q_len = tl.load(QLens + b)
+        q_start = tl.load(QStart + b)
     seq_len = tl.load(SeqLens + b)
     prefix = seq_len - q_len
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -95,24 +99,27 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      scale: float, kv_scale: torch.Tensor | None = None,
                      config: ExtendConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """q [T, H, D] new tokens of all requests (rotated); k_cache/v_cache [num_pages, page_size, kv_heads, D]
-    holding every context token; page_table [B, >= pages]; q_start, q_lens, seq_lens [B]. Returns [T, H, D].
+    holding every context token; page_table [B, >= pages]; q_start, q_lens, seq_lens [B] (q_start and q_lens
+    None: one new token per request, row b of ``q`` being request b's, as in a decode batch). Returns [T, H, D].
     An FP8 pool needs ``kv_scale`` = float32 (k_scale, v_scale) on the device. ``config``: the tiles and
     warps (block sizes powers of two, at least 16)."""
     T, H, D = q.shape
     _, page_size, kv_heads, _ = k_cache.shape
-    B = q_lens.shape[0]
+    B = seq_lens.shape[0]
     fp8 = fp8_pool_format(k_cache, kv_scale) is not None
     k = k_cache.view(-1, kv_heads, D)
     v = v_cache.view(-1, kv_heads, D)
     out = torch.empty_like(q)
     grid = (B, H, triton.cdiv(max(max_q_len, 1), config.block_m))
+    rows_of_one = q_start is None
     _extend_attention_kernel[grid](
-        q, k, v, out, page_table, q_start, q_lens, seq_lens, kv_scale if fp8 else seq_lens, scale,
+        q, k, v, out, page_table, seq_lens if rows_of_one else q_start, seq_lens if rows_of_one else q_lens, seq_lens,
+        kv_scale if fp8 else seq_lens, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), page_table.stride(0),
         out.stride(0), out.stride(1),
         PAGE_SIZE=page_size, GROUP=H // kv_heads, HEAD_DIM=D, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_D=triton.next_power_of_2(D), IEEE=q.dtype == torch.float32, KV_FP8=fp8, num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        num_stages=config.num_stages, ROWS_OF_ONE=rows_of_one,
     )
     return out
 
