@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU gate of the open issues, in parts that each fit one lent-device call (< 10 minutes).
 #
-#   OUT=/path/to/results benchmarks/gpu_gates.sh PART...      PART: check moe fp8 kv hicache ab deterministic dense
+#   OUT=/path/to/results benchmarks/gpu_gates.sh PART...
+#       PART: check moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b
 #
 # Run from the repository root on the GPU machine (the device tool copies the working tree; name
 # gen, .whl and the A/B base tree in its `carry`). Every script writes its own results file
@@ -15,16 +16,19 @@
 #            FP8 weights with the 8B shape, FP8 KV, HiCache), the 8B bf16 logits included
 #   moe      tune_fused_moe.py for both MoE shapes (configs copied to $OUT), then the gpu-moe gates
 #            (issue 26) on each shape with the transformers baseline at batch 1
-#   fp8      fp8_gemm_bench.py, then engine_bench --quantization fp8 --compare-bf16 with the block-scaled
+#   fp8gemm  fp8_gemm_bench.py: the FP8 GEMM candidates per 8B layer shape and batch (issue 30)
+#   fp8      engine_bench --quantization fp8 --compare-bf16 with the block-scaled
 #            checkpoint, gates fp8 (issue 30)
 #   kv       kv_cache_bench.py --gates on the 32k Llama-3-8B shape (issue 31)
 #   hicache  hicache_bench.py on the 8B shape (issue 27)
 #   deterministic  gpu_engine_check.py --only deterministic (both demo models and the 8B shape in bf16, with
 #            --enable-deterministic-inference and without as the negative control), then the flag's decode
 #            step cost at batch 1 and 64, 3 alternating rounds (issue 28)
-#   dense    the dense engine's gates, each the median of 3 alternating rounds: 8B batch 64 vs transformers
-#            static cache (batch 1 vs roofline too), 8k prefill TTFT vs SDPA, 0.5B batch-1 overlap speedup,
-#            first TTFT with warmup in PD vs steady; the extend kernel's tile candidates vs SDPA (issue 29)
+#   dense8b  the dense engine's 8B gates, each the median of 3 alternating rounds: batch 64 vs transformers
+#            static cache (batch 1 vs roofline too), 8k prefill TTFT vs SDPA; the extend kernel's tile
+#            candidates vs SDPA flash (issue 29)
+#   dense05b 0.5B batch-1 overlap speedup, 3 alternating rounds; first TTFT with warmup in PD vs steady,
+#            3 rounds of fresh pairs (issue 29)
 #   ab       ab_alternate.py vs the base tree $AB_BASE (default .gpu-base): 0.5B batch 1 tok/s with
 #            overlap scheduling, 8B batch 1 and 64 tok/s (issue 25: >= 0.97x the commit before)
 set -uo pipefail
@@ -60,44 +64,45 @@ for part in "$@"; do
     case $part in
     check)
         build llama8b
-        step engine_check 420 $py benchmarks/gpu_engine_check.py --bf16-model "$M/llama8b" --fp8-model "$M/llama8b" \
+        step engine_check 330 $py benchmarks/gpu_engine_check.py --bf16-model "$M/llama8b" --fp8-model "$M/llama8b" \
             --out "$OUT/engine_check_$card.json" ;;
     moe)
-        step tune_fused_moe 240 $py benchmarks/tune_fused_moe.py --batch-sizes 1 64 --out "$OUT/tune_fused_moe_$card.json"
+        step tune_fused_moe 150 $py benchmarks/tune_fused_moe.py --batch-sizes 1 64 --out "$OUT/tune_fused_moe_$card.json"
         mkdir -p "$OUT/moe_configs" && cp libs/tandem/engine/kernels/configs/*.json "$OUT/moe_configs/" 2>/dev/null
         for s in qwen2moe-a2.7b qwen3moe-30b-a3b; do
-            step "moe_$s" 200 $py benchmarks/engine_bench.py --shape "$s" --device cuda --dtype bfloat16 \
+            step "moe_$s" 170 $py benchmarks/engine_bench.py --shape "$s" --device cuda --dtype bfloat16 \
                 --batch-sizes 1 64 --hf-batch-sizes 1 --output-len 32 --gates gpu-moe \
                 --out "$OUT/engine_bench_${s}_$card.json"
         done ;;
     fp8)
         build llama8b
-        [ -f "$M/llama8b-fp8-block/config.json" ] || step fp8_convert 180 $py -m benchmarks.common.fp8_checkpoint \
+        [ -f "$M/llama8b-fp8-block/config.json" ] || step fp8_convert 120 $py -m benchmarks.common.fp8_checkpoint \
             "$M/llama8b" "$M/llama8b-fp8-block" --layout block
-        step fp8_gemm 150 $py benchmarks/fp8_gemm_bench.py --out "$OUT/fp8_gemm_bench_$card.json"
-        step engine_fp8 300 $py benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 \
+        step engine_fp8 240 $py benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 \
             --batch-sizes 1 64 --output-len 64 --quantization fp8 --compare-bf16 \
             --fp8-checkpoint "$M/llama8b-fp8-block" --gates fp8 --out "$OUT/engine_fp8_llama8b_$card.json" ;;
     kv)
         build llama8b_32k
-        step kv_cache 300 $py benchmarks/kv_cache_bench.py --model "$M/llama8b_32k" --device cuda --dtype bfloat16 \
+        step kv_cache 200 $py benchmarks/kv_cache_bench.py --model "$M/llama8b_32k" --device cuda --dtype bfloat16 \
             --gates --out "$OUT/kv_cache_bench_llama8b_32k_$card.json" ;;
     hicache)
         build llama8b
         TANDEM_BENCH_STORAGE_DIR=${TANDEM_BENCH_STORAGE_DIR:-/tmp/hicache-storage} \
-            step hicache 330 $py benchmarks/hicache_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 \
+            step hicache 200 $py benchmarks/hicache_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 \
             --out "$OUT/hicache_bench_llama8b_$card.json" ;;
     ab)
         build qwen05b
         build llama8b
-        step ab_qwen05b 200 $py benchmarks/ab_alternate.py --base-dir "$AB_BASE" --rounds 3 \
+        step ab_qwen05b 150 $py benchmarks/ab_alternate.py --base-dir "$AB_BASE" --rounds 3 \
             --metric rows.0.tandem_tok_s --out "$OUT/ab_engine_bench_qwen05b_$card.json" -- \
             python3 benchmarks/engine_bench.py --model "$M/qwen05b" --device cuda --dtype bfloat16 --no-hf \
             --batch-sizes 1 --output-len 128 --out '{out}'
-        step ab_llama8b 330 $py benchmarks/ab_alternate.py --base-dir "$AB_BASE" --rounds 3 \
+        step ab_llama8b 300 $py benchmarks/ab_alternate.py --base-dir "$AB_BASE" --rounds 2 \
             --metric rows.0.tandem_tok_s --metric rows.1.tandem_tok_s --out "$OUT/ab_engine_bench_llama8b_$card.json" -- \
             python3 benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 --no-hf \
             --batch-sizes 1 64 --output-len 64 --out '{out}' ;;
+    fp8gemm)
+        step fp8_gemm 150 $py benchmarks/fp8_gemm_bench.py --out "$OUT/fp8_gemm_bench_$card.json" ;;
     deterministic)
         build llama8b
         step deterministic_check 300 $py benchmarks/gpu_engine_check.py --only deterministic --bf16-model "$M/llama8b" \
@@ -105,21 +110,22 @@ for part in "$@"; do
         step deterministic_cost 240 $py benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 \
             --no-hf --batch-sizes 1 64 --output-len 64 --deterministic --rounds 3 --gates deterministic \
             --out "$OUT/engine_bench_deterministic_llama8b_$card.json" ;;
-    dense)
-        build qwen05b
+    dense8b)
         build llama8b
-        step dense_llama8b 300 $py benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 \
+        step dense_llama8b 240 $py benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 \
             --batch-sizes 1 64 --hf-batch-sizes 64 --output-len 64 --rounds 3 --gates gpu-part1 \
             --out "$OUT/engine_bench_dense_llama8b_$card.json"
-        step extend_attention 120 $py benchmarks/extend_attention_bench.py --out "$OUT/extend_attention_$card.json"
-        step dense_prefill_llama8b 240 $py benchmarks/engine_bench.py --phase prefill --model "$M/llama8b" \
+        step extend_attention 90 $py benchmarks/extend_attention_bench.py --out "$OUT/extend_attention_$card.json"
+        step dense_prefill_llama8b 200 $py benchmarks/engine_bench.py --phase prefill --model "$M/llama8b" \
             --device cuda --dtype bfloat16 --prefill-lengths 8192 --rounds 3 --gates gpu-part2 \
-            --out "$OUT/engine_prefill_llama8b_$card.json"
-        step dense_overlap_qwen05b 200 $py benchmarks/engine_bench.py --model "$M/qwen05b" --device cuda \
+            --out "$OUT/engine_prefill_llama8b_$card.json" ;;
+    dense05b)
+        build qwen05b
+        step dense_overlap_qwen05b 150 $py benchmarks/engine_bench.py --model "$M/qwen05b" --device cuda \
             --dtype bfloat16 --no-hf --batch-sizes 1 --output-len 128 --overlap-ab --rounds 3 --gates gpu-part1 \
             --out "$OUT/engine_bench_overlap_qwen05b_$card.json"
-        step dense_warmup 420 $py benchmarks/warmup_bench.py --rounds 3 --steady 6 \
+        step dense_warmup 400 $py benchmarks/warmup_bench.py --rounds 3 --steady 6 \
             --out "$OUT/warmup_bench_$card.json" ;;
-    *) echo "unknown part $part (check moe fp8 kv hicache ab deterministic dense)"; exit 2 ;;
+    *) echo "unknown part $part (check moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b)"; exit 2 ;;
     esac
 done
