@@ -133,9 +133,10 @@ class EngineConfig(_Section):
     )
     disable_cuda_graph: bool = Field(False, description="Run decode eagerly instead of replaying CUDA graphs.")
     enable_deterministic_inference: bool = Field(False, description=(
-        "Batch-invariant computation (SGLang's flag): a greedy or seeded request gets the same tokens and "
-        "logprobs alone or in any batch, with or without prefix-cache hits and chunked prefill, aggregated or "
-        "disaggregated, in bf16 too. Every linear layer (LM head, MoE router) runs a GEMM whose tiles do not "
+        "Batch-invariant computation (SGLang's flag), so that a greedy or seeded request gets the same tokens "
+        "and logprobs alone or in any batch, with or without prefix-cache hits and chunked prefill, aggregated "
+        "or disaggregated, in bf16 too (checked on CPU in float32; on the GPU by benchmarks/gpu_engine_check.py "
+        "--only deterministic). Every linear layer (LM head, MoE router) runs a GEMM whose tiles do not "
         "depend on the batch size, and every attention row (prompt, decode, mixed) the same kernel over its "
         "context in a fixed order; CUDA graphs and overlap scheduling stay on. Costs decode speed "
         "(benchmarks/engine_bench.py --deterministic measures it). Needs the triton attention backend (on CPU: "
