@@ -14,7 +14,7 @@ itself, never by the batch (Thinking Machines, "Defeating Nondeterminism in LLM 
   (the default decode kernel splits by batch size to fill the device). Prefix KV computed by
   another request, or by this request's own decode steps, is bit-identical to recomputing it;
 * MoE: the routing kernel with a fixed block of tokens (its per-token reductions are laid out
-  by the block), the fused experts with one fixed configuration (``MOE_CONFIG``: the blocked
+  by the block), the fused experts with one fixed configuration (``moe_config``: the blocked
   schedule, whose rows do not depend on their block's other rows; the combine sums each
   token's entries in order);
 * per row already: RMSNorm (+ residual), SiLU-and-mul, rotary + K/V write (one program per
@@ -74,7 +74,6 @@ class DeterministicTritonOps(TritonOps):
     """The triton backend's ops with the batch-invariant choices above."""
 
     name = "triton"
-    deterministic = True
 
     def __init__(self, rotary, max_positions: int):
         super().__init__(rotary, max_positions)

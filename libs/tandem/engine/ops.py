@@ -60,7 +60,6 @@ def dense_attention(q: torch.Tensor, fb, k_cache: torch.Tensor, v_cache: torch.T
 
 class TorchNativeOps:
     name = "torch_native"
-    deterministic = False
     graph_safe = False  # decode shapes depend on the longest context
 
     def __init__(self, rotary):
@@ -106,7 +105,6 @@ class TorchNativeOps:
 
 class TritonOps:
     name = "triton"
-    deterministic = False  # batch_invariant.DeterministicTritonOps: True
     graph_safe = True
 
     def __init__(self, rotary, max_positions: int):
