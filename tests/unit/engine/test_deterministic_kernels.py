@@ -279,3 +279,32 @@ def test_moe_routing_and_experts_rows_are_bit_identical_in_any_batch():
     alone = assert_row_invariant(experts, packed[0], packed[1:])
     ref = moe_math.combine(moe_math.expert_rows(x[:1], w13, w2, slots[:1], weights[:1]))[0]
     assert (alone - ref).abs().max().item() < 1e-5
+
+
+# ---- FP8 weights -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("block", [False, True], ids=["per-channel", "block-scaled"])
+def test_fp8_linear_rows_are_bit_identical_in_any_batch(block):
+    """FP8 weights with the flag: one fp8_gemm tile whatever the batch (``deterministic_config``), activations
+    quantized per row; equal to the torch definition. Inputs exact in e4m3 (the interpreter's cast is not
+    the GPU's rounding: tests/unit/engine/test_fp8_kernels.py)."""
+    from tandem.engine.quantization import Fp8Gemm, Fp8Linear, Fp8LinearSpec
+    from tandem.engine.quantization import fp8 as F
+
+    g = torch.Generator().manual_seed(6)
+    N, K = 96, 256
+    e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    e4m3 = e4m3[~e4m3.isnan()]
+    w = torch.randn(N, K, generator=g) * 0.1
+    spec = Fp8LinearSpec(group_n=128, group_k=128) if block else Fp8LinearSpec()
+    layer = Fp8Linear(K, N, False, spec, Fp8Gemm("auto", "cpu", deterministic=True))
+    if block:
+        layer.weight.data, layer.weight_scale.data = F.quantize_blocks(w, (128, 128))
+    else:
+        q, s = F.quantize_rows(w)
+        layer.weight.data, layer.weight_scale.data = q, s[:, 0].contiguous()
+    group = 128 if block else K
+    x = e4m3[torch.randint(0, e4m3.numel(), (64, K), generator=g)]
+    x[:, ::group] = 448.0  # each (row, group)'s max is 448: its scale is 1, its values exact
+    alone = assert_row_invariant(layer, x[0], x[1:])
+    ref = Fp8Gemm("torch")(layer, x[:1])[0]
+    assert (alone - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
