@@ -132,6 +132,15 @@ class EngineConfig(_Section):
         "backend; default: --max-running-requests); larger batches run eagerly."
     )
     disable_cuda_graph: bool = Field(False, description="Run decode eagerly instead of replaying CUDA graphs.")
+    enable_deterministic_inference: bool = Field(False, description=(
+        "Batch-invariant computation (SGLang's flag), so that a greedy or seeded request gets the same tokens "
+        "and logprobs alone or in any batch, with or without prefix-cache hits and chunked prefill, aggregated "
+        "or disaggregated, in bf16 too (checked on CPU in float32; on the GPU by benchmarks/gpu_engine_check.py "
+        "--only deterministic). Every linear layer (LM head, MoE router) runs a GEMM whose tiles do not "
+        "depend on the batch size, and every attention row (prompt, decode, mixed) the same kernel over its "
+        "context in a fixed order; CUDA graphs and overlap scheduling stay on. Costs decode speed "
+        "(benchmarks/engine_bench.py --deterministic measures it). Needs the triton attention backend (on CPU: "
+        "TRITON_INTERPRET=1, for tests)."))
     disable_overlap_schedule: bool = Field(False, description=(
         "Wait for each step's sampled tokens before scheduling the next step. By default the next "
         "step is scheduled and launched while the device still samples (overlap scheduling); steps "
@@ -199,6 +208,13 @@ class EngineConfig(_Section):
         "trivial", description="Initial placement: trivial, a .json/.pt file, or inline JSON."
     )
     eplb_planner_address: str | None = Field(None, description="EPLB planner gRPC address (host:port).")
+
+    @model_validator(mode="after")
+    def _check_deterministic(self):
+        if self.enable_deterministic_inference and self.attention_backend == "torch_native":
+            raise ValueError("enable_deterministic_inference needs attention_backend='triton' (torch_native's "
+                             "padded dense attention and cuBLAS GEMMs depend on the batch)")
+        return self
 
     @model_validator(mode="after")
     def _check_redundancy(self):

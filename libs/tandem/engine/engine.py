@@ -68,15 +68,16 @@ class EngineCore:
             raise ValueError(f"model_path={cfg.model_path!r}: not a directory")
         self.device = device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, device)
-        self.attention_backend = attention_backend(cfg.attention_backend, device)
+        deterministic = cfg.enable_deterministic_inference
+        self.attention_backend = attention_backend(cfg.attention_backend, device, deterministic)
         hooks = expert_hooks(cfg, device, expert_parallel)
         self.model, self.model_config = load_model(cfg.model_path, self.dtype, device, hooks, cfg.load_format,
-                                                   cfg.quantization, cfg.fp8_gemm_backend)
+                                                   cfg.quantization, cfg.fp8_gemm_backend, deterministic)
         # EPLB: plans applied in place between steps, the recorder folded after each (None: dense or no EPLB).
         self.eplb = hooks.runtime(self.model)
         mc = self.model_config
         self.context_length = cfg.context_length or mc.max_position_embeddings
-        self.model.set_backend(self.attention_backend, self.context_length + 1)
+        self.model.set_backend(self.attention_backend, self.context_length + 1, deterministic)
         self.tokenizer = load_tokenizer(cfg.model_path)
         self.eos_token_ids = eos_token_ids(cfg.model_path, mc, self.tokenizer)
 

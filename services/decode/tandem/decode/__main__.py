@@ -11,6 +11,7 @@ from tandem.worker.decode import DecodeWorker
 from tandem.worker.prefill_discovery import PrefillDiscovery
 from tandem.worker.process import build_worker
 from tandem.worker.remote_prefill import RemotePrefill
+from tandem.worker.warmup import warmup_requests
 
 
 def main(argv=None) -> None:
@@ -41,12 +42,14 @@ def main(argv=None) -> None:
                            DecodeServicer(worker, wp.component_metrics, wp.reporter), name)
 
     def warmup():
-        # One real step through the engine so the first user request does not pay for it.
-        req = decode_pb2.GenerateRequest(request_id="warmup", input_ids=[0, 1, 2, 3],
-                                         sampling=common_pb2.SamplingParams(max_tokens=1, ignore_eos=True),
-                                         prefill_override="local")
-        for _ in worker.generate(req, lambda: True, lambda cb: None):
-            pass
+        # Real steps through the engine (a prefill and a decode step each; on CUDA every sampler path and
+        # a multi-page prompt), so the first user request does not pay for them.
+        for ids, sampling in warmup_requests(wp.loop.info):
+            req = decode_pb2.GenerateRequest(request_id="warmup", input_ids=ids, prefill_override="local",
+                                             sampling=common_pb2.SamplingParams(max_tokens=2, ignore_eos=True,
+                                                                                **sampling))
+            for _ in worker.generate(req, lambda: True, lambda cb: None):
+                pass
         if disagg:
             worker.warmup_remote(min(config.warmup_timeout, 120.0))
 
