@@ -57,7 +57,7 @@ class Embedder:
         if not inputs:
             raise ValueError("input: at least one input is required")
         if dimensions is not None and dimensions != 0 and not 1 <= dimensions <= self.hidden_size:
-            raise ValueError(f"dimensions={dimensions}: must be in [1, {self.hidden_size}] (the model's size)")
+            raise ValueError(f"dimensions: {dimensions} is not in [1, {self.hidden_size}] (the model's size)")
         ps = self.pool.page_size
         for i, ids in enumerate(inputs):
             if not ids:
