@@ -80,7 +80,7 @@ def run(args, git: dict, started: str, machine: dict) -> dict:
         else:
             hf = AutoModel.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa").to(args.device).eval()
         for case, x in inputs.items():
-            dt = best_of(lambda x=x: ref.__setitem__(case, hf_embed(hf, x, args.device)), args.device)
+            dt = best_of(lambda x=x, case=case: ref.__setitem__(case, hf_embed(hf, x, args.device)), args.device)
             rows[case].update(hf_s=dt, hf_inputs_s=len(x) / dt)
             print(f"{case:8s}: transformers (SDPA, padded batch) {len(x) / dt:9.1f} inputs/s", flush=True)
         del hf
@@ -90,7 +90,7 @@ def run(args, git: dict, started: str, machine: dict) -> dict:
     for case, x in inputs.items():
         before = engine.embedder.passes
         outs = []
-        dt = best_of(lambda x=x: outs.append(engine.embed(x)), args.device)
+        dt = best_of(lambda x=x, outs=outs: outs.append(engine.embed(x)), args.device)
         row = rows[case]
         row.update(tandem_s=dt, tandem_inputs_s=len(x) / dt, passes_per_call=(engine.embedder.passes - before) // 4)
         if "hf_inputs_s" in row:

@@ -42,8 +42,8 @@ from .loader import load_model, resolve_dtype
 from .model_runner import ModelRunner
 from .moe_hooks import expert_hooks
 from .outputs import StepOutput
-from .pooling import resolve_pooling
 from .pool_sizing import kv_pool_pages
+from .pooling import resolve_pooling
 from .request import Mode, Request, Status
 from .sample_launcher import SampleLauncher, prompt_logprobs
 from .scheduler import ScheduledBatch, Scheduler
