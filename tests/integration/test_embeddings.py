@@ -156,6 +156,17 @@ def test_models_and_kinds_route_apart(stack):
         assert r.status_code == 200, r.text
     kinds = {w.address: w.is_embedding for w in app.core.pool.workers.values()}
     assert kinds == {emb_worker.grpc_address: True, gen_worker.grpc_address: False}
+    # A router with embedding workers only: generation is not an outage to retry (503) but a 404.
+    solo = build_router(RouterConfig(model_path=demo_model(EMBED), workers=[emb_worker.grpc_address], http_port=0,
+                                     health_check_interval=0.2))
+    solo.start()
+    try:
+        wait_for(lambda: len(solo.core.pool.healthy()) == 1, timeout=30, what="embedding worker healthy")
+        r = httpx.post(f"http://{solo.http_address}/v1/completions",
+                       json={"model": EMBED, "prompt": "Hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 404 and "embeddings only" in r.json()["error"]["message"], r.text
+    finally:
+        solo.stop()
 
 
 def test_grpc_router_embed(stack, reference):

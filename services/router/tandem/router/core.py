@@ -257,9 +257,14 @@ class RouterCore:
         """The generating worker for a prompt (embedding workers never generate)."""
         candidates = [w for w in self.pool.healthy() if w.worker_id not in exclude and not w.is_embedding]
         if not candidates:
+            embedding = sum(w.is_embedding for w in self.pool.workers.values())
+            if embedding and embedding == len(self.pool.workers):  # nothing here generates: no passing outage
+                raise RouterError(grpc.StatusCode.NOT_FOUND,
+                                  f"model {self.model_name!r} is served for embeddings only (its workers run "
+                                  "--is-embedding): use /v1/embeddings")
             raise NoHealthyWorker(
                 f"no healthy worker available ({len(self.pool.workers)} known, "
-                f"{len(self.pool.healthy())} healthy)")
+                f"{len(self.pool.healthy())} healthy" + (f", {embedding} serving embeddings only)" if embedding else ")"))
         t0 = time.perf_counter()
         decision = self.policy.choose([w.view() for w in candidates], input_ids)
         r = self.metrics.routing

@@ -46,6 +46,8 @@ def router_error_to_openai(e: RouterError) -> oa.OpenAIError:
         return oa.unavailable(e.message)
     if status == 400:
         return oa.bad_request(e.message)
+    if status == 404:
+        return oa.OpenAIError(404, e.message, "invalid_request_error", "model", "model_not_found")
     kind = "timeout_error" if status == 504 else "server_error"
     return oa.OpenAIError(status, e.message, kind, None, e.code.name.lower())
 
