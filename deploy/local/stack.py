@@ -139,7 +139,7 @@ def plan_stack(cfg: dict) -> list[ProcessSpec]:
         addr = f"{host}:{ports['decode_grpc'] + i}"
         decode_addrs.append(addr)
         conf = dict(engine, host=host, port=ports["decode_grpc"] + i, system_port=ports["decode_system"] + i)
-        if cfg["embedding"]:
+        if cfg.get("embedding"):
             conf.update(is_embedding=True)
         if cfg["mode"] == "disagg":
             conf.update(cfg["disaggregation"], disaggregation_mode="decode", prefill_addresses=prefill_addrs)
