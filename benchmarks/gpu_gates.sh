@@ -22,7 +22,8 @@
 #   hicache  hicache_bench.py on the 8B shape (issue 27)
 #   ab       ab_alternate.py vs the base tree $AB_BASE (default .gpu-base): 0.5B batch 1 tok/s with
 #            overlap scheduling, 8B batch 1 and 64 tok/s (issue 25: >= 0.97x the commit before)
-#   embed    engine_bench --embedding on the Qwen3-Embedding-0.6B shape (random weights on the device):
+#   embed    gpu_engine_check --only embedding (demo embedding model vs transformers, float32, triton), then
+#            engine_bench --embedding on the Qwen3-Embedding-0.6B shape (random weights on the device):
 #            inputs/s vs transformers SDPA, same batch of 128, uniform 512 (>= 1.1x) and [32, 512] (>= 2x)
 #            (issue 35)
 set -uo pipefail
@@ -98,6 +99,8 @@ for part in "$@"; do
             python3 benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 --no-hf \
             --batch-sizes 1 64 --output-len 64 --out '{out}' ;;
     embed)
+        step engine_check_embedding 150 $py benchmarks/gpu_engine_check.py --only embedding \
+            --out "$OUT/engine_check_embedding_$card.json"
         step engine_embedding 240 $py benchmarks/engine_bench.py --embedding --shape qwen3-embedding-0.6b --device cuda \
             --dtype bfloat16 --embedding-batch 128 --gates embedding \
             --out "$OUT/engine_embedding_qwen3emb06b_$card.json" ;;
