@@ -34,6 +34,9 @@ coverage measured with the recorder), decode steps at every batch size, and EPLB
 ``--ep-num-redundant-experts 4`` (recorder on vs off, graph replays vs eager steps, a plan applied
 between replays); ``--gates gpu-moe`` evaluates the MoE targets.
 
+    python benchmarks/engine_bench.py --embedding --shape qwen3-embedding-0.6b --device cuda --dtype bfloat16 \\
+        --embedding-batch 128 --gates embedding --out benchmarks/results/gpu/engine_embedding_qwen3emb06b.json
+
     python benchmarks/engine_bench.py --model /tmp/llama8b --device cuda --dtype bfloat16 --batch-sizes 1 64 \\
         --output-len 64 --quantization fp8 --compare-bf16 --fp8-checkpoint /tmp/llama8b-fp8-block --gates fp8 \\
         --out benchmarks/results/gpu/engine_fp8_llama8b.json           # engine_fp8.py
@@ -266,7 +269,14 @@ def main(argv=None) -> int:
                          "fp8_checkpoint.py writes them)")
     ap.add_argument("--bf16-baseline", default=None, metavar="JSON",
                     help="--gates fp8: an engine_bench JSON of the same card and command; bf16 must stay >= 0.97x")
-    ap.add_argument("--gates", choices=["gpu-part1", "gpu-part2", "gpu-moe", "fp8", "deterministic"], default=None,
+    ap.add_argument("--embedding", action="store_true",
+                    help="embeddings (engine_embedding.py): inputs/s of --is-embedding passes vs transformers AutoModel "
+                         "(SDPA, one padded batch), uniform and mixed lengths (default model: the demo embedding "
+                         "checkpoint)")
+    ap.add_argument("--embedding-batch", type=int, default=64, help="--embedding: inputs per call")
+    ap.add_argument("--embedding-min-len", type=int, default=32, help="--embedding: shortest mixed input")
+    ap.add_argument("--embedding-max-len", type=int, default=512, help="--embedding: uniform length, longest mixed")
+    ap.add_argument("--gates", choices=["gpu-part1", "gpu-part2", "gpu-moe", "fp8", "deterministic", "embedding"], default=None,
                     help="evaluate the issue's targets")
     ap.add_argument("--out", default=None, help="write JSON results here (and a .md next to it)")
     ap.add_argument("--profile", default=None, metavar="DIR",
@@ -298,6 +308,24 @@ def main(argv=None) -> int:
                   f"{'not measured' if gate['met'] is None else 'MET' if gate['met'] else 'NOT MET'}")
         if args.out:
             write_results(args.out, result, fp8_markdown)
+        return 0
+    if args.embedding:
+        from benchmarks.engine_embedding import run as run_embedding
+        from benchmarks.engine_embedding import write_markdown as embedding_markdown
+
+        if args.model == ap.get_default("model") and not args.shape:
+            from deploy.demo_models import EMBED_SPEC, build_all
+
+            args.model = build_all(str(REPO / "models"))[EMBED_SPEC["name"]]
+        result = run_embedding(args, git, started, machine_info())
+        result["command"] = command
+        for gate in result["gates"]:
+            print(f"target: {gate['target']}: {gate['value']} -> {'MET' if gate['met'] else 'NOT MET'}")
+        if not result["gates"]:
+            print("targets: none evaluated (--gates embedding holds the GPU targets)")
+        if args.out:
+            write_results(args.out, result, embedding_markdown)
+            print(f"wrote {args.out}")
         return 0
     if args.phase == "prefill":
         from benchmarks.engine_prefill import run as run_prefill

@@ -22,6 +22,9 @@ its measured value and verdict:
   (``--ep-num-redundant-experts 4``, recorder on) every decode step a graph replay, a plan applied
   between two replays keeps float32 greedy tokens identical to the engine without EPLB, and the
   recorder's device counters (inside the graphs) equal the host recorder's (per_token mode).
+* embeddings (``embedding_checks``): the demo embedding model's --is-embedding vectors (triton
+  extend kernels, packed passes) equal transformers AutoModel + plain-torch pooling in float32
+  (last, mean, cls; truncated to 64, normalised) within 1e-4.
 * FP8 (``fp8_checks``): the activation quantization kernel == torch bit for bit on random
   bf16 inputs (the rounding the CPU interpreter cannot check), every FP8 GEMM candidate within
   bf16 rounding of the torch definition, per-linear output cosine >= 0.999 against bf16 on the
@@ -295,6 +298,32 @@ def model_checks(dev: str) -> None:
         record(f"{name} float32 seeded + logprobs: overlap scheduling == --disable-overlap-schedule",
                f"{same}/{len(prompts)}", same == len(prompts))
         del waiting
+        free_device()
+
+
+def embedding_checks(dev: str) -> None:
+    """--is-embedding on CUDA (triton extend kernels, packed passes): the demo embedding model's vectors
+    equal transformers AutoModel's hidden states, pooled in plain torch, in float32, for every pooling."""
+    from tandem.engine import EngineCore
+    from transformers import AutoModel
+
+    path = str(REPO / "models" / "tandem-demo-embed")
+    g = torch.Generator().manual_seed(11)
+    inputs = [torch.randint(3, 8000, (n,), generator=g).tolist() for n in torch.randint(1, 400, (48,), generator=g)]
+    hf = AutoModel.from_pretrained(path, dtype=torch.float32).to(dev).eval()
+    with torch.no_grad():
+        hidden = [hf(input_ids=torch.tensor([x], device=dev)).last_hidden_state[0] for x in inputs]
+    del hf
+    for method in ("last", "mean", "cls"):
+        eng = EngineCore(path, is_embedding=True, device=dev, dtype="float32", pooling=method,
+                         chunked_prefill_size=1024, max_total_tokens=1 << 15)
+        got = eng.embed(inputs, 64).vectors
+        rows = [{"last": h[-1], "mean": h.mean(0), "cls": h[0]}[method][:64] for h in hidden]
+        want = torch.nn.functional.normalize(torch.stack(rows), dim=-1).cpu()
+        diff = float((got - want).abs().max())
+        record(f"embeddings float32 {method} pooling, 48 inputs of 1..399 tokens in {eng.embedder.passes} packed "
+               f"passes ({eng.attention_backend}), dimensions 64, normalised: max diff vs transformers", diff, diff <= 1e-4)
+        del eng
         free_device()
 
 
@@ -817,11 +846,11 @@ def main(argv=None) -> int:
     ap.add_argument("--fp8-model", default=None,
                     help="bf16 checkpoint (the 8B shape) for the per-linear FP8 cosine check")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", choices=["fp8", "kv-fp8", "hicache", "deterministic"], default=None,
+    ap.add_argument("--only", choices=["fp8", "kv-fp8", "hicache", "deterministic", "embedding"], default=None,
                     help="run only this group of checks (fp8: FP8 weights; kv-fp8: the FP8 KV cache; hicache: "
                          "HiCache page transfers and load-back tokens; deterministic: "
                          "--enable-deterministic-inference on both demo models and --bf16-model, with and without "
-                         "the flag)")
+                         "the flag; embedding: --is-embedding vectors vs transformers)")
     args = ap.parse_args(argv)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     git = git_info()
@@ -835,7 +864,7 @@ def main(argv=None) -> int:
              lambda: logits_checks(dev, str(REPO / "models" / "tandem-demo-dense")),
              lambda: fp32_batch_invariance(dev, str(REPO / "models" / "tandem-demo-dense")),
              lambda: moe_kernel_checks(dev), lambda: logits_checks(dev, str(REPO / "models" / "tandem-demo-moe")),
-             lambda: moe_eplb_checks(dev)]
+             lambda: moe_eplb_checks(dev), lambda: embedding_checks(dev)]
     if args.bf16_model:
         steps.append(lambda: logits_checks(dev, args.bf16_model))
     models = [str(REPO / "models" / "tandem-demo-dense"), str(REPO / "models" / "tandem-demo-moe")]
@@ -843,6 +872,7 @@ def main(argv=None) -> int:
     deterministic = [lambda: invariant_gemm_checks(dev)] + [
         (lambda m=m, flag=flag: deterministic_checks(dev, m, flag)) for m in models for flag in (True, False)]
     groups = {"fp8": fp8_checks(dev, args.fp8_model), "kv-fp8": kv_fp8, "deterministic": deterministic,
+              "embedding": [lambda: embedding_checks(dev)],
               "hicache": [lambda: hicache_transfer_checks(dev), lambda: hicache_token_checks(dev)]}
     # deterministic: its own call (--only deterministic), four engines a model.
     steps = groups[args.only] if args.only else steps + groups["fp8"] + groups["kv-fp8"] + groups["hicache"]

@@ -2,7 +2,7 @@
 # Every GPU gate of the open issues, in parts that each fit one lent-device call (< 10 minutes).
 #
 #   OUT=/path/to/results benchmarks/gpu_gates.sh PART...
-#       PART: check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b
+#       PART: check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed
 #
 # Run from the repository root on the GPU machine (the device tool copies the working tree; name
 # gen, .whl and the A/B base tree in its `carry`). Every script writes its own results file
@@ -31,6 +31,10 @@
 #            3 rounds of fresh pairs (issue 29)
 #   ab       ab_alternate.py vs the base tree $AB_BASE (default .gpu-base): 0.5B batch 1 tok/s with
 #            overlap scheduling, 8B batch 1 and 64 tok/s (issue 25: >= 0.97x the commit before)
+#   embed    gpu_engine_check --only embedding (demo embedding model vs transformers, float32, triton), then
+#            engine_bench --embedding on the Qwen3-Embedding-0.6B shape (random weights on the device):
+#            inputs/s vs transformers SDPA, same batch of 128, uniform 512 (>= 1.1x) and [32, 512] (>= 2x)
+#            (issue 35)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the results folder}
@@ -103,6 +107,12 @@ for part in "$@"; do
             --metric rows.0.tandem_tok_s --metric rows.1.tandem_tok_s --out "$OUT/ab_engine_bench_llama8b_$card.json" -- \
             python3 benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 --no-hf \
             --batch-sizes 1 64 --output-len 64 --out '{out}' ;;
+    embed)
+        step engine_check_embedding 150 $py benchmarks/gpu_engine_check.py --only embedding \
+            --out "$OUT/engine_check_embedding_$card.json"
+        step engine_embedding 240 $py benchmarks/engine_bench.py --embedding --shape qwen3-embedding-0.6b --device cuda \
+            --dtype bfloat16 --embedding-batch 128 --gates embedding \
+            --out "$OUT/engine_embedding_qwen3emb06b_$card.json" ;;
     fp8gemm)
         step fp8_gemm 150 $py benchmarks/fp8_gemm_bench.py --out "$OUT/fp8_gemm_bench_$card.json" ;;
     deterministic)
@@ -128,7 +138,7 @@ for part in "$@"; do
             --out "$OUT/engine_bench_overlap_qwen05b_$card.json"
         step dense_warmup 400 $py benchmarks/warmup_bench.py --rounds 3 --steady 6 \
             --out "$OUT/warmup_bench_$card.json" ;;
-    *) echo "unknown part $part (check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b)"
+    *) echo "unknown part $part (check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed)"
        exit 2 ;;
     esac
 done

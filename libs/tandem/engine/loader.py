@@ -34,6 +34,10 @@ def _read_tensors(path: str) -> dict:
         with safe_open(fn, framework="pt") as f:
             for k in f.keys():
                 tensors[k] = f.get_tensor(k)
+    if not any(k.startswith("model.") for k in tensors):
+        # A base-model checkpoint (saved from e.g. Qwen3Model, as Qwen3-Embedding ships: no
+        # "model." prefix and no lm_head): the same weights under the causal LM's names.
+        tensors = {"model." + k: v for k, v in tensors.items()}
     return tensors
 
 

@@ -338,6 +338,15 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch, k_caches: list, v_caches: list) -> torch.Tensor:
         """Run the batch; return logits [S, vocab] (float32) for ``fb.logits_indices`` (all rows if None)."""
+        h = self.hidden_states(fb, k_caches, v_caches)
+        logits = self.tied_matmul(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+        return logits.float()
+
+    @torch.inference_mode()
+    def hidden_states(self, fb: ForwardBatch, k_caches: list, v_caches: list) -> torch.Tensor:
+        """Run the batch; return the final (normed) hidden states [S, hidden] in the model dtype
+        for ``fb.logits_indices`` (all rows if None): what the LM head reads, and what
+        embedding pooling reads."""
         ops = self.ops
         h = self.embed_tokens(fb.input_ids)
         rope = ops.rope_inputs(fb.positions, h.dtype)
@@ -349,5 +358,4 @@ class CausalLM(nn.Module):
         if fb.logits_indices is not None:
             h, residual = h[fb.logits_indices], residual[fb.logits_indices]
         h, _ = ops.rms_norm(h, self.norm.weight, self.norm.eps, residual)
-        logits = self.tied_matmul(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
-        return logits.float()
+        return h
