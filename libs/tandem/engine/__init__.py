@@ -8,6 +8,7 @@ Public API (import these names from ``tandem.engine``, not from its modules)::
 from tandem.sampling import SamplingError, SamplingParams, StructuredOutput
 
 from .disaggregation import ExternalAllocation
+from .embedding import EmbeddingOutput
 from .engine import EngineCore
 from .kv_pool import AUX_SLOT_BYTES, KVPool, OutOfPages
 from .llm import LLM, RequestOutput
@@ -20,6 +21,6 @@ from .stats import EngineStats
 __all__ = [
     "LoraAdapterError", "LoraExistsError", "LoraInUseError", "UnknownLoraError", "lora_root_hash",
     "LLM", "SamplingParams", "StructuredOutput", "SamplingError", "RequestOutput", "EngineCore", "EngineStats",
-    "StepOutput", "ExternalAllocation", "KVPool", "AUX_SLOT_BYTES", "OutOfPages",
+    "StepOutput", "EmbeddingOutput", "ExternalAllocation", "KVPool", "AUX_SLOT_BYTES", "OutOfPages",
     "BlockStored", "BlockRemoved", "AllBlocksCleared", "block_hash", "Mode",
 ]

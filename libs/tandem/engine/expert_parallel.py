@@ -319,14 +319,15 @@ class ExpertParallelFollower:
         config = config.model_copy(update={"ep_dispatch_algorithm": init["dispatch"], "random_seed": init["seed"],
                                            "ep_size": ep.size})
         hooks = ExpertHooks(config, device, ep.rank, ep.size, ep.all_reduce, location=location, with_recorder=False)
+        deterministic = config.enable_deterministic_inference
         self.model, self.model_config = load_model(config.model_path, resolve_dtype(config.dtype, device), device,
-                                                   hooks, init["load_format"])
+                                                   hooks, init["load_format"], deterministic=deterministic)
         mc = self.model_config
         mine = _model_signature(self.model, mc)
         if init["model"] != mine:
             raise ValueError(f"EP follower {ep.rank}: its model {mine} differs from the leader's {init['model']} "
                              "(same checkpoint and dtype needed on every rank)")
-        self.model.set_backend(init["attention_backend"], init["max_positions"])  # the leader's kernels
+        self.model.set_backend(init["attention_backend"], init["max_positions"], deterministic)  # the leader's kernels
         k_scales, v_scales = init["kv_scales"]
         self.pool = KVPool(mc.num_layers, init["num_pages"], init["page_size"], mc.num_kv_heads, mc.head_dim,
                            getattr(torch, init["kv_dtype"]), device, num_aux_slots=1,

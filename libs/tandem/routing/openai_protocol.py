@@ -393,8 +393,8 @@ def finish_reason_name(reason: int) -> str | None:
     return _FINISH.get(reason)
 
 
-def new_request_id(kind: Literal["completion", "chat"]) -> str:
-    return ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+def new_request_id(kind: Literal["completion", "chat", "embedding"]) -> str:
+    return {"completion": "cmpl-", "chat": "chatcmpl-", "embedding": "embd-"}[kind] + uuid.uuid4().hex
 
 
 def now() -> int:
@@ -527,8 +527,10 @@ def usage_chunk(rid: str, model: str, created: int, kind: Literal["completion", 
     }
 
 
-def models_body(models: list[str] | str, created: int) -> dict:
-    """/v1/models: the base model and its LoRA adapters (``base:adapter``)."""
-    models = [models] if isinstance(models, str) else models
-    return {"object": "list", "data": [{"id": m, "object": "model", "created": created, "owned_by": "tandem"}
-                                       for m in models]}
+def models_body(models: list[str] | str, created: int, extra: Sequence[str] = ()) -> dict:
+    """/v1/models: ``models`` first (the base model and its LoRA adapters, ``base:adapter``), then
+    the ``extra`` models (embedding models the workers serve)."""
+    models = [models] if isinstance(models, str) else list(models)
+    names = models + [m for m in extra if m not in models]
+    return {"object": "list",
+            "data": [{"id": m, "object": "model", "created": created, "owned_by": "tandem"} for m in names]}

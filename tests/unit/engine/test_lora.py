@@ -42,6 +42,34 @@ def test_sgmv_shrink_expand_match_torch(lens, slots):
     assert not torch.allclose(out[used], y[used])
 
 
+def test_deterministic_deltas_run_one_row_tile_and_no_torch_path():
+    """--enable-deterministic-inference: every projection launches the kernels with the fixed row
+    tile (a segment longer than the tile still matches torch); the batch-variant torch path refuses."""
+    from tandem.engine.lora import LoraWeights, lora_batch
+
+    g = torch.Generator().manual_seed(0)
+    lens, slots = [1, 40, 3], [0, 1, -1]
+    st, ln, sl = _segments(lens, slots)
+    x, a = torch.randn(44, 40, generator=g), torch.randn(2, 8, 40, generator=g)
+    xa = kernels.shrink(x, a, st, ln, sl, 40, block_m=kernels.INVARIANT_BLOCK_M)
+    used = torch.repeat_interleave(sl, ln) >= 0
+    assert torch.allclose(xa[used], kernels.shrink_ref(x, a, st, ln, sl)[used], atol=1e-4, rtol=1e-4)
+    det, default = LoraWeights(2, 8, torch.float32, "cpu", deterministic=True), LoraWeights(2, 8, torch.float32, "cpu")
+    d, d0 = det("layers.0.self_attn.o_proj", 40, (24,)), default("layers.0.self_attn.o_proj", 40, (24,))
+    assert d.block_m == kernels.INVARIANT_BLOCK_M and d0.block_m is None
+    with pytest.raises(RuntimeError, match="deterministic LoRA runs the Triton kernels only"):
+        d(x[:4], torch.zeros(4, 24), lora_batch([0, 1], [1, 3], "cpu", use_triton=False))
+
+
+def test_config_refuses_lora_on_embedding_workers():
+    from tandem.config import EngineConfig
+
+    with pytest.raises(ValueError, match="enable_lora / lora_paths: not with is_embedding=true"):
+        EngineConfig(is_embedding=True, lora_paths=["a=/x"])
+    with pytest.raises(ValueError, match="not with is_embedding=true"):
+        EngineConfig(is_embedding=True, enable_lora=True, max_lora_rank=8)
+
+
 # ---- adapters ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def adapters(demo_models, tmp_path_factory):
@@ -265,6 +293,18 @@ def test_deploy_local_lora_serves_the_demo_adapters(demo_models, tmp_path):
     assert "lora_paths" not in plan_stack(load_stack_config(overrides={"model_path": str(model)}))[0].config
     with pytest.raises(ValueError, match="MoE"):
         plan_stack(load_stack_config(overrides={"model_path": os.path.abspath(demo_models["moe"]), "lora": True}))
+    # EMBED= beside LORA=1: the embedding worker serves the base embedding model, without adapters;
+    # an embedding MODEL with LORA=1 is refused by name.
+    from tests.support.models import demo_model
+
+    embed = demo_model("tandem-demo-embed")
+    specs = plan_stack(load_stack_config(overrides={"model_path": str(model), "lora": "1",
+                                                    "embedding_model_path": embed}))
+    by_name = {s.name: s.config for s in specs}
+    assert by_name["embed-0"]["is_embedding"] and "lora_paths" not in by_name["embed-0"]
+    assert by_name["decode-0"]["lora_paths"]
+    with pytest.raises(ValueError, match="LORA=1 with MODEL=.*embedding model"):
+        load_stack_config(overrides={"model_path": embed, "lora": "1"})
 
 
 def test_engine_bench_lora_runs_tiny_and_writes_its_results(demo_models, tmp_path, capsys):

@@ -76,6 +76,13 @@ def _expand_kernel(XA, W, Y, SegStart, SegLen, SegSlot, N, R, stride_xa, stride_
     tl.store(y_ptrs, (y + acc).to(Y.dtype.element_ty), mask=mask)
 
 
+# --enable-deterministic-inference: every launch uses this row tile, whatever the batch's longest
+# segment (a row's reductions run over K / R in fixed blocks either way; the fixed tile leaves the
+# compiled dot nothing to vary with the batch). 16 is the decode tile, so decode steps and CUDA
+# graphs run as without the flag.
+INVARIANT_BLOCK_M = 16
+
+
 def _block_m(max_len: int) -> int:
     return 16 if max_len <= 16 else 32 if max_len <= 32 else 64
 
@@ -85,8 +92,10 @@ def _block(n: int, lo: int = 16, hi: int = 64) -> int:
 
 
 def shrink(x: torch.Tensor, a: torch.Tensor, seg_starts: torch.Tensor, seg_lens: torch.Tensor,
-           seg_slots: torch.Tensor, max_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [T, K]``, ``a [slots, R, K]`` -> ``[T, R]`` (rows of base segments undefined)."""
+           seg_slots: torch.Tensor, max_len: int, out: torch.Tensor | None = None,
+           block_m: int | None = None) -> torch.Tensor:
+    """``x [T, K]``, ``a [slots, R, K]`` -> ``[T, R]`` (rows of base segments undefined). ``block_m``:
+    the row tile (default: by ``max_len``; ``INVARIANT_BLOCK_M`` in deterministic mode)."""
     T, K = x.shape
     R = a.shape[1]
     if x.stride(1) != 1 or a.stride(2) != 1:
@@ -96,7 +105,7 @@ def shrink(x: torch.Tensor, a: torch.Tensor, seg_starts: torch.Tensor, seg_lens:
     S = seg_slots.shape[0]
     if T == 0 or S == 0:
         return out
-    bm, br = _block_m(max_len), _block(R)
+    bm, br = block_m or _block_m(max_len), _block(R)
     grid = (triton.cdiv(max_len, bm), triton.cdiv(R, br), S)
     _shrink_kernel[grid](x, a, out, seg_starts, seg_lens, seg_slots, K, R, x.stride(0), a.stride(0), a.stride(1),
                          out.stride(0), BLOCK_M=bm, BLOCK_R=br, BLOCK_K=64, num_warps=4)
@@ -104,15 +113,16 @@ def shrink(x: torch.Tensor, a: torch.Tensor, seg_starts: torch.Tensor, seg_lens:
 
 
 def expand(xa: torch.Tensor, b: torch.Tensor, y: torch.Tensor, seg_starts: torch.Tensor, seg_lens: torch.Tensor,
-           seg_slots: torch.Tensor, max_len: int) -> torch.Tensor:
-    """``y [T, N] += xa [T, R] @ b[slot]^T`` per segment (``b [slots, N, R]``), in place; returns ``y``."""
+           seg_slots: torch.Tensor, max_len: int, block_m: int | None = None) -> torch.Tensor:
+    """``y [T, N] += xa [T, R] @ b[slot]^T`` per segment (``b [slots, N, R]``), in place; returns ``y``.
+    ``block_m``: as for :func:`shrink`."""
     N, R = b.shape[1], b.shape[2]
     if y.stride(1) != 1 or b.stride(2) != 1 or xa.stride(1) != 1:
         raise ValueError("lora expand: y, xa and B need a unit last stride")
     S = seg_slots.shape[0]
     if y.shape[0] == 0 or S == 0:
         return y
-    bm, bn, br = _block_m(max_len), 64, _block(R, hi=32)
+    bm, bn, br = block_m or _block_m(max_len), 64, _block(R, hi=32)
     grid = (triton.cdiv(max_len, bm), triton.cdiv(N, bn), S)
     _expand_kernel[grid](xa, b, y, seg_starts, seg_lens, seg_slots, N, R, xa.stride(0), b.stride(0), b.stride(1),
                          y.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, num_warps=4)

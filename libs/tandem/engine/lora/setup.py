@@ -16,7 +16,7 @@ def lora_weights(cfg, dtype, device: str) -> LoraWeights | None:
         rank = max(int(read_adapter_config(path).get("r") or 0) for path in cfg.lora_path_map.values())
         if rank < 1:
             raise ValueError("max_lora_rank: could not read a rank 'r' from the adapter_config.json of lora_paths")
-    return LoraWeights(cfg.max_loras_per_batch, rank, dtype, device)
+    return LoraWeights(cfg.max_loras_per_batch, rank, dtype, device, cfg.enable_deterministic_inference)
 
 
 def lora_manager(cfg, weights: LoraWeights | None, num_layers: int) -> LoraManager | None:

@@ -54,8 +54,9 @@ class LoraDelta:
     ``B [slots, out, parts * max_rank]`` (block diagonal: part p's output rows read only part p's
     rank columns; the scaling is folded into B)."""
 
-    def __init__(self, name: str, in_features: int, parts: tuple, num_slots: int, max_rank: int, dtype, device):
-        self.name, self.parts, self.max_rank = name, tuple(parts), max_rank
+    def __init__(self, name: str, in_features: int, parts: tuple, num_slots: int, max_rank: int, dtype, device,
+                 block_m: int | None = None):
+        self.name, self.parts, self.max_rank, self.block_m = name, tuple(parts), max_rank, block_m
         R = len(parts) * max_rank
         self.a = torch.zeros((num_slots, R, in_features), dtype=dtype, device=device)
         self.b = torch.zeros((num_slots, sum(parts), R), dtype=dtype, device=device)
@@ -77,8 +78,13 @@ class LoraDelta:
         if batch is None:
             return y
         if batch.use_triton:
-            xa = kernels.shrink(x, self.a, batch.seg_starts, batch.seg_lens, batch.seg_slots, batch.max_len)
-            return kernels.expand(xa, self.b, y, batch.seg_starts, batch.seg_lens, batch.seg_slots, batch.max_len)
+            xa = kernels.shrink(x, self.a, batch.seg_starts, batch.seg_lens, batch.seg_slots, batch.max_len,
+                                block_m=self.block_m)
+            return kernels.expand(xa, self.b, y, batch.seg_starts, batch.seg_lens, batch.seg_slots, batch.max_len,
+                                  block_m=self.block_m)
+        if self.block_m is not None:
+            raise RuntimeError(f"{self.name}: deterministic LoRA runs the Triton kernels only (the torch path's "
+                               "matmuls depend on the batch)")
         for slot, rows in batch.groups:
             xs = x.index_select(0, rows)
             y.index_add_(0, rows, (xs @ self.a[slot].T) @ self.b[slot].T)
@@ -89,15 +95,19 @@ class LoraWeights:
     """Every projection's :class:`LoraDelta`, created as the model asks for them (``__call__``
     has the model's factory signature: ``(name, in_features, out parts) -> LoraDelta``)."""
 
-    def __init__(self, num_slots: int, max_rank: int, dtype, device):
+    def __init__(self, num_slots: int, max_rank: int, dtype, device, deterministic: bool = False):
+        """``deterministic`` (--enable-deterministic-inference): every projection's kernels run one
+        fixed row tile (``kernels.INVARIANT_BLOCK_M``), so a row's delta does not depend on its batch."""
         self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
+        self.block_m = kernels.INVARIANT_BLOCK_M if deterministic else None
         self.deltas: dict[str, LoraDelta] = {}
 
     def __call__(self, name: str, in_features: int, parts: tuple) -> LoraDelta:
         if name in self.deltas:
             raise ValueError(f"LoRA projection {name!r} requested twice")
         # An explicit device: the model is built under torch.device("meta"), these buffers are real.
-        d = LoraDelta(name, in_features, parts, self.num_slots, self.max_rank, self.dtype, torch.device(self.device))
+        d = LoraDelta(name, in_features, parts, self.num_slots, self.max_rank, self.dtype, torch.device(self.device),
+                      self.block_m)
         self.deltas[name] = d
         return d
 
