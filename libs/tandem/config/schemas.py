@@ -400,6 +400,11 @@ class RouterConfig(ServerConfig, EtcdClientConfig):
         2, ge=1, description="Timed-out health checks in a row that take a worker out of rotation (a refused "
         "connection or NOT_SERVING takes it out at the first check).")
     request_retries: int = Field(1, ge=0, description="Retries on another worker when one fails before output.")
+    migration_limit: int = Field(
+        0, ge=0, description="Request migration (Dynamo's name): when a worker's stream ends without finishing a "
+        "request that has already streamed output (connection lost, UNAVAILABLE, worker gone), send it to another "
+        "worker with the tokens so far (GenerateRequest.output_ids), at most this many times; the client's stream "
+        "goes on with no gap and no repeated token. 0 = off: the client gets the error.")
     tool_call_parser: Literal["qwen25", "hermes", "llama3"] | None = Field(
         None, description="Parse tool calls out of the output (tool_choice auto): qwen25/hermes = <tool_call> JSON "
         "(Qwen2.5, Qwen3, Hermes), llama3 = Llama-3 JSON. Forced calls (required / a named tool) need none.")

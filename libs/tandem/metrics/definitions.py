@@ -244,6 +244,11 @@ FRONTEND = _keyed(F, (
     _g(F + "model_context_length", "Context length of the served model.", FRONTEND_LABELS),
     _g(F + "model_kv_cache_block_size", "KV cache block (page) size in tokens.", FRONTEND_LABELS),
     _g(F + "model_total_kv_blocks", "KV blocks over all workers of the model.", FRONTEND_LABELS),
+    _c(F + "model_migration_total", "Request migrations because a worker became unavailable, by migration_type "
+       "(ongoing_request: it had streamed output, continued with its tokens so far, --migration-limit; "
+       "new_request: it had not, sent again, --request-retries).", FRONTEND_LABELS + ("migration_type",)),
+    _c(F + "model_migration_max_seq_len_exceeded_total", "Migrations not made because the prompt and the tokens "
+       "so far leave no room in the model's context (the client gets the error).", FRONTEND_LABELS),
 ))
 
 # --- Router overhead and routing decisions ----------------------------------------------

@@ -204,6 +204,8 @@ class FrontendMetrics:
         self.hit_rate, self.cached, self._tok = m["kv_hit_rate"], m["cached_tokens"], m["tokenizer_latency_ms"]
         self._ctx, self._block, self._blocks = (m["model_context_length"], m["model_kv_cache_block_size"],
                                                 m["model_total_kv_blocks"])
+        self._migrations, self._migration_too_long = (m["model_migration_total"],
+                                                      m["model_migration_max_seq_len_exceeded_total"])
         for g in (self._inflight, self.queued, self.disconnected):
             g.labels(**self.base)  # series exist (at 0) before the first request
 
@@ -215,6 +217,13 @@ class FrontendMetrics:
             self._block.labels(**self.base).set(kv_cache_block_size)
         if total_kv_blocks is not None:
             self._blocks.labels(**self.base).set(total_kv_blocks)
+
+    def record_migration(self, migration_type: str) -> None:
+        """migration_type: "ongoing_request" (continued with its tokens so far) | "new_request" (sent again)."""
+        self._migrations.labels(**self.base, migration_type=migration_type).inc()
+
+    def migration_too_long(self) -> None:
+        self._migration_too_long.labels(**self.base).inc()
 
     def observe_tokenizer_ms(self, operation: str, ms: float) -> None:
         """operation: "tokenize" | "detokenize" | "chat_template"."""

@@ -22,6 +22,7 @@ from tandem.worker.base import WorkerBase
 from tandem.worker.convert import chunk_from_output
 from tandem.worker.engine_loop import EngineLoop, RequestStream
 from tandem.worker.errors import ClientGone, RequestFailed
+from tandem.worker.faults import TokenFault
 from tandem.worker.remote_prefill import RemotePrefill, RemotePrefillFailed
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class DecodeWorker(WorkerBase):
         super().__init__(config, loop, worker_id)
         self.remote = remote
         self.local_prefills = 0
+        self.fault = TokenFault.from_env()
 
     def _admit(self) -> None:
         """Bounded queue: beyond the running batch plus --max-queued-requests, refuse at once
@@ -91,21 +93,26 @@ class DecodeWorker(WorkerBase):
         if override == "remote" and not self.disaggregated:
             raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
                                 "prefill_override='remote' but this worker is not in decode mode")
-        local = (not self.disaggregated or override == "local" or sp.prompt_logprobs is not None
+        output_ids = list(request.output_ids)  # a migrated request: its tokens so far
+        if output_ids and override == "remote":
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
+                                "output_ids: a continued request is prefilled on its decode worker, not remotely")
+        local = (not self.disaggregated or override == "local" or sp.prompt_logprobs is not None or bool(output_ids)
                  or (override != "remote" and len(ids) < self.config.max_local_prefill_length))
         try:
-            self.loop.validate(ids, sp)  # a bad request never reaches a prefill worker
+            self.loop.validate(ids, sp, output_ids)  # a bad request never reaches a prefill worker
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         self._admit()
         cancel = _Cancel()
         if local:
-            stream = self._submit_local(rid, ids, sp)
+            stream = self._submit_local(rid, ids, sp, output_ids)
             cancel.add(stream.cancel)
             on_cancel(cancel)
         else:
             stream = self._remote(rid, ids, sp, cancel, on_cancel)
             cancel.add(stream.cancel)
+        streamed = 0
         try:
             for out in stream:
                 if not is_active():
@@ -116,12 +123,15 @@ class DecodeWorker(WorkerBase):
                     # request end as a success with whatever it had streamed so far.
                     raise RequestFailed(grpc.StatusCode.ABORTED, f"request {rid} was aborted before it finished")
                 yield chunk_from_output(out, rid, sp.logprobs)
+                streamed += len(out.new_token_ids)
+                self.fault.streamed(streamed)
         except ValueError as exc:  # the engine refused the request when it was added
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
-    def _submit_local(self, rid: str, ids: list[int], sp: SamplingParams) -> RequestStream:
+    def _submit_local(self, rid: str, ids: list[int], sp: SamplingParams, output_ids: list[int] = ()
+                      ) -> RequestStream:
         try:
-            stream = self.loop.submit(ids, sp, rid)
+            stream = self.loop.submit(ids, sp, rid, output_ids=output_ids)
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         self.local_prefills += 1

@@ -149,22 +149,23 @@ class EngineLoop(LoopThread):
         self._wake.set()
         return fut
 
-    def validate(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
+    def validate(self, prompt_ids: list[int], sampling: SamplingParams, output_ids: list[int] = ()) -> None:
         """Raise ValueError if this request could never run here (on the caller's thread:
         it reads only the engine's fixed configuration)."""
-        self.engine.validate_request(prompt_ids, sampling)
+        self.engine.validate_request(prompt_ids, sampling, output_ids)
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, rid: str, mode: str = "normal",
-               on_output: Callable[[], None] | None = None) -> RequestStream:
+               on_output: Callable[[], None] | None = None, output_ids: list[int] = ()) -> RequestStream:
         """Queue a request; its outputs arrive on the returned stream (a prefill-only request's
         include the pages each chunk made final). Check it first with ``validate``: what the
         engine refuses when it is added ends the stream with that ValueError. Raises ValueError
-        at once for an id in use."""
+        at once for an id in use. ``output_ids``: a migrated request's tokens so far
+        (``EngineCore.add_request``)."""
         stream = self._open(rid, on_output)
 
         def add(engine: EngineCore) -> None:
             try:
-                engine.add_request(prompt_ids, sampling, rid=rid, mode=mode)
+                engine.add_request(prompt_ids, sampling, rid=rid, mode=mode, output_ids=output_ids)
             except BaseException as exc:
                 self._close(rid)
                 stream.deliver(_StreamEnd(exc))

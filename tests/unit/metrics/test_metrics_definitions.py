@@ -94,6 +94,8 @@ EXPECTED_FRONTEND = {
     "dynamo_frontend_model_context_length": ("gauge", ("model",)),
     "dynamo_frontend_model_kv_cache_block_size": ("gauge", ("model",)),
     "dynamo_frontend_model_total_kv_blocks": ("gauge", ("model",)),
+    "dynamo_frontend_model_migration": ("counter", ("model", "migration_type")),
+    "dynamo_frontend_model_migration_max_seq_len_exceeded": ("counter", ("model",)),
 }
 EXPECTED_ROUTER = {
     "dynamo_router_overhead_block_hashing_ms": ("histogram", ("model",)),
@@ -151,6 +153,8 @@ def _populated_registry():
     fm = FrontendMetrics(reg, model="m")
     fm.set_model_info(context_length=1, kv_cache_block_size=1, total_kv_blocks=1)
     fm.observe_tokenizer_ms("tokenize", 0.1)
+    fm.record_migration("ongoing_request")
+    fm.migration_too_long()
     with fm.track_request("chat_completions", "stream") as r:
         r.set_input_tokens(3)
         r.set_cached_tokens(1, 3)
