@@ -21,21 +21,23 @@ from tests.support.waiting import wait_for
 FAULT_AT = 6
 PROMPT = "The GNU General Public License is a free, copyleft license for"
 CASES = ["greedy", "seeded"]
+PAUSE_AT = 4  # the drained worker's engine pauses once each of its requests streamed this many tokens
 PENALTIES = dict(frequency_penalty=1.5, presence_penalty=1.0, repetition_penalty=1.2)
 
 
 @pytest.fixture(scope="module")
 def workers():
-    """One healthy worker (a port-0 port: above every doomed one) and one doomed worker per
-    case, on ports below the ephemeral range, so round_robin's first pick (the lowest worker
-    id) is the doomed one."""
+    """One healthy worker (a port-0 port: above every other one), one doomed worker per case and
+    one to drain, on ports below the ephemeral range, so round_robin's first pick (the lowest
+    worker id) is the doomed (or drained) one."""
     model = demo_model()
-    ports = free_ports(len(CASES))
+    ports = free_ports(len(CASES) + 1)
     fault = {"TANDEM_FAULT_EXIT_AFTER_TOKENS": str(FAULT_AT)}
+    pause = {"TANDEM_FAULT_PAUSE_AFTER_TOKENS": str(PAUSE_AT)}
     specs = [("tandem.decode", agg_worker_args(model))]
     specs += [("tandem.decode", agg_worker_args(model, "--port", str(p))) for p in ports]
-    procs = start_many(specs, envs=[None] + [fault] * len(CASES))
-    yield procs[0], dict(zip(CASES, procs[1:]))
+    procs = start_many(specs, envs=[None] + [fault] * len(CASES) + [pause])
+    yield procs[0], dict(zip(CASES + ["drain"], procs[1:]))
     for p in procs:
         p.stop()
 
@@ -109,3 +111,57 @@ def test_seeded_with_penalties(workers, reference):
     assert lps == pytest.approx(want[2], abs=1e-4)
     assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert last.usage.prompt_tokens == want[3].usage.prompt_tokens and last.usage.completion_tokens == 24
+
+
+DRAIN_STREAMS = 8
+
+
+def test_drain_hands_every_request_to_another_worker(workers, reference):
+    """8 streams in flight over the drained worker and the healthy one: the drain hands the drained
+    worker's back (paused mid-stream by its fault hook), the router migrates them; every stream ends
+    with the tokens of an uninterrupted run; the drained worker ends NOT_SERVING with 0 pages in use."""
+    import threading
+
+    from grpc_health.v1 import health_pb2
+    from tandem.v1 import common_pb2 as c
+    from tandem.v1 import decode_pb2_grpc, engine_control_pb2, engine_control_pb2_grpc
+
+    healthy, doomed = workers
+    drained = doomed["drain"]
+    sps = [dict(max_tokens=32, ignore_eos=True, temperature=0.8 if i % 2 else 0, seed=100 + i, logprobs=True,
+                frequency_penalty=0.5) for i in range(DRAIN_STREAMS)]
+    want = [reference(**sp)[0] for sp in sps]
+    app = make_router([drained.grpc_address, healthy.grpc_address], migration_limit=1)
+    got: list[list[int]] = [[] for _ in sps]
+    errors: list[BaseException] = []
+
+    def one(i):
+        try:
+            with router_stub(app) as stub:
+                req = router_pb2.RouterGenerateRequest(text=PROMPT, sampling=c.SamplingParams(**sps[i]))
+                for chunk in stub.Generate(req, timeout=120):
+                    got[i].extend(chunk.token_ids)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(DRAIN_STREAMS)]
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: all(got) or errors, timeout=120, what="every stream's first tokens")
+        with drained.channel() as ch:
+            resp = engine_control_pb2_grpc.EngineControlStub(ch).Drain(engine_control_pb2.DrainRequest(), timeout=120)
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        assert got == want
+        assert resp.ok and resp.num_pages_in_use == 0 and resp.num_requests_left == 0, resp
+        moved = app.registry.get_sample_value("dynamo_frontend_model_migration_total",
+                                              {"model": app.model_name, "migration_type": "ongoing_request"})
+        assert resp.num_requests_handed_back >= 1 and moved == resp.num_requests_handed_back
+        assert drained.health_status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        with drained.channel() as ch:
+            load = decode_pb2_grpc.DecodeStub(ch).GetLoad(c.GetLoadRequest(), timeout=10)
+        assert load.num_running_reqs == 0 and load.free_pages + load.evictable_pages == load.total_pages
+    finally:
+        app.stop()

@@ -223,6 +223,8 @@ COMPONENT = _keyed(D, (
     _g(D + "gpu_prefix_cache_hit_rate", "Prefix cache hit rate 0..1.", COMPONENT_LABELS),
     _g(D + "model_load_time_seconds", "Time taken to load the model in seconds.", COMPONENT_LABELS),
     _c(D + "kv_cache_events_applied_total", "KV cache events (stored/removed) published.", COMPONENT_LABELS),
+    _c("tandem_component_drained_requests_total", "Requests a Drain handed back to their router (to be migrated "
+       "to another worker).", COMPONENT_LABELS),
 ))
 
 # --- Dynamo frontend (router) metrics ----------------------------------------------------

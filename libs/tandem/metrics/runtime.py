@@ -69,6 +69,7 @@ class ComponentMetrics:
         self._total_blocks, self._active_blocks = m["total_blocks"], m["active_blocks"]
         self._usage, self._hit_rate = m["gpu_cache_usage_percent"], m["gpu_prefix_cache_hit_rate"]
         self._load_time, self._kv_events = m["model_load_time_seconds"], m["kv_cache_events_applied_total"]
+        self._drained = m["tandem_component_drained_requests_total"]
         self.started_at = time.time()
         if registry is not None:
             registry.register(RefreshCollector(self.refresh_uptime))
@@ -111,6 +112,9 @@ class ComponentMetrics:
 
     def set_model_load_time(self, seconds: float) -> None:
         self._load_time.labels(**self.labels()).set(seconds)
+
+    def requests_drained(self, n: int) -> None:
+        self._drained.labels(**self.labels()).inc(n)
 
     def kv_events_applied(self, n: int = 1) -> None:
         self._kv_events.labels(**self.labels()).inc(n)

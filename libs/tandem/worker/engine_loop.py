@@ -127,6 +127,7 @@ class EngineLoop(LoopThread):
         self._hooks: list[LoopHook] = []
         self._stats = engine.stats()
         self.steps = 0
+        self._paused = threading.Event()
 
     def add_hook(self, hook: LoopHook) -> None:
         """Add a hook (before start)."""
@@ -136,6 +137,21 @@ class EngineLoop(LoopThread):
     def stats(self) -> EngineStats:
         """The engine's stats as of the loop's last iteration that changed anything."""
         return self._stats
+
+    # ---- pausing ---------------------------------------------------------------------------
+    def pause(self) -> None:
+        """Stop stepping the engine (commands still apply: requests may be added or aborted)
+        until ``resume()``. A drain pauses while it aborts every request, so no step runs for
+        requests about to leave."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+        self._wake.set()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
 
     # ---- commands --------------------------------------------------------------------------
     def call(self, fn: Callable[[EngineCore], T]) -> Future[T]:
@@ -250,7 +266,7 @@ class EngineLoop(LoopThread):
             changed = self._apply_commands()
             for hook in self._hooks:
                 hook.poll()
-            if not self.engine.has_work():
+            if self._paused.is_set() or not self.engine.has_work():
                 if changed:
                     self._stats = self.engine.stats()
                 self._wake.wait(0.05)

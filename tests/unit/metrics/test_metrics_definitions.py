@@ -76,6 +76,7 @@ EXPECTED_COMPONENT = {
     "dynamo_component_gpu_prefix_cache_hit_rate": ("gauge", CO),
     "dynamo_component_model_load_time_seconds": ("gauge", CO),
     "dynamo_component_kv_cache_events_applied": ("counter", CO),
+    "tandem_component_drained_requests": ("counter", CO),
 }
 EXPECTED_FRONTEND = {
     "dynamo_frontend_requests": ("counter", ("endpoint", "model", "request_type", "status")),
@@ -143,6 +144,7 @@ def _populated_registry():
     cm.set_kv_stats(total_blocks=1, active_blocks=1, usage=0.5, prefix_cache_hit_rate=0.1)
     cm.set_model_load_time(1.0)
     cm.kv_events_applied()
+    cm.requests_drained(2)
     try:
         with cm.track_request(request_bytes=3) as t:
             t.first_response()

@@ -40,6 +40,14 @@ def main(argv=None) -> None:
     wp.runtime.add_service(decode_pb2_grpc.add_DecodeServicer_to_server,
                            DecodeServicer(worker, wp.component_metrics, wp.reporter), name)
 
+    def drain(timeout_s: float):
+        wp.runtime.set_not_serving()  # routers stop sending new requests
+        report = worker.drain(timeout_s)
+        wp.component_metrics.requests_drained(report.handed_back)
+        return report
+
+    wp.control.serve_drain(drain)
+
     def warmup():
         # One real step through the engine so the first user request does not pay for it.
         req = decode_pb2.GenerateRequest(request_id="warmup", input_ids=[0, 1, 2, 3],
