@@ -6,9 +6,8 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 from tandem.server.system_http import SystemHttpServer
