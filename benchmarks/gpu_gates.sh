@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU gate of the open issues, in parts that each fit one lent-device call (< 10 minutes).
 #
-#   OUT=/path/to/results benchmarks/gpu_gates.sh PART...      PART: check moe fp8 kv hicache ab
+#   OUT=/path/to/results benchmarks/gpu_gates.sh PART...      PART: check moe fp8 fp8gemm kv hicache ab
 #
 # Run from the repository root on the GPU machine (the device tool copies the working tree; name
 # gen, .whl and the A/B base tree in its `carry`). Every script writes its own results file
@@ -15,7 +15,8 @@
 #            FP8 weights with the 8B shape, FP8 KV, HiCache), the 8B bf16 logits included
 #   moe      tune_fused_moe.py for both MoE shapes (configs copied to $OUT), then the gpu-moe gates
 #            (issue 26) on each shape with the transformers baseline at batch 1
-#   fp8      fp8_gemm_bench.py, then engine_bench --quantization fp8 --compare-bf16 with the block-scaled
+#   fp8gemm  fp8_gemm_bench.py: the FP8 GEMM candidates per 8B layer shape and batch (issue 30)
+#   fp8      engine_bench --quantization fp8 --compare-bf16 with the block-scaled
 #            checkpoint, gates fp8 (issue 30)
 #   kv       kv_cache_bench.py --gates on the 32k Llama-3-8B shape (issue 31)
 #   hicache  hicache_bench.py on the 8B shape (issue 27)
@@ -54,44 +55,45 @@ for part in "$@"; do
     case $part in
     check)
         build llama8b
-        step engine_check 420 $py benchmarks/gpu_engine_check.py --bf16-model "$M/llama8b" --fp8-model "$M/llama8b" \
+        step engine_check 330 $py benchmarks/gpu_engine_check.py --bf16-model "$M/llama8b" --fp8-model "$M/llama8b" \
             --out "$OUT/engine_check_$card.json" ;;
     moe)
-        step tune_fused_moe 240 $py benchmarks/tune_fused_moe.py --batch-sizes 1 64 --out "$OUT/tune_fused_moe_$card.json"
+        step tune_fused_moe 150 $py benchmarks/tune_fused_moe.py --batch-sizes 1 64 --out "$OUT/tune_fused_moe_$card.json"
         mkdir -p "$OUT/moe_configs" && cp libs/tandem/engine/kernels/configs/*.json "$OUT/moe_configs/" 2>/dev/null
         for s in qwen2moe-a2.7b qwen3moe-30b-a3b; do
-            step "moe_$s" 200 $py benchmarks/engine_bench.py --shape "$s" --device cuda --dtype bfloat16 \
+            step "moe_$s" 170 $py benchmarks/engine_bench.py --shape "$s" --device cuda --dtype bfloat16 \
                 --batch-sizes 1 64 --hf-batch-sizes 1 --output-len 32 --gates gpu-moe \
                 --out "$OUT/engine_bench_${s}_$card.json"
         done ;;
     fp8)
         build llama8b
-        [ -f "$M/llama8b-fp8-block/config.json" ] || step fp8_convert 180 $py -m benchmarks.common.fp8_checkpoint \
+        [ -f "$M/llama8b-fp8-block/config.json" ] || step fp8_convert 120 $py -m benchmarks.common.fp8_checkpoint \
             "$M/llama8b" "$M/llama8b-fp8-block" --layout block
-        step fp8_gemm 150 $py benchmarks/fp8_gemm_bench.py --out "$OUT/fp8_gemm_bench_$card.json"
-        step engine_fp8 300 $py benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 \
+        step engine_fp8 240 $py benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 \
             --batch-sizes 1 64 --output-len 64 --quantization fp8 --compare-bf16 \
             --fp8-checkpoint "$M/llama8b-fp8-block" --gates fp8 --out "$OUT/engine_fp8_llama8b_$card.json" ;;
     kv)
         build llama8b_32k
-        step kv_cache 300 $py benchmarks/kv_cache_bench.py --model "$M/llama8b_32k" --device cuda --dtype bfloat16 \
+        step kv_cache 200 $py benchmarks/kv_cache_bench.py --model "$M/llama8b_32k" --device cuda --dtype bfloat16 \
             --gates --out "$OUT/kv_cache_bench_llama8b_32k_$card.json" ;;
     hicache)
         build llama8b
         TANDEM_BENCH_STORAGE_DIR=${TANDEM_BENCH_STORAGE_DIR:-/tmp/hicache-storage} \
-            step hicache 330 $py benchmarks/hicache_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 \
+            step hicache 200 $py benchmarks/hicache_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 \
             --out "$OUT/hicache_bench_llama8b_$card.json" ;;
     ab)
         build qwen05b
         build llama8b
-        step ab_qwen05b 200 $py benchmarks/ab_alternate.py --base-dir "$AB_BASE" --rounds 3 \
+        step ab_qwen05b 150 $py benchmarks/ab_alternate.py --base-dir "$AB_BASE" --rounds 3 \
             --metric rows.0.tandem_tok_s --out "$OUT/ab_engine_bench_qwen05b_$card.json" -- \
             python3 benchmarks/engine_bench.py --model "$M/qwen05b" --device cuda --dtype bfloat16 --no-hf \
             --batch-sizes 1 --output-len 128 --out '{out}'
-        step ab_llama8b 330 $py benchmarks/ab_alternate.py --base-dir "$AB_BASE" --rounds 3 \
+        step ab_llama8b 300 $py benchmarks/ab_alternate.py --base-dir "$AB_BASE" --rounds 2 \
             --metric rows.0.tandem_tok_s --metric rows.1.tandem_tok_s --out "$OUT/ab_engine_bench_llama8b_$card.json" -- \
             python3 benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 --no-hf \
             --batch-sizes 1 64 --output-len 64 --out '{out}' ;;
-    *) echo "unknown part $part (check moe fp8 kv hicache ab)"; exit 2 ;;
+    fp8gemm)
+        step fp8_gemm 150 $py benchmarks/fp8_gemm_bench.py --out "$OUT/fp8_gemm_bench_$card.json" ;;
+    *) echo "unknown part $part (check moe fp8 fp8gemm kv hicache ab)"; exit 2 ;;
     esac
 done
