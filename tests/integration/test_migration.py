@@ -22,6 +22,7 @@ FAULT_AT = 6
 PROMPT = "The GNU General Public License is a free, copyleft license for"
 CASES = ["greedy", "seeded"]
 PAUSE_AT = 4  # the drained worker's engine pauses once each of its requests streamed this many tokens
+DRAIN_STREAMS = 8
 PENALTIES = dict(frequency_penalty=1.5, presence_penalty=1.0, repetition_penalty=1.2)
 
 
@@ -112,26 +113,42 @@ def test_seeded_with_penalties(workers, reference):
     assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert last.usage.prompt_tokens == want[3].usage.prompt_tokens and last.usage.completion_tokens == 24
 
+@pytest.fixture(scope="module")
+def pd_workers():
+    """A prefill worker and two decode workers (grpc transfer backend): the one to drain on a
+    port below the ephemeral range (round_robin's first pick), paused by its fault hook."""
+    model = demo_model()
+    common = ["--model-path", model, "--log-level", "warning", "--disaggregation-transfer-backend", "grpc"]
+    (prefill,) = start_many([("tandem.prefill", common)])
+    decode = [*common, "--disaggregation-mode", "decode", "--prefill-addresses", prefill.grpc_address]
+    drained, other = start_many([("tandem.decode", [*decode, "--port", str(free_ports(1)[0])]),
+                                 ("tandem.decode", decode)],
+                                envs=[{"TANDEM_FAULT_PAUSE_AFTER_TOKENS": str(PAUSE_AT)}, None])
+    yield drained, other
+    for p in (drained, other, prefill):
+        p.stop()
 
-DRAIN_STREAMS = 8
 
-
-def test_drain_hands_every_request_to_another_worker(workers, reference):
-    """8 streams in flight over the drained worker and the healthy one: the drain hands the drained
-    worker's back (paused mid-stream by its fault hook), the router migrates them; every stream ends
-    with the tokens of an uninterrupted run; the drained worker ends NOT_SERVING with 0 pages in use."""
+@pytest.mark.parametrize("mode", ["agg", pytest.param("pd", marks=pytest.mark.slow)])
+def test_drain_hands_every_request_to_another_worker(mode, request, workers, reference):
+    """8 streams in flight over the drained worker and another one: the drain hands the drained
+    worker's requests back (paused mid-stream by its fault hook), the router migrates them; every
+    stream ends with the tokens of an uninterrupted run (aggregated: PD's tokens are the same); the
+    drained worker ends NOT_SERVING with 0 pages in use."""
     import threading
 
     from grpc_health.v1 import health_pb2
     from tandem.v1 import common_pb2 as c
     from tandem.v1 import decode_pb2_grpc, engine_control_pb2, engine_control_pb2_grpc
 
-    healthy, doomed = workers
-    drained = doomed["drain"]
+    if mode == "agg":
+        other, drained = workers[0], workers[1]["drain"]
+    else:
+        drained, other = request.getfixturevalue("pd_workers")
     sps = [dict(max_tokens=32, ignore_eos=True, temperature=0.8 if i % 2 else 0, seed=100 + i, logprobs=True,
                 frequency_penalty=0.5) for i in range(DRAIN_STREAMS)]
     want = [reference(**sp)[0] for sp in sps]
-    app = make_router([drained.grpc_address, healthy.grpc_address], migration_limit=1)
+    app = make_router([drained.grpc_address, other.grpc_address], migration_limit=1)
     got: list[list[int]] = [[] for _ in sps]
     errors: list[BaseException] = []
 
@@ -159,6 +176,7 @@ def test_drain_hands_every_request_to_another_worker(workers, reference):
         moved = app.registry.get_sample_value("dynamo_frontend_model_migration_total",
                                               {"model": app.model_name, "migration_type": "ongoing_request"})
         assert resp.num_requests_handed_back >= 1 and moved == resp.num_requests_handed_back
+        assert len(resp.request_ids) == resp.num_requests_handed_back
         assert drained.health_status() == health_pb2.HealthCheckResponse.NOT_SERVING
         with drained.channel() as ch:
             load = decode_pb2_grpc.DecodeStub(ch).GetLoad(c.GetLoadRequest(), timeout=10)

@@ -77,7 +77,8 @@ class EngineControlServicer(engine_control_pb2_grpc.EngineControlServicer):
         message = ("drained" if report.ok else
                    f"not drained: {report.requests_left} requests and {report.pages_in_use} pages left")
         return engine_control_pb2.DrainResponse(ok=report.ok, message=message,
-                                                num_requests_handed_back=report.handed_back,
+                                                num_requests_handed_back=len(report.handed_back),
+                                                request_ids=report.handed_back,
                                                 num_requests_left=report.requests_left,
                                                 num_pages_in_use=report.pages_in_use)
 

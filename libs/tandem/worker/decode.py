@@ -58,7 +58,7 @@ class DrainReport:
     """What ``DecodeWorker.drain`` did: requests handed back to their router, and what was
     left when it returned (none of either when ok)."""
 
-    handed_back: int
+    handed_back: list[str]  # request ids
     requests_left: int
     pages_in_use: int
 
@@ -74,8 +74,8 @@ class DecodeWorker(WorkerBase):
         self.remote = remote
         self.local_prefills = 0
         self.fault = TokenFault.from_env()
-        # What stops each request in flight (a drain hands them back) -> tokens it has streamed.
-        self._live: dict[_Cancel, int] = {}
+        # What stops each request in flight (a drain hands them back) -> [request id, tokens streamed].
+        self._live: dict[_Cancel, list] = {}
         self._live_lock = threading.Lock()
         self.draining = False
 
@@ -127,7 +127,7 @@ class DecodeWorker(WorkerBase):
         with self._live_lock:  # registered before the draining check: a drain either sees it or refuses it
             if self.draining:
                 raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is draining")
-            self._live[cancel] = 0
+            self._live[cancel] = [rid, 0]
             self._apply_fault_pause()
         streamed = 0
         try:
@@ -153,7 +153,7 @@ class DecodeWorker(WorkerBase):
                 self.fault.streamed(streamed)
                 if self.fault.pause_after_tokens is not None:
                     with self._live_lock:
-                        self._live[cancel] = streamed
+                        self._live[cancel][1] = streamed
                         self._apply_fault_pause()
         except ClientGone:
             if self.draining and is_active():  # the drain cancelled its remote prefill, not the client
@@ -171,7 +171,7 @@ class DecodeWorker(WorkerBase):
         has streamed that many tokens, until a drain (under _live_lock)."""
         if self.fault.pause_after_tokens is None or self.draining:
             return
-        if self.fault.should_pause(list(self._live.values())):
+        if self.fault.should_pause([n for _, n in self._live.values()]):
             self.loop.pause()
         else:
             self.loop.resume()
@@ -189,7 +189,7 @@ class DecodeWorker(WorkerBase):
         health NOT_SERVING first."""
         with self._live_lock:
             self.draining = True
-            live = list(self._live)
+            live = dict(self._live)
         self.loop.pause()  # no step runs for requests about to leave
         for cancel in live:
             cancel()
@@ -205,7 +205,7 @@ class DecodeWorker(WorkerBase):
         wait_until(lambda: left() == (0, 0), timeout_s)
         n, pages = left()
         log.info("drained: %d requests handed back, %d left, %d pages in use", len(live), n, pages)
-        return DrainReport(len(live), n, pages)
+        return DrainReport([rid for rid, _ in live.values()], n, pages)
 
     def _submit_local(self, rid: str, ids: list[int], sp: SamplingParams, output_ids: list[int] = ()
                       ) -> RequestStream:

@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     def drain(timeout_s: float):
         wp.runtime.set_not_serving()  # routers stop sending new requests
         report = worker.drain(timeout_s)
-        wp.component_metrics.requests_drained(report.handed_back)
+        wp.component_metrics.requests_drained(len(report.handed_back))
         return report
 
     wp.control.serve_drain(drain)

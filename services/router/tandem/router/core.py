@@ -351,7 +351,7 @@ class RouterCore:
                 sampling = self._continuation(prep, produced, error)
                 migrations += 1
                 self.metrics.frontend.record_migration("ongoing_request")
-                log.warning("request %s: %s after %d tokens; migrating it to another worker (%d of "
+                log.warning("request %s: %s (%d tokens streamed); migrating it to another worker (%d of "
                             "--migration-limit %d)", prep.request_id, error.message, len(produced), migrations,
                             self.config.migration_limit)
             else:
