@@ -275,14 +275,16 @@ class EngineCore:
         self.pd.release(rid, cache)
 
     def allocate_external(self, prompt, sampling: SamplingParams | None = None,
-                          rid: str | None = None) -> ExternalAllocation:
+                          rid: str | None = None, reuse_prefix: bool = False) -> ExternalAllocation:
         """Reserve pages for a prompt whose KV will be written from outside (decode side of PD).
+        ``reuse_prefix``: share the prompt's leading pages that the prefix cache holds; only the
+        rest is written (``ExternalAllocation.num_cached_tokens``).
 
         Raises OutOfPages when the pool cannot hold it now (retry later or reject).
         """
         if sampling is not None and sampling.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs: the prompt must be prefilled where it is decoded (local prefill)")
-        return self.pd.allocate(self._new_request(prompt, sampling, rid, Mode.EXTERNAL))
+        return self.pd.allocate(self._new_request(prompt, sampling, rid, Mode.EXTERNAL), reuse_prefix)
 
     def activate_external(self, rid: str, first_token_id: int, first_token_logprob: float | None = None,
                           cached_tokens: int = 0, first_token_top: list | None = None) -> None:

@@ -189,11 +189,16 @@ class EngineLoop(LoopThread):
         self.call(add)
         return stream
 
-    def allocate_external(self, prompt_ids: list[int], sampling: SamplingParams, rid: str
-                          ) -> Future[ExternalAllocation]:
+    def allocate_external(self, prompt_ids: list[int], sampling: SamplingParams, rid: str,
+                          reuse_prefix: bool = False) -> Future[ExternalAllocation]:
         """Reserve pages and an aux slot for a prompt whose KV comes from outside (OutOfPages
-        when the pool cannot hold it now)."""
-        return self.call(lambda engine: engine.allocate_external(prompt_ids, sampling, rid=rid))
+        when the pool cannot hold it now); ``reuse_prefix``: share what the prefix cache holds."""
+        return self.call(lambda engine: engine.allocate_external(prompt_ids, sampling, rid=rid,
+                                                                 reuse_prefix=reuse_prefix))
+
+    def cached_prefix_tokens(self, prompt_ids: list[int], timeout: float = 30.0) -> int:
+        """Leading tokens of the prompt that the prefix cache holds now."""
+        return self.call(lambda engine: engine.cached_prefix_tokens(prompt_ids)).result(timeout)
 
     def activate_external(self, rid: str, first_token_id: int, logprob: float | None,
                           cached_tokens: int, top: list | None = None) -> Future[RequestStream]:
