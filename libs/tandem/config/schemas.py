@@ -329,8 +329,13 @@ class DecodeConfig(ServerConfig, EngineConfig, DisaggregationConfig, DiscoveryCo
         "round_robin", description="How decode picks a prefill worker."
     )
     max_local_prefill_length: int = Field(
-        0, ge=0, description="Prompts shorter than this many tokens are prefilled locally."
+        0, ge=0, description="Prompts shorter than this many tokens are prefilled locally (with "
+        "--disaggregation-decode-enable-radix-cache: the part not in this worker's prefix cache)."
     )
+    disaggregation_decode_enable_radix_cache: bool = Field(
+        False, description="Decode-side prefix reuse for PD (SGLang's flag): the leading pages of a prompt that "
+        "this worker's prefix cache holds (e.g. an earlier turn of a chat) are shared instead of transferred; "
+        "prefill writes only the pages after them.")
     prefill_retries: int = Field(1, ge=0, description="Retries on another prefill worker after a failure.")
     max_queued_requests: int | None = Field(
         None, ge=0, description="Requests waiting beyond the running batch (--max-running-requests); more are "

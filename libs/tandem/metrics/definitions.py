@@ -157,6 +157,10 @@ ENGINE_COUNTERS = (
     (_c(S + "load_back_tokens_total", "The number of tokens loaded from host to device."), "load_back_tokens"),
     (_c(S + "prefetched_tokens_total", "Number of prefetched prompt tokens."), "prefetched_tokens"),
     (_c(S + "backuped_tokens_total", "Number of backuped tokens."), "backuped_tokens"),
+    (_c("tandem_pd_transferred_tokens_total", "Decode: prompt tokens of remote prefills whose KV a prefill worker "
+        "wrote here."), "pd_transferred_tokens"),
+    (_c("tandem_pd_decode_reused_tokens_total", "Decode: prompt tokens of remote prefills that this worker's prefix "
+        "cache already held (--disaggregation-decode-enable-radix-cache): not transferred."), "pd_decode_reused_tokens"),
     (_c("tandem_hicache_host_hit_tokens_total", "Prefix tokens served by load-back from the host KV tier."),
      "hicache_host_hit_tokens"),
     (_c("tandem_hicache_load_back_bytes_total", "KV bytes loaded back from host or storage to the device."),

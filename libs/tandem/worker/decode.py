@@ -117,7 +117,7 @@ class DecodeWorker(WorkerBase):
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
                                 "output_ids: a continued request is prefilled on its decode worker, not remotely")
         local = (not self.disaggregated or override == "local" or sp.prompt_logprobs is not None or bool(output_ids)
-                 or (override != "remote" and len(ids) < self.config.max_local_prefill_length))
+                 or (override != "remote" and self._short_prompt(ids)))
         try:
             self.loop.validate(ids, sp, output_ids)  # a bad request never reaches a prefill worker
         except ValueError as exc:
@@ -206,6 +206,16 @@ class DecodeWorker(WorkerBase):
         n, pages = left()
         log.info("drained: %d requests handed back, %d left, %d pages in use", len(live), n, pages)
         return DrainReport([rid for rid, _ in live.values()], n, pages)
+
+    def _short_prompt(self, ids: list[int]) -> bool:
+        """Below --max-local-prefill-length: prefilled here. With decode-side prefix reuse the
+        length that counts is the part this worker's prefix cache does not hold."""
+        limit = self.config.max_local_prefill_length
+        if len(ids) < limit:
+            return True
+        if not limit or not self.config.disaggregation_decode_enable_radix_cache:
+            return False
+        return len(ids) - self.loop.cached_prefix_tokens(ids) < limit
 
     def _submit_local(self, rid: str, ids: list[int], sp: SamplingParams, output_ids: list[int] = ()
                       ) -> RequestStream:

@@ -48,6 +48,8 @@ EXPECTED_ENGINE = {
     "sglang:load_back_tokens": ("counter", SG),
     "sglang:prefetched_tokens": ("counter", SG),
     "sglang:backuped_tokens": ("counter", SG),
+    "tandem_pd_transferred_tokens": ("counter", SG),
+    "tandem_pd_decode_reused_tokens": ("counter", SG),
     "tandem_hicache_host_hit_tokens": ("counter", SG),
     "tandem_hicache_load_back_bytes": ("counter", SG),
     "tandem_hicache_backup_bytes": ("counter", SG),
