@@ -64,7 +64,7 @@ def test_later_turns_transfer_only_the_new_suffix(stack):
             # Cached when it ended: the prompt and the output but the last token (never computed).
             held[i] = (len(prompt) + len(got) - 1) // PAGE * PAGE
             chats[i] = prompt + got + [rng.randrange(10, 500) for _ in range(NEW_TOKENS)]
-        wait_for(lambda: sum(counters()) - start == sent, timeout=30, what="decode's PD token counters")
+        wait_for(lambda n=sent: sum(counters()) - start == n, timeout=30, what="decode's PD token counters")
         transferred = counters()[0] - before[0]
         reused = counters()[1] - before[1]
         assert reused == expect_reused, (turn, transferred, reused)
