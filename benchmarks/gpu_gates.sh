@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU gate of the open issues, in parts that each fit one lent-device call (< 10 minutes).
 #
-#   OUT=/path/to/results benchmarks/gpu_gates.sh PART...      PART: check moe fp8 fp8gemm kv hicache ab
+#   OUT=/path/to/results benchmarks/gpu_gates.sh PART...      PART: check check-demo moe fp8 fp8gemm kv hicache ab
 #
 # Run from the repository root on the GPU machine (the device tool copies the working tree; name
 # gen, .whl and the A/B base tree in its `carry`). Every script writes its own results file
@@ -53,6 +53,8 @@ build() {  # build SHAPE: a random-weight checkpoint in $M/SHAPE (once per machi
 
 for part in "$@"; do
     case $part in
+    check-demo)  # the checks on the demo models only (no 8B build): kernels, graphs, sampler, MoE, EPLB, FP8, KV, HiCache
+        step engine_check 300 $py benchmarks/gpu_engine_check.py --out "$OUT/engine_check_demo_$card.json" ;;
     check)
         build llama8b
         step engine_check 330 $py benchmarks/gpu_engine_check.py --bf16-model "$M/llama8b" --fp8-model "$M/llama8b" \
@@ -94,6 +96,6 @@ for part in "$@"; do
             --batch-sizes 1 64 --output-len 64 --out '{out}' ;;
     fp8gemm)
         step fp8_gemm 150 $py benchmarks/fp8_gemm_bench.py --out "$OUT/fp8_gemm_bench_$card.json" ;;
-    *) echo "unknown part $part (check moe fp8 fp8gemm kv hicache ab)"; exit 2 ;;
+    *) echo "unknown part $part (check check-demo moe fp8 fp8gemm kv hicache ab)"; exit 2 ;;
     esac
 done
