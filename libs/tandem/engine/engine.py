@@ -30,7 +30,7 @@ from .kv_pool import KVPool, OutOfPages
 from .kv_quant import kv_cache_spec
 from .loader import load_model, resolve_dtype
 from .model_runner import ModelRunner
-from .moe_hooks import expert_hooks
+from .moe_hooks import expert_hooks, tp_of
 from .pool_sizing import kv_pool_pages
 from .request import Mode, Request, Status
 from .sampler import SamplerVariant, SamplingTensors, allow_mask, mask_words
@@ -90,9 +90,10 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
     (``pool_sizing``), tokenizer and EOS ids (``tokenizer``), the PD entry points
     (``disaggregation``), stats (``stats``)."""
 
-    def __init__(self, model_path: str | None = None, config: EngineConfig | None = None, expert_parallel=None,
+    def __init__(self, model_path: str | None = None, config: EngineConfig | None = None, parallel=None,
                  **overrides):
-        """``expert_parallel``: this process's ``ExpertParallelGroup`` (rank 0) when ``ep_size > 1``."""
+        """``parallel``: this process's ``ParallelGroup`` (rank 0) when ``tp_size`` or ``ep_size`` > 1
+        (``tandem.engine.parallel.start_parallel`` builds both)."""
         self.config = cfg = merge_config(model_path, config, overrides)
         if not cfg.model_path:
             raise ValueError("model_path is required")
@@ -101,9 +102,9 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         self.device = device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, device)
         self.attention_backend = attention_backend(cfg.attention_backend, device)
-        hooks = expert_hooks(cfg, device, expert_parallel)
+        hooks = expert_hooks(cfg, device, parallel)
         self.model, self.model_config = load_model(cfg.model_path, self.dtype, device, hooks, cfg.load_format,
-                                                   cfg.quantization, cfg.fp8_gemm_backend)
+                                                   cfg.quantization, cfg.fp8_gemm_backend, tp_of(cfg, parallel))
         # EPLB: plans applied in place between steps, the recorder folded after each (None: dense or no EPLB).
         self.eplb = hooks.runtime(self.model)
         mc = self.model_config
@@ -114,8 +115,9 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
 
         page_size = cfg.page_size
         kv = kv_cache_spec(cfg, self.model, self.dtype, device, self.tokenizer)  # --kv-cache-dtype, its scales
-        num_pages = kv_pool_pages(cfg, mc, kv.dtype, device)
-        self.pool = KVPool(mc.num_layers, num_pages, page_size, mc.num_kv_heads, mc.head_dim, kv.dtype,
+        kv_heads = self.model.kv_heads_per_rank  # this rank's heads (all of them without TP)
+        num_pages = kv_pool_pages(cfg, mc, kv.dtype, device, kv_heads)
+        self.pool = KVPool(mc.num_layers, num_pages, page_size, kv_heads, mc.head_dim, kv.dtype,
                            device, num_aux_slots=max(64, cfg.max_running_requests * 4),
                            k_scales=kv.k_scales or None, v_scales=kv.v_scales or None)
         self.cache, self.hicache = build_prefix_cache(cfg, self.pool)
@@ -132,9 +134,9 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         self.requests: dict[str, Request] = {}
         self._pending: list[StepOutput] = []
         # Overlap scheduling: step N+1 is scheduled and launched before step N's sampled tokens
-        # are read back (the next forward pass reads them on the device). Expert parallelism
-        # sends host token ids to its followers, so it always waits.
-        self.overlap_schedule = not cfg.disable_overlap_schedule and cfg.ep_size == 1
+        # are read back (the next forward pass reads them on the device). With several ranks the
+        # leader sends host token ids to its followers, so it always waits.
+        self.overlap_schedule = not cfg.disable_overlap_schedule and cfg.world_size == 1
         self._inflight: _Launched | None = None
         self._stats = EngineStats(num_total_pages=num_pages)
         self._rid_counter = itertools.count()
@@ -165,8 +167,8 @@ class EngineCore(DisaggregationMixin, EngineStatsMixin):
         why = None
         if self.attention_backend != "triton":
             why = "the torch_native backend's decode shapes depend on the context length"
-        elif cfg.ep_size > 1:
-            why = "expert parallelism all-reduces outside a graph"
+        elif cfg.world_size > 1:
+            why = "with several ranks the followers run eagerly (a captured collective would not match them)"
         if why:
             log.warning("CUDA graphs off: %s", why)
             return 0

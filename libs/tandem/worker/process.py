@@ -39,7 +39,7 @@ def model_fingerprint(model_path: str, dtype) -> str:
 
 
 class _Keepalive(LoopHook):
-    """The EP leader's no-op broadcasts while idle, on the loop thread."""
+    """The parallel leader's no-op broadcasts while idle, on the loop thread."""
 
     def __init__(self, ep) -> None:
         self.ep = ep
@@ -107,14 +107,17 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
         torch.set_num_threads(config.torch_num_threads)
     t0 = time.time()
     ep = None
-    if config.ep_size > 1:
-        from tandem.engine.expert_parallel import start_expert_parallel
+    if config.world_size > 1:
+        from tandem.engine.parallel import start_parallel
 
-        if getattr(config, "disaggregation_mode", "null") == "decode":
-            raise SystemExit("config error: ep_size>1 with disaggregation_mode='decode': prefill's KV would reach "
-                             "EP rank 0 only; use EP on aggregated or prefill workers")
-        # The followers and the group come first: every rank's MoE layers are built for their slots.
-        ep = start_expert_parallel(engine_config_of(config), num_threads=config.torch_num_threads or None)
+        mode = getattr(config, "disaggregation_mode", "null")
+        if mode == "decode" or (mode == "prefill" and config.tp_size > 1):
+            raise SystemExit(f"config error: tp_size={config.tp_size}, ep_size={config.ep_size} with "
+                             f"disaggregation_mode={mode!r}: KV transfer reaches rank 0's pool only (not supported "
+                             "yet); use several ranks on aggregated workers" + ("" if mode == "decode" else
+                                                                               " or EP alone on prefill workers"))
+        # The followers and the group come first: every rank's layers are built for their shard.
+        ep = start_parallel(engine_config_of(config), num_threads=config.torch_num_threads or None)
         engine = ep.engine
     else:
         engine = EngineCore(config=engine_config_of(config))
