@@ -41,7 +41,6 @@ between replays); ``--gates gpu-moe`` evaluates the MoE targets.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 import time
@@ -55,61 +54,16 @@ sys.path.insert(0, str(REPO))
 
 from tandem.engine import LLM, SamplingParams  # noqa: E402
 
+from benchmarks.common.engine import (  # noqa: E402
+    decode_step_ms,
+    read_bandwidth,
+    release_memory,
+    run_tandem,
+    sync,
+    timed,
+)
 from benchmarks.common.results import command_line, git_info, machine_info, write_json, write_results  # noqa: E402
 from benchmarks.common.shapes import SHAPES, build_checkpoint, shape_of, write_config_dir  # noqa: E402
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def read_bandwidth(device: str) -> float | None:
-    """HBM read bytes/s: a sum over a 4 GiB buffer, best of 5 after a warm-up."""
-    if not device.startswith("cuda"):
-        return None
-    buf = torch.ones(2 << 30, dtype=torch.bfloat16, device=device)
-    buf.sum()
-    sync(device)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        buf.sum()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    nbytes = buf.numel() * buf.element_size()
-    del buf
-    torch.cuda.empty_cache()
-    return nbytes / best
-
-
-def timed(fn, device: str) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
-
-
-def release_memory(cuda: bool) -> None:
-    """Give the memory of a model just deleted back before the next one loads."""
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-
-
-def run_tandem(llm: LLM, prompts: list, out_len: int, device: str) -> dict:
-    sp = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
-
-    def call():
-        llm.engine.flush_cache()  # every call prefills its prompts: no prefix-cache hits between calls
-        return llm.generate(prompts, sp)
-
-    call()  # identical warm-up call
-    outs = []
-    dt = timed(lambda: outs.append(call()), device)
-    n = sum(len(o.token_ids) for o in outs[0])
-    return {"seconds": dt, "output_tokens": n, "tokens_per_s": n / dt}
 
 
 def run_hf(model, prompts: list, out_len: int, device: str, mode: str) -> dict:
@@ -130,27 +84,6 @@ def run_hf(model, prompts: list, out_len: int, device: str, mode: str) -> dict:
     counts = []
     dt = timed(lambda: counts.append(call()), device)
     return {"seconds": dt, "output_tokens": counts[0], "tokens_per_s": counts[0] / dt}
-
-
-def decode_step_ms(llm: LLM, in_len: int, device: str, steps: int = 48, batch: int = 1) -> float:
-    """Median wall-clock time of one engine step of a decode of ``batch`` requests (host work included)."""
-    eng = llm.engine
-    eng.flush_cache()
-    g = torch.Generator().manual_seed(1)
-    sp = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
-    rids = {eng.add_request(torch.randint(10, eng.model_config.vocab_size, (in_len,), generator=g).tolist(), sp)
-            for _ in range(batch)}
-    times = []
-    while rids:
-        sync(device)
-        t0 = time.perf_counter()
-        outs = eng.step()
-        sync(device)
-        if eng.stats().step_kind == "decode":
-            times.append(time.perf_counter() - t0)
-        rids -= {o.rid for o in outs if o.finished}
-    times = sorted(times[2:])
-    return times[len(times) // 2] * 1e3
 
 
 def profile(llm: LLM, prompts: list, out_len: int, device: str, out_dir: Path) -> None:

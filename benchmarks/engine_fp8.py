@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from tandem.engine import LLM
 
+from benchmarks.common.engine import decode_step_ms, read_bandwidth, run_tandem
 from benchmarks.common.results import written_by
-from benchmarks.engine_bench import decode_step_ms, read_bandwidth, run_tandem, shape_of
+from benchmarks.common.shapes import shape_of
 
 
 def layout_of(model_path: str, quantization: str | None, dtype: str) -> str:

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from tandem.engine import LLM, SamplingParams
 
-from benchmarks.engine_bench import shape_of, sync, timed
+from benchmarks.common.engine import sync, timed
+from benchmarks.common.shapes import shape_of
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12}
 

@@ -359,21 +359,21 @@ def logits_checks(dev: str, model: str, quantization: str | None = None) -> None
                               min_p=0.05 * (i % 2), seed=100 + i) for i in range(8)]
         for r, sp in zip(reqs, sps):
             r.sampling, r.seed = sp, sp.seed
-        tensors, variant = eng._sampling_inputs(reqs)
+        tensors, variant = eng.sample_launcher.inputs(runner, reqs)
         runner.forward(batch)
         in_graph = runner.sample(graph, tensors, variant).tolist()
         eager_t = runner.sampler.sample(graph, type(tensors)(**{k: v.to(dev) for k, v in vars(tensors).items()
                                                                 if v is not None}), variant).tolist()
         record("seeded sampling: sampler CUDA graph == eager", in_graph == eager_t, in_graph == eager_t)
         # Penalties + logit bias + a grammar mask: the captured penalties variant == eager.
-        from tandem.engine.sampling_params import StructuredOutput
+        from tandem.engine import StructuredOutput
 
         for i, r in enumerate(reqs):
             r.sampling.frequency_penalty, r.sampling.presence_penalty = 0.5, 0.3
             r.sampling.repetition_penalty, r.sampling.logit_bias = 1.2, {5 + i: 30.0}
         reqs[0].grammar = eng.grammars.new_state(StructuredOutput("regex", "[0-9]+"))
-        eng._penalty_rows(reqs, graph)
-        tensors, variant = eng._sampling_inputs(reqs)
+        assert not eng.sample_launcher.take_penalty_rows(runner, reqs)
+        tensors, variant = eng.sample_launcher.inputs(runner, reqs)
         runner.forward(batch)
         in_graph = runner.sample(graph, tensors, variant).tolist()
         eager_t = runner.sampler.sample(graph, type(tensors)(**{k: v.to(dev) for k, v in vars(tensors).items()
@@ -384,7 +384,7 @@ def logits_checks(dev: str, model: str, quantization: str | None = None) -> None
             digit = eng.tokenizer.decode([in_graph[0]]).isdigit()
             record("grammar row drew an allowed token ([0-9]+)", eng.tokenizer.decode([in_graph[0]]), digit)
         for r in reqs:
-            eng._free_sampling_state(r)
+            eng.sample_launcher.free(runner, r.rid)
             r.grammar = None
     for r in reqs:
         eng.pool.free(r.pages)

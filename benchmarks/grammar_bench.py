@@ -38,8 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "libs"))
 sys.path.insert(0, str(REPO))
 
-from tandem.engine import EngineCore, SamplingParams  # noqa: E402
-from tandem.engine.sampling_params import StructuredOutput  # noqa: E402
+from tandem.engine import (  # noqa: E402
+    EngineCore,
+    SamplingParams,
+    StructuredOutput,  # noqa: E402
+)
 
 from benchmarks.common.results import command_line, git_info, machine_info, write_json  # noqa: E402
 

@@ -15,7 +15,7 @@ import threading
 import grpc
 import pytest
 from tandem.config import DecodeConfig
-from tandem.engine.engine import EngineCore
+from tandem.engine import EngineCore
 from tandem.transfer import AuxRow, KvBuffers, KVPoll
 from tandem.transfer.nixl_backend import NixlKvReceiver
 from tandem.v1 import decode_pb2

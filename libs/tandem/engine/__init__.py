@@ -1,19 +1,23 @@
 """tandem engine: HF checkpoints over a paged KV pool, radix prefix cache, continuous batching.
 
-Public API::
+Public API (import these names from ``tandem.engine``, not from its modules)::
 
     from tandem.engine import LLM, SamplingParams          # offline use
     from tandem.engine import EngineCore                   # step() loop for services
 """
-from .engine import EngineCore, EngineStats, ExternalAllocation, PrefillResult, StepOutput
+from tandem.sampling import SamplingError, SamplingParams, StructuredOutput
+
+from .disaggregation import ExternalAllocation
+from .engine import EngineCore
 from .kv_pool import AUX_SLOT_BYTES, KVPool, OutOfPages
 from .llm import LLM, RequestOutput
+from .outputs import StepOutput
 from .radix_cache import AllBlocksCleared, BlockRemoved, BlockStored, block_hash
 from .request import Mode
-from .sampling_params import SamplingParams
+from .stats import EngineStats
 
 __all__ = [
-    "LLM", "SamplingParams", "RequestOutput", "EngineCore", "EngineStats", "StepOutput", "PrefillResult",
-    "ExternalAllocation", "KVPool", "AUX_SLOT_BYTES", "OutOfPages",
+    "LLM", "SamplingParams", "StructuredOutput", "SamplingError", "RequestOutput", "EngineCore", "EngineStats",
+    "StepOutput", "ExternalAllocation", "KVPool", "AUX_SLOT_BYTES", "OutOfPages",
     "BlockStored", "BlockRemoved", "AllBlocksCleared", "block_hash", "Mode",
 ]

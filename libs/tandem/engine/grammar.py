@@ -23,7 +23,7 @@ from __future__ import annotations
 import collections
 import threading
 
-from .sampling_params import StructuredOutput
+from tandem.sampling import StructuredOutput
 
 CACHE_SIZE = 256
 JSON_OBJECT_SCHEMA = '{"type": "object"}'

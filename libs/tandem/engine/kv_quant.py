@@ -182,10 +182,11 @@ def calibrate_kv_scales(model, page_size: int, device: str, model_dtype: torch.d
                         prompts: list[list]) -> tuple[list, list]:
     """Per-layer (K, V) scales from the largest |K| and |V| the model writes for ``prompts``,
     each prompt computed in one forward pass over a scratch pool in ``model_dtype``."""
+    from tandem.sampling import SamplingParams
+
     from .kv_pool import KVPool
     from .model_runner import ModelRunner
     from .request import Request
-    from .sampling_params import SamplingParams
 
     cfg = model.cfg
     longest = max(len(p) for p in prompts)

@@ -10,11 +10,19 @@ Keyword arguments are tandem.config.EngineConfig fields.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from tandem.sampling import SamplingParams
+
 from .engine import EngineCore
-from .sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+_IDLE_WAIT_S = 0.05  # the driver's longest sleep while its streams wait for nothing
 
 
 @dataclass
@@ -41,23 +49,122 @@ class RequestOutput:
             self.finished, self.finish_reason = True, o.finish_reason
 
 
+class _StreamDriver:
+    """The one thread that drives the engine for ``generate_stream``: callers hand it commands
+    (as the workers' EngineLoop does), which it applies between two steps; each step's outputs
+    go to their stream's asyncio queue. It runs while it has streams or commands, then ends
+    (``LLM`` starts a new one when needed)."""
+
+    def __init__(self, engine: EngineCore) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()  # guards the decision to end against a new command
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # the thread's own
+        self.running = True  # False once the thread decided to end: it takes no more commands
+        self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)  # started by the first command
+
+    @property
+    def has_streams(self) -> bool:
+        return bool(self._streams)
+
+    # ---- commands (any thread) -------------------------------------------------------------
+    def submit(self, prompt, sp: SamplingParams, loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> Future | None:
+        """Add a request whose outputs go to ``q`` on ``loop``; the Future gives (rid, prompt ids)."""
+        def add():
+            rid = self.engine.add_request(prompt, sp)
+            self._streams[rid] = (loop, q)
+            return rid, list(self.engine.requests[rid].prompt_ids)
+
+        return self._call(add)
+
+    def abort(self, rid: str) -> Future | None:
+        def stop():
+            self._streams.pop(rid, None)
+            return self.engine.abort(rid)
+
+        return self._call(stop)
+
+    def _call(self, fn: Callable[[], object]) -> Future | None:
+        """Queue ``fn`` for the thread; its Future, or None when this driver has ended."""
+        with self._lock:
+            if not self.running:
+                return None
+            fut: Future = Future()
+            self._commands.put((fn, fut))
+            if self._thread.ident is None:
+                self._thread.start()
+        self._wake.set()
+        return fut
+
+    def join(self) -> None:
+        if self._thread.ident is not None:
+            self._thread.join()
+
+    # ---- the thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        eng = self.engine
+        while True:
+            self._wake.clear()
+            with self._lock:
+                if self._commands.empty() and not self._streams:
+                    self.running = False
+                    return
+            while not self._commands.empty():
+                fn, fut = self._commands.get()
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(exc)
+            if not self._streams:
+                continue
+            if not eng.has_work():
+                self._wake.wait(_IDLE_WAIT_S)
+                continue
+            try:
+                outputs = eng.step()
+            except Exception as exc:  # fail the streams, not the thread
+                log.exception("engine step failed; failing the open streams")
+                for rid in list(self._streams):
+                    eng.abort(rid)
+                    self._deliver(rid, exc)
+                continue
+            for o in outputs:
+                self._deliver(o.rid, o)
+
+    def _deliver(self, rid: str, item) -> None:
+        target = self._streams.get(rid)
+        if target is None:
+            return
+        if isinstance(item, BaseException) or item.finished:
+            del self._streams[rid]
+        loop, q = target
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # its event loop is closed: nobody reads this stream any more
+            self._streams.pop(rid, None)
+            self.engine.abort(rid)
+
+
 class LLM:
     def __init__(self, model_path: str, **config):
         self.engine = EngineCore(model_path, **config)
         self.tokenizer = self.engine.tokenizer
-        self._queues: dict = {}
-        self._loop_task: asyncio.Task | None = None
+        self._driver: _StreamDriver | None = None
+        self._driver_lock = threading.Lock()
 
     def _text(self, out: RequestOutput, sp: SamplingParams, stop_pos: int | None) -> str:
         if self.tokenizer is None:
             return ""
-        text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(out.token_ids, skip_special_tokens=sp.skip_special_tokens)
         if stop_pos is not None:
             text = text[:stop_pos]
         return text
 
     def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
-        """Run prompts (strings or token-id lists) to completion; results in prompt order."""
+        """Run prompts (strings or token-id lists) to completion on this thread; results in
+        prompt order. Not while ``generate_stream`` requests are running."""
+        self._await_driver()
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         if single:
             prompts = [prompts]
@@ -94,39 +201,53 @@ class LLM:
             o.text = self._text(o, sp, stop_pos.get(o.rid))
         return outs
 
+    def _await_driver(self) -> None:
+        """Wait until no stream driver runs (one without streams ends at once)."""
+        while True:
+            with self._driver_lock:
+                d = self._driver
+                if d is None:
+                    return
+                if d.has_streams:
+                    raise RuntimeError("generate() while generate_stream() requests are running: use one at a time")
+            d.join()
+            with self._driver_lock:
+                if self._driver is d:
+                    self._driver = None
+
+    def _on_driver(self, command: Callable[[_StreamDriver], Future | None]) -> Future:
+        """Hand a command to the running stream driver (a new one when none runs)."""
+        with self._driver_lock:
+            while True:
+                if self._driver is None or not self._driver.running:
+                    self._driver = _StreamDriver(self.engine)
+                fut = command(self._driver)
+                if fut is not None:
+                    return fut
+
     # ---- async streaming -----------------------------------------------------------------
     async def generate_stream(self, prompt, sampling_params: SamplingParams | None = None
                               ) -> AsyncIterator[RequestOutput]:
         """Yield a RequestOutput after every step that gave this request tokens (deltas in
-        ``token_ids``/``text`` are cumulative: each yield is the whole output so far)."""
+        ``token_ids``/``text`` are cumulative: each yield is the whole output so far).
+
+        One driver thread makes every engine call (requests, steps, aborts), however many
+        streams run at once; closing the iterator early aborts the request."""
         sp = sampling_params or SamplingParams()
-        eng = self.engine
-        rid = eng.add_request(prompt, sp)
         q: asyncio.Queue = asyncio.Queue()
-        self._queues[rid] = q
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._drive())
-        out = RequestOutput(rid, list(eng.requests[rid].prompt_ids))
+        loop = asyncio.get_running_loop()
+        rid, prompt_ids = await asyncio.wrap_future(self._on_driver(lambda d: d.submit(prompt, sp, loop, q)))
+        out = RequestOutput(rid, prompt_ids)
         try:
             while True:
                 o = await q.get()
+                if isinstance(o, BaseException):
+                    raise o
                 out.add(o)
                 out.text = self._text(out, sp, o.stop_text_pos)
                 yield out
                 if o.finished:
                     return
         finally:
-            self._queues.pop(rid, None)
             if not out.finished:
-                eng.abort(rid)
-
-    async def _drive(self):
-        eng = self.engine
-        while self._queues:
-            outs = await asyncio.to_thread(eng.step)
-            for o in outs:
-                q = self._queues.get(o.rid)
-                if q is not None:
-                    q.put_nowait(o)
-            if not outs and not eng.has_work():
-                await asyncio.sleep(0.001)
+                await asyncio.wrap_future(self._on_driver(lambda d: d.abort(rid)))

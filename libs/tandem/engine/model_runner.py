@@ -71,10 +71,6 @@ def logits_rows(starts: list, lens: list, all_rows: list | None) -> list:
 
 
 class ModelRunner:
-    # Set by the engine for the next forward pass: called before layer i runs (HiCache load-back
-    # on CUDA: the compute stream waits for layer i's pages only).
-    layer_ready: Callable[[int], None] | None = None
-
     def __init__(self, model: CausalLM, pool: KVPool, device: str, cuda_graph_max_bs: int = 0,
                  penalty_rows: int = 128):
         self.model, self.pool, self.device = model, pool, device
@@ -200,13 +196,16 @@ class ModelRunner:
             is_decode=is_decode,
         )
 
-    def forward(self, batch: list, all_rows: list | None = None) -> torch.Tensor | tuple:
+    def forward(self, batch: list, all_rows: list | None = None,
+                layer_ready: Callable[[int], None] | None = None) -> torch.Tensor | tuple:
         """Logits [B, vocab] (float32) at the last new token of every request in the batch.
 
         With ``all_rows`` (a flag per request; prompt logprobs): (logits [B, vocab], {i: [n_i,
-        vocab] logits of every new token of request i} for the flagged requests)."""
+        vocab] logits of every new token of request i} for the flagged requests).
+        ``layer_ready(i)``, when given, runs before layer i (HiCache load-back on CUDA: the
+        compute stream waits for layer i's pages only); it travels in the ForwardBatch."""
         self._replayed_bs = None
-        ready, self.layer_ready = self.layer_ready, None
+        ready = layer_ready
         record = self._record_experts()
         if all_rows is not None and any(all_rows):
             fb = self.build(batch, all_rows)

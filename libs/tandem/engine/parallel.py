@@ -246,7 +246,7 @@ class _MirroredRunner(ModelRunner):
         super().__init__(runner.model, runner.pool, runner.device)
         self.leader = leader
 
-    def forward(self, batch: list) -> torch.Tensor:
+    def forward(self, batch: list, all_rows: list | None = None, layer_ready=None) -> torch.Tensor | tuple:
         ps = self.page_size
         records = []
         for req, n in batch:
@@ -256,7 +256,7 @@ class _MirroredRunner(ModelRunner):
             s = req.num_computed
             records.append((s, list(req.all_ids[s:s + n]), list(req.pages[:(s + n + ps - 1) // ps])))
         with self.leader.broadcasting({"kind": "forward", "batch": records}):
-            return super().forward(_items(records))
+            return super().forward(_items(records), all_rows, layer_ready)
 
 
 # ---------------------------------------------------------------------------------- ranks

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .sampling_params import SamplingParams
+from tandem.sampling import IncrementalDetokenizer, SamplingParams, StopStrings
 
 
 class Mode(enum.StrEnum):
@@ -39,17 +38,16 @@ class Request:
     tree_node: object = None  # last matched radix node (locked while we hold it)
     cached_tokens: int = 0
     finish_reason: str | None = None
-    stop_text_pos: int | None = None  # where a stop string begins in the output text
     seed: int = 0  # keys the request's counter-based sampling noise (tandem.engine.philox)
     aux_slot: int | None = None
-    on_prefill_done: Callable | None = None
-    on_chunk_done: Callable | None = None
-    pages_reported: int = 0  # pages already reported final to on_chunk_done
+    pages_reported: int = 0  # prefill-only: pages already reported final (StepOutput.pages_final)
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     admit_seq: int = 0
     grammar: object = None  # GrammarState of a structured-output request (tandem.engine.grammar)
-    penalty_row: int | None = None  # row of the sampler's PenaltyState while it has one
+    # Stop strings: the output text so far (decoded incrementally) and the search over it.
+    detokenizer: IncrementalDetokenizer | None = None
+    stops: StopStrings | None = None
     prompt_logprobs: list = field(default_factory=list)  # [(logprob, top)] of prompt tokens 1..L-1
     num_pending: int = 0  # 1 while output_ids ends with a placeholder for a token being sampled
 

@@ -13,19 +13,16 @@ SGLang's regex / ebnf.
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from tandem.routing.grammar_check import check_structured
+from tandem.routing.request_check import SamplingRequest
 from tandem.routing.tool_parsers import Tool, check_tool_name, forced_schema
+from tandem.sampling import SamplingError, SamplingParams, StructuredOutput
 from tandem.v1 import common_pb2
-
-MAX_TOP_LOGPROBS = 20
-MAX_N = 16
 
 
 class OpenAIError(Exception):
@@ -58,6 +55,11 @@ def unauthorized() -> OpenAIError:
 def model_not_found(model: str) -> OpenAIError:
     return OpenAIError(404, f"The model '{model}' does not exist.", "invalid_request_error", "model",
                        "model_not_found")
+
+
+def invalid(e: SamplingError) -> OpenAIError:
+    """A request the shared check refused (``tandem.routing.request_check``), as OpenAI's 400."""
+    return bad_request(str(e), param=e.param, code=e.code)
 
 
 def unavailable(message: str, retry_after: int = 1) -> OpenAIError:
@@ -275,34 +277,25 @@ def tool_plan(req: ChatCompletionRequest, parser: str | None) -> ToolPlan:
     return ToolPlan(tools=tools, choice=choice, parallel=parallel)
 
 
-def structured_output(req: _SamplingFields, plan: ToolPlan | None = None) -> common_pb2.StructuredOutput | None:
-    """The grammar of a request (response_format, regex, ebnf, forced tool calls), at most one."""
+def structured_output(req: _SamplingFields, plan: ToolPlan | None = None) -> list[tuple[str, StructuredOutput]]:
+    """The grammars a request asks for (response_format, regex, ebnf, forced tool calls), each
+    with the parameter that asked: at most one is allowed (``request_check`` says so)."""
     found = []
     rf = req.response_format
     if rf is not None and rf.type == "json_object":
-        found.append(("response_format", common_pb2.StructuredOutput(json_object=True)))
+        found.append(("response_format", StructuredOutput("json_object")))
     elif rf is not None and rf.type == "json_schema":
         if rf.json_schema is None or rf.json_schema.schema_ is None:
             raise bad_request("response_format json_schema needs json_schema.schema.", param="response_format")
-        found.append(("response_format", common_pb2.StructuredOutput(json_schema=json.dumps(rf.json_schema.schema_))))
+        found.append(("response_format", StructuredOutput("json_schema", json.dumps(rf.json_schema.schema_))))
     if req.regex is not None:
-        found.append(("regex", common_pb2.StructuredOutput(regex=req.regex)))
+        found.append(("regex", StructuredOutput("regex", req.regex)))
     if req.ebnf is not None:
-        found.append(("ebnf", common_pb2.StructuredOutput(ebnf=req.ebnf)))
+        found.append(("ebnf", StructuredOutput("ebnf", req.ebnf)))
     if plan is not None and plan.choice in ("required", "named"):
         schema = forced_schema(plan.tools, plan.named or "required", plan.parallel)
-        found.append(("tool_choice", common_pb2.StructuredOutput(json_schema=json.dumps(schema))))
-    if not found:
-        return None
-    if len(found) > 1:
-        names = [n for n, _ in found]
-        raise bad_request(f"{' and '.join(names)} both constrain the output: use one.", param=names[-1])
-    param, so = found[0]
-    try:
-        check_structured(so)
-    except ValueError as e:
-        raise bad_request(f"{param}: {e}.", param=param, code="invalid_grammar") from None
-    return so
+        found.append(("tool_choice", StructuredOutput("json_schema", json.dumps(schema))))
+    return found
 
 
 def _format_validation_error(e: ValidationError) -> OpenAIError:
@@ -347,99 +340,43 @@ def single_prompt(req: CompletionRequest) -> str | list[int]:
     return p
 
 
-def build_sampling(req: _SamplingFields, prompt_tokens: int, context_length: int,
-                   default_max_tokens: int | None) -> common_pb2.SamplingParams:
-    """Validate sampling fields against the prompt and model; return the proto SamplingParams."""
+def sampling_request(req: _SamplingFields, default_max_tokens: int | None,
+                     plan: ToolPlan | None = None) -> SamplingRequest:
+    """The request's sampling fields in the engine's terms (``request_check`` checks them);
+    raise OpenAIError(400) naming the field for what only the OpenAI shape can get wrong."""
     check_refused(req)
-    n = 1 if req.n is None else req.n
-    if not 1 <= n <= MAX_N:
-        raise bad_request(f"n={n}: must be in [1, {MAX_N}].", param="n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        v = getattr(req, name) or 0.0
-        if not -2 <= v <= 2:
-            raise bad_request(f"{name}={v}: must be in [-2, 2].", param=name)
-    rep_pen = 1.0 if req.repetition_penalty is None else req.repetition_penalty
-    if not 0 < rep_pen <= 10:
-        raise bad_request(f"repetition_penalty={rep_pen}: must be in (0, 10].", param="repetition_penalty")
     bias = {}
     for k, v in (req.logit_bias or {}).items():
         try:
-            tid = int(k)
+            bias[int(k)] = v
         except ValueError:
             raise bad_request(f"logit_bias key {k!r}: must be a token id.", param="logit_bias") from None
-        if tid < 0 or not -100 <= v <= 100:
-            raise bad_request(f"logit_bias {k}: {v}: ids must be >= 0 and values in [-100, 100].",
-                              param="logit_bias")
-        bias[tid] = v
-    if prompt_tokens <= 0:
-        raise bad_request("The prompt is empty.", param="prompt", code="empty_prompt")
-    if prompt_tokens >= context_length:
-        raise bad_request(
-            f"This model's maximum context length is {context_length} tokens, but the prompt has "
-            f"{prompt_tokens} tokens.", param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
-            code="context_length_exceeded")
+    names = {"prompt": "messages"} if isinstance(req, ChatCompletionRequest) else {}
     max_tokens = req.max_tokens
-    max_param = "max_tokens"
     if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
-        max_tokens, max_param = req.max_completion_tokens, "max_completion_tokens"
-    if max_tokens is None:
-        max_tokens = default_max_tokens if default_max_tokens is not None else context_length - prompt_tokens
-        max_tokens = min(max_tokens, context_length - prompt_tokens)
-    if max_tokens < 1:
-        raise bad_request(f"{max_param}={max_tokens}: must be at least 1.", param=max_param)
-    if prompt_tokens + max_tokens > context_length:
-        raise bad_request(
-            f"This model's maximum context length is {context_length} tokens. However, you requested "
-            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} in the "
-            f"completion). Please reduce the prompt or {max_param}.", param=max_param,
-            code="context_length_exceeded")
-    temperature = 1.0 if req.temperature is None else req.temperature
-    if not math.isfinite(temperature) or temperature < 0:  # NaN passes a plain `< 0`
-        raise bad_request(f"temperature={temperature}: must be a finite number >= 0.", param="temperature")
-    top_p = 1.0 if req.top_p is None else req.top_p
-    if not 0 < top_p <= 1:
-        raise bad_request(f"top_p={top_p}: must be in (0, 1].", param="top_p")
-    top_k = req.top_k or 0  # 0 and -1 both mean off in tandem.v1; the worker maps them for the engine
-    if top_k < -1:
-        raise bad_request(f"top_k={top_k}: must be -1 or 0 (off) or >= 1.", param="top_k")
-    min_p = req.min_p or 0.0
-    if not 0 <= min_p <= 1:
-        raise bad_request(f"min_p={min_p}: must be in [0, 1].", param="min_p")
-    min_tokens = req.min_tokens or 0
-    if min_tokens < 0 or min_tokens > max_tokens:
-        raise bad_request(f"min_tokens={min_tokens}: must be in [0, max_tokens={max_tokens}].", param="min_tokens")
-    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if any(not s for s in stop):
-        raise bad_request("stop strings must be non-empty.", param="stop")
-    stop_ids = list(req.stop_token_ids or [])
-    if any(i < 0 for i in stop_ids):
-        raise bad_request("stop_token_ids must be >= 0.", param="stop_token_ids")
+        max_tokens, names["max_tokens"] = req.max_completion_tokens, "max_completion_tokens"
     want_logprobs, top_n = False, 0
     if isinstance(req, CompletionRequest) and req.logprobs is not None:
-        if not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
-            raise bad_request(f"logprobs={req.logprobs}: must be in [0, {MAX_TOP_LOGPROBS}].", param="logprobs")
-        want_logprobs, top_n = True, req.logprobs
+        want_logprobs, top_n = True, req.logprobs  # completions: logprobs=k is the top-k count
+        names["top_logprobs"] = "logprobs"
     if isinstance(req, ChatCompletionRequest):
-        if req.top_logprobs is not None:
-            if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
-                raise bad_request(f"top_logprobs={req.top_logprobs}: must be in [0, {MAX_TOP_LOGPROBS}].",
-                                  param="top_logprobs")
-            if not req.logprobs:
-                raise bad_request("top_logprobs requires logprobs=true.", param="top_logprobs")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs requires logprobs=true.", param="top_logprobs")
         want_logprobs, top_n = bool(req.logprobs), (req.top_logprobs or 0)
-    sp = common_pb2.SamplingParams(
-        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, max_tokens=max_tokens,
-        stop=stop, stop_token_ids=stop_ids, ignore_eos=bool(req.ignore_eos), logprobs=want_logprobs,
-        top_logprobs=top_n, min_tokens=min_tokens, presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0, repetition_penalty=rep_pen, logit_bias=bias,
-    )
-    if isinstance(req, CompletionRequest) and req.echo and want_logprobs:
-        sp.prompt_logprobs = top_n  # echo + logprobs: the prompt tokens' logprobs too, as OpenAI returns them
-    if req.seed is not None:
-        if not 0 <= req.seed < 2 ** 64:
-            raise bad_request(f"seed={req.seed}: must be in [0, 2**64).", param="seed")
-        sp.seed = req.seed
-    return sp
+    sp = SamplingParams(
+        max_tokens=max_tokens if max_tokens is not None else 0,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k if req.top_k else -1,  # 0 and -1 both mean off
+        min_p=req.min_p or 0.0, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
+        ignore_eos=bool(req.ignore_eos), min_tokens=req.min_tokens or 0, logprobs=want_logprobs,
+        top_logprobs=top_n, presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty, logit_bias=bias,
+        skip_special_tokens=True if req.skip_special_tokens is None else req.skip_special_tokens)
+    return SamplingRequest(sp, n=1 if req.n is None else req.n, max_tokens_given=max_tokens is not None,
+                           default_max_tokens=default_max_tokens, structured=structured_output(req, plan),
+                           echo=bool(getattr(req, "echo", False)), names=names)
 
 
 # ---- responses ----------------------------------------------------------------------

@@ -1,57 +1,74 @@
-"""Validation of proto SamplingParams for the gRPC Router API (the HTTP API validates its
-OpenAI fields in openai_protocol and produces already-valid params)."""
+"""tandem.v1.SamplingParams <-> tandem.sampling.SamplingParams: the one mapping between the
+proto and the parameters the router and the engine check (``SamplingParams.validate``).
+
+Proto zero values mean defaults (see common.proto): top_p 0 is 1, top_k 0 (or -1) is off
+(the engine's -1), repetition_penalty 0 is 1, an unset skip_special_tokens is true, and
+top_logprobs > 0 implies logprobs. max_tokens is taken as it is: 0 means "not set" to the
+router's gRPC API (which then fills in the rest of the context), and is refused by a worker.
+No range is checked here.
+"""
 from __future__ import annotations
 
-import math
-
-from tandem.routing.grammar_check import check_structured
+from tandem.sampling import SamplingError, SamplingParams, StructuredOutput
 from tandem.v1 import common_pb2
 
 
-def check_sampling(sp: common_pb2.SamplingParams, prompt_tokens: int, context_length: int) -> common_pb2.SamplingParams:
-    """Return a copy with defaults filled in (max_tokens 0 -> rest of the context, top_p 0 -> 1);
-    raise ValueError naming the bad field."""
-    out = common_pb2.SamplingParams()
-    out.CopyFrom(sp)
-    if prompt_tokens <= 0:
-        raise ValueError("prompt is empty")
-    if prompt_tokens >= context_length:
-        raise ValueError(f"prompt has {prompt_tokens} tokens; the model's context length is {context_length}")
-    if out.max_tokens < 0:
-        raise ValueError(f"max_tokens={out.max_tokens}: must be > 0 (0 = up to the context length)")
-    if out.max_tokens == 0:
-        out.max_tokens = context_length - prompt_tokens
-    if prompt_tokens + out.max_tokens > context_length:
-        raise ValueError(f"prompt ({prompt_tokens}) + max_tokens ({out.max_tokens}) exceeds the context length "
-                         f"{context_length}")
-    if not math.isfinite(out.temperature) or out.temperature < 0:  # NaN passes a plain `< 0`
-        raise ValueError(f"temperature={out.temperature}: must be a finite number >= 0")
-    if out.top_p == 0:
-        out.top_p = 1.0
-    if not 0 < out.top_p <= 1:
-        raise ValueError(f"top_p={out.top_p}: must be in (0, 1]")
-    if out.top_k < -1:
-        raise ValueError(f"top_k={out.top_k}: must be -1 or 0 (off) or >= 1")
-    if not 0 <= out.min_p <= 1:
-        raise ValueError(f"min_p={out.min_p}: must be in [0, 1]")
-    if out.min_tokens < 0 or out.min_tokens > out.max_tokens:
-        raise ValueError(f"min_tokens={out.min_tokens}: must be in [0, max_tokens={out.max_tokens}]")
-    if any(not s for s in out.stop):
-        raise ValueError("stop strings must be non-empty")
-    if not 0 <= out.top_logprobs <= 20:
-        raise ValueError(f"top_logprobs={out.top_logprobs}: must be in [0, 20]")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if not -2 <= getattr(out, name) <= 2:
-            raise ValueError(f"{name}={getattr(out, name)}: must be in [-2, 2]")
-    if out.repetition_penalty == 0:
-        out.repetition_penalty = 1.0
-    if not 0 < out.repetition_penalty <= 10:
-        raise ValueError(f"repetition_penalty={out.repetition_penalty}: must be in (0, 10] (0 = off)")
-    for tid, v in out.logit_bias.items():
-        if tid < 0 or not -100 <= v <= 100:
-            raise ValueError(f"logit_bias {tid}: {v}: ids must be >= 0 and values in [-100, 100]")
-    if out.HasField("prompt_logprobs") and not 0 <= out.prompt_logprobs <= 20:
-        raise ValueError(f"prompt_logprobs={out.prompt_logprobs}: must be in [0, 20]")
-    if out.HasField("structured"):
-        check_structured(out.structured)
-    return out
+def sampling_from_proto(p: common_pb2.SamplingParams) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=p.max_tokens,
+        temperature=p.temperature,
+        top_p=p.top_p if p.top_p else 1.0,
+        top_k=p.top_k if p.top_k else -1,
+        min_p=p.min_p,
+        seed=p.seed if p.HasField("seed") else None,
+        stop=list(p.stop),
+        stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+        min_tokens=p.min_tokens,
+        logprobs=p.logprobs or p.top_logprobs > 0,
+        top_logprobs=p.top_logprobs,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty or 1.0,
+        logit_bias=dict(p.logit_bias),
+        structured=structured_from_proto(p.structured) if p.HasField("structured") else None,
+        prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
+        skip_special_tokens=p.skip_special_tokens if p.HasField("skip_special_tokens") else True,
+    )
+
+
+def sampling_to_proto(sp: SamplingParams) -> common_pb2.SamplingParams:
+    """The inverse of sampling_from_proto (the router calls a worker, decode a prefill worker)."""
+    p = common_pb2.SamplingParams(
+        temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p,
+        max_tokens=sp.max_tokens, stop=sp.stop, stop_token_ids=sp.stop_token_ids, ignore_eos=sp.ignore_eos,
+        logprobs=sp.logprobs, top_logprobs=sp.top_logprobs, min_tokens=sp.min_tokens,
+        presence_penalty=sp.presence_penalty, frequency_penalty=sp.frequency_penalty,
+        repetition_penalty=sp.repetition_penalty, logit_bias=sp.logit_bias)
+    if sp.seed is not None:
+        p.seed = sp.seed
+    if sp.structured is not None:
+        p.structured.CopyFrom(structured_to_proto(sp.structured))
+    if sp.prompt_logprobs is not None:
+        p.prompt_logprobs = sp.prompt_logprobs
+    if not sp.skip_special_tokens:
+        p.skip_special_tokens = False
+    return p
+
+
+def structured_from_proto(p: common_pb2.StructuredOutput) -> StructuredOutput:
+    """ValueError when it names no kind, or json_object is false."""
+    kind = p.WhichOneof("kind")
+    if kind is None:
+        raise SamplingError("structured", "structured: set one of json_schema, json_object, regex, ebnf")
+    if kind == "json_object":
+        if not p.json_object:
+            raise SamplingError("structured", "structured.json_object must be true when set")
+        return StructuredOutput(kind)
+    return StructuredOutput(kind, getattr(p, kind))
+
+
+def structured_to_proto(so: StructuredOutput) -> common_pb2.StructuredOutput:
+    if so.kind == "json_object":
+        return common_pb2.StructuredOutput(json_object=True)
+    return common_pb2.StructuredOutput(**{so.kind: so.spec})

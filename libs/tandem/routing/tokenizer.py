@@ -20,6 +20,7 @@ class RouterTokenizer:
         self.model_path = model_path
         self.hf = AutoTokenizer.from_pretrained(model_path)
         self.context_length = context_length or _context_length(model_path, self.hf)
+        self.vocab_size = _vocab_size(model_path)  # the model's (token ids the workers accept); None: unknown
         self.eos_token_id = self.hf.eos_token_id
         self._token_text = lru_cache(maxsize=65536)(self._token_text_uncached)
 
@@ -67,6 +68,13 @@ class RouterTokenizer:
 
     def _token_text_uncached(self, token_id: int) -> str:
         return self.hf.decode([token_id], skip_special_tokens=False)
+
+
+def _vocab_size(model_path: str) -> int | None:
+    if not os.path.exists(os.path.join(model_path, "config.json")):
+        return None
+    n = read_hf_config(model_path).get("vocab_size")
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def _context_length(model_path: str, hf) -> int:

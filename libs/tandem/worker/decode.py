@@ -15,10 +15,11 @@ from collections.abc import Callable, Iterator
 
 import grpc
 from tandem.config import DecodeConfig
-from tandem.engine.sampling_params import SamplingParams
+from tandem.routing.sampling import sampling_from_proto
+from tandem.sampling import SamplingParams
 from tandem.v1 import common_pb2, decode_pb2
 from tandem.worker.base import WorkerBase
-from tandem.worker.convert import chunk_from_output, sampling_from_proto
+from tandem.worker.convert import chunk_from_output
 from tandem.worker.engine_loop import EngineLoop, RequestStream
 from tandem.worker.errors import ClientGone, RequestFailed
 from tandem.worker.remote_prefill import RemotePrefill, RemotePrefillFailed

@@ -26,8 +26,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from tandem.engine.engine import EngineCore, EngineStats, ExternalAllocation, StepOutput
-from tandem.engine.sampling_params import SamplingParams
+from tandem.engine import EngineCore, EngineStats, ExternalAllocation, StepOutput
+from tandem.sampling import SamplingParams
 from tandem.worker.loop_thread import LoopThread
 
 log = logging.getLogger(__name__)
@@ -155,15 +155,16 @@ class EngineLoop(LoopThread):
         self.engine.validate_request(prompt_ids, sampling)
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, rid: str, mode: str = "normal",
-               on_chunk_done=None, on_output: Callable[[], None] | None = None) -> RequestStream:
-        """Queue a request; its outputs arrive on the returned stream. Raises ValueError at
-        once for a request that can never run or an id in use."""
-        self.validate(prompt_ids, sampling)
+               on_output: Callable[[], None] | None = None) -> RequestStream:
+        """Queue a request; its outputs arrive on the returned stream (a prefill-only request's
+        include the pages each chunk made final). Check it first with ``validate``: what the
+        engine refuses when it is added ends the stream with that ValueError. Raises ValueError
+        at once for an id in use."""
         stream = self._open(rid, on_output)
 
         def add(engine: EngineCore) -> None:
             try:
-                engine.add_request(prompt_ids, sampling, rid=rid, mode=mode, on_chunk_done=on_chunk_done)
+                engine.add_request(prompt_ids, sampling, rid=rid, mode=mode)
             except BaseException as exc:
                 self._close(rid)
                 stream.deliver(_StreamEnd(exc))

@@ -3,8 +3,8 @@
 Per request the stream handler checks the request and decode's allocation (nothing is
 computed or written before), opens the room in :class:`PrefillTransfers` and relays what
 the room produces. :class:`PrefillTransfers` is prefill's one poll loop for every room: as
-the engine loop reports a chunk's pages final it WRITEs them into decode's pages (or packs
-them for the stream), then the aux row; it polls every room's transfer handles once per
+the request's outputs report a chunk's pages final (``StepOutput.pages_final``) it WRITEs
+them into decode's pages (or packs them for the stream), then the aux row; it polls every room's transfer handles once per
 iteration, and when they are done frees the pages (into the prefix cache) and reports
 done. A failed or cancelled room is reported (and CancelRoom answered) only once none of
 its writes is in flight any more, so decode may reuse its pages.
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from tandem.config import PrefillConfig
+from tandem.routing.sampling import sampling_from_proto
 from tandem.transfer import (
     AuxRow,
     FailureReason,
@@ -39,7 +40,6 @@ from tandem.transfer import (
 )
 from tandem.v1 import common_pb2, prefill_pb2
 from tandem.worker.base import WorkerBase
-from tandem.worker.convert import sampling_from_proto
 from tandem.worker.engine_loop import EngineLoop, RequestStream
 from tandem.worker.errors import RequestFailed
 from tandem.worker.loop_thread import LoopThread
@@ -63,7 +63,6 @@ class _Room:
     aux_slot: int
     num_prompt_tokens: int
     stream: RequestStream | None = None
-    chunks: collections.deque = field(default_factory=collections.deque)  # (pages, is_last), from the loop
     outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # protos for the stream handler
     handles: list[TransferHandle] = field(default_factory=list)
     sent_pages: int = 0
@@ -114,14 +113,8 @@ class PrefillTransfers(LoopThread):
             if room in self._rooms:
                 raise RequestFailed(grpc.StatusCode.ALREADY_EXISTS, f"room {room} is already in flight")
             self._rooms[room] = r
-
-        def on_chunk(_rid, pages, num_computed):  # engine loop thread: just hand over
-            r.chunks.append((list(pages), num_computed >= len(ids)))
-            self._wake.set()
-
         try:
-            r.stream = self.loop.submit(ids, sp, rid, mode="prefill_only",
-                                        on_chunk_done=None if peer is None else on_chunk, on_output=self._wake.set)
+            r.stream = self.loop.submit(ids, sp, rid, mode="prefill_only", on_output=self._wake.set)
         except ValueError as exc:
             with self._lock:
                 self._rooms.pop(room, None)
@@ -178,21 +171,15 @@ class PrefillTransfers(LoopThread):
             self._fail(r, FailureReason.CANCELLED, r.cancel_reason)
             return self._advance_failed(r)
         while (out := r.stream.poll(0)) is not None:
+            if out.pages_final and r.peer is not None:  # warmup (no peer): nothing to send
+                if not self._send_chunk(r, out.pages_final, out.num_computed_tokens >= r.num_prompt_tokens):
+                    return self._advance_failed(r)
             if not out.finished:
                 continue
-            if out.finish_reason != "prefill_done":
+            if not out.prefill_done:
                 self._fail(r, FailureReason.PREFILL_FAILED, out.error or f"prefill ended: {out.finish_reason}")
                 return self._advance_failed(r)
             r.result, r.held, r.t_prefill = out, True, time.monotonic()
-        while r.chunks:
-            pages, is_last = r.chunks.popleft()
-            dst = r.dst_pages[r.sent_pages:r.sent_pages + len(pages)]
-            r.t_xfer = r.t_xfer or time.monotonic()
-            if not self._send(r, lambda pages=pages, dst=dst, is_last=is_last: self.sender.send_kv(
-                    r.room, r.peer, pages, dst, chunk_index=r.chunk_index, is_last=is_last)):
-                return self._advance_failed(r)
-            r.sent_pages += len(pages)
-            r.chunk_index += 1
         if r.result is None:
             return
         if r.peer is None:  # warmup: nothing to transfer
@@ -219,6 +206,17 @@ class PrefillTransfers(LoopThread):
         if time.monotonic() - r.t_finishing > self.transfer_timeout_s:
             self._fail(r, FailureReason.TIMEOUT, f"transfer not done after {self.transfer_timeout_s:g} s")
             return self._advance_failed(r)
+
+    def _send_chunk(self, r: _Room, pages: list[int], is_last: bool) -> bool:
+        """WRITE a chunk's final pages into the next pages decode allocated."""
+        dst = r.dst_pages[r.sent_pages:r.sent_pages + len(pages)]
+        r.t_xfer = r.t_xfer or time.monotonic()
+        if not self._send(r, lambda: self.sender.send_kv(r.room, r.peer, pages, dst, chunk_index=r.chunk_index,
+                                                         is_last=is_last)):
+            return False
+        r.sent_pages += len(pages)
+        r.chunk_index += 1
+        return True
 
     def _send(self, r: _Room, send: Callable[[], TransferHandle]) -> bool:
         try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from tandem.config import EngineConfig
-from tandem.engine.engine import EngineCore
+from tandem.engine import EngineCore
 from tandem.metrics import ComponentMetrics, EngineMetrics, MetricsPublisher, default_stats_endpoint
 from tandem.server import ServiceRuntime, service_name
 from tandem.transfer import KvBuffers

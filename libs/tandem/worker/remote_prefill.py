@@ -36,16 +36,16 @@ from dataclasses import dataclass, field
 
 import grpc
 from tandem.config import DecodeConfig
-from tandem.engine.kv_pool import OutOfPages
-from tandem.engine.sampling_params import SamplingParams
+from tandem.engine import OutOfPages
 from tandem.routing.kv_events import follow_kv_events
 from tandem.routing.kv_index import KvIndex
 from tandem.routing.policies import WorkerView, make_policy
+from tandem.routing.sampling import sampling_to_proto
+from tandem.sampling import SamplingParams
 from tandem.server.channels import open_channel
 from tandem.server.tls import TlsFiles, tls_files
 from tandem.transfer import AuxRow, FailureReason, KVPoll, KvReceiver, TransferDone, TransferFailure, new_room_id
 from tandem.v1 import prefill_pb2, prefill_pb2_grpc
-from tandem.worker.convert import sampling_to_proto
 from tandem.worker.engine_loop import EngineLoop, RequestStream
 from tandem.worker.pd_proto import FAILURE_STATUS, message_from_proto, registration_to_request
 from tandem.worker.stats_reporter import StatsReporter

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from tandem.engine.engine import EngineStats
+from tandem.engine import EngineStats
 from tandem.metrics import SchedulerStats, StatsSender
 from tandem.worker.engine_loop import LoopHook
 

@@ -46,26 +46,31 @@ def test_prefill_only_then_external_decode_equals_local(prefill_engine, dense_ll
 
         alloc = de.allocate_external(prompt, sp)
         assert len(alloc.page_indices) == -(-alloc.num_tokens // de.page_size)
-        results, chunks = [], []
-
-        def on_chunk(rid, pages, num_computed, chunks=chunks, alloc=alloc):
-            # stream finished pages as chunks complete (position in the prompt -> decode page)
-            start = sum(len(c) for c in chunks)
-            chunks.append(pages)
-            copy_pages(pe, de, pages, alloc.page_indices[start:start + len(pages)])
-
-        rid = pe.add_request(prompt, sp, mode="prefill_only", on_prefill_done=results.append, on_chunk_done=on_chunk)
-        first, reason = run_to_end(pe, rid)
-        assert reason == "prefill_done" and len(first) == 1
-        res = results[0]
-        assert res.first_token_id == first[0] and res.num_tokens == alloc.num_tokens
-        assert sum(chunks, []) == res.page_indices
-        if len(res.page_indices) > 1:
+        chunks = []
+        rid = pe.add_request(prompt, sp, mode="prefill_only")
+        first, done = [], None
+        while done is None:
+            for o in pe.step():
+                if o.rid != rid:
+                    continue
+                if o.pages_final:
+                    # stream finished pages as chunks complete (position in the prompt -> decode page)
+                    start = sum(len(c) for c in chunks)
+                    chunks.append(o.pages_final)
+                    copy_pages(pe, de, o.pages_final, alloc.page_indices[start:start + len(o.pages_final)])
+                first += o.new_token_ids
+                if o.finished:
+                    done = o
+        assert done.prefill_done and done.finish_reason == "prefill_done" and len(first) == 1
+        res = done
+        assert res.new_token_ids[0] == first[0] and res.num_prompt_tokens == alloc.num_tokens
+        assert sum(chunks, []) == pe.requests[rid].pages[:len(alloc.page_indices)]
+        if len(alloc.page_indices) > 1:
             assert len(chunks) > 1  # chunked_prefill_size=8 < prompt: pages arrive in several chunks
         # The aux row travels like the KV pages: written into decode's slot, read back there.
         slot = de.pool.aux[alloc.aux_slot]
         slot[:] = torch.frombuffer(bytearray(pack_aux_row(
-            AuxRow.one(7, res.first_token_id, res.first_token_logprob, res.cached_tokens), slot.numel())),
+            AuxRow.one(7, res.new_token_ids[0], float("nan"), res.cached_tokens), slot.numel())),
             dtype=torch.uint8)
         row = unpack_aux_row(slot)
         pe.release(rid)

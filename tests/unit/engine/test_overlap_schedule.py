@@ -88,7 +88,7 @@ def test_abort_while_a_token_is_in_flight(engines, prompts):
 def test_grammar_requests_wait_for_their_tokens(engines):
     """A grammar's next mask needs the token just sampled: such steps resolve at once."""
     on, off = engines
-    from tandem.engine.sampling_params import StructuredOutput
+    from tandem.engine import StructuredOutput
 
     sp = SamplingParams(max_tokens=40, temperature=0.0,
                         structured=StructuredOutput("regex", r"(ab|ba){3,6}c"))

@@ -22,6 +22,15 @@ def test_seeded_sampling_reproducible_alone_and_in_batch(dense_llm, prompts):
     assert other_seed != alone
 
 
+def test_any_uint64_seed_samples(dense_llm, prompts):
+    """The API's seeds are uint64 (the router's n > 1 adds to them modulo 2**64): the largest
+    samples like any other; the sampler keys on the seed's 64 bits."""
+    sp = SamplingParams(max_tokens=6, temperature=0.9, seed=2**64 - 1, ignore_eos=True)
+    top, small = (dense_llm.generate([prompts[0]], s)[0].token_ids for s in (sp, SamplingParams(
+        max_tokens=6, temperature=0.9, seed=5, ignore_eos=True)))
+    assert len(top) == 6 and top == dense_llm.generate([prompts[0]], sp)[0].token_ids and top != small
+
+
 def test_top_k_1_is_greedy_and_min_p(dense_llm, prompts):
     greedy = dense_llm.generate([prompts[2]], SamplingParams(max_tokens=8, temperature=0))[0].token_ids
     topk1 = dense_llm.generate([prompts[2]], SamplingParams(max_tokens=8, temperature=1.5, top_k=1, seed=3))[0]

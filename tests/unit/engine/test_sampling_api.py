@@ -6,8 +6,7 @@ import json
 import re
 
 import pytest
-from tandem.engine import SamplingParams
-from tandem.engine.sampling_params import StructuredOutput
+from tandem.engine import SamplingParams, StructuredOutput
 
 from tests.support.structured import PERSON_SCHEMA as SCHEMA
 from tests.support.structured import validate_person as _validate

@@ -9,13 +9,17 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tandem.routing.block_hash import block_hashes
+from tandem.sampling import IncrementalDetokenizer, StopStrings
 from tandem.v1 import common_pb2, decode_pb2_grpc
 
 
 class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
-    """Generate streams `reply_ids` one token per chunk (cut at max_tokens)."""
+    """Generate streams `reply_ids` one token per chunk (cut at max_tokens). With a
+    ``tokenizer``, stop strings end it as a worker's engine ends it (the same check, and the
+    last chunk says where the stop string begins)."""
 
-    def __init__(self, reply_ids, block_size=4, delay=0.0):
+    def __init__(self, reply_ids, block_size=4, delay=0.0, tokenizer=None):
+        self.tokenizer = tokenizer
         self.reply_ids = list(reply_ids)
         self.block_size = block_size
         self.delay = delay
@@ -49,6 +53,9 @@ class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
             yield common_pb2.TokenChunk(request_id=request.request_id, finish_reason=common_pb2.FINISH_REASON_ABORT)
             return
         n = min(request.sampling.max_tokens, len(self.reply_ids))
+        stops = None
+        if self.tokenizer is not None and request.sampling.stop:
+            detok, stops = IncrementalDetokenizer(self.tokenizer), StopStrings(list(request.sampling.stop))
         for i in range(n):
             if self.delay:
                 time.sleep(self.delay)
@@ -58,6 +65,13 @@ class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
             if request.sampling.logprobs:
                 chunk.logprobs.add(logprob=-0.5, top=[common_pb2.TokenLogprob(token_id=self.reply_ids[i],
                                                                               logprob=-0.5)][:request.sampling.top_logprobs])
+            if stops is not None and stops.feed(detok.add([self.reply_ids[i]])):
+                self.finished.append(request.request_id)
+                chunk.finish_reason = common_pb2.FINISH_REASON_STOP
+                chunk.stop_text_pos, chunk.matched_stop = stops.pos, stops.matched
+                chunk.usage.CopyFrom(common_pb2.Usage(prompt_tokens=len(request.input_ids), completion_tokens=i + 1))
+                yield chunk
+                return
             if i == n - 1:
                 self.finished.append(request.request_id)
                 chunk.finish_reason = common_pb2.FINISH_REASON_LENGTH

@@ -5,7 +5,8 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tandem.routing.detokenizer import IncrementalDetokenizer, StopMatcher, TextStream
+from tandem.routing.detokenizer import TextStream
+from tandem.sampling import IncrementalDetokenizer, StopStrings
 
 TEXTS = ["Hello world! 🦊🦊 漢字 ünïcödé", "émojis 🦊 and 漢字.", "plain ascii text", "ß∂ƒ©˙∆˚¬…æ 日本語のテキスト"]
 
@@ -42,13 +43,15 @@ def test_random_ids_concatenate_to_full_decode(hf_tokenizer, ids):
 @given(st.text(alphabet="abc🦊", max_size=30), st.lists(st.text(alphabet="abc🦊", min_size=1, max_size=4),
                                                          min_size=1, max_size=3), st.randoms())
 def test_stop_matcher_equals_cut_at_first_stop(text, stops, rng):
-    m = StopMatcher(stops)
-    out, i = "", 0
+    """The engine's incremental check (each piece searched with the last len(stop) - 1
+    characters before it) finds what a search of the whole text finds."""
+    m = StopStrings(stops)
+    i = 0
     while i < len(text) and m.matched is None:
         n = rng.randint(1, 4)
-        out += m.feed(text[i:i + n])
+        m.feed(text[i:i + n])
         i += n
-    out += m.flush()
+    out = text if m.pos is None else text[:m.pos]
     # reference: the first stop to complete when the text is read one character at a time
     ends = [(text.find(s) + len(s), text.find(s), s) for s in stops if s in text]
     if ends:
@@ -60,14 +63,17 @@ def test_stop_matcher_equals_cut_at_first_stop(text, stops, rng):
 
 
 def test_text_stream_stop_on_multibyte(hf_tokenizer):
+    """The worker's check finds the stop in its text; the router's stream cuts its own text there."""
     ids = hf_tokenizer("Hello world! 🦊 tail")["input_ids"]
+    detok, stops = IncrementalDetokenizer(hf_tokenizer), StopStrings(["🦊"])  # what the worker runs
     ts = TextStream(hf_tokenizer, stop=["🦊"])
     out = ""
     for i in ids:
-        out += ts.push([i])
-        if ts.stopped:
+        if stops.feed(detok.add([i])):  # the worker's last chunk: this token, and where the stop begins
+            out += ts.finish([i], stops.pos)
             break
-    assert out == "Hello world! " and ts.matched_stop == "🦊"
+        out += ts.push([i])
+    assert out == "Hello world! " and stops.matched == "🦊"
     assert ts.finish() == ""
 
 
@@ -77,9 +83,11 @@ def test_text_stream_holds_prefix_of_stop_until_resolved(hf_tokenizer):
     out = "".join(ts.push([i]) for i in ids)
     assert out == "Stop strings."  # " STOP" could still become " STOP here": held
     out += ts.finish()
-    assert out == "Stop strings. STOP" and not ts.stopped
+    assert out == "Stop strings. STOP"
 
 
 def test_empty_stop_rejected():
     with pytest.raises(ValueError, match="non-empty"):
-        StopMatcher([""])
+        StopStrings([""])
+    with pytest.raises(ValueError, match="non-empty"):
+        TextStream(None, stop=[""])

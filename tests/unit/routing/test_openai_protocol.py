@@ -1,9 +1,29 @@
 from __future__ import annotations
 
 import pytest
+from tandem.config import RouterConfig
+from tandem.router.grpc_api import RouterServicer
 from tandem.routing import openai_protocol as oa
-from tandem.routing.sampling import check_sampling
-from tandem.v1 import common_pb2
+from tandem.routing.limits import RequestLimits
+from tandem.routing.request_check import check_request
+from tandem.sampling import SamplingError
+from tandem.v1 import common_pb2, router_pb2
+
+LIMITS = RequestLimits.from_config(RouterConfig())
+
+
+def build_sampling(req, prompt_tokens, context_length, default_max):
+    """The HTTP API's path: the request's sampling side, then the shared check (as 400s)."""
+    try:
+        return check_request(oa.sampling_request(req, default_max), prompt_tokens, context_length, None, LIMITS)
+    except SamplingError as e:
+        raise oa.invalid(e) from None
+
+
+def check_sampling(sp, prompt_tokens, context_length):
+    """The gRPC API's path for a text prompt with these proto sampling params."""
+    _, sampling, _ = RouterServicer._convert(router_pb2.RouterGenerateRequest(text="x", sampling=sp), None)
+    return check_request(sampling, prompt_tokens, context_length, None, LIMITS)
 
 
 def completion(**kw):
@@ -18,14 +38,14 @@ def chat(**kw):
 
 
 def test_sampling_mapping():
-    sp = oa.build_sampling(completion(max_tokens=7, temperature=0, top_p=0.5, top_k=3, seed=11, stop="##",
+    sp = build_sampling(completion(max_tokens=7, temperature=0, top_p=0.5, top_k=3, seed=11, stop="##",
                                       min_tokens=2, ignore_eos=True, logprobs=2), 5, 100, 16)
     assert (sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.seed, list(sp.stop)) == (7, 0, 0.5, 3, 11, ["##"])
     assert sp.min_tokens == 2 and sp.ignore_eos and sp.logprobs and sp.top_logprobs == 2
-    assert not oa.build_sampling(completion(), 5, 100, 16).HasField("seed")
-    assert oa.build_sampling(completion(), 5, 100, 16).max_tokens == 16
-    assert oa.build_sampling(chat(), 30, 100, None).max_tokens == 70  # rest of the context
-    sp = oa.build_sampling(chat(logprobs=True, top_logprobs=3, max_completion_tokens=4), 5, 100, None)
+    assert build_sampling(completion(), 5, 100, 16).seed is None
+    assert build_sampling(completion(), 5, 100, 16).max_tokens == 16
+    assert build_sampling(chat(), 30, 100, None).max_tokens == 70  # rest of the context
+    sp = build_sampling(chat(logprobs=True, top_logprobs=3, max_completion_tokens=4), 5, 100, None)
     assert sp.logprobs and sp.top_logprobs == 3 and sp.max_tokens == 4
 
 
@@ -54,20 +74,20 @@ def test_sampling_mapping():
 ])
 def test_bad_sampling_names_the_field(req, param):
     with pytest.raises(oa.OpenAIError) as e:
-        oa.build_sampling(completion(**req), 5, 100, 16)
+        build_sampling(completion(**req), 5, 100, 16)
     assert e.value.status == 400 and e.value.param == param and param in e.value.message
 
 
 def test_prompt_too_long_and_empty():
     with pytest.raises(oa.OpenAIError, match="maximum context length is 100"):
-        oa.build_sampling(completion(), 100, 100, 16)
+        build_sampling(completion(), 100, 100, 16)
     with pytest.raises(oa.OpenAIError, match="empty"):
         oa.single_prompt(completion(prompt=""))
     with pytest.raises(oa.OpenAIError, match="one prompt"):
         oa.single_prompt(completion(prompt=["a", "b"]))
     assert oa.single_prompt(completion(prompt=[[1, 2]])) == [1, 2]
     with pytest.raises(oa.OpenAIError, match="top_logprobs requires logprobs"):
-        oa.build_sampling(chat(top_logprobs=2), 5, 100, None)
+        build_sampling(chat(top_logprobs=2), 5, 100, None)
 
 
 def test_parse_errors():
@@ -117,14 +137,14 @@ def test_grpc_sampling_check():
 
 
 def test_penalties_bias_and_n_map_to_the_proto():
-    sp = oa.build_sampling(completion(n=4, presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2,
+    sp = build_sampling(completion(n=4, presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2,
                                       logit_bias={"7": -100, "9": 2.5}), 5, 100, 16)
     assert (sp.presence_penalty, sp.frequency_penalty) == (0.5, -1.0)
     assert sp.repetition_penalty == pytest.approx(1.2) and dict(sp.logit_bias) == {7: -100.0, 9: 2.5}
-    assert oa.build_sampling(completion(), 5, 100, 16).repetition_penalty == 1.0
-    assert oa.build_sampling(completion(echo=True, logprobs=2), 5, 100, 16).prompt_logprobs == 2
-    assert not oa.build_sampling(completion(echo=True), 5, 100, 16).HasField("prompt_logprobs")
-    assert not oa.build_sampling(completion(logprobs=2), 5, 100, 16).HasField("prompt_logprobs")
+    assert build_sampling(completion(), 5, 100, 16).repetition_penalty == 1.0
+    assert build_sampling(completion(echo=True, logprobs=2), 5, 100, 16).prompt_logprobs == 2
+    assert build_sampling(completion(echo=True), 5, 100, 16).prompt_logprobs is None
+    assert build_sampling(completion(logprobs=2), 5, 100, 16).prompt_logprobs is None
 
 
 @pytest.mark.parametrize("req,param", [
@@ -140,29 +160,37 @@ def test_penalties_bias_and_n_map_to_the_proto():
 ])
 def test_unsupported_chat_parameters_are_refused_by_name(req, param):
     with pytest.raises(oa.OpenAIError) as e:
-        oa.build_sampling(chat(**req), 5, 100, None)
+        build_sampling(chat(**req), 5, 100, None)
     assert e.value.status == 400 and e.value.param == param and param in e.value.message
+
+
+def structured(req, plan=None):
+    """The grammar the HTTP API's path sends (None: free text)."""
+    default_max = 16 if isinstance(req, oa.CompletionRequest) else None
+    try:
+        return check_request(oa.sampling_request(req, default_max, plan), 5, 100, None, LIMITS).structured
+    except SamplingError as e:
+        raise oa.invalid(e) from None
 
 
 def test_structured_outputs_and_tools_validate():
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
-    so = oa.structured_output(chat(response_format={"type": "json_schema", "json_schema": {"name": "x",
-                                                                                           "schema": schema}}))
-    assert so.WhichOneof("kind") == "json_schema"
-    assert oa.structured_output(chat(response_format={"type": "json_object"})).json_object
-    assert oa.structured_output(chat(response_format={"type": "text"})) is None
-    assert oa.structured_output(completion(regex="[a-z]+")).regex == "[a-z]+"
+    so = structured(chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}))
+    assert so.kind == "json_schema"
+    assert structured(chat(response_format={"type": "json_object"})).kind == "json_object"
+    assert structured(chat(response_format={"type": "text"})) is None
+    assert structured(completion(regex="[a-z]+")).spec == "[a-z]+"
     for req, param in ((completion(regex="([a-"), "regex"), (completion(ebnf="root ::= "), "ebnf"),
                        (chat(regex="a", ebnf='root ::= "a"'), "ebnf"),
                        (chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
                         "response_format")):
         with pytest.raises(oa.OpenAIError) as e:
-            oa.structured_output(req)
+            structured(req)
         assert e.value.status == 400 and e.value.param == param
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": schema}}]
     plan = oa.tool_plan(chat(tools=tools, tool_choice="required"), None)
-    so = oa.structured_output(chat(tools=tools), plan)
-    assert plan.choice == "required" and '"minItems": 1' in so.json_schema
+    so = structured(chat(tools=tools), plan)
+    assert plan.choice == "required" and '"minItems": 1' in so.spec
     named = oa.tool_plan(chat(tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}}), None)
     assert named.named == "get_weather"
     assert oa.tool_plan(chat(tools=tools), "qwen25").choice == "auto"

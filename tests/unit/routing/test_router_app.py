@@ -39,7 +39,7 @@ def make_router(tiny_model_dir):
 @pytest.fixture
 def workers(hf_tokenizer):
     ids = hf_tokenizer(REPLY)["input_ids"]
-    made = [FakeWorker(ids), FakeWorker(ids)]
+    made = [FakeWorker(ids, tokenizer=hf_tokenizer), FakeWorker(ids, tokenizer=hf_tokenizer)]
     yield made
     for w in made:
         w.stop()
@@ -322,11 +322,12 @@ def test_a_closed_request_releases_its_worker_before_close_returns(make_router, 
     import asyncio
 
     from tandem.router.core import Prepared
+    from tandem.sampling import SamplingParams
 
     app = make_router(workers)
 
     async def run_and_close():
-        prep = Prepared(f"close-{n}", [5, 6, 7], common_pb2.SamplingParams(max_tokens=4, seed=1), n=n)
+        prep = Prepared(f"close-{n}", [5, 6, 7], SamplingParams(max_tokens=4, seed=1), n=n)
         deltas = app.core.run(prep)
         finished = 0
         async for d in deltas:

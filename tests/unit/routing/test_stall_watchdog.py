@@ -146,7 +146,7 @@ def test_n_samples_run_at_most_the_merge_window_ahead_of_a_stalled_consumer(tiny
     from tandem.router.metrics import RouterMetrics
     from tandem.routing.policies import Decision
     from tandem.routing.tokenizer import RouterTokenizer
-    from tandem.v1 import common_pb2
+    from tandem.sampling import SamplingParams
 
     pulled: list[int] = []
     per_sample = 500
@@ -163,7 +163,7 @@ def test_n_samples_run_at_most_the_merge_window_ahead_of_a_stalled_consumer(tiny
     n = 4
 
     async def run():
-        deltas = core.run(Prepared("r", [1, 2], common_pb2.SamplingParams(max_tokens=per_sample), n=n))
+        deltas = core.run(Prepared("r", [1, 2], SamplingParams(max_tokens=per_sample), n=n))
         await deltas.__anext__()
         for _ in range(200):  # the consumer stalls; every pump gets many turns
             await asyncio.sleep(0)

@@ -1,6 +1,11 @@
-"""RouterCore: picks a worker, calls its Decode.Generate, retries once on another worker
-when it fails before any output, and turns tokens into text (incremental detokenization,
-stop strings). Shared by the HTTP and the gRPC front ends; runs on the router's loop.
+"""RouterCore: prepares a request (``prepare``: tokenize, the one check), picks a worker,
+calls its Decode.Generate, retries once on another worker when it fails before any output,
+and turns tokens into text (incremental detokenization; the worker says where a stop string
+ended it). Shared by the HTTP and the gRPC front ends; runs on the router's loop.
+
+Both front ends convert their request into a :class:`PromptInput` and a
+``routing.request_check.SamplingRequest`` and call ``prepare``: one tokenization, one check
+(``tandem.sampling``'s validation, the server's limits, the grammar), one Prepared.
 
 n > 1: sample 0 goes first; once its first token arrived (its prompt is then in the
 worker's prefix cache) samples 1..n-1 start on the same worker, each with seed + i, and
@@ -12,7 +17,7 @@ Each sample's text goes through the request's output parsers: the reasoning pars
 (``<think>`` -> reasoning) and then the tool-call parser (calls out of the content).
 
 Cancellation: the worker call lives inside an async generator; when the consumer stops
-early (client disconnected, gRPC cancel, stop string matched) the generator is closed or
+early (client disconnected, gRPC cancel) the generator is closed or
 cancelled and its `finally` cancels the worker's Generate call, so the worker aborts the
 request and frees its pages.
 """
@@ -36,10 +41,14 @@ from tandem.router.workers import Worker, WorkerPool
 from tandem.routing.detokenizer import TextStream
 from tandem.routing.discovery import EtcdWatcher
 from tandem.routing.kv_index import KvIndex
+from tandem.routing.limits import RequestLimits
 from tandem.routing.policies import Decision, KvAwarePolicy, make_policy
 from tandem.routing.reasoning import ReasoningParser
+from tandem.routing.request_check import SamplingRequest, check_request
+from tandem.routing.sampling import sampling_to_proto
 from tandem.routing.tokenizer import RouterTokenizer
 from tandem.routing.tool_parsers import ForcedToolParser, ToolCall, make_parser
+from tandem.sampling import SamplingError, SamplingParams
 from tandem.server.auth import BearerCheck, read_secret
 from tandem.server.tls import etcd_client_tls, tls_files
 from tandem.v1 import common_pb2, decode_pb2
@@ -69,13 +78,22 @@ class NoHealthyWorker(RouterError):
 
 
 @dataclass
+class PromptInput:
+    """What a request asks the model to continue: raw text, token ids, or chat messages (with
+    the tools the chat template renders). Exactly one of text, token_ids, messages."""
+    text: str | None = None
+    token_ids: list[int] | None = None
+    messages: list[dict] | None = None
+    tools: list = field(default_factory=list)
+
+
+@dataclass
 class Prepared:
     """A tokenized, validated request."""
     request_id: str
     input_ids: list[int]
-    sampling: common_pb2.SamplingParams
+    sampling: SamplingParams
     endpoint: str = "grpc"
-    skip_special_tokens: bool = True
     started: float = field(default_factory=time.perf_counter)
     decision: Decision | None = None  # set when a worker is chosen
     n: int = 1  # samples; sample i uses seed + i
@@ -87,8 +105,7 @@ class Prepared:
 
     def sample(self, i: int) -> Prepared:
         """The request of sample i (its own request id, seed and routing decision)."""
-        sp = common_pb2.SamplingParams()
-        sp.CopyFrom(self.sampling)
+        sp = dataclasses.replace(self.sampling)
         if i:
             sp.seed = (sp.seed + i) % 2 ** 64
         return dataclasses.replace(self, request_id=f"{self.request_id}-{i}" if self.n > 1 else self.request_id,
@@ -166,6 +183,7 @@ class RouterCore:
         self.metrics = metrics
         self.model_name = model_name
         self.api_key = BearerCheck(read_secret(config, "api_key"), "API request")
+        self.limits = RequestLimits.from_config(config)
         self.tls = tls_files(config)
         self.admission = Admission(config.max_concurrent_requests, config.max_concurrent_requests_per_key)
         self.index = KvIndex() if config.routing_policy == "kv_aware" else None
@@ -203,6 +221,32 @@ class RouterCore:
                 pass
         if self.pool:
             await self.pool.close()
+
+    # ---- requests ------------------------------------------------------------------
+    def prepare(self, prompt: PromptInput, sampling: SamplingRequest, request_id: str, endpoint: str,
+                client_key: str, tool_parser: str | None = None) -> Prepared:
+        """The one preparation of a request, for both APIs: tokenize (a chat through the
+        template), check it (``request_check``), and the Prepared to run. Raises SamplingError
+        naming the API's parameter (the chat template's own errors: OpenAIError)."""
+        tok, cfg = self.tokenizer, self.config
+        t0 = time.perf_counter()
+        if prompt.messages is not None:
+            ids = tok.encode_chat(prompt.messages, prompt.tools or None, cfg.tool_call_parser or "qwen25")
+            self.metrics.frontend.observe_tokenizer_ms("chat_template", (time.perf_counter() - t0) * 1e3)
+        elif prompt.text is not None:
+            ids = tok.encode(prompt.text)
+            self.metrics.frontend.observe_tokenizer_ms("tokenize", (time.perf_counter() - t0) * 1e3)
+        else:
+            ids = list(prompt.token_ids or [])
+            if any(i < 0 for i in ids):
+                raise SamplingError("prompt", "token ids in the prompt must be >= 0")
+        sp = check_request(sampling, len(ids), tok.context_length, tok.vocab_size, self.limits)
+        echo = ""
+        if sampling.echo:
+            echo = prompt.text if prompt.text is not None else tok.decode(ids, skip_special_tokens=False)
+        return Prepared(request_id, ids, sp, endpoint, n=sampling.n, echo_text=echo,
+                        reasoning_parser=cfg.reasoning_parser if prompt.messages is not None else None,
+                        tool_parser=tool_parser, client_key=client_key)
 
     # ---- routing ------------------------------------------------------------------
 
@@ -258,7 +302,7 @@ class RouterCore:
             timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
             call = worker.decode.Generate(
                 decode_pb2.GenerateRequest(request_id=prep.request_id, input_ids=prep.input_ids,
-                                           sampling=prep.sampling,
+                                           sampling=sampling_to_proto(prep.sampling),
                                            prefill_override="local" if prep.prefill_local else ""),
                 timeout=timeout)
             streamed = False
@@ -325,7 +369,7 @@ class RouterCore:
                 async for d in deltas:
                     yield d
             return
-        if not prep.sampling.HasField("seed"):
+        if prep.sampling.seed is None:
             prep.sampling.seed = random.getrandbits(63)  # n samples: distinct and reproducible seeds
         q: asyncio.Queue = asyncio.Queue()
         # Deltas waiting for the consumer, all samples together: while the client is slow (or
@@ -371,7 +415,8 @@ class RouterCore:
     async def _run_sample(self, prep: Prepared, index: int, deadline: float | None,
                           pin: str | None = None) -> AsyncIterator[Delta]:
         """Deltas of one sample, with frontend metrics."""
-        ts = TextStream(self.tokenizer.hf, list(prep.sampling.stop), prep.skip_special_tokens)
+        sp = prep.sampling
+        ts = TextStream(self.tokenizer.hf, sp.stop, sp.skip_special_tokens)
         parsers = OutputParsers(prep.reasoning_parser, prep.tool_parser)
         echo = prep.echo_text
         n_out = 0
@@ -384,13 +429,11 @@ class RouterCore:
                     ids = list(chunk.token_ids)
                     fr.on_tokens(len(ids))
                     n_out += len(ids)
-                    text = ts.push(ids)
                     logprobs = list(chunk.logprobs)
                     prompt_lps = list(chunk.prompt_logprobs)
-                    stopped = ts.stopped
-                    if stopped or chunk.finish_reason:
-                        if not stopped:
-                            text += ts.finish()
+                    if chunk.finish_reason:
+                        # The worker says where a stop string begins: the text ends there.
+                        text = ts.finish(ids, chunk.stop_text_pos if chunk.HasField("stop_text_pos") else None)
                         usage = common_pb2.Usage(prompt_tokens=len(prep.input_ids), completion_tokens=n_out)
                         if chunk.HasField("usage"):
                             usage.cached_tokens = chunk.usage.cached_tokens
@@ -398,11 +441,10 @@ class RouterCore:
                             usage.cached_tokens = prep.decision.overlap_blocks * self.index.block_size
                         fr.set_cached_tokens(usage.cached_tokens, len(prep.input_ids))
                         reasoning, text, calls = parsers.push(text, final=True)
-                        yield Delta(echo + text, ids, logprobs,
-                                    common_pb2.FINISH_REASON_STOP if stopped else chunk.finish_reason,
-                                    ts.matched_stop if stopped else chunk.matched_stop, usage, index, reasoning, calls,
-                                    prompt_lps)
+                        yield Delta(echo + text, ids, logprobs, chunk.finish_reason, chunk.matched_stop, usage, index,
+                                    reasoning, calls, prompt_lps)
                         return
+                    text = ts.push(ids)
                     if text or ids:
                         reasoning, text, calls = parsers.push(text, final=False)
                         yield Delta(echo + text, ids, logprobs, index=index, reasoning=reasoning, tool_calls=calls,

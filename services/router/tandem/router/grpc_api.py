@@ -20,12 +20,13 @@ import uuid
 from collections.abc import Callable
 
 import grpc
-from tandem.router.core import Prepared, RouterCore, RouterError
+from tandem.router.core import Prepared, PromptInput, RouterCore, RouterError
 from tandem.router.stall import SendStalled, SendWindow
-from tandem.routing.limits import RequestLimits
-from tandem.routing.openai_protocol import MAX_N, OpenAIError
-from tandem.routing.sampling import check_sampling
+from tandem.routing.openai_protocol import OpenAIError
+from tandem.routing.request_check import SamplingRequest
+from tandem.routing.sampling import sampling_from_proto
 from tandem.routing.tool_parsers import Tool, check_tool_name, forced_schema
+from tandem.sampling import StructuredOutput
 from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
 
 # Chunks handed to the gRPC thread and not yet sent, per call: a client that stops reading holds
@@ -39,57 +40,49 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, core: RouterCore, loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
         self.core = core
         self.loop = loop
-        self.limits = RequestLimits.from_config(core.config)
 
     def _prepare(self, request: router_pb2.RouterGenerateRequest, context) -> Prepared:
+        """The request in the router's terms (its prompt, its sampling side), then the one
+        shared preparation (``RouterCore.prepare``)."""
         core = self.core
         if request.model and request.model != core.model_name:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}; serving {core.model_name!r}")
-        tok = core.tokenizer
-        cfg = core.config
-        kind = request.WhichOneof("prompt")
-        tool_parser = None
-        echo = ""
         try:
-            n = request.n or 1
-            if not 1 <= n <= MAX_N:
-                raise ValueError(f"n={n}: must be in [1, {MAX_N}]")
-            tools, tool_parser, forced = _tools(request, cfg.tool_call_parser)
-            if kind == "text":
-                ids = tok.encode(request.text)
-                echo = request.text if request.echo else ""
-            elif kind == "chat":
-                if not request.chat.messages:
-                    raise ValueError("chat has no messages")
-                ids = tok.encode_chat([_message(m) for m in request.chat.messages], tools or None,
-                                      cfg.tool_call_parser or "qwen25")
-            elif kind == "token_ids":
-                ids = list(request.token_ids.ids)
-                if any(i < 0 for i in ids):
-                    raise ValueError("token ids must be >= 0")
-                echo = tok.decode(ids, skip_special_tokens=False) if request.echo else ""
-            else:
-                raise ValueError("no prompt: set one of text, chat or token_ids")
-            if request.echo and kind == "chat":
-                raise ValueError("echo: only for text and token_ids prompts")
-            if tools and kind != "chat":
-                raise ValueError("tools: only for chat prompts")
-            sampling = check_sampling(request.sampling, len(ids), tok.context_length)
-            self.limits.check(len(ids), sampling, n, max_tokens_given=request.sampling.max_tokens > 0)
-            if request.echo and sampling.logprobs and not sampling.HasField("prompt_logprobs"):
-                sampling.prompt_logprobs = sampling.top_logprobs  # echo + logprobs: the prompt's too
-            if forced is not None:
-                if sampling.HasField("structured"):
-                    raise ValueError("sampling.structured and a forcing tool_choice both constrain the output")
-                sampling.structured.json_schema = json.dumps(forced)
+            prompt, sampling, tool_parser = self._convert(request, core.config.tool_call_parser)
+            rid = request.request_id or f"router-{uuid.uuid4().hex}"
+            return core.prepare(prompt, sampling, rid, "grpc_generate:stream", client_key(context), tool_parser)
         except OpenAIError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        rid = request.request_id or f"router-{uuid.uuid4().hex}"
-        return Prepared(rid, ids, sampling, "grpc_generate:stream", n=n, echo_text=echo,
-                        reasoning_parser=cfg.reasoning_parser if kind == "chat" else None, tool_parser=tool_parser,
-                        client_key=client_key(context))
+
+    @staticmethod
+    def _convert(request: router_pb2.RouterGenerateRequest, parser: str | None
+                 ) -> tuple[PromptInput, SamplingRequest, str | None]:
+        """(prompt, sampling side, tool parser) of a Router API request; ValueError naming the problem."""
+        kind = request.WhichOneof("prompt")
+        tools, tool_parser, forced = _tools(request, parser)
+        if kind == "text":
+            prompt = PromptInput(text=request.text)
+        elif kind == "chat":
+            if not request.chat.messages:
+                raise ValueError("chat has no messages")
+            prompt = PromptInput(messages=[_message(m) for m in request.chat.messages], tools=tools)
+        elif kind == "token_ids":
+            prompt = PromptInput(token_ids=list(request.token_ids.ids))
+        else:
+            raise ValueError("no prompt: set one of text, chat or token_ids")
+        if request.echo and kind == "chat":
+            raise ValueError("echo: only for text and token_ids prompts")
+        if tools and kind != "chat":
+            raise ValueError("tools: only for chat prompts")
+        sp = sampling_from_proto(request.sampling)
+        structured = [("sampling.structured", sp.structured)] if sp.structured is not None else []
+        if forced is not None:
+            structured.append(("tool_choice", StructuredOutput("json_schema", json.dumps(forced))))
+        # Proto zero values: max_tokens 0 means the rest of the context (common.proto).
+        return prompt, SamplingRequest(sp, n=request.n or 1, max_tokens_given=request.sampling.max_tokens != 0,
+                                       structured=structured, echo=request.echo), tool_parser
 
     def Generate(self, request, context):
         authorization = dict(context.invocation_metadata()).get("authorization")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -18,9 +17,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from tandem.router.core import Delta, NoHealthyWorker, Prepared, RouterCore, RouterError
+from tandem.router.core import Delta, NoHealthyWorker, Prepared, PromptInput, RouterCore, RouterError
 from tandem.routing import openai_protocol as oa
-from tandem.routing.limits import LimitExceeded, RequestLimits
+from tandem.sampling import SamplingError
 
 log = logging.getLogger(__name__)
 
@@ -153,46 +152,21 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
         return oa.models_body(model_name, created)["data"][0]
 
     cfg = core.config
-    limits = RequestLimits.from_config(cfg)
 
     def prepare(kind: str, req, request: Request) -> Prepared:
+        """The request in the router's terms (its prompt, its sampling side), then the one
+        shared preparation (``RouterCore.prepare``)."""
         check_model(req.model)
-        t0 = time.perf_counter()
-        op = "tokenize"
         plan = None
-        echo_text = ""
         if kind == "completion":
             prompt = oa.single_prompt(req)
-            if isinstance(prompt, str):
-                ids = tok.encode(prompt)
-            else:
-                if any(i < 0 for i in prompt):
-                    raise oa.bad_request("token ids in the prompt must be >= 0.", param="prompt")
-                ids = list(prompt)
-            if req.echo:
-                echo_text = prompt if isinstance(prompt, str) else tok.decode(ids, skip_special_tokens=False)
+            prompt_in = PromptInput(text=prompt) if isinstance(prompt, str) else PromptInput(token_ids=list(prompt))
             default_max = 16  # OpenAI's default for /v1/completions
         else:
             plan = oa.tool_plan(req, cfg.tool_call_parser)
-            messages = [_message_dict(m) for m in req.messages]
-            ids = tok.encode_chat(messages, plan.tools or None, cfg.tool_call_parser or "qwen25")
+            prompt_in = PromptInput(messages=[_message_dict(m) for m in req.messages], tools=plan.tools)
             default_max = None  # the rest of the context
-            op = "chat_template"
-        core.metrics.frontend.observe_tokenizer_ms(op, (time.perf_counter() - t0) * 1e3)
-        sampling = oa.build_sampling(req, len(ids), tok.context_length, default_max)
-        try:
-            limits.check(len(ids), sampling, req.n or 1,
-                         max_tokens_given=req.max_tokens is not None
-                         or getattr(req, "max_completion_tokens", None) is not None)
-        except LimitExceeded as e:
-            raise oa.bad_request(str(e), param=e.param) from None
-        structured = oa.structured_output(req, plan)
-        if structured is not None:
-            sampling.structured.CopyFrom(structured)
-        rid = request.headers.get("x-request-id") or oa.new_request_id(kind)
-        stream = bool(req.stream)
-        endpoint = ("completions" if kind == "completion" else "chat_completions") + (":stream" if stream else "")
-        skip = True if req.skip_special_tokens is None else req.skip_special_tokens
+        sampling = oa.sampling_request(req, default_max, plan)
         tool_parser = None
         if plan is not None and plan.choice == "auto":
             tool_parser = cfg.tool_call_parser
@@ -200,9 +174,12 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
             tool_parser = "required"
         elif plan is not None and plan.choice == "named":
             tool_parser = f"named:{plan.named}"
-        return Prepared(rid, ids, sampling, endpoint, skip, n=req.n or 1, echo_text=echo_text,
-                        reasoning_parser=cfg.reasoning_parser if kind == "chat" else None, tool_parser=tool_parser,
-                        client_key=client_key(request))
+        rid = request.headers.get("x-request-id") or oa.new_request_id(kind)
+        endpoint = ("completions" if kind == "completion" else "chat_completions") + (":stream" if req.stream else "")
+        try:
+            return core.prepare(prompt_in, sampling, rid, endpoint, client_key(request), tool_parser)
+        except SamplingError as e:
+            raise oa.invalid(e) from None
 
     async def handle(kind: str, request: Request):
         check_auth(request)
