@@ -188,6 +188,10 @@ class EngineConfig(_Section):
         "heads, MLP and vocabulary sharded over them (NCCL on CUDA, gloo on CPU). The model's attention heads "
         "must divide by it (KV heads too, or it by them: then KV heads are replicated)."
     )
+    dist_timeout: float = Field(
+        600.0, gt=0, description="Seconds any collective between a worker's ranks may take (--tp-size / --ep-size > 1): "
+        "past it a rank that hangs fails the worker instead of blocking it (a rank that dies fails it at once)."
+    )
     ep_size: int = Field(1, ge=1, description="Expert-parallel ranks. With --tp-size > 1: 1 (experts sharded "
                          "over the TP ranks along their intermediate size) or equal to --tp-size (each rank "
                          "holds whole experts, placed as EPLB says).")

@@ -256,7 +256,10 @@ class _MirroredRunner(ModelRunner):
             s = req.num_computed
             records.append((s, list(req.all_ids[s:s + n]), list(req.pages[:(s + n + ps - 1) // ps])))
         with self.leader.broadcasting({"kind": "forward", "batch": records}):
-            return super().forward(_items(records), all_rows, layer_ready)
+            try:
+                return super().forward(_items(records), all_rows, layer_ready)
+            except RuntimeError as exc:  # a collective failed: a rank died or timed out
+                raise self.leader.fail(f"a collective of the forward pass failed: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------- ranks
@@ -285,6 +288,7 @@ class ParallelLeader:
         self._lock = threading.RLock()
         self._last_send = time.monotonic()
         self._closed = False
+        self.failure: str | None = None  # set once a rank died or a collective failed: the group is unusable
         self.processes: list = []
         self.messages_sent = {"forward": 0, "noop": 0, "placement": 0}
         location = self.eplb.location if self.eplb is not None else None
@@ -312,15 +316,34 @@ class ParallelLeader:
             self._send(msg)
             yield
 
+    def fail(self, why: str) -> RuntimeError:
+        """Mark the group broken (the first reason is kept); the error to raise."""
+        if self.failure is None:
+            self.failure = why
+            log.error("parallel group of %d ranks is broken: %s", self.ep.size, why)
+        return RuntimeError(f"the worker's parallel group is broken: {self.failure}")
+
+    def check_ranks(self) -> str | None:
+        """The group's failure, after looking whether a follower process exited (None: healthy)."""
+        for r, p in enumerate(self.processes, start=1):
+            if self.failure is None and p.exitcode is not None:
+                self.fail(f"rank {r} (pid {p.pid}) exited with code {p.exitcode}")
+        return self.failure
+
     def _send(self, msg: dict) -> None:
         if self._closed:
             raise RuntimeError("the parallel group is closed")
+        if self.check_ranks() is not None:
+            raise self.fail(self.failure)
         loc = self.eplb.location if self.eplb is not None else None
         if loc is not self._sent_location:
             msg["placement"] = loc.physical_to_logical
             self._sent_location = loc
             self.messages_sent["placement"] += 1
-        self.ep.broadcast(msg)
+        try:
+            self.ep.broadcast(msg)
+        except RuntimeError as exc:
+            raise self.fail(f"broadcast to the followers failed: {exc}") from exc
         if msg["kind"] in self.messages_sent:
             self.messages_sent[msg["kind"]] += 1
         self._last_send = time.monotonic()
@@ -328,24 +351,36 @@ class ParallelLeader:
     def keepalive(self) -> None:
         """Call often while idle (from the engine loop's thread): a no-op every ``keepalive_s``."""
         with self._lock:
-            if not self._closed and time.monotonic() - self._last_send >= self.keepalive_s:
-                self._send({"kind": "noop"})
+            if self._closed or self.check_ranks() is not None:
+                return
+            if time.monotonic() - self._last_send >= self.keepalive_s:
+                with contextlib.suppress(RuntimeError):  # recorded in self.failure
+                    self._send({"kind": "noop"})
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the followers (they return from ``run()``) and leave the group."""
         with self._lock:
             if self._closed:
                 return
-            self._send({"kind": "stop"})
+            if self.check_ranks() is None:
+                with contextlib.suppress(RuntimeError):  # a rank died meanwhile: recorded, terminated below
+                    self._send({"kind": "stop"})
             self._closed = True
+        if self.failure is not None:
+            timeout = 0.0  # broken: no follower is waiting for a message any more
         # Tear down together with the followers (NCCL's communicator finalize is collective),
         # keeping rank 0's TCPStore (ep.store) alive until they are gone.
-        self.ep.destroy()
+        if self.failure is None:
+            self.ep.destroy()
         for p in self.processes:
             p.join(timeout)
             if p.is_alive():
                 log.warning("follower pid %s did not stop in %.0f s; terminating it", p.pid, timeout)
                 p.terminate()
+                p.join(timeout=10)
+        if self.failure is not None:
+            # After the followers are gone: a broken gloo group tears down without waiting for them.
+            self.ep.destroy()
         self.ep.store = None
 
 
@@ -429,19 +464,20 @@ def follower_main(rank: int, world_size: int, init_method: str, config: dict, ba
 
 
 def start_parallel(config: EngineConfig, init_method: str | None = None, backend: str | None = None,
-                   num_threads: int | None = None, timeout_s: float = 600.0,
+                   num_threads: int | None = None, timeout_s: float | None = None,
                    keepalive_s: float = 10.0) -> ParallelLeader:
     """One host: spawn followers 1..world_size-1 (``config.tp_size`` / ``config.ep_size``), join as
     rank 0, build the engine over the group and attach the leader to it (``leader.engine``).
 
     ``init_method`` defaults to a free loopback TCP port. Call ``leader.close()`` at shutdown (it
-    joins the follower processes).
+    joins the follower processes). ``timeout_s`` bounds every collective (default ``config.dist_timeout``).
     """
     import torch.multiprocessing as mp
 
     from .engine import EngineCore
 
     world = config.world_size
+    timeout_s = config.dist_timeout if timeout_s is None else timeout_s
     if world < 2:
         raise ValueError(f"tp_size={config.tp_size}, ep_size={config.ep_size}: one rank needs no group")
     if init_method is None:

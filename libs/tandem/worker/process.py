@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,13 +40,18 @@ def model_fingerprint(model_path: str, dtype) -> str:
 
 
 class _Keepalive(LoopHook):
-    """The parallel leader's no-op broadcasts while idle, on the loop thread."""
+    """The parallel leader's no-op broadcasts while idle, on the loop thread; a broken group (a rank
+    died, a collective failed or timed out) takes the worker out: ``on_failure`` once (health turns
+    NOT_SERVING, the in-flight requests have already failed with the step's error)."""
 
-    def __init__(self, ep) -> None:
-        self.ep = ep
+    def __init__(self, ep, on_failure: Callable[[str], None]) -> None:
+        self.ep, self.on_failure, self.reported = ep, on_failure, False
 
     def poll(self) -> None:
         self.ep.keepalive()
+        if self.ep.failure is not None and not self.reported:
+            self.reported = True
+            self.on_failure(self.ep.failure)
 
 
 @dataclass
@@ -127,7 +133,11 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
              engine.pool.num_pages, engine.page_size, engine.device, engine.dtype)
     loop = EngineLoop(engine, kind)
     if ep is not None:
-        loop.add_hook(_Keepalive(ep))
+        def rank_failed(why: str) -> None:
+            log.error("%s: a rank of this worker failed (%s); shutting down", kind, why)
+            runtime.request_stop()
+
+        loop.add_hook(_Keepalive(ep, rank_failed))
     worker_id = runtime.worker_id
     engine_metrics = EngineMetrics(runtime.registry, model_name=model_name, engine_type=engine_type,
                                    worker_id=worker_id)

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tandem.engine.parallel import ParallelGroup
 from tandem.engine.model import MoE
+from tandem.engine.parallel import ParallelGroup
 from tandem.eplb import rebalance_experts
 from tandem.eplb.dispatch import ExpertDispatcher
 from tandem.eplb.placement import ExpertLocation

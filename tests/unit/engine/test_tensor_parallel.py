@@ -142,7 +142,7 @@ def test_head_split_replicates_kv_heads_when_fewer_than_ranks():
     assert [(h.q_start, h.kv_start, h.kv_heads, h.kv_replicas) for h in s] == [
         (0, 0, 1, 2), (2, 0, 1, 2), (4, 1, 1, 2), (6, 1, 1, 2)]
     # every q head's KV head (GQA group q // 4) is the one its rank holds
-    for r, h in enumerate(s):
+    for h in s:
         for q in range(h.q_start, h.q_start + h.q_heads):
             assert q // (8 // 2) == h.kv_start
 
