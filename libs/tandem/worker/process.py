@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from tandem.config import EngineConfig
 from tandem.engine import EngineCore
+from tandem.engine.tensor_parallel import head_split
 from tandem.metrics import ComponentMetrics, EngineMetrics, MetricsPublisher, default_stats_endpoint
 from tandem.server import ServiceRuntime, service_name
 from tandem.transfer import KvBuffers
@@ -72,7 +73,11 @@ class WorkerProcess:
         """The engine's KV pool as the transfer library sees it (before the loop starts)."""
         pool = self.engine.pool
         k_scales, v_scales = pool.scales()  # FP8 pools: pages mean nothing without them
-        return KvBuffers(pool.k_buffers, pool.v_buffers, pool.aux, k_scales, v_scales)
+        model = self.engine.model
+        tp = model.tp
+        heads = head_split(model.cfg.num_heads, model.cfg.num_kv_heads, tp.size, tp.rank)
+        return KvBuffers(pool.k_buffers, pool.v_buffers, pool.aux, k_scales, v_scales, tp_size=tp.size,
+                         tp_rank=tp.rank, kv_head_start=heads.kv_start, total_kv_heads=model.cfg.num_kv_heads)
 
     def serve(self, warmup, role: str) -> None:
         """Start serving, run `warmup()` before health turns SERVING, register in etcd when
