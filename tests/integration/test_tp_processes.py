@@ -58,9 +58,14 @@ def model(request):
     return path, generate(engine), engine.stats()
 
 
-def test_two_ranks_match_one_rank(model):
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_two_ranks_match_one_rank(model, ep_size):
+    """ep_size 1: MoE experts sharded along their intermediate size; 2: whole experts placed by EP."""
     path, want, one_stats = model
-    leader = start_parallel(EngineConfig(model_path=path, tp_size=2, **CFG), num_threads=1, timeout_s=120)
+    if ep_size > 1 and "moe" not in path:
+        pytest.skip("expert parallelism needs a MoE model")
+    leader = start_parallel(EngineConfig(model_path=path, tp_size=2, ep_size=ep_size, **CFG), num_threads=1,
+                            timeout_s=120)
     try:
         engine = leader.engine
         assert engine.pool.num_kv_heads == 1  # 2 KV heads over 2 ranks
