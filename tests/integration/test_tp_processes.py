@@ -21,14 +21,10 @@ pytestmark = pytest.mark.timeout(300)
 # A small pool (retraction), short chunks (chunked prefill), the batch twice (prefix hits).
 CFG = dict(max_total_tokens=112, page_size=4, chunked_prefill_size=16, dtype="float32", device="cpu",
            disable_overlap_schedule=True)
-PROMPTS = [
-    "The GNU General Public License is a free, copyleft license for",
-    "The GNU General Public License is a free, copyleft license for software and other kinds",
-    "def __init__(self, name, value=None):\n    self.name = name\n",
-    "import os\nimport sys\n\n",
-    "Permission is hereby granted, free of charge, to any person obtaining a copy",
-    "return",
-]
+# A shared prefix (two prompts), code, a license line and a one-token prompt.
+LICENSE = "Copyright (C) 2007 Free Software Foundation, Inc."
+PROMPTS = [LICENSE, LICENSE + " Everyone is permitted to copy", "for i in range(10):\n    print(i)\n",
+           "from collections import OrderedDict\n", 'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY', "yield"]
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=True)
 SEEDED = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=7, ignore_eos=True, logprobs=True)
 
@@ -50,20 +46,26 @@ def generate(engine):
     return out
 
 
-@pytest.fixture(scope="module", params=["tandem-demo-dense", "tandem-demo-moe"])
-def model(request):
+@pytest.fixture(scope="module")
+def one_rank():
+    """The one-rank reference of a demo model, computed once per module: (path, outputs, stats)."""
     torch.set_num_threads(1)
-    path = demo_model(request.param)
-    engine = EngineCore(path, **CFG)
-    return path, generate(engine), engine.stats()
+    done = {}
+
+    def get(name):
+        if name not in done:
+            path = demo_model(name)
+            engine = EngineCore(path, **CFG)
+            done[name] = path, generate(engine), engine.stats()
+        return done[name]
+
+    return get
 
 
-@pytest.mark.parametrize("ep_size", [1, 2])
-def test_two_ranks_match_one_rank(model, ep_size):
-    """ep_size 1: MoE experts sharded along their intermediate size; 2: whole experts placed by EP."""
-    path, want, one_stats = model
-    if ep_size > 1 and "moe" not in path:
-        pytest.skip("expert parallelism needs a MoE model")
+# ep_size 1: MoE experts sharded along their intermediate size; 2: whole experts placed by EP.
+@pytest.mark.parametrize("name,ep_size", [("tandem-demo-dense", 1), ("tandem-demo-moe", 1), ("tandem-demo-moe", 2)])
+def test_two_ranks_match_one_rank(one_rank, name, ep_size):
+    path, want, one_stats = one_rank(name)
     leader = start_parallel(EngineConfig(model_path=path, tp_size=2, ep_size=ep_size, **CFG), num_threads=1,
                             timeout_s=120)
     try:
