@@ -192,12 +192,16 @@ def test_prefill_only_then_external_decode_with_fp8_pages_equals_local(scaled_ch
         local = agg.generate([prompt], SEEDED)[0]
         de.flush_cache()
         alloc = de.allocate_external(prompt, SEEDED)
-        results = []
-        rid = pe.add_request(prompt, SEEDED, mode="prefill_only", on_prefill_done=results.append)
-        first, _ = run_to_end(pe, rid)
-        copy_pages(pe, de, results[0].page_indices, alloc.page_indices)
+        rid = pe.add_request(prompt, SEEDED, mode="prefill_only")
+        pages, done = [], None
+        while done is None:
+            for o in pe.step():
+                if o.rid == rid:
+                    pages += o.pages_final  # every page of the prompt, once, in page-table order
+                    done = o if o.prefill_done else None
+        copy_pages(pe, de, pages, alloc.page_indices)
         pe.release(rid)
-        de.activate_external(alloc.rid, first[0], results[0].first_token_logprob)
+        de.activate_external(alloc.rid, done.new_token_ids[0], float("nan"))
         decoded, reason = run_to_end(de, alloc.rid)
         assert reason == "length" and decoded == local.token_ids, prompt
         pe.flush_cache()

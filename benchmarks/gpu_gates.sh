@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Every GPU gate of the open issues, in parts that each fit one lent-device call (< 10 minutes).
+#
+#   OUT=/path/to/results benchmarks/gpu_gates.sh PART...      PART: check moe fp8 fp8gemm kv hicache ab
+#
+# Run from the repository root on the GPU machine (the device tool copies the working tree; name
+# gen, .whl and the A/B base tree in its `carry`). Every script writes its own results file
+# (commit and dirty flag from .git-state.json: run build-support/git-state.sh before the copy;
+# card, versions, command) into $OUT as <script>_<what>_<card>.json; copy them whole into
+# benchmarks/results/gpu/. Checkpoints are built once per machine into $TANDEM_GPU_MODELS
+# (default /tmp/models; they survive between back-to-back calls). Each step has its own time
+# limit, so one slow step leaves the others' results.
+#
+#   check    gpu_engine_check.py: every correctness check (kernels, graphs, sampler, MoE, EPLB,
+#            FP8 weights with the 8B shape, FP8 KV, HiCache), the 8B bf16 logits included
+#   moe      tune_fused_moe.py for both MoE shapes (configs copied to $OUT), then the gpu-moe gates
+#            (issue 26) on each shape with the transformers baseline at batch 1
+#   fp8gemm  fp8_gemm_bench.py: the FP8 GEMM candidates per 8B layer shape and batch (issue 30)
+#   fp8      engine_bench --quantization fp8 --compare-bf16 with the block-scaled
+#            checkpoint, gates fp8 (issue 30)
+#   kv       kv_cache_bench.py --gates on the 32k Llama-3-8B shape (issue 31)
+#   hicache  hicache_bench.py on the 8B shape (issue 27)
+#   ab       ab_alternate.py vs the base tree $AB_BASE (default .gpu-base): 0.5B batch 1 tok/s with
+#            overlap scheduling, 8B batch 1 and 64 tok/s (issue 25: >= 0.97x the commit before)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:?set OUT to the results folder}
+M=${TANDEM_GPU_MODELS:-/tmp/models}
+AB_BASE=${AB_BASE:-.gpu-base}
+mkdir -p "$OUT" "$M"
+
+if [ -d .whl ] && [ ! -d /tmp/site/pydantic ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD/gen/python:$PWD/libs:$PWD/services/router:$PWD/services/prefill:$PWD/services/decode:$PWD/services/eplb:$PWD
+[ -f .git-state.json ] && export TANDEM_GIT_STATE=$PWD/.git-state.json
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]\+' | tr 'A-Z' 'a-z')
+card=${card:-gpu}
+py=python3
+
+step() {  # step NAME LIMIT_S CMD...: run with a time limit, log to $OUT/NAME.log, report its time
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    echo "=== $name (limit ${limit}s): $*"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "=== $name: rc $rc in $((SECONDS - t0)) s"; tail -n 25 "$OUT/$name.log"
+}
+
+build() {  # build SHAPE: a random-weight checkpoint in $M/SHAPE (once per machine)
+    [ -f "$M/$1/config.json" ] || step "build_$1" 240 $py benchmarks/engine_bench.py --build "$1" "$M/$1" --no-tokenizer
+}
+
+for part in "$@"; do
+    case $part in
+    check)
+        build llama8b
+        step engine_check 330 $py benchmarks/gpu_engine_check.py --bf16-model "$M/llama8b" --fp8-model "$M/llama8b" \
+            --out "$OUT/engine_check_$card.json" ;;
+    moe)
+        step tune_fused_moe 150 $py benchmarks/tune_fused_moe.py --batch-sizes 1 64 --out "$OUT/tune_fused_moe_$card.json"
+        mkdir -p "$OUT/moe_configs" && cp libs/tandem/engine/kernels/configs/*.json "$OUT/moe_configs/" 2>/dev/null
+        for s in qwen2moe-a2.7b qwen3moe-30b-a3b; do
+            step "moe_$s" 170 $py benchmarks/engine_bench.py --shape "$s" --device cuda --dtype bfloat16 \
+                --batch-sizes 1 64 --hf-batch-sizes 1 --output-len 32 --gates gpu-moe \
+                --out "$OUT/engine_bench_${s}_$card.json"
+        done ;;
+    fp8)
+        build llama8b
+        [ -f "$M/llama8b-fp8-block/config.json" ] || step fp8_convert 120 $py -m benchmarks.common.fp8_checkpoint \
+            "$M/llama8b" "$M/llama8b-fp8-block" --layout block
+        step engine_fp8 240 $py benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 \
+            --batch-sizes 1 64 --output-len 64 --quantization fp8 --compare-bf16 \
+            --fp8-checkpoint "$M/llama8b-fp8-block" --gates fp8 --out "$OUT/engine_fp8_llama8b_$card.json" ;;
+    kv)
+        build llama8b_32k
+        step kv_cache 200 $py benchmarks/kv_cache_bench.py --model "$M/llama8b_32k" --device cuda --dtype bfloat16 \
+            --gates --out "$OUT/kv_cache_bench_llama8b_32k_$card.json" ;;
+    hicache)
+        build llama8b
+        TANDEM_BENCH_STORAGE_DIR=${TANDEM_BENCH_STORAGE_DIR:-/tmp/hicache-storage} \
+            step hicache 200 $py benchmarks/hicache_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 \
+            --out "$OUT/hicache_bench_llama8b_$card.json" ;;
+    ab)
+        build qwen05b
+        build llama8b
+        step ab_qwen05b 150 $py benchmarks/ab_alternate.py --base-dir "$AB_BASE" --rounds 3 \
+            --metric rows.0.tandem_tok_s --out "$OUT/ab_engine_bench_qwen05b_$card.json" -- \
+            python3 benchmarks/engine_bench.py --model "$M/qwen05b" --device cuda --dtype bfloat16 --no-hf \
+            --batch-sizes 1 --output-len 128 --out '{out}'
+        step ab_llama8b 300 $py benchmarks/ab_alternate.py --base-dir "$AB_BASE" --rounds 2 \
+            --metric rows.0.tandem_tok_s --metric rows.1.tandem_tok_s --out "$OUT/ab_engine_bench_llama8b_$card.json" -- \
+            python3 benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 --no-hf \
+            --batch-sizes 1 64 --output-len 64 --out '{out}' ;;
+    fp8gemm)
+        step fp8_gemm 150 $py benchmarks/fp8_gemm_bench.py --out "$OUT/fp8_gemm_bench_$card.json" ;;
+    *) echo "unknown part $part (check moe fp8 fp8gemm kv hicache ab)"; exit 2 ;;
+    esac
+done
