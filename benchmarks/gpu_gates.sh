@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU gate of the open issues, in parts that each fit one lent-device call (< 10 minutes).
 #
-#   OUT=/path/to/results benchmarks/gpu_gates.sh PART...      PART: check moe fp8 fp8gemm kv hicache ab
+#   OUT=/path/to/results benchmarks/gpu_gates.sh PART...      PART: check moe fp8 fp8gemm kv hicache ab tp
 #
 # Run from the repository root on the GPU machine (the device tool copies the working tree; name
 # gen, .whl and the A/B base tree in its `carry`). Every script writes its own results file
@@ -22,6 +22,9 @@
 #   hicache  hicache_bench.py on the 8B shape (issue 27)
 #   ab       ab_alternate.py vs the base tree $AB_BASE (default .gpu-base): 0.5B batch 1 tok/s with
 #            overlap scheduling, 8B batch 1 and 64 tok/s (issue 25: >= 0.97x the commit before)
+#   tp       needs $TP GPUs (default 2; issue 37's machine): gpu_engine_check.py --only tp (TP N over NCCL
+#            == TP 1 on the demo models, float32), then engine_bench --tp-size on the 8B shape (TP 1 vs
+#            TP N tok/s, dummy weights). NCCL with NVLink multicast off (set here and in every rank)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the results folder}
@@ -92,8 +95,14 @@ for part in "$@"; do
             --metric rows.0.tandem_tok_s --metric rows.1.tandem_tok_s --out "$OUT/ab_engine_bench_llama8b_$card.json" -- \
             python3 benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 --no-hf \
             --batch-sizes 1 64 --output-len 64 --out '{out}' ;;
+    tp)
+        export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+        step tp_check 240 $py benchmarks/gpu_engine_check.py --only tp --tp-size "${TP:-2}" \
+            --out "$OUT/engine_check_tp${TP:-2}_$card.json"
+        step engine_tp 300 $py benchmarks/engine_bench.py --tp-size "${TP:-2}" --shape llama8b --device cuda \
+            --dtype bfloat16 --batch-sizes 1 64 --output-len 64 --out "$OUT/engine_tp${TP:-2}_llama8b_$card.json" ;;
     fp8gemm)
         step fp8_gemm 150 $py benchmarks/fp8_gemm_bench.py --out "$OUT/fp8_gemm_bench_$card.json" ;;
-    *) echo "unknown part $part (check moe fp8 fp8gemm kv hicache ab)"; exit 2 ;;
+    *) echo "unknown part $part (check moe fp8 fp8gemm kv hicache ab tp)"; exit 2 ;;
     esac
 done
