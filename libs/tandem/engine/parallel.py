@@ -15,8 +15,12 @@ Ranks
       pool; in every MoE layer only the weights of its own physical slots,
       ``ExpertLocation.slots_of_rank(rank)`` (a placement may have redundant slots).
 
-One MoE layer (``tandem.engine.model.MoE.forward``; its ``ExpertDispatcher``, built at
-construction from this rank's place in the group, carries the local slots and the all-reduce)
+Tensor parallelism: every rank runs the whole batch on its shard; ``o_proj`` and ``down_proj``
+(and TP-sharded experts' rows) are all-reduced, the embedding all-reduced from each rank's rows,
+the logits all-gathered, so every rank holds the same hidden states (up to float summation order).
+
+One MoE layer with expert parallelism (``tandem.engine.model.MoE.forward``; its ``ExpertDispatcher``,
+built at construction from this rank's place in the group, carries the local slots and the all-reduce)
     1. every rank routes all ``T`` tokens (same hidden states, so the same top-k);
     2. dispatch maps logical ids to physical slots the same way on every rank (``static`` by
        token index, ``dynamic`` from the batch's counts, ``random`` from a seeded hash);
@@ -43,6 +47,12 @@ Lockstep (design: broadcast the scheduled batch)
     seeds play no role. While idle the leader sends a no-op every ``keepalive_s`` (call
     ``leader.keepalive()`` from the engine loop's poll hook) so the followers' pending
     broadcast never reaches the collective timeout.
+
+Failure
+    Every collective is bounded by the group's timeout (``--dist-timeout``). A follower that
+    exited, or a broadcast or forward-pass collective that failed, marks the group broken
+    (``leader.failure``): that step and every later one raise ``RuntimeError`` naming the cause,
+    and the worker takes itself out (``tandem.worker.process``).
 
 Placement changes (EPLB)
     Each rank's ``EplbRuntime`` (``engine.eplb``) holds only its slots; the loader keeps every
