@@ -65,7 +65,10 @@ def write_markdown(path: Path, r: dict) -> None:
              written_by("benchmarks/engine_bench.py", r), "",
              f"{r['device']}/{r['dtype']} ({r['load_format']} weights), prompt {r['input_len']}, output "
              f"{r['output_len']}, torch {r['torch']}; TP 1 with the shipped defaults, then TP {n} (one process "
-             "per rank; no overlap scheduling, no CUDA graphs), one after the other, each alone.", "",
+             "per rank; no overlap scheduling, no CUDA graphs), one after the other, each alone"
+             + ("." if r["device"].startswith("cuda") else
+                f", on a CPU other processes may share (load average {r['machine'].get('load_avg')} at the start)."),
+             "",
              f"| batch | TP 1 tok/s | TP {n} tok/s | TP {n} / TP 1 |", "|---|---|---|---|"]
     lines += [f"| {x['batch']} | {x['tp1_tok_s']:.1f} | {x['tpn_tok_s']:.1f} | {x['ratio']:.2f}x |" for x in r["rows"]]
     s1, sn = r["sides"]["1"]["engine"], r["sides"][str(n)]["engine"]
