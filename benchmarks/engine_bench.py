@@ -35,6 +35,9 @@ coverage measured with the recorder), decode steps at every batch size, and EPLB
 ``--ep-num-redundant-experts 4`` (recorder on vs off, graph replays vs eager steps, a plan applied
 between replays); ``--gates gpu-moe`` evaluates the MoE targets.
 
+    python benchmarks/engine_bench.py --embedding --shape qwen3-embedding-0.6b --device cuda --dtype bfloat16 \\
+        --embedding-batch 128 --gates embedding --out benchmarks/results/gpu/engine_embedding_qwen3emb06b.json
+
     python benchmarks/engine_bench.py --model /tmp/llama8b --device cuda --dtype bfloat16 --batch-sizes 1 64 \\
         --output-len 64 --quantization fp8 --compare-bf16 --fp8-checkpoint /tmp/llama8b-fp8-block --gates fp8 \\
         --out benchmarks/results/gpu/engine_fp8_llama8b.json           # engine_fp8.py
@@ -56,10 +59,13 @@ sys.path.insert(0, str(REPO))
 from tandem.engine import LLM, SamplingParams  # noqa: E402
 
 from benchmarks.common.engine import (  # noqa: E402
+    alternate_rounds,
     decode_step_ms,
     read_bandwidth,
     release_memory,
+    round_ratios,
     run_tandem,
+    spread,
     sync,
     timed,
 )
@@ -133,8 +139,24 @@ def profile(llm: LLM, prompts: list, out_len: int, device: str, out_dir: Path) -
     print(f"wrote {out}")
 
 
+def _rounds(row: dict, key: str) -> str:
+    """`` (min..max over N rounds)`` of a measured ratio, when it was measured in several rounds."""
+    r = row.get(f"{key}_rounds")
+    return f" ({r['min']:.2f}..{r['max']:.2f} over {r['rounds']} rounds)" if r and r["rounds"] > 1 else ""
+
+
+def deterministic_gates(result: dict) -> list[dict]:
+    """--enable-deterministic-inference's cost: its decode step <= 1.3x the default's at batch 1 and 64."""
+    return [{"target": f"batch {r['batch']}: --enable-deterministic-inference decode step <= 1.3x the default",
+             "value": f"{r['deterministic_step_ratio']:.2f}x{_rounds(r, 'deterministic_step_ratio')}",
+             "met": r["deterministic_step_ratio"] <= 1.3}
+            for r in result["rows"] if "deterministic_step_ratio" in r and r["batch"] in (1, 64)]
+
+
 def evaluate_gates(result: dict, gates: str | None) -> list[dict]:
     """The issue's targets for this model's rows; each {target, value, met}."""
+    if gates == "deterministic":
+        return deterministic_gates(result)
     if gates != "gpu-part1":
         return []
     rows = {r["batch"]: r for r in result["rows"]}
@@ -151,11 +173,12 @@ def evaluate_gates(result: dict, gates: str | None) -> list[dict]:
                     "value": round(result["decode_step_ms_batch1"], 3), "met": result["decode_step_ms_batch1"] <= want})
     if shape == "qwen05b" and "overlap_speedup" in rows.get(1, {}):
         out.append({"target": "batch 1 tok/s with overlap >= 1.3x --disable-overlap-schedule",
-                    "value": round(rows[1]["overlap_speedup"], 2), "met": rows[1]["overlap_speedup"] >= 1.3})
+                    "value": f"{rows[1]['overlap_speedup']:.2f}{_rounds(rows[1], 'overlap_speedup')}",
+                    "met": rows[1]["overlap_speedup"] >= 1.3})
     if 64 in rows and "hf_tok_s" in rows[64]:
         r = rows[64]
-        out.append({"target": "batch 64 >= 2x transformers static cache", "value": round(r["ratio"], 2),
-                    "met": r["ratio"] >= 2.0})
+        out.append({"target": "batch 64 >= 2x transformers static cache",
+                    "value": f"{r['ratio']:.2f}{_rounds(r, 'ratio')}", "met": r["ratio"] >= 2.0})
     return out
 
 
@@ -169,8 +192,10 @@ def write_markdown(path: Path, r: dict) -> None:
              f"(attention backend {r['engine']['attention_backend']}, CUDA graphs up to batch "
              f"{r['engine']['cuda_graph_max_bs']}, page size {r['engine']['page_size']}); transformers "
              f"{r['hf_mode']}{' (static cache)' if r['hf_mode'] == 'batched' else ''}, each side warmed with an "
-             "identical call, one after the other"
-             + ("; both alone on the device." if r["device"].startswith("cuda") else
+             "identical call, "
+             + (f"all loaded at once, {r['rounds']} rounds alternating the order; every value the median over "
+                "the rounds (min..max in the JSON)" if r.get("rounds", 1) > 1 else "one after the other")
+             + ("; alone on the device." if r["device"].startswith("cuda") else
                 f" on a CPU other processes may share (load average {r['machine'].get('load_avg')} at the start, "
                 f"{r.get('load_avg_1m_end')} at the end)."),
              "",
@@ -178,6 +203,14 @@ def write_markdown(path: Path, r: dict) -> None:
     for row in r["rows"]:
         lines.append(f"| {row['batch']} | {row['tandem_tok_s']:.1f} | {row.get('hf_tok_s', float('nan')):.1f} | "
                      f"{row.get('ratio', float('nan')):.2f}x |")
+    for row in r["rows"]:
+        if "deterministic_step_ratio" in row:
+            lines.append(f"\n--enable-deterministic-inference at batch {row['batch']}: "
+                         f"{row['deterministic_tok_s']:.1f} tok/s; decode step {row['deterministic_step_ms']['median']:.3f}"
+                         f" ms vs {row['default_step_ms']['median']:.3f} ms ({row['deterministic_step_ratio']:.2f}x).")
+        if "overlap_speedup" in row:
+            lines.append(f"\nBatch {row['batch']}: overlap scheduling {row['overlap_speedup']:.2f}x "
+                         f"--disable-overlap-schedule ({row['no_overlap_tok_s']:.1f} tok/s).")
     lines += ["", f"Batch-1 decode step {r['decode_step_ms_batch1']:.3f} ms (median engine step)."]
     if r["roofline_ms"] is not None:
         lines[-1] += (f" Roofline {r['roofline_ms']:.3f} ms = weights / {r['read_bandwidth_Bps'] / 1e12:.2f} TB/s "
@@ -221,6 +254,13 @@ def main(argv=None) -> int:
                     help="--phase prefill: shared prefix and new tokens of the prefix-cache case")
     ap.add_argument("--overlap-ab", action="store_true",
                     help="also run every batch size with --disable-overlap-schedule and report the speedup")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="also run every batch size with --enable-deterministic-inference: tok/s and the decode "
+                         "step time against the default engine's (its cost)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every side (transformers, tandem, --overlap-ab, --deterministic) this many "
+                         "times, alternating the order each round, all loaded at once; values and ratios are the "
+                         "median over the rounds, with their min..max (a gate is judged on the median)")
     ap.add_argument("--quantization", choices=["fp8"], default=None,
                     help="FP8 decode (engine_fp8.py): --model with --quantization fp8, then each --fp8-checkpoint; "
                          "tok/s, batch-1 step and the roofline of the bytes read; no transformers baseline")
@@ -233,7 +273,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tp-size", "--tensor-parallel-size", type=int, default=1,
                     help="> 1: TP 1 vs TP N decode tok/s in one run (engine_tp.py; one process per rank, gloo on "
                          "CPU, NCCL on CUDA), with a TP N == TP 1 token check; no transformers baseline")
-    ap.add_argument("--gates", choices=["gpu-part1", "gpu-part2", "gpu-moe", "fp8"], default=None,
+    ap.add_argument("--embedding", action="store_true",
+                    help="embeddings (engine_embedding.py): inputs/s of --is-embedding passes vs transformers AutoModel "
+                         "(SDPA, one padded batch), uniform and mixed lengths (default model: the demo embedding "
+                         "checkpoint)")
+    ap.add_argument("--embedding-batch", type=int, default=64, help="--embedding: inputs per call")
+    ap.add_argument("--embedding-min-len", type=int, default=32, help="--embedding: shortest mixed input")
+    ap.add_argument("--embedding-max-len", type=int, default=512, help="--embedding: uniform length, longest mixed")
+    ap.add_argument("--gates", choices=["gpu-part1", "gpu-part2", "gpu-moe", "fp8", "deterministic", "embedding"], default=None,
                     help="evaluate the issue's targets")
     ap.add_argument("--out", default=None, help="write JSON results here (and a .md next to it)")
     ap.add_argument("--profile", default=None, metavar="DIR",
@@ -265,6 +312,24 @@ def main(argv=None) -> int:
                   f"{'not measured' if gate['met'] is None else 'MET' if gate['met'] else 'NOT MET'}")
         if args.out:
             write_results(args.out, result, fp8_markdown)
+        return 0
+    if args.embedding:
+        from benchmarks.engine_embedding import run as run_embedding
+        from benchmarks.engine_embedding import write_markdown as embedding_markdown
+
+        if args.model == ap.get_default("model") and not args.shape:
+            from deploy.demo_models import EMBED_SPEC, build_all
+
+            args.model = build_all(str(REPO / "models"))[EMBED_SPEC["name"]]
+        result = run_embedding(args, git, started, machine_info())
+        result["command"] = command
+        for gate in result["gates"]:
+            print(f"target: {gate['target']}: {gate['value']} -> {'MET' if gate['met'] else 'NOT MET'}")
+        if not result["gates"]:
+            print("targets: none evaluated (--gates embedding holds the GPU targets)")
+        if args.out:
+            write_results(args.out, result, embedding_markdown)
+            print(f"wrote {args.out}")
         return 0
     if args.tp_size > 1:
         from benchmarks.engine_tp import run as run_tp
@@ -303,6 +368,13 @@ def main(argv=None) -> int:
     bandwidth = read_bandwidth(args.device)
 
     rows = {b: {"batch": b} for b in args.batch_sizes}
+    rounds = args.rounds
+    # Engines and models that stay loaded side by side (rounds alternate between them) get one fixed
+    # KV pool each, sized for the largest batch, instead of a share of whatever memory is free.
+    together = rounds > 1 or args.overlap_ab or args.deterministic
+    pool = {"max_total_tokens": max(16384, 2 * max(args.batch_sizes) * (args.input_len + args.output_len))} \
+        if together else {}
+    hf, hf_batches = None, []
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
 
@@ -314,25 +386,70 @@ def main(argv=None) -> int:
                 hf = AutoModelForCausalLM.from_config(hf_config(shape_of(args.model)), dtype=dtype).eval()
         else:
             hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
-        for b in [b for b in args.batch_sizes if args.hf_batch_sizes is None or b in args.hf_batch_sizes]:
-            h = run_hf(hf, prompts[b], args.output_len, args.device, hf_mode)
-            rows[b].update(hf_tok_s=h["tokens_per_s"], hf_s=h["seconds"])
-            print(f"batch {b:3d}: transformers ({hf_mode}) {h['tokens_per_s']:9.1f} tok/s", flush=True)
-        del hf
-        release_memory(cuda)
+        hf_batches = [b for b in args.batch_sizes if args.hf_batch_sizes is None or b in args.hf_batch_sizes]
+        if rounds == 1:  # one round: transformers first, freed before tandem loads (each has the whole device)
+            for b in hf_batches:
+                h = run_hf(hf, prompts[b], args.output_len, args.device, hf_mode)
+                rows[b].update(hf_tok_s=h["tokens_per_s"], hf_s=h["seconds"])
+                print(f"batch {b:3d}: transformers ({hf_mode}) {h['tokens_per_s']:9.1f} tok/s", flush=True)
+            hf = None
+            release_memory(cuda)
 
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, load_format=load_format)
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, load_format=load_format, **pool)
     eng = llm.engine
     weight_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())
     is_moe = bool(eng.model.moe_layers())
+    # The variants compared with the shipped defaults, loaded next to them: each round runs every side.
+    variants = {}
+    if args.overlap_ab:  # the same engine waiting for every step's tokens
+        variants["no_overlap"] = LLM(args.model, device=args.device, dtype=args.dtype, load_format=load_format,
+                                     disable_overlap_schedule=True, **pool)
+    if args.deterministic:  # --enable-deterministic-inference: its cost
+        variants["deterministic"] = LLM(args.model, device=args.device, dtype=args.dtype, load_format=load_format,
+                                        enable_deterministic_inference=True, **pool)
+    label = {"no_overlap": "--disable-overlap-schedule", "deterministic": "--enable-deterministic-inference"}
     for b in args.batch_sizes:
-        t = run_tandem(llm, prompts[b], args.output_len, args.device)
+        sides = {"tandem": lambda b=b: run_tandem(llm, prompts[b], args.output_len, args.device)["tokens_per_s"]}
+        if hf is not None and b in hf_batches:
+            sides["hf"] = lambda b=b: run_hf(hf, prompts[b], args.output_len, args.device, hf_mode)["tokens_per_s"]
+        for name, other in variants.items():
+            sides[name] = lambda b=b, other=other: run_tandem(other, prompts[b], args.output_len,
+                                                              args.device)["tokens_per_s"]
+        tok_s = alternate_rounds(sides, rounds)
         row = rows[b]
-        row.update(tandem_tok_s=t["tokens_per_s"], tandem_s=t["seconds"])
-        if "hf_tok_s" in row:
-            row["ratio"] = row["tandem_tok_s"] / row["hf_tok_s"]
-        print(f"batch {b:3d}: tandem {t['tokens_per_s']:9.1f} tok/s"
-              + (f" | ratio {row['ratio']:.2f}x" if "ratio" in row else ""), flush=True)
+        row.update(tandem_tok_s=spread(tok_s["tandem"])["median"], tandem_tok_s_rounds=spread(tok_s["tandem"]))
+        if "hf" in tok_s:
+            ratio = round_ratios(tok_s["tandem"], tok_s["hf"])
+            row.update(hf_tok_s=spread(tok_s["hf"])["median"], hf_tok_s_rounds=spread(tok_s["hf"]),
+                       ratio=ratio["median"], ratio_rounds=ratio)
+        line = f"batch {b:3d}: tandem {row['tandem_tok_s']:9.1f} tok/s"
+        if "ratio" in row:
+            line += (f" | transformers ({hf_mode}) {row['hf_tok_s']:9.1f} tok/s | ratio {row['ratio']:.2f}x "
+                     f"(rounds {ratio['min']:.2f}..{ratio['max']:.2f}, median of {rounds})")
+        if "no_overlap" in tok_s:
+            speedup = round_ratios(tok_s["tandem"], tok_s["no_overlap"])
+            row.update(no_overlap_tok_s=spread(tok_s["no_overlap"])["median"], overlap_speedup=speedup["median"],
+                       overlap_speedup_rounds=speedup)
+            line += (f" | {label['no_overlap']} {row['no_overlap_tok_s']:9.1f} tok/s, overlap speedup "
+                     f"{speedup['median']:.2f}x ({speedup['min']:.2f}..{speedup['max']:.2f})")
+        if "deterministic" in tok_s:
+            det = variants["deterministic"]
+            steps_ms = alternate_rounds({
+                "tandem": lambda b=b: decode_step_ms(llm, args.input_len, args.device, steps=args.output_len, batch=b),
+                "deterministic": lambda b=b, det=det: decode_step_ms(det, args.input_len, args.device,
+                                                                     steps=args.output_len, batch=b)}, rounds)
+            cost = round_ratios(steps_ms["deterministic"], steps_ms["tandem"])
+            row.update(deterministic_tok_s=spread(tok_s["deterministic"])["median"],
+                       deterministic_tok_s_rounds=spread(tok_s["deterministic"]),
+                       deterministic_step_ms=spread(steps_ms["deterministic"]),
+                       default_step_ms=spread(steps_ms["tandem"]),
+                       deterministic_step_ratio=cost["median"], deterministic_step_ratio_rounds=cost)
+            line += (f" | {label['deterministic']} {row['deterministic_tok_s']:9.1f} tok/s, decode step "
+                     f"{cost['median']:.2f}x the default ({cost['min']:.2f}..{cost['max']:.2f})")
+        print(line, flush=True)
+    hf = None
+    variants.clear()  # the default engine stays for the step, profile and MoE sections
+    release_memory(cuda)
     step = decode_step_ms(llm, args.input_len, args.device)
     steps, served = {1: step}, {}
     if is_moe:  # the MoE roofline gates hold for every batch size
@@ -344,19 +461,6 @@ def main(argv=None) -> int:
         served = {b: pipelined_step_ms(eng, prompts[b], args.output_len, args.device) for b in args.batch_sizes}
         print(f"decode step, synchronised (host + device): {', '.join(f'batch {b}: {ms:.3f} ms' for b, ms in steps.items())}"
               f"; as served (overlap): {', '.join(f'batch {b}: {ms:.3f} ms' for b, ms in served.items())}")
-    if args.overlap_ab:
-        # The same engine waiting for every step's tokens (--disable-overlap-schedule), same prompts.
-        del llm, eng
-        release_memory(cuda)
-        waiting = LLM(args.model, device=args.device, dtype=args.dtype, disable_overlap_schedule=True)
-        for b in args.batch_sizes:
-            t = run_tandem(waiting, prompts[b], args.output_len, args.device)
-            row = rows[b]
-            row.update(no_overlap_tok_s=t["tokens_per_s"], overlap_speedup=row["tandem_tok_s"] / t["tokens_per_s"])
-            print(f"batch {b:3d}: --disable-overlap-schedule {t['tokens_per_s']:9.1f} tok/s | overlap speedup "
-                  f"{row['overlap_speedup']:.2f}x", flush=True)
-        llm = waiting
-        eng = waiting.engine
     engine_info = {"attention_backend": eng.attention_backend, "cuda_graph_max_bs": eng.cuda_graph_max_bs,
                    "page_size": eng.page_size, "chunked_prefill_size": eng.chunked_prefill_size,
                    "torch_threads": torch.get_num_threads()}
@@ -382,6 +486,7 @@ def main(argv=None) -> int:
         "device_name": torch.cuda.get_device_name(0) if cuda else machine_info()["cpu_model"],
         "model": os.path.abspath(args.model), "shape": shape_of(args.model), "device": args.device,
         "dtype": args.dtype, "input_len": args.input_len, "output_len": args.output_len, "hf_mode": hf_mode,
+        "rounds": rounds,
         "engine": engine_info,
         "load_avg_1m_end": round(os.getloadavg()[0], 2),
         "rows": list(rows.values()), "decode_step_ms_batch1": step, "weight_bytes": weight_bytes,

@@ -22,6 +22,9 @@ its measured value and verdict:
   (``--ep-num-redundant-experts 4``, recorder on) every decode step a graph replay, a plan applied
   between two replays keeps float32 greedy tokens identical to the engine without EPLB, and the
   recorder's device counters (inside the graphs) equal the host recorder's (per_token mode).
+* embeddings (``embedding_checks``): the demo embedding model's --is-embedding vectors (triton
+  extend kernels, packed passes) equal transformers AutoModel + plain-torch pooling in float32
+  (last, mean, cls; truncated to 64, normalised) within 1e-4.
 * FP8 (``fp8_checks``): the activation quantization kernel == torch bit for bit on random
   bf16 inputs (the rounding the CPU interpreter cannot check), every FP8 GEMM candidate within
   bf16 rounding of the torch definition, per-linear output cosine >= 0.999 against bf16 on the
@@ -39,12 +42,20 @@ its measured value and verdict:
   pool and the pinned host pool byte-exact (both layouts, both directions, bf16 and float32);
   on both demo models in float32, a prefix loaded back from host and from storage gives the
   greedy tokens of recomputing it (HiCache off).
+* --enable-deterministic-inference (``--only deterministic``): the batch-invariant GEMM's rows on the 8B
+  weights' shapes in bf16 bit-identical in batches of 1, 3, 13 and 64; on both demo models (and
+  ``--bf16-model``) in bf16 with the flag, a seeded request (logprobs too) alone == inside a batch of 13
+  (chunked prefill, decodes riding in prefill chunks, a prefix-cache hit), penalized under CUDA graphs,
+  and disaggregated (prefill-only on one engine, KV pages copied, decoded in a batch on another) ==
+  aggregated alone; without the flag the same comparisons must show a difference (negative control).
 
     python benchmarks/gpu_engine_check.py --out benchmarks/results/gpu/engine_check_h200.json
     python benchmarks/gpu_engine_check.py --only fp8 --fp8-model /tmp/llama8b --out .../engine_check_fp8.json
     python benchmarks/gpu_engine_check.py --only kv-fp8 --out benchmarks/results/gpu/kv_fp8_check_h100.json
     python benchmarks/gpu_engine_check.py --only hicache --out benchmarks/results/gpu/hicache_check_h100.json
     python benchmarks/gpu_engine_check.py --only tp --tp-size 2 --out benchmarks/results/gpu/tp2_check_h100x2.json
+    python benchmarks/gpu_engine_check.py --only deterministic --bf16-model /tmp/llama8b \
+        --out benchmarks/results/gpu/deterministic_check_h100.json
 """
 from __future__ import annotations
 
@@ -293,6 +304,32 @@ def model_checks(dev: str) -> None:
         free_device()
 
 
+def embedding_checks(dev: str) -> None:
+    """--is-embedding on CUDA (triton extend kernels, packed passes): the demo embedding model's vectors
+    equal transformers AutoModel's hidden states, pooled in plain torch, in float32, for every pooling."""
+    from tandem.engine import EngineCore
+    from transformers import AutoModel
+
+    path = str(REPO / "models" / "tandem-demo-embed")
+    g = torch.Generator().manual_seed(11)
+    inputs = [torch.randint(3, 8000, (n,), generator=g).tolist() for n in torch.randint(1, 400, (48,), generator=g)]
+    hf = AutoModel.from_pretrained(path, dtype=torch.float32).to(dev).eval()
+    with torch.no_grad():
+        hidden = [hf(input_ids=torch.tensor([x], device=dev)).last_hidden_state[0] for x in inputs]
+    del hf
+    for method in ("last", "mean", "cls"):
+        eng = EngineCore(path, is_embedding=True, device=dev, dtype="float32", pooling=method,
+                         chunked_prefill_size=1024, max_total_tokens=1 << 15)
+        got = eng.embed(inputs, 64).vectors
+        rows = [{"last": h[-1], "mean": h.mean(0), "cls": h[0]}[method][:64] for h in hidden]
+        want = torch.nn.functional.normalize(torch.stack(rows), dim=-1).cpu()
+        diff = float((got - want).abs().max())
+        record(f"embeddings float32 {method} pooling, 48 inputs of 1..399 tokens in {eng.embedder.passes} packed "
+               f"passes ({eng.attention_backend}), dimensions 64, normalised: max diff vs transformers", diff, diff <= 1e-4)
+        del eng
+        free_device()
+
+
 def decode_batch(eng, g: torch.Generator) -> list:
     """Eight requests with prompts of 99..358 random tokens (from ``g``) and pages for one decode step."""
     from tandem.engine.request import Request
@@ -423,6 +460,110 @@ def batch_invariance_checks(llm, g: torch.Generator, dtype: str) -> None:
     same = alone == batch_out[1].token_ids
     record(f"penalized seeded request, {dtype}: alone == in a batch of 13 (CUDA graphs)", same,
            same or not must_hold, expected)
+
+
+def invariant_gemm_checks(dev: str) -> None:
+    """The batch-invariant GEMM on the 8B shape's weights in bf16: a row bit-identical alone and in batches
+    of 3, 13 and 64 (at another index), within bf16 rounding of the float32 product; cuBLAS's row for
+    comparison (the reason for the kernel: recorded, not judged)."""
+    from tandem.engine.kernels.invariant_gemm import matmul, matmul_ref
+
+    g = torch.Generator(device=dev).manual_seed(7)
+    for N, K in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)):
+        w = (torch.randn(N, K, device=dev, generator=g) * 0.02).bfloat16()
+        x = torch.randn(64, K, device=dev, generator=g).bfloat16()
+        alone = matmul(x[:1], w)[0]
+        same = {b: torch.equal(matmul(torch.cat([x[1:b], x[:1]]), w)[b - 1], alone) for b in (3, 13, 64)}
+        err = (alone.float() - matmul_ref(x[:1], w)[0].float()).abs().max().item()
+        cublas = torch.equal(torch.nn.functional.linear(x, w)[0], torch.nn.functional.linear(x[:1], w)[0])
+        record(f"invariant GEMM bf16 {N}x{K}: row alone == in batches of 3, 13, 64", same, all(same.values()) and
+               err <= 0.02, f"(max diff vs float32 product {err:.4f}; cuBLAS row alone == in batch 64: {cublas})")
+
+
+def pd_in_process(prefill, decode, prompt: list, sp: SamplingParams, others: list) -> list:
+    """Disaggregated, in one process: ``prompt`` prefilled alone on ``prefill`` (prefill-only), its KV pages
+    copied into ``decode``'s pre-allocated pages (what NIXL does), then decoded there next to ``others``
+    (prompts decoded locally with ``sp``'s settings, unseeded). Returns the request's tokens."""
+    pe, de = prefill.engine, decode.engine
+    alloc = de.allocate_external(prompt, sp)
+    rid = pe.add_request(prompt, sp, mode="prefill_only")
+    done, pages = None, []
+    while done is None:
+        for o in pe.step():
+            if o.rid == rid:
+                pages += o.pages_final
+                done = o if o.finished else None
+    src, dst = torch.tensor(pages, device=pe.device), torch.tensor(alloc.page_indices, device=de.device)
+    for layer in range(pe.pool.num_layers):
+        de.pool.k_buffers[layer][dst] = pe.pool.k_buffers[layer][src]
+        de.pool.v_buffers[layer][dst] = pe.pool.v_buffers[layer][src]
+    pe.release(rid)
+    rest = SamplingParams(max_tokens=sp.max_tokens, temperature=1.0, ignore_eos=True)
+    rids = [de.add_request(p, rest) for p in others]
+    de.activate_external(alloc.rid, done.new_token_ids[0], None, done.cached_tokens)
+    out = {r: [] for r in [alloc.rid, *rids]}
+    live = set(out)
+    while live:
+        for o in de.step():
+            out[o.rid] += o.new_token_ids
+            if o.finished:
+                live.discard(o.rid)
+    return out[alloc.rid]
+
+
+def deterministic_checks(dev: str, model: str, flag: bool, dtype: str = "bfloat16") -> None:
+    """A seeded request in bf16 alone vs inside a batch of 13 (prompts chunked, decodes riding in prefill
+    chunks, a prefix-cache hit), with penalties under CUDA graphs, and disaggregated (prefill-only on one
+    engine, decoded inside a batch on another) vs aggregated alone. With --enable-deterministic-inference
+    (``flag``) every comparison must be identical (tokens; logprobs bit for bit). Without it the batch
+    comparisons are the negative control: bf16 rows change with their batch, so one must differ (the
+    check can fail)."""
+    kw = dict(device=dev, dtype=dtype, max_total_tokens=1 << 16, chunked_prefill_size=256,
+              enable_mixed_chunk=True, enable_deterministic_inference=flag)
+    llm = LLM(model, **kw)
+    eng = llm.engine
+    vocab = eng.model_config.vocab_size
+    g = torch.Generator().manual_seed(11)
+    ids = [torch.randint(10, vocab, (40 + 61 * i,), generator=g).tolist() for i in range(13)]
+    target = ids[5]  # 345 tokens: two chunks alone, other chunks in the batch
+    sp = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=42, ignore_eos=True, logprobs=True)
+    pen = SamplingParams(max_tokens=24, temperature=0.9, seed=43, frequency_penalty=1.0, repetition_penalty=1.3,
+                         logit_bias={7: 5.0}, ignore_eos=True, logprobs=True)
+    rest = SamplingParams(max_tokens=24, temperature=1.0, ignore_eos=True)
+    tag = f"{Path(model).name} {dtype} {'with' if flag else 'without'} --enable-deterministic-inference"
+    results = {}
+
+    def run(prompts, params, at):
+        eng.flush_cache()
+        o = llm.generate(prompts, params)[at]
+        return o.token_ids, o.logprobs
+
+    alone = run([target], [sp], 0)
+    results["in a batch of 13 (chunked, mixed)"] = run(ids, [rest] * 5 + [sp] + [rest] * 7, 5) == alone
+    eng.flush_cache()
+    llm.generate([target[:200] + [11, 12, 13]], SamplingParams(max_tokens=1))
+    hit = llm.generate(ids, [rest] * 5 + [sp] + [rest] * 7)[5]
+    results[f"in a batch of 13 after a prefix hit ({hit.cached_tokens} cached)"] = (hit.token_ids, hit.logprobs) == alone
+    pen_alone = run([ids[1]], [pen], 0)
+    results["penalized, in a batch of 13 (CUDA graphs)"] = run(ids, [rest, pen] + [rest] * 11, 1) == pen_alone
+    if not flag:  # the negative control needs one engine: a difference above suffices
+        differ = [name for name, same in results.items() if not same]
+        record(f"{tag} (negative control): some comparison differs", differ, bool(differ),
+               "(bf16 rows change with their batch: the checks with the flag can fail)")
+        return
+    eng.flush_cache()
+    prefill = LLM(model, **kw)
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    seeded_pd = pd_in_process(prefill, llm, target, SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95,
+                                                                     seed=42, ignore_eos=True), ids[6:])
+    results["disaggregated (decoded in a batch of 8) == aggregated alone"] = seeded_pd == alone[0]
+    eng.flush_cache()
+    greedy_alone = run([target], [greedy], 0)[0]
+    results["greedy, disaggregated == aggregated alone"] = pd_in_process(prefill, llm, target, greedy,
+                                                                       ids[:8]) == greedy_alone
+    del prefill
+    for name, same in results.items():
+        record(f"{tag}: seeded request alone == {name}", same, same)
 
 
 def fp8_kernel_checks(dev: str) -> None:
@@ -726,9 +867,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--tp-size", "--tensor-parallel-size", type=int, default=1,
                     help="> 1: also check TP N (NCCL over N GPUs) against TP 1 on the demo models (--only tp: only that)")
-    ap.add_argument("--only", choices=["fp8", "kv-fp8", "hicache", "tp"], default=None,
+    ap.add_argument("--only", choices=["fp8", "kv-fp8", "hicache", "deterministic", "embedding", "tp"], default=None,
                     help="run only this group of checks (fp8: FP8 weights; kv-fp8: the FP8 KV cache; hicache: "
-                         "HiCache page transfers and load-back tokens)")
+                         "HiCache page transfers and load-back tokens; deterministic: "
+                         "--enable-deterministic-inference on both demo models and --bf16-model, with and without "
+                         "the flag; embedding: --is-embedding vectors vs transformers)")
     args = ap.parse_args(argv)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     git = git_info()
@@ -742,14 +885,20 @@ def main(argv=None) -> int:
              lambda: logits_checks(dev, str(REPO / "models" / "tandem-demo-dense")),
              lambda: fp32_batch_invariance(dev, str(REPO / "models" / "tandem-demo-dense")),
              lambda: moe_kernel_checks(dev), lambda: logits_checks(dev, str(REPO / "models" / "tandem-demo-moe")),
-             lambda: moe_eplb_checks(dev)]
+             lambda: moe_eplb_checks(dev), lambda: embedding_checks(dev)]
     if args.bf16_model:
         steps.append(lambda: logits_checks(dev, args.bf16_model))
-    groups = {"fp8": fp8_checks(dev, args.fp8_model), "kv-fp8": kv_fp8,
+    models = [str(REPO / "models" / "tandem-demo-dense"), str(REPO / "models" / "tandem-demo-moe")]
+    models += [args.bf16_model] if args.bf16_model else []
+    deterministic = [lambda: invariant_gemm_checks(dev)] + [
+        (lambda m=m, flag=flag: deterministic_checks(dev, m, flag)) for m in models for flag in (True, False)]
+    groups = {"fp8": fp8_checks(dev, args.fp8_model), "kv-fp8": kv_fp8, "deterministic": deterministic,
+              "embedding": [lambda: embedding_checks(dev)],
               "hicache": [lambda: hicache_transfer_checks(dev), lambda: hicache_token_checks(dev)]}
     groups["tp"] = [lambda: tp_checks(dev, args.tp_size)] if args.tp_size > 1 else []
     if args.only == "tp" and args.tp_size < 2:
         ap.error("--only tp needs --tp-size >= 2")
+    # deterministic: its own call (--only deterministic), four engines a model.
     steps = groups[args.only] if args.only else steps + groups["fp8"] + groups["kv-fp8"] + groups["hicache"] + groups["tp"]
     for step in steps:
         try:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU gate of the open issues, in parts that each fit one lent-device call (< 10 minutes).
 #
-#   OUT=/path/to/results benchmarks/gpu_gates.sh PART...      PART: check moe fp8 fp8gemm kv hicache ab tp
+#   OUT=/path/to/results benchmarks/gpu_gates.sh PART...
+#       PART: check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed tp
 #
 # Run from the repository root on the GPU machine (the device tool copies the working tree; name
 # gen, .whl and the A/B base tree in its `carry`). Every script writes its own results file
@@ -20,8 +21,20 @@
 #            checkpoint, gates fp8 (issue 30)
 #   kv       kv_cache_bench.py --gates on the 32k Llama-3-8B shape (issue 31)
 #   hicache  hicache_bench.py on the 8B shape (issue 27)
+#   deterministic  gpu_engine_check.py --only deterministic (both demo models and the 8B shape in bf16, with
+#            --enable-deterministic-inference and without as the negative control), then the flag's decode
+#            step cost at batch 1 and 64, 3 alternating rounds (issue 28)
+#   dense8b  the dense engine's 8B gates, each the median of 3 alternating rounds: batch 64 vs transformers
+#            static cache (batch 1 vs roofline too), 8k prefill TTFT vs SDPA; the extend kernel's tile
+#            candidates vs SDPA flash (issue 29)
+#   dense05b 0.5B batch-1 overlap speedup, 3 alternating rounds; first TTFT with warmup in PD vs steady,
+#            3 rounds of fresh pairs (issue 29)
 #   ab       ab_alternate.py vs the base tree $AB_BASE (default .gpu-base): 0.5B batch 1 tok/s with
 #            overlap scheduling, 8B batch 1 and 64 tok/s (issue 25: >= 0.97x the commit before)
+#   embed    gpu_engine_check --only embedding (demo embedding model vs transformers, float32, triton), then
+#            engine_bench --embedding on the Qwen3-Embedding-0.6B shape (random weights on the device):
+#            inputs/s vs transformers SDPA, same batch of 128, uniform 512 (>= 1.1x) and [32, 512] (>= 2x)
+#            (issue 35)
 #   tp       needs $TP GPUs (default 2; issue 37's machine): gpu_engine_check.py --only tp (TP N over NCCL
 #            == TP 1 on the demo models, float32), then engine_bench --tp-size on the 8B shape (TP 1 vs
 #            TP N tok/s, dummy weights). NCCL with NVLink multicast off (set here and in every rank)
@@ -56,6 +69,8 @@ build() {  # build SHAPE: a random-weight checkpoint in $M/SHAPE (once per machi
 
 for part in "$@"; do
     case $part in
+    check-demo)  # the checks on the demo models only (no 8B build): kernels, graphs, sampler, MoE, EPLB, FP8, KV, HiCache
+        step engine_check 300 $py benchmarks/gpu_engine_check.py --out "$OUT/engine_check_demo_$card.json" ;;
     check)
         build llama8b
         step engine_check 330 $py benchmarks/gpu_engine_check.py --bf16-model "$M/llama8b" --fp8-model "$M/llama8b" \
@@ -101,8 +116,38 @@ for part in "$@"; do
             --out "$OUT/engine_check_tp${TP:-2}_$card.json"
         step engine_tp 300 $py benchmarks/engine_bench.py --tp-size "${TP:-2}" --shape llama8b --device cuda \
             --dtype bfloat16 --batch-sizes 1 64 --output-len 64 --out "$OUT/engine_tp${TP:-2}_llama8b_$card.json" ;;
+    embed)
+        step engine_check_embedding 150 $py benchmarks/gpu_engine_check.py --only embedding \
+            --out "$OUT/engine_check_embedding_$card.json"
+        step engine_embedding 240 $py benchmarks/engine_bench.py --embedding --shape qwen3-embedding-0.6b --device cuda \
+            --dtype bfloat16 --embedding-batch 128 --gates embedding \
+            --out "$OUT/engine_embedding_qwen3emb06b_$card.json" ;;
     fp8gemm)
         step fp8_gemm 150 $py benchmarks/fp8_gemm_bench.py --out "$OUT/fp8_gemm_bench_$card.json" ;;
-    *) echo "unknown part $part (check moe fp8 fp8gemm kv hicache ab tp)"; exit 2 ;;
+    deterministic)
+        build llama8b
+        step deterministic_check 300 $py benchmarks/gpu_engine_check.py --only deterministic --bf16-model "$M/llama8b" \
+            --out "$OUT/deterministic_check_$card.json"
+        step deterministic_cost 240 $py benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 \
+            --no-hf --batch-sizes 1 64 --output-len 64 --deterministic --rounds 3 --gates deterministic \
+            --out "$OUT/engine_bench_deterministic_llama8b_$card.json" ;;
+    dense8b)
+        build llama8b
+        step dense_llama8b 240 $py benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 \
+            --batch-sizes 1 64 --hf-batch-sizes 64 --output-len 64 --rounds 3 --gates gpu-part1 \
+            --out "$OUT/engine_bench_dense_llama8b_$card.json"
+        step extend_attention 90 $py benchmarks/extend_attention_bench.py --out "$OUT/extend_attention_$card.json"
+        step dense_prefill_llama8b 200 $py benchmarks/engine_bench.py --phase prefill --model "$M/llama8b" \
+            --device cuda --dtype bfloat16 --prefill-lengths 8192 --rounds 3 --gates gpu-part2 \
+            --out "$OUT/engine_prefill_llama8b_$card.json" ;;
+    dense05b)
+        build qwen05b
+        step dense_overlap_qwen05b 150 $py benchmarks/engine_bench.py --model "$M/qwen05b" --device cuda \
+            --dtype bfloat16 --no-hf --batch-sizes 1 --output-len 128 --overlap-ab --rounds 3 --gates gpu-part1 \
+            --out "$OUT/engine_bench_overlap_qwen05b_$card.json"
+        step dense_warmup 400 $py benchmarks/warmup_bench.py --rounds 3 --steady 6 \
+            --out "$OUT/warmup_bench_$card.json" ;;
+    *) echo "unknown part $part (check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed tp)"
+       exit 2 ;;
     esac
 done

@@ -1,11 +1,15 @@
 """Build the small demo checkpoints offline: ``python -m deploy.demo_models --out models``.
 
-Two Hugging Face-format checkpoints, deterministic from a seed on a given machine:
+Three Hugging Face-format checkpoints, deterministic from a seed on a given machine:
 
 * ``tandem-demo-dense``: Qwen2 architecture (~27M parameters, tied embeddings).
 * ``tandem-demo-moe``: GLM-4-MoE architecture (8 routed experts, top-2,
   DeepSeek-style group-limited routing n_group=4 / topk_group=2, one shared
   expert, sigmoid router with score-correction bias, partial RoPE).
+* ``tandem-demo-embed``: an embedding model saved the way Qwen3-Embedding ships: Qwen3
+  architecture without ``lm_head`` (the base model's weights), sentence-transformers files
+  (``modules.json``: Transformer -> last-token Pooling -> Normalize) and a tokenizer that
+  appends ``<|endoftext|>`` to every input.
 
 Each gets a byte-level BPE tokenizer trained with ``tokenizers`` on text found on
 the machine (license texts and Python standard-library sources), a ChatML chat
@@ -80,7 +84,59 @@ MOE_SPEC = {
         "tie_word_embeddings": False,
     },
 }
-SPECS = [DENSE_SPEC, MOE_SPEC]
+EMBED_SPEC = {
+    "name": "tandem-demo-embed",
+    "kind": "embedding",
+    "seed": 2468,
+    "vocab_size": 8192,
+    "train_steps": 20,
+    "config": {
+        "model_type": "qwen3",
+        "hidden_size": 256,
+        "intermediate_size": 768,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "max_position_embeddings": 1024,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": True,
+    },
+}
+SPECS = [DENSE_SPEC, MOE_SPEC, EMBED_SPEC]
+
+# sentence-transformers files of an embedding checkpoint, as Qwen3-Embedding ships them:
+# Transformer -> last-token Pooling -> Normalize.
+ST_MODULES = [
+    {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+]
+
+
+def st_pooling_config(hidden: int, mode: str = "lasttoken") -> dict:
+    """1_Pooling/config.json of sentence-transformers with one mode on."""
+    keys = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens", "lasttoken": "pooling_mode_lasttoken"}
+    cfg = {"word_embedding_dimension": hidden, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
+           "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+           "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False, "include_prompt": True}
+    cfg[keys[mode]] = True
+    return cfg
+
+
+def write_sentence_transformers(out_dir: str, hidden: int, mode: str = "lasttoken", normalize: bool = True) -> None:
+    """modules.json, 1_Pooling/config.json (and 2_Normalize/ when normalising)."""
+    modules = ST_MODULES if normalize else ST_MODULES[:2]
+    with open(os.path.join(out_dir, "modules.json"), "w") as f:
+        json.dump(modules, f, indent=2)
+    os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
+    with open(os.path.join(out_dir, "1_Pooling", "config.json"), "w") as f:
+        json.dump(st_pooling_config(hidden, mode), f, indent=2)
+    if normalize:
+        os.makedirs(os.path.join(out_dir, "2_Normalize"), exist_ok=True)
+    with open(os.path.join(out_dir, "config_sentence_transformers.json"), "w") as f:
+        json.dump({"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"}, f, indent=2)
 
 
 def corpus_files() -> list[str]:
@@ -149,6 +205,15 @@ def build_one(spec: dict, root: str, text: str, log=print) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     tok = train_tokenizer(text, spec["vocab_size"])
+    embedding = spec.get("kind") == "embedding"
+    if embedding:
+        # As Qwen3-Embedding's tokenizer: every input ends with <|endoftext|>, whose final
+        # hidden state is the embedding (last-token pooling).
+        from tokenizers import processors
+
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A <|endoftext|>", pair="$A <|endoftext|> $B <|endoftext|>",
+            special_tokens=[("<|endoftext|>", tok.token_to_id("<|endoftext|>"))])
     tok.save(os.path.join(tmp, "tokenizer.json"))
     eos_id = tok.token_to_id("<|im_end|>")
     pad_id = tok.token_to_id("<|endoftext|>")
@@ -162,6 +227,7 @@ def build_one(spec: dict, root: str, text: str, log=print) -> str:
                 "bos_token": None,
                 "model_max_length": spec["config"]["max_position_embeddings"],
                 "clean_up_tokenization_spaces": False,
+                **({"padding_side": "left"} if embedding else {}),
             },
             f,
             indent=2,
@@ -178,6 +244,10 @@ def build_one(spec: dict, root: str, text: str, log=print) -> str:
     _train(model, tok, text, spec)
     model.generation_config.eos_token_id = eos_id
     model.generation_config.pad_token_id = pad_id
+    if embedding:
+        # Qwen3-Embedding ships the base model: no lm_head, weights without the "model." prefix.
+        model = model.model
+        write_sentence_transformers(tmp, cfg.hidden_size)
     model.save_pretrained(tmp)
     n_params = sum(p.numel() for p in model.parameters())
     with open(os.path.join(tmp, "tandem_build.json"), "w") as f:

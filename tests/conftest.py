@@ -12,7 +12,14 @@ skip (``pytest.skip``, ``skipif``, ``importorskip``) is reported as a failure.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The Triton interpreter (CPU kernel tests) runs tl.dot as numpy's matmul. numpy's OpenBLAS with its
+# own threads next to torch's on this 2-core shared machine took 30 ms for one 64x128x128 product,
+# 0.03 ms with one thread (measured): set before anything loads numpy.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 # marker -> (CUDA GPUs needed, what the test needs, in words)
 HARDWARE = {

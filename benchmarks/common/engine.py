@@ -82,3 +82,27 @@ def decode_step_ms(llm: LLM, in_len: int, device: str, steps: int = 48, batch: i
         rids -= {o.rid for o in outs if o.finished}
     times = sorted(times[2:])
     return times[len(times) // 2] * 1e3
+
+
+def alternate_rounds(sides: dict, rounds: int) -> dict:
+    """Run every side's measurement ``rounds`` times, the order rotating each round (side i first in
+    round i), so a device that warms up or throttles over the run favours no side. ``sides``:
+    {name: fn() -> float}; returns {name: [value per round]}."""
+    names = list(sides)
+    values = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            values[name].append(sides[name]())
+    return values
+
+
+def spread(values: list[float]) -> dict:
+    """Median, min and max of a measurement's rounds (a gate is judged on the median)."""
+    s = sorted(values)
+    return {"median": s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2,
+            "min": s[0], "max": s[-1], "rounds": len(s), "all": list(values)}
+
+
+def round_ratios(num: list[float], den: list[float]) -> dict:
+    """Per-round ratios num[i] / den[i] (both sides measured in the same round) and their spread."""
+    return spread([a / b for a, b in zip(num, den)])

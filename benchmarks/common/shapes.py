@@ -35,6 +35,11 @@ SHAPES = {
                         tie_word_embeddings=False,
                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # Qwen3-Embedding-0.6B: the Qwen3 body without lm_head (embeddings: engine_bench.py --embedding)
+    "qwen3-embedding-0.6b": dict(model_type="qwen3", vocab_size=151669, hidden_size=1024, intermediate_size=3072,
+                                 num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                                 max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                                 tie_word_embeddings=True),
     # Qwen1.5-MoE-A2.7B: 60 routed experts, top-4, a gated shared expert (4 x 1408), 14.3B parameters
     "qwen2moe-a2.7b": dict(_MOE_COMMON, model_type="qwen2_moe", intermediate_size=5632, num_hidden_layers=24,
                            num_attention_heads=16, num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,

@@ -68,6 +68,15 @@ def banner(stack: Stack) -> str:
         py_import = "import httpx; "
         py_client = (f", http_client=httpx.Client(verify='{t['ssl_ca_certs']}', "
                      f"cert=('{t['ssl_certfile']}', '{t['ssl_keyfile']}'))")
+    embed = cfg["model_path"] if cfg.get("embedding") else cfg.get("embedding_model_path")
+    if embed:
+        name = embed.rstrip("/").rsplit("/", 1)[-1]
+        lines += ["", "Embeddings (--is-embedding workers):",
+                  f"  curl -s {curl_tls}{url}/embeddings -H 'Content-Type: application/json' \\",
+                  f"    -d '{{\"model\": \"{name}\", \"input\": [\"Hello!\", \"Bonjour\"]}}'"]
+        if cfg.get("embedding"):  # an embedding-only stack generates nothing
+            lines += ["", "Ctrl-C (or `make stop-local` from another shell) stops everything."]
+            return "\n".join(lines)
     lines += [
         "", "Try it:",
         f"  curl -s {curl_tls}{url}/chat/completions -H 'Content-Type: application/json' \\",

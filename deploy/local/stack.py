@@ -63,7 +63,7 @@ class RunningProcess:
 def load_stack_config(path: Path = DEFAULT_STACK, overrides: dict | None = None) -> dict:
     cfg = yaml.safe_load(Path(path).read_text())
     env_map = {"MODE": "mode", "MODEL": "model_path", "PREFILL": "num_prefill", "DECODE": "num_decode",
-               "TLS": "tls", "TP": "tp_size"}
+               "TLS": "tls", "EMBED": "embedding_model_path", "TP": "tp_size"}
     for env, key in env_map.items():
         if os.environ.get(env):
             cfg[key] = os.environ[env]
@@ -91,7 +91,24 @@ def load_stack_config(path: Path = DEFAULT_STACK, overrides: dict | None = None)
     if not (model / "config.json").is_file():
         raise ValueError(f"MODEL={cfg['model_path']!r}: no config.json there (build demo models with make demo-models)")
     cfg["model_path"] = str(model)
+    # An embedding checkpoint (sentence-transformers files) is served by aggregated --is-embedding
+    # workers; EMBED=<checkpoint> adds one such worker beside any stack (the router sends it /v1/embeddings).
+    cfg["embedding"] = is_embedding_model(cfg["model_path"])
+    if cfg["embedding"]:
+        cfg["mode"] = "agg"
+    embed = cfg.get("embedding_model_path")
+    if embed:
+        embed = Path(embed) if Path(embed).is_absolute() else REPO / embed
+        if not is_embedding_model(str(embed)):
+            raise ValueError(f"EMBED={cfg['embedding_model_path']!r}: not an embedding checkpoint (no modules.json; "
+                             "make demo-models builds models/tandem-demo-embed)")
+        cfg["embedding_model_path"] = str(embed)
     return cfg
+
+
+def is_embedding_model(model_path: str) -> bool:
+    """A sentence-transformers checkpoint (Qwen3-Embedding and the demo embedding model ship modules.json)."""
+    return (Path(model_path) / "modules.json").is_file()
 
 
 def is_moe(model_path: str) -> bool:
@@ -128,10 +145,19 @@ def plan_stack(cfg: dict) -> list[ProcessSpec]:
         addr = f"{host}:{ports['decode_grpc'] + i}"
         decode_addrs.append(addr)
         conf = dict(engine, host=host, port=ports["decode_grpc"] + i, system_port=ports["decode_system"] + i)
+        if cfg.get("embedding"):
+            conf.update(is_embedding=True)
         if cfg["mode"] == "disagg":
             conf.update(cfg["disaggregation"], disaggregation_mode="decode", prefill_addresses=prefill_addrs)
         specs.append(ProcessSpec(f"decode-{i}", "decode", py + [module_of("decode")], addr,
                                  f"{host}:{ports['decode_system'] + i}", conf))
+    if cfg.get("embedding_model_path"):
+        addr = f"{host}:{ports['embed_grpc']}"
+        decode_addrs.append(addr)
+        conf = dict(cfg.get("engine", {}), model_path=cfg["embedding_model_path"], is_embedding=True, host=host,
+                    port=ports["embed_grpc"], system_port=ports["embed_system"])
+        specs.append(ProcessSpec("embed-0", "decode", py + [module_of("decode")], addr,
+                                 f"{host}:{ports['embed_system']}", conf))
     router = dict(cfg.get("router", {}), host=host, port=ports["router_grpc"], system_port=ports["router_system"],
                   http_port=ports["router_http"], model_path=cfg["model_path"], workers=decode_addrs)
     specs.append(ProcessSpec("router", "router", py + [module_of("router")], f"{host}:{ports['router_grpc']}",

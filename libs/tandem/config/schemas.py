@@ -132,6 +132,15 @@ class EngineConfig(_Section):
         "backend; default: --max-running-requests); larger batches run eagerly."
     )
     disable_cuda_graph: bool = Field(False, description="Run decode eagerly instead of replaying CUDA graphs.")
+    enable_deterministic_inference: bool = Field(False, description=(
+        "Batch-invariant computation (SGLang's flag), so that a greedy or seeded request gets the same tokens "
+        "and logprobs alone or in any batch, with or without prefix-cache hits and chunked prefill, aggregated "
+        "or disaggregated, in bf16 too (checked on CPU in float32; on the GPU by benchmarks/gpu_engine_check.py "
+        "--only deterministic). Every linear layer (LM head, MoE router) runs a GEMM whose tiles do not "
+        "depend on the batch size, and every attention row (prompt, decode, mixed) the same kernel over its "
+        "context in a fixed order; CUDA graphs and overlap scheduling stay on. Costs decode speed "
+        "(benchmarks/engine_bench.py --deterministic measures it). Needs the triton attention backend (on CPU: "
+        "TRITON_INTERPRET=1, for tests)."))
     disable_overlap_schedule: bool = Field(False, description=(
         "Wait for each step's sampled tokens before scheduling the next step. By default the next "
         "step is scheduled and launched while the device still samples (overlap scheduling); steps "
@@ -181,6 +190,22 @@ class EngineConfig(_Section):
         0, ge=0, description="Largest size of the storage folder's pages in bytes (0: no limit); beyond it the "
         "least recently used chains are removed, from their last page."
     )
+    # Embeddings
+    is_embedding: bool = Field(
+        False, description="Serve embeddings (SGLang's flag): the worker answers Embed (the router's "
+        "/v1/embeddings) instead of Generate; one forward pass per batch of inputs, no decode, KV pages freed "
+        "after the pass, prefix cache off. Aggregated workers only (--disaggregation-mode null)."
+    )
+    pooling: Literal["last", "mean", "cls"] | None = Field(
+        None, description="--is-embedding: how a sequence's final hidden states become its vector: last (the last "
+        "token, Qwen3-Embedding), mean (all tokens) or cls (the first token). Default: the checkpoint's "
+        "sentence-transformers files (modules.json, 1_Pooling/config.json), else last."
+    )
+    embedding_normalize: Literal["auto", "on", "off"] = Field(
+        "auto", description="--is-embedding: L2-normalise each vector (after --pooling and the request's "
+        "dimensions truncation). auto = when the checkpoint's modules.json has a Normalize module (a checkpoint "
+        "without sentence-transformers files: on)."
+    )
     # Tensor / expert parallelism, EPLB
     tp_size: int = Field(
         1, ge=1, json_schema_extra={"flag_aliases": ["--tensor-parallel-size"]},
@@ -216,6 +241,27 @@ class EngineConfig(_Section):
     def world_size(self) -> int:
         """Processes of one worker: the TP ranks (EP shares them), or the EP ranks without TP."""
         return max(self.tp_size, self.ep_size)
+
+    @model_validator(mode="after")
+    def _check_deterministic(self):
+        if self.enable_deterministic_inference and self.attention_backend == "torch_native":
+            raise ValueError("enable_deterministic_inference needs attention_backend='triton' (torch_native's "
+                             "padded dense attention and cuBLAS GEMMs depend on the batch)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_embedding(self):
+        if not self.is_embedding:
+            if self.pooling is not None or self.embedding_normalize != "auto":
+                raise ValueError("pooling / embedding_normalize: only with is_embedding=true")
+            return self
+        refused = {"ep_size": self.ep_size > 1, "enable_hierarchical_cache": self.enable_hierarchical_cache,
+                   "enable_eplb": self.enable_eplb, "kv_cache_calibrate": self.kv_cache_calibrate > 0}
+        bad = [k for k, on in refused.items() if on]
+        if bad:
+            raise ValueError(f"is_embedding=true: not with {', '.join(bad)} (an embedding worker runs one "
+                             "rank, keeps no KV and samples nothing)")
+        return self
 
     @model_validator(mode="after")
     def _check_redundancy(self):
@@ -340,6 +386,13 @@ class PrefillConfig(ServerConfig, EngineConfig, DisaggregationConfig, DiscoveryC
     system_port: int = Field(8061, ge=0, le=65535, description="HTTP port for /health, /metrics, /engine/*.")
     disaggregation_mode: Literal["prefill"] = Field("prefill", description="Always prefill for this service.")
 
+    @model_validator(mode="after")
+    def _check_not_embedding(self):
+        if self.is_embedding:
+            raise ValueError("is_embedding=true: embedding workers are aggregated (python -m tandem.decode "
+                             "--disaggregation-mode null), not prefill workers")
+        return self
+
 
 class DecodeConfig(ServerConfig, EngineConfig, DisaggregationConfig, DiscoveryConfig):
     """`python -m tandem.decode` (also the aggregated worker with --disaggregation-mode null)."""
@@ -369,6 +422,8 @@ class DecodeConfig(ServerConfig, EngineConfig, DisaggregationConfig, DiscoveryCo
     def _check_prefills(self):
         if self.disaggregation_mode != "decode":
             return self
+        if self.is_embedding:
+            raise ValueError("is_embedding=true: embedding workers are aggregated (--disaggregation-mode null)")
         if self.prefill_discovery == "etcd" and not self.etcd_endpoint:
             raise ValueError("prefill_discovery='etcd': needs --etcd-endpoint")
         if self.prefill_discovery == "static" and not self.prefill_addresses:

@@ -32,6 +32,7 @@ from tandem.config.schemas import EngineConfig
 from tandem.sampling import SamplingParams, check_prompt
 
 from .disaggregation import ExternalAllocation, PdRequests
+from .embedding import Embedder, EmbeddingOutput
 from .engine_config import attention_backend, default_chunked_prefill_size, merge_config, resolve_device
 from .grammar import GrammarBackend
 from .hicache_setup import build_prefix_cache
@@ -42,6 +43,7 @@ from .model_runner import ModelRunner
 from .moe_hooks import expert_hooks, tp_of
 from .outputs import StepOutput
 from .pool_sizing import kv_pool_pages
+from .pooling import resolve_pooling
 from .request import Mode, Request, Status
 from .sample_launcher import SampleLauncher, prompt_logprobs
 from .scheduler import ScheduledBatch, Scheduler
@@ -62,22 +64,27 @@ class EngineCore:
                  **overrides):
         """``parallel``: this process's ``ParallelGroup`` (rank 0) when ``tp_size`` or ``ep_size`` > 1
         (``tandem.engine.parallel.start_parallel`` builds both)."""
-        self.config = cfg = merge_config(model_path, config, overrides)
+        cfg = merge_config(model_path, config, overrides)
+        if cfg.is_embedding and not cfg.disable_radix_cache:
+            cfg = cfg.model_copy(update={"disable_radix_cache": True})  # embeddings keep no KV to reuse
+        self.config = cfg
         if not cfg.model_path:
             raise ValueError("model_path is required")
         if not os.path.isdir(cfg.model_path):
             raise ValueError(f"model_path={cfg.model_path!r}: not a directory")
         self.device = device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, device)
-        self.attention_backend = attention_backend(cfg.attention_backend, device)
+        deterministic = cfg.enable_deterministic_inference
+        self.attention_backend = attention_backend(cfg.attention_backend, device, deterministic)
         hooks = expert_hooks(cfg, device, parallel)
         self.model, self.model_config = load_model(cfg.model_path, self.dtype, device, hooks, cfg.load_format,
-                                                   cfg.quantization, cfg.fp8_gemm_backend, tp_of(cfg, parallel))
+                                                   cfg.quantization, cfg.fp8_gemm_backend, deterministic,
+                                                   tp=tp_of(cfg, parallel))
         # EPLB: plans applied in place between steps, the recorder folded after each (None: dense or no EPLB).
         self.eplb = hooks.runtime(self.model)
         mc = self.model_config
         self.context_length = cfg.context_length or mc.max_position_embeddings
-        self.model.set_backend(self.attention_backend, self.context_length + 1)
+        self.model.set_backend(self.attention_backend, self.context_length + 1, deterministic)
         self.tokenizer = load_tokenizer(cfg.model_path)
         self.eos_token_ids = eos_token_ids(cfg.model_path, mc, self.tokenizer)
 
@@ -110,6 +117,15 @@ class EngineCore:
         # leader sends host token ids to its followers, so it always waits.
         self.overlap_schedule = not cfg.disable_overlap_schedule and cfg.world_size == 1
         self._rid_counter = itertools.count()
+        # --is-embedding: embedding passes instead of generation (``embed``); None otherwise.
+        self.embedder = None
+        if cfg.is_embedding:
+            normalize = None if cfg.embedding_normalize == "auto" else cfg.embedding_normalize == "on"
+            pooling = resolve_pooling(cfg.model_path, cfg.pooling, normalize)
+            log.info("embeddings: %s pooling, %snormalised (%s)", pooling.method, "" if pooling.normalize else "not ",
+                     pooling.source)
+            self.embedder = Embedder(self.runner, self.pool, pooling, self.chunked_prefill_size, self.context_length,
+                                     mc.vocab_size, mc.hidden_size)
 
     # ---- info ------------------------------------------------------------------------------
     @property
@@ -128,8 +144,8 @@ class EngineCore:
     def _cuda_graph_max_bs(self) -> int:
         """0 when decode runs eagerly; otherwise the largest batch captured as a CUDA graph."""
         cfg = self.config
-        if not self.device.startswith("cuda") or cfg.disable_cuda_graph:
-            return 0
+        if not self.device.startswith("cuda") or cfg.disable_cuda_graph or cfg.is_embedding:
+            return 0  # (an embedding worker never decodes)
         why = None
         if self.attention_backend != "triton":
             why = "the torch_native backend's decode shapes depend on the context length"
@@ -189,8 +205,31 @@ class EngineCore:
         """Every block the prefix cache holds, as BlockStored events (for a new KV-event subscriber)."""
         return self.cache.snapshot()
 
+    def validate_embedding(self, inputs: list[list[int]], dimensions: int | None = None) -> None:
+        """ValueError naming the field (``input[i]``, ``dimensions``) if this batch could never be
+        embedded here; reads only the fixed configuration (any thread, like ``validate_request``)."""
+        if self.embedder is None:
+            raise ValueError("this engine generates; embeddings need --is-embedding")
+        self.embedder.validate(inputs, dimensions)
+
+    def embed(self, inputs: list[list[int]], dimensions: int | None = None) -> EmbeddingOutput:
+        """--is-embedding: one pooled vector per input (``Embedder``), returned; between steps only.
+        ValueError naming the field for a batch that cannot run."""
+        if self.embedder is None:
+            raise ValueError("this engine generates; embeddings need --is-embedding")
+        t0 = time.perf_counter()
+        out = self.embedder.embed(inputs, dimensions)
+        sc = self.stats_collector  # each input counts as a request of its prompt tokens (SGLang's counters)
+        for n in out.num_tokens:
+            sc.request_added(n)
+            sc.request_finished(0)
+        sc.step_done("prefill", len(inputs), out.prompt_tokens, time.perf_counter() - t0)
+        return out
+
     def _validate(self, ids: list, sp: SamplingParams) -> None:
         """The request's one validation (``tandem.sampling``) plus what only the engine knows."""
+        if self.embedder is not None:
+            raise ValueError("this engine serves embeddings (--is-embedding): no generation")
         check_prompt(len(ids), self.context_length)
         vocab = self.model_config.vocab_size
         if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in ids):

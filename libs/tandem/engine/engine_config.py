@@ -35,11 +35,14 @@ def resolve_device(requested: str) -> str:
     return device
 
 
-def attention_backend(requested: str | None, device: str) -> str:
+def attention_backend(requested: str | None, device: str, deterministic: bool = False) -> str:
+    """The backend to run: ``requested``, or the device's default (triton on CUDA, torch_native on CPU;
+    ``deterministic``, --enable-deterministic-inference, runs on triton only)."""
     if requested is None:
-        return "triton" if device.startswith("cuda") else "torch_native"
+        requested = "triton" if device.startswith("cuda") or deterministic else "torch_native"
     if requested == "triton" and not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("attention_backend='triton' on CPU runs only through the Triton interpreter "
+        why = "enable_deterministic_inference (the triton backend)" if deterministic else "attention_backend='triton'"
+        raise ValueError(f"{why} on CPU runs only through the Triton interpreter "
                          "(set TRITON_INTERPRET=1; slow, for tests); use torch_native on CPU")
     return requested
 

@@ -35,6 +35,10 @@ def _read_tensors(path: str) -> dict:
         with safe_open(fn, framework="pt") as f:
             for k in f.keys():
                 tensors[k] = f.get_tensor(k)
+    if not any(k.startswith("model.") for k in tensors):
+        # A base-model checkpoint (saved from e.g. Qwen3Model, as Qwen3-Embedding ships: no
+        # "model." prefix and no lm_head): the same weights under the causal LM's names.
+        tensors = {"model." + k: v for k, v in tensors.items()}
     return tensors
 
 
@@ -90,8 +94,18 @@ def _merge_projections(state: dict) -> None:
 LOAD_FORMATS = ("auto", "dummy")
 
 
+def linear_factory(deterministic: bool):
+    """The model's linears without FP8: ``nn.Linear``, or the batch-invariant GEMM
+    (--enable-deterministic-inference, ``tandem.engine.batch_invariant``)."""
+    if not deterministic:
+        return plain_linear
+    from .batch_invariant import InvariantLinears
+
+    return InvariantLinears()
+
+
 def _fp8_linears(path: str, cfg: ModelConfig, t: dict, dtype: torch.dtype, device: str, quantization: str | None,
-                 fp8_gemm_backend: str):
+                 fp8_gemm_backend: str, deterministic: bool = False):
     """(FP8 format or None, the model's linear factory): FP8 when ``--quantization fp8`` or config.json's
     ``quantization_config`` says so (tandem.engine.quantization). FP8 weights of other modules in
     ``t`` are dequantized to ``dtype`` here."""
@@ -99,20 +113,21 @@ def _fp8_linears(path: str, cfg: ModelConfig, t: dict, dtype: torch.dtype, devic
 
     fp8 = resolve_fp8_config(quantization, read_hf_config(path), cfg.is_moe, fp8_gemm_backend)
     if fp8 is None:
-        return None, plain_linear
+        return None, linear_factory(deterministic)
     plan = plan_fp8_linears(fp8, t, cfg.num_layers)
     dequantize_unplanned(t, plan, fp8, cfg.num_layers, dtype)
-    return fp8, Fp8LinearFactory(plan, Fp8Gemm(fp8.gemm_backend, device))
+    return fp8, Fp8LinearFactory(plan, Fp8Gemm(fp8.gemm_backend, device, deterministic), linear_factory(deterministic))
 
 
 def load_model(path: str, dtype: torch.dtype, device: str, moe_hooks=None, load_format: str = "auto",
                quantization: str | None = None, fp8_gemm_backend: str = "auto",
-               tp: TensorParallel = ONE_RANK) -> tuple[CausalLM, ModelConfig]:
+               deterministic: bool = False, tp: TensorParallel = ONE_RANK) -> tuple[CausalLM, ModelConfig]:
     """``moe_hooks`` (``tandem.engine.moe_hooks.ExpertHooks``): what MoE layers get at construction.
     ``load_format``: ``auto`` reads the safetensors; ``dummy`` builds random weights of the
     checkpoint's shape directly on the device from config.json alone (nothing read or written).
     ``quantization``: ``fp8`` quantizes the dense linears at load time (an FP8 checkpoint is
-    recognised without it, from config.json's ``quantization_config``).
+    recognised without it, from config.json's ``quantization_config``). ``deterministic``: the linears
+    compute batch-invariantly (--enable-deterministic-inference).
     ``tp``: this rank's tensor-parallel place: every sharded tensor is sliced to its part here
     (``tandem.engine.tensor_parallel``; dummy weights are drawn at the local shape)."""
     if load_format not in LOAD_FORMATS:
@@ -121,14 +136,14 @@ def load_model(path: str, dtype: torch.dtype, device: str, moe_hooks=None, load_
         if quantization is not None:
             raise ValueError("load_format='dummy' with quantization='fp8': not supported; FP8 quantizes the "
                              "checkpoint's weights at load time (write a random-weight checkpoint instead)")
-        return _load_dummy(path, dtype, device, moe_hooks, tp=tp)
+        return _load_dummy(path, dtype, device, moe_hooks, linear_factory(deterministic), tp=tp)
     cfg = ModelConfig.from_dir(path)
     check_tp_shape(cfg, tp.size, 1 if tp.expert_sharded else tp.size)
     t = _read_tensors(path)
     tie = "lm_head.weight" not in t
     flags = _layer_flags(cfg, t)
     dispatcher, recorder = _build_hooks(moe_hooks, cfg, flags)
-    fp8, linear = _fp8_linears(path, cfg, t, dtype, device, quantization, fp8_gemm_backend)
+    fp8, linear = _fp8_linears(path, cfg, t, dtype, device, quantization, fp8_gemm_backend, deterministic)
     if fp8 is not None and tp.size > 1:
         raise ValueError(f"model_path={path!r} holds FP8 weights: not supported with tp_size={tp.size} yet")
     with torch.device("meta"):  # no memory and no random init: every parameter comes from the checkpoint
@@ -238,7 +253,8 @@ def dummy_tensor(name: str, shape, dtype: torch.dtype, device: str, std: float, 
     return out.normal_(0.0, std, generator=_seeded(name, seed, device))
 
 
-def _load_dummy(path: str, dtype: torch.dtype, device: str, moe_hooks, seed: int = 0, tp: TensorParallel = ONE_RANK):
+def _load_dummy(path: str, dtype: torch.dtype, device: str, moe_hooks, linear=plain_linear, seed: int = 0,
+                tp: TensorParallel = ONE_RANK):
     """Random weights of the checkpoint's shape; with TP each rank draws its shard's shape from the
     tensor's name (replicated tensors are equal on every rank; sharded ones are not TP 1's slices)."""
     raw = read_hf_config(path)
@@ -248,7 +264,7 @@ def _load_dummy(path: str, dtype: torch.dtype, device: str, moe_hooks, seed: int
     dispatcher, recorder = _build_hooks(moe_hooks, cfg, flags)
     with torch.device("meta"):
         model = CausalLM(cfg, flags, tie_embeddings=cfg.tie_word_embeddings, expert_dispatcher=dispatcher,
-                         expert_recorder=recorder, tp=tp)
+                         expert_recorder=recorder, linear=linear, tp=tp)
     std = float(raw.get("initializer_range") or 0.02)
     state = {}
     for name, p in model.named_parameters():

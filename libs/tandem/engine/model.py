@@ -103,10 +103,21 @@ class Rotary(nn.Module):
         return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
-def plain_linear(name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
-    """The default linear factory: ``(module name, in, out, bias) -> module``. The loader passes
-    another one to build some linears differently (FP8: ``tandem.engine.quantization``)."""
-    return nn.Linear(in_features, out_features, bias=bias)
+class PlainLinears:
+    """The default linear factory: ``factory(module name, in, out, bias) -> module`` builds every
+    linear layer of the model (the LM head included); ``factory.matmul(x, weight)`` computes the
+    logits of tied embeddings. The loader passes another one to build them differently (FP8:
+    ``tandem.engine.quantization``; --enable-deterministic-inference: ``tandem.engine.batch_invariant``)."""
+
+    def __call__(self, name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        return nn.Linear(in_features, out_features, bias=bias)
+
+    @staticmethod
+    def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
+
+
+plain_linear = PlainLinears()
 
 
 class Attention(nn.Module):
@@ -178,7 +189,8 @@ class MoE(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, has_shared_gate: bool, has_score_bias: bool,
-                 moe_index: int = 0, dispatcher=None, recorder=None, tp: TensorParallel = ONE_RANK):
+                 moe_index: int = 0, dispatcher=None, recorder=None, linear=plain_linear,
+                 tp: TensorParallel = ONE_RANK):
         super().__init__()
         if dispatcher is not None and moe_index >= dispatcher.num_layers:
             raise ValueError(f"the expert placement has {dispatcher.num_layers} MoE layers; this is MoE layer "
@@ -200,7 +212,8 @@ class MoE(nn.Module):
         local_inter = inter // tp.size if self.tp_sharded else inter
         self.w13 = nn.Parameter(torch.zeros(self.num_local + S, 2 * local_inter, H))
         self.w2 = nn.Parameter(torch.zeros(self.num_local + S, H, local_inter))
-        self.shared = MLP(H, shared_inter // tp.size, tp=tp) if shared_inter and not fold else None
+        self.shared = MLP(H, shared_inter // tp.size, linear, f"layers.{layer_idx}.mlp.shared.", tp) \
+            if shared_inter and not fold else None
         self.dispatcher, self.recorder = dispatcher, recorder
         # Expert parallelism: the folded shared expert's rows are computed by rank 0 alone, so the
         # all-reduce adds each row exactly once (an unfolded shared MLP is TP-sharded and reduced itself).
@@ -291,7 +304,7 @@ class DecoderLayer(nn.Module):
         self.is_moe = flags["moe"]
         if self.is_moe:
             self.mlp = MoE(cfg, layer_idx, flags["shared_gate"], flags["score_bias"], moe_index, dispatcher, recorder,
-                           tp)
+                           linear, tp)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size // tp.size, linear, f"layers.{layer_idx}.mlp.", tp)
 
@@ -311,8 +324,9 @@ class DecoderLayer(nn.Module):
 
 class CausalLM(nn.Module):
     """``expert_dispatcher`` / ``expert_recorder``: what every MoE layer gets at construction (None
-    for a dense model, or a MoE model without EPLB, expert parallelism or recording). Dense linears
-    (q/k/v, o, gate/up, down) come from ``linear``; embeddings and lm_head are plain.
+    for a dense model, or a MoE model without EPLB, expert parallelism or recording). Linears (q/k/v,
+    o, gate/up, down, a shared expert's, lm_head) come from ``linear``, and the logits of tied
+    embeddings from its ``matmul``; the embeddings are plain.
 
     ``tp``: this rank's place in its tensor-parallel group; every module holds its shard
     (``tandem.engine.tensor_parallel``), embedding and LM head ``vocab / tp`` rows each."""
@@ -333,14 +347,16 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg)
         self.tie_embeddings = tie_embeddings
-        self.lm_head = None if tie_embeddings else nn.Linear(cfg.hidden_size, vocab, bias=False)
+        self.lm_head = None if tie_embeddings else linear("lm_head", cfg.hidden_size, vocab, False)
+        self.tied_matmul = linear.matmul  # logits of tied embeddings
         self.ops = None  # set by set_backend() once the weights sit on their device
 
-    def set_backend(self, backend: str, max_positions: int) -> None:
-        """Pick the attention backend's ops (tandem.engine.ops)."""
+    def set_backend(self, backend: str, max_positions: int, deterministic: bool = False) -> None:
+        """Pick the attention backend's ops (tandem.engine.ops); ``deterministic``: its batch-invariant
+        ops (--enable-deterministic-inference; the linears come from the loader's factory)."""
         from .ops import make_ops
 
-        self.ops = make_ops(backend, self.rotary, max_positions)
+        self.ops = make_ops(backend, self.rotary, max_positions, deterministic)
 
     @property
     def kv_heads_per_rank(self) -> int:
@@ -353,6 +369,15 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch, k_caches: list, v_caches: list) -> torch.Tensor:
         """Run the batch; return logits [S, vocab] (float32) for ``fb.logits_indices`` (all rows if None)."""
+        h = self.hidden_states(fb, k_caches, v_caches)
+        logits = self.tied_matmul(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+        return self.tp.all_gather_last(logits.float())  # vocab-parallel: every rank's columns
+
+    @torch.inference_mode()
+    def hidden_states(self, fb: ForwardBatch, k_caches: list, v_caches: list) -> torch.Tensor:
+        """Run the batch; return the final (normed) hidden states [S, hidden] in the model dtype
+        for ``fb.logits_indices`` (all rows if None): what the LM head reads, and what
+        embedding pooling reads."""
         ops = self.ops
         h = self.embed(fb.input_ids)
         rope = ops.rope_inputs(fb.positions, h.dtype)
@@ -364,8 +389,7 @@ class CausalLM(nn.Module):
         if fb.logits_indices is not None:
             h, residual = h[fb.logits_indices], residual[fb.logits_indices]
         h, _ = ops.rms_norm(h, self.norm.weight, self.norm.eps, residual)
-        w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return self.tp.all_gather_last(F.linear(h, w).float())
+        return h
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings; vocab-parallel: each rank looks up its own rows (others zero), all-reduced."""

@@ -144,10 +144,14 @@ class TritonOps:
     def moe_combine(self, rows):
         return self._moe.combine_rows(rows)
 
-    def attention(self, q, k, v, positions, fb, k_cache, v_cache, scale, kv_scale=None):
+    def _write_kv(self, q, k, v, positions, fb, k_cache, v_cache, kv_scale):
+        """Rotary on q (in place) and k, the new K/V written into the pool."""
         _pool_scales(k_cache, kv_scale)  # an FP8 pool must come with its scales
         self._rope.rope_and_write_kv(q, k, v, positions, self.cos, self.sin, fb.slot_mapping, k_cache, v_cache,
                                      kv_scale)
+
+    def attention(self, q, k, v, positions, fb, k_cache, v_cache, scale, kv_scale=None):
+        self._write_kv(q, k, v, positions, fb, k_cache, v_cache, kv_scale)
         if fb.is_decode:
             out = self._decode.paged_decode_attention(q, k_cache, v_cache, fb.page_table, fb.seq_lens, scale,
                                                       fb.num_splits, kv_scale=kv_scale)
@@ -157,7 +161,14 @@ class TritonOps:
         return out.view(q.shape[0], -1)
 
 
-def make_ops(backend: str, rotary, max_positions: int):
+def make_ops(backend: str, rotary, max_positions: int, deterministic: bool = False):
+    """``deterministic`` (--enable-deterministic-inference): the triton backend's batch-invariant ops."""
+    if deterministic:
+        if backend != "triton":
+            raise ValueError(f"enable_deterministic_inference needs attention_backend='triton', not {backend!r}")
+        from .batch_invariant import DeterministicTritonOps
+
+        return DeterministicTritonOps(rotary, max_positions)
     if backend == "torch_native":
         return TorchNativeOps(rotary)
     if backend == "triton":

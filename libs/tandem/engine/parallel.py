@@ -418,14 +418,16 @@ class ParallelFollower:
             ep_rank = ep.rank if ep.ep_size > 1 else 0
             hooks = ExpertHooks(config, device, ep_rank, ep.ep_size, ep.all_reduce if ep.ep_size > 1 else None,
                                 location=location, with_recorder=False)
+        deterministic = config.enable_deterministic_inference
         self.model, self.model_config = load_model(config.model_path, resolve_dtype(config.dtype, device), device,
-                                                   hooks, init["load_format"], tp=ep.tp)
+                                                   hooks, init["load_format"], deterministic=deterministic,
+                                                   tp=ep.tp)
         mc = self.model_config
         mine = _model_signature(self.model, mc)
         if init["model"] != mine:
             raise ValueError(f"follower {ep.rank}: its model {mine} differs from the leader's {init['model']} "
                              "(same checkpoint and dtype needed on every rank)")
-        self.model.set_backend(init["attention_backend"], init["max_positions"])  # the leader's kernels
+        self.model.set_backend(init["attention_backend"], init["max_positions"], deterministic)  # the leader's kernels
         k_scales, v_scales = init["kv_scales"]
         self.pool = KVPool(mc.num_layers, init["num_pages"], init["page_size"], self.model.kv_heads_per_rank,
                            mc.head_dim, getattr(torch, init["kv_dtype"]), device, num_aux_slots=1,

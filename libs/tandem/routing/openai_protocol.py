@@ -393,8 +393,8 @@ def finish_reason_name(reason: int) -> str | None:
     return _FINISH.get(reason)
 
 
-def new_request_id(kind: Literal["completion", "chat"]) -> str:
-    return ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+def new_request_id(kind: Literal["completion", "chat", "embedding"]) -> str:
+    return {"completion": "cmpl-", "chat": "chatcmpl-", "embedding": "embd-"}[kind] + uuid.uuid4().hex
 
 
 def now() -> int:
@@ -527,5 +527,8 @@ def usage_chunk(rid: str, model: str, created: int, kind: Literal["completion", 
     }
 
 
-def models_body(model: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "tandem"}]}
+def models_body(model: str, created: int, extra: Sequence[str] = ()) -> dict:
+    """``model`` first, then the ``extra`` models (embedding models the workers serve)."""
+    names = [model] + [m for m in extra if m != model]
+    return {"object": "list",
+            "data": [{"id": m, "object": "model", "created": created, "owned_by": "tandem"} for m in names]}

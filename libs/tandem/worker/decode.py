@@ -23,6 +23,14 @@ from tandem.worker.convert import chunk_from_output
 from tandem.worker.engine_loop import EngineLoop, RequestStream
 from tandem.worker.errors import ClientGone, RequestFailed
 from tandem.worker.remote_prefill import RemotePrefill, RemotePrefillFailed
+from tandem.worker.warmup import (
+    GREEDY,
+    WARMUP_INPUT_IDS,
+    WARMUP_SAMPLINGS,
+    compiles_kernels,
+    multi_page_tokens,
+    warmup_prompt,
+)
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +150,10 @@ class DecodeWorker(WorkerBase):
             raise RequestFailed(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
 
     def warmup_remote(self, timeout: float) -> int:
-        """Before SERVING: one tiny remote prefill through every prefill worker, so the first
-        user request does not pay for RegisterDecode, the transport's connection set-up
-        (UCX wire-up) or cold kernels. A worker that stays unreachable is only logged:
+        """Before SERVING: one tiny remote prefill through every prefill worker, then on CUDA a
+        multi-page one and every sampler path (``_warm_transfers``), so the first user request does not pay
+        for RegisterDecode, the transport's connection set-up (UCX wire-up), its first multi-page
+        transfer or cold kernels. A worker that stays unreachable is only logged:
         requests will register with it lazily. Returns how many workers were warmed."""
         warmed = 0
         sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
@@ -153,9 +162,11 @@ class DecodeWorker(WorkerBase):
             while True:
                 rid = f"warmup-{peer.address}-{uuid.uuid4().hex[:6]}"
                 try:
-                    for _ in self.remote.prefill(rid, [0, 1, 2, 3], sp, peer=peer).result():
+                    for _ in self.remote.prefill(rid, WARMUP_INPUT_IDS, sp, peer=peer).result():
                         pass
                     warmed += 1
+                    if compiles_kernels(self.loop.info):
+                        self._warm_transfers(peer)
                     break
                 except RemotePrefillFailed as exc:
                     if exc.status in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
@@ -169,6 +180,20 @@ class DecodeWorker(WorkerBase):
                         break
                     time.sleep(0.5)
         return warmed
+
+    def _warm_transfers(self, peer) -> None:
+        """Past the first contact: a prompt of several pages (the first multi-page transfer, larger
+        prefill shapes) and every sampler path, through ``peer``; a failure is only logged."""
+        requests = [(warmup_prompt(multi_page_tokens(self.loop.info)), GREEDY)]
+        requests += [(WARMUP_INPUT_IDS, kw) for kw in WARMUP_SAMPLINGS[1:]]
+        for ids, kw in requests:
+            rid = f"warmup-{peer.address}-{uuid.uuid4().hex[:6]}"
+            try:
+                for _ in self.remote.prefill(rid, ids, SamplingParams(max_tokens=2, ignore_eos=True, **kw),
+                                             peer=peer).result():
+                    pass
+            except RemotePrefillFailed as exc:
+                log.warning("warmup: prefill %s: %d-token request failed: %s", peer.address, len(ids), exc.message)
 
     # ---- load ----------------------------------------------------------------------------
     def get_load(self) -> common_pb2.WorkerLoad:

@@ -154,6 +154,11 @@ class EngineLoop(LoopThread):
         it reads only the engine's fixed configuration)."""
         self.engine.validate_request(prompt_ids, sampling)
 
+    def validate_embedding(self, inputs: list[list[int]], dimensions: int | None) -> None:
+        """Raise ValueError naming the input if this embedding batch could never run here (on the
+        caller's thread: it reads only the engine's fixed configuration)."""
+        self.engine.validate_embedding(inputs, dimensions)
+
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, rid: str, mode: str = "normal",
                on_output: Callable[[], None] | None = None) -> RequestStream:
         """Queue a request; its outputs arrive on the returned stream (a prefill-only request's

@@ -20,7 +20,7 @@ from tandem.metrics import ComponentMetrics, EngineMetrics, MetricsPublisher, de
 from tandem.server import ServiceRuntime, service_name
 from tandem.transfer import KvBuffers
 from tandem.transfer.ucx_binding import bind_ucx_to_host
-from tandem.v1 import engine_control_pb2, engine_control_pb2_grpc
+from tandem.v1 import common_pb2, engine_control_pb2, engine_control_pb2_grpc
 from tandem.worker.control import EngineControlServicer, add_profile_routes
 from tandem.worker.engine_loop import EngineLoop, LoopHook, wait_until
 from tandem.worker.profiler import EngineProfiler
@@ -95,15 +95,19 @@ class WorkerProcess:
         self.runtime.set_ready()
         self.runtime.wait()
 
+    def info(self, role: str) -> common_pb2.WorkerInfo:
+        """This worker's identity, as registered in etcd and answered by GetInfo."""
+        return common_pb2.WorkerInfo(worker_id=self.runtime.worker_id, address=self.runtime.advertised_address,
+                                     role=role, model=self.model_name,
+                                     system_address=self.runtime.advertised_system_address,
+                                     is_embedding=getattr(self.runtime.config, "is_embedding", False))
+
     def _register_in_etcd(self, role: str) -> None:
         from tandem.routing.discovery import register_worker
         from tandem.server.tls import etcd_client_tls
-        from tandem.v1 import common_pb2
 
         cfg = self.runtime.config
-        info = common_pb2.WorkerInfo(worker_id=self.runtime.worker_id, address=self.runtime.advertised_address,
-                                     role=role, model=self.model_name,
-                                     system_address=self.runtime.advertised_system_address)
+        info = self.info(role)
         registration = register_worker(cfg.etcd_endpoint, cfg.etcd_prefix, info, cfg.etcd_ttl, tls=etcd_client_tls(cfg))
         # First hook: the router stops sending new work before the worker drains.
         self.runtime.on_shutdown(registration.close, first=True)

@@ -4,6 +4,7 @@ that re-types a variable, a block shape that is not a power of two, ...). Run in
 without TRITON_INTERPRET (test_kernels_compile.py does)."""
 from __future__ import annotations
 
+import torch
 import triton
 from tandem.engine.kernels import (
     activation,
@@ -67,6 +68,25 @@ def compile_fp8_kernels() -> None:
             dict(ACT=act, GROUP_N=group_n, GROUP_K=block_k, HAS_BIAS=act == 2, BLOCK_N=16, BLOCK_K=block_k,
                  PRE_K=4096, STAGES=stages, UNROLL=unroll, **fp8), aligned=("X", "W", "Y", "N", "K", "stride_wn"),
             num_warps=4)
+
+
+def compile_invariant_gemm() -> None:
+    """--enable-deterministic-inference's GEMM: bf16 (and the router's bf16 activations times a float32
+    weight), with and without split-K and bias, in the H100 configurations ``gemm_config`` picks."""
+    from tandem.engine.kernels import invariant_gemm as G
+
+    for a, b, c in (("*bf16", "*bf16", "*bf16"), ("*bf16", "*fp32", "*fp32"), ("*fp32", "*fp32", "*fp32")):
+        ieee = b == "*fp32"
+        cfg = G.gemm_config(4096, 14336, torch.float32 if ieee else torch.bfloat16, 132)
+        for split, bias in ((False, True), (True, False)):
+            compile_kernel(G._gemm_kernel, {
+                "A": a, "B": b, "C": "*fp32" if split else c, "Bias": b, "M": "i32", "N": "i32", "K": "i32",
+                "k_per_split": "i32", "stride_am": "i32", "stride_bn": "i32", "stride_cs": "i32", "stride_cm": "i32"},
+                dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8, SPLIT=split,
+                     HAS_BIAS=bias, IEEE=ieee), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        compile_kernel(G._split_sum_kernel, {"P": "*fp32", "Bias": b, "C": c, "N": "i32", "stride_ps": "i32",
+                                             "stride_pm": "i32", "stride_cm": "i32"},
+                       dict(SPLIT_K=4, HAS_BIAS=True, BLOCK=G.SPLIT_SUM_BLOCK), num_warps=4)
 
 
 def moe_kernels(p: str, dt: str) -> None:
@@ -142,13 +162,16 @@ def main() -> None:
                                           "stride_os", "stride_lb", "stride_lh", "stride_out_b", "stride_out_h")}},
                     dict(PAGE_SIZE=16, GROUP=group, HEAD_DIM=128, NUM_SPLITS=splits, BLOCK_H=16, BLOCK_D=128,
                          BLOCK_N=bn, IEEE=dt == "fp32", KV_FP8=fp8))
-            compile_kernel(extend_attention._extend_attention_kernel, {
-                "Q": p, "K": f"*{kv}", "V": f"*{kv}", "Out": p, "PageTable": "*i32", "QStart": "*i64",
-                "QLens": "*i64", "SeqLens": "*i64", "KVScale": "*fp32", "sm_scale": "fp32",
-                **{n: "i32" for n in ("stride_qt", "stride_qh", "stride_k_slot", "stride_k_head", "stride_v_slot",
-                                      "stride_v_head", "stride_pt", "stride_ot", "stride_oh")}},
-                dict(PAGE_SIZE=16, GROUP=7, HEAD_DIM=64, BLOCK_M=extend_attention.BLOCK_M,
-                     BLOCK_N=extend_attention.BLOCK_N, BLOCK_D=64, IEEE=dt == "fp32", KV_FP8=fp8))
+            for rows_of_one, cfg in ((False, extend_attention.DEFAULT_CONFIG), (True, extend_attention.DEFAULT_CONFIG),
+                                     (False, extend_attention.ExtendConfig(128, 32, 8, 3))):
+                compile_kernel(extend_attention._extend_attention_kernel, {
+                    "Q": p, "K": f"*{kv}", "V": f"*{kv}", "Out": p, "PageTable": "*i32", "QStart": "*i64",
+                    "QLens": "*i64", "SeqLens": "*i64", "KVScale": "*fp32", "sm_scale": "fp32",
+                    **{n: "i32" for n in ("stride_qt", "stride_qh", "stride_k_slot", "stride_k_head", "stride_v_slot",
+                                          "stride_v_head", "stride_pt", "stride_ot", "stride_oh")}},
+                    dict(PAGE_SIZE=16, GROUP=7, HEAD_DIM=64, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=64,
+                         IEEE=dt == "fp32", KV_FP8=fp8, ROWS_OF_ONE=rows_of_one),
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         moe_kernels(p, dt)
         compile_kernel(decode_attention._decode_merge_kernel, {
             "PartialOut": "*fp32", "PartialLse": "*fp32", "Out": p,
@@ -165,6 +188,7 @@ def main() -> None:
                                                     "Out": "*i64", "stride_s": "i32", "V": "i32"},
                    dict(BLOCK=sampling.BLOCK))
     compile_fp8_kernels()
+    compile_invariant_gemm()
     for word in ("*i32", "*i16", "*u8"):  # KV pages move as 32-bit words (16/8 when a page is odd-sized)
         for to_host in (False, True):
             compile_kernel(kv_transfer._kv_transfer_kernel, {

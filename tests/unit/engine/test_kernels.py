@@ -149,7 +149,12 @@ def test_extend_attention_matches_reference(page_size, heads, kv_heads, q_lens, 
     q = torch.randn(sum(q_lens), heads, D, generator=g)
     q_start = torch.tensor([sum(q_lens[:i]) for i in range(len(q_lens))])
     args = (q, kc, vc, table, q_start, torch.tensor(q_lens), torch.tensor(seq))
+    ref = extend_attention.extend_attention_ref(*args, D**-0.5)
     out = extend_attention.extend_attention(*args, max(q_lens), D**-0.5)
-    assert (out - extend_attention.extend_attention_ref(*args, D**-0.5)).abs().max().item() < 1e-5
+    assert (out - ref).abs().max().item() < 1e-5
+    # The other tiles extend_attention_bench.py compares (taller query blocks, narrower key blocks).
+    for config in (extend_attention.ExtendConfig(128, 32, 8, 3),):
+        out = extend_attention.extend_attention(*args, max(q_lens), D**-0.5, config=config)
+        assert (out - ref).abs().max().item() < 1e-5, config
 
 

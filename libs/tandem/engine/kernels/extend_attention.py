@@ -6,10 +6,12 @@ key and value (prefix and new, already written by the rotary + K/V kernel) is re
 the page table. A query at position ``p`` attends to keys ``0..p``: full over the prefix,
 causal over the new tokens. Decode requests are extends of one token, so a mixed batch
 (prefill chunks + decodes) is one launch. No padding to the longest request: one program
-per (request, query head, block of BLOCK_M new tokens); blocks past a request's end do
-nothing. An FP8 pool is dequantized in registers, as in paged decode attention.
+per (request, query head, block of BLOCK_M new tokens), the blocks with the most keys issued
+first; blocks past a request's end do nothing. An FP8 pool is dequantized in registers, as in paged decode attention.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -22,6 +24,20 @@ BLOCK_M = 64
 BLOCK_N = 64
 
 
+class ExtendConfig(NamedTuple):
+    """A launch configuration of the extend kernel. The default is the engine's (and the only one
+    --enable-deterministic-inference may use: a row's sums follow the tiles); others are for
+    ``benchmarks/extend_attention_bench.py`` to compare."""
+
+    block_m: int = BLOCK_M
+    block_n: int = BLOCK_N
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+DEFAULT_CONFIG = ExtendConfig()
+
+
 @triton.jit
 def _extend_attention_kernel(
     Q, K, V, Out, PageTable, QStart, QLens, SeqLens, KVScale,
@@ -32,14 +48,20 @@ def _extend_attention_kernel(
     stride_pt, stride_ot, stride_oh,
     PAGE_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr, ROWS_OF_ONE: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    m_block = tl.program_id(2)
+    # Heaviest blocks first: a causal block's keys grow with its index, and the grid's last
+    # dimension is issued slowest, so the long blocks start first and the short ones fill the tail.
+    m_block = tl.num_programs(2) - 1 - tl.program_id(2)
     kv_head = h // GROUP
-    q_len = tl.load(QLens + b)
-    q_start = tl.load(QStart + b)
+    if ROWS_OF_ONE:  # a decode batch: request b's one new token is row b (no q_start / q_lens tensors)
+        q_len = 1
+        q_start = b
+    else:
+        q_len = tl.load(QLens + b)
+        q_start = tl.load(QStart + b)
     seq_len = tl.load(SeqLens + b)
     prefix = seq_len - q_len
     offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -74,24 +96,30 @@ def _extend_attention_kernel(
 
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                      q_start: torch.Tensor, q_lens: torch.Tensor, seq_lens: torch.Tensor, max_q_len: int,
-                     scale: float, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     scale: float, kv_scale: torch.Tensor | None = None,
+                     config: ExtendConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """q [T, H, D] new tokens of all requests (rotated); k_cache/v_cache [num_pages, page_size, kv_heads, D]
-    holding every context token; page_table [B, >= pages]; q_start, q_lens, seq_lens [B]. Returns [T, H, D].
-    An FP8 pool needs ``kv_scale`` = float32 (k_scale, v_scale) on the device."""
+    holding every context token; page_table [B, >= pages]; q_start, q_lens, seq_lens [B] (q_start and q_lens
+    None: one new token per request, row b of ``q`` being request b's, as in a decode batch). Returns [T, H, D].
+    An FP8 pool needs ``kv_scale`` = float32 (k_scale, v_scale) on the device. ``config``: the tiles and
+    warps (block sizes powers of two, at least 16)."""
     T, H, D = q.shape
     _, page_size, kv_heads, _ = k_cache.shape
-    B = q_lens.shape[0]
+    B = seq_lens.shape[0]
     fp8 = fp8_pool_format(k_cache, kv_scale) is not None
     k = k_cache.view(-1, kv_heads, D)
     v = v_cache.view(-1, kv_heads, D)
     out = torch.empty_like(q)
-    grid = (B, H, triton.cdiv(max(max_q_len, 1), BLOCK_M))
+    grid = (B, H, triton.cdiv(max(max_q_len, 1), config.block_m))
+    rows_of_one = q_start is None
     _extend_attention_kernel[grid](
-        q, k, v, out, page_table, q_start, q_lens, seq_lens, kv_scale if fp8 else seq_lens, scale,
+        q, k, v, out, page_table, seq_lens if rows_of_one else q_start, seq_lens if rows_of_one else q_lens, seq_lens,
+        kv_scale if fp8 else seq_lens, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), page_table.stride(0),
         out.stride(0), out.stride(1),
-        PAGE_SIZE=page_size, GROUP=H // kv_heads, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_D=triton.next_power_of_2(D), IEEE=q.dtype == torch.float32, KV_FP8=fp8, num_warps=4, num_stages=2,
+        PAGE_SIZE=page_size, GROUP=H // kv_heads, HEAD_DIM=D, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        BLOCK_D=triton.next_power_of_2(D), IEEE=q.dtype == torch.float32, KV_FP8=fp8, num_warps=config.num_warps,
+        num_stages=config.num_stages, ROWS_OF_ONE=rows_of_one,
     )
     return out
 
@@ -108,12 +136,12 @@ def extend_attention_ref(q, k_cache, v_cache, page_table, q_start, q_lens, seq_l
         n, L, s = int(q_lens[b]), int(seq_lens[b]), int(q_start[b])
         if n == 0:
             continue
-        t = torch.arange(L)
+        t = torch.arange(L, device=page_table.device)
         slots = page_table[b, t // page_size].long() * page_size + t % page_size
         kb = k[slots].float().repeat_interleave(H // kv_heads, dim=1)  # [L, H, D]
         vb = v[slots].float().repeat_interleave(H // kv_heads, dim=1)
         scores = torch.einsum("nhd,lhd->hnl", q[s:s + n].float(), kb) * scale
-        q_pos = (L - n) + torch.arange(n)
+        q_pos = (L - n) + torch.arange(n, device=page_table.device)
         scores = scores.masked_fill(t[None, None, :] > q_pos[None, :, None], float("-inf"))
         out[s:s + n] = torch.einsum("hnl,lhd->nhd", scores.softmax(-1), vb).to(q.dtype)
     return out

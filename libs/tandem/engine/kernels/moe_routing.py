@@ -201,13 +201,16 @@ def _route_kernel(
 
 def route(spec: RoutingSpec, logits: torch.Tensor, score_bias: torch.Tensor | None = None, dispatcher=None,
           layer: int = 0, positions: torch.Tensor | None = None, shared_here: bool = True,
-          counts: torch.Tensor | None = None, count_physical: bool = False, seq_lens: torch.Tensor | None = None):
+          counts: torch.Tensor | None = None, count_physical: bool = False, seq_lens: torch.Tensor | None = None,
+          block_t: int | None = None):
     """Route ``T`` tokens from their router ``logits [T, E (+1)]`` (float32).
 
     Returns (ids [T, KS] int32 logical, ascending, shared chunks last; slots [T, KS] int32 local
     slot or the slot count; weights [T, KS] float32). ``dispatcher`` (an ``ExpertDispatcher``, or
     None: slot = expert id) maps to this rank's slots; ``counts`` (int32, a recorder's counter
     row) gets +1 per routed entry of every row with ``seq_lens > 0`` (all rows without seq_lens).
+    ``block_t``: tokens per program (default min(16, T); a fixed value lays every token's reductions
+    out the same whatever T: --enable-deterministic-inference).
     """
     T = logits.shape[0]
     E, KS, S = spec.num_experts, spec.entries_per_token, spec.num_shared
@@ -225,7 +228,7 @@ def route(spec: RoutingSpec, logits: torch.Tensor, score_bias: torch.Tensor | No
         positions = torch.arange(T, device=dev)
     count_in_kernel = counts is not None and algo != ALGO_NONE
     if T:
-        block_t = min(16, triton.next_power_of_2(T))
+        block_t = block_t or min(16, triton.next_power_of_2(T))
         _route_kernel[(triton.cdiv(T, block_t),)](
             logits, score_bias if score_bias is not None else logits, log2phy, logcnt,
             positions if positions is not None else ids, seq_lens if seq_lens is not None else ids,

@@ -78,21 +78,45 @@ def _gemm_configs(group_k: int | None, bucket: int):
     return [GemmConfig(64, 128, bk, 4, 3), GemmConfig(128, 128, bk, 8, 3)]
 
 
+def deterministic_config(group_k: int | None, interpreter: bool = False):
+    """The one ``fp8_gemm`` tile of --enable-deterministic-inference: 64 rows (a decode batch up to 64 in
+    one tile), 64 columns, one weight block column a step."""
+    from tandem.engine.kernels.fp8_gemm import GemmConfig
+
+    if interpreter:
+        return GemmConfig(16, 128, min(128, group_k or 128), 4, 1)
+    return GemmConfig(64, 64, min(128, group_k or 128), 4, 4)
+
+
 class Fp8Gemm:
     """Runs ``Fp8Linear.forward``: ``gemm(layer, x [M, K]) -> [M, N]`` on the chosen kernel."""
 
-    def __init__(self, backend: str = "auto", device: str = "cpu"):
+    def __init__(self, backend: str = "auto", device: str = "cpu", deterministic: bool = False):
+        """``deterministic`` (--enable-deterministic-inference): every batch runs ``fp8_gemm`` with one tile
+        configuration per layer shape (``deterministic_config``), activations quantized per row by the
+        Triton kernel: a row's result does not depend on the batch. Nothing is measured."""
         if backend not in ("auto", "scaled_mm", "triton", "torch"):
             raise ValueError(f"fp8_gemm_backend={backend!r}: allowed are auto, scaled_mm, triton, torch")
-        if backend == "triton" and not str(device).startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("fp8_gemm_backend='triton' on CPU runs only through the Triton interpreter (set "
-                             "TRITON_INTERPRET=1; slow, for tests); use auto or torch on CPU")
-        self.backend = backend
+        on_cpu = not str(device).startswith("cuda")
+        if (backend == "triton" or deterministic) and on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("fp8_gemm_backend='triton' (and FP8 with enable_deterministic_inference) on CPU runs only "
+                             "through the Triton interpreter (set TRITON_INTERPRET=1; slow, for tests); use auto or "
+                             "torch on CPU")
+        if deterministic and backend in ("scaled_mm", "torch"):
+            raise ValueError(f"fp8_gemm_backend={backend!r} is not batch-invariant (its kernel depends on the batch "
+                             "size); with enable_deterministic_inference use auto or triton")
+        self.backend, self.deterministic = backend, deterministic
         self._fns: dict[tuple, Callable] = {}  # key -> the chosen kernel (skips rebuilding the candidates)
 
     def __call__(self, layer, x: torch.Tensor) -> torch.Tensor:
         if x.stride(-1) != 1:
             x = x.contiguous()
+        if self.deterministic:
+            from tandem.engine.kernels.fp8_gemm import fp8_gemm
+
+            xq, xs = self._quantize(layer, x)
+            return fp8_gemm(xq, xs, layer.weight, layer.weight_scale, layer.group_n, layer.group_k, x.dtype,
+                            deterministic_config(layer.group_k, x.device.type != "cuda"), layer.bias)
         cuda = x.device.type == "cuda"
         if self.backend == "torch" or (self.backend == "auto" and not cuda):
             return self._torch(layer, x)
@@ -155,7 +179,7 @@ class Fp8Gemm:
 
     def _quantize(self, layer, x: torch.Tensor):
         """Activation quantization: the Triton kernel on CUDA and for ``triton`` (interpreter) on CPU."""
-        if x.device.type == "cuda" or self.backend == "triton":
+        if x.device.type == "cuda" or self.backend == "triton" or self.deterministic:
             from tandem.engine.kernels.fp8_quant import quantize_activations
 
             return quantize_activations(x, layer.group_k, layer.input_scale)

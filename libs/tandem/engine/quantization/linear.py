@@ -77,14 +77,19 @@ class Fp8Linear(nn.Module):
 
 
 class Fp8LinearFactory:
-    """``model.plain_linear``'s signature: ``(name, in, out, bias) -> module``. Linears named in the
-    plan are FP8, the others stay ``nn.Linear``."""
+    """``model.PlainLinears``' protocol: ``(name, in, out, bias) -> module`` and ``matmul``. Linears named
+    in the plan are FP8, the others come from ``fallback`` (``nn.Linear``, or the batch-invariant
+    linears of --enable-deterministic-inference)."""
 
-    def __init__(self, plan: dict[str, Fp8LinearSpec], gemm):
+    def __init__(self, plan: dict[str, Fp8LinearSpec], gemm, fallback=None):
+        from tandem.engine.model import plain_linear
+
         self.plan, self.gemm = plan, gemm
+        self.fallback = fallback or plain_linear
+        self.matmul = self.fallback.matmul
 
     def __call__(self, name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
         spec = self.plan.get(name)
         if spec is None:
-            return nn.Linear(in_features, out_features, bias=bias)
+            return self.fallback(name, in_features, out_features, bias)
         return Fp8Linear(in_features, out_features, bias, spec, self.gemm)

@@ -3,14 +3,17 @@ from __future__ import annotations
 
 from tandem.config import DecodeConfig, load_or_exit
 from tandem.decode.servicer import DecodeServicer
+from tandem.engine.tokenizer import load_tokenizer
 from tandem.server import service_name, setup_logging
 from tandem.server.tls import etcd_client_tls
 from tandem.transfer import make_receiver
 from tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from tandem.worker.decode import DecodeWorker
+from tandem.worker.embedding import EmbeddingWorker
 from tandem.worker.prefill_discovery import PrefillDiscovery
 from tandem.worker.process import build_worker
 from tandem.worker.remote_prefill import RemotePrefill
+from tandem.worker.warmup import warmup_requests
 
 
 def main(argv=None) -> None:
@@ -36,21 +39,29 @@ def main(argv=None) -> None:
             discovery.start()
             wp.runtime.on_shutdown(discovery.stop, first=True)
     worker = DecodeWorker(config, wp.loop, wp.runtime.worker_id, remote)
+    embedder = EmbeddingWorker(wp.loop, load_tokenizer(config.model_path)) if config.is_embedding else None
+    role = "decode" if disagg else "agg"
     name = service_name(decode_pb2, "Decode")
     wp.runtime.add_service(decode_pb2_grpc.add_DecodeServicer_to_server,
-                           DecodeServicer(worker, wp.component_metrics, wp.reporter), name)
+                           DecodeServicer(worker, wp.component_metrics, wp.reporter, lambda: wp.info(role), embedder),
+                           name)
 
     def warmup():
-        # One real step through the engine so the first user request does not pay for it.
-        req = decode_pb2.GenerateRequest(request_id="warmup", input_ids=[0, 1, 2, 3],
-                                         sampling=common_pb2.SamplingParams(max_tokens=1, ignore_eos=True),
-                                         prefill_override="local")
-        for _ in worker.generate(req, lambda: True, lambda cb: None):
-            pass
+        if embedder is not None:
+            embedder.warmup()
+            return
+        # Real steps through the engine (a prefill and a decode step each; on CUDA every sampler path and
+        # a multi-page prompt), so the first user request does not pay for them.
+        for ids, sampling in warmup_requests(wp.loop.info):
+            req = decode_pb2.GenerateRequest(request_id="warmup", input_ids=ids, prefill_override="local",
+                                             sampling=common_pb2.SamplingParams(max_tokens=2, ignore_eos=True,
+                                                                                **sampling))
+            for _ in worker.generate(req, lambda: True, lambda cb: None):
+                pass
         if disagg:
             worker.warmup_remote(min(config.warmup_timeout, 120.0))
 
-    wp.serve(warmup, role="decode" if disagg else "agg")
+    wp.serve(warmup, role=role)
 
 
 if __name__ == "__main__":

@@ -2,21 +2,52 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
+import grpc
 from tandem.metrics import ComponentMetrics
 from tandem.v1 import common_pb2, decode_pb2_grpc
 from tandem.worker.decode import DecodeWorker
+from tandem.worker.embedding import EmbeddingWorker
 from tandem.worker.errors import ClientGone, RequestFailed
 from tandem.worker.stats_reporter import StatsReporter
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, worker: DecodeWorker, metrics: ComponentMetrics, reporter: StatsReporter) -> None:
+    """``embedder``: an embedding worker's Embed logic (None: this worker generates); ``info``:
+    what GetInfo answers."""
+
+    def __init__(self, worker: DecodeWorker, metrics: ComponentMetrics, reporter: StatsReporter,
+                 info: Callable[[], common_pb2.WorkerInfo], embedder: EmbeddingWorker | None = None) -> None:
         self.worker = worker
         self.metrics = metrics
         self.reporter = reporter
+        self.info = info
+        self.embedder = embedder
+
+    def GetInfo(self, request, context):
+        return self.info()
+
+    def Embed(self, request, context):
+        if self.embedder is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this worker generates; embeddings are served by workers started with --is-embedding")
+        t0 = time.monotonic()
+        with self.metrics.track_request("embed", request_bytes=request.ByteSize()) as track:
+            try:
+                response = self.embedder.embed(request)
+            except RequestFailed as exc:
+                track.set_error(exc.status.name)
+                context.abort(exc.status, exc.message)
+            track.first_response()
+            track.add_response_bytes(response.ByteSize())
+        self.reporter.record_request(ttft=None, itl=[], e2e=time.monotonic() - t0, aborted=False)
+        return response
 
     def Generate(self, request, context):
+        if self.embedder is not None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this worker serves embeddings (--is-embedding): call Embed, not Generate")
         t0 = time.monotonic()
         times: list[float] = []
         aborted = True

@@ -8,7 +8,7 @@ from tandem.transfer import make_sender
 from tandem.v1 import prefill_pb2, prefill_pb2_grpc
 from tandem.worker.prefill import PrefillWorker
 from tandem.worker.process import build_worker
-from tandem.worker.warmup import warmup_prefill
+from tandem.worker.warmup import warmup_prefill, warmup_requests
 
 
 def main(argv=None) -> None:
@@ -30,7 +30,8 @@ def main(argv=None) -> None:
     if config.node_rank == 0:
         def warmup():
             chunk = min(wp.loop.info.chunked_prefill_size, wp.loop.info.context_length - 1)
-            warmup_prefill(wp.runtime.address, config.warmup_timeout, full_chunk_tokens=chunk, tls=wp.runtime.tls)
+            warmup_prefill(wp.runtime.address, config.warmup_timeout, warmup_requests(wp.loop.info, chunk),
+                           tls=wp.runtime.tls)
 
     wp.serve(warmup, role="prefill")
 

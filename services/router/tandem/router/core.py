@@ -189,6 +189,8 @@ class RouterCore:
         self.index = KvIndex() if config.routing_policy == "kv_aware" else None
         self.policy = make_policy(config.routing_policy, self.index, config.kv_overlap_weight,
                                   host_hit_weight=config.kv_host_hit_weight)
+        # Embeddings need no prefix affinity: the least loaded embedding worker of the model.
+        self.embed_policy = make_policy("least_loaded")
         self.pool: WorkerPool | None = None
         self._watch_task: asyncio.Task | None = None
         self.watcher: EtcdWatcher | None = None
@@ -199,7 +201,8 @@ class RouterCore:
             self.metrics.worker_healthy.labels(self.model_name, w.worker_id).set(1 if ok else 0)
 
         self.pool = WorkerPool(self.config.health_check_interval, self.index, on_health, tls=self.tls,
-                               max_missed_checks=self.config.health_check_failures)
+                               max_missed_checks=self.config.health_check_failures,
+                               ask_info=self.config.discovery == "static")
         if self.config.discovery == "static":
             await self.pool.set_workers(static_worker_infos(self.config.workers))
         else:
@@ -251,11 +254,17 @@ class RouterCore:
     # ---- routing ------------------------------------------------------------------
 
     def route(self, input_ids: list[int], exclude: set[str] = frozenset()) -> tuple[Worker, Decision]:
-        candidates = [w for w in self.pool.healthy() if w.worker_id not in exclude]
+        """The generating worker for a prompt (embedding workers never generate)."""
+        candidates = [w for w in self.pool.healthy() if w.worker_id not in exclude and not w.is_embedding]
         if not candidates:
+            embedding = sum(w.is_embedding for w in self.pool.workers.values())
+            if embedding and embedding == len(self.pool.workers):  # nothing here generates: no passing outage
+                raise RouterError(grpc.StatusCode.NOT_FOUND,
+                                  f"model {self.model_name!r} is served for embeddings only (its workers run "
+                                  "--is-embedding): use /v1/embeddings")
             raise NoHealthyWorker(
                 f"no healthy worker available ({len(self.pool.workers)} known, "
-                f"{len(self.pool.healthy())} healthy)")
+                f"{len(self.pool.healthy())} healthy" + (f", {embedding} serving embeddings only)" if embedding else ")"))
         t0 = time.perf_counter()
         decision = self.policy.choose([w.view() for w in candidates], input_ids)
         r = self.metrics.routing
@@ -270,6 +279,81 @@ class RouterCore:
             if self.index.block_size:
                 self.metrics.frontend.set_model_info(kv_cache_block_size=self.index.block_size)
         return self.pool.workers[decision.worker_id], decision
+
+    # ---- embeddings -----------------------------------------------------------------
+    def embedding_models(self) -> list[str]:
+        """Models that embedding workers serve (every known embedding worker, healthy or not)."""
+        return sorted({w.info.model or self.model_name for w in self.pool.workers.values() if w.is_embedding})
+
+    def embedding_model(self, name: str) -> str:
+        """The embedding model a request names (empty: the only one); RouterError NOT_FOUND otherwise."""
+        models = self.embedding_models()
+        if not name and len(models) == 1:
+            return models[0]
+        if name in models:
+            return name
+        served = ", ".join(models) or "none (no worker runs with --is-embedding)"
+        raise RouterError(grpc.StatusCode.NOT_FOUND, f"model {name!r} serves no embeddings; embedding models: {served}")
+
+    async def embed(self, model: str, inputs: list, dimensions: int | None, request_id: str, endpoint: str,
+                    client_key: str, timeout: float | None = None) -> common_pb2.EmbedResponse:
+        """Embed ``inputs`` (checked EmbedInputs) on one embedding worker of ``model``: all of them in
+        one call, which the worker batches; retried on another worker (at most ``request_retries``)
+        when one fails before answering. RouterError on failure (INVALID_ARGUMENT: the worker's
+        message, naming the input)."""
+        try:
+            release = self.admission.admit(client_key)
+        except Overloaded as e:
+            raise RouterError(e.code, e.message) from None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        excluded: set[str] = set()
+        request = common_pb2.EmbedRequest(request_id=request_id, inputs=inputs, dimensions=dimensions or 0)
+        attempt = 0
+        try:
+            with self.metrics.frontend.track_request(endpoint, "unary") as fr:
+                error: RouterError | None = None
+                while True:
+                    try:
+                        worker = self._embedding_worker(model, excluded)
+                    except NoHealthyWorker:
+                        if error is not None:  # the retry found no other worker: the real failure
+                            raise error from None
+                        raise
+                    worker.active_requests += 1
+                    try:
+                        left = None if deadline is None else max(0.001, deadline - time.monotonic())
+                        response = await worker.decode.Embed(request, timeout=left)
+                        break
+                    except grpc.aio.AioRpcError as e:
+                        code = e.code()
+                        self.metrics.worker_errors.labels(self.model_name, worker.worker_id, code.name).inc()
+                        if code == grpc.StatusCode.INVALID_ARGUMENT:
+                            raise RouterError(code, e.details()) from None
+                        if code == grpc.StatusCode.UNAVAILABLE:
+                            await self.pool.check(worker)
+                        error = RouterError(code, f"worker {worker.worker_id}: {e.details() or code.name}")
+                        if code not in RETRYABLE or attempt >= self.config.request_retries:
+                            raise error from None
+                    finally:
+                        worker.active_requests -= 1
+                    attempt += 1
+                    excluded.add(worker.worker_id)
+                    self.metrics.routing.record_retry(error.code.name.lower())
+                    log.warning("embed %s: %s; retrying on another worker", request_id, error.message)
+                fr.set_input_tokens(response.prompt_tokens)
+            self.metrics.embedding_inputs.labels(model).inc(len(inputs))
+            return response
+        finally:
+            release()
+
+    def _embedding_worker(self, model: str, exclude: set[str]) -> Worker:
+        candidates = [w for w in self.pool.healthy() if w.is_embedding and w.worker_id not in exclude
+                      and (w.info.model or self.model_name) == model]
+        if not candidates:
+            raise NoHealthyWorker(f"no healthy embedding worker of {model!r}")
+        decision = self.embed_policy.choose([w.view() for w in candidates], [])
+        self.metrics.routing.record_decision(worker_id=decision.worker_id, policy=self.embed_policy.name)
+        return self.pool.workers[decision.worker_id]
 
     def _blocks(self, n_tokens: int) -> int:
         bs = (self.index.block_size if self.index else None) or 16

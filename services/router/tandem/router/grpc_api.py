@@ -22,6 +22,7 @@ from collections.abc import Callable
 import grpc
 from tandem.router.core import Prepared, PromptInput, RouterCore, RouterError
 from tandem.router.stall import SendStalled, SendWindow
+from tandem.routing.embeddings import EmbeddingInputError, check_dimensions, check_inputs
 from tandem.routing.openai_protocol import OpenAIError
 from tandem.routing.request_check import SamplingRequest
 from tandem.routing.sampling import sampling_from_proto
@@ -132,6 +133,38 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             if isinstance(item, RouterError):
                 context.abort(item.code, item.message)
             yield item
+
+    def Embed(self, request: router_pb2.RouterEmbedRequest, context) -> router_pb2.RouterEmbedResponse:
+        """The inputs' embeddings from an embedding worker of the model (``RouterCore.embed``)."""
+        core = self.core
+        authorization = dict(context.invocation_metadata()).get("authorization")
+        if not core.api_key.allows(authorization, peer_host(context.peer())):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "incorrect or missing API key: send 'authorization: Bearer <key>' metadata")
+        inputs = list(request.inputs)
+        try:
+            check_inputs(inputs)
+            dimensions = check_dimensions(request.dimensions or None)
+        except EmbeddingInputError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        timeout = context.time_remaining()
+        if timeout is not None and timeout > 1e7:  # no deadline: gRPC reports ~int64 max
+            timeout = None
+        rid = request.request_id or f"router-embd-{uuid.uuid4().hex}"
+
+        async def run() -> router_pb2.RouterEmbedResponse:
+            model = core.embedding_model(request.model)
+            resp = await core.embed(model, inputs, dimensions, rid, "grpc_embed", client_key(context), timeout)
+            return router_pb2.RouterEmbedResponse(
+                embeddings=resp.embeddings, model=model, request_id=rid,
+                usage=common_pb2.Usage(prompt_tokens=resp.prompt_tokens))
+
+        fut = asyncio.run_coroutine_threadsafe(run(), self.loop())
+        context.add_callback(fut.cancel)
+        try:
+            return fut.result()
+        except RouterError as e:
+            context.abort(e.code, e.message)
 
     def ListWorkers(self, request, context):
         async def snapshot():

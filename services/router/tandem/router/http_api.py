@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tandem.router.core import Delta, NoHealthyWorker, Prepared, PromptInput, RouterCore, RouterError
+from tandem.routing import embeddings as emb
 from tandem.routing import openai_protocol as oa
 from tandem.sampling import SamplingError
 
@@ -45,6 +46,8 @@ def router_error_to_openai(e: RouterError) -> oa.OpenAIError:
         return oa.unavailable(e.message)
     if status == 400:
         return oa.bad_request(e.message)
+    if status == 404:
+        return oa.OpenAIError(404, e.message, "invalid_request_error", "model", "model_not_found")
     kind = "timeout_error" if status == 504 else "server_error"
     return oa.OpenAIError(status, e.message, kind, None, e.code.name.lower())
 
@@ -143,13 +146,37 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         check_auth(request)
-        return oa.models_body(model_name, created)
+        return oa.models_body(model_name, created, core.embedding_models())
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str, request: Request):
         check_auth(request)
-        check_model(name)
-        return oa.models_body(model_name, created)["data"][0]
+        listed = {m["id"]: m for m in oa.models_body(model_name, created, core.embedding_models())["data"]}
+        if name not in listed:
+            raise oa.model_not_found(name)
+        return listed[name]
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        check_auth(request)
+        try:
+            req = emb.parse_request(await read_body(request, cfg.max_request_bytes))
+        except emb.EmbeddingInputError as e:
+            raise oa.bad_request(str(e), param=e.param) from None
+        try:
+            model_used = core.embedding_model(req.model)
+        except RouterError:
+            raise oa.model_not_found(req.model) from None
+        rid = request.headers.get("x-request-id") or oa.new_request_id("embedding")
+        try:
+            resp = await _until_disconnect(request, core.embed(model_used, req.inputs, req.dimensions, rid,
+                                                               "embeddings", client_key(request)))
+        except RouterError as e:
+            if e.code == grpc.StatusCode.INVALID_ARGUMENT:  # the worker names the field: "input[3]: ..."
+                raise oa.bad_request(e.message, param=e.message.split(":", 1)[0]) from None
+            raise router_error_to_openai(e) from None
+        body = emb.response_body(resp.embeddings, model_used, resp.prompt_tokens, req.encoding_format)
+        return JSONResponse(body, headers={"X-Request-Id": rid})
 
     cfg = core.config
 

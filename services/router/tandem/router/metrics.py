@@ -22,6 +22,8 @@ class RouterMetrics:
                                      ["model", "worker_id", "code"], registry=registry)
         self.worker_healthy = Gauge("tandem_router_worker_healthy", "1 while the worker is in rotation.",
                                     ["model", "worker_id"], registry=registry)
+        self.embedding_inputs = Counter("tandem_router_embedding_inputs", "Inputs embedded (/v1/embeddings and "
+                                        "Router.Embed), by embedding model.", ["model"], registry=registry)
         self.indexed_blocks = Gauge("tandem_router_kv_indexed_blocks",
                                     "Distinct prefix blocks in the router's KV index.", ["model"], registry=registry)
         self.stalled_streams = Counter(

@@ -20,7 +20,7 @@ from tandem.routing.kv_index import KvIndex
 from tandem.routing.policies import WorkerView
 from tandem.server.channels import open_channel
 from tandem.server.tls import TlsFiles
-from tandem.v1 import common_pb2, decode_pb2_grpc
+from tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,14 @@ CHANNEL_OPTIONS = [
 
 
 class Worker:
-    def __init__(self, info: common_pb2.WorkerInfo, tls: TlsFiles | None = None) -> None:
+    """``info_known``: whether ``info`` says what the worker is (etcd registrations do); a
+    worker given by address alone (static discovery) is asked (Decode.GetInfo) before its
+    first request, so generation and embedding requests each reach their kind of worker."""
+
+    def __init__(self, info: common_pb2.WorkerInfo, tls: TlsFiles | None = None, info_known: bool = True) -> None:
         self.info = common_pb2.WorkerInfo()
         self.info.CopyFrom(info)
+        self.info_known = info_known
         self.worker_id = info.worker_id or info.address
         self.address = info.address
         # With mTLS, a worker whose certificate does not chain to the CA never passes a health
@@ -56,6 +61,10 @@ class Worker:
         self.active_requests = 0
         self.active_blocks = 0
         self.tasks: list[asyncio.Task] = []
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.info.is_embedding
 
     def view(self) -> WorkerView:
         ld = self.load
@@ -88,8 +97,10 @@ class Worker:
 class WorkerPool:
     def __init__(self, health_interval: float, index: KvIndex | None = None,
                  on_health: Callable[[Worker, bool], None] | None = None, tls: TlsFiles | None = None,
-                 max_missed_checks: int = 2) -> None:
+                 max_missed_checks: int = 2, ask_info: bool = False) -> None:
+        """``ask_info``: workers come with an address only (static discovery): ask each what it is."""
         self.tls = tls
+        self.ask_info = ask_info
         self.max_missed_checks = max_missed_checks
         self.health_interval = health_interval
         self.check_timeout = min(1.0, max(0.2, health_interval))
@@ -112,7 +123,7 @@ class WorkerPool:
                 self.add(info)
 
     def add(self, info: common_pb2.WorkerInfo) -> Worker:
-        w = Worker(info, self.tls)
+        w = Worker(info, self.tls, info_known=not self.ask_info)
         if w.worker_id in self.workers:
             raise ValueError(f"worker {w.worker_id} already known")
         self.workers[w.worker_id] = w
@@ -171,6 +182,8 @@ class WorkerPool:
         w.consecutive_failures = 0 if ok else w.consecutive_failures + 1
         if ok or not reason.startswith("DEADLINE_EXCEEDED"):
             w.missed_checks = 0
+        if ok and not w.info_known:
+            ok, reason = await self._learn_info(w)
         if ok:
             try:
                 w.load = await w.decode.GetLoad(common_pb2.GetLoadRequest(), timeout=self.check_timeout)
@@ -178,6 +191,24 @@ class WorkerPool:
                 log.debug("GetLoad of %s failed: %s", w.worker_id, e.code().name)
         self._set_health(w, ok, reason)
         return ok
+
+    async def _learn_info(self, w: Worker) -> tuple[bool, str]:
+        """Ask a worker what it is (GetInfo): its kind (embedding or generation), role and model.
+        A worker without GetInfo (older than it) generates."""
+        try:
+            info = await w.decode.GetInfo(decode_pb2.GetInfoRequest(), timeout=self.check_timeout)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                return False, f"GetInfo: {e.code().name}: {e.details()}"
+        else:
+            w.info.is_embedding = info.is_embedding
+            w.info.role = info.role or w.info.role
+            w.info.model = info.model or w.info.model
+            w.info.system_address = info.system_address or w.info.system_address
+        w.info_known = True
+        log.info("worker %s: %s%s", w.worker_id, "embeddings" if w.is_embedding else "generation",
+                 f" of {w.info.model}" if w.info.model else "")
+        return True, ""
 
     async def _health_loop(self, w: Worker) -> None:
         while True:
