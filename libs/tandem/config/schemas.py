@@ -411,8 +411,13 @@ class DecodeConfig(ServerConfig, EngineConfig, DisaggregationConfig, DiscoveryCo
         "round_robin", description="How decode picks a prefill worker."
     )
     max_local_prefill_length: int = Field(
-        0, ge=0, description="Prompts shorter than this many tokens are prefilled locally."
+        0, ge=0, description="Prompts shorter than this many tokens are prefilled locally (with "
+        "--disaggregation-decode-enable-radix-cache: the part not in this worker's prefix cache)."
     )
+    disaggregation_decode_enable_radix_cache: bool = Field(
+        False, description="Decode-side prefix reuse for PD (SGLang's flag): the leading pages of a prompt that "
+        "this worker's prefix cache holds (e.g. an earlier turn of a chat) are shared instead of transferred; "
+        "prefill writes only the pages after them.")
     prefill_retries: int = Field(1, ge=0, description="Retries on another prefill worker after a failure.")
     max_queued_requests: int | None = Field(
         None, ge=0, description="Requests waiting beyond the running batch (--max-running-requests); more are "
@@ -484,6 +489,11 @@ class RouterConfig(ServerConfig, EtcdClientConfig):
         2, ge=1, description="Timed-out health checks in a row that take a worker out of rotation (a refused "
         "connection or NOT_SERVING takes it out at the first check).")
     request_retries: int = Field(1, ge=0, description="Retries on another worker when one fails before output.")
+    migration_limit: int = Field(
+        0, ge=0, description="Request migration (Dynamo's name): when a worker's stream ends without finishing a "
+        "request that has already streamed output (connection lost, UNAVAILABLE, worker gone), send it to another "
+        "worker with the tokens so far (GenerateRequest.output_ids), at most this many times; the client's stream "
+        "goes on with no gap and no repeated token. 0 = off: the client gets the error.")
     tool_call_parser: Literal["qwen25", "hermes", "llama3"] | None = Field(
         None, description="Parse tool calls out of the output (tool_choice auto): qwen25/hermes = <tool_call> JSON "
         "(Qwen2.5, Qwen3, Hermes), llama3 = Llama-3 JSON. Forced calls (required / a named tool) need none.")

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 from tandem.config.schemas import EngineConfig
-from tandem.sampling import SamplingParams, check_prompt
+from tandem.sampling import SamplingParams, check_continuation, check_prompt
 
 from .disaggregation import ExternalAllocation, PdRequests
 from .embedding import Embedder, EmbeddingOutput
@@ -183,10 +183,10 @@ class EngineCore:
             return self.tokenizer.encode(prompt, add_special_tokens=False).ids
         return list(prompt)
 
-    def validate_request(self, prompt_ids: list, sampling: SamplingParams) -> None:
+    def validate_request(self, prompt_ids: list, sampling: SamplingParams, output_ids: list = ()) -> None:
         """Raise ValueError naming the problem if this request could never run here (a grammar
         that does not compile included: it is compiled here, once, and cached)."""
-        self._validate(list(prompt_ids), sampling)
+        self._validate(list(prompt_ids), sampling, list(output_ids))
         self._compile(sampling)
 
     def cached_prefix_tokens(self, prompt_ids: list) -> int:
@@ -226,26 +226,35 @@ class EngineCore:
         sc.step_done("prefill", len(inputs), out.prompt_tokens, time.perf_counter() - t0)
         return out
 
-    def _validate(self, ids: list, sp: SamplingParams) -> None:
-        """The request's one validation (``tandem.sampling``) plus what only the engine knows."""
+    def _validate(self, ids: list, sp: SamplingParams, output_ids: list = ()) -> None:
+        """The request's one validation (``tandem.sampling``) plus what only the engine knows;
+        ``output_ids``: a continued request's tokens generated elsewhere (``check_continuation``)."""
         if self.embedder is not None:
             raise ValueError("this engine serves embeddings (--is-embedding): no generation")
         check_prompt(len(ids), self.context_length)
         vocab = self.model_config.vocab_size
         if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in output_ids):
+            raise ValueError(f"output_ids: token ids must be integers in [0, {vocab})")
         sp.validate(vocab)
-        if self.scheduler.pages_for(len(ids) + 1) > self.pool.num_pages:
+        check_continuation(len(ids), len(output_ids), sp, self.context_length)
+        n = len(ids) + len(output_ids)
+        if self.scheduler.pages_for(n + 1) > self.pool.num_pages:
             raise ValueError(
-                f"prompt has {len(ids)} tokens but the KV pool holds only "
+                f"prompt has {n} tokens but the KV pool holds only "
                 f"{self.pool.num_pages * self.page_size} tokens (raise --max-total-tokens)"
             )
 
-    def _new_request(self, prompt, sp: SamplingParams | None, rid: str | None, mode: Mode) -> Request:
+    def _new_request(self, prompt, sp: SamplingParams | None, rid: str | None, mode: Mode,
+                     output_ids: list = ()) -> Request:
         sp = sp or SamplingParams()
         self._compile(sp)
         ids = self.tokenize(prompt)
-        self._validate(ids, sp)
+        output_ids = list(output_ids)
+        if output_ids and mode != Mode.NORMAL:
+            raise ValueError("output_ids: a continued request is prefilled where it is decoded (mode normal)")
+        self._validate(ids, sp, output_ids)
         rid = rid if rid is not None else f"req-{next(self._rid_counter)}-{uuid.uuid4().hex[:8]}"
         if rid in self.scheduler.requests:
             raise ValueError(f"request id {rid!r} is already in use")
@@ -253,12 +262,21 @@ class EngineCore:
         req = Request(rid=rid, prompt_ids=ids, sampling=sp, mode=mode, seed=seed)
         if sp.structured is not None:
             req.grammar = self.grammars.new_state(sp.structured)
+            for i, tok in enumerate(output_ids):
+                if not req.grammar.accept(tok):
+                    raise ValueError(f"output_ids[{i}]={tok} is not allowed by the request's grammar")
+        req.output_ids = output_ids
         self.stop_checker.start(req)
         return req
 
     def add_request(self, prompt, sampling: SamplingParams | None = None, rid: str | None = None,
-                    mode: Mode | str = Mode.NORMAL) -> str:
+                    mode: Mode | str = Mode.NORMAL, output_ids: list = ()) -> str:
         """Queue a request (a string or token ids); return its id.
+
+        ``output_ids``: the tokens a migrated request already generated on another worker; it
+        continues after them exactly as it would have there (max_tokens, min_tokens, penalties,
+        the seeded draw's position, stop strings and the grammar all see them); its outputs
+        carry only new tokens. It is prefilled here (prompt and output_ids).
 
         mode "normal": prefill + decode here. mode "prefill_only": prefill (chunked), sample the
         first token, then keep the pages: its outputs list the pages each chunk made final
@@ -270,7 +288,7 @@ class EngineCore:
             raise ValueError("use allocate_external() for requests whose KV comes from outside")
         if mode == Mode.PREFILL_ONLY and sampling is not None and sampling.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs: the prompt must be prefilled where it is decoded (local prefill)")
-        req = self._new_request(prompt, sampling, rid, mode)
+        req = self._new_request(prompt, sampling, rid, mode, output_ids)
         self.scheduler.add(req)
         return req.rid
 
@@ -298,14 +316,16 @@ class EngineCore:
         self.pd.release(rid, cache)
 
     def allocate_external(self, prompt, sampling: SamplingParams | None = None,
-                          rid: str | None = None) -> ExternalAllocation:
+                          rid: str | None = None, reuse_prefix: bool = False) -> ExternalAllocation:
         """Reserve pages for a prompt whose KV will be written from outside (decode side of PD).
+        ``reuse_prefix``: share the prompt's leading pages that the prefix cache holds; only the
+        rest is written (``ExternalAllocation.num_cached_tokens``).
 
         Raises OutOfPages when the pool cannot hold it now (retry later or reject).
         """
         if sampling is not None and sampling.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs: the prompt must be prefilled where it is decoded (local prefill)")
-        return self.pd.allocate(self._new_request(prompt, sampling, rid, Mode.EXTERNAL))
+        return self.pd.allocate(self._new_request(prompt, sampling, rid, Mode.EXTERNAL), reuse_prefix)
 
     def activate_external(self, rid: str, first_token_id: int, first_token_logprob: float | None = None,
                           cached_tokens: int = 0, first_token_top: list | None = None) -> None:

@@ -127,6 +127,7 @@ class EngineLoop(LoopThread):
         self._hooks: list[LoopHook] = []
         self._stats = engine.stats()
         self.steps = 0
+        self._paused = threading.Event()
 
     def add_hook(self, hook: LoopHook) -> None:
         """Add a hook (before start)."""
@@ -136,6 +137,21 @@ class EngineLoop(LoopThread):
     def stats(self) -> EngineStats:
         """The engine's stats as of the loop's last iteration that changed anything."""
         return self._stats
+
+    # ---- pausing ---------------------------------------------------------------------------
+    def pause(self) -> None:
+        """Stop stepping the engine (commands still apply: requests may be added or aborted)
+        until ``resume()``. A drain pauses while it aborts every request, so no step runs for
+        requests about to leave."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+        self._wake.set()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
 
     # ---- commands --------------------------------------------------------------------------
     def call(self, fn: Callable[[EngineCore], T]) -> Future[T]:
@@ -149,10 +165,10 @@ class EngineLoop(LoopThread):
         self._wake.set()
         return fut
 
-    def validate(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
+    def validate(self, prompt_ids: list[int], sampling: SamplingParams, output_ids: list[int] = ()) -> None:
         """Raise ValueError if this request could never run here (on the caller's thread:
         it reads only the engine's fixed configuration)."""
-        self.engine.validate_request(prompt_ids, sampling)
+        self.engine.validate_request(prompt_ids, sampling, output_ids)
 
     def validate_embedding(self, inputs: list[list[int]], dimensions: int | None) -> None:
         """Raise ValueError naming the input if this embedding batch could never run here (on the
@@ -160,16 +176,17 @@ class EngineLoop(LoopThread):
         self.engine.validate_embedding(inputs, dimensions)
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, rid: str, mode: str = "normal",
-               on_output: Callable[[], None] | None = None) -> RequestStream:
+               on_output: Callable[[], None] | None = None, output_ids: list[int] = ()) -> RequestStream:
         """Queue a request; its outputs arrive on the returned stream (a prefill-only request's
         include the pages each chunk made final). Check it first with ``validate``: what the
         engine refuses when it is added ends the stream with that ValueError. Raises ValueError
-        at once for an id in use."""
+        at once for an id in use. ``output_ids``: a migrated request's tokens so far
+        (``EngineCore.add_request``)."""
         stream = self._open(rid, on_output)
 
         def add(engine: EngineCore) -> None:
             try:
-                engine.add_request(prompt_ids, sampling, rid=rid, mode=mode)
+                engine.add_request(prompt_ids, sampling, rid=rid, mode=mode, output_ids=output_ids)
             except BaseException as exc:
                 self._close(rid)
                 stream.deliver(_StreamEnd(exc))
@@ -177,11 +194,16 @@ class EngineLoop(LoopThread):
         self.call(add)
         return stream
 
-    def allocate_external(self, prompt_ids: list[int], sampling: SamplingParams, rid: str
-                          ) -> Future[ExternalAllocation]:
+    def allocate_external(self, prompt_ids: list[int], sampling: SamplingParams, rid: str,
+                          reuse_prefix: bool = False) -> Future[ExternalAllocation]:
         """Reserve pages and an aux slot for a prompt whose KV comes from outside (OutOfPages
-        when the pool cannot hold it now)."""
-        return self.call(lambda engine: engine.allocate_external(prompt_ids, sampling, rid=rid))
+        when the pool cannot hold it now); ``reuse_prefix``: share what the prefix cache holds."""
+        return self.call(lambda engine: engine.allocate_external(prompt_ids, sampling, rid=rid,
+                                                                 reuse_prefix=reuse_prefix))
+
+    def cached_prefix_tokens(self, prompt_ids: list[int], timeout: float = 30.0) -> int:
+        """Leading tokens of the prompt that the prefix cache holds now."""
+        return self.call(lambda engine: engine.cached_prefix_tokens(prompt_ids)).result(timeout)
 
     def activate_external(self, rid: str, first_token_id: int, logprob: float | None,
                           cached_tokens: int, top: list | None = None) -> Future[RequestStream]:
@@ -254,7 +276,7 @@ class EngineLoop(LoopThread):
             changed = self._apply_commands()
             for hook in self._hooks:
                 hook.poll()
-            if not self.engine.has_work():
+            if self._paused.is_set() or not self.engine.has_work():
                 if changed:
                     self._stats = self.engine.stats()
                 self._wake.wait(0.05)

@@ -67,6 +67,7 @@ class WorkerProcess:
     component_metrics: ComponentMetrics
     model_name: str
     fingerprint: str
+    control: EngineControlServicer
     eplb: object = None  # tandem.worker.eplb.WorkerEplb on MoE workers with EPLB or recording on
 
     def kv_buffers(self) -> KvBuffers:
@@ -172,8 +173,8 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
             eplb.start_planner_client(config.eplb_planner_address, tls=runtime.tls)
         runtime.on_shutdown(eplb.close)
     ctl = service_name(engine_control_pb2, "EngineControl")
-    runtime.add_service(engine_control_pb2_grpc.add_EngineControlServicer_to_server,
-                        EngineControlServicer(profiler, eplb.control if eplb else None), ctl)
+    control = EngineControlServicer(profiler, eplb.control if eplb else None)
+    runtime.add_service(engine_control_pb2_grpc.add_EngineControlServicer_to_server, control, ctl)
 
     def shutdown():
         # Drain: in-flight requests get the grace period to finish before the loop stops.
@@ -186,4 +187,4 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
     if ep is not None:
         runtime.on_shutdown(ep.close)  # after the loop stopped: followers exit with the leader
     return WorkerProcess(kind, runtime, engine, loop, profiler, reporter, publisher, component, model_name,
-                         model_fingerprint(config.model_path, engine.dtype), eplb)
+                         model_fingerprint(config.model_path, engine.dtype), control, eplb)
