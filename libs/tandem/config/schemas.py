@@ -206,8 +206,20 @@ class EngineConfig(_Section):
         "dimensions truncation). auto = when the checkpoint's modules.json has a Normalize module (a checkpoint "
         "without sentence-transformers files: on)."
     )
-    # Expert parallelism / EPLB
-    ep_size: int = Field(1, ge=1, description="Expert-parallel ranks.")
+    # Tensor / expert parallelism, EPLB
+    tp_size: int = Field(
+        1, ge=1, json_schema_extra={"flag_aliases": ["--tensor-parallel-size"]},
+        description="Tensor-parallel ranks, one process each (rank 0 serves, ranks 1.. follow it): attention "
+        "heads, MLP and vocabulary sharded over them (NCCL on CUDA, gloo on CPU). The model's attention heads "
+        "must divide by it (KV heads too, or it by them: then KV heads are replicated)."
+    )
+    dist_timeout: float = Field(
+        600.0, gt=0, description="Seconds any collective between a worker's ranks may take (--tp-size / --ep-size > 1): "
+        "past it a rank that hangs fails the worker instead of blocking it (a rank that dies fails it at once)."
+    )
+    ep_size: int = Field(1, ge=1, description="Expert-parallel ranks. With --tp-size > 1: 1 (experts sharded "
+                         "over the TP ranks along their intermediate size) or equal to --tp-size (each rank "
+                         "holds whole experts, placed as EPLB says).")
     enable_eplb: bool = Field(False, description="Rebalance expert placement from recorded load.")
     ep_num_redundant_experts: int = Field(0, ge=0, description="Extra physical expert slots per layer.")
     ep_dispatch_algorithm: Literal["static", "dynamic", "random"] = Field(
@@ -224,6 +236,11 @@ class EngineConfig(_Section):
         "trivial", description="Initial placement: trivial, a .json/.pt file, or inline JSON."
     )
     eplb_planner_address: str | None = Field(None, description="EPLB planner gRPC address (host:port).")
+
+    @property
+    def world_size(self) -> int:
+        """Processes of one worker: the TP ranks (EP shares them), or the EP ranks without TP."""
+        return max(self.tp_size, self.ep_size)
 
     @model_validator(mode="after")
     def _check_deterministic(self):
@@ -248,16 +265,28 @@ class EngineConfig(_Section):
 
     @model_validator(mode="after")
     def _check_redundancy(self):
+        if self.tp_size > 1 and self.ep_size not in (1, self.tp_size):
+            raise ValueError(
+                f"ep_size={self.ep_size} with tp_size={self.tp_size}: allowed are ep_size=1 (experts sharded over "
+                f"the TP ranks) or ep_size={self.tp_size} (whole experts per rank); ep_size < tp_size is not "
+                "supported yet"
+            )
         if self.ep_num_redundant_experts and self.ep_num_redundant_experts % self.ep_size:
             raise ValueError(
                 f"ep_num_redundant_experts={self.ep_num_redundant_experts}: must be a multiple of "
                 f"ep_size={self.ep_size} so every rank gets the same number of slots"
             )
-        if self.ep_size > 1 and self.kv_cache_calibrate:
+        if self.tp_size > 1 and self.quantization is not None:
+            raise ValueError(
+                f"quantization={self.quantization!r} with tp_size={self.tp_size}: FP8 weights are not sharded yet; "
+                "use tp_size=1 or bf16 weights"
+            )
+        if self.world_size > 1 and self.kv_cache_calibrate:
             # The calibration passes run while the engine is built, before the followers join it,
             # and an MoE layer needs every rank's experts.
             raise ValueError(
-                f"kv_cache_calibrate={self.kv_cache_calibrate}: not supported with ep_size={self.ep_size}; "
+                f"kv_cache_calibrate={self.kv_cache_calibrate}: not supported with tp_size={self.tp_size}, "
+                f"ep_size={self.ep_size}; "
                 "give the checkpoint's k_scale/v_scale (or calibrate on a single-rank worker and write its "
                 "scales into the checkpoint)"
             )

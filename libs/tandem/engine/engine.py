@@ -40,7 +40,7 @@ from .kv_pool import KVPool, OutOfPages
 from .kv_quant import kv_cache_spec
 from .loader import load_model, resolve_dtype
 from .model_runner import ModelRunner
-from .moe_hooks import expert_hooks
+from .moe_hooks import expert_hooks, tp_of
 from .outputs import StepOutput
 from .pool_sizing import kv_pool_pages
 from .pooling import resolve_pooling
@@ -60,9 +60,10 @@ PREFETCH_WAIT_S = 0.01
 class EngineCore:
     """The engine: requests, scheduling, one forward pass per ``step()``."""
 
-    def __init__(self, model_path: str | None = None, config: EngineConfig | None = None, expert_parallel=None,
+    def __init__(self, model_path: str | None = None, config: EngineConfig | None = None, parallel=None,
                  **overrides):
-        """``expert_parallel``: this process's ``ExpertParallelGroup`` (rank 0) when ``ep_size > 1``."""
+        """``parallel``: this process's ``ParallelGroup`` (rank 0) when ``tp_size`` or ``ep_size`` > 1
+        (``tandem.engine.parallel.start_parallel`` builds both)."""
         cfg = merge_config(model_path, config, overrides)
         if cfg.is_embedding and not cfg.disable_radix_cache:
             cfg = cfg.model_copy(update={"disable_radix_cache": True})  # embeddings keep no KV to reuse
@@ -75,9 +76,10 @@ class EngineCore:
         self.dtype = resolve_dtype(cfg.dtype, device)
         deterministic = cfg.enable_deterministic_inference
         self.attention_backend = attention_backend(cfg.attention_backend, device, deterministic)
-        hooks = expert_hooks(cfg, device, expert_parallel)
+        hooks = expert_hooks(cfg, device, parallel)
         self.model, self.model_config = load_model(cfg.model_path, self.dtype, device, hooks, cfg.load_format,
-                                                   cfg.quantization, cfg.fp8_gemm_backend, deterministic)
+                                                   cfg.quantization, cfg.fp8_gemm_backend, deterministic,
+                                                   tp=tp_of(cfg, parallel))
         # EPLB: plans applied in place between steps, the recorder folded after each (None: dense or no EPLB).
         self.eplb = hooks.runtime(self.model)
         mc = self.model_config
@@ -88,8 +90,9 @@ class EngineCore:
 
         page_size = cfg.page_size
         kv = kv_cache_spec(cfg, self.model, self.dtype, device, self.tokenizer)  # --kv-cache-dtype, its scales
-        num_pages = kv_pool_pages(cfg, mc, kv.dtype, device)
-        self.pool = KVPool(mc.num_layers, num_pages, page_size, mc.num_kv_heads, mc.head_dim, kv.dtype,
+        kv_heads = self.model.kv_heads_per_rank  # this rank's heads (all of them without TP)
+        num_pages = kv_pool_pages(cfg, mc, kv.dtype, device, kv_heads)
+        self.pool = KVPool(mc.num_layers, num_pages, page_size, kv_heads, mc.head_dim, kv.dtype,
                            device, num_aux_slots=max(64, cfg.max_running_requests * 4),
                            k_scales=kv.k_scales or None, v_scales=kv.v_scales or None)
         self.cache, self.hicache = build_prefix_cache(cfg, self.pool)
@@ -110,9 +113,9 @@ class EngineCore:
         self._seed_rng = random.Random(cfg.random_seed)  # seeds of requests that bring none
         self._pending: list[StepOutput] = []  # outputs of calls between steps (abort, activate_external)
         # Overlap scheduling: step N+1 is scheduled and launched before step N's sampled tokens
-        # are read back (the next forward pass reads them on the device). Expert parallelism
-        # sends host token ids to its followers, so it always waits.
-        self.overlap_schedule = not cfg.disable_overlap_schedule and cfg.ep_size == 1
+        # are read back (the next forward pass reads them on the device). With several ranks the
+        # leader sends host token ids to its followers, so it always waits.
+        self.overlap_schedule = not cfg.disable_overlap_schedule and cfg.world_size == 1
         self._rid_counter = itertools.count()
         # --is-embedding: embedding passes instead of generation (``embed``); None otherwise.
         self.embedder = None
@@ -146,8 +149,8 @@ class EngineCore:
         why = None
         if self.attention_backend != "triton":
             why = "the torch_native backend's decode shapes depend on the context length"
-        elif cfg.ep_size > 1:
-            why = "expert parallelism all-reduces outside a graph"
+        elif cfg.world_size > 1:
+            why = "with several ranks the followers run eagerly (a captured collective would not match them)"
         if why:
             log.warning("CUDA graphs off: %s", why)
             return 0
