@@ -5,6 +5,7 @@ MODE ?= disagg
 MODEL ?=
 PREFILL ?= 1
 DECODE ?= 1
+TP ?= 1
 EMBED ?=
 
 .PHONY: setup codegen test test-tools test-fresh test-fast lint demo-models deploy-local stop-local pants package bench bench-micro clean
@@ -55,7 +56,7 @@ bench-micro: setup demo-models  ## pytest-benchmark micro-benchmarks (routing, K
 
 deploy-local: setup demo-models  ## run the whole stack on loopback (Ctrl-C stops it)
 	@build-support/install-prometheus.sh
-	@MODE=$(MODE) MODEL=$(MODEL) PREFILL=$(PREFILL) DECODE=$(DECODE) EMBED=$(EMBED) TLS=$(TLS) LORA=$(LORA) $(PY) -m deploy.local.run
+	@MODE=$(MODE) MODEL=$(MODEL) PREFILL=$(PREFILL) DECODE=$(DECODE) EMBED=$(EMBED) TLS=$(TLS) TP=$(TP) LORA=$(LORA) $(PY) -m deploy.local.run
 
 stop-local:
 	@$(PY) -m deploy.local.run --stop

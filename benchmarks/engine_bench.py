@@ -25,6 +25,7 @@ engine step (wall clock, host work included). Targets (``--gates``) are printed 
         --gates gpu-part2 --out benchmarks/results/gpu/engine_prefill_llama8b_h200.json
     python benchmarks/engine_bench.py --shape qwen3moe-30b-a3b --device cuda --dtype bfloat16 \\
         --batch-sizes 1 64 --output-len 32 --gates gpu-moe --out benchmarks/results/gpu/engine_bench_qwen3moe_h100.json
+    python benchmarks/engine_bench.py --tp-size 2 --out benchmarks/results/engine_tp2_cpu.json   # engine_tp.py
 
 ``--shape NAME`` runs a shape of ``benchmarks/common/shapes.py`` without its weights: tandem with
 ``--load-format dummy`` (random weights made on the device from config.json alone) and transformers
@@ -275,6 +276,9 @@ def main(argv=None) -> int:
                          "fp8_checkpoint.py writes them)")
     ap.add_argument("--bf16-baseline", default=None, metavar="JSON",
                     help="--gates fp8: an engine_bench JSON of the same card and command; bf16 must stay >= 0.97x")
+    ap.add_argument("--tp-size", "--tensor-parallel-size", type=int, default=1,
+                    help="> 1: TP 1 vs TP N decode tok/s in one run (engine_tp.py; one process per rank, gloo on "
+                         "CPU, NCCL on CUDA), with a TP N == TP 1 token check; no transformers baseline")
     ap.add_argument("--embedding", action="store_true",
                     help="embeddings (engine_embedding.py): inputs/s of --is-embedding passes vs transformers AutoModel "
                          "(SDPA, one padded batch), uniform and mixed lengths (default model: the demo embedding "
@@ -353,6 +357,19 @@ def main(argv=None) -> int:
         if args.out:
             write_results(args.out, result, embedding_markdown)
             print(f"wrote {args.out}")
+        return 0
+    if args.tp_size > 1:
+        from benchmarks.engine_tp import run as run_tp
+        from benchmarks.engine_tp import write_markdown as tp_markdown
+
+        if not os.path.isdir(args.model):
+            from deploy.demo_models import build_all
+
+            build_all(str(REPO / "models"))
+        result = run_tp(args, git, started, machine_info(), load_format)
+        result["command"] = command
+        if args.out:
+            write_results(args.out, result, tp_markdown)
         return 0
     if args.phase == "prefill":
         from benchmarks.engine_prefill import run as run_prefill

@@ -36,6 +36,8 @@ its measured value and verdict:
   its torch reference, paged decode / extend attention over FP8 pools within tolerance, and on
   the dense demo model in bf16, teacher-forced over 2000 tokens of real text, the top-1
   prediction with FP8 K/V equal to the bf16 cache's at >= 97% of positions (KL reported).
+* Tensor parallelism (``--tp-size N``, N GPUs): on both demo models in float32, TP N over NCCL (NVLink
+  multicast off in every rank) gives TP 1's greedy and seeded tokens, logprobs within 1e-4.
 * HiCache: the Triton page-transfer kernel and the direct copies move pages between the device
   pool and the pinned host pool byte-exact (both layouts, both directions, bf16 and float32);
   on both demo models in float32, a prefix loaded back from host and from storage gives the
@@ -52,6 +54,7 @@ its measured value and verdict:
     python benchmarks/gpu_engine_check.py --only kv-fp8 --out benchmarks/results/gpu/kv_fp8_check_h100.json
     python benchmarks/gpu_engine_check.py --only hicache --out benchmarks/results/gpu/hicache_check_h100.json
     python benchmarks/gpu_engine_check.py --only lora --out benchmarks/results/gpu/lora_check_h100.json
+    python benchmarks/gpu_engine_check.py --only tp --tp-size 2 --out benchmarks/results/gpu/tp2_check_h100x2.json
     python benchmarks/gpu_engine_check.py --only deterministic --bf16-model /tmp/llama8b \
         --out benchmarks/results/gpu/deterministic_check_h100.json
 """
@@ -903,13 +906,32 @@ def lora_checks(dev: str) -> None:
     del llm
 
 
+def tp_checks(dev: str, tp: int) -> None:
+    """Tensor parallelism over ``tp`` GPUs (NCCL, NVLink multicast off): on both demo models in float32,
+    TP ``tp`` greedy and seeded tokens == TP 1's and logprobs within LOGPROB_TOL (benchmarks/common/tp.py)."""
+    from benchmarks.common.tp import LOGPROB_TOL, compare_tp
+
+    prompts = ["The license", "def main(argv=None):", "Hello world, this is a test of", "import os\nimport sys\n",
+               "Copyright (C) 2007 Free Software Foundation", "for i in range(10):"]
+    for name in ("tandem-demo-dense", "tandem-demo-moe"):
+        r = compare_tp(str(REPO / "models" / name), dev, "float32", tp, prompts, 32, max_total_tokens=1 << 14)
+        m = r["match"]
+        record(f"{name} float32 TP {tp} (NCCL) == TP 1: tokens equal, logprobs within {LOGPROB_TOL:g}",
+               f"{m['tokens_equal']}/{m['requests']}, max diff {m['max_logprob_diff']:.2e}",
+               m["tokens_equal"] == m["requests"] and m["max_logprob_diff"] <= LOGPROB_TOL,
+               f"rank 0 holds {r['sides'][str(tp)]['engine']['kv_heads_per_rank']} KV head(s)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bf16-model", default=None, help="larger bf16 checkpoint for the logits check")
     ap.add_argument("--fp8-model", default=None,
                     help="bf16 checkpoint (the 8B shape) for the per-linear FP8 cosine check")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", choices=["fp8", "kv-fp8", "hicache", "deterministic", "embedding", "lora"], default=None,
+    ap.add_argument("--tp-size", "--tensor-parallel-size", type=int, default=1,
+                    help="> 1: also check TP N (NCCL over N GPUs) against TP 1 on the demo models (--only tp: only that)")
+    ap.add_argument("--only", choices=["fp8", "kv-fp8", "hicache", "deterministic", "embedding", "lora", "tp"],
+                    default=None,
                     help="run only this group of checks (fp8: FP8 weights; kv-fp8: the FP8 KV cache; hicache: "
                          "HiCache page transfers and load-back tokens; deterministic: "
                          "--enable-deterministic-inference on both demo models and --bf16-model, with and without "
@@ -939,9 +961,12 @@ def main(argv=None) -> int:
               "embedding": [lambda: embedding_checks(dev)],
               "hicache": [lambda: hicache_transfer_checks(dev), lambda: hicache_token_checks(dev)],
               "lora": [lambda: lora_checks(dev)]}
+    groups["tp"] = [lambda: tp_checks(dev, args.tp_size)] if args.tp_size > 1 else []
+    if args.only == "tp" and args.tp_size < 2:
+        ap.error("--only tp needs --tp-size >= 2")
     # deterministic: its own call (--only deterministic), four engines a model.
     steps = groups[args.only] if args.only else (steps + groups["fp8"] + groups["kv-fp8"] + groups["hicache"]
-                                                 + groups["lora"])
+                                                 + groups["lora"] + groups["tp"])
     for step in steps:
         try:
             step()

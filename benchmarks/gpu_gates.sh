@@ -2,7 +2,7 @@
 # Every GPU gate of the open issues, in parts that each fit one lent-device call (< 10 minutes).
 #
 #   OUT=/path/to/results benchmarks/gpu_gates.sh PART...
-#       PART: check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed lora
+#       PART: check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed lora tp
 #
 # Run from the repository root on the GPU machine (the device tool copies the working tree; name
 # gen, .whl and the A/B base tree in its `carry`). Every script writes its own results file
@@ -37,6 +37,9 @@
 #            engine_bench --embedding on the Qwen3-Embedding-0.6B shape (random weights on the device):
 #            inputs/s vs transformers SDPA, same batch of 128, uniform 512 (>= 1.1x) and [32, 512] (>= 2x)
 #            (issue 35)
+#   tp       needs $TP GPUs (default 2; issue 37's machine): gpu_engine_check.py --only tp (TP N over NCCL
+#            == TP 1 on the demo models, float32), then engine_bench --tp-size on the 8B shape (TP 1 vs
+#            TP N tok/s, dummy weights). NCCL with NVLink multicast off (set here and in every rank)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the results folder}
@@ -112,6 +115,12 @@ for part in "$@"; do
     lora)
         step engine_lora 300 $py benchmarks/engine_bench.py --lora --shape llama8b --device cuda --dtype bfloat16 \
             --batch-sizes 1 64 --input-len 128 --output-len 64 --out "$OUT/engine_lora_llama8b_$card.json" ;;
+    tp)
+        export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+        step tp_check 240 $py benchmarks/gpu_engine_check.py --only tp --tp-size "${TP:-2}" \
+            --out "$OUT/engine_check_tp${TP:-2}_$card.json"
+        step engine_tp 300 $py benchmarks/engine_bench.py --tp-size "${TP:-2}" --shape llama8b --device cuda \
+            --dtype bfloat16 --batch-sizes 1 64 --output-len 64 --out "$OUT/engine_tp${TP:-2}_llama8b_$card.json" ;;
     embed)
         step engine_check_embedding 150 $py benchmarks/gpu_engine_check.py --only embedding \
             --out "$OUT/engine_check_embedding_$card.json"
@@ -143,7 +152,7 @@ for part in "$@"; do
             --out "$OUT/engine_bench_overlap_qwen05b_$card.json"
         step dense_warmup 400 $py benchmarks/warmup_bench.py --rounds 3 --steady 6 \
             --out "$OUT/warmup_bench_$card.json" ;;
-    *) echo "unknown part $part (check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed lora)"
+    *) echo "unknown part $part (check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed lora tp)"
        exit 2 ;;
     esac
 done

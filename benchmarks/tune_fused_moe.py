@@ -111,13 +111,47 @@ def tune_shape(name: str, batch_sizes: list, dev: str) -> tuple[dict, list]:
     return {fused_moe.shape_key(KS, H, inter, torch.bfloat16): table}, rows
 
 
+def write_config(path: str, device_name: str, triton_version: str, written_by: str, commit: str | None,
+                 started: str, configs: dict) -> None:
+    """Merge ``configs`` {shape_key: {batch: config}} into the device's config file."""
+    old = json.loads(Path(path).read_text())["configs"] if os.path.isfile(path) else {}
+    for shape_key, table in configs.items():
+        old.setdefault(shape_key, {}).update(table)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Path(path).write_text(json.dumps({"device": device_name, "triton": triton_version, "written_by": written_by,
+                                      "commit": commit, "time": started, "configs": old},
+                                     indent=1, sort_keys=True) + "\n")
+    print(f"wrote {path}")
+
+
+def write_from_results(results: Path, command: str) -> int:
+    """The config file a tuning run wrote on its device, rebuilt from the rows of its results JSON
+    (each row: shape, batch and the winning config; the shape key from ``SHAPES``)."""
+    r = json.loads(results.read_text())
+    configs: dict = {}
+    for row in r["rows"]:
+        m = moe_shape(row["shape"])
+        key = fused_moe.shape_key(m["k"] + m["S"], m["H"], m["inter"], torch.bfloat16)
+        configs.setdefault(key, {})[str(row["batch"])] = row["config"]
+    name = r["device_name"]
+    triton_version = r["machine"]["packages"].get("triton")
+    write_config(fused_moe.config_path(name.replace(" ", "_")), name, triton_version,
+                 f"{command} (from: {r['command']})", r["git"].get("commit"), r["time"], configs)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     moe_shapes = [n for n, s in SHAPES.items() if s.get("num_experts")]
     ap.add_argument("--shapes", nargs="+", choices=moe_shapes, default=moe_shapes)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--out", default=None, help="write the timings here (JSON)")
+    ap.add_argument("--from-results", default=None, metavar="JSON",
+                    help="write the config file of the device a tuning run was made on from that run's results JSON "
+                         "(its --out), without a GPU: when the config file itself did not come back from the device")
     args = ap.parse_args(argv)
+    if args.from_results:
+        return write_from_results(Path(args.from_results), command_line(argv))
     if not torch.cuda.is_available():
         raise SystemExit("tune_fused_moe needs a CUDA device")
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -131,16 +165,8 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     import triton
 
-    key = fused_moe.device_key(torch.device(dev))
-    path = fused_moe.config_path(key)
-    old = json.loads(Path(path).read_text())["configs"] if os.path.isfile(path) else {}
-    for shape_key, table in configs.items():
-        old.setdefault(shape_key, {}).update(table)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Path(path).write_text(json.dumps({"device": torch.cuda.get_device_name(0), "triton": triton.__version__,
-                                      "written_by": command, "commit": git.get("commit"), "time": started,
-                                      "configs": old}, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {path}")
+    path = fused_moe.config_path(fused_moe.device_key(torch.device(dev)))
+    write_config(path, torch.cuda.get_device_name(0), triton.__version__, command, git.get("commit"), started, configs)
     if args.out:
         write_json(Path(args.out), {"time": started, "command": command, "git": git, "machine": machine_info(),
                                     "device_name": torch.cuda.get_device_name(0), "rows": rows, "config_file": path})

@@ -4,34 +4,21 @@ image test (images/test_images.py). Standard library, plus grpcio for gRPC healt
 from __future__ import annotations
 
 import json
-import random
-import socket
+import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Ports told to a process in advance: random, below the kernel's ephemeral range (one rule, shared
+# with the tests).
+from tests.support.ports import free_ports  # noqa: E402,F401
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct TCP ports on loopback, free now, for processes told their port in advance: random,
-    below the kernel's ephemeral range (32768+), from which client connections and port-0 servers
-    draw, so that nothing takes one between this choice and the process's bind."""
-    rng = random.SystemRandom()
-    found: list[int] = []
-    for port in rng.sample(range(20000, 32700), 50 * n + 100):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        found.append(port)
-        if len(found) == n:
-            return found
-    raise RuntimeError(f"no {n} free ports below 32700")
 
 
 def grpc_health(address: str, timeout: float = 3.0) -> int:

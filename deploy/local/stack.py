@@ -63,7 +63,7 @@ class RunningProcess:
 def load_stack_config(path: Path = DEFAULT_STACK, overrides: dict | None = None) -> dict:
     cfg = yaml.safe_load(Path(path).read_text())
     env_map = {"MODE": "mode", "MODEL": "model_path", "PREFILL": "num_prefill", "DECODE": "num_decode",
-               "TLS": "tls", "EMBED": "embedding_model_path", "LORA": "lora"}
+               "TLS": "tls", "EMBED": "embedding_model_path", "LORA": "lora", "TP": "tp_size"}
     for env, key in env_map.items():
         if os.environ.get(env):
             cfg[key] = os.environ[env]
@@ -76,6 +76,12 @@ def load_stack_config(path: Path = DEFAULT_STACK, overrides: dict | None = None)
     cfg["num_decode"] = int(cfg["num_decode"])
     cfg["tls"] = str(cfg.get("tls", False)).lower() in ("1", "true", "yes", "on")
     cfg["lora"] = str(cfg.get("lora", False)).lower() in ("1", "true", "yes", "on")
+    tp = int(cfg.pop("tp_size", 1) or 1)
+    if tp > 1:
+        if cfg["mode"] != "agg":
+            raise ValueError(f"TP={tp} needs MODE=agg: KV transfer between workers of several ranks is not wired "
+                             "into the prefill/decode workers yet")
+        cfg.setdefault("engine", {})["tp_size"] = tp  # every worker runs tp ranks (gloo on this CPU host)
     if cfg["mode"] not in ("agg", "disagg"):
         raise ValueError(f"MODE={cfg['mode']!r}: must be agg or disagg")
     if cfg["num_decode"] < 1 or (cfg["mode"] == "disagg" and cfg["num_prefill"] < 1):

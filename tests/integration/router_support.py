@@ -7,14 +7,17 @@ from pathlib import Path
 from support.procs import ServiceProcess, start_service
 
 
-def start_many(specs: list[tuple[str, list[str]]], timeout: float = 180.0) -> list[ServiceProcess]:
-    """Start several services at once (module, args) and wait for all; stop all if one fails."""
+def start_many(specs: list[tuple[str, list[str]]], timeout: float = 180.0,
+               envs: list[dict | None] | None = None) -> list[ServiceProcess]:
+    """Start several services at once (module, args; ``envs``: each one's extra environment)
+    and wait for all; stop all if one fails."""
     out: list = [None] * len(specs)
     errors: list[BaseException] = []
+    envs = envs or [None] * len(specs)
 
     def one(i, module, args):
         try:
-            out[i] = start_service(module, *args, timeout=timeout)
+            out[i] = start_service(module, *args, timeout=timeout, env=envs[i])
         except BaseException as e:  # noqa: BLE001 - re-raised below
             errors.append(e)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from tandem.config.schemas import EngineConfig
 from tandem.engine import EngineCore, SamplingParams
-from tandem.engine.expert_parallel import start_expert_parallel
+from tandem.engine.parallel import start_parallel
 from tandem.eplb import rebalance_experts
 from tandem.eplb.placement import ExpertLocation
 
@@ -84,7 +84,7 @@ def one_rank(path, location=None, at_step=None, device="cpu", **cfg):
 
 
 def with_ep(path, at_step=None, device="cpu", **cfg):
-    leader = start_expert_parallel(EngineConfig(model_path=path, ep_size=2, **base(device), **cfg), num_threads=1,
+    leader = start_parallel(EngineConfig(model_path=path, ep_size=2, **base(device), **cfg), num_threads=1,
                                    timeout_s=120)
     engine = leader.engine
     try:
@@ -140,7 +140,7 @@ def test_two_ranks_match_one_rank_with_an_fp8_kv_cache(moe_with_kv_scales):
 
 
 def test_kv_cache_calibration_is_refused_with_expert_parallelism(moe_path):
-    with pytest.raises(ValueError, match="kv_cache_calibrate=1: not supported with ep_size=2"):
+    with pytest.raises(ValueError, match="kv_cache_calibrate=1: not supported with tp_size=1, ep_size=2"):
         EngineConfig(model_path=moe_path, ep_size=2, kv_cache_dtype="fp8_e4m3", kv_cache_calibrate=1)
 
 
@@ -182,7 +182,7 @@ def test_engine_loop_drives_ep_with_idle_keepalive(moe_path):
 
     ref_toks, _ = one_rank(moe_path)
     # The leader's engine builds the recorder into its MoE layers (rank 0 sees every token).
-    leader = start_expert_parallel(EngineConfig(model_path=moe_path, ep_size=2, expert_distribution_recorder_mode="stat",
+    leader = start_parallel(EngineConfig(model_path=moe_path, ep_size=2, expert_distribution_recorder_mode="stat",
                                                 **CFG), num_threads=1, timeout_s=120, keepalive_s=0.05)
     engine = leader.engine
     rec = engine.eplb.recorder

@@ -62,12 +62,14 @@ def build_parser(schema: type[BaseModel], prog: str | None = None) -> argparse.A
         help_text = f"{field.description or ''} (default: {default!r})"
         # argparse would otherwise interpret '%' in help strings.
         help_text = help_text.replace("%", "%%")
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        flags = [_flag(name), *extra.get("flag_aliases", ())]  # e.g. --tp-size and --tensor-parallel-size
         if _is_bool(field.annotation):
-            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         elif _is_list(field.annotation):
-            parser.add_argument(_flag(name), dest=name, nargs="*", metavar="VALUE", help=help_text)
+            parser.add_argument(*flags, dest=name, nargs="*", metavar="VALUE", help=help_text)
         else:
-            parser.add_argument(_flag(name), dest=name, metavar=name.upper(), help=help_text)
+            parser.add_argument(*flags, dest=name, metavar=name.upper(), help=help_text)
     return parser
 
 

@@ -194,7 +194,7 @@ class EngineConfig(_Section):
     # LoRA adapters (tandem.engine.lora)
     enable_lora: bool = Field(
         False, description="Serve LoRA adapters chosen per request (OpenAI model 'base:adapter'); on by itself when "
-        "--lora-paths is given. Not with --is-embedding.")
+        "--lora-paths is given. Not with --is-embedding nor --tp-size > 1.")
     lora_paths: list[str] = Field(
         default_factory=list, description="Adapters loaded at start, each NAME=PATH (a PEFT folder with "
         "adapter_config.json and adapter_model.safetensors).")
@@ -222,8 +222,20 @@ class EngineConfig(_Section):
         "dimensions truncation). auto = when the checkpoint's modules.json has a Normalize module (a checkpoint "
         "without sentence-transformers files: on)."
     )
-    # Expert parallelism / EPLB
-    ep_size: int = Field(1, ge=1, description="Expert-parallel ranks.")
+    # Tensor / expert parallelism, EPLB
+    tp_size: int = Field(
+        1, ge=1, json_schema_extra={"flag_aliases": ["--tensor-parallel-size"]},
+        description="Tensor-parallel ranks, one process each (rank 0 serves, ranks 1.. follow it): attention "
+        "heads, MLP and vocabulary sharded over them (NCCL on CUDA, gloo on CPU). The model's attention heads "
+        "must divide by it (KV heads too, or it by them: then KV heads are replicated)."
+    )
+    dist_timeout: float = Field(
+        600.0, gt=0, description="Seconds any collective between a worker's ranks may take (--tp-size / --ep-size > 1): "
+        "past it a rank that hangs fails the worker instead of blocking it (a rank that dies fails it at once)."
+    )
+    ep_size: int = Field(1, ge=1, description="Expert-parallel ranks. With --tp-size > 1: 1 (experts sharded "
+                         "over the TP ranks along their intermediate size) or equal to --tp-size (each rank "
+                         "holds whole experts, placed as EPLB says).")
     enable_eplb: bool = Field(False, description="Rebalance expert placement from recorded load.")
     ep_num_redundant_experts: int = Field(0, ge=0, description="Extra physical expert slots per layer.")
     ep_dispatch_algorithm: Literal["static", "dynamic", "random"] = Field(
@@ -241,6 +253,11 @@ class EngineConfig(_Section):
     )
     eplb_planner_address: str | None = Field(None, description="EPLB planner gRPC address (host:port).")
 
+    @property
+    def world_size(self) -> int:
+        """Processes of one worker: the TP ranks (EP shares them), or the EP ranks without TP."""
+        return max(self.tp_size, self.ep_size)
+
     @model_validator(mode="after")
     def _check_lora(self):
         seen = set()
@@ -254,6 +271,12 @@ class EngineConfig(_Section):
         if self.lora_enabled and self.is_embedding:
             raise ValueError("enable_lora / lora_paths: not with is_embedding=true (an embedding worker serves the "
                              "base model only: Embed requests name no adapter)")
+        if self.lora_enabled and self.tp_size > 1:
+            # Column-parallel layers (QKV, gate/up) would need each adapter's B sliced like their output,
+            # row-parallel ones (o_proj, down_proj) its A sliced like their input and the shrink summed
+            # over the ranks before the expand: not built.
+            raise ValueError(f"enable_lora / lora_paths: not with tp_size={self.tp_size} (the adapters' LoRA "
+                             "weights are not sharded over tensor-parallel ranks); use tp_size=1")
         if self.lora_enabled and not self.lora_paths and self.max_lora_rank is None:
             raise ValueError("max_lora_rank: required with enable_lora when no lora_paths are given "
                              "(adapters loaded later must fit it)")
@@ -292,16 +315,28 @@ class EngineConfig(_Section):
 
     @model_validator(mode="after")
     def _check_redundancy(self):
+        if self.tp_size > 1 and self.ep_size not in (1, self.tp_size):
+            raise ValueError(
+                f"ep_size={self.ep_size} with tp_size={self.tp_size}: allowed are ep_size=1 (experts sharded over "
+                f"the TP ranks) or ep_size={self.tp_size} (whole experts per rank); ep_size < tp_size is not "
+                "supported yet"
+            )
         if self.ep_num_redundant_experts and self.ep_num_redundant_experts % self.ep_size:
             raise ValueError(
                 f"ep_num_redundant_experts={self.ep_num_redundant_experts}: must be a multiple of "
                 f"ep_size={self.ep_size} so every rank gets the same number of slots"
             )
-        if self.ep_size > 1 and self.kv_cache_calibrate:
+        if self.tp_size > 1 and self.quantization is not None:
+            raise ValueError(
+                f"quantization={self.quantization!r} with tp_size={self.tp_size}: FP8 weights are not sharded yet; "
+                "use tp_size=1 or bf16 weights"
+            )
+        if self.world_size > 1 and self.kv_cache_calibrate:
             # The calibration passes run while the engine is built, before the followers join it,
             # and an MoE layer needs every rank's experts.
             raise ValueError(
-                f"kv_cache_calibrate={self.kv_cache_calibrate}: not supported with ep_size={self.ep_size}; "
+                f"kv_cache_calibrate={self.kv_cache_calibrate}: not supported with tp_size={self.tp_size}, "
+                f"ep_size={self.ep_size}; "
                 "give the checkpoint's k_scale/v_scale (or calibrate on a single-rank worker and write its "
                 "scales into the checkpoint)"
             )
@@ -426,8 +461,13 @@ class DecodeConfig(ServerConfig, EngineConfig, DisaggregationConfig, DiscoveryCo
         "round_robin", description="How decode picks a prefill worker."
     )
     max_local_prefill_length: int = Field(
-        0, ge=0, description="Prompts shorter than this many tokens are prefilled locally."
+        0, ge=0, description="Prompts shorter than this many tokens are prefilled locally (with "
+        "--disaggregation-decode-enable-radix-cache: the part not in this worker's prefix cache)."
     )
+    disaggregation_decode_enable_radix_cache: bool = Field(
+        False, description="Decode-side prefix reuse for PD (SGLang's flag): the leading pages of a prompt that "
+        "this worker's prefix cache holds (e.g. an earlier turn of a chat) are shared instead of transferred; "
+        "prefill writes only the pages after them.")
     prefill_retries: int = Field(1, ge=0, description="Retries on another prefill worker after a failure.")
     max_queued_requests: int | None = Field(
         None, ge=0, description="Requests waiting beyond the running batch (--max-running-requests); more are "
@@ -499,6 +539,11 @@ class RouterConfig(ServerConfig, EtcdClientConfig):
         2, ge=1, description="Timed-out health checks in a row that take a worker out of rotation (a refused "
         "connection or NOT_SERVING takes it out at the first check).")
     request_retries: int = Field(1, ge=0, description="Retries on another worker when one fails before output.")
+    migration_limit: int = Field(
+        0, ge=0, description="Request migration (Dynamo's name): when a worker's stream ends without finishing a "
+        "request that has already streamed output (connection lost, UNAVAILABLE, worker gone), send it to another "
+        "worker with the tokens so far (GenerateRequest.output_ids), at most this many times; the client's stream "
+        "goes on with no gap and no repeated token. 0 = off: the client gets the error.")
     tool_call_parser: Literal["qwen25", "hermes", "llama3"] | None = Field(
         None, description="Parse tool calls out of the output (tool_choice auto): qwen25/hermes = <tool_call> JSON "
         "(Qwen2.5, Qwen3, Hermes), llama3 = Llama-3 JSON. Forced calls (required / a named tool) need none.")

@@ -18,9 +18,10 @@ class ExternalAllocation:
     """Pages (and an aux slot) reserved for a prompt whose KV will be written from outside."""
 
     rid: str
-    page_indices: list
+    page_indices: list  # the pages to be written: those after the cached prefix
     aux_slot: int
     num_tokens: int
+    num_cached_tokens: int = 0  # leading prompt tokens already in this pool (prefix cache): not written
 
 
 class PdRequests:
@@ -34,24 +35,36 @@ class PdRequests:
             raise ValueError(f"release({rid!r}): no held prefill-only request with this id")
         self.scheduler.finish(req, "prefill_done", cache=cache)
 
-    def allocate(self, req: Request) -> ExternalAllocation:
+    def allocate(self, req: Request, reuse_prefix: bool = False) -> ExternalAllocation:
         """Reserve pages and an aux slot for ``req``, a new request whose KV will be written from
-        outside. Raises OutOfPages when the pool cannot hold it now (retry later or reject)."""
-        n = self.scheduler.pages_for(len(req.prompt_ids))
+        outside. Raises OutOfPages when the pool cannot hold it now (retry later or reject).
+
+        ``reuse_prefix`` (SGLang's decode radix cache for PD): the leading full pages of the prompt
+        that the prefix cache holds under the request's adapter (at most its first L - 1 tokens: at
+        least one page is always written) are shared, locked until the request ends; only the pages
+        after them are reserved and listed to be written."""
         if not self.scheduler.acquire_lora(req):
             raise OutOfPages(f"every LoRA slot serves other adapters' running requests (adapter {req.lora_name!r})")
+        cache = self.scheduler.cache
+        matched, node = [], cache.root
+        if reuse_prefix and not cache.disabled:
+            matched, node = cache.match_prefix(req.prompt_ids[: len(req.prompt_ids) - 1], req.lora_name)
+        cache.lock(node)
+        n = self.scheduler.pages_for(len(req.prompt_ids)) - len(matched)
         pages = self.scheduler.alloc_pages(n)
         aux = self.pool.alloc_aux() if pages is not None else None
         if pages is None or aux is None:
             if pages is not None:
                 self.pool.free(pages)
-            if req.lora_slot >= 0:
-                self.scheduler.release(req, cache=False)
+            cache.unlock(node)
+            self.scheduler.release_lora(req)
             raise OutOfPages(f"need {n} pages, {self.scheduler.available_pages} available" if pages is None
                              else "no free aux slot")
-        req.pages, req.aux_slot, req.status = pages, aux, Status.EXTERNAL_WAIT
+        req.pages, req.aux_slot, req.status = list(matched) + pages, aux, Status.EXTERNAL_WAIT
+        req.num_tree_pages, req.tree_node = len(matched), node
         self.scheduler.register(req)
-        return ExternalAllocation(req.rid, list(pages), aux, len(req.prompt_ids))
+        return ExternalAllocation(req.rid, list(pages), aux, len(req.prompt_ids),
+                                  len(matched) * self.scheduler.page_size)
 
     def activate(self, rid: str, first_token_id: int, first_token_logprob: float | None = None,
                  cached_tokens: int = 0, first_token_top: list | None = None) -> StepOutput:

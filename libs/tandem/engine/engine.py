@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 from tandem.config.schemas import EngineConfig
-from tandem.sampling import SamplingParams, check_prompt
+from tandem.sampling import SamplingParams, check_continuation, check_prompt
 
 from .disaggregation import ExternalAllocation, PdRequests
 from .embedding import Embedder, EmbeddingOutput
@@ -41,7 +41,7 @@ from .kv_quant import kv_cache_spec
 from .loader import load_model, resolve_dtype
 from .lora import UnknownLoraError, lora_manager, lora_weights
 from .model_runner import ModelRunner
-from .moe_hooks import expert_hooks
+from .moe_hooks import expert_hooks, tp_of
 from .outputs import StepOutput
 from .pool_sizing import kv_pool_pages
 from .pooling import resolve_pooling
@@ -61,9 +61,10 @@ PREFETCH_WAIT_S = 0.01
 class EngineCore:
     """The engine: requests, scheduling, one forward pass per ``step()``."""
 
-    def __init__(self, model_path: str | None = None, config: EngineConfig | None = None, expert_parallel=None,
+    def __init__(self, model_path: str | None = None, config: EngineConfig | None = None, parallel=None,
                  **overrides):
-        """``expert_parallel``: this process's ``ExpertParallelGroup`` (rank 0) when ``ep_size > 1``."""
+        """``parallel``: this process's ``ParallelGroup`` (rank 0) when ``tp_size`` or ``ep_size`` > 1
+        (``tandem.engine.parallel.start_parallel`` builds both)."""
         cfg = merge_config(model_path, config, overrides)
         if cfg.is_embedding and not cfg.disable_radix_cache:
             cfg = cfg.model_copy(update={"disable_radix_cache": True})  # embeddings keep no KV to reuse
@@ -76,10 +77,11 @@ class EngineCore:
         self.dtype = resolve_dtype(cfg.dtype, device)
         deterministic = cfg.enable_deterministic_inference
         self.attention_backend = attention_backend(cfg.attention_backend, device, deterministic)
-        hooks = expert_hooks(cfg, device, expert_parallel)
+        hooks = expert_hooks(cfg, device, parallel)
         lora = lora_weights(cfg, self.dtype, device)  # --enable-lora: the adapters' slot buffers
         self.model, self.model_config = load_model(cfg.model_path, self.dtype, device, hooks, cfg.load_format,
-                                                   cfg.quantization, cfg.fp8_gemm_backend, deterministic, lora=lora)
+                                                   cfg.quantization, cfg.fp8_gemm_backend, deterministic,
+                                                   tp=tp_of(cfg, parallel), lora=lora)
         self.lora = lora_manager(cfg, lora, self.model_config.num_layers)
         # EPLB: plans applied in place between steps, the recorder folded after each (None: dense or no EPLB).
         self.eplb = hooks.runtime(self.model)
@@ -91,8 +93,9 @@ class EngineCore:
 
         page_size = cfg.page_size
         kv = kv_cache_spec(cfg, self.model, self.dtype, device, self.tokenizer)  # --kv-cache-dtype, its scales
-        num_pages = kv_pool_pages(cfg, mc, kv.dtype, device)
-        self.pool = KVPool(mc.num_layers, num_pages, page_size, mc.num_kv_heads, mc.head_dim, kv.dtype,
+        kv_heads = self.model.kv_heads_per_rank  # this rank's heads (all of them without TP)
+        num_pages = kv_pool_pages(cfg, mc, kv.dtype, device, kv_heads)
+        self.pool = KVPool(mc.num_layers, num_pages, page_size, kv_heads, mc.head_dim, kv.dtype,
                            device, num_aux_slots=max(64, cfg.max_running_requests * 4),
                            k_scales=kv.k_scales or None, v_scales=kv.v_scales or None)
         self.cache, self.hicache = build_prefix_cache(cfg, self.pool)
@@ -114,9 +117,9 @@ class EngineCore:
         self._seed_rng = random.Random(cfg.random_seed)  # seeds of requests that bring none
         self._pending: list[StepOutput] = []  # outputs of calls between steps (abort, activate_external)
         # Overlap scheduling: step N+1 is scheduled and launched before step N's sampled tokens
-        # are read back (the next forward pass reads them on the device). Expert parallelism
-        # sends host token ids to its followers, so it always waits.
-        self.overlap_schedule = not cfg.disable_overlap_schedule and cfg.ep_size == 1
+        # are read back (the next forward pass reads them on the device). With several ranks the
+        # leader sends host token ids to its followers, so it always waits.
+        self.overlap_schedule = not cfg.disable_overlap_schedule and cfg.world_size == 1
         self._rid_counter = itertools.count()
         # --is-embedding: embedding passes instead of generation (``embed``); None otherwise.
         self.embedder = None
@@ -150,8 +153,8 @@ class EngineCore:
         why = None
         if self.attention_backend != "triton":
             why = "the torch_native backend's decode shapes depend on the context length"
-        elif cfg.ep_size > 1:
-            why = "expert parallelism all-reduces outside a graph"
+        elif cfg.world_size > 1:
+            why = "with several ranks the followers run eagerly (a captured collective would not match them)"
         if why:
             log.warning("CUDA graphs off: %s", why)
             return 0
@@ -184,11 +187,12 @@ class EngineCore:
             return self.tokenizer.encode(prompt, add_special_tokens=False).ids
         return list(prompt)
 
-    def validate_request(self, prompt_ids: list, sampling: SamplingParams, lora_name: str | None = None) -> None:
+    def validate_request(self, prompt_ids: list, sampling: SamplingParams, output_ids: list = (),
+                         lora_name: str | None = None) -> None:
         """Raise ValueError naming the problem if this request could never run here (a grammar
         that does not compile included: it is compiled here, once, and cached); UnknownLoraError
         when ``lora_name`` is not loaded (a LookupError: services answer NOT_FOUND)."""
-        self._validate(list(prompt_ids), sampling)
+        self._validate(list(prompt_ids), sampling, list(output_ids))
         self._check_lora(lora_name)
         self._compile(sampling)
 
@@ -253,27 +257,35 @@ class EngineCore:
         sc.step_done("prefill", len(inputs), out.prompt_tokens, time.perf_counter() - t0)
         return out
 
-    def _validate(self, ids: list, sp: SamplingParams) -> None:
-        """The request's one validation (``tandem.sampling``) plus what only the engine knows."""
+    def _validate(self, ids: list, sp: SamplingParams, output_ids: list = ()) -> None:
+        """The request's one validation (``tandem.sampling``) plus what only the engine knows;
+        ``output_ids``: a continued request's tokens generated elsewhere (``check_continuation``)."""
         if self.embedder is not None:
             raise ValueError("this engine serves embeddings (--is-embedding): no generation")
         check_prompt(len(ids), self.context_length)
         vocab = self.model_config.vocab_size
         if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in ids):
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in output_ids):
+            raise ValueError(f"output_ids: token ids must be integers in [0, {vocab})")
         sp.validate(vocab)
-        if self.scheduler.pages_for(len(ids) + 1) > self.pool.num_pages:
+        check_continuation(len(ids), len(output_ids), sp, self.context_length)
+        n = len(ids) + len(output_ids)
+        if self.scheduler.pages_for(n + 1) > self.pool.num_pages:
             raise ValueError(
-                f"prompt has {len(ids)} tokens but the KV pool holds only "
+                f"prompt has {n} tokens but the KV pool holds only "
                 f"{self.pool.num_pages * self.page_size} tokens (raise --max-total-tokens)"
             )
 
     def _new_request(self, prompt, sp: SamplingParams | None, rid: str | None, mode: Mode,
-                     lora_name: str | None = None) -> Request:
+                     output_ids: list = (), lora_name: str | None = None) -> Request:
         sp = sp or SamplingParams()
         self._compile(sp)
         ids = self.tokenize(prompt)
-        self._validate(ids, sp)
+        output_ids = list(output_ids)
+        if output_ids and mode != Mode.NORMAL:
+            raise ValueError("output_ids: a continued request is prefilled where it is decoded (mode normal)")
+        self._validate(ids, sp, output_ids)
         self._check_lora(lora_name)
         rid = rid if rid is not None else f"req-{next(self._rid_counter)}-{uuid.uuid4().hex[:8]}"
         if rid in self.scheduler.requests:
@@ -282,13 +294,22 @@ class EngineCore:
         req = Request(rid=rid, prompt_ids=ids, sampling=sp, mode=mode, seed=seed, lora_name=lora_name)
         if sp.structured is not None:
             req.grammar = self.grammars.new_state(sp.structured)
+            for i, tok in enumerate(output_ids):
+                if not req.grammar.accept(tok):
+                    raise ValueError(f"output_ids[{i}]={tok} is not allowed by the request's grammar")
+        req.output_ids = output_ids
         self.stop_checker.start(req)
         return req
 
     def add_request(self, prompt, sampling: SamplingParams | None = None, rid: str | None = None,
-                    mode: Mode | str = Mode.NORMAL, lora_name: str | None = None) -> str:
+                    mode: Mode | str = Mode.NORMAL, output_ids: list = (), lora_name: str | None = None) -> str:
         """Queue a request (a string or token ids), under LoRA adapter ``lora_name`` (None: the base
         model); return its id.
+
+        ``output_ids``: the tokens a migrated request already generated on another worker; it
+        continues after them exactly as it would have there (max_tokens, min_tokens, penalties,
+        the seeded draw's position, stop strings and the grammar all see them); its outputs
+        carry only new tokens. It is prefilled here (prompt and output_ids).
 
         mode "normal": prefill + decode here. mode "prefill_only": prefill (chunked), sample the
         first token, then keep the pages: its outputs list the pages each chunk made final
@@ -300,7 +321,7 @@ class EngineCore:
             raise ValueError("use allocate_external() for requests whose KV comes from outside")
         if mode == Mode.PREFILL_ONLY and sampling is not None and sampling.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs: the prompt must be prefilled where it is decoded (local prefill)")
-        req = self._new_request(prompt, sampling, rid, mode, lora_name)
+        req = self._new_request(prompt, sampling, rid, mode, output_ids, lora_name)
         self.scheduler.add(req)
         return req.rid
 
@@ -328,14 +349,18 @@ class EngineCore:
         self.pd.release(rid, cache)
 
     def allocate_external(self, prompt, sampling: SamplingParams | None = None,
-                          rid: str | None = None, lora_name: str | None = None) -> ExternalAllocation:
+                          rid: str | None = None, reuse_prefix: bool = False,
+                          lora_name: str | None = None) -> ExternalAllocation:
         """Reserve pages for a prompt whose KV will be written from outside (decode side of PD).
+        ``reuse_prefix``: share the prompt's leading pages that the prefix cache holds; only the
+        rest is written (``ExternalAllocation.num_cached_tokens``).
 
         Raises OutOfPages when the pool cannot hold it now (retry later or reject).
         """
         if sampling is not None and sampling.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs: the prompt must be prefilled where it is decoded (local prefill)")
-        return self.pd.allocate(self._new_request(prompt, sampling, rid, Mode.EXTERNAL, lora_name))
+        return self.pd.allocate(self._new_request(prompt, sampling, rid, Mode.EXTERNAL, lora_name=lora_name),
+                                reuse_prefix)
 
     def activate_external(self, rid: str, first_token_id: int, first_token_logprob: float | None = None,
                           cached_tokens: int = 0, first_token_top: list | None = None) -> None:

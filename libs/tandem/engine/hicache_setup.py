@@ -22,9 +22,9 @@ def build_prefix_cache(cfg: EngineConfig, pool: KVPool) -> tuple[RadixCache, HiC
         return RadixCache(pool.page_size, pool.free, disabled=cfg.disable_radix_cache), None
     if cfg.disable_radix_cache:
         raise ValueError("enable_hierarchical_cache needs the radix cache: drop --disable-radix-cache")
-    if cfg.ep_size > 1:
-        raise ValueError("enable_hierarchical_cache with --ep-size > 1 is not supported: pages loaded back on the "
-                         "leader would be missing from the followers' KV pools")
+    if cfg.world_size > 1:
+        raise ValueError(f"enable_hierarchical_cache with --tp-size {cfg.tp_size} / --ep-size {cfg.ep_size} is not "
+                         "supported: pages loaded back on the leader would be missing from the followers' KV pools")
     settings = HiCacheSettings.from_config(cfg)
     validate_settings(settings)
     bytes_per_page = 2 * pool.num_layers * pool.page_size * pool.num_kv_heads * pool.head_dim * pool.dtype.itemsize

@@ -147,8 +147,14 @@ class _StreamDriver:
 
 
 class LLM:
-    def __init__(self, model_path: str, **config):
-        self.engine = EngineCore(model_path, **config)
+    def __init__(self, model_path: str | None = None, engine: EngineCore | None = None, **config):
+        """Build the engine of ``model_path`` with ``config``, or drive ``engine`` built elsewhere (a
+        parallel leader's: ``tandem.engine.parallel.start_parallel(config).engine``)."""
+        if (engine is None) == (model_path is None):
+            raise ValueError("LLM needs a model_path or an engine (not both)")
+        if engine is not None and config:
+            raise ValueError(f"LLM(engine=...) takes no engine options, got {sorted(config)}")
+        self.engine = engine if engine is not None else EngineCore(model_path, **config)
         self.tokenizer = self.engine.tokenizer
         self._driver: _StreamDriver | None = None
         self._driver_lock = threading.Lock()

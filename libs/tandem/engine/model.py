@@ -20,6 +20,7 @@ from torch import nn
 from . import moe_math
 from .model_config import ModelConfig
 from .moe_math import RoutingSpec
+from .tensor_parallel import ONE_RANK, TensorParallel, head_split
 
 
 @dataclass
@@ -121,13 +122,18 @@ plain_linear = PlainLinears()
 
 
 class Attention(nn.Module):
+    """Self-attention over this TP rank's heads (``tp``): QKV column-parallel, ``o_proj`` row-parallel
+    and all-reduced (``tandem.engine.tensor_parallel``)."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, qkv_bias: bool, qk_norm: bool, linear=plain_linear,
-                 lora=None):
+                 tp: TensorParallel = ONE_RANK, lora=None):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        heads = head_split(cfg.num_heads, cfg.num_kv_heads, tp.size, tp.rank)
+        self.num_heads, self.num_kv_heads, self.head_dim = heads.q_heads, heads.kv_heads, cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
+        self.tp = tp
         # q, k and v projections merged at load time: one GEMM instead of three.
         p = f"layers.{layer_idx}.self_attn."
         self.qkv_proj = linear(p + "qkv_proj", cfg.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias)
@@ -153,12 +159,19 @@ class Attention(nn.Module):
         kv_scale = None if fb.kv_scales is None else fb.kv_scales[self.layer_idx]
         attn = ops.attention(q, k, v, rope, fb, k_cache, v_cache, self.scale, kv_scale)
         out = self.o_proj(attn)
-        return out if self.o_lora is None else self.o_lora(attn, out, fb.lora)
+        if self.o_lora is not None:
+            out = self.o_lora(attn, out, fb.lora)
+        return self.tp.all_reduce(out)
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, inter: int, linear=plain_linear, prefix: str = "", lora=None):
+    """``inter`` is this TP rank's share of the intermediate size: gate/up column-parallel,
+    ``down_proj`` row-parallel and all-reduced over ``tp``."""
+
+    def __init__(self, hidden: int, inter: int, linear=plain_linear, prefix: str = "", tp: TensorParallel = ONE_RANK,
+                 lora=None):
         super().__init__()
+        self.tp = tp
         # gate and up projections merged at load time: [gate; up] rows.
         self.gate_up_proj = linear(prefix + "gate_up_proj", hidden, 2 * inter, False)
         self.down_proj = linear(prefix + "down_proj", inter, hidden, False)
@@ -175,7 +188,9 @@ class MLP(nn.Module):
             gate, up = gu.chunk(2, dim=-1)
             act = F.silu(gate) * up
         out = self.down_proj(act)
-        return out if self.down_lora is None else self.down_lora(act, out, lora_batch)
+        if self.down_lora is not None:
+            out = self.down_lora(act, out, lora_batch)
+        return self.tp.all_reduce(out)
 
 
 class MoE(nn.Module):
@@ -194,7 +209,8 @@ class MoE(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, has_shared_gate: bool, has_score_bias: bool,
-                 moe_index: int = 0, dispatcher=None, recorder=None, linear=plain_linear):
+                 moe_index: int = 0, dispatcher=None, recorder=None, linear=plain_linear,
+                 tp: TensorParallel = ONE_RANK):
         super().__init__()
         if dispatcher is not None and moe_index >= dispatcher.num_layers:
             raise ValueError(f"the expert placement has {dispatcher.num_layers} MoE layers; this is MoE layer "
@@ -210,14 +226,21 @@ class MoE(nn.Module):
         self.gate_weight = nn.Parameter(torch.zeros(E + int(has_shared_gate), H))
         self.score_bias = nn.Parameter(torch.zeros(E)) if has_score_bias else None
         self.num_local = dispatcher.num_local if dispatcher is not None else E
-        self.w13 = nn.Parameter(torch.zeros(self.num_local + S, 2 * inter, H))
-        self.w2 = nn.Parameter(torch.zeros(self.num_local + S, H, inter))
-        self.shared = MLP(H, shared_inter, linear, f"layers.{layer_idx}.mlp.shared.") if shared_inter and not fold \
-            else None
+        # Tensor parallelism without EP: every expert (and folded shared chunk) holds this rank's
+        # share of the intermediate size, and the rows are partial sums until the all-reduce.
+        self.tp_sharded = tp.size > 1 and tp.expert_sharded
+        local_inter = inter // tp.size if self.tp_sharded else inter
+        self.w13 = nn.Parameter(torch.zeros(self.num_local + S, 2 * local_inter, H))
+        self.w2 = nn.Parameter(torch.zeros(self.num_local + S, H, local_inter))
+        self.shared = MLP(H, shared_inter // tp.size, linear, f"layers.{layer_idx}.mlp.shared.", tp) \
+            if shared_inter and not fold else None
         self.dispatcher, self.recorder = dispatcher, recorder
         # Expert parallelism: the folded shared expert's rows are computed by rank 0 alone, so the
-        # all-reduce adds each row exactly once (an unfolded shared MLP runs on every rank after it).
-        self.shared_here = dispatcher is None or dispatcher.rank == 0
+        # all-reduce adds each row exactly once (an unfolded shared MLP is TP-sharded and reduced itself).
+        # TP-sharded experts: every rank computes its part of every row, shared chunks included.
+        self.shared_here = dispatcher is None or dispatcher.rank == 0 or self.tp_sharded
+        self.reduce = (dispatcher.all_reduce if dispatcher is not None and dispatcher.all_reduce is not None
+                       else tp.all_reduce if self.tp_sharded else None)
 
     @property
     def num_experts(self) -> int:
@@ -271,7 +294,7 @@ class MoE(nn.Module):
         if record and self.recorder.mode == "per_token":
             self.recorder.record_tokens(self.moe_index, ids[:, :k], positions,
                                         None if seq_lens is None else seq_lens > 0)
-        reduce = self.dispatcher.all_reduce if self.dispatcher is not None else None
+        reduce = self.reduce
         if ops is None:
             rows = moe_math.expert_rows(x, self.w13, self.w2, slots, weights)
             if reduce is not None:
@@ -283,7 +306,7 @@ class MoE(nn.Module):
             rows = ops.moe_experts(x, self.w13, self.w2, slots, weights, False)
             reduce(rows)
             out = ops.moe_combine(rows)
-        if self.shared is not None:  # not folded: replicated on every EP rank, added after the reduce
+        if self.shared is not None:  # not folded: added after the reduce (TP: reduced in its down_proj)
             s = self.shared(x, ops)
             if spec.shared_gated:
                 s = torch.sigmoid(logits[:, spec.num_experts:]).to(s.dtype) * s
@@ -293,17 +316,18 @@ class MoE(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, flags: dict, moe_index: int = 0, dispatcher=None,
-                 recorder=None, linear=plain_linear, lora=None):
+                 recorder=None, linear=plain_linear, tp: TensorParallel = ONE_RANK, lora=None):
         super().__init__()
-        self.self_attn = Attention(cfg, layer_idx, flags["qkv_bias"], flags["qk_norm"], linear, lora)
+        self.self_attn = Attention(cfg, layer_idx, flags["qkv_bias"], flags["qk_norm"], linear, tp, lora)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = flags["moe"]
         if self.is_moe:
             self.mlp = MoE(cfg, layer_idx, flags["shared_gate"], flags["score_bias"], moe_index, dispatcher, recorder,
-                           linear)
+                           linear, tp)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, linear, f"layers.{layer_idx}.mlp.", lora)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size // tp.size, linear, f"layers.{layer_idx}.mlp.", tp,
+                           lora)
 
     def forward(self, h, residual, rope, fb, k_cache, v_cache, ops):
         """Returns (this layer's output, the residual stream before it): the next layer's norm
@@ -325,22 +349,33 @@ class CausalLM(nn.Module):
     o, gate/up, down, a shared expert's, lm_head) come from ``linear``, and the logits of tied
     embeddings from its ``matmul``; the embeddings are plain. ``lora``
     (``tandem.engine.lora.LoraWeights``, None without ``--enable-lora``) gives each linear of the
-    attention and of the dense MLPs its LoRA delta (not a MoE layer's shared expert, nor lm_head)."""
+    attention and of the dense MLPs its LoRA delta (not a MoE layer's shared expert, nor lm_head).
+
+    ``tp``: this rank's place in its tensor-parallel group; every module holds its shard
+    (``tandem.engine.tensor_parallel``), embedding and LM head ``vocab / tp`` rows each. LoRA
+    needs one rank (its deltas are not sharded)."""
 
     def __init__(self, cfg: ModelConfig, layer_flags: list[dict], tie_embeddings: bool, expert_dispatcher=None,
-                 expert_recorder=None, linear=plain_linear, lora=None):
+                 expert_recorder=None, linear=plain_linear, tp: TensorParallel = ONE_RANK, lora=None):
         super().__init__()
+        if lora is not None and tp.size > 1:
+            raise ValueError(f"LoRA with tensor parallelism (tp size {tp.size}) is not supported: "
+                             "the adapters' deltas are not sharded")
         self.cfg = cfg
+        self.tp = tp
         self.expert_dispatcher, self.expert_recorder = expert_dispatcher, expert_recorder
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        vocab = cfg.vocab_size // tp.size
+        self.vocab_start = tp.rank * vocab  # first token id of this rank's embedding rows
+        self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size)
         moe_index = [sum(f["moe"] for f in layer_flags[:i]) for i in range(len(layer_flags))]
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, f, moe_index[i], expert_dispatcher, expert_recorder, linear,
-                                                 lora) for i, f in enumerate(layer_flags))
+                                                 tp, lora)
+                                    for i, f in enumerate(layer_flags))
         self.lora = lora
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg)
         self.tie_embeddings = tie_embeddings
-        self.lm_head = None if tie_embeddings else linear("lm_head", cfg.hidden_size, cfg.vocab_size, False)
+        self.lm_head = None if tie_embeddings else linear("lm_head", cfg.hidden_size, vocab, False)
         self.tied_matmul = linear.matmul  # logits of tied embeddings
         self.ops = None  # set by set_backend() once the weights sit on their device
 
@@ -351,6 +386,11 @@ class CausalLM(nn.Module):
 
         self.ops = make_ops(backend, self.rotary, max_positions, deterministic)
 
+    @property
+    def kv_heads_per_rank(self) -> int:
+        """KV heads this rank's attention layers (and so its KV pool) hold."""
+        return self.layers[0].self_attn.num_kv_heads
+
     def moe_layers(self) -> list[MoE]:
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
 
@@ -359,7 +399,7 @@ class CausalLM(nn.Module):
         """Run the batch; return logits [S, vocab] (float32) for ``fb.logits_indices`` (all rows if None)."""
         h = self.hidden_states(fb, k_caches, v_caches)
         logits = self.tied_matmul(h, self.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
-        return logits.float()
+        return self.tp.all_gather_last(logits.float())  # vocab-parallel: every rank's columns
 
     @torch.inference_mode()
     def hidden_states(self, fb: ForwardBatch, k_caches: list, v_caches: list) -> torch.Tensor:
@@ -367,7 +407,7 @@ class CausalLM(nn.Module):
         for ``fb.logits_indices`` (all rows if None): what the LM head reads, and what
         embedding pooling reads."""
         ops = self.ops
-        h = self.embed_tokens(fb.input_ids)
+        h = self.embed(fb.input_ids)
         rope = ops.rope_inputs(fb.positions, h.dtype)
         residual = None
         for i, layer in enumerate(self.layers):
@@ -378,3 +418,12 @@ class CausalLM(nn.Module):
             h, residual = h[fb.logits_indices], residual[fb.logits_indices]
         h, _ = ops.rms_norm(h, self.norm.weight, self.norm.eps, residual)
         return h
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings; vocab-parallel: each rank looks up its own rows (others zero), all-reduced."""
+        if self.tp.size == 1:
+            return self.embed_tokens(ids)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.embed_tokens.num_embeddings)
+        h = self.embed_tokens(local.masked_fill(outside, 0))
+        return self.tp.all_reduce(h.masked_fill(outside[:, None], 0))

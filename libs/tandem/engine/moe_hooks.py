@@ -26,7 +26,9 @@ from tandem.eplb.placement import ExpertLocation
 from tandem.eplb.recorder import ExpertDistributionRecorder
 from tandem.eplb.runtime import EplbRuntime, ExpertStore
 
-__all__ = ["ExpertHooks", "expert_hooks"]
+from .tensor_parallel import ONE_RANK, TensorParallel
+
+__all__ = ["ExpertHooks", "expert_hooks", "tp_of"]
 
 
 class ExpertHooks:
@@ -51,8 +53,8 @@ class ExpertHooks:
     def build(self, mc, num_moe_layers: int) -> tuple[ExpertDispatcher | None, ExpertDistributionRecorder | None]:
         cfg = self.config
         if cfg.ep_size > 1 and self.ep_size == 1:
-            raise ValueError(f"ep_size={cfg.ep_size}: the engine needs its expert-parallel group "
-                             "(tandem.engine.expert_parallel.start_expert_parallel builds both)")
+            raise ValueError(f"ep_size={cfg.ep_size}: the engine needs its parallel group "
+                             "(tandem.engine.parallel.start_parallel builds both)")
         E = mc.num_experts
         recording = self.with_recorder and (cfg.enable_eplb or cfg.expert_distribution_recorder_mode is not None)
         placed = (self.location is not None or self.ep_size > 1 or cfg.enable_eplb or cfg.ep_num_redundant_experts > 0
@@ -89,10 +91,20 @@ class ExpertHooks:
         return EplbRuntime(self.dispatcher, weights, self.recorder, self.store)
 
 
-def expert_hooks(config: EngineConfig, device: str, expert_parallel=None) -> ExpertHooks:
-    """The hooks of an engine: one rank, or rank ``expert_parallel.rank`` of its EP group."""
-    if expert_parallel is None:
+def expert_hooks(config: EngineConfig, device: str, parallel=None) -> ExpertHooks:
+    """The hooks of an engine: one rank, or rank ``parallel.rank`` of its group (``ParallelGroup``)."""
+    if parallel is None or config.ep_size == 1:
         return ExpertHooks(config, device)
-    if expert_parallel.size != config.ep_size:
-        raise ValueError(f"ep_size={config.ep_size} but the expert-parallel group has {expert_parallel.size} ranks")
-    return ExpertHooks(config, device, expert_parallel.rank, expert_parallel.size, expert_parallel.all_reduce)
+    if parallel.ep_size != config.ep_size:
+        raise ValueError(f"ep_size={config.ep_size} but the parallel group has ep_size={parallel.ep_size}")
+    return ExpertHooks(config, device, parallel.rank, parallel.ep_size, parallel.all_reduce)
+
+
+def tp_of(config: EngineConfig, parallel=None) -> TensorParallel:
+    """The model's tensor-parallel place: ``parallel.tp`` (``ParallelGroup``), or one rank."""
+    if config.tp_size == 1:
+        return ONE_RANK
+    if parallel is None or parallel.tp_size != config.tp_size:
+        raise ValueError(f"tp_size={config.tp_size}: the engine needs its parallel group "
+                         "(tandem.engine.parallel.start_parallel builds both)")
+    return parallel.tp

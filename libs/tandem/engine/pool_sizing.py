@@ -10,11 +10,14 @@ from .model_config import ModelConfig
 CPU_KV_BYTES_CAP = 512 << 20
 
 
-def kv_pool_pages(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: str) -> int:
+def kv_pool_pages(cfg: EngineConfig, mc: ModelConfig, dtype: torch.dtype, device: str,
+                  kv_heads: int | None = None) -> int:
     """Pages of ``cfg.page_size`` tokens for the KV pool of model ``mc`` on ``device`` whose elements are
-    ``dtype`` (the KV cache dtype: an FP8 pool holds twice the tokens of a bf16 one in the same bytes)."""
+    ``dtype`` (the KV cache dtype: an FP8 pool holds twice the tokens of a bf16 one in the same bytes).
+    ``kv_heads``: the heads this rank's pool holds (TP; default all of the model's)."""
     page_size = cfg.page_size
-    bytes_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * dtype.itemsize
+    kv_heads = mc.num_kv_heads if kv_heads is None else kv_heads
+    bytes_per_token = 2 * mc.num_layers * kv_heads * mc.head_dim * dtype.itemsize
     if cfg.max_total_tokens:
         total_tokens = cfg.max_total_tokens
     elif device.startswith("cuda"):

@@ -125,9 +125,7 @@ class Scheduler:
         if req.tree_node is not None:
             self.cache.unlock(req.tree_node)
         req.pages, req.num_tree_pages, req.tree_node = [], 0, None
-        if req.lora_slot >= 0:
-            self.lora.release(req.lora_slot)
-            req.lora_slot = -1
+        self.release_lora(req)
 
     def acquire_lora(self, req: Request) -> bool:
         """Give req its adapter's device slot (pinned until ``release``); False when every slot
@@ -139,6 +137,12 @@ class Scheduler:
             return False
         req.lora_slot = slot
         return True
+
+    def release_lora(self, req: Request) -> None:
+        """Give back req's adapter slot (if it holds one)."""
+        if req.lora_slot >= 0:
+            self.lora.release(req.lora_slot)
+            req.lora_slot = -1
 
     def cache_prompt(self, req: Request) -> None:
         """Put the full pages of req's prefilled prompt into the prefix cache while it keeps
@@ -180,9 +184,7 @@ class Scheduler:
         # Keep one page of headroom per running request for its next decode page.
         if (need + len(self.running) > self.available_pages and self.running) or need > self.available_pages:
             self.cache.unlock(node)
-            if req.lora_slot >= 0:
-                self.lora.release(req.lora_slot)
-                req.lora_slot = -1
+            self.release_lora(req)
             return False
         req.pages = list(pages)
         req.num_tree_pages = len(pages)

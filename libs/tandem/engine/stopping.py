@@ -16,11 +16,17 @@ class StopChecker:
         self.tokenizer = tokenizer  # None: a checkpoint without tokenizer.json has token ids only
 
     def start(self, req: Request) -> None:
-        """Set up a new request's stop-string state (text is needed only when it has stop strings)."""
+        """Set up a new request's stop-string state (text is needed only when it has stop strings).
+
+        A continued request (output generated elsewhere) reads its output so far first, unarmed:
+        none of it matched where it was generated, but a stop string may begin in it and end in
+        the next tokens, and ``stop_text_pos`` counts the whole output's text."""
         sp = req.sampling
         if sp.stop and self.tokenizer is not None:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, sp.skip_special_tokens)
             req.stops = StopStrings(sp.stop)
+            if req.output_ids:
+                req.stops.feed(req.detokenizer.add(req.output_ids), armed=False)
 
     def check(self, req: Request, tok: int) -> str | None:
         """The finish reason after ``tok`` was appended to req's output, or None to go on."""

@@ -157,6 +157,10 @@ ENGINE_COUNTERS = (
     (_c(S + "load_back_tokens_total", "The number of tokens loaded from host to device."), "load_back_tokens"),
     (_c(S + "prefetched_tokens_total", "Number of prefetched prompt tokens."), "prefetched_tokens"),
     (_c(S + "backuped_tokens_total", "Number of backuped tokens."), "backuped_tokens"),
+    (_c("tandem_pd_transferred_tokens_total", "Decode: prompt tokens of remote prefills whose KV a prefill worker "
+        "wrote here."), "pd_transferred_tokens"),
+    (_c("tandem_pd_decode_reused_tokens_total", "Decode: prompt tokens of remote prefills that this worker's prefix "
+        "cache already held (--disaggregation-decode-enable-radix-cache): not transferred."), "pd_decode_reused_tokens"),
     (_c("tandem_hicache_host_hit_tokens_total", "Prefix tokens served by load-back from the host KV tier."),
      "hicache_host_hit_tokens"),
     (_c("tandem_hicache_load_back_bytes_total", "KV bytes loaded back from host or storage to the device."),
@@ -233,6 +237,8 @@ COMPONENT = _keyed(D, (
     _g(D + "gpu_prefix_cache_hit_rate", "Prefix cache hit rate 0..1.", COMPONENT_LABELS),
     _g(D + "model_load_time_seconds", "Time taken to load the model in seconds.", COMPONENT_LABELS),
     _c(D + "kv_cache_events_applied_total", "KV cache events (stored/removed) published.", COMPONENT_LABELS),
+    _c("tandem_component_drained_requests_total", "Requests a Drain handed back to their router (to be migrated "
+       "to another worker).", COMPONENT_LABELS),
 ))
 
 # --- Dynamo frontend (router) metrics ----------------------------------------------------
@@ -254,6 +260,11 @@ FRONTEND = _keyed(F, (
     _g(F + "model_context_length", "Context length of the served model.", FRONTEND_LABELS),
     _g(F + "model_kv_cache_block_size", "KV cache block (page) size in tokens.", FRONTEND_LABELS),
     _g(F + "model_total_kv_blocks", "KV blocks over all workers of the model.", FRONTEND_LABELS),
+    _c(F + "model_migration_total", "Request migrations because a worker became unavailable, by migration_type "
+       "(ongoing_request: it had streamed output, continued with its tokens so far, --migration-limit; "
+       "new_request: it had not, sent again, --request-retries).", FRONTEND_LABELS + ("migration_type",)),
+    _c(F + "model_migration_max_seq_len_exceeded_total", "Migrations not made because the prompt and the tokens "
+       "so far leave no room in the model's context (the client gets the error).", FRONTEND_LABELS),
 ))
 
 # --- Router overhead and routing decisions ----------------------------------------------

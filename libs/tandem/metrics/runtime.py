@@ -69,6 +69,7 @@ class ComponentMetrics:
         self._total_blocks, self._active_blocks = m["total_blocks"], m["active_blocks"]
         self._usage, self._hit_rate = m["gpu_cache_usage_percent"], m["gpu_prefix_cache_hit_rate"]
         self._load_time, self._kv_events = m["model_load_time_seconds"], m["kv_cache_events_applied_total"]
+        self._drained = m["tandem_component_drained_requests_total"]
         self.started_at = time.time()
         if registry is not None:
             registry.register(RefreshCollector(self.refresh_uptime))
@@ -111,6 +112,9 @@ class ComponentMetrics:
 
     def set_model_load_time(self, seconds: float) -> None:
         self._load_time.labels(**self.labels()).set(seconds)
+
+    def requests_drained(self, n: int) -> None:
+        self._drained.labels(**self.labels()).inc(n)
 
     def kv_events_applied(self, n: int = 1) -> None:
         self._kv_events.labels(**self.labels()).inc(n)
@@ -204,6 +208,8 @@ class FrontendMetrics:
         self.hit_rate, self.cached, self._tok = m["kv_hit_rate"], m["cached_tokens"], m["tokenizer_latency_ms"]
         self._ctx, self._block, self._blocks = (m["model_context_length"], m["model_kv_cache_block_size"],
                                                 m["model_total_kv_blocks"])
+        self._migrations, self._migration_too_long = (m["model_migration_total"],
+                                                      m["model_migration_max_seq_len_exceeded_total"])
         for g in (self._inflight, self.queued, self.disconnected):
             g.labels(**self.base)  # series exist (at 0) before the first request
 
@@ -215,6 +221,13 @@ class FrontendMetrics:
             self._block.labels(**self.base).set(kv_cache_block_size)
         if total_kv_blocks is not None:
             self._blocks.labels(**self.base).set(total_kv_blocks)
+
+    def record_migration(self, migration_type: str) -> None:
+        """migration_type: "ongoing_request" (continued with its tokens so far) | "new_request" (sent again)."""
+        self._migrations.labels(**self.base, migration_type=migration_type).inc()
+
+    def migration_too_long(self) -> None:
+        self._migration_too_long.labels(**self.base).inc()
 
     def observe_tokenizer_ms(self, operation: str, ms: float) -> None:
         """operation: "tokenize" | "detokenize" | "chat_template"."""

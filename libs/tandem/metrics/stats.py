@@ -74,6 +74,8 @@ class SchedulerStats:
     kv_transfer_total_mb: float | None = None  # decode: KV received
     num_bootstrap_failed_reqs: int = 0  # attempts that failed before prefill confirmed the room
     num_transfer_failed_reqs: int = 0  # attempts that failed later
+    pd_transferred_tokens: int = 0  # decode: prompt tokens whose KV a prefill worker wrote here
+    pd_decode_reused_tokens: int = 0  # decode: prompt tokens of remote prefills already in the prefix cache
 
     # HiCache (SGLang's fields, set by a worker with --enable-hierarchical-cache; tandem never
     # sets prefetch_occupied_ratio: its storage prefetch has no rate limit)

@@ -179,3 +179,21 @@ def check_fits_context(num_prompt_tokens: int, sp: SamplingParams, context_lengt
         raise SamplingError("max_tokens", f"this model's maximum context length is {context_length} tokens; the "
                             f"prompt ({num_prompt_tokens}) + max_tokens ({sp.max_tokens}) exceeds it: reduce the "
                             "prompt or max_tokens", "context_length_exceeded")
+
+
+def check_continuation(num_prompt_tokens: int, num_output_tokens: int, sp: SamplingParams,
+                       context_length: int) -> None:
+    """A migrated request (its prompt plus the ``num_output_tokens`` it already generated
+    elsewhere) can continue: something is left of max_tokens, no prompt logprobs are asked for
+    again, and the sequence leaves room for one more token in the context. The router checks
+    it before migrating, the worker when the request arrives."""
+    if num_output_tokens >= sp.max_tokens:
+        raise SamplingError("output_ids", f"{num_output_tokens} tokens already generated: nothing is left of "
+                            f"max_tokens={sp.max_tokens}")
+    if num_output_tokens and sp.prompt_logprobs is not None:
+        raise SamplingError("prompt_logprobs", "a continued request (output_ids) cannot ask for prompt_logprobs "
+                            "again: they came with its first chunk")
+    if num_prompt_tokens + num_output_tokens >= context_length:
+        raise SamplingError("output_ids", f"this model's maximum context length is {context_length} tokens, but the "
+                            f"prompt ({num_prompt_tokens}) + the tokens already generated ({num_output_tokens}) "
+                            "leave no room for another token", "context_length_exceeded")

@@ -142,6 +142,12 @@ class ServiceRuntime:
             os.replace(tmp, self.config.ready_file)
         log.info("%s ready (SERVING) after %.2fs", self.name, time.time() - self.started_at)
 
+    def set_not_serving(self) -> None:
+        """Health NOT_SERVING while the process goes on (a drained worker): routers take it out of
+        rotation."""
+        for svc in ["", *self._service_names]:
+            self.health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     @property
     def ready(self) -> bool:
         return self._ready.is_set()

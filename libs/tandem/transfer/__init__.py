@@ -38,15 +38,19 @@ from .base import (
 )
 from .grpc_backend import GrpcKvReceiver, GrpcKvSender
 from .layout import (
+    HeadSlice,
     KvBuffers,
     LayoutMismatchError,
     PoolLayout,
     build_layout,
     check_compatible,
+    head_slice,
     merge_page_runs,
     pages_needed,
     run_descriptors,
+    slice_descriptors,
     validate_pages,
+    writers_of,
 )
 from .messages import AuxData, FailureReason, KvPages, TransferDone, TransferFailure, TransferMessage
 
@@ -101,11 +105,11 @@ def make_receiver(backend: str, buffers: KvBuffers, name: str, model_fingerprint
 
 
 __all__ = [
-    "AUX_MIN_SLOT_BYTES", "AuxData", "AuxRow", "FailureReason", "GrpcKvReceiver", "GrpcKvSender",
+    "AUX_MIN_SLOT_BYTES", "AuxData", "AuxRow", "FailureReason", "GrpcKvReceiver", "GrpcKvSender", "HeadSlice",
     "HandleKind", "KVPoll", "KvBuffers", "KvPages", "KvReceiver", "KvSender", "LayoutMismatchError",
     "PoolLayout", "Registration", "SampleToken", "TransferDone", "TransferError", "TransferFailure",
     "TransferHandle", "TransferMessage", "XferState", "XferStatus", "available_backends", "aux_max_samples",
     "aux_max_top", "backends", "build_layout", "check_compatible", "inband_aux", "make_receiver",
     "make_sender", "merge_page_runs", "new_room_id", "pack_aux_row", "pages_needed", "register_backend", "run_descriptors",
-    "unpack_aux_row", "validate_pages",
+    "unpack_aux_row", "validate_pages", "head_slice", "slice_descriptors", "writers_of",
 ]

@@ -35,12 +35,14 @@ import torch
 
 from .aux import AuxRow, pack_aux_row, unpack_aux_row
 from .layout import (
+    HeadSlice,
     KvBuffers,
     PoolLayout,
     build_layout,
     check_addresses,
     check_allocation,
     check_compatible,
+    head_slice,
     validate_pages,
 )
 from .messages import AuxData, FailureReason, KvPages, TransferDone, TransferFailure, TransferMessage
@@ -135,7 +137,7 @@ class Room:
     state: KVPoll
     pages: np.ndarray | None = None
     aux_slot: int = -1
-    peer: str | None = None
+    peer: str | tuple[str, ...] | None = None
     chunks: set[int] = field(default_factory=set)
     num_chunks: int | None = None  # known once the is_last chunk arrived
     aux_done: bool = False
@@ -144,7 +146,8 @@ class Room:
     since: float = field(default_factory=time.monotonic)
     bytes_received: int = 0
     # Pages written per layer (in-band backends): sorted pages, their position in the
-    # allocation, and a [layers, pages] coverage matrix.
+    # allocation, and a [layers, pages, kv heads] coverage array (senders of another TP size
+    # write head slices).
     sorted_pages: np.ndarray | None = None
     order: np.ndarray | None = None
     coverage: np.ndarray | None = None
@@ -200,10 +203,11 @@ class KvReceiver:
         room: int,
         page_indices: Sequence[int],
         aux_slot: int,
-        peer: str | None = None,
+        peer: str | tuple[str, ...] | None = None,
     ) -> None:
         """Declare that ``room`` will fill ``page_indices`` and ``aux_slot`` (state
-        WaitingForInput). ``peer``: the sender agent allowed to write it (nixl).
+        WaitingForInput). ``peer``: the sender agent allowed to write it (nixl), or every one of
+        several sender agents (a prefill worker of another TP size: each of its ranks writes heads).
 
         Never writes the pages or the aux slot: the sender's writes, and their
         notifications, may have landed before this call. Clearing the slot is its owner's
@@ -228,7 +232,7 @@ class KvReceiver:
             r.pages, r.aux_slot, r.peer = pages, aux_slot, peer
             r.order = np.argsort(pages, kind="stable")
             r.sorted_pages = pages[r.order]
-            r.coverage = np.zeros((self.buffers.num_layers, len(pages)), dtype=bool)
+            r.coverage = np.zeros((self.buffers.num_layers, len(pages), self.buffers.kv_heads), dtype=bool)
             self._on_expect(r)
 
     def handle(self, msg: TransferMessage) -> KVPoll:
@@ -386,9 +390,9 @@ class KvReceiver:
                             f"(pool has {self.buffers.num_pages} pages)")
         return at
 
-    def _mark_covered(self, r: Room, msg: KvPages, at: np.ndarray) -> None:
+    def _mark_covered(self, r: Room, msg: KvPages, at: np.ndarray, heads: slice = slice(None)) -> None:
         layers = slice(None) if msg.layer is None else msg.layer
-        r.coverage[layers, r.order[at]] = True
+        r.coverage[layers, r.order[at], heads] = True
         self._chunk_arrived(r, msg.chunk_index, msg.is_last, len(msg.k) + len(msg.v))
 
     def _reject(self, r: Room, message: str):
@@ -514,6 +518,10 @@ class KvSender:
         ``dst_pages`` and ``aux_slot`` (checked before anything is computed or written)."""
         check_allocation(self.peer_layout(peer), dst_pages, aux_slot, num_pages)
 
+    def head_slice(self, peer: str) -> HeadSlice | None:
+        """The KV heads this rank writes into ``peer`` (None: none, another rank writes them)."""
+        return head_slice(self.layout, self.peer_layout(peer))
+
     def peer_layout(self, peer: str) -> PoolLayout:
         with self._peers_lock:
             try:
@@ -539,6 +547,11 @@ class KvSender:
             raise ValueError(f"{src.size} prefill pages but {dst.size} decode pages")
         if chunk_index < 0:
             raise ValueError(f"chunk_index must be >= 0, got {chunk_index}")
+        if head_slice(self.layout, remote) is None:
+            raise ValueError(f"this rank (TP {self.layout.tp_size} rank {self.layout.tp_rank}, KV heads "
+                             f"[{self.layout.kv_head_start}, {self.layout.kv_head_start + self.layout.num_kv_heads})) "
+                             f"writes no KV head into {peer!r} (TP {remote.tp_size} rank {remote.tp_rank}, heads "
+                             f"[{remote.kv_head_start}, {remote.kv_head_start + remote.num_kv_heads}))")
         return self._send_kv(room, peer, remote, src, dst, chunk_index, is_last)
 
     def send_aux(self, room: int, peer: str, aux_slot: int, row: AuxRow) -> TransferHandle:

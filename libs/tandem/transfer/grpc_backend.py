@@ -13,13 +13,14 @@ allocation has been written, the aux row and the sender's TransferDone have arri
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import numpy as np
 import torch
 
 from .base import HandleKind, KvReceiver, KvSender, Room, TransferHandle, XferState, XferStatus, inband_aux
-from .layout import KvBuffers, merge_page_runs
+from .layout import KvBuffers, head_slice, merge_page_runs
 from .messages import KvPages
 
 DEFAULT_MAX_MESSAGE_BYTES = 3 << 20
@@ -68,6 +69,21 @@ def _write_pages(t: torch.Tensor, pages: np.ndarray, data: bytes) -> None:
     _byte_rows(t).index_copy_(0, torch.from_numpy(pages).to(t.device), src.to(t.device))
 
 
+def _slice_bytes(t: torch.Tensor, pages: np.ndarray, first: int, n: int) -> bytes:
+    """Heads ``[first, first + n)`` of every token of ``pages`` of one layer tensor, packed
+    ``[pages, page_size, n, head_dim]`` (one gather)."""
+    idx = torch.from_numpy(pages).to(t.device)
+    return t.index_select(0, idx)[:, :, first:first + n].contiguous().view(torch.uint8).cpu().numpy().tobytes()
+
+
+def _write_slice(t: torch.Tensor, pages: np.ndarray, heads: slice, data: bytes) -> None:
+    """Write packed head-slice bytes into heads ``heads`` of pages ``pages`` of one layer tensor."""
+    n = heads.stop - heads.start
+    src = _from_bytes(data).view(t.dtype).view(len(pages), t.shape[1], n, t.shape[3])
+    idx = torch.from_numpy(pages).to(t.device)
+    t[idx, :, heads.start:heads.stop] = src.to(t.device)
+
+
 class GrpcKvSender(KvSender):
     """Packs local pages into :class:`KvPages` messages (``handle.messages``)."""
 
@@ -89,20 +105,28 @@ class GrpcKvSender(KvSender):
         self.max_message_bytes = max_message_bytes
 
     def _send_kv(self, room, peer, remote, src, dst, chunk_index, is_last) -> TransferHandle:
-        per_msg = max(1, self.max_message_bytes // (2 * self.buffers.bytes_per_page))
+        hs = head_slice(self.layout, remote)
+        whole = hs.whole_pages(self.layout, remote)
+        page_bytes = self.buffers.bytes_per_page if whole else self.buffers.bytes_per_page // self.buffers.kv_heads * hs.num_heads
+        heads = {} if whole else {"kv_head_start": hs.model_head, "kv_heads": hs.num_heads}
+        per_msg = max(1, self.max_message_bytes // (2 * page_bytes))
         msgs = []
         nbytes = 0
         for layer in range(self.buffers.num_layers):
             for s in range(0, max(len(src), 1), per_msg):
                 idx = src[s : s + per_msg]
-                k = _page_bytes(self.buffers.k[layer], idx) if len(idx) else b""
-                v = _page_bytes(self.buffers.v[layer], idx) if len(idx) else b""
+                if whole:
+                    k = _page_bytes(self.buffers.k[layer], idx) if len(idx) else b""
+                    v = _page_bytes(self.buffers.v[layer], idx) if len(idx) else b""
+                else:
+                    k = _slice_bytes(self.buffers.k[layer], idx, hs.src_head, hs.num_heads) if len(idx) else b""
+                    v = _slice_bytes(self.buffers.v[layer], idx, hs.src_head, hs.num_heads) if len(idx) else b""
                 nbytes += len(k) + len(v)
-                msgs.append(KvPages(room, chunk_index, tuple(dst[s : s + per_msg].tolist()), False, layer, k, v))
+                msgs.append(KvPages(room, chunk_index, tuple(dst[s : s + per_msg].tolist()), False, layer, k, v,
+                                    **heads))
             if not len(src):
                 break  # an empty chunk still sends one (empty) message so it is counted
-        last = msgs[-1]
-        msgs[-1] = KvPages(last.room, last.chunk_index, last.dst_pages, is_last, last.layer, last.k, last.v)
+        msgs[-1] = dataclasses.replace(msgs[-1], is_last=is_last)
         return TransferHandle(room, peer, HandleKind.KV, nbytes, chunk_index, is_last, messages=msgs,
                               backend_state=XferState.DONE)
 
@@ -127,14 +151,26 @@ class GrpcKvReceiver(KvReceiver):
             self._reject(r, f"room {r.room}: KvPages without a layer carries no page bytes")
         at = self._covered_pages(r, msg)
         dst = np.asarray(msg.dst_pages, dtype=np.int64)
+        heads = slice(None)
         want = len(dst) * b.bytes_per_page
+        if msg.kv_heads:  # a head slice from a sender of another TP size
+            first = msg.kv_head_start - self.layout.kv_head_start
+            if first < 0 or first + msg.kv_heads > b.kv_heads:
+                self._reject(r, f"room {r.room}: KV heads [{msg.kv_head_start}, {msg.kv_head_start + msg.kv_heads}) "
+                                f"are not all on this rank (heads [{self.layout.kv_head_start}, "
+                                f"{self.layout.kv_head_start + b.kv_heads}))")
+            heads = slice(first, first + msg.kv_heads)
+            want = want // b.kv_heads * msg.kv_heads
         if len(msg.k) != want or len(msg.v) != want:
             self._reject(r, f"room {r.room}: KvPages for {len(dst)} pages carries "
                             f"{len(msg.k)}/{len(msg.v)} K/V bytes, expected {want}")
         if len(dst):
             for data, pool in ((msg.k, b.k), (msg.v, b.v)):
-                _write_pages(pool[msg.layer], dst, data)
-        self._mark_covered(r, msg, at)
+                if msg.kv_heads:
+                    _write_slice(pool[msg.layer], dst, heads, data)
+                else:
+                    _write_pages(pool[msg.layer], dst, data)
+        self._mark_covered(r, msg, at, heads)
 
     def _room_complete(self, r: Room) -> bool:
         return bool(r.coverage.all())

@@ -10,6 +10,14 @@ is the byte range ``[base_l + p * bytes_per_page, base_l + (p + 1) * bytes_per_p
 
 FP8 pools (``float8_e4m3fn`` / ``float8_e5m2``) carry one K and one V dequantization scale per
 layer: pages move as their bytes, so both sides must hold the same dtype and the same scales.
+
+Tensor parallelism: a worker of ``tp_size`` ranks has one pool per rank, holding the model's KV
+heads ``[kv_head_start, kv_head_start + kv_heads)`` of ``total_kv_heads`` (KV heads replicated
+over ranks when the model has fewer than ``tp_size``). Prefill rank ``p`` writes into decode rank
+``d`` the heads both hold (:func:`head_slice`; a head replicated on prefill is written by its
+lowest rank only); inside a page a token's heads are contiguous, so a head slice is
+``page_size`` byte ranges per page (:func:`slice_descriptors`), or whole pages when both pools
+hold exactly the same heads.
 """
 
 from __future__ import annotations
@@ -50,10 +58,13 @@ _MISMATCH_HINTS["v_scales"] = _MISMATCH_HINTS["k_scales"]
 class LayoutMismatchError(ValueError):
     """Two KV layouts cannot exchange pages; ``field`` names the first mismatching field."""
 
-    def __init__(self, field_name: str, local, remote):
+    def __init__(self, field_name: str, local, remote, message: str | None = None):
         self.field = field_name
         self.local = local
         self.remote = remote
+        if message is not None:
+            super().__init__(message)
+            return
         hint = _MISMATCH_HINTS.get(field_name)
         if field_name in ("k_scales", "v_scales") and len(local) == len(remote):
             layer = next(i for i, (a, b) in enumerate(zip(local, remote)) if a != b)
@@ -104,6 +115,12 @@ class KvBuffers:
     aux: torch.Tensor
     k_scales: Sequence[float] = ()
     v_scales: Sequence[float] = ()
+    # Tensor parallelism: this pool is rank tp_rank's of tp_size, holding the model's KV heads
+    # [kv_head_start, kv_head_start + kv_heads) of total_kv_heads (0: kv_heads, an unsharded pool).
+    tp_size: int = 1
+    tp_rank: int = 0
+    kv_head_start: int = 0
+    total_kv_heads: int = 0
 
     def __post_init__(self):
         self.k = list(self.k)
@@ -152,6 +169,11 @@ class KvBuffers:
         # The pool's shape, fixed from here on.
         self.num_layers, self.dtype = len(self.k), ref.dtype
         self.num_pages, self.page_size, self.kv_heads, self.head_dim = ref.shape
+        self.total_kv_heads = self.total_kv_heads or self.kv_heads
+        if not (0 <= self.tp_rank < self.tp_size and 0 <= self.kv_head_start
+                and self.kv_head_start + self.kv_heads <= self.total_kv_heads):
+            raise ValueError(f"TP rank {self.tp_rank} of {self.tp_size} holding KV heads [{self.kv_head_start}, "
+                             f"{self.kv_head_start + self.kv_heads}) of {self.total_kv_heads}: out of range")
 
     @property
     def bytes_per_page(self) -> int:
@@ -231,12 +253,23 @@ class PoolLayout:
     aux_device_id: int = 0
     k_scales: tuple[float, ...] = ()  # FP8: each layer's K dequantization scale (empty otherwise)
     v_scales: tuple[float, ...] = ()
+    tp_size: int = 1  # ranks of the worker; this pool is rank tp_rank's
+    tp_rank: int = 0
+    kv_head_start: int = 0  # first of the model's KV heads this pool holds (num_kv_heads of them)
+    total_kv_heads: int = 0  # the model's KV heads (0: num_kv_heads, an unsharded pool)
 
     def __post_init__(self):
         self.k_base_addrs = tuple(int(a) for a in self.k_base_addrs)
         self.v_base_addrs = tuple(int(a) for a in self.v_base_addrs)
         self.k_scales = tuple(float(s) for s in self.k_scales)
         self.v_scales = tuple(float(s) for s in self.v_scales)
+        self.tp_size = max(1, int(self.tp_size))
+        self.total_kv_heads = int(self.total_kv_heads) or self.num_kv_heads
+
+    @property
+    def element_bytes(self) -> int:
+        """Bytes of one K (or V) element."""
+        return self.bytes_per_page // max(1, self.page_size * self.num_kv_heads * self.head_dim)
 
 
 def build_layout(buffers: KvBuffers, model_fingerprint: str = "") -> PoolLayout:
@@ -261,6 +294,10 @@ def build_layout(buffers: KvBuffers, model_fingerprint: str = "") -> PoolLayout:
         aux_device_id=buffers.aux_device_id,
         k_scales=buffers.k_scales,
         v_scales=buffers.v_scales,
+        tp_size=buffers.tp_size,
+        tp_rank=buffers.tp_rank,
+        kv_head_start=buffers.kv_head_start,
+        total_kv_heads=buffers.total_kv_heads,
     )
 
 
@@ -281,12 +318,121 @@ _COMPAT_FIELDS = (
 def check_compatible(local: PoolLayout, remote: PoolLayout) -> None:
     """Raise :class:`LayoutMismatchError` naming the first field that differs.
 
-    Pool sizes (pages, aux slots), addresses and memory kinds may differ between workers.
+    Pool sizes (pages, aux slots), addresses and memory kinds may differ between workers; so may
+    their TP sizes, when both shard the same model's KV heads (a rank's heads and page bytes then
+    differ, and pages move as head slices).
     """
+    sharded = local.tp_size > 1 or remote.tp_size > 1
+    if sharded and local.total_kv_heads != remote.total_kv_heads:
+        raise LayoutMismatchError(
+            "total_kv_heads", local.total_kv_heads, remote.total_kv_heads,
+            f"KV layout mismatch: this side (TP {local.tp_size}) has a model of {local.total_kv_heads} KV heads "
+            f"({local.num_kv_heads} per rank), the peer (TP {remote.tp_size}) one of {remote.total_kv_heads} "
+            f"({remote.num_kv_heads} per rank): prefill and decode must serve the same model")
     for f in _COMPAT_FIELDS:
+        if sharded and f in ("num_kv_heads", "bytes_per_page"):
+            continue  # per rank; the model's heads were compared above
         a, b = getattr(local, f), getattr(remote, f)
         if a != b:
             raise LayoutMismatchError(f, a, b)
+
+
+@dataclass(frozen=True)
+class HeadSlice:
+    """The KV heads one pool writes into another: ``num_heads`` heads starting at head ``src_head`` of
+    the source pool and ``dst_head`` of the destination pool (model head ``model_head``)."""
+
+    src_head: int
+    dst_head: int
+    num_heads: int
+    model_head: int
+
+    def whole_pages(self, local: PoolLayout, remote: PoolLayout) -> bool:
+        """Both pools hold exactly these heads: pages move whole."""
+        return self.num_heads == local.num_kv_heads == remote.num_kv_heads
+
+
+def writes_heads(layout: PoolLayout) -> bool:
+    """Whether this (sending) rank writes its heads: a KV head replicated over ranks is written by
+    the lowest of them only."""
+    if layout.total_kv_heads >= layout.tp_size:
+        return True
+    return layout.tp_rank % (layout.tp_size // layout.total_kv_heads) == 0
+
+
+def head_slice(local: PoolLayout, remote: PoolLayout) -> HeadSlice | None:
+    """The heads ``local`` (a sender's rank) writes into ``remote`` (a receiver's rank); None when
+    they share none, or when another sender rank writes ``local``'s replicated heads."""
+    if not writes_heads(local):
+        return None
+    lo = max(local.kv_head_start, remote.kv_head_start)
+    hi = min(local.kv_head_start + local.num_kv_heads, remote.kv_head_start + remote.num_kv_heads)
+    if hi <= lo:
+        return None
+    return HeadSlice(lo - local.kv_head_start, lo - remote.kv_head_start, hi - lo, lo)
+
+
+def writers_of(remote: PoolLayout, senders: Sequence[PoolLayout]) -> list[int]:
+    """Indices of ``senders`` (one layout per sender rank) that write into ``remote``; ValueError
+    naming both TP sizes and head counts unless they cover every head ``remote`` holds exactly once."""
+    covered = np.zeros(remote.num_kv_heads, dtype=np.int64)
+    out = []
+    for i, s in enumerate(senders):
+        hs = head_slice(s, remote)
+        if hs is not None:
+            covered[hs.dst_head:hs.dst_head + hs.num_heads] += 1
+            out.append(i)
+    if not (covered == 1).all():
+        tp = senders[0].tp_size if senders else 0
+        raise ValueError(
+            f"prefill TP {tp} ({senders[0].num_kv_heads if senders else 0} KV heads per rank of "
+            f"{remote.total_kv_heads}) cannot fill decode rank {remote.tp_rank} of TP {remote.tp_size} "
+            f"(KV heads [{remote.kv_head_start}, {remote.kv_head_start + remote.num_kv_heads})): heads covered "
+            f"{covered.tolist()} times")
+    return out
+
+
+def slice_descriptors(
+    local: PoolLayout,
+    remote: PoolLayout,
+    src_pages,
+    dst_pages,
+    hs: HeadSlice,
+    layers: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Byte descriptors ``[n, 3]`` (addr, nbytes, device_id) writing head slice ``hs`` of local pages
+    ``src_pages`` into remote pages ``dst_pages``, every layer (or ``layers``), K then V: whole page
+    runs when both hold the same heads (:func:`run_descriptors`), else one range per token."""
+    if hs.whole_pages(local, remote):
+        return run_descriptors(local, remote, merge_page_runs(src_pages, dst_pages), layers)
+    elt = local.element_bytes
+    if elt != remote.element_bytes or local.page_size != remote.page_size or local.head_dim != remote.head_dim:
+        raise ValueError("head slices need the same dtype, page size and head dim on both sides")
+    src = np.asarray(src_pages, dtype=np.uint64).reshape(-1)
+    dst = np.asarray(dst_pages, dtype=np.uint64).reshape(-1)
+    if src.shape != dst.shape:
+        raise ValueError(f"{src.size} source pages but {dst.size} destination pages")
+    head_bytes = local.head_dim * elt
+    tok = np.arange(local.page_size, dtype=np.uint64)
+    # Offsets inside every page of the sliced heads of each token: [pages, page_size].
+    s_off = (src[:, None] * np.uint64(local.bytes_per_page)
+             + (tok[None, :] * np.uint64(local.num_kv_heads) + np.uint64(hs.src_head)) * np.uint64(head_bytes))
+    d_off = (dst[:, None] * np.uint64(remote.bytes_per_page)
+             + (tok[None, :] * np.uint64(remote.num_kv_heads) + np.uint64(hs.dst_head)) * np.uint64(head_bytes))
+    s_off, d_off = s_off.reshape(-1), d_off.reshape(-1)
+    idx = np.asarray(range(local.num_layers) if layers is None else list(layers), dtype=np.int64)
+    src_bases = np.concatenate((np.asarray(local.k_base_addrs, dtype=np.uint64)[idx],
+                                np.asarray(local.v_base_addrs, dtype=np.uint64)[idx]))
+    dst_bases = np.concatenate((np.asarray(remote.k_base_addrs, dtype=np.uint64)[idx],
+                                np.asarray(remote.v_base_addrs, dtype=np.uint64)[idx]))
+    n = src_bases.size * s_off.size
+    out_s, out_d = np.empty((n, 3), dtype=np.uint64), np.empty((n, 3), dtype=np.uint64)
+    out_s[:, 0] = (src_bases[:, None] + s_off[None, :]).reshape(-1)
+    out_d[:, 0] = (dst_bases[:, None] + d_off[None, :]).reshape(-1)
+    out_s[:, 1] = out_d[:, 1] = hs.num_heads * head_bytes
+    out_s[:, 2] = local.device_id
+    out_d[:, 2] = remote.device_id
+    return out_s, out_d
 
 
 def check_addresses(layout: PoolLayout) -> None:

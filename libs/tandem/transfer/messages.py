@@ -32,7 +32,9 @@ class KvPages:
     With ``k``/``v`` set (in-band backends), they carry ``len(dst_pages)`` pages of layer
     ``layer``, packed in ``dst_pages`` order. Without bytes, the sender already wrote the
     pages of every layer (``layer`` None) and this message is the notice.
-    ``is_last``: the last message of the room's last chunk.
+    ``is_last``: the last message of the room's last chunk. ``kv_heads`` > 0: the bytes hold only the
+    model's KV heads ``[kv_head_start, kv_head_start + kv_heads)`` of every token (a sender and a
+    receiver of different TP sizes), packed ``[pages, page_size, kv_heads, head_dim]``; 0: whole pages.
     """
 
     room: int
@@ -42,6 +44,8 @@ class KvPages:
     layer: int | None = None
     k: bytes = b""
     v: bytes = b""
+    kv_head_start: int = 0
+    kv_heads: int = 0
 
 
 @dataclass(frozen=True)

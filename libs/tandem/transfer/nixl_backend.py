@@ -30,7 +30,7 @@ from .base import (
     XferState,
     XferStatus,
 )
-from .layout import KvBuffers, merge_page_runs, run_descriptors
+from .layout import KvBuffers, head_slice, slice_descriptors
 from .messages import FailureReason, TransferFailure
 
 log = logging.getLogger(__name__)
@@ -243,8 +243,8 @@ class NixlKvSender(KvSender):
         return h
 
     def _send_kv(self, room, peer, remote, src, dst, chunk_index, is_last) -> TransferHandle:
-        runs = merge_page_runs(src, dst)
-        s, d = run_descriptors(self.layout, remote, runs)
+        # Whole page runs, or this rank's heads of every token (a decode worker of another TP size).
+        s, d = slice_descriptors(self.layout, remote, src, dst, head_slice(self.layout, remote))
         h = TransferHandle(room, peer, HandleKind.KV, int(s[:, 1].sum()) if len(s) else 0, chunk_index, is_last,
                            backend_state=_Xfer())
         return self._post(h, s, d, remote.mem_type, kv_notif(room, chunk_index, is_last), self.layout.mem_type)
@@ -316,7 +316,11 @@ class NixlKvSender(KvSender):
 
 
 class NixlKvReceiver(KvReceiver):
-    """Decode side of the nixl backend: counts notifications per room."""
+    """Decode side of the nixl backend: counts notifications per room.
+
+    A room may be written by several sender agents (``expect(..., peer=(a, b))``: the prefill ranks
+    of another TP size, each writing its heads): a chunk counts once every one of them notified it;
+    the aux row comes from one of them (prefill rank 0)."""
 
     backend = "nixl"
     _MAX_PENDING = 65536
@@ -329,6 +333,8 @@ class NixlKvReceiver(KvReceiver):
         self.agent = self._nixl.agent
         # Notifications that arrived before expect(), oldest first.
         self._pending: OrderedDict[int, list[tuple[str, bytes]]] = OrderedDict()
+        # Rooms of several senders: per room, per chunk, the senders that notified it so far.
+        self._chunk_senders: dict[int, dict[int, set[str]]] = {}
 
     def agent_metadata(self) -> bytes:
         with self._lock:
@@ -366,10 +372,19 @@ class NixlKvReceiver(KvReceiver):
                 while len(self._pending) > self._MAX_PENDING:
                     self._pending.popitem(last=False)
             return
-        if r.peer is not None and agent != r.peer:
+        senders = r.peer if isinstance(r.peer, tuple) else None
+        # Several senders: the aux row comes from the prefill leader (rank 0), which need not write
+        # KV heads into this rank, so it is taken from any agent.
+        if r.peer is not None and agent not in (senders or (r.peer,)) and not (senders and kind == "aux"):
             log.warning("room %s: ignoring %r from %s (expected %s)", room, msg, agent, r.peer)
             return
-        if kind == "kv":
+        if kind == "kv" and senders is not None and len(senders) > 1:
+            chunk, is_last = args
+            seen = self._chunk_senders.setdefault(room, {}).setdefault(chunk, set())
+            seen.add(agent)
+            if len(seen) == len(senders):  # every sender rank wrote its heads of this chunk
+                self._chunk_arrived(r, chunk, is_last)
+        elif kind == "kv":
             self._chunk_arrived(r, *args)
         elif kind == "aux":
             self._aux_arrived(r)
@@ -383,6 +398,7 @@ class NixlKvReceiver(KvReceiver):
 
     def _on_forget(self, room: int) -> None:
         self._pending.pop(room, None)
+        self._chunk_senders.pop(room, None)
 
     def close(self) -> None:
         self._nixl.stop_progress()

@@ -7,11 +7,19 @@ adapters: ``lora_control``; the expert recorder: ``eplb``).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import grpc
 from tandem.server.system_http import SystemHttpServer
 from tandem.v1 import engine_control_pb2, engine_control_pb2_grpc
 from tandem.worker.lora_control import LoraControl, LoraControlError, LoraResult
 from tandem.worker.profiler import EngineProfiler, ProfileRequest
+
+if TYPE_CHECKING:
+    from tandem.worker.decode import DrainReport
+
+DEFAULT_DRAIN_TIMEOUT_S = 60.0
 
 
 def _profile_request(body: dict) -> ProfileRequest:
@@ -57,6 +65,25 @@ class EngineControlServicer(engine_control_pb2_grpc.EngineControlServicer):
         self.profiler = profiler
         self.expert_recorder = expert_recorder
         self.loras = loras
+        self._drain: Callable[[float], DrainReport] | None = None
+
+    def serve_drain(self, drain: Callable[[float], DrainReport]) -> None:
+        """Answer Drain with ``drain(timeout_s)`` (decode and aggregated workers; others refuse it)."""
+        self._drain = drain
+
+    def Drain(self, request, context):
+        if self._drain is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "Drain is served by decode and aggregated workers")
+        if request.timeout_s < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"timeout_s={request.timeout_s}: must be >= 0")
+        report = self._drain(request.timeout_s or DEFAULT_DRAIN_TIMEOUT_S)
+        message = ("drained" if report.ok else
+                   f"not drained: {report.requests_left} requests and {report.pages_in_use} pages left")
+        return engine_control_pb2.DrainResponse(ok=report.ok, message=message,
+                                                num_requests_handed_back=len(report.handed_back),
+                                                request_ids=report.handed_back,
+                                                num_requests_left=report.requests_left,
+                                                num_pages_in_use=report.pages_in_use)
 
     def StartProfile(self, request, context):
         req = ProfileRequest(output_dir=request.output_dir, num_steps=request.num_steps,

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import grpc
 from tandem.config import DecodeConfig
@@ -21,8 +22,9 @@ from tandem.sampling import SamplingParams
 from tandem.v1 import common_pb2, decode_pb2
 from tandem.worker.base import WorkerBase
 from tandem.worker.convert import chunk_from_output
-from tandem.worker.engine_loop import EngineLoop, RequestStream
+from tandem.worker.engine_loop import EngineLoop, RequestStream, wait_until
 from tandem.worker.errors import ClientGone, RequestFailed
+from tandem.worker.faults import TokenFault
 from tandem.worker.remote_prefill import RemotePrefill, RemotePrefillFailed
 from tandem.worker.warmup import (
     GREEDY,
@@ -60,12 +62,31 @@ class _Cancel:
             cancel()
 
 
+@dataclass(frozen=True)
+class DrainReport:
+    """What ``DecodeWorker.drain`` did: requests handed back to their router, and what was
+    left when it returned (none of either when ok)."""
+
+    handed_back: list[str]  # request ids
+    requests_left: int
+    pages_in_use: int
+
+    @property
+    def ok(self) -> bool:
+        return self.requests_left == 0 and self.pages_in_use == 0
+
+
 class DecodeWorker(WorkerBase):
     def __init__(self, config: DecodeConfig, loop: EngineLoop, worker_id: str,
                  remote: RemotePrefill | None = None) -> None:
         super().__init__(config, loop, worker_id)
         self.remote = remote
         self.local_prefills = 0
+        self.fault = TokenFault.from_env()
+        # What stops each request in flight (a drain hands them back) -> [request id, tokens streamed].
+        self._live: dict[_Cancel, list] = {}
+        self._live_lock = threading.Lock()
+        self.draining = False
 
     def _admit(self) -> None:
         """Bounded queue: beyond the running batch plus --max-queued-requests, refuse at once
@@ -100,40 +121,118 @@ class DecodeWorker(WorkerBase):
         if override == "remote" and not self.disaggregated:
             raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
                                 "prefill_override='remote' but this worker is not in decode mode")
-        local = (not self.disaggregated or override == "local" or sp.prompt_logprobs is not None
-                 or (override != "remote" and len(ids) < self.config.max_local_prefill_length))
+        output_ids = list(request.output_ids)  # a migrated request: its tokens so far
+        if output_ids and override == "remote":
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
+                                "output_ids: a continued request is prefilled on its decode worker, not remotely")
         lora = request.lora_name or None
+        local = (not self.disaggregated or override == "local" or sp.prompt_logprobs is not None or bool(output_ids)
+                 or (override != "remote" and self._short_prompt(ids, lora)))
         try:
-            self.loop.validate(ids, sp, lora)  # a bad request never reaches a prefill worker
+            self.loop.validate(ids, sp, output_ids, lora)  # a bad request never reaches a prefill worker
         except UnknownLoraError as exc:
             raise RequestFailed(grpc.StatusCode.NOT_FOUND, str(exc)) from None
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         self._admit()
         cancel = _Cancel()
-        if local:
-            stream = self._submit_local(rid, ids, sp, lora)
-            cancel.add(stream.cancel)
-            on_cancel(cancel)
-        else:
-            stream = self._remote(rid, ids, sp, cancel, on_cancel, lora)
-            cancel.add(stream.cancel)
+        with self._live_lock:  # registered before the draining check: a drain either sees it or refuses it
+            if self.draining:
+                raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is draining")
+            self._live[cancel] = [rid, 0]
+            self._apply_fault_pause()
+        streamed = 0
         try:
+            if local:
+                stream = self._submit_local(rid, ids, sp, output_ids, lora)
+                cancel.add(stream.cancel)
+                on_cancel(cancel)
+            else:
+                stream = self._remote(rid, ids, sp, cancel, on_cancel, lora)
+                cancel.add(stream.cancel)
             for out in stream:
                 if not is_active():
                     stream.cancel()
                     return
                 if out.finished and out.finish_reason == "abort" and not out.error:
+                    if self.draining:
+                        raise self._handed_back(rid, streamed)
                     # Nobody here asked for it (a cancelled client is handled above): never let a
                     # request end as a success with whatever it had streamed so far.
                     raise RequestFailed(grpc.StatusCode.ABORTED, f"request {rid} was aborted before it finished")
                 yield chunk_from_output(out, rid, sp.logprobs)
+                streamed += len(out.new_token_ids)
+                self.fault.streamed(streamed)
+                if self.fault.pause_after_tokens is not None:
+                    with self._live_lock:
+                        self._live[cancel][1] = streamed
+                        self._apply_fault_pause()
+        except ClientGone:
+            if self.draining and is_active():  # the drain cancelled its remote prefill, not the client
+                raise self._handed_back(rid, streamed) from None
+            raise
         except ValueError as exc:  # the engine refused the request when it was added
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        finally:
+            with self._live_lock:
+                self._live.pop(cancel, None)
+                self._apply_fault_pause()
 
-    def _submit_local(self, rid: str, ids: list[int], sp: SamplingParams, lora: str | None = None) -> RequestStream:
+    def _apply_fault_pause(self) -> None:
+        """TANDEM_FAULT_PAUSE_AFTER_TOKENS (tests): the engine pauses while every request in flight
+        has streamed that many tokens, until a drain (under _live_lock)."""
+        if self.fault.pause_after_tokens is None or self.draining:
+            return
+        if self.fault.should_pause([n for _, n in self._live.values()]):
+            self.loop.pause()
+        else:
+            self.loop.resume()
+
+    def _handed_back(self, rid: str, streamed: int) -> RequestFailed:
+        # UNAVAILABLE: the router asks for health (NOT_SERVING now) and moves the request on.
+        return RequestFailed(grpc.StatusCode.UNAVAILABLE, f"draining: request {rid} handed back after {streamed} "
+                             "tokens")
+
+    # ---- Drain ---------------------------------------------------------------------------
+    def drain(self, timeout_s: float) -> DrainReport:
+        """Refuse new requests, hand every request in flight back to its router (each stream
+        ends with UNAVAILABLE: the router migrates it with its tokens so far), and wait until
+        none is left and no KV page is held by a request (or ``timeout_s``). The caller turns
+        health NOT_SERVING first."""
+        with self._live_lock:
+            self.draining = True
+            live = dict(self._live)
+        self.loop.pause()  # no step runs for requests about to leave
+        for cancel in live:
+            cancel()
+        self.loop.resume()  # their aborts apply before the next step
+
+        def left() -> tuple[int, int]:
+            """(requests in flight: streams still open here or in the engine, pages held by requests)"""
+            with self._live_lock:
+                n = max(len(self._live), self.loop.num_streams)
+            s = self.loop.stats
+            return n, s.num_total_pages - s.num_free_pages - s.num_evictable_pages
+
+        wait_until(lambda: left() == (0, 0), timeout_s)
+        n, pages = left()
+        log.info("drained: %d requests handed back, %d left, %d pages in use", len(live), n, pages)
+        return DrainReport([rid for rid, _ in live.values()], n, pages)
+
+    def _short_prompt(self, ids: list[int], lora: str | None = None) -> bool:
+        """Below --max-local-prefill-length: prefilled here. With decode-side prefix reuse the
+        length that counts is the part this worker's prefix cache does not hold (under adapter ``lora``)."""
+        limit = self.config.max_local_prefill_length
+        if len(ids) < limit:
+            return True
+        if not limit or not self.config.disaggregation_decode_enable_radix_cache:
+            return False
+        return len(ids) - self.loop.cached_prefix_tokens(ids, lora) < limit
+
+    def _submit_local(self, rid: str, ids: list[int], sp: SamplingParams, output_ids: list[int] = (),
+                      lora: str | None = None) -> RequestStream:
         try:
-            stream = self.loop.submit(ids, sp, rid, lora_name=lora)
+            stream = self.loop.submit(ids, sp, rid, output_ids=output_ids, lora_name=lora)
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         self.local_prefills += 1

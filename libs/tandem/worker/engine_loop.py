@@ -131,6 +131,7 @@ class EngineLoop(LoopThread):
         self.loras: dict[str, str] = engine.list_loras()
         self.lora_enabled = engine.lora is not None
         self.steps = 0
+        self._paused = threading.Event()
 
     def add_hook(self, hook: LoopHook) -> None:
         """Add a hook (before start)."""
@@ -140,6 +141,21 @@ class EngineLoop(LoopThread):
     def stats(self) -> EngineStats:
         """The engine's stats as of the loop's last iteration that changed anything."""
         return self._stats
+
+    # ---- pausing ---------------------------------------------------------------------------
+    def pause(self) -> None:
+        """Stop stepping the engine (commands still apply: requests may be added or aborted)
+        until ``resume()``. A drain pauses while it aborts every request, so no step runs for
+        requests about to leave."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+        self._wake.set()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused.is_set()
 
     # ---- commands --------------------------------------------------------------------------
     def call(self, fn: Callable[[EngineCore], T]) -> Future[T]:
@@ -153,11 +169,12 @@ class EngineLoop(LoopThread):
         self._wake.set()
         return fut
 
-    def validate(self, prompt_ids: list[int], sampling: SamplingParams, lora_name: str | None = None) -> None:
+    def validate(self, prompt_ids: list[int], sampling: SamplingParams, output_ids: list[int] = (),
+                 lora_name: str | None = None) -> None:
         """Raise ValueError if this request could never run here (on the caller's thread:
         it reads only the engine's fixed configuration), UnknownLoraError for an adapter the
         engine does not hold."""
-        self.engine.validate_request(prompt_ids, sampling, lora_name)
+        self.engine.validate_request(prompt_ids, sampling, output_ids, lora_name)
 
     def validate_embedding(self, inputs: list[list[int]], dimensions: int | None) -> None:
         """Raise ValueError naming the input if this embedding batch could never run here (on the
@@ -165,16 +182,19 @@ class EngineLoop(LoopThread):
         self.engine.validate_embedding(inputs, dimensions)
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, rid: str, mode: str = "normal",
-               on_output: Callable[[], None] | None = None, lora_name: str | None = None) -> RequestStream:
+               on_output: Callable[[], None] | None = None, output_ids: list[int] = (),
+               lora_name: str | None = None) -> RequestStream:
         """Queue a request; its outputs arrive on the returned stream (a prefill-only request's
         include the pages each chunk made final). Check it first with ``validate``: what the
         engine refuses when it is added ends the stream with that ValueError. Raises ValueError
-        at once for an id in use."""
+        at once for an id in use. ``output_ids``: a migrated request's tokens so far
+        (``EngineCore.add_request``)."""
         stream = self._open(rid, on_output)
 
         def add(engine: EngineCore) -> None:
             try:
-                engine.add_request(prompt_ids, sampling, rid=rid, mode=mode, lora_name=lora_name)
+                engine.add_request(prompt_ids, sampling, rid=rid, mode=mode, output_ids=output_ids,
+                                   lora_name=lora_name)
             except BaseException as exc:
                 self._close(rid)
                 stream.deliver(_StreamEnd(exc))
@@ -183,10 +203,16 @@ class EngineLoop(LoopThread):
         return stream
 
     def allocate_external(self, prompt_ids: list[int], sampling: SamplingParams, rid: str,
-                          lora_name: str | None = None) -> Future[ExternalAllocation]:
+                          reuse_prefix: bool = False, lora_name: str | None = None) -> Future[ExternalAllocation]:
         """Reserve pages and an aux slot for a prompt whose KV comes from outside (OutOfPages
-        when the pool cannot hold it now, or no LoRA slot is free for its adapter)."""
-        return self.call(lambda engine: engine.allocate_external(prompt_ids, sampling, rid=rid, lora_name=lora_name))
+        when the pool cannot hold it now, or no LoRA slot is free for its adapter); ``reuse_prefix``:
+        share what the prefix cache holds."""
+        return self.call(lambda engine: engine.allocate_external(prompt_ids, sampling, rid=rid,
+                                                                 reuse_prefix=reuse_prefix, lora_name=lora_name))
+
+    def cached_prefix_tokens(self, prompt_ids: list[int], lora_name: str | None = None, timeout: float = 30.0) -> int:
+        """Leading tokens of the prompt that the prefix cache holds now (under adapter ``lora_name``)."""
+        return self.call(lambda engine: engine.cached_prefix_tokens(prompt_ids, lora_name)).result(timeout)
 
     def activate_external(self, rid: str, first_token_id: int, logprob: float | None,
                           cached_tokens: int, top: list | None = None) -> Future[RequestStream]:
@@ -283,7 +309,7 @@ class EngineLoop(LoopThread):
             changed = self._apply_commands()
             for hook in self._hooks:
                 hook.poll()
-            if not self.engine.has_work():
+            if self._paused.is_set() or not self.engine.has_work():
                 if changed:
                     self._stats = self.engine.stats()
                 self._wake.wait(0.05)

@@ -75,7 +75,8 @@ def message_to_proto(msg: TransferMessage) -> prefill_pb2.PrefillServerMessage:
     """A transfer-library message as the Prefill stream carries it."""
     if isinstance(msg, KvPages):
         chunk = prefill_pb2.KvChunk(room=msg.room, chunk_index=msg.chunk_index, page_indices=msg.dst_pages,
-                                    k=msg.k, v=msg.v, is_last=msg.is_last)
+                                    k=msg.k, v=msg.v, is_last=msg.is_last, kv_heads=msg.kv_heads,
+                                    kv_head_start=msg.kv_head_start)
         if msg.layer is not None:
             chunk.layer = msg.layer
         return prefill_pb2.PrefillServerMessage(chunk=chunk)
@@ -95,7 +96,7 @@ def message_from_proto(msg: prefill_pb2.PrefillServerMessage) -> TransferMessage
     if kind == "chunk":
         c = msg.chunk
         return KvPages(c.room, c.chunk_index, tuple(c.page_indices), c.is_last,
-                       c.layer if c.HasField("layer") else None, c.k, c.v)
+                       c.layer if c.HasField("layer") else None, c.k, c.v, c.kv_head_start, c.kv_heads)
     if kind == "aux":
         return AuxData(msg.aux.room, msg.aux.row)
     if kind == "done":

@@ -63,10 +63,12 @@ class _Room:
     dst_pages: list[int]
     aux_slot: int
     num_prompt_tokens: int
+    skip_pages: int = 0  # leading prompt pages decode already holds: never written
     stream: RequestStream | None = None
     outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # protos for the stream handler
     handles: list[TransferHandle] = field(default_factory=list)
     sent_pages: int = 0
+    seen_pages: int = 0  # prompt pages reported final so far (written or skipped)
     chunk_index: int = 0
     result: object = None  # the engine's prefill_done output
     aux_sent: bool = False
@@ -105,9 +107,10 @@ class PrefillTransfers(LoopThread):
 
     # ---- from stream handlers ----------------------------------------------------------
     def open(self, room: int, rid: str, peer: str | None, dst_pages: list[int], aux_slot: int, ids: list[int],
-             sp, lora_name: str | None = None) -> _Room:
-        """Track a room and start its prefill; its messages arrive on the room's outbox."""
-        r = _Room(room, rid, peer, dst_pages, aux_slot, len(ids))
+             sp, skip_pages: int = 0, lora_name: str | None = None) -> _Room:
+        """Track a room and start its prefill; its messages arrive on the room's outbox.
+        ``skip_pages``: the prompt's leading pages decode already holds (not written)."""
+        r = _Room(room, rid, peer, dst_pages, aux_slot, len(ids), skip_pages)
         with self._lock:
             if room in self._tombstones:
                 raise RequestFailed(grpc.StatusCode.CANCELLED, f"room {room} was cancelled")
@@ -174,7 +177,9 @@ class PrefillTransfers(LoopThread):
             return self._advance_failed(r)
         while (out := r.stream.poll(0)) is not None:
             if out.pages_final and r.peer is not None:  # warmup (no peer): nothing to send
-                if not self._send_chunk(r, out.pages_final, out.num_computed_tokens >= r.num_prompt_tokens):
+                pages = out.pages_final[max(0, r.skip_pages - r.seen_pages):]  # decode holds the rest
+                r.seen_pages += len(out.pages_final)
+                if pages and not self._send_chunk(r, pages, out.num_computed_tokens >= r.num_prompt_tokens):
                     return self._advance_failed(r)
             if not out.finished:
                 continue
@@ -332,14 +337,14 @@ class PrefillWorker(WorkerBase):
         ids = list(start.input_ids)
         try:
             sp = sampling_from_proto(start.sampling)
-            self.loop.validate(ids, sp, start.lora_name or None)
+            self.loop.validate(ids, sp, lora_name=start.lora_name or None)
         except UnknownLoraError as exc:  # decode holds the adapter, this prefill worker does not
             raise RequestFailed(grpc.StatusCode.NOT_FOUND, f"prefill worker {self.worker_id}: {exc}") from None
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         room = start.room or new_room_id()
         num_pages = pages_needed(len(ids), self.loop.info.page_size)
-        peer, pages, aux_slot = None, [], -1
+        peer, pages, aux_slot, skip_pages = None, [], -1, 0
         if not start.warmup:
             with self._decodes_lock:
                 peer = self.decodes.get(start.decode_id)
@@ -356,13 +361,20 @@ class PrefillWorker(WorkerBase):
             if alloc.room not in (0, room):
                 raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"allocation names room {alloc.room}, this stream's room is {room}")
+            ps = self.loop.info.page_size
+            if alloc.num_cached_tokens % ps or alloc.num_cached_tokens >= len(ids):
+                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"num_cached_tokens={alloc.num_cached_tokens}: must be a multiple of the page size "
+                                    f"({ps}) below the prompt length ({len(ids)})")
+            skip_pages = alloc.num_cached_tokens // ps
+            num_pages -= skip_pages
             try:
                 self.sender.check_allocation(peer, alloc.page_indices, alloc.aux_slot, num_pages)
             except ValueError as exc:
                 raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             pages, aux_slot = list(alloc.page_indices), alloc.aux_slot
         rid = f"{start.request_id or 'prefill'}-{uuid.uuid4().hex[:8]}"
-        r = self.transfers.open(room, rid, peer, pages, aux_slot, ids, sp, start.lora_name or None)
+        r = self.transfers.open(room, rid, peer, pages, aux_slot, ids, sp, skip_pages, start.lora_name or None)
         on_cancel(lambda: self.transfers.cancel(room, "decode cancelled the stream"))
         try:
             yield prefill_pb2.PrefillServerMessage(room=prefill_pb2.BootstrapRoom(

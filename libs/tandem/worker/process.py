@@ -9,11 +9,13 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from tandem.config import EngineConfig
 from tandem.engine import EngineCore
+from tandem.engine.tensor_parallel import head_split
 from tandem.metrics import ComponentMetrics, EngineMetrics, MetricsPublisher, default_stats_endpoint
 from tandem.server import ServiceRuntime, service_name
 from tandem.transfer import KvBuffers
@@ -40,13 +42,18 @@ def model_fingerprint(model_path: str, dtype) -> str:
 
 
 class _Keepalive(LoopHook):
-    """The EP leader's no-op broadcasts while idle, on the loop thread."""
+    """The parallel leader's no-op broadcasts while idle, on the loop thread; a broken group (a rank
+    died, a collective failed or timed out) takes the worker out: ``on_failure`` once (health turns
+    NOT_SERVING, the in-flight requests have already failed with the step's error)."""
 
-    def __init__(self, ep) -> None:
-        self.ep = ep
+    def __init__(self, ep, on_failure: Callable[[str], None]) -> None:
+        self.ep, self.on_failure, self.reported = ep, on_failure, False
 
     def poll(self) -> None:
         self.ep.keepalive()
+        if self.ep.failure is not None and not self.reported:
+            self.reported = True
+            self.on_failure(self.ep.failure)
 
 
 @dataclass
@@ -61,13 +68,18 @@ class WorkerProcess:
     component_metrics: ComponentMetrics
     model_name: str
     fingerprint: str
+    control: EngineControlServicer
     eplb: object = None  # tandem.worker.eplb.WorkerEplb on MoE workers with EPLB or recording on
 
     def kv_buffers(self) -> KvBuffers:
         """The engine's KV pool as the transfer library sees it (before the loop starts)."""
         pool = self.engine.pool
         k_scales, v_scales = pool.scales()  # FP8 pools: pages mean nothing without them
-        return KvBuffers(pool.k_buffers, pool.v_buffers, pool.aux, k_scales, v_scales)
+        model = self.engine.model
+        tp = model.tp
+        heads = head_split(model.cfg.num_heads, model.cfg.num_kv_heads, tp.size, tp.rank)
+        return KvBuffers(pool.k_buffers, pool.v_buffers, pool.aux, k_scales, v_scales, tp_size=tp.size,
+                         tp_rank=tp.rank, kv_head_start=heads.kv_start, total_kv_heads=model.cfg.num_kv_heads)
 
     def serve(self, warmup, role: str) -> None:
         """Start serving, run `warmup()` before health turns SERVING, register in etcd when
@@ -112,14 +124,17 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
         torch.set_num_threads(config.torch_num_threads)
     t0 = time.time()
     ep = None
-    if config.ep_size > 1:
-        from tandem.engine.expert_parallel import start_expert_parallel
+    if config.world_size > 1:
+        from tandem.engine.parallel import start_parallel
 
-        if getattr(config, "disaggregation_mode", "null") == "decode":
-            raise SystemExit("config error: ep_size>1 with disaggregation_mode='decode': prefill's KV would reach "
-                             "EP rank 0 only; use EP on aggregated or prefill workers")
-        # The followers and the group come first: every rank's MoE layers are built for their slots.
-        ep = start_expert_parallel(engine_config_of(config), num_threads=config.torch_num_threads or None)
+        mode = getattr(config, "disaggregation_mode", "null")
+        if mode == "decode" or (mode == "prefill" and config.tp_size > 1):
+            raise SystemExit(f"config error: tp_size={config.tp_size}, ep_size={config.ep_size} with "
+                             f"disaggregation_mode={mode!r}: KV transfer reaches rank 0's pool only (not supported "
+                             "yet); use several ranks on aggregated workers" + ("" if mode == "decode" else
+                                                                               " or EP alone on prefill workers"))
+        # The followers and the group come first: every rank's layers are built for their shard.
+        ep = start_parallel(engine_config_of(config), num_threads=config.torch_num_threads or None)
         engine = ep.engine
     else:
         engine = EngineCore(config=engine_config_of(config))
@@ -129,7 +144,11 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
              engine.pool.num_pages, engine.page_size, engine.device, engine.dtype)
     loop = EngineLoop(engine, kind)
     if ep is not None:
-        loop.add_hook(_Keepalive(ep))
+        def rank_failed(why: str) -> None:
+            log.error("%s: a rank of this worker failed (%s); shutting down", kind, why)
+            runtime.request_stop()
+
+        loop.add_hook(_Keepalive(ep, rank_failed))
     worker_id = runtime.worker_id
     engine_metrics = EngineMetrics(runtime.registry, model_name=model_name, engine_type=engine_type,
                                    worker_id=worker_id)
@@ -157,8 +176,8 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
     loras = LoraControl(loop)
     loras.add_routes(runtime.system)
     ctl = service_name(engine_control_pb2, "EngineControl")
-    runtime.add_service(engine_control_pb2_grpc.add_EngineControlServicer_to_server,
-                        EngineControlServicer(profiler, eplb.control if eplb else None, loras), ctl)
+    control = EngineControlServicer(profiler, eplb.control if eplb else None, loras)
+    runtime.add_service(engine_control_pb2_grpc.add_EngineControlServicer_to_server, control, ctl)
 
     def shutdown():
         # Drain: in-flight requests get the grace period to finish before the loop stops.
@@ -171,4 +190,4 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
     if ep is not None:
         runtime.on_shutdown(ep.close)  # after the loop stopped: followers exit with the leader
     return WorkerProcess(kind, runtime, engine, loop, profiler, reporter, publisher, component, model_name,
-                         model_fingerprint(config.model_path, engine.dtype), eplb)
+                         model_fingerprint(config.model_path, engine.dtype), control, eplb)

@@ -360,7 +360,8 @@ class RemotePrefill:
                 request_id=rid, decode_id=self.worker_id, input_ids=ids, sampling=sampling_to_proto(sp), room=room,
                 lora_name=lora_name or "")))
             await call.write(prefill_pb2.PrefillClientMessage(allocation=prefill_pb2.PageAllocation(
-                room=room, page_indices=alloc.page_indices, aux_slot=alloc.aux_slot)))
+                room=room, page_indices=alloc.page_indices, aux_slot=alloc.aux_slot,
+                num_cached_tokens=alloc.num_cached_tokens)))
             reader = asyncio.create_task(self._read(att, call, len(alloc.page_indices)))
             await att.ended.wait()
             if att.stream_error is not None:
@@ -378,6 +379,9 @@ class RemotePrefill:
                           kv_transfer_latency_ms=(t_done - (att.t_confirmed or t_alloc)) * 1e3,
                           kv_transfer_total_mb=rx.bytes_received(room) / 1e6)
             await call.done_writing()
+            if self.reporter is not None:
+                self.reporter.add_counts(pd_transferred_tokens=len(ids) - alloc.num_cached_tokens,
+                                         pd_decode_reused_tokens=alloc.num_cached_tokens)
             return row
         except BaseException:
             if att.allocated and call is not None and not att.prefill_finished:
@@ -401,7 +405,9 @@ class RemotePrefill:
         timeout fails it."""
         while True:
             try:
-                alloc = await asyncio.wrap_future(self.engine.allocate_external(ids, sp, att.rid, lora_name))
+                alloc = await asyncio.wrap_future(self.engine.allocate_external(
+                    ids, sp, att.rid, reuse_prefix=self.config.disaggregation_decode_enable_radix_cache,
+                    lora_name=lora_name))
             except OutOfPages:
                 if self.receiver.poll(att.room) is KVPoll.Failed:
                     raise AttemptFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -134,3 +134,60 @@ def test_pool_is_what_the_transfer_library_registers(dense_llm):
     assert lay.v_base_addrs[-1] == pool.v_buffers[-1].data_ptr()
     assert lay.bytes_per_page * lay.num_pages == pool.k_buffers[0].numel() * pool.k_buffers[0].element_size()
     assert lay.aux_slot_bytes >= 64 and lay.mem_type == "DRAM" and lay.aux_mem_type == "DRAM"
+
+
+def _remote_turn(pe, de, ids, sp, reuse):
+    """One PD request: decode allocates (reusing its cached prefix when ``reuse``), prefill
+    computes the whole prompt and its pages after decode's cached prefix are copied; decode runs
+    to the end. (tokens, the allocation, pages copied)."""
+    alloc = de.allocate_external(ids, sp, reuse_prefix=reuse)
+    skip = alloc.num_cached_tokens // de.page_size
+    rid = pe.add_request(ids, sp, mode="prefill_only")
+    seen, copied, done = 0, 0, None
+    while done is None:
+        for o in pe.step():
+            if o.rid != rid:
+                continue
+            src = o.pages_final[max(0, skip - seen):]
+            start = max(0, seen - skip)
+            seen += len(o.pages_final)
+            if src:
+                copy_pages(pe, de, src, alloc.page_indices[start:start + len(src)])
+                copied += len(src)
+            if o.finished:
+                done = o
+    pe.release(rid)
+    de.activate_external(alloc.rid, done.new_token_ids[0], None, done.cached_tokens)
+    toks, _ = run_to_end(de, alloc.rid)
+    return toks, alloc, copied
+
+
+def test_decode_reuses_its_cached_prefix_and_receives_only_the_rest(prefill_engine, dense_llm, prompts):
+    """Turn 2 of a chat: decode holds turn 1's prompt and output in its prefix cache, so prefill's
+    pages for that prefix are not written; the tokens equal a local run; an aborted allocation
+    frees only its own pages (the shared prefix stays cached)."""
+    pe, de = prefill_engine, dense_llm.engine
+    de.flush_cache()
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    tok = dense_llm.tokenizer
+    turn1 = tok.encode(prompts[0] * 2, add_special_tokens=False).ids
+    out1, alloc1, copied1 = _remote_turn(pe, de, turn1, sp, reuse=True)
+    assert alloc1.num_cached_tokens == 0 and copied1 == len(alloc1.page_indices)
+    turn2 = turn1 + out1 + tok.encode(" and then", add_special_tokens=False).ids
+    local = dense_llm.generate([turn2], sp)[0].token_ids
+    out2, alloc2, copied2 = _remote_turn(pe, de, turn2, sp, reuse=True)
+    held = (len(turn1) + len(out1)) // de.page_size * de.page_size  # turn 1's full pages, cached on decode
+    assert alloc2.num_cached_tokens >= min(held, len(turn2) - 1) - de.page_size > 0
+    assert copied2 == len(alloc2.page_indices) == -(-len(turn2) // de.page_size) - alloc2.num_cached_tokens // de.page_size
+    assert out2 == local
+    # Without reuse every page is written.
+    _, alloc3, copied3 = _remote_turn(pe, de, turn2, sp, reuse=False)
+    assert alloc3.num_cached_tokens == 0 and copied3 == -(-len(turn2) // de.page_size)
+    # An aborted allocation gives back only its own pages; the cached prefix stays matchable.
+    before = de.num_available_pages
+    a = de.allocate_external(turn2, sp, reuse_prefix=True)
+    assert a.num_cached_tokens > 0  # its prefix pages are locked (not evictable) until it ends
+    assert de.abort(a.rid)
+    de.step()
+    assert de.num_available_pages == before
+    assert de.cached_prefix_tokens(turn2) >= a.num_cached_tokens

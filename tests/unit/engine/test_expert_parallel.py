@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tandem.engine.expert_parallel import ExpertParallelGroup
 from tandem.engine.model import MoE
+from tandem.engine.parallel import ParallelGroup
 from tandem.eplb import rebalance_experts
 from tandem.eplb.dispatch import ExpertDispatcher
 from tandem.eplb.placement import ExpertLocation
@@ -69,10 +69,10 @@ class ThreadGroup:
         self.barrier = threading.Barrier(size)
         self.bufs: list = [None] * size
 
-    def member(self, rank: int) -> ExpertParallelGroup:
+    def member(self, rank: int) -> ParallelGroup:
         group = self
 
-        class Member(ExpertParallelGroup):
+        class Member(ParallelGroup):
             def all_reduce(self, t):
                 group.bufs[rank] = t
                 group.barrier.wait()
@@ -204,7 +204,7 @@ def test_bad_inputs():
     loc = ExpertLocation.trivial(LAYERS, E, E, 2)
     with pytest.raises(ValueError, match="EP rank 3 is outside the placement's 2 ranks"):
         ExpertDispatcher(loc, rank=3)
-    from tandem.engine.expert_parallel import init_expert_parallel
+    from tandem.engine.parallel import init_parallel
 
     with pytest.raises(ValueError, match="rank 3 is outside"):
-        init_expert_parallel(3, 2, "tcp://127.0.0.1:1")
+        init_parallel(3, 2, "tcp://127.0.0.1:1")

@@ -70,6 +70,24 @@ def test_config_refuses_lora_on_embedding_workers():
         EngineConfig(is_embedding=True, enable_lora=True, max_lora_rank=8)
 
 
+def test_lora_is_refused_with_tensor_parallelism(demo_models):
+    """The adapters' A/B are not sharded like the column- and row-parallel layers they add to: the
+    config names the fields, and the model refuses to be built that way."""
+    from tandem.config import EngineConfig
+    from tandem.engine.loader import load_model
+    from tandem.engine.tensor_parallel import TensorParallel
+
+    with pytest.raises(ValueError, match="enable_lora / lora_paths: not with tp_size=2"):
+        EngineConfig(tp_size=2, lora_paths=["a=/x"])
+    with pytest.raises(ValueError, match="not with tp_size=4"):
+        EngineConfig(tp_size=4, enable_lora=True, max_lora_rank=8)
+    assert EngineConfig(tp_size=1, lora_paths=["a=/x"]).lora_enabled
+    assert EngineConfig(tp_size=2).tp_size == 2
+    with pytest.raises(ValueError, match="LoRA with tensor parallelism"):
+        load_model(str(demo_models["dense"]), torch.float32, "cpu", load_format="dummy",
+                   tp=TensorParallel(rank=0, size=2), lora=object())
+
+
 # ---- adapters ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def adapters(demo_models, tmp_path_factory):

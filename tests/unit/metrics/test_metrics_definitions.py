@@ -51,6 +51,8 @@ EXPECTED_ENGINE = {
     "sglang:load_back_tokens": ("counter", SG),
     "sglang:prefetched_tokens": ("counter", SG),
     "sglang:backuped_tokens": ("counter", SG),
+    "tandem_pd_transferred_tokens": ("counter", SG),
+    "tandem_pd_decode_reused_tokens": ("counter", SG),
     "tandem_hicache_host_hit_tokens": ("counter", SG),
     "tandem_hicache_load_back_bytes": ("counter", SG),
     "tandem_hicache_backup_bytes": ("counter", SG),
@@ -79,6 +81,7 @@ EXPECTED_COMPONENT = {
     "dynamo_component_gpu_prefix_cache_hit_rate": ("gauge", CO),
     "dynamo_component_model_load_time_seconds": ("gauge", CO),
     "dynamo_component_kv_cache_events_applied": ("counter", CO),
+    "tandem_component_drained_requests": ("counter", CO),
 }
 EXPECTED_FRONTEND = {
     "dynamo_frontend_requests": ("counter", ("endpoint", "model", "request_type", "status")),
@@ -97,6 +100,8 @@ EXPECTED_FRONTEND = {
     "dynamo_frontend_model_context_length": ("gauge", ("model",)),
     "dynamo_frontend_model_kv_cache_block_size": ("gauge", ("model",)),
     "dynamo_frontend_model_total_kv_blocks": ("gauge", ("model",)),
+    "dynamo_frontend_model_migration": ("counter", ("model", "migration_type")),
+    "dynamo_frontend_model_migration_max_seq_len_exceeded": ("counter", ("model",)),
 }
 EXPECTED_ROUTER = {
     "dynamo_router_overhead_block_hashing_ms": ("histogram", ("model",)),
@@ -145,6 +150,7 @@ def _populated_registry():
     cm.set_kv_stats(total_blocks=1, active_blocks=1, usage=0.5, prefix_cache_hit_rate=0.1)
     cm.set_model_load_time(1.0)
     cm.kv_events_applied()
+    cm.requests_drained(2)
     try:
         with cm.track_request(request_bytes=3) as t:
             t.first_response()
@@ -155,6 +161,8 @@ def _populated_registry():
     fm = FrontendMetrics(reg, model="m")
     fm.set_model_info(context_length=1, kv_cache_block_size=1, total_kv_blocks=1)
     fm.observe_tokenizer_ms("tokenize", 0.1)
+    fm.record_migration("ongoing_request")
+    fm.migration_too_long()
     with fm.track_request("chat_completions", "stream") as r:
         r.set_input_tokens(3)
         r.set_cached_tokens(1, 3)

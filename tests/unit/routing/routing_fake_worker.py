@@ -26,6 +26,7 @@ class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
         self.fail_code = None  # abort Generate with this code before any output
         self.end_aborted = False  # end the stream at once with finish_reason ABORT and no tokens
         self.gate = None  # a threading.Event: Generate waits for it before the first token
+        self.fail_after = None  # abort Generate with UNAVAILABLE once this many tokens of the reply went out
         self.requests = []
         self.cancelled = []
         self.finished = []
@@ -52,15 +53,20 @@ class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
             self.finished.append(request.request_id)
             yield common_pb2.TokenChunk(request_id=request.request_id, finish_reason=common_pb2.FINISH_REASON_ABORT)
             return
+        # A migrated request (output_ids) goes on where its reply was cut, as the engine does.
         n = min(request.sampling.max_tokens, len(self.reply_ids))
+        start = len(request.output_ids)
         stops = None
         if self.tokenizer is not None and request.sampling.stop:
             detok, stops = IncrementalDetokenizer(self.tokenizer), StopStrings(list(request.sampling.stop))
-        for i in range(n):
+            stops.feed(detok.add(list(request.output_ids)), armed=False)
+        for i in range(start, n):
             if self.delay:
                 time.sleep(self.delay)
             if not context.is_active():
                 return
+            if self.fail_after is not None and i >= self.fail_after:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "scripted failure mid-stream")
             chunk = common_pb2.TokenChunk(request_id=request.request_id, token_ids=[self.reply_ids[i]])
             if request.sampling.logprobs:
                 chunk.logprobs.add(logprob=-0.5, top=[common_pb2.TokenLogprob(token_id=self.reply_ids[i],

@@ -46,6 +46,14 @@ def main(argv=None) -> None:
                            DecodeServicer(worker, wp.component_metrics, wp.reporter, lambda: wp.info(role), embedder),
                            name)
 
+    def drain(timeout_s: float):
+        wp.runtime.set_not_serving()  # routers stop sending new requests
+        report = worker.drain(timeout_s)
+        wp.component_metrics.requests_drained(len(report.handed_back))
+        return report
+
+    wp.control.serve_drain(drain)
+
     def warmup():
         if embedder is not None:
             embedder.warmup()

@@ -48,7 +48,7 @@ from tandem.routing.request_check import SamplingRequest, check_request
 from tandem.routing.sampling import sampling_to_proto
 from tandem.routing.tokenizer import RouterTokenizer
 from tandem.routing.tool_parsers import ForcedToolParser, ToolCall, make_parser
-from tandem.sampling import SamplingError, SamplingParams
+from tandem.sampling import SamplingError, SamplingParams, check_continuation
 from tandem.server.auth import BearerCheck, read_secret
 from tandem.server.tls import etcd_client_tls, tls_files
 from tandem.v1 import common_pb2, decode_pb2
@@ -401,11 +401,17 @@ class RouterCore:
 
     async def worker_stream(self, prep: Prepared, deadline: float | None = None,
                             pin: str | None = None) -> AsyncIterator[common_pb2.TokenChunk]:
-        """Raw worker chunks for a request, with at most `request_retries` retries on other
-        workers while nothing has been streamed yet. ``pin``: go to this worker first (the
-        one holding the prompt's pages) while it is healthy."""
+        """Raw worker chunks for a request. A worker that fails before any output: at most
+        ``request_retries`` retries on other workers. One whose stream ends without a finish
+        after output (``retryable``: connection lost, UNAVAILABLE, an error it calls retryable):
+        at most ``migration_limit`` migrations to other workers, each sent the tokens streamed so
+        far (``GenerateRequest.output_ids``), so the chunks go on with no gap and no repeat.
+        ``pin``: go to this worker first (the one holding the prompt's pages) while it is healthy."""
         excluded: set[str] = set()
-        attempt = 0
+        retries = migrations = 0
+        produced: list[int] = []  # tokens streamed so far: a migrated request continues after them
+        sampling = sampling_to_proto(prep.sampling)
+        streamed = False  # any chunk went out (prompt logprobs come only once)
         last_error: RouterError | None = None
         while True:
             try:
@@ -413,24 +419,23 @@ class RouterCore:
                 if pinned is not None and pinned.healthy:
                     worker, decision = pinned, Decision(pinned.worker_id)
                 else:
-                    worker, decision = self.route(prep.input_ids, excluded, prep.lora_name)
+                    worker, decision = self.route(prep.input_ids + produced, excluded, prep.lora_name)
             except NoHealthyWorker:
                 if last_error is not None:
                     raise last_error from None
                 raise
-            prep.decision = decision
-            self.metrics.routing.observe_overhead_ms(total=(time.perf_counter() - prep.started) * 1e3)
+            if not streamed:
+                prep.decision = decision
+                self.metrics.routing.observe_overhead_ms(total=(time.perf_counter() - prep.started) * 1e3)
             blocks = self._blocks(len(prep.input_ids) + prep.sampling.max_tokens)
             worker.active_requests += 1
             worker.active_blocks += blocks
             timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
             call = worker.decode.Generate(
-                decode_pb2.GenerateRequest(request_id=prep.request_id, input_ids=prep.input_ids,
-                                           sampling=sampling_to_proto(prep.sampling),
+                decode_pb2.GenerateRequest(request_id=prep.request_id, input_ids=prep.input_ids, sampling=sampling,
                                            prefill_override="local" if prep.prefill_local else "",
-                                           lora_name=prep.lora_name or ""),
+                                           output_ids=produced, lora_name=prep.lora_name or ""),
                 timeout=timeout)
-            streamed = False
             error: RouterError | None = None
             retryable = False
             try:
@@ -440,6 +445,7 @@ class RouterCore:
                         error, retryable = failure
                         break
                     streamed = True
+                    produced.extend(chunk.token_ids)
                     yield chunk
                     if chunk.finish_reason:
                         return
@@ -461,13 +467,38 @@ class RouterCore:
                 call.cancel()
                 worker.active_requests -= 1
                 worker.active_blocks -= blocks
-            if streamed or not retryable or attempt >= self.config.request_retries:
+            if not retryable:
                 raise error
-            attempt += 1
+            if streamed:
+                if migrations >= self.config.migration_limit:
+                    raise error
+                sampling = self._continuation(prep, produced, error)
+                migrations += 1
+                self.metrics.frontend.record_migration("ongoing_request")
+                log.warning("request %s: %s (%d tokens streamed); migrating it to another worker (%d of "
+                            "--migration-limit %d)", prep.request_id, error.message, len(produced), migrations,
+                            self.config.migration_limit)
+            else:
+                if retries >= self.config.request_retries:
+                    raise error
+                retries += 1
+                self.metrics.routing.record_retry(error.code.name.lower())
+                self.metrics.frontend.record_migration("new_request")
+                log.warning("request %s: %s; retrying on another worker", prep.request_id, error.message)
             excluded.add(worker.worker_id)
             last_error = error
-            self.metrics.routing.record_retry(error.code.name.lower())
-            log.warning("request %s: %s; retrying on another worker", prep.request_id, error.message)
+
+    def _continuation(self, prep: Prepared, produced: list[int], error: RouterError) -> common_pb2.SamplingParams:
+        """The sampling parameters of a migrated request (prompt logprobs went out with its first
+        chunk); RouterError (the worker's failure, and why it cannot move) when it cannot continue."""
+        sp = dataclasses.replace(prep.sampling, prompt_logprobs=None)
+        try:
+            check_continuation(len(prep.input_ids), len(produced), sp, self.tokenizer.context_length)
+        except SamplingError as e:
+            if e.code == "context_length_exceeded":
+                self.metrics.frontend.migration_too_long()
+            raise RouterError(error.code, f"{error.message}; the request cannot be migrated: {e}") from None
+        return sampling_to_proto(sp)
 
     async def run(self, prep: Prepared, timeout: float | None = None) -> AsyncIterator[Delta]:
         """Deltas of a request's samples (detokenized, stop strings applied, parsed), merged; a
@@ -560,8 +591,8 @@ class RouterCore:
                         # The worker says where a stop string begins: the text ends there.
                         text = ts.finish(ids, chunk.stop_text_pos if chunk.HasField("stop_text_pos") else None)
                         usage = common_pb2.Usage(prompt_tokens=len(prep.input_ids), completion_tokens=n_out)
-                        if chunk.HasField("usage"):
-                            usage.cached_tokens = chunk.usage.cached_tokens
+                        if chunk.HasField("usage"):  # a migrated request's worker may count its output too
+                            usage.cached_tokens = min(chunk.usage.cached_tokens, len(prep.input_ids))
                         elif prep.decision is not None and self.index is not None and self.index.block_size:
                             usage.cached_tokens = prep.decision.overlap_blocks * self.index.block_size
                         fr.set_cached_tokens(usage.cached_tokens, len(prep.input_ids))

@@ -1,14 +1,26 @@
-"""Expert parallelism (EP) across processes with ``torch.distributed``: the all-reduce variant.
+"""Tensor and expert parallelism across processes with ``torch.distributed``: one mechanism.
 
-Layout
-    ``ep_size`` ranks, one process each (gloo on CPU, NCCL on CUDA; control messages always
-    go over a gloo CPU group). Every rank holds the dense part of the model (embeddings,
-    attention, norms, dense MLPs, routers, shared experts) and its own KV pool; in every MoE
-    layer it holds only the weights of its own physical slots,
-    ``ExpertLocation.slots_of_rank(rank)`` (a placement may have redundant slots).
+Ranks
+    ``world_size = max(tp_size, ep_size)`` ranks, one process each (gloo on CPU, NCCL on CUDA;
+    control messages always go over a gloo CPU group). Rank 0, the *leader*, is the engine a
+    service drives; ranks 1.. are *followers* that run every forward pass the leader broadcasts
+    (below). What a rank holds depends on the sizes:
 
-One MoE layer (``tandem.engine.model.MoE.forward``; its ``ExpertDispatcher``, built at
-construction from this rank's place in the group, carries the local slots and the all-reduce)
+    * ``tp_size > 1`` (tensor parallelism, ``tandem.engine.tensor_parallel``): its heads of every
+      attention layer, its share of every MLP and of the vocabulary, and a KV pool of its heads;
+      MoE experts sharded along their intermediate size (``ep_size == 1``) or whole experts
+      placed by EP (``ep_size == tp_size``);
+    * ``tp_size == 1, ep_size > 1`` (expert parallelism alone): the dense part of the model
+      (embeddings, attention, norms, dense MLPs, routers, shared experts) and its own full KV
+      pool; in every MoE layer only the weights of its own physical slots,
+      ``ExpertLocation.slots_of_rank(rank)`` (a placement may have redundant slots).
+
+Tensor parallelism: every rank runs the whole batch on its shard; ``o_proj`` and ``down_proj``
+(and TP-sharded experts' rows) are all-reduced, the embedding all-reduced from each rank's rows,
+the logits all-gathered, so every rank holds the same hidden states (up to float summation order).
+
+One MoE layer with expert parallelism (``tandem.engine.model.MoE.forward``; its ``ExpertDispatcher``,
+built at construction from this rank's place in the group, carries the local slots and the all-reduce)
     1. every rank routes all ``T`` tokens (same hidden states, so the same top-k);
     2. dispatch maps logical ids to physical slots the same way on every rank (``static`` by
        token index, ``dynamic`` from the batch's counts, ``random`` from a seeded hash);
@@ -23,18 +35,24 @@ construction from this rank's place in the group, carries the local slots and th
 
 Lockstep (design: broadcast the scheduled batch)
     Rank 0, the *leader*, is an ordinary ``EngineCore`` a service drives (built with the group:
-    ``EngineCore(config, expert_parallel=group)``): scheduler, radix cache, requests and
-    sampling live there only. ``ExpertParallelLeader`` wraps the
+    ``EngineCore(config, parallel=group)``): scheduler, radix cache, requests and
+    sampling live there only. ``ParallelLeader`` wraps the
     engine's runner (``engine.wrap_runner``) in one that, right before each forward pass, broadcasts the
     batch description (per request: first new position, new token ids, page indices) and
-    any new expert placement over the gloo group. Each *follower* (``ExpertParallelFollower``)
+    any new expert placement over the gloo group. Each *follower* (``ParallelFollower``)
     builds the same ``ForwardBatch`` with the same ``ModelRunner.build`` and runs the model
-    on its own KV pool. That pool mirrors the leader's page for page (same slot mapping,
-    same hidden states, so the same K/V), hence prefix-cache hits, chunked prefill,
+    on its own KV pool. That pool mirrors the leader's page for page (same slot mapping; with EP
+    the same K/V, with TP this rank's heads), hence prefix-cache hits, chunked prefill,
     preemption and aborts need nothing on followers. Only the leader samples, so sampling
     seeds play no role. While idle the leader sends a no-op every ``keepalive_s`` (call
     ``leader.keepalive()`` from the engine loop's poll hook) so the followers' pending
     broadcast never reaches the collective timeout.
+
+Failure
+    Every collective is bounded by the group's timeout (``--dist-timeout``). A follower that
+    exited, or a broadcast or forward-pass collective that failed, marks the group broken
+    (``leader.failure``): that step and every later one raise ``RuntimeError`` naming the cause,
+    and the worker takes itself out (``tandem.worker.process``).
 
 Placement changes (EPLB)
     Each rank's ``EplbRuntime`` (``engine.eplb``) holds only its slots; the loader keeps every
@@ -48,14 +66,17 @@ would receive the pages. The mirrored runner refuses such a batch with ``Runtime
 
 API::
 
-    ep = init_expert_parallel(rank, world_size, "tcp://127.0.0.1:29500")   # or env://
-    engine = EngineCore(config=engine_config, expert_parallel=ep)          # rank 0
-    leader = ExpertParallelLeader(engine, ep)
-    ExpertParallelFollower(engine_config, ep).run()          # ranks 1.., returns at close()
+    group = init_parallel(rank, world_size, "tcp://127.0.0.1:29500", tp_size=2)   # or env://
+    engine = EngineCore(config=engine_config, parallel=group)          # rank 0
+    leader = ParallelLeader(engine, group)
+    ParallelFollower(engine_config, group).run()          # ranks 1.., returns at close()
     leader.close()
 
-    leader = start_expert_parallel(engine_config)   # one host: spawns ranks 1..ep_size-1 and does the above
+    leader = start_parallel(engine_config)   # one host: spawns ranks 1..world_size-1 and does the above
     engine = leader.engine
+
+NCCL: every rank's process gets ``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` and
+``NVSHMEM_DISABLE_NVLS=1`` (``MULTICAST_OFF``) before its group forms: NVLink multicast stays off.
 """
 from __future__ import annotations
 
@@ -79,19 +100,27 @@ from .loader import load_model, resolve_dtype
 from .model_runner import ModelRunner
 from .moe_hooks import ExpertHooks
 from .request import Mode
+from .tensor_parallel import ONE_RANK, TensorParallel
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ExpertParallelGroup", "init_expert_parallel", "ExpertParallelLeader", "ExpertParallelFollower",
-    "start_expert_parallel", "follower_main",
+    "ParallelGroup", "init_parallel", "ParallelLeader", "ParallelFollower", "start_parallel", "follower_main",
+    "MULTICAST_OFF",
 ]
+
+# Set in every rank's environment before NCCL starts: NVLink multicast (NVLS) stays off on the
+# machines tandem runs on (their fabric manager does not grant it; NCCL would fail or hang).
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 # ---------------------------------------------------------------------------------- the group
 @dataclass
-class ExpertParallelGroup:
-    """This process's place in the EP group, with the two process groups it talks over."""
+class ParallelGroup:
+    """This process's place among a worker's ranks, with the two process groups it talks over.
+
+    ``size`` ranks in all; ``tp_size`` of them shard the model by tensors (1: none), ``ep_size``
+    place experts (1: none); ``size == max(tp_size, ep_size)``."""
 
     rank: int
     size: int
@@ -99,6 +128,22 @@ class ExpertParallelGroup:
     group: object = None  # collectives on the model's device (gloo or nccl)
     cpu_group: object = None  # gloo: control messages (batches, placements)
     store: object = None  # the rendezvous TCPStore (rank 0 hosts it; kept until every rank left)
+    tp_size: int = 1
+    ep_size: int = 0  # 0: size (expert parallelism alone, as before TP existed)
+
+    def __post_init__(self):
+        if self.ep_size == 0:
+            self.ep_size = self.size if self.tp_size == 1 else 1
+        if self.size != max(self.tp_size, self.ep_size):
+            raise ValueError(f"{self.size} ranks for tp_size={self.tp_size}, ep_size={self.ep_size}: "
+                             f"need max(tp_size, ep_size) = {max(self.tp_size, self.ep_size)}")
+
+    @property
+    def tp(self) -> TensorParallel:
+        """What the model's layers get at construction: this rank's TP place and collectives."""
+        if self.tp_size == 1:
+            return ONE_RANK
+        return TensorParallel(self.rank, self.tp_size, self.group, expert_sharded=self.ep_size == 1)
 
     def all_reduce(self, t: torch.Tensor) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
@@ -117,15 +162,19 @@ class ExpertParallelGroup:
             dist.destroy_process_group()
 
 
-def init_expert_parallel(
+def init_parallel(
     rank: int | None = None,
     world_size: int | None = None,
     init_method: str | None = None,
     backend: str | None = None,
     device: str = "cpu",
     timeout_s: float = 600.0,
-) -> ExpertParallelGroup:
-    """Join the EP group (``world_size`` ranks, this one ``rank``).
+    tp_size: int = 1,
+    ep_size: int = 0,
+) -> ParallelGroup:
+    """Join the worker's group (``world_size`` ranks, this one ``rank``; ``tp_size`` / ``ep_size`` as
+    in ``ParallelGroup``). ``timeout_s`` bounds every collective: a rank that died makes the others
+    fail there instead of hanging.
 
     ``rank`` / ``world_size`` default to the env vars RANK / WORLD_SIZE and ``init_method``
     to ``env://`` (MASTER_ADDR / MASTER_PORT). ``backend`` defaults to nccl for a CUDA
@@ -136,13 +185,15 @@ def init_expert_parallel(
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"EP rank {rank} is outside [0, world_size={world_size})")
+        raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", rank % max(1, torch.cuda.device_count()))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+    if backend == "nccl":
+        os.environ.update(MULTICAST_OFF)
     timeout = timedelta(seconds=timeout_s)
     store = None
     if not dist.is_initialized():
@@ -153,7 +204,7 @@ def init_expert_parallel(
                          f"{dist.get_world_size()}, not {rank} of {world_size}")
     group = dist.group.WORLD
     cpu_group = group if dist.get_backend(group) == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-    return ExpertParallelGroup(rank, world_size, dev, group, cpu_group, store)
+    return ParallelGroup(rank, world_size, dev, group, cpu_group, store, tp_size, ep_size)
 
 
 def _rendezvous_store(init_method: str, rank: int, world_size: int, timeout: timedelta):
@@ -201,7 +252,7 @@ def _items(records: list) -> list:
 class _MirroredRunner(ModelRunner):
     """The leader's runner: broadcast the batch, then run it like every follower does."""
 
-    def __init__(self, runner: ModelRunner, leader: ExpertParallelLeader):
+    def __init__(self, runner: ModelRunner, leader: ParallelLeader):
         super().__init__(runner.model, runner.pool, runner.device)
         self.leader = leader
 
@@ -211,44 +262,53 @@ class _MirroredRunner(ModelRunner):
         for req, n in batch:
             if req.mode == Mode.EXTERNAL:
                 raise RuntimeError(f"request {req.rid}: KV written from outside (PD decode) is not supported "
-                                   "with expert parallelism; only the leader's KV pool would hold it")
+                                   "with several ranks yet; only the leader's KV pool would hold it")
             s = req.num_computed
             records.append((s, list(req.all_ids[s:s + n]), list(req.pages[:(s + n + ps - 1) // ps])))
         with self.leader.broadcasting({"kind": "forward", "batch": records}):
-            return super().forward(_items(records), all_rows, layer_ready)
+            try:
+                return super().forward(_items(records), all_rows, layer_ready)
+            except RuntimeError as exc:  # a collective failed: a rank died or timed out
+                raise self.leader.fail(f"a collective of the forward pass failed: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------- ranks
-class ExpertParallelLeader:
-    """Rank 0: mirror each forward pass of ``engine`` (built with ``expert_parallel=ep``) on the followers.
+class ParallelLeader:
+    """Rank 0: mirror each forward pass of ``engine`` (built with ``parallel=group``) on the followers.
 
-    ``eplb`` is the engine's ``EplbRuntime`` (submit / apply_pending as usual: the next forward
-    pass carries the new placement to the followers).
+    ``eplb`` is the engine's ``EplbRuntime`` with expert parallelism (submit / apply_pending as
+    usual: the next forward pass carries the new placement to the followers), else None.
     """
 
-    def __init__(self, engine, ep: ExpertParallelGroup, keepalive_s: float = 10.0):
+    def __init__(self, engine, ep: ParallelGroup, keepalive_s: float = 10.0):
         if ep.rank != 0:
-            raise ValueError(f"the EP leader must be rank 0, this process is rank {ep.rank}")
-        if not engine.model.moe_layers():
-            raise ValueError(f"ep_size={ep.size}: expert parallelism needs a MoE model; "
+            raise ValueError(f"the leader must be rank 0, this process is rank {ep.rank}")
+        if ep.ep_size > 1 and not engine.model.moe_layers():
+            raise ValueError(f"ep_size={ep.ep_size}: expert parallelism needs a MoE model; "
                              f"{engine.config.model_path} has none")
-        if engine.eplb is None or engine.eplb.dispatcher.ep_size != ep.size:
+        if ep.ep_size > 1 and (engine.eplb is None or engine.eplb.dispatcher.ep_size != ep.ep_size):
             raise ValueError("the engine was not built for this expert-parallel group "
-                             "(EngineCore(config, expert_parallel=ep))")
+                             "(EngineCore(config, parallel=group))")
+        if engine.model.tp.size != ep.tp_size:
+            raise ValueError(f"the engine's model is sharded over {engine.model.tp.size} ranks, the group has "
+                             f"tp_size={ep.tp_size} (EngineCore(config, parallel=group))")
         cfg = engine.config
         self.engine, self.ep, self.keepalive_s = engine, ep, keepalive_s
         self.eplb = engine.eplb
         self._lock = threading.RLock()
         self._last_send = time.monotonic()
         self._closed = False
+        self.failure: str | None = None  # set once a rank died or a collective failed: the group is unusable
         self.processes: list = []
         self.messages_sent = {"forward": 0, "noop": 0, "placement": 0}
-        location = self.eplb.location
+        location = self.eplb.location if self.eplb is not None else None
         self._sent_location = location
         pool = engine.pool
         self.ep.broadcast({"kind": "init", "num_pages": pool.num_pages, "page_size": pool.page_size,
-                           "placement": location.physical_to_logical, "num_experts": location.num_logical,
-                           "dispatch": self.eplb.dispatcher.algorithm, "seed": cfg.random_seed,
+                           "tp_size": ep.tp_size, "ep_size": ep.ep_size,
+                           "placement": None if location is None else location.physical_to_logical,
+                           "num_experts": None if location is None else location.num_logical,
+                           "dispatch": cfg.ep_dispatch_algorithm, "seed": cfg.random_seed,
                            "load_format": cfg.load_format,
                            "model": _model_signature(engine.model, engine.model_config),
                            "attention_backend": engine.attention_backend,
@@ -266,15 +326,34 @@ class ExpertParallelLeader:
             self._send(msg)
             yield
 
+    def fail(self, why: str) -> RuntimeError:
+        """Mark the group broken (the first reason is kept); the error to raise."""
+        if self.failure is None:
+            self.failure = why
+            log.error("parallel group of %d ranks is broken: %s", self.ep.size, why)
+        return RuntimeError(f"the worker's parallel group is broken: {self.failure}")
+
+    def check_ranks(self) -> str | None:
+        """The group's failure, after looking whether a follower process exited (None: healthy)."""
+        for r, p in enumerate(self.processes, start=1):
+            if self.failure is None and p.exitcode is not None:
+                self.fail(f"rank {r} (pid {p.pid}) exited with code {p.exitcode}")
+        return self.failure
+
     def _send(self, msg: dict) -> None:
         if self._closed:
-            raise RuntimeError("the expert-parallel group is closed")
-        loc = self.eplb.location
+            raise RuntimeError("the parallel group is closed")
+        if self.check_ranks() is not None:
+            raise self.fail(self.failure)
+        loc = self.eplb.location if self.eplb is not None else None
         if loc is not self._sent_location:
             msg["placement"] = loc.physical_to_logical
             self._sent_location = loc
             self.messages_sent["placement"] += 1
-        self.ep.broadcast(msg)
+        try:
+            self.ep.broadcast(msg)
+        except RuntimeError as exc:
+            raise self.fail(f"broadcast to the followers failed: {exc}") from exc
         if msg["kind"] in self.messages_sent:
             self.messages_sent[msg["kind"]] += 1
         self._last_send = time.monotonic()
@@ -282,57 +361,78 @@ class ExpertParallelLeader:
     def keepalive(self) -> None:
         """Call often while idle (from the engine loop's thread): a no-op every ``keepalive_s``."""
         with self._lock:
-            if not self._closed and time.monotonic() - self._last_send >= self.keepalive_s:
-                self._send({"kind": "noop"})
+            if self._closed or self.check_ranks() is not None:
+                return
+            if time.monotonic() - self._last_send >= self.keepalive_s:
+                with contextlib.suppress(RuntimeError):  # recorded in self.failure
+                    self._send({"kind": "noop"})
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the followers (they return from ``run()``) and leave the group."""
         with self._lock:
             if self._closed:
                 return
-            self._send({"kind": "stop"})
+            if self.check_ranks() is None:
+                with contextlib.suppress(RuntimeError):  # a rank died meanwhile: recorded, terminated below
+                    self._send({"kind": "stop"})
             self._closed = True
+        if self.failure is not None:
+            timeout = 0.0  # broken: no follower is waiting for a message any more
         # Tear down together with the followers (NCCL's communicator finalize is collective),
         # keeping rank 0's TCPStore (ep.store) alive until they are gone.
-        self.ep.destroy()
+        if self.failure is None:
+            self.ep.destroy()
         for p in self.processes:
             p.join(timeout)
             if p.is_alive():
-                log.warning("EP follower pid %s did not stop in %.0f s; terminating it", p.pid, timeout)
+                log.warning("follower pid %s did not stop in %.0f s; terminating it", p.pid, timeout)
                 p.terminate()
+                p.join(timeout=10)
+        if self.failure is not None:
+            # After the followers are gone: a broken gloo group tears down without waiting for them.
+            self.ep.destroy()
         self.ep.store = None
 
 
-class ExpertParallelFollower:
-    """Rank ``ep.rank > 0``: the model and a KV pool mirroring the leader's; no scheduler."""
+class ParallelFollower:
+    """Rank ``ep.rank > 0``: its part of the model and a KV pool page-for-page like the leader's
+    (its own heads with TP); no scheduler."""
 
-    def __init__(self, config: EngineConfig, ep: ExpertParallelGroup):
+    def __init__(self, config: EngineConfig, ep: ParallelGroup):
         if ep.rank == 0:
-            raise ValueError("rank 0 is the leader; followers are ranks 1..ep_size-1")
+            raise ValueError("rank 0 is the leader; followers are ranks 1..world_size-1")
         self.ep = ep
         device = str(ep.device)
         init = ep.broadcast()  # the leader sends it once its engine is built
         if init.get("kind") != "init":
-            raise RuntimeError(f"EP follower {ep.rank}: expected the leader's init message, got {init.get('kind')}")
-        location = ExpertLocation(init["placement"], init["num_experts"], ep.size)
+            raise RuntimeError(f"follower {ep.rank}: expected the leader's init message, got {init.get('kind')}")
+        if (init["tp_size"], init["ep_size"]) != (ep.tp_size, ep.ep_size):
+            raise ValueError(f"follower {ep.rank}: tp_size={ep.tp_size}, ep_size={ep.ep_size} but the leader has "
+                             f"tp_size={init['tp_size']}, ep_size={init['ep_size']}")
         # The leader's dispatch and seed: every rank must pick the same slots.
         config = config.model_copy(update={"ep_dispatch_algorithm": init["dispatch"], "random_seed": init["seed"],
-                                           "ep_size": ep.size})
-        hooks = ExpertHooks(config, device, ep.rank, ep.size, ep.all_reduce, location=location, with_recorder=False)
+                                           "ep_size": ep.ep_size, "tp_size": ep.tp_size})
+        hooks = None
+        if init["placement"] is not None:  # the leader's MoE layers have a placement (EP, EPLB, recording)
+            location = ExpertLocation(init["placement"], init["num_experts"], ep.ep_size)
+            ep_rank = ep.rank if ep.ep_size > 1 else 0
+            hooks = ExpertHooks(config, device, ep_rank, ep.ep_size, ep.all_reduce if ep.ep_size > 1 else None,
+                                location=location, with_recorder=False)
         deterministic = config.enable_deterministic_inference
         self.model, self.model_config = load_model(config.model_path, resolve_dtype(config.dtype, device), device,
-                                                   hooks, init["load_format"], deterministic=deterministic)
+                                                   hooks, init["load_format"], deterministic=deterministic,
+                                                   tp=ep.tp)
         mc = self.model_config
         mine = _model_signature(self.model, mc)
         if init["model"] != mine:
-            raise ValueError(f"EP follower {ep.rank}: its model {mine} differs from the leader's {init['model']} "
+            raise ValueError(f"follower {ep.rank}: its model {mine} differs from the leader's {init['model']} "
                              "(same checkpoint and dtype needed on every rank)")
         self.model.set_backend(init["attention_backend"], init["max_positions"], deterministic)  # the leader's kernels
         k_scales, v_scales = init["kv_scales"]
-        self.pool = KVPool(mc.num_layers, init["num_pages"], init["page_size"], mc.num_kv_heads, mc.head_dim,
-                           getattr(torch, init["kv_dtype"]), device, num_aux_slots=1,
+        self.pool = KVPool(mc.num_layers, init["num_pages"], init["page_size"], self.model.kv_heads_per_rank,
+                           mc.head_dim, getattr(torch, init["kv_dtype"]), device, num_aux_slots=1,
                            k_scales=k_scales or None, v_scales=v_scales or None)
-        self.eplb = hooks.runtime(self.model)
+        self.eplb = hooks.runtime(self.model) if hooks is not None else None
         self.runner = ModelRunner(self.model, self.pool, device)
         self.forward_passes = 0
 
@@ -340,7 +440,7 @@ class ExpertParallelFollower:
         """Handle one message from the leader; False once it said stop."""
         msg = self.ep.broadcast()
         if msg.get("placement") is not None:
-            loc = ExpertLocation(msg["placement"], self.eplb.location.num_logical, self.ep.size)
+            loc = ExpertLocation(msg["placement"], self.eplb.location.num_logical, self.ep.ep_size)
             self.eplb.set_location(loc)
         kind = msg["kind"]
         if kind == "forward":
@@ -357,56 +457,58 @@ class ExpertParallelFollower:
 
 def _model_signature(model, mc) -> dict:
     return {"layers": mc.num_layers, "hidden": mc.hidden_size, "experts": mc.num_experts,
-            "vocab": mc.vocab_size, "dtype": str(model.embed_tokens.weight.dtype)}
+            "vocab": mc.vocab_size, "dtype": str(model.embed_tokens.weight.dtype), "tp": model.tp.size}
 
 
 # ---------------------------------------------------------------------------------- one host
-def follower_main(rank: int, ep_size: int, init_method: str, config: dict, backend: str | None = None,
+def follower_main(rank: int, world_size: int, init_method: str, config: dict, backend: str | None = None,
                   num_threads: int | None = None, timeout_s: float = 600.0) -> None:
     """Entry point of a follower process (picklable for ``multiprocessing`` spawn)."""
     if num_threads:
         torch.set_num_threads(num_threads)
     cfg = EngineConfig(**config)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    ep = init_expert_parallel(rank, ep_size, init_method, backend, device, timeout_s)
+    group = init_parallel(rank, world_size, init_method, backend, resolve_device(cfg.device), timeout_s,
+                          cfg.tp_size, cfg.ep_size)
     try:
-        ExpertParallelFollower(cfg, ep).run()
+        ParallelFollower(cfg, group).run()
     finally:
-        ep.destroy()
+        group.destroy()
 
 
-def start_expert_parallel(config: EngineConfig, ep_size: int | None = None, init_method: str | None = None,
-                          backend: str | None = None, num_threads: int | None = None, timeout_s: float = 600.0,
-                          keepalive_s: float = 10.0) -> ExpertParallelLeader:
-    """One host: spawn followers 1..ep_size-1, join as rank 0, build the engine over the group and
-    attach the leader to it (``leader.engine``).
+def start_parallel(config: EngineConfig, init_method: str | None = None, backend: str | None = None,
+                   num_threads: int | None = None, timeout_s: float | None = None,
+                   keepalive_s: float = 10.0) -> ParallelLeader:
+    """One host: spawn followers 1..world_size-1 (``config.tp_size`` / ``config.ep_size``), join as
+    rank 0, build the engine over the group and attach the leader to it (``leader.engine``).
 
-    ``ep_size`` defaults to ``config.ep_size``; ``init_method`` to a free loopback TCP port. Call
-    ``leader.close()`` at shutdown (it joins the follower processes).
+    ``init_method`` defaults to a free loopback TCP port. Call ``leader.close()`` at shutdown (it
+    joins the follower processes). ``timeout_s`` bounds every collective (default ``config.dist_timeout``).
     """
     import torch.multiprocessing as mp
 
     from .engine import EngineCore
 
-    ep_size = ep_size or config.ep_size
-    if ep_size < 2:
-        raise ValueError(f"ep_size={ep_size}: expert parallelism needs at least 2 ranks")
-    if config.ep_size != ep_size:
-        config = config.model_copy(update={"ep_size": ep_size})
+    world = config.world_size
+    timeout_s = config.dist_timeout if timeout_s is None else timeout_s
+    if world < 2:
+        raise ValueError(f"tp_size={config.tp_size}, ep_size={config.ep_size}: one rank needs no group")
     if init_method is None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             init_method = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    device = resolve_device(config.device)
+    if device.startswith("cuda"):
+        os.environ.update(MULTICAST_OFF)  # spawned followers inherit it
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=follower_main, name=f"ep-follower-{r}", daemon=True,
-                         args=(r, ep_size, init_method, config.model_dump(), backend, num_threads, timeout_s))
-             for r in range(1, ep_size)]
+    procs = [ctx.Process(target=follower_main, name=f"tandem-rank-{r}", daemon=True,
+                         args=(r, world, init_method, config.model_dump(), backend, num_threads, timeout_s))
+             for r in range(1, world)]
     for p in procs:
         p.start()
     try:
-        ep = init_expert_parallel(0, ep_size, init_method, backend, resolve_device(config.device), timeout_s)
-        engine = EngineCore(config=config, expert_parallel=ep)
-        leader = ExpertParallelLeader(engine, ep, keepalive_s=keepalive_s)
+        group = init_parallel(0, world, init_method, backend, device, timeout_s, config.tp_size, config.ep_size)
+        engine = EngineCore(config=config, parallel=group)
+        leader = ParallelLeader(engine, group, keepalive_s=keepalive_s)
     except BaseException:
         for p in procs:
             p.terminate()
@@ -416,13 +518,14 @@ def start_expert_parallel(config: EngineConfig, ep_size: int | None = None, init
 
 
 def main(argv=None) -> None:
-    """``python -m tandem.engine.expert_parallel``: one follower rank, for leaders on another host."""
+    """``python -m tandem.engine.parallel``: one follower rank, for leaders on another host."""
     import argparse
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--model-path", required=True)
     ap.add_argument("--rank", type=int, default=None, help="default: $RANK")
-    ap.add_argument("--ep-size", type=int, default=None, help="default: $WORLD_SIZE")
+    ap.add_argument("--tp-size", "--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--ep-size", type=int, default=1)
     ap.add_argument("--init-method", default=None, help="e.g. tcp://leader:29500 (default env://)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
@@ -431,9 +534,9 @@ def main(argv=None) -> None:
     ap.add_argument("--timeout-s", type=float, default=600.0)
     a = ap.parse_args(argv)
     rank = a.rank if a.rank is not None else int(os.environ.get("RANK", "1"))
-    size = a.ep_size if a.ep_size is not None else int(os.environ.get("WORLD_SIZE", "2"))
-    follower_main(rank, size, a.init_method, {"model_path": a.model_path, "device": a.device, "dtype": a.dtype},
-                  a.backend, a.num_threads, a.timeout_s)
+    cfg = {"model_path": a.model_path, "device": a.device, "dtype": a.dtype, "tp_size": a.tp_size,
+           "ep_size": a.ep_size}
+    follower_main(rank, max(a.tp_size, a.ep_size), a.init_method, cfg, a.backend, a.num_threads, a.timeout_s)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,185 @@
+"""Request migration on loopback with real workers (CPU, float32): a decode worker that dies
+mid-stream (its fault hook exits the process after a request's FAULT_AT-th token, no sleep)
+under --migration-limit 1 leaves the client a stream with exactly the tokens of an
+uninterrupted run (greedy with penalties and a stop string across the seam, seeded with
+penalties; logprobs and usage too). With --migration-limit 0 the client gets the error: see
+tests/unit/routing/test_router_migration.py (a scripted worker fails mid-stream; one worker
+process less here)."""
+from __future__ import annotations
+
+import pytest
+from tandem.config import RouterConfig
+from tandem.router.app import build_router
+from tandem.v1 import common_pb2, router_pb2
+
+from tests.integration.router_support import agg_worker_args, log_tail, start_many
+from tests.support.grpc_router import router_stub
+from tests.support.models import demo_model
+from tests.support.ports import free_ports
+from tests.support.waiting import wait_for
+
+FAULT_AT = 6
+PROMPT = "The GNU General Public License is a free, copyleft license for"
+CASES = ["greedy", "seeded"]
+PAUSE_AT = 4  # the drained worker's engine pauses once each of its requests streamed this many tokens
+DRAIN_STREAMS = 8
+PENALTIES = dict(frequency_penalty=1.5, presence_penalty=1.0, repetition_penalty=1.2)
+
+
+@pytest.fixture(scope="module")
+def workers():
+    """One healthy worker (a port-0 port: above every other one), one doomed worker per case and
+    one to drain, on ports below the ephemeral range, so round_robin's first pick (the lowest
+    worker id) is the doomed (or drained) one."""
+    model = demo_model()
+    ports = free_ports(len(CASES) + 1)
+    fault = {"TANDEM_FAULT_EXIT_AFTER_TOKENS": str(FAULT_AT)}
+    pause = {"TANDEM_FAULT_PAUSE_AFTER_TOKENS": str(PAUSE_AT)}
+    specs = [("tandem.decode", agg_worker_args(model))]
+    specs += [("tandem.decode", agg_worker_args(model, "--port", str(p))) for p in ports]
+    procs = start_many(specs, envs=[None] + [fault] * len(CASES) + [pause])
+    yield procs[0], dict(zip(CASES + ["drain"], procs[1:]))
+    for p in procs:
+        p.stop()
+
+
+def make_router(addresses, **kw):
+    cfg = RouterConfig(model_path=demo_model(), workers=list(addresses), http_port=0, routing_policy="round_robin",
+                       health_check_interval=3600, **kw)
+    app = build_router(cfg)
+    app.start()
+    wait_for(lambda: len(app.core.pool.healthy()) == len(addresses), timeout=30, what="workers healthy")
+    return app
+
+
+def generate(app, **sampling):
+    with router_stub(app) as stub:
+        req = router_pb2.RouterGenerateRequest(text=PROMPT, sampling=common_pb2.SamplingParams(**sampling))
+        chunks = list(stub.Generate(req, timeout=120))
+    return ([t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks),
+            [lp.logprob for c in chunks for lp in c.logprobs], chunks[-1])
+
+
+@pytest.fixture(scope="module")
+def reference(workers):
+    """Uninterrupted runs on the healthy worker."""
+    app = make_router([workers[0].grpc_address])
+    yield lambda **sp: generate(app, **sp)
+    app.stop()
+
+
+def migrated(workers, case, limit, **sp):
+    healthy, doomed = workers
+    app = make_router([doomed[case].grpc_address, healthy.grpc_address], migration_limit=limit)
+    try:
+        return generate(app, **sp), app.registry.get_sample_value(
+            "dynamo_frontend_model_migration_total", {"model": app.model_name, "migration_type": "ongoing_request"})
+    finally:
+        app.stop()
+        assert doomed[case].proc.wait(30) == 86, log_tail(doomed[case])  # it died of its fault hook
+
+
+def spanning_stop(tokenizer, ids, seam):
+    before = tokenizer.decode(ids[:seam])
+    after = tokenizer.decode(ids[:seam + 2])
+    return after[len(before) - 2:len(before) + 2]
+
+
+def test_greedy_with_penalties_and_a_stop_string_across_the_seam(workers, reference):
+    full_ids, full_text, _, _ = reference(max_tokens=32, temperature=0, ignore_eos=True, **PENALTIES)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_model())
+    stop = spanning_stop(tok, full_ids, FAULT_AT)
+    assert len(stop) == 4 and full_text.index(stop) == len(tok.decode(full_ids[:FAULT_AT])) - 2, stop  # the first one
+    sp = dict(max_tokens=32, temperature=0, ignore_eos=True, stop=[stop], logprobs=True, **PENALTIES)
+    want = reference(**sp)
+    (ids, text, lps, last), n = migrated(workers, "greedy", 1, **sp)
+    assert n == 1
+    assert ids == want[0] and text == want[1] and len(ids) > FAULT_AT
+    assert last.finish_reason == common_pb2.FINISH_REASON_STOP == want[3].finish_reason
+    assert lps == pytest.approx(want[2], abs=1e-4)
+    assert last.usage.prompt_tokens == want[3].usage.prompt_tokens
+    assert last.usage.completion_tokens == want[3].usage.completion_tokens == len(ids)
+
+
+def test_seeded_with_penalties(workers, reference):
+    sp = dict(max_tokens=24, temperature=0.9, seed=77, ignore_eos=True, logprobs=True, frequency_penalty=0.8)
+    want = reference(**sp)
+    (ids, text, lps, last), n = migrated(workers, "seeded", 1, **sp)
+    assert n == 1
+    assert ids == want[0] and text == want[1]
+    assert lps == pytest.approx(want[2], abs=1e-4)
+    assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert last.usage.prompt_tokens == want[3].usage.prompt_tokens and last.usage.completion_tokens == 24
+
+@pytest.fixture(scope="module")
+def pd_workers():
+    """A prefill worker and two decode workers (grpc transfer backend): the one to drain on a
+    port below the ephemeral range (round_robin's first pick), paused by its fault hook."""
+    model = demo_model()
+    common = ["--model-path", model, "--log-level", "warning", "--disaggregation-transfer-backend", "grpc"]
+    (prefill,) = start_many([("tandem.prefill", common)])
+    decode = [*common, "--disaggregation-mode", "decode", "--prefill-addresses", prefill.grpc_address]
+    drained, other = start_many([("tandem.decode", [*decode, "--port", str(free_ports(1)[0])]),
+                                 ("tandem.decode", decode)],
+                                envs=[{"TANDEM_FAULT_PAUSE_AFTER_TOKENS": str(PAUSE_AT)}, None])
+    yield drained, other
+    for p in (drained, other, prefill):
+        p.stop()
+
+
+@pytest.mark.parametrize("mode", ["agg", pytest.param("pd", marks=pytest.mark.slow)])
+def test_drain_hands_every_request_to_another_worker(mode, request, workers, reference):
+    """8 streams in flight over the drained worker and another one: the drain hands the drained
+    worker's requests back (paused mid-stream by its fault hook), the router migrates them; every
+    stream ends with the tokens of an uninterrupted run (aggregated: PD's tokens are the same); the
+    drained worker ends NOT_SERVING with 0 pages in use."""
+    import threading
+
+    from grpc_health.v1 import health_pb2
+    from tandem.v1 import common_pb2 as c
+    from tandem.v1 import decode_pb2_grpc, engine_control_pb2, engine_control_pb2_grpc
+
+    if mode == "agg":
+        other, drained = workers[0], workers[1]["drain"]
+    else:
+        drained, other = request.getfixturevalue("pd_workers")
+    sps = [dict(max_tokens=32, ignore_eos=True, temperature=0.8 if i % 2 else 0, seed=100 + i, logprobs=True,
+                frequency_penalty=0.5) for i in range(DRAIN_STREAMS)]
+    want = [reference(**sp)[0] for sp in sps]
+    app = make_router([drained.grpc_address, other.grpc_address], migration_limit=1)
+    got: list[list[int]] = [[] for _ in sps]
+    errors: list[BaseException] = []
+
+    def one(i):
+        try:
+            with router_stub(app) as stub:
+                req = router_pb2.RouterGenerateRequest(text=PROMPT, sampling=c.SamplingParams(**sps[i]))
+                for chunk in stub.Generate(req, timeout=120):
+                    got[i].extend(chunk.token_ids)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(DRAIN_STREAMS)]
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: all(got) or errors, timeout=120, what="every stream's first tokens")
+        with drained.channel() as ch:
+            resp = engine_control_pb2_grpc.EngineControlStub(ch).Drain(engine_control_pb2.DrainRequest(), timeout=120)
+        for t in threads:
+            t.join(120)
+        assert not errors, errors
+        assert got == want
+        assert resp.ok and resp.num_pages_in_use == 0 and resp.num_requests_left == 0, resp
+        moved = app.registry.get_sample_value("dynamo_frontend_model_migration_total",
+                                              {"model": app.model_name, "migration_type": "ongoing_request"})
+        assert resp.num_requests_handed_back >= 1 and moved == resp.num_requests_handed_back
+        assert len(resp.request_ids) == resp.num_requests_handed_back
+        assert drained.health_status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        with drained.channel() as ch:
+            load = decode_pb2_grpc.DecodeStub(ch).GetLoad(c.GetLoadRequest(), timeout=10)
+        assert load.num_running_reqs == 0 and load.free_pages + load.evictable_pages == load.total_pages
+    finally:
+        app.stop()
