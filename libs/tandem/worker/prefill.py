@@ -334,6 +334,10 @@ class PrefillWorker(WorkerBase):
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"the first message must be 'start', got {first.WhichOneof('msg')!r}")
         start = first.start
+        # Decode writes its allocation right behind a non-warmup start, without waiting for an answer:
+        # read it before refusing the start, so that this stream never ends while decode is still
+        # writing (its failed write would then hide this worker's status behind a local INTERNAL).
+        second = None if start.warmup else next(requests, None)
         ids = list(start.input_ids)
         try:
             sp = sampling_from_proto(start.sampling)
@@ -351,7 +355,7 @@ class PrefillWorker(WorkerBase):
             if peer is None:
                 raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"decode {start.decode_id!r} is not registered; call RegisterDecode first")
-            msg = next(requests, None)
+            msg = second
             if msg is None:
                 return  # decode went away before allocating: nothing was computed
             if msg.WhichOneof("msg") != "allocation":

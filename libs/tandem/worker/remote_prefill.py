@@ -86,9 +86,14 @@ class AttemptFailed(Exception):
 
     @classmethod
     def from_rpc(cls, exc: grpc.aio.AioRpcError, what: str, bootstrap: bool = False) -> AttemptFailed:
-        code = exc.code()
+        return cls.from_status(exc.code(), exc.details(), what, bootstrap)
+
+    @classmethod
+    def from_status(cls, code: grpc.StatusCode, details: str | None, what: str,
+                    bootstrap: bool = False) -> AttemptFailed:
+        """The attempt's failure from the status ``what`` (a Prefill call) ended with."""
         status = code if code in _KEPT_RPC_STATUS else grpc.StatusCode.UNAVAILABLE
-        return cls(status, f"{what}: {exc.details() or code.name}", code in _RETRYABLE_RPC, bootstrap,
+        return cls(status, f"{what}: {details or code.name}", code in _RETRYABLE_RPC, bootstrap,
                    reregister=code == grpc.StatusCode.FAILED_PRECONDITION)
 
 
@@ -356,12 +361,17 @@ class RemotePrefill:
             rx.expect(room, alloc.page_indices, alloc.aux_slot, peer=agent)
             call = peer.stub.Prefill(timeout=cfg.disaggregation_bootstrap_timeout + cfg.disaggregation_waiting_timeout
                                      + cfg.disaggregation_transfer_timeout)
-            await call.write(prefill_pb2.PrefillClientMessage(start=prefill_pb2.PrefillStart(
-                request_id=rid, decode_id=self.worker_id, input_ids=ids, sampling=sampling_to_proto(sp), room=room,
-                lora_name=lora_name or "")))
-            await call.write(prefill_pb2.PrefillClientMessage(allocation=prefill_pb2.PageAllocation(
-                room=room, page_indices=alloc.page_indices, aux_slot=alloc.aux_slot,
-                num_cached_tokens=alloc.num_cached_tokens)))
+            try:
+                await call.write(prefill_pb2.PrefillClientMessage(start=prefill_pb2.PrefillStart(
+                    request_id=rid, decode_id=self.worker_id, input_ids=ids, sampling=sampling_to_proto(sp),
+                    room=room, lora_name=lora_name or "")))
+                await call.write(prefill_pb2.PrefillClientMessage(allocation=prefill_pb2.PageAllocation(
+                    room=room, page_indices=alloc.page_indices, aux_slot=alloc.aux_slot,
+                    num_cached_tokens=alloc.num_cached_tokens)))
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                # Prefill ended the stream first: report its status, not the failed write.
+                raise AttemptFailed.from_status(await call.code(), await call.details(), f"prefill {peer.address}",
+                                                bootstrap=True) from None
             reader = asyncio.create_task(self._read(att, call, len(alloc.page_indices)))
             await att.ended.wait()
             if att.stream_error is not None:
