@@ -185,6 +185,22 @@ def test_same_prompt_under_two_adapters_shares_no_pages(lora_llm, prompts):
     assert lora_llm.generate(ids, GREEDY, lora_name="a")[0].cached_tokens > 0
 
 
+def test_pd_decode_prefix_reuse_matches_under_the_request_adapter_only(lora_llm, prompts):
+    """Decode-side prefix reuse (allocate_external(reuse_prefix=True)) shares pages cached under the
+    request's own adapter, never another adapter's or the base model's."""
+    eng = lora_llm.engine
+    eng.flush_cache()
+    ids = eng.tokenize(" ".join(prompts[:4]) * 2)
+    lora_llm.generate(ids, GREEDY, lora_name="a")
+    for name, reused in (("b", False), (None, False), ("a", True)):
+        alloc = eng.allocate_external(ids, SamplingParams(max_tokens=4, temperature=0.0), reuse_prefix=True,
+                                      lora_name=name)
+        assert (alloc.num_cached_tokens >= 2 * eng.page_size) == reused and (alloc.num_cached_tokens > 0) == reused
+        assert eng.abort(alloc.rid)
+        eng.step()
+    assert not any(eng.lora.slot_users)  # each aborted allocation gave its adapter slot back
+
+
 def test_kv_events_carry_the_adapter_and_distinct_hashes(lora_llm, prompts):
     eng = lora_llm.engine
     eng.flush_cache()
