@@ -75,7 +75,7 @@ from benchmarks.common.engine import (  # noqa: E402
     sync,
     timed,
 )
-from benchmarks.common.results import command_line, git_info, machine_info, write_json, write_results  # noqa: E402
+from benchmarks.common.results import command_line, git_info, machine_info, write_json, write_results, written_by  # noqa: E402
 from benchmarks.common.shapes import SHAPES, build_checkpoint, shape_of, write_config_dir  # noqa: E402
 
 
@@ -189,10 +189,8 @@ def evaluate_gates(result: dict, gates: str | None) -> list[dict]:
 
 
 def write_markdown(path: Path, r: dict) -> None:
-    gi = r["git"]
     lines = [f"# engine_bench: {Path(r['model']).name} on {r['device_name']}", "",
-             f"Written by `benchmarks/engine_bench.py` at {r['time']}, commit `{gi.get('commit')}` "
-             f"(dirty: {gi.get('dirty')}). Command: `{r['command']}`", "",
+             written_by("benchmarks/engine_bench.py", r), "",
              f"{r['device']}/{r['dtype']}, prompt {r['input_len']}, output {r['output_len']}, weights "
              f"{r['weight_bytes'] / 1e9:.2f} GB; tandem with the engine's shipped defaults "
              f"(attention backend {r['engine']['attention_backend']}, CUDA graphs up to batch "

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tandem.engine import EngineCore
 
 from benchmarks.common.engine import release_memory, sync, timed
+from benchmarks.common.results import written_by
 from benchmarks.common.shapes import hf_config, shape_of
 
 GATES = {"uniform": 1.1, "mixed": 2.0}
@@ -120,10 +121,8 @@ def run(args, git: dict, started: str, machine: dict) -> dict:
 
 
 def write_markdown(path: Path, r: dict) -> None:
-    gi = r["git"]
     lines = [f"# engine_bench --embedding: {Path(r['model']).name} on {r['device_name']}", "",
-             f"Written by `benchmarks/engine_bench.py --embedding` at {r['time']}, commit `{gi.get('commit')}` "
-             f"(dirty: {gi.get('dirty')}). Command: `{r['command']}`", "",
+             written_by("benchmarks/engine_bench.py --embedding", r), "",
              f"{r['device']}/{r['dtype']}, load format {r['load_format']}, batch {r['batch']}, lengths "
              f"{r['lengths'][0]}..{r['lengths'][1]}; tandem: engine defaults ({r['engine']}); transformers: "
              "AutoModel SDPA, one padded forward of the batch. Best of 3 after an identical warm-up call.", "",

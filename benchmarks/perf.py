@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -331,5 +332,12 @@ def main(argv=None) -> int:
         return 2
 
 
+def _exit_on_sigterm(signum, _frame):
+    """SIGTERM (a killed parent, a test's timeout) unwinds like Ctrl-C: every stack this run started
+    is stopped by its ``finally`` (the stacks run in sessions of their own: a group kill misses them)."""
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     sys.exit(main())

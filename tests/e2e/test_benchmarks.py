@@ -58,7 +58,21 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 def run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    r = subprocess.run([PY, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    """Run a benchmark script; however this test ends (its own timeout, pytest-timeout's signal, a
+    failure), the script is asked to stop (SIGTERM: it stops the stacks it started) before the
+    test returns, so no stack outlives it."""
+    proc = subprocess.Popen([PY, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert r.returncode == 0, f"rc={r.returncode}\nstdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-4000:]}"
     return r
 
