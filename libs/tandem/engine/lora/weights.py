@@ -6,6 +6,8 @@ projection asks it for a :class:`LoraDelta` by the same name the linear gets
 (``y = base(x) + B @ A @ x``): the base linear classes (plain, FP8, sharded) are untouched.
 Buffers never move or grow (``max_loras_per_batch`` slots of ``max_lora_rank`` per part), so CUDA
 graphs captured over them stay valid while adapters are written into slots between steps.
+Importing this module does not import triton (``kernels`` loads when a projection first runs on
+it): a Triton kernel is defined at import, and the interpreter's switch must be set by then.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kernels
 from .adapter import LoraAdapter
 
 
@@ -78,6 +79,8 @@ class LoraDelta:
         if batch is None:
             return y
         if batch.use_triton:
+            from . import kernels
+
             xa = kernels.shrink(x, self.a, batch.seg_starts, batch.seg_lens, batch.seg_slots, batch.max_len,
                                 block_m=self.block_m)
             return kernels.expand(xa, self.b, y, batch.seg_starts, batch.seg_lens, batch.seg_slots, batch.max_len,
@@ -99,7 +102,12 @@ class LoraWeights:
         """``deterministic`` (--enable-deterministic-inference): every projection's kernels run one
         fixed row tile (``kernels.INVARIANT_BLOCK_M``), so a row's delta does not depend on its batch."""
         self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
-        self.block_m = kernels.INVARIANT_BLOCK_M if deterministic else None
+        if deterministic:
+            from . import kernels
+
+            self.block_m = kernels.INVARIANT_BLOCK_M
+        else:
+            self.block_m = None
         self.deltas: dict[str, LoraDelta] = {}
 
     def __call__(self, name: str, in_features: int, parts: tuple) -> LoraDelta:
