@@ -129,7 +129,10 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
             raise oa.unauthorized()
 
     def check_model(name: str) -> str | None:
-        """The LoRA adapter ``name`` selects (None: the base model); 404 for anything unknown."""
+        """The LoRA adapter ``name`` selects (None: the base model); 404 for anything unknown. OpenAI's
+        ``model`` is required over HTTP: an empty one is unknown (gRPC's unset field means the base)."""
+        if not name:
+            raise oa.model_not_found(name)
         try:
             return core.resolve_model(name)
         except UnknownModel as e:
