@@ -53,6 +53,7 @@ its measured value and verdict:
     python benchmarks/gpu_engine_check.py --only fp8 --fp8-model /tmp/llama8b --out .../engine_check_fp8.json
     python benchmarks/gpu_engine_check.py --only kv-fp8 --out benchmarks/results/gpu/kv_fp8_check_h100.json
     python benchmarks/gpu_engine_check.py --only hicache --out benchmarks/results/gpu/hicache_check_h100.json
+    python benchmarks/gpu_engine_check.py --only lora --out benchmarks/results/gpu/lora_check_h100.json
     python benchmarks/gpu_engine_check.py --only tp --tp-size 2 --out benchmarks/results/gpu/tp2_check_h100x2.json
     python benchmarks/gpu_engine_check.py --only deterministic --bf16-model /tmp/llama8b \
         --out benchmarks/results/gpu/deterministic_check_h100.json
@@ -843,6 +844,68 @@ def hicache_token_checks(dev: str) -> None:
                 free_device()
 
 
+def lora_checks(dev: str) -> None:
+    """LoRA (issue 36): the SGMV kernels against torch at an 8B projection shape in bf16 (mixed
+    segments, base ones included), then the demo model with three adapters and the base mixed in one
+    batch: triton with CUDA graphs == torch_native, greedy float32."""
+    import tempfile
+
+    from tandem.engine.lora import kernels
+
+    from deploy.demo_lora import build_adapter
+
+    g = torch.Generator().manual_seed(0)
+    lens = [1] * 32 + [7, 300, 13]
+    slots = [i % 5 - 1 for i in range(32)] + [0, 3, -1]
+    T, K, N, R, S = sum(lens), 4096, 6144, 48, 4  # the merged QKV projection, 3 parts of rank 16
+    x = torch.randn(T, K, generator=g).to(dev, torch.bfloat16)
+    a = (torch.randn(S, R, K, generator=g) / K ** 0.5).to(dev, torch.bfloat16)
+    b = (torch.randn(S, N, R, generator=g) * 0.1).to(dev, torch.bfloat16)
+    y = torch.randn(T, N, generator=g).to(dev, torch.bfloat16)
+    st = torch.tensor([sum(lens[:i]) for i in range(len(lens))], dtype=torch.int32, device=dev)
+    ln = torch.tensor(lens, dtype=torch.int32, device=dev)
+    sl = torch.tensor(slots, dtype=torch.int32, device=dev)
+    xa = kernels.shrink(x, a, st, ln, sl, max(lens))
+    xa_ref = kernels.shrink_ref(x, a, st, ln, sl)
+    used = torch.repeat_interleave(sl, ln) >= 0
+    out = kernels.expand(xa_ref.clone(), b, y.clone(), st, ln, sl, max(lens))
+    ref = kernels.expand_ref(xa_ref, b, y.clone(), st, ln, sl)
+    err_s = ((xa[used].float() - xa_ref[used].float()).abs().max() / xa_ref[used].float().abs().max()).item()
+    err_e = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    untouched = torch.equal(out[~used], y[~used])
+    record("LoRA SGMV shrink/expand bf16 (K 4096, N 6144, R 48, 35 segments) vs torch: max error / max value",
+           f"shrink {err_s:.2e}, expand {err_e:.2e}, base rows untouched {untouched}",
+           err_s <= 2e-2 and err_e <= 2e-2 and untouched)
+
+    path = str(REPO / "models" / "tandem-demo-dense")
+    root = tempfile.mkdtemp(prefix="tandem-lora-check-")
+    paths = [f"a={build_adapter(path, root + '/a', rank=8, seed=1)}",
+             f"b={build_adapter(path, root + '/b', rank=4, targets=('q_proj', 'v_proj', 'down_proj'), seed=2)}",
+             f"c={build_adapter(path, root + '/c', rank=8, targets=('k_proj', 'o_proj', 'gate_proj', 'up_proj'), seed=3)}"]
+    prompts = ["The license", "def main(argv=None):", "Hello world, this is a test of", "import os\nimport sys\n",
+               "Copyright (C) 2007 Free Software Foundation", "x" * 40, "for i in range(10):", "# tandem"]
+    names = ["a", None, "b", "c", "a", "b", None, "c"]
+    sp = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=True)
+    ref = LLM(path, device=dev, dtype="float32", attention_backend="torch_native", max_total_tokens=1 << 16,
+              lora_paths=paths)
+    want = ref.generate(prompts, sp, lora_name=names)
+    base = ref.generate(prompts, sp)
+    del ref
+    free_device()
+    llm = LLM(path, device=dev, dtype="float32", max_total_tokens=1 << 16, lora_paths=paths)
+    got = llm.generate(prompts, sp, lora_name=names)
+
+    def close(o, r, tol):
+        return o.token_ids == r.token_ids and max(abs(x - y) for x, y in zip(o.logprobs, r.logprobs)) <= tol
+
+    same = sum(close(o, r, 1e-3) for o, r in zip(got, want))
+    changed = sum(not close(r, b, 1e-2) for r, b, n in zip(want, base, names) if n is not None)
+    record(f"tandem-demo-dense float32 greedy + logprobs (1e-3), adapters a/b/c + base mixed: triton (CUDA graphs up "
+           f"to {llm.engine.cuda_graph_max_bs}) == torch_native ({changed}/6 adapter requests differ from base)",
+           f"{same}/{len(prompts)}", same == len(prompts) and changed == 6)
+    del llm
+
+
 def tp_checks(dev: str, tp: int) -> None:
     """Tensor parallelism over ``tp`` GPUs (NCCL, NVLink multicast off): on both demo models in float32,
     TP ``tp`` greedy and seeded tokens == TP 1's and logprobs within LOGPROB_TOL (benchmarks/common/tp.py)."""
@@ -867,11 +930,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--tp-size", "--tensor-parallel-size", type=int, default=1,
                     help="> 1: also check TP N (NCCL over N GPUs) against TP 1 on the demo models (--only tp: only that)")
-    ap.add_argument("--only", choices=["fp8", "kv-fp8", "hicache", "deterministic", "embedding", "tp"], default=None,
+    ap.add_argument("--only", choices=["fp8", "kv-fp8", "hicache", "deterministic", "embedding", "lora", "tp"],
+                    default=None,
                     help="run only this group of checks (fp8: FP8 weights; kv-fp8: the FP8 KV cache; hicache: "
                          "HiCache page transfers and load-back tokens; deterministic: "
                          "--enable-deterministic-inference on both demo models and --bf16-model, with and without "
-                         "the flag; embedding: --is-embedding vectors vs transformers)")
+                         "the flag; embedding: --is-embedding vectors vs transformers; lora: LoRA kernels and mixed "
+                         "adapters)")
     args = ap.parse_args(argv)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     git = git_info()
@@ -894,12 +959,14 @@ def main(argv=None) -> int:
         (lambda m=m, flag=flag: deterministic_checks(dev, m, flag)) for m in models for flag in (True, False)]
     groups = {"fp8": fp8_checks(dev, args.fp8_model), "kv-fp8": kv_fp8, "deterministic": deterministic,
               "embedding": [lambda: embedding_checks(dev)],
-              "hicache": [lambda: hicache_transfer_checks(dev), lambda: hicache_token_checks(dev)]}
+              "hicache": [lambda: hicache_transfer_checks(dev), lambda: hicache_token_checks(dev)],
+              "lora": [lambda: lora_checks(dev)]}
     groups["tp"] = [lambda: tp_checks(dev, args.tp_size)] if args.tp_size > 1 else []
     if args.only == "tp" and args.tp_size < 2:
         ap.error("--only tp needs --tp-size >= 2")
     # deterministic: its own call (--only deterministic), four engines a model.
-    steps = groups[args.only] if args.only else steps + groups["fp8"] + groups["kv-fp8"] + groups["hicache"] + groups["tp"]
+    steps = groups[args.only] if args.only else (steps + groups["fp8"] + groups["kv-fp8"] + groups["hicache"]
+                                                 + groups["lora"] + groups["tp"])
     for step in steps:
         try:
             step()

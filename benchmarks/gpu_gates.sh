@@ -2,7 +2,7 @@
 # Every GPU gate of the open issues, in parts that each fit one lent-device call (< 10 minutes).
 #
 #   OUT=/path/to/results benchmarks/gpu_gates.sh PART...
-#       PART: check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed tp
+#       PART: check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed lora tp
 #
 # Run from the repository root on the GPU machine (the device tool copies the working tree; name
 # gen, .whl and the A/B base tree in its `carry`). Every script writes its own results file
@@ -21,6 +21,8 @@
 #            checkpoint, gates fp8 (issue 30)
 #   kv       kv_cache_bench.py --gates on the 32k Llama-3-8B shape (issue 31)
 #   hicache  hicache_bench.py on the 8B shape (issue 27)
+#   lora     engine_bench --lora on the 8B shape (random weights, nothing built): 4 rank-16 adapters
+#            mixed in a batch of 64 >= 0.85x base tok/s, batch 1 >= 0.9x (issue 36)
 #   deterministic  gpu_engine_check.py --only deterministic (both demo models and the 8B shape in bf16, with
 #            --enable-deterministic-inference and without as the negative control), then the flag's decode
 #            step cost at batch 1 and 64, 3 alternating rounds (issue 28)
@@ -110,6 +112,9 @@ for part in "$@"; do
             --metric rows.0.tandem_tok_s --metric rows.1.tandem_tok_s --out "$OUT/ab_engine_bench_llama8b_$card.json" -- \
             python3 benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 --no-hf \
             --batch-sizes 1 64 --output-len 64 --out '{out}' ;;
+    lora)
+        step engine_lora 300 $py benchmarks/engine_bench.py --lora --shape llama8b --device cuda --dtype bfloat16 \
+            --batch-sizes 1 64 --input-len 128 --output-len 64 --out "$OUT/engine_lora_llama8b_$card.json" ;;
     tp)
         export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
         step tp_check 240 $py benchmarks/gpu_engine_check.py --only tp --tp-size "${TP:-2}" \
@@ -147,7 +152,7 @@ for part in "$@"; do
             --out "$OUT/engine_bench_overlap_qwen05b_$card.json"
         step dense_warmup 400 $py benchmarks/warmup_bench.py --rounds 3 --steady 6 \
             --out "$OUT/warmup_bench_$card.json" ;;
-    *) echo "unknown part $part (check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed tp)"
+    *) echo "unknown part $part (check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed lora tp)"
        exit 2 ;;
     esac
 done

@@ -14,6 +14,7 @@ import torch
 
 from .kernels import default_num_splits
 from .kv_pool import KVPool
+from .lora import lora_batch
 from .model import CausalLM, ForwardBatch
 from .sampler import PenaltyState, Sampler, SamplerVariant, SamplingTensors
 
@@ -128,6 +129,8 @@ class ModelRunner:
         else:
             fb = self._build_paged_extend(batch, all_rows)
         fb.kv_scales = self.pool.kv_scales
+        if self.model.lora is not None:
+            fb.lora = lora_batch([req.lora_slot for req, _ in batch], [n for _, n in batch], self.device, self.paged)
         return fb
 
     def _build_paged_decode(self, batch: list) -> ForwardBatch:
@@ -230,7 +233,9 @@ class ModelRunner:
                 vec, table = decode_inputs(batch, self.page_size)
                 self._replayed_bs = len(batch)
                 self.graph_replays += 1
-                return self.graphs.replay(vec, table, self._future_tokens if vec[0].min() < 0 else None, record)
+                lora_slots = [req.lora_slot for req, _ in batch] if self.model.lora is not None else None
+                return self.graphs.replay(vec, table, self._future_tokens if vec[0].min() < 0 else None, record,
+                                          lora_slots)
             fb = self.build(batch)
             fb.layer_ready, fb.record_experts = ready, record
             self.eager_decodes += fb.is_decode

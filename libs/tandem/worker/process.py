@@ -23,6 +23,7 @@ from tandem.transfer.ucx_binding import bind_ucx_to_host
 from tandem.v1 import common_pb2, engine_control_pb2, engine_control_pb2_grpc
 from tandem.worker.control import EngineControlServicer, add_profile_routes
 from tandem.worker.engine_loop import EngineLoop, LoopHook, wait_until
+from tandem.worker.lora_control import LoraControl
 from tandem.worker.profiler import EngineProfiler
 from tandem.worker.stats_reporter import StatsReporter
 
@@ -172,8 +173,10 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
         if config.enable_eplb and config.eplb_planner_address:
             eplb.start_planner_client(config.eplb_planner_address, tls=runtime.tls)
         runtime.on_shutdown(eplb.close)
+    loras = LoraControl(loop)
+    loras.add_routes(runtime.system)
     ctl = service_name(engine_control_pb2, "EngineControl")
-    control = EngineControlServicer(profiler, eplb.control if eplb else None)
+    control = EngineControlServicer(profiler, eplb.control if eplb else None, loras)
     runtime.add_service(engine_control_pb2_grpc.add_EngineControlServicer_to_server, control, ctl)
 
     def shutdown():
