@@ -258,11 +258,25 @@ def _items(records: list) -> list:
     return [(_Item(start, ids, pages), len(ids)) for start, ids, pages in records]
 
 
-class _MirroredRunner(ModelRunner):
-    """The leader's runner: broadcast the batch, then run it like every follower does."""
+def _warm_communicator(ep: ParallelGroup) -> None:
+    """One all-reduce on the device group before any CUDA graph capture: NCCL sets its communicator
+    up at the first collective, which must not happen inside a capture."""
+    t = torch.zeros(1, device=ep.device)
+    ep.all_reduce(t)
+    torch.cuda.synchronize(ep.device)
 
-    def __init__(self, runner: ModelRunner, leader: ParallelLeader):
-        super().__init__(runner.model, runner.pool, runner.device)
+
+class _MirroredRunner(ModelRunner):
+    """The leader's runner: broadcast the batch, then run it like every follower does.
+
+    ``cuda_graph_max_bs`` > 0 (CUDA, TP): decode graphs are captured here while every follower
+    captures the same buckets in the same order (the all-reduces inside them match); each forward
+    message tells the followers whether this pass replays a graph, so every rank launches the same
+    collectives (a pass with prompt logprobs or expert recording runs eagerly everywhere)."""
+
+    def __init__(self, runner: ModelRunner, leader: ParallelLeader, cuda_graph_max_bs: int = 0):
+        super().__init__(runner.model, runner.pool, runner.device, cuda_graph_max_bs,
+                         penalty_rows=runner.penalties.num_rows)
         self.leader = leader
 
     def forward(self, batch: list, all_rows: list | None = None, layer_ready=None) -> torch.Tensor | tuple:
@@ -275,9 +289,11 @@ class _MirroredRunner(ModelRunner):
                                    "the leader's KV pool would hold it")
             s = req.num_computed
             records.append((s, list(req.all_ids[s:s + n]), list(req.pages[:(s + n + ps - 1) // ps])))
-        with self.leader.broadcasting({"kind": "forward", "batch": records}):
+        items = _items(records)
+        graph = not (all_rows is not None and any(all_rows)) and self.will_replay(items)
+        with self.leader.broadcasting({"kind": "forward", "batch": records, "graph": graph}):
             try:
-                return super().forward(_items(records), all_rows, layer_ready)
+                return super().forward(items, all_rows, layer_ready, eager=not graph)
             except RuntimeError as exc:  # a collective failed: a rank died or timed out
                 raise self.leader.fail(f"a collective of the forward pass failed: {exc}") from exc
 
@@ -328,8 +344,12 @@ class ParallelLeader:
                            # every rank's attention must read the same values.
                            "kv_dtype": str(pool.dtype).removeprefix("torch."), "kv_scales": pool.scales(),
                            # Rank agents receiving KV (PD decode) write aux rows into the same slots.
-                           "num_aux_slots": pool.aux.shape[0]})
-        engine.wrap_runner(lambda runner: _MirroredRunner(runner, self))
+                           "num_aux_slots": pool.aux.shape[0],
+                           # Decode CUDA graphs (CUDA, TP): every rank captures the same buckets.
+                           "cuda_graph_max_bs": engine.cuda_graph_max_bs})
+        if engine.cuda_graph_max_bs:
+            _warm_communicator(ep)
+        engine.wrap_runner(lambda runner: _MirroredRunner(runner, self, engine.cuda_graph_max_bs))
 
     @contextlib.contextmanager
     def broadcasting(self, msg: dict):
@@ -476,7 +496,10 @@ class ParallelFollower:
                            mc.head_dim, getattr(torch, init["kv_dtype"]), device, num_aux_slots=init["num_aux_slots"],
                            k_scales=k_scales or None, v_scales=v_scales or None)
         self.eplb = hooks.runtime(self.model) if hooks is not None else None
-        self.runner = ModelRunner(self.model, self.pool, device)
+        graphs = init["cuda_graph_max_bs"]
+        if graphs:
+            _warm_communicator(ep)  # as the leader does, before both capture
+        self.runner = ModelRunner(self.model, self.pool, device, graphs)
         self.forward_passes = 0
         self.agents: dict[str, object] = {}  # the leader's rank agents (attach), by name
 
@@ -488,7 +511,7 @@ class ParallelFollower:
             self.eplb.set_location(loc)
         kind = msg["kind"]
         if kind == "forward":
-            self.runner.forward(_items(msg["batch"]))
+            self.runner.forward(_items(msg["batch"]), eager=not msg.get("graph", False))
             self.forward_passes += 1
         elif kind == "attach":
             def build() -> None:
