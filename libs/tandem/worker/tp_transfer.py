@@ -194,8 +194,7 @@ class RankedSender(KvSender):
             answers = _answers(leader.call(AGENT, {r: [("describe", ())] for r in range(1, leader.ep.size)}),
                                "describing the prefill ranks' senders")
             self._ranks += [answers[r][0] for r in sorted(answers)]
-        self._plans: dict[str, _Plan] = {}
-        self._plans_lock = threading.Lock()
+        self._plans: dict[str, _Plan] = {}  # by peer, under the base's _peers_lock
 
     def ranks(self) -> list[tuple[str, PoolLayout]]:
         return list(self._ranks)
@@ -228,21 +227,18 @@ class RankedSender(KvSender):
                 self.local.remove_peer(name)
             raise
         peer = regs[0].agent_name
-        with self._plans_lock:
-            self._plans[peer] = _Plan(tuple(rg.agent_name for rg in regs), writers)
         with self._peers_lock:
+            self._plans[peer] = _Plan(tuple(rg.agent_name for rg in regs), writers)
             self._peers[peer] = regs[0].layout
         return peer
 
     def _plan(self, peer: str) -> _Plan:
-        with self._plans_lock:
-            try:
-                return self._plans[peer]
-            except KeyError:
-                raise ValueError(f"unknown decode peer {peer!r}; call add_peer first") from None
+        self.peer_layout(peer)  # ValueError naming an unknown peer
+        with self._peers_lock:
+            return self._plans[peer]
 
     def _remove_peer(self, peer: str) -> None:
-        with self._plans_lock:
+        with self._peers_lock:
             plan = self._plans.pop(peer, None)
         if plan is None:
             return
