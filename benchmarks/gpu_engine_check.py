@@ -889,10 +889,10 @@ def tp_graph_checks(dev: str) -> None:
     """CUDA graphs with the TP collectives inside (issue 32's one-GPU gate), on a world-size-1 NCCL group
     (NVLink multicast off), the communicator set up by one all-reduce before any capture:
 
-    * an all-reduce captured between two kernels replays correctly on new inputs (with NCCL's
-      pre-multiplied sum, a world-size-1 all-reduce that changes the values: proof it ran at replay);
+    * an all-reduce and an all-gather captured between two kernels replay correctly on new inputs (the
+      gather's output buffer is poisoned with NaN before every replay: proof the collectives run at replay);
     * the demo dense model in float32 loaded with the collectives forced on (every o_proj / down_proj
-      all-reduce, the embedding's and the logits' gather, as with TP > 1): its decode graphs are captured
+      all-reduce, the embedding's all-reduce and the logits' all-gather, as with TP > 1): its decode graphs are captured
       with the collectives inside (counted at capture, none called at replay), and a decode step's
       logits by graph replay == eager (bitwise) == the one-rank engine's own graph replay."""
     import socket
@@ -910,17 +910,16 @@ def tp_graph_checks(dev: str) -> None:
         warm = torch.ones(1, device=dev)
         dist.all_reduce(warm, group=group.group)  # the communicator, before any capture
         torch.cuda.synchronize()
-        # 1. one all-reduce inside a graph, replayed on new inputs
+        # 1. an all-reduce (and an all-gather into a buffer poisoned before every replay: it must run at
+        #    replay) inside a graph, replayed on new inputs
         x = torch.zeros(4096, device=dev)
-        try:
-            op, factor, what = dist._make_nccl_premul_sum(3.0), 3.0, "pre-multiplied sum x 3"
-        except (AttributeError, RuntimeError):
-            op, factor, what = dist.ReduceOp.SUM, 1.0, "sum"
+        gathered = torch.empty(4096, device=dev)
 
         def body():
             y = x * 2.0
-            dist.all_reduce(y, op=op, group=group.group)
-            return y + 1.0
+            dist.all_reduce(y, group=group.group)
+            dist.all_gather_into_tensor(gathered, y, group=group.group)
+            return gathered + 1.0
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -930,14 +929,15 @@ def tp_graph_checks(dev: str) -> None:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = body()
-        worst = 0.0
+        errors = []
         for seed in range(3):
             x.copy_(torch.randn(4096, device=dev, generator=torch.Generator(dev).manual_seed(seed)))
+            gathered.fill_(float("nan"))
             graph.replay()
             torch.cuda.synchronize()
-            worst = max(worst, (out - (x * 2.0 * factor + 1.0)).abs().max().item())
-        record(f"world-size-1 NCCL all-reduce ({what}) captured in a CUDA graph replays correctly (3 inputs)",
-               worst, worst == 0.0)
+            errors.append((out - (x * 2.0 + 1.0)).abs().max().item())  # NaN if the gather did not run
+        record("world-size-1 NCCL all-reduce + all-gather captured in a CUDA graph replay correctly (3 inputs, "
+               "the gather's buffer poisoned before each replay)", errors, all(e == 0.0 for e in errors))
         # 2. the demo dense model's decode graphs with the collectives inside
         model_path = str(REPO / "models" / "tandem-demo-dense")
         llm = LLM(model_path, device=dev, dtype="float32", max_total_tokens=1 << 14)
