@@ -37,9 +37,12 @@
 #            engine_bench --embedding on the Qwen3-Embedding-0.6B shape (random weights on the device):
 #            inputs/s vs transformers SDPA, same batch of 128, uniform 512 (>= 1.1x) and [32, 512] (>= 2x)
 #            (issue 35)
-#   tp       needs $TP GPUs (default 2; issue 37's machine): gpu_engine_check.py --only tp (TP N over NCCL
-#            == TP 1 on the demo models, float32), then engine_bench --tp-size on the 8B shape (TP 1 vs
-#            TP N tok/s, dummy weights). NCCL with NVLink multicast off (set here and in every rank)
+#   tp       one GPU: gpu_engine_check.py --only tp-graph (issue 32: a world-size-1 NCCL all-reduce captured in
+#            a CUDA graph replays correctly; the demo dense model with its collectives forced on captures them in
+#            its decode graphs, replay == eager == one rank), ~1 min. With $TP GPUs (default 2; issue 37's
+#            machine) also gpu_engine_check.py --only tp (TP N over NCCL == TP 1 on the demo models, float32),
+#            then engine_bench --tp-size on the 8B shape (TP 1 vs TP N tok/s, dummy weights); skipped with
+#            fewer GPUs. NCCL with NVLink multicast off (set here and in every rank)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the results folder}
@@ -117,6 +120,13 @@ for part in "$@"; do
             --batch-sizes 1 64 --input-len 128 --output-len 64 --out "$OUT/engine_lora_llama8b_$card.json" ;;
     tp)
         export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+        step tp_graph_check 150 $py benchmarks/gpu_engine_check.py --only tp-graph \
+            --out "$OUT/engine_check_tp_graph_$card.json"
+        gpus=$(nvidia-smi -L | wc -l)
+        if [ "$gpus" -lt "${TP:-2}" ]; then
+            echo "=== tp: $gpus GPU(s), TP ${TP:-2} needs ${TP:-2}: the multi-GPU steps are skipped"
+            continue
+        fi
         step tp_check 240 $py benchmarks/gpu_engine_check.py --only tp --tp-size "${TP:-2}" \
             --out "$OUT/engine_check_tp${TP:-2}_$card.json"
         step engine_tp 300 $py benchmarks/engine_bench.py --tp-size "${TP:-2}" --shape llama8b --device cuda \

@@ -77,11 +77,8 @@ def load_stack_config(path: Path = DEFAULT_STACK, overrides: dict | None = None)
     cfg["tls"] = str(cfg.get("tls", False)).lower() in ("1", "true", "yes", "on")
     cfg["lora"] = str(cfg.get("lora", False)).lower() in ("1", "true", "yes", "on")
     tp = int(cfg.pop("tp_size", 1) or 1)
-    if tp > 1:
-        if cfg["mode"] != "agg":
-            raise ValueError(f"TP={tp} needs MODE=agg: KV transfer between workers of several ranks is not wired "
-                             "into the prefill/decode workers yet")
-        cfg.setdefault("engine", {})["tp_size"] = tp  # every worker runs tp ranks (gloo on this CPU host)
+    if tp > 1:  # every worker runs tp ranks (gloo on this CPU host); in disagg mode each rank moves its KV heads
+        cfg.setdefault("engine", {})["tp_size"] = tp
     if cfg["mode"] not in ("agg", "disagg"):
         raise ValueError(f"MODE={cfg['mode']!r}: must be agg or disagg")
     if cfg["num_decode"] < 1 or (cfg["mode"] == "disagg" and cfg["num_prefill"] < 1):

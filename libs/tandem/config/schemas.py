@@ -227,7 +227,8 @@ class EngineConfig(_Section):
         1, ge=1, json_schema_extra={"flag_aliases": ["--tensor-parallel-size"]},
         description="Tensor-parallel ranks, one process each (rank 0 serves, ranks 1.. follow it): attention "
         "heads, MLP and vocabulary sharded over them (NCCL on CUDA, gloo on CPU). The model's attention heads "
-        "must divide by it (KV heads too, or it by them: then KV heads are replicated)."
+        "must divide by it (KV heads too, or it by them: then KV heads are replicated). On prefill and decode "
+        "workers each rank moves its own KV heads; prefill and decode may differ in TP size."
     )
     dist_timeout: float = Field(
         600.0, gt=0, description="Seconds any collective between a worker's ranks may take (--tp-size / --ep-size > 1): "

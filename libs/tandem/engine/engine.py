@@ -109,8 +109,10 @@ class EngineCore:
         self.pd = PdRequests(self.scheduler, self.pool, mc.vocab_size)
         self.cuda_graph_max_bs = self._cuda_graph_max_bs()
         # Penalty rows: one per running request with penalties or logit bias (decode may run
-        # more than max_running_requests when prefilled requests arrive from outside).
-        self.runner = ModelRunner(self.model, self.pool, device, self.cuda_graph_max_bs,
+        # more than max_running_requests when prefilled requests arrive from outside). With several
+        # ranks the graphs are captured once the followers capture theirs (tandem.engine.parallel:
+        # the collectives inside them must match).
+        self.runner = ModelRunner(self.model, self.pool, device, self.cuda_graph_max_bs if cfg.world_size == 1 else 0,
                                   penalty_rows=2 * cfg.max_running_requests)
         self.sample_launcher = SampleLauncher(mc.vocab_size, self.eos_token_ids)
         self.grammars = GrammarBackend(cfg.model_path, mc.vocab_size, sorted(self.eos_token_ids))
@@ -153,8 +155,10 @@ class EngineCore:
         why = None
         if self.attention_backend != "triton":
             why = "the torch_native backend's decode shapes depend on the context length"
-        elif cfg.world_size > 1:
-            why = "with several ranks the followers run eagerly (a captured collective would not match them)"
+        elif cfg.ep_size > 1:
+            why = "expert parallelism dispatches on the host per batch (TP alone captures its all-reduces)"
+        elif cfg.world_size > 1 and self.model.expert_recorder is not None:
+            why = "the expert recorder's graph variants exist on the leader only (the ranks' captures would differ)"
         if why:
             log.warning("CUDA graphs off: %s", why)
             return 0

@@ -421,7 +421,7 @@ class CausalLM(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings; vocab-parallel: each rank looks up its own rows (others zero), all-reduced."""
-        if self.tp.size == 1:
+        if self.tp.size == 1 and not self.tp.force_collectives:
             return self.embed_tokens(ids)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.embed_tokens.num_embeddings)

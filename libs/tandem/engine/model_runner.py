@@ -96,6 +96,11 @@ class ModelRunner:
 
             self.graphs = CudaGraphRunner(model, pool, self.sampler, cuda_graph_max_bs, self.num_sms)
 
+    def will_replay(self, batch: list, record: bool | None = None) -> bool:
+        """Whether ``forward(batch)`` (no prompt logprobs) replays a captured CUDA graph."""
+        record = self._record_experts() if record is None else record
+        return self.graphs is not None and self.graphs.can_run(batch, record)
+
     def _record_experts(self) -> bool:
         """Whether this forward pass adds to the MoE expert recorder's counters."""
         rec = self.model.expert_recorder
@@ -200,8 +205,11 @@ class ModelRunner:
         )
 
     def forward(self, batch: list, all_rows: list | None = None,
-                layer_ready: Callable[[int], None] | None = None) -> torch.Tensor | tuple:
+                layer_ready: Callable[[int], None] | None = None, eager: bool = False) -> torch.Tensor | tuple:
         """Logits [B, vocab] (float32) at the last new token of every request in the batch.
+
+        ``eager``: run the model even where a captured CUDA graph could replay (a TP follower whose
+        leader ran this pass eagerly: every rank must launch the same collectives).
 
         With ``all_rows`` (a flag per request; prompt logprobs): (logits [B, vocab], {i: [n_i,
         vocab] logits of every new token of request i} for the flagged requests).
@@ -227,7 +235,7 @@ class ModelRunner:
             return out[last], extra
         # Named range so profiler traces show each forward pass of the model as one block.
         with torch.profiler.record_function("tandem.model_forward"):
-            if self.graphs is not None and self.graphs.can_run(batch, record):
+            if self.will_replay(batch, record) and not eager:
                 for i in range(self.pool.num_layers if ready is not None else 0):
                     ready(i)  # a captured graph cannot wait per layer
                 vec, table = decode_inputs(batch, self.page_size)

@@ -44,7 +44,12 @@ from tandem.worker.base import WorkerBase
 from tandem.worker.engine_loop import EngineLoop, RequestStream
 from tandem.worker.errors import RequestFailed
 from tandem.worker.loop_thread import LoopThread
-from tandem.worker.pd_proto import layout_to_proto, message_to_proto, registration_from_request
+from tandem.worker.pd_proto import (
+    layout_to_proto,
+    message_to_proto,
+    registration_from_request,
+    sender_ranks_to_proto,
+)
 from tandem.worker.stats_reporter import StatsReporter
 
 log = logging.getLogger(__name__)
@@ -322,7 +327,8 @@ class PrefillWorker(WorkerBase):
             self.decodes[req.decode_id] = peer
         log.info("registered decode %s (agent %s, backend %s)", req.decode_id, peer, reg.backend)
         return prefill_pb2.RegisterDecodeResponse(prefill_id=self.worker_id, layout=layout_to_proto(self.sender.layout),
-                                                  agent_name=self.sender.name)
+                                                  agent_name=self.sender.name,
+                                                  ranks=sender_ranks_to_proto(self.sender.ranks()))
 
     # ---- Prefill stream -------------------------------------------------------------------
     def prefill(self, requests: Iterator[prefill_pb2.PrefillClientMessage],

@@ -47,7 +47,7 @@ from tandem.server.tls import TlsFiles, tls_files
 from tandem.transfer import AuxRow, FailureReason, KVPoll, KvReceiver, TransferDone, TransferFailure, new_room_id
 from tandem.v1 import prefill_pb2, prefill_pb2_grpc
 from tandem.worker.engine_loop import EngineLoop, RequestStream
-from tandem.worker.pd_proto import FAILURE_STATUS, message_from_proto, registration_to_request
+from tandem.worker.pd_proto import FAILURE_STATUS, message_from_proto, prefill_agents, registration_to_request
 from tandem.worker.stats_reporter import StatsReporter
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,8 @@ class PrefillPeer:
         self.channel: grpc.aio.Channel | None = None
         self.stub: prefill_pb2_grpc.PrefillStub | None = None
         self.agent_name: str | None = None
+        # Who writes its rooms: the agent name, or each TP rank's (name, layout) (pd_proto.prefill_agents).
+        self.agents: str | tuple = ()
         self._register_lock: asyncio.Lock | None = None
 
     def connect(self, tls: TlsFiles | None = None) -> None:
@@ -128,8 +130,10 @@ class PrefillPeer:
         self.stub = prefill_pb2_grpc.PrefillStub(self.channel)
         self._register_lock = asyncio.Lock()
 
-    async def ensure_registered(self, request: prefill_pb2.RegisterDecodeRequest, timeout: float = 10.0) -> str:
-        """RegisterDecode once (again after the prefill restarted); returns prefill's agent name."""
+    async def ensure_registered(self, request: prefill_pb2.RegisterDecodeRequest, timeout: float = 10.0
+                                ) -> str | tuple:
+        """RegisterDecode once (again after the prefill restarted); returns who writes its rooms:
+        prefill's agent name, or each of its TP ranks' (the receiver's ``expect(peer=...)``)."""
         async with self._register_lock:
             if self.agent_name is None:
                 try:
@@ -139,8 +143,8 @@ class PrefillPeer:
                         raise AttemptFailed(grpc.StatusCode.FAILED_PRECONDITION, f"{self.address}: {exc.details()}",
                                             False, bootstrap=True) from None
                     raise AttemptFailed.from_rpc(exc, self.address, bootstrap=True) from None
-                self.agent_name = resp.agent_name
-            return self.agent_name
+                self.agent_name, self.agents = resp.agent_name, prefill_agents(resp)
+            return self.agents
 
 
 @dataclass
