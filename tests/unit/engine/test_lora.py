@@ -22,24 +22,28 @@ def _segments(lens, slots):
             torch.tensor(slots, dtype=torch.int32))
 
 
-@pytest.mark.parametrize("lens,slots", [([1, 1, 1, 1], [0, -1, 2, 0]), ([5, 17, 3, 40], [1, 0, -1, 2])])
-def test_sgmv_shrink_expand_match_torch(lens, slots):
+@pytest.mark.parametrize("lens,slots,K", [([1, 1, 1, 1], [0, -1, 2, 0], 40), ([5, 17, 3, 40], [1, 0, -1, 2], 40),
+                                          ([1, 1, 1], [0, 2, -1], 1100)])
+def test_sgmv_shrink_expand_match_torch(lens, slots, K):
+    """K 1100: shrink splits K in 3 partials (the last one partial) that expand adds."""
     g = torch.Generator().manual_seed(0)
-    T, K, N, R, S = sum(lens), 40, 70, 24, 3  # K, N not multiples of the blocks; R = 3 parts of rank 8
+    T, N, R, S = sum(lens), 70, 24, 3  # K, N not multiples of the blocks; R = 3 parts of rank 8
     x = torch.randn(T, K, generator=g)
-    a = torch.randn(S, R, K, generator=g)
+    a = torch.randn(S, R, K, generator=g) / K ** 0.5
     b = torch.randn(S, N, R, generator=g)
     y = torch.randn(T, N, generator=g)
     st, ln, sl = _segments(lens, slots)
     xa = kernels.shrink(x, a, st, ln, sl, max(lens))
+    assert xa.shape == (kernels.num_splits(K), T, R)
     xa_ref = kernels.shrink_ref(x, a, st, ln, sl)
     used = torch.repeat_interleave(sl, ln) >= 0
-    assert torch.allclose(xa[used], xa_ref[used], atol=1e-4, rtol=1e-4)
-    out = kernels.expand(xa_ref.clone(), b, y.clone(), st, ln, sl, max(lens))
+    assert torch.allclose(xa.sum(0)[used], xa_ref[used], atol=1e-4, rtol=1e-4)
     ref = kernels.expand_ref(xa_ref, b, y.clone(), st, ln, sl)
-    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
-    assert torch.equal(out[~used], y[~used])  # base rows untouched
-    assert not torch.allclose(out[used], y[used])
+    for given in (xa_ref.clone(), xa):  # a [T, R] product, or shrink's partials
+        out = kernels.expand(given, b, y.clone(), st, ln, sl, max(lens))
+        assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+        assert torch.equal(out[~used], y[~used])  # base rows untouched
+        assert not torch.allclose(out[used], y[used])
 
 
 def test_deterministic_deltas_run_one_row_tile_and_no_torch_path():
@@ -53,7 +57,7 @@ def test_deterministic_deltas_run_one_row_tile_and_no_torch_path():
     x, a = torch.randn(44, 40, generator=g), torch.randn(2, 8, 40, generator=g)
     xa = kernels.shrink(x, a, st, ln, sl, 40, block_m=kernels.INVARIANT_BLOCK_M)
     used = torch.repeat_interleave(sl, ln) >= 0
-    assert torch.allclose(xa[used], kernels.shrink_ref(x, a, st, ln, sl)[used], atol=1e-4, rtol=1e-4)
+    assert torch.allclose(xa.sum(0)[used], kernels.shrink_ref(x, a, st, ln, sl)[used], atol=1e-4, rtol=1e-4)
     det, default = LoraWeights(2, 8, torch.float32, "cpu", deterministic=True), LoraWeights(2, 8, torch.float32, "cpu")
     d, d0 = det("layers.0.self_attn.o_proj", 40, (24,)), default("layers.0.self_attn.o_proj", 40, (24,))
     assert d.block_m == kernels.INVARIANT_BLOCK_M and d0.block_m is None

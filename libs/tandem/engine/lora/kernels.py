@@ -6,9 +6,10 @@ covers rows ``[seg_starts[s], seg_starts[s] + seg_lens[s])`` and uses adapter sl
 buffer per projection (``A [slots, R, K]``, ``B [slots, N, R]``), so a CUDA graph captured
 over these buffers and the segment vectors replays for any mix of adapters.
 
-* ``shrink``: ``xa[rows] = x[rows] @ A[slot]^T`` ([T, K] -> [T, R]); rows of base segments are
-  left unwritten (``expand`` skips them too).
-* ``expand``: ``y[rows] += xa[rows] @ B[slot]^T`` ([T, R] -> adds into [T, N]) in place.
+* ``shrink``: ``xa[rows] = x[rows] @ A[slot]^T`` ([T, K] -> [T, R]) as split-K partial sums
+  ``[P, T, R]`` (float32); rows of base segments are left unwritten (``expand`` skips them too).
+* ``expand``: ``y[rows] += xa[rows] @ B[slot]^T`` ([T, R] -> adds into [T, N]) in place, adding
+  shrink's partials in a fixed order first.
 
 ``R`` is ``parts * max_rank`` (a merged projection stacks its parts' ranks; its ``B`` is block
 diagonal) and an adapter of lower rank is zero-padded, so mixed ranks share one launch. Each
@@ -22,9 +23,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _shrink_kernel(X, W, Out, SegStart, SegLen, SegSlot, K, R, stride_x, stride_ws, stride_wr, stride_o,
-                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m, pid_r, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _shrink_kernel(X, W, Out, SegStart, SegLen, SegSlot, K, R, stride_x, stride_ws, stride_wr, stride_op, stride_o,
+                   SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    # Split-K: program (m, r, seg * SPLITS + p) sums K in [p * K_PER_SPLIT, (p + 1) * K_PER_SPLIT) into
+    # the partial Out[p]; expand adds the partials in order. One program over all of K (4096-14336
+    # for 8B shapes) read its segment's A alone at decode, tens of microseconds a launch.
+    pid_m, pid_r, pid_sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seg, part = pid_sp // SPLITS, pid_sp % SPLITS
     slot = tl.load(SegSlot + seg)
     length = tl.load(SegLen + seg)
     if slot < 0 or pid_m * BLOCK_M >= length:
@@ -36,20 +42,21 @@ def _shrink_kernel(X, W, Out, SegStart, SegLen, SegSlot, K, R, stride_x, stride_
     m_ok, r_ok = rm < length, rr < R
     rows = (start + rm).to(tl.int64)
     w_base = W + slot.to(tl.int64) * stride_ws
+    k_lo = part * K_PER_SPLIT
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + rk) < K
-        x = tl.load(X + rows[:, None] * stride_x + (k0 + rk)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_base + rr[None, :] * stride_wr + (k0 + rk)[:, None], mask=r_ok[None, :] & k_ok[:, None],
-                    other=0.0)
+    for k0 in range(0, K_PER_SPLIT, BLOCK_K):
+        kk = k_lo + k0 + rk
+        k_ok = kk < K
+        x = tl.load(X + rows[:, None] * stride_x + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_base + rr[None, :] * stride_wr + kk[:, None], mask=r_ok[None, :] & k_ok[:, None], other=0.0)
         acc += tl.dot(x, w)
-    tl.store(Out + rows[:, None] * stride_o + rr[None, :], acc.to(Out.dtype.element_ty),
+    tl.store(Out + part * stride_op + rows[:, None] * stride_o + rr[None, :], acc.to(Out.dtype.element_ty),
              mask=m_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
-def _expand_kernel(XA, W, Y, SegStart, SegLen, SegSlot, N, R, stride_xa, stride_ws, stride_wn, stride_y,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _expand_kernel(XA, W, Y, SegStart, SegLen, SegSlot, N, R, stride_xp, stride_xa, stride_ws, stride_wn, stride_y,
+                   PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     pid_m, pid_n, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot = tl.load(SegSlot + seg)
     length = tl.load(SegLen + seg)
@@ -65,8 +72,12 @@ def _expand_kernel(XA, W, Y, SegStart, SegLen, SegSlot, N, R, stride_xa, stride_
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         r_ok = (r0 + rr) < R
-        xa = tl.load(XA + rows[:, None] * stride_xa + (r0 + rr)[None, :], mask=m_ok[:, None] & r_ok[None, :],
-                     other=0.0)
+        xa_mask = m_ok[:, None] & r_ok[None, :]
+        xa_ptrs = XA + rows[:, None] * stride_xa + (r0 + rr)[None, :]
+        xa = tl.load(xa_ptrs, mask=xa_mask, other=0.0).to(tl.float32)
+        for p in range(1, PARTS):  # shrink's split-K partials, added in a fixed order
+            xa += tl.load(xa_ptrs + p * stride_xp, mask=xa_mask, other=0.0).to(tl.float32)
+        xa = xa.to(W.dtype.element_ty)  # the intermediate in the weights' dtype, as the reference rounds it
         w = tl.load(w_base + rn[None, :] * stride_wn + (r0 + rr)[:, None], mask=n_ok[None, :] & r_ok[:, None],
                     other=0.0)
         acc += tl.dot(xa, w)
@@ -91,41 +102,57 @@ def _block(n: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
+# Split-K of shrink: K is cut in chunks of K_PER_SPLIT (fixed by K alone, so a row's sums run in the
+# same order whatever its batch: --enable-deterministic-inference keeps holding).
+K_PER_SPLIT = 512
+
+
+def num_splits(K: int) -> int:
+    return triton.cdiv(K, K_PER_SPLIT)
+
+
 def shrink(x: torch.Tensor, a: torch.Tensor, seg_starts: torch.Tensor, seg_lens: torch.Tensor,
            seg_slots: torch.Tensor, max_len: int, out: torch.Tensor | None = None,
            block_m: int | None = None) -> torch.Tensor:
-    """``x [T, K]``, ``a [slots, R, K]`` -> ``[T, R]`` (rows of base segments undefined). ``block_m``:
-    the row tile (default: by ``max_len``; ``INVARIANT_BLOCK_M`` in deterministic mode)."""
+    """``x [T, K]``, ``a [slots, R, K]`` -> ``[P, T, R]`` float32: the split-K partial sums of ``x @ A^T``
+    (``P = num_splits(K)``; their sum is the product; rows of base segments undefined). :func:`expand`
+    takes them as they are. ``block_m``: the row tile (default: by ``max_len``; ``INVARIANT_BLOCK_M``
+    in deterministic mode)."""
     T, K = x.shape
     R = a.shape[1]
     if x.stride(1) != 1 or a.stride(2) != 1:
         raise ValueError("lora shrink: x and A need a unit last stride")
+    P = num_splits(K)
     if out is None:
-        out = torch.empty((T, R), dtype=x.dtype, device=x.device)
+        out = torch.empty((P, T, R), dtype=torch.float32, device=x.device)
     S = seg_slots.shape[0]
     if T == 0 or S == 0:
         return out
     bm, br = block_m or _block_m(max_len), _block(R)
-    grid = (triton.cdiv(max_len, bm), triton.cdiv(R, br), S)
+    grid = (triton.cdiv(max_len, bm), triton.cdiv(R, br), S * P)
     _shrink_kernel[grid](x, a, out, seg_starts, seg_lens, seg_slots, K, R, x.stride(0), a.stride(0), a.stride(1),
-                         out.stride(0), BLOCK_M=bm, BLOCK_R=br, BLOCK_K=64, num_warps=4)
+                         out.stride(0), out.stride(1), SPLITS=P, K_PER_SPLIT=K_PER_SPLIT, BLOCK_M=bm, BLOCK_R=br,
+                         BLOCK_K=64, num_warps=4)
     return out
 
 
 def expand(xa: torch.Tensor, b: torch.Tensor, y: torch.Tensor, seg_starts: torch.Tensor, seg_lens: torch.Tensor,
            seg_slots: torch.Tensor, max_len: int, block_m: int | None = None) -> torch.Tensor:
     """``y [T, N] += xa [T, R] @ b[slot]^T`` per segment (``b [slots, N, R]``), in place; returns ``y``.
+    ``xa`` may be shrink's partials ``[P, T, R]``: added in order, then rounded to B's dtype.
     ``block_m``: as for :func:`shrink`."""
     N, R = b.shape[1], b.shape[2]
-    if y.stride(1) != 1 or b.stride(2) != 1 or xa.stride(1) != 1:
+    parts = xa.unsqueeze(0) if xa.dim() == 2 else xa
+    if y.stride(1) != 1 or b.stride(2) != 1 or parts.stride(2) != 1:
         raise ValueError("lora expand: y, xa and B need a unit last stride")
     S = seg_slots.shape[0]
     if y.shape[0] == 0 or S == 0:
         return y
     bm, bn, br = block_m or _block_m(max_len), 64, _block(R, hi=32)
     grid = (triton.cdiv(max_len, bm), triton.cdiv(N, bn), S)
-    _expand_kernel[grid](xa, b, y, seg_starts, seg_lens, seg_slots, N, R, xa.stride(0), b.stride(0), b.stride(1),
-                         y.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, num_warps=4)
+    _expand_kernel[grid](parts, b, y, seg_starts, seg_lens, seg_slots, N, R, parts.stride(0), parts.stride(1),
+                         b.stride(0), b.stride(1), y.stride(0), PARTS=parts.shape[0], BLOCK_M=bm, BLOCK_N=bn,
+                         BLOCK_R=br, num_warps=4)
     return y
 
 
