@@ -20,12 +20,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from tandem.engine.kernels.paged import dot
 
 
 @triton.jit
 def _shrink_kernel(X, W, Out, SegStart, SegLen, SegSlot, K, R, stride_x, stride_ws, stride_wr, stride_op, stride_o,
                    SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     # Split-K: program (m, r, seg * SPLITS + p) sums K in [p * K_PER_SPLIT, (p + 1) * K_PER_SPLIT) into
     # the partial Out[p]; expand adds the partials in order. One program over all of K (4096-14336
     # for 8B shapes) read its segment's A alone at decode, tens of microseconds a launch.
@@ -49,14 +50,15 @@ def _shrink_kernel(X, W, Out, SegStart, SegLen, SegSlot, K, R, stride_x, stride_
         k_ok = kk < K
         x = tl.load(X + rows[:, None] * stride_x + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_base + rr[None, :] * stride_wr + kk[:, None], mask=r_ok[None, :] & k_ok[:, None], other=0.0)
-        acc += tl.dot(x, w)
+        acc += dot(x, w, IEEE)
     tl.store(Out + part * stride_op + rows[:, None] * stride_o + rr[None, :], acc.to(Out.dtype.element_ty),
              mask=m_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
 def _expand_kernel(XA, W, Y, SegStart, SegLen, SegSlot, N, R, stride_xp, stride_xa, stride_ws, stride_wn, stride_y,
-                   PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                   PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   IEEE: tl.constexpr):
     pid_m, pid_n, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot = tl.load(SegSlot + seg)
     length = tl.load(SegLen + seg)
@@ -80,7 +82,7 @@ def _expand_kernel(XA, W, Y, SegStart, SegLen, SegSlot, N, R, stride_xp, stride_
         xa = xa.to(W.dtype.element_ty)  # the intermediate in the weights' dtype, as the reference rounds it
         w = tl.load(w_base + rn[None, :] * stride_wn + (r0 + rr)[:, None], mask=n_ok[None, :] & r_ok[:, None],
                     other=0.0)
-        acc += tl.dot(xa, w)
+        acc += dot(xa, w, IEEE)
     mask = m_ok[:, None] & n_ok[None, :]
     y_ptrs = Y + rows[:, None] * stride_y + rn[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -132,7 +134,7 @@ def shrink(x: torch.Tensor, a: torch.Tensor, seg_starts: torch.Tensor, seg_lens:
     grid = (triton.cdiv(max_len, bm), triton.cdiv(R, br), S * P)
     _shrink_kernel[grid](x, a, out, seg_starts, seg_lens, seg_slots, K, R, x.stride(0), a.stride(0), a.stride(1),
                          out.stride(0), out.stride(1), SPLITS=P, K_PER_SPLIT=K_PER_SPLIT, BLOCK_M=bm, BLOCK_R=br,
-                         BLOCK_K=64, num_warps=4)
+                         BLOCK_K=64, IEEE=x.dtype == torch.float32, num_warps=4)
     return out
 
 
@@ -152,7 +154,7 @@ def expand(xa: torch.Tensor, b: torch.Tensor, y: torch.Tensor, seg_starts: torch
     grid = (triton.cdiv(max_len, bm), triton.cdiv(N, bn), S)
     _expand_kernel[grid](parts, b, y, seg_starts, seg_lens, seg_slots, N, R, parts.stride(0), parts.stride(1),
                          b.stride(0), b.stride(1), y.stride(0), PARTS=parts.shape[0], BLOCK_M=bm, BLOCK_N=bn,
-                         BLOCK_R=br, num_warps=4)
+                         BLOCK_R=br, IEEE=b.dtype == torch.float32, num_warps=4)
     return y
 
 
