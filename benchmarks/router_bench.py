@@ -25,7 +25,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from tandem.routing.kv_index import KvIndex  # noqa: E402
 from tandem.routing.policies import KvAwarePolicy, WorkerView  # noqa: E402
 from tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc, router_pb2, router_pb2_grpc  # noqa: E402
 
+from benchmarks.common.baseline import git_commit, source_path  # noqa: E402
 from benchmarks.common.results import print_targets, provenance, target, write_json  # noqa: E402
 from tests.support.procs import start_service  # noqa: E402
 
@@ -166,22 +166,6 @@ def bench_latency(args) -> dict:
             if p is not None:
                 p.stop()
         worker.stop()
-
-
-def source_path(root: str) -> str:
-    """PYTHONPATH of a tandem checkout at ``root`` (generated code, libs, services), in front of
-    this checkout's paths from the virtualenv."""
-    r = Path(root).resolve()
-    gen = r / "gen" / "python" if (r / "gen" / "python").exists() else REPO / "gen" / "python"
-    return os.pathsep.join(str(p) for p in (gen, r / "libs", *sorted((r / "services").iterdir()), r))
-
-
-def git_commit(root: str) -> str | None:
-    try:
-        return subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def bench_decisions(args) -> dict:
