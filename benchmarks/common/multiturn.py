@@ -10,8 +10,10 @@ from the workers' own counters, for turns >= 2 only (read after turn 1 and after
 ``transferred_tokens`` (decode's ``tandem_pd_transferred_tokens_total``: prompt tokens whose KV a
 prefill worker wrote), ``reused_tokens`` (``tandem_pd_decode_reused_tokens_total``: held by
 decode's prefix cache, not transferred), ``prefill_computed_tokens`` (prefill workers'
-``sglang:prompt_tokens_total - sglang:cached_tokens_total``) and decode's own
-``decode_computed_tokens`` (local prefills); TTFT p50 of turn 1 and of turns >= 2 (streaming).
+``sglang:prompt_tokens_total - sglang:cached_tokens_total``) and the same difference on decode,
+``decode_computed_tokens``, reported raw (decode's engine counts its local prefills' computed
+tokens and, for remote prefills, the tokens whose KV prefill wrote); TTFT p50 of turn 1 and of
+turns >= 2 (streaming).
 """
 from __future__ import annotations
 
