@@ -151,7 +151,7 @@ for part in "$@"; do
         step dense_warmup 400 $py benchmarks/warmup_bench.py --rounds 3 --steady 6 \
             --out "$OUT/warmup_bench_$card.json" ;;
     pd)
-        step pd_check 300 $py benchmarks/pd_check.py --device cuda --dtype bfloat16 --backends nixl \
+        step pd_check 420 $py benchmarks/pd_check.py --device cuda --dtype bfloat16 --backends nixl \
             --long-prompt 1024 --ttft-samples 15 --out "$OUT/pd_check_demo_dense_$card.json" ;;
     *) echo "unknown part $part (check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed tp pd)"
        exit 2 ;;
