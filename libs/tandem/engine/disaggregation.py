@@ -40,24 +40,26 @@ class PdRequests:
         outside. Raises OutOfPages when the pool cannot hold it now (retry later or reject).
 
         ``reuse_prefix`` (SGLang's decode radix cache for PD): the leading full pages of the prompt
-        that the prefix cache holds (at most its first L - 1 tokens: at least one page is always
-        written) are shared, locked until the request ends; only the pages after them are
-        reserved and listed to be written."""
+        that the prefix cache holds under the request's adapter (at most its first L - 1 tokens: at
+        least one page is always written) are shared, locked until the request ends; only the pages
+        after them are reserved and listed to be written."""
+        if not self.scheduler.acquire_lora(req):
+            raise OutOfPages(f"every LoRA slot serves other adapters' running requests (adapter {req.lora_name!r})")
         cache = self.scheduler.cache
         matched, node = [], cache.root
         if reuse_prefix and not cache.disabled:
-            matched, node = cache.match_prefix(req.prompt_ids[: len(req.prompt_ids) - 1])
+            matched, node = cache.match_prefix(req.prompt_ids[: len(req.prompt_ids) - 1], req.lora_name)
         cache.lock(node)
         n = self.scheduler.pages_for(len(req.prompt_ids)) - len(matched)
         pages = self.scheduler.alloc_pages(n)
-        if pages is None:
+        aux = self.pool.alloc_aux() if pages is not None else None
+        if pages is None or aux is None:
+            if pages is not None:
+                self.pool.free(pages)
             cache.unlock(node)
-            raise OutOfPages(f"need {n} pages, {self.scheduler.available_pages} available")
-        aux = self.pool.alloc_aux()
-        if aux is None:
-            self.pool.free(pages)
-            cache.unlock(node)
-            raise OutOfPages("no free aux slot")
+            self.scheduler.release_lora(req)
+            raise OutOfPages(f"need {n} pages, {self.scheduler.available_pages} available" if pages is None
+                             else "no free aux slot")
         req.pages, req.aux_slot, req.status = list(matched) + pages, aux, Status.EXTERNAL_WAIT
         req.num_tree_pages, req.tree_node = len(matched), node
         self.scheduler.register(req)

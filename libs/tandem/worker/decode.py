@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 from tandem.config import DecodeConfig
+from tandem.engine import UnknownLoraError
 from tandem.routing.sampling import sampling_from_proto
 from tandem.sampling import SamplingParams
 from tandem.v1 import common_pb2, decode_pb2
@@ -124,10 +125,13 @@ class DecodeWorker(WorkerBase):
         if output_ids and override == "remote":
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
                                 "output_ids: a continued request is prefilled on its decode worker, not remotely")
+        lora = request.lora_name or None
         local = (not self.disaggregated or override == "local" or sp.prompt_logprobs is not None or bool(output_ids)
-                 or (override != "remote" and self._short_prompt(ids)))
+                 or (override != "remote" and self._short_prompt(ids, lora)))
         try:
-            self.loop.validate(ids, sp, output_ids)  # a bad request never reaches a prefill worker
+            self.loop.validate(ids, sp, output_ids, lora)  # a bad request never reaches a prefill worker
+        except UnknownLoraError as exc:
+            raise RequestFailed(grpc.StatusCode.NOT_FOUND, str(exc)) from None
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         self._admit()
@@ -140,11 +144,11 @@ class DecodeWorker(WorkerBase):
         streamed = 0
         try:
             if local:
-                stream = self._submit_local(rid, ids, sp, output_ids)
+                stream = self._submit_local(rid, ids, sp, output_ids, lora)
                 cancel.add(stream.cancel)
                 on_cancel(cancel)
             else:
-                stream = self._remote(rid, ids, sp, cancel, on_cancel)
+                stream = self._remote(rid, ids, sp, cancel, on_cancel, lora)
                 cancel.add(stream.cancel)
             for out in stream:
                 if not is_active():
@@ -215,28 +219,28 @@ class DecodeWorker(WorkerBase):
         log.info("drained: %d requests handed back, %d left, %d pages in use", len(live), n, pages)
         return DrainReport([rid for rid, _ in live.values()], n, pages)
 
-    def _short_prompt(self, ids: list[int]) -> bool:
+    def _short_prompt(self, ids: list[int], lora: str | None = None) -> bool:
         """Below --max-local-prefill-length: prefilled here. With decode-side prefix reuse the
-        length that counts is the part this worker's prefix cache does not hold."""
+        length that counts is the part this worker's prefix cache does not hold (under adapter ``lora``)."""
         limit = self.config.max_local_prefill_length
         if len(ids) < limit:
             return True
         if not limit or not self.config.disaggregation_decode_enable_radix_cache:
             return False
-        return len(ids) - self.loop.cached_prefix_tokens(ids) < limit
+        return len(ids) - self.loop.cached_prefix_tokens(ids, lora) < limit
 
-    def _submit_local(self, rid: str, ids: list[int], sp: SamplingParams, output_ids: list[int] = ()
-                      ) -> RequestStream:
+    def _submit_local(self, rid: str, ids: list[int], sp: SamplingParams, output_ids: list[int] = (),
+                      lora: str | None = None) -> RequestStream:
         try:
-            stream = self.loop.submit(ids, sp, rid, output_ids=output_ids)
+            stream = self.loop.submit(ids, sp, rid, output_ids=output_ids, lora_name=lora)
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         self.local_prefills += 1
         return stream
 
     def _remote(self, rid: str, ids: list[int], sp: SamplingParams, cancel: _Cancel,
-                on_cancel: Callable[[Callable[[], None]], None]) -> RequestStream:
-        fut = self.remote.prefill(rid, ids, sp)
+                on_cancel: Callable[[Callable[[], None]], None], lora: str | None = None) -> RequestStream:
+        fut = self.remote.prefill(rid, ids, sp, lora_name=lora)
         cancel.add(fut.cancel)
         on_cancel(cancel)
         try:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from tandem.config import PrefillConfig
+from tandem.engine import UnknownLoraError
 from tandem.routing.sampling import sampling_from_proto
 from tandem.transfer import (
     AuxRow,
@@ -43,7 +44,12 @@ from tandem.worker.base import WorkerBase
 from tandem.worker.engine_loop import EngineLoop, RequestStream
 from tandem.worker.errors import RequestFailed
 from tandem.worker.loop_thread import LoopThread
-from tandem.worker.pd_proto import layout_to_proto, message_to_proto, registration_from_request
+from tandem.worker.pd_proto import (
+    layout_to_proto,
+    message_to_proto,
+    registration_from_request,
+    sender_ranks_to_proto,
+)
 from tandem.worker.stats_reporter import StatsReporter
 
 log = logging.getLogger(__name__)
@@ -112,7 +118,7 @@ class PrefillTransfers(LoopThread):
 
     # ---- from stream handlers ----------------------------------------------------------
     def open(self, room: int, rid: str, peer: str | None, dst_pages: list[int], aux_slot: int, ids: list[int],
-             sp, skip_pages: int = 0) -> _Room:
+             sp, skip_pages: int = 0, lora_name: str | None = None) -> _Room:
         """Track a room and start its prefill; its messages arrive on the room's outbox.
         ``skip_pages``: the prompt's leading pages decode already holds (not written)."""
         r = _Room(room, rid, peer, dst_pages, aux_slot, len(ids), skip_pages)
@@ -123,7 +129,8 @@ class PrefillTransfers(LoopThread):
                 raise RequestFailed(grpc.StatusCode.ALREADY_EXISTS, f"room {room} is already in flight")
             self._rooms[room] = r
         try:
-            r.stream = self.loop.submit(ids, sp, rid, mode="prefill_only", on_output=self._wake.set)
+            r.stream = self.loop.submit(ids, sp, rid, mode="prefill_only", on_output=self._wake.set,
+                                        lora_name=lora_name)
         except ValueError as exc:
             with self._lock:
                 self._rooms.pop(room, None)
@@ -330,7 +337,8 @@ class PrefillWorker(WorkerBase):
             self.decodes[req.decode_id] = peer
         log.info("registered decode %s (agent %s, backend %s)", req.decode_id, peer, reg.backend)
         return prefill_pb2.RegisterDecodeResponse(prefill_id=self.worker_id, layout=layout_to_proto(self.sender.layout),
-                                                  agent_name=self.sender.name)
+                                                  agent_name=self.sender.name,
+                                                  ranks=sender_ranks_to_proto(self.sender.ranks()))
 
     # ---- Prefill stream -------------------------------------------------------------------
     def prefill(self, requests: Iterator[prefill_pb2.PrefillClientMessage],
@@ -342,10 +350,16 @@ class PrefillWorker(WorkerBase):
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"the first message must be 'start', got {first.WhichOneof('msg')!r}")
         start = first.start
+        # Decode writes its allocation right behind a non-warmup start, without waiting for an answer:
+        # read it before refusing the start, so that this stream never ends while decode is still
+        # writing (its failed write would then hide this worker's status behind a local INTERNAL).
+        second = None if start.warmup else next(requests, None)
         ids = list(start.input_ids)
         try:
             sp = sampling_from_proto(start.sampling)
-            self.loop.validate(ids, sp)
+            self.loop.validate(ids, sp, lora_name=start.lora_name or None)
+        except UnknownLoraError as exc:  # decode holds the adapter, this prefill worker does not
+            raise RequestFailed(grpc.StatusCode.NOT_FOUND, f"prefill worker {self.worker_id}: {exc}") from None
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         room = start.room or new_room_id()
@@ -357,7 +371,7 @@ class PrefillWorker(WorkerBase):
             if peer is None:
                 raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"decode {start.decode_id!r} is not registered; call RegisterDecode first")
-            msg = next(requests, None)
+            msg = second
             if msg is None:
                 return  # decode went away before allocating: nothing was computed
             if msg.WhichOneof("msg") != "allocation":
@@ -380,7 +394,7 @@ class PrefillWorker(WorkerBase):
                 raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             pages, aux_slot = list(alloc.page_indices), alloc.aux_slot
         rid = f"{start.request_id or 'prefill'}-{uuid.uuid4().hex[:8]}"
-        r = self.transfers.open(room, rid, peer, pages, aux_slot, ids, sp, skip_pages)
+        r = self.transfers.open(room, rid, peer, pages, aux_slot, ids, sp, skip_pages, start.lora_name or None)
         on_cancel(lambda: self.transfers.cancel(room, "decode cancelled the stream"))
         try:
             yield prefill_pb2.PrefillServerMessage(room=prefill_pb2.BootstrapRoom(

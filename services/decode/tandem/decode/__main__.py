@@ -6,13 +6,13 @@ from tandem.decode.servicer import DecodeServicer
 from tandem.engine.tokenizer import load_tokenizer
 from tandem.server import service_name, setup_logging
 from tandem.server.tls import etcd_client_tls
-from tandem.transfer import make_receiver
 from tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from tandem.worker.decode import DecodeWorker
 from tandem.worker.embedding import EmbeddingWorker
 from tandem.worker.prefill_discovery import PrefillDiscovery
 from tandem.worker.process import build_worker
 from tandem.worker.remote_prefill import RemotePrefill
+from tandem.worker.tp_transfer import ranked_receiver
 from tandem.worker.warmup import warmup_requests
 
 
@@ -23,11 +23,12 @@ def main(argv=None) -> None:
     wp = build_worker("decode", config, engine_type="decode" if disagg else "unified", endpoint_name="generate")
     remote = None
     if disagg:
-        receiver = make_receiver(config.disaggregation_transfer_backend, wp.kv_buffers(), name=wp.runtime.worker_id,
-                                 model_fingerprint=wp.fingerprint,
-                                 bootstrap_timeout_s=config.disaggregation_bootstrap_timeout,
-                                 waiting_timeout_s=config.disaggregation_waiting_timeout,
-                                 transfer_timeout_s=config.disaggregation_transfer_timeout)
+        # One receiver per TP rank (each holds its KV heads), driven as one through the leader.
+        receiver = ranked_receiver(config.disaggregation_transfer_backend, wp.kv_buffers(), wp.runtime.worker_id,
+                                   wp.fingerprint, leader=wp.tp_leader,
+                                   bootstrap_timeout_s=config.disaggregation_bootstrap_timeout,
+                                   waiting_timeout_s=config.disaggregation_waiting_timeout,
+                                   transfer_timeout_s=config.disaggregation_transfer_timeout)
         follow_etcd = config.prefill_discovery == "etcd"
         remote = RemotePrefill(config, wp.loop, receiver, wp.runtime.worker_id, wp.reporter, dynamic=follow_etcd)
         remote.start()

@@ -21,7 +21,7 @@ import json
 import uuid
 
 import grpc
-from tandem.router.core import Prepared, PromptInput, RouterCore, RouterError
+from tandem.router.core import Prepared, PromptInput, RouterCore, RouterError, UnknownModel
 from tandem.router.stall import SendStalled, SendWindow
 from tandem.routing.embeddings import EmbeddingInputError, check_dimensions, check_inputs
 from tandem.routing.openai_protocol import OpenAIError
@@ -48,13 +48,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         """The request in the router's terms (its prompt, its sampling side), then the one
         shared preparation (``RouterCore.prepare``); RouterError for a request that cannot run."""
         core = self.core
-        if request.model and request.model != core.model_name:
-            raise RouterError(grpc.StatusCode.NOT_FOUND,
-                              f"unknown model {request.model!r}; serving {core.model_name!r}")
+        try:
+            lora = core.resolve_model(request.model)
+        except UnknownModel as e:
+            raise RouterError(grpc.StatusCode.NOT_FOUND, e.message) from None
         try:
             prompt, sampling, tool_parser = self._convert(request, core.config.tool_call_parser)
             rid = request.request_id or f"router-{uuid.uuid4().hex}"
-            return core.prepare(prompt, sampling, rid, "grpc_generate:stream", client_key(context), tool_parser)
+            return core.prepare(prompt, sampling, rid, "grpc_generate:stream", client_key(context), tool_parser,
+                                lora)
         except OpenAIError as e:
             raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, e.message) from None
         except ValueError as e:
