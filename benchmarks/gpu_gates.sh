@@ -2,7 +2,7 @@
 # Every GPU gate of the open issues, in parts that each fit one lent-device call (< 10 minutes).
 #
 #   OUT=/path/to/results benchmarks/gpu_gates.sh PART...
-#       PART: check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed lora tp
+#       PART: check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed lora tp pd
 #
 # Run from the repository root on the GPU machine (the device tool copies the working tree; name
 # gen, .whl and the A/B base tree in its `carry`). Every script writes its own results file
@@ -43,6 +43,9 @@
 #            machine) also gpu_engine_check.py --only tp (TP N over NCCL == TP 1 on the demo models, float32),
 #            then engine_bench --tp-size on the 8B shape (TP 1 vs TP N tok/s, dummy weights); skipped with
 #            fewer GPUs. NCCL with NVLink multicast off (set here and in every rank)
+#   pd       pd_check.py on the demo dense model, bf16, nixl (KV in VRAM): disaggregated vs aggregated tokens,
+#            then TTFT of a 1k-token prompt, 15 alternating pairs: disagg p50 <= agg p50 + 5 ms (issue 33).
+#            Needs the nixl and grpc wheels in .whl
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the results folder}
@@ -162,7 +165,10 @@ for part in "$@"; do
             --out "$OUT/engine_bench_overlap_qwen05b_$card.json"
         step dense_warmup 400 $py benchmarks/warmup_bench.py --rounds 3 --steady 6 \
             --out "$OUT/warmup_bench_$card.json" ;;
-    *) echo "unknown part $part (check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed lora tp)"
+    pd)
+        step pd_check 420 $py benchmarks/pd_check.py --device cuda --dtype bfloat16 --backends nixl \
+            --long-prompt 1024 --ttft-samples 15 --out "$OUT/pd_check_demo_dense_$card.json" ;;
+    *) echo "unknown part $part (check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed lora tp pd)"
        exit 2 ;;
     esac
 done

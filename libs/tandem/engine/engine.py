@@ -117,7 +117,8 @@ class EngineCore:
         self.sample_launcher = SampleLauncher(mc.vocab_size, self.eos_token_ids)
         self.grammars = GrammarBackend(cfg.model_path, mc.vocab_size, sorted(self.eos_token_ids))
         self._seed_rng = random.Random(cfg.random_seed)  # seeds of requests that bring none
-        self._pending: list[StepOutput] = []  # outputs of calls between steps (abort, activate_external)
+        self._pending: list[StepOutput] = []  # outputs of calls between steps (abort)
+        self._activated: list[StepOutput] = []  # first tokens of requests activated between steps
         # Overlap scheduling: step N+1 is scheduled and launched before step N's sampled tokens
         # are read back (the next forward pass reads them on the device). With several ranks the
         # leader sends host token ids to its followers, so it always waits.
@@ -166,7 +167,7 @@ class EngineCore:
 
     def has_work(self) -> bool:
         sch = self.scheduler
-        return bool(sch.waiting or sch.running or self._pending or self.sample_launcher.in_flight)
+        return bool(sch.waiting or sch.running or self._pending or self._activated or self.sample_launcher.in_flight)
 
     @property
     def requests(self) -> dict[str, Request]:
@@ -369,9 +370,16 @@ class EngineCore:
     def activate_external(self, rid: str, first_token_id: int, first_token_logprob: float | None = None,
                           cached_tokens: int = 0, first_token_top: list | None = None) -> None:
         """The KV of rid's prompt is in its pages: join the running batch with its first token
-        (which KV transfer delivered in the request's aux slot); its output comes with the next step."""
-        self._pending.append(self.pd.activate(rid, first_token_id, first_token_logprob, cached_tokens,
-                                              first_token_top))
+        (which KV transfer delivered in the request's aux slot); its output comes with
+        ``take_activated()`` (the engine loop calls it before the next step), else with the next step."""
+        self._activated.append(self.pd.activate(rid, first_token_id, first_token_logprob, cached_tokens,
+                                                first_token_top))
+
+    def take_activated(self) -> list[StepOutput]:
+        """The first-token outputs of the requests activated since the last step: they need no
+        forward pass, so they can leave before the next step instead of after it (TTFT)."""
+        out, self._activated = self._activated, []
+        return out
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
@@ -380,7 +388,7 @@ class EngineCore:
             t0 = time.monotonic()
             batch = self.scheduler.schedule()
             logits, prompt_lps = self._forward(batch)
-            outputs, self._pending = self._pending, []
+            outputs, self._pending = self.take_activated() + self._pending, []
             # The previous step's tokens: the device produced them before this forward pass, so
             # this waits for their copy only (a request may finish here, e.g. on a stop token).
             outputs += self._drop_finished(

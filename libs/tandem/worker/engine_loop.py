@@ -307,6 +307,8 @@ class EngineLoop(LoopThread):
         while not self._stop.is_set():
             self._wake.clear()
             changed = self._apply_commands()
+            # A remote-prefilled request's first token leaves now, not after the next forward pass.
+            self._deliver(self.engine.take_activated())
             for hook in self._hooks:
                 hook.poll()
             if self._paused.is_set() or not self.engine.has_work():
@@ -326,15 +328,18 @@ class EngineLoop(LoopThread):
             self._stats = stats = self.engine.stats()
             for hook in self._hooks:
                 hook.after_step(stats)
-            for out in outputs:
-                with self._streams_lock:
-                    stream = self._streams.get(out.rid)
-                    if out.finished:
-                        self._streams.pop(out.rid, None)
-                if stream is not None:
-                    stream.deliver(out)
+            self._deliver(outputs)
         self._fail_all(RuntimeError(f"{self.name} loop stopped"))
         self._apply_commands_after_stop()
+
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            with self._streams_lock:
+                stream = self._streams.get(out.rid)
+                if out.finished:
+                    self._streams.pop(out.rid, None)
+            if stream is not None:
+                stream.deliver(out)
 
     def _apply_commands_after_stop(self) -> None:
         while True:

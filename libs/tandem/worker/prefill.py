@@ -54,7 +54,12 @@ from tandem.worker.stats_reporter import StatsReporter
 
 log = logging.getLogger(__name__)
 
-# Poll period while transfers are in flight (NIXL handles need polling) and while idle.
+# Poll period while transfers are in flight (NIXL handles need polling: UCX completes a write
+# only when called) and while idle. In flight, the first check after a new write comes after
+# FIRST_BUSY_POLL_S and the period doubles up to BUSY_POLL_S while nothing new happens: a small
+# write (a chunk's last pages, the aux row) is seen complete within tens of microseconds instead
+# of a whole period, and a long transfer is still polled at most every BUSY_POLL_S.
+FIRST_BUSY_POLL_S = 0.00005
 BUSY_POLL_S = 0.0005
 IDLE_POLL_S = 0.05
 _END = None  # ends a room's outbox
@@ -100,6 +105,7 @@ class PrefillTransfers(LoopThread):
         self.transfer_timeout_s = transfer_timeout_s
         self.reporter = reporter
         self.completed = 0
+        self._sends = 0  # writes started (the poll loop's period restarts short after one)
         self._rooms: dict[int, _Room] = {}
         self._tombstones: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -153,10 +159,12 @@ class PrefillTransfers(LoopThread):
 
     # ---- the poll loop -----------------------------------------------------------------
     def _run(self) -> None:
+        busy_poll = FIRST_BUSY_POLL_S
         while not self._stop.is_set():
             self._wake.clear()
             with self._lock:
                 rooms = list(self._rooms.values())
+            before = self._sends
             for r in rooms:
                 try:
                     self._advance(r)
@@ -165,7 +173,8 @@ class PrefillTransfers(LoopThread):
                     self._fail(r, FailureReason.PREFILL_FAILED, f"{type(exc).__name__}: {exc}")
                     self._advance_failed(r)
             busy = any(r.handles or r.failure for r in rooms)
-            self._wake.wait(BUSY_POLL_S if busy else IDLE_POLL_S)
+            busy_poll = FIRST_BUSY_POLL_S if self._sends != before else min(2 * busy_poll, BUSY_POLL_S)
+            self._wake.wait(busy_poll if busy else IDLE_POLL_S)
         with self._lock:
             rooms = list(self._rooms.values())
         for r in rooms:
@@ -237,6 +246,7 @@ class PrefillTransfers(LoopThread):
             self._fail(r, FailureReason.BACKEND_ERROR, str(exc))
             return False
         r.handles.append(h)
+        self._sends += 1
         for m in h.messages:
             self._put(r, m)
         return True
