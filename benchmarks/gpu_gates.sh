@@ -5,7 +5,8 @@
 #       PART: check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed lora tp pd
 #
 # Run from the repository root on the GPU machine (the device tool copies the working tree; name
-# gen, .whl and the A/B base tree in its `carry`). Every script writes its own results file
+# gen, .whl and the A/B base tree in its `carry`; the pd part needs nixl: carry .whl-nixl alone in a call
+# before, it is installed into /tmp/site-nixl, which lasts while the machine is held). Every script writes its own results file
 # (commit and dirty flag from .git-state.json: run build-support/git-state.sh before the copy;
 # card, versions, command) into $OUT as <script>_<what>_<card>.json; copy them whole into
 # benchmarks/results/gpu/. Checkpoints are built once per machine into $TANDEM_GPU_MODELS
@@ -56,7 +57,10 @@ mkdir -p "$OUT" "$M"
 if [ -d .whl ] && [ ! -d /tmp/site/pydantic ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 fi
-export PYTHONPATH=/tmp/site:$PWD/gen/python:$PWD/libs:$PWD/services/router:$PWD/services/prefill:$PWD/services/decode:$PWD/services/eplb:$PWD
+if [ -d .whl-nixl ] && [ ! -d /tmp/site-nixl/nixl ]; then  # 57 MB: carried in a call of its own (64 MiB a call)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-nixl .whl-nixl/*.whl
+fi
+export PYTHONPATH=/tmp/site:/tmp/site-nixl:$PWD/gen/python:$PWD/libs:$PWD/services/router:$PWD/services/prefill:$PWD/services/decode:$PWD/services/eplb:$PWD
 [ -f .git-state.json ] && export TANDEM_GIT_STATE=$PWD/.git-state.json
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o 'H[0-9]\+' | tr 'A-Z' 'a-z')
 card=${card:-gpu}
