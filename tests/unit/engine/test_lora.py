@@ -25,7 +25,7 @@ def _segments(lens, slots):
 @pytest.mark.parametrize("lens,slots,K", [([1, 1, 1, 1], [0, -1, 2, 0], 40), ([5, 17, 3, 40], [1, 0, -1, 2], 40),
                                           ([1, 1, 1], [0, 2, -1], 1100)])
 def test_sgmv_shrink_expand_match_torch(lens, slots, K):
-    """K 1100: shrink splits K in 3 partials (the last one partial) that expand adds."""
+    """K 1100: shrink splits K in partials (the last one short) that expand adds."""
     g = torch.Generator().manual_seed(0)
     T, N, R, S = sum(lens), 70, 24, 3  # K, N not multiples of the blocks; R = 3 parts of rank 8
     x = torch.randn(T, K, generator=g)
@@ -34,7 +34,7 @@ def test_sgmv_shrink_expand_match_torch(lens, slots, K):
     y = torch.randn(T, N, generator=g)
     st, ln, sl = _segments(lens, slots)
     xa = kernels.shrink(x, a, st, ln, sl, max(lens))
-    assert xa.shape == (kernels.num_splits(K), T, R)
+    assert xa.shape == (kernels.num_splits(K, kernels.k_per_split(len(lens))), T, R)
     xa_ref = kernels.shrink_ref(x, a, st, ln, sl)
     used = torch.repeat_interleave(sl, ln) >= 0
     assert torch.allclose(xa.sum(0)[used], xa_ref[used], atol=1e-4, rtol=1e-4)
@@ -61,6 +61,7 @@ def test_deterministic_deltas_run_one_row_tile_and_no_torch_path():
     det, default = LoraWeights(2, 8, torch.float32, "cpu", deterministic=True), LoraWeights(2, 8, torch.float32, "cpu")
     d, d0 = det("layers.0.self_attn.o_proj", 40, (24,)), default("layers.0.self_attn.o_proj", 40, (24,))
     assert d.block_m == kernels.INVARIANT_BLOCK_M and d0.block_m is None
+    assert d.k_chunk == kernels.K_PER_SPLIT and d0.k_chunk is None
     with pytest.raises(RuntimeError, match="deterministic LoRA runs the Triton kernels only"):
         d(x[:4], torch.zeros(4, 24), lora_batch([0, 1], [1, 3], "cpu", use_triton=False))
 

@@ -56,8 +56,9 @@ class LoraDelta:
     rank columns; the scaling is folded into B)."""
 
     def __init__(self, name: str, in_features: int, parts: tuple, num_slots: int, max_rank: int, dtype, device,
-                 block_m: int | None = None):
+                 block_m: int | None = None, k_chunk: int | None = None):
         self.name, self.parts, self.max_rank, self.block_m = name, tuple(parts), max_rank, block_m
+        self.k_chunk = k_chunk  # shrink's K per program (None: by the launch's segment count)
         R = len(parts) * max_rank
         self.a = torch.zeros((num_slots, R, in_features), dtype=dtype, device=device)
         self.b = torch.zeros((num_slots, sum(parts), R), dtype=dtype, device=device)
@@ -82,7 +83,7 @@ class LoraDelta:
             from . import kernels
 
             xa = kernels.shrink(x, self.a, batch.seg_starts, batch.seg_lens, batch.seg_slots, batch.max_len,
-                                block_m=self.block_m)
+                                block_m=self.block_m, k_chunk=self.k_chunk)
             return kernels.expand(xa, self.b, y, batch.seg_starts, batch.seg_lens, batch.seg_slots, batch.max_len,
                                   block_m=self.block_m)
         if self.block_m is not None:
@@ -100,14 +101,15 @@ class LoraWeights:
 
     def __init__(self, num_slots: int, max_rank: int, dtype, device, deterministic: bool = False):
         """``deterministic`` (--enable-deterministic-inference): every projection's kernels run one
-        fixed row tile (``kernels.INVARIANT_BLOCK_M``), so a row's delta does not depend on its batch."""
+        fixed row tile (``kernels.INVARIANT_BLOCK_M``) and one split of K (``kernels.K_PER_SPLIT``), so a
+        row's delta does not depend on its batch."""
         self.num_slots, self.max_rank, self.dtype, self.device = num_slots, max_rank, dtype, device
         if deterministic:
             from . import kernels
 
-            self.block_m = kernels.INVARIANT_BLOCK_M
+            self.block_m, self.k_chunk = kernels.INVARIANT_BLOCK_M, kernels.K_PER_SPLIT
         else:
-            self.block_m = None
+            self.block_m, self.k_chunk = None, None
         self.deltas: dict[str, LoraDelta] = {}
 
     def __call__(self, name: str, in_features: int, parts: tuple) -> LoraDelta:
@@ -115,7 +117,7 @@ class LoraWeights:
             raise ValueError(f"LoRA projection {name!r} requested twice")
         # An explicit device: the model is built under torch.device("meta"), these buffers are real.
         d = LoraDelta(name, in_features, parts, self.num_slots, self.max_rank, self.dtype, torch.device(self.device),
-                      self.block_m)
+                      self.block_m, self.k_chunk)
         self.deltas[name] = d
         return d
 
