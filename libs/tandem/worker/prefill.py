@@ -8,6 +8,10 @@ them into decode's pages (or packs them for the stream), then the aux row; it po
 iteration, and when they are done frees the pages (into the prefix cache) and reports
 done. A failed or cancelled room is reported (and CancelRoom answered) only once none of
 its writes is in flight any more, so decode may reuse its pages.
+
+The handshake's sending side (:class:`KvSource`) also serves a draining decode worker, whose
+rooms carry a request it holds for a move (``PrefillStart.move_id``): the room's pages are the
+held request's, nothing is computed (:mod:`tandem.worker.kv_move`).
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ from tandem.v1 import common_pb2, prefill_pb2
 from tandem.worker.base import WorkerBase
 from tandem.worker.engine_loop import EngineLoop, RequestStream
 from tandem.worker.errors import RequestFailed
+from tandem.worker.kv_move import HeldMoves
 from tandem.worker.loop_thread import LoopThread
 from tandem.worker.pd_proto import layout_to_proto, message_to_proto, registration_from_request
 from tandem.worker.stats_reporter import StatsReporter
@@ -106,9 +111,11 @@ class PrefillTransfers(LoopThread):
 
     # ---- from stream handlers ----------------------------------------------------------
     def open(self, room: int, rid: str, peer: str | None, dst_pages: list[int], aux_slot: int, ids: list[int],
-             sp, skip_pages: int = 0) -> _Room:
+             sp, skip_pages: int = 0, held: bool = False) -> _Room:
         """Track a room and start its prefill; its messages arrive on the room's outbox.
-        ``skip_pages``: the prompt's leading pages decode already holds (not written)."""
+        ``skip_pages``: the prompt's leading pages decode already holds (not written). ``held``:
+        ``rid`` is a request held for a move, whose KV is ``ids``: its pages are sent, nothing is
+        computed."""
         r = _Room(room, rid, peer, dst_pages, aux_slot, len(ids), skip_pages)
         with self._lock:
             if room in self._tombstones:
@@ -117,7 +124,8 @@ class PrefillTransfers(LoopThread):
                 raise RequestFailed(grpc.StatusCode.ALREADY_EXISTS, f"room {room} is already in flight")
             self._rooms[room] = r
         try:
-            r.stream = self.loop.submit(ids, sp, rid, mode="prefill_only", on_output=self._wake.set)
+            r.stream = (self.loop.export_held(rid, on_output=self._wake.set) if held else
+                        self.loop.submit(ids, sp, rid, mode="prefill_only", on_output=self._wake.set))
         except ValueError as exc:
             with self._lock:
                 self._rooms.pop(room, None)
@@ -292,10 +300,15 @@ class PrefillTransfers(LoopThread):
             self.reporter.set_gauges(num_prefill_inflight_queue_reqs=self.num_inflight)
 
 
-class PrefillWorker(WorkerBase):
+class KvSource:
+    """The sending side of the PD handshake: RegisterDecode, the per-request Prefill stream,
+    CancelRoom. A prefill worker computes each room's prompt; a draining decode worker
+    (``held``) sends the pages of a request it holds for a move (``PrefillStart.move_id``)."""
+
     def __init__(self, config: PrefillConfig, loop: EngineLoop, sender: KvSender, worker_id: str,
-                 reporter: StatsReporter | None = None) -> None:
-        super().__init__(config, loop, worker_id)
+                 reporter: StatsReporter | None = None, held: HeldMoves | None = None) -> None:
+        self.config, self.loop, self.worker_id = config, loop, worker_id
+        self.held = held
         self.sender = sender
         self.decodes: dict[str, str] = {}  # decode_id -> sender peer name
         self._decodes_lock = threading.Lock()
@@ -335,9 +348,17 @@ class PrefillWorker(WorkerBase):
         ids = list(start.input_ids)
         try:
             sp = sampling_from_proto(start.sampling)
-            self.loop.validate(ids, sp)
+            if not start.move_id:
+                self.loop.validate(ids, sp)
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if start.move_id:
+            if self.held is None:
+                raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"move_id={start.move_id!r}: this worker holds no request to move")
+            if start.warmup:
+                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, "move_id: a move is no warmup")
+            self.held.check(start.move_id, ids)  # RequestFailed unless held here with these tokens
         room = start.room or new_room_id()
         num_pages = pages_needed(len(ids), self.loop.info.page_size)
         peer, pages, aux_slot, skip_pages = None, [], -1, 0
@@ -369,8 +390,15 @@ class PrefillWorker(WorkerBase):
             except ValueError as exc:
                 raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             pages, aux_slot = list(alloc.page_indices), alloc.aux_slot
-        rid = f"{start.request_id or 'prefill'}-{uuid.uuid4().hex[:8]}"
-        r = self.transfers.open(room, rid, peer, pages, aux_slot, ids, sp, skip_pages)
+        rid = start.move_id or f"{start.request_id or 'prefill'}-{uuid.uuid4().hex[:8]}"
+        if start.move_id:
+            self.held.take(start.move_id, ids)  # this room sends it, or frees it when it fails
+        try:
+            r = self.transfers.open(room, rid, peer, pages, aux_slot, ids, sp, skip_pages, held=bool(start.move_id))
+        except RequestFailed:
+            if start.move_id:
+                self.loop.abort(rid)
+            raise
         on_cancel(lambda: self.transfers.cancel(room, "decode cancelled the stream"))
         try:
             yield prefill_pb2.PrefillServerMessage(room=prefill_pb2.BootstrapRoom(
@@ -388,6 +416,13 @@ class PrefillWorker(WorkerBase):
         except TimeoutError as exc:
             raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
         return prefill_pb2.CancelRoomResponse(found=found)
+
+
+class PrefillWorker(WorkerBase, KvSource):
+    def __init__(self, config: PrefillConfig, loop: EngineLoop, sender: KvSender, worker_id: str,
+                 reporter: StatsReporter | None = None) -> None:
+        WorkerBase.__init__(self, config, loop, worker_id)
+        KvSource.__init__(self, config, loop, sender, worker_id, reporter)
 
     def get_load(self) -> common_pb2.WorkerLoad:
         return self.load(self.transfers.num_inflight, self.transfers.completed)
