@@ -250,16 +250,20 @@ class DecodeWorker(WorkerBase):
         with self._live_lock:
             self.draining = True
             live = dict(self._live)
+        # No step runs for requests about to leave; a held request's last output ("moved", which
+        # tells its router where the KV waits) comes with the next step: after it is in the table.
+        self.loop.pause()
         held_table = self.moves.held if self.moves is not None else None
         held: dict = {}
-        if held_table is not None:
-            held = self.loop.hold_for_move([e for _, _, e in live.values() if e is not None]).result(timeout_s)
-            held_table.add(held)
-        self.loop.pause()  # no step runs for requests about to leave
-        for cancel, (_, _, erid) in live.items():
-            if erid not in held:
-                cancel()
-        self.loop.resume()  # their aborts, and the held requests' last outputs, apply before the next step
+        try:
+            if held_table is not None:
+                held = self.loop.hold_for_move([e for _, _, e in live.values() if e is not None]).result(timeout_s)
+                held_table.add(held)
+            for cancel, (_, _, erid) in live.items():
+                if erid not in held:
+                    cancel()
+        finally:
+            self.loop.resume()  # their aborts, and the held requests' last outputs, apply before the next step
         if held:
             wait_until(lambda: held_table.num_waiting == 0, self.config.drain_timeout)
             for erid in held_table.expire():

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
-from tandem.config import PrefillConfig
+from tandem.config import DecodeConfig, PrefillConfig
 from tandem.routing.sampling import sampling_from_proto
 from tandem.transfer import (
     AuxRow,
@@ -305,7 +305,7 @@ class KvSource:
     CancelRoom. A prefill worker computes each room's prompt; a draining decode worker
     (``held``) sends the pages of a request it holds for a move (``PrefillStart.move_id``)."""
 
-    def __init__(self, config: PrefillConfig, loop: EngineLoop, sender: KvSender, worker_id: str,
+    def __init__(self, config: PrefillConfig | DecodeConfig, loop: EngineLoop, sender: KvSender, worker_id: str,
                  reporter: StatsReporter | None = None, held: HeldMoves | None = None) -> None:
         self.config, self.loop, self.worker_id = config, loop, worker_id
         self.held = held
