@@ -217,7 +217,7 @@ class DecodeWorker(WorkerBase):
         on_cancel(cancel)
         fetcher = self.moves.fetcher if self.moves is not None else None
         if fetcher is None:
-            why = "this worker fetches no KV (an embedding worker)"
+            why = "this worker fetches no KV (several ranks, or it serves embeddings)"
         else:
             fut = fetcher.move_in(rid, ids, output_ids, sp, source.address, source.move_id)
             cancel.add(fut.cancel)

@@ -24,7 +24,9 @@ def main(argv=None) -> None:
     disagg = config.disaggregation_mode == "decode"
     wp = build_worker("decode", config, engine_type="decode" if disagg else "unified", endpoint_name="generate")
     remote = fetcher = None
-    if not config.is_embedding:
+    # KV moves (drain): one rank's pool only, so not with several ranks (--tp-size, --ep-size > 1).
+    moves_on = not config.is_embedding and config.world_size == 1
+    if disagg or moves_on:
         # Decode mode: the remote prefills; aggregated: only the KV of requests moved off draining workers.
         receiver = make_receiver(config.disaggregation_transfer_backend, wp.kv_buffers(), name=wp.runtime.worker_id,
                                  model_fingerprint=wp.fingerprint,
@@ -44,7 +46,7 @@ def main(argv=None) -> None:
             discovery.start()
             wp.runtime.on_shutdown(discovery.stop, first=True)
     held = None
-    if config.drain_timeout > 0 and not config.is_embedding:
+    if config.drain_timeout > 0 and moves_on:
         # A drain's requests wait here with their KV; the workers their routers pick fetch it through this.
         held = HeldMoves()
         sender = make_sender(config.disaggregation_transfer_backend, wp.kv_buffers(),
@@ -55,7 +57,7 @@ def main(argv=None) -> None:
         wp.runtime.on_shutdown(sender.close)
         wp.runtime.add_service(prefill_pb2_grpc.add_PrefillServicer_to_server, MoveSourceServicer(source),
                                service_name(prefill_pb2, "Prefill"))
-    moves = KvMoves(wp.runtime.advertised_address, fetcher, held, wp.component_metrics)
+    moves = KvMoves(wp.runtime.advertised_address, fetcher if moves_on else None, held, wp.component_metrics)
     worker = DecodeWorker(config, wp.loop, wp.runtime.worker_id, remote, moves)
     embedder = EmbeddingWorker(wp.loop, load_tokenizer(config.model_path)) if config.is_embedding else None
     role = "decode" if disagg else "agg"
