@@ -56,7 +56,7 @@ bench-micro: setup demo-models  ## pytest-benchmark micro-benchmarks (routing, K
 
 deploy-local: setup demo-models  ## run the whole stack on loopback (Ctrl-C stops it)
 	@build-support/install-prometheus.sh
-	@MODE=$(MODE) MODEL=$(MODEL) PREFILL=$(PREFILL) DECODE=$(DECODE) EMBED=$(EMBED) TLS=$(TLS) TP=$(TP) $(PY) -m deploy.local.run
+	@MODE=$(MODE) MODEL=$(MODEL) PREFILL=$(PREFILL) DECODE=$(DECODE) EMBED=$(EMBED) TLS=$(TLS) TP=$(TP) LORA=$(LORA) $(PY) -m deploy.local.run
 
 stop-local:
 	@$(PY) -m deploy.local.run --stop

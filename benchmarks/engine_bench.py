@@ -41,6 +41,12 @@ between replays); ``--gates gpu-moe`` evaluates the MoE targets.
     python benchmarks/engine_bench.py --model /tmp/llama8b --device cuda --dtype bfloat16 --batch-sizes 1 64 \\
         --output-len 64 --quantization fp8 --compare-bf16 --fp8-checkpoint /tmp/llama8b-fp8-block --gates fp8 \\
         --out benchmarks/results/gpu/engine_fp8_llama8b.json           # engine_fp8.py
+
+``--lora`` measures LoRA adapters against the base model (``engine_lora.py``; its targets: a batch
+of 64 mixing 4 rank-16 adapters >= 0.85x base tok/s, batch 1 >= 0.9x):
+
+    python benchmarks/engine_bench.py --lora --shape llama8b --device cuda --dtype bfloat16 --batch-sizes 1 64 \\
+        --input-len 128 --output-len 64 --out benchmarks/results/gpu/engine_lora_llama8b.json
 """
 from __future__ import annotations
 
@@ -280,11 +286,17 @@ def main(argv=None) -> int:
     ap.add_argument("--embedding-max-len", type=int, default=512, help="--embedding: uniform length, longest mixed")
     ap.add_argument("--gates", choices=["gpu-part1", "gpu-part2", "gpu-moe", "fp8", "deterministic", "embedding"], default=None,
                     help="evaluate the issue's targets")
+    ap.add_argument("--lora", action="store_true",
+                    help="LoRA adapters vs the base model (engine_lora.py), instead of tandem vs transformers")
+    ap.add_argument("--lora-rank", type=int, default=16, help="--lora: rank of every adapter")
+    ap.add_argument("--lora-adapters", type=int, default=4, help="--lora: adapters mixed in a batch")
     ap.add_argument("--out", default=None, help="write JSON results here (and a .md next to it)")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="also profile one generate call (host cProfile + torch profiler) into DIR")
     ap.add_argument("--profile-batch", type=int, default=None, help="batch size to profile (default: the largest)")
     args = ap.parse_args(argv)
+    if args.lora and (args.embedding or args.deterministic or args.quantization):
+        ap.error("--lora: measured alone (not with --embedding, --deterministic or --quantization)")
 
     if args.build:
         build_checkpoint(*args.build, with_tokenizer=not args.no_tokenizer, repo=REPO)
@@ -310,6 +322,21 @@ def main(argv=None) -> int:
                   f"{'not measured' if gate['met'] is None else 'MET' if gate['met'] else 'NOT MET'}")
         if args.out:
             write_results(args.out, result, fp8_markdown)
+        return 0
+    if args.lora:
+        from benchmarks.engine_lora import run as run_lora
+        from benchmarks.engine_lora import write_markdown as lora_markdown
+
+        if not os.path.isdir(args.model):
+            from deploy.demo_models import build_all
+
+            build_all(str(REPO / "models"))
+        result = run_lora(args, git, started, machine_info())
+        result["command"] = command
+        for gate in result["gates"]:
+            print(f"target: {gate['target']}: {gate['value']} -> {'MET' if gate['met'] else 'NOT MET'}")
+        if args.out:
+            write_results(args.out, result, lora_markdown)
         return 0
     if args.embedding:
         from benchmarks.engine_embedding import run as run_embedding

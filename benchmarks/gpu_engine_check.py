@@ -38,6 +38,9 @@ its measured value and verdict:
   prediction with FP8 K/V equal to the bf16 cache's at >= 97% of positions (KL reported).
 * Tensor parallelism (``--tp-size N``, N GPUs): on both demo models in float32, TP N over NCCL (NVLink
   multicast off in every rank) gives TP 1's greedy and seeded tokens, logprobs within 1e-4.
+* TP's CUDA graphs on one GPU (``--only tp-graph``, ``tp_graph_checks``): a world-size-1 NCCL all-reduce
+  captured inside a graph replays correctly, and the demo dense model with its collectives forced on
+  captures them inside its decode graphs, graph replay == eager == the one-rank engine (bitwise).
 * HiCache: the Triton page-transfer kernel and the direct copies move pages between the device
   pool and the pinned host pool byte-exact (both layouts, both directions, bf16 and float32);
   on both demo models in float32, a prefix loaded back from host and from storage gives the
@@ -53,7 +56,9 @@ its measured value and verdict:
     python benchmarks/gpu_engine_check.py --only fp8 --fp8-model /tmp/llama8b --out .../engine_check_fp8.json
     python benchmarks/gpu_engine_check.py --only kv-fp8 --out benchmarks/results/gpu/kv_fp8_check_h100.json
     python benchmarks/gpu_engine_check.py --only hicache --out benchmarks/results/gpu/hicache_check_h100.json
+    python benchmarks/gpu_engine_check.py --only lora --out benchmarks/results/gpu/lora_check_h100.json
     python benchmarks/gpu_engine_check.py --only tp --tp-size 2 --out benchmarks/results/gpu/tp2_check_h100x2.json
+    python benchmarks/gpu_engine_check.py --only tp-graph --out benchmarks/results/gpu/tp_graph_check_h100.json
     python benchmarks/gpu_engine_check.py --only deterministic --bf16-model /tmp/llama8b \
         --out benchmarks/results/gpu/deterministic_check_h100.json
 """
@@ -843,6 +848,69 @@ def hicache_token_checks(dev: str) -> None:
                 free_device()
 
 
+def lora_checks(dev: str) -> None:
+    """LoRA (issue 36): the SGMV kernels against torch at an 8B projection shape in bf16 (mixed
+    segments, base ones included), then the demo model with three adapters and the base mixed in one
+    batch: triton with CUDA graphs == torch_native, greedy float32."""
+    import tempfile
+
+    from tandem.engine.lora import kernels
+
+    from deploy.demo_lora import build_adapter
+
+    g = torch.Generator().manual_seed(0)
+    lens = [1] * 32 + [7, 300, 13]
+    slots = [i % 5 - 1 for i in range(32)] + [0, 3, -1]
+    T, K, N, R, S = sum(lens), 4096, 6144, 48, 4  # the merged QKV projection, 3 parts of rank 16
+    x = torch.randn(T, K, generator=g).to(dev, torch.bfloat16)
+    a = (torch.randn(S, R, K, generator=g) / K ** 0.5).to(dev, torch.bfloat16)
+    b = (torch.randn(S, N, R, generator=g) * 0.1).to(dev, torch.bfloat16)
+    y = torch.randn(T, N, generator=g).to(dev, torch.bfloat16)
+    st = torch.tensor([sum(lens[:i]) for i in range(len(lens))], dtype=torch.int32, device=dev)
+    ln = torch.tensor(lens, dtype=torch.int32, device=dev)
+    sl = torch.tensor(slots, dtype=torch.int32, device=dev)
+    xa = kernels.shrink(x, a, st, ln, sl, max(lens))
+    xa_ref = kernels.shrink_ref(x, a, st, ln, sl)
+    used = torch.repeat_interleave(sl, ln) >= 0
+    out = kernels.expand(xa, b, y.clone(), st, ln, sl, max(lens))  # shrink's split-K partials, as the model runs
+    ref = kernels.expand_ref(xa_ref, b, y.clone(), st, ln, sl)
+    xa_sum = xa.sum(0)
+    err_s = ((xa_sum[used] - xa_ref[used].float()).abs().max() / xa_ref[used].float().abs().max()).item()
+    err_e = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    untouched = torch.equal(out[~used], y[~used])
+    record("LoRA SGMV shrink/expand bf16 (K 4096, N 6144, R 48, 35 segments) vs torch: max error / max value",
+           f"shrink {err_s:.2e}, expand {err_e:.2e}, base rows untouched {untouched}",
+           err_s <= 2e-2 and err_e <= 2e-2 and untouched)
+
+    path = str(REPO / "models" / "tandem-demo-dense")
+    root = tempfile.mkdtemp(prefix="tandem-lora-check-")
+    paths = [f"a={build_adapter(path, root + '/a', rank=8, seed=1)}",
+             f"b={build_adapter(path, root + '/b', rank=4, targets=('q_proj', 'v_proj', 'down_proj'), seed=2)}",
+             f"c={build_adapter(path, root + '/c', rank=8, targets=('k_proj', 'o_proj', 'gate_proj', 'up_proj'), seed=3)}"]
+    prompts = ["The license", "def main(argv=None):", "Hello world, this is a test of", "import os\nimport sys\n",
+               "Copyright (C) 2007 Free Software Foundation", "x" * 40, "for i in range(10):", "# tandem"]
+    names = ["a", None, "b", "c", "a", "b", None, "c"]
+    sp = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=True)
+    ref = LLM(path, device=dev, dtype="float32", attention_backend="torch_native", max_total_tokens=1 << 16,
+              lora_paths=paths)
+    want = ref.generate(prompts, sp, lora_name=names)
+    base = ref.generate(prompts, sp)
+    del ref
+    free_device()
+    llm = LLM(path, device=dev, dtype="float32", max_total_tokens=1 << 16, lora_paths=paths)
+    got = llm.generate(prompts, sp, lora_name=names)
+
+    def close(o, r, tol):
+        return o.token_ids == r.token_ids and max(abs(x - y) for x, y in zip(o.logprobs, r.logprobs)) <= tol
+
+    same = sum(close(o, r, 1e-3) for o, r in zip(got, want))
+    changed = sum(not close(r, b, 1e-2) for r, b, n in zip(want, base, names) if n is not None)
+    record(f"tandem-demo-dense float32 greedy + logprobs (1e-3), adapters a/b/c + base mixed: triton (CUDA graphs up "
+           f"to {llm.engine.cuda_graph_max_bs}) == torch_native ({changed}/6 adapter requests differ from base)",
+           f"{same}/{len(prompts)}", same == len(prompts) and changed == 6)
+    del llm
+
+
 def tp_checks(dev: str, tp: int) -> None:
     """Tensor parallelism over ``tp`` GPUs (NCCL, NVLink multicast off): on both demo models in float32,
     TP ``tp`` greedy and seeded tokens == TP 1's and logprobs within LOGPROB_TOL (benchmarks/common/tp.py)."""
@@ -859,6 +927,118 @@ def tp_checks(dev: str, tp: int) -> None:
                f"rank 0 holds {r['sides'][str(tp)]['engine']['kv_heads_per_rank']} KV head(s)")
 
 
+class _CountingTP:
+    """A ``TensorParallel`` of world size 1 with its collectives forced on (over NCCL), counting the
+    Python-side calls: a captured graph replays its collectives without calling them."""
+
+    def __init__(self, group):
+        from tandem.engine.tensor_parallel import TensorParallel
+
+        self.tp = TensorParallel(0, 1, group, force_collectives=True)
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self.tp, name)
+
+    def all_reduce(self, t):
+        self.calls += 1
+        return self.tp.all_reduce(t)
+
+    def all_gather_last(self, t):
+        self.calls += 1
+        return self.tp.all_gather_last(t)
+
+
+def tp_graph_checks(dev: str) -> None:
+    """CUDA graphs with the TP collectives inside (issue 32's one-GPU gate), on a world-size-1 NCCL group
+    (NVLink multicast off), the communicator set up by one all-reduce before any capture:
+
+    * an all-reduce and an all-gather captured between two kernels replay correctly on new inputs (the
+      gather's output buffer is poisoned with NaN before every replay: proof the collectives run at replay);
+    * the demo dense model in float32 loaded with the collectives forced on (every o_proj / down_proj
+      all-reduce, the embedding's all-reduce and the logits' all-gather, as with TP > 1): its decode graphs are captured
+      with the collectives inside (counted at capture, none called at replay), and a decode step's
+      logits by graph replay == eager (bitwise) == the one-rank engine's own graph replay."""
+    import socket
+
+    import torch.distributed as dist
+    from tandem.engine.loader import load_model
+    from tandem.engine.model_runner import ModelRunner
+    from tandem.engine.parallel import init_parallel
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    group = init_parallel(0, 1, f"tcp://127.0.0.1:{port}", backend="nccl", device=dev, timeout_s=120)
+    try:
+        warm = torch.ones(1, device=dev)
+        dist.all_reduce(warm, group=group.group)  # the communicator, before any capture
+        torch.cuda.synchronize()
+        # 1. an all-reduce (and an all-gather into a buffer poisoned before every replay: it must run at
+        #    replay) inside a graph, replayed on new inputs
+        x = torch.zeros(4096, device=dev)
+        gathered = torch.empty(4096, device=dev)
+
+        def body():
+            y = x * 2.0
+            dist.all_reduce(y, group=group.group)
+            dist.all_gather_into_tensor(gathered, y, group=group.group)
+            return gathered + 1.0
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            body()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = body()
+        errors = []
+        for seed in range(3):
+            x.copy_(torch.randn(4096, device=dev, generator=torch.Generator(dev).manual_seed(seed)))
+            gathered.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            errors.append((out - (x * 2.0 + 1.0)).abs().max().item())  # NaN if the gather did not run
+        record("world-size-1 NCCL all-reduce + all-gather captured in a CUDA graph replay correctly (3 inputs, "
+               "the gather's buffer poisoned before each replay)", errors, all(e == 0.0 for e in errors))
+        # 2. the demo dense model's decode graphs with the collectives inside
+        model_path = str(REPO / "models" / "tandem-demo-dense")
+        llm = LLM(model_path, device=dev, dtype="float32", max_total_tokens=1 << 14)
+        eng = llm.engine
+        counting = _CountingTP(group.group)
+        model, _ = load_model(model_path, torch.float32, dev, tp=counting)
+        model.set_backend(eng.attention_backend, eng.context_length + 1)
+        runner = ModelRunner(model, eng.pool, dev, cuda_graph_max_bs=8)  # captures, collectives inside
+        captured = counting.calls
+        reqs = decode_batch(eng, torch.Generator().manual_seed(5))
+        with torch.inference_mode():
+            runner.forward([(r, len(r.prompt_ids)) for r in reqs], eager=True)  # the prompts' KV
+            for r in reqs:
+                r.num_computed = len(r.prompt_ids)
+            batch = [(r, 1) for r in reqs]
+            before = counting.calls
+            replayed = runner.forward(batch).clone()
+            in_replay = counting.calls - before
+            eager = runner.forward(batch, eager=True).clone()
+            one_rank = eng.runner.forward(batch).clone()
+        ok = runner.graphs is not None and captured > 0 and in_replay == 0
+        record("demo dense float32, collectives forced on: decode graphs captured with the collectives inside",
+               f"{captured} collective calls at capture, {in_replay} at replay", ok,
+               f"buckets {runner.graphs.buckets if runner.graphs else None}")
+        record("demo dense float32, collectives forced on: decode logits by graph replay == eager (bitwise)",
+               torch.equal(replayed, eager), torch.equal(replayed, eager),
+               f"max diff {(replayed - eager).abs().max().item():.2e}")
+        record("demo dense float32, collectives forced on: graph replay == the one-rank engine's graph replay",
+               torch.equal(replayed, one_rank), torch.equal(replayed, one_rank),
+               f"max diff {(replayed - one_rank).abs().max().item():.2e}")
+        for r in reqs:
+            eng.pool.free(r.pages)
+        del runner, model, llm, eng
+    finally:
+        group.destroy()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bf16-model", default=None, help="larger bf16 checkpoint for the logits check")
@@ -867,11 +1047,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--tp-size", "--tensor-parallel-size", type=int, default=1,
                     help="> 1: also check TP N (NCCL over N GPUs) against TP 1 on the demo models (--only tp: only that)")
-    ap.add_argument("--only", choices=["fp8", "kv-fp8", "hicache", "deterministic", "embedding", "tp"], default=None,
+    ap.add_argument("--only", choices=["fp8", "kv-fp8", "hicache", "deterministic", "embedding", "lora", "tp",
+                                       "tp-graph"],
+                    default=None,
                     help="run only this group of checks (fp8: FP8 weights; kv-fp8: the FP8 KV cache; hicache: "
                          "HiCache page transfers and load-back tokens; deterministic: "
                          "--enable-deterministic-inference on both demo models and --bf16-model, with and without "
-                         "the flag; embedding: --is-embedding vectors vs transformers)")
+                         "the flag; embedding: --is-embedding vectors vs transformers; lora: LoRA kernels and mixed "
+                         "adapters; tp-graph: one GPU, a world-size-1 NCCL all-reduce inside decode CUDA graphs)")
     args = ap.parse_args(argv)
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     git = git_info()
@@ -894,12 +1077,15 @@ def main(argv=None) -> int:
         (lambda m=m, flag=flag: deterministic_checks(dev, m, flag)) for m in models for flag in (True, False)]
     groups = {"fp8": fp8_checks(dev, args.fp8_model), "kv-fp8": kv_fp8, "deterministic": deterministic,
               "embedding": [lambda: embedding_checks(dev)],
-              "hicache": [lambda: hicache_transfer_checks(dev), lambda: hicache_token_checks(dev)]}
+              "hicache": [lambda: hicache_transfer_checks(dev), lambda: hicache_token_checks(dev)],
+              "lora": [lambda: lora_checks(dev)]}
     groups["tp"] = [lambda: tp_checks(dev, args.tp_size)] if args.tp_size > 1 else []
+    groups["tp-graph"] = [lambda: tp_graph_checks(dev)]
     if args.only == "tp" and args.tp_size < 2:
         ap.error("--only tp needs --tp-size >= 2")
     # deterministic: its own call (--only deterministic), four engines a model.
-    steps = groups[args.only] if args.only else steps + groups["fp8"] + groups["kv-fp8"] + groups["hicache"] + groups["tp"]
+    steps = groups[args.only] if args.only else (steps + groups["fp8"] + groups["kv-fp8"] + groups["hicache"]
+                                                 + groups["lora"] + groups["tp-graph"] + groups["tp"])
     for step in steps:
         try:
             step()

@@ -2,7 +2,7 @@
 # Every GPU gate of the open issues, in parts that each fit one lent-device call (< 10 minutes).
 #
 #   OUT=/path/to/results benchmarks/gpu_gates.sh PART...
-#       PART: check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed tp
+#       PART: check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed lora tp pd
 #
 # Run from the repository root on the GPU machine (the device tool copies the working tree; name
 # gen, .whl and the A/B base tree in its `carry`). Every script writes its own results file
@@ -21,6 +21,8 @@
 #            checkpoint, gates fp8 (issue 30)
 #   kv       kv_cache_bench.py --gates on the 32k Llama-3-8B shape (issue 31)
 #   hicache  hicache_bench.py on the 8B shape (issue 27)
+#   lora     engine_bench --lora on the 8B shape (random weights, nothing built): 4 rank-16 adapters
+#            mixed in a batch of 64 >= 0.85x base tok/s, batch 1 >= 0.9x (issue 36)
 #   deterministic  gpu_engine_check.py --only deterministic (both demo models and the 8B shape in bf16, with
 #            --enable-deterministic-inference and without as the negative control), then the flag's decode
 #            step cost at batch 1 and 64, 3 alternating rounds (issue 28)
@@ -35,9 +37,15 @@
 #            engine_bench --embedding on the Qwen3-Embedding-0.6B shape (random weights on the device):
 #            inputs/s vs transformers SDPA, same batch of 128, uniform 512 (>= 1.1x) and [32, 512] (>= 2x)
 #            (issue 35)
-#   tp       needs $TP GPUs (default 2; issue 37's machine): gpu_engine_check.py --only tp (TP N over NCCL
-#            == TP 1 on the demo models, float32), then engine_bench --tp-size on the 8B shape (TP 1 vs
-#            TP N tok/s, dummy weights). NCCL with NVLink multicast off (set here and in every rank)
+#   tp       one GPU: gpu_engine_check.py --only tp-graph (issue 32: a world-size-1 NCCL all-reduce captured in
+#            a CUDA graph replays correctly; the demo dense model with its collectives forced on captures them in
+#            its decode graphs, replay == eager == one rank), ~1 min. With $TP GPUs (default 2; issue 37's
+#            machine) also gpu_engine_check.py --only tp (TP N over NCCL == TP 1 on the demo models, float32),
+#            then engine_bench --tp-size on the 8B shape (TP 1 vs TP N tok/s, dummy weights); skipped with
+#            fewer GPUs. NCCL with NVLink multicast off (set here and in every rank)
+#   pd       pd_check.py on the demo dense model, bf16, nixl (KV in VRAM): disaggregated vs aggregated tokens,
+#            then TTFT of a 1k-token prompt, 15 alternating pairs: disagg p50 <= agg p50 + 5 ms (issue 33).
+#            Needs the nixl and grpc wheels in .whl
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the results folder}
@@ -110,8 +118,18 @@ for part in "$@"; do
             --metric rows.0.tandem_tok_s --metric rows.1.tandem_tok_s --out "$OUT/ab_engine_bench_llama8b_$card.json" -- \
             python3 benchmarks/engine_bench.py --model "$M/llama8b" --device cuda --dtype bfloat16 --no-hf \
             --batch-sizes 1 64 --output-len 64 --out '{out}' ;;
+    lora)
+        step engine_lora 300 $py benchmarks/engine_bench.py --lora --shape llama8b --device cuda --dtype bfloat16 \
+            --batch-sizes 1 64 --input-len 128 --output-len 64 --out "$OUT/engine_lora_llama8b_$card.json" ;;
     tp)
         export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+        step tp_graph_check 150 $py benchmarks/gpu_engine_check.py --only tp-graph \
+            --out "$OUT/engine_check_tp_graph_$card.json"
+        gpus=$(nvidia-smi -L | wc -l)
+        if [ "$gpus" -lt "${TP:-2}" ]; then
+            echo "=== tp: $gpus GPU(s), TP ${TP:-2} needs ${TP:-2}: the multi-GPU steps are skipped"
+            continue
+        fi
         step tp_check 240 $py benchmarks/gpu_engine_check.py --only tp --tp-size "${TP:-2}" \
             --out "$OUT/engine_check_tp${TP:-2}_$card.json"
         step engine_tp 300 $py benchmarks/engine_bench.py --tp-size "${TP:-2}" --shape llama8b --device cuda \
@@ -147,7 +165,10 @@ for part in "$@"; do
             --out "$OUT/engine_bench_overlap_qwen05b_$card.json"
         step dense_warmup 400 $py benchmarks/warmup_bench.py --rounds 3 --steady 6 \
             --out "$OUT/warmup_bench_$card.json" ;;
-    *) echo "unknown part $part (check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed tp)"
+    pd)
+        step pd_check 420 $py benchmarks/pd_check.py --device cuda --dtype bfloat16 --backends nixl \
+            --long-prompt 1024 --ttft-samples 15 --out "$OUT/pd_check_demo_dense_$card.json" ;;
+    *) echo "unknown part $part (check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed lora tp pd)"
        exit 2 ;;
     esac
 done

@@ -2,7 +2,11 @@
 transfer backend, plus TTFT of a long prompt. Used for the GPU runs (KV pages in VRAM,
 NIXL over UCX's CUDA transports), where CI cannot go.
 
-    python benchmarks/pd_check.py --device cuda --dtype float32 --backends nixl grpc --out results.json
+TTFT: ``--ttft-samples`` pairs of one long prompt (its last token varied, so neither side's
+prefix cache holds the whole prompt), disaggregated and aggregated in alternating order (the
+first pair is warmup). Gate (issue 33): disaggregated TTFT p50 <= aggregated p50 + 5 ms.
+
+    python benchmarks/pd_check.py --device cuda --dtype bfloat16 --backends nixl --out results.json
 """
 from __future__ import annotations
 
@@ -16,7 +20,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common.results import command_line, git_info, machine_info, write_json  # noqa: E402
+from benchmarks.common.results import (  # noqa: E402
+    command_line,
+    git_info,
+    machine_info,
+    print_targets,
+    target,
+    write_json,
+)
 from tests.support.clients import generate_many, load, pages_in_use, sampling  # noqa: E402
 from tests.support.procs import start_service  # noqa: E402
 
@@ -56,9 +67,16 @@ def check(args, backend: str) -> dict:
             out[f"{name}_identical"] = sum(x == y for x, y in zip(d, a))
             out[f"{name}_prompts"] = len(ps)
         long = [(j * 7) % 7000 + 20 for j in range(args.long_prompt)]
-        for label, addr, override in (("disagg", decode.grpc_address, "remote"), ("agg", agg.grpc_address, "")):
-            samples = [ttft(addr, long[:-1] + [i + 30], override) for i in range(6)]
-            out[f"ttft_{label}_ms_p50"] = statistics.median(samples[1:]) * 1e3
+        sides = (("disagg", decode.grpc_address, "remote"), ("agg", agg.grpc_address, ""))
+        samples: dict[str, list[float]] = {"disagg": [], "agg": []}
+        for i in range(args.ttft_samples + 1):
+            for label, addr, override in (sides if i % 2 == 0 else sides[::-1]):
+                samples[label].append(ttft(addr, long[:-1] + [i + 30], override))
+        for label in samples:
+            out[f"ttft_{label}_ms_p50"] = statistics.median(samples[label][1:]) * 1e3
+        out["ttft_samples"] = args.ttft_samples
+        out["ttft_added_ms_p50_of_pairs"] = statistics.median(
+            d - a for d, a in zip(samples["disagg"][1:], samples["agg"][1:], strict=True)) * 1e3
         out["decode_pages_in_use_after"] = pages_in_use(decode.grpc_address)
         out["prefill_pages_in_use_after"] = pages_in_use(prefill.grpc_address, "prefill")
         out["prefill_completed"] = load(prefill.grpc_address, "prefill").num_prefilled_reqs
@@ -76,6 +94,7 @@ def main(argv=None) -> None:
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--backends", nargs="+", default=["nixl", "grpc"])
     ap.add_argument("--long-prompt", type=int, default=1024)
+    ap.add_argument("--ttft-samples", type=int, default=15, help="timed TTFT pairs (after one warmup pair)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     results = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command_line(argv), "git": git_info(),
@@ -87,6 +106,12 @@ def main(argv=None) -> None:
             r = {"backend": backend, "error": f"{type(exc).__name__}: {str(exc)[-2000:]}"}
         print(json.dumps(r), flush=True)
         results["runs"].append(r)
+    results["targets"] = [
+        target(f"disaggregated TTFT p50 - aggregated, {r['backend']}, {args.long_prompt}-token prompt (ms)",
+               round(r["ttft_disagg_ms_p50"] - r["ttft_agg_ms_p50"], 2), "<= 5",
+               r["ttft_disagg_ms_p50"] <= r["ttft_agg_ms_p50"] + 5.0)
+        for r in results["runs"] if "ttft_agg_ms_p50" in r]
+    print_targets(results["targets"])
     if args.out:
         write_json(Path(args.out), results)
 

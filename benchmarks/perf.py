@@ -13,17 +13,26 @@ synthetic ISL tokens with stddev 0, OSL forced with max_tokens/min_tokens/ignore
     <out>/summary.csv, summary.json           TTFT/ITL p50/p99, throughputs per mode x concurrency
     <out>/*.png                    TTFT and ITL vs concurrency, throughput, Pareto view
 
+With ``--turns N`` it runs the multi-turn PD workload instead (benchmarks/common/multiturn.py):
+``--chats`` conversations of N turns on a disaggregated stack, with and without decode-side
+prefix reuse (``--decode-reuse both``: two stacks, ``--rounds`` alternating rounds, medians),
+and writes <out>/multiturn.json and .md: KV tokens transferred and prefill-computed tokens for
+turns >= 2 with reuse vs without, TTFT both ways, machine and load average.
+
 Examples:
     .venv/bin/python benchmarks/perf.py                       # full default sweep, both modes
+    .venv/bin/python benchmarks/perf.py --turns 3 --set disaggregation.max_local_prefill_length=256
     .venv/bin/python benchmarks/perf.py --mode agg --concurrency 1 2 --isl 64 --osl 8
     .venv/bin/python benchmarks/perf.py --compare benchmarks/runs/A benchmarks/runs/B
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,6 +40,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from benchmarks.common import aiperf, deploy, loadgen, metrics, plots, results, worker_metrics
+from benchmarks.common import multiturn as multiturn_lib
 
 DEFAULT_CONCURRENCY = [1, 2, 4, 8, 16, 32]
 
@@ -94,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds for a stack to become healthy")
     p.add_argument("--level-timeout", type=float, default=3600.0, help="seconds for one aiperf run")
     p.add_argument("--compare", nargs=2, metavar=("DIR1", "DIR2"), help="plot two results dirs side by side")
+    t = p.add_argument_group("multi-turn PD workload (--turns)")
+    t.add_argument("--turns", type=int, default=None,
+                   help="run the multi-turn PD workload with this many turns per chat (>= 2) instead of the sweep; "
+                        "turn k+1's prompt is turn k's prompt + its answer + a new user message")
+    t.add_argument("--chats", type=int, default=4, help="conversations run side by side (--turns)")
+    t.add_argument("--turn-isl", type=int, default=32, help="tokens of each new user message after turn 1 (--turns)")
+    t.add_argument("--decode-reuse", choices=["both", "on", "off"], default="both",
+                   help="--disaggregation-decode-enable-radix-cache on the decode workers: both = one stack each, "
+                        "compared (--turns)")
+    t.add_argument("--rounds", type=int, default=3,
+                   help="alternating rounds per arm, fresh prompts each round; medians are reported (--turns)")
     return p
 
 
@@ -116,6 +137,17 @@ def validate(args) -> None:
             raise ValueError("--agg-workers deploys that many workers; with --url give --num-workers instead")
         if args.agg_workers is not None and not 1 <= args.agg_workers <= deploy.MAX_WORKERS_PER_KIND:
             raise ValueError(f"--agg-workers {args.agg_workers}: must be in [1, {deploy.MAX_WORKERS_PER_KIND}]")
+        if args.turns is not None:
+            if args.turns < 2:
+                raise ValueError(f"--turns {args.turns}: must be >= 2 (turns >= 2 are what is measured)")
+            if args.mode == "agg" or args.url:
+                raise ValueError("--turns runs disaggregated stacks of its own: no --mode agg, no --url")
+            for name in ("chats", "turn_isl", "rounds"):
+                if getattr(args, name) < 1:
+                    raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+            if "disaggregation_decode_enable_radix_cache" in deploy.parse_overrides(args.overrides).get(
+                    "disaggregation", {}):
+                raise ValueError("--turns sets disaggregation_decode_enable_radix_cache itself: use --decode-reuse")
 
 
 def modes_of(args) -> list[str]:
@@ -281,6 +313,116 @@ def sweep(args, argv: list[str] | None = None) -> int:
     return 1 if info["failed_modes"] or not rows else 0
 
 
+def multiturn(args, argv: list[str] | None = None) -> int:
+    """The multi-turn PD workload, with and without decode-side prefix reuse (alternating rounds)."""
+    info = {**results.provenance(argv), "args": vars(args)}
+    out = results.make_results_dir(args.out, prefix="turns-")
+    arms = {"both": ["on", "off"], "on": ["on"], "off": ["off"]}[args.decode_reuse]
+    print(f"results -> {out}", flush=True)
+    stacks, specs = {}, {}
+    try:
+        for i, arm in enumerate(arms):
+            sections = deploy.parse_overrides(args.overrides)
+            sections.setdefault("disaggregation", {})["disaggregation_decode_enable_radix_cache"] = arm == "on"
+            cfg = deploy.stack_config("disagg", args.model, args.prefill, args.decode, args.port_base + 100 * i,
+                                      Path(args.stack), sections=sections)
+            stacks[arm] = deploy.deployed(cfg, out / f"stack_reuse_{arm}", timeout=args.start_timeout,
+                                          progress=lambda n, st, a=arm: print(f"  [reuse {a}] {n}: {st}", flush=True))
+            specs[arm] = stacks[arm].__enter__()
+            deploy.snapshot_config(specs[arm], out / f"config_reuse_{arm}")
+        info["resources"] = resources_of(cfg)
+        rounds = []
+        for r in range(args.rounds):
+            row = {"round": r + 1}
+            for arm in (arms if r % 2 == 0 else arms[::-1]):
+                stack = specs[arm]
+                url = stack.openai_url
+                tokenizer = cfg["model_path"]
+                # The same conversations for both arms of a round; new ones each round (no cache carry-over).
+                prompts = loadgen.PromptFactory(tokenizer, args.seed + r)
+                res = asyncio.run(multiturn_lib.run_chats(
+                    url, deploy.served_model_name(url, Path(tokenizer).name), prompts, chats=args.chats,
+                    turns=args.turns, isl=args.isl, turn_isl=args.turn_isl, osl=args.osl,
+                    decodes={s.name: s.system for s in stack.specs if s.kind == "decode"},
+                    prefills={s.name: s.system for s in stack.specs if s.kind == "prefill"},
+                    timeout=args.level_timeout))
+                res["load_avg_1m"] = round(os.getloadavg()[0], 2)
+                row[arm] = res
+                print(f"round {r + 1} reuse {arm}: transferred {res['transferred_tokens']} reused "
+                      f"{res['reused_tokens']} prefill-computed {res['prefill_computed_tokens']} tokens (turns >= 2), "
+                      f"TTFT p50 turn 1 {res['ttft_first_turn_p50_ms']} ms, later {res['ttft_later_turns_p50_ms']} ms, "
+                      f"failed turns {res['turns_failed']}, load {res['load_avg_1m']}", flush=True)
+            if len(arms) == 2:
+                row["answers_identical"] = row["on"]["answers"] == row["off"]["answers"]
+            rounds.append(row)
+    finally:
+        for cm in stacks.values():
+            cm.__exit__(None, None, None)
+    summary = multiturn_summary(rounds, arms)
+    info.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), rounds=rounds, summary=summary,
+                targets=multiturn_targets(summary), load_avg_1m=round(os.getloadavg()[0], 2))
+    for row in rounds:  # the answers were compared above; the file keeps their count only
+        for arm in arms:
+            row[arm]["answers"] = len(row[arm]["answers"])
+    results.print_targets(info["targets"])
+    results.write_results(out / "multiturn.json", info, write_multiturn_md)
+    failed = any(row[a]["turns_failed"] for row in rounds for a in arms)
+    return 1 if failed else 0
+
+
+MULTITURN_KEYS = ("transferred_tokens", "reused_tokens", "prefill_computed_tokens", "decode_computed_tokens",
+                  "ttft_first_turn_p50_ms", "ttft_later_turns_p50_ms", "load_avg_1m")
+
+
+def multiturn_summary(rounds: list[dict], arms: list[str]) -> dict:
+    """Per arm the median over rounds of each measure; with both arms, the medians of the per-round
+    ratios reuse on / reuse off."""
+    def median(xs):
+        xs = [x for x in xs if x is not None]
+        return round(statistics.median(xs), 4) if xs else None
+
+    out = {arm: {k: median([row[arm][k] for row in rounds]) for k in MULTITURN_KEYS} for arm in arms}
+    if len(arms) == 2:
+        def ratio(row, k):
+            off = row["off"][k]
+            return row["on"][k] / off if off else None
+        out["ratio_on_off"] = {k: median([ratio(row, k) for row in rounds])
+                               for k in ("transferred_tokens", "prefill_computed_tokens", "ttft_later_turns_p50_ms")}
+        out["answers_identical_all_rounds"] = all(row["answers_identical"] for row in rounds)
+    return out
+
+
+def multiturn_targets(summary: dict) -> list[dict]:
+    ratios = summary.get("ratio_on_off")
+    if ratios is None:
+        return []
+    t, p = ratios["transferred_tokens"], ratios["prefill_computed_tokens"]
+    return [results.target("KV tokens transferred, turns >= 2, reuse on / off", t, "<= 0.3",
+                           None if t is None else t <= 0.3),
+            results.target("prefill-computed tokens, turns >= 2, reuse on / off", p, "<= 0.5",
+                           None if p is None else p <= 0.5)]
+
+
+def write_multiturn_md(path: Path, r: dict) -> None:
+    s = r["summary"]
+    lines = [f"# perf.py --turns {r['args']['turns']} ({r['machine']['cpu_model']}, {r['machine']['cpu_count']} CPUs)",
+             "", results.written_by("benchmarks/perf.py", r), "",
+             f"{r['args']['chats']} chats x {r['args']['turns']} turns, turn 1 {r['args']['isl']} tokens, answers "
+             f"{r['args']['osl']} tokens, new user messages {r['args']['turn_isl']} tokens; {r['args']['rounds']} "
+             f"alternating rounds, medians; overrides {r['args']['overrides']}. Counters for turns >= 2.", "",
+             "| reuse | " + " | ".join(MULTITURN_KEYS) + " |", "|---" * (len(MULTITURN_KEYS) + 1) + "|"]
+    for arm in ("on", "off"):
+        if arm in s:
+            lines.append(f"| {arm} | " + " | ".join(str(s[arm][k]) for k in MULTITURN_KEYS) + " |")
+    if "ratio_on_off" in s:
+        lines += ["", f"Ratios on/off (median of rounds): {s['ratio_on_off']}; answers identical in every round: "
+                      f"{s['answers_identical_all_rounds']}"]
+    lines += ["", "Targets:"] + [f"- {t['target']}: {t['value']} (goal {t['goal']}): "
+                                 f"{'met' if t['met'] else 'NOT met' if t['met'] is False else 'not measured'}"
+                                 for t in r["targets"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def print_table(rows: list[dict]) -> None:
     cols = [("mode", "mode", "{}"), ("C", "concurrency", "{}"), ("TTFT p50", "ttft_p50_ms", "{:.1f}"),
             ("TTFT p99", "ttft_p99_ms", "{:.1f}"), ("ITL p50", "itl_p50_ms", "{:.2f}"),
@@ -326,7 +468,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         validate(args)
-        return compare(args) if args.compare else sweep(args, argv)
+        if args.compare:
+            return compare(args)
+        return multiturn(args, argv) if args.turns else sweep(args, argv)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

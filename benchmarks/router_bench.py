@@ -7,11 +7,14 @@
    noise. Reported: end-to-end and first-chunk latency p50/p99 both ways, and the router's
    added latency = router - direct (p50 of the per-pair differences, and difference of
    p50s/p99s). Also the OpenAI HTTP path (/v1/completions, non-streaming) for reference.
-   Goal: added p50 <= 1 ms.
+   Goal: added p50 <= 1 ms. With ``--baseline-source DIR`` (a checkout of another commit,
+   e.g. ``git worktree add /tmp/base main``), a second router started from that tree's code
+   serves the same requests in the same rounds (order alternating), so the change and its
+   baseline are measured like for like on the same machine noise.
 2. kv_aware routing decisions per second (prompt block hashing + index lookup + cost) with
    8 workers and 10k indexed blocks, in-process. Goal >= 2000/s.
 
-Usage: python benchmarks/router_bench.py [--requests 300] [--prompt-len 16] [--max-tokens 4]
+Usage: python benchmarks/router_bench.py [--requests 300] [--prompt-len 16] [--max-tokens 4] [--baseline-source DIR]
 Writes benchmarks/results/router_bench.{json,md}.
 """
 from __future__ import annotations
@@ -36,6 +39,7 @@ from tandem.routing.kv_index import KvIndex  # noqa: E402
 from tandem.routing.policies import KvAwarePolicy, WorkerView  # noqa: E402
 from tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc, router_pb2, router_pb2_grpc  # noqa: E402
 
+from benchmarks.common.baseline import git_commit, source_path  # noqa: E402
 from benchmarks.common.results import print_targets, provenance, target, write_json  # noqa: E402
 from tests.support.procs import start_service  # noqa: E402
 
@@ -67,14 +71,18 @@ def bench_latency(args) -> dict:
         raise SystemExit(f"demo model missing at {MODEL}: run `make demo-models`")
     worker = start_service("tandem.decode", "--disaggregation-mode", "null", "--model-path", str(MODEL),
                            "--log-level", "warning")
-    router = None
+    router = baseline = None
     try:
-        router = start_service("tandem.router", "--model-path", str(MODEL), "--workers", worker.grpc_address,
-                               "--http-port", "0", "--log-level", "warning")
+        router_args = ("--model-path", str(MODEL), "--workers", worker.grpc_address, "--http-port", "0",
+                       "--log-level", "warning")
+        router = start_service("tandem.router", *router_args)
+        if args.baseline_source:
+            baseline = start_service("tandem.router", *router_args, env={"PYTHONPATH": source_path(args.baseline_source)})
         http_addr = router.info["http"]
         rng = random.Random(0)
         direct = decode_pb2_grpc.DecodeStub(grpc.insecure_channel(worker.grpc_address))
         via = router_pb2_grpc.RouterStub(grpc.insecure_channel(router.grpc_address))
+        via_base = baseline and router_pb2_grpc.RouterStub(grpc.insecure_channel(baseline.grpc_address))
         http = httpx.Client(base_url=f"http://{http_addr}", timeout=60)
         model_name = http.get("/v1/models").json()["data"][0]["id"]
         # The timed HTTP requests use the stdlib client on one keep-alive connection: httpx adds
@@ -88,23 +96,34 @@ def bench_latency(args) -> dict:
             if time.monotonic() > deadline:
                 raise SystemExit("router never saw a healthy worker")
             time.sleep(0.1)
-        res = {"direct": [], "router": [], "http": [], "direct_first": [], "router_first": []}
+        res = {"direct": [], "router": [], "http": [], "baseline": [], "direct_first": [], "router_first": [],
+               "baseline_first": []}
+        kinds = ["direct", "router", "http"] + (["baseline"] if baseline else [])
         for i in range(args.warmup + args.requests):
             ids = [rng.randrange(10, 4000) for _ in range(args.prompt_len)]
-            order = ["direct", "router", "http"] if i % 2 == 0 else ["http", "router", "direct"]
+            order = kinds if i % 2 == 0 else kinds[::-1]
             for kind in order:
                 if kind == "direct":
                     e2e, first, n = timed_stream(direct.Generate(decode_pb2.GenerateRequest(
                         request_id=f"d{i}", input_ids=ids, sampling=sp)))
-                elif kind == "router":
-                    e2e, first, n = timed_stream(via.Generate(router_pb2.RouterGenerateRequest(
-                        request_id=f"r{i}", token_ids=router_pb2.TokenIds(ids=ids), sampling=sp)))
+                elif kind in ("router", "baseline"):
+                    e2e, first, n = timed_stream((via if kind == "router" else via_base).Generate(
+                        router_pb2.RouterGenerateRequest(request_id=f"{kind[0]}{i}", token_ids=router_pb2.TokenIds(ids=ids),
+                                                         sampling=sp)))
                 else:
                     body = json.dumps({"model": model_name, "prompt": ids, "max_tokens": args.max_tokens,
                                        "temperature": 0, "ignore_eos": True})
                     t0 = time.perf_counter()
-                    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-                    payload = conn.getresponse().read()
+                    try:
+                        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+                        payload = conn.getresponse().read()
+                    except (BrokenPipeError, ConnectionResetError, http_client.RemoteDisconnected):
+                        # The server closed the idle keep-alive connection (a loaded machine can stretch
+                        # a round past uvicorn's keep-alive timeout): reconnect, and time the retry alone.
+                        conn.close()
+                        t0 = time.perf_counter()
+                        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+                        payload = conn.getresponse().read()
                     e2e, first = time.perf_counter() - t0, None
                     n = json.loads(payload)["usage"]["completion_tokens"]
                 assert n == args.max_tokens, (kind, n)
@@ -131,10 +150,21 @@ def bench_latency(args) -> dict:
             "added_http_ms": {"p50_of_pair_diffs": ms(statistics.median(http_diffs)),
                               "p99_of_pair_diffs": ms(pct(http_diffs, 99))},
         }
+        if baseline:
+            base_diffs = [b - d for b, d in zip(res["baseline"], res["direct"], strict=True)]
+            base_first = [b - d for b, d in zip(res["baseline_first"], res["direct_first"], strict=True)]
+            out["baseline"] = {
+                "source": args.baseline_source, "commit": git_commit(args.baseline_source),
+                "router_grpc_e2e_ms": {"p50": ms(pct(res["baseline"], 50)), "p99": ms(pct(res["baseline"], 99))},
+                "added_grpc_ms": {"p50_of_pair_diffs": ms(statistics.median(base_diffs)),
+                                  "p99_of_pair_diffs": ms(pct(base_diffs, 99))},
+                "added_grpc_first_chunk_ms": {"p50_of_pair_diffs": ms(statistics.median(base_first)),
+                                              "p99_of_pair_diffs": ms(pct(base_first, 99))}}
         return out
     finally:
-        if router is not None:
-            router.stop()
+        for p in (baseline, router):
+            if p is not None:
+                p.stop()
         worker.stop()
 
 
@@ -190,6 +220,9 @@ def main(argv=None) -> None:
     ap.add_argument("--query-tail", type=int, default=256, help="tokens after the shared prefix in each query")
     ap.add_argument("--decision-seconds", type=float, default=3.0)
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--baseline-source", default=None,
+                    help="a tandem checkout (another commit) whose router serves the same requests in the same "
+                         "rounds, as the baseline of the measured change")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "router_bench"),
                     help="writes OUT.json and OUT.md")
     args = ap.parse_args(argv)
@@ -209,6 +242,11 @@ def main(argv=None) -> None:
               f"(per-request pairs); difference of p50s {a['p50_diff']} ms (goal p50 <= 1 ms); first chunk "
               f"+{lat['added_grpc_first_chunk_ms']['p50_of_pair_diffs']} ms; HTTP path "
               f"+{lat['added_http_ms']['p50_of_pair_diffs']} ms p50")
+        if "baseline" in lat:
+            b = lat["baseline"]
+            print(f"baseline router ({b['source']}, commit {b['commit']}): added p50 "
+                  f"{b['added_grpc_ms']['p50_of_pair_diffs']} ms, p99 {b['added_grpc_ms']['p99_of_pair_diffs']} ms; "
+                  f"first chunk +{b['added_grpc_first_chunk_ms']['p50_of_pair_diffs']} ms")
     result["load_avg_1m"] = round(os.getloadavg()[0], 2)
     result["targets"] = targets_of(result)
     print_targets(result["targets"])

@@ -1,6 +1,6 @@
 """Validate the deploy files (part of `make test`):
 
-1. Each Kubernetes overlay (deploy/k8s/overlays/<cpu|gpu>) is rendered with kustomize
+1. Each Kubernetes overlay (deploy/k8s/overlays/<cpu|gpu|gpu-tp>) is rendered with kustomize
    (`kubectl kustomize`) into build/k8s/<overlay>.yaml and validated against the Kubernetes
    1.37 schemas by `kubernetes-validate --strict` (PyPI; installed into .tools/k8s-validate).
 2. What schemas cannot see, checked here: every tandem config file (the ConfigMap's, and
@@ -9,8 +9,8 @@
    deploy/k8s/etcd_certs.py; its server certificate must name the host of etcd_endpoint, and
    etcd must serve TLS with client-certificate auth from the files of its Secret); each Deployment mounts the ConfigMap and a /dev/shm memory volume where
    it should, its gRPC probes and Prometheus annotations name ports it declares, each Service
-   selects pods that exist; the GPU overlay requests nvidia.com/gpu, adds IPC_LOCK and runs the
-   CUDA images; replica counts are the overlay's knobs.
+   selects pods that exist; the GPU overlays request nvidia.com/gpu (one per rank: tp_size), add
+   IPC_LOCK and run the CUDA images; replica counts are the overlay's knobs.
 
     .venv/bin/python build-support/validate_deploy.py
 """
@@ -32,7 +32,7 @@ import entrypoints_check as entrypoints  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "build" / "k8s"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "gpu-tp")
 K8S_VERSION = "1.37.0"
 VALIDATE_VERSION = "1.37.0"
 TOOLS = REPO / ".tools" / "k8s-validate"
@@ -205,10 +205,16 @@ def check_overlay(overlay: str, docs: list[dict], secrets: SecretFiles) -> None:
             gpu = c["resources"].get("limits", {}).get("nvidia.com/gpu")
             caps = c["securityContext"].get("capabilities", {}).get("add", [])
             image = c["image"]
-            if overlay == "gpu" and not (gpu and "IPC_LOCK" in caps and image.endswith("-cuda")
-                                         and "ulimit -l unlimited" in " ".join(c.get("command", []))):
+            if overlay.startswith("gpu") and not (gpu and "IPC_LOCK" in caps and image.endswith("-cuda")
+                                                  and "ulimit -l unlimited" in " ".join(c.get("command", []))):
                 fail(f"{overlay}/{svc}: a GPU worker needs nvidia.com/gpu, IPC_LOCK, the memlock lift "
                      f"and the -cuda image (has {gpu}, {caps}, {image})")
+            # One GPU per rank: a worker of --tp-size N (one process per rank) requests N GPUs.
+            ranks = max(int(values.get("tp_size", 1)), int(values.get("ep_size", 1)))
+            requested = c["resources"].get("requests", {}).get("nvidia.com/gpu")
+            if overlay.startswith("gpu") and not (int(gpu) == ranks and int(requested or 0) == ranks):
+                fail(f"{overlay}/{svc}: tp_size/ep_size make {ranks} ranks but the pod requests {requested} "
+                     f"and limits {gpu} nvidia.com/gpu (one per rank)")
             if overlay == "cpu" and (gpu or image.endswith("-cuda")):
                 fail(f"{overlay}/{svc}: a CPU worker with a GPU or the CUDA image")
     for knob in WORKERS:
@@ -260,7 +266,7 @@ def main() -> None:
     started += check_entrypoints(entrypoints.check_compose,
                                  yaml.safe_load((REPO / "deploy" / "compose" / "compose.yaml").read_text()), help_of)
     started += check_entrypoints(entrypoints.check_images, help_of)
-    log(f"ok: both overlays valid against Kubernetes {K8S_VERSION} (kubernetes-validate --strict), "
+    log(f"ok: every overlay ({', '.join(OVERLAYS)}) valid against Kubernetes {K8S_VERSION} (kubernetes-validate --strict), "
         f"tandem configs valid (k8s and compose), {len(started)} start commands name a module and flags "
         f"that exist ({', '.join(started)}); {time.monotonic() - t0:.1f} s")
 

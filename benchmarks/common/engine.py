@@ -49,12 +49,14 @@ def release_memory(cuda: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def run_tandem(llm: LLM, prompts: list, out_len: int, device: str) -> dict:
+def run_tandem(llm: LLM, prompts: list, out_len: int, device: str, lora_name=None) -> dict:
+    """Tokens/s of one ``generate`` of ``prompts`` (after an identical warm-up call); ``lora_name``:
+    the LoRA adapter of every request, or a list with one per request."""
     sp = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
 
     def call():
         llm.engine.flush_cache()  # every call prefills its prompts: no prefix-cache hits between calls
-        return llm.generate(prompts, sp)
+        return llm.generate(prompts, sp, lora_name=lora_name)
 
     call()  # identical warm-up call
     outs = []

@@ -13,21 +13,22 @@ import urllib.request
 COUNTERS = {"prompt_tokens": "sglang:prompt_tokens_total", "cached_tokens": "sglang:cached_tokens_total"}
 
 
-def parse_counters(text: str) -> dict[str, float]:
-    """Sum of every sample of each counter in COUNTERS (all label sets) in a Prometheus text page."""
-    sums = dict.fromkeys(COUNTERS, 0.0)
+def parse_counters(text: str, counters: dict[str, str] = COUNTERS) -> dict[str, float]:
+    """Sum of every sample of each of ``counters`` ({key: metric name}; all label sets) in a
+    Prometheus text page."""
+    sums = dict.fromkeys(counters, 0.0)
     for line in text.splitlines():
         if line.startswith("#"):
             continue
-        for key, name in COUNTERS.items():
+        for key, name in counters.items():
             if line.startswith(name) and line[len(name):len(name) + 1] in ("{", " "):
                 sums[key] += float(line.rsplit(None, 1)[-1])
     return sums
 
 
-def scrape(system_address: str, timeout: float = 5.0) -> dict[str, float]:
+def scrape(system_address: str, counters: dict[str, str] = COUNTERS, timeout: float = 5.0) -> dict[str, float]:
     with urllib.request.urlopen(f"http://{system_address}/metrics", timeout=timeout) as r:
-        return parse_counters(r.read().decode())
+        return parse_counters(r.read().decode(), counters)
 
 
 def prefill_workers(specs, mode: str) -> dict[str, str]:

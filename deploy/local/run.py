@@ -56,6 +56,9 @@ def banner(stack: Stack) -> str:
              f"  OpenAI endpoint   {url}"]
     for s in stack.specs:
         lines.append(f"  {s.name:<17} grpc {s.grpc}   metrics {stack.scheme}://{s.system}/metrics")
+    decode = next(s for s in stack.specs if s.kind == "decode")
+    for item in decode.config.get("lora_paths", []):  # LORA=1
+        lines.append(f"  LoRA adapter      model {model}:{item.partition('=')[0]}")
     if stack.prometheus:
         lines.append(f"  Prometheus        {stack.prometheus_url}")
     else:

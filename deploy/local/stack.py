@@ -63,7 +63,7 @@ class RunningProcess:
 def load_stack_config(path: Path = DEFAULT_STACK, overrides: dict | None = None) -> dict:
     cfg = yaml.safe_load(Path(path).read_text())
     env_map = {"MODE": "mode", "MODEL": "model_path", "PREFILL": "num_prefill", "DECODE": "num_decode",
-               "TLS": "tls", "EMBED": "embedding_model_path", "TP": "tp_size"}
+               "TLS": "tls", "EMBED": "embedding_model_path", "LORA": "lora", "TP": "tp_size"}
     for env, key in env_map.items():
         if os.environ.get(env):
             cfg[key] = os.environ[env]
@@ -75,12 +75,10 @@ def load_stack_config(path: Path = DEFAULT_STACK, overrides: dict | None = None)
     cfg["num_prefill"] = int(cfg["num_prefill"])
     cfg["num_decode"] = int(cfg["num_decode"])
     cfg["tls"] = str(cfg.get("tls", False)).lower() in ("1", "true", "yes", "on")
+    cfg["lora"] = str(cfg.get("lora", False)).lower() in ("1", "true", "yes", "on")
     tp = int(cfg.pop("tp_size", 1) or 1)
-    if tp > 1:
-        if cfg["mode"] != "agg":
-            raise ValueError(f"TP={tp} needs MODE=agg: KV transfer between workers of several ranks is not wired "
-                             "into the prefill/decode workers yet")
-        cfg.setdefault("engine", {})["tp_size"] = tp  # every worker runs tp ranks (gloo on this CPU host)
+    if tp > 1:  # every worker runs tp ranks (gloo on this CPU host); in disagg mode each rank moves its KV heads
+        cfg.setdefault("engine", {})["tp_size"] = tp
     if cfg["mode"] not in ("agg", "disagg"):
         raise ValueError(f"MODE={cfg['mode']!r}: must be agg or disagg")
     if cfg["num_decode"] < 1 or (cfg["mode"] == "disagg" and cfg["num_prefill"] < 1):
@@ -95,6 +93,9 @@ def load_stack_config(path: Path = DEFAULT_STACK, overrides: dict | None = None)
     # workers; EMBED=<checkpoint> adds one such worker beside any stack (the router sends it /v1/embeddings).
     cfg["embedding"] = is_embedding_model(cfg["model_path"])
     if cfg["embedding"]:
+        if cfg["lora"]:
+            raise ValueError(f"LORA=1 with MODEL={cfg['model_path']!r}: an embedding model serves no LoRA adapters "
+                             "(--is-embedding refuses --enable-lora)")
         cfg["mode"] = "agg"
     embed = cfg.get("embedding_model_path")
     if embed:
@@ -116,12 +117,24 @@ def is_moe(model_path: str) -> bool:
     return any(c.get(k) for k in ("num_experts", "n_routed_experts", "num_local_experts"))
 
 
+def demo_lora_paths(model_path: str) -> list[str]:
+    """LORA=1: the demo LoRA adapters (deploy/demo_lora.py), built next to the model, as --lora-paths."""
+    from deploy.demo_lora import build_demo_adapters
+
+    if is_moe(model_path):
+        raise ValueError(f"LORA=1: the demo adapters target a dense model's MLP; MODEL={model_path!r} is MoE")
+    root = str(Path(model_path).parent)
+    return [f"{name}={path}" for name, path in build_demo_adapters(model_path, root).items()]
+
+
 def plan_stack(cfg: dict) -> list[ProcessSpec]:
     """The processes of the stack, in start order (prefill before decode before router)."""
     host, ports = cfg["host"], cfg["ports"]
     py = [sys.executable, "-m"]
     specs: list[ProcessSpec] = []
     engine = dict(cfg.get("engine", {}), model_path=cfg["model_path"])
+    if cfg.get("lora"):
+        engine["lora_paths"] = demo_lora_paths(cfg["model_path"])
     if is_moe(cfg["model_path"]):
         eplb_addr = f"{host}:{ports['eplb_grpc']}"
         # MoE workers record expert load, report it to the planner and apply its plans.

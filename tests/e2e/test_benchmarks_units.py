@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from benchmarks import perf
-from benchmarks.common import aiperf, deploy, loadgen, metrics, plots, results, worker_metrics
+from benchmarks.common import aiperf, deploy, loadgen, metrics, multiturn, plots, results, worker_metrics
 from deploy.local.stack import plan_stack
 
 REPO = Path(__file__).resolve().parents[2]
@@ -270,3 +270,38 @@ def test_provenance_and_targets(capsys):
                            results.target("z", None, ">= 2", None)])
     out = capsys.readouterr().out
     assert "x (ms): 2.6 (goal <= 1): NOT met" in out and "y: 5 (goal >= 2): met" in out and "not measured" in out
+
+
+def test_turns_validation_and_summary():
+    """perf.py --turns: the arguments it refuses, and the medians, ratios and targets of its rounds."""
+    assert perf.main(["--turns", "1"]) == 2
+    assert perf.main(["--turns", "3", "--mode", "agg"]) == 2
+    assert perf.main(["--turns", "3", "--set", "disaggregation.disaggregation_decode_enable_radix_cache=true"]) == 2
+    assert perf.main(["--turns", "3", "--chats", "0"]) == 2
+
+    def arm(transferred, computed, ttft):
+        return {"transferred_tokens": transferred, "reused_tokens": 0, "prefill_computed_tokens": computed,
+                "decode_computed_tokens": 0, "ttft_first_turn_p50_ms": 100.0, "ttft_later_turns_p50_ms": ttft,
+                "load_avg_1m": 1.0}
+
+    rounds = [{"on": arm(100, 400, 50.0), "off": arm(1000, 800, 100.0), "answers_identical": True},
+              {"on": arm(300, 800, 90.0), "off": arm(1000, 800, 100.0), "answers_identical": True},
+              {"on": arm(200, 100, 20.0), "off": arm(1000, 1000, 40.0), "answers_identical": False}]
+    s = perf.multiturn_summary(rounds, ["on", "off"])
+    assert s["on"]["transferred_tokens"] == 200 and s["off"]["prefill_computed_tokens"] == 800
+    # Ratios per round (0.1, 0.3, 0.2; 0.5, 1.0, 0.1), then their median.
+    assert s["ratio_on_off"]["transferred_tokens"] == 0.2 and s["ratio_on_off"]["prefill_computed_tokens"] == 0.5
+    assert s["answers_identical_all_rounds"] is False
+    targets = perf.multiturn_targets(s)
+    assert [t["met"] for t in targets] == [True, True]
+    rounds[0]["on"]["transferred_tokens"] = rounds[2]["on"]["transferred_tokens"] = 400
+    assert [t["met"] for t in perf.multiturn_targets(perf.multiturn_summary(rounds, ["on", "off"]))] == [False, True]
+    assert perf.multiturn_targets(perf.multiturn_summary(rounds[:1], ["on"])) == []
+
+
+def test_counters_of_the_multiturn_workload():
+    page = ('tandem_pd_transferred_tokens_total{model_name="m"} 96.0\n'
+            'tandem_pd_decode_reused_tokens_total{model_name="m"} 512.0\n'
+            'sglang:prompt_tokens_total{model_name="m"} 700.0\n')
+    assert worker_metrics.parse_counters(page, multiturn.DECODE_COUNTERS) == {
+        "transferred": 96.0, "reused": 512.0, "prompt_tokens": 700.0, "cached_tokens": 0.0}

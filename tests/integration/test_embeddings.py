@@ -156,6 +156,14 @@ def test_models_and_kinds_route_apart(stack):
         assert r.status_code == 200, r.text
     kinds = {w.address: w.is_embedding for w in app.core.pool.workers.values()}
     assert kinds == {emb_worker.grpc_address: True, gen_worker.grpc_address: False}
+    # /v1/models lists the embedding model after the base; generation naming it: 404 saying why.
+    (embed_model,) = app.core.embedding_models()
+    ids = [m["id"] for m in httpx.get(f"http://{app.http_address}/v1/models", timeout=30).json()["data"]]
+    assert ids == [app.model_name, embed_model]
+    assert httpx.get(f"http://{app.http_address}/v1/models/{embed_model}", timeout=30).status_code == 200
+    r = httpx.post(f"http://{app.http_address}/v1/completions",
+                   json={"model": embed_model, "prompt": "Hi", "max_tokens": 2}, timeout=30)
+    assert r.status_code == 404 and "embeddings only" in r.json()["error"]["message"], r.text
     # A router with embedding workers only: generation is not an outage to retry (503) but a 404.
     solo = build_router(RouterConfig(model_path=demo_model(EMBED), workers=[emb_worker.grpc_address], http_port=0,
                                      health_check_interval=0.2))

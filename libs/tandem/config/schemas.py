@@ -138,7 +138,8 @@ class EngineConfig(_Section):
         "or disaggregated, in bf16 too (checked on CPU in float32; on the GPU by benchmarks/gpu_engine_check.py "
         "--only deterministic). Every linear layer (LM head, MoE router) runs a GEMM whose tiles do not "
         "depend on the batch size, and every attention row (prompt, decode, mixed) the same kernel over its "
-        "context in a fixed order; CUDA graphs and overlap scheduling stay on. Costs decode speed "
+        "context in a fixed order; LoRA deltas (--enable-lora) run the per-row SGMV kernels with one fixed "
+        "row tile; CUDA graphs and overlap scheduling stay on. Costs decode speed "
         "(benchmarks/engine_bench.py --deterministic measures it). Needs the triton attention backend (on CPU: "
         "TRITON_INTERPRET=1, for tests)."))
     disable_overlap_schedule: bool = Field(False, description=(
@@ -190,6 +191,21 @@ class EngineConfig(_Section):
         0, ge=0, description="Largest size of the storage folder's pages in bytes (0: no limit); beyond it the "
         "least recently used chains are removed, from their last page."
     )
+    # LoRA adapters (tandem.engine.lora)
+    enable_lora: bool = Field(
+        False, description="Serve LoRA adapters chosen per request (OpenAI model 'base:adapter'); on by itself when "
+        "--lora-paths is given. Not with --is-embedding nor --tp-size > 1.")
+    lora_paths: list[str] = Field(
+        default_factory=list, description="Adapters loaded at start, each NAME=PATH (a PEFT folder with "
+        "adapter_config.json and adapter_model.safetensors).")
+    max_loras_per_batch: int = Field(
+        8, ge=1, description="Adapters one batch may mix (device slots of static buffers; a request waits while "
+        "every slot serves another adapter).")
+    max_lora_rank: int | None = Field(
+        None, ge=1, description="Largest adapter rank the slots hold (default: the largest rank of --lora-paths).")
+    max_loaded_loras: int | None = Field(
+        None, ge=1, description="Adapters kept in host memory, least recently used dropped and read again from disk "
+        "when next used (default: all).")
     # Embeddings
     is_embedding: bool = Field(
         False, description="Serve embeddings (SGLang's flag): the worker answers Embed (the router's "
@@ -211,7 +227,8 @@ class EngineConfig(_Section):
         1, ge=1, json_schema_extra={"flag_aliases": ["--tensor-parallel-size"]},
         description="Tensor-parallel ranks, one process each (rank 0 serves, ranks 1.. follow it): attention "
         "heads, MLP and vocabulary sharded over them (NCCL on CUDA, gloo on CPU). The model's attention heads "
-        "must divide by it (KV heads too, or it by them: then KV heads are replicated)."
+        "must divide by it (KV heads too, or it by them: then KV heads are replicated). On prefill and decode "
+        "workers each rank moves its own KV heads; prefill and decode may differ in TP size."
     )
     dist_timeout: float = Field(
         600.0, gt=0, description="Seconds any collective between a worker's ranks may take (--tp-size / --ep-size > 1): "
@@ -241,6 +258,40 @@ class EngineConfig(_Section):
     def world_size(self) -> int:
         """Processes of one worker: the TP ranks (EP shares them), or the EP ranks without TP."""
         return max(self.tp_size, self.ep_size)
+
+    @model_validator(mode="after")
+    def _check_lora(self):
+        seen = set()
+        for item in self.lora_paths:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path or ":" in name:
+                raise ValueError(f"lora_paths item {item!r}: expected NAME=PATH (NAME without ':')")
+            if name in seen:
+                raise ValueError(f"lora_paths: adapter name {name!r} given twice")
+            seen.add(name)
+        if self.lora_enabled and self.is_embedding:
+            raise ValueError("enable_lora / lora_paths: not with is_embedding=true (an embedding worker serves the "
+                             "base model only: Embed requests name no adapter)")
+        if self.lora_enabled and self.tp_size > 1:
+            # Column-parallel layers (QKV, gate/up) would need each adapter's B sliced like their output,
+            # row-parallel ones (o_proj, down_proj) its A sliced like their input and the shrink summed
+            # over the ranks before the expand: not built.
+            raise ValueError(f"enable_lora / lora_paths: not with tp_size={self.tp_size} (the adapters' LoRA "
+                             "weights are not sharded over tensor-parallel ranks); use tp_size=1")
+        if self.lora_enabled and not self.lora_paths and self.max_lora_rank is None:
+            raise ValueError("max_lora_rank: required with enable_lora when no lora_paths are given "
+                             "(adapters loaded later must fit it)")
+        return self
+
+    @property
+    def lora_enabled(self) -> bool:
+        """``enable_lora``, or adapters given with ``lora_paths``."""
+        return self.enable_lora or bool(self.lora_paths)
+
+    @property
+    def lora_path_map(self) -> dict[str, str]:
+        """``lora_paths`` as {name: path}."""
+        return dict(item.partition("=")[::2] for item in self.lora_paths)
 
     @model_validator(mode="after")
     def _check_deterministic(self):

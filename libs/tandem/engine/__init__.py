@@ -12,12 +12,14 @@ from .embedding import EmbeddingOutput
 from .engine import EngineCore
 from .kv_pool import AUX_SLOT_BYTES, KVPool, OutOfPages
 from .llm import LLM, RequestOutput
+from .lora import LoraAdapterError, LoraExistsError, LoraInUseError, UnknownLoraError
 from .outputs import StepOutput
-from .radix_cache import AllBlocksCleared, BlockRemoved, BlockStored, block_hash
+from .radix_cache import AllBlocksCleared, BlockRemoved, BlockStored, block_hash, lora_root_hash
 from .request import Mode
 from .stats import EngineStats
 
 __all__ = [
+    "LoraAdapterError", "LoraExistsError", "LoraInUseError", "UnknownLoraError", "lora_root_hash",
     "LLM", "SamplingParams", "StructuredOutput", "SamplingError", "RequestOutput", "EngineCore", "EngineStats",
     "StepOutput", "EmbeddingOutput", "ExternalAllocation", "HeldForMove", "KVPool", "AUX_SLOT_BYTES", "OutOfPages",
     "BlockStored", "BlockRemoved", "AllBlocksCleared", "block_hash", "Mode",

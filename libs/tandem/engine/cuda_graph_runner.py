@@ -12,7 +12,9 @@ A MoE model with an expert recorder gets two forward graphs per bucket: one whos
 to the recorder's device counters and one that does not, replayed as recording is on or off
 (the per_token mode copies ids to the host inside the pass: it decodes eagerly while recording).
 EPLB changes nothing here: a plan is copied into the weights and dispatch tables the graphs
-read, in place, between two replays.
+read, in place, between two replays. Nor does LoRA: with ``--enable-lora`` the graphs run the
+SGMV kernels over the static adapter slot buffers and a fifth input row, each row's adapter
+slot (-1: the base model; padding rows too), so any mix of adapters replays the same graph.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from .kernels import default_num_splits
+from .lora import LoraBatch
 from .model import ForwardBatch
 from .sampler import SAMPLER_VARIANTS, SamplerVariant, SamplingTensors, mask_words
 
@@ -41,11 +44,16 @@ class CudaGraphRunner:
         self.page_size = pool.page_size
         dev = pool.k_buffers[0].device
         self.max_pages = -(-model.ops.cos.shape[0] // self.page_size) + 1
-        self.vec = torch.zeros((4, max_bs), dtype=torch.int64, device=dev)  # ids, positions, slots, seq_lens
+        self.lora = model.lora is not None
+        rows = 5 if self.lora else 4
+        # ids, positions, slots, seq_lens (and the LoRA slot of each row)
+        self.vec = torch.zeros((rows, max_bs), dtype=torch.int64, device=dev)
+        # LoRA segments of a decode batch: row i alone (start i, length 1).
+        self.lora_seg = torch.stack([torch.arange(max_bs, device=dev), torch.ones(max_bs, dtype=torch.int64, device=dev)])
         self.page_table = torch.zeros((max_bs, self.max_pages), dtype=torch.int32, device=dev)
         # Two pinned input buffers used in turn: with overlap scheduling the host fills step
         # N+1's inputs before step N's non-blocking copy is known to have run.
-        self.host_vecs = [torch.zeros((4, max_bs), dtype=torch.int64).pin_memory() for _ in range(2)]
+        self.host_vecs = [torch.zeros((rows, max_bs), dtype=torch.int64).pin_memory() for _ in range(2)]
         self.host_tables = [torch.zeros(max_bs * self.max_pages, dtype=torch.int32).pin_memory() for _ in range(2)]
         self._turn = 0
         self._copied: list = [None, None]  # per buffer: event after its last host-to-device copy
@@ -73,7 +81,9 @@ class CudaGraphRunner:
         return ForwardBatch(input_ids=v[0, :bs], positions=v[1, :bs], slot_mapping=v[2, :bs], seq_lens=v[3, :bs],
                             page_table=self.page_table[:bs], is_decode=True,
                             num_splits=default_num_splits(bs, self.pool.num_kv_heads, self.num_sms),
-                            record_experts=record, kv_scales=self.pool.kv_scales)
+                            record_experts=record, kv_scales=self.pool.kv_scales,
+                            lora=LoraBatch(self.lora_seg[0, :bs], self.lora_seg[1, :bs], v[4, :bs], 1, True)
+                            if self.lora else None)
 
     def _capture(self, fn) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         stream = torch.cuda.Stream()
@@ -90,6 +100,8 @@ class CudaGraphRunner:
     def _capture_all(self) -> None:
         self.vec.zero_()
         self.vec[2].fill_(-1)  # capture-time runs write no KV
+        if self.lora:
+            self.vec[4].fill_(-1)  # nor read an adapter
         k, v = self.pool.k_buffers, self.pool.v_buffers
         with torch.inference_mode():
             for bs in reversed(self.buckets):
@@ -116,10 +128,12 @@ class CudaGraphRunner:
     def bucket(self, bs: int) -> int:
         return next(b for b in self.buckets if b >= bs)
 
-    def replay(self, vec: np.ndarray, table: np.ndarray, future_tokens=None, record: bool = False) -> torch.Tensor:
+    def replay(self, vec: np.ndarray, table: np.ndarray, future_tokens=None, record: bool = False,
+               lora_slots: list | None = None) -> torch.Tensor:
         """vec [4, B] and table [B, W] from ``model_runner.decode_inputs``; returns logits [B, V].
         ``future_tokens(ids)``: resolves the ids of tokens still being sampled (negative) on the device;
-        ``record``: the variant whose MoE routing adds to the expert recorder."""
+        ``record``: the variant whose MoE routing adds to the expert recorder; ``lora_slots``: each
+        row's adapter slot (-1: none) when the graphs were captured with LoRA."""
         bs, width = table.shape
         bucket = self.bucket(bs)
         turn = self._turn
@@ -128,9 +142,12 @@ class CudaGraphRunner:
         if self._copied[turn] is not None:
             self._copied[turn].synchronize()  # its previous copy has left the buffer
         hv = host_vec.numpy()
-        hv[:, :bs] = vec
+        hv[:4, :bs] = vec
         hv[:, bs:bucket] = 0
         hv[2, bs:bucket] = -1  # padding rows: no KV write, context length 0
+        if self.lora:
+            hv[4, :bs] = lora_slots
+            hv[4, bs:bucket] = -1
         ht = host_table[: bs * width].numpy().reshape(bs, width)
         ht[:] = table
         self.vec[:, :bucket].copy_(host_vec[:, :bucket], non_blocking=True)

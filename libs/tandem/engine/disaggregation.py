@@ -39,6 +39,7 @@ class HeldForMove:
     kv_token_ids: list  # the tokens whose KV the pages hold, in order: the prompt and the output but its last token
     pages: list  # the pages holding them, in page-table order
     last_token_id: int  # its last output token (not computed yet: the target computes it first)
+    lora_name: str | None = None  # the LoRA adapter its KV was computed under (None: the base model)
 
 
 class PdRequests:
@@ -57,25 +58,27 @@ class PdRequests:
         outside. Raises OutOfPages when the pool cannot hold it now (retry later or reject).
 
         ``reuse_prefix`` (SGLang's decode radix cache for PD): the leading full pages of the prompt
-        that the prefix cache holds (at most its first L - 1 tokens: at least one page is always
-        written) are shared, locked until the request ends; only the pages after them are
-        reserved and listed to be written."""
+        that the prefix cache holds under the request's adapter (at most its first L - 1 tokens: at
+        least one page is always written) are shared, locked until the request ends; only the pages
+        after them are reserved and listed to be written."""
+        if not self.scheduler.acquire_lora(req):
+            raise OutOfPages(f"every LoRA slot serves other adapters' running requests (adapter {req.lora_name!r})")
         cache = self.scheduler.cache
         matched, node = [], cache.root
         num_kv = kv_tokens(req)
         if reuse_prefix and not cache.disabled:
-            matched, node = cache.match_prefix(req.all_ids[: num_kv - 1])
+            matched, node = cache.match_prefix(req.all_ids[: num_kv - 1], req.lora_name)
         cache.lock(node)
         n = self.scheduler.pages_for(num_kv) - len(matched)
         pages = self.scheduler.alloc_pages(n)
-        if pages is None:
+        aux = self.pool.alloc_aux() if pages is not None else None
+        if pages is None or aux is None:
+            if pages is not None:
+                self.pool.free(pages)
             cache.unlock(node)
-            raise OutOfPages(f"need {n} pages, {self.scheduler.available_pages} available")
-        aux = self.pool.alloc_aux()
-        if aux is None:
-            self.pool.free(pages)
-            cache.unlock(node)
-            raise OutOfPages("no free aux slot")
+            self.scheduler.release_lora(req)
+            raise OutOfPages(f"need {n} pages, {self.scheduler.available_pages} available" if pages is None
+                             else "no free aux slot")
         req.pages, req.aux_slot, req.status = list(matched) + pages, aux, Status.EXTERNAL_WAIT
         req.num_tree_pages, req.tree_node = len(matched), node
         self.scheduler.register(req)
@@ -119,7 +122,8 @@ class PdRequests:
         self.scheduler.remove(req)
         req.status = Status.HELD
         n = kv_tokens(req)
-        return HeldForMove(req.rid, req.all_ids[:n], req.pages[: self.scheduler.pages_for(n)], req.output_ids[-1])
+        return HeldForMove(req.rid, req.all_ids[:n], req.pages[: self.scheduler.pages_for(n)], req.output_ids[-1],
+                           req.lora_name)
 
     def export(self, rid: str) -> StepOutput:
         """A held request's KV as a prefill-only request's would be reported (what the sender

@@ -39,6 +39,7 @@ from .hicache_setup import build_prefix_cache
 from .kv_pool import KVPool, OutOfPages
 from .kv_quant import kv_cache_spec
 from .loader import load_model, resolve_dtype
+from .lora import UnknownLoraError, lora_manager, lora_weights
 from .model_runner import ModelRunner
 from .moe_hooks import expert_hooks, tp_of
 from .outputs import StepOutput
@@ -77,9 +78,11 @@ class EngineCore:
         deterministic = cfg.enable_deterministic_inference
         self.attention_backend = attention_backend(cfg.attention_backend, device, deterministic)
         hooks = expert_hooks(cfg, device, parallel)
+        lora = lora_weights(cfg, self.dtype, device)  # --enable-lora: the adapters' slot buffers
         self.model, self.model_config = load_model(cfg.model_path, self.dtype, device, hooks, cfg.load_format,
                                                    cfg.quantization, cfg.fp8_gemm_backend, deterministic,
-                                                   tp=tp_of(cfg, parallel))
+                                                   tp=tp_of(cfg, parallel), lora=lora)
+        self.lora = lora_manager(cfg, lora, self.model_config.num_layers)
         # EPLB: plans applied in place between steps, the recorder folded after each (None: dense or no EPLB).
         self.eplb = hooks.runtime(self.model)
         mc = self.model_config
@@ -101,17 +104,21 @@ class EngineCore:
         self.stop_checker = StopChecker(self.eos_token_ids, self.context_length, self.tokenizer)
         self.scheduler = Scheduler(self.pool, self.cache, self.chunked_prefill_size, cfg.max_prefill_tokens,
                                    cfg.max_running_requests, self.stop_checker, self.stats_collector,
-                                   mixed_chunk=cfg.enable_mixed_chunk, cache_every_chunk=self.hicache is not None)
+                                   mixed_chunk=cfg.enable_mixed_chunk, cache_every_chunk=self.hicache is not None,
+                                   lora=self.lora)
         self.pd = PdRequests(self.scheduler, self.pool, mc.vocab_size)
         self.cuda_graph_max_bs = self._cuda_graph_max_bs()
         # Penalty rows: one per running request with penalties or logit bias (decode may run
-        # more than max_running_requests when prefilled requests arrive from outside).
-        self.runner = ModelRunner(self.model, self.pool, device, self.cuda_graph_max_bs,
+        # more than max_running_requests when prefilled requests arrive from outside). With several
+        # ranks the graphs are captured once the followers capture theirs (tandem.engine.parallel:
+        # the collectives inside them must match).
+        self.runner = ModelRunner(self.model, self.pool, device, self.cuda_graph_max_bs if cfg.world_size == 1 else 0,
                                   penalty_rows=2 * cfg.max_running_requests)
         self.sample_launcher = SampleLauncher(mc.vocab_size, self.eos_token_ids)
         self.grammars = GrammarBackend(cfg.model_path, mc.vocab_size, sorted(self.eos_token_ids))
         self._seed_rng = random.Random(cfg.random_seed)  # seeds of requests that bring none
-        self._pending: list[StepOutput] = []  # outputs of calls between steps (abort, activate_external)
+        self._pending: list[StepOutput] = []  # outputs of calls between steps (abort)
+        self._activated: list[StepOutput] = []  # first tokens of requests activated between steps
         # Overlap scheduling: step N+1 is scheduled and launched before step N's sampled tokens
         # are read back (the next forward pass reads them on the device). With several ranks the
         # leader sends host token ids to its followers, so it always waits.
@@ -149,8 +156,10 @@ class EngineCore:
         why = None
         if self.attention_backend != "triton":
             why = "the torch_native backend's decode shapes depend on the context length"
-        elif cfg.world_size > 1:
-            why = "with several ranks the followers run eagerly (a captured collective would not match them)"
+        elif cfg.ep_size > 1:
+            why = "expert parallelism dispatches on the host per batch (TP alone captures its all-reduces)"
+        elif cfg.world_size > 1 and self.model.expert_recorder is not None:
+            why = "the expert recorder's graph variants exist on the leader only (the ranks' captures would differ)"
         if why:
             log.warning("CUDA graphs off: %s", why)
             return 0
@@ -158,7 +167,7 @@ class EngineCore:
 
     def has_work(self) -> bool:
         sch = self.scheduler
-        return bool(sch.waiting or sch.running or self._pending or self.sample_launcher.in_flight)
+        return bool(sch.waiting or sch.running or self._pending or self._activated or self.sample_launcher.in_flight)
 
     @property
     def requests(self) -> dict[str, Request]:
@@ -183,16 +192,43 @@ class EngineCore:
             return self.tokenizer.encode(prompt, add_special_tokens=False).ids
         return list(prompt)
 
-    def validate_request(self, prompt_ids: list, sampling: SamplingParams, output_ids: list = ()) -> None:
+    def validate_request(self, prompt_ids: list, sampling: SamplingParams, output_ids: list = (),
+                         lora_name: str | None = None) -> None:
         """Raise ValueError naming the problem if this request could never run here (a grammar
-        that does not compile included: it is compiled here, once, and cached)."""
+        that does not compile included: it is compiled here, once, and cached); UnknownLoraError
+        when ``lora_name`` is not loaded (a LookupError: services answer NOT_FOUND)."""
         self._validate(list(prompt_ids), sampling, list(output_ids))
+        self._check_lora(lora_name)
         self._compile(sampling)
 
-    def cached_prefix_tokens(self, prompt_ids: list) -> int:
-        """Leading tokens of the prompt that the prefix cache holds now: what a request with this
-        prompt would share instead of computing."""
-        return self.scheduler.cached_prefix_tokens(list(prompt_ids))
+    def cached_prefix_tokens(self, prompt_ids: list, lora_name: str | None = None) -> int:
+        """Leading tokens of the prompt that the prefix cache holds now for LoRA adapter
+        ``lora_name`` (None: the base model): what such a request would share instead of computing."""
+        return self.scheduler.cached_prefix_tokens(list(prompt_ids), lora_name)
+
+    # ---- LoRA adapters (--enable-lora) ---------------------------------------------------------
+    def _check_lora(self, lora_name: str | None) -> None:
+        if lora_name is None:
+            return
+        if self.lora is None or not self.lora.has(lora_name):
+            raise UnknownLoraError(lora_name)
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Register adapter ``name`` from the PEFT folder ``path`` (read and checked now)."""
+        if self.lora is None:
+            raise ValueError("load_lora: this engine serves no LoRA adapters (start it with --enable-lora)")
+        self.lora.load(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """Forget adapter ``name`` (refused while a request uses it); its cached KV goes with the
+        prefix cache's normal eviction (no later request can match it)."""
+        if self.lora is None:
+            raise UnknownLoraError(name)
+        self.lora.unload(name)
+
+    def list_loras(self) -> dict[str, str]:
+        """{adapter name: path} of every loaded adapter."""
+        return {} if self.lora is None else {n: self.lora.paths[n] for n in self.lora.names()}
 
     def _compile(self, sp: SamplingParams | None) -> None:
         """Compile the request's grammar (cached by the backend; validate_request runs it on the
@@ -247,7 +283,7 @@ class EngineCore:
             )
 
     def _new_request(self, prompt, sp: SamplingParams | None, rid: str | None, mode: Mode,
-                     output_ids: list = ()) -> Request:
+                     output_ids: list = (), lora_name: str | None = None) -> Request:
         sp = sp or SamplingParams()
         self._compile(sp)
         ids = self.tokenize(prompt)
@@ -255,11 +291,12 @@ class EngineCore:
         if output_ids and mode == Mode.PREFILL_ONLY:
             raise ValueError("output_ids: a continued request is prefilled where it is decoded (not prefill_only)")
         self._validate(ids, sp, output_ids)
+        self._check_lora(lora_name)
         rid = rid if rid is not None else f"req-{next(self._rid_counter)}-{uuid.uuid4().hex[:8]}"
         if rid in self.scheduler.requests:
             raise ValueError(f"request id {rid!r} is already in use")
         seed = sp.seed if sp.seed is not None else self._seed_rng.getrandbits(63)
-        req = Request(rid=rid, prompt_ids=ids, sampling=sp, mode=mode, seed=seed)
+        req = Request(rid=rid, prompt_ids=ids, sampling=sp, mode=mode, seed=seed, lora_name=lora_name)
         if sp.structured is not None:
             req.grammar = self.grammars.new_state(sp.structured)
             for i, tok in enumerate(output_ids):
@@ -270,8 +307,9 @@ class EngineCore:
         return req
 
     def add_request(self, prompt, sampling: SamplingParams | None = None, rid: str | None = None,
-                    mode: Mode | str = Mode.NORMAL, output_ids: list = ()) -> str:
-        """Queue a request (a string or token ids); return its id.
+                    mode: Mode | str = Mode.NORMAL, output_ids: list = (), lora_name: str | None = None) -> str:
+        """Queue a request (a string or token ids), under LoRA adapter ``lora_name`` (None: the base
+        model); return its id.
 
         ``output_ids``: the tokens a migrated request already generated on another worker; it
         continues after them exactly as it would have there (max_tokens, min_tokens, penalties,
@@ -288,7 +326,7 @@ class EngineCore:
             raise ValueError("use allocate_external() for requests whose KV comes from outside")
         if mode == Mode.PREFILL_ONLY and sampling is not None and sampling.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs: the prompt must be prefilled where it is decoded (local prefill)")
-        req = self._new_request(prompt, sampling, rid, mode, output_ids)
+        req = self._new_request(prompt, sampling, rid, mode, output_ids, lora_name)
         self.scheduler.add(req)
         return req.rid
 
@@ -317,7 +355,7 @@ class EngineCore:
 
     def allocate_external(self, prompt, sampling: SamplingParams | None = None,
                           rid: str | None = None, reuse_prefix: bool = False,
-                          output_ids: list = ()) -> ExternalAllocation:
+                          output_ids: list = (), lora_name: str | None = None) -> ExternalAllocation:
         """Reserve pages for a prompt whose KV will be written from outside (decode side of PD).
         ``reuse_prefix``: share the prompt's leading pages that the prefix cache holds; only the
         rest is written (``ExternalAllocation.num_cached_tokens``). ``output_ids``: a request moved
@@ -328,16 +366,24 @@ class EngineCore:
         """
         if sampling is not None and sampling.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs: the prompt must be prefilled where it is decoded (local prefill)")
-        return self.pd.allocate(self._new_request(prompt, sampling, rid, Mode.EXTERNAL, output_ids), reuse_prefix)
+        return self.pd.allocate(self._new_request(prompt, sampling, rid, Mode.EXTERNAL, output_ids, lora_name),
+                                reuse_prefix)
 
     def activate_external(self, rid: str, first_token_id: int, first_token_logprob: float | None = None,
                           cached_tokens: int = 0, first_token_top: list | None = None) -> None:
         """The KV of rid's prompt is in its pages: join the running batch with its first token
-        (which KV transfer delivered in the request's aux slot); its output comes with the next step.
+        (which KV transfer delivered in the request's aux slot); its output comes with
+        ``take_activated()`` (the engine loop calls it before the next step), else with the next step.
         A moved request continues from its last token (which ``first_token_id`` must be): no output."""
         out = self.pd.activate(rid, first_token_id, first_token_logprob, cached_tokens, first_token_top)
         if out is not None:
-            self._pending.append(out)
+            self._activated.append(out)
+
+    def take_activated(self) -> list[StepOutput]:
+        """The first-token outputs of the requests activated since the last step: they need no
+        forward pass, so they can leave before the next step instead of after it (TTFT)."""
+        out, self._activated = self._activated, []
+        return out
 
     def hold_for_move(self, rid: str) -> HeldForMove | None:
         """Drain by moving KV: stop decoding ``rid`` and keep its pages for another worker to
@@ -369,7 +415,7 @@ class EngineCore:
             t0 = time.monotonic()
             batch = self.scheduler.schedule()
             logits, prompt_lps = self._forward(batch)
-            outputs, self._pending = self._pending, []
+            outputs, self._pending = self.take_activated() + self._pending, []
             # The previous step's tokens: the device produced them before this forward pass, so
             # this waits for their copy only (a request may finish here, e.g. on a stop token).
             outputs += self._drop_finished(

@@ -156,13 +156,13 @@ class HiRadixCache(RadixCache):
             self.evictable_pages += 1
 
     # ---- admission: match and load back ------------------------------------------------------
-    def match_and_load(self, token_ids) -> tuple[list[int], Node, bool]:
-        pages, node = self.match_prefix(token_ids)
+    def match_and_load(self, token_ids, lora: str | None = None) -> tuple[list[int], Node, bool]:
+        pages, node = self.match_prefix(token_ids, lora)
         ps = self.page_size
         host_nodes, walk = [], node
         i = len(pages)
         while (i + 1) * ps <= len(token_ids):
-            child = walk.children.get(tuple(token_ids[i * ps:(i + 1) * ps]))
+            child = walk.children.get(self.child_key(walk, tuple(token_ids[i * ps:(i + 1) * ps]), lora))
             if child is None:
                 break
             host_nodes.append(child)
@@ -171,12 +171,12 @@ class HiRadixCache(RadixCache):
         for n in host_nodes:  # host pages found for a storage read or device pages for the load must not take them
             self._hold(n)
         if self.ctl.storage is not None and (i + 1) * ps <= len(token_ids):
-            read = self.ctl.prefetched(*self._chain(walk, token_ids, i), self._alloc_host)
+            read = self.ctl.prefetched(*self._chain(walk, token_ids, i, lora), self._alloc_host)
             if read is None:
                 for n in host_nodes:
                     self._release(n)
                 return pages, node, False  # the prefetch policy waits for the storage read
-            for n in self._adopt_stored(walk, read):
+            for n in self._adopt_stored(walk, read, lora):
                 if n.tokens != tuple(token_ids[i * ps:(i + 1) * ps]):
                     break  # the read followed another prompt's chain from here (kept as host nodes)
                 self._hold(n)
@@ -211,12 +211,12 @@ class HiRadixCache(RadixCache):
         self._count_hits(node)
         return pages, node, True
 
-    def _chain(self, walk: Node, token_ids, i: int):
-        """The storage chain past ``walk`` (token block i on): its first key, and a callable
-        returning [(key, parent key, tokens)] (hashed only when a read starts)."""
+    def _chain(self, walk: Node, token_ids, i: int, lora: str | None = None):
+        """The storage chain past ``walk`` (token block i on, under LoRA adapter ``lora``): its
+        first key, and a callable returning [(key, parent key, tokens)] (hashed only when a read starts)."""
         ps = self.page_size
         first_tokens = tuple(token_ids[i * ps:(i + 1) * ps])
-        first = block_hash(walk.hash, first_tokens)
+        first = block_hash(self.chain_hash(walk, lora), first_tokens)
 
         def chain() -> list:
             out, parent, j = [(first, walk.hash, first_tokens)], first, i + 1
@@ -229,16 +229,15 @@ class HiRadixCache(RadixCache):
 
         return first, chain
 
-    def _adopt_stored(self, walk: Node, read: list) -> list:
+    def _adopt_stored(self, walk: Node, read: list, lora: str | None = None) -> list:
         """Pages read from storage into host pages ([(key, tokens, host page)], a chain under
-        walk) become host nodes; returns them, parent first."""
+        walk, of LoRA adapter ``lora``) become host nodes; returns them, parent first."""
         parent, out = walk, []
         for idx, (key, toks, hp) in enumerate(read):
-            if toks in parent.children:  # appeared meanwhile: ours is not needed
+            if self.child_key(parent, toks, lora) in parent.children:  # appeared meanwhile: ours is not needed
                 self.ctl.host.free([h for _, _, h in read[idx:]])
                 break
-            child = Node(tokens=toks, parent=parent, hash=key, host_page=hp, last_access=next(_tick))
-            parent.children[toks] = child
+            child = self.new_node(parent, toks, lora, hash=key, host_page=hp, last_access=next(_tick))
             self.num_host_nodes += 1
             out.append(child)
             parent = child
@@ -343,7 +342,7 @@ class HiRadixCache(RadixCache):
                     m.host_page = -1
         if freed:
             self.ctl.host.free(freed)
-        del n.parent.children[n.tokens]
+        del n.parent.children[n.key]
         if removed:
             self._emit([BlockRemoved(block_hashes=removed, tier=HOST)])
 
@@ -378,6 +377,6 @@ class HiRadixCache(RadixCache):
             for tier, held in ((DEVICE, n.page >= 0), (HOST, n.host_page >= 0)):
                 if held:
                     out.append(BlockStored([n.hash], n.parent.hash if n.parent is not self.root else None,
-                                           list(n.tokens), self.page_size, tier))
+                                           list(n.tokens), self.page_size, tier, n.lora))
             stack.extend(n.children.values())
         return out

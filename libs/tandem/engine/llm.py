@@ -167,9 +167,10 @@ class LLM:
             text = text[:stop_pos]
         return text
 
-    def generate(self, prompts, sampling_params=None) -> list[RequestOutput]:
+    def generate(self, prompts, sampling_params=None, lora_name=None) -> list[RequestOutput]:
         """Run prompts (strings or token-id lists) to completion on this thread; results in
-        prompt order. Not while ``generate_stream`` requests are running."""
+        prompt order. Not while ``generate_stream`` requests are running. ``lora_name``: the LoRA
+        adapter of every prompt, or a list with one per prompt (None: the base model)."""
         self._await_driver()
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
         if single:
@@ -180,11 +181,14 @@ class LLM:
             sps = list(sampling_params)
             if len(sps) != len(prompts):
                 raise ValueError(f"got {len(sps)} sampling params for {len(prompts)} prompts")
+        loras = list(lora_name) if isinstance(lora_name, (list, tuple)) else [lora_name] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(loras)} lora names for {len(prompts)} prompts")
         eng = self.engine
         rids, results, stop_pos = [], {}, {}
         try:
-            for p, sp in zip(prompts, sps):
-                rid = eng.add_request(p, sp)
+            for p, sp, lora in zip(prompts, sps, loras):
+                rid = eng.add_request(p, sp, lora_name=lora)
                 rids.append(rid)
                 results[rid] = RequestOutput(rid, list(eng.requests[rid].prompt_ids))
             pending = len(rids)

@@ -121,7 +121,8 @@ def _fp8_linears(path: str, cfg: ModelConfig, t: dict, dtype: torch.dtype, devic
 
 def load_model(path: str, dtype: torch.dtype, device: str, moe_hooks=None, load_format: str = "auto",
                quantization: str | None = None, fp8_gemm_backend: str = "auto",
-               deterministic: bool = False, tp: TensorParallel = ONE_RANK) -> tuple[CausalLM, ModelConfig]:
+               deterministic: bool = False, tp: TensorParallel = ONE_RANK,
+               lora=None) -> tuple[CausalLM, ModelConfig]:
     """``moe_hooks`` (``tandem.engine.moe_hooks.ExpertHooks``): what MoE layers get at construction.
     ``load_format``: ``auto`` reads the safetensors; ``dummy`` builds random weights of the
     checkpoint's shape directly on the device from config.json alone (nothing read or written).
@@ -129,14 +130,15 @@ def load_model(path: str, dtype: torch.dtype, device: str, moe_hooks=None, load_
     recognised without it, from config.json's ``quantization_config``). ``deterministic``: the linears
     compute batch-invariantly (--enable-deterministic-inference).
     ``tp``: this rank's tensor-parallel place: every sharded tensor is sliced to its part here
-    (``tandem.engine.tensor_parallel``; dummy weights are drawn at the local shape)."""
+    (``tandem.engine.tensor_parallel``; dummy weights are drawn at the local shape). ``lora``: the
+    model's ``tandem.engine.lora.LoraWeights`` (``--enable-lora``; one rank only)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format={load_format!r}: allowed are {', '.join(LOAD_FORMATS)}")
     if load_format == "dummy":
         if quantization is not None:
             raise ValueError("load_format='dummy' with quantization='fp8': not supported; FP8 quantizes the "
                              "checkpoint's weights at load time (write a random-weight checkpoint instead)")
-        return _load_dummy(path, dtype, device, moe_hooks, linear_factory(deterministic), tp=tp)
+        return _load_dummy(path, dtype, device, moe_hooks, linear_factory(deterministic), tp=tp, lora=lora)
     cfg = ModelConfig.from_dir(path)
     check_tp_shape(cfg, tp.size, 1 if tp.expert_sharded else tp.size)
     t = _read_tensors(path)
@@ -148,7 +150,7 @@ def load_model(path: str, dtype: torch.dtype, device: str, moe_hooks=None, load_
         raise ValueError(f"model_path={path!r} holds FP8 weights: not supported with tp_size={tp.size} yet")
     with torch.device("meta"):  # no memory and no random init: every parameter comes from the checkpoint
         model = CausalLM(cfg, flags, tie_embeddings=tie, expert_dispatcher=dispatcher, expert_recorder=recorder,
-                         linear=linear, tp=tp)
+                         linear=linear, tp=tp, lora=lora)
     state = {}
     for i, layer in enumerate(model.layers):
         p, d = f"model.layers.{i}.", f"layers.{i}."
@@ -254,7 +256,7 @@ def dummy_tensor(name: str, shape, dtype: torch.dtype, device: str, std: float, 
 
 
 def _load_dummy(path: str, dtype: torch.dtype, device: str, moe_hooks, linear=plain_linear, seed: int = 0,
-                tp: TensorParallel = ONE_RANK):
+                tp: TensorParallel = ONE_RANK, lora=None):
     """Random weights of the checkpoint's shape; with TP each rank draws its shard's shape from the
     tensor's name (replicated tensors are equal on every rank; sharded ones are not TP 1's slices)."""
     raw = read_hf_config(path)
@@ -264,7 +266,7 @@ def _load_dummy(path: str, dtype: torch.dtype, device: str, moe_hooks, linear=pl
     dispatcher, recorder = _build_hooks(moe_hooks, cfg, flags)
     with torch.device("meta"):
         model = CausalLM(cfg, flags, tie_embeddings=cfg.tie_word_embeddings, expert_dispatcher=dispatcher,
-                         expert_recorder=recorder, linear=linear, tp=tp)
+                         expert_recorder=recorder, linear=linear, tp=tp, lora=lora)
     std = float(raw.get("initializer_range") or 0.02)
     state = {}
     for name, p in model.named_parameters():

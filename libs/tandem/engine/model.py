@@ -50,6 +50,7 @@ class ForwardBatch:
     layer_ready: Callable[[int], None] | None = None  # called before layer i runs (HiCache: its pages loaded)
     record_experts: bool = False  # MoE layers add their routing to the expert recorder's counters
     kv_scales: torch.Tensor | None = None  # [layers, 2] (k_scale, v_scale) of the pool (read when it is FP8)
+    lora: object = None  # tandem.engine.lora.LoraBatch: each request's adapter slot (None: no adapter in the pass)
 
 
 class RMSNorm(nn.Module):
@@ -125,7 +126,7 @@ class Attention(nn.Module):
     and all-reduced (``tandem.engine.tensor_parallel``)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, qkv_bias: bool, qk_norm: bool, linear=plain_linear,
-                 tp: TensorParallel = ONE_RANK):
+                 tp: TensorParallel = ONE_RANK, lora=None):
         super().__init__()
         self.layer_idx = layer_idx
         heads = head_split(cfg.num_heads, cfg.num_kv_heads, tp.size, tp.rank)
@@ -137,6 +138,9 @@ class Attention(nn.Module):
         p = f"layers.{layer_idx}.self_attn."
         self.qkv_proj = linear(p + "qkv_proj", cfg.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias)
         self.o_proj = linear(p + "o_proj", self.q_size, cfg.hidden_size, False)
+        # LoRA (tandem.engine.lora): a delta added beside each base projection's output.
+        self.qkv_lora = lora(p + "qkv_proj", cfg.hidden_size, (self.q_size, self.kv_size, self.kv_size)) if lora else None
+        self.o_lora = lora(p + "o_proj", self.q_size, (cfg.hidden_size,)) if lora else None
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.scale = cfg.head_dim**-0.5
@@ -144,6 +148,8 @@ class Attention(nn.Module):
     def forward(self, x, rope, fb: ForwardBatch, k_cache, v_cache, ops):
         T = x.shape[0]
         qkv = self.qkv_proj(x)
+        if self.qkv_lora is not None:
+            qkv = self.qkv_lora(x, qkv, fb.lora)
         q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
@@ -151,26 +157,40 @@ class Attention(nn.Module):
             q = ops.rms_norm(q, self.q_norm.weight, self.q_norm.eps)
             k = ops.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
         kv_scale = None if fb.kv_scales is None else fb.kv_scales[self.layer_idx]
-        return self.tp.all_reduce(self.o_proj(ops.attention(q, k, v, rope, fb, k_cache, v_cache, self.scale, kv_scale)))
+        attn = ops.attention(q, k, v, rope, fb, k_cache, v_cache, self.scale, kv_scale)
+        out = self.o_proj(attn)
+        if self.o_lora is not None:
+            out = self.o_lora(attn, out, fb.lora)
+        return self.tp.all_reduce(out)
 
 
 class MLP(nn.Module):
     """``inter`` is this TP rank's share of the intermediate size: gate/up column-parallel,
     ``down_proj`` row-parallel and all-reduced over ``tp``."""
 
-    def __init__(self, hidden: int, inter: int, linear=plain_linear, prefix: str = "", tp: TensorParallel = ONE_RANK):
+    def __init__(self, hidden: int, inter: int, linear=plain_linear, prefix: str = "", tp: TensorParallel = ONE_RANK,
+                 lora=None):
         super().__init__()
         self.tp = tp
         # gate and up projections merged at load time: [gate; up] rows.
         self.gate_up_proj = linear(prefix + "gate_up_proj", hidden, 2 * inter, False)
         self.down_proj = linear(prefix + "down_proj", inter, hidden, False)
+        self.gate_up_lora = lora(prefix + "gate_up_proj", hidden, (inter, inter)) if lora else None
+        self.down_lora = lora(prefix + "down_proj", inter, (hidden,)) if lora else None
 
-    def forward(self, x, ops=None):
+    def forward(self, x, ops=None, lora_batch=None):
         gu = self.gate_up_proj(x)
+        if self.gate_up_lora is not None:
+            gu = self.gate_up_lora(x, gu, lora_batch)
         if ops is not None:
-            return self.tp.all_reduce(self.down_proj(ops.silu_and_mul(gu)))
-        gate, up = gu.chunk(2, dim=-1)
-        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
+            act = ops.silu_and_mul(gu)
+        else:
+            gate, up = gu.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        out = self.down_proj(act)
+        if self.down_lora is not None:
+            out = self.down_lora(act, out, lora_batch)
+        return self.tp.all_reduce(out)
 
 
 class MoE(nn.Module):
@@ -296,9 +316,9 @@ class MoE(nn.Module):
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, flags: dict, moe_index: int = 0, dispatcher=None,
-                 recorder=None, linear=plain_linear, tp: TensorParallel = ONE_RANK):
+                 recorder=None, linear=plain_linear, tp: TensorParallel = ONE_RANK, lora=None):
         super().__init__()
-        self.self_attn = Attention(cfg, layer_idx, flags["qkv_bias"], flags["qk_norm"], linear, tp)
+        self.self_attn = Attention(cfg, layer_idx, flags["qkv_bias"], flags["qk_norm"], linear, tp, lora)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.is_moe = flags["moe"]
@@ -306,7 +326,8 @@ class DecoderLayer(nn.Module):
             self.mlp = MoE(cfg, layer_idx, flags["shared_gate"], flags["score_bias"], moe_index, dispatcher, recorder,
                            linear, tp)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size // tp.size, linear, f"layers.{layer_idx}.mlp.", tp)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size // tp.size, linear, f"layers.{layer_idx}.mlp.", tp,
+                           lora)
 
     def forward(self, h, residual, rope, fb, k_cache, v_cache, ops):
         """Returns (this layer's output, the residual stream before it): the next layer's norm
@@ -319,21 +340,27 @@ class DecoderLayer(nn.Module):
             x, residual = ops.rms_norm(h, norm_in.weight, norm_in.eps, residual)
         x = self.self_attn(x, rope, fb, k_cache, v_cache, ops)
         x, residual = ops.rms_norm(x, norm_post.weight, norm_post.eps, residual)
-        return (self.mlp(x, ops, fb) if self.is_moe else self.mlp(x, ops)), residual
+        return (self.mlp(x, ops, fb) if self.is_moe else self.mlp(x, ops, fb.lora)), residual
 
 
 class CausalLM(nn.Module):
     """``expert_dispatcher`` / ``expert_recorder``: what every MoE layer gets at construction (None
     for a dense model, or a MoE model without EPLB, expert parallelism or recording). Linears (q/k/v,
     o, gate/up, down, a shared expert's, lm_head) come from ``linear``, and the logits of tied
-    embeddings from its ``matmul``; the embeddings are plain.
+    embeddings from its ``matmul``; the embeddings are plain. ``lora``
+    (``tandem.engine.lora.LoraWeights``, None without ``--enable-lora``) gives each linear of the
+    attention and of the dense MLPs its LoRA delta (not a MoE layer's shared expert, nor lm_head).
 
     ``tp``: this rank's place in its tensor-parallel group; every module holds its shard
-    (``tandem.engine.tensor_parallel``), embedding and LM head ``vocab / tp`` rows each."""
+    (``tandem.engine.tensor_parallel``), embedding and LM head ``vocab / tp`` rows each. LoRA
+    needs one rank (its deltas are not sharded)."""
 
     def __init__(self, cfg: ModelConfig, layer_flags: list[dict], tie_embeddings: bool, expert_dispatcher=None,
-                 expert_recorder=None, linear=plain_linear, tp: TensorParallel = ONE_RANK):
+                 expert_recorder=None, linear=plain_linear, tp: TensorParallel = ONE_RANK, lora=None):
         super().__init__()
+        if lora is not None and tp.size > 1:
+            raise ValueError(f"LoRA with tensor parallelism (tp size {tp.size}) is not supported: "
+                             "the adapters' deltas are not sharded")
         self.cfg = cfg
         self.tp = tp
         self.expert_dispatcher, self.expert_recorder = expert_dispatcher, expert_recorder
@@ -342,8 +369,9 @@ class CausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(vocab, cfg.hidden_size)
         moe_index = [sum(f["moe"] for f in layer_flags[:i]) for i in range(len(layer_flags))]
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, f, moe_index[i], expert_dispatcher, expert_recorder, linear,
-                                                 tp)
+                                                 tp, lora)
                                     for i, f in enumerate(layer_flags))
+        self.lora = lora
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg)
         self.tie_embeddings = tie_embeddings
@@ -393,7 +421,7 @@ class CausalLM(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings; vocab-parallel: each rank looks up its own rows (others zero), all-reduced."""
-        if self.tp.size == 1:
+        if self.tp.size == 1 and not self.tp.force_collectives:
             return self.embed_tokens(ids)
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= self.embed_tokens.num_embeddings)

@@ -14,6 +14,7 @@ import torch
 
 from .kernels import default_num_splits
 from .kv_pool import KVPool
+from .lora import lora_batch
 from .model import CausalLM, ForwardBatch
 from .sampler import PenaltyState, Sampler, SamplerVariant, SamplingTensors
 
@@ -95,6 +96,11 @@ class ModelRunner:
 
             self.graphs = CudaGraphRunner(model, pool, self.sampler, cuda_graph_max_bs, self.num_sms)
 
+    def will_replay(self, batch: list, record: bool | None = None) -> bool:
+        """Whether ``forward(batch)`` (no prompt logprobs) replays a captured CUDA graph."""
+        record = self._record_experts() if record is None else record
+        return self.graphs is not None and self.graphs.can_run(batch, record)
+
     def _record_experts(self) -> bool:
         """Whether this forward pass adds to the MoE expert recorder's counters."""
         rec = self.model.expert_recorder
@@ -128,6 +134,8 @@ class ModelRunner:
         else:
             fb = self._build_paged_extend(batch, all_rows)
         fb.kv_scales = self.pool.kv_scales
+        if self.model.lora is not None:
+            fb.lora = lora_batch([req.lora_slot for req, _ in batch], [n for _, n in batch], self.device, self.paged)
         return fb
 
     def _build_paged_decode(self, batch: list) -> ForwardBatch:
@@ -197,8 +205,11 @@ class ModelRunner:
         )
 
     def forward(self, batch: list, all_rows: list | None = None,
-                layer_ready: Callable[[int], None] | None = None) -> torch.Tensor | tuple:
+                layer_ready: Callable[[int], None] | None = None, eager: bool = False) -> torch.Tensor | tuple:
         """Logits [B, vocab] (float32) at the last new token of every request in the batch.
+
+        ``eager``: run the model even where a captured CUDA graph could replay (a TP follower whose
+        leader ran this pass eagerly: every rank must launch the same collectives).
 
         With ``all_rows`` (a flag per request; prompt logprobs): (logits [B, vocab], {i: [n_i,
         vocab] logits of every new token of request i} for the flagged requests).
@@ -224,13 +235,15 @@ class ModelRunner:
             return out[last], extra
         # Named range so profiler traces show each forward pass of the model as one block.
         with torch.profiler.record_function("tandem.model_forward"):
-            if self.graphs is not None and self.graphs.can_run(batch, record):
+            if self.will_replay(batch, record) and not eager:
                 for i in range(self.pool.num_layers if ready is not None else 0):
                     ready(i)  # a captured graph cannot wait per layer
                 vec, table = decode_inputs(batch, self.page_size)
                 self._replayed_bs = len(batch)
                 self.graph_replays += 1
-                return self.graphs.replay(vec, table, self._future_tokens if vec[0].min() < 0 else None, record)
+                lora_slots = [req.lora_slot for req, _ in batch] if self.model.lora is not None else None
+                return self.graphs.replay(vec, table, self._future_tokens if vec[0].min() < 0 else None, record,
+                                          lora_slots)
             fb = self.build(batch)
             fb.layer_ready, fb.record_experts = ready, record
             self.eager_decodes += fb.is_decode

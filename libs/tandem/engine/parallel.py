@@ -60,9 +60,18 @@ Placement changes (EPLB)
     forward passes copies only the changed local slots, in place. The leader's runner ships the
     new placement with the next forward pass; followers apply it before running that pass.
 
-Not supported: requests whose KV is written from outside (``allocate_external`` /
-``activate_external``, the decode side of PD disaggregation): only the leader's pool
-would receive the pages. The mirrored runner refuses such a batch with ``RuntimeError``.
+Rank agents (KV written from outside)
+    A service may need an object on every rank next to that rank's KV pool, e.g. PD
+    disaggregation's transfer sender or receiver: ``leader.attach(name, factory, *args)`` builds
+    ``factory(pool, model, *args)`` on every follower (a picklable module-level function: the
+    engine knows nothing of what it builds), and ``leader.call(name, {rank: [(method, args)]})``
+    runs methods on them and returns each rank's results, in the same lockstep as the forward
+    passes (a call is a broadcast followed by a gather over the gloo group, so it is ordered after
+    every forward pass the leader sent before it: a follower's pages are final when it sends them).
+    Requests whose KV is written from outside (``allocate_external`` / ``activate_external``, the
+    decode side of PD) need such an agent receiving on every rank: without one attached with
+    ``receives_kv=True`` the mirrored runner refuses them with ``RuntimeError`` (only the
+    leader's pool would hold their pages).
 
 API::
 
@@ -249,25 +258,42 @@ def _items(records: list) -> list:
     return [(_Item(start, ids, pages), len(ids)) for start, ids, pages in records]
 
 
-class _MirroredRunner(ModelRunner):
-    """The leader's runner: broadcast the batch, then run it like every follower does."""
+def _warm_communicator(ep: ParallelGroup) -> None:
+    """One all-reduce on the device group before any CUDA graph capture: NCCL sets its communicator
+    up at the first collective, which must not happen inside a capture."""
+    t = torch.zeros(1, device=ep.device)
+    ep.all_reduce(t)
+    torch.cuda.synchronize(ep.device)
 
-    def __init__(self, runner: ModelRunner, leader: ParallelLeader):
-        super().__init__(runner.model, runner.pool, runner.device)
+
+class _MirroredRunner(ModelRunner):
+    """The leader's runner: broadcast the batch, then run it like every follower does.
+
+    ``cuda_graph_max_bs`` > 0 (CUDA, TP): decode graphs are captured here while every follower
+    captures the same buckets in the same order (the all-reduces inside them match); each forward
+    message tells the followers whether this pass replays a graph, so every rank launches the same
+    collectives (a pass with prompt logprobs or expert recording runs eagerly everywhere)."""
+
+    def __init__(self, runner: ModelRunner, leader: ParallelLeader, cuda_graph_max_bs: int = 0):
+        super().__init__(runner.model, runner.pool, runner.device, cuda_graph_max_bs,
+                         penalty_rows=runner.penalties.num_rows)
         self.leader = leader
 
     def forward(self, batch: list, all_rows: list | None = None, layer_ready=None) -> torch.Tensor | tuple:
         ps = self.page_size
         records = []
         for req, n in batch:
-            if req.mode == Mode.EXTERNAL:
-                raise RuntimeError(f"request {req.rid}: KV written from outside (PD decode) is not supported "
-                                   "with several ranks yet; only the leader's KV pool would hold it")
+            if req.mode == Mode.EXTERNAL and not self.leader.external_kv:
+                raise RuntimeError(f"request {req.rid}: KV written from outside (PD decode) with several ranks "
+                                   "needs a receiver on every rank (leader.attach(..., receives_kv=True)); only "
+                                   "the leader's KV pool would hold it")
             s = req.num_computed
             records.append((s, list(req.all_ids[s:s + n]), list(req.pages[:(s + n + ps - 1) // ps])))
-        with self.leader.broadcasting({"kind": "forward", "batch": records}):
+        items = _items(records)
+        graph = not (all_rows is not None and any(all_rows)) and self.will_replay(items)
+        with self.leader.broadcasting({"kind": "forward", "batch": records, "graph": graph}):
             try:
-                return super().forward(_items(records), all_rows, layer_ready)
+                return super().forward(items, all_rows, layer_ready, eager=not graph)
             except RuntimeError as exc:  # a collective failed: a rank died or timed out
                 raise self.leader.fail(f"a collective of the forward pass failed: {exc}") from exc
 
@@ -300,7 +326,8 @@ class ParallelLeader:
         self._closed = False
         self.failure: str | None = None  # set once a rank died or a collective failed: the group is unusable
         self.processes: list = []
-        self.messages_sent = {"forward": 0, "noop": 0, "placement": 0}
+        self.messages_sent = {"forward": 0, "noop": 0, "placement": 0, "call": 0}
+        self.external_kv = False  # an agent receiving KV from outside is attached on every rank
         location = self.eplb.location if self.eplb is not None else None
         self._sent_location = location
         pool = engine.pool
@@ -315,8 +342,14 @@ class ParallelLeader:
                            "max_positions": engine.context_length + 1,
                            # The KV cache as the leader stores it (--kv-cache-dtype and its scales):
                            # every rank's attention must read the same values.
-                           "kv_dtype": str(pool.dtype).removeprefix("torch."), "kv_scales": pool.scales()})
-        engine.wrap_runner(lambda runner: _MirroredRunner(runner, self))
+                           "kv_dtype": str(pool.dtype).removeprefix("torch."), "kv_scales": pool.scales(),
+                           # Rank agents receiving KV (PD decode) write aux rows into the same slots.
+                           "num_aux_slots": pool.aux.shape[0],
+                           # Decode CUDA graphs (CUDA, TP): every rank captures the same buckets.
+                           "cuda_graph_max_bs": engine.cuda_graph_max_bs})
+        if engine.cuda_graph_max_bs:
+            _warm_communicator(ep)
+        engine.wrap_runner(lambda runner: _MirroredRunner(runner, self, engine.cuda_graph_max_bs))
 
     @contextlib.contextmanager
     def broadcasting(self, msg: dict):
@@ -357,6 +390,36 @@ class ParallelLeader:
         if msg["kind"] in self.messages_sent:
             self.messages_sent[msg["kind"]] += 1
         self._last_send = time.monotonic()
+
+    # ---- rank agents -----------------------------------------------------------------
+    def attach(self, name: str, factory, *args, receives_kv: bool = False) -> None:
+        """Build ``factory(pool, model, *args)`` on every follower as its agent ``name`` (see the
+        module docstring). ``receives_kv``: the agents receive KV written from outside into their
+        rank's pool (PD decode), so the mirrored runner accepts such requests from now on.
+        Raises RuntimeError naming every rank whose factory failed."""
+        replies = self._round_trip({"kind": "attach", "name": name, "factory": factory, "args": args})
+        failed = [f"rank {r}: {value}" for r, (ok, value) in replies.items() if not ok]
+        if failed:
+            raise RuntimeError(f"rank agent {name!r} could not be built: {'; '.join(failed)}")
+        if receives_kv:
+            self.external_kv = True
+
+    def call(self, name: str, calls: dict[int, list[tuple[str, tuple]]]) -> dict[int, list[tuple[bool, object]]]:
+        """Run ``calls[r]`` (``(method, args)`` in order) on follower ``r``'s agent ``name``; returns
+        per rank one ``(True, result)`` or ``(False, "Type: message")`` per call, in order (a rank
+        not named runs nothing and answers ``[]``). A rank that does not answer breaks the group:
+        RuntimeError, as for a failed forward pass."""
+        return self._round_trip({"kind": "call", "name": name, "calls": calls})
+
+    def _round_trip(self, msg: dict) -> dict[int, object]:
+        with self._lock:
+            self._send(msg)
+            answers = [None] * self.ep.size
+            try:
+                dist.gather_object(None, answers, dst=0, group=self.ep.cpu_group)
+            except RuntimeError as exc:
+                raise self.fail(f"a follower did not answer {msg['kind']!r}: {exc}") from exc
+        return {r: answers[r] for r in range(1, self.ep.size)}
 
     def keepalive(self) -> None:
         """Call often while idle (from the engine loop's thread): a no-op every ``keepalive_s``."""
@@ -430,11 +493,15 @@ class ParallelFollower:
         self.model.set_backend(init["attention_backend"], init["max_positions"], deterministic)  # the leader's kernels
         k_scales, v_scales = init["kv_scales"]
         self.pool = KVPool(mc.num_layers, init["num_pages"], init["page_size"], self.model.kv_heads_per_rank,
-                           mc.head_dim, getattr(torch, init["kv_dtype"]), device, num_aux_slots=1,
+                           mc.head_dim, getattr(torch, init["kv_dtype"]), device, num_aux_slots=init["num_aux_slots"],
                            k_scales=k_scales or None, v_scales=v_scales or None)
         self.eplb = hooks.runtime(self.model) if hooks is not None else None
-        self.runner = ModelRunner(self.model, self.pool, device)
+        graphs = init["cuda_graph_max_bs"]
+        if graphs:
+            _warm_communicator(ep)  # as the leader does, before both capture
+        self.runner = ModelRunner(self.model, self.pool, device, graphs)
         self.forward_passes = 0
+        self.agents: dict[str, object] = {}  # the leader's rank agents (attach), by name
 
     def step(self) -> bool:
         """Handle one message from the leader; False once it said stop."""
@@ -444,15 +511,44 @@ class ParallelFollower:
             self.eplb.set_location(loc)
         kind = msg["kind"]
         if kind == "forward":
-            self.runner.forward(_items(msg["batch"]))
+            self.runner.forward(_items(msg["batch"]), eager=not msg.get("graph", False))
             self.forward_passes += 1
+        elif kind == "attach":
+            def build() -> None:
+                self.agents[msg["name"]] = msg["factory"](self.pool, self.model, *msg["args"])
+
+            self._answer(self._run_one(build))
+        elif kind == "call":
+            if self.ep.device.type == "cuda":
+                torch.cuda.synchronize(self.ep.device)  # the forward passes before it wrote the pages
+            agent = self.agents.get(msg["name"])
+            self._answer([self._run_one(lambda m=m, a=a: getattr(agent, m)(*a)) if agent is not None
+                          else (False, f"RuntimeError: no agent {msg['name']!r} on rank {self.ep.rank}")
+                          for m, a in msg["calls"].get(self.ep.rank, [])])
         elif kind == "stop":
             return False
         return True
 
+    @staticmethod
+    def _run_one(fn) -> tuple[bool, object]:
+        try:
+            return True, fn()
+        except Exception as exc:  # the leader decides; the follower keeps serving
+            return False, f"{type(exc).__name__}: {exc}"
+
+    def _answer(self, obj) -> None:
+        dist.gather_object(obj, None, dst=0, group=self.ep.cpu_group)
+
     def run(self) -> None:
-        while self.step():
-            pass
+        try:
+            while self.step():
+                pass
+        finally:
+            for agent in self.agents.values():
+                close = getattr(agent, "close", None)
+                if close is not None:
+                    with contextlib.suppress(Exception):
+                        close()
 
 
 def _model_signature(model, mc) -> dict:

@@ -8,6 +8,12 @@ least-recently-used order when the allocator runs dry.
 Every node carries a chained 64-bit block hash, ``blake2b(parent_hash, tokens)``,
 so equal hashes mean equal prefixes on any worker. Subscribers receive
 ``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared`` events.
+
+The LoRA adapter is part of every key: a request under adapter ``a`` walks a subtree of its own
+(the root's children are keyed ``(a, tokens)``, the base model's plain ``tokens``) and its first
+block's hash is chained on ``lora_root_hash(a)`` instead of 0, so neither the tree, nor the
+block hashes (KV events, the router's index, HiCache storage keys) ever equate adapter a's KV
+with the base model's or adapter b's.
 """
 from __future__ import annotations
 
@@ -27,6 +33,15 @@ def block_hash(parent_hash: int | None, tokens) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
+def lora_root_hash(lora: str | None) -> int | None:
+    """The parent hash of the first block under LoRA adapter ``lora`` (None: the base model);
+    value-for-value ``tandem.routing.block_hash.lora_root_hash``."""
+    if lora is None:
+        return None
+    h = hashlib.blake2b(b"tandem-lora\0" + lora.encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little")
+
+
 DEVICE, HOST = "device", "host"  # tiers of KV events (HOST only with HiCache)
 
 
@@ -37,6 +52,7 @@ class BlockStored:
     token_ids: list
     block_size: int
     tier: str = DEVICE
+    lora_name: str | None = None  # the adapter whose KV these blocks hold (None: the base model)
 
 
 @dataclass
@@ -56,6 +72,8 @@ _tick = itertools.count()
 @dataclass(eq=False)
 class Node:
     tokens: tuple = ()
+    key: object = None  # its key in parent.children: tokens, or (lora, tokens) for a first block under an adapter
+    lora: str | None = None  # the LoRA adapter of its subtree (None: the base model)
     page: int = -1
     parent: Node | None = None
     children: dict = field(default_factory=dict)
@@ -89,15 +107,33 @@ class RadixCache:
             for fn in self.subscribers:
                 fn(events)
 
+    # ---- keys --------------------------------------------------------------------------------
+    def child_key(self, node: Node, tokens: tuple, lora: str | None):
+        """The key of the block ``tokens`` under ``node`` for requests of adapter ``lora``."""
+        return (lora, tokens) if lora is not None and node is self.root else tokens
+
+    def chain_hash(self, node: Node, lora: str | None) -> int | None:
+        """The hash a block under ``node`` is chained on (the adapter's root hash at the root)."""
+        return lora_root_hash(lora) if node is self.root else node.hash
+
+    def new_node(self, parent: Node, tokens: tuple, lora: str | None, **fields) -> Node:
+        """A node for block ``tokens`` under ``parent``, keyed and hashed for ``lora``, in the tree."""
+        key = self.child_key(parent, tokens, lora)
+        fields.setdefault("hash", block_hash(self.chain_hash(parent, lora), tokens))
+        child = Node(tokens=tokens, key=key, lora=lora, parent=parent, **fields)
+        parent.children[key] = child
+        return child
+
     # ---- lookup / insert ---------------------------------------------------------------
-    def match_prefix(self, token_ids) -> tuple[list[int], Node]:
-        """Pages of the longest cached full-page prefix of token_ids, and its last node."""
+    def match_prefix(self, token_ids, lora: str | None = None) -> tuple[list[int], Node]:
+        """Pages of the longest cached full-page prefix of token_ids (under LoRA adapter
+        ``lora``), and its last node."""
         node, pages = self.root, []
         if self.disabled:
             return pages, node
         ps = self.page_size
         for i in range(len(token_ids) // ps):
-            child = node.children.get(tuple(token_ids[i * ps : (i + 1) * ps]))
+            child = node.children.get(self.child_key(node, tuple(token_ids[i * ps : (i + 1) * ps]), lora))
             if child is None or child.page < 0:  # only device pages match (HiCache loads the rest)
                 break
             node = child
@@ -119,7 +155,7 @@ class RadixCache:
                 self.evictable_pages += 1
             node = node.parent
 
-    def insert(self, token_ids, pages: list[int], num_owned_from: int) -> None:
+    def insert(self, token_ids, pages: list[int], num_owned_from: int, lora: str | None = None) -> None:
         """Hand a request's pages to the tree.
 
         ``pages[i]`` holds the KV of tokens ``[i*ps, (i+1)*ps)``; pages before
@@ -131,9 +167,10 @@ class RadixCache:
         if self.disabled:
             self._free_pages(list(pages[num_owned_from:]))
             return
-        self._adopt(token_ids, pages, n_full, num_owned_from, list(pages[max(n_full, num_owned_from):]))
+        self._adopt(token_ids, pages, n_full, num_owned_from, list(pages[max(n_full, num_owned_from):]), lora)
 
-    def insert_live(self, token_ids, pages: list[int], num_owned_from: int) -> tuple[list[int], Node]:
+    def insert_live(self, token_ids, pages: list[int], num_owned_from: int,
+                    lora: str | None = None) -> tuple[list[int], Node]:
         """Hand the full pages of a request that keeps running to the tree now (its prompt, once
         prefilled), so that later requests with the same prefix share them at once.
 
@@ -145,22 +182,21 @@ class RadixCache:
         n_full = len(token_ids) // self.page_size
         if n_full > len(pages):
             raise ValueError(f"insert_live: {n_full} full pages of tokens but {len(pages)} pages")
-        return self._adopt(token_ids, pages, n_full, num_owned_from, [])
+        return self._adopt(token_ids, pages, n_full, num_owned_from, [], lora)
 
     def _adopt(self, token_ids, pages: list[int], n_full: int, num_owned_from: int,
-               to_free: list[int]) -> tuple[list[int], Node]:
+               to_free: list[int], lora: str | None = None) -> tuple[list[int], Node]:
         """Make pages[:n_full] tree nodes (an equal node already there keeps its page and ours is
         freed, with ``to_free``); return the pages now holding those tokens and the last node."""
         ps = self.page_size
         out, new_nodes, node = list(pages[:n_full]), [], self.root
         for i in range(n_full):
-            key = tuple(token_ids[i * ps : (i + 1) * ps])
-            child = node.children.get(key)
+            tokens = tuple(token_ids[i * ps : (i + 1) * ps])
+            child = node.children.get(self.child_key(node, tokens, lora))
             if child is None:
                 if i < num_owned_from:  # our matched prefix was evicted? never: it is locked
                     raise RuntimeError("radix cache: locked prefix missing")
-                child = Node(tokens=key, page=pages[i], parent=node, hash=block_hash(node.hash, key))
-                node.children[key] = child
+                child = self.new_node(node, tokens, lora, page=pages[i])
                 self.num_pages += 1
                 self.evictable_pages += 1
                 new_nodes.append(child)
@@ -188,6 +224,7 @@ class RadixCache:
                 token_ids=[t for n in chain for t in n.tokens],
                 block_size=self.page_size,
                 tier=tier,
+                lora_name=first.lora,
             )])
 
     def _revive(self, node: Node, page: int) -> None:
@@ -205,10 +242,10 @@ class RadixCache:
         """Page copies in flight hold pages that will be evictable once done (HiCache)."""
         return False
 
-    def match_and_load(self, token_ids) -> tuple[list[int], Node, bool]:
+    def match_and_load(self, token_ids, lora: str | None = None) -> tuple[list[int], Node, bool]:
         """match_prefix for admission: with HiCache, the prefix found below the device tier is
         loaded back first. The flag is False while the request should wait (storage prefetch)."""
-        return *self.match_prefix(token_ids), True
+        return *self.match_prefix(token_ids, lora), True
 
     # ---- eviction ------------------------------------------------------------------------
     def evict(self, num_pages: int) -> int:
@@ -221,7 +258,7 @@ class RadixCache:
         while heap and len(freed) < num_pages:
             _, _, n = heapq.heappop(heap)
             parent = n.parent
-            del parent.children[n.tokens]
+            del parent.children[n.key]
             freed.append(n.page)
             removed.append(n.hash)
             self.num_pages -= 1
@@ -254,6 +291,6 @@ class RadixCache:
         while stack:
             n = stack.pop()
             out.append(BlockStored([n.hash], n.parent.hash if n.parent is not self.root else None,
-                                   list(n.tokens), self.page_size))
+                                   list(n.tokens), self.page_size, lora_name=n.lora))
             stack.extend(n.children.values())
         return out

@@ -50,6 +50,8 @@ class Request:
     stops: StopStrings | None = None
     prompt_logprobs: list = field(default_factory=list)  # [(logprob, top)] of prompt tokens 1..L-1
     num_pending: int = 0  # 1 while output_ids ends with a placeholder for a token being sampled
+    lora_name: str | None = None  # the LoRA adapter it runs under (None: the base model); part of its cache keys
+    lora_slot: int = -1  # the device slot holding its adapter while it runs (-1: none)
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -54,11 +54,13 @@ NOTHING = ScheduledBatch("idle")
 class Scheduler:
     def __init__(self, pool: KVPool, cache: RadixCache, chunked_prefill_size: int,
                  max_prefill_tokens: int, max_running_requests: int, stop: StopChecker, stats: StatsCollector,
-                 mixed_chunk: bool = False, cache_every_chunk: bool = False):
+                 mixed_chunk: bool = False, cache_every_chunk: bool = False, lora=None):
         """``cache_every_chunk``: a prompt's full pages go to the prefix cache after every prefill
         chunk (HiCache: write-through backs a long prompt up chunk by chunk while the next chunk
-        computes), not only after its last one."""
+        computes), not only after its last one. ``lora``: the ``tandem.engine.lora.LoraManager``
+        (``--enable-lora``) whose device slots a request with an adapter holds while it runs."""
         self.pool, self.cache = pool, cache
+        self.lora = lora
         self.cache_every_chunk = cache_every_chunk
         self.page_size = pool.page_size
         self.prefill_budget = min(chunked_prefill_size, max_prefill_tokens)
@@ -80,7 +82,7 @@ class Scheduler:
     def register(self, req: Request) -> None:
         """Track a request that is not queued (its KV comes from outside: ``join_running`` later)."""
         self.requests[req.rid] = req
-        self.stats.request_added(len(req.prompt_ids))
+        self.stats.request_added(len(req.prompt_ids), req.lora_name)
 
     def join_running(self, req: Request) -> None:
         """A request whose prompt KV is in its pages joins the running batch to decode."""
@@ -117,12 +119,30 @@ class Scheduler:
     def release(self, req: Request, cache: bool = True) -> None:
         """Give a request's pages back: full pages to the prefix cache (when cache), the rest freed."""
         if cache:
-            self.cache.insert(req.all_ids[: req.num_computed], req.pages, req.num_tree_pages)
+            self.cache.insert(req.all_ids[: req.num_computed], req.pages, req.num_tree_pages, req.lora_name)
         else:
             self.pool.free(req.pages[req.num_tree_pages:])
         if req.tree_node is not None:
             self.cache.unlock(req.tree_node)
         req.pages, req.num_tree_pages, req.tree_node = [], 0, None
+        self.release_lora(req)
+
+    def acquire_lora(self, req: Request) -> bool:
+        """Give req its adapter's device slot (pinned until ``release``); False when every slot
+        serves another adapter's running requests (req waits)."""
+        if req.lora_name is None or req.lora_slot >= 0:
+            return True
+        slot = self.lora.acquire(req.lora_name)
+        if slot is None:
+            return False
+        req.lora_slot = slot
+        return True
+
+    def release_lora(self, req: Request) -> None:
+        """Give back req's adapter slot (if it holds one)."""
+        if req.lora_slot >= 0:
+            self.lora.release(req.lora_slot)
+            req.lora_slot = -1
 
     def cache_prompt(self, req: Request) -> None:
         """Put the full pages of req's prefilled prompt into the prefix cache while it keeps
@@ -133,16 +153,17 @@ class Scheduler:
         if n_full <= req.num_tree_pages:
             return
         pages, node = self.cache.insert_live(req.prompt_ids[: n_full * self.page_size], req.pages[:n_full],
-                                             req.num_tree_pages)
+                                             req.num_tree_pages, req.lora_name)
         self.cache.lock(node)
         if req.tree_node is not None:
             self.cache.unlock(req.tree_node)
         req.pages[:n_full] = pages
         req.num_tree_pages, req.tree_node = n_full, node
 
-    def cached_prefix_tokens(self, token_ids: list) -> int:
-        """How many leading tokens of a prompt the prefix cache holds (what admission would match)."""
-        pages, _ = self.cache.match_prefix(token_ids[: len(token_ids) - 1])
+    def cached_prefix_tokens(self, token_ids: list, lora: str | None = None) -> int:
+        """How many leading tokens of a prompt (under LoRA adapter ``lora``) the prefix cache holds
+        (what admission would match)."""
+        pages, _ = self.cache.match_prefix(token_ids[: len(token_ids) - 1], lora)
         return len(pages) * self.page_size
 
     # ---- admission -----------------------------------------------------------------------
@@ -152,17 +173,18 @@ class Scheduler:
         if req.wants_prompt_logprobs:
             pages, node = [], self.cache.root
         else:
-            pages, node, ready = self.cache.match_and_load(req.all_ids[: req.seq_len - 1])
+            pages, node, ready = self.cache.match_and_load(req.all_ids[: req.seq_len - 1], req.lora_name)
             if not ready:
                 return False  # its prefix is being read from storage (HiCache prefetch policy)
         self.cache.lock(node)
-        need = self.pages_for(req.seq_len + 1) - len(pages)
-        # Keep one page of headroom per running request for its next decode page.
-        if need + len(self.running) > self.available_pages and self.running:
+        if not self.acquire_lora(req):
             self.cache.unlock(node)
             return False
-        if need > self.available_pages:
+        need = self.pages_for(req.seq_len + 1) - len(pages)
+        # Keep one page of headroom per running request for its next decode page.
+        if (need + len(self.running) > self.available_pages and self.running) or need > self.available_pages:
             self.cache.unlock(node)
+            self.release_lora(req)
             return False
         req.pages = list(pages)
         req.num_tree_pages = len(pages)
@@ -326,7 +348,7 @@ class Scheduler:
         req.output_ids.append(tok)
         req.output_logprobs.extend(lp)
         req.output_top_logprobs.extend(top)
-        self.stats.token_generated()
+        self.stats.token_generated(req.lora_name)
         if req.grammar is not None and not req.grammar.accept(tok):
             # Only a first token sampled elsewhere (PD) could get here: never continue off-grammar.
             self.finish(req, "abort")
@@ -365,7 +387,7 @@ class Scheduler:
             self.pool.free_aux(req.aux_slot)
             req.aux_slot = None
         self.requests.pop(req.rid, None)
-        self.stats.request_finished(req.cached_tokens)
+        self.stats.request_finished(req.cached_tokens, req.lora_name)
 
     def finish_with_error(self, req: Request, error: str) -> StepOutput:
         """End a request that cannot go on (reason abort, with the error); its output."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import collections
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .request import Status
 
@@ -47,6 +47,10 @@ class EngineStats:
     hicache_evicted_tokens_total: int = 0
     hicache_storage_write_tokens_total: int = 0
     hicache_storage_corrupt_pages_total: int = 0
+    # LoRA (--enable-lora), totals since start by adapter name (requests without one are not in them)
+    lora_requests_total: dict = field(default_factory=dict)  # requests finished
+    lora_prompt_tokens_total: dict = field(default_factory=dict)
+    lora_generation_tokens_total: dict = field(default_factory=dict)
 
 
 class StatsCollector:
@@ -61,17 +65,23 @@ class StatsCollector:
         self._step_tokens = 0
 
     # ---- events --------------------------------------------------------------------------
-    def request_added(self, num_prompt_tokens: int) -> None:
+    def request_added(self, num_prompt_tokens: int, lora: str | None = None) -> None:
         self._s.prompt_tokens_total += num_prompt_tokens
+        if lora is not None:
+            _bump(self._s.lora_prompt_tokens_total, lora, num_prompt_tokens)
 
-    def token_generated(self) -> None:
+    def token_generated(self, lora: str | None = None) -> None:
         self._s.generation_tokens_total += 1
         self._step_tokens += 1
+        if lora is not None:
+            _bump(self._s.lora_generation_tokens_total, lora, 1)
 
-    def request_finished(self, cached_tokens: int) -> None:
+    def request_finished(self, cached_tokens: int, lora: str | None = None) -> None:
         """A request ended (finished, aborted, or a prefill-only one released)."""
         self._s.num_requests_total += 1
         self._s.cached_tokens_total += cached_tokens
+        if lora is not None:
+            _bump(self._s.lora_requests_total, lora, 1)
 
     def step_done(self, kind: str, batch_size: int, num_tokens: int, seconds: float) -> None:
         s = self._s
@@ -105,7 +115,11 @@ class StatsCollector:
         s.gen_throughput = self._window_tokens / max(now - window[0][0], 1e-3) if window else 0.0
         if hicache is not None:
             _hicache_gauges(s, hicache)
-        return EngineStats(**vars(s))
+        return EngineStats(**{k: dict(v) if isinstance(v, dict) else v for k, v in vars(s).items()})
+
+
+def _bump(totals: dict, key: str, n: int) -> None:
+    totals[key] = totals.get(key, 0) + n
 
 
 def _hicache_gauges(s: EngineStats, ctl) -> None:

@@ -35,15 +35,18 @@ class TensorParallel:
     size: int = 1
     group: object = None  # the device group (nccl or gloo); None with size 1
     expert_sharded: bool = True  # MoE experts split along their intermediate size (False: whole, placed by EP)
+    # Run the collectives even with size 1 (over ``group``): the GPU check that a world-size-1 NCCL
+    # all-reduce captured inside a decode CUDA graph replays correctly (benchmarks/gpu_engine_check.py).
+    force_collectives: bool = False
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.size > 1:
+        if self.size > 1 or self.force_collectives:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t
 
     def all_gather_last(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's ``t`` along the last dimension (rank order)."""
-        if self.size == 1:
+        if self.size == 1 and not self.force_collectives:
             return t
         parts = [torch.empty_like(t) for _ in range(self.size)]
         dist.all_gather(parts, t.contiguous(), group=self.group)  # the list form: gloo has no all_gather_into_tensor

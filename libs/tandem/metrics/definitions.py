@@ -180,6 +180,16 @@ REALTIME_MODES = (  # (mode label, SchedulerStats delta field)
     ("prefill_cache", "realtime_prefill_cache_tokens"),
     ("decode", "realtime_decode_tokens"),
 )
+# Per LoRA adapter (--enable-lora; SGLang has none, vLLM only a running/waiting info gauge): the
+# counters above, split by adapter. (spec, SchedulerStats {lora_name: delta} field).
+LORA_COUNTERS = (
+    (_c(S + "lora_requests_total", "Number of requests processed, by LoRA adapter.",
+        SGLANG_LABELS + ("lora_name",)), "lora_requests"),
+    (_c(S + "lora_prompt_tokens_total", "Number of prefill tokens processed, by LoRA adapter.",
+        SGLANG_LABELS + ("lora_name",)), "lora_prompt_tokens"),
+    (_c(S + "lora_generation_tokens_total", "Number of generation tokens processed, by LoRA adapter.",
+        SGLANG_LABELS + ("lora_name",)), "lora_generation_tokens"),
+)
 # Histograms: (spec, SchedulerStats sample-list field).
 ENGINE_HISTOGRAMS = (
     (_h(S + "time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS),
@@ -288,7 +298,7 @@ ROUTER = {
 
 def all_specs() -> list[MetricSpec]:
     """Every statically defined metric spec (eplb_gpu_physical_count depends on ep_size)."""
-    specs = list(ENGINE_GAUGES) + [s for s, _ in ENGINE_COUNTERS] + [REALTIME_TOKENS]
+    specs = list(ENGINE_GAUGES) + [s for s, _ in ENGINE_COUNTERS] + [REALTIME_TOKENS] + [s for s, _ in LORA_COUNTERS]
     specs += [s for s, _ in ENGINE_HISTOGRAMS] + [EPLB_BALANCEDNESS]
     specs += list(COMPONENT.values()) + list(FRONTEND.values()) + list(ROUTER.values())
     return specs

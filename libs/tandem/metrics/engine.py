@@ -27,6 +27,7 @@ class EngineMetrics:
         self.gauges = {spec.name[len("sglang:"):]: spec.create(registry) for spec in d.ENGINE_GAUGES}
         self.counters = {field: spec.create(registry) for spec, field in d.ENGINE_COUNTERS}
         self.realtime_tokens = d.REALTIME_TOKENS.create(registry)
+        self.lora_counters = {field: spec.create(registry) for spec, field in d.LORA_COUNTERS}
         self.histograms = {field: spec.create(registry) for spec, field in d.ENGINE_HISTOGRAMS}
         self.eplb_balancedness = d.EPLB_BALANCEDNESS.create(registry)
         self.eplb_gpu_physical_count = None  # created on first use: buckets depend on ep_size
@@ -54,6 +55,9 @@ class EngineMetrics:
                 child = self.realtime_tokens.labels(**labels, mode=mode)
                 if delta:
                     child.inc(delta)
+            for field, counter in self.lora_counters.items():
+                for lora_name, delta in getattr(stats, field).items():
+                    counter.labels(**labels, lora_name=lora_name).inc(delta)
             for field, hist in self.histograms.items():
                 samples = getattr(stats, field)
                 child = hist.labels(**labels)
@@ -89,3 +93,7 @@ def _validate(stats: SchedulerStats) -> None:
         delta = getattr(stats, field)
         if not isinstance(delta, (int, float)) or delta < 0:
             raise ValueError(f"stats.{field} is a delta and must be a number >= 0, got {delta!r}")
+    for _, field in d.LORA_COUNTERS:
+        for lora_name, delta in getattr(stats, field).items():
+            if not isinstance(delta, (int, float)) or delta < 0:
+                raise ValueError(f"stats.{field}[{lora_name!r}] is a delta and must be a number >= 0, got {delta!r}")

@@ -95,6 +95,11 @@ class SchedulerStats:
     load_back_duration_s: list[float] = field(default_factory=list)
 
     # EPLB
+    # LoRA adapter name -> counter delta (requests finished, prompt and generation tokens).
+    lora_requests: dict[str, int] = field(default_factory=dict)
+    lora_prompt_tokens: dict[str, int] = field(default_factory=dict)
+    lora_generation_tokens: dict[str, int] = field(default_factory=dict)
+
     eplb_balancedness: dict[str, list[float]] = field(default_factory=dict)  # forward_mode -> samples
     # layer -> tokens dispatched to each EP rank (list index = rank), counts since last message
     eplb_gpu_physical_count: dict[int, list[int]] = field(default_factory=dict)

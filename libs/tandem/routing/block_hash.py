@@ -38,6 +38,15 @@ def hash_block(parent: int | None, tokens: Sequence[int]) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
+def lora_root_hash(lora: str | None) -> int | None:
+    """The parent hash of a sequence's first block under LoRA adapter ``lora`` (None: the base
+    model, ROOT_HASH): the same tokens under two adapters never get equal hashes. Value-for-value
+    the engine's ``tandem.engine.radix_cache.lora_root_hash``."""
+    if lora is None:
+        return None
+    return int.from_bytes(blake2b(b"tandem-lora\0" + lora.encode(), digest_size=8).digest(), "little")
+
+
 def block_hashes(token_ids: Sequence[int], block_size: int, parent: int | None = None) -> list[int]:
     """Chained hashes of every full block of `token_ids` (a trailing partial block is skipped)."""
     if block_size <= 0:

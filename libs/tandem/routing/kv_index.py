@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 
-from tandem.routing.block_hash import block_hashes, hash_block
+from tandem.routing.block_hash import block_hashes, hash_block, lora_root_hash
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class KvIndex:
                 if kind == "stored":
                     s = ev.stored
                     self.store(worker_id, list(s.block_hashes), list(s.token_ids), s.block_size,
-                               s.parent_block_hash if s.HasField("parent_block_hash") else None, tier=s.tier)
+                               s.parent_block_hash if s.HasField("parent_block_hash") else None, tier=s.tier,
+                               lora=s.lora_name or None)
                 elif kind == "removed":
                     self.remove(worker_id, list(ev.removed.block_hashes), tier=ev.removed.tier)
                 elif kind == "cleared":
@@ -88,8 +89,9 @@ class KvIndex:
         return self._holders if tier == DEVICE else self._host_holders
 
     def store(self, worker_id: str, hashes: Sequence[int], token_ids: Sequence[int], block_size: int,
-              parent: int | None = None, tier: int = DEVICE) -> None:
-        """Blocks `hashes` (worker's hashes, prefix order) were cached in `tier`; `token_ids` are their tokens."""
+              parent: int | None = None, tier: int = DEVICE, lora: str | None = None) -> None:
+        """Blocks `hashes` (worker's hashes, prefix order) were cached in `tier`; `token_ids` are their tokens;
+        `lora`: the LoRA adapter they were computed under (keys of a first block chain on its root hash)."""
         holders = self._tier_holders(tier)
         if block_size <= 0:
             raise KvIndexError(f"block_size={block_size}: must be > 0")
@@ -102,7 +104,7 @@ class KvIndex:
             raise KvIndexError(f"{len(token_ids)} token ids for {len(hashes)} blocks of {block_size}")
         w = self._workers.setdefault(worker_id, _WorkerBlocks())
         if parent is None:
-            parent_key = None
+            parent_key = lora_root_hash(lora)
         else:
             parent_key = w.by_ext.get(parent)
             if parent_key is None:
@@ -179,11 +181,12 @@ class KvIndex:
 
     # ---- queries ------------------------------------------------------------------
 
-    def request_keys(self, token_ids: Sequence[int]) -> list[int]:
-        """Router keys of a request's full blocks (empty until the block size is known)."""
+    def request_keys(self, token_ids: Sequence[int], lora: str | None = None) -> list[int]:
+        """Router keys of a request's full blocks under LoRA adapter `lora` (None: the base model;
+        empty until the block size is known)."""
         if self.block_size is None:
             return []
-        return block_hashes(token_ids, self.block_size)
+        return block_hashes(token_ids, self.block_size, lora_root_hash(lora))
 
     def match(self, keys: Sequence[int]) -> dict[str, int]:
         """Per worker, the number of leading blocks of `keys` it holds on the device (workers

@@ -52,9 +52,9 @@ def unauthorized() -> OpenAIError:
                        "invalid_request_error", None, "invalid_api_key")
 
 
-def model_not_found(model: str) -> OpenAIError:
-    return OpenAIError(404, f"The model '{model}' does not exist.", "invalid_request_error", "model",
-                       "model_not_found")
+def model_not_found(model: str, detail: str = "") -> OpenAIError:
+    return OpenAIError(404, f"The model '{model}' does not exist." + (f" ({detail})" if detail else ""),
+                       "invalid_request_error", "model", "model_not_found")
 
 
 def invalid(e: SamplingError) -> OpenAIError:
@@ -527,8 +527,10 @@ def usage_chunk(rid: str, model: str, created: int, kind: Literal["completion", 
     }
 
 
-def models_body(model: str, created: int, extra: Sequence[str] = ()) -> dict:
-    """``model`` first, then the ``extra`` models (embedding models the workers serve)."""
-    names = [model] + [m for m in extra if m != model]
+def models_body(models: list[str] | str, created: int, extra: Sequence[str] = ()) -> dict:
+    """/v1/models: ``models`` first (the base model and its LoRA adapters, ``base:adapter``), then
+    the ``extra`` models (embedding models the workers serve)."""
+    models = [models] if isinstance(models, str) else list(models)
+    names = models + [m for m in extra if m not in models]
     return {"object": "list",
             "data": [{"id": m, "object": "model", "created": created, "owned_by": "tandem"} for m in names]}

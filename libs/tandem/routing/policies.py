@@ -56,8 +56,9 @@ class Policy(ABC):
     name: str = ""
 
     @abstractmethod
-    def choose(self, workers: Sequence[WorkerView], token_ids: Sequence[int]) -> Decision:
-        """Pick one of `workers` (non-empty) for a request with prompt `token_ids`."""
+    def choose(self, workers: Sequence[WorkerView], token_ids: Sequence[int], lora: str | None = None) -> Decision:
+        """Pick one of `workers` (non-empty) for a request with prompt `token_ids` under LoRA
+        adapter `lora` (None: the base model; every worker given holds it)."""
 
 
 class _Rotating(Policy):
@@ -75,7 +76,7 @@ class _Rotating(Policy):
 class RoundRobinPolicy(_Rotating):
     name = "round_robin"
 
-    def choose(self, workers, token_ids):
+    def choose(self, workers, token_ids, lora=None):
         ordered, start = self.ordered(workers)
         return Decision(ordered[start].worker_id)
 
@@ -86,7 +87,7 @@ class RandomPolicy(Policy):
     def __init__(self, seed: int | None = None) -> None:
         self._rng = _random.Random(seed)
 
-    def choose(self, workers, token_ids):
+    def choose(self, workers, token_ids, lora=None):
         return Decision(self._rng.choice(list(workers)).worker_id)
 
 
@@ -95,7 +96,7 @@ class LeastLoadedPolicy(_Rotating):
 
     name = "least_loaded"
 
-    def choose(self, workers, token_ids):
+    def choose(self, workers, token_ids, lora=None):
         ordered, start = self.ordered(workers)
         n = len(ordered)
         best = min(range(n), key=lambda i: (
@@ -123,9 +124,9 @@ class KvAwarePolicy(_Rotating):
     def request_blocks(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
 
-    def choose(self, workers, token_ids):
+    def choose(self, workers, token_ids, lora=None):
         t0 = time.perf_counter()
-        keys = self.index.request_keys(token_ids)
+        keys = self.index.request_keys(token_ids, lora)
         t1 = time.perf_counter()
         overlaps = self.index.match_tiers(keys) if keys else {}
         t2 = time.perf_counter()

@@ -7,6 +7,7 @@ import logging
 import threading
 
 import grpc
+import grpc.aio
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +54,48 @@ class BearerCheck:
         return False
 
 
-class AdminInterceptor(grpc.ServerInterceptor):
-    """gRPC server interceptor: calls to the admin services (EngineControl: profiling, expert
-    recorder) need `authorization: Bearer <admin token>` metadata, else UNAUTHENTICATED."""
+ADMIN_DENIED = "admin call: missing or wrong bearer token (--admin-token)"
+
+
+class AdminRule:
+    """Calls to ``services`` need `authorization: Bearer <admin token>` metadata."""
 
     def __init__(self, check: BearerCheck, services: tuple[str, ...]) -> None:
         self._check = check
         self._prefixes = tuple(f"/{s}/" for s in services)
 
+    def refuses(self, details) -> bool:
+        """True for a call (its ``HandlerCallDetails``) to an admin service without the token."""
+        return details.method.startswith(self._prefixes) and not self._check.allows(
+            dict(details.invocation_metadata).get("authorization"), "gRPC admin client")
+
+
+class AdminInterceptor(grpc.ServerInterceptor):
+    """gRPC server interceptor: calls to the admin services (EngineControl: profiling, expert
+    recorder) need `authorization: Bearer <admin token>` metadata, else UNAUTHENTICATED."""
+
+    def __init__(self, check: BearerCheck, services: tuple[str, ...]) -> None:
+        self._rule = AdminRule(check, services)
+
         def deny(_request, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "admin call: missing or wrong bearer token (--admin-token)")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, ADMIN_DENIED)
 
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
 
     def intercept_service(self, continuation, details):
-        if not details.method.startswith(self._prefixes):
-            return continuation(details)
-        if self._check.allows(dict(details.invocation_metadata).get("authorization"), "gRPC admin client"):
-            return continuation(details)
-        return self._deny
+        return self._deny if self._rule.refuses(details) else continuation(details)
+
+
+class AioAdminInterceptor(grpc.aio.ServerInterceptor):
+    """:class:`AdminInterceptor` for a ``grpc.aio`` server (the same rule, the same answer)."""
+
+    def __init__(self, check: BearerCheck, services: tuple[str, ...]) -> None:
+        self._rule = AdminRule(check, services)
+
+        async def deny(_request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, ADMIN_DENIED)
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, details):
+        return self._deny if self._rule.refuses(details) else await continuation(details)

@@ -88,12 +88,16 @@ class TransferError(RuntimeError):
 
 @dataclass
 class Registration:
-    """What decode tells each prefill worker once: its backend, agent and pool layout."""
+    """What decode tells each prefill worker once: its backend, agent and pool layout.
+
+    ``ranks``: a decode worker of several TP ranks registers every rank's receiver, rank 0 first
+    (this registration is rank 0's); empty for a one-rank worker."""
 
     backend: str
     agent_name: str
     agent_metadata: bytes
     layout: PoolLayout
+    ranks: tuple[Registration, ...] = ()
 
 
 class HandleKind(enum.Enum):
@@ -495,12 +499,20 @@ class KvSender:
                 f"decode {reg.agent_name!r} uses transfer backend {reg.backend!r}, this "
                 f"prefill uses {self.backend!r}"
             )
+        if len(reg.ranks) > 1:
+            raise ValueError(f"decode {reg.agent_name!r} has {len(reg.ranks)} TP ranks, each with its own pool; "
+                             "this sender writes one pool (a worker drives one sender per rank of either side)")
         check_compatible(self.layout, reg.layout)
         check_addresses(reg.layout)
         self._add_peer(reg)
         with self._peers_lock:
             self._peers[reg.agent_name] = reg.layout
         return reg.agent_name
+
+    def ranks(self) -> list[tuple[str, PoolLayout]]:
+        """``(agent name, layout)`` of the sender of every rank of this worker, rank 0 first (one
+        here; a worker of several TP ranks answers each rank's, so decode knows who writes what)."""
+        return [(self.name, self.layout)]
 
     def remove_peer(self, peer: str) -> None:
         with self._peers_lock:

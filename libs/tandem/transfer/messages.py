@@ -35,6 +35,8 @@ class KvPages:
     ``is_last``: the last message of the room's last chunk. ``kv_heads`` > 0: the bytes hold only the
     model's KV heads ``[kv_head_start, kv_head_start + kv_heads)`` of every token (a sender and a
     receiver of different TP sizes), packed ``[pages, page_size, kv_heads, head_dim]``; 0: whole pages.
+    ``dst_rank``: the rank of the receiving worker whose pool the message fills (a decode worker of
+    several TP ranks has one receiver per rank; 0 for a one-rank worker).
     """
 
     room: int
@@ -46,14 +48,17 @@ class KvPages:
     v: bytes = b""
     kv_head_start: int = 0
     kv_heads: int = 0
+    dst_rank: int = 0
 
 
 @dataclass(frozen=True)
 class AuxData:
-    """The room's packed aux row (``tandem.transfer.aux``), for decode's aux slot."""
+    """The room's packed aux row (``tandem.transfer.aux``), for decode's aux slot (of rank
+    ``dst_rank``, as in :class:`KvPages`)."""
 
     room: int
     row: bytes
+    dst_rank: int = 0
 
 
 @dataclass(frozen=True)

@@ -23,4 +23,4 @@ class WorkerBase:
             total_pages=s.num_total_pages, evictable_pages=s.num_evictable_pages,
             num_inflight_transfers=num_inflight_transfers, token_usage=s.token_usage,
             cache_hit_rate=s.cache_hit_rate, num_prefilled_reqs=num_prefilled_reqs,
-            kv_event_sequence=self.events.sequence)
+            kv_event_sequence=self.events.sequence, lora_names=self.loop.lora_names)

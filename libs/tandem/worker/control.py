@@ -1,4 +1,5 @@
-"""Engine control plane of a worker: profiling over the system HTTP port and gRPC.
+"""Engine control plane of a worker: profiling over the system HTTP port and gRPC (LoRA
+adapters: ``lora_control``; the expert recorder: ``eplb``).
 
     POST /engine/start_profile {"output_dir": "...", "num_steps": 5, "activities": ["CPU"],
                                 "record_shapes": false, "with_stack": false}
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 import grpc
 from tandem.server.system_http import SystemHttpServer
 from tandem.v1 import engine_control_pb2, engine_control_pb2_grpc
+from tandem.worker.lora_control import LoraControl, LoraControlError, LoraResult
 from tandem.worker.profiler import EngineProfiler, ProfileRequest
 
 if TYPE_CHECKING:
@@ -59,9 +61,10 @@ def add_profile_routes(system: SystemHttpServer, profiler: EngineProfiler) -> No
 class EngineControlServicer(engine_control_pb2_grpc.EngineControlServicer):
     """gRPC twin of the HTTP control routes; expert recording is added by the EPLB hook."""
 
-    def __init__(self, profiler: EngineProfiler, expert_recorder=None) -> None:
+    def __init__(self, profiler: EngineProfiler, expert_recorder=None, loras: LoraControl | None = None) -> None:
         self.profiler = profiler
         self.expert_recorder = expert_recorder
+        self.loras = loras
         self._drain: Callable[[float], DrainReport] | None = None
 
     def serve_drain(self, drain: Callable[[float], DrainReport]) -> None:
@@ -127,3 +130,21 @@ class EngineControlServicer(engine_control_pb2_grpc.EngineControlServicer):
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return engine_control_pb2.ExpertRecordResponse(ok=True, message="dumped", path=str(path), mode=rec.mode)
+
+    # ---- LoRA adapters (LoraControl) -------------------------------------------------------------
+    def _lora(self, context, call) -> engine_control_pb2.LoraResponse:
+        try:
+            r: LoraResult = call()
+        except LoraControlError as exc:
+            context.abort(exc.code, exc.message)
+        return engine_control_pb2.LoraResponse(ok=True, message=r.message, adapters=[
+            engine_control_pb2.LoraAdapterInfo(lora_name=n, lora_path=p) for n, p in sorted(r.adapters.items())])
+
+    def LoadLora(self, request, context):
+        return self._lora(context, lambda: self.loras.load(request.lora_name, request.lora_path))
+
+    def UnloadLora(self, request, context):
+        return self._lora(context, lambda: self.loras.unload(request.lora_name))
+
+    def ListLoras(self, request, context):
+        return self._lora(context, self.loras.list)

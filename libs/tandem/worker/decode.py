@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 from tandem.config import DecodeConfig
+from tandem.engine import UnknownLoraError
 from tandem.routing.sampling import sampling_from_proto
 from tandem.sampling import SamplingParams
 from tandem.transfer import pages_needed
@@ -135,10 +136,13 @@ class DecodeWorker(WorkerBase):
         if output_ids and override == "remote":
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
                                 "output_ids: a continued request is prefilled on its decode worker, not remotely")
+        lora = request.lora_name or None
         local = (not self.disaggregated or override == "local" or sp.prompt_logprobs is not None or bool(output_ids)
-                 or (override != "remote" and self._short_prompt(ids)))
+                 or (override != "remote" and self._short_prompt(ids, lora)))
         try:
-            self.loop.validate(ids, sp, output_ids)  # a bad request never reaches a prefill worker
+            self.loop.validate(ids, sp, output_ids, lora)  # a bad request never reaches a prefill worker
+        except UnknownLoraError as exc:
+            raise RequestFailed(grpc.StatusCode.NOT_FOUND, str(exc)) from None
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         self._admit()
@@ -151,14 +155,14 @@ class DecodeWorker(WorkerBase):
         streamed = 0
         try:
             if kv_source is not None:
-                stream = self._move_in(rid, ids, sp, output_ids, kv_source, cancel, on_cancel)
+                stream = self._move_in(rid, ids, sp, output_ids, lora, kv_source, cancel, on_cancel)
                 cancel.add(stream.cancel)
             elif local:
-                stream = self._submit_local(rid, ids, sp, output_ids)
+                stream = self._submit_local(rid, ids, sp, output_ids, lora)
                 cancel.add(stream.cancel)
                 on_cancel(cancel)
             else:
-                stream = self._remote(rid, ids, sp, cancel, on_cancel)
+                stream = self._remote(rid, ids, sp, cancel, on_cancel, lora)
                 cancel.add(stream.cancel)
             with self._live_lock:
                 self._live[cancel][2] = stream.rid
@@ -209,17 +213,20 @@ class DecodeWorker(WorkerBase):
         return RequestFailed(grpc.StatusCode.UNAVAILABLE, f"draining: request {rid} handed back after {streamed} "
                              "tokens")
 
-    def _move_in(self, rid: str, ids: list[int], sp: SamplingParams, output_ids: list[int],
+    def _move_in(self, rid: str, ids: list[int], sp: SamplingParams, output_ids: list[int], lora: str | None,
                  source: common_pb2.KvMove, cancel: _Cancel,
                  on_cancel: Callable[[Callable[[], None]], None]) -> RequestStream:
         """A request moved off a draining worker: fetch its KV from there and decode on; when
-        the fetch fails (given up after its --drain-timeout, the holder gone), recompute it here."""
+        the fetch fails (given up after its --drain-timeout, the holder gone), recompute it here.
+        The KV was computed under adapter ``lora``, which the request keeps here (its LoRA slot
+        is taken with its pages)."""
         on_cancel(cancel)
         fetcher = self.moves.fetcher if self.moves is not None else None
         if fetcher is None:
-            why = "this worker fetches no KV (several ranks, or it serves embeddings)"
+            why = "this worker fetches no KV: " + ((self.moves.refused if self.moves is not None else None)
+                                                   or "started without KV moves")
         else:
-            fut = fetcher.move_in(rid, ids, output_ids, sp, source.address, source.move_id)
+            fut = fetcher.move_in(rid, ids, output_ids, sp, source.address, source.move_id, lora)
             cancel.add(fut.cancel)
             try:
                 stream = fut.result()
@@ -234,7 +241,7 @@ class DecodeWorker(WorkerBase):
         if self.moves is not None:
             self.moves.recomputed()
         # Its own id in the engine: the failed fetch's abort may still be on its way to the old one.
-        return self._submit_local(f"{rid}#recompute", ids, sp, output_ids)
+        return self._submit_local(f"{rid}#recompute", ids, sp, output_ids, lora)
 
     # ---- Drain ---------------------------------------------------------------------------
     def drain(self, timeout_s: float) -> DrainReport:
@@ -254,6 +261,8 @@ class DecodeWorker(WorkerBase):
         # tells its router where the KV waits) comes with the next step: after it is in the table.
         self.loop.pause()
         held_table = self.moves.held if self.moves is not None else None
+        if held_table is None and self.config.drain_timeout > 0 and self.moves is not None and self.moves.refused:
+            log.info("drain: no KV moves (%s): every request is recomputed on its target", self.moves.refused)
         held: dict = {}
         try:
             if held_table is not None:
@@ -286,28 +295,28 @@ class DecodeWorker(WorkerBase):
         return DrainReport([rid for rid, _, _ in live.values()], n, pages, moved,
                            held_table.num_pages_taken if held_table is not None else 0)
 
-    def _short_prompt(self, ids: list[int]) -> bool:
+    def _short_prompt(self, ids: list[int], lora: str | None = None) -> bool:
         """Below --max-local-prefill-length: prefilled here. With decode-side prefix reuse the
-        length that counts is the part this worker's prefix cache does not hold."""
+        length that counts is the part this worker's prefix cache does not hold (under adapter ``lora``)."""
         limit = self.config.max_local_prefill_length
         if len(ids) < limit:
             return True
         if not limit or not self.config.disaggregation_decode_enable_radix_cache:
             return False
-        return len(ids) - self.loop.cached_prefix_tokens(ids) < limit
+        return len(ids) - self.loop.cached_prefix_tokens(ids, lora) < limit
 
-    def _submit_local(self, rid: str, ids: list[int], sp: SamplingParams, output_ids: list[int] = ()
-                      ) -> RequestStream:
+    def _submit_local(self, rid: str, ids: list[int], sp: SamplingParams, output_ids: list[int] = (),
+                      lora: str | None = None) -> RequestStream:
         try:
-            stream = self.loop.submit(ids, sp, rid, output_ids=output_ids)
+            stream = self.loop.submit(ids, sp, rid, output_ids=output_ids, lora_name=lora)
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         self.local_prefills += 1
         return stream
 
     def _remote(self, rid: str, ids: list[int], sp: SamplingParams, cancel: _Cancel,
-                on_cancel: Callable[[Callable[[], None]], None]) -> RequestStream:
-        fut = self.remote.prefill(rid, ids, sp)
+                on_cancel: Callable[[Callable[[], None]], None], lora: str | None = None) -> RequestStream:
+        fut = self.remote.prefill(rid, ids, sp, lora_name=lora)
         cancel.add(fut.cancel)
         on_cancel(cancel)
         try:

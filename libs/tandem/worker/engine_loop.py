@@ -126,6 +126,10 @@ class EngineLoop(LoopThread):
         self._commands: queue.SimpleQueue[tuple[Callable[[EngineCore], Any], Future]] = queue.SimpleQueue()
         self._hooks: list[LoopHook] = []
         self._stats = engine.stats()
+        # The LoRA adapters the engine holds, {name: path} (a snapshot for other threads: GetLoad,
+        # ListLoras), replaced after each load/unload; lora_enabled: --enable-lora.
+        self.loras: dict[str, str] = engine.list_loras()
+        self.lora_enabled = engine.lora is not None
         self.steps = 0
         self._paused = threading.Event()
 
@@ -165,10 +169,12 @@ class EngineLoop(LoopThread):
         self._wake.set()
         return fut
 
-    def validate(self, prompt_ids: list[int], sampling: SamplingParams, output_ids: list[int] = ()) -> None:
+    def validate(self, prompt_ids: list[int], sampling: SamplingParams, output_ids: list[int] = (),
+                 lora_name: str | None = None) -> None:
         """Raise ValueError if this request could never run here (on the caller's thread:
-        it reads only the engine's fixed configuration)."""
-        self.engine.validate_request(prompt_ids, sampling, output_ids)
+        it reads only the engine's fixed configuration), UnknownLoraError for an adapter the
+        engine does not hold."""
+        self.engine.validate_request(prompt_ids, sampling, output_ids, lora_name)
 
     def validate_embedding(self, inputs: list[list[int]], dimensions: int | None) -> None:
         """Raise ValueError naming the input if this embedding batch could never run here (on the
@@ -176,7 +182,8 @@ class EngineLoop(LoopThread):
         self.engine.validate_embedding(inputs, dimensions)
 
     def submit(self, prompt_ids: list[int], sampling: SamplingParams, rid: str, mode: str = "normal",
-               on_output: Callable[[], None] | None = None, output_ids: list[int] = ()) -> RequestStream:
+               on_output: Callable[[], None] | None = None, output_ids: list[int] = (),
+               lora_name: str | None = None) -> RequestStream:
         """Queue a request; its outputs arrive on the returned stream (a prefill-only request's
         include the pages each chunk made final). Check it first with ``validate``: what the
         engine refuses when it is added ends the stream with that ValueError. Raises ValueError
@@ -186,7 +193,8 @@ class EngineLoop(LoopThread):
 
         def add(engine: EngineCore) -> None:
             try:
-                engine.add_request(prompt_ids, sampling, rid=rid, mode=mode, output_ids=output_ids)
+                engine.add_request(prompt_ids, sampling, rid=rid, mode=mode, output_ids=output_ids,
+                                   lora_name=lora_name)
             except BaseException as exc:
                 self._close(rid)
                 stream.deliver(_StreamEnd(exc))
@@ -195,12 +203,14 @@ class EngineLoop(LoopThread):
         return stream
 
     def allocate_external(self, prompt_ids: list[int], sampling: SamplingParams, rid: str,
-                          reuse_prefix: bool = False, output_ids: list[int] = ()) -> Future[ExternalAllocation]:
+                          reuse_prefix: bool = False, output_ids: list[int] = (),
+                          lora_name: str | None = None) -> Future[ExternalAllocation]:
         """Reserve pages and an aux slot for a prompt whose KV comes from outside (OutOfPages
-        when the pool cannot hold it now); ``reuse_prefix``: share what the prefix cache holds;
-        ``output_ids``: a request moved here with its tokens so far."""
+        when the pool cannot hold it now, or no LoRA slot is free for its adapter); ``reuse_prefix``:
+        share what the prefix cache holds; ``output_ids``: a request moved here with its tokens so far."""
         return self.call(lambda engine: engine.allocate_external(prompt_ids, sampling, rid=rid,
-                                                                 reuse_prefix=reuse_prefix, output_ids=output_ids))
+                                                                 reuse_prefix=reuse_prefix, output_ids=output_ids,
+                                                                 lora_name=lora_name))
 
     def hold_for_move(self, rids: list[str]) -> Future[dict[str, HeldForMove]]:
         """Stop these requests where they are decoding and keep their pages for other workers to
@@ -234,9 +244,9 @@ class EngineLoop(LoopThread):
         self.call(export)
         return stream
 
-    def cached_prefix_tokens(self, prompt_ids: list[int], timeout: float = 30.0) -> int:
-        """Leading tokens of the prompt that the prefix cache holds now."""
-        return self.call(lambda engine: engine.cached_prefix_tokens(prompt_ids)).result(timeout)
+    def cached_prefix_tokens(self, prompt_ids: list[int], lora_name: str | None = None, timeout: float = 30.0) -> int:
+        """Leading tokens of the prompt that the prefix cache holds now (under adapter ``lora_name``)."""
+        return self.call(lambda engine: engine.cached_prefix_tokens(prompt_ids, lora_name)).result(timeout)
 
     def activate_external(self, rid: str, first_token_id: int, logprob: float | None,
                           cached_tokens: int, top: list | None = None) -> Future[RequestStream]:
@@ -265,6 +275,30 @@ class EngineLoop(LoopThread):
     def subscribe_kv_events(self, fn: Callable[[list], None]) -> None:
         """fn(events) on the loop thread for every prefix-cache change."""
         self.call(lambda engine: engine.subscribe_kv_events(fn))
+
+    @property
+    def lora_names(self) -> list[str]:
+        return sorted(self.loras)
+
+    def load_lora(self, name: str, path: str) -> Future[dict[str, str]]:
+        """Load LoRA adapter ``name`` from ``path`` between two steps; the Future gives every adapter
+        held now ({name: path}) or raises LoraAdapterError (LoraExistsError for a name in use)."""
+        def load(engine: EngineCore) -> dict[str, str]:
+            engine.load_lora(name, path)
+            self.loras = engine.list_loras()
+            return self.loras
+
+        return self.call(load)
+
+    def unload_lora(self, name: str) -> Future[dict[str, str]]:
+        """Unload LoRA adapter ``name``; the Future gives the adapters left, or raises
+        UnknownLoraError, or LoraInUseError while requests use it."""
+        def unload(engine: EngineCore) -> dict[str, str]:
+            engine.unload_lora(name)
+            self.loras = engine.list_loras()
+            return self.loras
+
+        return self.call(unload)
 
     def kv_snapshot(self, timeout: float = 30.0) -> list:
         """Every block the prefix cache holds now, as BlockStored events."""
@@ -307,6 +341,8 @@ class EngineLoop(LoopThread):
         while not self._stop.is_set():
             self._wake.clear()
             changed = self._apply_commands()
+            # A remote-prefilled request's first token leaves now, not after the next forward pass.
+            self._deliver(self.engine.take_activated())
             for hook in self._hooks:
                 hook.poll()
             if self._paused.is_set() or not self.engine.has_work():
@@ -326,15 +362,18 @@ class EngineLoop(LoopThread):
             self._stats = stats = self.engine.stats()
             for hook in self._hooks:
                 hook.after_step(stats)
-            for out in outputs:
-                with self._streams_lock:
-                    stream = self._streams.get(out.rid)
-                    if out.finished:
-                        self._streams.pop(out.rid, None)
-                if stream is not None:
-                    stream.deliver(out)
+            self._deliver(outputs)
         self._fail_all(RuntimeError(f"{self.name} loop stopped"))
         self._apply_commands_after_stop()
+
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            with self._streams_lock:
+                stream = self._streams.get(out.rid)
+                if out.finished:
+                    self._streams.pop(out.rid, None)
+            if stream is not None:
+                stream.deliver(out)
 
     def _apply_commands_after_stop(self) -> None:
         while True:

@@ -21,7 +21,8 @@ _TIERS = {rc.DEVICE: common_pb2.KV_TIER_DEVICE, rc.HOST: common_pb2.KV_TIER_HOST
 def event_to_proto(ev) -> common_pb2.KvEvent:
     if isinstance(ev, rc.BlockStored):
         stored = common_pb2.BlockStored(block_hashes=ev.block_hashes, token_ids=list(ev.token_ids),
-                                        block_size=ev.block_size, tier=_TIERS[ev.tier])
+                                        block_size=ev.block_size, tier=_TIERS[ev.tier],
+                                        lora_name=ev.lora_name or "")
         if ev.parent_block_hash is not None:
             stored.parent_block_hash = ev.parent_block_hash
         return common_pb2.KvEvent(stored=stored)

@@ -25,8 +25,21 @@ from tandem.engine import HeldForMove
 from tandem.worker.errors import RequestFailed
 
 if TYPE_CHECKING:
+    from tandem.config import DecodeConfig
     from tandem.metrics import ComponentMetrics
     from tandem.worker.remote_prefill import RemotePrefill
+
+
+def moves_refused(config: DecodeConfig) -> str | None:
+    """Why a worker of ``config`` neither holds KV for a move nor fetches it (None: it does). A
+    move carries one rank's pool: a worker of several ranks (--tp-size/--ep-size > 1) drains by
+    handing its requests back to be recomputed, and recomputes a request moved to it."""
+    if config.is_embedding:
+        return "it serves embeddings"
+    if config.world_size > 1:
+        return (f"it runs {config.world_size} ranks (--tp-size {config.tp_size}, --ep-size {config.ep_size}); a move "
+                "carries one rank's pool")
+    return None
 
 
 class HeldMoves:
@@ -51,16 +64,17 @@ class HeldMoves:
         with self._lock:
             return len(self._held)
 
-    def check(self, move_id: str, kv_token_ids: list[int]) -> HeldForMove:
-        """RequestFailed unless ``move_id`` waits here with the KV of exactly ``kv_token_ids``."""
+    def check(self, move_id: str, kv_token_ids: list[int], lora_name: str | None = None) -> HeldForMove:
+        """RequestFailed unless ``move_id`` waits here with the KV of exactly ``kv_token_ids``,
+        computed under LoRA adapter ``lora_name`` (None: the base model)."""
         with self._lock:
-            return self._check(move_id, kv_token_ids)
+            return self._check(move_id, kv_token_ids, lora_name)
 
-    def take(self, move_id: str, kv_token_ids: list[int]) -> HeldForMove:
+    def take(self, move_id: str, kv_token_ids: list[int], lora_name: str | None = None) -> HeldForMove:
         """``check``, then the request is the fetcher's: no one else may take it, ``expire`` leaves
         it alone (the room that sends it frees its pages, sent or failed)."""
         with self._lock:
-            held = self._check(move_id, kv_token_ids)
+            held = self._check(move_id, kv_token_ids, lora_name)
             del self._held[move_id]
             self.num_taken += 1
             self.num_pages_taken += len(held.pages)
@@ -73,7 +87,7 @@ class HeldMoves:
             gone, self._held = list(self._held), {}
             return gone
 
-    def _check(self, move_id: str, kv_token_ids: list[int]) -> HeldForMove:
+    def _check(self, move_id: str, kv_token_ids: list[int], lora_name: str | None) -> HeldForMove:
         held = self._held.get(move_id)
         if held is None:
             raise RequestFailed(grpc.StatusCode.NOT_FOUND, f"move_id={move_id!r}: no request waits here under this id "
@@ -82,6 +96,10 @@ class HeldMoves:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, (
                 f"move_id={move_id!r}: input_ids ({len(kv_token_ids)} tokens) are not the {len(held.kv_token_ids)} "
                 "tokens whose KV is held (the prompt and the output but its last token)"))
+        if lora_name != held.lora_name:
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, (
+                f"move_id={move_id!r}: lora_name={lora_name or ''!r}, but its KV was computed under "
+                f"{'adapter ' + repr(held.lora_name) if held.lora_name else 'the base model'}"))
         return held
 
 
@@ -89,12 +107,14 @@ class HeldMoves:
 class KvMoves:
     """A decode worker's two ends of moving KV: ``held`` (sending, when drained; None with
     --drain-timeout 0) fetched at ``address``, and ``fetcher`` (receiving: the PD client, the
-    same handshake as a remote prefill). ``metrics``: where the moves in are counted."""
+    same handshake as a remote prefill; None where ``refused`` says why). ``metrics``: where the
+    moves in are counted."""
 
     address: str
     fetcher: RemotePrefill | None
     held: HeldMoves | None
     metrics: ComponentMetrics | None = None
+    refused: str | None = None  # moves_refused: why this worker neither holds nor fetches moved KV
 
     def moved_in(self, pages: int) -> None:
         """A moved request continues here on ``pages`` fetched pages."""

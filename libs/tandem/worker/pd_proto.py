@@ -50,14 +50,33 @@ def layout_from_proto(layout: common_pb2.KvLayout) -> PoolLayout:
 
 
 def registration_to_request(reg: Registration, decode_id: str) -> prefill_pb2.RegisterDecodeRequest:
-    return prefill_pb2.RegisterDecodeRequest(decode_id=decode_id, transfer_backend=reg.backend,
-                                             agent_name=reg.agent_name, agent_metadata=reg.agent_metadata,
-                                             layout=layout_to_proto(reg.layout))
+    return prefill_pb2.RegisterDecodeRequest(
+        decode_id=decode_id, transfer_backend=reg.backend, agent_name=reg.agent_name,
+        agent_metadata=reg.agent_metadata, layout=layout_to_proto(reg.layout),
+        ranks=[prefill_pb2.RankAgent(agent_name=r.agent_name, agent_metadata=r.agent_metadata,
+                                     layout=layout_to_proto(r.layout)) for r in reg.ranks])
 
 
 def registration_from_request(req: prefill_pb2.RegisterDecodeRequest) -> Registration:
+    ranks = tuple(Registration(req.transfer_backend, r.agent_name, bytes(r.agent_metadata), layout_from_proto(r.layout))
+                  for r in req.ranks)
     return Registration(req.transfer_backend, req.agent_name, bytes(req.agent_metadata),
-                        layout_from_proto(req.layout))
+                        layout_from_proto(req.layout), ranks)
+
+
+def sender_ranks_to_proto(ranks: list[tuple[str, PoolLayout]]) -> list[prefill_pb2.RankAgent]:
+    """A prefill worker's senders for RegisterDecodeResponse.ranks (none for one rank)."""
+    if len(ranks) < 2:
+        return []
+    return [prefill_pb2.RankAgent(agent_name=name, layout=layout_to_proto(lay)) for name, lay in ranks]
+
+
+def prefill_agents(resp: prefill_pb2.RegisterDecodeResponse) -> str | tuple[tuple[str, PoolLayout], ...]:
+    """Who writes a room of this prefill worker: its agent name (one rank), or every rank's
+    ``(agent name, layout)``, rank 0 first (what ``RankedReceiver.expect`` takes as ``peer``)."""
+    if len(resp.ranks) < 2:
+        return resp.agent_name
+    return tuple((r.agent_name, layout_from_proto(r.layout)) for r in resp.ranks)
 
 
 def failure_to_proto(f: TransferFailure) -> prefill_pb2.TransferFailed:
@@ -76,12 +95,13 @@ def message_to_proto(msg: TransferMessage) -> prefill_pb2.PrefillServerMessage:
     if isinstance(msg, KvPages):
         chunk = prefill_pb2.KvChunk(room=msg.room, chunk_index=msg.chunk_index, page_indices=msg.dst_pages,
                                     k=msg.k, v=msg.v, is_last=msg.is_last, kv_heads=msg.kv_heads,
-                                    kv_head_start=msg.kv_head_start)
+                                    kv_head_start=msg.kv_head_start, dst_rank=msg.dst_rank)
         if msg.layer is not None:
             chunk.layer = msg.layer
         return prefill_pb2.PrefillServerMessage(chunk=chunk)
     if isinstance(msg, AuxData):
-        return prefill_pb2.PrefillServerMessage(aux=prefill_pb2.KvAux(room=msg.room, row=msg.row))
+        return prefill_pb2.PrefillServerMessage(aux=prefill_pb2.KvAux(room=msg.room, row=msg.row,
+                                                                      dst_rank=msg.dst_rank))
     if isinstance(msg, TransferDone):
         return prefill_pb2.PrefillServerMessage(done=prefill_pb2.TransferDone(
             room=msg.room, num_chunks=msg.num_chunks, bytes_transferred=msg.bytes_transferred))
@@ -96,9 +116,9 @@ def message_from_proto(msg: prefill_pb2.PrefillServerMessage) -> TransferMessage
     if kind == "chunk":
         c = msg.chunk
         return KvPages(c.room, c.chunk_index, tuple(c.page_indices), c.is_last,
-                       c.layer if c.HasField("layer") else None, c.k, c.v, c.kv_head_start, c.kv_heads)
+                       c.layer if c.HasField("layer") else None, c.k, c.v, c.kv_head_start, c.kv_heads, c.dst_rank)
     if kind == "aux":
-        return AuxData(msg.aux.room, msg.aux.row)
+        return AuxData(msg.aux.room, msg.aux.row, msg.aux.dst_rank)
     if kind == "done":
         return TransferDone(msg.done.room, msg.done.num_chunks, msg.done.bytes_transferred)
     if kind == "failed":

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from tandem.config import DecodeConfig, PrefillConfig
+from tandem.engine import UnknownLoraError
 from tandem.routing.sampling import sampling_from_proto
 from tandem.transfer import (
     AuxRow,
@@ -48,12 +49,22 @@ from tandem.worker.engine_loop import EngineLoop, RequestStream
 from tandem.worker.errors import RequestFailed
 from tandem.worker.kv_move import HeldMoves
 from tandem.worker.loop_thread import LoopThread
-from tandem.worker.pd_proto import layout_to_proto, message_to_proto, registration_from_request
+from tandem.worker.pd_proto import (
+    layout_to_proto,
+    message_to_proto,
+    registration_from_request,
+    sender_ranks_to_proto,
+)
 from tandem.worker.stats_reporter import StatsReporter
 
 log = logging.getLogger(__name__)
 
-# Poll period while transfers are in flight (NIXL handles need polling) and while idle.
+# Poll period while transfers are in flight (NIXL handles need polling: UCX completes a write
+# only when called) and while idle. In flight, the first check after a new write comes after
+# FIRST_BUSY_POLL_S and the period doubles up to BUSY_POLL_S while nothing new happens: a small
+# write (a chunk's last pages, the aux row) is seen complete within tens of microseconds instead
+# of a whole period, and a long transfer is still polled at most every BUSY_POLL_S.
+FIRST_BUSY_POLL_S = 0.00005
 BUSY_POLL_S = 0.0005
 IDLE_POLL_S = 0.05
 _END = None  # ends a room's outbox
@@ -99,6 +110,7 @@ class PrefillTransfers(LoopThread):
         self.transfer_timeout_s = transfer_timeout_s
         self.reporter = reporter
         self.completed = 0
+        self._sends = 0  # writes started (the poll loop's period restarts short after one)
         self._rooms: dict[int, _Room] = {}
         self._tombstones: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._lock = threading.Lock()
@@ -111,11 +123,11 @@ class PrefillTransfers(LoopThread):
 
     # ---- from stream handlers ----------------------------------------------------------
     def open(self, room: int, rid: str, peer: str | None, dst_pages: list[int], aux_slot: int, ids: list[int],
-             sp, skip_pages: int = 0, held: bool = False) -> _Room:
-        """Track a room and start its prefill; its messages arrive on the room's outbox.
-        ``skip_pages``: the prompt's leading pages decode already holds (not written). ``held``:
-        ``rid`` is a request held for a move, whose KV is ``ids``: its pages are sent, nothing is
-        computed."""
+             sp, skip_pages: int = 0, lora_name: str | None = None, held: bool = False) -> _Room:
+        """Track a room and start its prefill (under LoRA adapter ``lora_name``); its messages
+        arrive on the room's outbox. ``skip_pages``: the prompt's leading pages decode already
+        holds (not written). ``held``: ``rid`` is a request held for a move, whose KV is ``ids``:
+        its pages are sent, nothing is computed."""
         r = _Room(room, rid, peer, dst_pages, aux_slot, len(ids), skip_pages)
         with self._lock:
             if room in self._tombstones:
@@ -125,7 +137,8 @@ class PrefillTransfers(LoopThread):
             self._rooms[room] = r
         try:
             r.stream = (self.loop.export_held(rid, on_output=self._wake.set) if held else
-                        self.loop.submit(ids, sp, rid, mode="prefill_only", on_output=self._wake.set))
+                        self.loop.submit(ids, sp, rid, mode="prefill_only", on_output=self._wake.set,
+                                         lora_name=lora_name))
         except ValueError as exc:
             with self._lock:
                 self._rooms.pop(room, None)
@@ -154,10 +167,12 @@ class PrefillTransfers(LoopThread):
 
     # ---- the poll loop -----------------------------------------------------------------
     def _run(self) -> None:
+        busy_poll = FIRST_BUSY_POLL_S
         while not self._stop.is_set():
             self._wake.clear()
             with self._lock:
                 rooms = list(self._rooms.values())
+            before = self._sends
             for r in rooms:
                 try:
                     self._advance(r)
@@ -166,7 +181,8 @@ class PrefillTransfers(LoopThread):
                     self._fail(r, FailureReason.PREFILL_FAILED, f"{type(exc).__name__}: {exc}")
                     self._advance_failed(r)
             busy = any(r.handles or r.failure for r in rooms)
-            self._wake.wait(BUSY_POLL_S if busy else IDLE_POLL_S)
+            busy_poll = FIRST_BUSY_POLL_S if self._sends != before else min(2 * busy_poll, BUSY_POLL_S)
+            self._wake.wait(busy_poll if busy else IDLE_POLL_S)
         with self._lock:
             rooms = list(self._rooms.values())
         for r in rooms:
@@ -238,6 +254,7 @@ class PrefillTransfers(LoopThread):
             self._fail(r, FailureReason.BACKEND_ERROR, str(exc))
             return False
         r.handles.append(h)
+        self._sends += 1
         for m in h.messages:
             self._put(r, m)
         return True
@@ -333,7 +350,8 @@ class KvSource:
             self.decodes[req.decode_id] = peer
         log.info("registered decode %s (agent %s, backend %s)", req.decode_id, peer, reg.backend)
         return prefill_pb2.RegisterDecodeResponse(prefill_id=self.worker_id, layout=layout_to_proto(self.sender.layout),
-                                                  agent_name=self.sender.name)
+                                                  agent_name=self.sender.name,
+                                                  ranks=sender_ranks_to_proto(self.sender.ranks()))
 
     # ---- Prefill stream -------------------------------------------------------------------
     def prefill(self, requests: Iterator[prefill_pb2.PrefillClientMessage],
@@ -345,11 +363,17 @@ class KvSource:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"the first message must be 'start', got {first.WhichOneof('msg')!r}")
         start = first.start
+        # Decode writes its allocation right behind a non-warmup start, without waiting for an answer:
+        # read it before refusing the start, so that this stream never ends while decode is still
+        # writing (its failed write would then hide this worker's status behind a local INTERNAL).
+        second = None if start.warmup else next(requests, None)
         ids = list(start.input_ids)
         try:
             sp = sampling_from_proto(start.sampling)
-            if not start.move_id:
-                self.loop.validate(ids, sp)
+            if not start.move_id:  # a move's KV is computed: HeldMoves.check compares it, adapter included
+                self.loop.validate(ids, sp, lora_name=start.lora_name or None)
+        except UnknownLoraError as exc:  # decode holds the adapter, this prefill worker does not
+            raise RequestFailed(grpc.StatusCode.NOT_FOUND, f"prefill worker {self.worker_id}: {exc}") from None
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         if start.move_id:
@@ -358,7 +382,8 @@ class KvSource:
                                     f"move_id={start.move_id!r}: this worker holds no request to move")
             if start.warmup:
                 raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, "move_id: a move is no warmup")
-            self.held.check(start.move_id, ids)  # RequestFailed unless held here with these tokens
+            # RequestFailed unless held here with these tokens, computed under this adapter
+            self.held.check(start.move_id, ids, start.lora_name or None)
         room = start.room or new_room_id()
         num_pages = pages_needed(len(ids), self.loop.info.page_size)
         peer, pages, aux_slot, skip_pages = None, [], -1, 0
@@ -368,7 +393,7 @@ class KvSource:
             if peer is None:
                 raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
                                     f"decode {start.decode_id!r} is not registered; call RegisterDecode first")
-            msg = next(requests, None)
+            msg = second
             if msg is None:
                 return  # decode went away before allocating: nothing was computed
             if msg.WhichOneof("msg") != "allocation":
@@ -392,9 +417,11 @@ class KvSource:
             pages, aux_slot = list(alloc.page_indices), alloc.aux_slot
         rid = start.move_id or f"{start.request_id or 'prefill'}-{uuid.uuid4().hex[:8]}"
         if start.move_id:
-            self.held.take(start.move_id, ids)  # this room sends it, or frees it when it fails
+            # this room sends it, or frees it when it fails
+            self.held.take(start.move_id, ids, start.lora_name or None)
         try:
-            r = self.transfers.open(room, rid, peer, pages, aux_slot, ids, sp, skip_pages, held=bool(start.move_id))
+            r = self.transfers.open(room, rid, peer, pages, aux_slot, ids, sp, skip_pages, start.lora_name or None,
+                                    held=bool(start.move_id))
         except RequestFailed:
             if start.move_id:
                 self.loop.abort(rid)

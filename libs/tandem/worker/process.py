@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from tandem.config import EngineConfig
 from tandem.engine import EngineCore
-from tandem.engine.tensor_parallel import head_split
 from tandem.metrics import ComponentMetrics, EngineMetrics, MetricsPublisher, default_stats_endpoint
 from tandem.server import ServiceRuntime, service_name
 from tandem.transfer import KvBuffers
@@ -23,8 +22,10 @@ from tandem.transfer.ucx_binding import bind_ucx_to_host
 from tandem.v1 import common_pb2, engine_control_pb2, engine_control_pb2_grpc
 from tandem.worker.control import EngineControlServicer, add_profile_routes
 from tandem.worker.engine_loop import EngineLoop, LoopHook, wait_until
+from tandem.worker.lora_control import LoraControl
 from tandem.worker.profiler import EngineProfiler
 from tandem.worker.stats_reporter import StatsReporter
+from tandem.worker.tp_transfer import kv_buffers_of
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +71,18 @@ class WorkerProcess:
     control: EngineControlServicer
     eplb: object = None  # tandem.worker.eplb.WorkerEplb on MoE workers with EPLB or recording on
 
+    parallel: object = None  # tandem.engine.parallel.ParallelLeader with several ranks
+
     def kv_buffers(self) -> KvBuffers:
         """The engine's KV pool as the transfer library sees it (before the loop starts)."""
-        pool = self.engine.pool
-        k_scales, v_scales = pool.scales()  # FP8 pools: pages mean nothing without them
-        model = self.engine.model
-        tp = model.tp
-        heads = head_split(model.cfg.num_heads, model.cfg.num_kv_heads, tp.size, tp.rank)
-        return KvBuffers(pool.k_buffers, pool.v_buffers, pool.aux, k_scales, v_scales, tp_size=tp.size,
-                         tp_rank=tp.rank, kv_head_start=heads.kv_start, total_kv_heads=model.cfg.num_kv_heads)
+        return kv_buffers_of(self.engine.pool, self.engine.model)
+
+    @property
+    def tp_leader(self):
+        """The ParallelLeader whose followers hold other KV heads (TP > 1: they get a transfer
+        agent each, ``tandem.worker.tp_transfer``), else None (one rank, or EP alone: every rank
+        holds the same KV, rank 0's pool is the one that moves)."""
+        return self.parallel if self.parallel is not None and self.engine.model.tp.size > 1 else None
 
     def serve(self, warmup, role: str) -> None:
         """Start serving, run `warmup()` before health turns SERVING, register in etcd when
@@ -127,11 +131,11 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
         from tandem.engine.parallel import start_parallel
 
         mode = getattr(config, "disaggregation_mode", "null")
-        if mode == "decode" or (mode == "prefill" and config.tp_size > 1):
-            raise SystemExit(f"config error: tp_size={config.tp_size}, ep_size={config.ep_size} with "
-                             f"disaggregation_mode={mode!r}: KV transfer reaches rank 0's pool only (not supported "
-                             "yet); use several ranks on aggregated workers" + ("" if mode == "decode" else
-                                                                               " or EP alone on prefill workers"))
+        if mode == "decode" and config.tp_size == 1:
+            raise SystemExit(f"config error: ep_size={config.ep_size} with tp_size=1 and disaggregation_mode='decode': "
+                             "expert parallelism alone on a decode worker is not supported (every rank would need "
+                             "the whole KV written from prefill); use --tp-size > 1 (each rank receives its KV "
+                             "heads) or EP on aggregated and prefill workers")
         # The followers and the group come first: every rank's layers are built for their shard.
         ep = start_parallel(engine_config_of(config), num_threads=config.torch_num_threads or None)
         engine = ep.engine
@@ -172,8 +176,10 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
         if config.enable_eplb and config.eplb_planner_address:
             eplb.start_planner_client(config.eplb_planner_address, tls=runtime.tls)
         runtime.on_shutdown(eplb.close)
+    loras = LoraControl(loop)
+    loras.add_routes(runtime.system)
     ctl = service_name(engine_control_pb2, "EngineControl")
-    control = EngineControlServicer(profiler, eplb.control if eplb else None)
+    control = EngineControlServicer(profiler, eplb.control if eplb else None, loras)
     runtime.add_service(engine_control_pb2_grpc.add_EngineControlServicer_to_server, control, ctl)
 
     def shutdown():
@@ -187,4 +193,4 @@ def build_worker(kind: str, config, engine_type: str, endpoint_name: str) -> Wor
     if ep is not None:
         runtime.on_shutdown(ep.close)  # after the loop stopped: followers exit with the leader
     return WorkerProcess(kind, runtime, engine, loop, profiler, reporter, publisher, component, model_name,
-                         model_fingerprint(config.model_path, engine.dtype), control, eplb)
+                         model_fingerprint(config.model_path, engine.dtype), control, eplb, parallel=ep)

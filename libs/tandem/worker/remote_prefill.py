@@ -50,7 +50,7 @@ from tandem.server.tls import TlsFiles, tls_files
 from tandem.transfer import AuxRow, FailureReason, KVPoll, KvReceiver, TransferDone, TransferFailure, new_room_id
 from tandem.v1 import prefill_pb2, prefill_pb2_grpc
 from tandem.worker.engine_loop import EngineLoop, RequestStream
-from tandem.worker.pd_proto import FAILURE_STATUS, message_from_proto, registration_to_request
+from tandem.worker.pd_proto import FAILURE_STATUS, message_from_proto, prefill_agents, registration_to_request
 from tandem.worker.stats_reporter import StatsReporter
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,13 @@ CANCEL_ACK_TIMEOUT_S = 10.0
 IDLE_POLL_S = 0.05
 
 # gRPC errors of the Prefill stream: whether another worker may help, and the request's status.
+# NOT_FOUND: that prefill worker lacks the request's LoRA adapter (another one may hold it; the
+# last attempt's NOT_FOUND reaches the client as such).
 _RETRYABLE_RPC = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                  grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED}
+                  grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED,
+                  grpc.StatusCode.NOT_FOUND}
 _KEPT_RPC_STATUS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
-                    grpc.StatusCode.DEADLINE_EXCEEDED}
+                    grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND}
 
 
 class AttemptFailed(Exception):
@@ -86,9 +89,14 @@ class AttemptFailed(Exception):
 
     @classmethod
     def from_rpc(cls, exc: grpc.aio.AioRpcError, what: str, bootstrap: bool = False) -> AttemptFailed:
-        code = exc.code()
+        return cls.from_status(exc.code(), exc.details(), what, bootstrap)
+
+    @classmethod
+    def from_status(cls, code: grpc.StatusCode, details: str | None, what: str,
+                    bootstrap: bool = False) -> AttemptFailed:
+        """The attempt's failure from the status ``what`` (a Prefill call) ended with."""
         status = code if code in _KEPT_RPC_STATUS else grpc.StatusCode.UNAVAILABLE
-        return cls(status, f"{what}: {exc.details() or code.name}", code in _RETRYABLE_RPC, bootstrap,
+        return cls(status, f"{what}: {details or code.name}", code in _RETRYABLE_RPC, bootstrap,
                    reregister=code == grpc.StatusCode.FAILED_PRECONDITION)
 
 
@@ -116,6 +124,8 @@ class PrefillPeer:
         self.channel: grpc.aio.Channel | None = None
         self.stub: prefill_pb2_grpc.PrefillStub | None = None
         self.agent_name: str | None = None
+        # Who writes its rooms: the agent name, or each TP rank's (name, layout) (pd_proto.prefill_agents).
+        self.agents: str | tuple = ()
         self._register_lock: asyncio.Lock | None = None
 
     def connect(self, tls: TlsFiles | None = None) -> None:
@@ -123,8 +133,10 @@ class PrefillPeer:
         self.stub = prefill_pb2_grpc.PrefillStub(self.channel)
         self._register_lock = asyncio.Lock()
 
-    async def ensure_registered(self, request: prefill_pb2.RegisterDecodeRequest, timeout: float = 10.0) -> str:
-        """RegisterDecode once (again after the prefill restarted); returns prefill's agent name."""
+    async def ensure_registered(self, request: prefill_pb2.RegisterDecodeRequest, timeout: float = 10.0
+                                ) -> str | tuple:
+        """RegisterDecode once (again after the prefill restarted); returns who writes its rooms:
+        prefill's agent name, or each of its TP ranks' (the receiver's ``expect(peer=...)``)."""
         async with self._register_lock:
             if self.agent_name is None:
                 try:
@@ -134,8 +146,8 @@ class PrefillPeer:
                         raise AttemptFailed(grpc.StatusCode.FAILED_PRECONDITION, f"{self.address}: {exc.details()}",
                                             False, bootstrap=True) from None
                     raise AttemptFailed.from_rpc(exc, self.address, bootstrap=True) from None
-                self.agent_name = resp.agent_name
-            return self.agent_name
+                self.agent_name, self.agents = resp.agent_name, prefill_agents(resp)
+            return self.agents
 
 
 @dataclass(frozen=True)
@@ -266,29 +278,32 @@ class RemotePrefill:
 
     # ---- requests (any thread) ---------------------------------------------------------
     def prefill(self, rid: str, ids: list[int], sp: SamplingParams,
-                peer: PrefillPeer | None = None) -> Future[RequestStream]:
+                peer: PrefillPeer | None = None, lora_name: str | None = None) -> Future[RequestStream]:
         """Prefill ``ids`` remotely and activate the request here; the Future gives its output
         stream or raises RemotePrefillFailed. Cancelling the Future abandons the request
         cleanly (prefill is told, pages are freed once it confirmed). ``peer``: only this
-        worker, no retry (warmup)."""
-        return asyncio.run_coroutine_threadsafe(self._request(rid, ids, sp, peer), self._aio)
+        worker, no retry (warmup). ``lora_name``: the LoRA adapter both sides run the prompt under
+        (prefill answers NOT_FOUND when it does not hold it)."""
+        return asyncio.run_coroutine_threadsafe(self._request(rid, ids, sp, peer, lora_name), self._aio)
 
     def move_in(self, rid: str, ids: list[int], output_ids: list[int], sp: SamplingParams, address: str,
-                move_id: str) -> Future[RequestStream]:
+                move_id: str, lora_name: str | None = None) -> Future[RequestStream]:
         """Fetch the KV of a request moved off the draining decode worker at ``address`` (it holds
         it as ``move_id``: the KV of ``ids`` and ``output_ids`` but the last) and continue it here
         from its last token; the Future gives its output stream or raises RemotePrefillFailed (one
-        attempt: the caller recomputes it instead). Cancelling it abandons the fetch cleanly."""
-        return asyncio.run_coroutine_threadsafe(self._move_in(rid, ids, sp, address, _Move(move_id, list(output_ids))),
-                                                self._aio)
+        attempt: the caller recomputes it instead). Cancelling it abandons the fetch cleanly.
+        ``lora_name``: the adapter its KV was computed under (the holder checks it; here its LoRA
+        slot is taken with the pages)."""
+        return asyncio.run_coroutine_threadsafe(
+            self._move_in(rid, ids, sp, address, _Move(move_id, list(output_ids)), lora_name), self._aio)
 
     async def _move_in(self, rid: str, ids: list[int], sp: SamplingParams, address: str,
-                       move: _Move) -> RequestStream:
+                       move: _Move, lora_name: str | None = None) -> RequestStream:
         peer = self._move_sources.get(address)
         if peer is None:
             peer = self._move_sources[address] = PrefillPeer(address)
             peer.connect(tls_files(self.config))
-        return await self._request(rid, ids, sp, peer, move)
+        return await self._request(rid, ids, sp, peer, lora_name, move)
 
     @property
     def num_inflight(self) -> int:
@@ -311,13 +326,13 @@ class RemotePrefill:
 
     # ---- one request, its attempts -----------------------------------------------------
     async def _request(self, rid: str, ids: list[int], sp: SamplingParams, only: PrefillPeer | None,
-                       move: _Move | None = None) -> RequestStream:
+                       lora_name: str | None = None, move: _Move | None = None) -> RequestStream:
         tried: set[str] = set()
         last: AttemptFailed | None = None
         attempts = 1 if only is not None else self.config.prefill_retries + 1
         for attempt in range(attempts):
             try:
-                peer = only or self._pick(ids, tried)
+                peer = only or self._pick(ids, tried, lora_name)
             except AttemptFailed as exc:
                 self._count_failure(exc)
                 last = exc
@@ -331,7 +346,7 @@ class RemotePrefill:
             # retry's stream, empty.
             attempt_rid = rid if attempt == 0 else f"{rid}#retry{attempt}"
             try:
-                row = await self._attempt(peer, attempt_rid, ids, sp, move)
+                row = await self._attempt(peer, attempt_rid, ids, sp, lora_name, move)
             except AttemptFailed as exc:
                 self._count_failure(exc)
                 last = exc
@@ -351,7 +366,7 @@ class RemotePrefill:
                 raise RemotePrefillFailed(grpc.StatusCode.INTERNAL, f"activating {rid} failed: {exc}") from None
         raise RemotePrefillFailed(last.status, f"remote prefill failed after {len(tried)} worker(s): {last.message}")
 
-    def _pick(self, ids: Sequence[int], exclude: set[str]) -> PrefillPeer:
+    def _pick(self, ids: Sequence[int], exclude: set[str], lora_name: str | None = None) -> PrefillPeer:
         peers = self.peers
         if not peers:
             raise AttemptFailed(grpc.StatusCode.UNAVAILABLE, "no prefill worker is registered", False, bootstrap=True)
@@ -359,12 +374,12 @@ class RemotePrefill:
         views = [WorkerView(p.address, active_requests=sum(a.peer is p for a in self._attempts.values()),
                             active_blocks=sum(a.blocks for a in self._attempts.values() if a.peer is p))
                  for p in candidates]
-        decision = self.policy.choose(views, ids)
+        decision = self.policy.choose(views, ids, lora_name)
         self.last_overlap_blocks = decision.overlap_blocks
         return next(p for p in candidates if p.address == decision.worker_id)
 
     async def _attempt(self, peer: PrefillPeer, rid: str, ids: list[int], sp: SamplingParams,
-                       move: _Move | None = None) -> AuxRow:
+                       lora_name: str | None = None, move: _Move | None = None) -> AuxRow:
         """One attempt; on any failure nothing of it is left (room, pages, aux slot, stream).
         ``move``: the sender holds the KV of ``ids`` and the move's output_ids but the last."""
         rx, cfg = self.receiver, self.config
@@ -377,17 +392,23 @@ class RemotePrefill:
         self._publish()
         try:
             agent = await peer.ensure_registered(self._registration)
-            alloc = await self._allocate(att, ids, sp, move)
+            alloc = await self._allocate(att, ids, sp, lora_name, move)
             t_alloc = time.monotonic()
             rx.expect(room, alloc.page_indices, alloc.aux_slot, peer=agent)
             call = peer.stub.Prefill(timeout=cfg.disaggregation_bootstrap_timeout + cfg.disaggregation_waiting_timeout
                                      + cfg.disaggregation_transfer_timeout)
-            await call.write(prefill_pb2.PrefillClientMessage(start=prefill_pb2.PrefillStart(
-                request_id=rid, decode_id=self.worker_id, input_ids=ids + move.output_ids[:-1] if move else ids,
-                sampling=sampling_to_proto(sp), room=room, move_id=move.move_id if move else "")))
-            await call.write(prefill_pb2.PrefillClientMessage(allocation=prefill_pb2.PageAllocation(
-                room=room, page_indices=alloc.page_indices, aux_slot=alloc.aux_slot,
-                num_cached_tokens=alloc.num_cached_tokens)))
+            try:
+                await call.write(prefill_pb2.PrefillClientMessage(start=prefill_pb2.PrefillStart(
+                    request_id=rid, decode_id=self.worker_id, input_ids=ids + move.output_ids[:-1] if move else ids,
+                    sampling=sampling_to_proto(sp), room=room, lora_name=lora_name or "",
+                    move_id=move.move_id if move else "")))
+                await call.write(prefill_pb2.PrefillClientMessage(allocation=prefill_pb2.PageAllocation(
+                    room=room, page_indices=alloc.page_indices, aux_slot=alloc.aux_slot,
+                    num_cached_tokens=alloc.num_cached_tokens)))
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                # Prefill ended the stream first: report its status, not the failed write.
+                raise AttemptFailed.from_status(await call.code(), await call.details(), f"prefill {peer.address}",
+                                                bootstrap=True) from None
             reader = asyncio.create_task(self._read(att, call, len(alloc.page_indices)))
             await att.ended.wait()
             if att.stream_error is not None:
@@ -426,14 +447,15 @@ class RemotePrefill:
                 self._close_idle_retired()
             self._publish()
 
-    async def _allocate(self, att: _Attempt, ids: list[int], sp: SamplingParams, move: _Move | None = None):
+    async def _allocate(self, att: _Attempt, ids: list[int], sp: SamplingParams, lora_name: str | None = None,
+                        move: _Move | None = None):
         """Pre-allocate decode pages; wait while the pool is full, until the room's bootstrap
         timeout fails it. A moved request's KV is fetched whole (no prefix reuse)."""
         while True:
             try:
                 alloc = await asyncio.wrap_future(self.engine.allocate_external(
                     ids, sp, att.rid, reuse_prefix=move is None and self.config.disaggregation_decode_enable_radix_cache,
-                    output_ids=move.output_ids if move else ()))
+                    output_ids=move.output_ids if move else (), lora_name=lora_name))
             except OutOfPages:
                 if self.receiver.poll(att.room) is KVPoll.Failed:
                     raise AttemptFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -78,6 +78,9 @@ class StatsReporter(LoopHook):
         )
         if s.hicache_host_total_pages is not None:
             self._hicache_fields(msg, s, prev)
+        for field in ("lora_requests", "lora_prompt_tokens", "lora_generation_tokens"):  # per adapter
+            now, before = getattr(s, f"{field}_total"), getattr(prev, f"{field}_total")
+            setattr(msg, field, {k: v - before.get(k, 0) for k, v in now.items() if v != before.get(k, 0)})
         if s.step_kind in ("prefill", "mixed"):
             msg.realtime_prefill_compute_tokens = s.step_num_tokens
         elif s.step_kind == "decode":

@@ -38,9 +38,9 @@ def _ids(seed: int, n: int) -> list[int]:
 
 
 def _steps(eng, requests):
-    """Run ``requests`` [(name, ids, sp)] (all queued at once) to the end. Returns ({name: (tokens, logprobs,
-    cached tokens)}, [(kind, {name: new tokens})] of every forward pass)."""
-    names = {eng.add_request(ids, sp): name for name, ids, sp in requests}
+    """Run ``requests`` [(name, ids, sp[, LoRA adapter])] (all queued at once) to the end. Returns ({name:
+    (tokens, logprobs, cached tokens)}, [(kind, {name: new tokens})] of every forward pass)."""
+    names = {eng.add_request(ids, sp, lora_name=(lora or [None])[0]): name for name, ids, sp, *lora in requests}
     out = {name: ([], [], 0) for name in names.values()}
     passes = []
     schedule = eng.scheduler.schedule
@@ -109,6 +109,36 @@ def test_seeded_request_alone_equals_inside_mixed_batches_moe(demo_models, make_
     assert any(p.get("target") == 1 and any(n > 1 for n in p.values()) for _, p in passes)
     same = mixed["target"][0] == alone[0] and mixed["target"][1] == alone[1]
     assert same == flag, (alone, mixed["target"])
+
+
+@pytest.mark.slow
+def test_lora_request_alone_equals_inside_batches_mixing_adapters(demo_models, make_llm, tmp_path_factory):
+    """With --enable-lora the flag holds too: a seeded request under adapter a gets the same tokens and
+    logprobs alone as in chunked batches mixing adapter b (another rank) and the base model, its decode
+    rows riding in prefill chunks; no batch-variant matmul runs (the LoRA deltas are the SGMV kernels
+    with one fixed row tile), and the adapter does change the request's output."""
+    from deploy.demo_lora import ATTN, build_adapter
+
+    # Attention projections only: every LoRA launch runs in the Triton interpreter here (the MLP's
+    # deltas are the same kernels; test_lora.py covers them).
+    root, m = tmp_path_factory.mktemp("det-loras"), demo_models["dense"]
+    paths = {"a": build_adapter(m, str(root / "a"), rank=8, targets=ATTN, seed=1),
+             "b": build_adapter(m, str(root / "b"), rank=4, targets=ATTN, seed=2)}
+    # Small shapes: every linear runs the Triton interpreter's fixed-tile kernels here.
+    llm = make_llm(m, enable_deterministic_inference=True, page_size=4, chunked_prefill_size=12,
+                   enable_mixed_chunk=True, lora_paths=[f"{n}={p}" for n, p in paths.items()])
+    eng, target = llm.engine, _ids(1, 16)
+    alone, _ = _steps(eng, [("target", target, SEEDED, "a")])
+    base, _ = _steps(eng, [("target", target, SEEDED)])
+    eng.flush_cache()
+    with MatmulGuard() as guard:
+        mixed, passes = _steps(eng, [("long0", _ids(3, 14), GREEDY, "b"), ("target", target, SEEDED, "a"),
+                                     ("long1", _ids(4, 24), GREEDY)])
+    assert guard.seen == []
+    assert any(p.get("target") == 1 and any(n > 1 for n in p.values()) for _, p in passes)
+    assert mixed["target"][0] == alone["target"][0] and len(alone["target"][0]) == 5
+    assert mixed["target"][1] == alone["target"][1]  # logprobs bit for bit
+    assert base["target"][1] != alone["target"][1]
 
 
 def test_no_batch_variant_matmul_in_a_prefill_or_decode_step(demo_models, make_llm):

@@ -44,6 +44,9 @@ EXPECTED_ENGINE = {
     "sglang:num_transfer_failed_reqs": ("counter", SG),
     "sglang:num_retracted_requests": ("counter", SG),
     "sglang:realtime_tokens": ("counter", SG + ("mode",)),
+    "sglang:lora_requests": ("counter", SG + ("lora_name",)),
+    "sglang:lora_prompt_tokens": ("counter", SG + ("lora_name",)),
+    "sglang:lora_generation_tokens": ("counter", SG + ("lora_name",)),
     "sglang:evicted_tokens": ("counter", SG),
     "sglang:load_back_tokens": ("counter", SG),
     "sglang:prefetched_tokens": ("counter", SG),
@@ -145,6 +148,7 @@ def _populated_registry():
     stats.eplb_balancedness = {"decode": [0.9]}
     stats.eplb_gpu_physical_count = {0: [1, 2]}
     stats.eviction_duration_s = [0.001]
+    stats.lora_requests = stats.lora_prompt_tokens = stats.lora_generation_tokens = {"a": 1}
     em.apply(stats)
     cm = ComponentMetrics(reg, component="decode", endpoint="generate", model="m", worker_id="w")
     cm.set_kv_stats(total_blocks=1, active_blocks=1, usage=0.5, prefix_cache_hit_rate=0.1)

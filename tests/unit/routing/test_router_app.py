@@ -11,8 +11,9 @@ import pytest
 from routing_fake_worker import FakeWorker
 from tandem.config import RouterConfig
 from tandem.router.app import build_router
-from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
+from tandem.v1 import common_pb2, router_pb2
 
+from tests.support.grpc_router import router_stub
 from tests.support.waiting import wait_for
 
 REPLY = "Hello world! Streaming text with émojis 🦊 and 漢字."
@@ -196,17 +197,10 @@ def test_worker_stream_ending_aborted_is_an_error_never_an_empty_success(make_ro
     assert r.status_code == 500 and "aborted the request" in r.json()["error"]["message"]
     r = httpx.post(url(app, "/v1/completions"), json={**body, "stream": True})
     assert r.status_code == 500 and "aborted the request" in r.json()["error"]["message"]
-    server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(8))
-    router_pb2_grpc.add_RouterServicer_to_server(app.servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch, pytest.raises(grpc.RpcError) as failed:
-            list(router_pb2_grpc.RouterStub(ch).Generate(router_pb2.RouterGenerateRequest(
-                text="x", sampling=common_pb2.SamplingParams(max_tokens=3)), timeout=10))
-        assert failed.value.code() == grpc.StatusCode.ABORTED
-    finally:
-        server.stop(0)
+    with router_stub(app) as stub, pytest.raises(grpc.RpcError) as failed:
+        list(stub.Generate(router_pb2.RouterGenerateRequest(
+            text="x", sampling=common_pb2.SamplingParams(max_tokens=3)), timeout=10))
+    assert failed.value.code() == grpc.StatusCode.ABORTED
 
 
 def test_worker_stream_ending_aborted_is_retried_on_another_worker(make_router, workers):
@@ -237,46 +231,33 @@ def test_client_disconnect_cancels_worker_call(make_router, hf_tokenizer):
 
 def test_grpc_router_generate_and_list(make_router, workers, hf_tokenizer):
     app = make_router(workers)
-    server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(8))
-    router_pb2_grpc.add_RouterServicer_to_server(app.servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = router_pb2_grpc.RouterStub(ch)
-            req = router_pb2.RouterGenerateRequest(text="hello", sampling=common_pb2.SamplingParams(max_tokens=100))
-            chunks = list(stub.Generate(req, timeout=10))
-            assert "".join(c.text for c in chunks) == REPLY
-            assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH and chunks[-1].usage.completion_tokens
-            chat = router_pb2.RouterGenerateRequest(
-                chat=router_pb2.ChatMessages(messages=[router_pb2.ChatMessage(role="user", content="hi")]),
-                sampling=common_pb2.SamplingParams(max_tokens=2))
-            assert len(list(stub.Generate(chat, timeout=10))) == 2
-            with pytest.raises(grpc.RpcError) as e:
-                list(stub.Generate(router_pb2.RouterGenerateRequest(text="x", sampling=common_pb2.SamplingParams(
-                    max_tokens=10**6)), timeout=10))
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            with pytest.raises(grpc.RpcError) as e:
-                list(stub.Generate(router_pb2.RouterGenerateRequest(model="other", text="x"), timeout=10))
-            assert e.value.code() == grpc.StatusCode.NOT_FOUND
-            listing = stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=5)
-            assert sorted(w.address for w in listing.workers) == sorted(w.address for w in workers)
-            assert all(w.healthy and w.load.total_pages == 100 for w in listing.workers)
-            assert listing.policy == "round_robin"
-    finally:
-        server.stop(0)
+    with router_stub(app) as stub:
+        req = router_pb2.RouterGenerateRequest(text="hello", sampling=common_pb2.SamplingParams(max_tokens=100))
+        chunks = list(stub.Generate(req, timeout=10))
+        assert "".join(c.text for c in chunks) == REPLY
+        assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH and chunks[-1].usage.completion_tokens
+        chat = router_pb2.RouterGenerateRequest(
+            chat=router_pb2.ChatMessages(messages=[router_pb2.ChatMessage(role="user", content="hi")]),
+            sampling=common_pb2.SamplingParams(max_tokens=2))
+        assert len(list(stub.Generate(chat, timeout=10))) == 2
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(router_pb2.RouterGenerateRequest(text="x", sampling=common_pb2.SamplingParams(
+                max_tokens=10**6)), timeout=10))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.Generate(router_pb2.RouterGenerateRequest(model="other", text="x"), timeout=10))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        listing = stub.ListWorkers(router_pb2.ListWorkersRequest(), timeout=5)
+        assert sorted(w.address for w in listing.workers) == sorted(w.address for w in workers)
+        assert all(w.healthy and w.load.total_pages == 100 for w in listing.workers)
+        assert listing.policy == "round_robin"
 
 
 def test_grpc_cancel_propagates(make_router, hf_tokenizer):
     slow = FakeWorker(hf_tokenizer(REPLY)["input_ids"] * 10, delay=0.05)
-    server = grpc.server(__import__("concurrent.futures").futures.ThreadPoolExecutor(8))
     try:
         app = make_router([slow])
-        router_pb2_grpc.add_RouterServicer_to_server(app.servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = router_pb2_grpc.RouterStub(ch)
+        with router_stub(app) as stub:
             call = stub.Generate(router_pb2.RouterGenerateRequest(
                 token_ids=router_pb2.TokenIds(ids=[1, 2, 3]), sampling=common_pb2.SamplingParams(max_tokens=200)))
             next(call)
@@ -290,7 +271,6 @@ def test_grpc_cancel_propagates(make_router, hf_tokenizer):
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             wait_for(lambda: len(slow.servicer.cancelled) == 2, what="deadline reaches the worker")
     finally:
-        server.stop(0)
         slow.stop()
 
 

@@ -89,7 +89,7 @@ def test_grpc_limits_invalid_argument_and_message_size(limited, tiny_model_dir):
         assert list(stub.Generate(router_pb2.RouterGenerateRequest(text="x", sampling=sp(max_tokens=2)), timeout=10))
     assert len(worker.servicer.requests) == 1
     # The router's own gRPC server receives at most --max-request-bytes per message.
-    rt = ServiceRuntime("router", app.config, max_receive_message_bytes=app.config.max_request_bytes)
+    rt = ServiceRuntime("router", app.config, max_receive_message_bytes=app.config.max_request_bytes, aio=True)
     rt.config.port = 0
     rt.add_service(router_pb2_grpc.add_RouterServicer_to_server, app.servicer, service_name(router_pb2, "Router"))
     rt.start()

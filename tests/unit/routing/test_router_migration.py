@@ -120,3 +120,35 @@ def test_a_request_handed_over_with_its_kv_goes_on_elsewhere_with_its_source(sta
     assert second.kv_source.address == "held-here:1" and second.kv_source.move_id == "m-1"
     assert not workers[0].servicer.requests[0].HasField("kv_source")
     assert migrations(app) == 1
+
+
+def test_a_migrated_request_keeps_its_lora_adapter(tiny_model_dir, hf_tokenizer):
+    """The re-send names the request's adapter and goes only to a worker holding it: the third
+    worker, without the adapter, never sees the request."""
+    ids = hf_tokenizer(REPLY)["input_ids"]
+    workers = sorted([FakeWorker(ids, tokenizer=hf_tokenizer) for _ in range(3)], key=lambda w: w.address)
+    holders, other = workers[:2], workers[2]
+    for w in holders:
+        w.servicer.load.lora_names.append("sql")
+    holders[0].servicer.fail_after = CUT  # round_robin's first pick among the holders: the lowest worker id
+    cfg = RouterConfig(model_path=tiny_model_dir, workers=[w.address for w in workers], http_port=0,
+                       health_check_interval=3600, routing_policy="round_robin", migration_limit=1)
+    app = build_router(cfg)
+    app.start()
+    try:
+        wait_for(lambda: len(app.core.pool.healthy()) == 3 and app.core.lora_names() == ["sql"],
+                 what="workers healthy, the adapter listed")
+        with router_stub(app) as stub:
+            req = router_pb2.RouterGenerateRequest(text="Hi there", model=f"{app.model_name}:sql",
+                                                   sampling=common_pb2.SamplingParams(max_tokens=100))
+            chunks = list(stub.Generate(req, timeout=30))
+        assert [t for c in chunks for t in c.token_ids] == ids
+        first, second = holders[0].servicer.requests, holders[1].servicer.requests
+        assert len(first) == len(second) == 1 and not other.servicer.requests
+        assert first[0].lora_name == second[0].lora_name == "sql"
+        assert list(second[0].output_ids) == ids[:CUT]
+        assert migrations(app) == 1
+    finally:
+        app.stop()
+        for w in workers:
+            w.stop()

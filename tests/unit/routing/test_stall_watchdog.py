@@ -6,7 +6,6 @@ n > 1 samples run at most the merge window ahead of a stalled consumer.
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import pytest
 from tandem.router.stall import SendStalled, SendWindow, WriteStallGuard
@@ -83,16 +82,14 @@ def test_no_timeout_counts_the_wait_and_never_drops():
     assert events.waits == 1 and events.stalls == [] and transport.aborted == 0
 
 
-def writer(window: SendWindow, sent: list, release: threading.Event) -> threading.Thread:
-    """The gRPC thread: takes items; the first send blocks until ``release``."""
-    def run():
-        for item in window.items():
+def writer(window: SendWindow, sent: list, release: asyncio.Event) -> asyncio.Task:
+    """The call's handler: takes items; the first write blocks until ``release``."""
+    async def run():
+        async for item in window.items():
             sent.append(item)
-            release.wait()
+            await release.wait()
 
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return t
+    return asyncio.create_task(run())
 
 
 def test_send_window_bounds_the_producer_and_detects_a_stalled_send():
@@ -100,18 +97,18 @@ def test_send_window_bounds_the_producer_and_detects_a_stalled_send():
         waits = []
         window = SendWindow(2, TIMEOUT, lambda: waits.append(1))
         sent: list = []
-        release = threading.Event()
+        release = asyncio.Event()
         t = writer(window, sent, release)
         with pytest.raises(SendStalled):
             for i in range(10):
                 await window.put(i)
         release.set()
         window.close()
-        await asyncio.to_thread(t.join, 5)
+        await asyncio.wait_for(t, 5)
         return waits, sent
 
     waits, sent = asyncio.run(run())
-    # Item 0 is being sent (blocked), item 1 fills the window of two, the third put waits and stalls.
+    # Item 0 is being written (blocked), item 1 fills the window of two, the third put waits and stalls.
     assert waits == [1]
     assert sent == [0, 1]
 
@@ -120,7 +117,7 @@ def test_send_window_without_timeout_waits_for_a_slow_writer():
     async def run():
         window = SendWindow(2, 0, lambda: None)
         sent: list = []
-        release = threading.Event()
+        release = asyncio.Event()
         t = writer(window, sent, release)
         await window.put("a")
         await window.put("b")
@@ -130,7 +127,7 @@ def test_send_window_without_timeout_waits_for_a_slow_writer():
         release.set()
         await blocked
         window.close(last=RuntimeError("end"))
-        await asyncio.to_thread(t.join, 5)
+        await asyncio.wait_for(t, 5)
         return sent
 
     sent = asyncio.run(run())

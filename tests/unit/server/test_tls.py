@@ -1,6 +1,7 @@
 """TLS / mTLS on a real ServiceRuntime: gRPC and the system HTTP port refuse plaintext, missing
 and foreign client certificates; certificates reload (SIGHUP, or changed files for gRPC)
-without dropping an open stream; admin routes need the admin token."""
+without dropping an open stream; admin routes need the admin token. The gRPC parts run on
+both kinds of server: the thread pool's and the ``grpc.aio`` one (``aio=True``, the router's)."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ import httpx
 import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tandem.config import ServerConfig
 from tandem.server import ServiceRuntime, service_name
 from tandem.server.channels import open_channel
@@ -31,8 +33,8 @@ def pki(tmp_path):
     return make_pki(tmp_path)
 
 
-@pytest.fixture
-def tls_runtime(pki, tmp_path):
+@pytest.fixture(params=[False, True], ids=["sync", "aio"])
+def tls_runtime(pki, tmp_path, request):
     # The runtime reads its own copy of the files, so a test can replace them.
     own = pki.files("server")
     live = {}
@@ -41,7 +43,7 @@ def tls_runtime(pki, tmp_path):
         shutil.copy(getattr(own, name), live[name])
     rt = ServiceRuntime("tls-test", ServerConfig(port=0, system_port=0, ssl_certfile=live["certfile"],
                                                  ssl_keyfile=live["keyfile"], ssl_ca_certs=own.ca_certs,
-                                                 admin_token="s3cret"))
+                                                 admin_token="s3cret"), aio=request.param)
     rt.system.add_route("GET", "/admin/ping", lambda _body: (200, {"pong": True}))
     rt.start()
     rt.set_ready()
@@ -102,7 +104,7 @@ def test_reload_without_dropping_a_stream(tls_runtime, pki, tmp_path):
     assert after == x509.load_pem_x509_certificate(open(rotated.certfile, "rb").read()).serial_number
 
     # The stream opened under the old certificate still delivers.
-    tls_runtime.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    tls_runtime.set_not_serving()
     assert updates.get(timeout=5) == health_pb2.HealthCheckResponse.NOT_SERVING
     ch.close()
 
@@ -152,14 +154,20 @@ def test_system_port_https_mtls_and_admin_token(tls_runtime, pki):
         httpx.get(base + "/health", verify=client_context(rogue, client.ca_certs), timeout=5)
 
 
-def test_plaintext_stays_default():
-    rt = ServiceRuntime("plain", ServerConfig(port=0, system_port=0))
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+def test_plaintext_stays_default(aio):
+    rt = ServiceRuntime("plain", ServerConfig(port=0, system_port=0), aio=aio)
     rt.system.add_route("GET", "/admin/ping", lambda _body: (200, {"pong": True}))
     rt.start()
     rt.set_ready()
     try:
         assert rt.tls is None
         assert _check(rt.address, None) == health_pb2.HealthCheckResponse.SERVING
+        with grpc.insecure_channel(rt.address) as ch:  # reflection lists the served services
+            answers = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+            names = {svc.name for answer in answers for svc in answer.list_services_response.service}
+        assert names == {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
         assert httpx.get(f"http://{rt.system_address}/admin/ping", timeout=5).status_code == 200
     finally:
         rt.shutdown()
@@ -180,9 +188,15 @@ class _Control(engine_control_pb2_grpc.EngineControlServicer):
         return engine_control_pb2.ProfileResponse(ok=True, message="stopped")
 
 
-def test_admin_token_on_grpc_engine_control():
-    rt = ServiceRuntime("admin", ServerConfig(port=0, system_port=0, admin_token="s3cret"))
-    rt.add_service(engine_control_pb2_grpc.add_EngineControlServicer_to_server, _Control(),
+class _AioControl(engine_control_pb2_grpc.EngineControlServicer):
+    async def StopProfile(self, request, context):
+        return engine_control_pb2.ProfileResponse(ok=True, message="stopped")
+
+
+@pytest.mark.parametrize("aio", [False, True], ids=["sync", "aio"])
+def test_admin_token_on_grpc_engine_control(aio):
+    rt = ServiceRuntime("admin", ServerConfig(port=0, system_port=0, admin_token="s3cret"), aio=aio)
+    rt.add_service(engine_control_pb2_grpc.add_EngineControlServicer_to_server, _AioControl() if aio else _Control(),
                    service_name(engine_control_pb2, "EngineControl"))
     rt.start()
     rt.set_ready()

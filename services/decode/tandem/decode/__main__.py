@@ -6,15 +6,16 @@ from tandem.decode.servicer import DecodeServicer, MoveSourceServicer
 from tandem.engine.tokenizer import load_tokenizer
 from tandem.server import service_name, setup_logging
 from tandem.server.tls import etcd_client_tls
-from tandem.transfer import make_receiver, make_sender
+from tandem.transfer import make_sender
 from tandem.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from tandem.worker.decode import DecodeWorker
 from tandem.worker.embedding import EmbeddingWorker
-from tandem.worker.kv_move import HeldMoves, KvMoves
+from tandem.worker.kv_move import HeldMoves, KvMoves, moves_refused
 from tandem.worker.prefill import KvSource
 from tandem.worker.prefill_discovery import PrefillDiscovery
 from tandem.worker.process import build_worker
 from tandem.worker.remote_prefill import RemotePrefill
+from tandem.worker.tp_transfer import ranked_receiver
 from tandem.worker.warmup import warmup_requests
 
 
@@ -24,15 +25,18 @@ def main(argv=None) -> None:
     disagg = config.disaggregation_mode == "decode"
     wp = build_worker("decode", config, engine_type="decode" if disagg else "unified", endpoint_name="generate")
     remote = fetcher = None
-    # KV moves (drain): one rank's pool only, so not with several ranks (--tp-size, --ep-size > 1).
-    moves_on = not config.is_embedding and config.world_size == 1
+    # KV moves (drain): one rank's pool only, so not with several ranks (--tp-size, --ep-size > 1):
+    # such a worker drains by recomputing, and a request moved to it is recomputed here.
+    no_moves = moves_refused(config)
+    moves_on = no_moves is None
     if disagg or moves_on:
         # Decode mode: the remote prefills; aggregated: only the KV of requests moved off draining workers.
-        receiver = make_receiver(config.disaggregation_transfer_backend, wp.kv_buffers(), name=wp.runtime.worker_id,
-                                 model_fingerprint=wp.fingerprint,
-                                 bootstrap_timeout_s=config.disaggregation_bootstrap_timeout,
-                                 waiting_timeout_s=config.disaggregation_waiting_timeout,
-                                 transfer_timeout_s=config.disaggregation_transfer_timeout)
+        # One receiver per TP rank (each holds its KV heads), driven as one through the leader.
+        receiver = ranked_receiver(config.disaggregation_transfer_backend, wp.kv_buffers(), wp.runtime.worker_id,
+                                   wp.fingerprint, leader=wp.tp_leader,
+                                   bootstrap_timeout_s=config.disaggregation_bootstrap_timeout,
+                                   waiting_timeout_s=config.disaggregation_waiting_timeout,
+                                   transfer_timeout_s=config.disaggregation_transfer_timeout)
         follow_etcd = config.prefill_discovery == "etcd"
         fetcher = RemotePrefill(config, wp.loop, receiver, wp.runtime.worker_id, wp.reporter,
                                 dynamic=follow_etcd or not disagg)
@@ -57,7 +61,8 @@ def main(argv=None) -> None:
         wp.runtime.on_shutdown(sender.close)
         wp.runtime.add_service(prefill_pb2_grpc.add_PrefillServicer_to_server, MoveSourceServicer(source),
                                service_name(prefill_pb2, "Prefill"))
-    moves = KvMoves(wp.runtime.advertised_address, fetcher if moves_on else None, held, wp.component_metrics)
+    moves = KvMoves(wp.runtime.advertised_address, fetcher if moves_on else None, held, wp.component_metrics,
+                    refused=no_moves)
     worker = DecodeWorker(config, wp.loop, wp.runtime.worker_id, remote, moves)
     embedder = EmbeddingWorker(wp.loop, load_tokenizer(config.model_path)) if config.is_embedding else None
     role = "decode" if disagg else "agg"

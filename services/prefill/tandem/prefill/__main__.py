@@ -4,10 +4,10 @@ from __future__ import annotations
 from tandem.config import PrefillConfig, load_or_exit
 from tandem.prefill.servicer import PrefillServicer
 from tandem.server import service_name, setup_logging
-from tandem.transfer import make_sender
 from tandem.v1 import prefill_pb2, prefill_pb2_grpc
 from tandem.worker.prefill import PrefillWorker
 from tandem.worker.process import build_worker
+from tandem.worker.tp_transfer import ranked_sender
 from tandem.worker.warmup import warmup_prefill, warmup_requests
 
 
@@ -15,8 +15,9 @@ def main(argv=None) -> None:
     config = load_or_exit(PrefillConfig, argv, prog="python -m tandem.prefill")
     setup_logging("prefill", config.log_level, config.log_format)
     wp = build_worker("prefill", config, engine_type="prefill", endpoint_name="prefill")
-    sender = make_sender(config.disaggregation_transfer_backend, wp.kv_buffers(), name=wp.runtime.worker_id,
-                         model_fingerprint=wp.fingerprint)
+    # One sender per TP rank (each writes its KV heads), driven as one through the leader.
+    sender = ranked_sender(config.disaggregation_transfer_backend, wp.kv_buffers(), wp.runtime.worker_id,
+                           wp.fingerprint, leader=wp.tp_leader, timeout_s=config.disaggregation_transfer_timeout)
     worker = PrefillWorker(config, wp.loop, sender, wp.runtime.worker_id, wp.reporter)
     worker.transfers.start()
     wp.runtime.on_shutdown(worker.transfers.stop)

@@ -10,7 +10,8 @@ from tandem.v1 import router_pb2, router_pb2_grpc
 def main(argv=None) -> None:
     config = load_or_exit(RouterConfig, argv, prog="python -m tandem.router")
     setup_logging("router", config.log_level, config.log_format)
-    runtime = ServiceRuntime("router", config, max_receive_message_bytes=config.max_request_bytes)
+    # The gRPC Router is served by a grpc.aio server on the runtime's loop, where the router runs.
+    runtime = ServiceRuntime("router", config, max_receive_message_bytes=config.max_request_bytes, aio=True)
     try:
         app = build_router(config, registry=runtime.registry)
     except ValueError as exc:
@@ -22,7 +23,7 @@ def main(argv=None) -> None:
     runtime.on_shutdown(app.stop)
     runtime.install_signal_handlers()
     runtime.start()
-    app.start()
+    app.start(runtime.loop)
     runtime.set_ready(http=app.http_address)
     runtime.wait()
 

@@ -1,17 +1,21 @@
 """RouterApp: the router's pieces wired together, for `python -m tandem.router` and tests.
 
+    runtime = ServiceRuntime("router", config, aio=True)
     app = build_router(config, registry=runtime.registry)
     runtime.add_service(router_pb2_grpc.add_RouterServicer_to_server, app.servicer, name)
-    app.start()            # router loop thread: discovery, health checks, OpenAI HTTP on config.http_port
+    app.start(runtime.loop)  # on the runtime's loop: discovery, health checks, OpenAI HTTP on config.http_port
     ...
     app.stop()
 
-The router's asyncio loop runs in its own thread; the OpenAI HTTP server (uvicorn) and all
-worker gRPC calls live on it, and the gRPC servicer bridges into it.
+Everything of the router runs on one asyncio loop: the OpenAI HTTP server (uvicorn), every
+worker gRPC call, and the gRPC Router servicer (coroutines, served by the runtime's
+``grpc.aio`` server on the same loop). ``start()`` without a loop runs one in a thread of the
+app's own (tests that serve the servicer themselves use ``app.loop``).
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import socket
@@ -45,9 +49,10 @@ class RouterApp:
         self.model_name = config.served_model_name or os.path.basename(os.path.normpath(config.model_path))
         self.metrics = RouterMetrics(self.registry, self.model_name)
         self.core = RouterCore(config, self.tokenizer, self.metrics, self.model_name)
-        self.servicer = RouterServicer(self.core, lambda: self.loop)
+        self.servicer = RouterServicer(self.core)
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the app's own loop thread (start() without a loop)
+        self._main: concurrent.futures.Future | None = None
         self._server: uvicorn.Server | None = None
         self._sock: socket.socket | None = None
         self.http_port: int | None = None
@@ -63,10 +68,11 @@ class RouterApp:
     def http_address(self) -> str:
         return f"{self.config.host}:{self.http_port}"
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Start the router loop thread: discovery, health checks and the HTTP server. Returns
+    def start(self, loop: asyncio.AbstractEventLoop | None = None, timeout: float = 30.0) -> None:
+        """Start discovery, health checks and the HTTP server on ``loop`` (running in another
+        thread: the process runtime's), else on a loop in a thread of the app's own. Returns
         once the HTTP port is bound and serving."""
-        if self._thread is not None:
+        if self._main is not None:
             raise RuntimeError("router already started")
         # The grammar checker (xgrammar, which loads torch) is imported here, off the event loop,
         # so the first structured-output request does not stall every other one.
@@ -78,7 +84,6 @@ class RouterApp:
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock.bind((self.config.host, self.config.http_port))
         self.http_port = self._sock.getsockname()[1]
-        self.loop = asyncio.new_event_loop()
         started = threading.Event()
         errors: list[BaseException] = []
         uv_config = uvicorn.Config(build_http_app(self.core, self.registry), log_level="warning", access_log=False,
@@ -101,20 +106,17 @@ class RouterApp:
             finally:
                 await self.core.stop()
 
-        def run() -> None:
-            asyncio.set_event_loop(self.loop)
-            try:
-                self.loop.run_until_complete(main())
-            except BaseException:
-                log.exception("router loop ended with an error")
-            finally:
-                self.loop.close()
-
-        self._thread = threading.Thread(target=run, name="router-loop", daemon=True)
-        self._thread.start()
+        if loop is None:
+            loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=run_loop, args=(loop,), name="router-loop", daemon=True)
+            self._thread.start()
+        self.loop = loop
+        self._main = asyncio.run_coroutine_threadsafe(main(), loop)
+        self._main.add_done_callback(log_loop_error)
         if not started.wait(timeout):
             raise TimeoutError(f"router HTTP server not started after {timeout}s")
         if errors:
+            self.stop()
             raise RuntimeError(f"router failed to start: {errors[0]}") from errors[0]
         log.info("router HTTP (OpenAI API) on http://%s, policy %s", self.http_address, self.config.routing_policy)
 
@@ -124,15 +126,32 @@ class RouterApp:
         return stall_guarded(AutoHTTPProtocol, timeout, self.metrics.stall_events("http", timeout))
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the HTTP server, close worker channels and the loop thread."""
-        if self._thread is None:
+        """Stop the HTTP server and close worker channels (and the app's own loop thread)."""
+        if self._main is None:
             return
         if self._server is not None:
             self._server.should_exit = True
-        self._thread.join(timeout)
+        concurrent.futures.wait([self._main], timeout)
+        if self._thread is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout)
+            self._thread = None
         if self._sock is not None:
             self._sock.close()
-        self._thread = None
+        self._main = None
+
+
+def run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
+def log_loop_error(main: concurrent.futures.Future) -> None:
+    if not main.cancelled() and main.exception() is not None:
+        log.error("router loop ended with an error", exc_info=main.exception())
 
 
 def build_router(config: RouterConfig, registry: CollectorRegistry | None = None) -> RouterApp:

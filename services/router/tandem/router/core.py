@@ -77,6 +77,14 @@ class NoHealthyWorker(RouterError):
         super().__init__(grpc.StatusCode.UNAVAILABLE, message)
 
 
+class UnknownModel(RouterError):
+    """The ``model`` field names another model, or an adapter no worker holds (404 / NOT_FOUND)."""
+
+    def __init__(self, model: str, message: str) -> None:
+        super().__init__(grpc.StatusCode.NOT_FOUND, message)
+        self.model = model
+
+
 @dataclass
 class PromptInput:
     """What a request asks the model to continue: raw text, token ids, or chat messages (with
@@ -102,6 +110,7 @@ class Prepared:
     tool_parser: str | None = None  # a parser name, "required" or "named:<fn>" (forced calls)
     prefill_local: bool = False  # samples 1..n-1: the worker holds the prompt's pages already
     client_key: str = ""  # who sent it (bearer token or address): the per-key concurrency limit
+    lora_name: str | None = None  # the LoRA adapter (the model field's "base:adapter"); None: the base model
 
     def sample(self, i: int) -> Prepared:
         """The request of sample i (its own request id, seed and routing decision)."""
@@ -226,8 +235,33 @@ class RouterCore:
             await self.pool.close()
 
     # ---- requests ------------------------------------------------------------------
+    # ---- models: the base and its LoRA adapters ----------------------------------------
+    def lora_names(self) -> list[str]:
+        """LoRA adapters some healthy worker holds (its GetLoad answer), sorted."""
+        return sorted({n for w in self.pool.healthy() if w.load is not None and not w.is_embedding
+                       for n in w.load.lora_names})
+
+    def model_ids(self) -> list[str]:
+        """What the OpenAI ``model`` field may name: the base model, then ``base:adapter`` for each adapter."""
+        return [self.model_name] + [f"{self.model_name}:{n}" for n in self.lora_names()]
+
+    def resolve_model(self, model: str) -> str | None:
+        """The LoRA adapter a request's ``model`` names (None: the base model; "" means the base
+        model too). Raises UnknownModel naming it for another base or an adapter no healthy worker holds."""
+        if not model or model == self.model_name:
+            return None
+        if model in self.embedding_models():
+            raise UnknownModel(model, f"model {model!r} serves embeddings only (its workers run --is-embedding): "
+                                      "use /v1/embeddings")
+        base, sep, adapter = model.partition(":")
+        if not sep or base != self.model_name or not adapter:
+            raise UnknownModel(model, f"unknown model {model!r}; serving {self.model_name!r}")
+        if adapter not in self.lora_names():
+            raise UnknownModel(model, f"LoRA adapter {adapter!r} is not loaded on any worker of {self.model_name!r}")
+        return adapter
+
     def prepare(self, prompt: PromptInput, sampling: SamplingRequest, request_id: str, endpoint: str,
-                client_key: str, tool_parser: str | None = None) -> Prepared:
+                client_key: str, tool_parser: str | None = None, lora_name: str | None = None) -> Prepared:
         """The one preparation of a request, for both APIs: tokenize (a chat through the
         template), check it (``request_check``), and the Prepared to run. Raises SamplingError
         naming the API's parameter (the chat template's own errors: OpenAIError)."""
@@ -249,13 +283,19 @@ class RouterCore:
             echo = prompt.text if prompt.text is not None else tok.decode(ids, skip_special_tokens=False)
         return Prepared(request_id, ids, sp, endpoint, n=sampling.n, echo_text=echo,
                         reasoning_parser=cfg.reasoning_parser if prompt.messages is not None else None,
-                        tool_parser=tool_parser, client_key=client_key)
+                        tool_parser=tool_parser, client_key=client_key, lora_name=lora_name)
 
     # ---- routing ------------------------------------------------------------------
 
-    def route(self, input_ids: list[int], exclude: set[str] = frozenset()) -> tuple[Worker, Decision]:
-        """The generating worker for a prompt (embedding workers never generate)."""
+    def route(self, input_ids: list[int], exclude: set[str] = frozenset(),
+              lora: str | None = None) -> tuple[Worker, Decision]:
+        """The generating worker for a prompt (embedding workers never generate); one holding LoRA
+        adapter ``lora`` when given."""
         candidates = [w for w in self.pool.healthy() if w.worker_id not in exclude and not w.is_embedding]
+        if candidates and lora is not None:
+            candidates = [w for w in candidates if w.load is not None and lora in w.load.lora_names]
+            if not candidates:
+                raise NoHealthyWorker(f"no healthy worker holds LoRA adapter {lora!r}")
         if not candidates:
             embedding = sum(w.is_embedding for w in self.pool.workers.values())
             if embedding and embedding == len(self.pool.workers):  # nothing here generates: no passing outage
@@ -266,7 +306,7 @@ class RouterCore:
                 f"no healthy worker available ({len(self.pool.workers)} known, "
                 f"{len(self.pool.healthy())} healthy" + (f", {embedding} serving embeddings only)" if embedding else ")"))
         t0 = time.perf_counter()
-        decision = self.policy.choose([w.view() for w in candidates], input_ids)
+        decision = self.policy.choose([w.view() for w in candidates], input_ids, lora)
         r = self.metrics.routing
         kv = isinstance(self.policy, KvAwarePolicy)
         r.observe_overhead_ms(scheduling=(time.perf_counter() - t0) * 1e3,
@@ -382,7 +422,7 @@ class RouterCore:
                 if pinned is not None and pinned.healthy:
                     worker, decision = pinned, Decision(pinned.worker_id)
                 else:
-                    worker, decision = self.route(prep.input_ids + produced, excluded)
+                    worker, decision = self.route(prep.input_ids + produced, excluded, prep.lora_name)
             except NoHealthyWorker:
                 if last_error is not None:
                     raise last_error from None
@@ -397,7 +437,8 @@ class RouterCore:
             call = worker.decode.Generate(
                 decode_pb2.GenerateRequest(request_id=prep.request_id, input_ids=prep.input_ids, sampling=sampling,
                                            prefill_override="local" if prep.prefill_local else "",
-                                           output_ids=produced, kv_source=kv_source),
+                                           output_ids=produced, lora_name=prep.lora_name or "",
+                                           kv_source=kv_source),
                 timeout=timeout)
             kv_source = None
             error: RouterError | None = None

@@ -1,26 +1,27 @@
-"""gRPC Router service (tandem.v1.Router) for the shared synchronous grpc.Server.
+"""gRPC Router service (tandem.v1.Router), served by the process's ``grpc.aio`` server on the
+router's own event loop (``ServiceRuntime(aio=True)``): a call runs where ``RouterCore`` runs,
+with no thread hop per request or per streamed chunk.
 
 The request carries what the OpenAI API offers: sampling parameters (penalties, logit
 bias, structured output), n samples (chunks carry their index), echo, tools and
 tool_choice (calls come back parsed in TokenChunk.tool_calls), and the router's reasoning
 parser fills TokenChunk.reasoning_text.
 
-Each call is bridged into the router's asyncio loop: a pump task runs the request there and
-hands chunks to the gRPC thread through a bounded window (``stall.SendWindow``); a client that
-takes no message for --stream-stall-timeout seconds gets its call cancelled. When the RPC ends
-early (client cancel or deadline), the gRPC callback cancels the pump task, which cancels the
-worker's Generate call.
-The caller's deadline is passed on to the worker call.
+Each Generate call reads the worker's stream in a pump task that hands chunks to the call's
+handler, which writes them, through a bounded window (``stall.SendWindow``); a client that takes
+no message for --stream-stall-timeout seconds has its worker request cancelled and its call
+ended with CANCELLED. When the RPC ends early
+(client cancel or deadline) gRPC cancels the handler, which cancels the pump task, which cancels
+the worker's Generate call. The caller's deadline is passed on to the worker call.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import uuid
-from collections.abc import Callable
 
 import grpc
-from tandem.router.core import Prepared, PromptInput, RouterCore, RouterError
+from tandem.router.core import Prepared, PromptInput, RouterCore, RouterError, UnknownModel
 from tandem.router.stall import SendStalled, SendWindow
 from tandem.routing.embeddings import EmbeddingInputError, check_dimensions, check_inputs
 from tandem.routing.openai_protocol import OpenAIError
@@ -30,32 +31,36 @@ from tandem.routing.tool_parsers import Tool, check_tool_name, forced_schema
 from tandem.sampling import StructuredOutput
 from tandem.v1 import common_pb2, router_pb2, router_pb2_grpc
 
-# Chunks handed to the gRPC thread and not yet sent, per call: a client that stops reading holds
+# Chunks handed to the writer and not yet written, per call: a client that stops reading holds
 # back the worker's stream (flow control) instead of filling an unbounded queue.
 SEND_WINDOW = 16
 
+UNAUTHENTICATED = "incorrect or missing API key: send 'authorization: Bearer <key>' metadata"
+
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    """``loop()``: the router's asyncio loop, where ``core`` runs (set once the router started)."""
+    """Coroutines for a ``grpc.aio`` server on the loop where ``core`` runs."""
 
-    def __init__(self, core: RouterCore, loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    def __init__(self, core: RouterCore) -> None:
         self.core = core
-        self.loop = loop
 
     def _prepare(self, request: router_pb2.RouterGenerateRequest, context) -> Prepared:
         """The request in the router's terms (its prompt, its sampling side), then the one
-        shared preparation (``RouterCore.prepare``)."""
+        shared preparation (``RouterCore.prepare``); RouterError for a request that cannot run."""
         core = self.core
-        if request.model and request.model != core.model_name:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}; serving {core.model_name!r}")
+        try:
+            lora = core.resolve_model(request.model)
+        except UnknownModel as e:
+            raise RouterError(grpc.StatusCode.NOT_FOUND, e.message) from None
         try:
             prompt, sampling, tool_parser = self._convert(request, core.config.tool_call_parser)
             rid = request.request_id or f"router-{uuid.uuid4().hex}"
-            return core.prepare(prompt, sampling, rid, "grpc_generate:stream", client_key(context), tool_parser)
+            return core.prepare(prompt, sampling, rid, "grpc_generate:stream", client_key(context), tool_parser,
+                                lora)
         except OpenAIError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, e.message)
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, e.message) from None
         except ValueError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
 
     @staticmethod
     def _convert(request: router_pb2.RouterGenerateRequest, parser: str | None
@@ -85,24 +90,23 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return prompt, SamplingRequest(sp, n=request.n or 1, max_tokens_given=request.sampling.max_tokens != 0,
                                        structured=structured, echo=request.echo), tool_parser
 
-    def Generate(self, request, context):
-        authorization = dict(context.invocation_metadata()).get("authorization")
-        if not self.core.api_key.allows(authorization, peer_host(context.peer())):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "incorrect or missing API key: send 'authorization: Bearer <key>' metadata")
-        prep = self._prepare(request, context)
-        timeout = context.time_remaining()
-        if timeout is not None and timeout > 1e7:  # no deadline: gRPC reports ~int64 max
-            timeout = None
+    async def Generate(self, request, context):
         core = self.core
+        if not core.api_key.allows(_authorization(context), peer_host(context.peer())):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
+        try:
+            prep = self._prepare(request, context)
+        except RouterError as e:
+            await context.abort(e.code, e.message)
+        timeout = _time_remaining(context)
         stall_timeout = core.config.stream_stall_timeout
         events = core.metrics.stall_events("grpc", stall_timeout)
         window = SendWindow(SEND_WINDOW, stall_timeout, events.write_waited)
-
         calls: dict[int, int] = {}  # tool calls sent so far, per sample
 
         async def pump() -> None:
             error: RouterError | None = None
+            drop = False
             deltas = core.run(prep, timeout)
             try:
                 async for d in deltas:
@@ -118,65 +122,64 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     await window.put(chunk)
             except SendStalled:
                 events.stalled(f"{context.peer()} (request {prep.request_id})", f"{SEND_WINDOW} messages")
-                context.cancel()
+                error, drop = RouterError(grpc.StatusCode.CANCELLED, f"the client took no message for "
+                                          f"{stall_timeout:g} s (--stream-stall-timeout)"), True
             except RouterError as e:
                 error = e
             except Exception as e:  # a bug: report it instead of hanging the call
                 error = RouterError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
             finally:
-                window.close(error)
-                await deltas.aclose()
+                window.close(error, drop_pending=drop)
+                await deltas.aclose()  # cancels the worker's call: it frees the request's pages
 
-        fut = asyncio.run_coroutine_threadsafe(pump(), self.loop())
-        context.add_callback(fut.cancel)
-        for item in window.items():
-            if isinstance(item, RouterError):
-                context.abort(item.code, item.message)
-            yield item
+        pumping = asyncio.create_task(pump())
+        try:
+            async for item in window.items():
+                if isinstance(item, RouterError):
+                    await context.abort(item.code, item.message)
+                await context.write(item)
+        finally:
+            pumping.cancel()
 
-    def Embed(self, request: router_pb2.RouterEmbedRequest, context) -> router_pb2.RouterEmbedResponse:
+    async def Embed(self, request: router_pb2.RouterEmbedRequest, context) -> router_pb2.RouterEmbedResponse:
         """The inputs' embeddings from an embedding worker of the model (``RouterCore.embed``)."""
         core = self.core
-        authorization = dict(context.invocation_metadata()).get("authorization")
-        if not core.api_key.allows(authorization, peer_host(context.peer())):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "incorrect or missing API key: send 'authorization: Bearer <key>' metadata")
+        if not core.api_key.allows(_authorization(context), peer_host(context.peer())):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
         inputs = list(request.inputs)
         try:
             check_inputs(inputs)
             dimensions = check_dimensions(request.dimensions or None)
         except EmbeddingInputError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        timeout = context.time_remaining()
-        if timeout is not None and timeout > 1e7:  # no deadline: gRPC reports ~int64 max
-            timeout = None
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rid = request.request_id or f"router-embd-{uuid.uuid4().hex}"
-
-        async def run() -> router_pb2.RouterEmbedResponse:
-            model = core.embedding_model(request.model)
-            resp = await core.embed(model, inputs, dimensions, rid, "grpc_embed", client_key(context), timeout)
-            return router_pb2.RouterEmbedResponse(
-                embeddings=resp.embeddings, model=model, request_id=rid,
-                usage=common_pb2.Usage(prompt_tokens=resp.prompt_tokens))
-
-        fut = asyncio.run_coroutine_threadsafe(run(), self.loop())
-        context.add_callback(fut.cancel)
         try:
-            return fut.result()
+            model = core.embedding_model(request.model)
+            resp = await core.embed(model, inputs, dimensions, rid, "grpc_embed", client_key(context),
+                                    _time_remaining(context))
         except RouterError as e:
-            context.abort(e.code, e.message)
+            await context.abort(e.code, e.message)
+        return router_pb2.RouterEmbedResponse(embeddings=resp.embeddings, model=model, request_id=rid,
+                                              usage=common_pb2.Usage(prompt_tokens=resp.prompt_tokens))
 
-    def ListWorkers(self, request, context):
-        async def snapshot():
-            return [w.to_proto() for w in self.core.pool.workers.values()]
+    async def ListWorkers(self, request, context):
+        return router_pb2.ListWorkersResponse(workers=[w.to_proto() for w in self.core.pool.workers.values()],
+                                              policy=self.core.config.routing_policy)
 
-        workers = asyncio.run_coroutine_threadsafe(snapshot(), self.loop()).result(timeout=5)
-        return router_pb2.ListWorkersResponse(workers=workers, policy=self.core.config.routing_policy)
+
+def _authorization(context) -> str | None:
+    return dict(context.invocation_metadata() or ()).get("authorization")
+
+
+def _time_remaining(context) -> float | None:
+    """The call's deadline in seconds from now; None without one."""
+    timeout = context.time_remaining()
+    return None if timeout is None or timeout > 1e7 else timeout  # no deadline: gRPC may report ~int64 max
 
 
 def client_key(context) -> str:
     """Whom the per-key concurrency limit counts: the bearer token, else the peer's host."""
-    scheme, _, token = (dict(context.invocation_metadata()).get("authorization") or "").partition(" ")
+    scheme, _, token = (_authorization(context) or "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return "key:" + token.strip()
     return "addr:" + peer_host(context.peer()).split(":", 1)[-1]

@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from tandem.router.core import Delta, NoHealthyWorker, Prepared, PromptInput, RouterCore, RouterError
+from tandem.router.core import Delta, NoHealthyWorker, Prepared, PromptInput, RouterCore, RouterError, UnknownModel
 from tandem.routing import embeddings as emb
 from tandem.routing import openai_protocol as oa
 from tandem.sampling import SamplingError
@@ -128,9 +128,15 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
         if not core.api_key.allows(request.headers.get("authorization"), peer):
             raise oa.unauthorized()
 
-    def check_model(name: str) -> None:
-        if name != model_name:
+    def check_model(name: str) -> str | None:
+        """The LoRA adapter ``name`` selects (None: the base model); 404 for anything unknown. OpenAI's
+        ``model`` is required over HTTP: an empty one is unknown (gRPC's unset field means the base)."""
+        if not name:
             raise oa.model_not_found(name)
+        try:
+            return core.resolve_model(name)
+        except UnknownModel as e:
+            raise oa.model_not_found(name, e.message) from None
 
     @app.get("/health")
     async def health():
@@ -146,13 +152,14 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request):
         check_auth(request)
-        return oa.models_body(model_name, created, core.embedding_models())
+        return oa.models_body(core.model_ids(), created, core.embedding_models())
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str, request: Request):
         check_auth(request)
-        listed = {m["id"]: m for m in oa.models_body(model_name, created, core.embedding_models())["data"]}
+        listed = {m["id"]: m for m in oa.models_body(core.model_ids(), created, core.embedding_models())["data"]}
         if name not in listed:
+            check_model(name)  # 404 naming what is unknown (another base, an adapter no worker holds)
             raise oa.model_not_found(name)
         return listed[name]
 
@@ -183,7 +190,7 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
     def prepare(kind: str, req, request: Request) -> Prepared:
         """The request in the router's terms (its prompt, its sampling side), then the one
         shared preparation (``RouterCore.prepare``)."""
-        check_model(req.model)
+        lora = check_model(req.model)
         plan = None
         if kind == "completion":
             prompt = oa.single_prompt(req)
@@ -204,7 +211,7 @@ def build_http_app(core: RouterCore, registry: CollectorRegistry) -> FastAPI:
         rid = request.headers.get("x-request-id") or oa.new_request_id(kind)
         endpoint = ("completions" if kind == "completion" else "chat_completions") + (":stream" if req.stream else "")
         try:
-            return core.prepare(prompt_in, sampling, rid, endpoint, client_key(request), tool_parser)
+            return core.prepare(prompt_in, sampling, rid, endpoint, client_key(request), tool_parser, lora)
         except SamplingError as e:
             raise oa.invalid(e) from None
 

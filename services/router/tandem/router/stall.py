@@ -10,21 +10,24 @@ stream that waits for its worker is not stalled (nothing waits to be written).
 - HTTP (uvicorn): the connection's protocol watches its transport while asyncio has paused
   writing (write buffer above the high-water mark); progress is the bytes not yet acknowledged
   by the client going down: the transport's buffer plus the socket's send queue (``SIOCOUTQ``).
-- gRPC (the synchronous server): ``SendWindow`` hands chunks from the router's loop to the
-  thread that writes them, at most ``size`` unsent, so a stalled client holds back the worker's
-  stream through flow control instead of filling a queue; progress is a message send completing.
+- gRPC (the ``grpc.aio`` server, on the router's loop): ``SendWindow`` hands chunks from the
+  task that reads the worker's stream to the call's handler that writes them, at most ``size``
+  unsent, so a stalled client holds back the worker's stream through flow control instead of
+  filling a queue; progress is a message write completing. A stalled stream's worker request is
+  cancelled at once; its call ends with CANCELLED (the chunks not yet written are dropped) once
+  the write in progress completes or the client goes away (``grpc.aio`` servers cannot reset one
+  stream: the call's memory is bounded by the stream's flow-control window).
 """
 from __future__ import annotations
 
 import asyncio
 import fcntl
-import queue
 import socket
 import struct
 import sys
 import termios
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 _END = object()
@@ -153,22 +156,20 @@ class SendStalled(Exception):
 
 
 class SendWindow:
-    """Chunks from the router's loop (``put``) to the gRPC thread that writes them (``items``),
-    at most ``size`` handed over and not yet sent. ``put`` raises SendStalled once a send has been
+    """Chunks from a producer task (``put``) to the call's writer (``items``), both on one loop, at
+    most ``size`` handed over and not yet written. ``put`` raises SendStalled once a write has been
     in progress for ``stall_timeout`` seconds (0: never) with the window full."""
 
     def __init__(self, size: int, stall_timeout: float, on_wait: Callable[[], None]) -> None:
         self.stall_timeout = stall_timeout
         self.on_wait = on_wait
-        self._room = asyncio.Semaphore(size)  # bound to the loop that first waits on it
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._sending_since: float | None = None  # set by the writer thread
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._room = asyncio.Semaphore(size)
+        self._q: asyncio.Queue = asyncio.Queue()
+        self._sending_since: float | None = None  # set by the writer while a write is in progress
 
     async def put(self, item: object) -> None:
         """Hand over ``item``; waits while the window is full (reported once per wait to
         ``on_wait``), raises SendStalled when the client took nothing for the stall timeout."""
-        self._loop = asyncio.get_running_loop()
         if self._room.locked():
             self.on_wait()
         while True:
@@ -179,13 +180,17 @@ class SendWindow:
             except TimeoutError:
                 if self.stalled_for() >= self.stall_timeout:
                     raise SendStalled() from None
-        self._q.put(item)
+        self._q.put_nowait(item)
 
-    def close(self, last: object = None) -> None:
-        """No more chunks; ``last`` (an error), when given, is handed over before the end."""
+    def close(self, last: object = None, drop_pending: bool = False) -> None:
+        """No more chunks; ``last`` (an error), when given, is handed over before the end;
+        ``drop_pending``: the chunks not yet taken by the writer are dropped (a stalled stream)."""
+        if drop_pending:
+            while not self._q.empty():
+                self._q.get_nowait()
         if last is not None:
-            self._q.put(last)
-        self._q.put(_END)
+            self._q.put_nowait(last)
+        self._q.put_nowait(_END)
 
     def stalled_for(self) -> float:
         since = self._sending_since
@@ -196,14 +201,13 @@ class SendWindow:
             return None
         return max(0.0, self.stall_timeout - self.stalled_for()) + 0.001
 
-    def items(self) -> Iterator[object]:
-        """Writer thread: each item in turn; asking for the next one says the previous was sent."""
+    async def items(self) -> AsyncIterator[object]:
+        """Writer: each item in turn; asking for the next one says the previous was written."""
         while True:
-            item = self._q.get()
+            item = await self._q.get()
             if item is _END:
                 return
             self._sending_since = time.monotonic()
             yield item
             self._sending_since = None
-            if self._loop is not None:
-                self._loop.call_soon_threadsafe(self._room.release)
+            self._room.release()
