@@ -55,9 +55,9 @@ def make_router(addresses, **kw):
     return app
 
 
-def generate(app, **sampling):
+def generate(app, model="", **sampling):
     with router_stub(app) as stub:
-        req = router_pb2.RouterGenerateRequest(text=PROMPT, sampling=common_pb2.SamplingParams(**sampling))
+        req = router_pb2.RouterGenerateRequest(text=PROMPT, model=model, sampling=common_pb2.SamplingParams(**sampling))
         chunks = list(stub.Generate(req, timeout=120))
     return ([t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks),
             [lp.logprob for c in chunks for lp in c.logprobs], chunks[-1])
@@ -153,11 +153,12 @@ def _stats(worker):
             value("tandem_component_kv_moved_in_pages_total"))
 
 
-def _drain_under_streams(drained, other, reference):
+def _drain_under_streams(drained, other, reference, adapter=None):
     """8 streams over ``drained`` and ``other`` (round_robin: 4 each), ``drained`` paused by its fault
     hook once each of its requests streamed PAUSE_AT tokens, then drained; every stream must end
-    with the tokens of an uninterrupted run. Returns the DrainResponse, the router's migrations and
-    ``other``'s stats before and after."""
+    with the tokens of an uninterrupted run. ``adapter``: every stream under this LoRA adapter
+    (model "base:adapter"). Returns the DrainResponse, the router's migrations and ``other``'s
+    stats before and after."""
     import threading
 
     from grpc_health.v1 import health_pb2
@@ -168,13 +169,16 @@ def _drain_under_streams(drained, other, reference):
                 frequency_penalty=0.5) for i in range(DRAIN_STREAMS)]
     want = [reference(**sp)[0] for sp in sps]
     app = make_router([drained.grpc_address, other.grpc_address], migration_limit=1)
+    model = f"{app.model_name}:{adapter}" if adapter else ""
+    if adapter:
+        wait_for(lambda: app.core.lora_names() == [adapter], timeout=30, what="the adapter listed")
     got: list[list[int]] = [[] for _ in sps]
     errors: list[BaseException] = []
 
     def one(i):
         try:
             with router_stub(app) as stub:
-                req = router_pb2.RouterGenerateRequest(text=PROMPT, sampling=c.SamplingParams(**sps[i]))
+                req = router_pb2.RouterGenerateRequest(text=PROMPT, model=model, sampling=c.SamplingParams(**sps[i]))
                 for chunk in stub.Generate(req, timeout=120):
                     got[i].extend(chunk.token_ids)
         except BaseException as e:  # noqa: BLE001 - reported below
@@ -233,3 +237,36 @@ def test_drain_falls_back_to_recompute_when_the_target_cannot_fetch(workers, ref
     assert resp.num_requests_moved == 0 and resp.num_pages_moved == 0, resp
     assert (moved, pages) == (0, 0)
     assert recomputed == prefills == resp.num_requests_handed_back
+
+
+@pytest.fixture(scope="module")
+def lora_workers(tmp_path_factory):
+    """Two aggregated workers holding LoRA adapter "a" (the one to drain on a port below the
+    ephemeral range, paused by its fault hook) and the router of uninterrupted runs under "a"."""
+    from deploy.demo_lora import build_adapter
+
+    model = demo_model()
+    lora = ["--lora-paths", f"a={build_adapter(model, str(tmp_path_factory.mktemp('loras') / 'a'), rank=8, seed=1)}"]
+    drained, other = start_many([("tandem.decode", agg_worker_args(model, *lora, "--port", str(free_ports(1)[0]))),
+                                 ("tandem.decode", agg_worker_args(model, *lora))],
+                                envs=[{"TANDEM_FAULT_PAUSE_AFTER_TOKENS": str(PAUSE_AT)}, None])
+    app = make_router([other.grpc_address])
+    wait_for(lambda: app.core.lora_names() == ["a"], timeout=30, what="the adapter listed")
+    yield drained, other, lambda **sp: generate(app, f"{app.model_name}:a", **sp)
+    app.stop()
+    for p in (drained, other):
+        p.stop()
+
+
+def test_drain_moves_a_lora_request_under_its_adapter(lora_workers, reference):
+    """Requests under a LoRA adapter move with their KV: the target fetches it under the same
+    adapter (PrefillStart.lora_name, checked by the drained worker) and decodes on under it: the
+    tokens are those of an uninterrupted run under the adapter, not the base model's, and nothing
+    is recomputed on the target."""
+    drained, other, under_a = lora_workers
+    sp = dict(max_tokens=32, ignore_eos=True, temperature=0, frequency_penalty=0.5, logprobs=True, seed=100)
+    assert under_a(**sp)[0] != reference(**sp)[0]  # the adapter changes the tokens
+    resp, before, after = _drain_under_streams(drained, other, under_a, adapter="a")
+    assert resp.num_requests_moved == resp.num_requests_handed_back >= 1, resp
+    prefills, moved, recomputed, pages = (a - b for a, b in zip(after, before))
+    assert (prefills, moved, recomputed, pages) == (0, resp.num_requests_moved, 0, resp.num_pages_moved)
