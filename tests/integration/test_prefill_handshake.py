@@ -103,7 +103,9 @@ def test_layout_mismatch_is_refused(stub):
 
 
 def test_unregistered_decode_is_refused(stub):
+    # Decode writes its allocation right behind the start; a refused start ends the stream once it was read.
     conv = Conversation(stub, start_msg("nobody"))
+    conv.send(alloc_msg(0, [0, 1, 2]))
     expect_error(conv.recv, grpc.StatusCode.FAILED_PRECONDITION, "not registered")
 
 
@@ -115,6 +117,7 @@ def test_first_message_must_be_start(stub):
 def test_empty_prompt_is_refused(stub):
     registered_receiver(stub, "d-empty")
     conv = Conversation(stub, start_msg("d-empty", ids=()))
+    conv.send(alloc_msg(0, [0]))
     expect_error(conv.recv, grpc.StatusCode.INVALID_ARGUMENT, "empty prompt")
 
 

@@ -473,6 +473,12 @@ class DecodeConfig(ServerConfig, EngineConfig, DisaggregationConfig, DiscoveryCo
     max_queued_requests: int | None = Field(
         None, ge=0, description="Requests waiting beyond the running batch (--max-running-requests); more are "
         "refused with RESOURCE_EXHAUSTED (None = unbounded).")
+    drain_timeout: float = Field(
+        30.0, ge=0, description="EngineControl.Drain moves each decoding request's KV to the worker its router "
+        "picks (the PD page-write path, --disaggregation-transfer-backend); a request not fetched within this "
+        "many seconds is given up and recomputed there, as one whose stream broke (--migration-limit). "
+        "0 = never move KV: a drain hands every request back to be recomputed. Workers of several ranks "
+        "(--tp-size/--ep-size > 1) never move KV.")
 
     @model_validator(mode="after")
     def _check_prefills(self):

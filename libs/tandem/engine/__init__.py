@@ -7,7 +7,7 @@ Public API (import these names from ``tandem.engine``, not from its modules)::
 """
 from tandem.sampling import SamplingError, SamplingParams, StructuredOutput
 
-from .disaggregation import ExternalAllocation
+from .disaggregation import ExternalAllocation, HeldForMove
 from .embedding import EmbeddingOutput
 from .engine import EngineCore
 from .kv_pool import AUX_SLOT_BYTES, KVPool, OutOfPages
@@ -21,6 +21,6 @@ from .stats import EngineStats
 __all__ = [
     "LoraAdapterError", "LoraExistsError", "LoraInUseError", "UnknownLoraError", "lora_root_hash",
     "LLM", "SamplingParams", "StructuredOutput", "SamplingError", "RequestOutput", "EngineCore", "EngineStats",
-    "StepOutput", "EmbeddingOutput", "ExternalAllocation", "KVPool", "AUX_SLOT_BYTES", "OutOfPages",
+    "StepOutput", "EmbeddingOutput", "ExternalAllocation", "HeldForMove", "KVPool", "AUX_SLOT_BYTES", "OutOfPages",
     "BlockStored", "BlockRemoved", "AllBlocksCleared", "block_hash", "Mode",
 ]

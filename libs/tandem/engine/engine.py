@@ -31,7 +31,7 @@ import torch
 from tandem.config.schemas import EngineConfig
 from tandem.sampling import SamplingParams, check_continuation, check_prompt
 
-from .disaggregation import ExternalAllocation, PdRequests
+from .disaggregation import ExternalAllocation, HeldForMove, PdRequests
 from .embedding import Embedder, EmbeddingOutput
 from .engine_config import attention_backend, default_chunked_prefill_size, merge_config, resolve_device
 from .grammar import GrammarBackend
@@ -288,8 +288,8 @@ class EngineCore:
         self._compile(sp)
         ids = self.tokenize(prompt)
         output_ids = list(output_ids)
-        if output_ids and mode != Mode.NORMAL:
-            raise ValueError("output_ids: a continued request is prefilled where it is decoded (mode normal)")
+        if output_ids and mode == Mode.PREFILL_ONLY:
+            raise ValueError("output_ids: a continued request is prefilled where it is decoded (not prefill_only)")
         self._validate(ids, sp, output_ids)
         self._check_lora(lora_name)
         rid = rid if rid is not None else f"req-{next(self._rid_counter)}-{uuid.uuid4().hex[:8]}"
@@ -355,31 +355,58 @@ class EngineCore:
 
     def allocate_external(self, prompt, sampling: SamplingParams | None = None,
                           rid: str | None = None, reuse_prefix: bool = False,
-                          lora_name: str | None = None) -> ExternalAllocation:
+                          output_ids: list = (), lora_name: str | None = None) -> ExternalAllocation:
         """Reserve pages for a prompt whose KV will be written from outside (decode side of PD).
         ``reuse_prefix``: share the prompt's leading pages that the prefix cache holds; only the
-        rest is written (``ExternalAllocation.num_cached_tokens``).
+        rest is written (``ExternalAllocation.num_cached_tokens``). ``output_ids``: a request moved
+        off another worker, with its tokens so far (``add_request``): the KV of the prompt and
+        of all of them but the last is written.
 
         Raises OutOfPages when the pool cannot hold it now (retry later or reject).
         """
         if sampling is not None and sampling.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs: the prompt must be prefilled where it is decoded (local prefill)")
-        return self.pd.allocate(self._new_request(prompt, sampling, rid, Mode.EXTERNAL, lora_name=lora_name),
+        return self.pd.allocate(self._new_request(prompt, sampling, rid, Mode.EXTERNAL, output_ids, lora_name),
                                 reuse_prefix)
 
     def activate_external(self, rid: str, first_token_id: int, first_token_logprob: float | None = None,
                           cached_tokens: int = 0, first_token_top: list | None = None) -> None:
         """The KV of rid's prompt is in its pages: join the running batch with its first token
         (which KV transfer delivered in the request's aux slot); its output comes with
-        ``take_activated()`` (the engine loop calls it before the next step), else with the next step."""
-        self._activated.append(self.pd.activate(rid, first_token_id, first_token_logprob, cached_tokens,
-                                                first_token_top))
+        ``take_activated()`` (the engine loop calls it before the next step), else with the next step.
+        A moved request continues from its last token (which ``first_token_id`` must be): no output."""
+        out = self.pd.activate(rid, first_token_id, first_token_logprob, cached_tokens, first_token_top)
+        if out is not None:
+            self._activated.append(out)
 
     def take_activated(self) -> list[StepOutput]:
         """The first-token outputs of the requests activated since the last step: they need no
         forward pass, so they can leave before the next step instead of after it (TTFT)."""
         out, self._activated = self._activated, []
         return out
+
+    def hold_for_move(self, rid: str) -> HeldForMove | None:
+        """Drain by moving KV: stop decoding ``rid`` and keep its pages for another worker to
+        fetch (``export_held``, then ``release``; an abort frees them). Its stream's last output
+        (next step) has finish_reason "moved". None when it finished meanwhile (its last token was
+        being sampled); ValueError when it is not decoding (prefilling, waiting, never sampled)."""
+        if self.sample_launcher.in_flight:  # its token being sampled: read it back first (it may finish)
+            self._pending += self._drop_finished(
+                self.scheduler.update_from_output(ScheduledBatch("idle"), self.sample_launcher.resolve()))
+        req = self.scheduler.requests.get(rid)
+        if req is None or req.finished:
+            return None
+        held = self.pd.hold(req)
+        self.sample_launcher.free(self.runner, rid)
+        out = self.scheduler.output(req, [], [], [])
+        out.finished, out.finish_reason = True, "moved"
+        self._pending.append(out)
+        return held
+
+    def export_held(self, rid: str) -> StepOutput:
+        """A request held for a move, as its sender reports it: its KV's pages, final, and its last
+        token (``PdRequests.export``)."""
+        return self.pd.export(rid)
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
@@ -451,4 +478,4 @@ class EngineCore:
         return self.stats_collector.snapshot(self.scheduler, self.pool, self.cache, self.hicache)
 
 
-__all__ = ["EngineCore", "EngineStats", "StepOutput", "ExternalAllocation", "OutOfPages"]
+__all__ = ["EngineCore", "EngineStats", "StepOutput", "ExternalAllocation", "HeldForMove", "OutOfPages"]

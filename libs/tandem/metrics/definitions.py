@@ -239,6 +239,14 @@ COMPONENT = _keyed(D, (
     _c(D + "kv_cache_events_applied_total", "KV cache events (stored/removed) published.", COMPONENT_LABELS),
     _c("tandem_component_drained_requests_total", "Requests a Drain handed back to their router (to be migrated "
        "to another worker).", COMPONENT_LABELS),
+    _c("tandem_component_drained_moved_requests_total", "Requests a Drain handed over with their KV, which another "
+       "worker fetched (--drain-timeout).", COMPONENT_LABELS),
+    _c("tandem_component_drained_moved_pages_total", "KV pages of the requests a Drain handed over with their KV.",
+       COMPONENT_LABELS),
+    _c("tandem_component_kv_moves_in_total", "Requests moved here off a draining worker, by outcome (moved: their "
+       "KV fetched, nothing recomputed; recomputed: the fetch failed, recomputed here).",
+       COMPONENT_LABELS + ("outcome",)),
+    _c("tandem_component_kv_moved_in_pages_total", "KV pages fetched from draining workers.", COMPONENT_LABELS),
 ))
 
 # --- Dynamo frontend (router) metrics ----------------------------------------------------

@@ -70,6 +70,9 @@ class ComponentMetrics:
         self._usage, self._hit_rate = m["gpu_cache_usage_percent"], m["gpu_prefix_cache_hit_rate"]
         self._load_time, self._kv_events = m["model_load_time_seconds"], m["kv_cache_events_applied_total"]
         self._drained = m["tandem_component_drained_requests_total"]
+        self._drained_moved = (m["tandem_component_drained_moved_requests_total"],
+                               m["tandem_component_drained_moved_pages_total"])
+        self._moves_in = (m["tandem_component_kv_moves_in_total"], m["tandem_component_kv_moved_in_pages_total"])
         self.started_at = time.time()
         if registry is not None:
             registry.register(RefreshCollector(self.refresh_uptime))
@@ -113,8 +116,16 @@ class ComponentMetrics:
     def set_model_load_time(self, seconds: float) -> None:
         self._load_time.labels(**self.labels()).set(seconds)
 
-    def requests_drained(self, n: int) -> None:
+    def requests_drained(self, n: int, moved: int = 0, moved_pages: int = 0) -> None:
+        """A Drain handed ``n`` requests back, ``moved`` of them with their KV (``moved_pages`` pages)."""
         self._drained.labels(**self.labels()).inc(n)
+        self._drained_moved[0].labels(**self.labels()).inc(moved)
+        self._drained_moved[1].labels(**self.labels()).inc(moved_pages)
+
+    def kv_moved_in(self, outcome: str, pages: int) -> None:
+        """A request moved here off a draining worker: outcome "moved" (``pages`` fetched) or "recomputed"."""
+        self._moves_in[0].labels(**self.labels(), outcome=outcome).inc()
+        self._moves_in[1].labels(**self.labels()).inc(pages)
 
     def kv_events_applied(self, n: int = 1) -> None:
         self._kv_events.labels(**self.labels()).inc(n)

@@ -83,7 +83,8 @@ class EngineControlServicer(engine_control_pb2_grpc.EngineControlServicer):
                                                 num_requests_handed_back=len(report.handed_back),
                                                 request_ids=report.handed_back,
                                                 num_requests_left=report.requests_left,
-                                                num_pages_in_use=report.pages_in_use)
+                                                num_pages_in_use=report.pages_in_use,
+                                                num_requests_moved=report.moved, num_pages_moved=report.pages_moved)
 
     def StartProfile(self, request, context):
         req = ProfileRequest(output_dir=request.output_dir, num_steps=request.num_steps,

@@ -2,7 +2,8 @@
 
 A request is prefilled here (aggregated mode, short prompts, ``prefill_override='local'``)
 or on a prefill worker (:mod:`tandem.worker.remote_prefill`, which owns every room in
-flight); either way its tokens then come from the engine loop.
+flight), or, moved off a draining worker, its KV is fetched from there
+(:mod:`tandem.worker.kv_move`); either way its tokens then come from the engine loop.
 """
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ from tandem.config import DecodeConfig
 from tandem.engine import UnknownLoraError
 from tandem.routing.sampling import sampling_from_proto
 from tandem.sampling import SamplingParams
+from tandem.transfer import pages_needed
 from tandem.v1 import common_pb2, decode_pb2
 from tandem.worker.base import WorkerBase
 from tandem.worker.convert import chunk_from_output
 from tandem.worker.engine_loop import EngineLoop, RequestStream, wait_until
 from tandem.worker.errors import ClientGone, RequestFailed
 from tandem.worker.faults import TokenFault
+from tandem.worker.kv_move import KvMoves
 from tandem.worker.remote_prefill import RemotePrefill, RemotePrefillFailed
 from tandem.worker.warmup import (
     GREEDY,
@@ -64,12 +67,15 @@ class _Cancel:
 
 @dataclass(frozen=True)
 class DrainReport:
-    """What ``DecodeWorker.drain`` did: requests handed back to their router, and what was
-    left when it returned (none of either when ok)."""
+    """What ``DecodeWorker.drain`` did: requests handed back to their router (``moved`` of them
+    with their KV, which other workers fetched: ``pages_moved`` pages), and what was left when it
+    returned (none of either when ok)."""
 
     handed_back: list[str]  # request ids
     requests_left: int
     pages_in_use: int
+    moved: int = 0
+    pages_moved: int = 0
 
     @property
     def ok(self) -> bool:
@@ -78,12 +84,14 @@ class DrainReport:
 
 class DecodeWorker(WorkerBase):
     def __init__(self, config: DecodeConfig, loop: EngineLoop, worker_id: str,
-                 remote: RemotePrefill | None = None) -> None:
+                 remote: RemotePrefill | None = None, moves: KvMoves | None = None) -> None:
         super().__init__(config, loop, worker_id)
         self.remote = remote
+        self.moves = moves
         self.local_prefills = 0
         self.fault = TokenFault.from_env()
-        # What stops each request in flight (a drain hands them back) -> [request id, tokens streamed].
+        # What stops each request in flight (a drain hands them back) -> [request id, tokens streamed,
+        # its id in the engine (once it has one)].
         self._live: dict[_Cancel, list] = {}
         self._live_lock = threading.Lock()
         self.draining = False
@@ -122,6 +130,9 @@ class DecodeWorker(WorkerBase):
             raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
                                 "prefill_override='remote' but this worker is not in decode mode")
         output_ids = list(request.output_ids)  # a migrated request: its tokens so far
+        kv_source = request.kv_source if request.HasField("kv_source") else None
+        if kv_source is not None and not output_ids:
+            raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, "kv_source: a moved request comes with its output_ids")
         if output_ids and override == "remote":
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT,
                                 "output_ids: a continued request is prefilled on its decode worker, not remotely")
@@ -139,20 +150,29 @@ class DecodeWorker(WorkerBase):
         with self._live_lock:  # registered before the draining check: a drain either sees it or refuses it
             if self.draining:
                 raise RequestFailed(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is draining")
-            self._live[cancel] = [rid, 0]
+            self._live[cancel] = [rid, 0, None]
             self._apply_fault_pause()
         streamed = 0
         try:
-            if local:
+            if kv_source is not None:
+                stream = self._move_in(rid, ids, sp, output_ids, lora, kv_source, cancel, on_cancel)
+                cancel.add(stream.cancel)
+            elif local:
                 stream = self._submit_local(rid, ids, sp, output_ids, lora)
                 cancel.add(stream.cancel)
                 on_cancel(cancel)
             else:
                 stream = self._remote(rid, ids, sp, cancel, on_cancel, lora)
                 cancel.add(stream.cancel)
+            with self._live_lock:
+                self._live[cancel][2] = stream.rid
             for out in stream:
                 if not is_active():
                     stream.cancel()
+                    return
+                if out.finished and out.finish_reason == "moved":  # a drain holds its KV for another worker
+                    yield common_pb2.TokenChunk(request_id=rid, move=common_pb2.KvMove(address=self.moves.address,
+                                                                                        move_id=stream.rid))
                     return
                 if out.finished and out.finish_reason == "abort" and not out.error:
                     if self.draining:
@@ -183,7 +203,7 @@ class DecodeWorker(WorkerBase):
         has streamed that many tokens, until a drain (under _live_lock)."""
         if self.fault.pause_after_tokens is None or self.draining:
             return
-        if self.fault.should_pause([n for _, n in self._live.values()]):
+        if self.fault.should_pause([n for _, n, _ in self._live.values()]):
             self.loop.pause()
         else:
             self.loop.resume()
@@ -193,19 +213,72 @@ class DecodeWorker(WorkerBase):
         return RequestFailed(grpc.StatusCode.UNAVAILABLE, f"draining: request {rid} handed back after {streamed} "
                              "tokens")
 
+    def _move_in(self, rid: str, ids: list[int], sp: SamplingParams, output_ids: list[int], lora: str | None,
+                 source: common_pb2.KvMove, cancel: _Cancel,
+                 on_cancel: Callable[[Callable[[], None]], None]) -> RequestStream:
+        """A request moved off a draining worker: fetch its KV from there and decode on; when
+        the fetch fails (given up after its --drain-timeout, the holder gone), recompute it here.
+        The KV was computed under adapter ``lora``, which the request keeps here (its LoRA slot
+        is taken with its pages)."""
+        on_cancel(cancel)
+        fetcher = self.moves.fetcher if self.moves is not None else None
+        if fetcher is None:
+            why = "this worker fetches no KV: " + ((self.moves.refused if self.moves is not None else None)
+                                                   or "started without KV moves")
+        else:
+            fut = fetcher.move_in(rid, ids, output_ids, sp, source.address, source.move_id, lora)
+            cancel.add(fut.cancel)
+            try:
+                stream = fut.result()
+            except concurrent.futures.CancelledError:
+                raise ClientGone() from None
+            except (RemotePrefillFailed, RuntimeError) as exc:
+                why = getattr(exc, "message", str(exc))
+            else:
+                self.moves.moved_in(pages_needed(len(ids) + len(output_ids) - 1, self.loop.info.page_size))
+                return stream
+        log.warning("request %s: its KV could not be fetched from %s (%s); recomputing it", rid, source.address, why)
+        if self.moves is not None:
+            self.moves.recomputed()
+        # Its own id in the engine: the failed fetch's abort may still be on its way to the old one.
+        return self._submit_local(f"{rid}#recompute", ids, sp, output_ids, lora)
+
     # ---- Drain ---------------------------------------------------------------------------
     def drain(self, timeout_s: float) -> DrainReport:
-        """Refuse new requests, hand every request in flight back to its router (each stream
-        ends with UNAVAILABLE: the router migrates it with its tokens so far), and wait until
-        none is left and no KV page is held by a request (or ``timeout_s``). The caller turns
-        health NOT_SERVING first."""
+        """Refuse new requests and hand every request in flight back to its router, and wait
+        until none is left and no KV page is held by a request (or ``timeout_s``). The caller
+        turns health NOT_SERVING first.
+
+        With --drain-timeout > 0, each decoding request is stopped and its pages kept: its stream
+        ends with ``TokenChunk.move`` and the worker the router picks fetches its KV
+        (``tandem.worker.kv_move``); those not fetched within --drain-timeout are freed (their
+        targets recompute them). Every other request's stream ends with UNAVAILABLE: the router
+        migrates it with its tokens so far, recomputed on the target."""
         with self._live_lock:
             self.draining = True
             live = dict(self._live)
-        self.loop.pause()  # no step runs for requests about to leave
-        for cancel in live:
-            cancel()
-        self.loop.resume()  # their aborts apply before the next step
+        # No step runs for requests about to leave; a held request's last output ("moved", which
+        # tells its router where the KV waits) comes with the next step: after it is in the table.
+        self.loop.pause()
+        held_table = self.moves.held if self.moves is not None else None
+        if held_table is None and self.config.drain_timeout > 0 and self.moves is not None and self.moves.refused:
+            log.info("drain: no KV moves (%s): every request is recomputed on its target", self.moves.refused)
+        held: dict = {}
+        try:
+            if held_table is not None:
+                held = self.loop.hold_for_move([e for _, _, e in live.values() if e is not None]).result(timeout_s)
+                held_table.add(held)
+            for cancel, (_, _, erid) in live.items():
+                if erid not in held:
+                    cancel()
+        finally:
+            self.loop.resume()  # their aborts, and the held requests' last outputs, apply before the next step
+        if held:
+            wait_until(lambda: held_table.num_waiting == 0, self.config.drain_timeout)
+            for erid in held_table.expire():
+                log.warning("drain: nobody fetched the KV of %s within --drain-timeout %g s; freeing it", erid,
+                            self.config.drain_timeout)
+                self.loop.abort(erid)
 
         def left() -> tuple[int, int]:
             """(requests in flight: streams still open here or in the engine, pages held by requests)"""
@@ -216,8 +289,11 @@ class DecodeWorker(WorkerBase):
 
         wait_until(lambda: left() == (0, 0), timeout_s)
         n, pages = left()
-        log.info("drained: %d requests handed back, %d left, %d pages in use", len(live), n, pages)
-        return DrainReport([rid for rid, _ in live.values()], n, pages)
+        moved = held_table.num_taken if held_table is not None else 0
+        log.info("drained: %d requests handed back (%d with their KV), %d left, %d pages in use", len(live), moved, n,
+                 pages)
+        return DrainReport([rid for rid, _, _ in live.values()], n, pages, moved,
+                           held_table.num_pages_taken if held_table is not None else 0)
 
     def _short_prompt(self, ids: list[int], lora: str | None = None) -> bool:
         """Below --max-local-prefill-length: prefilled here. With decode-side prefix reuse the

@@ -26,7 +26,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from tandem.engine import EngineCore, EngineStats, ExternalAllocation, StepOutput
+from tandem.engine import EngineCore, EngineStats, ExternalAllocation, HeldForMove, StepOutput
 from tandem.sampling import SamplingParams
 from tandem.worker.loop_thread import LoopThread
 
@@ -203,12 +203,46 @@ class EngineLoop(LoopThread):
         return stream
 
     def allocate_external(self, prompt_ids: list[int], sampling: SamplingParams, rid: str,
-                          reuse_prefix: bool = False, lora_name: str | None = None) -> Future[ExternalAllocation]:
+                          reuse_prefix: bool = False, output_ids: list[int] = (),
+                          lora_name: str | None = None) -> Future[ExternalAllocation]:
         """Reserve pages and an aux slot for a prompt whose KV comes from outside (OutOfPages
         when the pool cannot hold it now, or no LoRA slot is free for its adapter); ``reuse_prefix``:
-        share what the prefix cache holds."""
+        share what the prefix cache holds; ``output_ids``: a request moved here with its tokens so far."""
         return self.call(lambda engine: engine.allocate_external(prompt_ids, sampling, rid=rid,
-                                                                 reuse_prefix=reuse_prefix, lora_name=lora_name))
+                                                                 reuse_prefix=reuse_prefix, output_ids=output_ids,
+                                                                 lora_name=lora_name))
+
+    def hold_for_move(self, rids: list[str]) -> Future[dict[str, HeldForMove]]:
+        """Stop these requests where they are decoding and keep their pages for other workers to
+        fetch (``EngineCore.hold_for_move``), all between the same two steps; the Future gives
+        those held (a request not decoding, or finished meanwhile, is left as it is)."""
+        def hold(engine: EngineCore) -> dict[str, HeldForMove]:
+            held = {}
+            for rid in rids:
+                try:
+                    h = engine.hold_for_move(rid)
+                except ValueError:
+                    continue
+                if h is not None:
+                    held[rid] = h
+            return held
+
+        return self.call(hold)
+
+    def export_held(self, rid: str, on_output: Callable[[], None] | None = None) -> RequestStream:
+        """A request held for a move, as a prefill-only request's stream: one output with its KV's
+        pages, final, and its last token (``EngineCore.export_held``); ``release`` or ``abort``
+        frees the pages afterwards. An id not held ends the stream with ValueError."""
+        stream = RequestStream(self, rid, on_output)
+
+        def export(engine: EngineCore) -> None:
+            try:
+                stream.deliver(engine.export_held(rid))
+            except BaseException as exc:
+                stream.deliver(_StreamEnd(exc))
+
+        self.call(export)
+        return stream
 
     def cached_prefix_tokens(self, prompt_ids: list[int], lora_name: str | None = None, timeout: float = 30.0) -> int:
         """Leading tokens of the prompt that the prefix cache holds now (under adapter ``lora_name``)."""

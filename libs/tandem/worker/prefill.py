@@ -8,6 +8,10 @@ them into decode's pages (or packs them for the stream), then the aux row; it po
 iteration, and when they are done frees the pages (into the prefix cache) and reports
 done. A failed or cancelled room is reported (and CancelRoom answered) only once none of
 its writes is in flight any more, so decode may reuse its pages.
+
+The handshake's sending side (:class:`KvSource`) also serves a draining decode worker, whose
+rooms carry a request it holds for a move (``PrefillStart.move_id``): the room's pages are the
+held request's, nothing is computed (:mod:`tandem.worker.kv_move`).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
-from tandem.config import PrefillConfig
+from tandem.config import DecodeConfig, PrefillConfig
 from tandem.engine import UnknownLoraError
 from tandem.routing.sampling import sampling_from_proto
 from tandem.transfer import (
@@ -43,6 +47,7 @@ from tandem.v1 import common_pb2, prefill_pb2
 from tandem.worker.base import WorkerBase
 from tandem.worker.engine_loop import EngineLoop, RequestStream
 from tandem.worker.errors import RequestFailed
+from tandem.worker.kv_move import HeldMoves
 from tandem.worker.loop_thread import LoopThread
 from tandem.worker.pd_proto import (
     layout_to_proto,
@@ -118,9 +123,11 @@ class PrefillTransfers(LoopThread):
 
     # ---- from stream handlers ----------------------------------------------------------
     def open(self, room: int, rid: str, peer: str | None, dst_pages: list[int], aux_slot: int, ids: list[int],
-             sp, skip_pages: int = 0, lora_name: str | None = None) -> _Room:
-        """Track a room and start its prefill; its messages arrive on the room's outbox.
-        ``skip_pages``: the prompt's leading pages decode already holds (not written)."""
+             sp, skip_pages: int = 0, lora_name: str | None = None, held: bool = False) -> _Room:
+        """Track a room and start its prefill (under LoRA adapter ``lora_name``); its messages
+        arrive on the room's outbox. ``skip_pages``: the prompt's leading pages decode already
+        holds (not written). ``held``: ``rid`` is a request held for a move, whose KV is ``ids``:
+        its pages are sent, nothing is computed."""
         r = _Room(room, rid, peer, dst_pages, aux_slot, len(ids), skip_pages)
         with self._lock:
             if room in self._tombstones:
@@ -129,8 +136,9 @@ class PrefillTransfers(LoopThread):
                 raise RequestFailed(grpc.StatusCode.ALREADY_EXISTS, f"room {room} is already in flight")
             self._rooms[room] = r
         try:
-            r.stream = self.loop.submit(ids, sp, rid, mode="prefill_only", on_output=self._wake.set,
-                                        lora_name=lora_name)
+            r.stream = (self.loop.export_held(rid, on_output=self._wake.set) if held else
+                        self.loop.submit(ids, sp, rid, mode="prefill_only", on_output=self._wake.set,
+                                         lora_name=lora_name))
         except ValueError as exc:
             with self._lock:
                 self._rooms.pop(room, None)
@@ -309,10 +317,15 @@ class PrefillTransfers(LoopThread):
             self.reporter.set_gauges(num_prefill_inflight_queue_reqs=self.num_inflight)
 
 
-class PrefillWorker(WorkerBase):
-    def __init__(self, config: PrefillConfig, loop: EngineLoop, sender: KvSender, worker_id: str,
-                 reporter: StatsReporter | None = None) -> None:
-        super().__init__(config, loop, worker_id)
+class KvSource:
+    """The sending side of the PD handshake: RegisterDecode, the per-request Prefill stream,
+    CancelRoom. A prefill worker computes each room's prompt; a draining decode worker
+    (``held``) sends the pages of a request it holds for a move (``PrefillStart.move_id``)."""
+
+    def __init__(self, config: PrefillConfig | DecodeConfig, loop: EngineLoop, sender: KvSender, worker_id: str,
+                 reporter: StatsReporter | None = None, held: HeldMoves | None = None) -> None:
+        self.config, self.loop, self.worker_id = config, loop, worker_id
+        self.held = held
         self.sender = sender
         self.decodes: dict[str, str] = {}  # decode_id -> sender peer name
         self._decodes_lock = threading.Lock()
@@ -357,11 +370,20 @@ class PrefillWorker(WorkerBase):
         ids = list(start.input_ids)
         try:
             sp = sampling_from_proto(start.sampling)
-            self.loop.validate(ids, sp, lora_name=start.lora_name or None)
+            if not start.move_id:  # a move's KV is computed: HeldMoves.check compares it, adapter included
+                self.loop.validate(ids, sp, lora_name=start.lora_name or None)
         except UnknownLoraError as exc:  # decode holds the adapter, this prefill worker does not
             raise RequestFailed(grpc.StatusCode.NOT_FOUND, f"prefill worker {self.worker_id}: {exc}") from None
         except ValueError as exc:
             raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if start.move_id:
+            if self.held is None:
+                raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
+                                    f"move_id={start.move_id!r}: this worker holds no request to move")
+            if start.warmup:
+                raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, "move_id: a move is no warmup")
+            # RequestFailed unless held here with these tokens, computed under this adapter
+            self.held.check(start.move_id, ids, start.lora_name or None)
         room = start.room or new_room_id()
         num_pages = pages_needed(len(ids), self.loop.info.page_size)
         peer, pages, aux_slot, skip_pages = None, [], -1, 0
@@ -393,8 +415,17 @@ class PrefillWorker(WorkerBase):
             except ValueError as exc:
                 raise RequestFailed(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             pages, aux_slot = list(alloc.page_indices), alloc.aux_slot
-        rid = f"{start.request_id or 'prefill'}-{uuid.uuid4().hex[:8]}"
-        r = self.transfers.open(room, rid, peer, pages, aux_slot, ids, sp, skip_pages, start.lora_name or None)
+        rid = start.move_id or f"{start.request_id or 'prefill'}-{uuid.uuid4().hex[:8]}"
+        if start.move_id:
+            # this room sends it, or frees it when it fails
+            self.held.take(start.move_id, ids, start.lora_name or None)
+        try:
+            r = self.transfers.open(room, rid, peer, pages, aux_slot, ids, sp, skip_pages, start.lora_name or None,
+                                    held=bool(start.move_id))
+        except RequestFailed:
+            if start.move_id:
+                self.loop.abort(rid)
+            raise
         on_cancel(lambda: self.transfers.cancel(room, "decode cancelled the stream"))
         try:
             yield prefill_pb2.PrefillServerMessage(room=prefill_pb2.BootstrapRoom(
@@ -412,6 +443,13 @@ class PrefillWorker(WorkerBase):
         except TimeoutError as exc:
             raise RequestFailed(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
         return prefill_pb2.CancelRoomResponse(found=found)
+
+
+class PrefillWorker(WorkerBase, KvSource):
+    def __init__(self, config: PrefillConfig, loop: EngineLoop, sender: KvSender, worker_id: str,
+                 reporter: StatsReporter | None = None) -> None:
+        WorkerBase.__init__(self, config, loop, worker_id)
+        KvSource.__init__(self, config, loop, sender, worker_id, reporter)
 
     def get_load(self) -> common_pb2.WorkerLoad:
         return self.load(self.transfers.num_inflight, self.transfers.completed)

@@ -22,6 +22,9 @@ answer, then aborts the engine request (pages and aux slot freed).
 
 Failures carry a typed reason; ``pd_proto.FAILURE_STATUS`` maps it to the request's gRPC
 status. In-flight counts live in the attempts table only.
+
+``move_in`` is the same attempt with a draining decode worker as the sender: the KV of a
+request moved off it (``tandem.worker.kv_move``), one attempt, no retry.
 """
 from __future__ import annotations
 
@@ -147,6 +150,14 @@ class PrefillPeer:
             return self.agents
 
 
+@dataclass(frozen=True)
+class _Move:
+    """A request moved off a draining decode worker: its tokens so far and what the holder calls it."""
+
+    move_id: str
+    output_ids: list[int]
+
+
 @dataclass
 class _Attempt:
     room: int
@@ -178,6 +189,7 @@ class RemotePrefill:
         if not self._peers and not dynamic:
             raise ValueError("no prefill workers configured")
         self._retired: list[PrefillPeer] = []  # left the set, channel open while attempts use it
+        self._move_sources: dict[str, PrefillPeer] = {}  # draining decode workers we fetched moved KV from
         self._followers: dict[str, asyncio.Task] = {}
         self.index = KvIndex(block_size=engine.info.page_size)
         self.policy = make_policy(config.prefill_selection, self.index)
@@ -222,7 +234,7 @@ class RemotePrefill:
         for t in followers:
             t.cancel()
         await asyncio.gather(*self._tasks, *followers, return_exceptions=True)
-        for p in [*self.peers, *self._retired]:
+        for p in [*self.peers, *self._retired, *self._move_sources.values()]:
             await p.channel.close(grace=None)
 
     # ---- the set of prefill workers ----------------------------------------------------
@@ -274,6 +286,25 @@ class RemotePrefill:
         (prefill answers NOT_FOUND when it does not hold it)."""
         return asyncio.run_coroutine_threadsafe(self._request(rid, ids, sp, peer, lora_name), self._aio)
 
+    def move_in(self, rid: str, ids: list[int], output_ids: list[int], sp: SamplingParams, address: str,
+                move_id: str, lora_name: str | None = None) -> Future[RequestStream]:
+        """Fetch the KV of a request moved off the draining decode worker at ``address`` (it holds
+        it as ``move_id``: the KV of ``ids`` and ``output_ids`` but the last) and continue it here
+        from its last token; the Future gives its output stream or raises RemotePrefillFailed (one
+        attempt: the caller recomputes it instead). Cancelling it abandons the fetch cleanly.
+        ``lora_name``: the adapter its KV was computed under (the holder checks it; here its LoRA
+        slot is taken with the pages)."""
+        return asyncio.run_coroutine_threadsafe(
+            self._move_in(rid, ids, sp, address, _Move(move_id, list(output_ids)), lora_name), self._aio)
+
+    async def _move_in(self, rid: str, ids: list[int], sp: SamplingParams, address: str,
+                       move: _Move, lora_name: str | None = None) -> RequestStream:
+        peer = self._move_sources.get(address)
+        if peer is None:
+            peer = self._move_sources[address] = PrefillPeer(address)
+            peer.connect(tls_files(self.config))
+        return await self._request(rid, ids, sp, peer, lora_name, move)
+
     @property
     def num_inflight(self) -> int:
         """Rooms in flight (the one count: the attempts table)."""
@@ -295,7 +326,7 @@ class RemotePrefill:
 
     # ---- one request, its attempts -----------------------------------------------------
     async def _request(self, rid: str, ids: list[int], sp: SamplingParams, only: PrefillPeer | None,
-                       lora_name: str | None = None) -> RequestStream:
+                       lora_name: str | None = None, move: _Move | None = None) -> RequestStream:
         tried: set[str] = set()
         last: AttemptFailed | None = None
         attempts = 1 if only is not None else self.config.prefill_retries + 1
@@ -315,7 +346,7 @@ class RemotePrefill:
             # retry's stream, empty.
             attempt_rid = rid if attempt == 0 else f"{rid}#retry{attempt}"
             try:
-                row = await self._attempt(peer, attempt_rid, ids, sp, lora_name)
+                row = await self._attempt(peer, attempt_rid, ids, sp, lora_name, move)
             except AttemptFailed as exc:
                 self._count_failure(exc)
                 last = exc
@@ -324,7 +355,7 @@ class RemotePrefill:
                 if not exc.retryable:
                     break
                 continue
-            self.counters.remote_prefills += 1
+            self.counters.remote_prefills += move is None
             first = row.samples[0]
             try:
                 return await asyncio.wrap_future(self.engine.activate_external(
@@ -348,8 +379,9 @@ class RemotePrefill:
         return next(p for p in candidates if p.address == decision.worker_id)
 
     async def _attempt(self, peer: PrefillPeer, rid: str, ids: list[int], sp: SamplingParams,
-                       lora_name: str | None = None) -> AuxRow:
-        """One attempt; on any failure nothing of it is left (room, pages, aux slot, stream)."""
+                       lora_name: str | None = None, move: _Move | None = None) -> AuxRow:
+        """One attempt; on any failure nothing of it is left (room, pages, aux slot, stream).
+        ``move``: the sender holds the KV of ``ids`` and the move's output_ids but the last."""
         rx, cfg = self.receiver, self.config
         room = new_room_id()
         att = _Attempt(room, rid, peer, math.ceil(len(ids) / self.engine.info.page_size))
@@ -360,15 +392,16 @@ class RemotePrefill:
         self._publish()
         try:
             agent = await peer.ensure_registered(self._registration)
-            alloc = await self._allocate(att, ids, sp, lora_name)
+            alloc = await self._allocate(att, ids, sp, lora_name, move)
             t_alloc = time.monotonic()
             rx.expect(room, alloc.page_indices, alloc.aux_slot, peer=agent)
             call = peer.stub.Prefill(timeout=cfg.disaggregation_bootstrap_timeout + cfg.disaggregation_waiting_timeout
                                      + cfg.disaggregation_transfer_timeout)
             try:
                 await call.write(prefill_pb2.PrefillClientMessage(start=prefill_pb2.PrefillStart(
-                    request_id=rid, decode_id=self.worker_id, input_ids=ids, sampling=sampling_to_proto(sp),
-                    room=room, lora_name=lora_name or "")))
+                    request_id=rid, decode_id=self.worker_id, input_ids=ids + move.output_ids[:-1] if move else ids,
+                    sampling=sampling_to_proto(sp), room=room, lora_name=lora_name or "",
+                    move_id=move.move_id if move else "")))
                 await call.write(prefill_pb2.PrefillClientMessage(allocation=prefill_pb2.PageAllocation(
                     room=room, page_indices=alloc.page_indices, aux_slot=alloc.aux_slot,
                     num_cached_tokens=alloc.num_cached_tokens)))
@@ -393,7 +426,7 @@ class RemotePrefill:
                           kv_transfer_latency_ms=(t_done - (att.t_confirmed or t_alloc)) * 1e3,
                           kv_transfer_total_mb=rx.bytes_received(room) / 1e6)
             await call.done_writing()
-            if self.reporter is not None:
+            if self.reporter is not None and move is None:
                 self.reporter.add_counts(pd_transferred_tokens=len(ids) - alloc.num_cached_tokens,
                                          pd_decode_reused_tokens=alloc.num_cached_tokens)
             return row
@@ -414,14 +447,15 @@ class RemotePrefill:
                 self._close_idle_retired()
             self._publish()
 
-    async def _allocate(self, att: _Attempt, ids: list[int], sp: SamplingParams, lora_name: str | None = None):
+    async def _allocate(self, att: _Attempt, ids: list[int], sp: SamplingParams, lora_name: str | None = None,
+                        move: _Move | None = None):
         """Pre-allocate decode pages; wait while the pool is full, until the room's bootstrap
-        timeout fails it."""
+        timeout fails it. A moved request's KV is fetched whole (no prefix reuse)."""
         while True:
             try:
                 alloc = await asyncio.wrap_future(self.engine.allocate_external(
-                    ids, sp, att.rid, reuse_prefix=self.config.disaggregation_decode_enable_radix_cache,
-                    lora_name=lora_name))
+                    ids, sp, att.rid, reuse_prefix=move is None and self.config.disaggregation_decode_enable_radix_cache,
+                    output_ids=move.output_ids if move else (), lora_name=lora_name))
             except OutOfPages:
                 if self.receiver.poll(att.room) is KVPoll.Failed:
                     raise AttemptFailed(grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -92,6 +92,6 @@ def test_a_continuation_is_checked(dense_llm, prompts):
     assert e.value.param == "prompt_logprobs"
     with pytest.raises(ValueError, match="output_ids"):
         eng.add_request(ids, SamplingParams(max_tokens=8), output_ids=[-1])
-    with pytest.raises(ValueError, match="mode normal"):
+    with pytest.raises(ValueError, match="not prefill_only"):
         eng.add_request(ids, SamplingParams(max_tokens=8), mode="prefill_only", output_ids=[1])
     assert not eng.requests

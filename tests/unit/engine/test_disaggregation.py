@@ -191,3 +191,62 @@ def test_decode_reuses_its_cached_prefix_and_receives_only_the_rest(prefill_engi
     de.step()
     assert de.num_available_pages == before
     assert de.cached_prefix_tokens(turn2) >= a.num_cached_tokens
+
+
+@pytest.mark.parametrize("sp", [
+    SamplingParams(max_tokens=14, temperature=0, ignore_eos=True, frequency_penalty=0.7),
+    SamplingParams(max_tokens=14, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True, repetition_penalty=1.3),
+], ids=["greedy", "seeded"])
+def test_a_request_moved_mid_decode_continues_with_the_same_tokens_and_nothing_recomputed(
+        prefill_engine, dense_llm, prompts, sp):
+    """Drain by moving KV, at the engine level: a decoding request is held on one engine
+    (hold_for_move), its pages exported and copied into pages the other engine reserved for its
+    prompt and output but the last token (allocate_external with output_ids), activated with its
+    last token: it decodes on with exactly the tokens of an uninterrupted run, and the target's
+    first step is a decode step of one token (nothing of the prompt is computed again)."""
+    src, dst = prefill_engine, dense_llm.engine
+    prompt = prompts[1]
+    for e in (src, dst):
+        e.flush_cache()
+    want = dense_llm.generate([prompt], sp)[0].token_ids
+    dst.flush_cache()
+    rid = src.add_request(prompt, sp)
+    before = []
+    while len(before) < 5:
+        before += [t for o in src.step() if o.rid == rid for t in o.new_token_ids]
+    held = src.hold_for_move(rid)
+    tail = [o for o in src.step() if o.rid == rid]  # a token sampled before the hold, then "moved"
+    before += [t for o in tail for t in o.new_token_ids]
+    assert tail[-1].finished and tail[-1].finish_reason == "moved"
+    ids = src.tokenize(prompt)
+    assert held.kv_token_ids == ids + before[:-1] and held.last_token_id == before[-1]
+    assert src.stats().num_held_reqs == 1 and src.requests[rid].status == "held"
+
+    alloc = dst.allocate_external(ids, sp, rid="moved", output_ids=before)
+    assert alloc.num_tokens == len(ids) + len(before) - 1 and len(alloc.page_indices) == len(held.pages)
+    out = src.export_held(rid)
+    assert out.prefill_done and out.pages_final == held.pages and out.new_token_ids == [before[-1]]
+    copy_pages(src, dst, out.pages_final, alloc.page_indices)
+    src.release(rid)
+    assert src.stats().num_used_pages == src.stats().num_cached_pages  # nothing held there any more
+    with pytest.raises(ValueError, match="ends with token"):
+        dst.activate_external("moved", (before[-1] + 1) % 100)
+    dst.activate_external("moved", before[-1])
+    first = dst.step()
+    assert dst.stats().step_kind == "decode" and dst.stats().step_num_tokens == 1
+    after = [t for o in first if o.rid == "moved" for t in o.new_token_ids]
+    rest, reason = run_to_end(dst, "moved")
+    assert reason == "length"
+    assert before + after + rest == want
+
+
+def test_hold_for_move_refuses_a_request_that_is_not_decoding(dense_llm, prompts):
+    eng = dense_llm.engine
+    rid = eng.add_request(prompts[0], SamplingParams(max_tokens=4, ignore_eos=True))
+    with pytest.raises(ValueError, match="not a decoding request"):
+        eng.hold_for_move(rid)  # waiting: never prefilled
+    with pytest.raises(ValueError, match="no request held"):
+        eng.export_held(rid)
+    assert eng.hold_for_move("nobody") is None
+    eng.abort(rid)
+    eng.step()

@@ -206,6 +206,41 @@ def test_pd_decode_prefix_reuse_matches_under_the_request_adapter_only(lora_llm,
     assert not any(eng.lora.slot_users)  # each aborted allocation gave its adapter slot back
 
 
+def test_a_request_moved_mid_decode_keeps_its_adapter_and_slot(lora_llm, prompts):
+    """Drain by moving KV under an adapter (one engine as holder and target: its pages copied into
+    pages reserved for the move): the target's allocation pins the adapter's LoRA slot like a PD
+    request's, the request decodes on with exactly the tokens of an uninterrupted run under that
+    adapter (not the base model's), and every slot is free once it ended."""
+    from tests.unit.engine.test_disaggregation import copy_pages, run_to_end
+
+    eng = lora_llm.engine
+    eng.flush_cache()
+    ids = eng.tokenize(prompts[1])
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    want = lora_llm.generate(ids, sp, lora_name="a")[0].token_ids
+    assert want != lora_llm.generate(ids, sp)[0].token_ids
+    eng.flush_cache()
+    rid = eng.add_request(ids, sp, lora_name="a")
+    before = []
+    while len(before) < 4:
+        before += [t for o in eng.step() if o.rid == rid for t in o.new_token_ids]
+    held = eng.hold_for_move(rid)
+    before += [t for o in eng.step() if o.rid == rid for t in o.new_token_ids]
+    assert held.lora_name == "a" and held.last_token_id == before[-1]
+    slot = eng.lora.slot_of("a")
+    assert eng.lora.slot_users[slot] == 1  # the held request keeps its slot until its pages are sent
+    alloc = eng.allocate_external(ids, sp, rid="moved", output_ids=before, lora_name="a")
+    assert eng.lora.slot_users[slot] == 2  # the target pins it for the moved request
+    out = eng.export_held(rid)
+    copy_pages(eng, eng, out.pages_final, alloc.page_indices)
+    eng.release(rid, cache=False)
+    assert eng.lora.slot_users[slot] == 1
+    eng.activate_external("moved", before[-1])
+    rest, reason = run_to_end(eng, "moved")
+    assert reason == "length" and before + rest == want
+    assert not any(eng.lora.slot_users)
+
+
 def test_kv_events_carry_the_adapter_and_distinct_hashes(lora_llm, prompts):
     eng = lora_llm.engine
     eng.flush_cache()

@@ -82,6 +82,10 @@ EXPECTED_COMPONENT = {
     "dynamo_component_model_load_time_seconds": ("gauge", CO),
     "dynamo_component_kv_cache_events_applied": ("counter", CO),
     "tandem_component_drained_requests": ("counter", CO),
+    "tandem_component_drained_moved_requests": ("counter", CO),
+    "tandem_component_drained_moved_pages": ("counter", CO),
+    "tandem_component_kv_moves_in": ("counter", CO + ("outcome",)),
+    "tandem_component_kv_moved_in_pages": ("counter", CO),
 }
 EXPECTED_FRONTEND = {
     "dynamo_frontend_requests": ("counter", ("endpoint", "model", "request_type", "status")),
@@ -150,7 +154,8 @@ def _populated_registry():
     cm.set_kv_stats(total_blocks=1, active_blocks=1, usage=0.5, prefix_cache_hit_rate=0.1)
     cm.set_model_load_time(1.0)
     cm.kv_events_applied()
-    cm.requests_drained(2)
+    cm.requests_drained(2, moved=1, moved_pages=3)
+    cm.kv_moved_in("moved", 3)
     try:
         with cm.track_request(request_bytes=3) as t:
             t.first_response()

@@ -27,6 +27,7 @@ class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
         self.end_aborted = False  # end the stream at once with finish_reason ABORT and no tokens
         self.gate = None  # a threading.Event: Generate waits for it before the first token
         self.fail_after = None  # abort Generate with UNAVAILABLE once this many tokens of the reply went out
+        self.move_after = None  # hand the request over with its KV (TokenChunk.move) once this many tokens went out
         self.requests = []
         self.cancelled = []
         self.finished = []
@@ -67,6 +68,10 @@ class ScriptedDecode(decode_pb2_grpc.DecodeServicer):
                 return
             if self.fail_after is not None and i >= self.fail_after:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "scripted failure mid-stream")
+            if self.move_after is not None and i >= self.move_after:
+                yield common_pb2.TokenChunk(request_id=request.request_id,
+                                            move=common_pb2.KvMove(address="held-here:1", move_id="m-1"))
+                return
             chunk = common_pb2.TokenChunk(request_id=request.request_id, token_ids=[self.reply_ids[i]])
             if request.sampling.logprobs:
                 chunk.logprobs.add(logprob=-0.5, top=[common_pb2.TokenLogprob(token_id=self.reply_ids[i],

@@ -108,6 +108,20 @@ def test_migrations_stop_at_the_limit(stack):
     assert migrations(app) == 1
 
 
+def test_a_request_handed_over_with_its_kv_goes_on_elsewhere_with_its_source(stack):
+    """A draining worker ends the stream with TokenChunk.move: the next worker gets the tokens
+    so far and where to fetch their KV (kv_source); the client sees every token once."""
+    app, workers, ids = stack(migration_limit=1)
+    workers[0].servicer.fail_after, workers[0].servicer.move_after = None, CUT
+    chunks = generate(app, max_tokens=100)
+    assert [t for c in chunks for t in c.token_ids] == ids
+    second = workers[1].servicer.requests[0]
+    assert list(second.output_ids) == ids[:CUT]
+    assert second.kv_source.address == "held-here:1" and second.kv_source.move_id == "m-1"
+    assert not workers[0].servicer.requests[0].HasField("kv_source")
+    assert migrations(app) == 1
+
+
 def test_a_migrated_request_keeps_its_lora_adapter(tiny_model_dir, hf_tokenizer):
     """The re-send names the request's adapter and goes only to a worker holding it: the third
     worker, without the adapter, never sees the request."""

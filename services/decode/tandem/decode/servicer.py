@@ -1,4 +1,5 @@
-"""gRPC transport of tandem.v1.Decode over tandem.worker.decode.DecodeWorker."""
+"""gRPC transport of tandem.v1.Decode over tandem.worker.decode.DecodeWorker, and of the Prefill
+handshake's sending side for the requests a drain moves (over tandem.worker.prefill.KvSource)."""
 from __future__ import annotations
 
 import time
@@ -6,10 +7,11 @@ from collections.abc import Callable
 
 import grpc
 from tandem.metrics import ComponentMetrics
-from tandem.v1 import common_pb2, decode_pb2_grpc
+from tandem.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from tandem.worker.decode import DecodeWorker
 from tandem.worker.embedding import EmbeddingWorker
 from tandem.worker.errors import ClientGone, RequestFailed
+from tandem.worker.prefill import KvSource
 from tandem.worker.stats_reporter import StatsReporter
 
 
@@ -78,3 +80,30 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     def KvEvents(self, request, context):
         yield from self.worker.events.stream(request.since_sequence, request.snapshot, context.is_active)
+
+
+class MoveSourceServicer(prefill_pb2_grpc.PrefillServicer):
+    """tandem.v1.Prefill on a decode worker: the sending side of the handshake for the requests a
+    drain holds for a move (``PrefillStart.move_id``, ``tandem.worker.kv_move``). GetLoad and
+    KvEvents are a prefill worker's (UNIMPLEMENTED here)."""
+
+    def __init__(self, source: KvSource) -> None:
+        self.source = source
+
+    def RegisterDecode(self, request, context):
+        try:
+            return self.source.register_decode(request)
+        except RequestFailed as exc:
+            context.abort(exc.status, exc.message)
+
+    def Prefill(self, request_iterator, context):
+        try:
+            yield from self.source.prefill(request_iterator, context.add_callback)
+        except RequestFailed as exc:
+            context.abort(exc.status, exc.message)
+
+    def CancelRoom(self, request, context):
+        try:
+            return self.source.cancel_room(request)
+        except RequestFailed as exc:
+            context.abort(exc.status, exc.message)

@@ -406,10 +406,13 @@ class RouterCore:
         after output (``retryable``: connection lost, UNAVAILABLE, an error it calls retryable):
         at most ``migration_limit`` migrations to other workers, each sent the tokens streamed so
         far (``GenerateRequest.output_ids``), so the chunks go on with no gap and no repeat.
+        A draining worker may hand the request over with its KV (``TokenChunk.move``): the next
+        worker is sent where to fetch it (``GenerateRequest.kv_source``), as a migration.
         ``pin``: go to this worker first (the one holding the prompt's pages) while it is healthy."""
         excluded: set[str] = set()
         retries = migrations = 0
         produced: list[int] = []  # tokens streamed so far: a migrated request continues after them
+        kv_source: common_pb2.KvMove | None = None  # where a draining worker holds the request's KV
         sampling = sampling_to_proto(prep.sampling)
         streamed = False  # any chunk went out (prompt logprobs come only once)
         last_error: RouterError | None = None
@@ -434,12 +437,20 @@ class RouterCore:
             call = worker.decode.Generate(
                 decode_pb2.GenerateRequest(request_id=prep.request_id, input_ids=prep.input_ids, sampling=sampling,
                                            prefill_override="local" if prep.prefill_local else "",
-                                           output_ids=produced, lora_name=prep.lora_name or ""),
+                                           output_ids=produced, lora_name=prep.lora_name or "",
+                                           kv_source=kv_source),
                 timeout=timeout)
+            kv_source = None
             error: RouterError | None = None
             retryable = False
             try:
                 async for chunk in call:
+                    if chunk.HasField("move"):  # a drain hands it over with its KV: continue it elsewhere
+                        kv_source = chunk.move
+                        error = RouterError(grpc.StatusCode.UNAVAILABLE,
+                                            f"worker {worker.worker_id} is draining; its KV waits at {kv_source.address}")
+                        retryable = True
+                        break
                     failure = failed_chunk(chunk, worker.worker_id)
                     if failure is not None:
                         error, retryable = failure
@@ -467,6 +478,8 @@ class RouterCore:
                 call.cancel()
                 worker.active_requests -= 1
                 worker.active_blocks -= blocks
+            if kv_source is not None:
+                await self.pool.check(worker)  # draining (NOT_SERVING): out of rotation at once
             if not retryable:
                 raise error
             if streamed:
