@@ -90,6 +90,7 @@ NCCL: every rank's process gets ``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import socket
@@ -565,9 +566,17 @@ def follower_main(rank: int, world_size: int, init_method: str, config: dict, ba
     cfg = EngineConfig(**config)
     group = init_parallel(rank, world_size, init_method, backend, resolve_device(cfg.device), timeout_s,
                           cfg.tp_size, cfg.ep_size)
+    follower = None
     try:
-        ParallelFollower(cfg, group).run()
+        follower = ParallelFollower(cfg, group)
+        follower.run()
     finally:
+        # The model's TP/EP layers hold the process group, inside reference cycles: collect them
+        # before leaving the group, or the group is destructed at interpreter exit, where gloo's
+        # threads abort the process (seen once in a full run: a follower ended with SIGABRT,
+        # "terminate called without an active exception", after a clean stop).
+        del follower
+        gc.collect()
         group.destroy()
 
 
