@@ -13,7 +13,7 @@ to the recorder's device counters and one that does not, replayed as recording i
 (the per_token mode copies ids to the host inside the pass: it decodes eagerly while recording).
 EPLB changes nothing here: a plan is copied into the weights and dispatch tables the graphs
 read, in place, between two replays. Nor does LoRA: with ``--enable-lora`` the graphs run the
-SGMV kernels over the static adapter slot buffers and a fifth input row, each row's adapter
+LoRA kernels over the static adapter slot buffers and a fifth input row, each row's adapter
 slot (-1: the base model; padding rows too), so any mix of adapters replays the same graph.
 """
 from __future__ import annotations
@@ -82,7 +82,8 @@ class CudaGraphRunner:
                             page_table=self.page_table[:bs], is_decode=True,
                             num_splits=default_num_splits(bs, self.pool.num_kv_heads, self.num_sms),
                             record_experts=record, kv_scales=self.pool.kv_scales,
-                            lora=LoraBatch(self.lora_seg[0, :bs], self.lora_seg[1, :bs], v[4, :bs], 1, True)
+                            lora=LoraBatch(self.lora_seg[0, :bs], self.lora_seg[1, :bs], v[4, :bs], 1, True,
+                                           row_slots=v[4, :bs])
                             if self.lora else None)
 
     def _capture(self, fn) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

@@ -82,6 +82,8 @@ class EngineCore:
         self.model, self.model_config = load_model(cfg.model_path, self.dtype, device, hooks, cfg.load_format,
                                                    cfg.quantization, cfg.fp8_gemm_backend, deterministic,
                                                    tp=tp_of(cfg, parallel), lora=lora)
+        if lora is not None:
+            lora.stack()  # A's rows into the loaded base weights, where they can take them
         self.lora = lora_manager(cfg, lora, self.model_config.num_layers)
         # EPLB: plans applied in place between steps, the recorder folded after each (None: dense or no EPLB).
         self.eplb = hooks.runtime(self.model)

@@ -139,17 +139,16 @@ class Attention(nn.Module):
         self.qkv_proj = linear(p + "qkv_proj", cfg.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias)
         self.o_proj = linear(p + "o_proj", self.q_size, cfg.hidden_size, False)
         # LoRA (tandem.engine.lora): a delta added beside each base projection's output.
-        self.qkv_lora = lora(p + "qkv_proj", cfg.hidden_size, (self.q_size, self.kv_size, self.kv_size)) if lora else None
-        self.o_lora = lora(p + "o_proj", self.q_size, (cfg.hidden_size,)) if lora else None
+        self.qkv_lora = (lora(p + "qkv_proj", cfg.hidden_size, (self.q_size, self.kv_size, self.kv_size),
+                              self.qkv_proj) if lora else None)
+        self.o_lora = lora(p + "o_proj", self.q_size, (cfg.hidden_size,), self.o_proj) if lora else None
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if qk_norm else None
         self.scale = cfg.head_dim**-0.5
 
     def forward(self, x, rope, fb: ForwardBatch, k_cache, v_cache, ops):
         T = x.shape[0]
-        qkv = self.qkv_proj(x)
-        if self.qkv_lora is not None:
-            qkv = self.qkv_lora(x, qkv, fb.lora)
+        qkv = self.qkv_proj(x) if self.qkv_lora is None else self.qkv_lora.project(x, fb.lora)
         q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, self.head_dim)
@@ -158,9 +157,7 @@ class Attention(nn.Module):
             k = ops.rms_norm(k, self.k_norm.weight, self.k_norm.eps)
         kv_scale = None if fb.kv_scales is None else fb.kv_scales[self.layer_idx]
         attn = ops.attention(q, k, v, rope, fb, k_cache, v_cache, self.scale, kv_scale)
-        out = self.o_proj(attn)
-        if self.o_lora is not None:
-            out = self.o_lora(attn, out, fb.lora)
+        out = self.o_proj(attn) if self.o_lora is None else self.o_lora.project(attn, fb.lora)
         return self.tp.all_reduce(out)
 
 
@@ -175,21 +172,17 @@ class MLP(nn.Module):
         # gate and up projections merged at load time: [gate; up] rows.
         self.gate_up_proj = linear(prefix + "gate_up_proj", hidden, 2 * inter, False)
         self.down_proj = linear(prefix + "down_proj", inter, hidden, False)
-        self.gate_up_lora = lora(prefix + "gate_up_proj", hidden, (inter, inter)) if lora else None
-        self.down_lora = lora(prefix + "down_proj", inter, (hidden,)) if lora else None
+        self.gate_up_lora = lora(prefix + "gate_up_proj", hidden, (inter, inter), self.gate_up_proj) if lora else None
+        self.down_lora = lora(prefix + "down_proj", inter, (hidden,), self.down_proj) if lora else None
 
     def forward(self, x, ops=None, lora_batch=None):
-        gu = self.gate_up_proj(x)
-        if self.gate_up_lora is not None:
-            gu = self.gate_up_lora(x, gu, lora_batch)
+        gu = self.gate_up_proj(x) if self.gate_up_lora is None else self.gate_up_lora.project(x, lora_batch)
         if ops is not None:
             act = ops.silu_and_mul(gu)
         else:
             gate, up = gu.chunk(2, dim=-1)
             act = F.silu(gate) * up
-        out = self.down_proj(act)
-        if self.down_lora is not None:
-            out = self.down_lora(act, out, lora_batch)
+        out = self.down_proj(act) if self.down_lora is None else self.down_lora.project(act, lora_batch)
         return self.tp.all_reduce(out)
 
 

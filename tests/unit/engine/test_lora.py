@@ -46,6 +46,62 @@ def test_sgmv_shrink_expand_match_torch(lens, slots, K):
         assert not torch.allclose(out[used], y[used])
 
 
+@pytest.mark.parametrize("slots", [[1], [0, -1, 2, 0, 2, 2, -1, 1, 0, 0, 1, 2, -1, 0, 1, 2, 2, 0, 1]])
+def test_stacked_expand_matches_torch(slots):
+    """The stacked form's one kernel: each row adds its own slot's columns times its slot's B (a row
+    tile mixing every slot and base rows, and a lone row); base rows are copied."""
+    g = torch.Generator().manual_seed(0)
+    T, N, R, S = len(slots), 70, 24, 3
+    ys = torch.randn(T, N + S * R, generator=g)
+    b = torch.randn(S, N, R, generator=g)
+    rs = torch.tensor(slots, dtype=torch.int32)
+    out = kernels.expand_stacked(ys, N, b, rs)
+    ref = kernels.expand_stacked_ref(ys, N, b, rs)
+    assert out.shape == (T, N) and out.is_contiguous()
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    base = rs < 0
+    assert torch.equal(out[base], ys[base, :N])
+    assert not torch.allclose(out[~base], ys[~base, :N], atol=1e-2)
+    with pytest.raises(ValueError, match="is not"):
+        kernels.expand_stacked(ys[:, :-1], N, b, rs)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_stacked_projection_equals_the_beside_form(bias):
+    """LoraDelta.stack: A's rows appended to the base weight (the linear keeps its own view, its output
+    unchanged) gives what the SGMV beside form gives, with the Triton kernels and the torch path, and
+    adapters written after stacking land in the stacked rows. A linear of another dtype stays beside."""
+    from torch import nn
+    from tandem.engine.lora import LoraWeights, lora_batch
+
+    g = torch.Generator().manual_seed(0)
+    K, parts, S, r = 40, (24, 8, 8), 3, 8
+    lin = nn.Linear(K, sum(parts), bias=bias)
+    x = torch.randn(7, K, generator=g)
+    base_out = lin(x).detach()
+    stacked, beside = LoraWeights(S, r, torch.float32, "cpu"), LoraWeights(S, r, torch.float32, "cpu")
+    d, d0 = stacked("layers.0.self_attn.qkv_proj", K, parts, lin), beside("layers.0.self_attn.qkv_proj", K, parts, lin)
+    assert stacked.stack() == 1 and d.stacked is not None and d0.stacked is None
+    assert d.stacked.shape == (sum(parts) + S * 3 * r, K)
+    assert lin.weight.shape == (sum(parts), K) and lin.weight.data_ptr() == d.stacked.data_ptr()
+    assert torch.equal(lin(x).detach(), base_out)
+    for slot in range(S):
+        ad = {p: (torch.randn(r, K, generator=g), torch.randn(n, r, generator=g)) for p, n in enumerate(parts)}
+        d.write(slot, ad)
+        d0.write(slot, ad)
+    with torch.no_grad():
+        for use_triton in (True, False):
+            batch = lora_batch([1, -1, 0, 2], [2, 1, 1, 3], "cpu", use_triton)
+            got, want = d.project(x, batch), d0.project(x, batch)
+            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+            assert torch.equal(got[2], base_out[2])  # the base request's row
+            assert not torch.allclose(got[0], base_out[0], atol=1e-2)
+        assert torch.equal(d.project(x, None), base_out)
+    other = LoraWeights(S, r, torch.float64, "cpu")
+    other("layers.0.self_attn.o_proj", K, (8,), nn.Linear(K, 8))
+    assert other.stack() == 0
+
+
 def test_deterministic_deltas_run_one_row_tile_and_no_torch_path():
     """--enable-deterministic-inference: every projection launches the kernels with the fixed row
     tile (a segment longer than the tile still matches torch); the batch-variant torch path refuses."""

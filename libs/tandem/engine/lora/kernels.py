@@ -14,6 +14,10 @@ over these buffers and the segment vectors replays for any mix of adapters.
 ``R`` is ``parts * max_rank`` (a merged projection stacks its parts' ranks; its ``B`` is block
 diagonal) and an adapter of lower rank is zero-padded, so mixed ranks share one launch. Each
 function has a torch reference (``*_ref``) that the interpreter tests compare against.
+
+* ``expand_stacked``: the stacked form (``weights.LoraDelta.stack``), where the base GEMM already
+  computed every slot's ``x @ A^T`` as extra output columns: one launch adds each row's
+  ``xa @ B[slot]^T`` to the base columns and writes them out contiguous.
 """
 from __future__ import annotations
 
@@ -87,6 +91,35 @@ def _expand_kernel(XA, W, Y, SegStart, SegLen, SegSlot, N, R, stride_xp, stride_
     y_ptrs = Y + rows[:, None] * stride_y + rn[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptrs, (y + acc).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _expand_stacked_kernel(YS, W, Out, RowSlot, T, N, R, stride_ys, stride_ws, stride_wn, stride_o,
+                           NUM_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    # Out[t, :N] = YS[t, :N] + YS[t, N + slot*R : N + (slot+1)*R] @ W[slot]^T, slot = RowSlot[t] (-1: a
+    # copy). A row tile mixes slots: each slot present in the tile is one dot over its rows (the
+    # others' xa masked to 0), in slot order; slots absent from the tile read nothing.
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    m_ok, n_ok = rm < T, rn < N
+    rows = rm.to(tl.int64)
+    slots = tl.load(RowSlot + rm, mask=m_ok, other=-1)
+    mask = m_ok[:, None] & n_ok[None, :]
+    acc = tl.load(YS + rows[:, None] * stride_ys + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    for slot in range(NUM_SLOTS):
+        hit = slots == slot
+        if tl.sum(hit.to(tl.int32), axis=0) > 0:
+            for r0 in range(0, R, BLOCK_R):
+                r_ok = (r0 + rr) < R
+                xa = tl.load(YS + rows[:, None] * stride_ys + N + slot * R + (r0 + rr)[None, :],
+                             mask=hit[:, None] & r_ok[None, :], other=0.0)
+                w = tl.load(W + slot * stride_ws + rn[None, :] * stride_wn + (r0 + rr)[:, None],
+                            mask=n_ok[None, :] & r_ok[:, None], other=0.0)
+                acc += dot(xa.to(W.dtype.element_ty), w, IEEE)
+    tl.store(Out + rows[:, None] * stride_o + rn[None, :], acc.to(Out.dtype.element_ty), mask=mask)
 
 
 # --enable-deterministic-inference: every launch uses this row tile, whatever the batch's longest
@@ -167,6 +200,39 @@ def expand(xa: torch.Tensor, b: torch.Tensor, y: torch.Tensor, seg_starts: torch
                          b.stride(0), b.stride(1), y.stride(0), PARTS=parts.shape[0], BLOCK_M=bm, BLOCK_N=bn,
                          BLOCK_R=br, IEEE=b.dtype == torch.float32, num_warps=4)
     return y
+
+
+def expand_stacked(ys: torch.Tensor, n: int, b: torch.Tensor, row_slots: torch.Tensor,
+                   block_m: int | None = None) -> torch.Tensor:
+    """The stacked form (the base GEMM computed ``x @ A^T`` of every slot as extra output columns):
+    ``ys [T, N + slots * R]`` -> a new ``[T, N]``: ``ys[:, :N] + ys[t, N + s*R : N + (s+1)*R] @ b[s]^T`` for
+    each row ``t`` of slot ``s = row_slots[t]`` (``b [slots, N, R]``; rows of slot -1 copied).
+    ``block_m``: the row tile (default: by T; ``INVARIANT_BLOCK_M`` in deterministic mode)."""
+    T = ys.shape[0]
+    S, N, R = b.shape
+    if N != n or ys.shape[1] != n + S * R:
+        raise ValueError(f"lora expand_stacked: ys {tuple(ys.shape)} is not [T, {n} + {S} * {R}]")
+    if ys.stride(1) != 1 or b.stride(2) != 1:
+        raise ValueError("lora expand_stacked: ys and B need a unit last stride")
+    out = torch.empty((T, n), dtype=ys.dtype, device=ys.device)
+    if T == 0:
+        return out
+    bm, bn, br = block_m or _block_m(T), 64, _block(R)
+    grid = (triton.cdiv(T, bm), triton.cdiv(n, bn))
+    _expand_stacked_kernel[grid](ys, b, out, row_slots, T, n, R, ys.stride(0), b.stride(0), b.stride(1), out.stride(0),
+                                 NUM_SLOTS=S, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, IEEE=b.dtype == torch.float32,
+                                 num_warps=4)
+    return out
+
+
+def expand_stacked_ref(ys: torch.Tensor, n: int, b: torch.Tensor, row_slots: torch.Tensor) -> torch.Tensor:
+    R = b.shape[2]
+    out = ys[:, :n].clone()
+    for t, s in enumerate(row_slots.tolist()):
+        if s >= 0:
+            xa = ys[t, n + s * R: n + (s + 1) * R]
+            out[t] = (ys[t, :n].float() + xa.float() @ b[s].float().T).to(ys.dtype)
+    return out
 
 
 def _segments(seg_starts, seg_lens, seg_slots):
