@@ -99,8 +99,9 @@ def run_hf(model, prompts: list, out_len: int, device: str, mode: str) -> dict:
     return {"seconds": dt, "output_tokens": counts[0], "tokens_per_s": counts[0] / dt}
 
 
-def profile(llm: LLM, prompts: list, out_len: int, device: str, out_dir: Path) -> None:
-    """Where one whole generate call spends its time: host (cProfile) and device (torch profiler)."""
+def profile(llm: LLM, prompts: list, out_len: int, device: str, out_dir: Path, lora_name=None) -> None:
+    """Where one whole generate call spends its time: host (cProfile) and device (torch profiler).
+    ``lora_name``: each request's adapter (``--lora``)."""
     import cProfile
     import io
     import pstats
@@ -109,8 +110,9 @@ def profile(llm: LLM, prompts: list, out_len: int, device: str, out_dir: Path) -
     out_dir.mkdir(parents=True, exist_ok=True)
     eng = llm.engine
     eng.flush_cache()
-    for p in prompts:
-        eng.add_request(p, sp)
+    names = lora_name if isinstance(lora_name, list) else [lora_name] * len(prompts)
+    for p, name in zip(prompts, names):
+        eng.add_request(p, sp, lora_name=name)
     phases: dict[str, list] = {}
     while eng.has_work():
         sync(device)
@@ -124,7 +126,7 @@ def profile(llm: LLM, prompts: list, out_len: int, device: str, out_dir: Path) -
     llm.engine.flush_cache()
     prof = cProfile.Profile()
     prof.enable()
-    llm.generate(prompts, sp)
+    llm.generate(prompts, sp, lora_name=lora_name)
     sync(device)
     prof.disable()
     text = io.StringIO()
@@ -135,11 +137,11 @@ def profile(llm: LLM, prompts: list, out_len: int, device: str, out_dir: Path) -
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     llm.engine.flush_cache()
     with torch.profiler.profile(activities=activities) as tp:
-        llm.generate(prompts, sp)
+        llm.generate(prompts, sp, lora_name=lora_name)
         sync(device)
     key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     table = tp.key_averages().table(sort_by=key, row_limit=30)
-    out = out_dir / f"profile_b{len(prompts)}.txt"
+    out = out_dir / f"profile{'_lora' if lora_name else ''}_b{len(prompts)}.txt"
     out.write_text(f"engine steps (wall clock, synchronised): {steps}\n\nhost (cProfile, one generate call)\n{text.getvalue()}\n\ndevice (torch profiler)\n{table}\n")
     print(table)
     print(f"wrote {out}")

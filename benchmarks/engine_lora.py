@@ -71,6 +71,12 @@ def run(args, git: dict, started: str, machine: dict) -> dict:
         print(f"batch {b:3d}: {row['adapters_in_batch']} adapter(s)     {row['lora_tok_s']:9.1f} tok/s | "
               f"{row['ratio']:.3f}x base | LoRA engine, base requests {row['lora_engine_base_reqs_tok_s']:9.1f} tok/s",
               flush=True)
+    if args.profile:  # the LoRA engine's batch of mixed adapters (base kernels beside LoRA's)
+        from benchmarks.engine_bench import profile
+
+        b = args.profile_batch or max(args.batch_sizes)
+        profile(lora, prompts[b], args.output_len, args.device, Path(args.profile),
+                lora_name=[names[i % len(names)] for i in range(b)])
     eng = lora.engine
     engine_info = {"attention_backend": eng.attention_backend, "cuda_graph_max_bs": eng.cuda_graph_max_bs,
                    "page_size": eng.page_size, "torch_threads": torch.get_num_threads()}

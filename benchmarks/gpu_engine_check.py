@@ -849,8 +849,8 @@ def hicache_token_checks(dev: str) -> None:
 
 
 def lora_checks(dev: str) -> None:
-    """LoRA (issue 36): the SGMV kernels against torch at an 8B projection shape in bf16 (mixed
-    segments, base ones included), then the demo model with three adapters and the base mixed in one
+    """LoRA (issue 36): the SGMV kernels (an FP8 base's form) and the stacked form's expand against
+    torch at an 8B projection shape in bf16 (mixed segments, base ones included), then the demo model with three adapters and the base mixed in one
     batch: triton with CUDA graphs == torch_native, greedy float32."""
     import tempfile
 
@@ -881,6 +881,16 @@ def lora_checks(dev: str) -> None:
     record("LoRA SGMV shrink/expand bf16 (K 4096, N 6144, R 48, 35 segments) vs torch: max error / max value",
            f"shrink {err_s:.2e}, expand {err_e:.2e}, base rows untouched {untouched}",
            err_s <= 2e-2 and err_e <= 2e-2 and untouched)
+    # The stacked form (a plain bf16 base): the base GEMM's extra columns are every slot's x @ A^T.
+    rows = torch.tensor([i % 5 - 1 for i in range(64)], dtype=torch.int32, device=dev)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(dev, torch.bfloat16)
+    ys = torch.nn.functional.linear(x[:64], torch.cat([w, a.reshape(S * R, K)]))
+    out = kernels.expand_stacked(ys, N, b, rows)
+    ref = kernels.expand_stacked_ref(ys, N, b, rows)
+    err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    copied = torch.equal(out[rows < 0], ys[rows < 0, :N])
+    record("LoRA stacked expand bf16 (K 4096, N 6144, R 48, 64 rows of 4 slots + base) vs torch: max error / max "
+           "value", f"{err:.2e}, base rows copied {copied}", err <= 2e-2 and copied)
 
     path = str(REPO / "models" / "tandem-demo-dense")
     root = tempfile.mkdtemp(prefix="tandem-lora-check-")

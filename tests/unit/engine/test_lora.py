@@ -71,8 +71,8 @@ def test_stacked_projection_equals_the_beside_form(bias):
     """LoraDelta.stack: A's rows appended to the base weight (the linear keeps its own view, its output
     unchanged) gives what the SGMV beside form gives, with the Triton kernels and the torch path, and
     adapters written after stacking land in the stacked rows. A linear of another dtype stays beside."""
-    from torch import nn
     from tandem.engine.lora import LoraWeights, lora_batch
+    from torch import nn
 
     g = torch.Generator().manual_seed(0)
     K, parts, S, r = 40, (24, 8, 8), 3, 8
