@@ -92,8 +92,6 @@ def open_custom_all_reduce(rank: int, world_size: int, device: torch.device, cpu
                            max_bytes: int = DEFAULT_MAX_BYTES) -> CustomAllReduce | None:
     """Collective over ``cpu_group`` (gloo; every rank of the worker calls it): the custom all-reduce
     of this rank, or None on every rank unless all of them can use it (see the module docstring)."""
-    from .kernels.all_reduce import MAX_RANKS, SIGNAL_WORDS
-
     def gather(obj) -> list:
         out = [None] * world_size
         dist.all_gather_object(out, obj, group=cpu_group)
@@ -104,8 +102,14 @@ def open_custom_all_reduce(rank: int, world_size: int, device: torch.device, cpu
         why = "disabled (--disable-custom-all-reduce, or TP size 1)"
     elif device.type != "cuda":
         why = f"device {device} is not CUDA"
-    elif not 2 <= world_size <= MAX_RANKS:
-        why = f"{world_size} ranks (it takes 2..{MAX_RANKS})"
+    else:
+        try:
+            from .kernels.all_reduce import MAX_RANKS, SIGNAL_WORDS
+        except ImportError as exc:
+            why = f"its kernel needs triton: {exc}"
+        else:
+            if not 2 <= world_size <= MAX_RANKS:
+                why = f"{world_size} ranks (it takes 2..{MAX_RANKS})"
     infos = gather((why, socket.gethostname(), device.index))
     reasons = [f"rank {r}: {w}" for r, (w, _, _) in enumerate(infos) if w is not None]
     if len({host for _, host, _ in infos}) > 1:

@@ -84,6 +84,9 @@ API::
     leader = start_parallel(engine_config)   # one host: spawns ranks 1..world_size-1 and does the above
     engine = leader.engine
 
+Small TP all-reduces on CUDA go through ``tandem.engine.custom_all_reduce`` where every rank can
+(``init_parallel(custom_all_reduce=...)``, ``--disable-custom-all-reduce``), the rest through NCCL.
+
 NCCL: every rank's process gets ``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` and
 ``NVSHMEM_DISABLE_NVLS=1`` (``MULTICAST_OFF``) before its group forms: NVLink multicast stays off.
 """

@@ -195,3 +195,22 @@ def test_two_processes_meet_at_the_barriers():
         assert torch.equal(outs[0], rank_order_sum(xs)) and torch.equal(outs[1], outs[0])
     blocks = K.grid_size(5000)  # program 0 ran in all four calls, programs 1.. in the two of 5000 values
     assert signals[0][:blocks].tolist() == signals[1][:blocks].tolist() == [8] + [4] * (blocks - 1)
+
+
+def test_opened_only_where_every_rank_can(monkeypatch, caplog):
+    from tandem.engine import custom_all_reduce as car
+
+    peer = [None]  # what rank 1 answers to the first gather
+
+    def all_gather_object(out, obj, group=None):
+        out[0], out[1] = obj, peer[0]
+
+    monkeypatch.setattr(torch.distributed, "all_gather_object", all_gather_object)
+    caplog.set_level("INFO", logger=car.__name__)
+    peer[0] = (None, "another-host", 0)
+    assert car.open_custom_all_reduce(0, 2, torch.device("cpu"), "gloo-group") is None
+    assert "rank 0: device cpu is not CUDA; the ranks are on more than one host" in caplog.text
+    caplog.clear()
+    peer[0] = ("disabled (--disable-custom-all-reduce, or TP size 1)", "h", 0)
+    assert car.open_custom_all_reduce(0, 2, torch.device("cpu"), "gloo-group", enabled=False) is None
+    assert "rank 0: disabled" in caplog.text and "rank 1: disabled" in caplog.text
