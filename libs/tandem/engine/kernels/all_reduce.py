@@ -95,20 +95,8 @@ def _one_shot_kernel(out, b0, b1, b2, b3, b4, b5, b6, b7, me, s0, s1, s2, s3, s4
             offs = i * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
             m = offs < n
             acc = tl.load(b0 + offs, mask=m, other=0.0).to(tl.float32)  # rank order, on every rank
-            if WORLD > 1:
-                acc += tl.load(b1 + offs, mask=m, other=0.0).to(tl.float32)
-            if WORLD > 2:
-                acc += tl.load(b2 + offs, mask=m, other=0.0).to(tl.float32)
-            if WORLD > 3:
-                acc += tl.load(b3 + offs, mask=m, other=0.0).to(tl.float32)
-            if WORLD > 4:
-                acc += tl.load(b4 + offs, mask=m, other=0.0).to(tl.float32)
-            if WORLD > 5:
-                acc += tl.load(b5 + offs, mask=m, other=0.0).to(tl.float32)
-            if WORLD > 6:
-                acc += tl.load(b6 + offs, mask=m, other=0.0).to(tl.float32)
-            if WORLD > 7:
-                acc += tl.load(b7 + offs, mask=m, other=0.0).to(tl.float32)
+            for q in tl.static_range(1, WORLD):
+                acc += tl.load(_pick(q, b0, b1, b2, b3, b4, b5, b6, b7) + offs, mask=m, other=0.0).to(tl.float32)
             tl.store(out + offs, acc.to(out.dtype.element_ty), mask=m)
     tl.debug_barrier()  # every read of the peers' buffers is done before the end barrier's release
     missing += _barrier(me, s0, s1, s2, s3, s4, s5, s6, s7, rank, block, count + 2,
