@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import socket
 import sys
@@ -65,6 +66,7 @@ def rank_main(rank: int, world: int, port: int, spread: bool, out: str | None, m
     import torch.distributed as dist
     from tandem.engine.custom_all_reduce import DEFAULT_MAX_BYTES, open_custom_all_reduce
 
+    logging.basicConfig(level=logging.INFO, format=f"rank {rank}: %(message)s")  # why it is off, if it is
     dev = torch.device("cuda", rank % torch.cuda.device_count() if spread else 0)
     torch.cuda.set_device(dev)
     store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=timedelta(seconds=60))

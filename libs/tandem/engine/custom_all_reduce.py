@@ -123,6 +123,7 @@ def open_custom_all_reduce(rank: int, world_size: int, device: torch.device, cpu
     handles = None
     staging = torch.zeros(max_bytes, dtype=torch.uint8, device=device)
     signal = torch.zeros(SIGNAL_WORDS, dtype=torch.int32, device=device)
+    torch.cuda.synchronize(device)  # zeroed before any peer can write a flag into it
     if no_p2p:
         why = f"cuda:{mine} cannot access cuda:{no_p2p} peer-to-peer"
     else:
