@@ -2,7 +2,7 @@
 # Every GPU gate of the open issues, in parts that each fit one lent-device call (< 10 minutes).
 #
 #   OUT=/path/to/results benchmarks/gpu_gates.sh PART...
-#       PART: check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed lora tp pd
+#       PART: check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed lora tp allreduce pd
 #
 # Run from the repository root on the GPU machine (the device tool copies the working tree; name
 # gen, .whl and the A/B base tree in its `carry`; the pd part needs nixl: carry .whl-nixl alone in a call
@@ -44,6 +44,10 @@
 #            machine) also gpu_engine_check.py --only tp (TP N over NCCL == TP 1 on the demo models, float32),
 #            then engine_bench --tp-size on the 8B shape (TP 1 vs TP N tok/s, dummy weights); skipped with
 #            fewer GPUs. NCCL with NVLink multicast off (set here and in every rank)
+#   allreduce  custom_allreduce_check.py (issue 32): the custom all-reduce of 2 processes on ONE GPU over CUDA IPC,
+#            eager and captured in a CUDA graph replayed on new inputs, bitwise == the rank-order sum on every rank;
+#            times vs gloo (one GPU: time-shared, not a speed measure), < 1 min. With 2+ GPUs also --spread (one
+#            rank a GPU, timed against NCCL)
 #   pd       pd_check.py on the demo dense model, bf16, nixl (KV in VRAM): disaggregated vs aggregated tokens,
 #            then TTFT of a 1k-token prompt, 15 alternating pairs: disagg p50 <= agg p50 + 5 ms (issue 33).
 #            Needs the nixl and grpc wheels in .whl
@@ -138,6 +142,14 @@ for part in "$@"; do
             --out "$OUT/engine_check_tp${TP:-2}_$card.json"
         step engine_tp 300 $py benchmarks/engine_bench.py --tp-size "${TP:-2}" --shape llama8b --device cuda \
             --dtype bfloat16 --batch-sizes 1 64 --output-len 64 --out "$OUT/engine_tp${TP:-2}_llama8b_$card.json" ;;
+    allreduce)
+        export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+        step custom_allreduce 110 $py benchmarks/custom_allreduce_check.py --timeout 100 \
+            --out "$OUT/custom_allreduce_check_$card.json"
+        if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+            step custom_allreduce_spread 110 $py benchmarks/custom_allreduce_check.py --spread --timeout 100 \
+                --out "$OUT/custom_allreduce_check_spread2_$card.json"
+        fi ;;
     embed)
         step engine_check_embedding 150 $py benchmarks/gpu_engine_check.py --only embedding \
             --out "$OUT/engine_check_embedding_$card.json"
@@ -172,7 +184,7 @@ for part in "$@"; do
     pd)
         step pd_check 420 $py benchmarks/pd_check.py --device cuda --dtype bfloat16 --backends nixl \
             --long-prompt 1024 --ttft-samples 15 --out "$OUT/pd_check_demo_dense_$card.json" ;;
-    *) echo "unknown part $part (check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed lora tp pd)"
+    *) echo "unknown part $part (check check-demo moe fp8 fp8gemm kv hicache ab deterministic dense8b dense05b embed lora tp allreduce pd)"
        exit 2 ;;
     esac
 done

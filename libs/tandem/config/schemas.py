@@ -230,6 +230,11 @@ class EngineConfig(_Section):
         "must divide by it (KV heads too, or it by them: then KV heads are replicated). On prefill and decode "
         "workers each rank moves its own KV heads; prefill and decode may differ in TP size."
     )
+    disable_custom_all_reduce: bool = Field(
+        False, description="With --tp-size > 1 on CUDA: NCCL for every TP all-reduce. By default the small ones "
+        "(up to 512 KiB: decode's) go through a one-shot all-reduce over peer-to-peer device buffers (CUDA IPC) "
+        "when all ranks are on one host with peer access; NCCL otherwise and for larger messages."
+    )
     dist_timeout: float = Field(
         600.0, gt=0, description="Seconds any collective between a worker's ranks may take (--tp-size / --ep-size > 1): "
         "past it a rank that hangs fails the worker instead of blocking it (a rank that dies fails it at once)."

@@ -84,6 +84,9 @@ API::
     leader = start_parallel(engine_config)   # one host: spawns ranks 1..world_size-1 and does the above
     engine = leader.engine
 
+Small TP all-reduces on CUDA go through ``tandem.engine.custom_all_reduce`` where every rank can
+(``init_parallel(custom_all_reduce=...)``, ``--disable-custom-all-reduce``), the rest through NCCL.
+
 NCCL: every rank's process gets ``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` and
 ``NVSHMEM_DISABLE_NVLS=1`` (``MULTICAST_OFF``) before its group forms: NVLink multicast stays off.
 """
@@ -104,6 +107,7 @@ import torch.distributed as dist
 from tandem.config.schemas import EngineConfig
 from tandem.eplb.placement import ExpertLocation
 
+from .custom_all_reduce import open_custom_all_reduce
 from .engine_config import resolve_device
 from .kv_pool import KVPool
 from .loader import load_model, resolve_dtype
@@ -140,6 +144,7 @@ class ParallelGroup:
     store: object = None  # the rendezvous TCPStore (rank 0 hosts it; kept until every rank left)
     tp_size: int = 1
     ep_size: int = 0  # 0: size (expert parallelism alone, as before TP existed)
+    custom_all_reduce: object = None  # the TP all-reduce of small messages (tandem.engine.custom_all_reduce)
 
     def __post_init__(self):
         if self.ep_size == 0:
@@ -153,7 +158,8 @@ class ParallelGroup:
         """What the model's layers get at construction: this rank's TP place and collectives."""
         if self.tp_size == 1:
             return ONE_RANK
-        return TensorParallel(self.rank, self.tp_size, self.group, expert_sharded=self.ep_size == 1)
+        return TensorParallel(self.rank, self.tp_size, self.group, expert_sharded=self.ep_size == 1,
+                              custom=self.custom_all_reduce)
 
     def all_reduce(self, t: torch.Tensor) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
@@ -167,7 +173,7 @@ class ParallelGroup:
     def destroy(self) -> None:
         # Drop our references first: a process group that outlives destroy_process_group()
         # is destructed at interpreter exit, where gloo's threads can abort the process.
-        self.group = self.cpu_group = None
+        self.group = self.cpu_group = self.custom_all_reduce = None
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -181,6 +187,7 @@ def init_parallel(
     timeout_s: float = 600.0,
     tp_size: int = 1,
     ep_size: int = 0,
+    custom_all_reduce: bool = True,
 ) -> ParallelGroup:
     """Join the worker's group (``world_size`` ranks, this one ``rank``; ``tp_size`` / ``ep_size`` as
     in ``ParallelGroup``). ``timeout_s`` bounds every collective: a rank that died makes the others
@@ -189,6 +196,8 @@ def init_parallel(
     ``rank`` / ``world_size`` default to the env vars RANK / WORLD_SIZE and ``init_method``
     to ``env://`` (MASTER_ADDR / MASTER_PORT). ``backend`` defaults to nccl for a CUDA
     ``device`` (rank ``r`` uses ``cuda:r`` unless the device names an index), gloo otherwise.
+    ``custom_all_reduce``: with NCCL and ``tp_size > 1``, small TP all-reduces go through
+    ``tandem.engine.custom_all_reduce`` where every rank can (one host, peer access; else NCCL).
     """
     if rank is None:
         rank = int(os.environ.get("RANK", "0"))
@@ -214,7 +223,10 @@ def init_parallel(
                          f"{dist.get_world_size()}, not {rank} of {world_size}")
     group = dist.group.WORLD
     cpu_group = group if dist.get_backend(group) == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-    return ParallelGroup(rank, world_size, dev, group, cpu_group, store, tp_size, ep_size)
+    custom = None
+    if dist.get_backend(group) == "nccl" and world_size > 1:  # the same test on every rank: all join the collective
+        custom = open_custom_all_reduce(rank, world_size, dev, cpu_group, enabled=custom_all_reduce and tp_size > 1)
+    return ParallelGroup(rank, world_size, dev, group, cpu_group, store, tp_size, ep_size, custom)
 
 
 def _rendezvous_store(init_method: str, rank: int, world_size: int, timeout: timedelta):
@@ -565,7 +577,7 @@ def follower_main(rank: int, world_size: int, init_method: str, config: dict, ba
         torch.set_num_threads(num_threads)
     cfg = EngineConfig(**config)
     group = init_parallel(rank, world_size, init_method, backend, resolve_device(cfg.device), timeout_s,
-                          cfg.tp_size, cfg.ep_size)
+                          cfg.tp_size, cfg.ep_size, not cfg.disable_custom_all_reduce)
     follower = None
     try:
         follower = ParallelFollower(cfg, group)
@@ -611,7 +623,8 @@ def start_parallel(config: EngineConfig, init_method: str | None = None, backend
     for p in procs:
         p.start()
     try:
-        group = init_parallel(0, world, init_method, backend, device, timeout_s, config.tp_size, config.ep_size)
+        group = init_parallel(0, world, init_method, backend, device, timeout_s, config.tp_size, config.ep_size,
+                              not config.disable_custom_all_reduce)
         engine = EngineCore(config=config, parallel=group)
         leader = ParallelLeader(engine, group, keepalive_s=keepalive_s)
     except BaseException:
@@ -637,10 +650,12 @@ def main(argv=None) -> None:
     ap.add_argument("--backend", default=None)
     ap.add_argument("--num-threads", type=int, default=None)
     ap.add_argument("--timeout-s", type=float, default=600.0)
+    ap.add_argument("--disable-custom-all-reduce", action="store_true",
+                    help="NCCL for every TP all-reduce (as the leader's flag; every rank must agree to use it)")
     a = ap.parse_args(argv)
     rank = a.rank if a.rank is not None else int(os.environ.get("RANK", "1"))
     cfg = {"model_path": a.model_path, "device": a.device, "dtype": a.dtype, "tp_size": a.tp_size,
-           "ep_size": a.ep_size}
+           "ep_size": a.ep_size, "disable_custom_all_reduce": a.disable_custom_all_reduce}
     follower_main(rank, max(a.tp_size, a.ep_size), a.init_method, cfg, a.backend, a.num_threads, a.timeout_s)
 
 

@@ -38,9 +38,15 @@ class TensorParallel:
     # Run the collectives even with size 1 (over ``group``): the GPU check that a world-size-1 NCCL
     # all-reduce captured inside a decode CUDA graph replays correctly (benchmarks/gpu_engine_check.py).
     force_collectives: bool = False
+    # The custom all-reduce (``tandem.engine.custom_all_reduce``: CUDA, one node) for the small
+    # messages it takes; None (or a message it does not take): ``group``'s all-reduce.
+    custom: object = None
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the TP ranks, in place; returns ``t``."""
         if self.size > 1 or self.force_collectives:
+            if self.custom is not None and self.custom.can_reduce(t):
+                return self.custom.all_reduce(t)
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t
 

@@ -8,6 +8,7 @@ import torch
 import triton
 from tandem.engine.kernels import (
     activation,
+    all_reduce,
     decode_attention,
     extend_attention,
     fp8_gemm,
@@ -196,6 +197,15 @@ def main() -> None:
                 "layer_start": "i32", "num_layers_here": "i32", "chunk": "i32", "host_page_stride": "i64",
                 "host_kv_stride": "i64", "host_layer_stride": "i64"},
                 dict(NUM_LAYERS=32, ALIGN=4, BLOCK=2048, TO_HOST=to_host))
+    for dt in ("bf16", "fp32"):  # the custom all-reduce (2 and 8 ranks): system-scope atomics, spin loops
+        for world in (2, all_reduce.MAX_RANKS):
+            compile_kernel(all_reduce._one_shot_kernel, {
+                "out": f"*{dt}", **{f"b{r}": f"*{dt}" for r in range(8)}, "me": "*i32",
+                **{f"s{r}": "*i32" for r in range(8)}, "n": "i32", "rank": "i32"},
+                dict(WORLD=world, BLOCK_SIZE=all_reduce.BLOCK, MAX_SPIN=all_reduce.DEFAULT_MAX_SPIN,
+                     NUM_BLOCKS=all_reduce.MAX_BLOCKS, NUM_RANKS=all_reduce.MAX_RANKS, FLAG_BASE=all_reduce.FLAGS,
+                     STATUS=all_reduce.STATUS_WORD),
+                aligned=("out", "n", *(f"b{r}" for r in range(8))), num_warps=4)
     print("all kernels compiled for sm_90")
 
 
