@@ -438,7 +438,7 @@ class ParallelLeader:
 
     def __init__(self, engine, ep: ParallelGroup, keepalive_s: float = 10.0, processes: list = ()):
         """``processes``: the followers this host started (a rank that exits breaks the group)."""
-        link = getattr(engine, "mirror", None)
+        link = engine.mirror
         if not isinstance(link, LeaderBroadcast) or link.ep is not ep:
             raise ValueError("the engine was not built for this parallel group (EngineCore(config, parallel=group))")
         self.engine, self.ep, self.keepalive_s = engine, ep, keepalive_s
@@ -459,10 +459,6 @@ class ParallelLeader:
     def messages_sent(self) -> dict[str, int]:
         """Messages sent so far by kind (forward, noop, placement, call)."""
         return self.link.messages_sent
-
-    def check_ranks(self) -> str | None:
-        """The group's failure, after looking whether a follower process exited (None: healthy)."""
-        return self.link.check_ranks()
 
     # ---- rank agents -----------------------------------------------------------------
     def attach(self, name: str, factory, *args, receives_kv: bool = False) -> None:
