@@ -64,7 +64,8 @@ class EngineCore:
     def __init__(self, model_path: str | None = None, config: EngineConfig | None = None, parallel=None,
                  **overrides):
         """``parallel``: this process's ``ParallelGroup`` (rank 0) when ``tp_size`` or ``ep_size`` > 1
-        (``tandem.engine.parallel.start_parallel`` builds both)."""
+        (``tandem.engine.parallel.start_parallel`` builds both): the engine is built for its ranks,
+        every forward pass mirrored on the followers (``ParallelFollower``, which must be starting)."""
         cfg = merge_config(model_path, config, overrides)
         if cfg.is_embedding and not cfg.disable_radix_cache:
             cfg = cfg.model_copy(update={"disable_radix_cache": True})  # embeddings keep no KV to reuse
@@ -110,12 +111,20 @@ class EngineCore:
                                    lora=self.lora)
         self.pd = PdRequests(self.scheduler, self.pool, mc.vocab_size)
         self.cuda_graph_max_bs = self._cuda_graph_max_bs()
+        # Built for several ranks: the followers are told what to build (the same model shard and a
+        # pool like this one) before the runner exists, whose every forward pass then runs on them
+        # too (``mirror``, tandem.engine.forward_mirror; its CUDA graphs are captured while the
+        # followers capture theirs). None with one rank.
+        self.mirror = None
+        if parallel is not None and parallel.size > 1:
+            self.mirror = parallel.lead(config=cfg, model=self.model, model_config=mc, pool=self.pool, eplb=self.eplb,
+                                        attention_backend=self.attention_backend,
+                                        max_positions=self.context_length + 1,
+                                        cuda_graph_max_bs=self.cuda_graph_max_bs)
         # Penalty rows: one per running request with penalties or logit bias (decode may run
-        # more than max_running_requests when prefilled requests arrive from outside). With several
-        # ranks the graphs are captured once the followers capture theirs (tandem.engine.parallel:
-        # the collectives inside them must match).
-        self.runner = ModelRunner(self.model, self.pool, device, self.cuda_graph_max_bs if cfg.world_size == 1 else 0,
-                                  penalty_rows=2 * cfg.max_running_requests)
+        # more than max_running_requests when prefilled requests arrive from outside).
+        self.runner = ModelRunner(self.model, self.pool, device, self.cuda_graph_max_bs,
+                                  penalty_rows=2 * cfg.max_running_requests, mirror=self.mirror)
         self.sample_launcher = SampleLauncher(mc.vocab_size, self.eos_token_ids)
         self.grammars = GrammarBackend(cfg.model_path, mc.vocab_size, sorted(self.eos_token_ids))
         self._seed_rng = random.Random(cfg.random_seed)  # seeds of requests that bring none
@@ -123,8 +132,8 @@ class EngineCore:
         self._activated: list[StepOutput] = []  # first tokens of requests activated between steps
         # Overlap scheduling: step N+1 is scheduled and launched before step N's sampled tokens
         # are read back (the next forward pass reads them on the device). With several ranks the
-        # leader sends host token ids to its followers, so it always waits.
-        self.overlap_schedule = not cfg.disable_overlap_schedule and cfg.world_size == 1
+        # leader sends host token ids to its followers (the mirror), so it always waits.
+        self.overlap_schedule = not cfg.disable_overlap_schedule and self.mirror is None
         self._rid_counter = itertools.count()
         # --is-embedding: embedding passes instead of generation (``embed``); None otherwise.
         self.embedder = None
@@ -175,11 +184,6 @@ class EngineCore:
     def requests(self) -> dict[str, Request]:
         """Every live request by id (read only: change requests through the engine's methods)."""
         return self.scheduler.requests
-
-    def wrap_runner(self, wrap: Callable[[ModelRunner], ModelRunner]) -> None:
-        """Replace the model runner by ``wrap(runner)`` (expert parallelism mirrors every
-        forward pass on its followers); between steps only."""
-        self.runner = wrap(self.runner)
 
     # ---- subscriptions -------------------------------------------------------------------------
     def subscribe_kv_events(self, fn: Callable[[list], None]) -> None:

@@ -4,6 +4,10 @@ The triton backend reads K/V through the page table: decode batches take the pag
 decode path and, on CUDA, replay a captured CUDA graph (``cuda_graph_runner``);
 prefill and mixed batches take the paged extend path. The torch_native backend gets
 the dense view (each request's context gathered, with a mask).
+
+With several ranks the leader's runner is built with a ``ForwardMirror`` (``forward_mirror``): each
+pass runs inside ``mirror.mirroring``, which hands it to the followers first, and runs from the same
+records (``ForwardPass.items``) as the followers rebuild it.
 """
 from __future__ import annotations
 
@@ -12,10 +16,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .forward_mirror import ForwardMirror, ForwardPass
 from .kernels import default_num_splits
 from .kv_pool import KVPool
 from .lora import lora_batch
 from .model import CausalLM, ForwardBatch
+from .request import Mode
 from .sampler import PenaltyState, Sampler, SamplerVariant, SamplingTensors
 
 
@@ -73,8 +79,13 @@ def logits_rows(starts: list, lens: list, all_rows: list | None) -> list:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, pool: KVPool, device: str, cuda_graph_max_bs: int = 0,
-                 penalty_rows: int = 128):
+                 penalty_rows: int = 128, mirror: ForwardMirror | None = None):
+        """``mirror``: the worker's other ranks, which run every forward pass of this runner (rank 0 of
+        several; None with one rank). With it, any CUDA graphs are captured here while every follower
+        captures the same buckets in the same order (the collectives inside them match): build it
+        once the followers build theirs (``tandem.engine.parallel``)."""
         self.model, self.pool, self.device = model, pool, device
+        self.mirror = mirror
         self.page_size = pool.page_size
         self.paged = model.ops is not None and model.ops.name == "triton"  # the triton backend reads pages
         self.num_kv_heads = pool.num_kv_heads
@@ -214,7 +225,34 @@ class ModelRunner:
         With ``all_rows`` (a flag per request; prompt logprobs): (logits [B, vocab], {i: [n_i,
         vocab] logits of every new token of request i} for the flagged requests).
         ``layer_ready(i)``, when given, runs before layer i (HiCache load-back on CUDA: the
-        compute stream waits for layer i's pages only); it travels in the ForwardBatch."""
+        compute stream waits for layer i's pages only); it travels in the ForwardBatch.
+
+        With a mirror the followers run the pass too (``_forward_mirrored``)."""
+        if self.mirror is not None:
+            return self._forward_mirrored(batch, all_rows, layer_ready)
+        return self._forward(batch, all_rows, layer_ready, eager)
+
+    def _forward_mirrored(self, batch: list, all_rows: list | None, layer_ready) -> torch.Tensor | tuple:
+        """The pass sent to the followers, then run here from the same records as theirs; a
+        collective that fails (a rank died or timed out) breaks the group (``mirror.fail``). A pass
+        with prompt logprobs or expert recording runs eagerly on every rank."""
+        mirror = self.mirror
+        if not mirror.accepts_external_kv:
+            for req, _ in batch:
+                if req.mode == Mode.EXTERNAL:
+                    raise RuntimeError(f"request {req.rid}: KV written from outside (PD decode) with several ranks "
+                                       "needs a receiver on every rank (leader.attach(..., receives_kv=True)); only "
+                                       "the leader's KV pool would hold it")
+        records = ForwardPass.records_of(batch, self.page_size)
+        items = ForwardPass(records).items()
+        graph = not (all_rows is not None and any(all_rows)) and self.will_replay(items)
+        with mirror.mirroring(ForwardPass(records, graph)):
+            try:
+                return self._forward(items, all_rows, layer_ready, eager=not graph)
+            except RuntimeError as exc:
+                raise mirror.fail(f"a collective of the forward pass failed: {exc}") from exc
+
+    def _forward(self, batch: list, all_rows: list | None, layer_ready, eager: bool) -> torch.Tensor | tuple:
         self._replayed_bs = None
         ready = layer_ready
         record = self._record_experts()

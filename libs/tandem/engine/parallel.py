@@ -34,19 +34,30 @@ built at construction from this rank's place in the group, carries the local slo
     reduced (``k`` times a partial-sum reduce); an all-to-all dispatch is the scalable variant.
 
 Lockstep (design: broadcast the scheduled batch)
-    Rank 0, the *leader*, is an ordinary ``EngineCore`` a service drives (built with the group:
-    ``EngineCore(config, parallel=group)``): scheduler, radix cache, requests and
-    sampling live there only. ``ParallelLeader`` wraps the
-    engine's runner (``engine.wrap_runner``) in one that, right before each forward pass, broadcasts the
-    batch description (per request: first new position, new token ids, page indices) and
-    any new expert placement over the gloo group. Each *follower* (``ParallelFollower``)
-    builds the same ``ForwardBatch`` with the same ``ModelRunner.build`` and runs the model
-    on its own KV pool. That pool mirrors the leader's page for page (same slot mapping; with EP
-    the same K/V, with TP this rank's heads), hence prefix-cache hits, chunked prefill,
-    preemption and aborts need nothing on followers. Only the leader samples, so sampling
-    seeds play no role. While idle the leader sends a no-op every ``keepalive_s`` (call
-    ``leader.keepalive()`` from the engine loop's poll hook) so the followers' pending
-    broadcast never reaches the collective timeout.
+    Rank 0, the *leader*, is an ordinary ``EngineCore`` a service drives, built for its ranks
+    (``EngineCore(config, parallel=group)``): scheduler, radix cache, requests and sampling live
+    there only. Built so, the engine first sends the followers an init message (``group.lead``:
+    what they build, the same model shard and a KV pool page for page like its own), then builds
+    its ``ModelRunner`` with the returned broadcast side (``LeaderBroadcast``) as its
+    ``ForwardMirror`` (``tandem.engine.forward_mirror``): right before each forward pass the runner
+    hands it the pass (``ForwardPass``: per request its first new position, new token ids and page
+    indices; whether it replays a CUDA graph), which broadcasts it with any new expert placement
+    over the gloo group and holds the group until the pass ends. Each *follower*
+    (``ParallelFollower``) builds the same ``ForwardBatch`` with the same ``ModelRunner.build`` and
+    runs the model on its own KV pool. That pool mirrors the leader's page for page (same slot
+    mapping; with EP the same K/V, with TP this rank's heads), hence prefix-cache hits, chunked
+    prefill, preemption and aborts need nothing on followers. Only the leader samples, so sampling
+    seeds play no role. ``ParallelLeader`` is rank 0's handle on the rest (rank agents, keepalives,
+    shutdown), sending through the engine's mirror (``engine.mirror``). While idle the leader sends a
+    no-op every ``keepalive_s`` (call ``leader.keepalive()`` from the engine loop's poll hook) so the
+    followers' pending broadcast never reaches the collective timeout.
+
+CUDA graphs (TP)
+    The init message goes out before the leader's runner exists; with CUDA graphs both sides then
+    warm the device group's communicator and capture the same buckets in the same order, so the
+    collectives inside the captures match. Each forward message says whether the leader replays a
+    graph: every rank launches the same collectives (a pass with prompt logprobs or expert recording
+    runs eagerly everywhere).
 
 Failure
     Every collective is bounded by the group's timeout (``--dist-timeout``). A follower that
@@ -57,8 +68,8 @@ Failure
 Placement changes (EPLB)
     Each rank's ``EplbRuntime`` (``engine.eplb``) holds only its slots; the loader keeps every
     logical expert's weights on the host (or regenerates dummy ones), and a plan applied between
-    forward passes copies only the changed local slots, in place. The leader's runner ships the
-    new placement with the next forward pass; followers apply it before running that pass.
+    forward passes copies only the changed local slots, in place. The leader's broadcast side ships
+    the new placement with the next forward pass; followers apply it before running that pass.
 
 Rank agents (KV written from outside)
     A service may need an object on every rank next to that rank's KV pool, e.g. PD
@@ -70,7 +81,7 @@ Rank agents (KV written from outside)
     every forward pass the leader sent before it: a follower's pages are final when it sends them).
     Requests whose KV is written from outside (``allocate_external`` / ``activate_external``, the
     decode side of PD) need such an agent receiving on every rank: without one attached with
-    ``receives_kv=True`` the mirrored runner refuses them with ``RuntimeError`` (only the
+    ``receives_kv=True`` the leader's runner refuses them with ``RuntimeError`` (only the
     leader's pool would hold their pages).
 
 API::
@@ -109,18 +120,18 @@ from tandem.eplb.placement import ExpertLocation
 
 from .custom_all_reduce import open_custom_all_reduce
 from .engine_config import resolve_device
+from .forward_mirror import ForwardPass
 from .kv_pool import KVPool
 from .loader import load_model, resolve_dtype
 from .model_runner import ModelRunner
 from .moe_hooks import ExpertHooks
-from .request import Mode
 from .tensor_parallel import ONE_RANK, TensorParallel
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ParallelGroup", "init_parallel", "ParallelLeader", "ParallelFollower", "start_parallel", "follower_main",
-    "MULTICAST_OFF",
+    "ParallelGroup", "init_parallel", "LeaderBroadcast", "ParallelLeader", "ParallelFollower", "start_parallel",
+    "follower_main", "MULTICAST_OFF",
 ]
 
 # Set in every rank's environment before NCCL starts: NVLink multicast (NVLS) stays off on the
@@ -169,6 +180,33 @@ class ParallelGroup:
         box = [obj]
         dist.broadcast_object_list(box, src=0, group=self.cpu_group, device=torch.device("cpu"))
         return box[0]
+
+    def lead(self, *, config: EngineConfig, model, model_config, pool: KVPool, eplb,
+             attention_backend: str, max_positions: int, cuda_graph_max_bs: int) -> LeaderBroadcast:
+        """Rank 0's start of the lockstep, called by ``EngineCore(config, parallel=group)`` once its
+        model and KV pool exist and before its runner does: checks that they were built for this
+        group, sends the followers the init message (they build the same model shard and a pool page
+        for page like ``pool``: nothing reaches them before it) and, with CUDA graphs, warms the
+        device group's communicator as they do, so the runner built next captures its graphs while
+        the followers capture theirs (the collectives inside match). Returns the broadcast side
+        (``LeaderBroadcast``), which the runner takes as its ``ForwardMirror``. ValueError for a
+        model the group cannot serve."""
+        if self.rank != 0:
+            raise ValueError(f"the leader must be rank 0, this process is rank {self.rank}")
+        if self.ep_size > 1 and not model.moe_layers():
+            raise ValueError(f"ep_size={self.ep_size}: expert parallelism needs a MoE model; "
+                             f"{config.model_path} has none")
+        if self.ep_size > 1 and (eplb is None or eplb.dispatcher.ep_size != self.ep_size):
+            raise ValueError("the engine was not built for this expert-parallel group "
+                             "(EngineCore(config, parallel=group))")
+        if model.tp.size != self.tp_size:
+            raise ValueError(f"the engine's model is sharded over {model.tp.size} ranks, the group has "
+                             f"tp_size={self.tp_size} (EngineCore(config, parallel=group))")
+        self.broadcast(_init_message(self, config, model, model_config, pool, eplb, attention_backend,
+                                     max_positions, cuda_graph_max_bs))
+        if cuda_graph_max_bs:
+            _warm_communicator(self)
+        return LeaderBroadcast(self, eplb)
 
     def destroy(self) -> None:
         # Drop our references first: a process group that outlives destroy_process_group()
@@ -242,35 +280,7 @@ def _rendezvous_store(init_method: str, rank: int, world_size: int, timeout: tim
     return dist.TCPStore(host, int(port), world_size, is_master=rank == 0, timeout=timeout)
 
 
-# ---------------------------------------------------------------------------------- batches
-class _Window:
-    """``all_ids`` stand-in holding only the tokens ``[start, start + len(ids))``."""
-
-    __slots__ = ("start", "ids")
-
-    def __init__(self, start: int, ids: list):
-        self.start, self.ids = start, ids
-
-    def __getitem__(self, sl: slice) -> list:
-        return self.ids[sl.start - self.start: sl.stop - self.start]
-
-
-class _Item:
-    """What ``ModelRunner.build`` reads of a scheduled request."""
-
-    __slots__ = ("num_computed", "all_ids", "pages")
-
-    def __init__(self, start: int, ids: list, pages: list):
-        self.num_computed, self.all_ids, self.pages = start, _Window(start, ids), pages
-
-    def token_at(self, i: int) -> int:
-        return self.all_ids[i:i + 1][0]
-
-
-def _items(records: list) -> list:
-    return [(_Item(start, ids, pages), len(ids)) for start, ids, pages in records]
-
-
+# ---------------------------------------------------------------------------------- rank 0
 def _warm_communicator(ep: ParallelGroup) -> None:
     """One all-reduce on the device group before any CUDA graph capture: NCCL sets its communicator
     up at the first collective, which must not happen inside a capture."""
@@ -279,97 +289,56 @@ def _warm_communicator(ep: ParallelGroup) -> None:
     torch.cuda.synchronize(ep.device)
 
 
-class _MirroredRunner(ModelRunner):
-    """The leader's runner: broadcast the batch, then run it like every follower does.
-
-    ``cuda_graph_max_bs`` > 0 (CUDA, TP): decode graphs are captured here while every follower
-    captures the same buckets in the same order (the all-reduces inside them match); each forward
-    message tells the followers whether this pass replays a graph, so every rank launches the same
-    collectives (a pass with prompt logprobs or expert recording runs eagerly everywhere)."""
-
-    def __init__(self, runner: ModelRunner, leader: ParallelLeader, cuda_graph_max_bs: int = 0):
-        super().__init__(runner.model, runner.pool, runner.device, cuda_graph_max_bs,
-                         penalty_rows=runner.penalties.num_rows)
-        self.leader = leader
-
-    def forward(self, batch: list, all_rows: list | None = None, layer_ready=None) -> torch.Tensor | tuple:
-        ps = self.page_size
-        records = []
-        for req, n in batch:
-            if req.mode == Mode.EXTERNAL and not self.leader.external_kv:
-                raise RuntimeError(f"request {req.rid}: KV written from outside (PD decode) with several ranks "
-                                   "needs a receiver on every rank (leader.attach(..., receives_kv=True)); only "
-                                   "the leader's KV pool would hold it")
-            s = req.num_computed
-            records.append((s, list(req.all_ids[s:s + n]), list(req.pages[:(s + n + ps - 1) // ps])))
-        items = _items(records)
-        graph = not (all_rows is not None and any(all_rows)) and self.will_replay(items)
-        with self.leader.broadcasting({"kind": "forward", "batch": records, "graph": graph}):
-            try:
-                return super().forward(items, all_rows, layer_ready, eager=not graph)
-            except RuntimeError as exc:  # a collective failed: a rank died or timed out
-                raise self.leader.fail(f"a collective of the forward pass failed: {exc}") from exc
+def _init_message(ep: ParallelGroup, config: EngineConfig, model, model_config, pool: KVPool, eplb,
+                  attention_backend: str, max_positions: int, cuda_graph_max_bs: int) -> dict:
+    """What every follower builds from (``ParallelFollower``): the same model shard and a KV pool
+    page for page like the leader's."""
+    location = eplb.location if eplb is not None else None
+    return {"kind": "init", "num_pages": pool.num_pages, "page_size": pool.page_size,
+            "tp_size": ep.tp_size, "ep_size": ep.ep_size,
+            "placement": None if location is None else location.physical_to_logical,
+            "num_experts": None if location is None else location.num_logical,
+            "dispatch": config.ep_dispatch_algorithm, "seed": config.random_seed,
+            "load_format": config.load_format,
+            "model": _model_signature(model, model_config),
+            "attention_backend": attention_backend,
+            "max_positions": max_positions,
+            # The KV cache as the leader stores it (--kv-cache-dtype and its scales):
+            # every rank's attention must read the same values.
+            "kv_dtype": str(pool.dtype).removeprefix("torch."), "kv_scales": pool.scales(),
+            # Rank agents receiving KV (PD decode) write aux rows into the same slots.
+            "num_aux_slots": pool.aux.shape[0],
+            # Decode CUDA graphs (CUDA, TP): every rank captures the same buckets.
+            "cuda_graph_max_bs": cuda_graph_max_bs}
 
 
-# ---------------------------------------------------------------------------------- ranks
-class ParallelLeader:
-    """Rank 0: mirror each forward pass of ``engine`` (built with ``parallel=group``) on the followers.
+class LeaderBroadcast:
+    """Rank 0's side of the lockstep: every message to the followers leaves through here, in order,
+    under one lock, and the group's failure is kept here. It is the leader engine's ``ForwardMirror``
+    (``engine.mirror``: each forward pass is sent right before it runs and holds the lock until it
+    ends, so no other message cuts in); ``ParallelLeader`` sends the rest (rank agents, keepalives,
+    stop) through it. Built by :func:`lead`."""
 
-    ``eplb`` is the engine's ``EplbRuntime`` with expert parallelism (submit / apply_pending as
-    usual: the next forward pass carries the new placement to the followers), else None.
-    """
-
-    def __init__(self, engine, ep: ParallelGroup, keepalive_s: float = 10.0):
-        if ep.rank != 0:
-            raise ValueError(f"the leader must be rank 0, this process is rank {ep.rank}")
-        if ep.ep_size > 1 and not engine.model.moe_layers():
-            raise ValueError(f"ep_size={ep.ep_size}: expert parallelism needs a MoE model; "
-                             f"{engine.config.model_path} has none")
-        if ep.ep_size > 1 and (engine.eplb is None or engine.eplb.dispatcher.ep_size != ep.ep_size):
-            raise ValueError("the engine was not built for this expert-parallel group "
-                             "(EngineCore(config, parallel=group))")
-        if engine.model.tp.size != ep.tp_size:
-            raise ValueError(f"the engine's model is sharded over {engine.model.tp.size} ranks, the group has "
-                             f"tp_size={ep.tp_size} (EngineCore(config, parallel=group))")
-        cfg = engine.config
-        self.engine, self.ep, self.keepalive_s = engine, ep, keepalive_s
-        self.eplb = engine.eplb
+    def __init__(self, ep: ParallelGroup, eplb=None):
+        self.ep, self.eplb = ep, eplb
         self._lock = threading.RLock()
         self._last_send = time.monotonic()
         self._closed = False
+        self._external_kv = False
+        self._sent_location = eplb.location if eplb is not None else None  # the followers got it with init
         self.failure: str | None = None  # set once a rank died or a collective failed: the group is unusable
-        self.processes: list = []
+        self.processes: list = []  # the followers this host started (start_parallel): checked before each send
         self.messages_sent = {"forward": 0, "noop": 0, "placement": 0, "call": 0}
-        self.external_kv = False  # an agent receiving KV from outside is attached on every rank
-        location = self.eplb.location if self.eplb is not None else None
-        self._sent_location = location
-        pool = engine.pool
-        self.ep.broadcast({"kind": "init", "num_pages": pool.num_pages, "page_size": pool.page_size,
-                           "tp_size": ep.tp_size, "ep_size": ep.ep_size,
-                           "placement": None if location is None else location.physical_to_logical,
-                           "num_experts": None if location is None else location.num_logical,
-                           "dispatch": cfg.ep_dispatch_algorithm, "seed": cfg.random_seed,
-                           "load_format": cfg.load_format,
-                           "model": _model_signature(engine.model, engine.model_config),
-                           "attention_backend": engine.attention_backend,
-                           "max_positions": engine.context_length + 1,
-                           # The KV cache as the leader stores it (--kv-cache-dtype and its scales):
-                           # every rank's attention must read the same values.
-                           "kv_dtype": str(pool.dtype).removeprefix("torch."), "kv_scales": pool.scales(),
-                           # Rank agents receiving KV (PD decode) write aux rows into the same slots.
-                           "num_aux_slots": pool.aux.shape[0],
-                           # Decode CUDA graphs (CUDA, TP): every rank captures the same buckets.
-                           "cuda_graph_max_bs": engine.cuda_graph_max_bs})
-        if engine.cuda_graph_max_bs:
-            _warm_communicator(ep)
-        engine.wrap_runner(lambda runner: _MirroredRunner(runner, self, engine.cuda_graph_max_bs))
+
+    # ---- ForwardMirror -----------------------------------------------------------------
+    @property
+    def accepts_external_kv(self) -> bool:
+        return self._external_kv
 
     @contextlib.contextmanager
-    def broadcasting(self, msg: dict):
-        """Send ``msg`` to the followers and hold the group until the block ends (the leader's
-        forward pass runs inside it, so no keepalive can cut in between)."""
+    def mirroring(self, fp: ForwardPass):
         with self._lock:
-            self._send(msg)
+            self.send({"kind": "forward", "pass": fp})
             yield
 
     def fail(self, why: str) -> RuntimeError:
@@ -379,6 +348,11 @@ class ParallelLeader:
             log.error("parallel group of %d ranks is broken: %s", self.ep.size, why)
         return RuntimeError(f"the worker's parallel group is broken: {self.failure}")
 
+    # ---- the rest of the lockstep ------------------------------------------------------------
+    def receive_external_kv(self) -> None:
+        """Every rank has an agent receiving KV written from outside: accept such requests from now on."""
+        self._external_kv = True
+
     def check_ranks(self) -> str | None:
         """The group's failure, after looking whether a follower process exited (None: healthy)."""
         for r, p in enumerate(self.processes, start=1):
@@ -386,47 +360,30 @@ class ParallelLeader:
                 self.fail(f"rank {r} (pid {p.pid}) exited with code {p.exitcode}")
         return self.failure
 
-    def _send(self, msg: dict) -> None:
-        if self._closed:
-            raise RuntimeError("the parallel group is closed")
-        if self.check_ranks() is not None:
-            raise self.fail(self.failure)
-        loc = self.eplb.location if self.eplb is not None else None
-        if loc is not self._sent_location:
-            msg["placement"] = loc.physical_to_logical
-            self._sent_location = loc
-            self.messages_sent["placement"] += 1
-        try:
-            self.ep.broadcast(msg)
-        except RuntimeError as exc:
-            raise self.fail(f"broadcast to the followers failed: {exc}") from exc
-        if msg["kind"] in self.messages_sent:
-            self.messages_sent[msg["kind"]] += 1
-        self._last_send = time.monotonic()
-
-    # ---- rank agents -----------------------------------------------------------------
-    def attach(self, name: str, factory, *args, receives_kv: bool = False) -> None:
-        """Build ``factory(pool, model, *args)`` on every follower as its agent ``name`` (see the
-        module docstring). ``receives_kv``: the agents receive KV written from outside into their
-        rank's pool (PD decode), so the mirrored runner accepts such requests from now on.
-        Raises RuntimeError naming every rank whose factory failed."""
-        replies = self._round_trip({"kind": "attach", "name": name, "factory": factory, "args": args})
-        failed = [f"rank {r}: {value}" for r, (ok, value) in replies.items() if not ok]
-        if failed:
-            raise RuntimeError(f"rank agent {name!r} could not be built: {'; '.join(failed)}")
-        if receives_kv:
-            self.external_kv = True
-
-    def call(self, name: str, calls: dict[int, list[tuple[str, tuple]]]) -> dict[int, list[tuple[bool, object]]]:
-        """Run ``calls[r]`` (``(method, args)`` in order) on follower ``r``'s agent ``name``; returns
-        per rank one ``(True, result)`` or ``(False, "Type: message")`` per call, in order (a rank
-        not named runs nothing and answers ``[]``). A rank that does not answer breaks the group:
-        RuntimeError, as for a failed forward pass."""
-        return self._round_trip({"kind": "call", "name": name, "calls": calls})
-
-    def _round_trip(self, msg: dict) -> dict[int, object]:
+    def send(self, msg: dict) -> None:
+        """Broadcast ``msg`` (with the expert placement when it changed since the last message)."""
         with self._lock:
-            self._send(msg)
+            if self._closed:
+                raise RuntimeError("the parallel group is closed")
+            if self.check_ranks() is not None:
+                raise self.fail(self.failure)
+            loc = self.eplb.location if self.eplb is not None else None
+            if loc is not self._sent_location:
+                msg["placement"] = loc.physical_to_logical
+                self._sent_location = loc
+                self.messages_sent["placement"] += 1
+            try:
+                self.ep.broadcast(msg)
+            except RuntimeError as exc:
+                raise self.fail(f"broadcast to the followers failed: {exc}") from exc
+            if msg["kind"] in self.messages_sent:
+                self.messages_sent[msg["kind"]] += 1
+            self._last_send = time.monotonic()
+
+    def round_trip(self, msg: dict) -> dict[int, object]:
+        """Send ``msg``, then gather every follower's answer: {rank: answer}."""
+        with self._lock:
+            self.send(msg)
             answers = [None] * self.ep.size
             try:
                 dist.gather_object(None, answers, dst=0, group=self.ep.cpu_group)
@@ -434,23 +391,24 @@ class ParallelLeader:
                 raise self.fail(f"a follower did not answer {msg['kind']!r}: {exc}") from exc
         return {r: answers[r] for r in range(1, self.ep.size)}
 
-    def keepalive(self) -> None:
-        """Call often while idle (from the engine loop's thread): a no-op every ``keepalive_s``."""
+    def keepalive(self, interval_s: float) -> None:
+        """A no-op when nothing was sent for ``interval_s`` (a failure is recorded, not raised)."""
         with self._lock:
             if self._closed or self.check_ranks() is not None:
                 return
-            if time.monotonic() - self._last_send >= self.keepalive_s:
+            if time.monotonic() - self._last_send >= interval_s:
                 with contextlib.suppress(RuntimeError):  # recorded in self.failure
-                    self._send({"kind": "noop"})
+                    self.send({"kind": "noop"})
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Stop the followers (they return from ``run()``) and leave the group."""
+    def close(self, timeout: float) -> None:
+        """Stop the followers (they return from ``run()``), wait ``timeout`` for the processes this
+        host started (then terminate them) and leave the group."""
         with self._lock:
             if self._closed:
                 return
             if self.check_ranks() is None:
                 with contextlib.suppress(RuntimeError):  # a rank died meanwhile: recorded, terminated below
-                    self._send({"kind": "stop"})
+                    self.send({"kind": "stop"})
             self._closed = True
         if self.failure is not None:
             timeout = 0.0  # broken: no follower is waiting for a message any more
@@ -468,6 +426,67 @@ class ParallelLeader:
             # After the followers are gone: a broken gloo group tears down without waiting for them.
             self.ep.destroy()
         self.ep.store = None
+
+
+class ParallelLeader:
+    """Rank 0's handle on the followers of ``engine`` (built with ``parallel=group``, whose runner
+    mirrors every forward pass through ``engine.mirror``): rank agents, keepalives, shutdown.
+
+    ``eplb`` is the engine's ``EplbRuntime`` with expert parallelism (submit / apply_pending as
+    usual: the next forward pass carries the new placement to the followers), else None.
+    """
+
+    def __init__(self, engine, ep: ParallelGroup, keepalive_s: float = 10.0, processes: list = ()):
+        """``processes``: the followers this host started (a rank that exits breaks the group)."""
+        link = engine.mirror
+        if not isinstance(link, LeaderBroadcast) or link.ep is not ep:
+            raise ValueError("the engine was not built for this parallel group (EngineCore(config, parallel=group))")
+        self.engine, self.ep, self.keepalive_s = engine, ep, keepalive_s
+        self.eplb = engine.eplb
+        self.link = link
+        link.processes = list(processes)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the group is broken (a rank died or a collective failed), None while healthy."""
+        return self.link.failure
+
+    @property
+    def processes(self) -> list:
+        return self.link.processes
+
+    @property
+    def messages_sent(self) -> dict[str, int]:
+        """Messages sent so far by kind (forward, noop, placement, call)."""
+        return self.link.messages_sent
+
+    # ---- rank agents -----------------------------------------------------------------
+    def attach(self, name: str, factory, *args, receives_kv: bool = False) -> None:
+        """Build ``factory(pool, model, *args)`` on every follower as its agent ``name`` (see the
+        module docstring). ``receives_kv``: the agents receive KV written from outside into their
+        rank's pool (PD decode), so the engine's runner accepts such requests from now on.
+        Raises RuntimeError naming every rank whose factory failed."""
+        replies = self.link.round_trip({"kind": "attach", "name": name, "factory": factory, "args": args})
+        failed = [f"rank {r}: {value}" for r, (ok, value) in replies.items() if not ok]
+        if failed:
+            raise RuntimeError(f"rank agent {name!r} could not be built: {'; '.join(failed)}")
+        if receives_kv:
+            self.link.receive_external_kv()
+
+    def call(self, name: str, calls: dict[int, list[tuple[str, tuple]]]) -> dict[int, list[tuple[bool, object]]]:
+        """Run ``calls[r]`` (``(method, args)`` in order) on follower ``r``'s agent ``name``; returns
+        per rank one ``(True, result)`` or ``(False, "Type: message")`` per call, in order (a rank
+        not named runs nothing and answers ``[]``). A rank that does not answer breaks the group:
+        RuntimeError, as for a failed forward pass."""
+        return self.link.round_trip({"kind": "call", "name": name, "calls": calls})
+
+    def keepalive(self) -> None:
+        """Call often while idle (from the engine loop's thread): a no-op every ``keepalive_s``."""
+        self.link.keepalive(self.keepalive_s)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the followers (they return from ``run()``) and leave the group."""
+        self.link.close(timeout)
 
 
 class ParallelFollower:
@@ -524,7 +543,8 @@ class ParallelFollower:
             self.eplb.set_location(loc)
         kind = msg["kind"]
         if kind == "forward":
-            self.runner.forward(_items(msg["batch"]), eager=not msg.get("graph", False))
+            fp = msg["pass"]  # a ForwardPass
+            self.runner.forward(fp.items(), eager=not fp.graph)
             self.forward_passes += 1
         elif kind == "attach":
             def build() -> None:
@@ -625,13 +645,12 @@ def start_parallel(config: EngineConfig, init_method: str | None = None, backend
     try:
         group = init_parallel(0, world, init_method, backend, device, timeout_s, config.tp_size, config.ep_size,
                               not config.disable_custom_all_reduce)
-        engine = EngineCore(config=config, parallel=group)
-        leader = ParallelLeader(engine, group, keepalive_s=keepalive_s)
+        engine = EngineCore(config=config, parallel=group)  # sends the followers the init message
+        leader = ParallelLeader(engine, group, keepalive_s=keepalive_s, processes=procs)
     except BaseException:
         for p in procs:
             p.terminate()
         raise
-    leader.processes = procs
     return leader
 
 
