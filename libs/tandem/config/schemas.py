@@ -311,7 +311,7 @@ class EngineConfig(_Section):
             if self.pooling is not None or self.embedding_normalize != "auto":
                 raise ValueError("pooling / embedding_normalize: only with is_embedding=true")
             return self
-        refused = {"ep_size": self.ep_size > 1, "enable_hierarchical_cache": self.enable_hierarchical_cache,
+        refused = {"tp_size": self.tp_size > 1, "ep_size": self.ep_size > 1, "enable_hierarchical_cache": self.enable_hierarchical_cache,
                    "enable_eplb": self.enable_eplb, "kv_cache_calibrate": self.kv_cache_calibrate > 0}
         bad = [k for k, on in refused.items() if on]
         if bad:

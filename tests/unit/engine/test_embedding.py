@@ -142,6 +142,8 @@ def test_config_refuses_what_it_would_ignore():
         EngineConfig(pooling="mean")
     with pytest.raises(ValueError, match="enable_hierarchical_cache"):
         EngineConfig(is_embedding=True, enable_hierarchical_cache=True)
+    with pytest.raises(ValueError, match="not with tp_size"):  # the embedder's pass is not mirrored on followers
+        EngineConfig(is_embedding=True, tp_size=2)
     with pytest.raises(ValueError, match="aggregated"):
         DecodeConfig(is_embedding=True, disaggregation_mode="decode", prefill_addresses=["x:1"])
     with pytest.raises(ValueError, match="aggregated"):
