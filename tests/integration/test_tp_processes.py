@@ -85,6 +85,27 @@ def test_two_ranks_match_one_rank(one_rank, name, ep_size):
     assert stats.cached_tokens_total == one_stats.cached_tokens_total > 0
 
 
+def test_two_ranks_with_overlap_scheduling_match_one_rank(one_rank):
+    """Overlap scheduling with TP: a pass is sent while its requests' newest tokens are still being
+    sampled; rank 0 shares them on the device (``share_future``) and the follower resolves the same
+    placeholders. Tokens equal the one-rank engine's (which runs without overlap)."""
+    path, want, _ = one_rank("tandem-demo-dense")
+    leader = start_parallel(EngineConfig(model_path=path, tp_size=2, **{**CFG, "disable_overlap_schedule": False}),
+                            num_threads=1, timeout_s=120)
+    try:
+        assert leader.engine.overlap_schedule
+        got = generate(leader.engine)
+        shared = leader.messages_sent["future"]
+    finally:
+        leader.close()
+    for p in leader.processes:
+        assert p.exitcode == 0, f"follower exited with {p.exitcode}"
+    assert shared > 0  # passes really read tokens still being sampled
+    assert [t for t, _ in got] == [t for t, _ in want]
+    for (_, g), (_, w) in zip(got, want):
+        assert g == pytest.approx(w, abs=1e-4)
+
+
 def test_a_killed_follower_fails_the_request_and_breaks_the_group():
     torch.set_num_threads(1)
     path = demo_model("tandem-demo-dense")

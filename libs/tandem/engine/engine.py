@@ -131,9 +131,10 @@ class EngineCore:
         self._pending: list[StepOutput] = []  # outputs of calls between steps (abort)
         self._activated: list[StepOutput] = []  # first tokens of requests activated between steps
         # Overlap scheduling: step N+1 is scheduled and launched before step N's sampled tokens
-        # are read back (the next forward pass reads them on the device). With several ranks the
-        # leader sends host token ids to its followers (the mirror), so it always waits.
-        self.overlap_schedule = not cfg.disable_overlap_schedule and self.mirror is None
+        # are read back (the next forward pass reads them on the device). With TP ranks the mirror
+        # sends those tokens to the followers on the device (``share_future``); expert parallelism
+        # (host dispatch per batch) always waits.
+        self.overlap_schedule = not cfg.disable_overlap_schedule and (self.mirror is None or cfg.ep_size <= 1)
         self._rid_counter = itertools.count()
         # --is-embedding: embedding passes instead of generation (``embed``); None otherwise.
         self.embedder = None

@@ -35,6 +35,11 @@ class ForwardPass:
             out.append((s, list(req.all_ids[s:s + n]), list(req.pages[:(s + n + page_size - 1) // page_size])))
         return out
 
+    def future_count(self) -> int:
+        """How many of rank 0's last sampled tokens the pass reads (overlap scheduling: a request's newest
+        token is still being sampled when the pass is sent, its id the placeholder ``-1 - row``); 0: none."""
+        return max((-i for _, ids, _ in self.records for i in ids if i < 0), default=0)
+
     def items(self) -> list:
         """The batch ``[(item, n_new)]`` that ``ModelRunner.build`` reads, rebuilt from the records."""
         return [(_Item(start, ids, pages), len(ids)) for start, ids, pages in self.records]
@@ -51,6 +56,11 @@ class ForwardMirror(Protocol):
     def mirroring(self, fp: ForwardPass) -> AbstractContextManager[None]:
         """Around one forward pass: sends ``fp`` to the followers on entry and holds the group until
         the pass ends (nothing else is sent in between). Raises RuntimeError when the group is broken."""
+
+    def share_future(self, tokens) -> None:
+        """Inside ``mirroring``: send ``tokens`` (rank 0's sampled ids the pass reads, a device tensor of
+        ``fp.future_count()``) to every rank on the device, where the followers resolve the same
+        placeholders (overlap scheduling)."""
 
     def fail(self, why: str) -> RuntimeError:
         """Mark the group broken (a collective of the pass failed: a rank died or timed out); the

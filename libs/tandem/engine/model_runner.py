@@ -124,6 +124,12 @@ class ModelRunner:
             self.future = torch.zeros(max(n, 2 * self.future.numel(), 64), dtype=torch.long, device=self.device)
         self.future[:n].copy_(token_ids)
 
+    def future_buffer(self, n: int) -> torch.Tensor:
+        """The first ``n`` placeholders' tokens, to be written by the caller (a follower receives rank 0's)."""
+        if self.future.numel() < n:
+            self.future = torch.zeros(max(n, 64), dtype=torch.long, device=self.device)
+        return self.future[:n]
+
     def _future_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.where(ids < 0, self.future[(-ids - 1).clamp_(min=0)], ids)
 
@@ -246,8 +252,11 @@ class ModelRunner:
         records = ForwardPass.records_of(batch, self.page_size)
         items = ForwardPass(records).items()
         graph = not (all_rows is not None and any(all_rows)) and self.will_replay(items)
-        with mirror.mirroring(ForwardPass(records, graph)):
+        fp = ForwardPass(records, graph)
+        with mirror.mirroring(fp):
             try:
+                if n := fp.future_count():
+                    mirror.share_future(self.future[:n])
                 return self._forward(items, all_rows, layer_ready, eager=not graph)
             except RuntimeError as exc:
                 raise mirror.fail(f"a collective of the forward pass failed: {exc}") from exc

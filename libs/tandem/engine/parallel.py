@@ -175,6 +175,10 @@ class ParallelGroup:
     def all_reduce(self, t: torch.Tensor) -> None:
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
 
+    def broadcast_tensor(self, t: torch.Tensor) -> None:
+        """Rank 0's ``t`` into every rank's ``t``, on the model's device (in stream order)."""
+        dist.broadcast(t, src=0, group=self.group)
+
     def broadcast(self, obj=None):
         """Rank 0 sends ``obj``; every rank returns it."""
         box = [obj]
@@ -328,7 +332,7 @@ class LeaderBroadcast:
         self._sent_location = eplb.location if eplb is not None else None  # the followers got it with init
         self.failure: str | None = None  # set once a rank died or a collective failed: the group is unusable
         self.processes: list = []  # the followers this host started (start_parallel): checked before each send
-        self.messages_sent = {"forward": 0, "noop": 0, "placement": 0, "call": 0}
+        self.messages_sent = {"forward": 0, "noop": 0, "placement": 0, "call": 0, "future": 0}
 
     # ---- ForwardMirror -----------------------------------------------------------------
     @property
@@ -340,6 +344,10 @@ class LeaderBroadcast:
         with self._lock:
             self.send({"kind": "forward", "pass": fp})
             yield
+
+    def share_future(self, tokens: torch.Tensor) -> None:
+        self.ep.broadcast_tensor(tokens)
+        self.messages_sent["future"] += 1
 
     def fail(self, why: str) -> RuntimeError:
         """Mark the group broken (the first reason is kept); the error to raise."""
@@ -544,6 +552,8 @@ class ParallelFollower:
         kind = msg["kind"]
         if kind == "forward":
             fp = msg["pass"]  # a ForwardPass
+            if n := fp.future_count():  # overlap scheduling: rank 0's tokens still being sampled
+                self.ep.broadcast_tensor(self.runner.future_buffer(n))
             self.runner.forward(fp.items(), eager=not fp.graph)
             self.forward_passes += 1
         elif kind == "attach":

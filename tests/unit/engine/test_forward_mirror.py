@@ -32,17 +32,24 @@ class ReplicaMirror:
         self.accepts_external_kv = False
         self.failures = []
         self.inside = False
+        self.shared = []  # sizes of the sampled tokens shared (overlap scheduling)
 
     @contextlib.contextmanager
     def mirroring(self, fp):
         assert not self.inside, "passes do not nest"
         self.passes.append(fp)
-        self.runner.forward(fp.items(), eager=not fp.graph)  # as ParallelFollower.step
         self.inside = True
         try:
             yield
         finally:
             self.inside = False
+        # As ParallelFollower.step (after share_future, which the leader calls inside the block).
+        self.runner.forward(fp.items(), eager=not fp.graph)
+
+    def share_future(self, tokens):
+        assert self.inside
+        self.shared.append(tokens.numel())
+        self.runner.future_buffer(tokens.numel()).copy_(tokens)  # the broadcast, in process
 
     def fail(self, why: str) -> RuntimeError:
         self.failures.append(why)
@@ -85,7 +92,7 @@ def test_the_engine_built_for_ranks_mirrors_every_pass(built):
     engine, group = built
     mirror = group.mirror
     assert engine.mirror is mirror and engine.runner.mirror is mirror
-    assert not engine.overlap_schedule  # the leader sends host token ids
+    assert engine.overlap_schedule  # sampled tokens reach the followers on the device (share_future)
     kw = group.lead_kwargs
     assert kw["pool"] is engine.pool and kw["model"] is engine.model and kw["eplb"] is None
     assert kw["max_positions"] == engine.context_length + 1
@@ -98,6 +105,8 @@ def test_the_engine_built_for_ranks_mirrors_every_pass(built):
     assert len(mirror.passes) > 10
     assert any(len(ids) > 1 for fp in mirror.passes for _, ids, _ in fp.records)  # prefill chunks
     assert any(all(len(ids) == 1 for _, ids, _ in fp.records) for fp in mirror.passes)  # decodes
+    assert mirror.shared and all(n == fp.future_count() for n, fp in
+                                 zip(mirror.shared, [fp for fp in mirror.passes if fp.future_count()]))
     written = 0
     for mine, theirs in zip(engine.pool.k_buffers + engine.pool.v_buffers, mirror.pool.k_buffers + mirror.pool.v_buffers):
         assert torch.equal(mine, theirs)
