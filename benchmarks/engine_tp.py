@@ -3,10 +3,9 @@ through a one-rank engine and an N-rank one (``--tp-size N``: one process per ra
 on CUDA with NVLink multicast off), one after the other in one run, each freed before the next.
 
 Per side: tok/s of whole ``generate`` calls per batch size (engine_bench's prompts: random ids, fixed
-lengths, greedy, every request makes exactly ``--output-len`` tokens), the engine's settings (TP N
-runs without overlap scheduling and without CUDA graphs: its followers replay the leader's batches
-eagerly), and a correctness check on the demo prompts (TP N tokens == TP 1 tokens, largest logprob
-difference). No target on CPU (the issue's gate prints the numbers); on GPUs the multi-GPU issue sets
+lengths, greedy, every request makes exactly ``--output-len`` tokens), the engine's settings (overlap
+scheduling and CUDA graphs as the engine chose them, recorded per side), and a correctness check on
+the demo prompts (TP N tokens == TP 1 tokens, largest logprob difference). No target on CPU (the issue's gate prints the numbers); on GPUs the multi-GPU issue sets
 them.
 
     python benchmarks/engine_bench.py --tp-size 2 --out benchmarks/results/engine_tp2_cpu.json
@@ -65,7 +64,7 @@ def write_markdown(path: Path, r: dict) -> None:
              written_by("benchmarks/engine_bench.py", r), "",
              f"{r['device']}/{r['dtype']} ({r['load_format']} weights), prompt {r['input_len']}, output "
              f"{r['output_len']}, torch {r['torch']}; TP 1 with the shipped defaults, then TP {n} (one process "
-             "per rank; no overlap scheduling, no CUDA graphs), one after the other, each alone"
+             "per rank), one after the other, each alone"
              + ("." if r["device"].startswith("cuda") else
                 f", on a CPU other processes may share (load average {r['machine'].get('load_avg')} at the start)."),
              "",

@@ -90,6 +90,9 @@ def decode_worker(raw: bytes) -> common_pb2.WorkerInfo:
     return json_format.Parse(raw.decode(), common_pb2.WorkerInfo(), ignore_unknown_fields=True)
 
 
+REGISTER_TIMEOUT_S = 10.0  # each request of a (re-)registration: grant the lease, put the key
+
+
 class Registration:
     """A worker's registration; keep it alive for the life of the worker, then `close()`."""
 
@@ -112,16 +115,20 @@ class Registration:
         self._thread = threading.Thread(target=self._keepalive_loop, name=f"etcd-keepalive {key}", daemon=True)
         self._thread.start()
 
-    def _post(self, path: str, body: dict) -> dict:
+    def _post(self, path: str, body: dict, timeout: float | None = None) -> dict:
         if self.tls is not None:
             self.tls.refresh()
-        r = self._http.post(path, json=body)
+        r = self._http.post(path, json=body, timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout)
         r.raise_for_status()
         return r.json()
 
     def _register(self) -> None:
-        self.lease_id = self._post("/v3/lease/grant", {"TTL": self.ttl})["ID"]
-        self._post("/v3/kv/put", {"key": _b64(self.key), "value": _b64(self.value), "lease": self.lease_id})
+        # Not bounded by the TTL as keepalives are (a lease's TTL starts when it is granted): a loaded
+        # etcd that takes over ttl/3 to grant it must not fail a worker's start (seen with --etcd-ttl 2).
+        wait = max(REGISTER_TIMEOUT_S, self.ttl / 3)
+        self.lease_id = self._post("/v3/lease/grant", {"TTL": self.ttl}, timeout=wait)["ID"]
+        self._post("/v3/kv/put", {"key": _b64(self.key), "value": _b64(self.value), "lease": self.lease_id},
+                   timeout=wait)
         log.info("registered %s in etcd (lease %s, ttl %ss)", self.key, self.lease_id, self.ttl)
 
     def _keepalive_loop(self) -> None:

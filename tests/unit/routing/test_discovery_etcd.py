@@ -40,6 +40,42 @@ def test_register_and_close(etcd):
     assert etcd.keys(PREFIX) == []
 
 
+def test_a_slow_lease_grant_does_not_fail_the_registration():
+    """A loaded etcd granting the lease later than ttl/3 (the keepalive's bound): registering still
+    succeeds (it failed a worker's start in a loaded make test with --etcd-ttl 2)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class SlowEtcd(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(self.path)
+            if self.path == "/v3/lease/grant":
+                time.sleep(1.5)  # longer than ttl/3 = 0.67 s and the old 1 s floor
+            body = {"ID": "7", "TTL": "2", "result": {"TTL": "2"}}
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowEtcd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        reg = register_worker(f"http://127.0.0.1:{server.server_address[1]}", PREFIX, info("w1"), ttl=2)
+        assert reg.lease_id == "7"
+        reg.close()
+    finally:
+        server.shutdown()
+    assert seen[:2] == ["/v3/lease/grant", "/v3/kv/put"] and seen[-1] == "/v3/lease/revoke"
+
+
 def test_lease_expires_when_worker_dies(etcd):
     script = textwrap.dedent(f"""
         import time
