@@ -119,15 +119,13 @@ class ModelRunner:
 
     def publish_future(self, token_ids: torch.Tensor) -> None:
         """Keep ``token_ids`` [B] (device) for the next forward pass (placeholders -1 .. -B)."""
-        n = token_ids.numel()
-        if self.future.numel() < n:
-            self.future = torch.zeros(max(n, 2 * self.future.numel(), 64), dtype=torch.long, device=self.device)
-        self.future[:n].copy_(token_ids)
+        self.future_buffer(token_ids.numel()).copy_(token_ids)
 
     def future_buffer(self, n: int) -> torch.Tensor:
-        """The first ``n`` placeholders' tokens, to be written by the caller (a follower receives rank 0's)."""
+        """The first ``n`` placeholders' tokens, to be written by the caller (``publish_future``; a
+        follower receives rank 0's)."""
         if self.future.numel() < n:
-            self.future = torch.zeros(max(n, 64), dtype=torch.long, device=self.device)
+            self.future = torch.zeros(max(n, 2 * self.future.numel(), 64), dtype=torch.long, device=self.device)
         return self.future[:n]
 
     def _future_tokens(self, ids: torch.Tensor) -> torch.Tensor:

@@ -107,6 +107,11 @@ class LoraDelta:
             self._matmul = F.linear
         return True
 
+    def _check_torch_path(self) -> None:
+        if self.block_m is not None:
+            raise RuntimeError(f"{self.name}: deterministic LoRA runs the Triton kernels only (the torch path's "
+                               "matmuls depend on the batch)")
+
     def write(self, slot: int, parts: dict | None) -> None:
         """Slot ``slot`` holds ``parts`` {part: (A [r, in], B [out_p, r])} (None: zeros)."""
         self.a[slot].zero_()
@@ -126,9 +131,8 @@ class LoraDelta:
             return self.linear(x)
         if self.stacked is None:
             return self(x, self.linear(x), batch)
-        if self.block_m is not None and not batch.use_triton:
-            raise RuntimeError(f"{self.name}: deterministic LoRA runs the Triton kernels only (the torch path's "
-                               "matmuls depend on the batch)")
+        if not batch.use_triton:
+            self._check_torch_path()
         ys = self._matmul(x, self.stacked, self.stacked_bias)
         n = self.b.shape[1]
         if batch.use_triton:
@@ -138,7 +142,7 @@ class LoraDelta:
         R = self.b.shape[2]
         y = ys[:, :n].contiguous()
         for slot, rows in batch.groups:
-            xa = ys.index_select(0, rows)[:, n + slot * R: n + (slot + 1) * R]
+            xa = ys[:, n + slot * R: n + (slot + 1) * R].index_select(0, rows)
             y.index_add_(0, rows, xa @ self.b[slot].T)
         return y
 
@@ -154,9 +158,7 @@ class LoraDelta:
                                 block_m=self.block_m, k_chunk=self.k_chunk)
             return kernels.expand(xa, self.b, y, batch.seg_starts, batch.seg_lens, batch.seg_slots, batch.max_len,
                                   block_m=self.block_m)
-        if self.block_m is not None:
-            raise RuntimeError(f"{self.name}: deterministic LoRA runs the Triton kernels only (the torch path's "
-                               "matmuls depend on the batch)")
+        self._check_torch_path()
         for slot, rows in batch.groups:
             xs = x.index_select(0, rows)
             y.index_add_(0, rows, (xs @ self.a[slot].T) @ self.b[slot].T)
