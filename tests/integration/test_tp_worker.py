@@ -13,6 +13,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2
 from tandem.engine import EngineCore, SamplingParams
+from tandem.v1 import decode_pb2, decode_pb2_grpc
 
 from tests.support.clients import generate, sampling
 from tests.support.models import demo_model
@@ -60,17 +61,26 @@ def test_tp2_decode_worker_serves_and_a_dead_rank_takes_it_out():
         assert len(ranks) == 1, ranks
         tokens, _ = generate(svc.grpc_address, PROMPT, sampling(8, ignore_eos=True))
         assert tokens == ref
-        errors = []
+        errors, decoding = [], threading.Event()
 
         def long_request():
             try:
-                generate(svc.grpc_address, PROMPT, sampling(2000, ignore_eos=True), timeout=120)
+                with grpc.insecure_channel(svc.grpc_address) as ch:
+                    stream = decode_pb2_grpc.DecodeStub(ch).Generate(
+                        decode_pb2.GenerateRequest(input_ids=PROMPT, sampling=sampling(2000, ignore_eos=True)),
+                        timeout=120)
+                    for chunk in stream:
+                        if chunk.token_ids:
+                            decoding.set()
             except grpc.RpcError as exc:
                 errors.append(exc.code())
+            finally:
+                decoding.set()
 
         t = threading.Thread(target=long_request)
         t.start()
-        time.sleep(1.0)  # the request is decoding
+        assert decoding.wait(120)  # its first tokens came: the rank dies mid-request, not before it
+        assert not errors, errors
         os.kill(ranks[0], signal.SIGKILL)
         t.join(120)
         assert errors and errors[0] != grpc.StatusCode.OK, errors
