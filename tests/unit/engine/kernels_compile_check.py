@@ -21,6 +21,7 @@ from tandem.engine.kernels import (
     rope_kv,
     sampling,
 )
+from tandem.engine.lora import kernels as lora
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -206,7 +207,31 @@ def main() -> None:
                      NUM_BLOCKS=all_reduce.MAX_BLOCKS, NUM_RANKS=all_reduce.MAX_RANKS, FLAG_BASE=all_reduce.FLAGS,
                      STATUS=all_reduce.STATUS_WORD),
                 aligned=("out", "n", *(f"b{r}" for r in range(8))), num_warps=4)
+    compile_lora_kernels()
     print("all kernels compiled for sm_90")
+
+
+def compile_lora_kernels() -> None:
+    """The LoRA matmuls (SGMV shrink/expand; the stacked form's expand) at the decode and prefill row
+    tiles, in both dtypes; the stacked expand with 1 and 8 slots."""
+    seg = {"SegStart": "*i32", "SegLen": "*i32", "SegSlot": "*i32"}
+    for dt in ("bf16", "fp32"):
+        p, ieee = f"*{dt}", dt == "fp32"
+        for bm in (16, 64):
+            compile_kernel(lora._shrink_kernel, {
+                "X": p, "W": p, "Out": "*fp32", **seg,
+                **{n: "i32" for n in ("K", "R", "stride_x", "stride_ws", "stride_wr", "stride_op", "stride_o")}},
+                dict(SPLITS=8, K_PER_SPLIT=lora.K_PER_SPLIT, BLOCK_M=bm, BLOCK_R=16, BLOCK_K=64, IEEE=ieee),
+                num_warps=4)
+            compile_kernel(lora._expand_kernel, {
+                "XA": "*fp32", "W": p, "Y": p, **seg,
+                **{n: "i32" for n in ("N", "R", "stride_xp", "stride_xa", "stride_ws", "stride_wn", "stride_y")}},
+                dict(PARTS=8, BLOCK_M=bm, BLOCK_N=64, BLOCK_R=32, IEEE=ieee), num_warps=4)
+            for slots in (1, 8):
+                compile_kernel(lora._expand_stacked_kernel, {
+                    "YS": p, "W": p, "Out": p, "RowSlot": "*i32",
+                    **{n: "i32" for n in ("T", "N", "R", "stride_ys", "stride_ws", "stride_wn", "stride_o")}},
+                    dict(NUM_SLOTS=slots, BLOCK_M=bm, BLOCK_N=64, BLOCK_R=16, IEEE=ieee), num_warps=4)
 
 
 if __name__ == "__main__":
