@@ -40,6 +40,7 @@ class GrammarBackend:
         self.stop_token_ids = sorted(stop_token_ids)
         self.max_threads = max_threads
         self._compiler = None
+        self._no_tokenizer: GrammarError | None = None  # why no grammar can compile (no tokenizer), once known
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self.num_compiles = 0  # grammars actually compiled (cache misses)
@@ -54,7 +55,15 @@ class GrammarBackend:
                                        "lacks (build-support/setup.sh installs it)") from None
                 from transformers import AutoTokenizer
 
-                tok = AutoTokenizer.from_pretrained(self.model_path)
+                if self._no_tokenizer is not None:
+                    raise self._no_tokenizer
+                try:
+                    tok = AutoTokenizer.from_pretrained(self.model_path)
+                except (OSError, ValueError) as e:  # remembered: every later request gets the same answer at once
+                    self._no_tokenizer = GrammarError(
+                        f"structured outputs need the model's tokenizer, and none loads from {self.model_path} "
+                        f"({_first_line(e)})")
+                    raise self._no_tokenizer from None
                 info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=self.vocab_size,
                                                           stop_token_ids=self.stop_token_ids)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=self.max_threads, cache_enabled=False)
