@@ -59,6 +59,8 @@ def test_stacked_expand_matches_torch(slots):
     ref = kernels.expand_stacked_ref(ys, N, b, rs)
     assert out.shape == (T, N) and out.is_contiguous()
     assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    for block_n, warps in ((32, 2), (128, 8)):  # the launch configurations lora_expand_bench.py times
+        assert torch.equal(kernels.expand_stacked(ys, N, b, rs, block_n=block_n, num_warps=warps), out)
     base = rs < 0
     assert torch.equal(out[base], ys[base, :N])
     assert not torch.allclose(out[~base], ys[~base, :N], atol=1e-2)

@@ -202,12 +202,19 @@ def expand(xa: torch.Tensor, b: torch.Tensor, y: torch.Tensor, seg_starts: torch
     return y
 
 
+# The stacked expand's column tile and warps (benchmarks/lora_expand_bench.py times the candidates).
+STACKED_BLOCK_N = 64
+STACKED_WARPS = 4
+
+
 def expand_stacked(ys: torch.Tensor, n: int, b: torch.Tensor, row_slots: torch.Tensor,
-                   block_m: int | None = None) -> torch.Tensor:
+                   block_m: int | None = None, block_n: int = STACKED_BLOCK_N,
+                   num_warps: int = STACKED_WARPS) -> torch.Tensor:
     """The stacked form (the base GEMM computed ``x @ A^T`` of every slot as extra output columns):
     ``ys [T, N + slots * R]`` -> a new ``[T, N]``: ``ys[:, :N] + ys[t, N + s*R : N + (s+1)*R] @ b[s]^T`` for
     each row ``t`` of slot ``s = row_slots[t]`` (``b [slots, N, R]``; rows of slot -1 copied).
-    ``block_m``: the row tile (default: by T; ``INVARIANT_BLOCK_M`` in deterministic mode)."""
+    ``block_m``: the row tile (default: by T; ``INVARIANT_BLOCK_M`` in deterministic mode); ``block_n``,
+    ``num_warps``: the column tile and warps of a program (a row's sums do not depend on them)."""
     T = ys.shape[0]
     S, N, R = b.shape
     if N != n or ys.shape[1] != n + S * R:
@@ -217,11 +224,11 @@ def expand_stacked(ys: torch.Tensor, n: int, b: torch.Tensor, row_slots: torch.T
     out = torch.empty((T, n), dtype=ys.dtype, device=ys.device)
     if T == 0:
         return out
-    bm, bn, br = block_m or _block_m(T), 64, _block(R)
-    grid = (triton.cdiv(T, bm), triton.cdiv(n, bn))
+    bm, br = block_m or _block_m(T), _block(R)
+    grid = (triton.cdiv(T, bm), triton.cdiv(n, block_n))
     _expand_stacked_kernel[grid](ys, b, out, row_slots, T, n, R, ys.stride(0), b.stride(0), b.stride(1), out.stride(0),
-                                 NUM_SLOTS=S, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, IEEE=b.dtype == torch.float32,
-                                 num_warps=4)
+                                 NUM_SLOTS=S, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_R=br, IEEE=b.dtype == torch.float32,
+                                 num_warps=num_warps)
     return out
 
 
