@@ -7,7 +7,7 @@ Each projection of an 8B layer with 4 rank-``R`` adapter slots (``qkv``: N 6144,
 round-robin, as ``engine_bench.py --lora`` mixes its adapters): 32 launches (one per layer, on
 32 different inputs) are captured in a CUDA graph and replayed; time per launch = replay time / 32,
 median of 20 replays. Candidates: ``BLOCK_N`` x ``num_warps`` x the row tile. The engine's
-configuration (``STACKED_BLOCK_N``, ``STACKED_WARPS``, the row tile by ``T``) is marked; the script
+configuration (``STACKED_BLOCK_N``, ``STACKED_WARPS``, the row tile by ``T``; 16 beside it) is marked; the script
 prints per batch the sum over the four projections for each candidate and the best.
 
     python benchmarks/lora_expand_bench.py --out benchmarks/results/gpu/lora_expand_h100.json
@@ -33,19 +33,10 @@ SHAPES = {"qkv": (6144, 3), "o": (4096, 1), "gate_up": (28672, 2), "down": (4096
 LAYERS = 32
 
 
-def time_config(N: int, R: int, slots: int, T: int, cfg: tuple, g: torch.Generator) -> float:
-    """Microseconds a launch: ``LAYERS`` launches in one CUDA graph, median of 20 replays."""
-    block_n, warps, block_m = cfg
-    dev = "cuda"
-    ys = [torch.randn(T, N + slots * R, generator=g, device=dev).to(torch.bfloat16) for _ in range(LAYERS)]
-    bs = [(torch.randn(slots, N, R, generator=g, device=dev) * 0.05).to(torch.bfloat16) for _ in range(LAYERS)]
-    row_slots = torch.tensor([t % slots for t in range(T)], dtype=torch.int32, device=dev)
-
-    def launches():
-        for y, b in zip(ys, bs):
-            K.expand_stacked(y, N, b, row_slots, block_m=block_m, block_n=block_n, num_warps=warps)
-
-    launches()  # compile
+def graph_us(launches) -> float:
+    """Microseconds a launch of ``launches()`` (``LAYERS`` launches): run once (compile), captured in a
+    CUDA graph, median of 20 replays."""
+    launches()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -61,6 +52,21 @@ def time_config(N: int, R: int, slots: int, T: int, cfg: tuple, g: torch.Generat
     return sorted(times)[len(times) // 2]
 
 
+def time_config(N: int, R: int, slots: int, T: int, cfg: tuple, g: torch.Generator) -> float:
+    """Microseconds a launch: ``LAYERS`` launches in one CUDA graph, median of 20 replays."""
+    block_n, warps, block_m = cfg
+    dev = "cuda"
+    ys = [torch.randn(T, N + slots * R, generator=g, device=dev).to(torch.bfloat16) for _ in range(LAYERS)]
+    bs = [(torch.randn(slots, N, R, generator=g, device=dev) * 0.05).to(torch.bfloat16) for _ in range(LAYERS)]
+    row_slots = torch.tensor([t % slots for t in range(T)], dtype=torch.int32, device=dev)
+
+    def launches():
+        for y, b in zip(ys, bs):
+            K.expand_stacked(y, N, b, row_slots, block_m=block_m, block_n=block_n, num_warps=warps)
+
+    return graph_us(launches)
+
+
 def time_copy(N: int, R: int, slots: int, T: int, g: torch.Generator) -> float:
     """The same, for ``ys[:, :N].contiguous()`` alone (no adapter)."""
     ys = [torch.randn(T, N + slots * R, generator=g, device="cuda").to(torch.bfloat16) for _ in range(LAYERS)]
@@ -70,19 +76,7 @@ def time_copy(N: int, R: int, slots: int, T: int, g: torch.Generator) -> float:
         for y, o in zip(ys, outs):
             o.copy_(y[:, :N])
 
-    launches()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        launches()
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / LAYERS)
-    return sorted(times)[len(times) // 2]
+    return graph_us(launches)
 
 
 def write_markdown(path: Path, r: dict) -> None:
@@ -118,7 +112,7 @@ def main(argv=None) -> int:
     rows, copies, targets = [], [], []
     for T in args.batch_sizes:
         engine_cfg = (K.STACKED_BLOCK_N, K.STACKED_WARPS, K._block_m(T))
-        tiles = sorted({K._block_m(T), 16, 32, 64} if T > 16 else {16})
+        tiles = sorted({K._block_m(T), 16} if T > 16 else {16})
         cands = [(bn, w, bm) for bn in (32, 64, 128) for w in (2, 4, 8) for bm in tiles]
         for cfg in cands:
             us = {s: time_config(n, parts * args.rank, args.slots, T, cfg, g) for s, (n, parts) in SHAPES.items()}
