@@ -79,9 +79,15 @@ class CustomAllReduce:
         self.calls += 1
         return t
 
+    def status(self) -> torch.Tensor:
+        """This rank's status word (a 1-element int32 view of its signal buffer): nonzero, and left so,
+        once a barrier gave up waiting for a peer; that call's output was left unsummed."""
+        word = self._kernel.STATUS_WORD
+        return self.signals[self.rank][word:word + 1]
+
     def failed(self) -> bool:
         """Whether a barrier of this rank gave up waiting for a peer (reads device memory: syncs)."""
-        return bool(self.signals[self.rank][self._kernel.STATUS_WORD].item())
+        return bool(self.status().item())
 
     def close(self) -> None:
         """Drop the peers' buffers (closes their IPC mappings once collected) and this rank's."""

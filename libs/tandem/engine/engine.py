@@ -399,7 +399,7 @@ class EngineCore:
         being sampled); ValueError when it is not decoding (prefilling, waiting, never sampled)."""
         if self.sample_launcher.in_flight:  # its token being sampled: read it back first (it may finish)
             self._pending += self._drop_finished(
-                self.scheduler.update_from_output(ScheduledBatch("idle"), self.sample_launcher.resolve()))
+                self.scheduler.update_from_output(ScheduledBatch("idle"), self.sample_launcher.resolve(self.runner)))
         req = self.scheduler.requests.get(rid)
         if req is None or req.finished:
             return None
@@ -426,7 +426,7 @@ class EngineCore:
             # The previous step's tokens: the device produced them before this forward pass, so
             # this waits for their copy only (a request may finish here, e.g. on a stop token).
             outputs += self._drop_finished(
-                self.scheduler.update_from_output(batch, self.sample_launcher.resolve(), prompt_lps))
+                self.scheduler.update_from_output(batch, self.sample_launcher.resolve(self.runner), prompt_lps))
             rows = batch.rows_to_sample()
             if rows:
                 outputs += self._drop_finished(self._sample([batch.items[i][0] for i in rows],
@@ -476,7 +476,7 @@ class EngineCore:
         if launcher.in_flight and (not self.overlap_schedule or any(
                 r.status != Status.FINISHED and (r.grammar is not None or r.mode == Mode.PREFILL_ONLY)
                 for r in reqs)):
-            outputs += self.scheduler.update_from_output(ScheduledBatch("idle"), launcher.resolve())
+            outputs += self.scheduler.update_from_output(ScheduledBatch("idle"), launcher.resolve(runner))
         return outputs
 
     # ---- stats ---------------------------------------------------------------------------------

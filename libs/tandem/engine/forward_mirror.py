@@ -62,6 +62,12 @@ class ForwardMirror(Protocol):
         ``fp.future_count()``) to every rank on the device, where the followers resolve the same
         placeholders (overlap scheduling)."""
 
+    def collective_status(self):
+        """A word in device memory (a 1-element int32 tensor) that a collective of this rank sets nonzero,
+        and leaves so, when it gave up waiting for a peer and left its sums incomplete (the custom
+        all-reduce's barrier), or None where no collective can. The sample stage copies it to the host
+        with each step's tokens (no extra sync) and drops a step it finds set (``fail``)."""
+
     def fail(self, why: str) -> RuntimeError:
         """Mark the group broken (a collective of the pass failed: a rank died or timed out); the
         error to raise."""

@@ -294,6 +294,16 @@ class ModelRunner:
             self.eager_decodes += fb.is_decode
             return self.model(fb, self.pool.k_buffers, self.pool.v_buffers)
 
+    def collective_status(self) -> torch.Tensor | None:
+        """The device word a collective sets when it gave up on a peer (``ForwardMirror.collective_status``);
+        None with one rank or where no collective can."""
+        return None if self.mirror is None else self.mirror.collective_status()
+
+    def collectives_failed(self) -> RuntimeError:
+        """``collective_status`` was found set: the group is broken (``mirror.fail``); the error to raise."""
+        return self.mirror.fail("a custom all-reduce gave up waiting for a peer rank (its barrier timed out): "
+                                "that step's sums are incomplete, its tokens were dropped")
+
     def sample(self, logits: torch.Tensor, tensors: SamplingTensors | None, variant: SamplerVariant) -> torch.Tensor:
         """Token ids [B] (device) for every row of ``logits``; tensors on the host (None when all greedy)."""
         if self._replayed_bs == logits.shape[0] and self.graphs is not None:

@@ -345,6 +345,10 @@ class LeaderBroadcast:
             self.send({"kind": "forward", "pass": fp})
             yield
 
+    def collective_status(self) -> torch.Tensor | None:
+        car = self.ep.custom_all_reduce
+        return None if car is None else car.status()
+
     def share_future(self, tokens: torch.Tensor) -> None:
         self.ep.broadcast_tensor(tokens)
         self.messages_sent["future"] += 1

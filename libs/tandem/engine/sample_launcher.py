@@ -31,6 +31,7 @@ class _Launched:
     logprobs: torch.Tensor | None  # [B] host: logprob of each sampled token
     top_ids: torch.Tensor | None  # [B, K] host, K = the largest top_logprobs asked
     top_vals: torch.Tensor | None
+    status: torch.Tensor | None = None  # [1] host: the runner's collective status after the step (None: none)
     event: object = None  # torch.cuda.Event on CUDA
 
 
@@ -178,7 +179,8 @@ class SampleLauncher:
             lp = logprobs.gather(1, token_ids[:, None].long())[:, 0]
             if k:
                 top_vals, top_ids = logprobs.topk(k, dim=-1)
-        launched = _Launched(reqs, _to_host(token_ids), _to_host(lp), _to_host(top_ids), _to_host(top_vals))
+        launched = _Launched(reqs, _to_host(token_ids), _to_host(lp), _to_host(top_ids), _to_host(top_vals),
+                             _to_host(runner.collective_status()))
         if token_ids.device.type == "cuda":
             launched.event = torch.cuda.Event()
             launched.event.record()
@@ -189,14 +191,17 @@ class SampleLauncher:
         self._inflight = launched
         return refused_reqs
 
-    def resolve(self) -> SampledTokens | None:
+    def resolve(self, runner) -> SampledTokens | None:
         """The launched step's tokens on the host (waits for their copy only); None when none
-        is in flight."""
+        is in flight. RuntimeError (the group broken) instead when a collective of the step gave up
+        on a peer rank: its tokens came from incomplete sums."""
         launched, self._inflight = self._inflight, None
         if launched is None:
             return None
         if launched.event is not None:
             launched.event.synchronize()
+        if launched.status is not None and int(launched.status[0]):
+            raise runner.collectives_failed()
         return SampledTokens(
             reqs=launched.reqs, tokens=launched.tokens.tolist(),
             logprobs=launched.logprobs.tolist() if launched.logprobs is not None else None,

@@ -33,6 +33,7 @@ class ReplicaMirror:
         self.failures = []
         self.inside = False
         self.shared = []  # sizes of the sampled tokens shared (overlap scheduling)
+        self.status = torch.zeros(1, dtype=torch.int32)  # the custom all-reduce's status word, as on a GPU
 
     @contextlib.contextmanager
     def mirroring(self, fp):
@@ -50,6 +51,9 @@ class ReplicaMirror:
         assert self.inside
         self.shared.append(tokens.numel())
         self.runner.future_buffer(tokens.numel()).copy_(tokens)  # the broadcast, in process
+
+    def collective_status(self):
+        return self.status
 
     def fail(self, why: str) -> RuntimeError:
         self.failures.append(why)
@@ -169,3 +173,29 @@ def test_a_failed_collective_breaks_the_group(built):
         engine.abort(rid)
         engine.step()
     assert group.mirror.failures == ["a collective of the forward pass failed: Connection closed by peer"]
+
+
+def test_a_collective_that_gave_up_on_a_peer_drops_its_step(built):
+    """A custom all-reduce whose barrier timed out (a peer rank died) leaves its sums incomplete and sets
+    its status word: the step that reads it raises with the group broken, and none of its tokens
+    reach the request (they came from those sums)."""
+    engine, group = built
+    mirror = group.mirror
+    rid = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    got, before = [], len(mirror.failures)
+    try:
+        for _ in range(4):  # prefill and a few decodes, healthy
+            got += [t for o in engine.step() if o.rid == rid for t in o.new_token_ids]
+        assert got and len(mirror.failures) == before
+        mirror.status[0] = 1  # the next pass's all-reduce gave up (as the kernel writes it)
+        with pytest.raises(RuntimeError, match="parallel group is broken: a custom all-reduce gave up waiting for a "
+                                               "peer rank"):
+            for _ in range(3):  # with overlap scheduling the step that resolves it is the next one
+                got += [t for o in engine.step() if o.rid == rid for t in o.new_token_ids]
+        assert len(mirror.failures) == before + 1 and "its tokens were dropped" in mirror.failures[-1]
+        assert len(got) < 20
+    finally:
+        mirror.status[0] = 0
+        engine.abort(rid)
+        while engine.has_work():
+            engine.step()
