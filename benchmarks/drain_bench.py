@@ -38,7 +38,14 @@ from tandem.config import RouterConfig  # noqa: E402
 from tandem.router.app import build_router  # noqa: E402
 from tandem.v1 import common_pb2, decode_pb2_grpc, engine_control_pb2, engine_control_pb2_grpc, router_pb2  # noqa: E402
 
-from benchmarks.common.results import print_targets, provenance, target, write_results, written_by  # noqa: E402
+from benchmarks.common.results import (  # noqa: E402
+    print_targets,
+    provenance,
+    target,
+    target_items,
+    write_results,
+    written_by,
+)
 from tests.support.grpc_router import router_stub  # noqa: E402
 from tests.support.procs import start_service  # noqa: E402
 from tests.support.waiting import wait_for  # noqa: E402
@@ -202,9 +209,7 @@ def write_markdown(path: Path, r: dict) -> None:
         lines.append(f"| {name} | {d['requests_handed_back']} | {d['requests_moved_with_kv']} ({d['pages_moved']}) "
                      f"| {p['target_prompts_computed_during_drain']} | {b['p50']} / {b['p99']} "
                      f"| {s['p50']} / {s['p99']} ({s['n']}) | {a['p50']} / {a['p99']} | {p['requests_failed']} |")
-    lines += ["", "Targets:", ""] + [f"- {t['target']}: {t['value']} (goal {t['goal']}): "
-                                     f"{'not measured' if t['met'] is None else ('met' if t['met'] else 'NOT met')}"
-                                     for t in r["targets"]] + [""]
+    lines += ["", "Targets:", ""] + target_items(r["targets"]) + [""]
     path.write_text("\n".join(lines))
 
 

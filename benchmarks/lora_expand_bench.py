@@ -27,7 +27,14 @@ sys.path.insert(0, str(REPO))
 
 from tandem.engine.lora import kernels as K  # noqa: E402
 
-from benchmarks.common.results import print_targets, provenance, target, write_results, written_by  # noqa: E402
+from benchmarks.common.results import (  # noqa: E402
+    print_targets,
+    provenance,
+    target,
+    target_items,
+    write_results,
+    written_by,
+)
 
 SHAPES = {"qkv": (6144, 3), "o": (4096, 1), "gate_up": (28672, 2), "down": (4096, 1)}  # N, parts
 LAYERS = 32
@@ -68,7 +75,7 @@ def time_config(N: int, R: int, slots: int, T: int, cfg: tuple, g: torch.Generat
 
 
 def time_copy(N: int, R: int, slots: int, T: int, g: torch.Generator) -> float:
-    """The same, for ``ys[:, :N].contiguous()`` alone (no adapter)."""
+    """The same, for copying ``ys[:, :N]`` into a contiguous ``[T, N]`` alone (no adapter)."""
     ys = [torch.randn(T, N + slots * R, generator=g, device="cuda").to(torch.bfloat16) for _ in range(LAYERS)]
     outs = [torch.empty(T, N, dtype=torch.bfloat16, device="cuda") for _ in range(LAYERS)]
 
@@ -91,8 +98,7 @@ def write_markdown(path: Path, r: dict) -> None:
     for row in r["copy"]:
         lines.append(f"| {row['batch']} | copy only | " + " | ".join(f"{row['us'][s]:.2f}" for s in SHAPES)
                      + f" | {row['sum_us']:.2f} |")
-    lines += ["", "Targets:", ""] + [f"- {t['target']}: {t['value']} ({t['goal']}): "
-                                     f"{'met' if t['met'] else 'NOT met'}" for t in r["targets"]]
+    lines += ["", "Targets:", ""] + target_items(r["targets"])
     path.write_text("\n".join(lines) + "\n")
 
 

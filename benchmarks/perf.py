@@ -417,9 +417,7 @@ def write_multiturn_md(path: Path, r: dict) -> None:
     if "ratio_on_off" in s:
         lines += ["", f"Ratios on/off (median of rounds): {s['ratio_on_off']}; answers identical in every round: "
                       f"{s['answers_identical_all_rounds']}"]
-    lines += ["", "Targets:"] + [f"- {t['target']}: {t['value']} (goal {t['goal']}): "
-                                 f"{'met' if t['met'] else 'NOT met' if t['met'] is False else 'not measured'}"
-                                 for t in r["targets"]]
+    lines += ["", "Targets:"] + results.target_items(r["targets"])
     path.write_text("\n".join(lines) + "\n")
 
 

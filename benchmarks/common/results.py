@@ -144,12 +144,21 @@ def target(name: str, value, goal: str, met: bool | None) -> dict:
     return {"target": name, "value": value, "goal": goal, "met": met}
 
 
+def _target_line(t: dict) -> str:
+    verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")
+    return f"{t['target']}: {t['value']} (goal {t['goal']}): {verdict}"
+
+
 def print_targets(targets: list[dict]) -> None:
     """Print every target and whether it is met, one a line."""
     print("targets:")
     for t in targets:
-        verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")
-        print(f"  {t['target']}: {t['value']} (goal {t['goal']}): {verdict}")
+        print(f"  {_target_line(t)}")
+
+
+def target_items(targets: list[dict]) -> list[str]:
+    """Every target and whether it is met, as markdown list items (a results .md's lines)."""
+    return [f"- {_target_line(t)}" for t in targets]
 
 
 def written_by(script: str, r: dict) -> str:
